@@ -1,0 +1,103 @@
+"""Errors raised across hangar.
+
+Every error carries structured fields; the API maps each class to one HTTP status
+and a Fly-shaped body ``{"error": message, "status": code}``.
+
+Hierarchy::
+
+    HangarError                     base; ``code`` is a short machine-readable string
+     +-- InvalidRequest             400  a request that cannot be parsed or is contradictory
+     +-- Unprocessable              422  a well-formed request naming a field hangar rejects
+     |    +-- UnsupportedField      422  a field hangar cannot honour yet
+     |    +-- InsufficientCapacity  422  no host can take the machine (names region and kind)
+     +-- NotFound                   404  app, machine, host or lease that does not exist
+     +-- Conflict                   409  a state or lease conflict (illegal transition, wrong nonce)
+     +-- PreconditionFailed         412  an ``If-Match``-style check failed (version, lease owner)
+     +-- WaitTimeout                408  ``wait`` ran out before the machine reached the state
+     +-- ImageError                 failed to pull or unpack an image (recorded on the machine)
+     +-- GuestBootError             failed to build or boot the guest (recorded on the machine)
+     +-- VmmError                   the VMM misbehaved: launch failure, QMP failure
+     +-- DeviceError                sysfs / VFIO / reset failure on a host device
+     +-- StoreError                 the store could not commit (retryable by callers)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class HangarError(Exception):
+    """Base of all hangar errors. ``fields`` holds structured context for logs and events."""
+
+    http_status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(HangarError):
+    http_status = 400
+    code = "invalid_request"
+
+
+class Unprocessable(HangarError):
+    http_status = 422
+    code = "unprocessable_entity"
+
+
+class UnsupportedField(Unprocessable):
+    code = "unsupported_field"
+
+    def __init__(self, field: str, reason: str = "is not supported by hangar yet") -> None:
+        super().__init__(f"{field} {reason}", field=field)
+        self.field = field
+
+
+class InsufficientCapacity(Unprocessable):
+    code = "insufficient_capacity"
+
+
+class NotFound(HangarError):
+    http_status = 404
+    code = "not_found"
+
+
+class Conflict(HangarError):
+    http_status = 409
+    code = "conflict"
+
+
+class PreconditionFailed(HangarError):
+    http_status = 412
+    code = "precondition_failed"
+
+
+class WaitTimeout(HangarError):
+    http_status = 408
+    code = "deadline_exceeded"
+
+
+class ImageError(HangarError):
+    code = "image_error"
+
+
+class GuestBootError(HangarError):
+    code = "guest_boot_error"
+
+
+class VmmError(HangarError):
+    code = "vmm_error"
+
+
+class DeviceError(HangarError):
+    code = "device_error"
+
+
+class StoreError(HangarError):
+    code = "store_error"
