@@ -1,10 +1,109 @@
-"""Suite-wide settings: one shared cache (guest kernel, image rootfs) for every test run."""
+"""Suite-wide fixtures: one shared cache (guest kernel, image rootfs), one registry on loopback,
+one test image, and one shared ``hangar server`` for tests that do not restart it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import signal
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import httpx
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HANGAR_CACHE", str(REPO_ROOT / ".cache"))
+
+from hangar.server_process import ServerProcess  # noqa: E402
+from tests.fixtures.registry import start_registry  # noqa: E402
+
+TEST_IMAGE_TAG = "test"
+TEST_IMAGE_CMD = ["sh", "-c", "echo hello from the test image; exit 0"]
+
+
+@pytest.fixture(scope="session")
+def oci_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real OCI layout holding a small busybox image tagged ``test``."""
+    from hangar.images.build import build_busybox_image
+
+    layout = tmp_path_factory.mktemp("oci") / "layout"
+    build_busybox_image(layout, TEST_IMAGE_TAG, TEST_IMAGE_CMD, {"GREETING": "hi"})
+    return layout
+
+
+@pytest.fixture(scope="session")
+def test_image(oci_layout: Path) -> str:
+    """The test image as an ``oci:`` reference."""
+    return f"oci:{oci_layout}:{TEST_IMAGE_TAG}"
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``HOST:PORT`` of a real docker-registry on loopback."""
+    address, stop = start_registry(tmp_path_factory.mktemp("registry"))
+    try:
+        yield address
+    finally:
+        stop()
+
+
+@pytest.fixture(scope="session")
+def registry_image(registry: str, oci_layout: Path) -> str:
+    """The test image pushed to the loopback registry; returns its reference."""
+    reference = f"{registry}/hangar/test:latest"
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--dest-tls-verify=false",
+            f"oci:{oci_layout}:{TEST_IMAGE_TAG}",
+            f"docker://{reference}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return reference
+
+
+def kill_vmms_under(home: Path) -> None:
+    """Teardown safety net: no QEMU started under ``home`` may outlive the test session."""
+    from hangar.agent.guest import find_vmm_processes
+
+    for pid in find_vmm_processes(home / "machines"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, registry: str
+) -> Iterator[ServerProcess]:
+    home = tmp_path_factory.mktemp("hangar-home")
+    server = ServerProcess(home, {"HANGAR_INSECURE_REGISTRIES": registry})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        kill_vmms_under(home)
+
+
+@pytest.fixture
+def api(shared_server: ServerProcess) -> Iterator[httpx.Client]:
+    with shared_server.client() as client:
+        yield client
+
+
+@pytest.fixture
+def app_name(api: httpx.Client, request: pytest.FixtureRequest) -> str:
+    """A fresh app for one test, so tests sharing the server do not see each other's machines."""
+    base = request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")
+    base = "".join(ch for ch in base if ch.isalnum() or ch == "-")[:40].strip("-")
+    name = f"t-{base}-{secrets.token_hex(3)}"
+    response = api.post("/v1/apps", json={"app_name": name, "org_slug": "personal"})
+    assert response.status_code == 201, response.text
+    return name

@@ -1,0 +1,57 @@
+# hangar: the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+APT_PACKAGES := qemu-system-x86 skopeo umoci e2fsprogs busybox-static docker-registry cpio kmod \
+	ca-certificates python3-venv
+PYTEST_ARGS ?=
+
+.PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement clean
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: deps venv
+	./scripts/demo.sh
+
+lint: venv
+	$(VENV)/bin/ruff check hangar tests scripts
+	$(VENV)/bin/ruff format --check hangar tests scripts
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: deps venv
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test: deps venv lint typecheck unit
+
+fuzz: deps venv
+	$(PYTHON) -m pytest tests/api/test_fuzz.py --fuzz-examples=2000 $(PYTEST_ARGS)
+
+gpu-check: venv
+	$(PYTHON) scripts/gpu_check.py
+
+bench-boot: deps venv
+	$(VENV)/bin/hangar bench boot
+
+bench-placement: venv
+	$(VENV)/bin/hangar bench placement --nodes ../shared/data/alibaba-gpu-v2023/openb_node_list_gpu_node.csv \
+		--pods ../shared/data/alibaba-gpu-v2023/openb_pod_list_default.csv --seeds 42..51
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,116 @@
+"""The durable run engine: a run is a plan of named idempotent steps, recorded around each step.
+
+Each step answers "should I run?" from the world as it is (files, processes, records), then
+runs. Before a step the run records which step it is in; after it, that the step is done. A
+crash anywhere is therefore resumed by running the plan again from the first step not done:
+the step in flight asks "should I run?" once more. A step that fails switches the run to its
+rollback plan, whose steps are idempotent in the same way and are resumed the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from hangar.store.protocol import RunRecord, RunStatus
+
+if TYPE_CHECKING:
+    from hangar.agent.context import StepContext
+
+log = logging.getLogger(__name__)
+
+CRASH_AFTER_STEP_ENV = "HANGAR_CRASH_AFTER_STEP"
+
+
+class Step(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    async def should_run(self, ctx: StepContext) -> bool: ...
+
+    async def run(self, ctx: StepContext) -> None: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    operation: str
+    steps: Sequence[Step]
+    rollback: Sequence[Step]
+
+    def __post_init__(self) -> None:
+        names = [step.name for step in self.steps]
+        if len(names) != len(set(names)):
+            raise ValueError(f"plan {self.operation} repeats a step name: {names}")
+
+
+def crash_if_injected(operation: str, step_name: str) -> None:
+    """Test hook: ``HANGAR_CRASH_AFTER_STEP=start:launch_vm`` SIGKILLs this process right there."""
+    target = os.environ.get(CRASH_AFTER_STEP_ENV)
+    if target and target == f"{operation}:{step_name}":
+        log.warning("crash injected after %s:%s", operation, step_name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RunEngine:
+    def __init__(self, plans: dict[str, Plan]) -> None:
+        self._plans = plans
+
+    def plan_for(self, operation: str) -> Plan:
+        return self._plans[operation]
+
+    async def execute(self, run: RunRecord, ctx: StepContext) -> RunRecord:
+        plan = self._plans[run.operation]
+        if run.status == RunStatus.RUNNING:
+            await self._forward(plan, run, ctx)
+        if run.status == RunStatus.ROLLING_BACK:
+            await self._rollback(plan, run, ctx)
+        return run
+
+    async def _forward(self, plan: Plan, run: RunRecord, ctx: StepContext) -> None:
+        for step in plan.steps:
+            if step.name in run.steps_done:
+                continue
+            self._record(run, ctx, current=step.name)
+            try:
+                if await step.should_run(ctx):
+                    await step.run(ctx)
+            except Exception as exc:
+                log.warning("run %s step %s failed: %s", run.id, step.name, exc)
+                run.status = RunStatus.ROLLING_BACK
+                run.error = f"{step.name}: {exc}"
+                self._record(run, ctx, current="")
+                return
+            run.steps_done.append(step.name)
+            self._record(run, ctx, current="")
+            crash_if_injected(run.operation, step.name)
+        run.status = RunStatus.SUCCEEDED
+        self._record(run, ctx, current="")
+
+    async def _rollback(self, plan: Plan, run: RunRecord, ctx: StepContext) -> None:
+        for step in plan.rollback:
+            if step.name in run.rollback_done:
+                continue
+            self._record(run, ctx, current=f"rollback:{step.name}")
+            try:
+                if await step.should_run(ctx):
+                    await step.run(ctx)
+            except Exception as exc:
+                # A rollback step that fails is recorded and skipped: the remaining steps still
+                # free what they can, and reconciliation sweeps anything left on restart.
+                log.error("run %s rollback step %s failed: %s", run.id, step.name, exc)
+                run.data.setdefault("rollback_errors", []).append(f"{step.name}: {exc}")
+            run.rollback_done.append(step.name)
+            self._record(run, ctx, current="")
+            crash_if_injected(run.operation, f"rollback:{step.name}")
+        run.status = RunStatus.FAILED
+        self._record(run, ctx, current="")
+
+    @staticmethod
+    def _record(run: RunRecord, ctx: StepContext, current: str) -> None:
+        run.data["current_step"] = current
+        run.updated_at = ctx.clock.now()
+        ctx.store.save_run(run)

@@ -1,0 +1,175 @@
+"""The real GuestPlatform: hangar.images builds what a guest boots from; a VMM driver runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from hangar.agent.platform import GuestExit, RunDirLayout, VmHandleData
+from hangar.clock import Clock, SystemClock
+from hangar.errors import ImageError
+from hangar.images import initramfs, kernel
+from hangar.images.reference import ImageRef as ParsedImageRef
+from hangar.images.reference import parse_image_ref
+from hangar.images.rootfs import CachedImage, ImageCache, machine_disk
+from hangar.images.run_config import GuestFile, GuestRunConfig, resolve_argv
+from hangar.model.machine import ImageRef, Machine
+from hangar.paths import cache_dir
+from hangar.vmm.control import read_control_events, summarise_control_events
+from hangar.vmm.driver import Driver, VmHandle, VmSpec
+from hangar.vmm.proc import PROC_ROOT, read_process
+from hangar.vmm.qemu import QemuDriver
+
+INSECURE_REGISTRIES_ENV = "HANGAR_INSECURE_REGISTRIES"
+
+
+def insecure_registries() -> set[str]:
+    """Registries reached without TLS verification (``host:port`` list, as docker's option)."""
+    return {
+        item.strip()
+        for item in os.environ.get(INSECURE_REGISTRIES_ENV, "").split(",")
+        if item.strip()
+    }
+
+
+def to_model_ref(ref: ParsedImageRef, digest: str) -> ImageRef:
+    return ImageRef(
+        registry=ref.registry if ref.transport == "docker" else "oci",
+        repository=ref.repository,
+        tag=ref.tag or "",
+        digest=digest,
+    )
+
+
+class QemuGuestPlatform:
+    driver_name = "qemu"
+
+    def __init__(self, cache: Path, driver: Driver, clock: Clock | None = None) -> None:
+        self.cache_root = cache
+        self.images = ImageCache(cache)
+        self.driver = driver
+        self.clock = clock or SystemClock()
+
+    @classmethod
+    def for_home(cls, home: Path) -> QemuGuestPlatform:
+        return cls(cache_dir(), QemuDriver())
+
+    # images
+    async def resolve_image(self, image: str) -> ImageRef:
+        ref = parse_image_ref(image)
+        tls_verify = ref.transport != "docker" or ref.registry not in insecure_registries()
+        cached = await self.images.ensure(ref, tls_verify=tls_verify)
+        return to_model_ref(ref, cached.digest)
+
+    def image_cached(self, image_ref: ImageRef) -> bool:
+        return bool(image_ref.digest) and self.images.lookup(image_ref.digest) is not None
+
+    def _cached(self, image_ref: ImageRef) -> CachedImage:
+        cached = self.images.lookup(image_ref.digest)
+        if cached is None:
+            raise ImageError(
+                f"image {image_ref.digest} is not in the cache", digest=image_ref.digest
+            )
+        return cached
+
+    async def prepare_root_disk(self, image_ref: ImageRef, dest: Path) -> None:
+        cached = self._cached(image_ref)
+        partial = dest.with_name(dest.name + ".partial")
+        await asyncio.to_thread(machine_disk, cached, partial)
+        partial.rename(dest)
+
+    async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None:
+        cached = self._cached(image_ref)
+        config = machine.config
+        image_config = cached.config
+        argv = resolve_argv(image_config, config.init.exec, config.init.entrypoint, config.init.cmd)
+        run_config = GuestRunConfig(
+            machine_id=machine.id,
+            argv=argv,
+            env={**image_config.env, **config.env},
+            workdir=image_config.workdir or "/",
+            user=image_config.user,
+            hostname=machine.id,
+            files=[
+                GuestFile(
+                    guest_path=item.guest_path,
+                    raw_value=item.raw_value or "",
+                    mode=0o644 if item.mode is None else item.mode,
+                )
+                for item in config.files
+            ],
+        )
+        guest_kernel = await asyncio.to_thread(kernel.ensure_kernel, self.cache_root)
+        base = await asyncio.to_thread(
+            initramfs.ensure_base_initramfs, guest_kernel, self.cache_root
+        )
+        partial = dest.with_name(dest.name + ".partial")
+        await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial)
+        partial.rename(dest)
+
+    # the VMM
+    async def launch(self, machine: Machine, run_dir: Path) -> VmHandleData:
+        guest_kernel = await asyncio.to_thread(kernel.ensure_kernel, self.cache_root)
+        spec = VmSpec.in_run_dir(
+            machine_id=machine.id,
+            run_dir=run_dir,
+            kernel=guest_kernel.vmlinuz,
+            initrd=run_dir / RunDirLayout.INITRD,
+            root_disk=run_dir / RunDirLayout.ROOT_DISK,
+            cpus=machine.config.guest.cpus,
+            memory_mb=machine.config.guest.memory_mb,
+        )
+        handle = await self.driver.launch(spec)
+        return handle.model_dump(mode="json")
+
+    async def alive(self, handle: VmHandleData) -> bool:
+        return await self.driver.adopt(VmHandle.model_validate(handle))
+
+    async def guest_ready(self, handle: VmHandleData) -> bool:
+        status = await self.driver.status(VmHandle.model_validate(handle))
+        return status.guest_ready
+
+    async def stop(self, handle: VmHandleData, timeout_s: float, signum: int) -> None:
+        await self.driver.stop(VmHandle.model_validate(handle), timeout_s, self.clock, signum)
+
+    async def signal(self, handle: VmHandleData, signum: int) -> None:
+        await self.driver.signal(VmHandle.model_validate(handle), signum)
+
+    async def kill(self, handle: VmHandleData) -> None:
+        await self.driver.kill(VmHandle.model_validate(handle))
+
+    def guest_exit(self, run_dir: Path) -> GuestExit:
+        report = summarise_control_events(read_control_events(run_dir / RunDirLayout.CONTROL_LOG))
+        return GuestExit(
+            exit_code=report.exit_code, guest_error=report.error or "", ready_seen=report.ready
+        )
+
+    def vmm_processes(self, machines_dir: Path) -> dict[int, str]:
+        return find_vmm_processes(machines_dir)
+
+    def kill_process(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def find_vmm_processes(machines_dir: Path) -> dict[int, str]:
+    """Live QEMU processes whose command line names a run dir under ``machines_dir``."""
+    prefix = str(machines_dir.resolve()) + os.sep
+    found: dict[int, str] = {}
+    for entry in PROC_ROOT.iterdir():
+        if not entry.name.isdigit():
+            continue
+        info = read_process(int(entry.name))
+        if info is None or info.exited or not info.cmdline:
+            continue
+        if "qemu-system" not in os.path.basename(info.cmdline[0]):
+            continue
+        for arg in info.cmdline:
+            at = arg.find(prefix)
+            if at >= 0:
+                found[info.pid] = arg[at + len(prefix) :].split(os.sep, 1)[0]
+                break
+    return found

@@ -1,0 +1,230 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from hangar.api.deps import LeaseNonce, ServicesDep
+from hangar.api.schemas import (
+    CreateMachineRequest,
+    LeaseRequest,
+    LeaseView,
+    MachineView,
+    MetadataValue,
+    OkResponse,
+    SignalRequest,
+    StopRequest,
+    UpdateMachineRequest,
+)
+from hangar.model.machine import MachineEvent, MachineState
+from hangar.store.protocol import RunRecord
+
+router = APIRouter(prefix="/v1/apps/{app_name}/machines", tags=["machines"])
+
+
+@router.get("")
+async def list_machines(
+    services: ServicesDep,
+    request: Request,
+    app_name: str,
+    include_deleted: bool = False,
+    region: str | None = Query(None, max_length=32),
+    state: str | None = Query(None, max_length=128),
+) -> list[MachineView]:
+    services.apps.require(app_name)
+    metadata = {
+        key.removeprefix("metadata."): value
+        for key, value in request.query_params.items()
+        if key.startswith("metadata.")
+    }
+    return services.machines.list_views(app_name, include_deleted, state, region, metadata)
+
+
+@router.post("")
+async def create_machine(
+    services: ServicesDep, app_name: str, body: CreateMachineRequest
+) -> MachineView:
+    services.apps.require(app_name)
+    return services.machines.create(app_name, body)
+
+
+@router.get("/{machine_id}")
+async def get_machine(services: ServicesDep, app_name: str, machine_id: str) -> MachineView:
+    return services.machines.view(services.machines.require(app_name, machine_id))
+
+
+@router.post("/{machine_id}")
+async def update_machine(
+    services: ServicesDep,
+    app_name: str,
+    machine_id: str,
+    body: UpdateMachineRequest,
+    nonce: LeaseNonce = None,
+) -> MachineView:
+    return services.machines.update(app_name, machine_id, body, nonce)
+
+
+@router.post("/{machine_id}/start")
+async def start_machine(
+    services: ServicesDep, app_name: str, machine_id: str, nonce: LeaseNonce = None
+) -> dict[str, str]:
+    return services.machines.start(app_name, machine_id, nonce)
+
+
+@router.post("/{machine_id}/stop")
+async def stop_machine(
+    services: ServicesDep,
+    app_name: str,
+    machine_id: str,
+    body: Annotated[StopRequest | None, Body()] = None,
+    nonce: LeaseNonce = None,
+) -> OkResponse:
+    services.machines.stop(app_name, machine_id, body or StopRequest(), nonce)
+    return OkResponse()
+
+
+@router.post("/{machine_id}/restart")
+async def restart_machine(
+    services: ServicesDep, app_name: str, machine_id: str, nonce: LeaseNonce = None
+) -> OkResponse:
+    services.machines.restart(app_name, machine_id, nonce)
+    return OkResponse()
+
+
+@router.post("/{machine_id}/signal")
+async def signal_machine(
+    services: ServicesDep,
+    app_name: str,
+    machine_id: str,
+    body: SignalRequest,
+    nonce: LeaseNonce = None,
+) -> OkResponse:
+    await services.machines.signal(app_name, machine_id, body.signal, nonce)
+    return OkResponse()
+
+
+@router.delete("/{machine_id}")
+async def destroy_machine(
+    services: ServicesDep,
+    app_name: str,
+    machine_id: str,
+    force: bool = False,
+    nonce: LeaseNonce = None,
+) -> OkResponse:
+    services.machines.destroy(app_name, machine_id, force, nonce)
+    return OkResponse()
+
+
+@router.get("/{machine_id}/wait")
+async def wait_machine(
+    services: ServicesDep,
+    app_name: str,
+    machine_id: str,
+    state: str = Query("started", max_length=32),
+    timeout: int = Query(60, ge=1, le=60),
+    instance_id: str | None = Query(None, max_length=64),
+) -> dict[str, Any]:
+    return await services.machines.wait(app_name, machine_id, state, timeout, instance_id)
+
+
+@router.get("/{machine_id}/events")
+async def machine_events(
+    services: ServicesDep,
+    app_name: str,
+    machine_id: str,
+    limit: int | None = Query(None, ge=1, le=1000),
+) -> list[MachineEvent]:
+    return services.machines.events(app_name, machine_id, limit)
+
+
+@router.get("/{machine_id}/runs")
+async def machine_runs(services: ServicesDep, app_name: str, machine_id: str) -> list[RunRecord]:
+    return services.machines.runs(app_name, machine_id)
+
+
+@router.get("/{machine_id}/logs", response_class=PlainTextResponse)
+async def machine_logs(
+    services: ServicesDep, app_name: str, machine_id: str, follow: bool = False
+) -> Response:
+    path = services.machines.console_log_path(app_name, machine_id)
+    if not follow:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return PlainTextResponse(text)
+
+    async def stream() -> AsyncIterator[bytes]:
+        offset = 0
+        while True:
+            if path.exists():
+                with path.open("rb") as log_file:
+                    log_file.seek(offset)
+                    chunk = log_file.read()
+                if chunk:
+                    offset += len(chunk)
+                    yield chunk
+            machine = services.machines.require(app_name, machine_id)
+            if machine.state not in (
+                MachineState.STARTING,
+                MachineState.STARTED,
+                MachineState.STOPPING,
+                MachineState.REPLACING,
+                MachineState.CREATED,
+            ) and not services.machines.busy(machine_id):
+                if path.exists() and path.stat().st_size > offset:
+                    continue
+                return
+            await asyncio.sleep(0.2)
+
+    return StreamingResponse(stream(), media_type="text/plain")
+
+
+@router.get("/{machine_id}/metadata")
+async def get_metadata(services: ServicesDep, app_name: str, machine_id: str) -> dict[str, str]:
+    return services.machines.get_metadata(app_name, machine_id)
+
+
+@router.post("/{machine_id}/metadata/{key}", status_code=204)
+async def set_metadata(
+    services: ServicesDep,
+    app_name: str,
+    machine_id: str,
+    key: str,
+    body: MetadataValue,
+    nonce: LeaseNonce = None,
+) -> Response:
+    services.machines.set_metadata(app_name, machine_id, key, body.value, nonce)
+    return Response(status_code=204)
+
+
+@router.delete("/{machine_id}/metadata/{key}", status_code=204)
+async def delete_metadata(
+    services: ServicesDep, app_name: str, machine_id: str, key: str, nonce: LeaseNonce = None
+) -> Response:
+    services.machines.set_metadata(app_name, machine_id, key, None, nonce)
+    return Response(status_code=204)
+
+
+@router.post("/{machine_id}/lease")
+async def acquire_lease(
+    services: ServicesDep,
+    app_name: str,
+    machine_id: str,
+    body: Annotated[LeaseRequest | None, Body()] = None,
+    nonce: LeaseNonce = None,
+) -> LeaseView:
+    return services.machines.acquire_lease(app_name, machine_id, body or LeaseRequest(), nonce)
+
+
+@router.get("/{machine_id}/lease")
+async def get_lease(services: ServicesDep, app_name: str, machine_id: str) -> LeaseView:
+    return services.machines.get_lease(app_name, machine_id)
+
+
+@router.delete("/{machine_id}/lease")
+async def release_lease(
+    services: ServicesDep, app_name: str, machine_id: str, nonce: LeaseNonce = None
+) -> OkResponse:
+    services.machines.release_lease(app_name, machine_id, nonce)
+    return OkResponse()

@@ -1,0 +1,362 @@
+"""Machines: the Machines API's verbs, validated, turned into durable agent runs."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from hangar.agent.agent import Agent
+from hangar.agent.platform import RunDirLayout
+from hangar.api.schemas import (
+    CreateMachineRequest,
+    LeaseData,
+    LeaseRequest,
+    LeaseView,
+    MachineView,
+    StopRequest,
+    UpdateMachineRequest,
+)
+from hangar.clock import Clock
+from hangar.errors import (
+    Conflict,
+    InsufficientCapacity,
+    InvalidRequest,
+    NotFound,
+    PreconditionFailed,
+    Unprocessable,
+    WaitTimeout,
+)
+from hangar.model.config import MachineConfig, parse_duration_seconds, signal_number
+from hangar.model.host import HostInfo
+from hangar.model.machine import (
+    STARTABLE_STATES,
+    Lease,
+    Machine,
+    MachineEvent,
+    MachineState,
+    new_event_id,
+    new_machine_id,
+    new_ulid,
+)
+from hangar.store.protocol import ClusterStore, RunRecord
+
+ACTIVE_STATES = frozenset(
+    {MachineState.STARTING, MachineState.STARTED, MachineState.STOPPING, MachineState.REPLACING}
+)
+WAIT_STATES = frozenset({"started", "stopped", "destroyed", "failed", "suspended"})
+LEASE_OWNER = "personal"
+
+
+class MachineService:
+    def __init__(self, store: ClusterStore, agent: Agent, clock: Clock, host: HostInfo) -> None:
+        self._store = store
+        self._agent = agent
+        self._clock = clock
+        self._host = host
+
+    # reading
+    def require(self, app: str, machine_id: str, include_destroyed: bool = True) -> Machine:
+        machine = self._store.get_machine(machine_id)
+        if machine is None or machine.app != app:
+            raise NotFound(f"machine {machine_id} not found in app {app}", machine_id=machine_id)
+        if not include_destroyed and machine.state == MachineState.DESTROYED:
+            raise NotFound(f"machine {machine_id} is destroyed", machine_id=machine_id)
+        return machine
+
+    def view(self, machine: Machine, event_limit: int = 10) -> MachineView:
+        return MachineView.of(machine, self._store.list_events(machine.id, event_limit))
+
+    def list_views(
+        self,
+        app: str,
+        include_deleted: bool,
+        state: str | None,
+        region: str | None,
+        metadata: dict[str, str],
+    ) -> list[MachineView]:
+        wanted_states = set(state.split(",")) if state else None
+        views = []
+        for machine in self._store.list_machines(app, include_destroyed=include_deleted):
+            if wanted_states and str(machine.state) not in wanted_states:
+                continue
+            if region and machine.region != region:
+                continue
+            if any(machine.config.metadata.get(k) != v for k, v in metadata.items()):
+                continue
+            views.append(self.view(machine, event_limit=0))
+        return views
+
+    def events(self, app: str, machine_id: str, limit: int | None) -> list[MachineEvent]:
+        self.require(app, machine_id)
+        return self._store.list_events(machine_id, limit)
+
+    def runs(self, app: str, machine_id: str) -> list[RunRecord]:
+        self.require(app, machine_id)
+        return self._store.list_runs(machine_id)
+
+    def console_log_path(self, app: str, machine_id: str) -> Path:
+        self.require(app, machine_id)
+        return self._agent.machines_dir / machine_id / RunDirLayout.CONSOLE_LOG
+
+    # validation shared by create and update
+    def _check_placement(self, region: str | None, config: MachineConfig) -> str:
+        if region and region != self._host.region:
+            raise InsufficientCapacity(
+                f"insufficient capacity: no host in region {region}", field="region", region=region
+            )
+        if config.guest.gpus or config.guest.gpu_kind:
+            raise Unprocessable(
+                "config.guest.gpu_kind: GPU machines need a GPU host; this host has no GPUs",
+                field="config.guest.gpu_kind",
+            )
+        if config.guest.cpus > self._host.cpus:
+            raise InsufficientCapacity(
+                f"config.guest.cpus: {config.guest.cpus} CPUs requested, "
+                f"host {self._host.id} has {self._host.cpus}",
+                field="config.guest.cpus",
+            )
+        if config.guest.memory_mb > self._host.allocatable_memory_mb:
+            raise InsufficientCapacity(
+                f"config.guest.memory_mb: {config.guest.memory_mb} MB requested, "
+                f"host {self._host.id} can allocate {self._host.allocatable_memory_mb} MB",
+                field="config.guest.memory_mb",
+            )
+        return self._host.region
+
+    def _check_lease(self, machine: Machine, nonce: str | None) -> None:
+        lease = self._store.get_lease(machine.id)
+        if lease is None or lease.expires_at <= self._clock.now():
+            return
+        if nonce != lease.nonce:
+            raise Conflict(
+                f"machine {machine.id} is leased; pass its nonce in fly-machine-lease-nonce",
+                field="fly-machine-lease-nonce",
+            )
+
+    def _record(
+        self, machine_id: str, event_type: str, status: str, request: dict[str, object]
+    ) -> None:
+        self._store.add_event(
+            machine_id,
+            MachineEvent(
+                id=new_event_id(),
+                type=event_type,
+                status=status,
+                source="user",
+                timestamp=int(self._clock.now() * 1000),
+                request=request,
+            ),
+        )
+
+    # writing
+    def create(self, app: str, request: CreateMachineRequest) -> MachineView:
+        now = self._clock.now()
+        region = self._check_placement(request.region, request.config)
+        machine_id = new_machine_id()
+        machine = Machine(
+            id=machine_id,
+            name=request.name or f"{app}-{machine_id[:6]}",
+            app=app,
+            state=MachineState.CREATED,
+            region=region,
+            instance_id=new_ulid(now),
+            version=1,
+            config=request.config,
+            created_at=now,
+            updated_at=now,
+            host_id=self._host.id,
+        )
+        self._store.insert_machine(machine)
+        self._record(machine_id, "launch", "created", {"skip_launch": request.skip_launch})
+        if request.lease_ttl:
+            self._store.put_lease(machine_id, self._new_lease(machine, request.lease_ttl, ""))
+        # skip_launch still resolves the image, so that a bad reference fails at create.
+        operation = "prepare" if request.skip_launch else "create"
+        self._agent.submit_operation(machine_id, operation, {"resolve_image": True})
+        self._agent.notify()
+        return self.view(machine)
+
+    def update(
+        self, app: str, machine_id: str, request: UpdateMachineRequest, nonce: str | None
+    ) -> MachineView:
+        machine = self.require(app, machine_id, include_destroyed=False)
+        self._check_lease(machine, nonce)
+        if request.current_version is not None and request.current_version != str(machine.version):
+            raise PreconditionFailed(
+                f"current_version {request.current_version} does not match {machine.version}",
+                field="current_version",
+            )
+        if machine.state == MachineState.DESTROYING:
+            raise PreconditionFailed(f"machine {machine_id} is being destroyed")
+        self._check_placement(request.region or machine.region, request.config)
+        was_running = machine.state in ACTIVE_STATES and not request.skip_launch
+        version = machine.version + 1
+        self._agent.submit_operation(
+            machine_id,
+            "update",
+            {
+                "config": request.config.model_dump(mode="json"),
+                "version": version,
+                "instance_id": new_ulid(self._clock.now()),
+                "was_running": was_running,
+                "resolve_image": True,
+            },
+        )
+        self._record(machine_id, "update", "pending", {"version": version})
+        return self.view(machine)
+
+    def start(self, app: str, machine_id: str, nonce: str | None) -> dict[str, str]:
+        machine = self.require(app, machine_id)
+        self._check_lease(machine, nonce)
+        if machine.state not in STARTABLE_STATES:
+            raise PreconditionFailed(
+                f"unable to start machine from current state: '{machine.state}'",
+                field="state",
+                state=str(machine.state),
+            )
+        self._agent.submit_operation(machine_id, "start")
+        return {"previous_state": str(machine.state)}
+
+    def stop(self, app: str, machine_id: str, request: StopRequest, nonce: str | None) -> None:
+        machine = self.require(app, machine_id)
+        self._check_lease(machine, nonce)
+        if machine.state not in ACTIVE_STATES:
+            raise PreconditionFailed(
+                f"unable to stop machine from current state: '{machine.state}'",
+                field="state",
+                state=str(machine.state),
+            )
+        params: dict[str, object] = {}
+        if request.signal is not None:
+            params["signal"] = signal_number(request.signal)
+        if request.timeout is not None:
+            params["timeout_s"] = parse_duration_seconds(request.timeout)
+        self._agent.submit_operation(machine_id, "stop", params)
+
+    def restart(self, app: str, machine_id: str, nonce: str | None) -> None:
+        machine = self.require(app, machine_id)
+        self._check_lease(machine, nonce)
+        if machine.state != MachineState.STARTED:
+            raise PreconditionFailed(
+                f"unable to restart machine from current state: '{machine.state}'",
+                field="state",
+                state=str(machine.state),
+            )
+        self._agent.submit_operation(machine_id, "restart")
+
+    async def signal(self, app: str, machine_id: str, signal_name: str, nonce: str | None) -> None:
+        machine = self.require(app, machine_id)
+        self._check_lease(machine, nonce)
+        handle = self._store.get_vm_handle(machine_id)
+        if machine.state != MachineState.STARTED or handle is None:
+            raise PreconditionFailed(
+                f"unable to signal machine in state '{machine.state}'", field="state"
+            )
+        await self._agent.platform.signal(handle, signal_number(signal_name))
+        self._record(machine_id, "signal", "sent", {"signal": signal_name})
+
+    def destroy(self, app: str, machine_id: str, force: bool, nonce: str | None) -> None:
+        machine = self.require(app, machine_id)
+        self._check_lease(machine, nonce)
+        if machine.state in (MachineState.DESTROYED, MachineState.DESTROYING):
+            raise PreconditionFailed(f"machine {machine_id} is already {machine.state}")
+        if machine.state in ACTIVE_STATES and not force:
+            raise PreconditionFailed(
+                f"unable to destroy machine in state '{machine.state}'; stop it or pass force=true",
+                field="force",
+            )
+        self._agent.submit_operation(machine_id, "destroy", {"timeout_s": 0.0} if force else {})
+
+    async def wait(
+        self, app: str, machine_id: str, state: str, timeout_s: int, instance_id: str | None
+    ) -> dict[str, object]:
+        if state not in WAIT_STATES:
+            raise InvalidRequest(f"state must be one of {sorted(WAIT_STATES)}", field="state")
+        deadline = self._clock.monotonic() + timeout_s
+        while True:
+            machine = self.require(app, machine_id)
+            same_instance = instance_id in (None, machine.instance_id) or state == "destroyed"
+            if str(machine.state) == state and same_instance:
+                return {"ok": True, "state": state}
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(
+                    f"deadline_exceeded: machine {machine_id} did not reach {state} within "
+                    f"{timeout_s}s (now {machine.state})",
+                    field="timeout",
+                )
+            await self._agent.wait_for_change(min(remaining, 1.0))
+
+    # metadata
+    def get_metadata(self, app: str, machine_id: str) -> dict[str, str]:
+        return dict(self.require(app, machine_id).config.metadata)
+
+    def set_metadata(
+        self, app: str, machine_id: str, key: str, value: str | None, nonce: str | None
+    ) -> None:
+        from hangar.model.config import validate_metadata_key
+
+        machine = self.require(app, machine_id, include_destroyed=False)
+        self._check_lease(machine, nonce)
+        try:
+            validate_metadata_key(key)
+        except ValueError as exc:
+            raise Unprocessable(str(exc), field="key") from None
+        if value is None:
+            if key not in machine.config.metadata:
+                raise NotFound(f"metadata key {key} not found", field="key")
+            machine.config.metadata.pop(key)
+        else:
+            machine.config.metadata[key] = value
+        machine.updated_at = self._clock.now()
+        self._store.save_machine(machine)
+
+    # leases
+    def _new_lease(self, machine: Machine, ttl: int, description: str) -> Lease:
+        return Lease(
+            nonce=secrets.token_hex(12),
+            expires_at=int(self._clock.now() + ttl),
+            owner=LEASE_OWNER,
+            description=description,
+            version=new_ulid(self._clock.now()),
+        )
+
+    def acquire_lease(
+        self, app: str, machine_id: str, request: LeaseRequest, nonce: str | None
+    ) -> LeaseView:
+        machine = self.require(app, machine_id, include_destroyed=False)
+        current = self._store.get_lease(machine_id)
+        now = self._clock.now()
+        if current is not None and current.expires_at > now:
+            if nonce != current.nonce:
+                raise Conflict(
+                    f"machine {machine_id} already has a lease until {current.expires_at}",
+                    field="lease",
+                )
+            lease = current.model_copy(
+                update={"expires_at": int(now + request.ttl), "version": new_ulid(now)}
+            )
+        else:
+            lease = self._new_lease(machine, request.ttl, request.description)
+        self._store.put_lease(machine_id, lease)
+        return LeaseView(data=LeaseData(**lease.model_dump()))
+
+    def get_lease(self, app: str, machine_id: str) -> LeaseView:
+        self.require(app, machine_id)
+        lease = self._store.get_lease(machine_id)
+        if lease is None or lease.expires_at <= self._clock.now():
+            raise NotFound(f"machine {machine_id} has no lease", field="lease")
+        return LeaseView(data=LeaseData(**lease.model_dump()))
+
+    def release_lease(self, app: str, machine_id: str, nonce: str | None) -> None:
+        self.require(app, machine_id)
+        lease = self._store.get_lease(machine_id)
+        if lease is None or lease.expires_at <= self._clock.now():
+            raise NotFound(f"machine {machine_id} has no lease", field="lease")
+        if nonce != lease.nonce:
+            raise Conflict("lease nonce does not match", field="fly-machine-lease-nonce")
+        self._store.delete_lease(machine_id)
+
+    def busy(self, machine_id: str) -> bool:
+        """True while the agent still has an operation queued or running for the machine."""
+        return self._agent.has_unfinished_run(machine_id)

@@ -1,0 +1,125 @@
+"""The CLI's only way to hangar: HTTP to the Machines API.
+
+Configured by ``HANGAR_API_URL`` and ``HANGAR_API_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+DEFAULT_API_URL = "http://127.0.0.1:4280"
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, message: str, code: str) -> None:
+        super().__init__(f"{status_code} {code}: {message}")
+        self.status_code = status_code
+        self.message = message
+        self.code = code
+
+
+class HangarClient:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        token: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {}
+        token = token if token is not None else os.environ.get("HANGAR_API_TOKEN")
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(
+            base_url=base_url or os.environ.get("HANGAR_API_URL", DEFAULT_API_URL),
+            headers=headers,
+            timeout=httpx.Timeout(75.0, connect=5.0),
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                raise ApiError(response.status_code, body.get("error", ""), body.get("status", ""))
+            except ValueError:
+                raise ApiError(response.status_code, response.text, "") from None
+        if not response.content:
+            return None
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.json()
+        return response.text
+
+    def stream_text(self, path: str, params: dict[str, Any] | None = None) -> Iterator[str]:
+        with self._http.stream("GET", path, params=params, timeout=None) as response:
+            if response.status_code >= 400:
+                response.read()
+                body = response.json()
+                raise ApiError(response.status_code, body.get("error", ""), body.get("status", ""))
+            yield from response.iter_text()
+
+    # apps
+    def create_app(self, name: str, org_slug: str = "personal") -> Any:
+        return self.request("POST", "/v1/apps", json={"app_name": name, "org_slug": org_slug})
+
+    def get_app(self, name: str) -> Any:
+        return self.request("GET", f"/v1/apps/{name}")
+
+    def list_apps(self, org_slug: str | None = None) -> Any:
+        params = {"org_slug": org_slug} if org_slug else {}
+        return self.request("GET", "/v1/apps", params=params)
+
+    def delete_app(self, name: str) -> Any:
+        return self.request("DELETE", f"/v1/apps/{name}")
+
+    # machines
+    def machines_path(self, app: str, machine_id: str = "", verb: str = "") -> str:
+        path = f"/v1/apps/{app}/machines"
+        if machine_id:
+            path += f"/{machine_id}"
+        if verb:
+            path += f"/{verb}"
+        return path
+
+    def create_machine(self, app: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", self.machines_path(app), json=body)
+
+    def get_machine(self, app: str, machine_id: str) -> Any:
+        return self.request("GET", self.machines_path(app, machine_id))
+
+    def list_machines(self, app: str, include_deleted: bool = False) -> Any:
+        return self.request(
+            "GET", self.machines_path(app), params={"include_deleted": include_deleted}
+        )
+
+    def machine_action(self, app: str, machine_id: str, verb: str, body: Any = None) -> Any:
+        return self.request("POST", self.machines_path(app, machine_id, verb), json=body)
+
+    def destroy_machine(self, app: str, machine_id: str, force: bool = False) -> Any:
+        return self.request(
+            "DELETE", self.machines_path(app, machine_id), params={"force": str(force).lower()}
+        )
+
+    def wait(self, app: str, machine_id: str, state: str, timeout_s: int = 60) -> Any:
+        return self.request(
+            "GET",
+            self.machines_path(app, machine_id, "wait"),
+            params={"state": state, "timeout": timeout_s},
+        )
+
+    def events(self, app: str, machine_id: str, limit: int | None = None) -> Any:
+        params = {"limit": limit} if limit else {}
+        return self.request("GET", self.machines_path(app, machine_id, "events"), params=params)
+
+    def logs(self, app: str, machine_id: str) -> str:
+        return str(self.request("GET", self.machines_path(app, machine_id, "logs")) or "")
+
+    def follow_logs(self, app: str, machine_id: str) -> Iterator[str]:
+        return self.stream_text(self.machines_path(app, machine_id, "logs"), {"follow": "true"})

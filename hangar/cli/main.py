@@ -1,0 +1,311 @@
+"""The ``hangar`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hangar.cli.bench import bench_app
+from hangar.cli.client import ApiError, HangarClient
+
+app = typer.Typer(help="hangar: GPU Machines on your own servers.", no_args_is_help=True)
+apps_app = typer.Typer(help="Apps own machines.", no_args_is_help=True)
+machine_app = typer.Typer(help="Run and manage machines.", no_args_is_help=True)
+app.add_typer(apps_app, name="apps")
+app.add_typer(machine_app, name="machine")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+errors = Console(stderr=True)
+
+ACTIVE = {"created", "starting", "started", "stopping", "replacing"}
+DEFAULT_APP = "default"
+
+
+def client() -> HangarClient:
+    return HangarClient()
+
+
+def fail(message: str, code: int = 1) -> None:
+    errors.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def call(function: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return function(*args, **kwargs)
+    except ApiError as exc:
+        fail(f"{exc.message} ({exc.status_code} {exc.code})")
+    except OSError as exc:
+        fail(f"cannot reach the hangar API: {exc}")
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 4280,
+    home: Annotated[Path | None, typer.Option(help="State directory ($HANGAR_HOME).")] = None,
+) -> None:
+    """Run API + scheduler + agent in one process (state in SQLite under $HANGAR_HOME)."""
+    from hangar.paths import hangar_home
+    from hangar.server import serve
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve(home or hangar_home(), host, port)
+
+
+@apps_app.command("create")
+def apps_create(
+    name: str, org: Annotated[str, typer.Option("--org", help="Org slug.")] = "personal"
+) -> None:
+    call(client().create_app, name, org)
+    console.print(f"created app [bold]{name}[/bold] in org {org}")
+
+
+@apps_app.command("list")
+def apps_list(org: Annotated[str | None, typer.Option("--org")] = None) -> None:
+    body = call(client().list_apps, org)
+    table = Table("NAME", "ORG", "MACHINES")
+    for item in body["apps"]:
+        table.add_row(item["name"], item["organization"]["slug"], str(item["machine_count"]))
+    console.print(table)
+
+
+@apps_app.command("destroy")
+def apps_destroy(name: str) -> None:
+    call(client().delete_app, name)
+    console.print(f"destroyed app {name}")
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            fail(f"--env takes KEY=VALUE, got {pair!r}", 2)
+        env[key] = value
+    return env
+
+
+def ensure_app(api: HangarClient, name: str) -> None:
+    try:
+        api.get_app(name)
+    except ApiError as exc:
+        if exc.status_code != 404:
+            raise
+        api.create_app(name)
+        errors.print(f"created app {name}")
+
+
+def wait_until(
+    api: HangarClient, app_name: str, machine_id: str, states: set[str], timeout_s: float = 600.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        machine: dict[str, Any] = api.get_machine(app_name, machine_id)
+        if machine["state"] in states:
+            return machine
+        if time.monotonic() > deadline:
+            fail(f"machine {machine_id} still {machine['state']} after {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+
+def last_exit_code(api: HangarClient, app_name: str, machine_id: str) -> int | None:
+    for event in api.events(app_name, machine_id):
+        if event["type"] == "exit":
+            code = event["request"].get("exit_event", {}).get("exit_code")
+            return int(code) if code is not None else None
+    return None
+
+
+@machine_app.command(
+    "run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def machine_run(
+    ctx: typer.Context,
+    image: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
+    cpus: Annotated[int, typer.Option("--cpus")] = 1,
+    memory: Annotated[int, typer.Option("--memory", help="MB")] = 256,
+    region: Annotated[str | None, typer.Option("--region", "-r")] = None,
+    remove: Annotated[
+        bool, typer.Option("--rm", help="Destroy the machine when it exits.")
+    ] = False,
+    detach: Annotated[bool, typer.Option("--detach", "-d")] = False,
+) -> None:
+    """Run IMAGE as a machine; arguments after -- replace the image's command."""
+    api = client()
+    command = list(ctx.args)
+    config: dict[str, Any] = {
+        "image": image,
+        "env": parse_env(env or []),
+        "guest": {"cpus": cpus, "memory_mb": memory, "cpu_kind": "shared"},
+        "restart": {"policy": "no"},
+        "auto_destroy": remove,
+    }
+    if command:
+        config["init"] = {"cmd": command}
+    body: dict[str, Any] = {"config": config}
+    if name:
+        body["name"] = name
+    if region:
+        body["region"] = region
+    call(ensure_app, api, app_name)
+    started_at = time.monotonic()
+    machine = call(api.create_machine, app_name, body)
+    machine_id = machine["id"]
+    errors.print(f"machine [bold]{machine_id}[/bold] ({machine['name']}) created")
+    if detach:
+        console.print(machine_id)
+        return
+    with errors.status("booting (pulling the image if needed)..."):
+        machine = call(
+            wait_until,
+            api,
+            app_name,
+            machine_id,
+            {"started", "stopped", "failed", "launch_failed", "destroyed"},
+        )
+    boot_s = time.monotonic() - started_at
+    if machine["state"] in ("failed", "launch_failed"):
+        fail(f"machine {machine_id} {machine['state']}: {machine.get('failure_reason', '')}")
+    errors.print(f"started in {boot_s:.2f}s; output:")
+    try:
+        for chunk in api.follow_logs(app_name, machine_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except ApiError as exc:
+        if exc.status_code != 404:
+            raise
+    machine = call(wait_until, api, app_name, machine_id, {"stopped", "destroyed", "failed"})
+    total_s = time.monotonic() - started_at
+    code = call(last_exit_code, api, app_name, machine_id)
+    errors.print(
+        f"machine {machine_id} {machine['state']}: exit code {code}; "
+        f"create->started {boot_s:.2f}s, total {total_s:.2f}s"
+    )
+    raise typer.Exit(code if code is not None and 0 <= code < 256 else 1)
+
+
+@machine_app.command("list")
+def machine_list(
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    all_machines: Annotated[bool, typer.Option("--all", help="Include destroyed.")] = False,
+) -> None:
+    machines = call(client().list_machines, app_name, all_machines)
+    table = Table("ID", "NAME", "STATE", "REGION", "IMAGE", "UPDATED")
+    for item in machines:
+        table.add_row(
+            item["id"],
+            item["name"],
+            item["state"],
+            item["region"],
+            item["config"]["image"],
+            item["updated_at"],
+        )
+    console.print(table)
+
+
+@machine_app.command("status")
+def machine_status(
+    machine_id: str, app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP
+) -> None:
+    machine = call(client().get_machine, app_name, machine_id)
+    console.print_json(json.dumps(machine))
+
+
+def _simple_action(verb: str, machine_id: str, app_name: str, body: Any = None) -> None:
+    call(client().machine_action, app_name, machine_id, verb, body)
+    console.print(f"{verb} requested for {machine_id}")
+
+
+@machine_app.command("start")
+def machine_start(
+    machine_id: str, app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP
+) -> None:
+    _simple_action("start", machine_id, app_name)
+
+
+@machine_app.command("stop")
+def machine_stop(
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    signal: Annotated[str | None, typer.Option("--signal", "-s")] = None,
+    timeout: Annotated[str | None, typer.Option("--timeout", help="e.g. 10s")] = None,
+) -> None:
+    body = {k: v for k, v in {"signal": signal, "timeout": timeout}.items() if v is not None}
+    _simple_action("stop", machine_id, app_name, body)
+
+
+@machine_app.command("restart")
+def machine_restart(
+    machine_id: str, app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP
+) -> None:
+    _simple_action("restart", machine_id, app_name)
+
+
+@machine_app.command("destroy")
+def machine_destroy(
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    force: Annotated[bool, typer.Option("--force", "-f")] = False,
+) -> None:
+    call(client().destroy_machine, app_name, machine_id, force)
+    console.print(f"destroy requested for {machine_id}")
+
+
+@machine_app.command("logs")
+def machine_logs(
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+) -> None:
+    api = client()
+    if follow:
+        for chunk in call(api.follow_logs, app_name, machine_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    else:
+        sys.stdout.write(call(api.logs, app_name, machine_id))
+
+
+@machine_app.command("wait")
+def machine_wait(
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    state: Annotated[str, typer.Option("--state")] = "started",
+    timeout: Annotated[int, typer.Option("--timeout", help="seconds, 1..60")] = 60,
+) -> None:
+    call(client().wait, app_name, machine_id, state, timeout)
+    console.print(f"{machine_id} is {state}")
+
+
+@machine_app.command("events")
+def machine_events(
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    limit: Annotated[int | None, typer.Option("--limit")] = None,
+) -> None:
+    events = call(client().events, app_name, machine_id, limit)
+    table = Table("TIME", "TYPE", "STATUS", "SOURCE", "DETAIL")
+    for event in events:
+        stamp = time.strftime("%H:%M:%S", time.localtime(event["timestamp"] / 1000))
+        detail = {k: v for k, v in event["request"].items() if k not in ("run_id",)}
+        table.add_row(stamp, event["type"], event["status"], event["source"], json.dumps(detail))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,248 @@
+"""What the NVIDIA driver knows about its GPUs, read through NVML (nvidia-ml-py).
+
+NVML is optional: without the driver, or without nvidia-ml-py, :class:`PynvmlReader`
+returns a report that says why, and the inventory is built from sysfs alone. Only
+queries are made (no MIG, clock or persistence changes), so reading is safe on any host.
+MIG instances are UUIDs inside a GPU, not PCI functions: they are recorded for the sandbox
+tier, never passed to VFIO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import re
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel
+
+from hangar.devices.pci import normalize_bdf
+from hangar.errors import DeviceError
+
+MigMode = Literal["enabled", "disabled", "unsupported", "unknown"]
+
+_MIG_PROFILE = re.compile(r"\bMIG\s+(\S+)\s*$")
+
+
+class MigInstance(BaseModel):
+    uuid: str
+    profile: str | None = None
+    """The profile as NVML names the instance (``1g.18gb``, ``1c.2g.35gb``)."""
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
+    memory_total_bytes: int | None = None
+
+
+class NvmlGpu(BaseModel):
+    bus_id: str
+    """The PCI address in sysfs spelling, for matching with the PCI inventory."""
+    uuid: str | None = None
+    name: str | None = None
+    memory_total_bytes: int | None = None
+    mig_mode: MigMode = "unknown"
+    mig_mode_pending: MigMode | None = None
+    """Set when a MIG mode change waits for a GPU reset."""
+    mig_instances: list[MigInstance] = []
+    nvlink_peers: list[str] = []
+    """PCI addresses at the far end of this GPU's active NVLinks (GPUs or NVSwitches)."""
+    errors: list[str] = []
+    """Queries that failed for this GPU, as ``query: NVML message``."""
+
+
+class NvmlReport(BaseModel):
+    available: bool
+    reason: str | None = None
+    """Why NVML could not be read, when it could not."""
+    driver_version: str | None = None
+    gpus: list[NvmlGpu] = []
+    errors: list[str] = []
+    """GPUs NVML counts but could not describe (lost from the bus, for one)."""
+
+    def gpu_at(self, bdf: str) -> NvmlGpu | None:
+        return next((gpu for gpu in self.gpus if gpu.bus_id == bdf), None)
+
+
+class NvmlReader(Protocol):
+    def read(self) -> NvmlReport: ...
+
+
+class NoNvml:
+    """A reader for hosts where NVML is not to be used; the report carries ``reason``."""
+
+    def __init__(self, reason: str = "NVML not consulted") -> None:
+        self.reason = reason
+
+    def read(self) -> NvmlReport:
+        return NvmlReport(available=False, reason=self.reason)
+
+
+def _import_pynvml() -> Any:
+    return importlib.import_module("pynvml")
+
+
+class PynvmlReader:
+    """Reads NVML through the ``pynvml`` module that nvidia-ml-py installs.
+
+    ``load`` returns that module; tests pass one that stands in for a driver.
+    """
+
+    def __init__(self, load: Callable[[], Any] = _import_pynvml) -> None:
+        self.load = load
+
+    def read(self) -> NvmlReport:
+        try:
+            nvml = self.load()
+        except ImportError as error:
+            return NvmlReport(available=False, reason=f"nvidia-ml-py cannot be imported: {error}")
+        try:
+            nvml.nvmlInit()
+        except Exception as error:  # NVMLError, or OSError from loading the library
+            return NvmlReport(available=False, reason=f"NVML init failed: {_message(error)}")
+        try:
+            return _read_initialised(nvml)
+        except Exception as error:  # a driver fault must not take the sysfs inventory down
+            return NvmlReport(available=False, reason=f"NVML query failed: {_message(error)}")
+        finally:
+            # A failing shutdown of a half-initialised library leaves nothing to undo.
+            with contextlib.suppress(Exception):
+                nvml.nvmlShutdown()
+
+
+def _read_initialised(nvml: Any) -> NvmlReport:
+    gpus = []
+    errors = []
+    for index in range(nvml.nvmlDeviceGetCount()):
+        try:
+            gpus.append(_read_gpu(nvml, nvml.nvmlDeviceGetHandleByIndex(index)))
+        except (nvml.NVMLError, DeviceError) as error:
+            errors.append(f"GPU {index}: {_message(error)}")
+    return NvmlReport(
+        available=True,
+        driver_version=_text(nvml.nvmlSystemGetDriverVersion()),
+        gpus=gpus,
+        errors=errors,
+    )
+
+
+def _read_gpu(nvml: Any, handle: Any) -> NvmlGpu:
+    bus_id = normalize_bdf(_text(nvml.nvmlDeviceGetPciInfo(handle).busId))
+    errors: list[str] = []
+    queries = _Queries(nvml, errors)
+    uuid = queries.ask("uuid", nvml.nvmlDeviceGetUUID, handle)
+    name = queries.ask("name", nvml.nvmlDeviceGetName, handle)
+    memory = queries.ask("memory", nvml.nvmlDeviceGetMemoryInfo, handle)
+    current, pending = _mig_modes(nvml, handle, errors)
+    instances = _mig_instances(nvml, handle, errors) if current == "enabled" else []
+    return NvmlGpu(
+        bus_id=bus_id,
+        uuid=None if uuid is None else _text(uuid),
+        name=None if name is None else _text(name),
+        memory_total_bytes=None if memory is None else int(memory.total),
+        mig_mode=current,
+        mig_mode_pending=pending if pending != current else None,
+        mig_instances=instances,
+        nvlink_peers=_nvlink_peers(nvml, handle),
+        errors=errors,
+    )
+
+
+class _Queries:
+    """Runs one NVML query at a time, noting failures instead of raising them."""
+
+    def __init__(self, nvml: Any, errors: list[str]) -> None:
+        self.nvml = nvml
+        self.errors = errors
+
+    def ask(self, what: str, query: Any, *args: Any) -> Any:
+        try:
+            return query(*args)
+        except self.nvml.NVMLError as error:
+            self.errors.append(f"{what}: {_message(error)}")
+            return None
+
+
+def _mig_modes(nvml: Any, handle: Any, errors: list[str]) -> tuple[MigMode, MigMode]:
+    try:
+        current, pending = nvml.nvmlDeviceGetMigMode(handle)
+    except nvml.NVMLError as error:
+        if _is(nvml, error, "NVML_ERROR_NOT_SUPPORTED"):
+            return "unsupported", "unsupported"
+        errors.append(f"mig mode: {_message(error)}")
+        return "unknown", "unknown"
+    return _mig_mode(nvml, current), _mig_mode(nvml, pending)
+
+
+def _mig_mode(nvml: Any, value: int) -> MigMode:
+    if value == nvml.NVML_DEVICE_MIG_ENABLE:
+        return "enabled"
+    if value == nvml.NVML_DEVICE_MIG_DISABLE:
+        return "disabled"
+    return "unknown"
+
+
+def _mig_instances(nvml: Any, handle: Any, errors: list[str]) -> list[MigInstance]:
+    queries = _Queries(nvml, errors)
+    count = queries.ask("mig device count", nvml.nvmlDeviceGetMaxMigDeviceCount, handle) or 0
+    instances = []
+    for index in range(int(count)):
+        try:
+            mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, index)
+        except nvml.NVMLError as error:
+            if not _is(nvml, error, "NVML_ERROR_NOT_FOUND"):  # NOT_FOUND: an empty slot
+                errors.append(f"mig device {index}: {_message(error)}")
+            continue
+        uuid = queries.ask(f"mig device {index} uuid", nvml.nvmlDeviceGetUUID, mig)
+        if uuid is None:
+            continue
+        name = queries.ask(f"mig device {index} name", nvml.nvmlDeviceGetName, mig)
+        memory = queries.ask(f"mig device {index} memory", nvml.nvmlDeviceGetMemoryInfo, mig)
+        gpu_instance = queries.ask(
+            f"mig device {index} gpu instance", nvml.nvmlDeviceGetGpuInstanceId, mig
+        )
+        compute_instance = queries.ask(
+            f"mig device {index} compute instance", nvml.nvmlDeviceGetComputeInstanceId, mig
+        )
+        profile = _MIG_PROFILE.search(_text(name)) if name is not None else None
+        instances.append(
+            MigInstance(
+                uuid=_text(uuid),
+                profile=profile[1] if profile else None,
+                gpu_instance_id=gpu_instance,
+                compute_instance_id=compute_instance,
+                memory_total_bytes=None if memory is None else int(memory.total),
+            )
+        )
+    return instances
+
+
+def _nvlink_peers(nvml: Any, handle: Any) -> list[str]:
+    """Far ends of active links. A GPU without NVLink answers NOT_SUPPORTED on link 0."""
+    peers: set[str] = set()
+    for link in range(int(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18))):
+        try:
+            if nvml.nvmlDeviceGetNvLinkState(handle, link) != nvml.NVML_FEATURE_ENABLED:
+                continue
+            remote = nvml.nvmlDeviceGetNvLinkRemotePciInfo(handle, link)
+            peers.add(normalize_bdf(_text(remote.busId)))
+        except nvml.NVMLError as error:
+            if _is(nvml, error, "NVML_ERROR_NOT_SUPPORTED"):
+                break
+            continue  # INVALID_ARGUMENT: this GPU has fewer links
+        except DeviceError:
+            continue  # an unparsable remote address names no peer we can match
+    return sorted(peers)
+
+
+def _is(nvml: Any, error: Exception, code_name: str) -> bool:
+    return getattr(error, "value", None) == getattr(nvml, code_name, object())
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value)
+
+
+def _message(error: Exception) -> str:
+    return str(error) or type(error).__name__

@@ -1,0 +1,255 @@
+"""MachineConfig: the Fly Machines API ``config`` object, validated field by field.
+
+Fields hangar honours are modelled; fields of Fly's config that hangar cannot honour yet
+are rejected with a 422 naming the field (never silently ignored), and so are unknown fields.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import signal as signal_module
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from hangar.errors import UnsupportedField
+
+UNSUPPORTED_CONFIG_FIELDS = (
+    "services",
+    "mounts",
+    "checks",
+    "schedule",
+    "processes",
+    "dns",
+    "statics",
+    "standbys",
+    "containers",
+    "volumes",
+    "disable_machine_autostart",
+    "size",
+)
+UNSUPPORTED_GUEST_FIELDS = ("kernel_args", "host_dedication_id", "persist_rootfs")
+
+METADATA_KEY_PATTERN = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.\-]{0,62}$")
+ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_FILE_BYTES = 1024 * 1024
+MAX_FILES = 64
+DURATION_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def parse_duration_seconds(value: object) -> float:
+    """Fly durations: seconds, ``"5s"``, ``"500ms"``, ``"2m"``, or ``{"Duration": ns}``."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 10s")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = DURATION_PATTERN.match(value.strip())
+        if not match:
+            raise ValueError("must be a duration such as 10s, 500ms or 2m")
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    elif isinstance(value, dict) and set(value) == {"Duration"}:
+        nanoseconds = value["Duration"]
+        if not isinstance(nanoseconds, int):
+            raise ValueError("Duration must be an integer number of nanoseconds")
+        seconds = nanoseconds / 1e9
+    else:
+        raise ValueError("must be a duration such as 10s")
+    if seconds < 0 or seconds > 24 * 3600:
+        raise ValueError("must be between 0s and 24h")
+    return seconds
+
+
+def signal_number(name: str) -> int:
+    """``SIGTERM`` / ``TERM`` / ``15`` -> 15."""
+    text = name.strip().upper()
+    if text.isdigit():
+        number = int(text)
+        if 1 <= number <= 64:
+            return number
+        raise ValueError(f"unknown signal {name!r}")
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return int(signal_module.Signals[text])
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r}") from None
+
+
+class InitConfig(StrictModel):
+    exec: list[str] | None = None
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    tty: bool = False
+    swap_size_mb: int | None = None
+
+    @model_validator(mode="after")
+    def _reject_unsupported(self) -> InitConfig:
+        if self.tty:
+            raise UnsupportedField("config.init.tty")
+        if self.swap_size_mb:
+            raise UnsupportedField("config.init.swap_size_mb")
+        return self
+
+
+class GuestConfig(StrictModel):
+    cpu_kind: Literal["shared", "performance"] = "shared"
+    cpus: Annotated[int, Field(ge=1, le=64)] = 1
+    memory_mb: Annotated[int, Field(ge=128, le=1024 * 1024)] = 256
+    gpu_kind: str | None = None
+    gpus: int | None = None
+    kernel_args: list[str] | None = None
+    host_dedication_id: str | None = None
+    persist_rootfs: str | None = None
+
+    @field_validator("memory_mb")
+    @classmethod
+    def _memory_multiple_of_64(cls, value: int) -> int:
+        if value % 64:
+            raise ValueError("must be a multiple of 64")
+        return value
+
+    @model_validator(mode="after")
+    def _reject_unsupported(self) -> GuestConfig:
+        for name in UNSUPPORTED_GUEST_FIELDS:
+            if getattr(self, name) is not None:
+                raise UnsupportedField(f"config.guest.{name}")
+        return self
+
+
+class RestartConfig(StrictModel):
+    policy: Literal["no", "always", "on-failure"] = "on-failure"
+    max_retries: Annotated[int, Field(ge=0, le=1000)] | None = None
+
+    @property
+    def effective_max_retries(self) -> int:
+        return 10 if self.max_retries is None else self.max_retries
+
+
+class StopConfig(StrictModel):
+    timeout: Any = None
+    signal: str | None = None
+
+    @field_validator("timeout")
+    @classmethod
+    def _valid_timeout(cls, value: object) -> object:
+        if value is not None:
+            parse_duration_seconds(value)
+        return value
+
+    @field_validator("signal")
+    @classmethod
+    def _valid_signal(cls, value: str | None) -> str | None:
+        if value is not None:
+            signal_number(value)
+        return value
+
+    @property
+    def timeout_seconds(self) -> float:
+        return 5.0 if self.timeout is None else parse_duration_seconds(self.timeout)
+
+    @property
+    def signal_number(self) -> int:
+        return 15 if self.signal is None else signal_number(self.signal)
+
+
+class GuestFile(StrictModel):
+    guest_path: str
+    raw_value: str | None = None
+    secret_name: str | None = None
+    mode: int | None = None
+
+    @field_validator("guest_path")
+    @classmethod
+    def _absolute_inside_guest(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must be an absolute path")
+        parts = value.split("/")
+        if ".." in parts or "\x00" in value:
+            raise ValueError("must not contain '..' or NUL")
+        if value.rstrip("/") == "":
+            raise ValueError("must name a file, not /")
+        return value
+
+    @field_validator("raw_value")
+    @classmethod
+    def _base64_and_bounded(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            decoded = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be base64") from None
+        if len(decoded) > MAX_FILE_BYTES:
+            raise ValueError(f"must decode to at most {MAX_FILE_BYTES} bytes")
+        return value
+
+    @field_validator("mode")
+    @classmethod
+    def _valid_mode(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= 0o7777:
+            raise ValueError("must be a file mode between 0 and 0o7777")
+        return value
+
+    @model_validator(mode="after")
+    def _value_source(self) -> GuestFile:
+        if self.secret_name is not None:
+            raise UnsupportedField("config.files.secret_name")
+        if self.raw_value is None:
+            raise ValueError("raw_value is required")
+        return self
+
+
+class MachineConfig(StrictModel):
+    image: Annotated[str, Field(min_length=1, max_length=512)]
+    env: dict[str, str] = Field(default_factory=dict)
+    init: InitConfig = Field(default_factory=InitConfig)
+    guest: GuestConfig = Field(default_factory=GuestConfig)
+    restart: RestartConfig = Field(default_factory=RestartConfig)
+    auto_destroy: bool = False
+    metadata: dict[str, str] = Field(default_factory=dict)
+    files: Annotated[list[GuestFile], Field(max_length=MAX_FILES)] = Field(default_factory=list)
+    stop_config: StopConfig = Field(default_factory=StopConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in UNSUPPORTED_CONFIG_FIELDS:
+                if data.get(name) not in (None, [], {}):
+                    raise UnsupportedField(f"config.{name}")
+        return data
+
+    @field_validator("env")
+    @classmethod
+    def _valid_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, item in value.items():
+            if not ENV_KEY_PATTERN.match(key):
+                raise ValueError(f"invalid variable name {key!r}")
+            if "\x00" in item:
+                raise ValueError(f"value of {key} contains NUL")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _valid_metadata(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, item in value.items():
+            validate_metadata_key(key)
+            if len(item) > 1024:
+                raise ValueError(f"value of {key} is longer than 1024 characters")
+        return value
+
+
+def validate_metadata_key(key: str) -> str:
+    if not METADATA_KEY_PATTERN.match(key):
+        raise ValueError(
+            f"invalid metadata key {key!r}: letters, digits, '_', '.', '-', at most 63 characters"
+        )
+    return key

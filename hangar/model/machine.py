@@ -1,0 +1,113 @@
+"""Machines, their states, events and leases, shaped as Fly's Machines API returns them."""
+
+from __future__ import annotations
+
+import enum
+import os
+import secrets
+import time
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from hangar.model.config import MachineConfig
+
+
+class MachineState(enum.StrEnum):
+    CREATED = "created"
+    STARTING = "starting"
+    STARTED = "started"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    REPLACING = "replacing"
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+    LAUNCH_FAILED = "launch_failed"
+
+
+TERMINAL_STATES = frozenset({MachineState.DESTROYED})
+# States from which `start` is legal.
+STARTABLE_STATES = frozenset(
+    {MachineState.CREATED, MachineState.STOPPED, MachineState.FAILED, MachineState.LAUNCH_FAILED}
+)
+WAITABLE_STATES = frozenset(
+    {MachineState.STARTED, MachineState.STOPPED, MachineState.DESTROYED, MachineState.FAILED}
+)
+
+
+class ImageRef(BaseModel):
+    registry: str = ""
+    repository: str = ""
+    tag: str = ""
+    digest: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class MachineEvent(BaseModel):
+    id: str
+    type: str
+    status: str
+    source: str
+    timestamp: int
+    request: dict[str, Any] = Field(default_factory=dict)
+
+
+class Lease(BaseModel):
+    nonce: str
+    expires_at: int
+    owner: str
+    description: str = ""
+    version: str
+
+
+class Machine(BaseModel):
+    id: str
+    name: str
+    app: str
+    state: MachineState
+    region: str
+    instance_id: str
+    version: int
+    config: MachineConfig
+    image_ref: ImageRef = Field(default_factory=ImageRef)
+    private_ip: str = ""
+    created_at: float
+    updated_at: float
+    host_id: str = ""
+    failure_reason: str = ""
+
+
+class MachineView(BaseModel):
+    """The JSON body the API returns for a machine."""
+
+    id: str
+    name: str
+    state: str
+    region: str
+    instance_id: str
+    private_ip: str
+    config: dict[str, Any]
+    image_ref: ImageRef
+    created_at: str
+    updated_at: str
+    events: list[MachineEvent] = Field(default_factory=list)
+    host_status: str = "ok"
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_machine_id() -> str:
+    return secrets.token_hex(7)
+
+
+def new_event_id() -> str:
+    return new_ulid()
+
+
+def new_ulid(now: float | None = None) -> str:
+    """A ULID: 48-bit millisecond time then 80 random bits, Crockford base32, sortable by time."""
+    milliseconds = int((time.time() if now is None else now) * 1000)
+    value = (milliseconds << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))

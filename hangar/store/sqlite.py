@@ -1,0 +1,324 @@
+"""The embedded ClusterStore: one SQLite file in WAL mode, one connection guarded by a lock."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hangar.errors import Conflict, NotFound
+from hangar.model.config import MachineConfig
+from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
+from hangar.store.protocol import App, RunRecord, RunStatus
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS apps (
+    name TEXT PRIMARY KEY,
+    org_slug TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS machines (
+    id TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    region TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    image_ref TEXT NOT NULL,
+    private_ip TEXT NOT NULL,
+    host_id TEXT NOT NULL,
+    failure_reason TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS machines_live_name
+    ON machines(app, name) WHERE state != 'destroyed';
+CREATE TABLE IF NOT EXISTS machine_versions (
+    machine_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    replaced_at REAL,
+    PRIMARY KEY (machine_id, version)
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    machine_id TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_machine ON events(machine_id, seq);
+CREATE TABLE IF NOT EXISTS leases (
+    machine_id TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    machine_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_machine ON runs(machine_id, created_at);
+CREATE TABLE IF NOT EXISTS vm_handles (
+    machine_id TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+"""
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, params).fetchall())
+
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        with self.transaction() as db:
+            return db.execute(sql, params).rowcount
+
+    # apps
+    def create_app(self, name: str, org_slug: str, now: float) -> App:
+        try:
+            self._execute("INSERT INTO apps VALUES (?, ?, ?)", (name, org_slug, now))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"app {name} already exists", app=name) from None
+        return App(name=name, org_slug=org_slug, created_at=now)
+
+    def get_app(self, name: str) -> App | None:
+        rows = self._query("SELECT * FROM apps WHERE name = ?", (name,))
+        return App(**dict(rows[0])) if rows else None
+
+    def list_apps(self, org_slug: str | None) -> list[App]:
+        if org_slug is None:
+            rows = self._query("SELECT * FROM apps ORDER BY name")
+        else:
+            rows = self._query("SELECT * FROM apps WHERE org_slug = ? ORDER BY name", (org_slug,))
+        return [App(**dict(row)) for row in rows]
+
+    def delete_app(self, name: str) -> None:
+        self._execute("DELETE FROM apps WHERE name = ?", (name,))
+
+    # machines
+    @staticmethod
+    def _machine_row(machine: Machine) -> tuple[Any, ...]:
+        return (
+            machine.id,
+            machine.app,
+            machine.name,
+            str(machine.state),
+            machine.region,
+            machine.instance_id,
+            machine.version,
+            machine.config.model_dump_json(exclude_defaults=False),
+            machine.image_ref.model_dump_json(),
+            machine.private_ip,
+            machine.host_id,
+            machine.failure_reason,
+            machine.created_at,
+            machine.updated_at,
+        )
+
+    @staticmethod
+    def _machine_from(row: sqlite3.Row) -> Machine:
+        values = dict(row)
+        values["config"] = MachineConfig.model_validate_json(values["config"])
+        values["image_ref"] = ImageRef.model_validate_json(values["image_ref"])
+        values["state"] = MachineState(values["state"])
+        return Machine(**values)
+
+    def insert_machine(self, machine: Machine) -> None:
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT INTO machines VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    self._machine_row(machine),
+                )
+                db.execute(
+                    "INSERT INTO machine_versions VALUES (?, ?, ?, ?, NULL)",
+                    (
+                        machine.id,
+                        machine.version,
+                        machine.config.model_dump_json(),
+                        machine.created_at,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise Conflict(
+                f"a machine named {machine.name} already exists in app {machine.app}",
+                field="name",
+            ) from None
+
+    def get_machine(self, machine_id: str) -> Machine | None:
+        rows = self._query("SELECT * FROM machines WHERE id = ?", (machine_id,))
+        return self._machine_from(rows[0]) if rows else None
+
+    def list_machines(self, app: str | None, include_destroyed: bool = False) -> list[Machine]:
+        sql = "SELECT * FROM machines WHERE 1=1"
+        params: list[Any] = []
+        if app is not None:
+            sql += " AND app = ?"
+            params.append(app)
+        if not include_destroyed:
+            sql += " AND state != 'destroyed'"
+        rows = self._query(sql + " ORDER BY created_at", tuple(params))
+        return [self._machine_from(row) for row in rows]
+
+    def save_machine(self, machine: Machine) -> None:
+        row = self._machine_row(machine)
+        changed = self._execute(
+            "UPDATE machines SET app=?, name=?, state=?, region=?, instance_id=?, version=?,"
+            " config=?, image_ref=?, private_ip=?, host_id=?, failure_reason=?, created_at=?,"
+            " updated_at=? WHERE id = ?",
+            (*row[1:], row[0]),
+        )
+        if not changed:
+            raise NotFound(f"machine {machine.id} not found", machine_id=machine.id)
+
+    def set_state(
+        self, machine_id: str, state: MachineState, now: float, reason: str = ""
+    ) -> Machine:
+        with self.transaction() as db:
+            changed = db.execute(
+                "UPDATE machines SET state = ?, updated_at = ?, failure_reason = ? WHERE id = ?",
+                (str(state), now, reason, machine_id),
+            ).rowcount
+        if not changed:
+            raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+        machine = self.get_machine(machine_id)
+        assert machine is not None
+        return machine
+
+    def save_config_version(self, machine: Machine, now: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE machine_versions SET replaced_at = ? WHERE machine_id = ?"
+                " AND replaced_at IS NULL",
+                (now, machine.id),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO machine_versions VALUES (?, ?, ?, ?, NULL)",
+                (machine.id, machine.version, machine.config.model_dump_json(), now),
+            )
+            db.execute(
+                "UPDATE machines SET version = ?, config = ?, updated_at = ? WHERE id = ?",
+                (machine.version, machine.config.model_dump_json(), now, machine.id),
+            )
+
+    def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT version, created_at, replaced_at FROM machine_versions"
+            " WHERE machine_id = ? ORDER BY version",
+            (machine_id,),
+        )
+        return [dict(row) for row in rows]
+
+    # events
+    def add_event(self, machine_id: str, event: MachineEvent) -> None:
+        self._execute(
+            "INSERT INTO events (id, machine_id, body) VALUES (?, ?, ?)",
+            (event.id, machine_id, event.model_dump_json()),
+        )
+
+    def list_events(self, machine_id: str, limit: int | None = None) -> list[MachineEvent]:
+        sql = "SELECT body FROM events WHERE machine_id = ? ORDER BY seq DESC"
+        params: tuple[Any, ...] = (machine_id,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = (machine_id, limit)
+        return [MachineEvent.model_validate_json(row["body"]) for row in self._query(sql, params)]
+
+    # leases
+    def get_lease(self, machine_id: str) -> Lease | None:
+        rows = self._query("SELECT body FROM leases WHERE machine_id = ?", (machine_id,))
+        return Lease.model_validate_json(rows[0]["body"]) if rows else None
+
+    def put_lease(self, machine_id: str, lease: Lease) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO leases VALUES (?, ?)", (machine_id, lease.model_dump_json())
+        )
+
+    def delete_lease(self, machine_id: str) -> None:
+        self._execute("DELETE FROM leases WHERE machine_id = ?", (machine_id,))
+
+    # durable runs
+    def insert_run(self, run: RunRecord) -> bool:
+        """Insert unless a run with this id exists (False then): ids make submits idempotent."""
+        return (
+            self._execute(
+                "INSERT OR IGNORE INTO runs VALUES (?, ?, ?, ?, ?)",
+                (run.id, run.machine_id, run.status, run.created_at, run.model_dump_json()),
+            )
+            == 1
+        )
+
+    def save_run(self, run: RunRecord) -> None:
+        self._execute(
+            "UPDATE runs SET status = ?, body = ? WHERE id = ?",
+            (run.status, run.model_dump_json(), run.id),
+        )
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        rows = self._query("SELECT body FROM runs WHERE id = ?", (run_id,))
+        return RunRecord.model_validate_json(rows[0]["body"]) if rows else None
+
+    def list_runs(
+        self, machine_id: str | None = None, unfinished_only: bool = False
+    ) -> list[RunRecord]:
+        sql = "SELECT body FROM runs WHERE 1=1"
+        params: list[Any] = []
+        if machine_id is not None:
+            sql += " AND machine_id = ?"
+            params.append(machine_id)
+        if unfinished_only:
+            sql += " AND status IN (?, ?)"
+            params.extend(RunStatus.UNFINISHED)
+        rows = self._query(sql + " ORDER BY created_at, rowid", tuple(params))
+        return [RunRecord.model_validate_json(row["body"]) for row in rows]
+
+    # VMM handles
+    def put_vm_handle(self, machine_id: str, handle: dict[str, Any]) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO vm_handles VALUES (?, ?)", (machine_id, json.dumps(handle))
+        )
+
+    def get_vm_handle(self, machine_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT body FROM vm_handles WHERE machine_id = ?", (machine_id,))
+        return dict(json.loads(rows[0]["body"])) if rows else None
+
+    def delete_vm_handle(self, machine_id: str) -> None:
+        self._execute("DELETE FROM vm_handles WHERE machine_id = ?", (machine_id,))
+
+    def list_vm_handles(self) -> dict[str, dict[str, Any]]:
+        rows = self._query("SELECT machine_id, body FROM vm_handles")
+        return {row["machine_id"]: dict(json.loads(row["body"])) for row in rows}

@@ -1,0 +1,205 @@
+"""The Driver protocol: what the agent asks of any VMM, and the records it keeps about one.
+
+A driver turns a :class:`VmSpec` into a running VM and answers for it through a
+:class:`VmHandle`. Specs and handles are pydantic models because the agent stores them
+durably: after an agent restart it hands the stored handle back to :meth:`Driver.adopt`.
+
+The guest contract every driver honours (hangar's guest init relies on it):
+
+- kernel command line starts with :data:`GUEST_KERNEL_CMDLINE`; drivers may append to it;
+- disk 1 is the machine's writable root disk (``/dev/vda``), extra disks follow in order;
+- the first serial port goes to ``console_log``;
+- the guest writes JSON lines to the port named :data:`CONTROL_PORT_NAME`, which land in
+  ``control_log`` (see :mod:`hangar.vmm.control`);
+- the host writes ``signal N`` lines to the port named :data:`SIGNAL_PORT_NAME`, served on
+  ``signal_socket``; the guest forwards signal N to its process.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from signal import SIGTERM
+from typing import Literal, Protocol, Self, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hangar.clock import Clock
+
+GUEST_KERNEL_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet tsc=reliable no_timer_check"
+CONTROL_PORT_NAME = "hangar.ctl"
+SIGNAL_PORT_NAME = "hangar.sig"
+
+MACHINE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+PCI_BDF_PATTERN = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+
+
+class DiskSpec(BaseModel):
+    """A disk after the root disk, attached in list order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    read_only: bool = False
+
+
+class VmSpec(BaseModel):
+    """Everything a driver needs to boot one machine; paths are on the host."""
+
+    model_config = ConfigDict(frozen=True)
+
+    machine_id: str
+    run_dir: Path
+    kernel: Path
+    initrd: Path
+    root_disk: Path
+    extra_disks: list[DiskSpec] = Field(default_factory=list)
+    cpus: int = Field(default=1, ge=1, le=512)
+    memory_mb: int = Field(default=256, ge=32)
+    kernel_args: list[str] = Field(
+        default_factory=list, description="appended to GUEST_KERNEL_CMDLINE"
+    )
+    console_log: Path
+    control_log: Path
+    signal_socket: Path
+    qmp_socket: Path
+    vmm_log: Path = Field(description="the VMM's own stderr, quoted in launch errors")
+    gpus: list[str] = Field(default_factory=list, description="PCI BDFs passed through by VFIO")
+    hugepages: bool = False
+
+    @field_validator("machine_id")
+    @classmethod
+    def _machine_id_is_a_plain_name(cls, value: str) -> str:
+        if not MACHINE_ID_PATTERN.match(value):
+            raise ValueError(f"machine_id {value!r} must match {MACHINE_ID_PATTERN.pattern}")
+        return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_are_full_bdfs(cls, value: list[str]) -> list[str]:
+        for bdf in value:
+            if not PCI_BDF_PATTERN.match(bdf):
+                raise ValueError(f"GPU {bdf!r} is not a PCI address like 0000:65:00.0")
+        if len(set(value)) != len(value):
+            raise ValueError("a GPU is listed twice")
+        return value
+
+    @field_validator("kernel_args")
+    @classmethod
+    def _kernel_args_are_single_words(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            if not arg or any(ch.isspace() or not ch.isprintable() for ch in arg):
+                raise ValueError(f"kernel argument {arg!r} must be one printable word")
+        return value
+
+    @classmethod
+    def in_run_dir(
+        cls,
+        *,
+        machine_id: str,
+        run_dir: Path,
+        kernel: Path,
+        initrd: Path,
+        root_disk: Path,
+        extra_disks: list[DiskSpec] | None = None,
+        cpus: int = 1,
+        memory_mb: int = 256,
+        kernel_args: list[str] | None = None,
+        gpus: list[str] | None = None,
+        hugepages: bool = False,
+    ) -> Self:
+        """A spec whose logs and sockets sit in ``run_dir`` under their standard names."""
+        return cls(
+            machine_id=machine_id,
+            run_dir=run_dir,
+            kernel=kernel,
+            initrd=initrd,
+            root_disk=root_disk,
+            extra_disks=extra_disks or [],
+            cpus=cpus,
+            memory_mb=memory_mb,
+            kernel_args=kernel_args or [],
+            console_log=run_dir / "console.log",
+            control_log=run_dir / "ctl.jsonl",
+            signal_socket=run_dir / "sig.sock",
+            qmp_socket=run_dir / "qmp.sock",
+            vmm_log=run_dir / "vmm.log",
+            gpus=gpus or [],
+            hugepages=hugepages,
+        )
+
+
+class VmHandle(BaseModel):
+    """What the agent stores about a launched VM to find it again after a restart."""
+
+    model_config = ConfigDict(frozen=True)
+
+    driver: str
+    machine_id: str
+    pid: int
+    start_time: int = Field(description="/proc/PID/stat field 22; tells a reused pid apart")
+    qmp_socket: Path
+    signal_socket: Path
+    control_log: Path
+    console_log: Path
+    vmm_log: Path
+    accel: str
+    machine_type: str
+
+
+class VmStatus(BaseModel):
+    state: Literal["running", "exited"]
+    guest_ready: bool = False
+    exit_code: int | None = Field(default=None, description="as reported by the guest")
+    error: str | None = None
+    vmm_exit_status: int | None = Field(
+        default=None,
+        description="the VMM process's own status (negative: killed by that signal); "
+        "known only for a VMM this driver instance launched",
+    )
+    vm_state: str | None = Field(
+        default=None, description="the VMM's view of the VM (QMP query-status), when it answered"
+    )
+
+
+class StopOutcome(StrEnum):
+    NOT_RUNNING = "not_running"
+    GUEST_EXITED = "guest_exited"
+    QUIT = "quit"
+    KILLED = "killed"
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """A VMM as the agent sees it. Implementations: :class:`hangar.vmm.qemu.QemuDriver`."""
+
+    name: str
+
+    def prepare(self, spec: VmSpec) -> list[str]:
+        """Check the spec's input files and return the command line ``launch`` would run."""
+        ...
+
+    async def launch(self, spec: VmSpec) -> VmHandle:
+        """Start the VMM, detached from the caller's session; return once it answers."""
+        ...
+
+    async def signal(self, handle: VmHandle, signum: int) -> None:
+        """Ask the guest to deliver ``signum`` to its process."""
+        ...
+
+    async def stop(
+        self, handle: VmHandle, timeout_s: float, clock: Clock, signum: int = SIGTERM
+    ) -> StopOutcome:
+        """Signal the guest; after ``timeout_s`` make the VMM quit, and failing that kill it."""
+        ...
+
+    async def kill(self, handle: VmHandle) -> None:
+        """SIGKILL the VMM if the handle still names a live one; return once it is gone."""
+        ...
+
+    async def status(self, handle: VmHandle) -> VmStatus: ...
+
+    async def adopt(self, handle: VmHandle) -> bool:
+        """After an agent restart: is this handle's VMM still running, ours, and answering?"""
+        ...

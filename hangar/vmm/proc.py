@@ -1,0 +1,129 @@
+"""VMM processes as /proc and pidfds show them, safe against pid reuse.
+
+A pid alone does not name a process for long: once it exits, the kernel may give the
+same pid to another. A handle therefore records the pid with its start time
+(``/proc/PID/stat`` field 22, clock ticks since boot), and every check or signal goes
+through :class:`ProcessRef`, a pidfd opened and then verified against that start time:
+once a pidfd is open the pid cannot move to another process, so what the check saw is
+what a later signal reaches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+PROC_ROOT = Path("/proc")
+
+# Field numbers of /proc/PID/stat as proc(5) counts them, from 1.
+_STAT_STATE_FIELD = 3
+_STAT_STARTTIME_FIELD = 22
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    state: str
+    start_time: int
+    cmdline: tuple[str, ...]
+
+    @property
+    def exited(self) -> bool:
+        """A zombie (exited, not yet reaped by its parent) or dead."""
+        return self.state in ("Z", "X", "x")
+
+
+def parse_stat(text: str) -> tuple[str, int]:
+    """State letter and start time from the text of ``/proc/PID/stat``.
+
+    The command name (field 2) is in parentheses and may itself hold spaces and
+    parentheses, so fields are counted from the last ``)``.
+    """
+    after_name = text[text.rindex(")") + 1 :].split()
+    state = after_name[_STAT_STATE_FIELD - 3]
+    start_time = int(after_name[_STAT_STARTTIME_FIELD - 3])
+    return state, start_time
+
+
+def read_process(pid: int, proc_root: Path = PROC_ROOT) -> ProcessInfo | None:
+    """The process now holding ``pid``, or None when there is none."""
+    directory = proc_root / str(pid)
+    try:
+        stat_text = (directory / "stat").read_text()
+        cmdline_bytes = (directory / "cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    state, start_time = parse_stat(stat_text)
+    cmdline = tuple(os.fsdecode(arg) for arg in cmdline_bytes.split(b"\0")[:-1])
+    return ProcessInfo(pid=pid, state=state, start_time=start_time, cmdline=cmdline)
+
+
+class ProcessRef:
+    """A pidfd on the process a (pid, start time) pair names. Use as a context manager."""
+
+    def __init__(self, pidfd: int, info: ProcessInfo) -> None:
+        self._pidfd = pidfd
+        self.info = info
+
+    @classmethod
+    def open(cls, pid: int, start_time: int, proc_root: Path = PROC_ROOT) -> Self | None:
+        """A reference to the process, or None when it has exited or the pid is reused."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
+        info = read_process(pid, proc_root)
+        if info is None or info.start_time != start_time or info.exited:
+            os.close(pidfd)
+            return None
+        return cls(pidfd, info)
+
+    def has_exited(self) -> bool:
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    async def wait_exited(self) -> None:
+        """Return once the process has exited (it need not be our child)."""
+        if self.has_exited():
+            return
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def on_readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(self._pidfd, on_readable)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(self._pidfd)
+
+    def send_signal(self, signum: int) -> None:
+        """Signal the process; a process that has just exited is left alone."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signum)
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,357 @@
+"""QemuDriver: machines as QEMU processes that outlive the agent that started them.
+
+QEMU runs in its own session with no inherited stdio, so an agent crash or restart leaves
+it running; the handle (pid + start time) lets the next agent :meth:`~QemuDriver.adopt` it.
+A QEMU this instance launched is reaped by a waiter thread as soon as it exits; one that
+was adopted is someone else's child, and its exit shows through a pidfd, /proc and the
+guest's control log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from signal import SIGKILL, SIGTERM
+
+from hangar.clock import Clock, SystemClock
+from hangar.errors import VmmError
+from hangar.vmm.accel import AccelChoice, choose_accel
+from hangar.vmm.control import read_control_events, summarise_control_events
+from hangar.vmm.deadline import run_with_deadline
+from hangar.vmm.driver import StopOutcome, VmHandle, VmSpec, VmStatus
+from hangar.vmm.errors import QmpError, SignalNotDelivered
+from hangar.vmm.proc import ProcessRef, read_process
+from hangar.vmm.qemu_argv import (
+    HUGEPAGES_DIR,
+    QEMU_BINARY,
+    check_spec_files,
+    machine_process_name,
+    qemu_argv,
+)
+from hangar.vmm.qmp import qmp_execute, query_status
+from hangar.vmm.signal_port import send_guest_signal
+
+log = logging.getLogger(__name__)
+
+# QMP run states in which the guest cannot go on by itself.
+FAILED_VM_STATES = frozenset({"internal-error", "guest-panicked", "io-error", "shutdown"})
+VMM_LOG_QUOTE_CHARS = 4000
+LAUNCH_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class QemuTimeouts:
+    launch_s: float = 60.0
+    """From spawning QEMU to its monitor answering (VFIO and preallocated memory take time)."""
+    qmp_s: float = 10.0
+    signal_s: float = 5.0
+    """For QEMU to take a signal line, which it does once the guest reads its port."""
+    quit_grace_s: float = 10.0
+    kill_grace_s: float = 30.0
+    """A SIGKILLed QEMU with VFIO devices can take seconds to release them."""
+
+
+class QemuDriver:
+    name = "qemu"
+
+    def __init__(
+        self,
+        *,
+        accel: AccelChoice | None = None,
+        binary: str = QEMU_BINARY,
+        clock: Clock | None = None,
+        timeouts: QemuTimeouts | None = None,
+        hugepages_dir: Path = HUGEPAGES_DIR,
+    ) -> None:
+        self.accel = accel if accel is not None else choose_accel()
+        self._binary = binary
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._timeouts = timeouts if timeouts is not None else QemuTimeouts()
+        self._hugepages_dir = hugepages_dir
+        self._children: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
+
+    def prepare(self, spec: VmSpec) -> list[str]:
+        check_spec_files(spec, hugepages_dir=self._hugepages_dir)
+        return qemu_argv(spec, self.accel, binary=self._binary, hugepages_dir=self._hugepages_dir)
+
+    async def launch(self, spec: VmSpec) -> VmHandle:
+        argv = self.prepare(spec)
+        _clear_run_files(spec)
+        child = self._spawn(spec, argv)
+        info = read_process(child.pid)
+        # Nothing has reaped the child yet, so its /proc entry is there even if it exited.
+        assert info is not None
+        handle = VmHandle(
+            driver=self.name,
+            machine_id=spec.machine_id,
+            pid=child.pid,
+            start_time=info.start_time,
+            qmp_socket=spec.qmp_socket,
+            signal_socket=spec.signal_socket,
+            control_log=spec.control_log,
+            console_log=spec.console_log,
+            vmm_log=spec.vmm_log,
+            accel=self.accel.accel,
+            machine_type=self.accel.machine_type,
+        )
+        self._reap_when_done(handle, child)
+        try:
+            await self._wait_until_answering(handle, child, argv)
+        except BaseException:
+            with contextlib.suppress(VmmError):
+                await self.kill(handle)
+            raise
+        log.info(
+            "machine %s: QEMU pid %d running (accel=%s machine=%s)",
+            spec.machine_id,
+            child.pid,
+            handle.accel,
+            handle.machine_type,
+        )
+        return handle
+
+    async def signal(self, handle: VmHandle, signum: int) -> None:
+        await send_guest_signal(
+            handle.signal_socket, signum, clock=self._clock, timeout_s=self._timeouts.signal_s
+        )
+
+    async def stop(
+        self, handle: VmHandle, timeout_s: float, clock: Clock, signum: int = SIGTERM
+    ) -> StopOutcome:
+        process = ProcessRef.open(handle.pid, handle.start_time)
+        if process is None:
+            return StopOutcome.NOT_RUNNING
+        with process:
+            deadline = clock.monotonic() + timeout_s
+            try:
+                await send_guest_signal(
+                    handle.signal_socket,
+                    signum,
+                    clock=clock,
+                    timeout_s=min(self._timeouts.signal_s, timeout_s),
+                )
+            except SignalNotDelivered as error:
+                log.warning("machine %s: %s", handle.machine_id, error)
+            if await _exits_within(process, clock, deadline - clock.monotonic()):
+                return StopOutcome.GUEST_EXITED
+
+            log.info(
+                "machine %s: still running after %s s, quitting QEMU", handle.machine_id, timeout_s
+            )
+            try:
+                await qmp_execute(
+                    handle.qmp_socket, "quit", clock=clock, timeout_s=self._timeouts.qmp_s
+                )
+            except QmpError as error:
+                log.warning("machine %s: %s", handle.machine_id, error)
+            else:
+                if await _exits_within(process, clock, self._timeouts.quit_grace_s):
+                    return StopOutcome.QUIT
+
+            log.warning("machine %s: killing QEMU pid %d", handle.machine_id, handle.pid)
+            process.send_signal(SIGKILL)
+            if await _exits_within(process, clock, self._timeouts.kill_grace_s):
+                return StopOutcome.KILLED
+        raise VmmError(
+            f"QEMU pid {handle.pid} is still running after SIGKILL",
+            machine_id=handle.machine_id,
+            pid=handle.pid,
+        )
+
+    async def kill(self, handle: VmHandle) -> None:
+        process = ProcessRef.open(handle.pid, handle.start_time)
+        if process is None:
+            return
+        with process:
+            process.send_signal(SIGKILL)
+            if await _exits_within(process, self._clock, self._timeouts.kill_grace_s):
+                return
+        raise VmmError(
+            f"QEMU pid {handle.pid} is still running after SIGKILL",
+            machine_id=handle.machine_id,
+            pid=handle.pid,
+        )
+
+    async def status(self, handle: VmHandle) -> VmStatus:
+        report = summarise_control_events(read_control_events(handle.control_log))
+        if self._is_running(handle):
+            vm_state = await self._vm_state(handle)
+            error = report.error
+            if error is None and vm_state in FAILED_VM_STATES:
+                error = f"the VM is in state {vm_state}"
+            return VmStatus(
+                state="running",
+                guest_ready=report.ready,
+                exit_code=report.exit_code,
+                error=error,
+                vm_state=vm_state,
+            )
+        vmm_exit_status = await self._child_exit_status(handle)
+        error = report.error
+        if error is None and report.exit_code is None:
+            error = _unexplained_exit(handle, vmm_exit_status)
+        return VmStatus(
+            state="exited",
+            guest_ready=report.ready,
+            exit_code=report.exit_code,
+            error=error,
+            vmm_exit_status=vmm_exit_status,
+        )
+
+    async def adopt(self, handle: VmHandle) -> bool:
+        refusal = await self._adoption_refusal(handle)
+        if refusal is not None:
+            log.warning(
+                "machine %s: not adopting pid %d: %s", handle.machine_id, handle.pid, refusal
+            )
+            return False
+        log.info("machine %s: adopted QEMU pid %d", handle.machine_id, handle.pid)
+        return True
+
+    async def _adoption_refusal(self, handle: VmHandle) -> str | None:
+        if handle.driver != self.name:
+            return f"the handle belongs to driver {handle.driver!r}"
+        info = read_process(handle.pid)
+        if info is None or info.exited:
+            return "the process has exited"
+        if info.start_time != handle.start_time:
+            return "the pid now belongs to a process started later"
+        if not _names_machine(info.cmdline, handle.machine_id):
+            return "the process is not this machine's QEMU"
+        try:
+            await query_status(handle.qmp_socket, clock=self._clock, timeout_s=self._timeouts.qmp_s)
+        except QmpError as error:
+            return f"its monitor does not answer ({error})"
+        return None
+
+    def _spawn(self, spec: VmSpec, argv: list[str]) -> subprocess.Popen[bytes]:
+        with spec.vmm_log.open("wb") as vmm_log:
+            try:
+                return subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=vmm_log,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as error:
+                raise VmmError(
+                    f"cannot start {argv[0]}: {error.strerror or error}",
+                    machine_id=spec.machine_id,
+                    argv=argv,
+                ) from error
+
+    def _reap_when_done(self, handle: VmHandle, child: subprocess.Popen[bytes]) -> None:
+        self._children[(handle.pid, handle.start_time)] = child
+        threading.Thread(target=child.wait, name=f"reap-qemu-{child.pid}", daemon=True).start()
+
+    async def _wait_until_answering(
+        self, handle: VmHandle, child: subprocess.Popen[bytes], argv: list[str]
+    ) -> None:
+        deadline = self._clock.monotonic() + self._timeouts.launch_s
+        while True:
+            if child.returncode is not None:
+                stderr = _tail(handle.vmm_log)
+                last_line = stderr.strip().splitlines()[-1] if stderr.strip() else "no message"
+                raise VmmError(
+                    f"QEMU for machine {handle.machine_id} exited during launch "
+                    f"(status {child.returncode}): {last_line}",
+                    machine_id=handle.machine_id,
+                    exit_status=child.returncode,
+                    stderr=stderr,
+                    argv=argv,
+                )
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                raise VmmError(
+                    f"QEMU for machine {handle.machine_id} did not answer QMP within "
+                    f"{self._timeouts.launch_s} s",
+                    machine_id=handle.machine_id,
+                    stderr=_tail(handle.vmm_log),
+                    argv=argv,
+                )
+            # Until QEMU has made its socket a connection attempt can only fail (noisily).
+            if handle.qmp_socket.exists():
+                try:
+                    await query_status(handle.qmp_socket, clock=self._clock, timeout_s=remaining)
+                    return
+                except QmpError:
+                    pass
+            await self._clock.sleep(LAUNCH_POLL_S)
+
+    def _is_running(self, handle: VmHandle) -> bool:
+        process = ProcessRef.open(handle.pid, handle.start_time)
+        if process is None:
+            return False
+        with process:
+            return not process.has_exited()
+
+    async def _vm_state(self, handle: VmHandle) -> str | None:
+        try:
+            return await query_status(
+                handle.qmp_socket, clock=self._clock, timeout_s=self._timeouts.qmp_s
+            )
+        except QmpError as error:
+            log.info("machine %s: %s", handle.machine_id, error)
+            return None
+
+    async def _child_exit_status(self, handle: VmHandle) -> int | None:
+        child = self._children.get((handle.pid, handle.start_time))
+        if child is None:
+            return None
+        # It has exited, so waiting only lets the waiter thread finish reaping it.
+        return await asyncio.to_thread(child.wait)
+
+
+async def _exits_within(process: ProcessRef, clock: Clock, seconds: float) -> bool:
+    try:
+        await run_with_deadline(clock, seconds, process.wait_exited())
+    except TimeoutError:
+        return False
+    return True
+
+
+def _names_machine(cmdline: tuple[str, ...], machine_id: str) -> bool:
+    expected = machine_process_name(machine_id)
+    return any(flag == "-name" and value == expected for flag, value in itertools.pairwise(cmdline))
+
+
+def _clear_run_files(spec: VmSpec) -> None:
+    """Make the directories, and drop what a previous boot left that would mislead this one."""
+    for path in (
+        spec.console_log,
+        spec.control_log,
+        spec.signal_socket,
+        spec.qmp_socket,
+        spec.vmm_log,
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (spec.control_log, spec.signal_socket, spec.qmp_socket):
+        stale.unlink(missing_ok=True)
+
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("rb") as file:
+            file.seek(0, 2)
+            size = file.tell()
+            file.seek(max(0, size - VMM_LOG_QUOTE_CHARS))
+            return file.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _unexplained_exit(handle: VmHandle, vmm_exit_status: int | None) -> str:
+    detail = "" if vmm_exit_status is None else f" (QEMU status {vmm_exit_status})"
+    message = f"QEMU exited before the guest reported an exit{detail}"
+    last_lines = _tail(handle.vmm_log).strip().splitlines()[-3:]
+    if last_lines:
+        message += ": " + " | ".join(last_lines)
+    return message

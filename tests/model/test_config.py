@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import base64
+
+import pytest
+from pydantic import ValidationError
+
+from hangar.errors import UnsupportedField
+from hangar.model.config import MachineConfig, parse_duration_seconds, signal_number
+
+
+def test_minimal_config_gets_fly_defaults() -> None:
+    config = MachineConfig.model_validate({"image": "busybox"})
+    assert config.guest.cpus == 1
+    assert config.guest.memory_mb == 256
+    assert config.guest.cpu_kind == "shared"
+    assert config.restart.policy == "on-failure"
+    assert config.restart.effective_max_retries == 10
+    assert config.stop_config.timeout_seconds == 5.0
+    assert config.stop_config.signal_number == 15
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"image": "x", "services": [{"internal_port": 80}]}, "config.services"),
+        ({"image": "x", "mounts": [{"volume": "v"}]}, "config.mounts"),
+        ({"image": "x", "checks": {"http": {}}}, "config.checks"),
+        ({"image": "x", "guest": {"kernel_args": ["quiet"]}}, "config.guest.kernel_args"),
+        ({"image": "x", "init": {"tty": True}}, "config.init.tty"),
+        (
+            {"image": "x", "files": [{"guest_path": "/a", "secret_name": "S"}]},
+            "config.files.secret_name",
+        ),
+    ],
+)
+def test_fields_hangar_cannot_honour_are_named(body: dict[str, object], field: str) -> None:
+    with pytest.raises(UnsupportedField) as caught:
+        MachineConfig.model_validate(body)
+    assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("body", "location"),
+    [
+        ({"image": "x", "guest": {"cpus": 0}}, ("guest", "cpus")),
+        ({"image": "x", "guest": {"memory_mb": 100}}, ("guest", "memory_mb")),
+        ({"image": "x", "guest": {"memory_mb": 300}}, ("guest", "memory_mb")),
+        ({"image": "x", "restart": {"policy": "sometimes"}}, ("restart", "policy")),
+        ({"image": "x", "env": {"1BAD": "v"}}, ("env",)),
+        ({"image": "x", "metadata": {"bad key": "v"}}, ("metadata",)),
+        (
+            {"image": "x", "files": [{"guest_path": "rel", "raw_value": ""}]},
+            ("files", 0, "guest_path"),
+        ),
+        (
+            {"image": "x", "files": [{"guest_path": "/a/../b", "raw_value": ""}]},
+            ("files", 0, "guest_path"),
+        ),
+        (
+            {"image": "x", "files": [{"guest_path": "/a", "raw_value": "!!"}]},
+            ("files", 0, "raw_value"),
+        ),
+        ({"image": "x", "stop_config": {"timeout": "forever"}}, ("stop_config", "timeout")),
+        ({"image": "x", "stop_config": {"signal": "SIGNOPE"}}, ("stop_config", "signal")),
+        ({"image": "x", "surprise": 1}, ("surprise",)),
+        ({"image": ""}, ("image",)),
+    ],
+)
+def test_invalid_fields_fail_with_their_location(
+    body: dict[str, object], location: tuple[object, ...]
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        MachineConfig.model_validate(body)
+    assert caught.value.errors()[0]["loc"] == location
+
+
+def test_files_are_base64_and_bounded() -> None:
+    ok = base64.b64encode(b"hello").decode()
+    config = MachineConfig.model_validate(
+        {"image": "x", "files": [{"guest_path": "/etc/app.conf", "raw_value": ok}]}
+    )
+    assert config.files[0].guest_path == "/etc/app.conf"
+    too_big = base64.b64encode(b"x" * (1024 * 1024 + 1)).decode()
+    with pytest.raises(ValidationError):
+        MachineConfig.model_validate(
+            {"image": "x", "files": [{"guest_path": "/a", "raw_value": too_big}]}
+        )
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(5, 5.0), ("10s", 10.0), ("500ms", 0.5), ("2m", 120.0), ({"Duration": 3_000_000_000}, 3.0)],
+)
+def test_durations(value: object, seconds: float) -> None:
+    assert parse_duration_seconds(value) == seconds
+
+
+def test_signals_by_name_and_number() -> None:
+    assert signal_number("SIGINT") == 2
+    assert signal_number("term") == 15
+    assert signal_number("9") == 9
+    with pytest.raises(ValueError):
+        signal_number("SIGWHAT")

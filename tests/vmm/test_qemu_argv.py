@@ -1,0 +1,205 @@
+"""The QEMU command line a spec turns into, and the checks before it runs."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from hangar.errors import VmmError
+from hangar.vmm.accel import AccelChoice, kvm_choice, tcg_choice
+from hangar.vmm.driver import GUEST_KERNEL_CMDLINE, DiskSpec, VmSpec
+from hangar.vmm.qemu import QemuDriver
+from hangar.vmm.qemu_argv import HUGEPAGES_DIR
+
+TCG = tcg_choice("test")
+KVM = kvm_choice("test")
+GPUS = ["0000:17:00.0", "0000:65:00.0"]
+
+
+def make_spec(root: Path, **changes: object) -> VmSpec:
+    for name in ("vmlinuz", "initrd", "root.ext4", "bundle.img", "scratch.img"):
+        (root / name).touch()
+    spec = VmSpec.in_run_dir(
+        machine_id="m1",
+        run_dir=root / "run",
+        kernel=root / "vmlinuz",
+        initrd=root / "initrd",
+        root_disk=root / "root.ext4",
+        extra_disks=[
+            DiskSpec(path=root / "bundle.img", read_only=True),
+            DiskSpec(path=root / "scratch.img"),
+        ],
+        cpus=2,
+        memory_mb=512,
+        kernel_args=["hangar.debug=1"],
+    )
+    return spec.model_copy(update=changes)
+
+
+def argv_for(
+    spec: VmSpec, accel: AccelChoice = TCG, hugepages_dir: Path = HUGEPAGES_DIR
+) -> list[str]:
+    return QemuDriver(accel=accel, hugepages_dir=hugepages_dir).prepare(spec)
+
+
+def values_of(argv: list[str], flag: str) -> list[str]:
+    return [value for option, value in itertools.pairwise(argv) if option == flag]
+
+
+def test_tcg_runs_q35_with_the_max_cpu(tmp_path: Path) -> None:
+    argv = argv_for(make_spec(tmp_path), TCG)
+
+    assert values_of(argv, "-machine") == ["q35"]
+    assert values_of(argv, "-accel") == ["tcg"]
+    assert values_of(argv, "-cpu") == ["max"]
+
+
+def test_kvm_runs_microvm_with_the_host_cpu(tmp_path: Path) -> None:
+    argv = argv_for(make_spec(tmp_path), KVM)
+
+    assert values_of(argv, "-machine") == ["microvm,isa-serial=on,pcie=on"]
+    assert values_of(argv, "-accel") == ["kvm"]
+    assert values_of(argv, "-cpu") == ["host"]
+
+
+def test_the_process_is_named_after_the_machine_and_starts_bare(tmp_path: Path) -> None:
+    argv = argv_for(make_spec(tmp_path))
+
+    assert argv[0] == "qemu-system-x86_64"
+    assert values_of(argv, "-name") == ["hangar-m1"]
+    for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
+        assert flag in argv
+    assert values_of(argv, "-smp") == ["2"]
+    assert values_of(argv, "-m") == ["512M"]
+
+
+def test_kernel_command_line_is_the_guest_contract_plus_extras(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    argv = argv_for(spec)
+
+    assert values_of(argv, "-kernel") == [str(spec.kernel)]
+    assert values_of(argv, "-initrd") == [str(spec.initrd)]
+    assert values_of(argv, "-append") == [f"{GUEST_KERNEL_CMDLINE} hangar.debug=1"]
+
+
+def test_root_disk_comes_first_and_read_only_disks_stay_read_only(tmp_path: Path) -> None:
+    argv = argv_for(make_spec(tmp_path))
+
+    assert values_of(argv, "-drive") == [
+        f"id=disk0,file={tmp_path / 'root.ext4'},format=raw,if=none",
+        f"id=disk1,file={tmp_path / 'bundle.img'},format=raw,if=none,readonly=on",
+        f"id=disk2,file={tmp_path / 'scratch.img'},format=raw,if=none",
+    ]
+    blk_devices = [d for d in values_of(argv, "-device") if d.startswith("virtio-blk-pci")]
+    assert blk_devices == [f"virtio-blk-pci,drive=disk{i}" for i in range(3)]
+
+
+def test_console_control_signal_and_monitor_channels(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    argv = argv_for(spec)
+
+    chardevs = values_of(argv, "-chardev")
+    assert f"file,id=console,path={spec.console_log}" in chardevs
+    assert f"file,id=ctl,path={spec.control_log}" in chardevs
+    assert f"socket,id=sig,path={spec.signal_socket},server=on,wait=off" in chardevs
+    assert f"socket,id=qmp,path={spec.qmp_socket},server=on,wait=off" in chardevs
+    assert values_of(argv, "-serial") == ["chardev:console"]
+    assert values_of(argv, "-mon") == ["chardev=qmp,mode=control"]
+    devices = values_of(argv, "-device")
+    assert "virtio-serial-pci,id=vs" in devices
+    assert "virtserialport,bus=vs.0,chardev=ctl,name=hangar.ctl" in devices
+    assert "virtserialport,bus=vs.0,chardev=sig,name=hangar.sig" in devices
+
+
+def test_each_gpu_is_passed_through_by_vfio(tmp_path: Path) -> None:
+    argv = argv_for(make_spec(tmp_path, gpus=GPUS))
+
+    vfio_devices = [d for d in values_of(argv, "-device") if d.startswith("vfio-pci")]
+    assert vfio_devices == [f"vfio-pci,host={bdf}" for bdf in GPUS]
+
+
+def test_no_gpu_means_no_vfio(tmp_path: Path) -> None:
+    argv = argv_for(make_spec(tmp_path))
+
+    assert not [d for d in values_of(argv, "-device") if d.startswith("vfio-pci")]
+
+
+def test_hugepages_back_guest_memory_with_a_shared_file(tmp_path: Path) -> None:
+    hugepages = tmp_path / "hugepages"
+    hugepages.mkdir()
+
+    argv = argv_for(make_spec(tmp_path, hugepages=True), KVM, hugepages_dir=hugepages)
+
+    assert values_of(argv, "-object") == [
+        f"memory-backend-file,id=ram0,size=512M,mem-path={hugepages},share=on,prealloc=on"
+    ]
+    assert values_of(argv, "-machine") == ["microvm,isa-serial=on,pcie=on,memory-backend=ram0"]
+
+
+def test_hugepages_without_a_hugetlbfs_mount_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(VmmError) as raised:
+        argv_for(make_spec(tmp_path, hugepages=True), hugepages_dir=tmp_path / "absent")
+
+    assert raised.value.fields["field"] == "hugepages"
+
+
+def test_commas_in_paths_are_doubled_inside_options(tmp_path: Path) -> None:
+    odd = tmp_path / "a,b"
+    odd.mkdir()
+    spec = make_spec(odd)
+    argv = argv_for(spec)
+
+    assert f"id=disk0,file={tmp_path}/a,,b/root.ext4,format=raw,if=none" in argv
+    assert f"file,id=ctl,path={tmp_path}/a,,b/run/ctl.jsonl" in argv
+    assert values_of(argv, "-kernel") == [f"{tmp_path}/a,b/vmlinuz"]
+
+
+@pytest.mark.parametrize("field", ["kernel", "initrd", "root_disk"])
+def test_a_missing_input_file_is_named(tmp_path: Path, field: str) -> None:
+    spec = make_spec(tmp_path)
+    getattr(spec, field).unlink()
+
+    with pytest.raises(VmmError) as raised:
+        argv_for(spec)
+
+    assert raised.value.fields["field"] == field
+    assert raised.value.fields["path"] == str(getattr(spec, field))
+
+
+def test_a_missing_extra_disk_is_named_by_position(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    (tmp_path / "scratch.img").unlink()
+
+    with pytest.raises(VmmError) as raised:
+        argv_for(spec)
+
+    assert raised.value.fields["field"] == "extra_disks[1]"
+
+
+def test_a_socket_path_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, qmp_socket=tmp_path / ("q" * 120))
+
+    with pytest.raises(VmmError) as raised:
+        argv_for(spec)
+
+    assert raised.value.fields["field"] == "qmp_socket"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"gpus": ["17:00.0"]},
+        {"gpus": ["0000:17:00.0", "0000:17:00.0"]},
+        {"machine_id": "m1,x"},
+        {"kernel_args": ["two words"]},
+        {"cpus": 0},
+    ],
+)
+def test_spec_rejects_values_qemu_would_misread(tmp_path: Path, changes: dict[str, object]) -> None:
+    fields = make_spec(tmp_path).model_dump() | changes
+
+    with pytest.raises(ValidationError):
+        VmSpec.model_validate(fields)
