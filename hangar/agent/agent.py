@@ -12,11 +12,15 @@ import shutil
 from pathlib import Path
 
 from hangar.agent.context import StepContext
-from hangar.agent.engine import RunEngine
+from hangar.agent.engine import CrashHook, RunEngine, crash_if_injected
+from hangar.agent.gpu_steps import handoff_subject
+from hangar.agent.gpus import HostGpus
 from hangar.agent.operations import PLANS
 from hangar.agent.platform import GuestPlatform, RunDirLayout
 from hangar.agent.steps import new_run
 from hangar.clock import Clock
+from hangar.errors import NotFound, PreconditionFailed
+from hangar.model.gpu import GpuEvent, GpuRecord, GpuState
 from hangar.model.machine import MachineState
 from hangar.store.protocol import ClusterStore, RunRecord, RunStatus
 
@@ -32,12 +36,15 @@ class Agent:
         platform: GuestPlatform,
         clock: Clock,
         machines_dir: Path,
+        gpus: HostGpus | None = None,
+        crash_hook: CrashHook = crash_if_injected,
     ) -> None:
         self.store = store
         self.platform = platform
         self.clock = clock
         self.machines_dir = machines_dir
-        self.engine = RunEngine(PLANS)
+        self.gpus = gpus
+        self.engine = RunEngine(PLANS, crash_hook)
         self._machine_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
@@ -112,6 +119,7 @@ class Agent:
                     machines_dir=self.machines_dir,
                     notify=self.notify,
                     submit=self.submit,
+                    gpus=self.gpus,
                 )
                 try:
                     await self.engine.execute(run, ctx)
@@ -169,10 +177,80 @@ class Agent:
                 await self.platform.kill(handle)
                 self.store.delete_vm_handle(machine_id)
         self._remove_orphan_files()
+        self._reconcile_gpus()
         for run in self.store.list_runs(unfinished_only=True):
             log.info("resuming run %s (%s of %s)", run.id, run.operation, run.machine_id)
         for machine_id in {run.machine_id for run in self.store.list_runs(unfinished_only=True)}:
             self._drive(machine_id)
+
+    def _reconcile_gpus(self) -> None:
+        """Register this host's GPUs; send every GPU no live machine holds to a handoff."""
+        if self.gpus is None:
+            return
+        self.gpus.register(self.store)
+        holding_states = {
+            MachineState.STARTING,
+            MachineState.STARTED,
+            MachineState.STOPPING,
+            MachineState.REPLACING,
+        }
+        for gpu in self.store.list_gpus(host_id=self.gpus.host_id):
+            if gpu.state == GpuState.CLAIMED:
+                machine = self.store.get_machine(gpu.machine_id)
+                live = machine is not None and (
+                    machine.state in holding_states or self.has_unfinished_run(machine.id)
+                )
+                if not live:
+                    log.warning("GPU %s is claimed by no live machine: handing it off", gpu.bdf)
+                    self._start_handoff(gpu, f"claim of {gpu.machine_id} found stale at start")
+            elif gpu.state == GpuState.CLEANING:
+                if not self.has_unfinished_run(handoff_subject(gpu.bdf)):
+                    self._start_handoff(gpu, gpu.reason or "handoff resumed at start")
+
+    def _start_handoff(self, gpu: GpuRecord, why: str) -> None:
+        cleaning = gpu.model_copy(
+            update={
+                "state": GpuState.CLEANING,
+                "machine_id": "",
+                "reason": why,
+                "updated_at": self.clock.now(),
+            }
+        )
+        self.store.update_gpu(cleaning, expected_state=gpu.state)
+        self.store.add_gpu_event(
+            GpuEvent(
+                bdf=gpu.bdf,
+                timestamp=self.clock.now(),
+                action="cleaning",
+                actor="agent",
+                detail={"why": why},
+            )
+        )
+        self.submit(
+            new_run(handoff_subject(gpu.bdf), "handoff", self.clock.now(), {"bdf": gpu.bdf})
+        )
+
+    def release_quarantine(self, bdf: str, actor: str, reason: str) -> GpuRecord:
+        """An operator vouches for a quarantined GPU: it gets a fresh handoff (reset and
+        verify) and is free only if that succeeds. Who did it is recorded."""
+        gpu = self.store.get_gpu(bdf)
+        if gpu is None or self.gpus is None or gpu.host_id != self.gpus.host_id:
+            raise NotFound(f"GPU {bdf} not found on this host", field="bdf")
+        if gpu.state != GpuState.QUARANTINED:
+            raise PreconditionFailed(f"GPU {bdf} is {gpu.state}, not quarantined", field="bdf")
+        self.store.add_gpu_event(
+            GpuEvent(
+                bdf=bdf,
+                timestamp=self.clock.now(),
+                action="quarantine_released",
+                actor=actor,
+                detail={"reason": reason},
+            )
+        )
+        self._start_handoff(gpu, f"quarantine released by {actor}: {reason}")
+        released = self.store.get_gpu(bdf)
+        assert released is not None
+        return released
 
     def _remove_orphan_files(self) -> None:
         if not self.machines_dir.exists():

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hangar.agent.gpus import HostGpus
 from hangar.agent.platform import GuestPlatform
 from hangar.clock import Clock
 from hangar.errors import NotFound
@@ -23,6 +24,7 @@ class StepContext:
     machines_dir: Path
     notify: Callable[[], None]
     submit: Callable[[RunRecord], bool]
+    gpus: HostGpus | None = None
 
     def machine(self) -> Machine:
         machine = self.store.get_machine(self.run.machine_id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -55,9 +55,16 @@ def crash_if_injected(operation: str, step_name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+CrashHook = Callable[[str, str], None]
+
+
 class RunEngine:
-    def __init__(self, plans: dict[str, Plan]) -> None:
+    """Executes runs; ``crash_hook(operation, step)`` is called after each recorded step
+    (the default kills the process when ``HANGAR_CRASH_AFTER_STEP`` names that step)."""
+
+    def __init__(self, plans: dict[str, Plan], crash_hook: CrashHook = crash_if_injected) -> None:
         self._plans = plans
+        self._crash_hook = crash_hook
 
     def plan_for(self, operation: str) -> Plan:
         return self._plans[operation]
@@ -86,7 +93,7 @@ class RunEngine:
                 return
             run.steps_done.append(step.name)
             self._record(run, ctx, current="")
-            crash_if_injected(run.operation, step.name)
+            self._crash_hook(run.operation, step.name)
         run.status = RunStatus.SUCCEEDED
         self._record(run, ctx, current="")
 
@@ -105,7 +112,7 @@ class RunEngine:
                 run.data.setdefault("rollback_errors", []).append(f"{step.name}: {exc}")
             run.rollback_done.append(step.name)
             self._record(run, ctx, current="")
-            crash_if_injected(run.operation, f"rollback:{step.name}")
+            self._crash_hook(run.operation, f"rollback:{step.name}")
         run.status = RunStatus.FAILED
         self._record(run, ctx, current="")
 

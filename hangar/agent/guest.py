@@ -22,8 +22,24 @@ from hangar.vmm.control import read_control_events, summarise_control_events
 from hangar.vmm.driver import Driver, VmHandle, VmSpec
 from hangar.vmm.proc import PROC_ROOT, read_process
 from hangar.vmm.qemu import QemuDriver
+from hangar.vmm.qemu_argv import HUGEPAGES_DIR
 
 INSECURE_REGISTRIES_ENV = "HANGAR_INSECURE_REGISTRIES"
+
+
+def hugepages_available(
+    memory_mb: int, meminfo: Path = Path("/proc/meminfo"), mount: Path = HUGEPAGES_DIR
+) -> bool:
+    """GPU machines get hugepage-backed memory when the host has enough free 2 MiB pages."""
+    if not mount.is_dir():
+        return False
+    values: dict[str, int] = {}
+    for line in meminfo.read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if rest.split():
+            values[name] = int(rest.split()[0])
+    free_kb = values.get("HugePages_Free", 0) * values.get("Hugepagesize", 0)
+    return free_kb >= memory_mb * 1024
 
 
 def insecure_registries() -> set[str]:
@@ -111,9 +127,9 @@ class QemuGuestPlatform:
         partial.rename(dest)
 
     # the VMM
-    async def launch(self, machine: Machine, run_dir: Path) -> VmHandleData:
+    async def vm_spec(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmSpec:
         guest_kernel = await asyncio.to_thread(kernel.ensure_kernel, self.cache_root)
-        spec = VmSpec.in_run_dir(
+        return VmSpec.in_run_dir(
             machine_id=machine.id,
             run_dir=run_dir,
             kernel=guest_kernel.vmlinuz,
@@ -121,8 +137,12 @@ class QemuGuestPlatform:
             root_disk=run_dir / RunDirLayout.ROOT_DISK,
             cpus=machine.config.guest.cpus,
             memory_mb=machine.config.guest.memory_mb,
+            gpus=gpus,
+            hugepages=bool(gpus) and hugepages_available(machine.config.guest.memory_mb),
         )
-        handle = await self.driver.launch(spec)
+
+    async def launch(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmHandleData:
+        handle = await self.driver.launch(await self.vm_spec(machine, run_dir, gpus))
         return handle.model_dump(mode="json")
 
     async def alive(self, handle: VmHandleData) -> bool:

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from hangar.agent.context import StepContext
 from hangar.agent.engine import Plan, Step
+from hangar.agent.gpu_steps import (
+    BindGpus,
+    ClaimGpus,
+    QuarantineGpu,
+    ReleaseGpus,
+    ResetGpu,
+    RestoreHostDrivers,
+    ReturnGpu,
+)
 from hangar.agent.steps import (
     ApplyConfig,
     ApplyRestartPolicy,
@@ -27,6 +36,8 @@ def _boot_steps(gate: str = "") -> list[Step]:
     return [
         Transition("mark_starting", S.STARTING, "start", only_if_param=gate),
         ResolveImage(),
+        _Gated(ClaimGpus(), gate),
+        _Gated(BindGpus(), gate),
         _Gated(PrepareRootDisk(), gate),
         _Gated(PrepareInitrd(), gate),
         _Gated(LaunchVm(), gate),
@@ -35,7 +46,7 @@ def _boot_steps(gate: str = "") -> list[Step]:
 
 
 def _halt_steps() -> list[Step]:
-    return [StopVm(), RecordExit(), ReleaseVm()]
+    return [StopVm(), RecordExit(), ReleaseVm(), ReleaseGpus()]
 
 
 class _Gated:
@@ -55,7 +66,7 @@ class _Gated:
         await self._inner.run(ctx)
 
 
-_LAUNCH_ROLLBACK: list[Step] = [ReleaseVm(), MarkFailed()]
+_LAUNCH_ROLLBACK: list[Step] = [ReleaseVm(), ReleaseGpus(), MarkFailed()]
 
 PLANS: dict[str, Plan] = {
     plan.operation: plan
@@ -70,7 +81,7 @@ PLANS: dict[str, Plan] = {
                 *_halt_steps(),
                 Transition("mark_stopped", S.STOPPED, "stop"),
             ],
-            [ReleaseVm(), MarkStoppedAfterFailure()],
+            [ReleaseVm(), ReleaseGpus(), MarkStoppedAfterFailure()],
         ),
         Plan(
             "restart",
@@ -95,7 +106,7 @@ PLANS: dict[str, Plan] = {
                 Transition("mark_stopped", S.STOPPED, "stop"),
                 ApplyRestartPolicy(),
             ],
-            [ReleaseVm(), MarkStoppedAfterFailure()],
+            [ReleaseVm(), ReleaseGpus(), MarkStoppedAfterFailure()],
         ),
         Plan(
             "destroy",
@@ -113,5 +124,6 @@ PLANS: dict[str, Plan] = {
                 Transition("mark_destroyed", S.DESTROYED, "destroy"),
             ],
         ),
+        Plan("handoff", [ResetGpu(), RestoreHostDrivers(), ReturnGpu()], [QuarantineGpu()]),
     )
 }

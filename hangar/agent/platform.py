@@ -39,7 +39,9 @@ class GuestPlatform(Protocol):
 
     async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None: ...
 
-    async def launch(self, machine: Machine, run_dir: Path) -> VmHandleData: ...
+    async def launch(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmHandleData:
+        """Boot the machine with these GPUs (PCI addresses, bound to vfio-pci) passed through."""
+        ...
 
     async def alive(self, handle: VmHandleData) -> bool:
         """Is the VMM behind this handle still ours and running?"""

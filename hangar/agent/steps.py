@@ -9,6 +9,7 @@ from typing import Any
 
 from hangar.agent.context import StepContext
 from hangar.agent.platform import RunDirLayout
+from hangar.model.gpu import GpuState
 from hangar.model.machine import MachineState, new_ulid
 from hangar.store.protocol import RunRecord, RunStatus
 
@@ -126,7 +127,12 @@ class LaunchVm:
             await ctx.platform.kill(stale)
             ctx.store.delete_vm_handle(ctx.run.machine_id)
         (ctx.run_dir / RunDirLayout.CONTROL_LOG).unlink(missing_ok=True)
-        handle = await ctx.platform.launch(ctx.machine(), ctx.run_dir)
+        gpus = [
+            gpu.bdf
+            for gpu in ctx.store.list_gpus(machine_id=ctx.run.machine_id)
+            if gpu.state == GpuState.CLAIMED
+        ]
+        handle = await ctx.platform.launch(ctx.machine(), ctx.run_dir, gpus)
         ctx.store.put_vm_handle(ctx.run.machine_id, handle)
         ctx.run.data.pop("exit_recorded", None)
 

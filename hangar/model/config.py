@@ -35,6 +35,7 @@ UNSUPPORTED_GUEST_FIELDS = ("kernel_args", "host_dedication_id", "persist_rootfs
 METADATA_KEY_PATTERN = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.\-]{0,62}$")
 ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_FILE_BYTES = 1024 * 1024
+GPU_COUNTS = (1, 2, 4, 8)
 MAX_FILES = 64
 DURATION_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -116,11 +117,34 @@ class GuestConfig(StrictModel):
             raise ValueError("must be a multiple of 64")
         return value
 
+    @field_validator("gpu_kind")
+    @classmethod
+    def _known_gpu_kind(cls, value: str | None) -> str | None:
+        from hangar.devices.catalog import GPU_KINDS
+
+        if value is not None and value not in {kind.name for kind in GPU_KINDS}:
+            known = ", ".join(sorted(kind.name for kind in GPU_KINDS))
+            raise ValueError(f"unknown GPU kind {value!r}; known kinds: {known}")
+        return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _whole_gpu_count(cls, value: int | None) -> int | None:
+        if value is not None and value not in GPU_COUNTS:
+            raise ValueError(f"must be one of {', '.join(map(str, GPU_COUNTS))}")
+        return value
+
     @model_validator(mode="after")
     def _reject_unsupported(self) -> GuestConfig:
         for name in UNSUPPORTED_GUEST_FIELDS:
             if getattr(self, name) is not None:
                 raise UnsupportedField(f"config.guest.{name}")
+        if self.gpus and self.gpu_kind is None:
+            raise ValueError("gpu_kind is required when gpus is set")
+        if self.gpu_kind is not None and self.gpus is None:
+            self.gpus = 1
+        if self.gpus and self.cpu_kind != "performance":
+            raise ValueError("GPU machines need cpu_kind 'performance'")
         return self
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from hangar.errors import Conflict, NotFound
 from hangar.model.config import MachineConfig
+from hangar.model.gpu import GpuEvent, GpuRecord, GpuState
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 from hangar.store.protocol import App, RunRecord, RunStatus
 
@@ -66,6 +67,20 @@ CREATE TABLE IF NOT EXISTS runs (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_machine ON runs(machine_id, created_at);
+CREATE TABLE IF NOT EXISTS gpus (
+    bdf TEXT PRIMARY KEY,
+    host_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    machine_id TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS gpus_machine ON gpus(machine_id);
+CREATE TABLE IF NOT EXISTS gpu_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    bdf TEXT NOT NULL,
+    body TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS vm_handles (
     machine_id TEXT PRIMARY KEY,
     body TEXT NOT NULL
@@ -322,3 +337,144 @@ class SqliteStore:
     def list_vm_handles(self) -> dict[str, dict[str, Any]]:
         rows = self._query("SELECT machine_id, body FROM vm_handles")
         return {row["machine_id"]: dict(json.loads(row["body"])) for row in rows}
+
+    # GPUs
+    @staticmethod
+    def _gpu_row(gpu: GpuRecord) -> tuple[Any, ...]:
+        return (
+            gpu.bdf,
+            gpu.host_id,
+            gpu.kind,
+            str(gpu.state),
+            gpu.machine_id,
+            gpu.model_dump_json(),
+        )
+
+    def upsert_gpu_inventory(self, gpu: GpuRecord) -> GpuRecord:
+        """Register a GPU found on the host; an existing record keeps its state and claim."""
+        with self.transaction() as db:
+            row = db.execute("SELECT body FROM gpus WHERE bdf = ?", (gpu.bdf,)).fetchone()
+            if row is not None:
+                current = GpuRecord.model_validate_json(row["body"])
+                gpu = current.model_copy(
+                    update={
+                        "kind": gpu.kind,
+                        "numa_node": gpu.numa_node,
+                        "nvlink_domain": gpu.nvlink_domain,
+                        "iommu_group": gpu.iommu_group,
+                        "host_id": gpu.host_id,
+                        "available": gpu.available,
+                        "reason": gpu.reason
+                        if current.state != GpuState.QUARANTINED
+                        else current.reason,
+                    }
+                )
+            db.execute("INSERT OR REPLACE INTO gpus VALUES (?, ?, ?, ?, ?, ?)", self._gpu_row(gpu))
+        return gpu
+
+    def list_gpus(
+        self, host_id: str | None = None, machine_id: str | None = None
+    ) -> list[GpuRecord]:
+        sql = "SELECT body FROM gpus WHERE 1=1"
+        params: list[Any] = []
+        if host_id is not None:
+            sql += " AND host_id = ?"
+            params.append(host_id)
+        if machine_id is not None:
+            sql += " AND machine_id = ?"
+            params.append(machine_id)
+        rows = self._query(sql + " ORDER BY bdf", tuple(params))
+        return [GpuRecord.model_validate_json(row["body"]) for row in rows]
+
+    def get_gpu(self, bdf: str) -> GpuRecord | None:
+        rows = self._query("SELECT body FROM gpus WHERE bdf = ?", (bdf,))
+        return GpuRecord.model_validate_json(rows[0]["body"]) if rows else None
+
+    def claim_gpus(
+        self,
+        host_id: str,
+        machine_id: str,
+        kind: str,
+        count: int,
+        choose: Callable[[list[GpuRecord], int], list[GpuRecord] | None],
+        now: float,
+    ) -> list[GpuRecord] | None:
+        """Atomically claim ``count`` free GPUs of ``kind`` for a machine; None if they don't fit.
+
+        Idempotent: GPUs the machine already holds count towards ``count``.
+        """
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT body FROM gpus WHERE host_id = ? AND (machine_id = ? OR state = ?)",
+                (host_id, machine_id, str(GpuState.FREE)),
+            ).fetchall()
+            candidates = [GpuRecord.model_validate_json(row["body"]) for row in rows]
+            held = [
+                gpu
+                for gpu in candidates
+                if gpu.machine_id == machine_id and gpu.state == GpuState.CLAIMED
+            ]
+            if len(held) >= count:
+                return held[:count]
+            free = [
+                gpu
+                for gpu in candidates
+                if gpu.state == GpuState.FREE and gpu.available and gpu.kind == kind
+            ]
+            chosen = choose(free, count - len(held))
+            if chosen is None:
+                return None
+            claimed = []
+            for gpu in chosen:
+                updated = gpu.model_copy(
+                    update={"state": GpuState.CLAIMED, "machine_id": machine_id, "updated_at": now}
+                )
+                changed = db.execute(
+                    "UPDATE gpus SET state = ?, machine_id = ?, body = ? WHERE bdf = ? AND state = ?",
+                    (
+                        str(GpuState.CLAIMED),
+                        machine_id,
+                        updated.model_dump_json(),
+                        gpu.bdf,
+                        str(GpuState.FREE),
+                    ),
+                ).rowcount
+                if changed != 1:
+                    raise Conflict(f"GPU {gpu.bdf} was claimed concurrently", bdf=gpu.bdf)
+                claimed.append(updated)
+            return held + claimed
+
+    def update_gpu(self, gpu: GpuRecord, expected_state: GpuState | None = None) -> bool:
+        """Write a GPU record; with ``expected_state``, only if it is still in that state."""
+        with self.transaction() as db:
+            if expected_state is None:
+                changed = db.execute(
+                    "UPDATE gpus SET state = ?, machine_id = ?, body = ? WHERE bdf = ?",
+                    (str(gpu.state), gpu.machine_id, gpu.model_dump_json(), gpu.bdf),
+                ).rowcount
+            else:
+                changed = db.execute(
+                    "UPDATE gpus SET state = ?, machine_id = ?, body = ? WHERE bdf = ? AND state = ?",
+                    (
+                        str(gpu.state),
+                        gpu.machine_id,
+                        gpu.model_dump_json(),
+                        gpu.bdf,
+                        str(expected_state),
+                    ),
+                ).rowcount
+        return changed == 1
+
+    def add_gpu_event(self, event: GpuEvent) -> None:
+        self._execute(
+            "INSERT INTO gpu_events (bdf, body) VALUES (?, ?)", (event.bdf, event.model_dump_json())
+        )
+
+    def list_gpu_events(self, bdf: str | None = None) -> list[GpuEvent]:
+        if bdf is None:
+            rows = self._query("SELECT body FROM gpu_events ORDER BY seq DESC")
+        else:
+            rows = self._query(
+                "SELECT body FROM gpu_events WHERE bdf = ? ORDER BY seq DESC", (bdf,)
+            )
+        return [GpuEvent.model_validate_json(row["body"]) for row in rows]

@@ -1,6 +1,6 @@
 """A bootable test guest for the VMM tests.
 
-hangar's guest kernel and base initramfs (busybox, virtio modules) with ``guest/init``
+hangar's guest kernel and base initramfs (busybox, virtio modules) with ``guest_init.sh``
 appended in place of hangar's init: a guest whose behaviour each test picks on the
 kernel command line (see that script).
 """
@@ -19,7 +19,7 @@ from hangar.images.initramfs import ensure_base_initramfs
 from hangar.images.kernel import ensure_kernel
 from hangar.vmm.control import read_control_events
 
-GUEST_INIT = Path(__file__).parent / "guest" / "init"
+GUEST_INIT = Path(__file__).parent / "guest_init.sh"
 # Nothing in these tests may wait longer than this; it guards against hangs, and no
 # test result depends on it.
 HANG_GUARD_S = 180.0

@@ -1,4 +1,4 @@
-"""QemuDriver against real QEMU booting the test guest (see tests/vmm/guest/init)."""
+"""QemuDriver against real QEMU booting the test guest (see tests/vmm/guest_init.sh)."""
 
 from __future__ import annotations
 

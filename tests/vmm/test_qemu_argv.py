@@ -70,7 +70,7 @@ def test_the_process_is_named_after_the_machine_and_starts_bare(tmp_path: Path) 
 
     assert argv[0] == "qemu-system-x86_64"
     assert values_of(argv, "-name") == ["hangar-m1"]
-    for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
+    for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
         assert flag in argv
     assert values_of(argv, "-smp") == ["2"]
     assert values_of(argv, "-m") == ["512M"]

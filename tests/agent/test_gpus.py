@@ -1,0 +1,296 @@
+"""GPU machines on fixture hosts: claims, VFIO binding, the QEMU command line, release on every
+exit path, the handoff (reset, verify, host drivers back) and quarantine, with crashes injected.
+
+The sysfs trees copy real layouts (tests/devices/sysfs_fixture.py) and a kernel simulator
+applies the writes the PCI core acts on. The agent, store, engine and devices layer are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hangar.agent.agent import Agent
+from hangar.agent.gpus import HostGpus, choose_gpus
+from hangar.agent.guest import QemuGuestPlatform
+from hangar.agent.platform import GuestPlatform
+from hangar.agent.steps import new_run
+from hangar.clock import SystemClock
+from hangar.devices import NoNvml, SysfsRoot
+from hangar.model.config import MachineConfig
+from hangar.model.gpu import GpuRecord, GpuState
+from hangar.model.machine import Machine, MachineState, new_machine_id, new_ulid
+from hangar.paths import cache_dir
+from hangar.store.sqlite import SqliteStore
+from hangar.vmm.qemu import QemuDriver
+from tests.agent.vmm_stand_in import ARGV_FILE, SleepingVmmPlatform
+from tests.devices.kernel_sim import KernelSimulator
+from tests.devices.sysfs_fixture import (
+    HGX_H100_GPUS,
+    SysfsBuilder,
+    build_gpu_sharing_group_with_nic,
+    build_hgx_h100,
+)
+
+HOST = "gpu-host-1"
+
+
+class SimulatedCrash(Exception):
+    """Raised by the crash hook: the agent stops there as a killed process would."""
+
+
+@dataclass
+class GpuHost:
+    tmp: Path
+    builder: SysfsBuilder
+    kernel: KernelSimulator
+    store: SqliteStore
+    image: str
+
+    def gpus(self) -> HostGpus:
+        return HostGpus(HOST, SysfsRoot(self.builder.root, writer=self.kernel), NoNvml("tests"))
+
+    def agent(self, platform: GuestPlatform, crash_after: str = "") -> Agent:
+        def hook(operation: str, step: str) -> None:
+            if crash_after == f"{operation}:{step}":
+                raise SimulatedCrash(crash_after)
+
+        return Agent(self.store, platform, SystemClock(), self.tmp / "machines", self.gpus(), hook)
+
+    def driver_of(self, bdf: str) -> str | None:
+        link = self.builder.root / "bus/pci/devices" / bdf / "driver"
+        return link.resolve().name if link.is_symlink() else None
+
+    def add_machine(self, gpus: int, kind: str = "h100-sxm") -> str:
+        now = SystemClock().now()
+        machine_id = new_machine_id()
+        config = MachineConfig.model_validate(
+            {
+                "image": self.image,
+                "init": {"cmd": ["sleep", "600"]},
+                "guest": {"cpu_kind": "performance", "gpu_kind": kind, "gpus": gpus},
+            }
+        )
+        self.store.insert_machine(
+            Machine(
+                id=machine_id,
+                name=machine_id,
+                app="gpu",
+                state=MachineState.CREATED,
+                region="local",
+                instance_id=new_ulid(now),
+                version=1,
+                config=config,
+                created_at=now,
+                updated_at=now,
+                host_id=HOST,
+            )
+        )
+        return machine_id
+
+
+@pytest.fixture
+def gpu_host(tmp_path: Path, test_image: str) -> Iterator[GpuHost]:
+    builder = build_hgx_h100(tmp_path / "sys")
+    host = GpuHost(
+        tmp_path, builder, KernelSimulator(builder), SqliteStore(tmp_path / "db"), test_image
+    )
+    yield host
+    for handle in host.store.list_vm_handles().values():
+        asyncio.run(SleepingVmmPlatform(cache_dir(), QemuDriver()).kill(handle))
+
+
+def sleeping_platform() -> SleepingVmmPlatform:
+    return SleepingVmmPlatform(cache_dir(), QemuDriver())
+
+
+async def settle(agent: Agent) -> None:
+    """Until no run is unfinished (each run is bounded by its steps; 600 polls at most)."""
+    for _ in range(600):
+        await asyncio.sleep(0.05)
+        if not agent.store.list_runs(unfinished_only=True):
+            return
+    raise AssertionError(f"runs never finished: {agent.store.list_runs(unfinished_only=True)}")
+
+
+def held(store: SqliteStore, machine_id: str) -> list[GpuRecord]:
+    return [gpu for gpu in store.list_gpus(machine_id=machine_id) if gpu.state == GpuState.CLAIMED]
+
+
+async def test_gpu_machine_claims_close_gpus_binds_them_and_passes_each_bdf(
+    gpu_host: GpuHost,
+) -> None:
+    agent = gpu_host.agent(sleeping_platform())
+    await agent.start()
+    machine_id = gpu_host.add_machine(gpus=2)
+    agent.submit_operation(machine_id, "create", {"resolve_image": True})
+    await settle(agent)
+    assert gpu_host.store.get_machine(machine_id).state == MachineState.STARTED  # type: ignore[union-attr]
+    claimed = held(gpu_host.store, machine_id)
+    assert len(claimed) == 2
+    assert len({HGX_H100_GPUS[gpu.bdf] for gpu in claimed}) == 1, "one NUMA node"
+    assert len({gpu.nvlink_domain for gpu in claimed}) == 1, "one NVLink domain"
+    for gpu in claimed:
+        assert gpu_host.driver_of(gpu.bdf) == "vfio-pci"
+    argv = json.loads((gpu_host.tmp / "machines" / machine_id / ARGV_FILE).read_text())
+    for gpu in claimed:
+        assert f"vfio-pci,host={gpu.bdf}" in argv
+
+    agent.submit_operation(machine_id, "stop", {"timeout_s": 0.0})
+    await settle(agent)
+    await agent.close()
+    for gpu in claimed:
+        record = gpu_host.store.get_gpu(gpu.bdf)
+        assert record is not None and record.state == GpuState.FREE and record.machine_id == ""
+        assert gpu_host.driver_of(gpu.bdf) == "nvidia", "back on its host driver"
+        assert (f"bus/pci/devices/{gpu.bdf}/reset", "1") in gpu_host.kernel.writes
+    actions = [event.action for event in gpu_host.store.list_gpu_events(claimed[0].bdf)]
+    assert actions[::-1] == ["claimed", "cleaning", "reset", "host_drivers_restored", "free"]
+
+
+async def test_a_launch_that_fails_releases_its_gpus(gpu_host: GpuHost) -> None:
+    # Real QEMU: it refuses the VFIO device this host does not really have.
+    agent = gpu_host.agent(QemuGuestPlatform(cache_dir(), QemuDriver()))
+    await agent.start()
+    machine_id = gpu_host.add_machine(gpus=1)
+    agent.submit_operation(machine_id, "create", {"resolve_image": True})
+    await settle(agent)
+    await agent.close()
+    machine = gpu_host.store.get_machine(machine_id)
+    assert machine is not None and machine.state == MachineState.LAUNCH_FAILED
+    assert "vfio" in machine.failure_reason.lower()
+    assert held(gpu_host.store, machine_id) == []
+    assert all(gpu.state == GpuState.FREE for gpu in gpu_host.store.list_gpus())
+    assert all(gpu_host.driver_of(bdf) == "nvidia" for bdf in HGX_H100_GPUS)
+
+
+async def test_failed_reset_quarantines_until_an_operator_releases_it(gpu_host: GpuHost) -> None:
+    agent = gpu_host.agent(sleeping_platform())
+    await agent.start()
+    machine_id = gpu_host.add_machine(gpus=1)
+    agent.submit_operation(machine_id, "create", {"resolve_image": True})
+    await settle(agent)
+    [gpu] = held(gpu_host.store, machine_id)
+    gpu_host.kernel.reset_faults[gpu.bdf] = "unresponsive"
+    agent.submit_operation(machine_id, "destroy", {"timeout_s": 0.0})
+    await settle(agent)
+    quarantined = gpu_host.store.get_gpu(gpu.bdf)
+    assert quarantined is not None and quarantined.state == GpuState.QUARANTINED
+    assert "reset" in quarantined.reason
+
+    # Quarantined GPUs are never offered: eight are asked for, seven are clean.
+    eight = gpu_host.add_machine(gpus=8)
+    agent.submit_operation(eight, "create", {"resolve_image": True})
+    await settle(agent)
+    failed = gpu_host.store.get_machine(eight)
+    assert failed is not None and failed.state == MachineState.FAILED
+    assert "insufficient capacity" in failed.failure_reason
+    assert all(gpu.state != GpuState.CLAIMED for gpu in gpu_host.store.list_gpus())
+
+    gpu_host.kernel.reset_faults.clear()
+    builder_config = gpu_host.builder.root / "bus/pci/devices" / gpu.bdf / "config"
+    builder_config.write_bytes(b"\xde\x10\x30\x23" + builder_config.read_bytes()[4:])
+    agent.release_quarantine(gpu.bdf, actor="alice", reason="reseated the board")
+    await settle(agent)
+    await agent.close()
+    released = gpu_host.store.get_gpu(gpu.bdf)
+    assert released is not None and released.state == GpuState.FREE
+    [event] = [
+        e for e in gpu_host.store.list_gpu_events(gpu.bdf) if e.action == "quarantine_released"
+    ]
+    assert event.actor == "alice" and event.detail["reason"] == "reseated the board"
+
+
+def test_a_gpu_sharing_its_group_with_a_nic_is_never_claimed(tmp_path: Path) -> None:
+    builder = build_gpu_sharing_group_with_nic(tmp_path / "sys")
+    store = SqliteStore(tmp_path / "db")
+    host = HostGpus(HOST, SysfsRoot(builder.root, writer=KernelSimulator(builder)), NoNvml("t"))
+    [record] = host.register(store)
+    assert not record.available
+    assert "Ethernet controller" in record.reason
+    assert store.claim_gpus(HOST, "m1", record.kind, 1, choose_gpus, 0.0) is None
+
+
+HANDOFF_STEPS = ["reset_gpu", "restore_host_drivers", "return_gpu"]
+
+
+@pytest.mark.parametrize("step", HANDOFF_STEPS)
+async def test_crash_during_handoff_never_frees_a_dirty_gpu(gpu_host: GpuHost, step: str) -> None:
+    agent = gpu_host.agent(sleeping_platform(), crash_after=f"handoff:{step}")
+    await agent.start()
+    machine_id = gpu_host.add_machine(gpus=1)
+    agent.submit_operation(machine_id, "create", {"resolve_image": True})
+    await settle(agent)
+    [gpu] = held(gpu_host.store, machine_id)
+    agent.submit_operation(machine_id, "stop", {"timeout_s": 0.0})
+    for _ in range(400):
+        await asyncio.sleep(0.05)
+        runs = gpu_host.store.list_runs(f"gpu:{gpu.bdf}")
+        if runs and step in runs[-1].steps_done:
+            break
+    await agent.close()
+    after_crash = gpu_host.store.get_gpu(gpu.bdf)
+    assert after_crash is not None
+    if step != "return_gpu":
+        assert after_crash.state == GpuState.CLEANING, "not free before the handoff ends"
+
+    restarted = gpu_host.agent(sleeping_platform())
+    await restarted.start()
+    await settle(restarted)
+    await restarted.close()
+    record = gpu_host.store.get_gpu(gpu.bdf)
+    assert record is not None and record.state == GpuState.FREE
+    assert gpu_host.driver_of(gpu.bdf) == "nvidia"
+
+
+@pytest.mark.parametrize("step", ["claim_gpus", "bind_gpus", "launch_vm"])
+async def test_crash_during_gpu_start_resumes_without_double_claims(
+    gpu_host: GpuHost, step: str
+) -> None:
+    agent = gpu_host.agent(sleeping_platform(), crash_after=f"create:{step}")
+    await agent.start()
+    machine_id = gpu_host.add_machine(gpus=2)
+    agent.submit_operation(machine_id, "create", {"resolve_image": True})
+    for _ in range(400):
+        await asyncio.sleep(0.05)
+        [run] = gpu_host.store.list_runs(machine_id)
+        if step in run.steps_done:
+            break
+    await agent.close()
+    restarted = gpu_host.agent(sleeping_platform())
+    await restarted.start()
+    await settle(restarted)
+    machine = gpu_host.store.get_machine(machine_id)
+    assert machine is not None and machine.state == MachineState.STARTED
+    claimed = held(gpu_host.store, machine_id)
+    assert len(claimed) == 2
+    assert sum(gpu.state == GpuState.CLAIMED for gpu in gpu_host.store.list_gpus()) == 2
+    restarted.submit(new_run(machine_id, "destroy", 0.0, {"timeout_s": 0.0}))
+    await settle(restarted)
+    await restarted.close()
+    assert all(gpu.state == GpuState.FREE for gpu in gpu_host.store.list_gpus())
+
+
+def record(bdf: str, numa: int | None, domain: str | None) -> GpuRecord:
+    return GpuRecord(host_id=HOST, bdf=bdf, kind="h100-sxm", numa_node=numa, nvlink_domain=domain)
+
+
+def test_choose_gpus_keeps_requests_close_and_leaves_big_groups_whole() -> None:
+    free = [
+        record("a", 0, None),
+        record("b", 1, None),
+        record("c", 1, None),
+        record("d", 0, None),
+        record("e", 0, None),
+    ]
+    assert [gpu.bdf for gpu in choose_gpus(free, 2) or []] == ["b", "c"]
+    assert [gpu.bdf for gpu in choose_gpus(free, 3) or []] == ["a", "d", "e"]
+    assert len(choose_gpus(free, 4) or []) == 4
+    assert choose_gpus(free, 6) is None
+    linked = [record("x", 0, "nv-1"), record("y", 1, "nv-1"), record("z", 0, None)]
+    assert [gpu.bdf for gpu in choose_gpus(linked, 2) or []] == ["x", "y"]

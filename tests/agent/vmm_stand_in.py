@@ -1,0 +1,53 @@
+"""A VMM stand-in for GPU machine tests on hosts without an IOMMU or a GPU.
+
+QEMU cannot open a VFIO device that the kernel does not have, so for the path where a GPU
+machine is *running* these tests use the real platform for everything but the process:
+the QEMU command line is still built by the real driver (and kept in ``argv.json`` for the
+test to read), and a plain ``sleep`` process stands in for the QEMU that would run it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from hangar.agent.guest import QemuGuestPlatform
+from hangar.agent.platform import GuestExit, VmHandleData
+from hangar.model.machine import Machine
+from hangar.vmm.proc import read_process
+
+ARGV_FILE = "argv.json"
+
+
+class SleepingVmmPlatform(QemuGuestPlatform):
+    async def launch(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmHandleData:
+        spec = await self.vm_spec(machine, run_dir, gpus)
+        (run_dir / ARGV_FILE).write_text(json.dumps(self.driver.prepare(spec)))
+        process = subprocess.Popen(["sleep", "3600"], start_new_session=True)
+        info = read_process(process.pid)
+        assert info is not None
+        return {"pid": process.pid, "start_time": info.start_time}
+
+    async def alive(self, handle: VmHandleData) -> bool:
+        info = read_process(int(handle["pid"]))
+        return info is not None and not info.exited and info.start_time == handle["start_time"]
+
+    async def stop(self, handle: VmHandleData, timeout_s: float, signum: int) -> None:
+        await self.kill(handle)
+
+    async def kill(self, handle: VmHandleData) -> None:
+        if await self.alive(handle):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(handle["pid"]), signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(handle["pid"]), 0)
+
+    def guest_exit(self, run_dir: Path) -> GuestExit:
+        return GuestExit(exit_code=None, guest_error="stand-in VMM killed")
+
+    def vmm_processes(self, machines_dir: Path) -> dict[int, str]:
+        return {}
