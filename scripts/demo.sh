@@ -12,7 +12,12 @@ IMAGE_DIR="$HANGAR_HOME/demo-image"
 mkdir -p "$HANGAR_HOME"
 
 server_pid=""
-cleanup() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null; true; }
+cleanup() {
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+}
 trap cleanup EXIT
 
 if curl -fsS "$HANGAR_API_URL/v1/apps" >/dev/null 2>&1; then

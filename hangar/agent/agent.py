@@ -203,9 +203,10 @@ class Agent:
                 if not live:
                     log.warning("GPU %s is claimed by no live machine: handing it off", gpu.bdf)
                     self._start_handoff(gpu, f"claim of {gpu.machine_id} found stale at start")
-            elif gpu.state == GpuState.CLEANING:
-                if not self.has_unfinished_run(handoff_subject(gpu.bdf)):
-                    self._start_handoff(gpu, gpu.reason or "handoff resumed at start")
+            elif gpu.state == GpuState.CLEANING and not self.has_unfinished_run(
+                handoff_subject(gpu.bdf)
+            ):
+                self._start_handoff(gpu, gpu.reason or "handoff resumed at start")
 
     def _start_handoff(self, gpu: GpuRecord, why: str) -> None:
         cleaning = gpu.model_copy(

@@ -23,8 +23,8 @@ app.add_typer(apps_app, name="apps")
 app.add_typer(machine_app, name="machine")
 app.add_typer(bench_app, name="bench")
 
-console = Console()
-errors = Console(stderr=True)
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 ACTIVE = {"created", "starting", "started", "stopping", "replacing"}
 DEFAULT_APP = "default"

@@ -5,11 +5,10 @@ Kept free of any backend's idioms: the embedded backend is SQLite, the fleet bac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
-
-from collections.abc import Callable
 
 from hangar.model.gpu import GpuEvent, GpuRecord, GpuState
 from hangar.model.machine import Lease, Machine, MachineEvent, MachineState

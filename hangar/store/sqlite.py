@@ -430,7 +430,8 @@ class SqliteStore:
                     update={"state": GpuState.CLAIMED, "machine_id": machine_id, "updated_at": now}
                 )
                 changed = db.execute(
-                    "UPDATE gpus SET state = ?, machine_id = ?, body = ? WHERE bdf = ? AND state = ?",
+                    "UPDATE gpus SET state = ?, machine_id = ?, body = ?"
+                    " WHERE bdf = ? AND state = ?",
                     (
                         str(GpuState.CLAIMED),
                         machine_id,
@@ -454,7 +455,8 @@ class SqliteStore:
                 ).rowcount
             else:
                 changed = db.execute(
-                    "UPDATE gpus SET state = ?, machine_id = ?, body = ? WHERE bdf = ? AND state = ?",
+                    "UPDATE gpus SET state = ?, machine_id = ?, body = ?"
+                    " WHERE bdf = ? AND state = ?",
                     (
                         str(gpu.state),
                         gpu.machine_id,
