@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 from hangar.agent.platform import GuestExit, RunDirLayout, VmHandleData
 from hangar.clock import Clock, SystemClock
 from hangar.errors import ImageError
 from hangar.images import initramfs, kernel
+from hangar.images.driver_bundle import prepare_driver_bundle
 from hangar.images.reference import ImageRef as ParsedImageRef
 from hangar.images.reference import parse_image_ref
 from hangar.images.rootfs import CachedImage, ImageCache, machine_disk
@@ -19,7 +21,7 @@ from hangar.images.run_config import GuestFile, GuestRunConfig, resolve_argv
 from hangar.model.machine import ImageRef, Machine
 from hangar.paths import cache_dir
 from hangar.vmm.control import read_control_events, summarise_control_events
-from hangar.vmm.driver import Driver, VmHandle, VmSpec
+from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec
 from hangar.vmm.proc import PROC_ROOT, read_process
 from hangar.vmm.qemu import QemuDriver
 from hangar.vmm.qemu_argv import HUGEPAGES_DIR
@@ -63,11 +65,18 @@ def to_model_ref(ref: ParsedImageRef, digest: str) -> ImageRef:
 class QemuGuestPlatform:
     driver_name = "qemu"
 
-    def __init__(self, cache: Path, driver: Driver, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        cache: Path,
+        driver: Driver,
+        clock: Clock | None = None,
+        settings: Mapping[str, str] = os.environ,
+    ) -> None:
         self.cache_root = cache
         self.images = ImageCache(cache)
         self.driver = driver
         self.clock = clock or SystemClock()
+        self.settings = settings
 
     @classmethod
     def for_home(cls, home: Path) -> QemuGuestPlatform:
@@ -109,6 +118,7 @@ class QemuGuestPlatform:
             workdir=image_config.workdir or "/",
             user=image_config.user,
             hostname=machine.id,
+            driver_bundle=bool(config.guest.gpus),
             files=[
                 GuestFile(
                     guest_path=item.guest_path,
@@ -129,6 +139,12 @@ class QemuGuestPlatform:
     # the VMM
     async def vm_spec(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmSpec:
         guest_kernel = await asyncio.to_thread(kernel.ensure_kernel, self.cache_root)
+        extra_disks = []
+        if gpus:
+            bundle = await asyncio.to_thread(
+                prepare_driver_bundle, guest_kernel, self.cache_root, environ=self.settings
+            )
+            extra_disks.append(DiskSpec(path=bundle, read_only=True))
         return VmSpec.in_run_dir(
             machine_id=machine.id,
             run_dir=run_dir,
@@ -137,6 +153,7 @@ class QemuGuestPlatform:
             root_disk=run_dir / RunDirLayout.ROOT_DISK,
             cpus=machine.config.guest.cpus,
             memory_mb=machine.config.guest.memory_mb,
+            extra_disks=extra_disks,
             gpus=gpus,
             hugepages=bool(gpus) and hugepages_available(machine.config.guest.memory_mb),
         )

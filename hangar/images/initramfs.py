@@ -6,7 +6,10 @@ The guest contract (read by ``guest/init``):
 - ``/hangar/run.json``: the machine's ``GuestRunConfig`` (for the record);
 - ``/hangar/run.env``: the same as shell assignments (``GuestRunConfig.shell_env``);
 - ``/hangar/hostname``, ``/hangar/hosts``: copied to the rootfs's /etc;
-- ``/hangar/files/I``: content of ``files[I]``.
+- ``/hangar/files/I``: content of ``files[I]``;
+- ``/bin/hangar-nvidia-nodes``: lists the NVIDIA device nodes to create (``guest/nvidia-nodes``).
+
+A GPU machine's driver bundle comes on a disk of its own (``driver_bundle``), not in the initrd.
 """
 
 from __future__ import annotations
@@ -38,11 +41,20 @@ GUEST_MODULES = (
 )
 BASE_NAME = "base.cpio.gz"
 MODULE_LIST = "etc/hangar/modules"
+NVIDIA_NODES = "bin/hangar-nvidia-nodes"
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 
 
+def _guest_script(name: str) -> bytes:
+    return resources.files("hangar.images").joinpath("guest", name).read_bytes()
+
+
 def init_script() -> bytes:
-    return resources.files("hangar.images").joinpath("guest/init").read_bytes()
+    return _guest_script("init")
+
+
+def nvidia_nodes_script() -> bytes:
+    return _guest_script("nvidia-nodes")
 
 
 def _module_name(path: str) -> str:
@@ -94,7 +106,8 @@ def resolve_modules(modules_dir: Path, names: Sequence[str]) -> list[str]:
     return ordered
 
 
-def _module_bytes(path: Path) -> bytes:
+def module_bytes(path: Path) -> bytes:
+    """A kernel module file's ELF image, decompressed (busybox insmod takes plain ``.ko``)."""
     data = path.read_bytes()
     if path.name.endswith(".ko.xz"):
         return lzma.decompress(data)
@@ -125,9 +138,10 @@ def base_archive(
     load_order: list[str] = []
     for relative in resolve_modules(kernel.modules_dir, modules):
         file_name = _module_name(relative) + ".ko"
-        archive.file(f"lib/modules/{file_name}", _module_bytes(kernel.modules_dir / relative))
+        archive.file(f"lib/modules/{file_name}", module_bytes(kernel.modules_dir / relative))
         load_order.append(file_name)
     archive.file(MODULE_LIST, "".join(f"{name}\n" for name in load_order).encode())
+    archive.file(NVIDIA_NODES, nvidia_nodes_script(), 0o755)
     archive.file("init", init_script(), 0o755)
     return archive
 
@@ -140,10 +154,11 @@ def ensure_base_initramfs(
     busybox: Path = HOST_BUSYBOX,
     runner: CommandRunner = run_command,
 ) -> Path:
-    """The cached gzip'd base initramfs for ``kernel`` (rebuilt when init, busybox or the
-    module list change: they are part of the cache key)."""
+    """The cached gzip'd base initramfs for ``kernel`` (rebuilt when the guest scripts,
+    busybox or the module list change: they are part of the cache key)."""
     key = hashlib.sha256()
-    for part in (init_script(), busybox.read_bytes(), "\n".join(modules).encode()):
+    module_list = "\n".join(modules).encode()
+    for part in (init_script(), nvidia_nodes_script(), busybox.read_bytes(), module_list):
         key.update(hashlib.sha256(part).digest())
     entry = cache_dir / "initramfs" / f"{kernel.version}-{key.hexdigest()[:16]}"
 

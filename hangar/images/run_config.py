@@ -58,6 +58,8 @@ class GuestRunConfig(BaseModel):
     hostname: str
     hosts: list[tuple[str, str]] = []
     files: list[GuestFile] = []
+    driver_bundle: bool = False
+    """The GPU driver bundle is the first extra disk (see ``hangar.images.driver_bundle``)."""
 
     @field_validator("argv")
     @classmethod
@@ -91,7 +93,9 @@ class GuestRunConfig(BaseModel):
         """``/hangar/run.env``: shell assignments init sources (every value single-quoted).
 
         ``HANGAR_ARGV`` and ``HANGAR_ENV`` hold already-quoted word lists for ``eval set --``.
-        File ``i`` of ``files`` is ``/hangar/files/i`` in the initrd.
+        File ``i`` of ``files`` is ``/hangar/files/i`` in the initrd. ``HANGAR_DRIVER_BUNDLE=1``
+        has init load the driver bundle, which extends the process's ``HANGAR_PATH`` and
+        ``HANGAR_LD_LIBRARY_PATH``.
         """
         env = self.process_env()
         values: dict[str, str] = {
@@ -101,6 +105,8 @@ class GuestRunConfig(BaseModel):
             "HANGAR_PATH": env["PATH"],
             "HANGAR_WORKDIR": posixpath.normpath(posixpath.join("/", self.workdir)),
             "HANGAR_USER": self.user,
+            "HANGAR_LD_LIBRARY_PATH": env.get("LD_LIBRARY_PATH", ""),
+            "HANGAR_DRIVER_BUNDLE": "1" if self.driver_bundle else "0",
             "HANGAR_FILE_COUNT": str(len(self.files)),
         }
         for index, file in enumerate(self.files):

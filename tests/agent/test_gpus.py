@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +25,15 @@ from hangar.devices import NoNvml, SysfsRoot
 from hangar.model.config import MachineConfig
 from hangar.model.gpu import GpuRecord, GpuState
 from hangar.model.machine import Machine, MachineState, new_machine_id, new_ulid
+from hangar.images.driver_bundle import DRIVER_BUNDLE_SETTING
+from hangar.images.initramfs import module_bytes, resolve_modules
+from hangar.images.kernel import ensure_kernel
 from hangar.paths import cache_dir
 from hangar.store.sqlite import SqliteStore
 from hangar.vmm.qemu import QemuDriver
 from tests.agent.vmm_stand_in import ARGV_FILE, SleepingVmmPlatform
 from tests.devices.kernel_sim import KernelSimulator
+from tests.fixtures.driver_bundle import write_bundle
 from tests.devices.sysfs_fixture import (
     HGX_H100_GPUS,
     SysfsBuilder,
@@ -105,8 +109,22 @@ def gpu_host(tmp_path: Path, test_image: str) -> Iterator[GpuHost]:
         asyncio.run(SleepingVmmPlatform(cache_dir(), QemuDriver()).kill(handle))
 
 
-def sleeping_platform() -> SleepingVmmPlatform:
-    return SleepingVmmPlatform(cache_dir(), QemuDriver())
+@pytest.fixture(scope="module")
+def bundle_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A driver bundle for the real guest kernel (its "driver" is the kernel's dummy module)."""
+    guest_kernel = ensure_kernel(cache_dir())
+    [module] = resolve_modules(guest_kernel.modules_dir, ["dummy"])
+    bundle = write_bundle(
+        tmp_path_factory.mktemp("bundle") / "driver",
+        {"dummy": module_bytes(guest_kernel.modules_dir / module)},
+        kernel_version=guest_kernel.version,
+    )
+    return {DRIVER_BUNDLE_SETTING: str(bundle)}
+
+
+@pytest.fixture
+def sleeping_platform(bundle_settings: dict[str, str]) -> Callable[[], SleepingVmmPlatform]:
+    return lambda: SleepingVmmPlatform(cache_dir(), QemuDriver(), settings=bundle_settings)
 
 
 async def settle(agent: Agent) -> None:
@@ -123,7 +141,7 @@ def held(store: SqliteStore, machine_id: str) -> list[GpuRecord]:
 
 
 async def test_gpu_machine_claims_close_gpus_binds_them_and_passes_each_bdf(
-    gpu_host: GpuHost,
+    gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform]
 ) -> None:
     agent = gpu_host.agent(sleeping_platform())
     await agent.start()
@@ -140,6 +158,10 @@ async def test_gpu_machine_claims_close_gpus_binds_them_and_passes_each_bdf(
     argv = json.loads((gpu_host.tmp / "machines" / machine_id / ARGV_FILE).read_text())
     for gpu in claimed:
         assert f"vfio-pci,host={gpu.bdf}" in argv
+    drives = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-drive"]
+    assert len(drives) == 2 and "readonly=on" in drives[1], "the driver bundle, read-only"
+    initrd = (gpu_host.tmp / "machines" / machine_id / "initrd.img").read_bytes()
+    assert b"HANGAR_DRIVER_BUNDLE=1" in initrd
 
     agent.submit_operation(machine_id, "stop", {"timeout_s": 0.0})
     await settle(agent)
@@ -153,9 +175,11 @@ async def test_gpu_machine_claims_close_gpus_binds_them_and_passes_each_bdf(
     assert actions[::-1] == ["claimed", "cleaning", "reset", "host_drivers_restored", "free"]
 
 
-async def test_a_launch_that_fails_releases_its_gpus(gpu_host: GpuHost) -> None:
+async def test_a_launch_that_fails_releases_its_gpus(
+    gpu_host: GpuHost, bundle_settings: dict[str, str]
+) -> None:
     # Real QEMU: it refuses the VFIO device this host does not really have.
-    agent = gpu_host.agent(QemuGuestPlatform(cache_dir(), QemuDriver()))
+    agent = gpu_host.agent(QemuGuestPlatform(cache_dir(), QemuDriver(), settings=bundle_settings))
     await agent.start()
     machine_id = gpu_host.add_machine(gpus=1)
     agent.submit_operation(machine_id, "create", {"resolve_image": True})
@@ -169,7 +193,9 @@ async def test_a_launch_that_fails_releases_its_gpus(gpu_host: GpuHost) -> None:
     assert all(gpu_host.driver_of(bdf) == "nvidia" for bdf in HGX_H100_GPUS)
 
 
-async def test_failed_reset_quarantines_until_an_operator_releases_it(gpu_host: GpuHost) -> None:
+async def test_failed_reset_quarantines_until_an_operator_releases_it(
+    gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform]
+) -> None:
     agent = gpu_host.agent(sleeping_platform())
     await agent.start()
     machine_id = gpu_host.add_machine(gpus=1)
@@ -220,7 +246,9 @@ HANDOFF_STEPS = ["reset_gpu", "restore_host_drivers", "return_gpu"]
 
 
 @pytest.mark.parametrize("step", HANDOFF_STEPS)
-async def test_crash_during_handoff_never_frees_a_dirty_gpu(gpu_host: GpuHost, step: str) -> None:
+async def test_crash_during_handoff_never_frees_a_dirty_gpu(
+    gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform], step: str
+) -> None:
     agent = gpu_host.agent(sleeping_platform(), crash_after=f"handoff:{step}")
     await agent.start()
     machine_id = gpu_host.add_machine(gpus=1)
@@ -250,7 +278,7 @@ async def test_crash_during_handoff_never_frees_a_dirty_gpu(gpu_host: GpuHost, s
 
 @pytest.mark.parametrize("step", ["claim_gpus", "bind_gpus", "launch_vm"])
 async def test_crash_during_gpu_start_resumes_without_double_claims(
-    gpu_host: GpuHost, step: str
+    gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform], step: str
 ) -> None:
     agent = gpu_host.agent(sleeping_platform(), crash_after=f"create:{step}")
     await agent.start()

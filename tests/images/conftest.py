@@ -1,6 +1,6 @@
 """Shared, expensive artefacts for the images tests: a busybox image pushed to the suite's
 loopback registry (the ``registry`` fixture of tests/conftest.py), the image cached as an
-ext4 rootfs, the guest kernel."""
+ext4 rootfs, the guest kernel and its base initramfs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hangar.images.build import build_busybox_image
+from hangar.images.initramfs import ensure_base_initramfs
 from hangar.images.kernel import GuestKernel, ensure_kernel
 from hangar.images.reference import ImageRef, parse_image_ref
 from hangar.images.rootfs import CachedImage, ImageCache
@@ -67,3 +68,8 @@ def cached_hello(pushed_hello: PushedImage, session_cache_dir: Path) -> CachedIm
 def guest_kernel() -> GuestKernel:
     """The real guest kernel, fetched once into the suite's shared cache (``HANGAR_CACHE``)."""
     return ensure_kernel(cache_dir())
+
+
+@pytest.fixture(scope="session")
+def base_initrd(guest_kernel: GuestKernel) -> Path:
+    return ensure_base_initramfs(guest_kernel, cache_dir())

@@ -12,10 +12,12 @@ from hangar.images.cpio import NewcArchive
 from hangar.images.initramfs import (
     GUEST_MODULES,
     MODULE_LIST,
+    NVIDIA_NODES,
     base_archive,
     ensure_base_initramfs,
     init_script,
     machine_initrd,
+    nvidia_nodes_script,
     resolve_modules,
 )
 from hangar.images.kernel import GuestKernel
@@ -112,6 +114,7 @@ def test_base_archive_holds_busybox_modules_and_init(kernel_tree: GuestKernel) -
     assert {f"lib/modules/{name}" for name in load_order} <= names
     assert _extract(archive, "lib/modules/virtio_console.ko") == b"module virtio_console.ko.xz"
     assert _extract(archive, "init") == init_script()
+    assert _extract(archive, NVIDIA_NODES) == nvidia_nodes_script()
 
 
 def _run_config() -> GuestRunConfig:

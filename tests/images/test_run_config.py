@@ -124,6 +124,15 @@ def test_workdir_is_absolute_for_init(workdir: str, expected: str) -> None:
     assert f"HANGAR_WORKDIR={expected}\n" in _config(workdir=workdir).shell_env()
 
 
+def test_tells_init_about_the_driver_bundle_and_the_library_path() -> None:
+    plain = _config().shell_env()
+    assert "HANGAR_DRIVER_BUNDLE=0\n" in plain
+    assert "HANGAR_LD_LIBRARY_PATH=''\n" in plain
+    gpu = _config(driver_bundle=True, env={"LD_LIBRARY_PATH": "/usr/local/cuda/lib64"})
+    assert "HANGAR_DRIVER_BUNDLE=1\n" in gpu.shell_env()
+    assert "HANGAR_LD_LIBRARY_PATH=/usr/local/cuda/lib64\n" in gpu.shell_env()
+
+
 def test_env_overrides_docker_defaults() -> None:
     config = _config(env={"PATH": "/opt/bin", "HOSTNAME": "custom"})
     assert config.process_env() == {"PATH": "/opt/bin", "HOSTNAME": "custom"}
