@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hangar.agent.context import StepContext
 from hangar.agent.engine import CrashHook, RunEngine, crash_if_injected
-from hangar.agent.gpu_steps import handoff_subject
+from hangar.agent.gpu_steps import handoff_subject, start_handoff
 from hangar.agent.gpus import HostGpus
 from hangar.agent.operations import PLANS
 from hangar.agent.platform import GuestPlatform, RunDirLayout
@@ -209,27 +209,7 @@ class Agent:
                 self._start_handoff(gpu, gpu.reason or "handoff resumed at start")
 
     def _start_handoff(self, gpu: GpuRecord, why: str) -> None:
-        cleaning = gpu.model_copy(
-            update={
-                "state": GpuState.CLEANING,
-                "machine_id": "",
-                "reason": why,
-                "updated_at": self.clock.now(),
-            }
-        )
-        self.store.update_gpu(cleaning, expected_state=gpu.state)
-        self.store.add_gpu_event(
-            GpuEvent(
-                bdf=gpu.bdf,
-                timestamp=self.clock.now(),
-                action="cleaning",
-                actor="agent",
-                detail={"why": why},
-            )
-        )
-        self.submit(
-            new_run(handoff_subject(gpu.bdf), "handoff", self.clock.now(), {"bdf": gpu.bdf})
-        )
+        start_handoff(self.store, self.clock, self.submit, gpu, why)
 
     def release_quarantine(self, bdf: str, actor: str, reason: str) -> GpuRecord:
         """An operator vouches for a quarantined GPU: it gets a fresh handoff (reset and

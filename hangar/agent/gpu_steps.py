@@ -7,12 +7,16 @@ release until the handoff's last step, so a crash mid-handoff never frees a dirt
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hangar.agent.context import StepContext
 from hangar.agent.gpus import HostGpus, choose_gpus
 from hangar.agent.steps import new_run
+from hangar.clock import Clock
 from hangar.devices import GroupBinding
 from hangar.errors import DeviceError, InsufficientCapacity
 from hangar.model.gpu import GpuEvent, GpuRecord, GpuState
+from hangar.store.protocol import ClusterStore, RunRecord
 
 HANDOFF_SUBJECT_PREFIX = "gpu:"
 
@@ -109,24 +113,39 @@ class ReleaseGpus:
 
 
 def release_for_handoff(ctx: StepContext, gpu: GpuRecord, why: str) -> None:
+    start_handoff(ctx.store, ctx.clock, ctx.submit, gpu, why, f"handoff.{gpu.bdf}.{ctx.run.id}")
+
+
+def start_handoff(
+    store: ClusterStore,
+    clock: Clock,
+    submit: Callable[[RunRecord], bool],
+    gpu: GpuRecord,
+    why: str,
+    run_id: str | None = None,
+) -> None:
+    """The GPU leaves its holder for ``cleaning`` (never straight to free) and gets a
+    handoff run; a given ``run_id`` makes a repeated call submit nothing new."""
     cleaning = gpu.model_copy(
         update={
             "state": GpuState.CLEANING,
             "machine_id": "",
             "reason": why,
-            "updated_at": ctx.clock.now(),
+            "updated_at": clock.now(),
         }
     )
-    if ctx.store.update_gpu(cleaning, expected_state=gpu.state):
-        record_gpu_event(ctx, gpu.bdf, "cleaning", why=why)
-    ctx.submit(
-        new_run(
-            handoff_subject(gpu.bdf),
-            "handoff",
-            ctx.clock.now(),
-            {"bdf": gpu.bdf},
-            run_id=f"handoff.{gpu.bdf}.{ctx.run.id}",
+    if store.update_gpu(cleaning, expected_state=gpu.state):
+        store.add_gpu_event(
+            GpuEvent(
+                bdf=gpu.bdf,
+                timestamp=clock.now(),
+                action="cleaning",
+                actor="agent",
+                detail={"why": why},
+            )
         )
+    submit(
+        new_run(handoff_subject(gpu.bdf), "handoff", clock.now(), {"bdf": gpu.bdf}, run_id=run_id)
     )
 
 

@@ -144,7 +144,7 @@ class GuestConfig(StrictModel):
         if self.gpu_kind is not None and self.gpus is None:
             self.gpus = 1
         if self.gpus and self.cpu_kind != "performance":
-            raise ValueError("GPU machines need cpu_kind 'performance'")
+            raise ValueError("cpu_kind must be 'performance' for GPU machines (gpu_kind is set)")
         return self
 
 

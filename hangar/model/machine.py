@@ -78,23 +78,6 @@ class Machine(BaseModel):
     failure_reason: str = ""
 
 
-class MachineView(BaseModel):
-    """The JSON body the API returns for a machine."""
-
-    id: str
-    name: str
-    state: str
-    region: str
-    instance_id: str
-    private_ip: str
-    config: dict[str, Any]
-    image_ref: ImageRef
-    created_at: str
-    updated_at: str
-    events: list[MachineEvent] = Field(default_factory=list)
-    host_status: str = "ok"
-
-
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
