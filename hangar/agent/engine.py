@@ -82,9 +82,13 @@ class RunEngine:
             if step.name in run.steps_done:
                 continue
             self._record(run, ctx, current=step.name)
+            started = ctx.clock.monotonic()
             try:
                 if await step.should_run(ctx):
                     await step.run(ctx)
+                    run.data.setdefault("step_seconds", {})[step.name] = round(
+                        ctx.clock.monotonic() - started, 4
+                    )
             except Exception as exc:
                 log.warning("run %s step %s failed: %s", run.id, step.name, exc)
                 run.status = RunStatus.ROLLING_BACK
