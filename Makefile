@@ -5,6 +5,9 @@ PYTHON := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 skopeo umoci e2fsprogs busybox-static docker-registry cpio kmod \
 	ca-certificates python3-venv
 PYTEST_ARGS ?=
+# make fuzz: schemathesis examples per API operation and pass (make test runs 8), and a time guard
+FUZZ_EXAMPLES ?= 200
+FUZZ_SECONDS ?= 3600
 
 .PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement clean
 
@@ -41,7 +44,7 @@ unit: deps venv
 test: deps venv lint typecheck unit
 
 fuzz: deps venv
-	$(PYTHON) -m pytest tests/api/test_fuzz.py --fuzz-examples=2000 $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests/api/test_fuzz.py -s --fuzz-examples=$(FUZZ_EXAMPLES) --fuzz-seconds=$(FUZZ_SECONDS) $(PYTEST_ARGS)
 
 gpu-check: venv
 	$(PYTHON) scripts/gpu_check.py

@@ -1,6 +1,8 @@
 """A ``hangar server`` child process on loopback with its own $HANGAR_HOME (benchmarks, tests).
 
-Tests crash it (SIGKILL) and start it again over the same home to check recovery.
+Tests crash it (SIGKILL) and start it again over the same home to check recovery. Its rate
+limits are raised (benchmarks and tests poll fast) unless ``extra_env`` sets them; its
+``client()`` carries the operator token the server wrote at its first start.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Generator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -18,6 +21,7 @@ from typing import Self
 import httpx
 
 STARTUP_TIMEOUT_S = 30.0
+RAISED_RATE_LIMITS = {"HANGAR_RATE_LIMITS": "default=10000/10000,get_machine=10000/10000"}
 
 
 def free_port() -> int:
@@ -26,11 +30,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class BearerToken(httpx.Auth):
+    def __init__(self, secret: str) -> None:
+        self._header = f"Bearer {secret}"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self._header
+        yield request
+
+
 class ServerProcess:
     def __init__(self, home: Path, extra_env: dict[str, str] | None = None) -> None:
         self.home = home
         self.port = free_port()
-        self.extra_env = dict(extra_env or {})
+        self.extra_env = {**RAISED_RATE_LIMITS, **(extra_env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -83,8 +96,17 @@ class ServerProcess:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=90.0)
+    @property
+    def operator_token(self) -> str:
+        from hangar.cli.client import OPERATOR_TOKEN_FILE
+
+        return (self.home / OPERATOR_TOKEN_FILE).read_text().strip()
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        """A client of the API acting with ``token`` (default: the operator token), on every
+        request it sends, including ones built elsewhere and passed to ``send``."""
+        secret = self.operator_token if token is None else token
+        return httpx.Client(base_url=self.url, timeout=90.0, auth=BearerToken(secret))
 
     def __enter__(self) -> Self:
         self.start()

@@ -20,14 +20,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if curl -fsS "$HANGAR_API_URL/v1/apps" >/dev/null 2>&1; then
+if curl -fsS "$HANGAR_API_URL/openapi.json" >/dev/null 2>&1; then
   echo "== using the hangar server already listening on $HANGAR_API_URL"
 else
   echo "== starting hangar server on $HANGAR_API_URL (state in $HANGAR_HOME, log in $HANGAR_HOME/server.log)"
   "$HANGAR" server --port "$PORT" >"$HANGAR_HOME/server.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 1 100); do
-    curl -fsS "$HANGAR_API_URL/v1/apps" >/dev/null 2>&1 && break
+    curl -fsS "$HANGAR_API_URL/openapi.json" >/dev/null 2>&1 && break
     kill -0 "$server_pid" 2>/dev/null || { cat "$HANGAR_HOME/server.log"; exit 1; }
     sleep 0.2
   done

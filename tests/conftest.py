@@ -23,6 +23,23 @@ from tests.fixtures.registry import start_registry  # noqa: E402
 
 TEST_IMAGE_TAG = "test"
 TEST_IMAGE_CMD = ["sh", "-c", "echo hello from the test image; exit 0"]
+FUZZ_EXAMPLES_DEFAULT = 8
+FUZZ_SECONDS_DEFAULT = 300.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=FUZZ_EXAMPLES_DEFAULT,
+        help="examples per API operation and generation mode in tests/api/test_fuzz.py",
+    )
+    parser.addoption(
+        "--fuzz-seconds",
+        type=float,
+        default=FUZZ_SECONDS_DEFAULT,
+        help="time after which tests/api/test_fuzz.py starts no new operation (a runaway guard)",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -63,11 +63,8 @@ class ResolveImage:
         return not machine.image_ref.digest or not ctx.platform.image_cached(machine.image_ref)
 
     async def run(self, ctx: StepContext) -> None:
-        machine = ctx.machine()
-        image_ref = await ctx.platform.resolve_image(machine.config.image)
-        machine.image_ref = image_ref
-        machine.updated_at = ctx.clock.now()
-        ctx.store.save_machine(machine)
+        image_ref = await ctx.platform.resolve_image(ctx.machine().config.image)
+        ctx.store.set_image_ref(ctx.run.machine_id, image_ref, ctx.clock.now())
         ctx.run.data["image_resolved"] = True
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,9 +12,48 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hangar.errors import HangarError
+from hangar.errors import HangarError, Unprocessable
 
 log = logging.getLogger(__name__)
+
+
+class Unauthenticated(HangarError):
+    """No token, or one that is unknown, expired or revoked."""
+
+    http_status = 401
+    code = "unauthenticated"
+
+
+class Forbidden(HangarError):
+    """A valid token without the right: read-only on a write, another app, not an operator."""
+
+    http_status = 403
+    code = "forbidden"
+
+
+class RateLimited(HangarError):
+    http_status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float, **fields: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **fields)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLarge(HangarError):
+    http_status = 413
+    code = "request_too_large"
+
+
+class QuotaExceeded(Unprocessable):
+    """Creating or growing a machine would take its org past one of its quotas."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, quota: str, **fields: Any) -> None:
+        super().__init__(message, quota=quota, **fields)
+        self.quota = quota
+
 
 _STATUS_CODES = {
     400: "invalid_request",
@@ -31,9 +71,28 @@ _STATUS_CODES = {
 }
 
 
-def error_response(http_status: int, message: str, code: str | None = None) -> JSONResponse:
+def error_response(
+    http_status: int,
+    message: str,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     status = code or _STATUS_CODES.get(http_status, "internal_error")
-    return JSONResponse({"error": message, "status": status}, status_code=http_status)
+    # Messages can quote input; a lone surrogate in it would not encode, so escape it.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse(
+        {"error": message, "status": status}, status_code=http_status, headers=headers
+    )
+
+
+def hangar_error_response(exc: HangarError) -> JSONResponse:
+    """The response for ``exc``, with the headers its status calls for."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
+    return error_response(exc.http_status, exc.message, exc.code, headers or None)
 
 
 def field_path(location: tuple[Any, ...] | list[Any]) -> str:
@@ -54,6 +113,8 @@ def _validation_message(error: dict[str, Any]) -> str:
         return "request body is not valid JSON"
     elif message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")
+        if tuple(location) == ("body",):
+            return message  # a check of the whole body, whose message names the field
     return f"{path}: {message}" if path else message
 
 
@@ -62,7 +123,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _hangar_error(_request: Request, exc: HangarError) -> JSONResponse:
         if exc.http_status >= 500:
             log.error("internal error: %s %s", exc, exc.fields)
-        return error_response(exc.http_status, exc.message, exc.code)
+        return hangar_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hangar.model.config import MachineConfig, signal_number
 from hangar.model.machine import ImageRef, Machine, MachineEvent
+from hangar.store.protocol import OrgQuotas, TokenKind
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -23,17 +25,64 @@ def _valid_name(value: str) -> str:
     return value
 
 
+MAX_JSON_INTEGER = 2**63 - 1
+
+
+def unrepresentable(document: object) -> tuple[str, str] | None:
+    """The first value in a JSON document that no field could mean, and why: an integer
+    beyond 64 bits (Fly's API is int64 throughout), NaN or Infinity (which Python's JSON
+    parser accepts), or a string with a lone surrogate (which is not text and cannot be
+    stored). Refusing them up front keeps every validator and the store behind safe. Walks
+    with its own stack: a deeply nested document must not exhaust Python's."""
+    pending: list[tuple[str, object]] = [("", document)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) and abs(value) > MAX_JSON_INTEGER:
+            return path, "must fit in 64 bits"
+        if isinstance(value, float) and not math.isfinite(value):
+            return path, "must be a finite number"
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path, "must be valid Unicode text (no lone surrogates)"
+        children: list[tuple[str, object]] = []
+        if isinstance(value, dict):
+            for key, item in value.items():
+                key_path = f"{path}.{key}" if path else str(key)
+                children += [(key_path, item), (key_path, str(key))]
+        elif isinstance(value, list):
+            children = [(f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value)]
+        pending.extend(reversed(children))
+    return None
+
+
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _representable(cls, data: Any) -> Any:
+        found = unrepresentable(data)
+        if found is not None:
+            path, reason = found
+            raise ValueError(f"{path}: {reason}" if path else reason)
+        return data
 
 
 class CreateAppRequest(Body):
     app_name: str
-    org_slug: str = "personal"
+    org_slug: str | None = None
+    """Default: an org token's own org; for the operator, ``personal``."""
     network: str | None = None
     enable_subdomains: bool | None = None
 
-    _name = field_validator("app_name", "org_slug")(_valid_name)
+    @field_validator("app_name", "org_slug")
+    @classmethod
+    def _names(cls, value: str | None) -> str | None:
+        return None if value is None else _valid_name(value)
 
 
 class CreateMachineRequest(Body):
@@ -171,3 +220,117 @@ class MachineView(BaseModel):
 
 def iso8601(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# orgs, tokens, audit
+class CreateOrgRequest(Body):
+    slug: str
+    name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+    _slug = field_validator("slug")(_valid_name)
+
+
+class QuotasRequest(Body):
+    """Per-org limits; an absent or null field means no limit."""
+
+    machines: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    memory_mb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
+    gpus: dict[str, Annotated[int, Field(ge=0, le=100_000)]] = Field(default_factory=dict)
+
+    @field_validator("gpus")
+    @classmethod
+    def _known_kinds(cls, value: dict[str, int]) -> dict[str, int]:
+        from hangar.devices.catalog import GPU_KINDS
+
+        known = {kind.name for kind in GPU_KINDS}
+        for kind in value:
+            if kind not in known:
+                raise ValueError(
+                    f"unknown GPU kind {kind!r}; known kinds: {', '.join(sorted(known))}"
+                )
+        return value
+
+    def quotas(self) -> OrgQuotas:
+        return OrgQuotas(machines=self.machines, memory_mb=self.memory_mb, gpus=dict(self.gpus))
+
+
+class OrgUsageView(BaseModel):
+    machines: int
+    memory_mb: int
+    gpus: dict[str, int]
+
+
+class OrgDetail(BaseModel):
+    slug: str
+    name: str
+    created_at: str
+    quotas: OrgQuotas
+    usage: OrgUsageView
+
+
+class OrgList(BaseModel):
+    orgs: list[OrgDetail]
+
+
+class CreateTokenRequest(Body):
+    org_slug: str
+    app_name: str | None = None
+    read_only: bool = False
+    expires_in: str | None = None
+    """``90s``, ``30m``, ``24h``, ``7d``...; absent: the token does not expire."""
+    description: Annotated[str, Field(max_length=256)] = ""
+
+    @field_validator("org_slug", "app_name")
+    @classmethod
+    def _names(cls, value: str | None) -> str | None:
+        return None if value is None else _valid_name(value)
+
+    @field_validator("expires_in")
+    @classmethod
+    def _ttl(cls, value: str | None) -> str | None:
+        from hangar.api.services.tokens import parse_ttl
+
+        if value is not None:
+            parse_ttl(value)
+        return value
+
+
+class TokenView(BaseModel):
+    id: str
+    kind: TokenKind
+    org_slug: str | None
+    app_name: str | None
+    read_only: bool
+    description: str
+    status: str
+    """active, expired or revoked"""
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+
+
+class TokenCreated(TokenView):
+    token: str
+    """The secret: shown here once, never stored."""
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenView]
+
+
+class AuditView(BaseModel):
+    seq: int
+    time: str
+    timestamp: float
+    token_id: str
+    org_slug: str
+    action: str
+    target: str
+    app_name: str
+    machine_id: str
+    outcome: str
+    status: int
+
+
+class AuditList(BaseModel):
+    records: list[AuditView]

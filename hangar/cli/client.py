@@ -1,17 +1,44 @@
 """The CLI's only way to hangar: HTTP to the Machines API.
 
-Configured by ``HANGAR_API_URL`` and ``HANGAR_API_TOKEN``.
+Configured by ``HANGAR_API_URL`` and ``HANGAR_API_TOKEN``; without a token it uses the
+operator token the local server wrote to ``$HANGAR_HOME/operator.token``, when readable.
+A 429 is waited out (its ``Retry-After``) and retried a few times.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from hangar.paths import hangar_home
+
 DEFAULT_API_URL = "http://127.0.0.1:4280"
+OPERATOR_TOKEN_FILE = "operator.token"
+RATE_LIMIT_RETRIES = 5
+MAX_RETRY_WAIT_S = 10.0
+
+
+def default_token(home: Path | None = None) -> str | None:
+    """``HANGAR_API_TOKEN``, else the local operator token file, else none."""
+    token = os.environ.get("HANGAR_API_TOKEN")
+    if token:
+        return token
+    try:
+        return (home or hangar_home()).joinpath(OPERATOR_TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def retry_after_s(response: httpx.Response) -> float:
+    try:
+        return min(MAX_RETRY_WAIT_S, max(0.0, float(response.headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
 
 
 class ApiError(Exception):
@@ -28,9 +55,11 @@ class HangarClient:
         base_url: str | None = None,
         token: str | None = None,
         transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         headers = {}
-        token = token if token is not None else os.environ.get("HANGAR_API_TOKEN")
+        self._sleep = sleep
+        token = token if token is not None else default_token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
@@ -45,6 +74,11 @@ class HangarClient:
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._http.request(method, path, **kwargs)
+        for _ in range(RATE_LIMIT_RETRIES):
+            if response.status_code != 429:
+                break
+            self._sleep(retry_after_s(response))
+            response = self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
                 body = response.json()
@@ -66,8 +100,9 @@ class HangarClient:
             yield from response.iter_text()
 
     # apps
-    def create_app(self, name: str, org_slug: str = "personal") -> Any:
-        return self.request("POST", "/v1/apps", json={"app_name": name, "org_slug": org_slug})
+    def create_app(self, name: str, org_slug: str | None = None) -> Any:
+        body = {"app_name": name} | ({"org_slug": org_slug} if org_slug else {})
+        return self.request("POST", "/v1/apps", json=body)
 
     def get_app(self, name: str) -> Any:
         return self.request("GET", f"/v1/apps/{name}")
@@ -123,3 +158,31 @@ class HangarClient:
 
     def follow_logs(self, app: str, machine_id: str) -> Iterator[str]:
         return self.stream_text(self.machines_path(app, machine_id, "logs"), {"follow": "true"})
+
+    # orgs, tokens, audit
+    def create_org(self, slug: str, name: str | None = None) -> Any:
+        return self.request("POST", "/v1/orgs", json={"slug": slug, "name": name})
+
+    def list_orgs(self) -> Any:
+        return self.request("GET", "/v1/orgs")
+
+    def get_org(self, slug: str) -> Any:
+        return self.request("GET", f"/v1/orgs/{slug}")
+
+    def set_quotas(self, slug: str, quotas: dict[str, Any]) -> Any:
+        return self.request("PUT", f"/v1/orgs/{slug}/quotas", json=quotas)
+
+    def create_token(self, body: dict[str, Any]) -> Any:
+        return self.request("POST", "/v1/tokens", json=body)
+
+    def list_tokens(self, org_slug: str | None = None) -> Any:
+        return self.request("GET", "/v1/tokens", params={"org_slug": org_slug} if org_slug else {})
+
+    def revoke_token(self, token_id: str) -> Any:
+        return self.request("DELETE", f"/v1/tokens/{token_id}")
+
+    def audit(self, org_slug: str | None = None, limit: int = 100) -> Any:
+        params: dict[str, Any] = {"limit": limit}
+        if org_slug:
+            params["org_slug"] = org_slug
+        return self.request("GET", "/v1/audit", params=params)

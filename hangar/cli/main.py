@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from hangar.cli.bench import bench_app
 from hangar.cli.client import ApiError, HangarClient
+from hangar.cli.host import host_app
+from hangar.cli.output import call, console, errors, fail
+from hangar.cli.tenancy import admin_app, audit_app, orgs_app, tokens_app
 
 app = typer.Typer(help="hangar: GPU Machines on your own servers.", no_args_is_help=True)
 apps_app = typer.Typer(help="Apps own machines.", no_args_is_help=True)
@@ -22,9 +24,11 @@ machine_app = typer.Typer(help="Run and manage machines.", no_args_is_help=True)
 app.add_typer(apps_app, name="apps")
 app.add_typer(machine_app, name="machine")
 app.add_typer(bench_app, name="bench")
-
-console = Console(soft_wrap=True)
-errors = Console(stderr=True, soft_wrap=True)
+app.add_typer(orgs_app, name="orgs")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(audit_app, name="audit")
+app.add_typer(admin_app, name="admin")
+app.add_typer(host_app, name="host")
 
 ACTIVE = {"created", "starting", "started", "stopping", "replacing"}
 DEFAULT_APP = "default"
@@ -34,25 +38,17 @@ def client() -> HangarClient:
     return HangarClient()
 
 
-def fail(message: str, code: int = 1) -> None:
-    errors.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
-
-
-def call(function: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return function(*args, **kwargs)
-    except ApiError as exc:
-        fail(f"{exc.message} ({exc.status_code} {exc.code})")
-    except OSError as exc:
-        fail(f"cannot reach the hangar API: {exc}")
-
-
 @app.command()
 def server(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 4280,
     home: Annotated[Path | None, typer.Option(help="State directory ($HANGAR_HOME).")] = None,
+    init: Annotated[
+        bool,
+        typer.Option(
+            "--init", help="Mint a new operator token (revoking the previous file's) and print it."
+        ),
+    ] = False,
 ) -> None:
     """Run API + scheduler + agent in one process (state in SQLite under $HANGAR_HOME)."""
     from hangar.paths import hangar_home
@@ -61,15 +57,18 @@ def server(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    serve(home or hangar_home(), host, port)
+    serve(home or hangar_home(), host, port, init=init)
 
 
 @apps_app.command("create")
 def apps_create(
-    name: str, org: Annotated[str, typer.Option("--org", help="Org slug.")] = "personal"
+    name: str,
+    org: Annotated[
+        str | None, typer.Option("--org", help="Org slug (default: the token's org, or personal).")
+    ] = None,
 ) -> None:
-    call(client().create_app, name, org)
-    console.print(f"created app [bold]{name}[/bold] in org {org}")
+    created = call(client().create_app, name, org)
+    console.print(f"created app [bold]{name}[/bold] in org {created['organization']['slug']}")
 
 
 @apps_app.command("list")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 import signal as signal_module
 from typing import Annotated, Any, Literal
@@ -39,6 +40,9 @@ GPU_COUNTS = (1, 2, 4, 8)
 MAX_FILES = 64
 DURATION_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_DURATION_S = 24 * 3600.0
+# The guest mounts these before it runs the process; files hangar writes stay out of them.
+GUEST_PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
 
 
 class StrictModel(BaseModel):
@@ -49,21 +53,24 @@ def parse_duration_seconds(value: object) -> float:
     """Fly durations: seconds, ``"5s"``, ``"500ms"``, ``"2m"``, or ``{"Duration": ns}``."""
     if isinstance(value, bool):
         raise ValueError("must be a duration such as 10s")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        match = DURATION_PATTERN.match(value.strip())
-        if not match:
-            raise ValueError("must be a duration such as 10s, 500ms or 2m")
-        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
-    elif isinstance(value, dict) and set(value) == {"Duration"}:
-        nanoseconds = value["Duration"]
-        if not isinstance(nanoseconds, int):
-            raise ValueError("Duration must be an integer number of nanoseconds")
-        seconds = nanoseconds / 1e9
-    else:
-        raise ValueError("must be a duration such as 10s")
-    if seconds < 0 or seconds > 24 * 3600:
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str):
+            match = DURATION_PATTERN.match(value.strip())
+            if not match:
+                raise ValueError("must be a duration such as 10s, 500ms or 2m")
+            seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+        elif isinstance(value, dict) and set(value) == {"Duration"}:
+            nanoseconds = value["Duration"]
+            if not isinstance(nanoseconds, int) or isinstance(nanoseconds, bool):
+                raise ValueError("Duration must be an integer number of nanoseconds")
+            seconds = nanoseconds / 1e9
+        else:
+            raise ValueError("must be a duration such as 10s")
+    except OverflowError:
+        raise ValueError("must be between 0s and 24h") from None
+    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_DURATION_S:
         raise ValueError("must be between 0s and 24h")
     return seconds
 
@@ -200,6 +207,10 @@ class GuestFile(StrictModel):
             raise ValueError("must not contain '..' or NUL")
         if value.rstrip("/") == "":
             raise ValueError("must name a file, not /")
+        normalized = "/" + "/".join(part for part in parts if part not in ("", "."))
+        for mount in GUEST_PSEUDO_FILESYSTEMS:
+            if normalized == mount or normalized.startswith(mount + "/"):
+                raise ValueError(f"must not be under {mount}")
         return value
 
     @field_validator("raw_value")

@@ -5,13 +5,14 @@ Kept free of any backend's idioms: the embedded backend is SQLite, the fleet bac
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
 from hangar.model.gpu import GpuEvent, GpuRecord, GpuState
-from hangar.model.machine import Lease, Machine, MachineEvent, MachineState
+from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 
 
 class App(BaseModel):
@@ -56,6 +57,7 @@ class ClusterStore(Protocol):
     def get_machine(self, machine_id: str) -> Machine | None: ...
     def list_machines(self, app: str | None, include_destroyed: bool = False) -> list[Machine]: ...
     def save_machine(self, machine: Machine) -> None: ...
+    def set_image_ref(self, machine_id: str, image_ref: ImageRef, now: float) -> None: ...
     def set_state(
         self, machine_id: str, state: MachineState, now: float, reason: str = ""
     ) -> Machine: ...
@@ -103,3 +105,78 @@ class ClusterStore(Protocol):
     def update_gpu(self, gpu: GpuRecord, expected_state: GpuState | None = None) -> bool: ...
     def add_gpu_event(self, event: GpuEvent) -> None: ...
     def list_gpu_events(self, bdf: str | None = None) -> list[GpuEvent]: ...
+
+
+# Tenancy: orgs own apps; tokens act for an org (or one of its apps) or for the operator.
+class TokenKind(enum.StrEnum):
+    OPERATOR = "operator"
+    ORG = "org"
+
+
+class OrgQuotas(BaseModel):
+    """Per-org limits over its machines that are not destroyed; ``None`` means no limit."""
+
+    machines: int | None = None
+    memory_mb: int | None = None
+    gpus: dict[str, int] = Field(default_factory=dict)
+    """GPU kind -> most GPUs of that kind; a kind not named here is not limited."""
+
+
+class Org(BaseModel):
+    slug: str
+    name: str
+    created_at: float
+    quotas: OrgQuotas = Field(default_factory=OrgQuotas)
+
+
+class ApiToken(BaseModel):
+    """A token as stored: never its secret, only what it may do. An org token with
+    ``app_name`` acts on that app alone; an operator token has no org."""
+
+    id: str
+    kind: TokenKind
+    org_slug: str | None = None
+    app_name: str | None = None
+    read_only: bool = False
+    description: str = ""
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+
+
+class AuditRecord(BaseModel):
+    """One mutating call or operator action: who, in which org, did what to what, and how it
+    ended (``outcome``: ok, denied, rate_limited, rejected or error; ``status``: HTTP code)."""
+
+    seq: int = 0
+    timestamp: float
+    token_id: str
+    org_slug: str
+    action: str
+    target: str
+    app_name: str = ""
+    machine_id: str = ""
+    outcome: str
+    status: int
+
+
+class TenancyStore(Protocol):
+    # orgs
+    def create_org(self, slug: str, name: str, now: float) -> Org: ...
+    def ensure_org(self, slug: str, now: float) -> Org: ...
+    def get_org(self, slug: str) -> Org | None: ...
+    def list_orgs(self) -> list[Org]: ...
+    def set_quotas(self, slug: str, quotas: OrgQuotas) -> Org: ...
+
+    # tokens (looked up by the hash of their secret)
+    def insert_token(self, token: ApiToken, secret_hash: str) -> None: ...
+    def token_by_hash(self, secret_hash: str) -> ApiToken | None: ...
+    def get_token(self, token_id: str) -> ApiToken | None: ...
+    def list_tokens(self, org_slug: str | None = None) -> list[ApiToken]: ...
+    def revoke_token(self, token_id: str, now: float) -> ApiToken: ...
+
+    # audit log
+    def add_audit(self, record: AuditRecord) -> AuditRecord: ...
+    def list_audit(
+        self, org_slug: str | None = None, limit: int = 100, before_seq: int | None = None
+    ) -> list[AuditRecord]: ...

@@ -220,6 +220,13 @@ class SqliteStore:
         if not changed:
             raise NotFound(f"machine {machine.id} not found", machine_id=machine.id)
 
+    def set_image_ref(self, machine_id: str, image_ref: ImageRef, now: float) -> None:
+        """Only the image reference: a concurrent metadata or config write is not lost."""
+        self._execute(
+            "UPDATE machines SET image_ref = ?, updated_at = ? WHERE id = ?",
+            (image_ref.model_dump_json(), now, machine_id),
+        )
+
     def set_state(
         self, machine_id: str, state: MachineState, now: float, reason: str = ""
     ) -> Machine:

@@ -22,24 +22,24 @@ from hangar.agent.platform import GuestPlatform
 from hangar.agent.steps import new_run
 from hangar.clock import SystemClock
 from hangar.devices import NoNvml, SysfsRoot
-from hangar.model.config import MachineConfig
-from hangar.model.gpu import GpuRecord, GpuState
-from hangar.model.machine import Machine, MachineState, new_machine_id, new_ulid
 from hangar.images.driver_bundle import DRIVER_BUNDLE_SETTING
 from hangar.images.initramfs import module_bytes, resolve_modules
 from hangar.images.kernel import ensure_kernel
+from hangar.model.config import MachineConfig
+from hangar.model.gpu import GpuRecord, GpuState
+from hangar.model.machine import Machine, MachineState, new_machine_id, new_ulid
 from hangar.paths import cache_dir
 from hangar.store.sqlite import SqliteStore
 from hangar.vmm.qemu import QemuDriver
 from tests.agent.vmm_stand_in import ARGV_FILE, SleepingVmmPlatform
 from tests.devices.kernel_sim import KernelSimulator
-from tests.fixtures.driver_bundle import write_bundle
 from tests.devices.sysfs_fixture import (
     HGX_H100_GPUS,
     SysfsBuilder,
     build_gpu_sharing_group_with_nic,
     build_hgx_h100,
 )
+from tests.fixtures.driver_bundle import write_bundle
 
 HOST = "gpu-host-1"
 

@@ -2,26 +2,36 @@ from __future__ import annotations
 
 import httpx
 
-
-def assert_fly_error(response: httpx.Response, status: int, *words: str) -> None:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error", "status"}
-    assert isinstance(body["status"], str) and body["status"]
-    for word in words:
-        assert word in body["error"], body
+from tests.api.helpers import assert_fly_error, unique
 
 
 def test_create_get_list_delete(api: httpx.Client) -> None:
-    created = api.post("/v1/apps", json={"app_name": "crud-app", "org_slug": "acme"})
+    org = unique("acme")
+    assert api.post("/v1/orgs", json={"slug": org, "name": "Acme"}).status_code == 201
+    created = api.post("/v1/apps", json={"app_name": "crud-app", "org_slug": org})
     assert created.status_code == 201, created.text
-    assert created.json()["organization"]["slug"] == "acme"
+    assert created.json()["organization"] == {"slug": org, "name": "Acme"}
     assert api.get("/v1/apps/crud-app").json()["name"] == "crud-app"
-    listed = api.get("/v1/apps", params={"org_slug": "acme"}).json()
+    listed = api.get("/v1/apps", params={"org_slug": org}).json()
     assert [app["name"] for app in listed["apps"]] == ["crud-app"]
     assert listed["total_apps"] == 1
     assert api.delete("/v1/apps/crud-app").status_code == 202
     assert_fly_error(api.get("/v1/apps/crud-app"), 404, "crud-app")
+
+
+def test_apps_need_an_existing_org(api: httpx.Client) -> None:
+    missing = unique("no-such-org")
+    assert_fly_error(
+        api.post("/v1/apps", json={"app_name": unique("x"), "org_slug": missing}), 404, missing
+    )
+    assert_fly_error(api.get("/v1/apps", params={"org_slug": missing}), 404, missing)
+
+
+def test_operator_apps_default_to_the_personal_org(api: httpx.Client) -> None:
+    name = unique("mine")
+    created = api.post("/v1/apps", json={"app_name": name})
+    assert created.status_code == 201, created.text
+    assert created.json()["organization"]["slug"] == "personal"
 
 
 def test_duplicate_app_conflicts(api: httpx.Client) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +89,31 @@ def test_reports_a_command_the_image_lacks(
     message = "cannot run /opt/app/server: not found or not executable in the image"
     assert result.ctl == [{"type": "error", "message": message}, {"type": "exit", "code": 127}]
     assert f"hangar-init: error: {message}" in result.console
+
+
+def test_files_land_inside_the_root_even_through_the_images_symlinks(
+    guest_kernel: GuestKernel, base_initrd: Path, tmp_path: Path, oci_layout: Path
+) -> None:
+    # An image whose /up points at the filesystem root: before init wrote files chrooted,
+    # "/up/planted" resolved against the initramfs and never reached the process's root.
+    from hangar.images.build import repack_with
+    from hangar.images.reference import parse_image_ref
+    from hangar.images.rootfs import ImageCache
+
+    layout = tmp_path / "layout"
+    subprocess.run(["cp", "-a", str(oci_layout), str(layout)], check=True)
+    repack_with(layout, "test", lambda rootfs: (rootfs / "up").symlink_to("/"))
+    image = asyncio.run(
+        ImageCache(tmp_path / "cache").ensure(parse_image_ref(f"oci:{layout}:test"))
+    )
+    config = _config(
+        image,
+        argv=["sh", "-c", "cat /planted; ls /hangar 2>&1 | head -1"],
+        files=[
+            GuestFile(guest_path="/up/planted", raw_value=base64.b64encode(b"inside\n").decode())
+        ],
+    )
+    result = boot(guest_kernel, base_initrd, image, config, tmp_path / "boot")
+    output = result.console.split("hangar-init: ready\n", 1)[1].splitlines()
+    assert output[0] == "inside"
+    assert "No such file" in output[1], "the initramfs stays out of the process's reach"

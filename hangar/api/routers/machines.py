@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from hangar.api.deps import LeaseNonce, ServicesDep
+from hangar.api.deps import AccessDep, LeaseNonce, ServicesDep
 from hangar.api.schemas import (
     CreateMachineRequest,
     LeaseRequest,
@@ -19,6 +19,7 @@ from hangar.api.schemas import (
     StopRequest,
     UpdateMachineRequest,
 )
+from hangar.api.scopes import Scope, requires
 from hangar.model.machine import MachineEvent, MachineState
 from hangar.store.protocol import RunRecord
 
@@ -26,6 +27,7 @@ router = APIRouter(prefix="/v1/apps/{app_name}/machines", tags=["machines"])
 
 
 @router.get("")
+@requires(Scope.APP_READ)
 async def list_machines(
     services: ServicesDep,
     request: Request,
@@ -44,19 +46,24 @@ async def list_machines(
 
 
 @router.post("")
+@requires(Scope.APP_WRITE)
 async def create_machine(
-    services: ServicesDep, app_name: str, body: CreateMachineRequest
+    services: ServicesDep, access: AccessDep, app_name: str, body: CreateMachineRequest
 ) -> MachineView:
     services.apps.require(app_name)
-    return services.machines.create(app_name, body)
+    machine = services.machines.create(app_name, body, actor=access.actor)
+    access.note(machine_id=machine.id)
+    return machine
 
 
 @router.get("/{machine_id}")
+@requires(Scope.APP_READ)
 async def get_machine(services: ServicesDep, app_name: str, machine_id: str) -> MachineView:
     return services.machines.view(services.machines.require(app_name, machine_id))
 
 
 @router.post("/{machine_id}")
+@requires(Scope.APP_WRITE)
 async def update_machine(
     services: ServicesDep,
     app_name: str,
@@ -68,6 +75,7 @@ async def update_machine(
 
 
 @router.post("/{machine_id}/start")
+@requires(Scope.APP_WRITE)
 async def start_machine(
     services: ServicesDep, app_name: str, machine_id: str, nonce: LeaseNonce = None
 ) -> dict[str, str]:
@@ -75,6 +83,7 @@ async def start_machine(
 
 
 @router.post("/{machine_id}/stop")
+@requires(Scope.APP_WRITE)
 async def stop_machine(
     services: ServicesDep,
     app_name: str,
@@ -87,6 +96,7 @@ async def stop_machine(
 
 
 @router.post("/{machine_id}/restart")
+@requires(Scope.APP_WRITE)
 async def restart_machine(
     services: ServicesDep, app_name: str, machine_id: str, nonce: LeaseNonce = None
 ) -> OkResponse:
@@ -95,6 +105,7 @@ async def restart_machine(
 
 
 @router.post("/{machine_id}/signal")
+@requires(Scope.APP_WRITE)
 async def signal_machine(
     services: ServicesDep,
     app_name: str,
@@ -107,6 +118,7 @@ async def signal_machine(
 
 
 @router.delete("/{machine_id}")
+@requires(Scope.APP_WRITE)
 async def destroy_machine(
     services: ServicesDep,
     app_name: str,
@@ -119,6 +131,7 @@ async def destroy_machine(
 
 
 @router.get("/{machine_id}/wait")
+@requires(Scope.APP_READ)
 async def wait_machine(
     services: ServicesDep,
     app_name: str,
@@ -131,6 +144,7 @@ async def wait_machine(
 
 
 @router.get("/{machine_id}/events")
+@requires(Scope.APP_READ)
 async def machine_events(
     services: ServicesDep,
     app_name: str,
@@ -141,11 +155,13 @@ async def machine_events(
 
 
 @router.get("/{machine_id}/runs")
+@requires(Scope.APP_READ)
 async def machine_runs(services: ServicesDep, app_name: str, machine_id: str) -> list[RunRecord]:
     return services.machines.runs(app_name, machine_id)
 
 
 @router.get("/{machine_id}/logs", response_class=PlainTextResponse)
+@requires(Scope.APP_READ)
 async def machine_logs(
     services: ServicesDep, app_name: str, machine_id: str, follow: bool = False
 ) -> Response:
@@ -181,11 +197,13 @@ async def machine_logs(
 
 
 @router.get("/{machine_id}/metadata")
+@requires(Scope.APP_READ)
 async def get_metadata(services: ServicesDep, app_name: str, machine_id: str) -> dict[str, str]:
     return services.machines.get_metadata(app_name, machine_id)
 
 
 @router.post("/{machine_id}/metadata/{key}", status_code=204)
+@requires(Scope.APP_WRITE)
 async def set_metadata(
     services: ServicesDep,
     app_name: str,
@@ -199,6 +217,7 @@ async def set_metadata(
 
 
 @router.delete("/{machine_id}/metadata/{key}", status_code=204)
+@requires(Scope.APP_WRITE)
 async def delete_metadata(
     services: ServicesDep, app_name: str, machine_id: str, key: str, nonce: LeaseNonce = None
 ) -> Response:
@@ -207,22 +226,28 @@ async def delete_metadata(
 
 
 @router.post("/{machine_id}/lease")
+@requires(Scope.APP_WRITE)
 async def acquire_lease(
     services: ServicesDep,
+    access: AccessDep,
     app_name: str,
     machine_id: str,
     body: Annotated[LeaseRequest | None, Body()] = None,
     nonce: LeaseNonce = None,
 ) -> LeaseView:
-    return services.machines.acquire_lease(app_name, machine_id, body or LeaseRequest(), nonce)
+    return services.machines.acquire_lease(
+        app_name, machine_id, body or LeaseRequest(), nonce, owner=access.actor
+    )
 
 
 @router.get("/{machine_id}/lease")
+@requires(Scope.APP_READ)
 async def get_lease(services: ServicesDep, app_name: str, machine_id: str) -> LeaseView:
     return services.machines.get_lease(app_name, machine_id)
 
 
 @router.delete("/{machine_id}/lease")
+@requires(Scope.APP_WRITE)
 async def release_lease(
     services: ServicesDep, app_name: str, machine_id: str, nonce: LeaseNonce = None
 ) -> OkResponse:

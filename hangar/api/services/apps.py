@@ -1,38 +1,54 @@
-"""Apps: create, list, get, delete."""
+"""Apps: create, list, get, delete; each in one org, seen only by that org and the operator."""
 
 from __future__ import annotations
 
+from hangar.api.access import Access, app_not_found
 from hangar.api.schemas import AppList, AppView, CreateAppRequest, OrganizationView
+from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.clock import Clock
-from hangar.errors import NotFound, PreconditionFailed
-from hangar.store.protocol import App, ClusterStore
+from hangar.errors import PreconditionFailed
+from hangar.store.protocol import App, ClusterStore, TenancyStore
 
 
 class AppService:
-    def __init__(self, store: ClusterStore, clock: Clock) -> None:
+    def __init__(
+        self, store: ClusterStore, tenancy: TenancyStore, orgs: OrgService, clock: Clock
+    ) -> None:
         self._store = store
+        self._tenancy = tenancy
+        self._orgs = orgs
         self._clock = clock
 
     def require(self, name: str) -> App:
         app = self._store.get_app(name)
         if app is None:
-            raise NotFound(f"app {name} not found", app=name)
+            raise app_not_found(name)
         return app
 
     def view(self, app: App) -> AppView:
         machines = self._store.list_machines(app.name)
+        org = self._tenancy.get_org(app.org_slug)
         return AppView(
             id=app.name,
             name=app.name,
-            organization=OrganizationView(name=app.org_slug, slug=app.org_slug),
+            organization=OrganizationView(
+                name=org.name if org is not None else app.org_slug, slug=app.org_slug
+            ),
             machine_count=len(machines),
         )
 
-    def create(self, request: CreateAppRequest) -> AppView:
-        app = self._store.create_app(request.app_name, request.org_slug, self._clock.now())
+    def create(self, access: Access, request: CreateAppRequest) -> AppView:
+        org_slug = request.org_slug or access.token.org_slug or DEFAULT_ORG
+        self._orgs.require(access, org_slug)
+        access.note(org=org_slug, app_name=request.app_name)
+        app = self._store.create_app(request.app_name, org_slug, self._clock.now())
         return self.view(app)
 
-    def list(self, org_slug: str | None) -> AppList:
+    def list(self, access: Access, org_slug: str | None) -> AppList:
+        if org_slug is not None:
+            self._orgs.require(access, org_slug)
+        elif not access.is_operator:
+            org_slug = access.token.org_slug
         apps = [self.view(app) for app in self._store.list_apps(org_slug)]
         return AppList(total_apps=len(apps), apps=apps)
 

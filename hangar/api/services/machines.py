@@ -16,6 +16,8 @@ from hangar.api.schemas import (
     StopRequest,
     UpdateMachineRequest,
 )
+from hangar.api.services.image_policy import ImagePolicy
+from hangar.api.services.quotas import QuotaService
 from hangar.clock import Clock
 from hangar.errors import (
     Conflict,
@@ -44,15 +46,24 @@ ACTIVE_STATES = frozenset(
     {MachineState.STARTING, MachineState.STARTED, MachineState.STOPPING, MachineState.REPLACING}
 )
 WAIT_STATES = frozenset({"started", "stopped", "destroyed", "failed", "suspended"})
-LEASE_OWNER = "personal"
 
 
 class MachineService:
-    def __init__(self, store: ClusterStore, agent: Agent, clock: Clock, host: HostInfo) -> None:
+    def __init__(
+        self,
+        store: ClusterStore,
+        agent: Agent,
+        clock: Clock,
+        host: HostInfo,
+        quotas: QuotaService,
+        images: ImagePolicy,
+    ) -> None:
         self._store = store
         self._agent = agent
         self._clock = clock
         self._host = host
+        self._quotas = quotas
+        self._images = images
 
     # reading
     def require(self, app: str, machine_id: str, include_destroyed: bool = True) -> Machine:
@@ -149,8 +160,10 @@ class MachineService:
         )
 
     # writing
-    def create(self, app: str, request: CreateMachineRequest) -> MachineView:
+    def create(self, app: str, request: CreateMachineRequest, actor: str) -> MachineView:
         now = self._clock.now()
+        self._images.check(request.config.image)
+        self._quotas.check(app, request.config)
         region = self._check_placement(request.region, request.config)
         machine_id = new_machine_id()
         machine = Machine(
@@ -169,7 +182,7 @@ class MachineService:
         self._store.insert_machine(machine)
         self._record(machine_id, "launch", "created", {"skip_launch": request.skip_launch})
         if request.lease_ttl:
-            self._store.put_lease(machine_id, self._new_lease(machine, request.lease_ttl, ""))
+            self._store.put_lease(machine_id, self._new_lease(request.lease_ttl, "", actor))
         # skip_launch still resolves the image, so that a bad reference fails at create.
         operation = "prepare" if request.skip_launch else "create"
         self._agent.submit_operation(machine_id, operation, {"resolve_image": True})
@@ -188,6 +201,8 @@ class MachineService:
             )
         if machine.state == MachineState.DESTROYING:
             raise PreconditionFailed(f"machine {machine_id} is being destroyed")
+        self._images.check(request.config.image)
+        self._quotas.check(app, request.config, replacing=machine)
         self._check_placement(request.region or machine.region, request.config)
         was_running = machine.state in ACTIVE_STATES and not request.skip_launch
         version = machine.version + 1
@@ -312,19 +327,22 @@ class MachineService:
         self._store.save_machine(machine)
 
     # leases
-    def _new_lease(self, machine: Machine, ttl: int, description: str) -> Lease:
+    def _new_lease(self, ttl: int, description: str, owner: str) -> Lease:
         return Lease(
             nonce=secrets.token_hex(12),
             expires_at=int(self._clock.now() + ttl),
-            owner=LEASE_OWNER,
+            owner=owner,
             description=description,
             version=new_ulid(self._clock.now()),
         )
 
     def acquire_lease(
-        self, app: str, machine_id: str, request: LeaseRequest, nonce: str | None
+        self, app: str, machine_id: str, request: LeaseRequest, nonce: str | None, owner: str
     ) -> LeaseView:
         machine = self.require(app, machine_id, include_destroyed=False)
+        if machine.state == MachineState.DESTROYING:
+            # The destroy run drops the machine's lease; one taken now would outlive it.
+            raise PreconditionFailed(f"machine {machine_id} is being destroyed", field="state")
         current = self._store.get_lease(machine_id)
         now = self._clock.now()
         if current is not None and current.expires_at > now:
@@ -337,7 +355,7 @@ class MachineService:
                 update={"expires_at": int(now + request.ttl), "version": new_ulid(now)}
             )
         else:
-            lease = self._new_lease(machine, request.ttl, request.description)
+            lease = self._new_lease(request.ttl, request.description, owner)
         self._store.put_lease(machine_id, lease)
         return LeaseView(data=LeaseData(**lease.model_dump()))
 

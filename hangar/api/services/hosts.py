@@ -1,0 +1,111 @@
+"""Hosts and their GPUs: inventory, claim states, quarantine release, GPU request checks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel
+
+from hangar.agent.agent import Agent
+from hangar.devices import HostInventory
+from hangar.errors import InsufficientCapacity, NotFound, Unprocessable
+from hangar.images.driver_bundle import DriverBundleError, configured_driver_bundle
+from hangar.model.config import MachineConfig
+from hangar.model.gpu import GpuEvent, GpuRecord, GpuState
+from hangar.model.host import HostInfo
+
+
+class HostView(BaseModel):
+    id: str
+    region: str
+    pool: str
+    cpus: int
+    memory_mb: int
+    gpus: dict[str, int]
+    """GPU kind -> how many are on the host (any state)."""
+
+
+class HostGpusView(BaseModel):
+    host_id: str
+    inventory: HostInventory | None
+    gpus: list[GpuRecord]
+
+
+class HostService:
+    def __init__(
+        self, agent: Agent, host: HostInfo, settings: Mapping[str, str] = os.environ
+    ) -> None:
+        self._agent = agent
+        self._host = host
+        self._settings = settings
+
+    def _require(self, host_id: str) -> None:
+        if host_id != self._host.id:
+            raise NotFound(f"host {host_id} not found", field="host_id")
+
+    def list_hosts(self) -> list[HostView]:
+        counts: dict[str, int] = {}
+        for gpu in self._agent.store.list_gpus(host_id=self._host.id):
+            counts[gpu.kind] = counts.get(gpu.kind, 0) + 1
+        pool = "gpu" if counts else "general"
+        return [
+            HostView(
+                id=self._host.id,
+                region=self._host.region,
+                pool=pool,
+                cpus=self._host.cpus,
+                memory_mb=self._host.memory_mb,
+                gpus=counts,
+            )
+        ]
+
+    def gpus(self, host_id: str) -> HostGpusView:
+        self._require(host_id)
+        inventory = self._agent.gpus.inventory() if self._agent.gpus is not None else None
+        return HostGpusView(
+            host_id=host_id,
+            inventory=inventory,
+            gpus=self._agent.store.list_gpus(host_id=host_id),
+        )
+
+    def gpu_events(self, host_id: str, bdf: str) -> list[GpuEvent]:
+        self._require(host_id)
+        if self._agent.store.get_gpu(bdf) is None:
+            raise NotFound(f"GPU {bdf} not found on host {host_id}", field="bdf")
+        return self._agent.store.list_gpu_events(bdf)
+
+    def release_quarantine(self, host_id: str, bdf: str, actor: str, reason: str) -> GpuRecord:
+        self._require(host_id)
+        return self._agent.release_quarantine(bdf, actor=actor, reason=reason)
+
+    def check_gpu_request(self, config: MachineConfig) -> None:
+        """Before anything is created: the kind exists here in that number, and guests can get
+        their driver. Whether enough are *free* is decided atomically when the agent claims."""
+        kind, count = config.guest.gpu_kind, config.guest.gpus or 0
+        if not count or kind is None:
+            return
+        usable = [
+            gpu
+            for gpu in self._agent.store.list_gpus(host_id=self._host.id)
+            if gpu.kind == kind and gpu.available and gpu.state != GpuState.QUARANTINED
+        ]
+        if len(usable) < count:
+            raise InsufficientCapacity(
+                f"insufficient capacity: {count} x {kind} requested, region {self._host.region} "
+                f"has {len(usable)} usable",
+                field="config.guest.gpu_kind",
+                kind=kind,
+                region=self._host.region,
+            )
+        try:
+            bundle = configured_driver_bundle(self._settings)
+        except DriverBundleError as exc:
+            raise Unprocessable(
+                f"config.guest.gpu_kind: {exc}", field="config.guest.gpu_kind"
+            ) from None
+        if not bundle.exists():
+            raise Unprocessable(
+                f"config.guest.gpu_kind: the GPU driver bundle {bundle} does not exist",
+                field="config.guest.gpu_kind",
+            )

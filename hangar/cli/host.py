@@ -1,0 +1,89 @@
+"""``hangar host ...``: this host's GPUs and their readiness; quarantine release."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from hangar.cli.client import ApiError, HangarClient
+from hangar.cli.output import call, console
+
+host_app = typer.Typer(
+    help="This host's GPUs: inventory, readiness, quarantine.", no_args_is_help=True
+)
+
+
+def claims_table(gpus: list[dict[str, Any]]) -> Table:
+    table = Table("BDF", "KIND", "STATE", "MACHINE", "REASON", title="GPU claims (from the API)")
+    for gpu in gpus:
+        style = {"quarantined": "red", "cleaning": "yellow", "claimed": "cyan"}.get(
+            gpu["state"], ""
+        )
+        table.add_row(
+            gpu["bdf"],
+            gpu["kind"],
+            f"[{style}]{gpu['state']}[/{style}]" if style else gpu["state"],
+            gpu["machine_id"],
+            gpu["reason"],
+        )
+    return table
+
+
+@host_app.command("inspect")
+def inspect(
+    sysfs_root: Annotated[
+        Path, typer.Option(help="sysfs to read (a fixture tree in tests).")
+    ] = Path("/sys"),
+    nvml: Annotated[bool, typer.Option(help="Read NVML (UUIDs, MIG) when present.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the inventory as JSON.")] = False,
+    api: Annotated[
+        bool, typer.Option(help="Also show claim and quarantine states from the API.")
+    ] = True,
+) -> None:
+    """Inventory and readiness of this host's GPUs, read from sysfs (read-only) and NVML."""
+    from hangar.devices import (
+        NoNvml,
+        PynvmlReader,
+        SysfsRoot,
+        read_inventory,
+        render_inspect_report,
+    )
+    from hangar.devices.sysfs import ReadOnlyWriter
+
+    reader = PynvmlReader() if nvml else NoNvml("disabled with --no-nvml")
+    inventory = read_inventory(SysfsRoot(sysfs_root, writer=ReadOnlyWriter()), nvml=reader)
+    if as_json:
+        console.print_json(inventory.model_dump_json())
+        return
+    console.print(render_inspect_report(inventory))
+    if not api:
+        return
+    client = HangarClient()
+    try:
+        for host in client.request("GET", "/v1/hosts"):
+            body = client.request("GET", f"/v1/hosts/{host['id']}/gpus")
+            if body["gpus"]:
+                console.print(claims_table(body["gpus"]))
+    except (ApiError, OSError) as exc:
+        console.print(f"[yellow]claim states not shown: the API did not answer ({exc})[/yellow]")
+
+
+@host_app.command("release-gpu")
+def release_gpu(
+    host_id: str,
+    bdf: str,
+    reason: Annotated[str, typer.Option(help="Why the GPU is safe to hand out again.")],
+) -> None:
+    """Release a quarantined GPU: it is reset and verified again, and free only if that works.
+    The operator token that asked is recorded with the reason."""
+    body = call(
+        HangarClient().request,
+        "POST",
+        f"/v1/hosts/{host_id}/gpus/{bdf}/release",
+        json={"reason": reason},
+    )
+    console.print(json.dumps(body))

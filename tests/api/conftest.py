@@ -1,0 +1,110 @@
+"""Two orgs on the shared server, each with apps, a leased machine and a token of every kind."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from hangar.api.services.tokens import TokenService
+from hangar.clock import ManualClock, SystemClock
+from hangar.server import DATABASE
+from hangar.server_process import ServerProcess
+from hangar.store.sqlite import SqliteStore
+from hangar.store.tenancy import SqliteTenancyStore
+from tests.api.helpers import unique
+
+
+@dataclass
+class Tenant:
+    org: str
+    app: str
+    other_app: str
+    machine_id: str = ""
+    lease_nonce: str = ""
+    tokens: dict[str, str] = field(default_factory=dict)
+    """kind -> secret: org, org_read_only, app, app_read_only, other_app, expired, revoked"""
+
+
+def create_token(api: httpx.Client, **body: object) -> str:
+    response = api.post("/v1/tokens", json=body)
+    assert response.status_code == 201, response.text
+    secret: str = response.json()["token"]
+    return secret
+
+
+def expired_token(server: ServerProcess, org: str) -> str:
+    """A token that expired an hour ago, minted as ``hangar admin token`` does: in the DB."""
+    database = server.home / DATABASE
+    an_hour_and_a_bit_ago = SystemClock().now() - 3700
+    tokens = TokenService(
+        SqliteTenancyStore(database), SqliteStore(database), ManualClock(an_hour_and_a_bit_ago)
+    )
+    _token, secret = tokens.issue(org, ttl_s=60, description="expired in tests")
+    return secret
+
+
+def make_tenant(server: ServerProcess, api: httpx.Client, name: str, image: str) -> Tenant:
+    tenant = Tenant(org=unique(name), app=unique(f"{name}-app"), other_app=unique(f"{name}-two"))
+    assert api.post("/v1/orgs", json={"slug": tenant.org}).status_code == 201
+    for app in (tenant.app, tenant.other_app):
+        created = api.post("/v1/apps", json={"app_name": app, "org_slug": tenant.org})
+        assert created.status_code == 201, created.text
+    machine = api.post(
+        f"/v1/apps/{tenant.app}/machines",
+        json={"config": {"image": image}, "skip_launch": True},
+    )
+    assert machine.status_code == 200, machine.text
+    tenant.machine_id = machine.json()["id"]
+    lease = api.post(
+        f"/v1/apps/{tenant.app}/machines/{tenant.machine_id}/lease", json={"ttl": 3600}
+    )
+    assert lease.status_code == 200, lease.text
+    tenant.lease_nonce = lease.json()["data"]["nonce"]
+    org = tenant.org
+    tenant.tokens = {
+        "org": create_token(api, org_slug=org),
+        "org_read_only": create_token(api, org_slug=org, read_only=True),
+        "app": create_token(api, org_slug=org, app_name=tenant.app),
+        "app_read_only": create_token(api, org_slug=org, app_name=tenant.app, read_only=True),
+        "other_app": create_token(api, org_slug=org, app_name=tenant.other_app),
+        "expired": expired_token(server, org),
+    }
+    revoked = api.post("/v1/tokens", json={"org_slug": org})
+    assert api.delete(f"/v1/tokens/{revoked.json()['id']}").status_code == 200
+    tenant.tokens["revoked"] = revoked.json()["token"]
+    return tenant
+
+
+@dataclass
+class Tenants:
+    a: Tenant
+    b: Tenant
+    operator: str
+
+
+@pytest.fixture(scope="session")
+def tenants(shared_server: ServerProcess, test_image: str) -> Tenants:
+    with shared_server.client() as api:
+        return Tenants(
+            a=make_tenant(shared_server, api, "alpha", test_image),
+            b=make_tenant(shared_server, api, "bravo", test_image),
+            operator=shared_server.operator_token,
+        )
+
+
+@pytest.fixture
+def as_token(shared_server: ServerProcess) -> Iterator[Any]:
+    """``as_token(secret)``: a client of the shared server acting with that token."""
+    clients: list[httpx.Client] = []
+
+    def client(secret: str) -> httpx.Client:
+        clients.append(shared_server.client(secret))
+        return clients[-1]
+
+    yield client
+    for opened in clients:
+        opened.close()
