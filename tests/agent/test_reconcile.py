@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 from collections.abc import Iterator
 
 import pytest
@@ -88,7 +89,6 @@ def test_files_and_vmms_no_record_owns_are_removed(server: ServerProcess, test_i
     (stray / "root.ext4").write_bytes(b"left behind")
     # The machine's record disappears while the agent is down (as if restored from a backup
     # taken before it existed): its VMM and run directory now belong to no record.
-    import sqlite3
 
     with sqlite3.connect(server.home / "hangar.db") as db:
         db.execute("DELETE FROM machines WHERE id = ?", (machine_id,))
