@@ -1,0 +1,43 @@
+"""Placement: filters, fragmentation-aware packing, and the claim protocol.
+
+Pure logic over store snapshots. ``Scheduler.place`` chooses a host with the policy
+(``index``) and claims the machine's resources there with one compare-and-set on a
+``ClaimStore``; ``dry_run_placements`` and ``capacity_by_region`` answer capacity questions on
+a snapshot without claiming anything.
+"""
+
+from hangar.scheduler.capacity import RegionPlacements, capacity_by_region, dry_run_placements
+from hangar.scheduler.claims import ClaimStore, InMemoryClaimStore, VersionedHost
+from hangar.scheduler.model import (
+    MILLI_PER_GPU,
+    Claim,
+    Gpu,
+    HostState,
+    Placement,
+    PlacementRequest,
+    Pool,
+)
+from hangar.scheduler.profile import RequestShape, WorkloadProfile
+from hangar.scheduler.regions import RegionCatalog
+from hangar.scheduler.scheduler import Scheduler, capacity_error
+
+__all__ = [
+    "MILLI_PER_GPU",
+    "Claim",
+    "ClaimStore",
+    "Gpu",
+    "HostState",
+    "InMemoryClaimStore",
+    "Placement",
+    "PlacementRequest",
+    "Pool",
+    "RegionCatalog",
+    "RegionPlacements",
+    "RequestShape",
+    "Scheduler",
+    "VersionedHost",
+    "WorkloadProfile",
+    "capacity_by_region",
+    "capacity_error",
+    "dry_run_placements",
+]

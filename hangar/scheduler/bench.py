@@ -1,0 +1,209 @@
+"""Placement benchmarks: policy quality on a real trace, and placement throughput.
+
+``run_trace_bench`` replays the FGD paper's experiment (``sim.replay``) for every policy on
+the same per-seed workloads and reports the GPU allocation ratio at 100 % arrival.
+``run_throughput_bench`` places a synthetic request stream on a synthetic fleet through the
+real ``Scheduler`` and ``InMemoryClaimStore`` (index search, claim, compare-and-set).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hangar.errors import InsufficientCapacity
+from hangar.scheduler.claims import InMemoryClaimStore
+from hangar.scheduler.profile import WorkloadProfile
+from hangar.scheduler.scheduler import Scheduler
+from hangar.scheduler.sim import POLICIES, replay
+from hangar.scheduler.synthetic import synthetic_hosts, synthetic_requests
+from hangar.scheduler.trace import TraceNode, TracePod, load_nodes, load_pods
+
+DEFAULT_POLICIES = ("random", "bestfit", "gpupacking", "dotprod", "hangar")
+PROFILE_SAMPLE = 10_000
+"""Requests of the throughput stream the scheduler's workload profile is learnt from."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyResult:
+    name: str
+    ratios: tuple[float, ...]
+    """GPU allocation ratio (%) at 100 % arrival, one per seed."""
+    seconds: float
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.ratios)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceBenchResult:
+    nodes_csv: str
+    pods_csv: str
+    seeds: tuple[int, ...]
+    policies: tuple[PolicyResult, ...]
+
+    def result(self, name: str) -> PolicyResult | None:
+        return next((p for p in self.policies if p.name == name), None)
+
+    def unallocated_ratio(self, policy: str = "hangar", baseline: str = "bestfit") -> float | None:
+        """``policy``'s unallocated GPU share over ``baseline``'s (lower is better)."""
+        ours, theirs = self.result(policy), self.result(baseline)
+        if ours is None or theirs is None or theirs.mean >= 100.0:
+            return None
+        return (100.0 - ours.mean) / (100.0 - theirs.mean)
+
+    def table(self) -> str:
+        lines = [
+            f"nodes {self.nodes_csv}",
+            f"pods  {self.pods_csv}",
+            f"seeds {', '.join(str(seed) for seed in self.seeds)}",
+            "",
+            f"{'policy':<12}{'alloc %':>9}{'min':>8}{'max':>8}{'seconds':>9}",
+        ]
+        for policy in self.policies:
+            lines.append(
+                f"{policy.name:<12}{policy.mean:>9.2f}{min(policy.ratios):>8.2f}"
+                f"{max(policy.ratios):>8.2f}{policy.seconds:>9.1f}"
+            )
+        ratio = self.unallocated_ratio()
+        hangar, bestfit = self.result("hangar"), self.result("bestfit")
+        if ratio is not None and hangar is not None and bestfit is not None:
+            lines.append("")
+            lines.append(
+                f"unallocated GPUs, hangar / BestFit: {ratio:.3f} "
+                f"({100 - hangar.mean:.2f} % vs {100 - bestfit.mean:.2f} %)"
+            )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "nodes": self.nodes_csv,
+            "pods": self.pods_csv,
+            "seeds": list(self.seeds),
+            "policies": [
+                {
+                    "name": policy.name,
+                    "mean": round(policy.mean, 4),
+                    "ratios": [round(ratio, 4) for ratio in policy.ratios],
+                    "seconds": round(policy.seconds, 2),
+                }
+                for policy in self.policies
+            ],
+            "hangar_unallocated_over_bestfit": self.unallocated_ratio(),
+        }
+
+
+def run_trace_bench(
+    nodes_csv: Path,
+    pods_csv: Path,
+    seeds: Sequence[int],
+    policies: Sequence[str] = DEFAULT_POLICIES,
+    jobs: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> TraceBenchResult:
+    """Every policy on the same workloads (one per seed). ``jobs`` > 1 spreads the runs over
+    worker processes; each run is still a deterministic function of its seed."""
+    unknown = [name for name in policies if name not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; known: {sorted(POLICIES)}")
+    nodes = load_nodes(nodes_csv)
+    pods = load_pods(pods_csv)
+    runs = [(name, seed) for name in policies for seed in seeds]
+    outcomes: dict[tuple[str, int], tuple[float, float]] = {}
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = {run: pool.submit(_timed_replay, nodes, pods, *run) for run in runs}
+            for run, future in futures.items():
+                outcomes[run] = future.result()
+                _report(progress, run, outcomes[run])
+    else:
+        for run in runs:
+            outcomes[run] = _timed_replay(nodes, pods, *run)
+            _report(progress, run, outcomes[run])
+    return TraceBenchResult(
+        nodes_csv=str(nodes_csv),
+        pods_csv=str(pods_csv),
+        seeds=tuple(seeds),
+        policies=tuple(
+            PolicyResult(
+                name,
+                tuple(outcomes[(name, seed)][0] for seed in seeds),
+                sum(outcomes[(name, seed)][1] for seed in seeds),
+            )
+            for name in policies
+        ),
+    )
+
+
+def _timed_replay(
+    nodes: Sequence[TraceNode], pods: Sequence[TracePod], name: str, seed: int
+) -> tuple[float, float]:
+    started = time.perf_counter()
+    ratio = replay(nodes, pods, seed, POLICIES[name])
+    return ratio, time.perf_counter() - started
+
+
+def _report(
+    progress: Callable[[str], None] | None, run: tuple[str, int], outcome: tuple[float, float]
+) -> None:
+    if progress is not None:
+        progress(f"{run[0]} seed {run[1]}: {outcome[0]:.2f} % ({outcome[1]:.1f} s)")
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputResult:
+    hosts: int
+    machines: int
+    placed: int
+    rejected: int
+    seconds: float
+    setup_seconds: float
+
+    @property
+    def placements_per_s(self) -> float:
+        return self.machines / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.placements_per_s:.0f} placements/s "
+            f"({self.machines} requests on {self.hosts} hosts in {self.seconds:.2f} s: "
+            f"{self.placed} placed, {self.rejected} insufficient_capacity; "
+            f"setup {self.setup_seconds:.2f} s)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hosts": self.hosts,
+            "machines": self.machines,
+            "placed": self.placed,
+            "rejected": self.rejected,
+            "seconds": round(self.seconds, 3),
+            "setup_seconds": round(self.setup_seconds, 3),
+            "placements_per_s": round(self.placements_per_s, 1),
+        }
+
+
+def run_throughput_bench(hosts: int, machines: int, seed: int = 0) -> ThroughputResult:
+    """Place ``machines`` requests one at a time with claims; time the placement loop."""
+    started = time.perf_counter()
+    store = InMemoryClaimStore(synthetic_hosts(hosts, seed))
+    requests = synthetic_requests(machines, seed)
+    profile = WorkloadProfile.from_requests(requests[:PROFILE_SAMPLE])
+    scheduler = Scheduler(store, profile)
+    setup = time.perf_counter() - started
+    placed = rejected = 0
+    started = time.perf_counter()
+    for request in requests:
+        try:
+            scheduler.place(request)
+            placed += 1
+        except InsufficientCapacity:
+            rejected += 1
+    elapsed = time.perf_counter() - started
+    return ThroughputResult(hosts, machines, placed, rejected, elapsed, setup)

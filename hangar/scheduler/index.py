@@ -1,0 +1,450 @@
+"""The placement index: finds the best host for a request without scanning the fleet.
+
+The policy (fragmentation-aware packing) is a lexicographic order over candidates; this module
+keeps hosts in buckets ordered the same way, so a search walks buckets best-first and stops at
+the first host that fits.
+
+GPU requests, per (region, kind), minimise:
+
+1. the kind's pressure level (``pressure.kind_levels``): flexible requests leave kinds that
+   others cannot do without;
+2. for a share of one GPU, ``WorkloadProfile.share_gap_cost`` of the GPU it lands on (whole
+   GPUs: nothing at this step);
+3. the CPU effect: -1 if the machine brings less CPU than its GPUs need (``cpu_per_gpu_milli``)
+   to a host already short of CPU for its free GPUs, +1 if it makes a host short, else 0;
+4. idle hosts last (keep whole hosts for whole-host requests);
+5. whole free GPUs left on the host (pack hosts, leave others whole);
+6. the host's rank (a stable order: equal candidates fill hosts in the same order).
+
+CPU-only requests minimise: leaving the host short of CPU for its free GPUs; then prefer
+hosts without free GPUs (their CPU is of no use to GPU machines) over hosts with some, and
+those over idle hosts able to take a multi-GPU request of the profile; then the CPU left over
+beyond what the free GPUs need (best fit); rank.
+"""
+
+from __future__ import annotations
+
+import zlib
+from bisect import bisect_left, insort
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from hangar.model.gpu import GpuState
+from hangar.scheduler.model import MILLI_PER_GPU, Gpu, HostState, PlacementRequest, Pool
+from hangar.scheduler.pressure import kind_levels
+from hangar.scheduler.profile import WorkloadProfile
+
+Rank = tuple[int, str]
+PRESSURE_REFRESH = 200
+"""GPU requests between two recomputations of a region's kind pressure."""
+
+
+def stable_rank(host_id: str) -> int:
+    """Default host order: a hash, so consolidation does not always start at the same rack."""
+    return zlib.crc32(host_id.encode())
+
+
+@dataclass(slots=True)
+class HostEntry:
+    """What the search needs to know about one host, derived from its state."""
+
+    state: HostState
+    version: int
+    rank: Rank
+    gaps: dict[int, int]
+    """Free milli of a usable GPU -> the lowest GPU index with that much free."""
+    whole_free: int
+    max_group_free: int
+    """Most unused GPUs inside one NVLink partition (the whole host when it has none)."""
+    free_gpu_milli: int
+    idle: bool
+    surplus: float
+    """Free CPU beyond what the free GPUs need (negative: the host is short of CPU)."""
+    cpu_candidate: bool
+    scarce: bool
+
+    @property
+    def starved(self) -> bool:
+        return self.surplus < 0
+
+    @property
+    def cpu_class(self) -> int:
+        """Order of preference for CPU-only machines: hosts with no free GPU (their CPU is
+        of no use to GPU machines), hosts with free GPUs, idle hosts kept for multi-GPU."""
+        if self.scarce:
+            return 2
+        return 1 if self.free_gpu_milli else 0
+
+    @property
+    def bucket(self) -> tuple[bool, int, bool]:
+        return (self.idle, self.whole_free, self.starved)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    state: HostState
+    version: int
+    gpu_indexes: tuple[int, ...]
+    gpu_milli: int
+
+    @property
+    def host_id(self) -> str:
+        return self.state.id
+
+
+class _RankedSet:
+    """Host ranks in order; small enough in practice for a sorted list."""
+
+    __slots__ = ("_ranks",)
+
+    def __init__(self) -> None:
+        self._ranks: list[Rank] = []
+
+    def add(self, rank: Rank) -> None:
+        insort(self._ranks, rank)
+
+    def discard(self, rank: Rank) -> None:
+        position = bisect_left(self._ranks, rank)
+        if position < len(self._ranks) and self._ranks[position] == rank:
+            del self._ranks[position]
+
+    def __iter__(self) -> Iterator[Rank]:
+        return iter(self._ranks)
+
+    def __bool__(self) -> bool:
+        return bool(self._ranks)
+
+
+Buckets = dict[tuple[bool, int, bool], _RankedSet]
+
+
+class _KindBuckets:
+    __slots__ = ("free_milli", "gaps", "whole")
+
+    def __init__(self) -> None:
+        self.whole: Buckets = {}
+        self.gaps: dict[int, Buckets] = {}
+        self.free_milli = 0
+
+
+class PlacementIndex:
+    """Hosts of one fleet view, bucketed for the policy. Not thread-safe: one per scheduler."""
+
+    def __init__(
+        self,
+        profile: WorkloadProfile,
+        rank_of: Callable[[str], int] = stable_rank,
+        pressure_refresh: int = PRESSURE_REFRESH,
+    ) -> None:
+        self.profile = profile
+        self._rank_of = rank_of
+        self._pressure_refresh = pressure_refresh
+        self._entries: dict[str, HostEntry] = {}
+        self._gpu: dict[tuple[str, str], _KindBuckets] = {}
+        self._kinds: dict[str, set[str]] = {}
+        self._cpu: dict[str, tuple[list[tuple[float, Rank]], ...]] = {}
+        self._levels: dict[str, dict[str, int]] = {}
+        self._gpu_requests: dict[str, int] = {}
+        self._hosts_per_region: dict[str, int] = {}
+        self._regions: frozenset[str] = frozenset()
+
+    # -- maintenance ---------------------------------------------------------------------
+
+    def upsert(self, state: HostState, version: int) -> HostEntry:
+        self.remove(state.id)
+        entry = self._derive(state, version)
+        self._entries[state.id] = entry
+        self._register(entry)
+        count = self._hosts_per_region.get(state.region, 0)
+        self._hosts_per_region[state.region] = count + 1
+        if not count:
+            self._regions = frozenset(self._hosts_per_region)
+        return entry
+
+    def remove(self, host_id: str) -> None:
+        entry = self._entries.pop(host_id, None)
+        if entry is not None:
+            self._unregister(entry)
+            region = entry.state.region
+            self._hosts_per_region[region] -= 1
+            if not self._hosts_per_region[region]:
+                del self._hosts_per_region[region]
+                self._regions = frozenset(self._hosts_per_region)
+
+    def get(self, host_id: str) -> HostEntry | None:
+        return self._entries.get(host_id)
+
+    def entries(self) -> Iterable[HostEntry]:
+        return self._entries.values()
+
+    def regions(self) -> frozenset[str]:
+        return self._regions
+
+    # -- search --------------------------------------------------------------------------
+
+    def choose(self, request: PlacementRequest, region: str) -> Choice | None:
+        """The policy's best host in ``region`` for ``request``, or None if nothing fits."""
+        if request.wants_gpu:
+            return self._choose_gpu(request, region)
+        return self._choose_cpu(request, region)
+
+    def _choose_gpu(self, request: PlacementRequest, region: str) -> Choice | None:
+        kinds = [kind for kind in self._kinds.get(region, ()) if request.accepts_kind(kind)]
+        if not kinds:
+            return None
+        levels = self._region_levels(region)
+        best: tuple[tuple[float, int, bool, int, Rank], Choice] | None = None
+        best_level = 0
+        for kind in sorted(kinds, key=lambda k: (levels.get(k, 0), k)):
+            level = levels.get(kind, 0)
+            if best is not None and level > best_level:
+                break
+            found = self._best_in_kind(self._gpu[(region, kind)], request)
+            if found is not None and (best is None or found[0] < best[0]):
+                best, best_level = found, level
+        return best[1] if best is not None else None
+
+    def _best_in_kind(
+        self, buckets: _KindBuckets, request: PlacementRequest
+    ) -> tuple[tuple[float, int, bool, int, Rank], Choice] | None:
+        if request.gpus:
+            wanted = request.gpus
+            eligible = {key: ranks for key, ranks in buckets.whole.items() if key[1] >= wanted}
+            hit = self._best_in_buckets(eligible, request, request.gpus * MILLI_PER_GPU, wanted)
+            if hit is None:
+                return None
+            effect, entry = hit
+            key = (0.0, effect, entry.idle, entry.whole_free - wanted, entry.rank)
+            gpus = pick_whole_gpus(entry.state, wanted)
+            return key, Choice(entry.state, entry.version, gpus, MILLI_PER_GPU)
+        share = request.gpu_milli
+        cost = self.profile.share_gap_cost
+        for gap in sorted((g for g in buckets.gaps if g >= share), key=lambda g: cost(g, share)):
+            hit = self._best_in_buckets(buckets.gaps[gap], request, share, 0)
+            if hit is not None:
+                effect, entry = hit
+                fresh = 1 if gap == MILLI_PER_GPU else 0
+                key = (cost(gap, share), effect, entry.idle, entry.whole_free - fresh, entry.rank)
+                return key, Choice(entry.state, entry.version, (entry.gaps[gap],), share)
+        return None
+
+    def _best_in_buckets(
+        self, buckets: Buckets, request: PlacementRequest, gpu_milli: int, min_group: int
+    ) -> tuple[int, HostEntry] | None:
+        """The best host among ``buckets`` by (CPU effect, idle, whole free, rank)."""
+        if not buckets:
+            return None
+        delta = request.cpu_milli - self.profile.cpu_per_gpu_milli * gpu_milli
+        keys = sorted(buckets)
+        passes: list[
+            tuple[int, Callable[[tuple[bool, int, bool]], bool], Callable[[HostEntry], bool] | None]
+        ]
+        if delta < 0:
+            passes = [(-1, lambda k: k[2], None), (0, lambda k: not k[2], None)]
+        elif delta == 0:
+            passes = [(0, lambda k: True, None)]
+        else:
+            passes = [
+                (0, lambda k: not k[2], lambda e: e.surplus >= delta),
+                (1, lambda k: True, lambda e: e.starved or e.surplus < delta),
+            ]
+        for effect, use_bucket, condition in passes:
+            group: tuple[bool, int] | None = None
+            best: HostEntry | None = None
+            for key in keys:
+                if not use_bucket(key):
+                    continue
+                if group is not None and (key[0], key[1]) != group and best is not None:
+                    return effect, best
+                group = (key[0], key[1])
+                found = self._first_fit(buckets[key], request, min_group, condition)
+                if found is not None and (best is None or found.rank < best.rank):
+                    best = found
+            if best is not None:
+                return effect, best
+        return None
+
+    def _first_fit(
+        self,
+        ranks: _RankedSet,
+        request: PlacementRequest,
+        min_group: int,
+        condition: Callable[[HostEntry], bool] | None,
+    ) -> HostEntry | None:
+        entries = self._entries
+        for rank in ranks:
+            entry = entries[rank[1]]
+            if (
+                _fits(entry, request)
+                and entry.max_group_free >= min_group
+                and (condition is None or condition(entry))
+            ):
+                return entry
+        return None
+
+    def _choose_cpu(self, request: PlacementRequest, region: str) -> Choice | None:
+        lists = self._cpu.get(region)
+        if lists is None:
+            return None
+        cpu = request.cpu_milli
+        entries = self._entries
+        for ordered in lists:
+            for position in range(bisect_left(ordered, (cpu,)), len(ordered)):
+                entry = entries[ordered[position][1][1]]
+                if _fits(entry, request):
+                    return Choice(entry.state, entry.version, (), 0)
+        for ordered in lists:
+            chosen: HostEntry | None = None
+            position = bisect_left(ordered, (cpu,)) - 1
+            while position >= 0:
+                surplus, rank = ordered[position]
+                if chosen is not None and surplus != chosen.surplus:
+                    break
+                entry = entries[rank[1]]
+                if _fits(entry, request):
+                    chosen = entry
+                position -= 1
+            if chosen is not None:
+                return Choice(chosen.state, chosen.version, (), 0)
+        return None
+
+    def _region_levels(self, region: str) -> Mapping[str, int]:
+        seen = self._gpu_requests.get(region, 0)
+        self._gpu_requests[region] = seen + 1
+        if seen % self._pressure_refresh == 0 or region not in self._levels:
+            free = {kind: self._gpu[(region, kind)].free_milli for kind in self._kinds[region]}
+            self._levels[region] = kind_levels(self.profile.kind_demand, free)
+        return self._levels[region]
+
+    # -- derivation ----------------------------------------------------------------------
+
+    def _derive(self, state: HostState, version: int) -> HostEntry:
+        used = state.gpu_used_milli
+        gaps: dict[int, int] = {}
+        groups: dict[object, int] = {}
+        partitioned = any(gpu.nvlink_partition is not None for gpu in state.gpus)
+        whole_free = 0
+        free_milli = 0
+        for gpu in state.gpus:
+            if gpu.state is not GpuState.FREE:
+                continue
+            gap = MILLI_PER_GPU - used[gpu.index]
+            if gap <= 0:
+                continue
+            free_milli += gap
+            gaps.setdefault(gap, gpu.index)
+            if gap == MILLI_PER_GPU:
+                whole_free += 1
+                group = _locality_group(gpu) if partitioned else None
+                groups[group] = groups.get(group, 0) + 1
+        gpu_host = state.pool is Pool.GPU and bool(state.gpus)
+        surplus = state.free_cpu_milli - self.profile.cpu_per_gpu_milli * free_milli
+        idle = not state.claims
+        max_group = max(groups.values(), default=0)
+        scarce = (
+            idle
+            and gpu_host
+            and any(
+                shape.gpus <= max_group
+                and shape.cpu_milli <= state.free_cpu_milli
+                and shape.memory_mb <= state.free_memory_mb
+                and (shape.gpu_kinds is None or state.kind in shape.gpu_kinds)
+                for shape in self.profile.multi_gpu_shapes
+            )
+        )
+        return HostEntry(
+            state=state,
+            version=version,
+            rank=(self._rank_of(state.id), state.id),
+            gaps=gaps if gpu_host else {},
+            whole_free=whole_free if gpu_host else 0,
+            max_group_free=max_group if gpu_host else 0,
+            free_gpu_milli=free_milli,
+            idle=idle,
+            surplus=surplus,
+            cpu_candidate=state.pool is Pool.GENERAL or state.allow_cpu_machines,
+            scarce=scarce,
+        )
+
+    def _register(self, entry: HostEntry) -> None:
+        state = entry.state
+        if entry.gaps:
+            kind_key = (state.region, state.kind)
+            buckets = self._gpu.get(kind_key)
+            if buckets is None:
+                buckets = self._gpu[kind_key] = _KindBuckets()
+                self._kinds.setdefault(state.region, set()).add(state.kind)
+            buckets.free_milli += entry.free_gpu_milli
+            if entry.whole_free:
+                buckets.whole.setdefault(entry.bucket, _RankedSet()).add(entry.rank)
+            for gap in entry.gaps:
+                by_bucket = buckets.gaps.setdefault(gap, {})
+                by_bucket.setdefault(entry.bucket, _RankedSet()).add(entry.rank)
+        if entry.cpu_candidate:
+            lists = self._cpu.setdefault(state.region, ([], [], []))
+            insort(lists[entry.cpu_class], (entry.surplus, entry.rank))
+
+    def _unregister(self, entry: HostEntry) -> None:
+        state = entry.state
+        if entry.gaps:
+            buckets = self._gpu[(state.region, state.kind)]
+            buckets.free_milli -= entry.free_gpu_milli
+            if entry.whole_free:
+                _discard(buckets.whole, entry.bucket, entry.rank)
+            for gap in entry.gaps:
+                by_bucket = buckets.gaps[gap]
+                _discard(by_bucket, entry.bucket, entry.rank)
+                if not by_bucket:
+                    del buckets.gaps[gap]
+        if entry.cpu_candidate:
+            ordered = self._cpu[state.region][entry.cpu_class]
+            position = bisect_left(ordered, (entry.surplus, entry.rank))
+            if position < len(ordered) and ordered[position] == (entry.surplus, entry.rank):
+                del ordered[position]
+
+
+def _discard(buckets: Buckets, key: tuple[bool, int, bool], rank: Rank) -> None:
+    ranks = buckets.get(key)
+    if ranks is not None:
+        ranks.discard(rank)
+        if not ranks:
+            del buckets[key]
+
+
+def _fits(entry: HostEntry, request: PlacementRequest) -> bool:
+    state = entry.state
+    return (
+        state.free_cpu_milli >= request.cpu_milli
+        and state.free_memory_mb >= request.memory_mb
+        and (request.zone is None or state.zone == request.zone)
+    )
+
+
+def _locality_group(gpu: Gpu) -> object:
+    return gpu.nvlink_partition if gpu.nvlink_partition is not None else ("alone", gpu.index)
+
+
+def pick_whole_gpus(state: HostState, count: int) -> tuple[int, ...]:
+    """``count`` unused GPUs inside one locality group: the tightest group that fits, and in
+    it one NUMA node when one node has enough (the tightest such node)."""
+    used = state.gpu_used_milli
+    partitioned = any(gpu.nvlink_partition is not None for gpu in state.gpus)
+    groups: dict[object, list[Gpu]] = {}
+    for gpu in state.gpus:
+        if gpu.state is GpuState.FREE and used[gpu.index] == 0:
+            key = _locality_group(gpu) if partitioned else None
+            groups.setdefault(key, []).append(gpu)
+    fitting = [gpus for gpus in groups.values() if len(gpus) >= count]
+    if not fitting:
+        raise ValueError(f"host {state.id} has no {count} unused GPUs in one locality group")
+    group = min(fitting, key=lambda gpus: (len(gpus), gpus[0].index))
+    by_numa: dict[int, list[Gpu]] = {}
+    for gpu in group:
+        by_numa.setdefault(gpu.numa_node, []).append(gpu)
+    local = [gpus for gpus in by_numa.values() if len(gpus) >= count]
+    if local:
+        chosen = min(local, key=lambda gpus: (len(gpus), gpus[0].index))[:count]
+    else:
+        spread = sorted(by_numa.values(), key=lambda gpus: (-len(gpus), gpus[0].index))
+        chosen = [gpu for gpus in spread for gpu in gpus][:count]
+    return tuple(sorted(gpu.index for gpu in chosen))

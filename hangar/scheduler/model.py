@@ -1,0 +1,215 @@
+"""What the scheduler reads and writes: hosts with their claims, and placement requests.
+
+Plain frozen dataclasses, because placement runs thousands of times a second over them. The
+store converts its records (``hangar.model``) to ``HostState`` and back; a ``HostState`` that
+over-commits anything cannot be built, so no code path can write one.
+
+Units: CPU in milli-CPUs (the API multiplies Fly's ``cpus`` by 1000), memory in MB, GPU
+capacity in milli-GPUs (1000 = one whole GPU; a slice or time share is a part of one GPU).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from hangar.errors import InvalidRequest
+from hangar.model.gpu import GpuState
+
+MILLI_PER_GPU = 1000
+
+
+class Pool(enum.StrEnum):
+    GPU = "gpu"
+    GENERAL = "general"
+
+
+@dataclass(frozen=True, slots=True)
+class Gpu:
+    index: int
+    """Position on the host; claims name GPUs by it."""
+    kind: str
+    bdf: str
+    numa_node: int = 0
+    nvlink_partition: int | None = None
+    """GPUs sharing a partition talk over NVLink; a multi-GPU machine stays inside one."""
+    state: GpuState = GpuState.FREE
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one machine holds on one host."""
+
+    machine_id: str
+    cpu_milli: int
+    memory_mb: int
+    gpu_indexes: tuple[int, ...] = ()
+    gpu_milli: int = 0
+    """Per GPU in ``gpu_indexes``: 1000 for whole GPUs, less for a slice of one GPU."""
+
+    @property
+    def whole_gpus(self) -> bool:
+        return bool(self.gpu_indexes) and self.gpu_milli == MILLI_PER_GPU
+
+
+@dataclass(frozen=True, slots=True)
+class HostState:
+    """One host's capacity and everything claimed on it (one store record, one version)."""
+
+    id: str
+    region: str
+    pool: Pool
+    cpu_milli: int
+    memory_mb: int
+    gpus: tuple[Gpu, ...] = ()
+    zone: str = ""
+    rack: str = ""
+    allow_cpu_machines: bool = False
+    """Operator's per-host exception: CPU-only machines may run on this ``gpu`` host."""
+    claims: tuple[Claim, ...] = ()
+    free_cpu_milli: int = field(init=False)
+    free_memory_mb: int = field(init=False)
+    gpu_used_milli: tuple[int, ...] = field(init=False)
+    """Per GPU (by index): milli-GPUs held by claims."""
+
+    def __post_init__(self) -> None:
+        cpu = self.cpu_milli
+        memory = self.memory_mb
+        used = [0] * len(self.gpus)
+        for position, gpu in enumerate(self.gpus):
+            if gpu.index != position:
+                raise InvalidRequest(
+                    f"host {self.id}: GPU at position {position} has index {gpu.index}",
+                    field="gpus",
+                )
+            if gpu.kind != self.gpus[0].kind:
+                raise InvalidRequest(f"host {self.id} mixes GPU kinds", field="gpus")
+        for claim in self.claims:
+            cpu -= claim.cpu_milli
+            memory -= claim.memory_mb
+            if claim.gpu_indexes and not 0 < claim.gpu_milli <= MILLI_PER_GPU:
+                raise InvalidRequest(
+                    f"host {self.id}: claim {claim.machine_id} holds {claim.gpu_milli} milli-GPU",
+                    field="claims",
+                )
+            for index in claim.gpu_indexes:
+                if not 0 <= index < len(used):
+                    raise InvalidRequest(
+                        f"host {self.id}: claim {claim.machine_id} names GPU {index}",
+                        field="claims",
+                    )
+                used[index] += claim.gpu_milli
+        if cpu < 0 or memory < 0 or any(milli > MILLI_PER_GPU for milli in used):
+            raise InvalidRequest(f"host {self.id}: claims exceed its capacity", field="claims")
+        object.__setattr__(self, "free_cpu_milli", cpu)
+        object.__setattr__(self, "free_memory_mb", memory)
+        object.__setattr__(self, "gpu_used_milli", tuple(used))
+
+    @property
+    def kind(self) -> str:
+        """The host's GPU kind ("" for a host without GPUs); hosts carry one kind."""
+        return self.gpus[0].kind if self.gpus else ""
+
+    def with_claim(self, claim: Claim) -> HostState:
+        if any(existing.machine_id == claim.machine_id for existing in self.claims):
+            raise InvalidRequest(
+                f"machine {claim.machine_id} already holds a claim on host {self.id}",
+                field="machine_id",
+            )
+        gpus = self.gpus
+        if claim.whole_gpus:
+            held = set(claim.gpu_indexes)
+            gpus = tuple(
+                _with_state(gpu, GpuState.CLAIMED) if gpu.index in held else gpu for gpu in gpus
+            )
+        return _replace_claims(self, (*self.claims, claim), gpus)
+
+    def without_claim(self, machine_id: str) -> HostState:
+        """Drop a machine's claim; GPUs nobody holds any more go to ``cleaning`` (handoff)."""
+        released = [claim for claim in self.claims if claim.machine_id == machine_id]
+        if not released:
+            return self
+        remaining = tuple(claim for claim in self.claims if claim.machine_id != machine_id)
+        still_used = {index for claim in remaining for index in claim.gpu_indexes}
+        touched = {index for claim in released for index in claim.gpu_indexes}
+        gpus = tuple(
+            _with_state(gpu, GpuState.CLEANING)
+            if gpu.index in touched and gpu.index not in still_used
+            else gpu
+            for gpu in self.gpus
+        )
+        return _replace_claims(self, remaining, gpus)
+
+    def with_gpu_state(self, index: int, state: GpuState) -> HostState:
+        """The agent's transitions: cleaning -> free after a scrub, anything -> quarantined."""
+        gpus = tuple(_with_state(gpu, state) if gpu.index == index else gpu for gpu in self.gpus)
+        return _replace_claims(self, self.claims, gpus)
+
+
+def _with_state(gpu: Gpu, state: GpuState) -> Gpu:
+    return Gpu(gpu.index, gpu.kind, gpu.bdf, gpu.numa_node, gpu.nvlink_partition, state)
+
+
+def _replace_claims(host: HostState, claims: tuple[Claim, ...], gpus: tuple[Gpu, ...]) -> HostState:
+    return HostState(
+        id=host.id,
+        region=host.region,
+        pool=host.pool,
+        cpu_milli=host.cpu_milli,
+        memory_mb=host.memory_mb,
+        gpus=gpus,
+        zone=host.zone,
+        rack=host.rack,
+        allow_cpu_machines=host.allow_cpu_machines,
+        claims=claims,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRequest:
+    """One machine to place: whole GPUs (``gpus``), a share of one GPU (``gpu_milli``), or
+    neither (a CPU-only machine)."""
+
+    cpu_milli: int
+    memory_mb: int
+    gpus: int = 0
+    gpu_milli: int = 0
+    gpu_kinds: frozenset[str] | None = None
+    """Acceptable GPU kinds; ``None`` accepts any kind."""
+    region: str = ""
+    """Region expression: ``ord``, ``ord,iad`` (tried in order) or an alias such as ``us``."""
+    zone: str | None = None
+    """Affinity: the zone of the machine or volume this one must sit next to."""
+    machine_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.cpu_milli < 0:
+            raise InvalidRequest("cpu_milli must not be negative", field="cpu_milli")
+        if self.memory_mb < 0:
+            raise InvalidRequest("memory_mb must not be negative", field="memory_mb")
+        if self.gpus < 0:
+            raise InvalidRequest("gpus must not be negative", field="gpus")
+        if self.gpus and self.gpu_milli:
+            raise InvalidRequest("ask for whole GPUs or a GPU share, not both", field="gpu_milli")
+        if not 0 <= self.gpu_milli < MILLI_PER_GPU:
+            raise InvalidRequest("gpu_milli must be between 1 and 999", field="gpu_milli")
+        if self.gpu_kinds is not None and not self.gpu_kinds:
+            raise InvalidRequest("gpu_kinds must name at least one kind", field="gpu_kinds")
+
+    @property
+    def gpu_demand_milli(self) -> int:
+        return self.gpus * MILLI_PER_GPU if self.gpus else self.gpu_milli
+
+    @property
+    def wants_gpu(self) -> bool:
+        return self.gpu_demand_milli > 0
+
+    def accepts_kind(self, kind: str) -> bool:
+        return self.gpu_kinds is None or kind in self.gpu_kinds
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    host_id: str
+    region: str
+    claim: Claim

@@ -1,0 +1,108 @@
+"""Placement and claim are one step: racing schedulers never both win a GPU."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Mapping
+
+import pytest
+
+from hangar.errors import InsufficientCapacity
+from hangar.scheduler import HostState, InMemoryClaimStore, Scheduler, VersionedHost
+from tests.scheduler.fleet import gpu_host, whole
+
+
+class CountingStore(InMemoryClaimStore):
+    """The in-memory store, counting lost compare-and-sets."""
+
+    def __init__(self, hosts: list[HostState]) -> None:
+        super().__init__(hosts)
+        self.lost = 0
+        self._count_lock = threading.Lock()
+
+    def compare_and_set(self, host_id: str, expected_version: int, new_state: HostState) -> bool:
+        won = super().compare_and_set(host_id, expected_version, new_state)
+        if not won:
+            with self._count_lock:
+                self.lost += 1
+        return won
+
+
+def assert_each_gpu_held_once(snapshot: Mapping[str, VersionedHost]) -> int:
+    holders: Counter[tuple[str, int]] = Counter()
+    for record in snapshot.values():
+        for claim in record.state.claims:
+            for index in claim.gpu_indexes:
+                holders[(record.state.id, index)] += 1
+        assert all(used <= 1000 for used in record.state.gpu_used_milli)
+    assert all(count == 1 for count in holders.values())
+    return len(holders)
+
+
+def test_a_stale_scheduler_loses_the_last_gpu_and_reports_no_capacity() -> None:
+    store = CountingStore([gpu_host("gpu-1", gpus=1)])
+    first, second = Scheduler(store), Scheduler(store)
+    first.place(whole("m1"))
+    with pytest.raises(InsufficientCapacity):
+        second.place(whole("m2"))
+    assert store.lost == 1
+    assert assert_each_gpu_held_once(store.snapshot()) == 1
+
+
+def test_a_stale_scheduler_that_loses_a_race_places_elsewhere() -> None:
+    store = CountingStore([gpu_host("gpu-1", gpus=1), gpu_host("gpu-2", gpus=1)])
+    first, second = Scheduler(store), Scheduler(store)
+    winner = first.place(whole("m1")).host_id
+    loser = second.place(whole("m2")).host_id
+    assert {winner, loser} == {"gpu-1", "gpu-2"}
+    assert store.lost == 1
+
+
+def test_many_racing_schedulers_win_exactly_as_many_gpus_as_there_are() -> None:
+    hosts = [gpu_host(f"gpu-{n}", gpus=2) for n in range(4)]
+    store = CountingStore(hosts)
+    threads_count, per_thread = 8, 4
+    schedulers = [Scheduler(store) for _ in range(threads_count)]  # all from one snapshot
+    start = threading.Barrier(threads_count)
+    wins: list[str] = []
+    refusals: list[str] = []
+    record_lock = threading.Lock()
+
+    def run(number: int) -> None:
+        start.wait()
+        for attempt in range(per_thread):
+            machine = f"m-{number}-{attempt}"
+            try:
+                schedulers[number].place(whole(machine, cpu=1))
+                outcome = wins
+            except InsufficientCapacity:
+                outcome = refusals
+            with record_lock:
+                outcome.append(machine)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(wins) == 8
+    assert len(refusals) == threads_count * per_thread - 8
+    assert store.lost > 0
+    snapshot = store.snapshot()
+    assert assert_each_gpu_held_once(snapshot) == 8
+    claimed = sorted(c.machine_id for r in snapshot.values() for c in r.state.claims)
+    assert claimed == sorted(wins)
+
+
+def test_compare_and_set_bumps_the_version_by_one() -> None:
+    store = InMemoryClaimStore([gpu_host("gpu-1")])
+    record = store.read_host("gpu-1")
+    assert record is not None and record.version == 1
+    assert not store.compare_and_set("gpu-1", 2, record.state)
+    assert store.compare_and_set("gpu-1", 1, record.state)
+    updated = store.read_host("gpu-1")
+    assert updated is not None and updated.version == 2
+    with pytest.raises(ValueError):
+        store.compare_and_set("gpu-1", 2, gpu_host("other"))
