@@ -23,6 +23,7 @@ from hangar.api.services.hosts import HostService
 from hangar.api.services.image_policy import ImagePolicy, default_oci_dirs
 from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
+from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.api.services.tokens import TokenService
 from hangar.cli.client import OPERATOR_TOKEN_FILE
@@ -74,18 +75,20 @@ def build_server(
     host = read_local_host(region or os.environ.get("HANGAR_REGION", DEFAULT_REGION))
     agent = Agent(store, platform, clock, home / "machines", HostGpus.from_environment(host.id))
     quotas = QuotaService(store, tenancy)
+    capacity = PlatformService(store, host)
     orgs = OrgService(tenancy, quotas, clock)
     tokens = TokenService(tenancy, store, clock)
     audit = AuditService(tenancy, clock)
     services = Services(
         apps=AppService(store, tenancy, orgs, clock),
         machines=MachineService(
-            store, agent, clock, host, quotas, ImagePolicy(default_oci_dirs(home))
+            store, agent, clock, host, quotas, ImagePolicy(default_oci_dirs(home)), capacity
         ),
         orgs=orgs,
         tokens=tokens,
         audit=audit,
         hosts=HostService(agent, host),
+        platform=capacity,
     )
     guard = GuardConfig(
         policy=AccessPolicy(tokens, store),

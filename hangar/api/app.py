@@ -15,7 +15,7 @@ from hangar import __version__
 from hangar.api.deps import Services
 from hangar.api.errors import install_error_handlers
 from hangar.api.guard import GuardConfig, RequestGuard
-from hangar.api.routers import apps, audit, hosts, machines, orgs, tokens
+from hangar.api.routers import apps, audit, hosts, machines, orgs, platform, tokens
 from hangar.api.routetable import api_operations
 from hangar.api.scopes import OPENAPI_EXTENSION
 
@@ -50,6 +50,7 @@ def create_app(
     app.include_router(tokens.router)
     app.include_router(audit.router)
     app.include_router(hosts.router)
+    app.include_router(platform.router)
     app.add_middleware(RequestGuard, routes=app.router.routes, config=guard)
     install_openapi(app)
     return app

@@ -16,6 +16,7 @@ from hangar.api.services.audit import AuditService
 from hangar.api.services.hosts import HostService
 from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import OrgService
+from hangar.api.services.platform import PlatformService
 from hangar.api.services.tokens import TokenService
 
 
@@ -27,6 +28,7 @@ class Services:
     tokens: TokenService
     audit: AuditService
     hosts: HostService
+    platform: PlatformService
 
 
 def services(request: Request) -> Services:

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from hangar.scheduler.bench_cli import placement
+
 bench_app = typer.Typer(
     help="Benchmarks (medians and ratios against a baseline).", no_args_is_help=True
 )
@@ -32,3 +34,6 @@ def bench_boot(
             image = f"oci:{layout}:bench"
         result = run_boot_bench(image, runs, home)
     typer.echo(result.report())
+
+
+bench_app.command("placement")(placement)

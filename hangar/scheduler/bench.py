@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hangar.errors import InsufficientCapacity
-from hangar.scheduler.claims import InMemoryClaimStore
+from hangar.scheduler.claims import ClaimStore, InMemoryClaimStore
+from hangar.scheduler.model import HostState
 from hangar.scheduler.profile import WorkloadProfile
 from hangar.scheduler.scheduler import Scheduler
 from hangar.scheduler.sim import POLICIES, replay
@@ -189,10 +190,17 @@ class ThroughputResult:
         }
 
 
-def run_throughput_bench(hosts: int, machines: int, seed: int = 0) -> ThroughputResult:
-    """Place ``machines`` requests one at a time with claims; time the placement loop."""
+def run_throughput_bench(
+    hosts: int,
+    machines: int,
+    seed: int = 0,
+    store_factory: Callable[[list[HostState]], ClaimStore] = InMemoryClaimStore,
+) -> ThroughputResult:
+    """Place ``machines`` requests one at a time with claims; time the placement loop.
+    ``store_factory`` gives the claim store the hosts are registered in (the embedded
+    server's SQLite store, or the in-memory one)."""
     started = time.perf_counter()
-    store = InMemoryClaimStore(synthetic_hosts(hosts, seed))
+    store = store_factory(synthetic_hosts(hosts, seed))
     requests = synthetic_requests(machines, seed)
     profile = WorkloadProfile.from_requests(requests[:PROFILE_SAMPLE])
     scheduler = Scheduler(store, profile)

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from hangar.scheduler.bench import DEFAULT_POLICIES, run_throughput_bench, run_trace_bench
+from hangar.scheduler.claims import ClaimStore, InMemoryClaimStore
+from hangar.scheduler.model import HostState
 
 app = typer.Typer(help="Placement benchmarks.", no_args_is_help=True)
 
@@ -44,6 +48,24 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def claim_store_factory(kind: str) -> Callable[[list[HostState]], ClaimStore]:
+    if kind == "memory":
+        return InMemoryClaimStore
+    if kind != "sqlite":
+        raise typer.BadParameter("--store is 'sqlite' or 'memory'")
+
+    def sqlite_store(hosts: list[HostState]) -> ClaimStore:
+        from hangar.store.host_claims import SqliteClaimStore
+
+        scratch = Path(tempfile.mkdtemp(prefix="hangar-bench-claims-"))
+        claims = SqliteClaimStore(scratch / "claims.sqlite")
+        for host in hosts:
+            claims.put_host(host)
+        return claims
+
+    return sqlite_store
+
+
 @app.command("placement")
 def placement(
     nodes: Annotated[
@@ -68,10 +90,15 @@ def placement(
         int, typer.Option(min=1, help="Throughput mode: machines to place.")
     ] = 100_000,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    store: Annotated[
+        str, typer.Option(help="Throughput mode: claim store, 'sqlite' (embedded) or 'memory'.")
+    ] = "sqlite",
 ) -> None:
     """Allocation ratio on a trace (FGD paper's method), or placements per second."""
     if synthetic_hosts is not None:
-        throughput = run_throughput_bench(synthetic_hosts, machines)
+        throughput = run_throughput_bench(
+            synthetic_hosts, machines, store_factory=claim_store_factory(store)
+        )
         typer.echo(json.dumps(throughput.to_json()) if as_json else throughput.summary())
         return
     if nodes is None or pods is None:

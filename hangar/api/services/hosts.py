@@ -9,10 +9,8 @@ from pydantic import BaseModel
 
 from hangar.agent.agent import Agent
 from hangar.devices import HostInventory
-from hangar.errors import InsufficientCapacity, NotFound, Unprocessable
-from hangar.images.driver_bundle import DriverBundleError, configured_driver_bundle
-from hangar.model.config import MachineConfig
-from hangar.model.gpu import GpuEvent, GpuRecord, GpuState
+from hangar.errors import NotFound
+from hangar.model.gpu import GpuEvent, GpuRecord
 from hangar.model.host import HostInfo
 
 
@@ -78,34 +76,3 @@ class HostService:
     def release_quarantine(self, host_id: str, bdf: str, actor: str, reason: str) -> GpuRecord:
         self._require(host_id)
         return self._agent.release_quarantine(bdf, actor=actor, reason=reason)
-
-    def check_gpu_request(self, config: MachineConfig) -> None:
-        """Before anything is created: the kind exists here in that number, and guests can get
-        their driver. Whether enough are *free* is decided atomically when the agent claims."""
-        kind, count = config.guest.gpu_kind, config.guest.gpus or 0
-        if not count or kind is None:
-            return
-        usable = [
-            gpu
-            for gpu in self._agent.store.list_gpus(host_id=self._host.id)
-            if gpu.kind == kind and gpu.available and gpu.state != GpuState.QUARANTINED
-        ]
-        if len(usable) < count:
-            raise InsufficientCapacity(
-                f"insufficient capacity: {count} x {kind} requested, region {self._host.region} "
-                f"has {len(usable)} usable",
-                field="config.guest.gpu_kind",
-                kind=kind,
-                region=self._host.region,
-            )
-        try:
-            bundle = configured_driver_bundle(self._settings)
-        except DriverBundleError as exc:
-            raise Unprocessable(
-                f"config.guest.gpu_kind: {exc}", field="config.guest.gpu_kind"
-            ) from None
-        if not bundle.exists():
-            raise Unprocessable(
-                f"config.guest.gpu_kind: the GPU driver bundle {bundle} does not exist",
-                field="config.guest.gpu_kind",
-            )

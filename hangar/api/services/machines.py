@@ -17,6 +17,7 @@ from hangar.api.schemas import (
     UpdateMachineRequest,
 )
 from hangar.api.services.image_policy import ImagePolicy
+from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.clock import Clock
 from hangar.errors import (
@@ -57,7 +58,9 @@ class MachineService:
         host: HostInfo,
         quotas: QuotaService,
         images: ImagePolicy,
+        platform: PlatformService,
     ) -> None:
+        self._platform = platform
         self._store = store
         self._agent = agent
         self._clock = clock
@@ -115,11 +118,6 @@ class MachineService:
             raise InsufficientCapacity(
                 f"insufficient capacity: no host in region {region}", field="region", region=region
             )
-        if config.guest.gpus or config.guest.gpu_kind:
-            raise Unprocessable(
-                "config.guest.gpu_kind: GPU machines need a GPU host; this host has no GPUs",
-                field="config.guest.gpu_kind",
-            )
         if config.guest.cpus > self._host.cpus:
             raise InsufficientCapacity(
                 f"config.guest.cpus: {config.guest.cpus} CPUs requested, "
@@ -132,6 +130,8 @@ class MachineService:
                 f"host {self._host.id} can allocate {self._host.allocatable_memory_mb} MB",
                 field="config.guest.memory_mb",
             )
+        if config.guest.gpus:
+            self._platform.admit_gpu_machine(config, self._host.region)
         return self._host.region
 
     def _check_lease(self, machine: Machine, nonce: str | None) -> None:

@@ -1,0 +1,25 @@
+"""Capacity questions, as Fly's platform endpoints answer them: nothing is claimed."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+
+from hangar.api.deps import ServicesDep
+from hangar.api.scopes import Scope, requires
+from hangar.api.services.platform import PlacementsRequest, PlacementsView, RegionsView
+
+router = APIRouter(prefix="/v1/platform", tags=["platform"])
+
+
+@router.post("/placements")
+@requires(Scope.ORG_READ)
+async def dry_run_placements(services: ServicesDep, body: PlacementsRequest) -> PlacementsView:
+    return services.platform.placements(body)
+
+
+@router.get("/regions")
+@requires(Scope.ORG_READ)
+async def regions(
+    services: ServicesDep, gpu_kind: str | None = Query(None, max_length=64)
+) -> RegionsView:
+    return services.platform.regions(gpu_kind)

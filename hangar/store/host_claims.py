@@ -1,0 +1,120 @@
+"""The scheduler's claim protocol on SQLite: one versioned record per host.
+
+``compare_and_set`` is a single ``UPDATE ... WHERE version = ?``: of two schedulers that read
+the same version, exactly one write changes a row. The etcd backend does the same with a
+transaction comparing the key's version.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hangar.model.gpu import GpuState
+from hangar.scheduler import Claim, Gpu, HostState, Pool, VersionedHost
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS host_states (
+    host_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+"""
+
+
+def host_state_to_json(host: HostState) -> str:
+    return json.dumps(
+        {
+            "id": host.id,
+            "region": host.region,
+            "pool": str(host.pool),
+            "cpu_milli": host.cpu_milli,
+            "memory_mb": host.memory_mb,
+            "zone": host.zone,
+            "rack": host.rack,
+            "allow_cpu_machines": host.allow_cpu_machines,
+            "gpus": [
+                [gpu.index, gpu.kind, gpu.bdf, gpu.numa_node, gpu.nvlink_partition, str(gpu.state)]
+                for gpu in host.gpus
+            ],
+            "claims": [
+                [c.machine_id, c.cpu_milli, c.memory_mb, list(c.gpu_indexes), c.gpu_milli]
+                for c in host.claims
+            ],
+        }
+    )
+
+
+def host_state_from_json(text: str) -> HostState:
+    body: dict[str, Any] = json.loads(text)
+    return HostState(
+        id=body["id"],
+        region=body["region"],
+        pool=Pool(body["pool"]),
+        cpu_milli=body["cpu_milli"],
+        memory_mb=body["memory_mb"],
+        zone=body["zone"],
+        rack=body["rack"],
+        allow_cpu_machines=body["allow_cpu_machines"],
+        gpus=tuple(
+            Gpu(index, kind, bdf, numa, partition, GpuState(state))
+            for index, kind, bdf, numa, partition, state in body["gpus"]
+        ),
+        claims=tuple(
+            Claim(machine_id, cpu, memory, tuple(indexes), milli)
+            for machine_id, cpu, memory, indexes, milli in body["claims"]
+        ),
+    )
+
+
+class SqliteClaimStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def put_host(self, host: HostState) -> VersionedHost:
+        """Register or replace a host unconditionally (inventory), bumping its version."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "SELECT version FROM host_states WHERE host_id = ?", (host.id,)
+            ).fetchone()
+            version = (row[0] + 1) if row else 1
+            self._db.execute(
+                "INSERT OR REPLACE INTO host_states VALUES (?, ?, ?)",
+                (host.id, version, host_state_to_json(host)),
+            )
+            self._db.execute("COMMIT")
+        return VersionedHost(host, version)
+
+    def snapshot(self) -> Mapping[str, VersionedHost]:
+        with self._lock:
+            rows = self._db.execute("SELECT version, body FROM host_states").fetchall()
+        records = (VersionedHost(host_state_from_json(body), version) for version, body in rows)
+        return {record.state.id: record for record in records}
+
+    def read_host(self, host_id: str) -> VersionedHost | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version, body FROM host_states WHERE host_id = ?", (host_id,)
+            ).fetchone()
+        return VersionedHost(host_state_from_json(row[1]), row[0]) if row else None
+
+    def compare_and_set(self, host_id: str, expected_version: int, new_state: HostState) -> bool:
+        if new_state.id != host_id:
+            raise ValueError(f"state of host {new_state.id} written under {host_id}")
+        with self._lock:
+            changed = self._db.execute(
+                "UPDATE host_states SET version = ?, body = ? WHERE host_id = ? AND version = ?",
+                (expected_version + 1, host_state_to_json(new_state), host_id, expected_version),
+            ).rowcount
+        return bool(changed == 1)
