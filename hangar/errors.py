@@ -7,13 +7,18 @@ Hierarchy::
 
     HangarError                     base; ``code`` is a short machine-readable string
      +-- InvalidRequest             400  a request that cannot be parsed or is contradictory
+     +-- Unauthenticated            401  no token, or one unknown, expired or revoked
+     +-- Forbidden                  403  a valid token without the right
      +-- Unprocessable              422  a well-formed request naming a field hangar rejects
      |    +-- UnsupportedField      422  a field hangar cannot honour yet
      |    +-- InsufficientCapacity  422  no host can take the machine (names region and kind)
+     |    +-- QuotaExceeded         422  the org would pass one of its quotas (names it)
      +-- NotFound                   404  app, machine, host or lease that does not exist
      +-- Conflict                   409  a state or lease conflict (illegal transition, wrong nonce)
      +-- PreconditionFailed         412  an ``If-Match``-style check failed (version, lease owner)
      +-- WaitTimeout                408  ``wait`` ran out before the machine reached the state
+     +-- RequestTooLarge            413  a body over the size limit
+     +-- RateLimited                429  past the rate limit (carries ``retry_after_s``)
      +-- ImageError                 failed to pull or unpack an image (recorded on the machine)
      +-- GuestBootError             failed to build or boot the guest (recorded on the machine)
      +-- VmmError                   the VMM misbehaved: launch failure, QMP failure
@@ -101,3 +106,41 @@ class DeviceError(HangarError):
 
 class StoreError(HangarError):
     code = "store_error"
+
+
+class Unauthenticated(HangarError):
+    """No token, or one that is unknown, expired or revoked."""
+
+    http_status = 401
+    code = "unauthenticated"
+
+
+class Forbidden(HangarError):
+    """A valid token without the right: read-only on a write, another app, not an operator."""
+
+    http_status = 403
+    code = "forbidden"
+
+
+class RateLimited(HangarError):
+    http_status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float, **fields: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **fields)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLarge(HangarError):
+    http_status = 413
+    code = "request_too_large"
+
+
+class QuotaExceeded(Unprocessable):
+    """Creating or growing a machine would take its org past one of its quotas."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, quota: str, **fields: Any) -> None:
+        super().__init__(message, quota=quota, **fields)
+        self.quota = quota

@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from hangar.api.errors import Forbidden, Unauthenticated
 from hangar.api.scopes import Scope
 from hangar.api.services.tokens import TokenService
-from hangar.errors import NotFound
+from hangar.errors import Forbidden, NotFound, Unauthenticated
 from hangar.store.protocol import ApiToken, App, ClusterStore, TokenKind
 
 

@@ -9,7 +9,6 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from hangar.api.access import Access
-from hangar.api.errors import Unauthenticated
 from hangar.api.guard import ACCESS_KEY
 from hangar.api.services.apps import AppService
 from hangar.api.services.audit import AuditService
@@ -18,6 +17,7 @@ from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import OrgService
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.tokens import TokenService
+from hangar.errors import Unauthenticated
 
 
 @dataclass

@@ -12,47 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hangar.errors import HangarError, Unprocessable
+from hangar.errors import HangarError, RateLimited, Unauthenticated
 
 log = logging.getLogger(__name__)
-
-
-class Unauthenticated(HangarError):
-    """No token, or one that is unknown, expired or revoked."""
-
-    http_status = 401
-    code = "unauthenticated"
-
-
-class Forbidden(HangarError):
-    """A valid token without the right: read-only on a write, another app, not an operator."""
-
-    http_status = 403
-    code = "forbidden"
-
-
-class RateLimited(HangarError):
-    http_status = 429
-    code = "rate_limited"
-
-    def __init__(self, message: str, retry_after_s: float, **fields: Any) -> None:
-        super().__init__(message, retry_after_s=retry_after_s, **fields)
-        self.retry_after_s = retry_after_s
-
-
-class RequestTooLarge(HangarError):
-    http_status = 413
-    code = "request_too_large"
-
-
-class QuotaExceeded(Unprocessable):
-    """Creating or growing a machine would take its org past one of its quotas."""
-
-    code = "quota_exceeded"
-
-    def __init__(self, message: str, quota: str, **fields: Any) -> None:
-        super().__init__(message, quota=quota, **fields)
-        self.quota = quota
 
 
 _STATUS_CODES = {

@@ -16,12 +16,12 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hangar.api.access import Access, AccessPolicy
-from hangar.api.errors import RateLimited, RequestTooLarge, hangar_error_response
+from hangar.api.errors import hangar_error_response
 from hangar.api.ratelimit import RateLimiter
 from hangar.api.routetable import ApiOperation, RouteTable
 from hangar.api.scopes import Scope as RouteScope
 from hangar.api.services.audit import AuditService, Outcome
-from hangar.errors import HangarError
+from hangar.errors import HangarError, RateLimited, RequestTooLarge
 from hangar.store.protocol import ApiToken
 
 ACCESS_KEY = "hangar.access"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hangar.api.errors import RateLimited
 from hangar.clock import Clock
+from hangar.errors import RateLimited
 
 MAX_BUCKETS = 10_000
 

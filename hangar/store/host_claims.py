@@ -8,14 +8,13 @@ transaction comparing the key's version.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from hangar.model.gpu import GpuState
 from hangar.scheduler import Claim, Gpu, HostState, Pool, VersionedHost
+from hangar.store.sqlite_db import SqliteDatabase
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS host_states (
@@ -71,50 +70,37 @@ def host_state_from_json(text: str) -> HostState:
     )
 
 
-class SqliteClaimStore:
+class SqliteClaimStore(SqliteDatabase):
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        super().__init__(path, SCHEMA)
 
     def put_host(self, host: HostState) -> VersionedHost:
         """Register or replace a host unconditionally (inventory), bumping its version."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            row = self._db.execute(
+        with self.transaction() as db:
+            row = db.execute(
                 "SELECT version FROM host_states WHERE host_id = ?", (host.id,)
             ).fetchone()
             version = (row[0] + 1) if row else 1
-            self._db.execute(
+            db.execute(
                 "INSERT OR REPLACE INTO host_states VALUES (?, ?, ?)",
                 (host.id, version, host_state_to_json(host)),
             )
-            self._db.execute("COMMIT")
         return VersionedHost(host, version)
 
     def snapshot(self) -> Mapping[str, VersionedHost]:
-        with self._lock:
-            rows = self._db.execute("SELECT version, body FROM host_states").fetchall()
+        rows = self._query("SELECT version, body FROM host_states")
         records = (VersionedHost(host_state_from_json(body), version) for version, body in rows)
         return {record.state.id: record for record in records}
 
     def read_host(self, host_id: str) -> VersionedHost | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT version, body FROM host_states WHERE host_id = ?", (host_id,)
-            ).fetchone()
-        return VersionedHost(host_state_from_json(row[1]), row[0]) if row else None
+        rows = self._query("SELECT version, body FROM host_states WHERE host_id = ?", (host_id,))
+        return VersionedHost(host_state_from_json(rows[0][1]), rows[0][0]) if rows else None
 
     def compare_and_set(self, host_id: str, expected_version: int, new_state: HostState) -> bool:
         if new_state.id != host_id:
             raise ValueError(f"state of host {new_state.id} written under {host_id}")
-        with self._lock:
-            changed = self._db.execute(
-                "UPDATE host_states SET version = ?, body = ? WHERE host_id = ? AND version = ?",
-                (expected_version + 1, host_state_to_json(new_state), host_id, expected_version),
-            ).rowcount
-        return bool(changed == 1)
+        changed = self._execute(
+            "UPDATE host_states SET version = ?, body = ? WHERE host_id = ? AND version = ?",
+            (expected_version + 1, host_state_to_json(new_state), host_id, expected_version),
+        )
+        return changed == 1

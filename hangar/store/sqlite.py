@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ from hangar.model.config import MachineConfig
 from hangar.model.gpu import GpuEvent, GpuRecord, GpuState
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 from hangar.store.protocol import App, RunRecord, RunStatus
+from hangar.store.sqlite_db import SqliteDatabase
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
@@ -88,39 +87,9 @@ CREATE TABLE IF NOT EXISTS vm_handles (
 """
 
 
-class SqliteStore:
+class SqliteStore(SqliteDatabase):
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return list(self._db.execute(sql, params).fetchall())
-
-    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
-        with self.transaction() as db:
-            return db.execute(sql, params).rowcount
+        super().__init__(path, SCHEMA)
 
     # apps
     def create_app(self, name: str, org_slug: str, now: float) -> App:

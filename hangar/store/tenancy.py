@@ -4,14 +4,12 @@ the cluster state, through a connection of its own (WAL mode lets both write in 
 from __future__ import annotations
 
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from hangar.errors import Conflict, NotFound
 from hangar.store.protocol import ApiToken, AuditRecord, Org, OrgQuotas
+from hangar.store.sqlite_db import SqliteDatabase
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orgs (
@@ -36,35 +34,9 @@ CREATE INDEX IF NOT EXISTS audit_log_org ON audit_log(org_slug, seq);
 """
 
 
-class SqliteTenancyStore:
+class SqliteTenancyStore(SqliteDatabase):
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return list(self._db.execute(sql, params).fetchall())
+        super().__init__(path, SCHEMA)
 
     # orgs
     @staticmethod
@@ -79,7 +51,7 @@ class SqliteTenancyStore:
     def create_org(self, slug: str, name: str, now: float) -> Org:
         org = Org(slug=slug, name=name, created_at=now)
         try:
-            with self._transaction() as db:
+            with self.transaction() as db:
                 db.execute(
                     "INSERT INTO orgs VALUES (?, ?, ?, ?)",
                     (slug, name, now, org.quotas.model_dump_json()),
@@ -89,7 +61,7 @@ class SqliteTenancyStore:
         return org
 
     def ensure_org(self, slug: str, now: float) -> Org:
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO orgs VALUES (?, ?, ?, ?)",
                 (slug, slug, now, OrgQuotas().model_dump_json()),
@@ -106,7 +78,7 @@ class SqliteTenancyStore:
         return [self._org_from(row) for row in self._query("SELECT * FROM orgs ORDER BY slug")]
 
     def set_quotas(self, slug: str, quotas: OrgQuotas) -> Org:
-        with self._transaction() as db:
+        with self.transaction() as db:
             changed = db.execute(
                 "UPDATE orgs SET quotas = ? WHERE slug = ?", (quotas.model_dump_json(), slug)
             ).rowcount
@@ -118,7 +90,7 @@ class SqliteTenancyStore:
 
     # tokens
     def insert_token(self, token: ApiToken, secret_hash: str) -> None:
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 "INSERT INTO api_tokens VALUES (?, ?, ?, ?)",
                 (token.id, secret_hash, token.org_slug, token.model_dump_json()),
@@ -142,7 +114,7 @@ class SqliteTenancyStore:
         return [ApiToken.model_validate_json(row["body"]) for row in rows]
 
     def revoke_token(self, token_id: str, now: float) -> ApiToken:
-        with self._transaction() as db:
+        with self.transaction() as db:
             row = db.execute("SELECT body FROM api_tokens WHERE id = ?", (token_id,)).fetchone()
             if row is None:
                 raise NotFound(f"token {token_id} not found", field="token_id")
@@ -157,7 +129,7 @@ class SqliteTenancyStore:
 
     # audit log
     def add_audit(self, record: AuditRecord) -> AuditRecord:
-        with self._transaction() as db:
+        with self.transaction() as db:
             cursor = db.execute(
                 "INSERT INTO audit_log (org_slug, body) VALUES (?, ?)",
                 (record.org_slug, record.model_dump_json(exclude={"seq"})),

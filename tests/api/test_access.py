@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from hangar.api.access import AccessPolicy
-from hangar.api.errors import Forbidden, Unauthenticated
 from hangar.api.scopes import Scope
 from hangar.api.services.tokens import TokenService, parse_ttl
 from hangar.clock import ManualClock
-from hangar.errors import NotFound
+from hangar.errors import Forbidden, NotFound, Unauthenticated
 from hangar.store.sqlite import SqliteStore
 from hangar.store.tenancy import SqliteTenancyStore
 

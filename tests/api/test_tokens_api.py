@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from hangar.api.errors import Unauthenticated
 from hangar.api.services.tokens import TokenService
 from hangar.cli.client import OPERATOR_TOKEN_FILE
 from hangar.clock import ManualClock
+from hangar.errors import Unauthenticated
 from hangar.server import (
     BOOTSTRAP_TOKEN_DESCRIPTION,
     DATABASE,

@@ -10,11 +10,11 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from hangar.api.errors import Unauthenticated
 from hangar.api.services.tokens import TokenService
 from hangar.cli.client import OPERATOR_TOKEN_FILE
 from hangar.cli.main import app
 from hangar.clock import SystemClock
+from hangar.errors import Unauthenticated
 from hangar.server import DATABASE, bootstrap_operator_token
 from hangar.server_process import ServerProcess, free_port
 from hangar.store.sqlite import SqliteStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from hangar.api.errors import QuotaExceeded
+from hangar.errors import QuotaExceeded
 from hangar.model.config import MachineConfig
 from hangar.model.machine import Machine
 from hangar.store.protocol import ClusterStore, TenancyStore

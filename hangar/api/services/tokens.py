@@ -6,10 +6,9 @@ import hashlib
 import re
 import secrets
 
-from hangar.api.errors import Unauthenticated
 from hangar.api.schemas import CreateTokenRequest, TokenCreated, TokenList, TokenView, iso8601
 from hangar.clock import Clock
-from hangar.errors import NotFound
+from hangar.errors import NotFound, Unauthenticated
 from hangar.store.protocol import ApiToken, ClusterStore, TenancyStore, TokenKind
 
 SECRET_PREFIX = "hgr_"
