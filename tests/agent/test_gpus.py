@@ -128,11 +128,11 @@ def sleeping_platform(bundle_settings: dict[str, str]) -> Callable[[], SleepingV
 
 
 async def settle(agent: Agent) -> None:
-    """Until no run is unfinished (each run is bounded by its steps; 600 polls at most)."""
+    """Until no run is unfinished: woken by the agent's own change notices (bounded)."""
     for _ in range(600):
-        await asyncio.sleep(0.05)
         if not agent.store.list_runs(unfinished_only=True):
             return
+        await agent.wait_for_change(0.1)
     raise AssertionError(f"runs never finished: {agent.store.list_runs(unfinished_only=True)}")
 
 
