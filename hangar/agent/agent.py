@@ -22,7 +22,7 @@ from hangar.clock import Clock
 from hangar.errors import NotFound, PreconditionFailed
 from hangar.model.gpu import GpuEvent, GpuRecord, GpuState
 from hangar.model.machine import MachineState
-from hangar.store.protocol import ClusterStore, RunRecord, RunStatus
+from hangar.store.protocol import ClusterStore, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +251,3 @@ class Agent:
                 if leftover.exists():
                     log.warning("removing %s of stopped machine %s", name, run_dir.name)
                     leftover.unlink()
-
-    def runs_of(self, machine_id: str) -> list[RunRecord]:
-        return self.store.list_runs(machine_id)
-
-
-__all__ = ["Agent", "RunStatus"]

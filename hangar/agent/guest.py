@@ -165,10 +165,6 @@ class QemuGuestPlatform:
     async def alive(self, handle: VmHandleData) -> bool:
         return await self.driver.adopt(VmHandle.model_validate(handle))
 
-    async def guest_ready(self, handle: VmHandleData) -> bool:
-        status = await self.driver.status(VmHandle.model_validate(handle))
-        return status.guest_ready
-
     async def stop(self, handle: VmHandleData, timeout_s: float, signum: int) -> None:
         await self.driver.stop(VmHandle.model_validate(handle), timeout_s, self.clock, signum)
 
