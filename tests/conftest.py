@@ -95,18 +95,31 @@ def kill_vmms_under(home: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
-def shared_server(
-    tmp_path_factory: pytest.TempPathFactory, registry: str
+@contextlib.contextmanager
+def running_server(
+    home: Path, app: str | None = None, env: dict[str, str] | None = None
 ) -> Iterator[ServerProcess]:
-    home = tmp_path_factory.mktemp("hangar-home")
-    server = ServerProcess(home, {"HANGAR_INSECURE_REGISTRIES": registry})
+    """A ``hangar server`` of its own over ``home`` (with ``app`` created), stopped after,
+    with every QEMU it started killed."""
+    server = ServerProcess(home, env)
     server.start()
     try:
+        if app is not None:
+            with server.client() as api:
+                assert api.post("/v1/apps", json={"app_name": app}).status_code == 201
         yield server
     finally:
         server.stop()
         kill_vmms_under(home)
+
+
+@pytest.fixture(scope="session")
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, registry: str
+) -> Iterator[ServerProcess]:
+    env = {"HANGAR_INSECURE_REGISTRIES": registry}
+    with running_server(tmp_path_factory.mktemp("hangar-home"), env=env) as server:
+        yield server
 
 
 @pytest.fixture

@@ -147,7 +147,7 @@ class Agent:
         for machine_id, handle in self.store.list_vm_handles().items():
             if self.has_unfinished_run(machine_id):
                 continue
-            if await self.platform.alive(handle):
+            if self.platform.running(handle):
                 continue
             machine = self.store.get_machine(machine_id)
             if machine is None or machine.state != MachineState.STARTED:

@@ -165,6 +165,9 @@ class QemuGuestPlatform:
     async def alive(self, handle: VmHandleData) -> bool:
         return await self.driver.adopt(VmHandle.model_validate(handle))
 
+    def running(self, handle: VmHandleData) -> bool:
+        return self.driver.is_running(VmHandle.model_validate(handle))
+
     async def stop(self, handle: VmHandleData, timeout_s: float, signum: int) -> None:
         await self.driver.stop(VmHandle.model_validate(handle), timeout_s, self.clock, signum)
 

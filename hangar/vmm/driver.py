@@ -200,6 +200,10 @@ class Driver(Protocol):
 
     async def status(self, handle: VmHandle) -> VmStatus: ...
 
+    def is_running(self, handle: VmHandle) -> bool:
+        """Is the handle's process still alive? Cheap (no monitor round trip): for polling."""
+        ...
+
     async def adopt(self, handle: VmHandle) -> bool:
         """After an agent restart: is this handle's VMM still running, ours, and answering?"""
         ...

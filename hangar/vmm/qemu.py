@@ -180,7 +180,7 @@ class QemuDriver:
 
     async def status(self, handle: VmHandle) -> VmStatus:
         report = summarise_control_events(read_control_events(handle.control_log))
-        if self._is_running(handle):
+        if self.is_running(handle):
             vm_state = await self._vm_state(handle)
             error = report.error
             if error is None and vm_state in FAILED_VM_STATES:
@@ -286,7 +286,7 @@ class QemuDriver:
                     pass
             await self._clock.sleep(LAUNCH_POLL_S)
 
-    def _is_running(self, handle: VmHandle) -> bool:
+    def is_running(self, handle: VmHandle) -> bool:
         process = ProcessRef.open(handle.pid, handle.start_time)
         if process is None:
             return False

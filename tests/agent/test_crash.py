@@ -13,6 +13,7 @@ from hangar.agent.engine import CRASH_AFTER_STEP_ENV
 from hangar.agent.operations import PLANS
 from hangar.server_process import ServerProcess
 from tests.agent.helpers import machine_path, run_machine, vmm_pids, wait_state
+from tests.conftest import running_server
 
 pytestmark = pytest.mark.slow
 
@@ -22,17 +23,8 @@ SLEEPER = ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]
 
 @pytest.fixture(scope="module")
 def crash_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    from tests.conftest import kill_vmms_under
-
-    server = ServerProcess(tmp_path_factory.mktemp("crash-home"))
-    server.start()
-    with server.client() as api:
-        assert api.post("/v1/apps", json={"app_name": APP}).status_code == 201
-    try:
+    with running_server(tmp_path_factory.mktemp("crash-home"), APP) as server:
         yield server
-    finally:
-        server.stop()
-        kill_vmms_under(server.home)
 
 
 def crash_during(server: ServerProcess, operation: str, step: str, request: httpx.Request) -> None:

@@ -257,7 +257,7 @@ async def test_crash_during_handoff_never_frees_a_dirty_gpu(
     [gpu] = held(gpu_host.store, machine_id)
     agent.submit_operation(machine_id, "stop", {"timeout_s": 0.0})
     for _ in range(400):
-        await asyncio.sleep(0.05)
+        await agent.wait_for_change(0.1)
         runs = gpu_host.store.list_runs(f"gpu:{gpu.bdf}")
         if runs and step in runs[-1].steps_done:
             break
@@ -285,7 +285,7 @@ async def test_crash_during_gpu_start_resumes_without_double_claims(
     machine_id = gpu_host.add_machine(gpus=2)
     agent.submit_operation(machine_id, "create", {"resolve_image": True})
     for _ in range(400):
-        await asyncio.sleep(0.05)
+        await agent.wait_for_change(0.1)
         [run] = gpu_host.store.list_runs(machine_id)
         if step in run.steps_done:
             break

@@ -19,6 +19,7 @@ from tests.agent.helpers import (
     wait_exit_recorded,
     wait_state,
 )
+from tests.conftest import running_server
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +29,8 @@ SLEEPER = ["sh", "-c", "echo up; while true; do sleep 1; done"]
 
 @pytest.fixture
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    from tests.conftest import kill_vmms_under
-
-    process = ServerProcess(tmp_path_factory.mktemp("reconcile-home"))
-    process.start()
-    with process.client() as api:
-        assert api.post("/v1/apps", json={"app_name": APP}).status_code == 201
-    try:
+    with running_server(tmp_path_factory.mktemp("reconcile-home"), APP) as process:
         yield process
-    finally:
-        process.stop()
-        kill_vmms_under(process.home)
 
 
 def test_a_running_vmm_is_adopted_after_an_agent_crash(

@@ -33,6 +33,9 @@ class SleepingVmmPlatform(QemuGuestPlatform):
         return {"pid": process.pid, "start_time": info.start_time}
 
     async def alive(self, handle: VmHandleData) -> bool:
+        return self.running(handle)
+
+    def running(self, handle: VmHandleData) -> bool:
         info = read_process(int(handle["pid"]))
         return info is not None and not info.exited and info.start_time == handle["start_time"]
 

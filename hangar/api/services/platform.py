@@ -96,6 +96,10 @@ class PlatformService:
         kind = max(set(kinds), key=kinds.count) if kinds else ""
         records = [gpu for gpu in records if gpu.kind == kind]
         index_of = {gpu.bdf: position for position, gpu in enumerate(records)}
+        held_by: dict[str, list[int]] = {}
+        for gpu in records:
+            if gpu.state == GpuState.CLAIMED:
+                held_by.setdefault(gpu.machine_id, []).append(index_of[gpu.bdf])
         partitions = {
             domain: n
             for n, domain in enumerate(
@@ -124,11 +128,7 @@ class PlatformService:
         for machine in self._store.list_machines(None):
             if machine.state not in HOLDING_STATES:
                 continue
-            held = tuple(
-                index_of[gpu.bdf]
-                for gpu in self._store.list_gpus(machine_id=machine.id)
-                if gpu.bdf in index_of and gpu.state == GpuState.CLAIMED
-            )
+            held = tuple(held_by.get(machine.id, ()))
             claim = Claim(
                 machine.id,
                 cpu_milli(machine.config.guest),
