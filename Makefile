@@ -3,13 +3,13 @@ SHELL := /bin/bash
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 skopeo umoci e2fsprogs busybox-static docker-registry cpio kmod \
-	ca-certificates python3-venv
+	ca-certificates python3-venv cmake g++ make
 PYTEST_ARGS ?=
 # make fuzz: schemathesis examples per API operation and pass (make test runs 8), and a time guard
 FUZZ_EXAMPLES ?= 200
 FUZZ_SECONDS ?= 3600
 
-.PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement clean
+.PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement engine clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -48,6 +48,10 @@ fuzz: deps venv
 
 gpu-check: venv
 	$(PYTHON) scripts/gpu_check.py
+
+# llama-server from the pinned llama-cpp-python sdist, built once into $HANGAR_CACHE (minutes)
+engine: deps venv
+	$(PYTHON) -m hangar.llm.engine
 
 bench-boot: deps venv
 	$(VENV)/bin/hangar bench boot

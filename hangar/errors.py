@@ -14,16 +14,20 @@ Hierarchy::
      |    +-- InsufficientCapacity  422  no host can take the machine (names region and kind)
      |    +-- QuotaExceeded         422  the org would pass one of its quotas (names it)
      +-- NotFound                   404  app, machine, host or lease that does not exist
+ |    +-- ModelNotFound         404  a model (deployment) absent or not the caller's
      +-- Conflict                   409  a state or lease conflict (illegal transition, wrong nonce)
      +-- PreconditionFailed         412  an ``If-Match``-style check failed (version, lease owner)
      +-- WaitTimeout                408  ``wait`` ran out before the machine reached the state
      +-- RequestTooLarge            413  a body over the size limit
      +-- RateLimited                429  past the rate limit (carries ``retry_after_s``)
+ +-- Unavailable                503  no capacity to serve now (carries ``retry_after_s``)
+ +-- BadGateway                 502  an upstream (a model replica) failed or answered badly
      +-- ImageError                 failed to pull or unpack an image (recorded on the machine)
      +-- GuestBootError             failed to build or boot the guest (recorded on the machine)
      +-- VmmError                   the VMM misbehaved: launch failure, QMP failure
      +-- DeviceError                sysfs / VFIO / reset failure on a host device
      +-- StoreError                 the store could not commit (retryable by callers)
+ +-- EngineError                the model engine (llama-server) could not be fetched or built
 """
 
 from __future__ import annotations
@@ -144,3 +148,38 @@ class QuotaExceeded(Unprocessable):
     def __init__(self, message: str, quota: str, **fields: Any) -> None:
         super().__init__(message, quota=quota, **fields)
         self.quota = quota
+
+
+class Unavailable(HangarError):
+    """Nothing can serve the request now (no capacity, a queue full); worth retrying later."""
+
+    http_status = 503
+    code = "unavailable"
+
+    def __init__(self, message: str, retry_after_s: float, **fields: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, retryable=True, **fields)
+        self.retry_after_s = retry_after_s
+
+
+class BadGateway(HangarError):
+    """An upstream hangar forwarded to (a model replica) failed or broke off its answer."""
+
+    http_status = 502
+    code = "bad_gateway"
+
+
+class EngineError(HangarError):
+    code = "engine_error"
+
+
+class ModelNotFound(NotFound):
+    """The one answer for a model that is absent, another org's, or outside the caller's key."""
+
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            model=model,
+            param="model",
+        )
