@@ -142,6 +142,10 @@ class Gateway:
             assert isinstance(exc, HangarError)
             return hangar_error_response(exc)
 
+        async def unexpected(_request: Request, exc: Exception) -> Response:
+            log.error("the model gateway failed", exc_info=exc)
+            return error_response(500, f"internal error: {type(exc).__name__}", None)
+
         @asynccontextmanager
         async def lifespan(_app: Starlette) -> AsyncIterator[None]:
             loop = None
@@ -158,7 +162,11 @@ class Gateway:
 
         return Starlette(
             routes=routes,
-            exception_handlers={HTTPException: http_error, HangarError: hangar_error},
+            exception_handlers={
+                HTTPException: http_error,
+                HangarError: hangar_error,
+                Exception: unexpected,
+            },
             lifespan=lifespan,
         )
 

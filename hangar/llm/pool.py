@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from hangar.clock import Clock
 from hangar.errors import BadGateway, HangarError, InsufficientCapacity, Unavailable
 from hangar.llm.seams import Deployment, Replica, Replicas, ReplicaState
+from hangar.vmm.deadline import run_with_deadline
 
 log = logging.getLogger(__name__)
 
@@ -312,17 +313,12 @@ class ReplicaPool:
 
     async def _wait(self, changed: asyncio.Event, deadline: float) -> None:
         remaining = deadline - self._clock.monotonic()
-        if remaining <= 0:
-            raise self._unavailable("no replica became free in time")
-        waiter = asyncio.ensure_future(changed.wait())
-        timer = asyncio.ensure_future(self._clock.sleep(remaining))
         try:
-            await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            timer.cancel()
-        if not changed.is_set():
-            raise self._unavailable("no replica became free in time")
+            if remaining <= 0:
+                raise TimeoutError
+            await run_with_deadline(self._clock, remaining, changed.wait())
+        except TimeoutError:
+            raise self._unavailable("no replica became free in time") from None
 
     def _unavailable(self, why: str) -> Unavailable:
         return Unavailable(
