@@ -157,9 +157,11 @@ class ReplicaPool:
         ]
         if not free:
             return None
+        # Fewest in flight; among equals the most recently used, so that spare replicas go
+        # idle (and are suspended) when the load falls.
         chosen = min(
             free,
-            key=lambda r: (self._in_flight.get(r.id, 0), self._last_active.get(r.id, 0.0), r.id),
+            key=lambda r: (self._in_flight.get(r.id, 0), -self._last_active.get(r.id, 0.0), r.id),
         )
         self._in_flight[chosen.id] = self._in_flight.get(chosen.id, 0) + 1
         self._last_active[chosen.id] = self._clock.monotonic()

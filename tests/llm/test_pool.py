@@ -201,3 +201,20 @@ async def test_idle_replicas_sleep_down_to_min_and_min_is_kept_awake() -> None:
     await pool.reconcile()
     await settle()
     assert table.wakes, "below min_replicas: one is woken"
+
+
+async def test_light_load_stays_on_one_replica_so_the_spare_can_sleep() -> None:
+    clock = ManualClock()
+    table = ReplicaTable()
+    table.add("a", ReplicaState.STARTED)
+    table.add("b", ReplicaState.STARTED)
+    pool = make_pool(table, clock, idle_s=30.0)
+    used = set()
+    for _ in range(5):
+        lease = await pool.acquire()
+        used.add(lease.replica.id)
+        clock.advance(10.0)
+        lease.release()
+    assert len(used) == 1
+    await pool.reconcile()
+    assert table.sleeps == sorted({"a", "b"} - used)
