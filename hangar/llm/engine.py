@@ -15,10 +15,11 @@ import argparse
 import hashlib
 import logging
 import os
+import struct
 import sys
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_PROJECT = "llama-cpp-python"
 SERVER_TARGET = "llama-server"
+SERVER_ENV = "HANGAR_LLAMA_SERVER"
 ENGINE_PORT = 8080
 IMAGE_SERVER_PATH = "/usr/local/bin/llama-server"
 IMAGE_MODELS_DIR = "/models"
@@ -43,12 +45,14 @@ DEFAULT_BUILD_JOBS = 2
 # A build on a busy two-core machine takes minutes; one that runs for an hour is stuck.
 BUILD_TIMEOUT_S = 3600.0
 DOWNLOAD_TIMEOUT_S = 900.0
+_PT_INTERP = 3
 
 # Options every build gets: a static llama-server and nothing else; no web UI, no downloads.
 _BASE_OPTIONS = {
     "CMAKE_BUILD_TYPE": "Release",
     "BUILD_SHARED_LIBS": "OFF",
-    "GGML_STATIC": "ON",
+    "GGML_STATIC": "ON",  # static ggml libraries (its -static reaches only ggml's targets)
+    "CMAKE_EXE_LINKER_FLAGS": "-static",  # so llama-server runs in an image of busybox only
     "GGML_OPENMP": "OFF",
     "LLAMA_BUILD_UI": "OFF",
     "LLAMA_USE_PREBUILT_UI": "OFF",
@@ -108,7 +112,7 @@ class EngineBinary(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     path: Path
-    build: EngineBuild
+    build: EngineBuild | None  # None: the binary ``$HANGAR_LLAMA_SERVER`` names
 
 
 def engine_cache(cache_dir: Path) -> Path:
@@ -157,9 +161,17 @@ def ensure_llama_server(
     build: EngineBuild | None = None,
     *,
     jobs: int = DEFAULT_BUILD_JOBS,
+    environ: Mapping[str, str] = os.environ,
     runner: CommandRunner = run_command,
 ) -> EngineBinary:
-    """The ``llama-server`` binary for ``build``, compiled once per cache key and then reused."""
+    """``$HANGAR_LLAMA_SERVER`` when set (a binary built elsewhere), else the ``llama-server``
+    for ``build``, compiled once per cache key and then reused."""
+    configured = environ.get(SERVER_ENV)
+    if configured:
+        path = Path(configured)
+        if not path.is_file() or not os.access(path, os.X_OK):
+            raise EngineError(f"{SERVER_ENV}={path} is not an executable file", setting=SERVER_ENV)
+        return EngineBinary(path=path, build=None)
     build = build or EngineBuild()
     sdist = ensure_sdist(cache_dir, build.version, runner=runner)
     entry = build_once(
@@ -221,6 +233,22 @@ def _unpack_llama_cpp(sdist: Path, version: str, work: Path) -> Path:
     return work / "src" / prefix
 
 
+def is_static_executable(path: Path) -> bool:
+    """Whether ``path`` is a 64-bit ELF executable that needs no dynamic loader (it has no
+    ``PT_INTERP`` program header), so it runs in an image without a C library."""
+    with open(path, "rb") as elf:
+        header = elf.read(64)
+        if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:
+            return False
+        order = "<" if header[5] == 1 else ">"
+        (phoff,) = struct.unpack_from(f"{order}Q", header, 32)
+        phentsize, phnum = struct.unpack_from(f"{order}HH", header, 54)
+        elf.seek(phoff)
+        table = elf.read(phentsize * phnum)
+    kinds = [struct.unpack_from(f"{order}I", table, i * phentsize)[0] for i in range(phnum)]
+    return _PT_INTERP not in kinds
+
+
 def build_engine_image(
     oci_layout_dir: Path,
     tag: str,
@@ -239,6 +267,11 @@ def build_engine_image(
     """
     if not server.is_file():
         raise EngineError(f"no engine binary at {server}", path=str(server))
+    if not is_static_executable(server):
+        raise EngineError(
+            f"{server} is not a static executable: the engine image holds no C library",
+            path=str(server),
+        )
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "LLAMA_ARG_HOST": "0.0.0.0",

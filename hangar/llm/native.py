@@ -36,6 +36,7 @@ class EngineArgs(BaseModel):
     context: int = Field(default=1024, ge=64)  # tokens, shared by the parallel slots
     threads: int = Field(default=1, ge=1, le=256)
     embeddings: bool = True
+    metrics: bool = True  # Prometheus counters at /metrics
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)  # 0: the kernel picks one
 
@@ -50,6 +51,8 @@ class EngineArgs(BaseModel):
             words += ["--alias", self.alias]
         if self.embeddings:
             words += ["--embeddings", "--pooling", "mean"]
+        if self.metrics:
+            words.append("--metrics")
         return words
 
 

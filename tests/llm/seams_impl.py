@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hangar.errors import InsufficientCapacity
+from hangar.errors import Conflict, InsufficientCapacity
 from hangar.llm.native import EngineArgs, EngineProcess
 from hangar.llm.seams import Caller, Deployment, Replica, ReplicaState, Usage
 
@@ -57,7 +57,7 @@ class ProcessReplicas:
     binary: Path
     model: Path
     workdir: Path
-    room: int = 4  # replicas scale_out may add in all
+    room: int = 4  # processes this may run in all (shared engines not counted)
     parallel: int = 2
     context: int = 1024
     wakes: list[str] = field(default_factory=list)
@@ -133,12 +133,15 @@ class ProcessReplicas:
 
     async def sleep(self, replica: Replica) -> None:
         instance = self._find(replica.id)
+        if not instance.owned:
+            raise Conflict(f"replica {replica.id} is a shared engine: it is never suspended")
         self.sleeps.append(replica.id)
         instance.engine.suspend()
         instance.suspended = True
 
     async def scale_out(self, deployment: Deployment) -> Replica:
-        if sum(len(instances) for instances in self._instances.values()) >= self.room:
+        owned = [i for instances in self._instances.values() for i in instances if i.owned]
+        if len(owned) >= self.room:
             raise InsufficientCapacity("no room for another replica", deployment=deployment.id)
         self.scale_outs += 1
         replica_id = self.add(deployment, started=False)

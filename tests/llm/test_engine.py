@@ -18,11 +18,13 @@ from hangar.llm.engine import (
     ENGINE_PORT,
     IMAGE_SERVER_PATH,
     LLAMA_CPP_PYTHON_VERSION,
+    SERVER_ENV,
     CpuTarget,
     EngineBinary,
     EngineBuild,
     build_engine_image,
     ensure_llama_server,
+    is_static_executable,
 )
 from hangar.paths import cache_dir
 from tests.images.recording import RecordingRunner
@@ -52,7 +54,7 @@ def test_a_failed_download_is_an_engine_error_and_leaves_no_entry(tmp_path: Path
         raise CommandError(argv, 1, "ERROR: Could not find a version that satisfies")
 
     with pytest.raises(EngineError, match="cannot download") as failed:
-        ensure_llama_server(tmp_path, EngineBuild(version="0.0.0"), runner=offline)
+        ensure_llama_server(tmp_path, EngineBuild(version="0.0.0"), environ={}, runner=offline)
     assert failed.value.fields["retryable"] is True
     assert not (tmp_path / "llm" / "sdist" / "0.0.0").exists()
     assert [
@@ -60,12 +62,33 @@ def test_a_failed_download_is_an_engine_error_and_leaves_no_entry(tmp_path: Path
     ] == []
 
 
+def test_a_configured_binary_is_used_as_it_is(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="not an executable"):
+        ensure_llama_server(tmp_path, environ={SERVER_ENV: str(tmp_path / "absent")})
+    configured = ensure_llama_server(tmp_path, environ={SERVER_ENV: "/bin/busybox"})
+    assert configured == EngineBinary(path=Path("/bin/busybox"), build=None)
+    assert list(tmp_path.iterdir()) == [], "nothing fetched, nothing built"
+
+
+def test_the_image_refuses_a_binary_that_needs_a_c_library(tmp_path: Path) -> None:
+    assert is_static_executable(Path("/bin/busybox"))
+    assert not is_static_executable(Path("/bin/ls"))
+    assert not is_static_executable(Path(__file__))
+    with pytest.raises(EngineError, match="not a static executable"):
+        build_engine_image(tmp_path / "oci", "engine", Path("/bin/ls"))
+    assert not (tmp_path / "oci").exists()
+
+
+@pytest.fixture(scope="module")
+def built_engine() -> EngineBinary:
+    """The engine hangar builds (whatever HANGAR_LLAMA_SERVER says)."""
+    return ensure_llama_server(cache_dir(), environ={})
+
+
 @pytest.mark.slow
-def test_the_built_server_is_static_and_cached(engine_binary: EngineBinary) -> None:
-    binary = engine_binary.path
-    assert binary.is_file()
-    with open(binary, "rb") as elf:
-        assert elf.read(4) == b"\x7fELF"
+def test_the_built_server_is_static_and_cached(built_engine: EngineBinary) -> None:
+    binary = built_engine.path
+    assert is_static_executable(binary)
     interpreter = subprocess.run(["ldd", str(binary)], capture_output=True, text=True)
     assert "not a dynamic executable" in interpreter.stdout + interpreter.stderr
     version = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
@@ -73,15 +96,17 @@ def test_the_built_server_is_static_and_cached(engine_binary: EngineBinary) -> N
     assert json.loads((binary.parent.parent / "build.json").read_text())["cpu"] == "sse42"
 
     nothing_runs = RecordingRunner()
-    again = ensure_llama_server(cache_dir(), runner=nothing_runs)
+    again = ensure_llama_server(cache_dir(), environ={}, runner=nothing_runs)
     assert again.path == binary
     assert nothing_runs.calls == [], "a cached build runs neither pip nor cmake"
 
 
 @pytest.mark.slow
-def test_the_engine_image_runs_llama_server(engine_binary: EngineBinary, tmp_path: Path) -> None:
+def test_the_engine_image_holds_a_runnable_llama_server(
+    built_engine: EngineBinary, tmp_path: Path
+) -> None:
     layout = tmp_path / "oci"
-    build_engine_image(layout, "engine", engine_binary.path)
+    build_engine_image(layout, "engine", built_engine.path)
     config = read_config(parse_image_ref(f"oci:{layout}:engine"), layout, "engine")
     assert config.entrypoint == [IMAGE_SERVER_PATH]
     assert config.env["LLAMA_ARG_HOST"] == "0.0.0.0"
@@ -103,7 +128,7 @@ def test_the_engine_image_runs_llama_server(engine_binary: EngineBinary, tmp_pat
     )
     rootfs = bundle / "rootfs"
     server = rootfs / IMAGE_SERVER_PATH.lstrip("/")
-    assert server.read_bytes() == engine_binary.path.read_bytes()
+    assert server.read_bytes() == built_engine.path.read_bytes()
     assert server.stat().st_mode & 0o111
     assert (rootfs / "bin" / "sh").is_symlink() and (rootfs / "models").is_dir()
     ran = subprocess.run([str(server), "--version"], capture_output=True, text=True)
