@@ -1,7 +1,8 @@
 """A ``llama-server`` process on this host, on loopback: for tests, demos and the benchmark's
 direct baseline, where no machine is needed.
 
-It listens on a port the kernel picks (``--port 0``) and the address is read from its log.
+It is configured through ``LLAMA_ARG_*`` variables only, exactly as a machine running the
+engine image is, listens on a port the kernel picks, and its address is read from its log.
 ``suspend`` and ``resume`` stop and continue the process (memory kept, as a suspended machine
 keeps it); ``stop`` ends it. Every process started here is ended by ``stop``.
 """
@@ -22,6 +23,7 @@ from hangar.errors import EngineError
 
 _LISTENING = re.compile(rb"listening on (http://[0-9.]+:\d+)")
 STOP_GRACE_S = 5.0
+LOOPBACK = "127.0.0.1"
 LOG_TAIL_BYTES = 4000
 
 
@@ -30,30 +32,32 @@ class EngineArgs(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    model: Path
+    model: Path  # as the engine sees it (a path in the guest, for a machine)
     alias: str | None = None  # the name answers carry as ``model``
     parallel: int = Field(default=2, ge=1, le=64)  # requests served at once
     context: int = Field(default=1024, ge=64)  # tokens, shared by the parallel slots
     threads: int = Field(default=1, ge=1, le=256)
     embeddings: bool = True
     metrics: bool = True  # Prometheus counters at /metrics
-    host: str = "127.0.0.1"
-    port: int = Field(default=0, ge=0, le=65535)  # 0: the kernel picks one
 
-    def argv(self, binary: Path) -> list[str]:
-        words = [
-            str(binary), "--model", str(self.model), "--host", self.host, "--port", str(self.port),
-            "--parallel", str(self.parallel), "--ctx-size", str(self.context),
-            "--threads", str(self.threads), "--threads-http", str(max(2, self.parallel)),
-            "--no-webui",
-        ]  # fmt: skip
+    def environment(self) -> dict[str, str]:
+        """These settings as llama-server's ``LLAMA_ARG_*`` variables: what a machine running
+        the engine image sets (the image itself sets host and port)."""
+        env = {
+            "LLAMA_ARG_MODEL": str(self.model),
+            "LLAMA_ARG_N_PARALLEL": str(self.parallel),
+            "LLAMA_ARG_CTX_SIZE": str(self.context),
+            "LLAMA_ARG_THREADS": str(self.threads),
+            "LLAMA_ARG_THREADS_HTTP": str(max(2, self.parallel)),
+        }
         if self.alias:
-            words += ["--alias", self.alias]
+            env["LLAMA_ARG_ALIAS"] = self.alias
         if self.embeddings:
-            words += ["--embeddings", "--pooling", "mean"]
+            env["LLAMA_ARG_EMBEDDINGS"] = "1"
+            env["LLAMA_ARG_POOLING"] = "mean"
         if self.metrics:
-            words.append("--metrics")
-        return words
+            env["LLAMA_ARG_ENDPOINT_METRICS"] = "1"
+        return env
 
 
 class EngineProcess:
@@ -77,9 +81,17 @@ class EngineProcess:
         if self.alive():
             raise EngineError("the engine process is already running", pid=self.pid)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Configured through the environment only, as the engine image is: the same contract.
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LLAMA_ARG_HOST": LOOPBACK,
+            "LLAMA_ARG_PORT": "0",  # the kernel picks a free port; the log says which
+            **self.args.environment(),
+        }
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen(
-                self.args.argv(self.binary),
+                [str(self.binary)],
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
