@@ -45,7 +45,7 @@ class TinyModelSpec(BaseModel):
     heads: int = Field(default=4, ge=1, le=64)
     kv_heads: int = Field(default=2, ge=1, le=64)
     feed_forward: int = Field(default=128, ge=8, le=8192)
-    context: int = Field(default=512, ge=32, le=32768)
+    context: int = Field(default=8192, ge=32, le=32768)  # the longest context it takes
 
 
 def vocabulary() -> tuple[list[str], list[float], list[TokenType]]:

@@ -261,12 +261,13 @@ async def test_bad_requests_get_openai_shaped_errors(world: World) -> None:
 
 async def test_a_replica_killed_mid_stream_gives_a_clean_error(world: World) -> None:
     deployment = world.deploy(Deployment(id="d-fragile", org="acme", name="fragile"))
+    world.replicas.parallel, world.replicas.context = 1, 4096
     replica = world.replicas.add(deployment, started=True)
     transport = GatedTransport()
     async with serving(world.gateway(transport=transport)) as url:
         api = client(url)
         stream = await api.completions.create(
-            model="fragile", prompt="hello", max_tokens=900, temperature=0, stream=True
+            model="fragile", prompt="hello", max_tokens=4000, temperature=0, stream=True
         )
         events = stream.__aiter__()
         await asyncio.wait_for(events.__anext__(), 30)
@@ -288,13 +289,13 @@ async def test_a_replica_killed_mid_stream_gives_a_clean_error(world: World) -> 
 
 async def test_a_client_that_leaves_cancels_its_upstream_request(world: World) -> None:
     deployment = world.deploy(Deployment(id="d-long", org="acme", name="long", concurrency=1))
-    world.replicas.parallel, world.replicas.context = 1, 4096
+    world.replicas.parallel, world.replicas.context = 1, 8192
     replica = world.replicas.add(deployment, started=True)
     transport = GatedTransport()
     gateway = world.gateway(transport=transport)
     async with serving(gateway) as url:
         stream = await client(url).completions.create(
-            model="long", prompt="hello", max_tokens=4000, temperature=0, stream=True
+            model="long", prompt="hello", max_tokens=8000, temperature=0, stream=True
         )
         await asyncio.wait_for(stream.__aiter__().__anext__(), 30)
         await stream.close()
