@@ -42,8 +42,15 @@ from hangar.errors import (
 )
 from hangar.llm.openai_errors import error_response, hangar_error_response, sse_error_event
 from hangar.llm.pool import PoolPolicy, ReplicaPool
-from hangar.llm.seams import Authenticator, Caller, Deployment, Deployments, Metering, Replicas
-from hangar.llm.seams import Usage as UsageRecord
+from hangar.llm.seams import (
+    Authenticator,
+    Caller,
+    Deployment,
+    Deployments,
+    Metering,
+    Replicas,
+    Usage,
+)
 from hangar.llm.sse import EventSplitter, StreamTally, token_counts
 
 log = logging.getLogger(__name__)
@@ -64,7 +71,7 @@ _UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "ide
 @dataclass(frozen=True)
 class GatewayConfig:
     max_body_bytes: int = 4 * 1024 * 1024
-    max_response_bytes: int = 64 * 1024 * 1024  # one non-streamed answer
+    max_response_bytes: int = 16 * 1024 * 1024  # one non-streamed answer, held whole
     max_event_bytes: int = 1024 * 1024  # one server-sent event
     max_requests: int = 1024  # in flight or waiting, all deployments together
     connect_timeout_s: float = 10.0
@@ -411,7 +418,7 @@ class Gateway:
     async def _meter(self, call: _Call, counts: tuple[int, int] | None) -> None:
         if counts is None or counts == (0, 0):
             return
-        record = UsageRecord(
+        record = Usage(
             org=call.deployment.org,
             deployment=call.deployment.id,
             token_id=call.caller.token_id,
