@@ -94,6 +94,7 @@ def test_the_built_server_is_static_and_cached(built_engine: EngineBinary) -> No
     version = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
     assert version.returncode == 0, version.stderr
     assert json.loads((binary.parent.parent / "build.json").read_text())["cpu"] == "sse42"
+    assert _functions_using_avx_registers(binary) == set(), "ggml is built for SSE4.2 only"
 
     nothing_runs = RecordingRunner()
     again = ensure_llama_server(cache_dir(), environ={}, runner=nothing_runs)
@@ -133,3 +134,22 @@ def test_the_engine_image_holds_a_runnable_llama_server(
     assert (rootfs / "bin" / "sh").is_symlink() and (rootfs / "models").is_dir()
     ran = subprocess.run([str(server), "--version"], capture_output=True, text=True)
     assert ran.returncode == 0
+
+
+def _functions_using_avx_registers(binary: Path) -> set[str]:
+    """The ggml and llama functions whose code touches ymm or zmm registers (the C library's
+    own AVX variants, chosen at run time by CPUID, do not count)."""
+    listing = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(binary)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    found: set[str] = set()
+    function = ""
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line.split("<", 1)[1].rstrip(">:")
+        elif ("ymm" in line or "zmm" in line) and ("ggml" in function or "llama" in function):
+            found.add(function)
+    return found
