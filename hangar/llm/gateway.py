@@ -250,7 +250,7 @@ class Gateway:
         return JSONResponse(self._model_object(deployment))
 
     # -- forwarding -----------------------------------------------------------------------
-    async def accept(self, request: Request, path: str, endpoint: str) -> _Call:
+    async def _accept(self, request: Request, path: str, endpoint: str) -> _Call:
         """Check who asks and what for; the request as it goes to the replica."""
         caller = await self.authenticate(request)
         body = await self._read_body(request)
@@ -288,7 +288,7 @@ class Gateway:
                 raise RequestTooLarge(f"the request body is larger than {limit} bytes", limit=limit)
         return bytes(body)
 
-    def admit(self) -> None:
+    def _admit(self) -> None:
         if self._requests >= self.config.max_requests:
             raise Unavailable(
                 "the gateway is at its limit of requests in flight",
@@ -296,10 +296,10 @@ class Gateway:
             )
         self._requests += 1
 
-    def done(self) -> None:
+    def _done(self) -> None:
         self._requests -= 1
 
-    async def serve(self, call: _Call, send: Send) -> None:
+    async def _serve(self, call: _Call, send: Send) -> None:
         """Lease a replica, forward the request, relay or stream its answer, meter it."""
         try:
             lease = await self.pool(call.deployment).acquire()
@@ -476,13 +476,13 @@ class _Forward:
             await send(message)
 
         try:
-            gateway.admit()
+            gateway._admit()
         except HangarError as exc:
             await _send_error(send, exc)
             return
         try:
-            call = await gateway.accept(Request(scope, receive), self._path, self._endpoint)
-            await _until_disconnect(gateway.serve(call, tracked_send), receive)
+            call = await gateway._accept(Request(scope, receive), self._path, self._endpoint)
+            await _until_disconnect(gateway._serve(call, tracked_send), receive)
         except ClientDisconnect:
             return
         except HangarError as exc:
@@ -493,7 +493,7 @@ class _Forward:
             if not started:
                 await _send_error(send, HangarError("internal error in the model gateway"))
         finally:
-            gateway.done()
+            gateway._done()
 
 
 async def _send_error(send: Send, exc: HangarError) -> None:
