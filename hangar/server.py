@@ -10,36 +10,32 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from hangar.agent.agent import Agent
+from hangar.agent.engine import crash_after
 from hangar.agent.gpus import HostGpus
 from hangar.agent.platform import GuestPlatform
 from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
 from hangar.api.deps import Services
-from hangar.api.guard import MAX_BODY_BYTES, GuardConfig
+from hangar.api.guard import GuardConfig
 from hangar.api.ratelimit import RateLimiter, RateLimits
 from hangar.api.services.apps import AppService
 from hangar.api.services.audit import AuditService
 from hangar.api.services.hosts import HostService
-from hangar.api.services.image_policy import ImagePolicy, default_oci_dirs
+from hangar.api.services.image_policy import ImagePolicy
 from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.api.services.tokens import TokenService
-from hangar.cli.client import OPERATOR_TOKEN_FILE
 from hangar.clock import Clock, SystemClock
 from hangar.model.host import HostInfo, read_local_host
+from hangar.settings import Settings
 from hangar.store.sqlite import SqliteStore
 from hangar.store.tenancy import SqliteTenancyStore
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 4280
-DEFAULT_REGION = "local"
-DATABASE = "hangar.db"
 BOOTSTRAP_TOKEN_DESCRIPTION = "operator.token file"
-RATE_LIMITS_ENV = "HANGAR_RATE_LIMITS"
-MAX_BODY_ENV = "HANGAR_MAX_REQUEST_BYTES"
 
 
 @dataclass
@@ -54,35 +50,42 @@ class EmbeddedServer:
 
 
 def build_server(
-    home: Path,
+    settings: Settings,
     platform: GuestPlatform | None = None,
     clock: Clock | None = None,
-    region: str | None = None,
     rate_limits: RateLimits | None = None,
 ) -> EmbeddedServer:
-    """Everything ``hangar server`` runs; ``rate_limits`` defaults to HANGAR_RATE_LIMITS
-    (Fly's documented limits where it names none)."""
+    """Everything ``hangar server`` runs; ``rate_limits`` defaults to the settings' (Fly's
+    documented limits where they name none)."""
     clock = clock or SystemClock()
+    home = settings.home
     home.mkdir(parents=True, exist_ok=True)
-    store = SqliteStore(home / DATABASE)
-    tenancy = SqliteTenancyStore(home / DATABASE)
+    store = SqliteStore(settings.database)
+    tenancy = SqliteTenancyStore(settings.database)
     for org_slug in {DEFAULT_ORG} | {app.org_slug for app in store.list_apps(None)}:
         tenancy.ensure_org(org_slug, clock.now())
     if platform is None:
         from hangar.agent.guest import QemuGuestPlatform
 
-        platform = QemuGuestPlatform.for_home(home)
-    host = read_local_host(region or os.environ.get("HANGAR_REGION", DEFAULT_REGION))
-    agent = Agent(store, platform, clock, home / "machines", HostGpus.from_environment(host.id))
+        platform = QemuGuestPlatform.from_settings(settings)
+    host = read_local_host(settings.host_id, settings.region)
+    agent = Agent(
+        store,
+        platform,
+        clock,
+        settings.machines_dir,
+        HostGpus.from_settings(settings),
+        crash_after(settings.crash_after_step),
+    )
     quotas = QuotaService(store, tenancy)
-    capacity = PlatformService(store, host)
+    capacity = PlatformService(store, host, settings.gpu_driver_bundle)
     orgs = OrgService(tenancy, quotas, clock)
     tokens = TokenService(tenancy, store, clock)
     audit = AuditService(tenancy, clock)
     services = Services(
         apps=AppService(store, tenancy, orgs, clock),
         machines=MachineService(
-            store, agent, clock, host, quotas, ImagePolicy(default_oci_dirs(home)), capacity
+            store, agent, clock, host, quotas, ImagePolicy(settings.allowed_oci_dirs), capacity
         ),
         orgs=orgs,
         tokens=tokens,
@@ -92,11 +95,9 @@ def build_server(
     )
     guard = GuardConfig(
         policy=AccessPolicy(tokens, store),
-        limiter=RateLimiter(
-            rate_limits or RateLimits.parse(os.environ.get(RATE_LIMITS_ENV, "")), clock
-        ),
+        limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
         audit=audit,
-        max_body_bytes=int(os.environ.get(MAX_BODY_ENV, MAX_BODY_BYTES)),
+        max_body_bytes=settings.max_request_bytes,
     )
     app = create_app(services, guard, on_startup=agent.start, on_shutdown=agent.close)
     return EmbeddedServer(
@@ -104,9 +105,8 @@ def build_server(
     )
 
 
-def write_operator_token(home: Path, secret: str) -> Path:
+def write_operator_token(path: Path, secret: str) -> Path:
     """``$HANGAR_HOME/operator.token``, readable by its owner alone from the first byte."""
-    path = home / OPERATOR_TOKEN_FILE
     scratch = path.with_suffix(".tmp")
     scratch.unlink(missing_ok=True)
     descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -116,7 +116,9 @@ def write_operator_token(home: Path, secret: str) -> Path:
     return path
 
 
-def bootstrap_operator_token(home: Path, tokens: TokenService, renew: bool = False) -> str | None:
+def bootstrap_operator_token(
+    token_file: Path, tokens: TokenService, renew: bool = False
+) -> str | None:
     """On a first start (no operator token yet), or with ``renew`` (``hangar server --init``,
     which also revokes the previous file's token): mint an operator token and write it to
     ``$HANGAR_HOME/operator.token``. Returns the secret when it minted one."""
@@ -128,19 +130,33 @@ def bootstrap_operator_token(home: Path, tokens: TokenService, renew: bool = Fal
             if token.description == BOOTSTRAP_TOKEN_DESCRIPTION:
                 tokens.revoke(token.id)
     _token, secret = tokens.issue_operator(BOOTSTRAP_TOKEN_DESCRIPTION)
-    write_operator_token(home, secret)
+    write_operator_token(token_file, secret)
     return secret
 
 
-def serve(home: Path, host: str, port: int, init: bool = False) -> None:
+def mint_operator_token(settings: Settings, description: str) -> tuple[str, str]:
+    """``hangar admin token``, on the server's host: an operator token straight into the
+    server's database (no API involved). Returns (token id, secret)."""
+    if not settings.database.exists():
+        raise FileNotFoundError(settings.database)
+    clock = SystemClock()
+    tokens = TokenService(
+        SqliteTenancyStore(settings.database), SqliteStore(settings.database), clock
+    )
+    token, secret = tokens.issue_operator(description)
+    return token.id, secret
+
+
+def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
     import uvicorn
 
-    server = build_server(home)
-    secret = bootstrap_operator_token(home, server.tokens, renew=init)
+    server = build_server(settings)
+    token_file = settings.operator_token_file
+    secret = bootstrap_operator_token(token_file, server.tokens, renew=init)
     if secret is not None:
-        log.info("operator token written to %s", home / OPERATOR_TOKEN_FILE)
+        log.info("operator token written to %s", token_file)
         if init:
-            print(f"operator token (also written to {home / OPERATOR_TOKEN_FILE}):")
+            print(f"operator token (also written to {token_file}):")
             print(secret, flush=True)
-    log.info("hangar server: home %s, listening on %s:%d", home, host, port)
+    log.info("hangar server: home %s, listening on %s:%d", settings.home, host, port)
     uvicorn.run(server.app, host=host, port=port, log_level="info")

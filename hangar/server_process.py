@@ -20,8 +20,10 @@ from typing import Self
 
 import httpx
 
+from hangar.settings import OPERATOR_TOKEN_FILE, env_name
+
 STARTUP_TIMEOUT_S = 30.0
-RAISED_RATE_LIMITS = {"HANGAR_RATE_LIMITS": "default=10000/10000,get_machine=10000/10000"}
+RAISED_RATE_LIMITS = {env_name("rate_limits"): "default=10000/10000,get_machine=10000/10000"}
 
 
 def free_port() -> int:
@@ -52,7 +54,12 @@ class ServerProcess:
         return self.home / "server.log"
 
     def start(self, extra_env: dict[str, str] | None = None) -> None:
-        env = {**os.environ, **self.extra_env, **(extra_env or {}), "HANGAR_HOME": str(self.home)}
+        env = {
+            **os.environ,
+            **self.extra_env,
+            **(extra_env or {}),
+            env_name("home"): str(self.home),
+        }
         self.home.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -98,8 +105,6 @@ class ServerProcess:
 
     @property
     def operator_token(self) -> str:
-        from hangar.cli.client import OPERATOR_TOKEN_FILE
-
         return (self.home / OPERATOR_TOKEN_FILE).read_text().strip()
 
     def client(self, token: str | None = None) -> httpx.Client:

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from hangar.agent.context import StepContext
-from hangar.agent.engine import CrashHook, RunEngine, crash_if_injected
+from hangar.agent.engine import CrashHook, RunEngine, no_crash
 from hangar.agent.gpu_steps import handoff_subject, start_handoff
 from hangar.agent.gpus import HostGpus
 from hangar.agent.operations import PLANS
@@ -37,7 +37,7 @@ class Agent:
         clock: Clock,
         machines_dir: Path,
         gpus: HostGpus | None = None,
-        crash_hook: CrashHook = crash_if_injected,
+        crash_hook: CrashHook = no_crash,
     ) -> None:
         self.store = store
         self.platform = platform

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from hangar.settings import env_name
 from hangar.store.protocol import RunRecord, RunStatus
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CRASH_AFTER_STEP_ENV = "HANGAR_CRASH_AFTER_STEP"
+CRASH_AFTER_STEP_ENV = env_name("crash_after_step")
 
 
 class Step(Protocol):
@@ -47,22 +48,32 @@ class Plan:
             raise ValueError(f"plan {self.operation} repeats a step name: {names}")
 
 
-def crash_if_injected(operation: str, step_name: str) -> None:
-    """Test hook: ``HANGAR_CRASH_AFTER_STEP=start:launch_vm`` SIGKILLs this process right there."""
-    target = os.environ.get(CRASH_AFTER_STEP_ENV)
-    if target and target == f"{operation}:{step_name}":
-        log.warning("crash injected after %s:%s", operation, step_name)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 CrashHook = Callable[[str, str], None]
+
+
+def no_crash(operation: str, step_name: str) -> None:
+    """The crash hook outside crash tests."""
+
+
+def crash_after(target: str) -> CrashHook:
+    """Test hook: ``crash_after("start:launch_vm")`` (``HANGAR_CRASH_AFTER_STEP``) SIGKILLs this
+    process right after that step is recorded; an empty target never crashes."""
+    if not target:
+        return no_crash
+
+    def hook(operation: str, step_name: str) -> None:
+        if target == f"{operation}:{step_name}":
+            log.warning("crash injected after %s:%s", operation, step_name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 
 class RunEngine:
     """Executes runs; ``crash_hook(operation, step)`` is called after each recorded step
-    (the default kills the process when ``HANGAR_CRASH_AFTER_STEP`` names that step)."""
+    (tests make it kill the process there: :func:`crash_after`)."""
 
-    def __init__(self, plans: dict[str, Plan], crash_hook: CrashHook = crash_if_injected) -> None:
+    def __init__(self, plans: dict[str, Plan], crash_hook: CrashHook = no_crash) -> None:
         self._plans = plans
         self._crash_hook = crash_hook
 

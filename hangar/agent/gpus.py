@@ -3,7 +3,6 @@ claim, and the device operations (bind, reset, release) the GPU steps call."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +24,9 @@ from hangar.devices.iommu import read_group_members
 from hangar.devices.reset import ResetOutcome
 from hangar.errors import DeviceError
 from hangar.model.gpu import GpuRecord
+from hangar.settings import Settings
 from hangar.store.protocol import ClusterStore
 
-SYSFS_ROOT_ENV = "HANGAR_SYSFS_ROOT"
-NVML_ENV = "HANGAR_NVML"
 VFIO_PCI = "vfio-pci"
 
 
@@ -71,11 +69,11 @@ class HostGpus:
     nvml: NvmlReader = field(default_factory=lambda: NoNvml("NVML not used"))
 
     @classmethod
-    def from_environment(cls, host_id: str) -> HostGpus:
-        root = Path(os.environ.get(SYSFS_ROOT_ENV, "/sys"))
-        use_nvml = os.environ.get(NVML_ENV, "1") != "0" and root == Path("/sys")
-        nvml: NvmlReader = PynvmlReader() if use_nvml else NoNvml(f"{NVML_ENV}=0 or fixture sysfs")
-        return cls(host_id=host_id, sysfs=SysfsRoot(root), nvml=nvml)
+    def from_settings(cls, settings: Settings) -> HostGpus:
+        root = settings.sysfs_root
+        use_nvml = settings.nvml and root == Path("/sys")
+        nvml: NvmlReader = PynvmlReader() if use_nvml else NoNvml("NVML off or fixture sysfs")
+        return cls(host_id=settings.host_id, sysfs=SysfsRoot(root), nvml=nvml)
 
     def inventory(self) -> HostInventory:
         return read_inventory(self.sysfs, nvml=self.nvml)

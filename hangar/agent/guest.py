@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Mapping
 from pathlib import Path
 
 from hangar.agent.platform import GuestExit, RunDirLayout, VmHandleData
@@ -19,14 +18,13 @@ from hangar.images.reference import parse_image_ref
 from hangar.images.rootfs import CachedImage, ImageCache, machine_disk
 from hangar.images.run_config import GuestFile, GuestRunConfig, resolve_argv
 from hangar.model.machine import ImageRef, Machine
-from hangar.paths import cache_dir
+from hangar.settings import Settings
+from hangar.vmm.accel import choose_accel
 from hangar.vmm.control import read_control_events, summarise_control_events
 from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec
 from hangar.vmm.proc import PROC_ROOT, read_process
 from hangar.vmm.qemu import QemuDriver
 from hangar.vmm.qemu_argv import HUGEPAGES_DIR
-
-INSECURE_REGISTRIES_ENV = "HANGAR_INSECURE_REGISTRIES"
 
 
 def hugepages_available(
@@ -42,15 +40,6 @@ def hugepages_available(
             values[name] = int(rest.split()[0])
     free_kb = values.get("HugePages_Free", 0) * values.get("Hugepagesize", 0)
     return free_kb >= memory_mb * 1024
-
-
-def insecure_registries() -> set[str]:
-    """Registries reached without TLS verification (``host:port`` list, as docker's option)."""
-    return {
-        item.strip()
-        for item in os.environ.get(INSECURE_REGISTRIES_ENV, "").split(",")
-        if item.strip()
-    }
 
 
 def to_model_ref(ref: ParsedImageRef, digest: str) -> ImageRef:
@@ -70,22 +59,45 @@ class QemuGuestPlatform:
         cache: Path,
         driver: Driver,
         clock: Clock | None = None,
-        settings: Mapping[str, str] = os.environ,
+        *,
+        insecure_registries: frozenset[str] = frozenset(),
+        driver_bundle: Path | None = None,
+        guest_kernel: Path | None = None,
+        guest_modules: Path | None = None,
     ) -> None:
+        """``insecure_registries``: ``host:port`` pulled without TLS verification;
+        ``driver_bundle``: the GPU driver bundle; ``guest_kernel``/``guest_modules``: an
+        operator's kernel instead of Debian's (each as in :mod:`hangar.settings`)."""
         self.cache_root = cache
         self.images = ImageCache(cache)
         self.driver = driver
         self.clock = clock or SystemClock()
-        self.settings = settings
+        self.insecure_registries = insecure_registries
+        self.driver_bundle = driver_bundle
+        self.guest_kernel = guest_kernel
+        self.guest_modules = guest_modules
 
     @classmethod
-    def for_home(cls, home: Path) -> QemuGuestPlatform:
-        return cls(cache_dir(), QemuDriver())
+    def from_settings(cls, settings: Settings) -> QemuGuestPlatform:
+        accel = choose_accel(forced=settings.accel, pvm_guest_kernel=settings.pvm_guest_kernel)
+        return cls(
+            settings.cache_dir,
+            QemuDriver(accel=accel),
+            insecure_registries=settings.insecure_registries,
+            driver_bundle=settings.gpu_driver_bundle,
+            guest_kernel=settings.guest_kernel,
+            guest_modules=settings.guest_modules,
+        )
+
+    def boot_kernel(self) -> kernel.GuestKernel:
+        return kernel.ensure_kernel(
+            self.cache_root, vmlinuz=self.guest_kernel, modules=self.guest_modules
+        )
 
     # images
     async def resolve_image(self, image: str) -> ImageRef:
         ref = parse_image_ref(image)
-        tls_verify = ref.transport != "docker" or ref.registry not in insecure_registries()
+        tls_verify = ref.transport != "docker" or ref.registry not in self.insecure_registries
         cached = await self.images.ensure(ref, tls_verify=tls_verify)
         return to_model_ref(ref, cached.digest)
 
@@ -128,7 +140,7 @@ class QemuGuestPlatform:
                 for item in config.files
             ],
         )
-        guest_kernel = await asyncio.to_thread(kernel.ensure_kernel, self.cache_root)
+        guest_kernel = await asyncio.to_thread(self.boot_kernel)
         base = await asyncio.to_thread(
             initramfs.ensure_base_initramfs, guest_kernel, self.cache_root
         )
@@ -138,11 +150,11 @@ class QemuGuestPlatform:
 
     # the VMM
     async def vm_spec(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmSpec:
-        guest_kernel = await asyncio.to_thread(kernel.ensure_kernel, self.cache_root)
+        guest_kernel = await asyncio.to_thread(self.boot_kernel)
         extra_disks = []
         if gpus:
             bundle = await asyncio.to_thread(
-                prepare_driver_bundle, guest_kernel, self.cache_root, environ=self.settings
+                prepare_driver_bundle, guest_kernel, self.cache_root, bundle=self.driver_bundle
             )
             extra_disks.append(DiskSpec(path=bundle, read_only=True))
         return VmSpec.in_run_dir(

@@ -22,10 +22,11 @@ from hangar.api.routetable import ApiOperation, RouteTable
 from hangar.api.scopes import Scope as RouteScope
 from hangar.api.services.audit import AuditService, Outcome
 from hangar.errors import HangarError, RateLimited, RequestTooLarge
+from hangar.settings import DEFAULT_MAX_REQUEST_BYTES
 from hangar.store.protocol import ApiToken
 
 ACCESS_KEY = "hangar.access"
-MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_BODY_BYTES = DEFAULT_MAX_REQUEST_BYTES
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 

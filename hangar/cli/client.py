@@ -1,35 +1,47 @@
 """The CLI's only way to hangar: HTTP to the Machines API.
 
-Configured by ``HANGAR_API_URL`` and ``HANGAR_API_TOKEN``; without a token it uses the
-operator token the local server wrote to ``$HANGAR_HOME/operator.token``, when readable.
+Configured by ``HANGAR_API_URL`` and ``HANGAR_API_TOKEN``. Without a token, and only when the
+API URL is this host's loopback, it uses the operator token the local server wrote to
+``$HANGAR_HOME/operator.token``: the operator's secret never goes to another address.
 A 429 is waited out (its ``Retry-After``) and retried a few times.
 """
 
 from __future__ import annotations
 
-import os
+import ipaddress
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from hangar.paths import hangar_home
+from hangar.settings import Settings
 
-DEFAULT_API_URL = "http://127.0.0.1:4280"
-OPERATOR_TOKEN_FILE = "operator.token"
 RATE_LIMIT_RETRIES = 5
 MAX_RETRY_WAIT_S = 10.0
 
 
-def default_token(home: Path | None = None) -> str | None:
-    """``HANGAR_API_TOKEN``, else the local operator token file, else none."""
-    token = os.environ.get("HANGAR_API_TOKEN")
-    if token:
-        return token
+def is_loopback_url(url: str) -> bool:
+    """True for ``http(s)://`` URLs whose host is ``localhost`` or a loopback address."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
     try:
-        return (home or hangar_home()).joinpath(OPERATOR_TOKEN_FILE).read_text().strip() or None
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_token(settings: Settings) -> str | None:
+    """``HANGAR_API_TOKEN``, else (for a loopback API URL only) the local operator token
+    file, else none."""
+    if settings.api_token:
+        return settings.api_token
+    if not is_loopback_url(settings.api_url):
+        return None
+    try:
+        return settings.operator_token_file.read_text().strip() or None
     except OSError:
         return None
 
@@ -56,14 +68,18 @@ class HangarClient:
         token: str | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        settings: Settings | None = None,
     ) -> None:
         headers = {}
         self._sleep = sleep
-        token = token if token is not None else default_token()
+        if base_url is None or token is None:
+            settings = settings or Settings()
+            base_url = base_url or settings.api_url
+            token = token if token is not None else default_token(settings)
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
-            base_url=base_url or os.environ.get("HANGAR_API_URL", DEFAULT_API_URL),
+            base_url=base_url,
             headers=headers,
             timeout=httpx.Timeout(75.0, connect=5.0),
             transport=transport,

@@ -17,6 +17,7 @@ from hangar.cli.client import ApiError, HangarClient
 from hangar.cli.host import host_app
 from hangar.cli.output import call, console, errors, fail
 from hangar.cli.tenancy import admin_app, audit_app, orgs_app, tokens_app
+from hangar.settings import DEFAULT_PORT, Settings
 
 app = typer.Typer(help="hangar: GPU Machines on your own servers.", no_args_is_help=True)
 apps_app = typer.Typer(help="Apps own machines.", no_args_is_help=True)
@@ -30,7 +31,6 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(admin_app, name="admin")
 app.add_typer(host_app, name="host")
 
-ACTIVE = {"created", "starting", "started", "stopping", "replacing"}
 DEFAULT_APP = "default"
 
 
@@ -41,7 +41,7 @@ def client() -> HangarClient:
 @app.command()
 def server(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 4280,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
     home: Annotated[Path | None, typer.Option(help="State directory ($HANGAR_HOME).")] = None,
     init: Annotated[
         bool,
@@ -51,13 +51,13 @@ def server(
     ] = False,
 ) -> None:
     """Run API + scheduler + agent in one process (state in SQLite under $HANGAR_HOME)."""
-    from hangar.paths import hangar_home
     from hangar.server import serve
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    serve(home or hangar_home(), host, port, init=init)
+    settings = Settings() if home is None else Settings(home=home)
+    serve(settings, host, port, init=init)
 
 
 @apps_app.command("create")

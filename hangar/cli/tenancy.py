@@ -158,18 +158,19 @@ def admin_token(
     home: Annotated[Path | None, typer.Option(help="The server's $HANGAR_HOME.")] = None,
     description: Annotated[str, typer.Option(help="What the token is for.")] = "hangar admin",
 ) -> None:
-    """Mint an operator token in the server's database (no API call) and print it once."""
-    from hangar.api.services.tokens import TokenService
-    from hangar.clock import SystemClock
-    from hangar.paths import hangar_home
-    from hangar.server import DATABASE
-    from hangar.store.sqlite import SqliteStore
-    from hangar.store.tenancy import SqliteTenancyStore
+    """Mint an operator token in the server's database (no API call) and print it once.
+    This is the server's own administration, run on its host, not an API client."""
+    from hangar.server import mint_operator_token
+    from hangar.settings import Settings
 
-    database = (home or hangar_home()) / DATABASE
-    if not database.exists():
-        fail(f"no hangar database at {database}: start `hangar server` once, or pass --home", 2)
-    tokens = TokenService(SqliteTenancyStore(database), SqliteStore(database), SystemClock())
-    token, secret = tokens.issue_operator(description)
-    errors.print(f"operator token {token.id}; shown once:", style="dim")
+    settings = Settings() if home is None else Settings(home=home)
+    try:
+        token_id, secret = mint_operator_token(settings, description)
+    except FileNotFoundError:
+        fail(
+            f"no hangar database at {settings.database}: start `hangar server` once, "
+            "or pass --home",
+            2,
+        )
+    errors.print(f"operator token {token_id}; shown once:", style="dim")
     typer.echo(secret)

@@ -33,7 +33,6 @@ import re
 import shlex
 import shutil
 import stat
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -44,8 +43,9 @@ from hangar.images.cachedir import build_once, scratch_dir
 from hangar.images.kernel import GuestKernel
 from hangar.images.rootfs import make_ext4
 from hangar.images.runner import CommandError, CommandRunner, run_command, stdout_bytes
+from hangar.settings import env_name
 
-DRIVER_BUNDLE_SETTING = "HANGAR_GPU_DRIVER_BUNDLE"
+DRIVER_BUNDLE_SETTING = env_name("gpu_driver_bundle")
 MANIFEST_NAME = "manifest.json"
 MODULES_DIR = "modules"
 GUEST_ENV_NAME = "hangar-driver.env"
@@ -183,10 +183,9 @@ class _Ext4ImageTree:
         return self._type(relative) in ("directory", "symlink")
 
 
-def configured_driver_bundle(environ: Mapping[str, str] = os.environ) -> Path:
+def configured_driver_bundle(configured: Path | None) -> Path:
     """The bundle ``$HANGAR_GPU_DRIVER_BUNDLE`` names; a GPU machine cannot start without one."""
-    configured = environ.get(DRIVER_BUNDLE_SETTING)
-    if not configured:
+    if configured is None:
         raise DriverBundleError(
             f"GPU machines need the NVIDIA driver for the guest kernel: set "
             f"{DRIVER_BUNDLE_SETTING} to a driver bundle (a folder with manifest.json, or an "
@@ -194,7 +193,7 @@ def configured_driver_bundle(environ: Mapping[str, str] = os.environ) -> Path:
             setting=DRIVER_BUNDLE_SETTING,
             reason="not_configured",
         )
-    return Path(configured)
+    return configured
 
 
 def is_ext4_image(path: Path) -> bool:
@@ -369,12 +368,12 @@ def prepare_driver_bundle(
     kernel: GuestKernel,
     cache_dir: Path,
     *,
-    environ: Mapping[str, str] = os.environ,
+    bundle: Path | None,
     runner: CommandRunner = run_command,
 ) -> Path:
     """For a GPU machine: the configured bundle, checked against ``kernel``, as the disk to
     attach read-only as the guest's first extra disk (and set ``driver_bundle`` in its run
     config). Raises ``DriverBundleError`` rather than let a guest start without its driver."""
-    bundle = configured_driver_bundle(environ)
+    bundle = configured_driver_bundle(bundle)
     check_bundle_for_kernel(load_bundle_manifest(bundle, runner=runner), kernel)
     return ensure_driver_bundle_disk(bundle, cache_dir, runner=runner)

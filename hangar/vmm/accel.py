@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from hangar.errors import VmmError
+from hangar.settings import env_name
 
 log = logging.getLogger(__name__)
 
-FORCE_ENV = "HANGAR_ACCEL"
-PVM_GUEST_KERNEL_ENV = "HANGAR_PVM_GUEST_KERNEL"
+FORCE_ENV = env_name("accel")
+PVM_GUEST_KERNEL_ENV = env_name("pvm_guest_kernel")
+Accel = Literal["kvm", "tcg"]
 
 KVM_MACHINE_TYPE = "microvm,isa-serial=on,pcie=on"
 TCG_MACHINE_TYPE = "q35"
@@ -33,7 +33,7 @@ TCG_CPU_MODEL = "max"
 class AccelChoice(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    accel: Literal["kvm", "tcg"]
+    accel: Accel
     machine_type: str
     cpu_model: str
     reason: str
@@ -53,12 +53,15 @@ def tcg_choice(reason: str) -> AccelChoice:
 
 def choose_accel(
     *,
+    forced: Accel | None = None,
+    pvm_guest_kernel: bool = False,
     dev_root: Path = Path("/dev"),
     sys_root: Path = Path("/sys"),
-    environ: Mapping[str, str] | None = None,
 ) -> AccelChoice:
-    """Decide for this host (or the fixture tree at ``dev_root``/``sys_root``); log why."""
-    choice = _decide(dev_root, sys_root, os.environ if environ is None else environ)
+    """Decide for this host (or the fixture tree at ``dev_root``/``sys_root``); log why.
+    ``forced`` and ``pvm_guest_kernel`` are the operator's settings (``HANGAR_ACCEL``,
+    ``HANGAR_PVM_GUEST_KERNEL``)."""
+    choice = _decide(dev_root, sys_root, forced, pvm_guest_kernel)
     log.info(
         "guests run with accel=%s machine=%s cpu=%s: %s",
         choice.accel,
@@ -69,16 +72,13 @@ def choose_accel(
     return choice
 
 
-def _decide(dev_root: Path, sys_root: Path, environ: Mapping[str, str]) -> AccelChoice:
-    forced = environ.get(FORCE_ENV, "").strip().lower()
+def _decide(
+    dev_root: Path, sys_root: Path, forced: Accel | None, pvm_guest_kernel: bool
+) -> AccelChoice:
     if forced == "kvm":
         return kvm_choice(f"forced by {FORCE_ENV}=kvm")
     if forced == "tcg":
         return tcg_choice(f"forced by {FORCE_ENV}=tcg")
-    if forced:
-        raise VmmError(
-            f"{FORCE_ENV} must be 'kvm' or 'tcg', not {forced!r}", env=FORCE_ENV, value=forced
-        )
 
     kvm_device = dev_root / "kvm"
     try:
@@ -87,7 +87,7 @@ def _decide(dev_root: Path, sys_root: Path, environ: Mapping[str, str]) -> Accel
         return tcg_choice(f"{kvm_device} cannot be opened ({error.strerror})")
 
     if (sys_root / "module" / "kvm_pvm").exists():
-        if environ.get(PVM_GUEST_KERNEL_ENV) == "1":
+        if pvm_guest_kernel:
             return kvm_choice(
                 f"KVM is kvm-pvm and {PVM_GUEST_KERNEL_ENV}=1 names a PVM guest kernel"
             )

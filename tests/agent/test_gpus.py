@@ -22,16 +22,15 @@ from hangar.agent.platform import GuestPlatform
 from hangar.agent.steps import new_run
 from hangar.clock import SystemClock
 from hangar.devices import NoNvml, SysfsRoot
-from hangar.images.driver_bundle import DRIVER_BUNDLE_SETTING
 from hangar.images.initramfs import module_bytes, resolve_modules
 from hangar.images.kernel import ensure_kernel
 from hangar.model.config import MachineConfig
 from hangar.model.gpu import GpuRecord, GpuState
 from hangar.model.machine import Machine, MachineState, new_machine_id, new_ulid
-from hangar.paths import cache_dir
 from hangar.store.sqlite import SqliteStore
 from hangar.vmm.qemu import QemuDriver
 from tests.agent.vmm_stand_in import ARGV_FILE, SleepingVmmPlatform
+from tests.conftest import SUITE_CACHE
 from tests.devices.kernel_sim import KernelSimulator
 from tests.devices.sysfs_fixture import (
     HGX_H100_GPUS,
@@ -106,25 +105,25 @@ def gpu_host(tmp_path: Path, test_image: str) -> Iterator[GpuHost]:
     )
     yield host
     for handle in host.store.list_vm_handles().values():
-        asyncio.run(SleepingVmmPlatform(cache_dir(), QemuDriver()).kill(handle))
+        asyncio.run(SleepingVmmPlatform(SUITE_CACHE, QemuDriver()).kill(handle))
 
 
 @pytest.fixture(scope="module")
-def bundle_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def driver_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A driver bundle for the real guest kernel (its "driver" is the kernel's dummy module)."""
-    guest_kernel = ensure_kernel(cache_dir())
+    guest_kernel = ensure_kernel(SUITE_CACHE)
     [module] = resolve_modules(guest_kernel.modules_dir, ["dummy"])
     bundle = write_bundle(
         tmp_path_factory.mktemp("bundle") / "driver",
         {"dummy": module_bytes(guest_kernel.modules_dir / module)},
         kernel_version=guest_kernel.version,
     )
-    return {DRIVER_BUNDLE_SETTING: str(bundle)}
+    return bundle
 
 
 @pytest.fixture
-def sleeping_platform(bundle_settings: dict[str, str]) -> Callable[[], SleepingVmmPlatform]:
-    return lambda: SleepingVmmPlatform(cache_dir(), QemuDriver(), settings=bundle_settings)
+def sleeping_platform(driver_bundle: Path) -> Callable[[], SleepingVmmPlatform]:
+    return lambda: SleepingVmmPlatform(SUITE_CACHE, QemuDriver(), driver_bundle=driver_bundle)
 
 
 async def settle(agent: Agent) -> None:
@@ -176,10 +175,12 @@ async def test_gpu_machine_claims_close_gpus_binds_them_and_passes_each_bdf(
 
 
 async def test_a_launch_that_fails_releases_its_gpus(
-    gpu_host: GpuHost, bundle_settings: dict[str, str]
+    gpu_host: GpuHost, driver_bundle: Path
 ) -> None:
     # Real QEMU: it refuses the VFIO device this host does not really have.
-    agent = gpu_host.agent(QemuGuestPlatform(cache_dir(), QemuDriver(), settings=bundle_settings))
+    agent = gpu_host.agent(
+        QemuGuestPlatform(SUITE_CACHE, QemuDriver(), driver_bundle=driver_bundle)
+    )
     await agent.start()
     machine_id = gpu_host.add_machine(gpus=1)
     agent.submit_operation(machine_id, "create", {"resolve_image": True})

@@ -11,8 +11,8 @@ import pytest
 
 from hangar.api.services.tokens import TokenService
 from hangar.clock import ManualClock, SystemClock
-from hangar.server import DATABASE
 from hangar.server_process import ServerProcess
+from hangar.settings import DATABASE
 from hangar.store.sqlite import SqliteStore
 from hangar.store.tenancy import SqliteTenancyStore
 from tests.api.helpers import unique

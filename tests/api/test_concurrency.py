@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from hangar.server import DATABASE
 from hangar.server_process import ServerProcess
+from hangar.settings import DATABASE
 from tests.api.helpers import unique
 from tests.api.invariants import store_violations, unfinished_runs
 

@@ -23,6 +23,7 @@ from hangar.api.routetable import api_operations
 from hangar.api.scopes import OPENAPI_EXTENSION
 from hangar.server import build_server
 from hangar.server_process import ServerProcess
+from hangar.settings import Settings
 from tests.api.conftest import Tenants
 from tests.api.helpers import assert_fly_error, unique
 
@@ -156,7 +157,7 @@ def test_every_route_is_in_the_openapi_document_with_its_scope(
 ) -> None:
     """The matrix reads the OpenAPI document; nothing the server routes may be missing there,
     and every operation must have declared its scope."""
-    served = build_server(tmp_path).app
+    served = build_server(Settings(home=tmp_path)).app
     routed = {
         (method, operation.path)
         for operation in api_operations(served.router.routes)

@@ -10,15 +10,11 @@ import httpx
 import pytest
 
 from hangar.api.services.tokens import TokenService
-from hangar.cli.client import OPERATOR_TOKEN_FILE
 from hangar.clock import ManualClock
 from hangar.errors import Unauthenticated
-from hangar.server import (
-    BOOTSTRAP_TOKEN_DESCRIPTION,
-    DATABASE,
-    bootstrap_operator_token,
-)
+from hangar.server import BOOTSTRAP_TOKEN_DESCRIPTION, bootstrap_operator_token
 from hangar.server_process import ServerProcess
+from hangar.settings import DATABASE, OPERATOR_TOKEN_FILE
 from hangar.store.sqlite import SqliteStore
 from hangar.store.tenancy import SqliteTenancyStore
 from tests.api.conftest import Tenants
@@ -84,12 +80,12 @@ def tokens_of(home: Path) -> TokenService:
 
 def test_bootstrap_mints_once_and_init_replaces_the_file_token(tmp_path: Path) -> None:
     tokens = tokens_of(tmp_path)
-    first = bootstrap_operator_token(tmp_path, tokens)
+    first = bootstrap_operator_token(tmp_path / OPERATOR_TOKEN_FILE, tokens)
     assert first is not None
     assert (tmp_path / OPERATOR_TOKEN_FILE).read_text().strip() == first
-    assert bootstrap_operator_token(tmp_path, tokens) is None
+    assert bootstrap_operator_token(tmp_path / OPERATOR_TOKEN_FILE, tokens) is None
     _admin, admin_secret = tokens.issue_operator("hangar admin")
-    renewed = bootstrap_operator_token(tmp_path, tokens, renew=True)
+    renewed = bootstrap_operator_token(tmp_path / OPERATOR_TOKEN_FILE, tokens, renew=True)
     assert renewed is not None and renewed != first
     assert (tmp_path / OPERATOR_TOKEN_FILE).read_text().strip() == renewed
     assert tokens.authenticate(renewed).description == BOOTSTRAP_TOKEN_DESCRIPTION

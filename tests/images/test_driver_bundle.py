@@ -153,19 +153,15 @@ def test_kernel_version_must_match_the_guest_kernel(bundle: Path, tmp_path: Path
 
 def test_gpu_machines_need_a_configured_bundle(bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(DriverBundleError, match=DRIVER_BUNDLE_SETTING) as raised:
-        configured_driver_bundle({})
+        configured_driver_bundle(None)
     assert raised.value.fields["reason"] == "not_configured"
 
     kernel = _stand_in_kernel(tmp_path, KERNEL_VERSION)
-    disk = prepare_driver_bundle(
-        kernel, tmp_path / "cache", environ={DRIVER_BUNDLE_SETTING: str(bundle)}
-    )
+    disk = prepare_driver_bundle(kernel, tmp_path / "cache", bundle=bundle)
     assert read_file(disk, "/manifest.json") == (bundle / "manifest.json").read_bytes()
     other_kernel = _stand_in_kernel(tmp_path, "6.1.0-28-cloud-amd64")
     with pytest.raises(DriverBundleError, match="built for kernel"):
-        prepare_driver_bundle(
-            other_kernel, tmp_path / "cache", environ={DRIVER_BUNDLE_SETTING: str(bundle)}
-        )
+        prepare_driver_bundle(other_kernel, tmp_path / "cache", bundle=bundle)
 
 
 # --- the disk

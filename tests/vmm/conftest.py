@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from hangar.paths import cache_dir
 from hangar.vmm.accel import AccelChoice, choose_accel
 from hangar.vmm.qemu_argv import QEMU_BINARY
+from tests.conftest import SUITE_CACHE
 from tests.vmm.guest import BootArtefacts, build_test_guest
 from tests.vmm.machines import Machines
 
@@ -25,7 +25,7 @@ def host_accel() -> AccelChoice:
 def boot_artefacts(tmp_path_factory: pytest.TempPathFactory) -> BootArtefacts:
     if shutil.which(QEMU_BINARY) is None:
         pytest.skip(f"{QEMU_BINARY} is not installed")
-    return build_test_guest(cache_dir(), tmp_path_factory.mktemp("guest") / "initrd")
+    return build_test_guest(SUITE_CACHE, tmp_path_factory.mktemp("guest") / "initrd")
 
 
 @pytest.fixture

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-
 from pydantic import BaseModel
 
 from hangar.agent.agent import Agent
@@ -31,12 +28,9 @@ class HostGpusView(BaseModel):
 
 
 class HostService:
-    def __init__(
-        self, agent: Agent, host: HostInfo, settings: Mapping[str, str] = os.environ
-    ) -> None:
+    def __init__(self, agent: Agent, host: HostInfo) -> None:
         self._agent = agent
         self._host = host
-        self._settings = settings
 
     def _require(self, host_id: str) -> None:
         if host_id != self._host.id:

@@ -3,8 +3,7 @@ over a snapshot of this host: its GPUs as the store tracks them, and what live m
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -83,11 +82,11 @@ def placement_request(guest: GuestConfig, region: str, machine_id: str = "") -> 
 
 class PlatformService:
     def __init__(
-        self, store: ClusterStore, host: HostInfo, settings: Mapping[str, str] = os.environ
+        self, store: ClusterStore, host: HostInfo, driver_bundle: Path | None = None
     ) -> None:
         self._store = store
         self._host = host
-        self._settings = settings
+        self._driver_bundle = driver_bundle
 
     def snapshot(self) -> dict[str, VersionedHost]:
         records = sorted(self._store.list_gpus(host_id=self._host.id), key=lambda gpu: gpu.bdf)
@@ -173,7 +172,7 @@ class PlatformService:
         if not config.guest.gpus:
             return
         try:
-            bundle = configured_driver_bundle(self._settings)
+            bundle = configured_driver_bundle(self._driver_bundle)
         except DriverBundleError as exc:
             raise Unprocessable(
                 f"config.guest.gpu_kind: {exc}", field="config.guest.gpu_kind"

@@ -1,0 +1,151 @@
+"""Every ``HANGAR_*`` setting, read once.
+
+The entry points (``hangar server``, the CLI) build one frozen :class:`Settings` from the
+environment and pass down what each part needs; nothing else in hangar reads the environment.
+The README's configuration table is rendered from the fields here
+(:func:`settings_table`), and a test keeps the two the same.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "HANGAR_"
+DEFAULT_PORT = 4280
+DEFAULT_API_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DATABASE = "hangar.db"
+OPERATOR_TOKEN_FILE = "operator.token"
+
+
+def _default_home() -> Path:
+    return Path.home() / ".local" / "share" / "hangar"
+
+
+def _split(value: object, separator: str) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(separator) if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """hangar's configuration. Each field is the environment variable ``HANGAR_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    home: Path = Field(
+        default_factory=_default_home,
+        description="state: SQLite database, per-machine run directories "
+        "(default `~/.local/share/hangar`)",
+    )
+    cache: Path | None = Field(
+        default=None,
+        description="shared caches: guest kernel, initramfs, image rootfs by digest "
+        "(default `$HANGAR_HOME/cache`)",
+    )
+    region: str = Field(default="local", description="this host's region")
+    host_id: str = Field(
+        default_factory=socket.gethostname, description="this host's id (default: its hostname)"
+    )
+    api_url: str = Field(default=DEFAULT_API_URL, description="where the CLI finds the API")
+    api_token: str | None = Field(
+        default=None,
+        description="the token the CLI sends (default: `$HANGAR_HOME/operator.token` when "
+        "the API URL is this host's loopback)",
+    )
+    insecure_registries: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(), description="`host:port,...` pulled without TLS verification"
+    )
+    guest_kernel: Path | None = Field(
+        default=None, description="a guest kernel (vmlinuz) instead of Debian's cloud kernel"
+    )
+    guest_modules: Path | None = Field(
+        default=None, description="the `lib/modules/VERSION` folder of `HANGAR_GUEST_KERNEL`"
+    )
+    accel: Literal["kvm", "tcg"] | None = Field(
+        default=None, description="`kvm` or `tcg` to override the acceleration hangar picks"
+    )
+    pvm_guest_kernel: bool = Field(
+        default=False,
+        description="`1` when the guest kernel is built for kvm-pvm hosts (then KVM is used)",
+    )
+    gpu_driver_bundle: Path | None = Field(
+        default=None, description="the NVIDIA driver bundle GPU machines boot with"
+    )
+    sysfs_root: Path = Field(
+        default=Path("/sys"), description="sysfs to read devices from (a fixture tree in tests)"
+    )
+    nvml: bool = Field(default=True, description="`0` skips NVML")
+    oci_dirs: Annotated[tuple[Path, ...] | None, NoDecode] = Field(
+        default=None,
+        description="`dir:dir...` where `oci:` image layouts may be (default: `$HANGAR_HOME` "
+        "and the system temp directory; set it on a shared host)",
+    )
+    rate_limits: str = Field(
+        default="",
+        description="`default=1/3,get_machine=5/10`: requests/s and burst, per action "
+        "(default: Fly's)",
+    )
+    max_request_bytes: int = Field(
+        default=DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="largest request body (4 MiB)"
+    )
+    crash_after_step: str = Field(
+        default="",
+        description="test hook: `operation:step` makes the agent SIGKILL itself right after "
+        "that step",
+    )
+
+    @field_validator("insecure_registries", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split(value, ",")
+
+    @field_validator("accel", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() or None if isinstance(value, str) else value
+
+    @field_validator("oci_dirs", mode="before")
+    @classmethod
+    def _colon_list(cls, value: object) -> object:
+        return _split(value, ":")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache if self.cache is not None else self.home / "cache"
+
+    @property
+    def database(self) -> Path:
+        return self.home / DATABASE
+
+    @property
+    def machines_dir(self) -> Path:
+        return self.home / "machines"
+
+    @property
+    def operator_token_file(self) -> Path:
+        return self.home / OPERATOR_TOKEN_FILE
+
+    @property
+    def allowed_oci_dirs(self) -> tuple[Path, ...]:
+        if self.oci_dirs is not None:
+            return self.oci_dirs
+        return (self.home, Path(tempfile.gettempdir()))
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def settings_table() -> str:
+    """The README's configuration table, one row per setting."""
+    rows = ["| variable | meaning |", "|---|---|"]
+    for name, field in Settings.model_fields.items():
+        rows.append(f"| `{env_name(name)}` | {field.description} |")
+    return "\n".join(rows) + "\n"
