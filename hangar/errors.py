@@ -24,6 +24,11 @@ Hierarchy::
      +-- VmmError                   the VMM misbehaved: launch failure, QMP failure
      +-- DeviceError                sysfs / VFIO / reset failure on a host device
      +-- StoreError                 the store could not commit (retryable by callers)
+
+An error says whether trying again may help (``retryable``: a store that was busy, a monitor
+that timed out, a registry that did not answer), so the agent's engine retries it a bounded
+number of times before it rolls a run back; anything else aborts at once. The HTTP statuses
+and their Fly ``status`` codes are one table, :data:`HTTP_STATUS_CODES`.
 """
 
 from __future__ import annotations
@@ -36,11 +41,15 @@ class HangarError(Exception):
 
     http_status: int = 500
     code: str = "internal_error"
+    retryable: bool = False
+    """Class default: whether the same call may succeed if tried again."""
 
-    def __init__(self, message: str, **fields: Any) -> None:
+    def __init__(self, message: str, *, retryable: bool | None = None, **fields: Any) -> None:
         super().__init__(message)
         self.message = message
         self.fields = fields
+        if retryable is not None:
+            self.retryable = retryable
 
     def __str__(self) -> str:
         return self.message
@@ -80,7 +89,7 @@ class Conflict(HangarError):
 
 class PreconditionFailed(HangarError):
     http_status = 412
-    code = "precondition_failed"
+    code = "failed_precondition"
 
 
 class WaitTimeout(HangarError):
@@ -106,6 +115,7 @@ class DeviceError(HangarError):
 
 class StoreError(HangarError):
     code = "store_error"
+    retryable = True
 
 
 class Unauthenticated(HangarError):
@@ -144,3 +154,26 @@ class QuotaExceeded(Unprocessable):
     def __init__(self, message: str, quota: str, **fields: Any) -> None:
         super().__init__(message, quota=quota, **fields)
         self.quota = quota
+
+
+HTTP_STATUS_CODES: dict[int, str] = {
+    **{
+        cls.http_status: cls.code
+        for cls in (
+            InvalidRequest,
+            Unauthenticated,
+            Forbidden,
+            NotFound,
+            Conflict,
+            PreconditionFailed,
+            WaitTimeout,
+            RequestTooLarge,
+            Unprocessable,
+            RateLimited,
+        )
+    },
+    405: "method_not_allowed",
+    415: "unsupported_media_type",
+    500: HangarError.code,
+}
+"""HTTP status -> the ``status`` code of a Fly-shaped error body, for every status hangar sends."""

@@ -48,7 +48,6 @@ class Agent:
         self._machine_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
-        self._change_counter = 0
         self._monitor_task: asyncio.Task[None] | None = None
 
     # lifecycle
@@ -70,7 +69,6 @@ class Agent:
 
     # change notification, for `wait`
     def notify(self) -> None:
-        self._change_counter += 1
         loop_task = asyncio.get_running_loop().create_task(self._notify_waiters())
         self._tasks.add(loop_task)
         loop_task.add_done_callback(self._tasks.discard)
@@ -188,17 +186,11 @@ class Agent:
         if self.gpus is None:
             return
         self.gpus.register(self.store)
-        holding_states = {
-            MachineState.STARTING,
-            MachineState.STARTED,
-            MachineState.STOPPING,
-            MachineState.REPLACING,
-        }
         for gpu in self.store.list_gpus(host_id=self.gpus.host_id):
             if gpu.state == GpuState.CLAIMED:
                 machine = self.store.get_machine(gpu.machine_id)
                 live = machine is not None and (
-                    machine.state in holding_states or self.has_unfinished_run(machine.id)
+                    machine.state.holds_resources or self.has_unfinished_run(machine.id)
                 )
                 if not live:
                     log.warning("GPU %s is claimed by no live machine: handing it off", gpu.bdf)

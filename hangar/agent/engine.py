@@ -77,9 +77,6 @@ class RunEngine:
         self._plans = plans
         self._crash_hook = crash_hook
 
-    def plan_for(self, operation: str) -> Plan:
-        return self._plans[operation]
-
     async def execute(self, run: RunRecord, ctx: StepContext) -> RunRecord:
         plan = self._plans[run.operation]
         if run.status == RunStatus.RUNNING:

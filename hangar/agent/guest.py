@@ -52,8 +52,6 @@ def to_model_ref(ref: ParsedImageRef, digest: str) -> ImageRef:
 
 
 class QemuGuestPlatform:
-    driver_name = "qemu"
-
     def __init__(
         self,
         cache: Path,
@@ -191,9 +189,7 @@ class QemuGuestPlatform:
 
     def guest_exit(self, run_dir: Path) -> GuestExit:
         report = summarise_control_events(read_control_events(run_dir / RunDirLayout.CONTROL_LOG))
-        return GuestExit(
-            exit_code=report.exit_code, guest_error=report.error or "", ready_seen=report.ready
-        )
+        return GuestExit(exit_code=report.exit_code, guest_error=report.error or "")
 
     def vmm_processes(self, machines_dir: Path) -> dict[int, str]:
         return find_vmm_processes(machines_dir)

@@ -21,12 +21,9 @@ class GuestExit(BaseModel):
 
     exit_code: int | None = None
     guest_error: str = ""
-    ready_seen: bool = False
 
 
 class GuestPlatform(Protocol):
-    driver_name: str
-
     async def resolve_image(self, image: str) -> ImageRef:
         """Pull (or find cached) the image; the returned ref carries its manifest digest."""
         ...

@@ -9,7 +9,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hangar.model.config import MachineConfig, signal_number
+from hangar.model.config import MachineConfig, StopConfig, signal_number
+from hangar.model.duration import TokenLifetime
 from hangar.model.machine import ImageRef, Machine, MachineEvent
 from hangar.store.protocol import OrgQuotas, TokenKind
 
@@ -103,25 +104,8 @@ class UpdateMachineRequest(CreateMachineRequest):
     current_version: str | None = None
 
 
-class StopRequest(Body):
-    signal: str | None = None
-    timeout: Any = None
-
-    @field_validator("signal")
-    @classmethod
-    def _signal(cls, value: str | None) -> str | None:
-        if value is not None:
-            signal_number(value)
-        return value
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, value: object) -> object:
-        from hangar.model.config import parse_duration_seconds
-
-        if value is not None:
-            parse_duration_seconds(value)
-        return value
+class StopRequest(StopConfig, Body):
+    """``POST .../stop``: the same fields as ``config.stop_config``, for this stop only."""
 
 
 class SignalRequest(Body):
@@ -145,11 +129,6 @@ class MetadataValue(Body):
 
 class OkResponse(BaseModel):
     ok: bool = True
-
-
-class ErrorBody(BaseModel):
-    error: str
-    status: str
 
 
 class OrganizationView(BaseModel):
@@ -276,7 +255,7 @@ class CreateTokenRequest(Body):
     org_slug: str
     app_name: str | None = None
     read_only: bool = False
-    expires_in: str | None = None
+    expires_in: TokenLifetime | None = None
     """``90s``, ``30m``, ``24h``, ``7d``...; absent: the token does not expire."""
     description: Annotated[str, Field(max_length=256)] = ""
 
@@ -284,15 +263,6 @@ class CreateTokenRequest(Body):
     @classmethod
     def _names(cls, value: str | None) -> str | None:
         return None if value is None else _valid_name(value)
-
-    @field_validator("expires_in")
-    @classmethod
-    def _ttl(cls, value: str | None) -> str | None:
-        from hangar.api.services.tokens import parse_ttl
-
-        if value is not None:
-            parse_ttl(value)
-        return value
 
 
 class TokenView(BaseModel):

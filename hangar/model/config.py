@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 import re
 import signal as signal_module
 from typing import Annotated, Any, Literal
@@ -16,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hangar.errors import UnsupportedField
+from hangar.model.duration import Duration
 
 UNSUPPORTED_CONFIG_FIELDS = (
     "services",
@@ -38,41 +38,14 @@ ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_FILE_BYTES = 1024 * 1024
 GPU_COUNTS = (1, 2, 4, 8)
 MAX_FILES = 64
-DURATION_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
-DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-MAX_DURATION_S = 24 * 3600.0
+DEFAULT_STOP_TIMEOUT_S = 5.0
+DEFAULT_STOP_SIGNAL = int(signal_module.SIGTERM)
 # The guest mounts these before it runs the process; files hangar writes stay out of them.
 GUEST_PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-def parse_duration_seconds(value: object) -> float:
-    """Fly durations: seconds, ``"5s"``, ``"500ms"``, ``"2m"``, or ``{"Duration": ns}``."""
-    if isinstance(value, bool):
-        raise ValueError("must be a duration such as 10s")
-    try:
-        if isinstance(value, int | float):
-            seconds = float(value)
-        elif isinstance(value, str):
-            match = DURATION_PATTERN.match(value.strip())
-            if not match:
-                raise ValueError("must be a duration such as 10s, 500ms or 2m")
-            seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
-        elif isinstance(value, dict) and set(value) == {"Duration"}:
-            nanoseconds = value["Duration"]
-            if not isinstance(nanoseconds, int) or isinstance(nanoseconds, bool):
-                raise ValueError("Duration must be an integer number of nanoseconds")
-            seconds = nanoseconds / 1e9
-        else:
-            raise ValueError("must be a duration such as 10s")
-    except OverflowError:
-        raise ValueError("must be between 0s and 24h") from None
-    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_DURATION_S:
-        raise ValueError("must be between 0s and 24h")
-    return seconds
 
 
 def signal_number(name: str) -> int:
@@ -165,15 +138,10 @@ class RestartConfig(StrictModel):
 
 
 class StopConfig(StrictModel):
-    timeout: Any = None
-    signal: str | None = None
+    """How a machine is stopped (also the body of ``POST .../stop``)."""
 
-    @field_validator("timeout")
-    @classmethod
-    def _valid_timeout(cls, value: object) -> object:
-        if value is not None:
-            parse_duration_seconds(value)
-        return value
+    timeout: Duration | None = None
+    signal: str | None = None
 
     @field_validator("signal")
     @classmethod
@@ -184,11 +152,11 @@ class StopConfig(StrictModel):
 
     @property
     def timeout_seconds(self) -> float:
-        return 5.0 if self.timeout is None else parse_duration_seconds(self.timeout)
+        return DEFAULT_STOP_TIMEOUT_S if self.timeout is None else self.timeout
 
     @property
     def signal_number(self) -> int:
-        return 15 if self.signal is None else signal_number(self.signal)
+        return DEFAULT_STOP_SIGNAL if self.signal is None else signal_number(self.signal)
 
 
 class GuestFile(StrictModel):

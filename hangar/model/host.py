@@ -14,7 +14,6 @@ HOST_RESERVED_MEMORY_MB = 512
 class HostInfo(BaseModel):
     id: str
     region: str
-    pool: str = "general"
     cpus: int
     memory_mb: int
 

@@ -25,15 +25,36 @@ class MachineState(enum.StrEnum):
     FAILED = "failed"
     LAUNCH_FAILED = "launch_failed"
 
+    @property
+    def holds_resources(self) -> bool:
+        """A VMM may run and host resources (claims, GPUs) may be held in this state; it is
+        also where ``stop`` and ``destroy`` without ``force`` do not apply directly."""
+        return self in HOLDS_RESOURCES
 
-TERMINAL_STATES = frozenset({MachineState.DESTROYED})
-# States from which `start` is legal.
+    @property
+    def startable(self) -> bool:
+        return self in STARTABLE_STATES
+
+    @property
+    def terminal(self) -> bool:
+        return self is MachineState.DESTROYED
+
+    @property
+    def may_still_log(self) -> bool:
+        """The console may still grow: the machine runs or may yet boot."""
+        return self in HOLDS_RESOURCES or self is MachineState.CREATED
+
+
+HOLDS_RESOURCES = frozenset(
+    {MachineState.STARTING, MachineState.STARTED, MachineState.STOPPING, MachineState.REPLACING}
+)
 STARTABLE_STATES = frozenset(
     {MachineState.CREATED, MachineState.STOPPED, MachineState.FAILED, MachineState.LAUNCH_FAILED}
 )
 WAITABLE_STATES = frozenset(
     {MachineState.STARTED, MachineState.STOPPED, MachineState.DESTROYED, MachineState.FAILED}
 )
+"""States ``wait`` accepts."""
 
 
 class ImageRef(BaseModel):

@@ -6,7 +6,7 @@ from hangar.errors import VmmError
 
 
 class QmpError(VmmError):
-    """QMP did not answer, or answered with an error."""
+    """QMP did not answer (retryable: the monitor may be busy), or answered with an error."""
 
     code = "qmp_error"
 

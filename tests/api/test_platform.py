@@ -44,7 +44,7 @@ def gpu_platform(tmp_path: Path) -> tuple[SqliteStore, PlatformService]:
     HostGpus("hgx-1", SysfsRoot(builder.root), NoNvml("tests")).register(store)
     bundle = write_bundle(tmp_path / "bundle", {"nvidia": b"module"})
     host = HostInfo(id="hgx-1", region="ord", cpus=64, memory_mb=512 * 1024)
-    return store, PlatformService(store, host, {DRIVER_BUNDLE_SETTING: str(bundle)})
+    return store, PlatformService(store, host, bundle)
 
 
 def gpu_config(gpus: int) -> MachineConfig:
@@ -73,7 +73,7 @@ def test_gpu_machines_need_a_driver_bundle(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "db")
     host = HostInfo(id="hgx-1", region="ord", cpus=64, memory_mb=512 * 1024)
     with pytest.raises(Unprocessable) as refused:
-        PlatformService(store, host, {}).admit_gpu_machine(gpu_config(1), "ord")
+        PlatformService(store, host, None).admit_gpu_machine(gpu_config(1), "ord")
     assert DRIVER_BUNDLE_SETTING in refused.value.message
 
 

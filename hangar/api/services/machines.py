@@ -29,7 +29,7 @@ from hangar.errors import (
     Unprocessable,
     WaitTimeout,
 )
-from hangar.model.config import MachineConfig, parse_duration_seconds, signal_number
+from hangar.model.config import MachineConfig, signal_number
 from hangar.model.host import HostInfo
 from hangar.model.machine import (
     STARTABLE_STATES,
@@ -245,7 +245,7 @@ class MachineService:
         if request.signal is not None:
             params["signal"] = signal_number(request.signal)
         if request.timeout is not None:
-            params["timeout_s"] = parse_duration_seconds(request.timeout)
+            params["timeout_s"] = request.timeout
         self._agent.submit_operation(machine_id, "stop", params)
 
     def restart(self, app: str, machine_id: str, nonce: str | None) -> None:

@@ -13,7 +13,6 @@ from hangar.images.driver_bundle import DriverBundleError, configured_driver_bun
 from hangar.model.config import GuestConfig, MachineConfig
 from hangar.model.gpu import GpuState
 from hangar.model.host import HostInfo
-from hangar.model.machine import MachineState
 from hangar.scheduler import (
     Claim,
     Gpu,
@@ -29,9 +28,6 @@ from hangar.store.protocol import ClusterStore
 
 # Shared vCPUs are time slices: a core carries this many of them; a performance vCPU is a core.
 SHARED_VCPUS_PER_CORE = 16
-HOLDING_STATES = frozenset(
-    {MachineState.STARTING, MachineState.STARTED, MachineState.STOPPING, MachineState.REPLACING}
-)
 
 
 class PlacementsRequest(BaseModel):
@@ -125,7 +121,7 @@ class PlatformService:
             gpus=gpus,
         )
         for machine in self._store.list_machines(None):
-            if machine.state not in HOLDING_STATES:
+            if not machine.state.holds_resources:
                 continue
             held = tuple(held_by.get(machine.id, ()))
             claim = Claim(
