@@ -12,6 +12,8 @@ from fastapi import FastAPI
 from hangar.agent.agent import Agent
 from hangar.agent.engine import crash_after
 from hangar.agent.gpus import HostGpus
+from hangar.agent.host import HostServices
+from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
 from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
@@ -29,9 +31,9 @@ from hangar.api.services.quotas import QuotaService
 from hangar.api.services.tokens import TokenService
 from hangar.clock import Clock, SystemClock
 from hangar.model.host import HostInfo, read_local_host
+from hangar.scheduler import ClaimStore
 from hangar.settings import Settings
-from hangar.store.sqlite import SqliteStore
-from hangar.store.tenancy import SqliteTenancyStore
+from hangar.store.embedded import EmbeddedStores, open_embedded_stores
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +42,16 @@ BOOTSTRAP_TOKEN_DESCRIPTION = "operator.token file"
 
 @dataclass
 class EmbeddedServer:
-    home: Path
-    store: SqliteStore
-    tenancy: SqliteTenancyStore
+    settings: Settings
+    stores: EmbeddedStores
     tokens: TokenService
     agent: Agent
     host: HostInfo
     app: FastAPI
+
+    @property
+    def home(self) -> Path:
+        return self.settings.home
 
 
 def build_server(
@@ -54,38 +59,49 @@ def build_server(
     platform: GuestPlatform | None = None,
     clock: Clock | None = None,
     rate_limits: RateLimits | None = None,
+    claims: ClaimStore | None = None,
 ) -> EmbeddedServer:
     """Everything ``hangar server`` runs; ``rate_limits`` defaults to the settings' (Fly's
-    documented limits where they name none)."""
+    documented limits where they name none). ``platform`` and ``claims`` replace the real
+    guest platform and the SQLite claim store (tests observe through them)."""
     clock = clock or SystemClock()
-    home = settings.home
-    home.mkdir(parents=True, exist_ok=True)
-    store = SqliteStore(settings.database)
-    tenancy = SqliteTenancyStore(settings.database)
-    for org_slug in {DEFAULT_ORG} | {app.org_slug for app in store.list_apps(None)}:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    stores = open_embedded_stores(settings.database)
+    machines, tenancy = stores.machines, stores.tenancy
+    for org_slug in {DEFAULT_ORG} | {app.org_slug for app in machines.list_apps(None)}:
         tenancy.ensure_org(org_slug, clock.now())
     if platform is None:
         from hangar.agent.guest import QemuGuestPlatform
 
         platform = QemuGuestPlatform.from_settings(settings)
     host = read_local_host(settings.host_id, settings.region)
-    agent = Agent(
-        store,
-        platform,
-        clock,
-        settings.machines_dir,
-        HostGpus.from_settings(settings),
-        crash_after(settings.crash_after_step),
+    claim_store = claims if claims is not None else stores.claims
+    services_of_host = HostServices(
+        platform=platform,
+        machines_dir=settings.machines_dir,
+        placement=HostPlacement(claim_store, host),
+        gpu_store=stores.gpus,
+        gpus=HostGpus.from_settings(settings),
     )
-    quotas = QuotaService(store, tenancy)
-    capacity = PlatformService(store, host, settings.gpu_driver_bundle)
+    agent = Agent(
+        machines, stores.runs, services_of_host, clock, crash_after(settings.crash_after_step)
+    )
+    quotas = QuotaService(machines, tenancy)
+    capacity = PlatformService(claim_store, settings.gpu_driver_bundle)
     orgs = OrgService(tenancy, quotas, clock)
-    tokens = TokenService(tenancy, store, clock)
+    tokens = TokenService(tenancy, machines, clock)
     audit = AuditService(tenancy, clock)
     services = Services(
-        apps=AppService(store, tenancy, orgs, clock),
+        apps=AppService(machines, tenancy, orgs, clock),
         machines=MachineService(
-            store, agent, clock, host, quotas, ImagePolicy(settings.allowed_oci_dirs), capacity
+            machines,
+            stores.runs,
+            agent,
+            clock,
+            host,
+            quotas,
+            ImagePolicy(settings.allowed_oci_dirs),
+            capacity,
         ),
         orgs=orgs,
         tokens=tokens,
@@ -94,14 +110,14 @@ def build_server(
         platform=capacity,
     )
     guard = GuardConfig(
-        policy=AccessPolicy(tokens, store),
+        policy=AccessPolicy(tokens, machines),
         limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
         audit=audit,
         max_body_bytes=settings.max_request_bytes,
     )
     app = create_app(services, guard, on_startup=agent.start, on_shutdown=agent.close)
     return EmbeddedServer(
-        home=home, store=store, tenancy=tenancy, tokens=tokens, agent=agent, host=host, app=app
+        settings=settings, stores=stores, tokens=tokens, agent=agent, host=host, app=app
     )
 
 
@@ -139,10 +155,8 @@ def mint_operator_token(settings: Settings, description: str) -> tuple[str, str]
     server's database (no API involved). Returns (token id, secret)."""
     if not settings.database.exists():
         raise FileNotFoundError(settings.database)
-    clock = SystemClock()
-    tokens = TokenService(
-        SqliteTenancyStore(settings.database), SqliteStore(settings.database), clock
-    )
+    stores = open_embedded_stores(settings.database)
+    tokens = TokenService(stores.tenancy, stores.machines, SystemClock())
     token, secret = tokens.issue_operator(description)
     return token.id, secret
 

@@ -3,7 +3,9 @@
 Each step answers "should I run?" from the world as it is (files, processes, records), then
 runs. Before a step the run records which step it is in; after it, that the step is done. A
 crash anywhere is therefore resumed by running the plan again from the first step not done:
-the step in flight asks "should I run?" once more. A step that fails switches the run to its
+the step in flight asks "should I run?" once more. A step whose error is retryable (a busy
+store, a monitor that timed out, a registry that did not answer) is tried again a bounded
+number of times with backoff, each retry recorded; any other failure switches the run to its
 rollback plan, whose steps are idempotent in the same way and are resumed the same way.
 """
 
@@ -12,12 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from hangar.errors import HangarError
+from hangar.model.run import RunRecord, RunStatus, StepRetry
 from hangar.settings import env_name
-from hangar.store.protocol import RunRecord, RunStatus
 
 if TYPE_CHECKING:
     from hangar.agent.context import StepContext
@@ -48,6 +52,29 @@ class Plan:
             raise ValueError(f"plan {self.operation} repeats a step name: {names}")
 
 
+PlanFor = Callable[[RunRecord], Plan]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries, with exponential backoff, of a step whose error is retryable."""
+
+    attempts: int = 4
+    first_delay_s: float = 0.25
+    factor: float = 2.0
+    max_delay_s: float = 4.0
+
+    def delay_s(self, retry: int) -> float:
+        return float(min(self.max_delay_s, self.first_delay_s * self.factor**retry))
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Errors that say so, and a SQLite database that stayed busy past its timeout."""
+    if isinstance(error, HangarError):
+        return error.retryable
+    return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
+
+
 CrashHook = Callable[[str, str], None]
 
 
@@ -70,15 +97,22 @@ def crash_after(target: str) -> CrashHook:
 
 
 class RunEngine:
-    """Executes runs; ``crash_hook(operation, step)`` is called after each recorded step
-    (tests make it kill the process there: :func:`crash_after`)."""
+    """Executes runs with the plan ``plan_for`` builds from each run's request;
+    ``crash_hook(operation, step)`` is called after each recorded step (tests make it kill the
+    process there: :func:`crash_after`)."""
 
-    def __init__(self, plans: dict[str, Plan], crash_hook: CrashHook = no_crash) -> None:
-        self._plans = plans
+    def __init__(
+        self,
+        plan_for: PlanFor,
+        crash_hook: CrashHook = no_crash,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._plan_for = plan_for
         self._crash_hook = crash_hook
+        self._retry = retry or RetryPolicy()
 
     async def execute(self, run: RunRecord, ctx: StepContext) -> RunRecord:
-        plan = self._plans[run.operation]
+        plan = self._plan_for(run)
         if run.status == RunStatus.RUNNING:
             await self._forward(plan, run, ctx)
         if run.status == RunStatus.ROLLING_BACK:
@@ -90,13 +124,8 @@ class RunEngine:
             if step.name in run.steps_done:
                 continue
             self._record(run, ctx, current=step.name)
-            started = ctx.clock.monotonic()
             try:
-                if await step.should_run(ctx):
-                    await step.run(ctx)
-                    run.data.setdefault("step_seconds", {})[step.name] = round(
-                        ctx.clock.monotonic() - started, 4
-                    )
+                await self._run_step(step, run, ctx)
             except Exception as exc:
                 log.warning("run %s step %s failed: %s", run.id, step.name, exc)
                 run.status = RunStatus.ROLLING_BACK
@@ -109,19 +138,49 @@ class RunEngine:
         run.status = RunStatus.SUCCEEDED
         self._record(run, ctx, current="")
 
+    async def _run_step(self, step: Step, run: RunRecord, ctx: StepContext) -> None:
+        """Should it run, then run it; a retryable error is tried again after a backoff, a
+        bounded number of times, each retry recorded in the run."""
+        retry = 0
+        while True:
+            started = ctx.clock.monotonic()
+            try:
+                if await step.should_run(ctx):
+                    await step.run(ctx)
+                    run.progress.step_seconds[step.name] = round(ctx.clock.monotonic() - started, 4)
+                return
+            except Exception as exc:
+                if not is_retryable(exc) or retry + 1 >= self._retry.attempts:
+                    raise
+                delay = self._retry.delay_s(retry)
+                retry += 1
+                log.info(
+                    "run %s step %s: retry %d in %.2fs (%s)", run.id, step.name, retry, delay, exc
+                )
+                run.progress.retries.append(
+                    StepRetry(
+                        step=step.name,
+                        attempt=retry,
+                        error=str(exc),
+                        delay_s=delay,
+                        at=ctx.clock.now(),
+                    )
+                )
+                self._record(run, ctx, current=step.name)
+                await ctx.clock.sleep(delay)
+
     async def _rollback(self, plan: Plan, run: RunRecord, ctx: StepContext) -> None:
         for step in plan.rollback:
             if step.name in run.rollback_done:
                 continue
             self._record(run, ctx, current=f"rollback:{step.name}")
             try:
-                if await step.should_run(ctx):
-                    await step.run(ctx)
+                await self._run_step(step, run, ctx)
             except Exception as exc:
                 # A rollback step that fails is recorded and skipped: the remaining steps still
                 # free what they can, and reconciliation sweeps anything left on restart.
                 log.error("run %s rollback step %s failed: %s", run.id, step.name, exc)
-                run.data.setdefault("rollback_errors", []).append(f"{step.name}: {exc}")
+                run.progress.rollback_errors.append(f"{step.name}: {exc}")
             run.rollback_done.append(step.name)
             self._record(run, ctx, current="")
             self._crash_hook(run.operation, f"rollback:{step.name}")
@@ -130,6 +189,6 @@ class RunEngine:
 
     @staticmethod
     def _record(run: RunRecord, ctx: StepContext, current: str) -> None:
-        run.data["current_step"] = current
+        run.progress.current_step = current
         run.updated_at = ctx.clock.now()
-        ctx.store.save_run(run)
+        ctx.runs.save_run(run)

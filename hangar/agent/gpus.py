@@ -1,5 +1,6 @@
-"""The host's GPUs as the agent handles them: inventory into the store, choice of GPUs for a
-claim, and the device operations (bind, reset, release) the GPU steps call."""
+"""The host's GPUs as the agent handles them: inventory into the GPU store, and the device
+operations (bind, reset, release) the GPU steps call. Which GPUs a machine gets is the
+scheduler's choice (``hangar.agent.placement``)."""
 
 from __future__ import annotations
 
@@ -25,39 +26,9 @@ from hangar.devices.reset import ResetOutcome
 from hangar.errors import DeviceError
 from hangar.model.gpu import GpuRecord
 from hangar.settings import Settings
-from hangar.store.protocol import ClusterStore
+from hangar.store.protocol import GpuStore
 
 VFIO_PCI = "vfio-pci"
-
-
-def choose_gpus(free: list[GpuRecord], count: int) -> list[GpuRecord] | None:
-    """Pick ``count`` GPUs kept close: within one NVLink domain if one fits, and within that
-    (or else) one NUMA node if one fits; the smallest group that fits, so larger groups stay
-    whole for larger requests. Deterministic (by PCI address) so that retries agree."""
-    if len(free) < count:
-        return None
-    return _closest(sorted(free, key=lambda gpu: gpu.bdf), count, ("nvlink_domain", "numa_node"))
-
-
-def _closest(gpus: list[GpuRecord], count: int, keys: tuple[str, ...]) -> list[GpuRecord]:
-    if not keys:
-        return gpus[:count]
-    groups: dict[object, list[GpuRecord]] = {}
-    for gpu in gpus:
-        value = getattr(gpu, keys[0])
-        if value is not None:
-            groups.setdefault(value, []).append(gpu)
-    fitting = [members for members in groups.values() if len(members) >= count]
-    if fitting:
-        return _closest(min(fitting, key=len), count, keys[1:])
-    if keys[0] == "numa_node":
-        # Spread over the fewest NUMA nodes: largest groups first.
-        ordered = [
-            gpu for members in sorted(groups.values(), key=len, reverse=True) for gpu in members
-        ]
-        ordered += [gpu for gpu in gpus if getattr(gpu, keys[0]) is None]
-        return ordered[:count]
-    return _closest(gpus, count, keys[1:])
 
 
 @dataclass
@@ -78,7 +49,7 @@ class HostGpus:
     def inventory(self) -> HostInventory:
         return read_inventory(self.sysfs, nvml=self.nvml)
 
-    def register(self, store: ClusterStore) -> list[GpuRecord]:
+    def register(self, store: GpuStore) -> list[GpuRecord]:
         """Record every GPU of the inventory in the store (claims and quarantine are kept)."""
         records = []
         for gpu in self.inventory().gpus:

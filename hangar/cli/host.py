@@ -28,7 +28,7 @@ def claims_table(gpus: list[dict[str, Any]]) -> Table:
             gpu["kind"],
             f"[{style}]{gpu['state']}[/{style}]" if style else gpu["state"],
             gpu["machine_id"],
-            gpu["reason"],
+            gpu["quarantine_reason"] or gpu["reason"],
         )
     return table
 

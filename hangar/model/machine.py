@@ -71,7 +71,39 @@ class MachineEvent(BaseModel):
     status: str
     source: str
     timestamp: int
+    """Unix milliseconds."""
     request: dict[str, Any] = Field(default_factory=dict)
+
+
+HOST_SOURCE = "flyd"
+"""Events of what the host did (Fly calls its host orchestrator flyd)."""
+USER_SOURCE = "user"
+"""Events of what a request asked for."""
+
+
+def new_event(
+    event_type: str, status: str, source: str, now: float, request: dict[str, Any] | None = None
+) -> MachineEvent:
+    return MachineEvent(
+        id=new_event_id(),
+        type=event_type,
+        status=status,
+        source=source,
+        timestamp=int(now * 1000),
+        request=request or {},
+    )
+
+
+def host_event(
+    event_type: str, status: str, now: float, request: dict[str, Any] | None = None
+) -> MachineEvent:
+    return new_event(event_type, status, HOST_SOURCE, now, request)
+
+
+def user_event(
+    event_type: str, status: str, now: float, request: dict[str, Any] | None = None
+) -> MachineEvent:
+    return new_event(event_type, status, USER_SOURCE, now, request)
 
 
 class Lease(BaseModel):

@@ -24,6 +24,11 @@ class VersionedHost:
 
 
 class ClaimStore(Protocol):
+    def put_host(self, host: HostState) -> VersionedHost:
+        """Add or replace a host unconditionally (its first registration), bumping its
+        version."""
+        ...
+
     def snapshot(self) -> Mapping[str, VersionedHost]:
         """Every host, each with the version its state was read at."""
         ...

@@ -188,6 +188,28 @@ class PlacementIndex:
             return self._choose_gpu(request, region)
         return self._choose_cpu(request, region)
 
+    def choose_on(self, request: PlacementRequest, host_id: str) -> Choice | None:
+        """Whether ``request`` fits on the one host ``host_id`` (a hard constraint), and the
+        GPUs the policy would give it there; None if it does not fit."""
+        entry = self._entries.get(host_id)
+        if entry is None or not _fits(entry, request):
+            return None
+        if not request.wants_gpu:
+            return Choice(entry.state, entry.version, (), 0) if entry.cpu_candidate else None
+        if not entry.gaps or not request.accepts_kind(entry.state.kind):
+            return None
+        if request.gpus:
+            if entry.max_group_free < request.gpus:
+                return None
+            gpus = pick_whole_gpus(entry.state, request.gpus)
+            return Choice(entry.state, entry.version, gpus, MILLI_PER_GPU)
+        share = request.gpu_milli
+        fitting = [gap for gap in entry.gaps if gap >= share]
+        if not fitting:
+            return None
+        gap = min(fitting, key=lambda g: self.profile.share_gap_cost(g, share))
+        return Choice(entry.state, entry.version, (entry.gaps[gap],), share)
+
     def _choose_gpu(self, request: PlacementRequest, region: str) -> Choice | None:
         kinds = [kind for kind in self._kinds.get(region, ()) if request.accepts_kind(kind)]
         if not kinds:

@@ -181,6 +181,8 @@ class PlacementRequest:
     zone: str | None = None
     """Affinity: the zone of the machine or volume this one must sit next to."""
     machine_id: str = ""
+    host_id: str = ""
+    """A hard constraint: only this host (a machine's own host, or its volume's)."""
 
     def __post_init__(self) -> None:
         if self.cpu_milli < 0:

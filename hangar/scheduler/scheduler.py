@@ -61,6 +61,8 @@ class Scheduler:
         if not request.machine_id:
             raise InvalidRequest("a placement needs the machine's id", field="machine_id")
         regions = self._catalog.expand(request.region, self.index.regions())
+        if request.host_id and self.index.get(request.host_id) is None:
+            self.refresh_host(request.host_id)
         for _ in range(self._max_attempts):
             choice = self._choose(request, regions)
             if choice is None:
@@ -106,6 +108,8 @@ class Scheduler:
         )
 
     def _choose(self, request: PlacementRequest, regions: tuple[str, ...]) -> Choice | None:
+        if request.host_id:
+            return self.index.choose_on(request, request.host_id)
         for region in regions:
             choice = self.index.choose(request, region)
             if choice is not None:

@@ -1,4 +1,6 @@
-"""ClusterStore: what the API, the scheduler and the agent need from durable state.
+"""The stores, split by concern: machines (shared by a fleet), a host's runs and GPUs (each
+host's own), tenancy (orgs, tokens, audit). The scheduler's host claims are its own protocol,
+``hangar.scheduler.ClaimStore``.
 
 Kept free of any backend's idioms: the embedded backend is SQLite, the fleet backend etcd.
 """
@@ -6,13 +8,14 @@ Kept free of any backend's idioms: the embedded backend is SQLite, the fleet bac
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
-from hangar.model.gpu import GpuEvent, GpuRecord, GpuState
+from hangar.model.config import MachineConfig
+from hangar.model.gpu import GpuEvent, GpuRecord
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
+from hangar.model.run import RunRecord
 
 
 class App(BaseModel):
@@ -21,31 +24,10 @@ class App(BaseModel):
     created_at: float
 
 
-class RunStatus:
-    RUNNING = "running"
-    ROLLING_BACK = "rolling_back"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    UNFINISHED = (RUNNING, ROLLING_BACK)
+class MachineStore(Protocol):
+    """Apps and their machines, with their config versions, events and leases: what the API
+    reads and writes, shared by every host of a fleet."""
 
-
-class RunRecord(BaseModel):
-    """One durable operation on one machine: a plan of named steps and how far it got."""
-
-    id: str
-    machine_id: str
-    operation: str
-    status: str
-    steps_done: list[str] = Field(default_factory=list)
-    rollback_done: list[str] = Field(default_factory=list)
-    params: dict[str, Any] = Field(default_factory=dict)
-    data: dict[str, Any] = Field(default_factory=dict)
-    error: str = ""
-    created_at: float
-    updated_at: float
-
-
-class ClusterStore(Protocol):
     # apps
     def create_app(self, name: str, org_slug: str, now: float) -> App: ...
     def get_app(self, name: str) -> App | None: ...
@@ -61,7 +43,13 @@ class ClusterStore(Protocol):
     def set_state(
         self, machine_id: str, state: MachineState, now: float, reason: str = ""
     ) -> Machine: ...
-    def save_config_version(self, machine: Machine, now: float) -> None: ...
+    def apply_config_version(
+        self, machine_id: str, config: MachineConfig, version: int, instance_id: str, now: float
+    ) -> None:
+        """Make ``config`` version ``version`` with ``instance_id``, the previous version
+        ``replaced``: all of it in one transaction."""
+        ...
+
     def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]: ...
 
     # events
@@ -73,10 +61,16 @@ class ClusterStore(Protocol):
     def put_lease(self, machine_id: str, lease: Lease) -> None: ...
     def delete_lease(self, machine_id: str) -> None: ...
 
-    # durable runs
-    def insert_run(self, run: RunRecord) -> bool: ...
+
+class RunStore(Protocol):
+    """A host agent's own durable state: its runs and the VMMs it launched (never shared:
+    each host keeps its own, as Fly's flyd keeps its own database)."""
+
+    def insert_run(self, run: RunRecord) -> bool:
+        """Insert unless a run with this id exists (False then): ids make submits idempotent."""
+        ...
+
     def save_run(self, run: RunRecord) -> None: ...
-    def get_run(self, run_id: str) -> RunRecord | None: ...
     def list_runs(
         self, machine_id: str | None = None, unfinished_only: bool = False
     ) -> list[RunRecord]: ...
@@ -87,22 +81,20 @@ class ClusterStore(Protocol):
     def delete_vm_handle(self, machine_id: str) -> None: ...
     def list_vm_handles(self) -> dict[str, dict[str, Any]]: ...
 
-    # GPUs: inventory, claims and the handoff between tenants
-    def upsert_gpu_inventory(self, gpu: GpuRecord) -> GpuRecord: ...
-    def list_gpus(
-        self, host_id: str | None = None, machine_id: str | None = None
-    ) -> list[GpuRecord]: ...
+
+class GpuStore(Protocol):
+    """A host's GPUs as its agent found them (inventory, VFIO binding, why one is out of use)
+    and what happened to each. Who holds a GPU, and whether it is free, cleaning or
+    quarantined, is the host's claim record (``hangar.scheduler.ClaimStore``)."""
+
+    def upsert_gpu_inventory(self, gpu: GpuRecord) -> GpuRecord:
+        """Register a GPU found on the host; an existing record keeps its binding and its
+        quarantine reason."""
+        ...
+
+    def list_gpus(self, host_id: str | None = None) -> list[GpuRecord]: ...
     def get_gpu(self, bdf: str) -> GpuRecord | None: ...
-    def claim_gpus(
-        self,
-        host_id: str,
-        machine_id: str,
-        kind: str,
-        count: int,
-        choose: Callable[[list[GpuRecord], int], list[GpuRecord] | None],
-        now: float,
-    ) -> list[GpuRecord] | None: ...
-    def update_gpu(self, gpu: GpuRecord, expected_state: GpuState | None = None) -> bool: ...
+    def save_gpu(self, gpu: GpuRecord) -> None: ...
     def add_gpu_event(self, event: GpuEvent) -> None: ...
     def list_gpu_events(self, bdf: str | None = None) -> list[GpuEvent]: ...
 

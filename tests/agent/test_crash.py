@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from hangar.agent.engine import CRASH_AFTER_STEP_ENV
-from hangar.agent.operations import PLANS
+from hangar.model.run import DestroyRequest, StartRequest, StopRequest
 from hangar.server_process import ServerProcess
-from tests.agent.helpers import machine_path, run_machine, vmm_pids, wait_state
+from tests.agent.helpers import machine_path, run_machine, step_names, vmm_pids, wait_state
 from tests.conftest import running_server
 
 pytestmark = pytest.mark.slow
@@ -50,11 +50,7 @@ def assert_no_leaks(home: Path, machine_id: str, running: bool) -> None:
         assert not (run_dir / "initrd.img").exists()
 
 
-def step_names(operation: str) -> list[str]:
-    return [step.name for step in PLANS[operation].steps]
-
-
-@pytest.mark.parametrize("step", step_names("start"))
+@pytest.mark.parametrize("step", step_names(StartRequest()))
 def test_crash_during_start(crash_server: ServerProcess, test_image: str, step: str) -> None:
     with crash_server.client() as api:
         response = api.post(
@@ -85,7 +81,7 @@ def test_crash_during_start(crash_server: ServerProcess, test_image: str, step: 
         _destroy(api, crash_server, machine_id)
 
 
-@pytest.mark.parametrize("step", step_names("stop"))
+@pytest.mark.parametrize("step", step_names(StopRequest()))
 def test_crash_during_stop(crash_server: ServerProcess, test_image: str, step: str) -> None:
     with crash_server.client() as api:
         machine_id = run_machine(api, APP, test_image, cmd=SLEEPER)
@@ -108,7 +104,7 @@ def test_crash_during_stop(crash_server: ServerProcess, test_image: str, step: s
         _destroy(api, crash_server, machine_id)
 
 
-@pytest.mark.parametrize("step", step_names("destroy"))
+@pytest.mark.parametrize("step", step_names(DestroyRequest(force=True)))
 def test_crash_during_destroy(crash_server: ServerProcess, test_image: str, step: str) -> None:
     with crash_server.client() as api:
         machine_id = run_machine(api, APP, test_image, cmd=SLEEPER)

@@ -16,18 +16,23 @@ from pathlib import Path
 import pytest
 
 from hangar.agent.agent import Agent
-from hangar.agent.gpus import HostGpus, choose_gpus
+from hangar.agent.gpus import HostGpus
 from hangar.agent.guest import QemuGuestPlatform
+from hangar.agent.host import HostServices
+from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
 from hangar.agent.steps import new_run
 from hangar.clock import SystemClock
 from hangar.devices import NoNvml, SysfsRoot
+from hangar.errors import InsufficientCapacity
 from hangar.images.initramfs import module_bytes, resolve_modules
 from hangar.images.kernel import ensure_kernel
 from hangar.model.config import MachineConfig
-from hangar.model.gpu import GpuRecord, GpuState
+from hangar.model.gpu import GpuState
+from hangar.model.host import HostInfo
 from hangar.model.machine import Machine, MachineState, new_machine_id, new_ulid
-from hangar.store.sqlite import SqliteStore
+from hangar.model.run import CreateRequest, DestroyRequest, StopRequest
+from hangar.store.embedded import EmbeddedStores, open_embedded_stores
 from hangar.vmm.qemu import QemuDriver
 from tests.agent.vmm_stand_in import ARGV_FILE, SleepingVmmPlatform
 from tests.conftest import SUITE_CACHE
@@ -41,6 +46,7 @@ from tests.devices.sysfs_fixture import (
 from tests.fixtures.driver_bundle import write_bundle
 
 HOST = "gpu-host-1"
+HOST_INFO = HostInfo(id=HOST, region="local", cpus=64, memory_mb=512 * 1024)
 
 
 class SimulatedCrash(Exception):
@@ -52,18 +58,45 @@ class GpuHost:
     tmp: Path
     builder: SysfsBuilder
     kernel: KernelSimulator
-    store: SqliteStore
+    stores: EmbeddedStores
     image: str
 
     def gpus(self) -> HostGpus:
         return HostGpus(HOST, SysfsRoot(self.builder.root, writer=self.kernel), NoNvml("tests"))
+
+    @property
+    def placement(self) -> HostPlacement:
+        return HostPlacement(self.stores.claims, HOST_INFO)
 
     def agent(self, platform: GuestPlatform, crash_after: str = "") -> Agent:
         def hook(operation: str, step: str) -> None:
             if crash_after == f"{operation}:{step}":
                 raise SimulatedCrash(crash_after)
 
-        return Agent(self.store, platform, SystemClock(), self.tmp / "machines", self.gpus(), hook)
+        host = HostServices(
+            platform=platform,
+            machines_dir=self.tmp / "machines",
+            placement=self.placement,
+            gpu_store=self.stores.gpus,
+            gpus=self.gpus(),
+        )
+        return Agent(self.stores.machines, self.stores.runs, host, SystemClock(), hook)
+
+    def state(self, bdf: str) -> GpuState:
+        gpu = self.placement.gpu(bdf)
+        assert gpu is not None, bdf
+        return gpu.state
+
+    def states(self) -> list[GpuState]:
+        return [gpu.state for gpu in self.placement.gpus()]
+
+    def held(self, machine_id: str) -> list[str]:
+        return self.placement.claimed_bdfs(machine_id)
+
+    def machine(self, machine_id: str) -> Machine:
+        machine = self.stores.machines.get_machine(machine_id)
+        assert machine is not None
+        return machine
 
     def driver_of(self, bdf: str) -> str | None:
         link = self.builder.root / "bus/pci/devices" / bdf / "driver"
@@ -79,7 +112,7 @@ class GpuHost:
                 "guest": {"cpu_kind": "performance", "gpu_kind": kind, "gpus": gpus},
             }
         )
-        self.store.insert_machine(
+        self.stores.machines.insert_machine(
             Machine(
                 id=machine_id,
                 name=machine_id,
@@ -101,10 +134,14 @@ class GpuHost:
 def gpu_host(tmp_path: Path, test_image: str) -> Iterator[GpuHost]:
     builder = build_hgx_h100(tmp_path / "sys")
     host = GpuHost(
-        tmp_path, builder, KernelSimulator(builder), SqliteStore(tmp_path / "db"), test_image
+        tmp_path,
+        builder,
+        KernelSimulator(builder),
+        open_embedded_stores(tmp_path / "db"),
+        test_image,
     )
     yield host
-    for handle in host.store.list_vm_handles().values():
+    for handle in host.stores.runs.list_vm_handles().values():
         asyncio.run(SleepingVmmPlatform(SUITE_CACHE, QemuDriver()).kill(handle))
 
 
@@ -129,14 +166,10 @@ def sleeping_platform(driver_bundle: Path) -> Callable[[], SleepingVmmPlatform]:
 async def settle(agent: Agent) -> None:
     """Until no run is unfinished: woken by the agent's own change notices (bounded)."""
     for _ in range(600):
-        if not agent.store.list_runs(unfinished_only=True):
+        if not agent.runs.list_runs(unfinished_only=True):
             return
         await agent.wait_for_change(0.1)
-    raise AssertionError(f"runs never finished: {agent.store.list_runs(unfinished_only=True)}")
-
-
-def held(store: SqliteStore, machine_id: str) -> list[GpuRecord]:
-    return [gpu for gpu in store.list_gpus(machine_id=machine_id) if gpu.state == GpuState.CLAIMED]
+    raise AssertionError(f"runs never finished: {agent.runs.list_runs(unfinished_only=True)}")
 
 
 async def test_gpu_machine_claims_close_gpus_binds_them_and_passes_each_bdf(
@@ -145,32 +178,36 @@ async def test_gpu_machine_claims_close_gpus_binds_them_and_passes_each_bdf(
     agent = gpu_host.agent(sleeping_platform())
     await agent.start()
     machine_id = gpu_host.add_machine(gpus=2)
-    agent.submit_operation(machine_id, "create", {"resolve_image": True})
+    agent.submit_operation(machine_id, CreateRequest())
     await settle(agent)
-    assert gpu_host.store.get_machine(machine_id).state == MachineState.STARTED  # type: ignore[union-attr]
-    claimed = held(gpu_host.store, machine_id)
+    assert gpu_host.machine(machine_id).state == MachineState.STARTED
+    claimed = gpu_host.held(machine_id)
     assert len(claimed) == 2
-    assert len({HGX_H100_GPUS[gpu.bdf] for gpu in claimed}) == 1, "one NUMA node"
-    assert len({gpu.nvlink_domain for gpu in claimed}) == 1, "one NVLink domain"
-    for gpu in claimed:
-        assert gpu_host.driver_of(gpu.bdf) == "vfio-pci"
+    assert all(gpu_host.state(bdf) == GpuState.CLAIMED for bdf in claimed)
+    assert len({HGX_H100_GPUS[bdf] for bdf in claimed}) == 1, "one NUMA node"
+    domains = {
+        record.nvlink_domain for bdf in claimed if (record := gpu_host.stores.gpus.get_gpu(bdf))
+    }
+    assert len(domains) == 1, "one NVLink domain"
+    for bdf in claimed:
+        assert gpu_host.driver_of(bdf) == "vfio-pci"
     argv = json.loads((gpu_host.tmp / "machines" / machine_id / ARGV_FILE).read_text())
-    for gpu in claimed:
-        assert f"vfio-pci,host={gpu.bdf}" in argv
+    for bdf in claimed:
+        assert f"vfio-pci,host={bdf}" in argv
     drives = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-drive"]
     assert len(drives) == 2 and "readonly=on" in drives[1], "the driver bundle, read-only"
     initrd = (gpu_host.tmp / "machines" / machine_id / "initrd.img").read_bytes()
     assert b"HANGAR_DRIVER_BUNDLE=1" in initrd
 
-    agent.submit_operation(machine_id, "stop", {"timeout_s": 0.0})
+    agent.submit_operation(machine_id, StopRequest(timeout_s=0.0))
     await settle(agent)
     await agent.close()
-    for gpu in claimed:
-        record = gpu_host.store.get_gpu(gpu.bdf)
-        assert record is not None and record.state == GpuState.FREE and record.machine_id == ""
-        assert gpu_host.driver_of(gpu.bdf) == "nvidia", "back on its host driver"
-        assert (f"bus/pci/devices/{gpu.bdf}/reset", "1") in gpu_host.kernel.writes
-    actions = [event.action for event in gpu_host.store.list_gpu_events(claimed[0].bdf)]
+    assert gpu_host.placement.claim_of(machine_id) is None
+    for bdf in claimed:
+        assert gpu_host.state(bdf) == GpuState.FREE
+        assert gpu_host.driver_of(bdf) == "nvidia", "back on its host driver"
+        assert (f"bus/pci/devices/{bdf}/reset", "1") in gpu_host.kernel.writes
+    actions = [event.action for event in gpu_host.stores.gpus.list_gpu_events(claimed[0])]
     assert actions[::-1] == ["claimed", "cleaning", "reset", "host_drivers_restored", "free"]
 
 
@@ -183,14 +220,15 @@ async def test_a_launch_that_fails_releases_its_gpus(
     )
     await agent.start()
     machine_id = gpu_host.add_machine(gpus=1)
-    agent.submit_operation(machine_id, "create", {"resolve_image": True})
+    agent.submit_operation(machine_id, CreateRequest())
     await settle(agent)
     await agent.close()
-    machine = gpu_host.store.get_machine(machine_id)
-    assert machine is not None and machine.state == MachineState.LAUNCH_FAILED
+    machine = gpu_host.machine(machine_id)
+    assert machine.state == MachineState.LAUNCH_FAILED
     assert "vfio" in machine.failure_reason.lower()
-    assert held(gpu_host.store, machine_id) == []
-    assert all(gpu.state == GpuState.FREE for gpu in gpu_host.store.list_gpus())
+    assert gpu_host.held(machine_id) == []
+    assert gpu_host.placement.claim_of(machine_id) is None
+    assert all(state == GpuState.FREE for state in gpu_host.states())
     assert all(gpu_host.driver_of(bdf) == "nvidia" for bdf in HGX_H100_GPUS)
 
 
@@ -200,47 +238,52 @@ async def test_failed_reset_quarantines_until_an_operator_releases_it(
     agent = gpu_host.agent(sleeping_platform())
     await agent.start()
     machine_id = gpu_host.add_machine(gpus=1)
-    agent.submit_operation(machine_id, "create", {"resolve_image": True})
+    agent.submit_operation(machine_id, CreateRequest())
     await settle(agent)
-    [gpu] = held(gpu_host.store, machine_id)
-    gpu_host.kernel.reset_faults[gpu.bdf] = "unresponsive"
-    agent.submit_operation(machine_id, "destroy", {"timeout_s": 0.0})
+    [bdf] = gpu_host.held(machine_id)
+    gpu_host.kernel.reset_faults[bdf] = "unresponsive"
+    agent.submit_operation(machine_id, DestroyRequest(force=True))
     await settle(agent)
-    quarantined = gpu_host.store.get_gpu(gpu.bdf)
-    assert quarantined is not None and quarantined.state == GpuState.QUARANTINED
-    assert "reset" in quarantined.reason
+    assert gpu_host.state(bdf) == GpuState.QUARANTINED
+    quarantined = gpu_host.stores.gpus.get_gpu(bdf)
+    assert quarantined is not None and "reset" in quarantined.quarantine_reason
 
     # Quarantined GPUs are never offered: eight are asked for, seven are clean.
     eight = gpu_host.add_machine(gpus=8)
-    agent.submit_operation(eight, "create", {"resolve_image": True})
+    agent.submit_operation(eight, CreateRequest())
     await settle(agent)
-    failed = gpu_host.store.get_machine(eight)
-    assert failed is not None and failed.state == MachineState.FAILED
-    assert "insufficient capacity" in failed.failure_reason
-    assert all(gpu.state != GpuState.CLAIMED for gpu in gpu_host.store.list_gpus())
+    failed = gpu_host.machine(eight)
+    assert failed.state == MachineState.FAILED
+    assert "insufficient resources" in failed.failure_reason
+    assert all(state != GpuState.CLAIMED for state in gpu_host.states())
 
     gpu_host.kernel.reset_faults.clear()
-    builder_config = gpu_host.builder.root / "bus/pci/devices" / gpu.bdf / "config"
+    builder_config = gpu_host.builder.root / "bus/pci/devices" / bdf / "config"
     builder_config.write_bytes(b"\xde\x10\x30\x23" + builder_config.read_bytes()[4:])
-    agent.release_quarantine(gpu.bdf, actor="alice", reason="reseated the board")
+    agent.release_quarantine(bdf, actor="alice", reason="reseated the board")
     await settle(agent)
     await agent.close()
-    released = gpu_host.store.get_gpu(gpu.bdf)
-    assert released is not None and released.state == GpuState.FREE
+    assert gpu_host.state(bdf) == GpuState.FREE
     [event] = [
-        e for e in gpu_host.store.list_gpu_events(gpu.bdf) if e.action == "quarantine_released"
+        e for e in gpu_host.stores.gpus.list_gpu_events(bdf) if e.action == "quarantine_released"
     ]
     assert event.actor == "alice" and event.detail["reason"] == "reseated the board"
 
 
 def test_a_gpu_sharing_its_group_with_a_nic_is_never_claimed(tmp_path: Path) -> None:
     builder = build_gpu_sharing_group_with_nic(tmp_path / "sys")
-    store = SqliteStore(tmp_path / "db")
+    stores = open_embedded_stores(tmp_path / "db")
     host = HostGpus(HOST, SysfsRoot(builder.root, writer=KernelSimulator(builder)), NoNvml("t"))
-    [record] = host.register(store)
+    [record] = host.register(stores.gpus)
     assert not record.available
     assert "Ethernet controller" in record.reason
-    assert store.claim_gpus(HOST, "m1", record.kind, 1, choose_gpus, 0.0) is None
+    placement = HostPlacement(stores.claims, HOST_INFO)
+    placement.register(stores.gpus.list_gpus())
+    guest = MachineConfig.model_validate(
+        {"image": "x", "guest": {"cpu_kind": "performance", "gpu_kind": record.kind}}
+    ).guest
+    with pytest.raises(InsufficientCapacity):
+        placement.place("m1", guest)
 
 
 HANDOFF_STEPS = ["reset_gpu", "restore_host_drivers", "return_gpu"]
@@ -253,73 +296,48 @@ async def test_crash_during_handoff_never_frees_a_dirty_gpu(
     agent = gpu_host.agent(sleeping_platform(), crash_after=f"handoff:{step}")
     await agent.start()
     machine_id = gpu_host.add_machine(gpus=1)
-    agent.submit_operation(machine_id, "create", {"resolve_image": True})
+    agent.submit_operation(machine_id, CreateRequest())
     await settle(agent)
-    [gpu] = held(gpu_host.store, machine_id)
-    agent.submit_operation(machine_id, "stop", {"timeout_s": 0.0})
+    [bdf] = gpu_host.held(machine_id)
+    agent.submit_operation(machine_id, StopRequest(timeout_s=0.0))
     for _ in range(400):
         await agent.wait_for_change(0.1)
-        runs = gpu_host.store.list_runs(f"gpu:{gpu.bdf}")
+        runs = gpu_host.stores.runs.list_runs(f"gpu:{bdf}")
         if runs and step in runs[-1].steps_done:
             break
     await agent.close()
-    after_crash = gpu_host.store.get_gpu(gpu.bdf)
-    assert after_crash is not None
     if step != "return_gpu":
-        assert after_crash.state == GpuState.CLEANING, "not free before the handoff ends"
+        assert gpu_host.state(bdf) == GpuState.CLEANING, "not free before the handoff ends"
 
     restarted = gpu_host.agent(sleeping_platform())
     await restarted.start()
     await settle(restarted)
     await restarted.close()
-    record = gpu_host.store.get_gpu(gpu.bdf)
-    assert record is not None and record.state == GpuState.FREE
-    assert gpu_host.driver_of(gpu.bdf) == "nvidia"
+    assert gpu_host.state(bdf) == GpuState.FREE
+    assert gpu_host.driver_of(bdf) == "nvidia"
 
 
-@pytest.mark.parametrize("step", ["claim_gpus", "bind_gpus", "launch_vm"])
+@pytest.mark.parametrize("step", ["place_machine", "bind_gpus", "launch_vm"])
 async def test_crash_during_gpu_start_resumes_without_double_claims(
     gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform], step: str
 ) -> None:
     agent = gpu_host.agent(sleeping_platform(), crash_after=f"create:{step}")
     await agent.start()
     machine_id = gpu_host.add_machine(gpus=2)
-    agent.submit_operation(machine_id, "create", {"resolve_image": True})
+    agent.submit_operation(machine_id, CreateRequest())
     for _ in range(400):
         await agent.wait_for_change(0.1)
-        [run] = gpu_host.store.list_runs(machine_id)
+        [run] = gpu_host.stores.runs.list_runs(machine_id)
         if step in run.steps_done:
             break
     await agent.close()
     restarted = gpu_host.agent(sleeping_platform())
     await restarted.start()
     await settle(restarted)
-    machine = gpu_host.store.get_machine(machine_id)
-    assert machine is not None and machine.state == MachineState.STARTED
-    claimed = held(gpu_host.store, machine_id)
-    assert len(claimed) == 2
-    assert sum(gpu.state == GpuState.CLAIMED for gpu in gpu_host.store.list_gpus()) == 2
-    restarted.submit(new_run(machine_id, "destroy", 0.0, {"timeout_s": 0.0}))
+    assert gpu_host.machine(machine_id).state == MachineState.STARTED
+    assert len(gpu_host.held(machine_id)) == 2
+    assert gpu_host.states().count(GpuState.CLAIMED) == 2
+    restarted.submit(new_run(machine_id, DestroyRequest(force=True), 0.0))
     await settle(restarted)
     await restarted.close()
-    assert all(gpu.state == GpuState.FREE for gpu in gpu_host.store.list_gpus())
-
-
-def record(bdf: str, numa: int | None, domain: str | None) -> GpuRecord:
-    return GpuRecord(host_id=HOST, bdf=bdf, kind="h100-sxm", numa_node=numa, nvlink_domain=domain)
-
-
-def test_choose_gpus_keeps_requests_close_and_leaves_big_groups_whole() -> None:
-    free = [
-        record("a", 0, None),
-        record("b", 1, None),
-        record("c", 1, None),
-        record("d", 0, None),
-        record("e", 0, None),
-    ]
-    assert [gpu.bdf for gpu in choose_gpus(free, 2) or []] == ["b", "c"]
-    assert [gpu.bdf for gpu in choose_gpus(free, 3) or []] == ["a", "d", "e"]
-    assert len(choose_gpus(free, 4) or []) == 4
-    assert choose_gpus(free, 6) is None
-    linked = [record("x", 0, "nv-1"), record("y", 1, "nv-1"), record("z", 0, None)]
-    assert [gpu.bdf for gpu in choose_gpus(linked, 2) or []] == ["x", "y"]
+    assert all(state == GpuState.FREE for state in gpu_host.states())

@@ -13,7 +13,7 @@ from hangar.api.services.tokens import TokenService
 from hangar.clock import ManualClock, SystemClock
 from hangar.server_process import ServerProcess
 from hangar.settings import DATABASE
-from hangar.store.sqlite import SqliteStore
+from hangar.store.machines import SqliteMachineStore
 from hangar.store.tenancy import SqliteTenancyStore
 from tests.api.helpers import unique
 
@@ -41,7 +41,9 @@ def expired_token(server: ServerProcess, org: str) -> str:
     database = server.home / DATABASE
     an_hour_and_a_bit_ago = SystemClock().now() - 3700
     tokens = TokenService(
-        SqliteTenancyStore(database), SqliteStore(database), ManualClock(an_hour_and_a_bit_ago)
+        SqliteTenancyStore(database),
+        SqliteMachineStore(database),
+        ManualClock(an_hour_and_a_bit_ago),
     )
     _token, secret = tokens.issue(org, ttl_s=60, description="expired in tests")
     return secret

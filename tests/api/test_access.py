@@ -15,7 +15,7 @@ from hangar.api.services.tokens import TokenService
 from hangar.clock import ManualClock
 from hangar.errors import Forbidden, NotFound, Unauthenticated
 from hangar.model.duration import MAX_TOKEN_LIFETIME_S, parse_duration
-from hangar.store.sqlite import SqliteStore
+from hangar.store.machines import SqliteMachineStore
 from hangar.store.tenancy import SqliteTenancyStore
 
 
@@ -31,7 +31,7 @@ class World:
 def world(tmp_path: Path) -> World:
     database = tmp_path / "hangar.db"
     clock = ManualClock()
-    cluster = SqliteStore(database)
+    cluster = SqliteMachineStore(database)
     tenancy = SqliteTenancyStore(database)
     for org, app in (("acme", "web"), ("acme", "api"), ("rival", "shop")):
         tenancy.ensure_org(org, clock.now())

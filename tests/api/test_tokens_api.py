@@ -15,7 +15,7 @@ from hangar.errors import Unauthenticated
 from hangar.server import BOOTSTRAP_TOKEN_DESCRIPTION, bootstrap_operator_token
 from hangar.server_process import ServerProcess
 from hangar.settings import DATABASE, OPERATOR_TOKEN_FILE
-from hangar.store.sqlite import SqliteStore
+from hangar.store.machines import SqliteMachineStore
 from hangar.store.tenancy import SqliteTenancyStore
 from tests.api.conftest import Tenants
 from tests.api.helpers import assert_fly_error, unique
@@ -75,7 +75,7 @@ def test_first_start_writes_an_operator_token_readable_by_its_owner_only(
 
 def tokens_of(home: Path) -> TokenService:
     database = home / DATABASE
-    return TokenService(SqliteTenancyStore(database), SqliteStore(database), ManualClock())
+    return TokenService(SqliteTenancyStore(database), SqliteMachineStore(database), ManualClock())
 
 
 def test_bootstrap_mints_once_and_init_replaces_the_file_token(tmp_path: Path) -> None:

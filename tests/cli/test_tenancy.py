@@ -17,7 +17,7 @@ from hangar.errors import Unauthenticated
 from hangar.server import bootstrap_operator_token
 from hangar.server_process import ServerProcess, free_port
 from hangar.settings import DATABASE, OPERATOR_TOKEN_FILE
-from hangar.store.sqlite import SqliteStore
+from hangar.store.machines import SqliteMachineStore
 from hangar.store.tenancy import SqliteTenancyStore
 from tests.api.helpers import unique
 
@@ -97,7 +97,7 @@ def test_server_init_prints_a_new_operator_token_and_revokes_the_old_one(
 ) -> None:
     home = tmp_path_factory.mktemp("init-home")
     tokens = TokenService(
-        SqliteTenancyStore(home / DATABASE), SqliteStore(home / DATABASE), SystemClock()
+        SqliteTenancyStore(home / DATABASE), SqliteMachineStore(home / DATABASE), SystemClock()
     )
     old = bootstrap_operator_token(home / OPERATOR_TOKEN_FILE, tokens)
     assert old is not None

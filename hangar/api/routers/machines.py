@@ -21,7 +21,7 @@ from hangar.api.schemas import (
 )
 from hangar.api.scopes import Scope, requires
 from hangar.model.machine import MachineEvent
-from hangar.store.protocol import RunRecord
+from hangar.model.run import RunRecord
 
 router = APIRouter(prefix="/v1/apps/{app_name}/machines", tags=["machines"])
 

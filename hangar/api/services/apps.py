@@ -7,12 +7,12 @@ from hangar.api.schemas import AppList, AppView, CreateAppRequest, OrganizationV
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.clock import Clock
 from hangar.errors import PreconditionFailed
-from hangar.store.protocol import App, ClusterStore, TenancyStore
+from hangar.store.protocol import App, MachineStore, TenancyStore
 
 
 class AppService:
     def __init__(
-        self, store: ClusterStore, tenancy: TenancyStore, orgs: OrgService, clock: Clock
+        self, store: MachineStore, tenancy: TenancyStore, orgs: OrgService, clock: Clock
     ) -> None:
         self._store = store
         self._tenancy = tenancy

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 from hangar.errors import QuotaExceeded
 from hangar.model.config import MachineConfig
 from hangar.model.machine import Machine
-from hangar.store.protocol import ClusterStore, TenancyStore
+from hangar.store.protocol import MachineStore, TenancyStore
 
 
 class OrgUsage(BaseModel):
@@ -25,7 +25,7 @@ class OrgUsage(BaseModel):
 
 
 class QuotaService:
-    def __init__(self, cluster: ClusterStore, tenancy: TenancyStore) -> None:
+    def __init__(self, cluster: MachineStore, tenancy: TenancyStore) -> None:
         self._cluster = cluster
         self._tenancy = tenancy
 

@@ -8,7 +8,7 @@ import secrets
 from hangar.api.schemas import CreateTokenRequest, TokenCreated, TokenList, TokenView, iso8601
 from hangar.clock import Clock
 from hangar.errors import NotFound, Unauthenticated
-from hangar.store.protocol import ApiToken, ClusterStore, TenancyStore, TokenKind
+from hangar.store.protocol import ApiToken, MachineStore, TenancyStore, TokenKind
 
 SECRET_PREFIX = "hgr_"
 
@@ -27,7 +27,7 @@ def token_status(token: ApiToken, now: float) -> str:
 
 
 class TokenService:
-    def __init__(self, store: TenancyStore, cluster: ClusterStore, clock: Clock) -> None:
+    def __init__(self, store: TenancyStore, cluster: MachineStore, clock: Clock) -> None:
         self._store = store
         self._cluster = cluster
         self._clock = clock

@@ -1,0 +1,26 @@
+"""What the agent's steps act on besides the machine store: this host's guest platform, its
+run directories, its claims (through the scheduler) and its GPUs. Plans build each step with
+the parts it needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hangar.agent.gpus import HostGpus
+from hangar.agent.placement import HostPlacement
+from hangar.agent.platform import GuestPlatform
+from hangar.store.protocol import GpuStore
+
+
+@dataclass(frozen=True)
+class HostServices:
+    platform: GuestPlatform
+    machines_dir: Path
+    placement: HostPlacement
+    gpu_store: GpuStore
+    gpus: HostGpus | None = None
+    """This host's GPU devices; None where the host has no GPU support configured."""
+
+    def run_dir(self, machine_id: str) -> Path:
+        return self.machines_dir / machine_id
