@@ -11,6 +11,7 @@ The guest contract every driver honours (hangar's guest init relies on it):
 - the first serial port goes to ``console_log``;
 - the guest writes JSON lines to the port named :data:`CONTROL_PORT_NAME`, which land in
   ``control_log`` (see :mod:`hangar.vmm.control`);
+- a machine with a :class:`NicSpec` gets one virtio-net device on that tap, with that MAC;
 - the host writes ``signal N`` lines to the port named :data:`SIGNAL_PORT_NAME`, served on
   ``signal_socket``; the guest forwards signal N to its process.
 """
@@ -33,6 +34,8 @@ SIGNAL_PORT_NAME = "hangar.sig"
 
 MACHINE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 PCI_BDF_PATTERN = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+IFNAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+MAC_PATTERN = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 class DiskSpec(BaseModel):
@@ -42,6 +45,30 @@ class DiskSpec(BaseModel):
 
     path: Path
     read_only: bool = False
+
+
+class NicSpec(BaseModel):
+    """The machine's network interface: a tap the host made (``hangar.net``), and the MAC the
+    guest's virtio-net device gets (the host's firewall accepts frames only from it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tap: str
+    mac: str
+
+    @field_validator("tap")
+    @classmethod
+    def _tap_is_an_interface_name(cls, value: str) -> str:
+        if not IFNAME_PATTERN.match(value):
+            raise ValueError(f"tap {value!r} must match {IFNAME_PATTERN.pattern}")
+        return value
+
+    @field_validator("mac")
+    @classmethod
+    def _mac_is_six_octets(cls, value: str) -> str:
+        if not MAC_PATTERN.match(value):
+            raise ValueError(f"mac {value!r} must be six lower-case hex octets")
+        return value
 
 
 class VmSpec(BaseModel):
@@ -67,6 +94,7 @@ class VmSpec(BaseModel):
     vmm_log: Path = Field(description="the VMM's own stderr, quoted in launch errors")
     gpus: list[str] = Field(default_factory=list, description="PCI BDFs passed through by VFIO")
     hugepages: bool = False
+    nic: NicSpec | None = Field(default=None, description="no network interface when None")
 
     @field_validator("machine_id")
     @classmethod
@@ -108,6 +136,7 @@ class VmSpec(BaseModel):
         kernel_args: list[str] | None = None,
         gpus: list[str] | None = None,
         hugepages: bool = False,
+        nic: NicSpec | None = None,
     ) -> Self:
         """A spec whose logs and sockets sit in ``run_dir`` under their standard names."""
         return cls(
@@ -127,6 +156,7 @@ class VmSpec(BaseModel):
             vmm_log=run_dir / "vmm.log",
             gpus=gpus or [],
             hugepages=hugepages,
+            nic=nic,
         )
 
 

@@ -136,6 +136,13 @@ def qemu_argv(
         "-mon",
         "chardev=qmp,mode=control",
     ]
+    if spec.nic is not None:
+        argv += [
+            "-netdev",
+            f"tap,id=net0,ifname={spec.nic.tap},script=no,downscript=no",
+            "-device",
+            f"virtio-net-pci,netdev=net0,mac={spec.nic.mac}",
+        ]
     for bdf in spec.gpus:
         argv += ["-device", f"vfio-pci,host={bdf}"]
     return argv
