@@ -241,6 +241,10 @@ class HostNetwork:
         """Replace the ruleset with one rendered from the taps there are now."""
         firewall.apply_ruleset(self.render_rules())
 
+    def dns_endpoint(self) -> tuple[str, int]:
+        """Where the host's DNS service listens (on the bridge: after :meth:`ensure_bridge`)."""
+        return str(self.plan.dns_address), self.config.dns_port
+
     # the guest's view
     def nic(self, attachment: Attachment) -> NicSpec:
         return NicSpec(tap=attachment.tap, mac=attachment.mac)
