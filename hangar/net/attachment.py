@@ -5,18 +5,16 @@ from the taps that exist (nothing to lose in a crash between two steps)."""
 
 from __future__ import annotations
 
-import re
 from ipaddress import IPv4Address, IPv6Address
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from hangar.net.addressing import link_local_of
-from hangar.vmm.driver import MAC_PATTERN
+from hangar.vmm.driver import InterfaceName, MacAddress
 
 ALIAS_MARK = "hangar1"
 # IFALIASZ is 256 bytes, the terminating NUL included.
 ALIAS_MAX_BYTES = 255
-TAP_NAME_PATTERN = re.compile(r"^hg[a-z0-9]{1,13}$")
 _ALIAS_KEYS = {"m": "machine_id", "o": "org_number", "t": "tap", "e": "mac", "6": "ip6", "4": "ip4"}
 
 
@@ -25,25 +23,11 @@ class Attachment(BaseModel):
 
     machine_id: str
     org_number: int
-    tap: str
-    mac: str
+    tap: InterfaceName
+    mac: MacAddress
     ip6: IPv6Address
     ip4: IPv4Address | None = None
     """The egress address (None on a host without egress)."""
-
-    @field_validator("mac")
-    @classmethod
-    def _mac(cls, value: str) -> str:
-        if not MAC_PATTERN.match(value):
-            raise ValueError(f"MAC {value!r} must be six lower-case hex octets")
-        return value
-
-    @field_validator("tap")
-    @classmethod
-    def _tap(cls, value: str) -> str:
-        if not TAP_NAME_PATTERN.match(value):
-            raise ValueError(f"tap name {value!r} must match {TAP_NAME_PATTERN.pattern}")
-        return value
 
     @field_validator("machine_id")
     @classmethod

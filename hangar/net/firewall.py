@@ -35,11 +35,11 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network
 
 from hangar.errors import NetworkError
 from hangar.net.attachment import Attachment
+from hangar.vmm.driver import IFNAME_PATTERN
 
 NFT_BINARY = "nft"
 NFT_TIMEOUT_S = 30.0
 TABLE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-IFNAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 COUNTERS = ("spoofed", "cross_org", "host_blocked", "routed_blocked")
 DIGEST_MARK = "hangar sha256:"
 # Egress never goes to link-local (metadata services), loopback or multicast destinations.

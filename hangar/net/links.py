@@ -229,16 +229,25 @@ def ensure_bridge(config: BridgeConfig) -> None:
             )
 
 
-def remove_bridge(name: str) -> bool:
-    """Delete the bridge (its addresses and routes go with it); False if it was not there."""
-    with _netlink("remove the bridge", bridge=name) as ipr:
+def _remove_link(name: str, kind: str, what: str) -> bool:
+    with _netlink(f"remove {what}", link=name) as ipr:
         index = _index(ipr, name)
         if index is None:
             return False
-        if _kind(_link(ipr, index)) != "bridge":
-            raise NetworkError(f"{name} is not a bridge", retryable=False, bridge=name)
-        ipr.link("del", index=index)
+        if _kind(_link(ipr, index)) != kind:
+            raise NetworkError(f"{name} is not {what}", retryable=False, link=name)
+        try:
+            ipr.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+            return False
         return True
+
+
+def remove_bridge(name: str) -> bool:
+    """Delete the bridge (its addresses and routes go with it); False if it was not there."""
+    return _remove_link(name, "bridge", "a bridge")
 
 
 def _tap_state(ipr: IPRoute, link: Any, names: dict[int, str]) -> TapState:
@@ -318,19 +327,7 @@ def create_tap(attachment: Attachment, bridge: str) -> None:
 
 def remove_tap(name: str) -> bool:
     """Delete a tap; False if it was not there. A running QEMU loses its network."""
-    with _netlink("remove a tap", tap=name) as ipr:
-        index = _index(ipr, name)
-        if index is None:
-            return False
-        if _kind(_link(ipr, index)) != "tun":
-            raise NetworkError(f"{name} is not a tap", retryable=False, tap=name)
-        try:
-            ipr.link("del", index=index)
-        except NetlinkError as exc:
-            if exc.code != errno.ENODEV:
-                raise
-            return False
-        return True
+    return _remove_link(name, "tun", "a tap")
 
 
 def default_route_interface() -> str | None:

@@ -22,9 +22,9 @@ import re
 from enum import StrEnum
 from pathlib import Path
 from signal import SIGTERM
-from typing import Literal, Protocol, Self, runtime_checkable
+from typing import Annotated, Literal, Protocol, Self, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from hangar.clock import Clock
 
@@ -47,28 +47,30 @@ class DiskSpec(BaseModel):
     read_only: bool = False
 
 
+def _interface_name(value: str) -> str:
+    if not IFNAME_PATTERN.match(value):
+        raise ValueError(f"interface name {value!r} must match {IFNAME_PATTERN.pattern}")
+    return value
+
+
+def _mac(value: str) -> str:
+    if not MAC_PATTERN.match(value):
+        raise ValueError(f"MAC {value!r} must be six lower-case hex octets")
+    return value
+
+
+InterfaceName = Annotated[str, AfterValidator(_interface_name)]
+MacAddress = Annotated[str, AfterValidator(_mac)]
+
+
 class NicSpec(BaseModel):
     """The machine's network interface: a tap the host made (``hangar.net``), and the MAC the
     guest's virtio-net device gets (the host's firewall accepts frames only from it)."""
 
     model_config = ConfigDict(frozen=True)
 
-    tap: str
-    mac: str
-
-    @field_validator("tap")
-    @classmethod
-    def _tap_is_an_interface_name(cls, value: str) -> str:
-        if not IFNAME_PATTERN.match(value):
-            raise ValueError(f"tap {value!r} must match {IFNAME_PATTERN.pattern}")
-        return value
-
-    @field_validator("mac")
-    @classmethod
-    def _mac_is_six_octets(cls, value: str) -> str:
-        if not MAC_PATTERN.match(value):
-            raise ValueError(f"mac {value!r} must be six lower-case hex octets")
-        return value
+    tap: InterfaceName
+    mac: MacAddress
 
 
 class VmSpec(BaseModel):

@@ -3,9 +3,11 @@ the same time on one machine never share a link, a table, a prefix or a subnet."
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 import string
+import subprocess
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
 from pyroute2 import IPRoute
@@ -68,3 +70,17 @@ def unique_config(*, egress_interface: str | None, egress: bool = True) -> HostN
         egress=egress,
         egress_interface=egress_interface,
     )
+
+
+def nft_set(family: str, table: str, name: str) -> list[object]:
+    """The elements of a loaded nftables set, as ``nft -j`` lists them."""
+    listed = subprocess.run(
+        ["nft", "-j", "list", "set", family, table, name],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for item in json.loads(listed)["nftables"]:
+        if "set" in item:
+            return list(item["set"].get("elem", []))
+    raise AssertionError(f"no set {name} in {family} {table}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ from hangar.net import firewall
 from hangar.net.addressing import AddressPlan, machine_mac
 from hangar.net.attachment import Attachment
 from hangar.net.firewall import FirewallPolicy, render_ruleset
-from tests.net.netenv import unique_suffix
+from tests.net.netenv import nft_set, unique_suffix
 
 PLAN = AddressPlan(IPv6Network("fd12:3456::/32"), IPv4Network("172.30.7.0/24"))
 ORG_A, ORG_B = 11, 22
@@ -152,19 +151,6 @@ def table() -> Iterator[str]:
         yield name
     finally:
         firewall.remove_ruleset(name)
-
-
-def nft_set(family: str, table: str, name: str) -> list[object]:
-    listed = subprocess.run(
-        ["nft", "-j", "list", "set", family, table, name],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    for item in json.loads(listed)["nftables"]:
-        if "set" in item:
-            return list(item["set"].get("elem", []))
-    raise AssertionError(f"no set {name}")
 
 
 def test_the_rendered_ruleset_loads_and_is_recognised(table: str) -> None:

@@ -15,6 +15,7 @@ from hangar.net import firewall, links
 from hangar.net.addressing import GATEWAY_LINK_LOCAL
 from hangar.net.host import HostNetwork
 from hangar.net.links import LinkNames
+from tests.net.netenv import nft_set
 
 ORG = 7
 
@@ -26,17 +27,8 @@ def bridge_addresses(name: str) -> set[str]:
     return {info["local"] for link in json.loads(shown) for info in link["addr_info"]}
 
 
-def loaded_taps(network: HostNetwork) -> set[str]:
-    listed = subprocess.run(
-        ["nft", "-j", "list", "set", "bridge", network.config.table, "taps"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    for item in json.loads(listed)["nftables"]:
-        if "set" in item:
-            return set(item["set"].get("elem", []))
-    return set()
+def loaded_taps(network: HostNetwork) -> set[object]:
+    return set(nft_set("bridge", network.config.table, "taps"))
 
 
 def raw_tap(name: str) -> None:
