@@ -15,17 +15,18 @@ no record of the asked type gets an empty answer; names outside ``internal.`` an
 are not machines get REFUSED. The asker is known by its source address, which the host's
 firewall guarantees (no machine can send from an address that is not its own).
 
-Bounds: each source gets a token bucket (queries beyond it are dropped, or the TCP connection
-closed); answers hold at most ``max_answers`` records and fit the client's UDP size (512
-bytes, or its EDNS size up to 1232), else come truncated (TC) so the client retries over TCP;
-TCP serves at most ``max_tcp_connections`` at once, each closed after ``tcp_idle_s`` idle or
-``max_tcp_queries`` queries.
+Bounds: each source gets a token bucket, and all sources together another (queries beyond
+them are dropped, or the TCP connection closed); answers hold at most ``max_answers`` records
+and fit the client's UDP size (512 bytes, or its EDNS size up to 1232), else come truncated
+(TC) so the client retries over TCP; TCP serves at most ``max_tcp_connections`` at once, each
+closed after ``tcp_idle_s`` idle or ``max_tcp_queries`` queries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import socket
@@ -41,6 +42,7 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
@@ -115,6 +117,10 @@ class SnapshotView:
 class DnsLimits:
     queries_per_second: float = 50.0
     burst: int = 100
+    """Per source address."""
+    total_queries_per_second: float = 2000.0
+    total_burst: int = 4000
+    """All sources together: what the host spends on DNS at most."""
     max_answers: int = 64
     max_tcp_connections: int = 64
     max_tcp_queries: int = 64
@@ -125,6 +131,12 @@ class DnsLimits:
 class _Outcome:
     rcode: dns.rcode.Rcode = dns.rcode.NOERROR
     answers: list[dns.rrset.RRset] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _aaaa(address: IPv6Address) -> dns.rdata.Rdata:
+    """An address's record data, made once (parsing it is most of the cost of an answer)."""
+    return dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.AAAA, str(address))
 
 
 def _nearest(asker: DnsMachine, machines: Iterable[DnsMachine]) -> list[DnsMachine]:
@@ -203,8 +215,8 @@ class Resolver:
                 return _Outcome(rcode=dns.rcode.NXDOMAIN)
         if rdtype not in (dns.rdatatype.AAAA, dns.rdatatype.ANY) or not chosen:
             return _Outcome()
-        addresses = [str(m.address) for m in chosen[: self.max_answers]]
-        return _Outcome(answers=[dns.rrset.from_text_list(name, TTL_S, "IN", "AAAA", addresses)])
+        rdatas = [_aaaa(m.address) for m in chosen[: self.max_answers]]
+        return _Outcome(answers=[dns.rrset.from_rdata_list(name, TTL_S, rdatas)])
 
     def _apps_txt(self, name: dns.name.Name, apps: Sequence[str]) -> dns.rrset.RRset:
         text = ",".join(apps[: self.max_answers * 4])
@@ -244,9 +256,11 @@ class DnsServer:
         self.limits = limits if limits is not None else DnsLimits()
         self.resolver = Resolver(view, self.limits.max_answers)
         self._clock: Clock = clock if clock is not None else SystemClock()
+        limits = self.limits
         self._rate = RateLimiter(
             RateLimits(
-                default=RateLimit(self.limits.queries_per_second, self.limits.burst), actions={}
+                default=RateLimit(limits.queries_per_second, limits.burst),
+                actions={"total": RateLimit(limits.total_queries_per_second, limits.total_burst)},
             ),
             self._clock,
         )
@@ -261,7 +275,8 @@ class DnsServer:
 
     def _allowed(self, source: Address) -> bool:
         try:
-            self._rate.take(str(source), "dns", "")
+            self._rate.take(str(source), "source", "")
+            self._rate.take("", "total", "")
         except RateLimited:
             self.dropped += 1
             return False

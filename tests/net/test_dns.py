@@ -147,6 +147,19 @@ def test_each_source_is_rate_limited_by_the_clock() -> None:
     assert server.dropped == 2
 
 
+def test_all_sources_together_are_rate_limited_too() -> None:
+    clock = ManualClock()
+    limits = DnsLimits(burst=10, total_queries_per_second=1, total_burst=2)
+    server = DnsServer(VIEW, limits=limits, clock=clock)
+    wire = dns.message.make_query("web.internal", "AAAA").to_wire()
+
+    answered = [
+        server.answer(wire, source, None) is not None for source in (ASKER_A, ASKER_B, ASKER_A_FAR)
+    ]
+
+    assert answered == [True, True, False]
+
+
 def test_garbage_and_responses_are_dropped() -> None:
     server = DnsServer(VIEW)
     response = dns.message.make_response(dns.message.make_query("web.internal", "AAAA"))
