@@ -50,6 +50,7 @@ import dns.rrset
 from hangar.api.ratelimit import RateLimit, RateLimiter, RateLimits
 from hangar.clock import Clock, SystemClock
 from hangar.errors import RateLimited
+from hangar.model.machine import Machine, MachineState
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,31 @@ class SnapshotView:
 
     def machines(self, org: str, app: str) -> Sequence[DnsMachine]:
         return self._by_app.get((org, app), [])
+
+
+def view_from_records(app_orgs: Mapping[str, str], machines: Iterable[Machine]) -> SnapshotView:
+    """A view over the store's records: ``app_orgs`` maps every app to its org; a machine
+    counts once it has a ``private_ip``, and answers for its app while it is started."""
+    apps: dict[str, list[str]] = {}
+    for app, org in app_orgs.items():
+        apps.setdefault(org, []).append(app)
+    known: list[DnsMachine] = []
+    for machine in machines:
+        owner = app_orgs.get(machine.app)
+        if owner is None or not machine.private_ip:
+            continue
+        known.append(
+            DnsMachine(
+                id=machine.id,
+                app=machine.app,
+                org=owner,
+                region=machine.region,
+                host=machine.host_id,
+                address=IPv6Address(machine.private_ip),
+                started=machine.state == MachineState.STARTED,
+            )
+        )
+    return SnapshotView(apps, known)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ import dns.rdatatype
 import pytest
 
 from hangar.clock import ManualClock
+from hangar.model.config import MachineConfig
+from hangar.model.machine import Machine, MachineState
 from hangar.net.dns import (
     UDP_MIN_SIZE,
     DnsLimits,
@@ -23,6 +25,7 @@ from hangar.net.dns import (
     DnsServer,
     Resolver,
     SnapshotView,
+    view_from_records,
 )
 
 ASKER_A = IPv6Address("fdaa:0:a::1")
@@ -110,6 +113,41 @@ def test_an_existing_name_without_that_type_is_empty_with_the_zone_soa() -> None
 def test_outside_names_and_unknown_askers_are_refused() -> None:
     assert ask("example.com").rcode() == dns.rcode.REFUSED
     assert ask("web.internal", source=IPv6Address("fdaa:0:c::9")).rcode() == dns.rcode.REFUSED
+
+
+def record(machine_id: str, app: str, state: MachineState, private_ip: str) -> Machine:
+    return Machine(
+        id=machine_id,
+        name=machine_id,
+        app=app,
+        state=state,
+        region="ams",
+        instance_id="i",
+        version=1,
+        config=MachineConfig(image="busybox"),
+        private_ip=private_ip,
+        created_at=0,
+        updated_at=0,
+        host_id="h1",
+    )
+
+
+def test_a_view_over_store_records() -> None:
+    view = view_from_records(
+        {"web": "acme", "client": "acme", "other": "globex"},
+        [
+            record("w1", "web", MachineState.STARTED, str(W1.address)),
+            record("w3", "web", MachineState.STOPPED, str(W3.address)),
+            record("c1", "client", MachineState.STARTED, str(ASKER_A)),
+            record("new", "web", MachineState.CREATED, ""),
+            record("gone", "deleted-app", MachineState.STARTED, "fdaa:0:9::1"),
+        ],
+    )
+    resolver = Resolver(view)
+    query = dns.message.make_query("web.internal", "AAAA")
+    assert addresses(resolver.resolve(query, ASKER_A)) == [str(W1.address)]
+    assert view.apps("acme") == ["client", "web"]
+    assert view.asker(IPv6Address("fdaa:0:9::1")) is None
 
 
 def big_view(count: int) -> SnapshotView:
