@@ -254,9 +254,10 @@ class HostNetwork:
 
     # recovery
     def reconcile(self, owned: Set[str]) -> ReconcileReport:
-        """After an agent start: remove every tap no record owns (``owned``: machine ids that
-        should be attached) and every half-made one, then bring the bridge and the ruleset in
-        line with the taps that remain."""
+        """After an agent start: bring the bridge back, remove every tap no record owns
+        (``owned``: ids of the machines that should be attached) and every half-made one, put
+        owned taps that fell off the bridge back on it, and load the ruleset for what remains."""
+        self.ensure_bridge()
         removed: list[str] = []
         for tap in self.taps():
             attachment = tap.attachment
@@ -264,10 +265,11 @@ class HostNetwork:
                 attachment is None
                 or attachment.machine_id not in owned
                 or attachment.tap != tap.name
-                or tap.master != self.bridge
-            ) and links.remove_tap(tap.name):
-                removed.append(tap.name)
-        self.ensure_bridge()
+            ):
+                if links.remove_tap(tap.name):
+                    removed.append(tap.name)
+            elif tap.master != self.bridge or not tap.up:
+                links.create_tap(attachment, self.bridge)
         applied = not self.rules_current()
         if applied:
             self.apply_rules()

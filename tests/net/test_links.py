@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 from ipaddress import IPv6Address
 from pathlib import Path
@@ -15,7 +17,7 @@ from hangar.net import firewall, links
 from hangar.net.addressing import GATEWAY_LINK_LOCAL
 from hangar.net.host import HostNetwork
 from hangar.net.links import LinkNames
-from tests.net.netenv import nft_set
+from tests.net.netenv import nft_set, unique_config
 
 ORG = 7
 
@@ -62,6 +64,25 @@ def test_the_bridge_is_made_once_and_then_ready(network: HostNetwork) -> None:
     )
     forwarding = Path(f"/proc/sys/net/ipv4/conf/{network.bridge}/forwarding")
     assert forwarding.read_text().strip() == "1"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None, reason="needs root and nft")
+def test_a_host_without_egress_has_no_ipv4_and_no_nat() -> None:
+    network = HostNetwork(unique_config(egress_interface=None, egress=False))
+    try:
+        network.ensure_bridge()
+        attachment = network.create_tap("m1", ORG)
+        network.apply_rules()
+
+        assert attachment.ip4 is None
+        assert str(network.plan.egress_gateway) not in bridge_addresses(network.bridge)
+        forwarding = Path(f"/proc/sys/net/ipv4/conf/{network.bridge}/forwarding")
+        assert forwarding.read_text().strip() == "0"
+        assert "hangar.ip4" not in " ".join(network.guest_kernel_args(attachment))
+        assert "masquerade" not in network.render_rules()
+        assert network.rules_current()
+    finally:
+        network.teardown()
 
 
 def test_a_bridge_that_drifted_is_not_ready_until_ensured_again(network: HostNetwork) -> None:
@@ -192,6 +213,19 @@ def test_reconcile_after_a_crash_mid_start_keeps_an_owned_machine(network: HostN
 
     assert network.tap_ready("m1", ORG)
     assert loaded_taps(network) == {attachment.tap}
+
+
+def test_reconcile_puts_owned_taps_back_on_a_bridge_that_was_lost(network: HostNetwork) -> None:
+    network.ensure_bridge()
+    kept = network.create_tap("m1", ORG)
+    network.apply_rules()
+    links.remove_bridge(network.bridge)  # the taps stay, off any bridge
+
+    report = network.reconcile({"m1"})
+
+    assert report.removed_taps == []
+    assert network.bridge_ready() and network.tap_ready("m1", ORG)
+    assert loaded_taps(network) == {kept.tap}
 
 
 def test_teardown_removes_taps_rules_and_bridge(network: HostNetwork) -> None:
