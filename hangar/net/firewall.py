@@ -1,12 +1,13 @@
 """hangar's nftables ruleset: rendered whole from the machines on the host and the host's
 policy, and replaced atomically (``nft -f``: one transaction).
 
-Two tables of one name, because frames between taps are switched by the bridge and never reach
-the IP hooks:
+Two tables of one name, because frames between taps are switched by the bridge: only the
+bridge family sees them on every host (the IP hooks see them only where br_netfilter is loaded):
 
 - ``bridge NAME``: frames from the taps. *ports_in* (bridge prerouting) drops any frame whose
-  source MAC, IPv6, IPv4 or ARP sender is not the tap's own, and any ethertype but IPv4, IPv6 and
-  ARP. *between_ports* (bridge forward) lets a frame from a tap reach only taps of the same org,
+  source MAC, IPv6, IPv4 or ARP sender is not the tap's own, any ethertype but IPv4, IPv6 and
+  ARP, and everything from a tap of hangar's name that the ruleset does not list yet.
+  *between_ports* (bridge forward) lets a frame from a tap reach only taps of the same org,
   and only IPv6 (IPv4 is for egress alone).
 - ``inet NAME``: packets from the bridge to the host (*guest_to_host*, IP input): only ICMP
   that networking needs, the DNS service on its address and port, the proxy's published ports,
@@ -40,6 +41,7 @@ from hangar.vmm.driver import IFNAME_PATTERN
 NFT_BINARY = "nft"
 NFT_TIMEOUT_S = 30.0
 TABLE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+TAP_HEAD_PATTERN = re.compile(r"^hg[a-z0-9]{0,12}$")
 COUNTERS = ("spoofed", "cross_org", "host_blocked", "routed_blocked")
 DIGEST_MARK = "hangar sha256:"
 # Egress never goes to link-local (metadata services), loopback or multicast destinations.
@@ -63,6 +65,9 @@ class FirewallPolicy:
 
     table: str
     bridge: str
+    tap_head: str
+    """What the names of hangar's taps start with: a tap of that name that the ruleset does
+    not list (made, not yet in the rules) passes nothing."""
     dns_address: IPv6Address
     org_prefixes: dict[int, IPv6Network]
     """Each org number's /48 (for the orgs with machines here, at least)."""
@@ -76,6 +81,10 @@ class FirewallPolicy:
     def __post_init__(self) -> None:
         if not TABLE_PATTERN.match(self.table):
             raise _bad(f"table name {self.table!r} must match {TABLE_PATTERN.pattern}", "table")
+        if not TAP_HEAD_PATTERN.match(self.tap_head):
+            raise _bad(
+                f"tap head {self.tap_head!r} must match {TAP_HEAD_PATTERN.pattern}", "tap_head"
+            )
         for what, name in (("bridge", self.bridge), ("egress_interface", self.egress_interface)):
             if name is not None and not IFNAME_PATTERN.match(name):
                 raise _bad(f"{what} {name!r} is not an interface name", what)
@@ -161,6 +170,7 @@ def _bridge_table(policy: FirewallPolicy, attachments: Sequence[Attachment]) -> 
     lines += [
         "\tchain ports_in {",
         "\t\ttype filter hook prerouting priority filter; policy accept;",
+        f'\t\tiifname != @taps iifname "{policy.tap_head}*" counter name "spoofed" drop',
         "\t\tiifname != @taps accept",
         '\t\tiifname . ether saddr != @tap_mac counter name "spoofed" drop',
         '\t\tether type ip6 iifname . ip6 saddr != @tap_ip6 counter name "spoofed" drop',
@@ -174,6 +184,7 @@ def _bridge_table(policy: FirewallPolicy, attachments: Sequence[Attachment]) -> 
         "\t\ttype filter hook forward priority filter; policy accept;",
         "\t\tiifname vmap @port_org",
         '\t\toifname @taps counter name "cross_org" drop',
+        f'\t\toifname "{policy.tap_head}*" counter name "cross_org" drop',
         "\t}",
     ]
     for org in orgs:

@@ -220,6 +220,7 @@ class HostNetwork:
         return firewall.FirewallPolicy(
             table=self.config.table,
             bridge=self.bridge,
+            tap_head=self.config.names.tap_head,
             dns_address=self.plan.dns_address,
             dns_port=self.config.dns_port,
             org_prefixes={a.org_number: self.plan.org_prefix(a.org_number) for a in attached},

@@ -52,17 +52,18 @@ class LinkNames:
         return f"{self.prefix}br"
 
     @property
-    def _tap_head(self) -> str:
+    def tap_head(self) -> str:
+        """What every tap's name starts with."""
         return f"{self.prefix}t"
 
     def tap(self, machine_id: str) -> str:
-        digits = IFNAMSIZ - len(self._tap_head)
-        return self._tap_head + hashlib.sha256(machine_id.encode()).hexdigest()[:digits]
+        digits = IFNAMSIZ - len(self.tap_head)
+        return self.tap_head + hashlib.sha256(machine_id.encode()).hexdigest()[:digits]
 
     def is_tap(self, name: str) -> bool:
-        tail = name.removeprefix(self._tap_head)
+        tail = name.removeprefix(self.tap_head)
         return (
-            name.startswith(self._tap_head)
+            name.startswith(self.tap_head)
             and len(name) == IFNAMSIZ
             and all(ch in "0123456789abcdef" for ch in tail)
         )

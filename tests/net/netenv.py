@@ -57,7 +57,10 @@ def unique_ipv4_subnet(prefixlen: int = 24) -> IPv4Network:
 
 
 def unique_suffix(length: int = 4) -> str:
-    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+    """Random characters; never a leading ``t``, so a test's link names never start like the
+    default prefix's taps (``hgt...``)."""
+    first = secrets.choice(_ALPHABET.replace("t", ""))
+    return first + "".join(secrets.choice(_ALPHABET) for _ in range(length - 1))
 
 
 def unique_config(*, egress_interface: str | None, egress: bool = True) -> HostNetConfig:

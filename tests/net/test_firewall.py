@@ -39,6 +39,7 @@ def policy(table: str = "hangar_unit", **changes: object) -> FirewallPolicy:
     fields: dict[str, object] = {
         "table": table,
         "bridge": "hgzzbr",
+        "tap_head": "hgzzt",
         "dns_address": PLAN.dns_address,
         "org_prefixes": {ORG_A: PLAN.org_prefix(ORG_A), ORG_B: PLAN.org_prefix(ORG_B)},
         "egress_interface": "hgzzeg",
@@ -123,6 +124,7 @@ def test_two_machines_sharing_an_identity_are_refused(shared: str) -> None:
     "changes",
     [
         {"table": "Bad-Name"},
+        {"tap_head": 'hg" accept'},
         {"bridge": 'x" accept'},
         {"egress_interface": "a b"},
         {"egress_subnet": None},

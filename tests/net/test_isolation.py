@@ -151,3 +151,12 @@ def test_egress_is_masqueraded_to_the_egress_interface(topo: Topology) -> None:
             if seen is not None:
                 break
         assert seen == f"outside saw {topo.outside.host_side.ip}\n"
+
+
+def test_a_tap_the_rules_do_not_list_yet_passes_nothing(topo: Topology) -> None:
+    network = topo.network
+    stray = network.attachment("stray" + secrets.token_hex(4), topo.a1.attachment.org_number)
+    before = firewall.read_counters(network.config.table)["spoofed"]
+    with ns_machine(stray, network.bridge, network.plan) as machine:
+        assert not machine.ping(topo.a1.attachment.ip6)
+    assert firewall.read_counters(network.config.table)["spoofed"] > before
