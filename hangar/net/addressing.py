@@ -26,7 +26,6 @@ subnet (default ``172.19.0.0/16``, the same on every host, never routed between 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -227,7 +226,3 @@ def check_host_number(number: int) -> None:
 def host_number(host_id: str, taken: Mapping[int, str] | None = None) -> int:
     """``host_id``'s number in the fleet, probed past the numbers other hosts hold."""
     return allocate_number("host", host_id, HOST_NUMBER_BITS, taken or {})
-
-
-def parse_ip(text: str) -> IPv4Address | IPv6Address:
-    return ipaddress.ip_address(text)
