@@ -23,6 +23,7 @@ Hierarchy::
      +-- GuestBootError             failed to build or boot the guest (recorded on the machine)
      +-- VmmError                   the VMM misbehaved: launch failure, QMP failure
      +-- DeviceError                sysfs / VFIO / reset failure on a host device
+     +-- NetworkError               netlink / nftables / address plan failure on a host network
      +-- StoreError                 the store could not commit (retryable by callers)
 
 An error says whether trying again may help (``retryable``: a store that was busy, a monitor
@@ -111,6 +112,16 @@ class VmmError(HangarError):
 
 class DeviceError(HangarError):
     code = "device_error"
+
+
+class NetworkError(HangarError):
+    """A host network operation failed (``retryable`` says whether running it again may help),
+    or the address plan cannot place a machine (an exhausted range, a collision)."""
+
+    code = "network_error"
+
+    def __init__(self, message: str, *, retryable: bool, **fields: Any) -> None:
+        super().__init__(message, retryable=retryable, **fields)
 
 
 class StoreError(HangarError):

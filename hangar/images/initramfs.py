@@ -38,6 +38,9 @@ GUEST_MODULES = (
     "virtio_pci",
     "virtio_blk",
     "virtio_console",
+    "failover",
+    "net_failover",
+    "virtio_net",
 )
 BASE_NAME = "base.cpio.gz"
 MODULE_LIST = "etc/hangar/modules"

@@ -11,6 +11,7 @@ The guest contract every driver honours (hangar's guest init relies on it):
 - the first serial port goes to ``console_log``;
 - the guest writes JSON lines to the port named :data:`CONTROL_PORT_NAME`, which land in
   ``control_log`` (see :mod:`hangar.vmm.control`);
+- a machine with a :class:`NicSpec` gets one virtio-net device on that tap, with that MAC;
 - the host writes ``signal N`` lines to the port named :data:`SIGNAL_PORT_NAME`, served on
   ``signal_socket``; the guest forwards signal N to its process.
 """
@@ -21,9 +22,9 @@ import re
 from enum import StrEnum
 from pathlib import Path
 from signal import SIGTERM
-from typing import Literal, Protocol, Self, runtime_checkable
+from typing import Annotated, Literal, Protocol, Self, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from hangar.clock import Clock
 
@@ -33,6 +34,8 @@ SIGNAL_PORT_NAME = "hangar.sig"
 
 MACHINE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 PCI_BDF_PATTERN = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+IFNAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+MAC_PATTERN = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 class DiskSpec(BaseModel):
@@ -42,6 +45,32 @@ class DiskSpec(BaseModel):
 
     path: Path
     read_only: bool = False
+
+
+def _interface_name(value: str) -> str:
+    if not IFNAME_PATTERN.match(value):
+        raise ValueError(f"interface name {value!r} must match {IFNAME_PATTERN.pattern}")
+    return value
+
+
+def _mac(value: str) -> str:
+    if not MAC_PATTERN.match(value):
+        raise ValueError(f"MAC {value!r} must be six lower-case hex octets")
+    return value
+
+
+InterfaceName = Annotated[str, AfterValidator(_interface_name)]
+MacAddress = Annotated[str, AfterValidator(_mac)]
+
+
+class NicSpec(BaseModel):
+    """The machine's network interface: a tap the host made (``hangar.net``), and the MAC the
+    guest's virtio-net device gets (the host's firewall accepts frames only from it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tap: InterfaceName
+    mac: MacAddress
 
 
 class VmSpec(BaseModel):
@@ -67,6 +96,7 @@ class VmSpec(BaseModel):
     vmm_log: Path = Field(description="the VMM's own stderr, quoted in launch errors")
     gpus: list[str] = Field(default_factory=list, description="PCI BDFs passed through by VFIO")
     hugepages: bool = False
+    nic: NicSpec | None = Field(default=None, description="no network interface when None")
 
     @field_validator("machine_id")
     @classmethod
@@ -108,6 +138,7 @@ class VmSpec(BaseModel):
         kernel_args: list[str] | None = None,
         gpus: list[str] | None = None,
         hugepages: bool = False,
+        nic: NicSpec | None = None,
     ) -> Self:
         """A spec whose logs and sockets sit in ``run_dir`` under their standard names."""
         return cls(
@@ -127,6 +158,7 @@ class VmSpec(BaseModel):
             vmm_log=run_dir / "vmm.log",
             gpus=gpus or [],
             hugepages=hugepages,
+            nic=nic,
         )
 
 

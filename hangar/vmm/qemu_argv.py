@@ -16,6 +16,7 @@ from hangar.vmm.driver import (
 
 QEMU_BINARY = "qemu-system-x86_64"
 HUGEPAGES_DIR = Path("/dev/hugepages")
+NET_CLASS_DIR = Path("/sys/class/net")
 # sun_path holds 108 bytes, the terminating NUL included.
 UNIX_SOCKET_PATH_MAX = 107
 
@@ -30,7 +31,9 @@ def option_value(value: str | Path) -> str:
     return str(value).replace(",", ",,")
 
 
-def check_spec_files(spec: VmSpec, *, hugepages_dir: Path = HUGEPAGES_DIR) -> None:
+def check_spec_files(
+    spec: VmSpec, *, hugepages_dir: Path = HUGEPAGES_DIR, net_class_dir: Path = NET_CLASS_DIR
+) -> None:
     """Raise :class:`VmmError` naming the first input that is missing or unusable."""
     inputs: list[tuple[str, Path]] = [
         ("kernel", spec.kernel),
@@ -58,6 +61,13 @@ def check_spec_files(spec: VmSpec, *, hugepages_dir: Path = HUGEPAGES_DIR) -> No
                 field=field,
                 path=str(socket_path),
             )
+    if spec.nic is not None and not (net_class_dir / spec.nic.tap).exists():
+        raise VmmError(
+            f"tap {spec.nic.tap} does not exist (the host network makes it before launch)",
+            machine_id=spec.machine_id,
+            field="nic.tap",
+            tap=spec.nic.tap,
+        )
     if spec.hugepages and not hugepages_dir.is_dir():
         raise VmmError(
             f"hugepages requested but {hugepages_dir} is not a mounted hugetlbfs directory",
@@ -136,6 +146,13 @@ def qemu_argv(
         "-mon",
         "chardev=qmp,mode=control",
     ]
+    if spec.nic is not None:
+        argv += [
+            "-netdev",
+            f"tap,id=net0,ifname={spec.nic.tap},script=no,downscript=no",
+            "-device",
+            f"virtio-net-pci,netdev=net0,mac={spec.nic.mac}",
+        ]
     for bdf in spec.gpus:
         argv += ["-device", f"vfio-pci,host={bdf}"]
     return argv

@@ -10,13 +10,14 @@ from pydantic import ValidationError
 
 from hangar.errors import VmmError
 from hangar.vmm.accel import AccelChoice, kvm_choice, tcg_choice
-from hangar.vmm.driver import GUEST_KERNEL_CMDLINE, DiskSpec, VmSpec
+from hangar.vmm.driver import GUEST_KERNEL_CMDLINE, DiskSpec, NicSpec, VmSpec
 from hangar.vmm.qemu import QemuDriver
-from hangar.vmm.qemu_argv import HUGEPAGES_DIR
+from hangar.vmm.qemu_argv import HUGEPAGES_DIR, check_spec_files, qemu_argv
 
 TCG = tcg_choice("test")
 KVM = kvm_choice("test")
 GPUS = ["0000:17:00.0", "0000:65:00.0"]
+NIC = NicSpec(tap="hgt0123456789ab", mac="06:12:34:56:78:9a")
 
 
 def make_spec(root: Path, **changes: object) -> VmSpec:
@@ -127,6 +128,35 @@ def test_no_gpu_means_no_vfio(tmp_path: Path) -> None:
     assert not [d for d in values_of(argv, "-device") if d.startswith("vfio-pci")]
 
 
+def test_a_nic_is_virtio_net_on_the_hosts_tap_with_its_mac(tmp_path: Path) -> None:
+    argv = qemu_argv(make_spec(tmp_path, nic=NIC), TCG)
+
+    assert values_of(argv, "-netdev") == [
+        "tap,id=net0,ifname=hgt0123456789ab,script=no,downscript=no"
+    ]
+    assert "virtio-net-pci,netdev=net0,mac=06:12:34:56:78:9a" in values_of(argv, "-device")
+
+
+def test_no_nic_means_no_network_device(tmp_path: Path) -> None:
+    argv = argv_for(make_spec(tmp_path))
+
+    assert "-netdev" not in argv
+    assert not [d for d in values_of(argv, "-device") if d.startswith("virtio-net")]
+
+
+def test_a_tap_that_does_not_exist_is_named(tmp_path: Path) -> None:
+    net_class = tmp_path / "class-net"
+    net_class.mkdir()
+    spec = make_spec(tmp_path, nic=NIC)
+
+    with pytest.raises(VmmError) as raised:
+        check_spec_files(spec, net_class_dir=net_class)
+    assert raised.value.fields["field"] == "nic.tap"
+
+    (net_class / NIC.tap).mkdir()
+    check_spec_files(spec, net_class_dir=net_class)
+
+
 def test_hugepages_back_guest_memory_with_a_shared_file(tmp_path: Path) -> None:
     hugepages = tmp_path / "hugepages"
     hugepages.mkdir()
@@ -196,6 +226,9 @@ def test_a_socket_path_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> N
         {"machine_id": "m1,x"},
         {"kernel_args": ["two words"]},
         {"cpus": 0},
+        {"nic": {"tap": "hgt1,script=/x", "mac": "06:12:34:56:78:9a"}},
+        {"nic": {"tap": "hgt0123456789abc", "mac": "06:12:34:56:78:9a"}},
+        {"nic": {"tap": "hgt1", "mac": "06:12:34:56:78"}},
     ],
 )
 def test_spec_rejects_values_qemu_would_misread(tmp_path: Path, changes: dict[str, object]) -> None:
