@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 import re
 import signal as signal_module
 from typing import Annotated, Any, Literal
@@ -16,11 +15,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hangar.errors import UnsupportedField
+from hangar.model.duration import parse_duration_seconds
+from hangar.model.services import MachineChecks, MachineServices
 
 UNSUPPORTED_CONFIG_FIELDS = (
-    "services",
     "mounts",
-    "checks",
     "schedule",
     "processes",
     "dns",
@@ -38,41 +37,12 @@ ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_FILE_BYTES = 1024 * 1024
 GPU_COUNTS = (1, 2, 4, 8)
 MAX_FILES = 64
-DURATION_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
-DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-MAX_DURATION_S = 24 * 3600.0
 # The guest mounts these before it runs the process; files hangar writes stay out of them.
 GUEST_PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-def parse_duration_seconds(value: object) -> float:
-    """Fly durations: seconds, ``"5s"``, ``"500ms"``, ``"2m"``, or ``{"Duration": ns}``."""
-    if isinstance(value, bool):
-        raise ValueError("must be a duration such as 10s")
-    try:
-        if isinstance(value, int | float):
-            seconds = float(value)
-        elif isinstance(value, str):
-            match = DURATION_PATTERN.match(value.strip())
-            if not match:
-                raise ValueError("must be a duration such as 10s, 500ms or 2m")
-            seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
-        elif isinstance(value, dict) and set(value) == {"Duration"}:
-            nanoseconds = value["Duration"]
-            if not isinstance(nanoseconds, int) or isinstance(nanoseconds, bool):
-                raise ValueError("Duration must be an integer number of nanoseconds")
-            seconds = nanoseconds / 1e9
-        else:
-            raise ValueError("must be a duration such as 10s")
-    except OverflowError:
-        raise ValueError("must be between 0s and 24h") from None
-    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_DURATION_S:
-        raise ValueError("must be between 0s and 24h")
-    return seconds
 
 
 def signal_number(name: str) -> int:
@@ -252,6 +222,8 @@ class MachineConfig(StrictModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     files: Annotated[list[GuestFile], Field(max_length=MAX_FILES)] = Field(default_factory=list)
     stop_config: StopConfig = Field(default_factory=StopConfig)
+    services: MachineServices = Field(default_factory=list)
+    checks: MachineChecks = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
