@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hangar.errors import UnsupportedField
-from hangar.model.duration import parse_duration_seconds
+from hangar.model.duration import parse_duration_seconds as parse_duration_seconds
 from hangar.model.services import MachineChecks, MachineServices
 
 UNSUPPORTED_CONFIG_FIELDS = (
