@@ -56,15 +56,12 @@ class Proxy:
         self.problems: dict[int, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._first: asyncio.Future[None] | None = None
-        self._applied = 0
-        self._applied_event: asyncio.Event | None = None
 
     # lifecycle
     async def start(self) -> None:
         """Start following the backends; returns once the first snapshot is applied."""
         loop = asyncio.get_running_loop()
         self._first = loop.create_future()
-        self._applied_event = asyncio.Event()
         self._tasks = [
             loop.create_task(self._follow()),
             loop.create_task(self.scaler.run_autostop()),
@@ -96,18 +93,6 @@ class Proxy:
     @property
     def conflicts(self) -> list[str]:
         return list(self.plan.conflicts)
-
-    async def applied(self, count: int) -> None:
-        """Wait until at least ``count`` snapshots have been applied (for callers that change
-        the backends and need the proxy to have seen it)."""
-        assert self._applied_event is not None
-        while self._applied < count:
-            self._applied_event.clear()
-            await self._applied_event.wait()
-
-    @property
-    def applied_count(self) -> int:
-        return self._applied
 
     # following the backends
     async def _follow(self) -> None:
@@ -152,9 +137,6 @@ class Proxy:
             self.pools.pop(key).notify(everyone=True)
         for port in set(self.listeners) - set(plan.ports):
             self._close_listener(port)
-        self._applied += 1
-        if self._applied_event is not None:
-            self._applied_event.set()
         if self._first is not None and not self._first.done():
             self._first.set_result(None)
 

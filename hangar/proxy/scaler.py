@@ -143,6 +143,8 @@ class Scaler:
                     await self._next_change()
                 if machine_id in self.unprobed:
                     await self._probe(machine_id, member)
+                while not self._passing(machine_id, member.service_index):
+                    await self._next_change()
         except (TimeoutError, HangarError, OSError) as exc:
             log.warning("autostart of machine %s failed: %s", machine_id, exc)
         finally:
@@ -153,6 +155,12 @@ class Scaler:
     def _started(self, machine_id: str) -> bool:
         machine = self.machines.get(machine_id)
         return machine is not None and machine.state == STARTED and bool(machine.private_ip)
+
+    def _passing(self, machine_id: str, service_index: int) -> bool:
+        machine = self.machines.get(machine_id)
+        if machine is None or machine.state != STARTED:
+            raise HangarError(f"machine {machine_id} left started while waking")
+        return machine.check_state(service_index) == "passing"
 
     async def _probe(self, machine_id: str, member: Member) -> None:
         while True:

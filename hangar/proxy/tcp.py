@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 from hangar.errors import ServiceUnavailable
 from hangar.proxy.balancer import Pool
@@ -177,8 +177,7 @@ class UdpRelay(asyncio.DatagramProtocol):
         self.starting: set[Any] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         flow = self.flows.get(addr)
@@ -234,8 +233,7 @@ class UdpFlow(asyncio.DatagramProtocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
         self._touch()
 
     def _touch(self) -> None:

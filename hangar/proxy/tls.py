@@ -211,14 +211,16 @@ class CertStore:
             listener.minimum_version = ssl.TLSVersion.TLSv1_2
             listener.set_alpn_protocols(["http/1.1"])
 
-        def pick(ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> int:
+        def pick(
+            ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
+        ) -> int | None:
             app = self.app_for(server_name)
             if app is None or app not in apps:
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
             setattr(ssl_object, SNI_APP_ATTRIBUTE, app)
             if self._operator is None:
                 ssl_object.context = self.context_for(app)
-            return 0
+            return None
 
         listener.sni_callback = pick
         return listener

@@ -1,0 +1,183 @@
+"""Real backends for the proxy tests: HTTP server processes on their own loopback addresses
+(or in a network namespace), and a ``Backends`` that really starts and stops them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import secrets
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hangar.model.services import MachineChecks, MachineService
+from hangar.proxy.backends import BackendMachine, StopMode
+from hangar.proxy.static import MemoryBackends
+
+BACKEND_SCRIPT = Path(__file__).with_name("backend.py")
+READY_TIMEOUT_S = 20.0
+DOMAIN = "hangar.test"
+
+
+def loopback_address() -> str:
+    """A random address in 127/8 (all of it is loopback on Linux), so machines can share a
+    port number as machines do, without meeting other tests' servers."""
+    return f"127.{secrets.randbelow(250) + 2}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclasses.dataclass
+class BackendProcess:
+    name: str
+    host: str
+    port: int
+    process: asyncio.subprocess.Process
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+
+async def start_backend(
+    name: str, host: str, port: int, prefix: list[str] | None = None
+) -> BackendProcess:
+    process = await asyncio.create_subprocess_exec(
+        *(prefix or []),
+        sys.executable,
+        str(BACKEND_SCRIPT),
+        host,
+        str(port),
+        name,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            line = (await process.stdout.readline()).decode()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    if not line.startswith("ready"):
+        process.kill()
+        await process.wait()
+        raise RuntimeError(f"backend {name} did not start: {line!r}")
+    return BackendProcess(name, host, int(line.split()[1]), process)
+
+
+def service(
+    port: int, internal_port: int, handlers: list[str] | None = None, **extra: Any
+) -> MachineService:
+    return MachineService.model_validate(
+        {
+            "protocol": extra.pop("protocol", "tcp"),
+            "internal_port": internal_port,
+            "ports": [{"port": port, "handlers": ["http"] if handlers is None else handlers}],
+            **extra,
+        }
+    )
+
+
+def machine(
+    machine_id: str,
+    app: str,
+    host: str,
+    services: list[MachineService],
+    state: str = "started",
+    checks: dict[str, Any] | None = None,
+) -> BackendMachine:
+    from pydantic import TypeAdapter
+
+    return BackendMachine(
+        id=machine_id,
+        app=app,
+        state=state,
+        private_ip=host,
+        services=tuple(services),
+        machine_checks=TypeAdapter(MachineChecks).validate_python(checks or {}),
+    )
+
+
+class ProcessBackends(MemoryBackends):
+    """Machines that are backend processes: ``start`` launches one (the state is ``started``
+    as soon as the process runs, as a VM's is before its app listens), ``stop`` kills it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processes: dict[str, BackendProcess] = {}
+        self.prefix: dict[str, list[str]] = {}
+        self.starts: list[str] = []
+        self.stops: list[tuple[str, str]] = []
+        self._launching: dict[str, asyncio.Task[None]] = {}
+
+    async def launch(self, machine: BackendMachine) -> BackendProcess:
+        port = machine.services[0].internal_port
+        backend = await start_backend(
+            machine.id, machine.private_ip, port, self.prefix.get(machine.id)
+        )
+        self.processes[machine.id] = backend
+        return backend
+
+    async def start(self, machine: BackendMachine) -> None:
+        self.starts.append(machine.id)
+        task = asyncio.get_running_loop().create_task(self.launch_quietly(machine))
+        self._launching[machine.id] = task
+        self.update(machine.id, state="started")
+
+    async def launch_quietly(self, machine: BackendMachine) -> None:
+        await self.launch(machine)
+
+    async def stop(self, machine: BackendMachine, mode: StopMode) -> None:
+        self.stops.append((machine.id, mode))
+        backend = self.processes.pop(machine.id, None)
+        if backend is not None:
+            await backend.stop()
+        self.update(machine.id, state="suspended" if mode == "suspend" else "stopped", checks=())
+
+    async def close(self) -> None:
+        for task in self._launching.values():
+            with contextlib.suppress(Exception):
+                await task
+        for backend in list(self.processes.values()):
+            await backend.stop()
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[ProcessBackends]:
+    backends = ProcessBackends()
+    try:
+        yield backends
+    finally:
+        await backends.close()
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Poll ``condition`` until true, letting the loop run; bounded."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def netns() -> Iterator[Any]:
+    import os
+
+    from hangar.bench.netns import veth_namespace
+
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    with veth_namespace() as link:
+        yield link
