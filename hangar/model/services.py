@@ -227,9 +227,10 @@ class MachinePort(FlyModel):
     @field_validator("handlers")
     @classmethod
     def _handler_order(cls, value: list[Handler]) -> list[Handler]:
-        if value not in ([], ["http"], ["tls"], ["tls", "http"]):
-            raise ValueError('must be [], ["http"], ["tls"] or ["tls", "http"]')
-        return value
+        # flyctl writes "-p 443:80/tcp:http:tls" as ["http", "tls"]: TLS is always outermost.
+        if len(set(value)) != len(value):
+            raise ValueError("must not name a handler twice")
+        return sorted(value, key=lambda handler: handler != "tls")
 
     @model_validator(mode="after")
     def _one_port_or_range(self) -> MachinePort:
@@ -337,3 +338,37 @@ class CheckStatus(BaseModel):
     status: CheckState
     output: str = ""
     updated_at: datetime
+
+
+PORT_FLAG = re.compile(
+    r"^(?P<port>\d{1,5})(?::(?P<internal>\d{1,5}))?(?:/(?P<protocol>[a-z]+)(?P<handlers>(?::[a-z_]+)*))?$"
+)
+
+
+def services_from_port_flags(flags: list[str]) -> list[MachineService]:
+    """flyctl's ``-p PORT[:MACHINE_PORT][/PROTOCOL[:HANDLER...]]`` flags as services: one per
+    (protocol, machine port), each with its published ports (``80:8080/tcp:http``)."""
+    grouped: dict[tuple[str, int], list[dict[str, object]]] = {}
+    for flag in flags:
+        match = PORT_FLAG.match(flag.strip())
+        if match is None:
+            raise ValueError(
+                f"--port {flag!r}: expected PORT[:MACHINE_PORT][/PROTOCOL[:HANDLER...]], "
+                "for example 80:8080/tcp:http"
+            )
+        port = int(match["port"])
+        internal = int(match["internal"] or port)
+        protocol = match["protocol"] or "tcp"
+        handlers = [name for name in (match["handlers"] or "").split(":") if name]
+        grouped.setdefault((protocol, internal), []).append({"port": port, "handlers": handlers})
+    services = []
+    for (protocol, internal), ports in grouped.items():
+        try:
+            services.append(
+                MachineService.model_validate(
+                    {"protocol": protocol, "internal_port": internal, "ports": ports}
+                )
+            )
+        except ValueError as exc:
+            raise ValueError(f"--port: {exc}") from None
+    return services

@@ -37,8 +37,7 @@ class TcpClientProtocol(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         self.listener.connections += 1
         if self.listener.connections > self.listener.settings.max_connections:
             transport.close()
@@ -51,7 +50,7 @@ class TcpClientProtocol(asyncio.Protocol):
             transport.close()
             return
         self.pool = found[1]
-        transport.pause_reading()
+        self.transport.pause_reading()
         self.task = asyncio.get_running_loop().create_task(self._connect(found[1]))
 
     async def _connect(self, pool: Pool) -> None:
@@ -134,8 +133,7 @@ class TcpUpstreamProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.client.transport is not None:

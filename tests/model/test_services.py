@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from hangar.model.config import MachineConfig
 from hangar.model.duration import go_duration, parse_duration_seconds
-from hangar.model.services import MachineService, service_check_name
+from hangar.model.services import MachineService, service_check_name, services_from_port_flags
 
 FLYCTL_SERVICE = {
     "protocol": "tcp",
@@ -89,7 +89,7 @@ def test_defaults_follow_fly() -> None:
                 {
                     "protocol": "tcp",
                     "internal_port": 80,
-                    "ports": [{"port": 80, "handlers": ["http", "tls"]}],
+                    "ports": [{"port": 80, "handlers": ["http", "http"]}],
                 }
             ],
             ("services", 0, "ports", 0, "handlers"),
@@ -200,3 +200,37 @@ def test_service_checks_are_named_as_fly_names_them() -> None:
     assert service_check_name(0, service.checks[0], service.internal_port) == (
         "servicecheck-00-http-8080"
     )
+
+
+def test_handlers_in_either_order_mean_tls_then_http() -> None:
+    service = MachineService.model_validate(
+        {
+            "protocol": "tcp",
+            "internal_port": 80,
+            "ports": [{"port": 443, "handlers": ["http", "tls"]}],
+        }
+    )
+    assert service.ports[0].handlers == ["tls", "http"]
+
+
+def test_port_flags_as_flyctl_writes_them() -> None:
+    services = services_from_port_flags(
+        ["80:8080/tcp:http", "443:8080/tcp:http:tls", "5432/tcp", "53:5353/udp"]
+    )
+    dumped = [s.model_dump(mode="json", exclude_none=True) for s in services]
+    assert [(d["protocol"], d["internal_port"]) for d in dumped] == [
+        ("tcp", 8080),
+        ("tcp", 5432),
+        ("udp", 5353),
+    ]
+    assert [(p["port"], p["handlers"]) for p in dumped[0]["ports"]] == [
+        (80, ["http"]),
+        (443, ["tls", "http"]),
+    ]
+    assert dumped[1]["ports"] == [{"port": 5432, "handlers": [], "force_https": False}]
+
+
+@pytest.mark.parametrize("flag", ["80:", "http", "80/tcp:gopher", "70000:80", "53/udp:http", ""])
+def test_bad_port_flags_are_refused(flag: str) -> None:
+    with pytest.raises(ValueError, match="--port"):
+        services_from_port_flags([flag])

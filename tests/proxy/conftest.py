@@ -181,3 +181,12 @@ def netns() -> Iterator[Any]:
         pytest.skip("network namespaces need root")
     with veth_namespace() as link:
         yield link
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every proxy test runs on asyncio's loop and on uvloop (what ``hangar proxy`` runs on)."""
+    import uvloop
+
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
