@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from hangar.model.services import MachineChecks, MachineService
-from hangar.proxy.backends import BackendMachine, StopMode
-from hangar.proxy.static import MemoryBackends
+from hangar.proxy.backends import BackendMachine
+from hangar.proxy.command_backends import CommandBackends
 
 BACKEND_SCRIPT = Path(__file__).with_name("backend.py")
 READY_TIMEOUT_S = 20.0
@@ -111,48 +111,26 @@ def machine(
     )
 
 
-class ProcessBackends(MemoryBackends):
-    """Machines that are backend processes: ``start`` launches one (the state is ``started``
-    as soon as the process runs, as a VM's is before its app listens), ``stop`` kills it."""
+class ProcessBackends(CommandBackends):
+    """Backend processes as machines: ``start`` runs ``backend.py`` for the machine (through
+    ``CommandBackends``); ``launch`` starts one now and waits until it listens."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.processes: dict[str, BackendProcess] = {}
-        self.prefix: dict[str, list[str]] = {}
-        self.starts: list[str] = []
-        self.stops: list[tuple[str, str]] = []
-        self._launching: dict[str, asyncio.Task[None]] = {}
+    def put(self, *machines: BackendMachine) -> None:
+        for item in machines:
+            self.commands[item.id] = [
+                sys.executable,
+                str(BACKEND_SCRIPT),
+                item.private_ip,
+                str(item.services[0].internal_port),
+                item.id,
+            ]
+        super().put(*machines)
 
     async def launch(self, machine: BackendMachine) -> BackendProcess:
         port = machine.services[0].internal_port
-        backend = await start_backend(
-            machine.id, machine.private_ip, port, self.prefix.get(machine.id)
-        )
-        self.processes[machine.id] = backend
+        backend = await start_backend(machine.id, machine.private_ip, port)
+        self.processes[machine.id] = backend.process
         return backend
-
-    async def start(self, machine: BackendMachine) -> None:
-        self.starts.append(machine.id)
-        task = asyncio.get_running_loop().create_task(self.launch_quietly(machine))
-        self._launching[machine.id] = task
-        self.update(machine.id, state="started")
-
-    async def launch_quietly(self, machine: BackendMachine) -> None:
-        await self.launch(machine)
-
-    async def stop(self, machine: BackendMachine, mode: StopMode) -> None:
-        self.stops.append((machine.id, mode))
-        backend = self.processes.pop(machine.id, None)
-        if backend is not None:
-            await backend.stop()
-        self.update(machine.id, state="suspended" if mode == "suspend" else "stopped", checks=())
-
-    async def close(self) -> None:
-        for task in self._launching.values():
-            with contextlib.suppress(Exception):
-                await task
-        for backend in list(self.processes.values()):
-            await backend.stop()
 
 
 @pytest.fixture
