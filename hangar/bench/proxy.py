@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -63,7 +64,7 @@ http {{
 HAPROXY_CONF = """\
 global
   nbthread {threads}
-  maxconn 20000
+  maxconn 4000
 defaults
   mode http
   timeout connect 5s
@@ -104,6 +105,7 @@ class ProxyBenchResult:
     paced_target: float = 0.0
     start_s: list[float] = field(default_factory=list)
     wake_s: list[float] = field(default_factory=list)
+    load_average: float = field(default_factory=lambda: os.getloadavg()[0])
 
     def median(self, table: dict[str, list[WrkResult]], name: str, attr: str) -> float:
         return float(statistics.median(float(getattr(result, attr)) for result in table[name]))
@@ -118,6 +120,8 @@ class ProxyBenchResult:
             f"proxy bench: nginx in a network namespace; wrk 1 thread, {self.connections} "
             f"connections, {self.seconds:g}s x {self.runs} rounds (medians); "
             f"HAProxy nbthread {self.haproxy_threads}; hangar proxy 1 process (uvloop)",
+            f"host: {os.cpu_count()} CPUs, load average {self.load_average:.1f} at the start "
+            "(other work on the host moves every figure)",
             "",
             f"{'full load':<12}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}",
         ]
@@ -281,56 +285,64 @@ def _wait_listening(
     raise HangarError("hangar proxy did not start listening in time")
 
 
-def measure_wake(link: NamespaceLink, scratch: Path, runs: int) -> tuple[list[float], list[float]]:
-    """(plain start times, wake-through-the-proxy times), seconds, ``runs`` of each."""
+def _plain_start(link: NamespaceLink, scratch: Path) -> float:
+    began = time.monotonic()
+    with _process(nginx_command(link, scratch), scratch / "nginx-start.log"):
+        return _first_byte(link.guest_ip, BACKEND_PORT, began + READY_TIMEOUT_S) - began
+
+
+async def _wake_once(link: NamespaceLink, scratch: Path, path: Path) -> float:
     from hangar.proxy.command_backends import CommandBackends
     from hangar.proxy.proxy import Proxy
+    from hangar.proxy.scaler import port_accepts
     from hangar.proxy.settings import ProxySettings
     from hangar.proxy.static import load_backends_file
 
-    starts: list[float] = []
-    for _ in range(runs):
+    if await port_accepts(link.guest_ip, BACKEND_PORT, 1.0):
+        raise HangarError("the backend still listens before a wake: a stop did not finish")
+    backends = CommandBackends(load_backends_file(path), {"bench-1": nginx_command(link, scratch)})
+    settings = ProxySettings(
+        domain=DOMAIN, bind_host="127.0.0.1", port_map={80: 0}, probe_interval_s=0.001
+    )
+    proxy = Proxy(backends, settings)
+    await proxy.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.host_port(80))
         began = time.monotonic()
-        with _process(nginx_command(link, scratch), scratch / "nginx-start.log"):
-            starts.append(_first_byte(link.guest_ip, BACKEND_PORT, began + READY_TIMEOUT_S) - began)
+        writer.write(
+            f"GET / HTTP/1.1\r\nHost: {APP}.{DOMAIN}\r\nConnection: close\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            first = await reader.read(1)
+            elapsed = time.monotonic() - began
+            rest = await reader.read()
+        writer.close()
+        if not (first + rest).startswith(b"HTTP/1.1 200"):
+            raise HangarError(f"wake answered {(first + rest)[:200]!r}")
+        return elapsed
+    finally:
+        await proxy.close()
+        await backends.close()
+
+
+def measure_wake(link: NamespaceLink, scratch: Path, runs: int) -> tuple[list[float], list[float]]:
+    """(plain start times, wake-through-the-proxy times) in seconds, taken in turn."""
     path = scratch / "wake.json"
     backends_file(link, path, "stopped")
-
-    async def wake_once() -> float:
-        machines = load_backends_file(path)
-        backends = CommandBackends(machines, {"bench-1": nginx_command(link, scratch)})
-        settings = ProxySettings(
-            domain=DOMAIN, bind_host="127.0.0.1", port_map={80: 0}, probe_interval_s=0.001
-        )
-        proxy = Proxy(backends, settings)
-        await proxy.start()
-        try:
-            port = proxy.host_port(80)
-            began = time.monotonic()
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(
-                f"GET / HTTP/1.1\r\nHost: {APP}.{DOMAIN}\r\nConnection: close\r\n\r\n".encode()
-            )
-            async with asyncio.timeout(READY_TIMEOUT_S):
-                first = await reader.read(1)
-            elapsed = time.monotonic() - began
-            if not first:
-                raise HangarError("the proxy closed the connection instead of answering")
-            rest = await reader.read()
-            writer.close()
-            if not (first + rest).startswith(b"HTTP/1.1 200"):
-                raise HangarError(f"wake answered {(first + rest)[:200]!r}")
-            return elapsed
-        finally:
-            await proxy.close()
-            await backends.close()
-
-    wakes = [asyncio.run(wake_once()) for _ in range(runs)]
+    starts: list[float] = []
+    wakes: list[float] = []
+    for _ in range(runs):
+        starts.append(_plain_start(link, scratch))
+        wakes.append(asyncio.run(_wake_once(link, scratch, path)))
     return starts, wakes
 
 
 def run_proxy_bench(
-    connections: int = 32, seconds: float = 5.0, runs: int = 3, haproxy_threads: int = 1
+    connections: int = 32,
+    seconds: float = 5.0,
+    runs: int = 3,
+    haproxy_threads: int = 1,
+    wake_runs: int = 9,
 ) -> ProxyBenchResult:
     for tool in ("wrk", "haproxy", "nginx", "ip"):
         if shutil.which(tool) is None:
@@ -401,7 +413,7 @@ def run_proxy_bench(
                     result.paced.setdefault(label, []).append(
                         run_wrk(url, paced_connections, seconds, script)
                     )
-        result.start_s, result.wake_s = measure_wake(link, scratch, max(runs, 3))
+        result.start_s, result.wake_s = measure_wake(link, scratch, wake_runs)
     return result
 
 

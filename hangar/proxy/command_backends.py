@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 
 from hangar.errors import Conflict
@@ -26,7 +27,7 @@ class CommandBackends(MemoryBackends):
     ) -> None:
         super().__init__(machines)
         self.commands: dict[str, list[str]] = {k: list(v) for k, v in (commands or {}).items()}
-        self.processes: dict[str, asyncio.subprocess.Process] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.starts: list[str] = []
         self.stops: list[tuple[str, StopMode]] = []
 
@@ -35,11 +36,10 @@ class CommandBackends(MemoryBackends):
         if argv is None:
             raise Conflict(f"machine {machine.id} has no command to start it with")
         self.starts.append(machine.id)
-        self.processes[machine.id] = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
+        # Popen, not asyncio's subprocess: it returns as soon as the child runs (asyncio's
+        # took 15-25 ms more here, all of it on the path of a woken request).
+        self.processes[machine.id] = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         self.update(machine.id, state="started")
 
@@ -56,15 +56,14 @@ class CommandBackends(MemoryBackends):
             await end_process(self.processes.pop(machine_id))
 
 
-async def end_process(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is not None:
+async def end_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
         process.terminate()
     try:
-        async with asyncio.timeout(STOP_GRACE_S):
-            await process.wait()
-    except TimeoutError:
+        await asyncio.to_thread(process.wait, STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
-        await process.wait()
+        await asyncio.to_thread(process.wait)

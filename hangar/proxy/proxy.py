@@ -19,10 +19,10 @@ from typing import Any
 from hangar.clock import Clock, SystemClock
 from hangar.proxy.backends import BackendMachine, Backends
 from hangar.proxy.balancer import Pool
-from hangar.proxy.http import HttpClientProtocol, Upstreams
+from hangar.proxy.http import HttpClientProtocol, UpstreamProtocol, Upstreams
 from hangar.proxy.listener import Listener
 from hangar.proxy.routes import RoutePlan, plan_routes
-from hangar.proxy.scaler import Scaler
+from hangar.proxy.scaler import Scaler, port_accepts
 from hangar.proxy.settings import ProxySettings
 from hangar.proxy.tcp import TcpClientProtocol, UdpRelay
 from hangar.proxy.tls import CertStore, sni_app
@@ -50,6 +50,7 @@ class Proxy:
         self.upstreams = Upstreams(self.settings)
         self.scaler = Scaler(backends, self.settings, self.clock)
         self.scaler.on_ready = self._notify_pools
+        self.scaler.probe = self._probe
         self.listeners: dict[int, Listener] = {}
         self.pools: dict[tuple[str, int], Pool] = {}
         self.plan = RoutePlan()
@@ -139,6 +140,22 @@ class Proxy:
             self._close_listener(port)
         if self._first is not None and not self._first.done():
             self._first.set_result(None)
+
+    async def _probe(self, host: str, port: int, http: bool) -> bool:
+        """Whether a woken machine's port accepts; for HTTP the connection is kept in the
+        upstream pool, so the request waiting for the machine goes out on it at once."""
+        if not http:
+            return await port_accepts(host, port, self.settings.connect_timeout_s)
+        address = (host, port)
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                _, upstream = await asyncio.get_running_loop().create_connection(
+                    lambda: UpstreamProtocol(self.upstreams, address), host, port
+                )
+        except (OSError, TimeoutError):
+            return False
+        self.upstreams.give(address, upstream)
+        return True
 
     def _notify_pools(self) -> None:
         for pool in self.pools.values():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from hangar.clock import Clock
@@ -55,6 +55,9 @@ class Scaler:
         self.stopping: set[str] = set()
         self.unprobed: set[str] = set()
         self.on_ready: Callable[[], None] = lambda: None
+        self.probe: Callable[[str, int, bool], Awaitable[bool]] = self._plain_probe
+        """Whether a woken machine's port accepts; ``(host, port, http)``. The proxy replaces
+        it with one that keeps the connection for the request that is waiting."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed: asyncio.Future[None] | None = None
 
@@ -167,11 +170,15 @@ class Scaler:
             machine = self.machines.get(machine_id)
             if machine is None or machine.state != STARTED:
                 raise HangarError(f"machine {machine_id} left started while waking")
-            port = machine.services[member.service_index].internal_port
-            if await port_accepts(machine.private_ip, port, self.settings.connect_timeout_s):
+            service = machine.services[member.service_index]
+            http = any("http" in port.handlers for port in service.ports)
+            if await self.probe(machine.private_ip, service.internal_port, http):
                 self.unprobed.discard(machine_id)
                 return
             await asyncio.sleep(self.settings.probe_interval_s)
+
+    async def _plain_probe(self, host: str, port: int, http: bool) -> bool:
+        return await port_accepts(host, port, self.settings.connect_timeout_s)
 
     # autostop
     async def run_autostop(self) -> None:

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import secrets
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -17,7 +17,7 @@ import pytest
 
 from hangar.model.services import MachineChecks, MachineService
 from hangar.proxy.backends import BackendMachine
-from hangar.proxy.command_backends import CommandBackends
+from hangar.proxy.command_backends import CommandBackends, end_process
 
 BACKEND_SCRIPT = Path(__file__).with_name("backend.py")
 READY_TIMEOUT_S = 20.0
@@ -42,38 +42,28 @@ class BackendProcess:
     name: str
     host: str
     port: int
-    process: asyncio.subprocess.Process
+    process: subprocess.Popen[bytes]
 
     async def stop(self) -> None:
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            await self.process.wait()
+        await end_process(self.process)
 
 
 async def start_backend(
     name: str, host: str, port: int, prefix: list[str] | None = None
 ) -> BackendProcess:
-    process = await asyncio.create_subprocess_exec(
-        *(prefix or []),
-        sys.executable,
-        str(BACKEND_SCRIPT),
-        host,
-        str(port),
-        name,
-        stdout=asyncio.subprocess.PIPE,
-    )
+    argv = [*(prefix or []), sys.executable, str(BACKEND_SCRIPT), host, str(port), name]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE)
     assert process.stdout is not None
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
-            line = (await process.stdout.readline()).decode()
+            line = (await asyncio.to_thread(process.stdout.readline)).decode()
     except TimeoutError:
         process.kill()
-        await process.wait()
+        process.wait()
         raise
     if not line.startswith("ready"):
         process.kill()
-        await process.wait()
+        process.wait()
         raise RuntimeError(f"backend {name} did not start: {line!r}")
     return BackendProcess(name, host, int(line.split()[1]), process)
 
