@@ -37,6 +37,10 @@ APP = "web"
 READY_TIMEOUT_S = 20.0
 WRK_TIMEOUT_S = 120.0
 UNLOADED_LATENCY_MS = 0.2
+PACE_DELAY_MS = 1
+CALIBRATION_ROUNDS = 4
+CALIBRATION_SECONDS = 2.0
+MAX_PACED_CONNECTIONS = 1000
 
 NGINX_CONF = """\
 daemon off;
@@ -136,7 +140,8 @@ class ProxyBenchResult:
             direct_p99 = self.median(self.paced, "direct", "p99_ms")
             lines += [
                 "",
-                f"at about half of HAProxy's peak (paced, target {self.paced_target:.0f} req/s)",
+                f"at about half of HAProxy's peak ({self.paced_target:.0f} req/s; connections "
+                f"paced by wrk's delay(), calibrated per target)",
                 f"{'':<12}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'added p99':>11}",
             ]
             for name in names:
@@ -407,22 +412,28 @@ def run_proxy_bench(
                     result.peak.setdefault(label, []).append(run_wrk(url, connections, seconds))
             haproxy_peak = result.median(result.peak, "haproxy", "requests_per_s")
             result.paced_target = haproxy_peak / 2
-            script, paced_connections = _paced_script(scratch, result)
+            script = scratch / "paced.lua"
+            script.write_text(PACED_SCRIPT.format(delay_ms=PACE_DELAY_MS))
+            paced = {
+                label: _calibrate(url, result.paced_target, script) for label, url in urls.items()
+            }
             for _ in range(runs):
                 for label, url in urls.items():
                     result.paced.setdefault(label, []).append(
-                        run_wrk(url, paced_connections, seconds, script)
+                        run_wrk(url, paced[label], seconds, script)
                     )
         result.start_s, result.wake_s = measure_wake(link, scratch, wake_runs)
     return result
 
 
-def _paced_script(scratch: Path, result: ProxyBenchResult) -> tuple[Path, int]:
-    """A wrk script and connection count that pace about ``paced_target`` requests/s: each
-    connection waits ``delay_ms`` between requests."""
-    delay_ms = 1
-    per_connection = 1000.0 / (delay_ms + UNLOADED_LATENCY_MS)
-    connections = max(1, math.ceil(result.paced_target / per_connection))
-    script = scratch / "paced.lua"
-    script.write_text(PACED_SCRIPT.format(delay_ms=delay_ms))
-    return script, connections
+def _calibrate(url: str, target: float, script: Path) -> int:
+    """Connections that, each waiting ``PACE_DELAY_MS`` between requests, make about
+    ``target`` requests/s through ``url`` (a few short runs, scaled each time)."""
+    connections = max(1, math.ceil(target / (1000.0 / (PACE_DELAY_MS + UNLOADED_LATENCY_MS))))
+    for _ in range(CALIBRATION_ROUNDS):
+        got = run_wrk(url, connections, CALIBRATION_SECONDS, script).requests_per_s
+        if got > 0 and abs(got - target) <= 0.05 * target:
+            break
+        scaled = round(connections * target / max(got, 1.0))
+        connections = max(1, min(MAX_PACED_CONNECTIONS, scaled))
+    return connections

@@ -127,6 +127,7 @@ class HttpClientProtocol(asyncio.Protocol):
         self.parsing: Exchange | None = None
         self.active: Exchange | None = None
         self.pending: deque[Exchange] = deque()
+        self.outbox: list[bytes] = []
         self.head_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
         self.reading_paused = False
@@ -413,17 +414,18 @@ class HttpClientProtocol(asyncio.Protocol):
                 parts.append(b"connection: keep-alive\r\n")
             exchange.response_started = True
         parts.append(b"\r\n")
-        self.transport.write(b"".join(parts))
+        self.outbox.append(b"".join(parts))
 
     def response_body(self, exchange: Exchange, data: bytes) -> None:
         if exchange is self.active and self.transport is not None:
-            self.transport.write(_chunk(data) if exchange.response_chunked else data)
+            self.outbox.append(_chunk(data) if exchange.response_chunked else data)
 
     def response_done(self, exchange: Exchange, upstream_reusable: bool) -> None:
         if exchange is not self.active:
             return
-        if exchange.response_chunked and self.transport is not None:
-            self.transport.write(b"0\r\n\r\n")
+        if exchange.response_chunked:
+            self.outbox.append(b"0\r\n\r\n")
+        self.flush()
         upstream = exchange.upstream
         exchange.upstream = None
         self._release(exchange)
@@ -493,6 +495,13 @@ class HttpClientProtocol(asyncio.Protocol):
             upstream.exchange = None
             upstream.close()
 
+    def flush(self) -> None:
+        """Send what the response side has gathered: a small response goes out in one write."""
+        if self.outbox:
+            data = self.outbox[0] if len(self.outbox) == 1 else b"".join(self.outbox)
+            self.outbox.clear()
+            self._write(data)
+
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -506,12 +515,14 @@ class HttpClientProtocol(asyncio.Protocol):
             if started:
                 self._abort()
                 return
+        self.outbox.clear()
         if status >= 500:
             log.info("proxy answered %d: %s", status, message)
         self._write(simple_response(status, REASONS.get(status, "Error"), message))
         self._close()
 
     def _close(self) -> None:
+        self.flush()
         self._cancel_timer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -630,12 +641,15 @@ class UpstreamProtocol(asyncio.Protocol):
             self.reusable = False
             self.close()
             return
+        client = self.client
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self.reusable = False
             self._failed(f"the machine sent a malformed response: {exc}")
             self.close()
+        if client is not None:
+            client.flush()
 
     def eof_received(self) -> bool:
         return False
