@@ -43,6 +43,7 @@ HOP_BY_HOP = frozenset(
 SET_BY_PROXY = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port", b"fly-client-ip"}
 )
+REQUEST_DROPPED = HOP_BY_HOP | SET_BY_PROXY
 REASONS = {
     400: "Bad Request",
     404: "Not Found",
@@ -58,12 +59,14 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
-    tokens: set[bytes] = set()
+def _dropped(headers: list[tuple[bytes, bytes]], base: frozenset[bytes]) -> frozenset[bytes]:
+    """``base`` and the headers a ``Connection`` header names (hop-by-hop too)."""
+    tokens: set[bytes] | None = None
     for name, value in headers:
-        if name.lower() == b"connection":
+        if len(name) == 10 and name.lower() == b"connection":
+            tokens = tokens or set()
             tokens.update(token.strip().lower() for token in value.split(b","))
-    return tokens
+    return base if tokens is None else base | tokens
 
 
 class Exchange:
@@ -319,7 +322,7 @@ class HttpClientProtocol(asyncio.Protocol):
         self._send(exchange, upstream)
 
     def _request_head(self, exchange: Exchange) -> bytes:
-        drop = HOP_BY_HOP | SET_BY_PROXY | _connection_tokens(exchange.headers)
+        drop = _dropped(exchange.headers, REQUEST_DROPPED)
         forwarded_for = b""
         parts = [exchange.method, b" ", exchange.url, b" HTTP/1.1\r\n"]
         for name, value in exchange.headers:
@@ -378,7 +381,7 @@ class HttpClientProtocol(asyncio.Protocol):
         interim = 100 <= status < 200
         chunked = False
         sized = False
-        drop = HOP_BY_HOP | _connection_tokens(headers)
+        drop = _dropped(headers, HOP_BY_HOP)
         parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
         route = exchange.route
         replaced = {name.lower().encode() for name in route.response_headers} if route else set()

@@ -92,7 +92,9 @@ async def test_http_routes_by_host_with_keepalive_and_streaming(
         # keep-alive: many requests on one connection, each answered in order
         for _ in range(5):
             assert (await http.get("/", headers=host("web"))).text == "web-1"
-        seen = (await http.get("/headers", headers=host("web"))).json()
+        spoofed = {"fly-client-ip": "6.6.6.6", "connection": "keep-alive, x-hop", "x-hop": "1"}
+        seen = (await http.get("/headers", headers={**host("web"), **spoofed})).json()
+        assert "x-hop" not in seen  # named by Connection: hop-by-hop, not forwarded
         assert seen["x-forwarded-for"] == "127.0.0.1"
         assert seen["fly-client-ip"] == "127.0.0.1"
         assert seen["x-forwarded-proto"] == "http"
