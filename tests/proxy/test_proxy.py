@@ -514,3 +514,44 @@ async def test_limits_answer_with_4xx_and_5xx(backends: ProcessBackends, tmp_pat
         writer.close()
         for _, held_writer in held:
             held_writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    backends: ProcessBackends, tmp_path: Path
+) -> None:
+    address = loopback_address()
+    port = free_port(address)
+    await started_machine(backends, "web-1", "web", address, port)
+    await started_machine(backends, "web-2", "web", loopback_address(), port)
+    async with running(backends, tmp_path) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.host_port(80))
+        one = f"GET /stream?n=2 HTTP/1.1\r\nhost: web.{DOMAIN}\r\n\r\n"
+        two = f"POST /echo HTTP/1.1\r\nhost: web.{DOMAIN}\r\ncontent-length: 6\r\n\r\nsecond"
+        three = f"GET / HTTP/1.1\r\nhost: web.{DOMAIN}\r\nconnection: close\r\n\r\n"
+        writer.write((one + two + three).encode())
+        answer = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+    assert answer.count(b"HTTP/1.1 200") == 3
+    first, second, third = (answer.index(m) for m in (b"part 1 from", b"second", b"\r\n\r\nweb-"))
+    assert first < second < third
+
+
+async def test_a_dead_or_silent_machine_gets_502_or_504(
+    backends: ProcessBackends, tmp_path: Path
+) -> None:
+    address = loopback_address()
+    backend = await started_machine(backends, "web-1", "web", address, free_port(address))
+    dead = loopback_address()
+    backends.put(machine("dead-1", "dead", dead, [service(80, free_port(dead))]))
+    async with (
+        running(backends, tmp_path, response_timeout_s=0.3) as proxy,
+        client(proxy) as http,
+    ):
+        refused = await http.get("/", headers=host("dead"))
+        assert refused.status_code == 502 and "dead-1" in refused.text
+        silent = await http.get("/hold", headers=host("web"))
+        assert silent.status_code == 504
+        async with httpx.AsyncClient(timeout=20) as direct:
+            await direct.get(f"http://{backend.host}:{backend.port}/release")
+        assert (await http.get("/", headers=host("web"))).text == "web-1"
+        assert proxy.pools[("web", 80)].load == {}  # every lease given back
