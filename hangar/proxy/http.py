@@ -21,7 +21,7 @@ import httptools
 
 from hangar.errors import ServiceUnavailable
 from hangar.proxy.balancer import Pool
-from hangar.proxy.listener import Listener, simple_response
+from hangar.proxy.listener import LazyTimer, Listener, simple_response
 from hangar.proxy.routes import AppRoute, Member
 from hangar.proxy.settings import ProxySettings
 
@@ -132,12 +132,13 @@ class HttpClientProtocol(asyncio.Protocol):
         self.pending: deque[Exchange] = deque()
         self.outbox: list[bytes] = []
         self.head_bytes = 0
-        self.timer: asyncio.TimerHandle | None = None
         self.reading_paused = False
         self.writing_paused = False
         self.closed = False
         self.tasks: set[asyncio.Task[Any]] = set()
         self.loop = asyncio.get_running_loop()
+        self.timer = LazyTimer(self.loop, self._timed_out)
+        self.head_timed = False
 
     # connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -148,12 +149,12 @@ class HttpClientProtocol(asyncio.Protocol):
         if self.listener.connections > self.settings.max_connections:
             self._fail(503, "too many connections to this port")
             return
-        self._set_timer(self.settings.keepalive_timeout_s, self._idle_timeout)
+        self.timer.set(self.settings.keepalive_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections -= 1
         self.closed = True
-        self._cancel_timer()
+        self.timer.cancel()
         for task in self.tasks:
             task.cancel()
         for exchange in [self.active, *self.pending]:
@@ -184,6 +185,11 @@ class HttpClientProtocol(asyncio.Protocol):
                 self._fail(431, "request headers too large")
             else:
                 self._fail(400, f"malformed request: {exc}")
+            return
+        if self.parsing is not None and self.active is None and not self.head_timed:
+            # A request whose headers did not come whole: they have header_timeout_s in all.
+            self.head_timed = True
+            self.timer.set(self.settings.header_timeout_s)
 
     def eof_received(self) -> bool:
         # A client that half-closes after its request still gets its response.
@@ -193,8 +199,7 @@ class HttpClientProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.parsing = Exchange()
         self.head_bytes = 0
-        if self.active is None:
-            self._set_timer(self.settings.header_timeout_s, self._header_timeout)
+        self.head_timed = False
 
     def on_url(self, url: bytes) -> None:
         assert self.parsing is not None
@@ -224,7 +229,7 @@ class HttpClientProtocol(asyncio.Protocol):
             elif lower == b"transfer-encoding" and b"chunked" in value.lower():
                 exchange.chunked = True
         if self.active is None:
-            self._cancel_timer()
+            self.timer.clear()
             self.active = exchange
             self._start(exchange)
         else:
@@ -367,7 +372,7 @@ class HttpClientProtocol(asyncio.Protocol):
         exchange.body = []
         upstream.transport.write(b"".join(data))
         exchange.sent = True
-        upstream.set_timer(self.settings.response_timeout_s)
+        upstream.timer.set(self.settings.response_timeout_s)
         if self.writing_paused:
             upstream.transport.pause_reading()
         self._resume_reading()
@@ -448,7 +453,7 @@ class HttpClientProtocol(asyncio.Protocol):
             self.active = following
             self._start(following)
         else:
-            self._set_timer(self.settings.keepalive_timeout_s, self._idle_timeout)
+            self.timer.set(self.settings.keepalive_timeout_s)
         self._resume_reading()
 
     def upstream_failed(self, exchange: Exchange, reason: str, status: int = 502) -> None:
@@ -526,12 +531,12 @@ class HttpClientProtocol(asyncio.Protocol):
 
     def _close(self) -> None:
         self.flush()
-        self._cancel_timer()
+        self.timer.cancel()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def _abort(self) -> None:
-        self._cancel_timer()
+        self.timer.cancel()
         if self.transport is not None:
             self.transport.abort()
 
@@ -547,22 +552,13 @@ class HttpClientProtocol(asyncio.Protocol):
             with contextlib.suppress(RuntimeError):
                 self.transport.resume_reading()
 
-    def _set_timer(self, seconds: float, callback: Any) -> None:
-        self._cancel_timer()
-        self.timer = self.loop.call_later(seconds, callback)
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _idle_timeout(self) -> None:
-        if self.active is None and self.parsing is None:
-            self._close()
-
-    def _header_timeout(self) -> None:
-        if self.active is None:
+    def _timed_out(self) -> None:
+        if self.active is not None:
+            return  # the machine's side keeps the time of a request being served
+        if self.parsing is not None:
             self._fail(408, "request headers not received in time")
+        else:
+            self._close()
 
 
 class Upstreams:
@@ -618,14 +614,14 @@ class UpstreamProtocol(asyncio.Protocol):
         self.reusable = True
         self.reused = False
         self.idle = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer = LazyTimer(asyncio.get_running_loop(), self._timed_out)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._cancel_timer()
+        self.timer.cancel()
         if self.idle:
             self.upstreams.forget(self.address, self)
         self._failed("the machine closed the connection")
@@ -663,12 +659,12 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def enter_idle(self, timeout_s: float) -> None:
         self.idle = True
-        self.set_timer(timeout_s)
+        self.timer.set(timeout_s)
 
     def leave_idle(self) -> None:
         self.idle = False
         self.reused = True
-        self._cancel_timer()
+        self.timer.clear()
 
     def close(self) -> None:
         self.reusable = False
@@ -680,18 +676,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.headers = []
         self.reason = b""
 
-    # timers
-    def set_timer(self, seconds: float) -> None:
-        self._cancel_timer()
-        self.timer = asyncio.get_running_loop().call_later(seconds, self._timed_out)
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
     def _timed_out(self) -> None:
-        self.timer = None
         if self.idle or self.exchange is None:
             self.close()
             return
@@ -714,7 +699,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._cancel_timer()
+        self.timer.clear()
         client, exchange = self.client, self.exchange
         status = self.parser.get_status_code()
         if not self.parser.should_keep_alive():

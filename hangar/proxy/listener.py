@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -60,3 +62,48 @@ def simple_response(status: int, reason: str, message: str, extra: bytes = b"") 
         + b"\r\n"
         + body
     )
+
+
+class LazyTimer:
+    """One deadline per connection. Moving it later arms no new timer on the loop (the armed
+    one re-arms itself when it fires early), so a keep-alive connection costs about one timer
+    per request pair instead of several."""
+
+    __slots__ = ("armed_at", "callback", "deadline", "handle", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self.loop = loop
+        self.callback = callback
+        self.deadline: float | None = None
+        self.handle: asyncio.TimerHandle | None = None
+        self.armed_at = 0.0
+
+    def set(self, seconds: float) -> None:
+        deadline = self.loop.time() + seconds
+        self.deadline = deadline
+        if self.handle is None or deadline < self.armed_at:
+            if self.handle is not None:
+                self.handle.cancel()
+            self.handle = self.loop.call_at(deadline, self._fire)
+            self.armed_at = deadline
+
+    def clear(self) -> None:
+        self.deadline = None
+
+    def cancel(self) -> None:
+        self.deadline = None
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _fire(self) -> None:
+        self.handle = None
+        deadline = self.deadline
+        if deadline is None:
+            return
+        if self.loop.time() < deadline:
+            self.handle = self.loop.call_at(deadline, self._fire)
+            self.armed_at = deadline
+            return
+        self.deadline = None
+        self.callback()
