@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import uvloop
+
 from hangar.bench.netns import NamespaceLink, veth_namespace
 from hangar.errors import HangarError
 
@@ -338,7 +340,7 @@ def measure_wake(link: NamespaceLink, scratch: Path, runs: int) -> tuple[list[fl
     wakes: list[float] = []
     for _ in range(runs):
         starts.append(_plain_start(link, scratch))
-        wakes.append(asyncio.run(_wake_once(link, scratch, path)))
+        wakes.append(uvloop.run(_wake_once(link, scratch, path)))  # as hangar proxy runs
     return starts, wakes
 
 
