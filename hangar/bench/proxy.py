@@ -21,7 +21,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ import uvloop
 
 from hangar.bench.netns import NamespaceLink, veth_namespace
 from hangar.errors import HangarError
+from hangar.proxy.standalone import listening_port, proxy_command
 
 BACKEND_PORT = 8080
 DOMAIN = "bench.test"
@@ -278,14 +278,12 @@ def backends_file(link: NamespaceLink, path: Path, state: str) -> None:
     path.write_text(json.dumps([machine]))
 
 
-def _wait_listening(
-    stream_log: Path, pattern: re.Pattern[str], process: subprocess.Popen[bytes]
-) -> int:
+def _wait_listening(stream_log: Path, process: subprocess.Popen[bytes]) -> int:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
-        found = pattern.search(stream_log.read_text(errors="replace"))
-        if found:
-            return int(found.group(1))
+        found = listening_port(stream_log.read_text(errors="replace"), 80)
+        if found is not None:
+            return found
         if process.poll() is not None:
             raise HangarError(f"process exited: {stream_log.read_text()[-2000:]}")
         time.sleep(0.02)
@@ -374,20 +372,7 @@ def run_proxy_bench(
         path = scratch / "backends.json"
         backends_file(link, path, "started")
         hangar_log = scratch / "hangar-proxy.log"
-        hangar_argv = [
-            sys.executable,
-            "-m",
-            "hangar.cli.main",
-            "proxy",
-            "--backends",
-            str(path),
-            "--domain",
-            DOMAIN,
-            "--bind",
-            "127.0.0.1",
-            "--port-map",
-            "80=0",
-        ]
+        hangar_argv = proxy_command(path, DOMAIN, "127.0.0.1", {80: 0})
         with (
             _process(nginx_command(link, scratch), scratch / "nginx.log"),
             _process(
@@ -395,9 +380,7 @@ def run_proxy_bench(
             ),
             _process(hangar_argv, hangar_log) as hangar,
         ):
-            hangar_port = _wait_listening(
-                hangar_log, re.compile(r"port 80 -> 127\.0\.0\.1:(\d+)"), hangar
-            )
+            hangar_port = _wait_listening(hangar_log, hangar)
             deadline = time.monotonic() + READY_TIMEOUT_S
             urls = {
                 "direct": f"http://{link.guest_ip}:{BACKEND_PORT}/",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import sys
 from pathlib import Path
 
 from hangar.clock import Clock, SystemClock
@@ -19,6 +21,25 @@ from hangar.proxy.static import MemoryBackends, load_backends_file
 
 log = logging.getLogger(__name__)
 RELOAD_INTERVAL_S = 2.0
+# The line ``hangar proxy`` logs for each listener: service port, host address, host port.
+LISTENING_LINE = re.compile(r"proxy: port (\d+) -> (\S+):(\d+)")
+
+
+def proxy_command(backends: Path, domain: str, bind: str, port_map: dict[int, int]) -> list[str]:
+    """The command line of a ``hangar proxy`` process serving ``backends``."""
+    argv = [sys.executable, "-m", "hangar.cli.main", "proxy", "--backends", str(backends)]
+    argv += ["--domain", domain, "--bind", bind]
+    for port, host_port in sorted(port_map.items()):
+        argv += ["--port-map", f"{port}={host_port}"]
+    return argv
+
+
+def listening_port(text: str, port: int) -> int | None:
+    """The host port the listener for ``port`` got, from ``hangar proxy``'s log."""
+    for match in LISTENING_LINE.finditer(text):
+        if int(match.group(1)) == port:
+            return int(match.group(3))
+    return None
 
 
 async def _feed_checks(backends: MemoryBackends, runner: CheckRunner) -> None:
@@ -55,6 +76,7 @@ async def serve_backends_file(
     try:
         await proxy.start()
         for port, listener in sorted(proxy.listeners.items()):
+            # LISTENING_LINE reads this line back.
             log.info("proxy: port %d -> %s:%d", port, settings.bind_host, listener.host_port)
         for problem in [*proxy.conflicts, *proxy.problems.values()]:
             log.warning("proxy: %s", problem)

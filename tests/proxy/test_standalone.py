@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
-import sys
 from pathlib import Path
 
 import httpx
@@ -14,9 +12,8 @@ import pytest
 
 from hangar.cli.main import checks_summary
 from hangar.cli.proxy import parse_port_map
+from hangar.proxy.standalone import listening_port, proxy_command
 from tests.proxy.conftest import DOMAIN, free_port, loopback_address, start_backend
-
-LISTENING = re.compile(r"port 80 -> 127\.0\.0\.1:(\d+)")
 
 
 async def test_the_proxy_command_serves_a_backends_file(tmp_path: Path) -> None:
@@ -44,19 +41,7 @@ async def test_the_proxy_command_serves_a_backends_file(tmp_path: Path) -> None:
     path = tmp_path / "backends.json"
     path.write_text(json.dumps(machines))
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hangar.cli.main",
-        "proxy",
-        "--backends",
-        str(path),
-        "--domain",
-        DOMAIN,
-        "--bind",
-        "127.0.0.1",
-        "--port-map",
-        "80=0",
-        stderr=asyncio.subprocess.PIPE,
+        *proxy_command(path, DOMAIN, "127.0.0.1", {80: 0}), stderr=asyncio.subprocess.PIPE
     )
     assert process.stderr is not None
     try:
@@ -65,8 +50,7 @@ async def test_the_proxy_command_serves_a_backends_file(tmp_path: Path) -> None:
             while port is None:
                 line = (await process.stderr.readline()).decode()
                 assert line, "hangar proxy exited"
-                found = LISTENING.search(line)
-                port = int(found.group(1)) if found else None
+                port = listening_port(line, 80)
             async with httpx.AsyncClient(timeout=20) as http:
                 url = f"http://127.0.0.1:{port}/"
                 while (
