@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from hangar.model.services import MachinePort, MachineService
@@ -37,15 +38,15 @@ class Member:
     def id(self) -> str:
         return self.machine.id
 
-    @property
+    @cached_property
     def service(self) -> MachineService:
         return self.machine.services[self.service_index]
 
-    @property
+    @cached_property
     def address(self) -> tuple[str, int]:
         return self.machine.private_ip, self.service.internal_port
 
-    @property
+    @cached_property
     def routable(self) -> bool:
         """Started, addressed, not cordoned, and its gating checks not failing or pending."""
         machine = self.machine
