@@ -610,6 +610,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
+        self.head_bytes = 0
         self.head_only = False
         self.reusable = True
         self.reused = False
@@ -675,6 +676,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.head_only = head_only
         self.headers = []
         self.reason = b""
+        self.head_bytes = 0
 
     def _timed_out(self) -> None:
         if self.idle or self.exchange is None:
@@ -694,8 +696,12 @@ class UpstreamProtocol(asyncio.Protocol):
     # parser callbacks
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
+        self.head_bytes += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.upstreams.settings.max_header_bytes:
+            raise ValueError("response headers too large")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -715,6 +721,7 @@ class UpstreamProtocol(asyncio.Protocol):
                 client.response_done(exchange, False)
         self.headers = []
         self.reason = b""
+        self.head_bytes = 0
 
     def on_body(self, data: bytes) -> None:
         client, exchange = self.client, self.exchange

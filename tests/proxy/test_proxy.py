@@ -555,3 +555,33 @@ async def test_a_dead_or_silent_machine_gets_502_or_504(
             await direct.get(f"http://{backend.host}:{backend.port}/release")
         assert (await http.get("/", headers=host("web"))).text == "web-1"
         assert proxy.pools[("web", 80)].load == {}  # every lease given back
+
+
+async def test_a_machine_that_answers_garbage_or_huge_headers_gets_502(
+    backends: ProcessBackends, tmp_path: Path
+) -> None:
+    address = loopback_address()
+    answers = {
+        "/huge": b"HTTP/1.1 200 OK\r\n" + b"x-filler: " + b"y" * 200_000 + b"\r\n\r\n",
+        "/garbage": b"SPDY/9 what\r\n\r\n",
+    }
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readline()
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers[line.split()[1].decode()])
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, address, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        backends.put(machine("bad-1", "bad", address, [service(80, port)]))
+        async with running(backends, tmp_path) as proxy, client(proxy) as http:
+            for path in answers:
+                response = await http.get(path, headers=host("bad"))
+                assert response.status_code == 502, path
+            assert proxy.pools[("bad", 80)].load == {}
+    finally:
+        server.close()
