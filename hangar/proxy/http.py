@@ -135,6 +135,7 @@ class HttpClientProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self.closed = False
+        self.eof = False
         self.tasks: set[asyncio.Task[Any]] = set()
         self.loop = asyncio.get_running_loop()
         self.timer = LazyTimer(self.loop, self._timed_out)
@@ -192,7 +193,8 @@ class HttpClientProtocol(asyncio.Protocol):
             self.timer.set(self.settings.header_timeout_s)
 
     def eof_received(self) -> bool:
-        # A client that half-closes after its request still gets its response.
+        # A client that half-closes after its request still gets its response, then the end.
+        self.eof = True
         return self.active is not None
 
     # parser callbacks
@@ -445,7 +447,7 @@ class HttpClientProtocol(asyncio.Protocol):
             else:
                 upstream.close()
         self.active = None
-        if not exchange.client_keep_alive:
+        if not exchange.client_keep_alive or (self.eof and not self.pending):
             self._close()
             return
         if self.pending:
