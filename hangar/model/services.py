@@ -164,11 +164,30 @@ MachineChecks = Annotated[dict[str, TopLevelCheck], AfterValidator(_check_names)
 
 
 class TlsOptions(FlyModel):
+    """hangar's proxy speaks TLS 1.2 and 1.3 and HTTP/1.1 over it; options asking for less
+    or for something else are refused rather than ignored."""
+
     alpn: Annotated[list[Annotated[str, Field(max_length=32)]], Field(max_length=8)] = Field(
         default_factory=list
     )
     versions: list[Literal["TLSv1.2", "TLSv1.3"]] = Field(default_factory=list)
     default_self_signed: bool | None = None
+
+    @field_validator("alpn")
+    @classmethod
+    def _http11_offered(cls, value: list[str]) -> list[str]:
+        if value and "http/1.1" not in value:
+            raise ValueError("hangar's proxy serves http/1.1 over TLS; include it")
+        return value
+
+    @field_validator("versions")
+    @classmethod
+    def _both_versions(cls, value: list[str]) -> list[str]:
+        if value and set(value) != {"TLSv1.2", "TLSv1.3"}:
+            raise ValueError(
+                "hangar's proxy serves TLSv1.2 and TLSv1.3; choosing one is not supported yet"
+            )
+        return value
 
 
 class HttpResponseOptions(FlyModel):

@@ -113,6 +113,16 @@ def test_defaults_follow_fly() -> None:
             ("services", 0, "concurrency"),
         ),
         (
+            [
+                {
+                    "protocol": "tcp",
+                    "internal_port": 80,
+                    "ports": [{"port": 443, "handlers": ["tls"], "tls_options": {"alpn": ["h2"]}}],
+                }
+            ],
+            ("services", 0, "ports", 0, "tls_options", "alpn"),
+        ),
+        (
             [{"protocol": "tcp", "internal_port": 80, "min_machines_running": -1}],
             ("services", 0, "min_machines_running"),
         ),
