@@ -19,6 +19,7 @@ Hierarchy::
      +-- WaitTimeout                408  ``wait`` ran out before the machine reached the state
      +-- RequestTooLarge            413  a body over the size limit
      +-- RateLimited                429  past the rate limit (carries ``retry_after_s``)
+ +-- ServiceUnavailable         503  the proxy has no machine for a request (busy, none started)
      +-- ImageError                 failed to pull or unpack an image (recorded on the machine)
      +-- GuestBootError             failed to build or boot the guest (recorded on the machine)
      +-- VmmError                   the VMM misbehaved: launch failure, QMP failure
@@ -167,6 +168,19 @@ class QuotaExceeded(Unprocessable):
         self.quota = quota
 
 
+class ServiceUnavailable(HangarError):
+    """No machine of an app can take a request now: every one is past its hard limit and the
+    queue is full or timed out, none is started, or a wake did not finish in time. Retryable."""
+
+    http_status = 503
+    code = "service_unavailable"
+
+    def __init__(self, message: str, app: str, reason: str, **fields: Any) -> None:
+        super().__init__(message, app=app, reason=reason, retryable=True, **fields)
+        self.app = app
+        self.reason = reason
+
+
 HTTP_STATUS_CODES: dict[int, str] = {
     **{
         cls.http_status: cls.code
@@ -181,6 +195,7 @@ HTTP_STATUS_CODES: dict[int, str] = {
             RequestTooLarge,
             Unprocessable,
             RateLimited,
+            ServiceUnavailable,
         )
     },
     405: "method_not_allowed",

@@ -37,3 +37,18 @@ def bench_boot(
 
 
 bench_app.command("placement")(placement)
+
+
+@bench_app.command("proxy")
+def bench_proxy(
+    connections: Annotated[int, typer.Option("--connections", "-c", min=1, max=1000)] = 32,
+    seconds: Annotated[float, typer.Option("--seconds", min=1, max=60)] = 5.0,
+    runs: Annotated[int, typer.Option("--runs", "-n", min=1, max=20)] = 3,
+    haproxy_threads: Annotated[int, typer.Option("--haproxy-threads", min=1, max=64)] = 1,
+    wake_runs: Annotated[int, typer.Option("--wake-runs", min=1, max=50)] = 9,
+) -> None:
+    """Direct vs HAProxy vs hangar's proxy on one backend in a network namespace (root)."""
+    from hangar.bench.proxy import run_proxy_bench
+
+    result = run_proxy_bench(connections, seconds, runs, haproxy_threads, wake_runs)
+    typer.echo(result.report())

@@ -16,6 +16,7 @@ from hangar.cli.bench import bench_app
 from hangar.cli.client import ApiError, HangarClient
 from hangar.cli.host import host_app
 from hangar.cli.output import call, console, errors, fail
+from hangar.cli.proxy import proxy
 from hangar.cli.tenancy import admin_app, audit_app, orgs_app, tokens_app
 from hangar.settings import DEFAULT_PORT, Settings
 
@@ -30,6 +31,7 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(audit_app, name="audit")
 app.add_typer(admin_app, name="admin")
 app.add_typer(host_app, name="host")
+app.command("proxy")(proxy)
 
 DEFAULT_APP = "default"
 
@@ -143,10 +145,27 @@ def machine_run(
         bool, typer.Option("--rm", help="Destroy the machine when it exits.")
     ] = False,
     detach: Annotated[bool, typer.Option("--detach", "-d")] = False,
+    port: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--port",
+            "-p",
+            help="PORT[:MACHINE_PORT][/PROTOCOL[:HANDLER...]], e.g. 80:8080/tcp:http",
+        ),
+    ] = None,
+    autostop: Annotated[
+        str | None, typer.Option("--autostop", help="off, stop or suspend (with --port)")
+    ] = None,
 ) -> None:
     """Run IMAGE as a machine; arguments after -- replace the image's command."""
+    from hangar.model.services import services_from_port_flags
+
     api = client()
     command = list(ctx.args)
+    try:
+        services = services_from_port_flags(port or [])
+    except ValueError as exc:
+        fail(str(exc), 2)
     config: dict[str, Any] = {
         "image": image,
         "env": parse_env(env or []),
@@ -156,6 +175,14 @@ def machine_run(
     }
     if command:
         config["init"] = {"cmd": command}
+    if services:
+        config["services"] = [
+            {
+                **s.model_dump(mode="json", exclude_none=True),
+                **({"autostop": autostop} if autostop else {}),
+            }
+            for s in services
+        ]
     body: dict[str, Any] = {"config": config}
     if name:
         body["name"] = name
@@ -204,17 +231,29 @@ def machine_list(
     all_machines: Annotated[bool, typer.Option("--all", help="Include destroyed.")] = False,
 ) -> None:
     machines = call(client().list_machines, app_name, all_machines)
-    table = Table("ID", "NAME", "STATE", "REGION", "IMAGE", "UPDATED")
+    table = Table("ID", "NAME", "STATE", "REGION", "ADDRESS", "CHECKS", "IMAGE", "UPDATED")
     for item in machines:
         table.add_row(
             item["id"],
             item["name"],
             item["state"],
             item["region"],
+            item.get("private_ip") or "",
+            checks_summary(item.get("checks") or []),
             item["config"]["image"],
             item["updated_at"],
         )
     console.print(table)
+
+
+def checks_summary(checks: list[dict[str, Any]]) -> str:
+    """``2/3 passing; web critical`` from a machine's ``checks[]``; empty without checks."""
+    if not checks:
+        return ""
+    passing = sum(1 for check in checks if check.get("status") == "passing")
+    failing = [str(c.get("name")) for c in checks if c.get("status") not in ("passing", None)]
+    summary = f"{passing}/{len(checks)} passing"
+    return summary + (f"; {', '.join(failing)} failing" if failing else "")
 
 
 @machine_app.command("status")

@@ -16,11 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from hangar.errors import UnsupportedField
 from hangar.model.duration import Duration
+from hangar.model.services import MachineChecks, MachineServices
 
 UNSUPPORTED_CONFIG_FIELDS = (
-    "services",
     "mounts",
-    "checks",
     "schedule",
     "processes",
     "dns",
@@ -220,6 +219,8 @@ class MachineConfig(StrictModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     files: Annotated[list[GuestFile], Field(max_length=MAX_FILES)] = Field(default_factory=list)
     stop_config: StopConfig = Field(default_factory=StopConfig)
+    services: MachineServices = Field(default_factory=list)
+    checks: MachineChecks = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod

@@ -12,7 +12,7 @@ import math
 import re
 from typing import Annotated
 
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 _UNIT_SECONDS = {
     "ns": 1e-9,
@@ -114,12 +114,19 @@ def _token_lifetime(value: object) -> float:
     return parse_duration(value, maximum=MAX_TOKEN_LIFETIME_S, minimum=1.0)
 
 
+_SCHEMA = WithJsonSchema({"type": "string", "examples": ["10s", "1m0s", "500ms"]})
 Duration = Annotated[
-    float, BeforeValidator(_config_duration), PlainSerializer(format_duration, return_type=str)
+    float,
+    BeforeValidator(_config_duration),
+    PlainSerializer(format_duration, return_type=str),
+    _SCHEMA,
 ]
 """A duration field of a request or config (at most 24h), in seconds, written back in Go's form."""
 
 TokenLifetime = Annotated[
-    float, BeforeValidator(_token_lifetime), PlainSerializer(format_duration, return_type=str)
+    float,
+    BeforeValidator(_token_lifetime),
+    PlainSerializer(format_duration, return_type=str),
+    _SCHEMA,
 ]
 """How long a token lives (at most 366 days)."""

@@ -24,9 +24,7 @@ def test_minimal_config_gets_fly_defaults() -> None:
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"image": "x", "services": [{"internal_port": 80}]}, "config.services"),
         ({"image": "x", "mounts": [{"volume": "v"}]}, "config.mounts"),
-        ({"image": "x", "checks": {"http": {}}}, "config.checks"),
         ({"image": "x", "guest": {"kernel_args": ["quiet"]}}, "config.guest.kernel_args"),
         ({"image": "x", "init": {"tty": True}}, "config.init.tty"),
         (

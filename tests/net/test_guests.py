@@ -25,6 +25,7 @@ from ipaddress import IPv6Address
 from pathlib import Path
 
 import pytest
+from hangar.paths import cache_dir
 
 from hangar.images.build import build_busybox_image
 from hangar.images.initramfs import ensure_base_initramfs, machine_initrd
@@ -37,7 +38,6 @@ from hangar.net import firewall, links
 from hangar.net.attachment import Attachment
 from hangar.net.dns import DnsMachine, SnapshotView
 from hangar.net.host import HostNetwork
-from hangar.paths import cache_dir
 from hangar.vmm.control import read_control_events
 from hangar.vmm.driver import VmHandle, VmSpec
 from hangar.vmm.qemu import QemuDriver
