@@ -216,9 +216,10 @@ class AdminToolsSettings:
                 unsupported.append(name)  # type: ignore[arg-type]
                 continue
             current = _MODE_LINE.search(text)
-            knobs = dict(
-                match.groups() for line in text.splitlines() if (match := _KNOB_LINE.match(line))
-            )
+            knobs: dict[str, str] = {}
+            for line in text.splitlines():
+                if (knob := _KNOB_LINE.match(line)) is not None:
+                    knobs[knob.group(1)] = knob.group(2)
             if current is None or "enable" not in knobs:
                 raise DeviceError(
                     f"gpu-admin-tools printed no {name} mode for {bdf}",

@@ -19,6 +19,7 @@ and one on stdout, ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -148,10 +149,8 @@ class WorkerRunner:
 
     def _kill(self, child: subprocess.Popen[bytes]) -> bool:
         """SIGKILL the worker's process group; True once it is reaped."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         try:
             child.wait(timeout=self.kill_grace_s)
         except subprocess.TimeoutExpired:
@@ -176,7 +175,9 @@ def _answer(target: str, what: str, status: int, stdout: bytes, stderr: bytes) -
     if answer.get("ok"):
         return answer.get("result")
     error = answer.get("error") or {}
-    fields = error.get("fields") if isinstance(error.get("fields"), dict) else {}
+    fields = error.get("fields")
+    if not isinstance(fields, dict):
+        fields = {}
     raise DeviceError(str(error.get("message", f"{what} failed"))[:_MESSAGE_LIMIT], **fields)
 
 
@@ -210,4 +211,3 @@ def killable_sysfs(
 ) -> SysfsRoot:
     """The sysfs the agent should act through: every write in a killable worker."""
     return SysfsRoot(root, writer=RunnerWriter(runner or WorkerRunner(), deadlines))
-

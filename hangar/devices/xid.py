@@ -93,7 +93,7 @@ def guest_addresses(
     def walk(bus_number: int, devices: Iterable[Mapping[str, Any]]) -> None:
         for device in devices:
             qdev = device.get("qdev_id")
-            if qdev in device_ids:
+            if isinstance(qdev, str) and qdev in device_ids:
                 address = f"0000:{bus_number:02x}:{device['slot']:02x}.{device['function']}"
                 found[address] = device_ids[qdev]
             bridge = device.get("pci_bridge")

@@ -269,9 +269,12 @@ class KernelSimulator:
         holders = []
         for pid in sorted(os.listdir(host / "proc")):
             fds = host / "proc" / pid / "fd"
-            if pid.isdigit() and fds.is_dir():
-                if any(os.readlink(fds / fd) == node for fd in os.listdir(fds)):
-                    holders.append((host / "proc" / pid / "comm").read_text().strip())
+            if (
+                pid.isdigit()
+                and fds.is_dir()
+                and any(os.readlink(fds / fd) == node for fd in os.listdir(fds))
+            ):
+                holders.append((host / "proc" / pid / "comm").read_text().strip())
         return holders
 
     def _hang(self, why: str) -> None:

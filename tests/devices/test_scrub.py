@@ -272,7 +272,7 @@ def test_an_unknown_kind_is_not_trusted_to_clear_its_own_memory(tmp_path: Path) 
     config.write_bytes(config.read_bytes()[:2] + b"\x84\x26" + config.read_bytes()[4:])
     sysfs, kernel = _on_vfio(builder, A10_GPU)
 
-    with pytest.raises(DeviceError, match="does not know how 0000:3b:00.0 reports"):
+    with pytest.raises(DeviceError, match=r"does not know how 0000:3b:00\.0 reports"):
         scrub(sysfs, group_of(sysfs, A10_GPU), clock=StepClock())
     assert kernel.writes == []
     assert json.loads((tmp_path / "gpu-hw.json").read_text())[A10_GPU]["vram"] == TENANT_DATA
