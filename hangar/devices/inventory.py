@@ -11,20 +11,24 @@ from __future__ import annotations
 from pydantic import BaseModel, computed_field
 
 from hangar.devices.catalog import GpuKind, gpu_kind_for_device_id, nvswitch_name, unknown_gpu_kind
+from hangar.devices.groups import read_gpu_group
+from hangar.devices.hostpaths import HostPaths
 from hangar.devices.iommu import (
     GroupMember,
     classify_functions,
     group_bdfs,
-    group_problem,
     iommu_groups_present,
 )
 from hangar.devices.nvml import (
+    EccMode,
+    FabricState,
     MigInstance,
     MigMode,
     NvmlGpu,
     NvmlReader,
     NvmlReport,
     PynvmlReader,
+    RemappedRows,
 )
 from hangar.devices.pci import NVIDIA_VENDOR_ID, PciDevice, list_pci_devices
 from hangar.devices.readiness import (
@@ -74,6 +78,15 @@ class Gpu(BaseModel):
     mig_mode_pending: MigMode | None = None
     mig_instances: list[MigInstance] = []
     """Slices for the sandbox tier; never passed to VFIO."""
+    module_id: int | None = None
+    """The baseboard slot; Fabric Manager partitions name GPUs by it."""
+    ecc_mode: EccMode = "unknown"
+    ecc_mode_pending: EccMode = "unknown"
+    remapped_rows: RemappedRows | None = None
+    retired_pages_pending: bool | None = None
+    uncorrectable_ecc_volatile: int | None = None
+    recovery_action: str | None = None
+    fabric_state: FabricState | None = None
     nvml_errors: list[str] = []
     available: bool
     """Fit for VFIO passthrough on this host."""
@@ -118,8 +131,10 @@ def read_inventory(
     nvml: NvmlReader | None = None,
     runner: CommandRunner | None = None,
     hypervisor_binary: str = QEMU_BINARY,
+    paths: HostPaths | None = None,
 ) -> HostInventory:
-    """Inventory the host. Reads only: nothing is written to sysfs and NVML is only queried."""
+    """Inventory the host. Reads only: nothing is written to sysfs and NVML is only queried.
+    ``paths`` locates the host's ``/dev`` and ``/proc`` (by default beside the sysfs root)."""
     sysfs = sysfs or SysfsRoot()
     runner = runner or SubprocessRunner()
     devices = list_pci_devices(sysfs)
@@ -133,7 +148,7 @@ def read_inventory(
     iommu_enabled = iommu_groups_present(sysfs) or any(
         device.iommu_group is not None for device in devices
     )
-    vfio = probe_vfio(sysfs, runner)
+    vfio = probe_vfio(sysfs, runner, paths)
     hypervisor = probe_hypervisor(runner, hypervisor_binary)
     host_reasons = _host_reasons(iommu_enabled, vfio, hypervisor)
 
@@ -149,6 +164,7 @@ def read_inventory(
             device,
             kinds[device.bdf],
             _group_members(sysfs, device, by_bdf),
+            _group_problems(sysfs, device),
             placements[device.bdf],
             report.gpu_at(device.bdf),
             host_reasons,
@@ -190,25 +206,28 @@ def _group_members(
     return classify_functions(in_group or [device])
 
 
+def _group_problems(sysfs: SysfsRoot, device: PciDevice) -> list[str]:
+    """Why the GPU's group cannot go to a tenant: foreign members, or any member (the GPU,
+    an HD-audio companion) that cannot be reset between tenants."""
+    if device.iommu_group is None:
+        problem = reset_method_problem(device.reset_methods)
+        return [] if problem is None else [f"cannot be reset between tenants: {problem}"]
+    return read_gpu_group(sysfs, device.iommu_group).problems
+
+
 def _gpu(
     device: PciDevice,
     kind: GpuKind,
     members: list[GroupMember],
+    group_problems: list[str],
     placement: NvlinkPlacement,
     nvml: NvmlGpu | None,
     host_reasons: list[str],
 ) -> Gpu:
     reasons = list(host_reasons)
-    if device.iommu_group is None:
-        if IOMMU_OFF not in reasons:
-            reasons.append("no IOMMU group for this GPU")
-    else:
-        problem = group_problem(device.iommu_group, members)
-        if problem is not None:
-            reasons.append(problem)
-    reset_problem = reset_method_problem(device.reset_methods)
-    if reset_problem is not None:
-        reasons.append(f"cannot be reset between tenants: {reset_problem}")
+    if device.iommu_group is None and IOMMU_OFF not in reasons:
+        reasons.append("no IOMMU group for this GPU")
+    reasons.extend(group_problems)
     if nvml is not None and nvml.mig_mode == "enabled":
         reasons.append("MIG mode is on: its instances serve the sandbox tier, not VFIO")
     return Gpu(
@@ -229,6 +248,14 @@ def _gpu(
         mig_mode=nvml.mig_mode if nvml else "unknown",
         mig_mode_pending=nvml.mig_mode_pending if nvml else None,
         mig_instances=nvml.mig_instances if nvml else [],
+        module_id=nvml.module_id if nvml else None,
+        ecc_mode=nvml.ecc_mode if nvml else "unknown",
+        ecc_mode_pending=nvml.ecc_mode_pending if nvml else "unknown",
+        remapped_rows=nvml.remapped_rows if nvml else None,
+        retired_pages_pending=nvml.retired_pages_pending if nvml else None,
+        uncorrectable_ecc_volatile=nvml.uncorrectable_ecc_volatile if nvml else None,
+        recovery_action=nvml.recovery_action if nvml else None,
+        fabric_state=nvml.fabric_state if nvml else None,
         nvml_errors=nvml.errors if nvml else [],
         available=not reasons,
         unavailable_reasons=reasons,

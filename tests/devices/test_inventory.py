@@ -142,10 +142,24 @@ def test_gpu_without_a_usable_reset_method_is_unavailable(tmp_path: Path) -> Non
 
     assert [gpu.unavailable_reasons for gpu in gpus] == [
         [
-            "cannot be reset between tenants: no FLR, PM or bus reset "
+            "0000:01:00.0 (gpu) cannot be reset: no FLR, PM or bus reset "
             "(reset_method lists device_specific)"
         ],
-        ["cannot be reset between tenants: the kernel exposes no reset_method for it"],
+        ["0000:02:00.0 (gpu) cannot be reset: the kernel exposes no reset_method for it"],
+    ]
+
+
+def test_an_audio_companion_that_cannot_be_reset_makes_its_gpu_unavailable(
+    a10: SysfsBuilder,
+) -> None:
+    (a10.root / f"bus/pci/devices/{A10_AUDIO}/reset_method").write_text("\n")
+
+    [gpu] = read_inventory(SysfsRoot(a10.root), nvml=NoNvml(), runner=ready_runner()).gpus
+
+    assert not gpu.available
+    assert gpu.unavailable_reasons == [
+        f"{A10_AUDIO} (companion) cannot be reset: no FLR, PM or bus reset "
+        "(reset_method lists nothing)"
     ]
 
 

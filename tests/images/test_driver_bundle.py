@@ -15,8 +15,8 @@ import pytest
 from hangar.images.busybox import HOST_BUSYBOX
 from hangar.images.driver_bundle import (
     DRIVER_BUNDLE_SETTING,
-    NVLINK_OFF_KERNEL_ARG,
     GUEST_ENV_NAME,
+    NVLINK_OFF_KERNEL_ARG,
     DriverBundleError,
     DriverBundleManifest,
     build_driver_bundle_disk,
@@ -309,7 +309,7 @@ def test_every_firmware_file_a_module_names_must_be_shipped(bundle: Path) -> Non
             return "\n".join([*named, f"nvidia/{DRIVER_VERSION}/gsp_gh100.bin"]) + "\n"
         return ""
 
-    with pytest.raises(DriverBundleError, match="gsp_gh100.bin") as raised:
+    with pytest.raises(DriverBundleError, match=r"gsp_gh100\.bin") as raised:
         load_bundle_manifest(bundle, runner=modinfo)
 
     assert raised.value.fields == {
