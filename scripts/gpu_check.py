@@ -189,31 +189,24 @@ def cross_check_gpu(sysfs: SysfsRoot, gpu: Gpu, tools: HostTools) -> Findings:
             f"link: {link.speed_gts} GT/s x{link.width} of {link.max_speed_gts} GT/s "
             f"x{link.max_width}"
         )
-    rows = gpu.remapped_rows
-    notes.append(
-        f"NVML: ECC {gpu.ecc_mode} (pending {gpu.ecc_mode_pending}), MIG {gpu.mig_mode}"
-        f" (pending {gpu.mig_mode_pending or gpu.mig_mode}), module id {gpu.module_id}, "
-        f"fabric {gpu.fabric_state}, recovery action {gpu.recovery_action}, remapped rows "
-        + (
-            "n/a"
-            if rows is None
-            else f"{rows.correctable}/{rows.uncorrectable}"
-            f" pending={rows.pending} failure={rows.failure}"
+    nvml = gpu.nvml
+    if nvml is not None:
+        rows = nvml.remapped_rows
+        notes.append(
+            f"NVML: ECC {nvml.ecc_mode} (pending {nvml.ecc_mode_pending}), MIG {nvml.mig_mode}"
+            f" (pending {nvml.mig_mode_pending or nvml.mig_mode}), module id {nvml.module_id}, "
+            f"fabric {nvml.fabric_state}, recovery action {nvml.recovery_action}, "
+            "remapped rows "
+            + (
+                "n/a"
+                if rows is None
+                else f"{rows.correctable}/{rows.uncorrectable} pending={rows.pending}"
+                f" failure={rows.failure}"
+            )
         )
-    )
     notes += [f"health: {f.check}: {f.detail}" for f in health.findings]
-    if gpu.uuid is not None:
-        from hangar.devices.nvml import NvmlGpu
-
-        nvml_view = NvmlGpu(
-            bus_id=gpu.bdf,
-            remapped_rows=gpu.remapped_rows,
-            retired_pages_pending=gpu.retired_pages_pending,
-            uncorrectable_ecc_volatile=gpu.uncorrectable_ecc_volatile,
-            recovery_action=gpu.recovery_action,
-            fabric_state=gpu.fabric_state,
-        )
-        notes += [f"health: {f.check}: {f.detail}" for f in nvml_findings(nvml_view)]
+    if nvml is not None:
+        notes += [f"health: {f.check}: {f.detail}" for f in nvml_findings(nvml)]
     return failures, notes
 
 

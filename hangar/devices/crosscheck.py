@@ -169,12 +169,19 @@ def check_against_nvidia_smi(gpu: Gpu, smi: SmiGpu | None) -> Findings:
     """NVML as hangar reads it, against nvidia-smi -q (both from the same driver)."""
     if smi is None:
         return [], ["nvidia-smi -q does not list it"]
+    nvml = gpu.nvml
+    if nvml is None:
+        return ["NVML does not report it, though nvidia-smi does"], []
     failures: list[str] = []
     pairs = [
-        ("MIG mode", gpu.mig_mode, smi.get("MIG Mode", "Current")),
-        ("pending MIG mode", gpu.mig_mode_pending or gpu.mig_mode, smi.get("MIG Mode", "Pending")),
-        ("ECC mode", gpu.ecc_mode, smi.get("ECC Mode", "Current")),
-        ("pending ECC mode", gpu.ecc_mode_pending, smi.get("ECC Mode", "Pending")),
+        ("MIG mode", nvml.mig_mode, smi.get("MIG Mode", "Current")),
+        (
+            "pending MIG mode",
+            nvml.mig_mode_pending or nvml.mig_mode,
+            smi.get("MIG Mode", "Pending"),
+        ),
+        ("ECC mode", nvml.ecc_mode, smi.get("ECC Mode", "Current")),
+        ("pending ECC mode", nvml.ecc_mode_pending, smi.get("ECC Mode", "Pending")),
     ]
     for what, hangar, shown in pairs:
         if shown is None or _mode(shown) == "n/a":
@@ -182,9 +189,9 @@ def check_against_nvidia_smi(gpu: Gpu, smi: SmiGpu | None) -> Findings:
         if hangar != _mode(shown):
             failures.append(f"{what}: hangar {hangar}, nvidia-smi {shown}")
     module = smi.get("Module ID") or smi.get("Module Id")
-    if module is not None and module.isdigit() and gpu.module_id != int(module):
-        failures.append(f"module id: hangar {gpu.module_id}, nvidia-smi {module}")
-    rows = gpu.remapped_rows
+    if module is not None and module.isdigit() and nvml.module_id != int(module):
+        failures.append(f"module id: hangar {nvml.module_id}, nvidia-smi {module}")
+    rows = nvml.remapped_rows
     pending = smi.get("Remapped Rows", "Pending")
     if rows is not None and pending is not None and (pending.lower() == "yes") != rows.pending:
         failures.append(f"remap pending: hangar {rows.pending}, nvidia-smi {pending}")
@@ -192,7 +199,7 @@ def check_against_nvidia_smi(gpu: Gpu, smi: SmiGpu | None) -> Findings:
     if rows is not None and failure is not None and (failure.lower() == "yes") != rows.failure:
         failures.append(f"remap failure: hangar {rows.failure}, nvidia-smi {failure}")
     fabric = smi.get("Fabric", "State")
-    notes = [f"fabric state: hangar {gpu.fabric_state}, nvidia-smi {fabric}"] if fabric else []
+    notes = [f"fabric state: hangar {nvml.fabric_state}, nvidia-smi {fabric}"] if fabric else []
     return failures, notes
 
 

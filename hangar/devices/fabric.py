@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from hangar.devices.catalog import GpuKind
 from hangar.devices.pci import normalize_bdf
-from hangar.devices.readiness import CommandRunner, SubprocessRunner
+from hangar.devices.readiness import CommandRunner, VendorTool
 from hangar.devices.worker import DeviceDeadlines
 from hangar.errors import DeviceError
 
@@ -110,21 +110,10 @@ class FabricManager:
         runner: CommandRunner | None = None,
         deadlines: DeviceDeadlines | None = None,
     ) -> None:
-        self.tool = list(tool)
-        self.runner = runner or SubprocessRunner(
-            timeout_s=(deadlines or DeviceDeadlines()).command_s
-        )
+        self.tool = VendorTool(tool, runner, (deadlines or DeviceDeadlines()).command_s)
 
     def _run(self, *args: str) -> str:
-        done = self.runner.run([*self.tool, *args])
-        if done.returncode != 0:
-            raise DeviceError(
-                f"{' '.join([*self.tool, *args])} failed (exit {done.returncode}): "
-                f"{(done.stderr or done.stdout).strip()[-500:]}",
-                reason="fabric_failed",
-                timed_out=done.returncode == 124,
-            )
-        return done.stdout
+        return self.tool.run(*args, reason="fabric_failed").stdout
 
     def partitions(self) -> list[FabricPartition]:
         return parse_partitions(self._run("-l"))

@@ -20,15 +20,12 @@ from hangar.devices.iommu import (
     iommu_groups_present,
 )
 from hangar.devices.nvml import (
-    EccMode,
-    FabricState,
     MigInstance,
     MigMode,
     NvmlGpu,
     NvmlReader,
     NvmlReport,
     PynvmlReader,
-    RemappedRows,
 )
 from hangar.devices.pci import NVIDIA_VENDOR_ID, PciDevice, list_pci_devices
 from hangar.devices.readiness import (
@@ -78,15 +75,9 @@ class Gpu(BaseModel):
     mig_mode_pending: MigMode | None = None
     mig_instances: list[MigInstance] = []
     """Slices for the sandbox tier; never passed to VFIO."""
-    module_id: int | None = None
-    """The baseboard slot; Fabric Manager partitions name GPUs by it."""
-    ecc_mode: EccMode = "unknown"
-    ecc_mode_pending: EccMode = "unknown"
-    remapped_rows: RemappedRows | None = None
-    retired_pages_pending: bool | None = None
-    uncorrectable_ecc_volatile: int | None = None
-    recovery_action: str | None = None
-    fabric_state: FabricState | None = None
+    nvml: NvmlGpu | None = None
+    """NVML's whole report (ECC, row remapping, recovery action, fabric state, module id);
+    None when NVML does not see the GPU."""
     nvml_errors: list[str] = []
     available: bool
     """Fit for VFIO passthrough on this host."""
@@ -248,14 +239,7 @@ def _gpu(
         mig_mode=nvml.mig_mode if nvml else "unknown",
         mig_mode_pending=nvml.mig_mode_pending if nvml else None,
         mig_instances=nvml.mig_instances if nvml else [],
-        module_id=nvml.module_id if nvml else None,
-        ecc_mode=nvml.ecc_mode if nvml else "unknown",
-        ecc_mode_pending=nvml.ecc_mode_pending if nvml else "unknown",
-        remapped_rows=nvml.remapped_rows if nvml else None,
-        retired_pages_pending=nvml.retired_pages_pending if nvml else None,
-        uncorrectable_ecc_volatile=nvml.uncorrectable_ecc_volatile if nvml else None,
-        recovery_action=nvml.recovery_action if nvml else None,
-        fabric_state=nvml.fabric_state if nvml else None,
+        nvml=nvml,
         nvml_errors=nvml.errors if nvml else [],
         available=not reasons,
         unavailable_reasons=reasons,

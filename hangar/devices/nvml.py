@@ -30,8 +30,9 @@ from pydantic import BaseModel
 from hangar.devices.pci import normalize_bdf
 from hangar.errors import DeviceError
 
-MigMode = Literal["enabled", "disabled", "unsupported", "unknown"]
-EccMode = Literal["enabled", "disabled", "unsupported", "unknown"]
+Mode = Literal["enabled", "disabled", "unsupported", "unknown"]
+MigMode = Mode
+EccMode = Mode
 FabricState = Literal["not-supported", "not-started", "in-progress", "completed", "unknown"]
 
 _FABRIC_STATES: dict[int, FabricState] = {
@@ -243,23 +244,34 @@ class _Queries:
             return None
 
 
-def _ecc_modes(nvml: Any, handle: Any, errors: list[str]) -> tuple[EccMode, EccMode]:
+def _ecc_modes(nvml: Any, handle: Any, errors: list[str]) -> tuple[Mode, Mode]:
+    return _modes(
+        nvml.nvmlDeviceGetEccMode,
+        handle,
+        nvml,
+        errors,
+        "ecc mode",
+        (getattr(nvml, "NVML_FEATURE_ENABLED", 1), getattr(nvml, "NVML_FEATURE_DISABLED", 0)),
+    )
+
+
+def _modes(
+    query: Any, handle: Any, nvml: Any, errors: list[str], what: str, values: tuple[int, int]
+) -> tuple[Mode, Mode]:
+    """A (current, pending) mode pair; NOT_SUPPORTED reads as ``unsupported``."""
     try:
-        current, pending = nvml.nvmlDeviceGetEccMode(handle)
+        current, pending = query(handle)
     except nvml.NVMLError as error:
         if _is(nvml, error, "NVML_ERROR_NOT_SUPPORTED"):
             return "unsupported", "unsupported"
-        errors.append(f"ecc mode: {_message(error)}")
+        errors.append(f"{what}: {_message(error)}")
         return "unknown", "unknown"
-    return _feature(nvml, current), _feature(nvml, pending)
+    enabled, disabled = values
 
+    def mode(value: int) -> Mode:
+        return "enabled" if value == enabled else "disabled" if value == disabled else "unknown"
 
-def _feature(nvml: Any, value: int) -> EccMode:
-    if value == getattr(nvml, "NVML_FEATURE_ENABLED", 1):
-        return "enabled"
-    if value == getattr(nvml, "NVML_FEATURE_DISABLED", 0):
-        return "disabled"
-    return "unknown"
+    return mode(current), mode(pending)
 
 
 def _recovery_action(nvml: Any, handle: Any, errors: list[str]) -> str | None:
@@ -290,23 +302,15 @@ def _fabric_state(nvml: Any, handle: Any, errors: list[str]) -> FabricState | No
     return _FABRIC_STATES.get(int(info.state), "unknown")
 
 
-def _mig_modes(nvml: Any, handle: Any, errors: list[str]) -> tuple[MigMode, MigMode]:
-    try:
-        current, pending = nvml.nvmlDeviceGetMigMode(handle)
-    except nvml.NVMLError as error:
-        if _is(nvml, error, "NVML_ERROR_NOT_SUPPORTED"):
-            return "unsupported", "unsupported"
-        errors.append(f"mig mode: {_message(error)}")
-        return "unknown", "unknown"
-    return _mig_mode(nvml, current), _mig_mode(nvml, pending)
-
-
-def _mig_mode(nvml: Any, value: int) -> MigMode:
-    if value == nvml.NVML_DEVICE_MIG_ENABLE:
-        return "enabled"
-    if value == nvml.NVML_DEVICE_MIG_DISABLE:
-        return "disabled"
-    return "unknown"
+def _mig_modes(nvml: Any, handle: Any, errors: list[str]) -> tuple[Mode, Mode]:
+    return _modes(
+        nvml.nvmlDeviceGetMigMode,
+        handle,
+        nvml,
+        errors,
+        "mig mode",
+        (nvml.NVML_DEVICE_MIG_ENABLE, nvml.NVML_DEVICE_MIG_DISABLE),
+    )
 
 
 def _mig_instances(nvml: Any, handle: Any, errors: list[str]) -> list[MigInstance]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from hangar.devices.hostpaths import HostPaths
 from hangar.devices.pci import PCI_DRIVERS
 from hangar.devices.sysfs import SysfsRoot
+from hangar.errors import DeviceError
 
 VFIO_PCI = "vfio-pci"
 QEMU_BINARY = "qemu-system-x86_64"
@@ -62,6 +63,29 @@ class SubprocessRunner:
         except subprocess.TimeoutExpired:
             return CommandResult(returncode=124, stderr=f"timed out after {self.timeout_s}s")
         return CommandResult(returncode=done.returncode, stdout=done.stdout, stderr=done.stderr)
+
+
+class VendorTool:
+    """A vendor command (gpu-admin-tools, Fabric Manager's ``fmpm``) run with a deadline
+    (killed past it); a failure, the timeout included, is a DeviceError with ``reason``."""
+
+    def __init__(
+        self, tool: Sequence[str], runner: CommandRunner | None = None, timeout_s: float = 120.0
+    ) -> None:
+        self.tool = list(tool)
+        self.runner = runner or SubprocessRunner(timeout_s=timeout_s)
+
+    def run(self, *args: str, reason: str) -> CommandResult:
+        argv = [*self.tool, *args]
+        done = self.runner.run(argv)
+        if done.returncode != 0:
+            raise DeviceError(
+                f"{' '.join(argv)} failed (exit {done.returncode}): "
+                f"{(done.stderr or done.stdout).strip()[-500:]}",
+                reason=reason,
+                timed_out=done.returncode == 124,
+            )
+        return done
 
 
 class VfioStatus(BaseModel):

@@ -23,7 +23,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from hangar.devices.nvml import gpu_handle, load_nvml, nvml_session
-from hangar.devices.readiness import CommandRunner, SubprocessRunner
+from hangar.devices.readiness import CommandRunner, VendorTool
 from hangar.devices.worker import DeviceDeadlines, DeviceRunner, WorkerRunner
 from hangar.errors import DeviceError
 
@@ -190,21 +190,10 @@ class AdminToolsSettings:
         runner: CommandRunner | None = None,
         deadlines: DeviceDeadlines | None = None,
     ) -> None:
-        self.tool = list(tool)
-        self.runner = runner or SubprocessRunner(
-            timeout_s=(deadlines or DeviceDeadlines()).command_s
-        )
+        self.tool = VendorTool(tool, runner, (deadlines or DeviceDeadlines()).command_s)
 
     def _run(self, bdf: str, *options: str) -> str:
-        done = self.runner.run([*self.tool, f"--gpu-bdf={bdf}", *options])
-        if done.returncode != 0:
-            raise DeviceError(
-                f"gpu-admin-tools {' '.join(options)} failed on {bdf} (exit {done.returncode}): "
-                f"{(done.stderr or done.stdout).strip()[-500:]}",
-                bdf=bdf,
-                reason="settings_unreadable",
-                timed_out=done.returncode == 124,
-            )
+        done = self.tool.run(f"--gpu-bdf={bdf}", *options, reason="settings_unreadable")
         return done.stdout + done.stderr
 
     def read(self, bdf: str) -> tuple[list[SettingState], list[SettingName]]:

@@ -26,14 +26,13 @@ from typing import Literal, Protocol, Self, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hangar.clock import Clock
-from hangar.vmm.gpu_topology import GpuTopology
+from hangar.vmm.gpu_topology import PCI_BDF_PATTERN, GpuTopology
 
 GUEST_KERNEL_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet tsc=reliable no_timer_check"
 CONTROL_PORT_NAME = "hangar.ctl"
 SIGNAL_PORT_NAME = "hangar.sig"
 
 MACHINE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-PCI_BDF_PATTERN = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 
 class DiskSpec(BaseModel):

@@ -32,7 +32,7 @@ PXB_BUS_STRIDE = 0x20
 PageSize = Literal["1G", "2M", "4K"]
 PAGE_BYTES: dict[PageSize, int] = {"1G": GIB, "2M": 2 * MIB, "4K": 4096}
 
-_BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+PCI_BDF_PATTERN = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 
 class GpuPassthrough(BaseModel):
@@ -52,7 +52,7 @@ class GpuPassthrough(BaseModel):
     @field_validator("bdf")
     @classmethod
     def _bdf(cls, value: str) -> str:
-        if not _BDF.match(value):
+        if not PCI_BDF_PATTERN.match(value):
             raise ValueError(f"GPU {value!r} is not a PCI address like 0000:65:00.0")
         return value
 
@@ -60,7 +60,7 @@ class GpuPassthrough(BaseModel):
     @classmethod
     def _companions(cls, value: list[str]) -> list[str]:
         for bdf in value:
-            if not _BDF.match(bdf):
+            if not PCI_BDF_PATTERN.match(bdf):
                 raise ValueError(f"companion {bdf!r} is not a PCI address")
         return value
 
