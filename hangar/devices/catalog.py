@@ -1,4 +1,5 @@
-"""The GPU kinds hangar knows, by NVIDIA PCI device id."""
+"""The GPU kinds hangar knows, by NVIDIA PCI device id, with what the handoff needs to
+know about each architecture: where its firmware reports boot and memory clear done."""
 
 from __future__ import annotations
 
@@ -7,9 +8,39 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 FormFactor = Literal["pcie", "sxm", "unknown"]
+Architecture = Literal["ampere", "ada", "hopper", "unknown"]
 NvlinkAttachment = Literal["baseboard", "bridge", "none", "unknown"]
 """How a kind's NVLinks reach peers: through an SXM baseboard (NVSwitches on 8-GPU boards,
 direct links on 4-GPU boards), through bridges between PCIe cards, or not at all."""
+
+
+class MemoryClearRegisters(BaseModel):
+    """BAR0 registers that say the GPU's firmware finished booting after a reset and
+    finished clearing the memory (what NVIDIA's gpu-admin-tools polls after an SBR)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    boot_offset: int
+    boot_done: int
+    """The whole register equals this once the firmware has booted."""
+    clear_offset: int
+    clear_mask: int
+    """The register ANDed with this is non-zero once memory is cleared."""
+
+
+# Turing to Hopper: memory clear done in bit 0 of 0x100b20. Boot done: Hopper's FSP writes
+# 0xff to its scratch register 0x200bc; before Hopper, 0x118234 reads 0x3ff.
+_PRE_HOPPER_CLEAR = MemoryClearRegisters(
+    boot_offset=0x118234, boot_done=0x3FF, clear_offset=0x100B20, clear_mask=0x1
+)
+_HOPPER_CLEAR = MemoryClearRegisters(
+    boot_offset=0x200BC, boot_done=0xFF, clear_offset=0x100B20, clear_mask=0x1
+)
+MEMORY_CLEAR_REGISTERS: dict[str, MemoryClearRegisters] = {
+    "ampere": _PRE_HOPPER_CLEAR,
+    "ada": _PRE_HOPPER_CLEAR,
+    "hopper": _HOPPER_CLEAR,
+}
 
 
 class GpuKind(BaseModel):
@@ -22,11 +53,17 @@ class GpuKind(BaseModel):
     mig_capable: bool
     form_factor: FormFactor
     nvlink: NvlinkAttachment
+    architecture: Architecture = "unknown"
     known: bool = True
 
     @property
     def pci_ids(self) -> list[str]:
         return [f"10de:{device_id:04x}" for device_id in self.pci_device_ids]
+
+    @property
+    def memory_clear(self) -> MemoryClearRegisters | None:
+        """None: hangar does not know how this kind reports a firmware memory clear."""
+        return MEMORY_CLEAR_REGISTERS.get(self.architecture)
 
 
 GPU_KINDS: tuple[GpuKind, ...] = (
@@ -37,6 +74,7 @@ GPU_KINDS: tuple[GpuKind, ...] = (
         mig_capable=False,
         form_factor="pcie",
         nvlink="none",
+        architecture="ampere",
     ),
     GpuKind(
         name="l40s",
@@ -45,6 +83,7 @@ GPU_KINDS: tuple[GpuKind, ...] = (
         mig_capable=False,
         form_factor="pcie",
         nvlink="none",
+        architecture="ada",
     ),
     GpuKind(
         name="a100-pcie-40gb",
@@ -53,6 +92,7 @@ GPU_KINDS: tuple[GpuKind, ...] = (
         mig_capable=True,
         form_factor="pcie",
         nvlink="bridge",
+        architecture="ampere",
     ),
     GpuKind(
         name="a100-pcie-80gb",
@@ -61,6 +101,7 @@ GPU_KINDS: tuple[GpuKind, ...] = (
         mig_capable=True,
         form_factor="pcie",
         nvlink="bridge",
+        architecture="ampere",
     ),
     GpuKind(
         name="a100-sxm4-40gb",
@@ -69,6 +110,7 @@ GPU_KINDS: tuple[GpuKind, ...] = (
         mig_capable=True,
         form_factor="sxm",
         nvlink="baseboard",
+        architecture="ampere",
     ),
     GpuKind(
         name="a100-sxm4-80gb",
@@ -77,6 +119,7 @@ GPU_KINDS: tuple[GpuKind, ...] = (
         mig_capable=True,
         form_factor="sxm",
         nvlink="baseboard",
+        architecture="ampere",
     ),
     GpuKind(
         name="h100-pcie",
@@ -85,6 +128,7 @@ GPU_KINDS: tuple[GpuKind, ...] = (
         mig_capable=True,
         form_factor="pcie",
         nvlink="bridge",
+        architecture="hopper",
     ),
     GpuKind(
         name="h100-sxm",
@@ -93,6 +137,7 @@ GPU_KINDS: tuple[GpuKind, ...] = (
         mig_capable=True,
         form_factor="sxm",
         nvlink="baseboard",
+        architecture="hopper",
     ),
     GpuKind(
         name="h100-nvl",
@@ -101,6 +146,7 @@ GPU_KINDS: tuple[GpuKind, ...] = (
         mig_capable=True,
         form_factor="pcie",
         nvlink="bridge",
+        architecture="hopper",
     ),
     GpuKind(
         name="h200",
@@ -109,6 +155,7 @@ GPU_KINDS: tuple[GpuKind, ...] = (
         mig_capable=True,
         form_factor="sxm",
         nvlink="baseboard",
+        architecture="hopper",
     ),
     GpuKind(
         name="h200-nvl",
@@ -117,6 +164,7 @@ GPU_KINDS: tuple[GpuKind, ...] = (
         mig_capable=True,
         form_factor="pcie",
         nvlink="bridge",
+        architecture="hopper",
     ),
 )
 

@@ -108,3 +108,8 @@ class SysfsRoot:
 
     def write(self, relpath: str, data: str) -> None:
         self.writer.write(self.root, relpath, data)
+
+
+def write_attribute(root: str, relpath: str, data: str) -> None:
+    """Device worker target (:mod:`hangar.devices.worker`): one write, as FileWriter makes it."""
+    FileWriter().write(Path(root), relpath, data)

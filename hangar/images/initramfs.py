@@ -7,7 +7,9 @@ The guest contract (read by ``guest/init``):
 - ``/hangar/run.env``: the same as shell assignments (``GuestRunConfig.shell_env``);
 - ``/hangar/hostname``, ``/hangar/hosts``: copied to the rootfs's /etc;
 - ``/hangar/files/I``: content of ``files[I]``;
-- ``/bin/hangar-nvidia-nodes``: lists the NVIDIA device nodes to create (``guest/nvidia-nodes``).
+- ``/bin/hangar-nvidia-nodes``: lists the NVIDIA device nodes to create (``guest/nvidia-nodes``);
+- ``/bin/hangar-xid-events``: turns the driver's Xid log lines into control events
+  (``guest/xid-events``).
 
 A GPU machine's driver bundle comes on a disk of its own (``driver_bundle``), not in the initrd.
 """
@@ -45,6 +47,7 @@ GUEST_MODULES = (
 BASE_NAME = "base.cpio.gz"
 MODULE_LIST = "etc/hangar/modules"
 NVIDIA_NODES = "bin/hangar-nvidia-nodes"
+XID_EVENTS = "bin/hangar-xid-events"
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 
 
@@ -58,6 +61,10 @@ def init_script() -> bytes:
 
 def nvidia_nodes_script() -> bytes:
     return _guest_script("nvidia-nodes")
+
+
+def xid_events_script() -> bytes:
+    return _guest_script("xid-events")
 
 
 def _module_name(path: str) -> str:
@@ -145,6 +152,7 @@ def base_archive(
         load_order.append(file_name)
     archive.file(MODULE_LIST, "".join(f"{name}\n" for name in load_order).encode())
     archive.file(NVIDIA_NODES, nvidia_nodes_script(), 0o755)
+    archive.file(XID_EVENTS, xid_events_script(), 0o755)
     archive.file("init", init_script(), 0o755)
     return archive
 
@@ -161,7 +169,8 @@ def ensure_base_initramfs(
     busybox or the module list change: they are part of the cache key)."""
     key = hashlib.sha256()
     module_list = "\n".join(modules).encode()
-    for part in (init_script(), nvidia_nodes_script(), busybox.read_bytes(), module_list):
+    scripts = (init_script(), nvidia_nodes_script(), xid_events_script())
+    for part in (*scripts, busybox.read_bytes(), module_list):
         key.update(hashlib.sha256(part).digest())
     entry = cache_dir / "initramfs" / f"{kernel.version}-{key.hexdigest()[:16]}"
 

@@ -24,16 +24,16 @@ from pathlib import Path
 from signal import SIGTERM
 from typing import Annotated, Literal, Protocol, Self, runtime_checkable
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hangar.clock import Clock
+from hangar.vmm.gpu_topology import PCI_BDF_PATTERN, GpuTopology
 
 GUEST_KERNEL_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet tsc=reliable no_timer_check"
 CONTROL_PORT_NAME = "hangar.ctl"
 SIGNAL_PORT_NAME = "hangar.sig"
 
 MACHINE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-PCI_BDF_PATTERN = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 IFNAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 MAC_PATTERN = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -94,9 +94,18 @@ class VmSpec(BaseModel):
     signal_socket: Path
     qmp_socket: Path
     vmm_log: Path = Field(description="the VMM's own stderr, quoted in launch errors")
-    gpus: list[str] = Field(default_factory=list, description="PCI BDFs passed through by VFIO")
+    gpus: list[str] = Field(
+        default_factory=list,
+        description="PCI BDFs passed through by VFIO on the root bus (the older flat layout; "
+        "GPU machines use gpu_topology)",
+    )
     hugepages: bool = False
     nic: NicSpec | None = Field(default=None, description="no network interface when None")
+    gpu_topology: GpuTopology | None = Field(
+        default=None,
+        description="a GPU machine: q35 with KVM, a pxb-pcie per NUMA node and a root port "
+        "per GPU, a 64-bit PCI hole sized to the BARs, memory from huge pages on the GPUs' node",
+    )
 
     @field_validator("machine_id")
     @classmethod
@@ -114,6 +123,21 @@ class VmSpec(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("a GPU is listed twice")
         return value
+
+    @model_validator(mode="after")
+    def _one_gpu_layout(self) -> VmSpec:
+        if self.gpu_topology is not None:
+            if self.gpus or self.hugepages:
+                raise ValueError("gpu_topology replaces gpus and hugepages: give one or the other")
+            if self.gpu_topology.memory.memory_mb != self.memory_mb:
+                raise ValueError(
+                    f"gpu_topology plans {self.gpu_topology.memory.memory_mb} MiB of memory, "
+                    f"the spec has {self.memory_mb} MiB"
+                )
+            vcpus = sum(len(node.vcpus) for node in self.gpu_topology.memory.nodes)
+            if vcpus != self.cpus:
+                raise ValueError(f"gpu_topology places {vcpus} vCPUs, the spec has {self.cpus}")
+        return self
 
     @field_validator("kernel_args")
     @classmethod
@@ -139,6 +163,7 @@ class VmSpec(BaseModel):
         gpus: list[str] | None = None,
         hugepages: bool = False,
         nic: NicSpec | None = None,
+        gpu_topology: GpuTopology | None = None,
     ) -> Self:
         """A spec whose logs and sockets sit in ``run_dir`` under their standard names."""
         return cls(
@@ -159,6 +184,7 @@ class VmSpec(BaseModel):
             gpus=gpus or [],
             hugepages=hugepages,
             nic=nic,
+            gpu_topology=gpu_topology,
         )
 
 
@@ -178,6 +204,9 @@ class VmHandle(BaseModel):
     vmm_log: Path
     accel: str
     machine_type: str
+    memory_mb: int | None = Field(
+        default=None, description="guest memory: how long a teardown may take grows with it"
+    )
 
 
 class VmStatus(BaseModel):

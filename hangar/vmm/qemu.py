@@ -26,6 +26,7 @@ from hangar.vmm.control import read_control_events, summarise_control_events
 from hangar.vmm.deadline import run_with_deadline
 from hangar.vmm.driver import StopOutcome, VmHandle, VmSpec, VmStatus
 from hangar.vmm.errors import QmpError, SignalNotDelivered
+from hangar.vmm.gpu_topology import launch_timeout_s, unpin_time_s
 from hangar.vmm.proc import ProcessRef, read_process
 from hangar.vmm.qemu_argv import (
     HUGEPAGES_DIR,
@@ -98,11 +99,12 @@ class QemuDriver:
             console_log=spec.console_log,
             vmm_log=spec.vmm_log,
             accel=self.accel.accel,
-            machine_type=self.accel.machine_type,
+            machine_type=argv[argv.index("-machine") + 1],
+            memory_mb=spec.memory_mb,
         )
         self._reap_when_done(handle, child)
         try:
-            await self._wait_until_answering(handle, child, argv)
+            await self._wait_until_answering(handle, child, argv, self._launch_s(spec))
         except BaseException:
             with contextlib.suppress(VmmError):
                 await self.kill(handle)
@@ -156,7 +158,7 @@ class QemuDriver:
 
             log.warning("machine %s: killing QEMU pid %d", handle.machine_id, handle.pid)
             process.send_signal(SIGKILL)
-            if await _exits_within(process, clock, self._timeouts.kill_grace_s):
+            if await _exits_within(process, clock, self._kill_grace_s(handle)):
                 return StopOutcome.KILLED
         raise VmmError(
             f"QEMU pid {handle.pid} is still running after SIGKILL",
@@ -170,7 +172,7 @@ class QemuDriver:
             return
         with process:
             process.send_signal(SIGKILL)
-            if await _exits_within(process, self._clock, self._timeouts.kill_grace_s):
+            if await _exits_within(process, self._clock, self._kill_grace_s(handle)):
                 return
         raise VmmError(
             f"QEMU pid {handle.pid} is still running after SIGKILL",
@@ -252,10 +254,23 @@ class QemuDriver:
         self._children[(handle.pid, handle.start_time)] = child
         threading.Thread(target=child.wait, name=f"reap-qemu-{child.pid}", daemon=True).start()
 
+    def _launch_s(self, spec: VmSpec) -> float:
+        """A GPU machine preallocates and pins all its memory before QEMU answers."""
+        topology = spec.gpu_topology
+        if topology is None:
+            return self._timeouts.launch_s
+        return max(
+            self._timeouts.launch_s, launch_timeout_s(spec.memory_mb, topology.memory.page_size)
+        )
+
+    def _kill_grace_s(self, handle: VmHandle) -> float:
+        """The grace, plus the time unpinning a large guest's memory takes."""
+        return self._timeouts.kill_grace_s + unpin_time_s(handle.memory_mb or 0)
+
     async def _wait_until_answering(
-        self, handle: VmHandle, child: subprocess.Popen[bytes], argv: list[str]
+        self, handle: VmHandle, child: subprocess.Popen[bytes], argv: list[str], launch_s: float
     ) -> None:
-        deadline = self._clock.monotonic() + self._timeouts.launch_s
+        deadline = self._clock.monotonic() + launch_s
         while True:
             if child.returncode is not None:
                 stderr = _tail(handle.vmm_log)
@@ -272,7 +287,7 @@ class QemuDriver:
             if remaining <= 0:
                 raise VmmError(
                     f"QEMU for machine {handle.machine_id} did not answer QMP within "
-                    f"{self._timeouts.launch_s} s",
+                    f"{launch_s:g} s",
                     machine_id=handle.machine_id,
                     stderr=_tail(handle.vmm_log),
                     argv=argv,

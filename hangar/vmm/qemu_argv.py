@@ -1,4 +1,12 @@
-"""The QEMU command line for a :class:`VmSpec`: pure, so tests read it without booting."""
+"""The QEMU command line for a :class:`VmSpec`: pure, so tests read it without booting.
+
+A GPU machine (``spec.gpu_topology``) gets its own layout, explained option by option in
+the README ("4 of 8 H100 SXM"): q35 with KVM, the CPU's physical address bits passed
+through with the host's limit, guest memory from huge pages bound to the GPUs' NUMA node
+(preallocated by threads running on that node), one ``pxb-pcie`` expander per NUMA node
+with a ``pcie-root-port`` per GPU, companions at the GPU's slot with ``multifunction=on``,
+and a 64-bit PCI hole sized to the BARs. The whole process runs on that node's CPUs.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +14,24 @@ import os
 from pathlib import Path
 
 from hangar.errors import VmmError
-from hangar.vmm.accel import AccelChoice
+from hangar.vmm.accel import AccelChoice, gpu_accel
 from hangar.vmm.driver import (
     CONTROL_PORT_NAME,
     GUEST_KERNEL_CMDLINE,
     SIGNAL_PORT_NAME,
     VmSpec,
 )
+from hangar.vmm.gpu_topology import (
+    GIB,
+    PXB_BUS_BASE,
+    PXB_BUS_STRIDE,
+    GpuTopology,
+    MemoryNode,
+    cpu_list,
+)
 
 QEMU_BINARY = "qemu-system-x86_64"
+TASKSET = "taskset"
 HUGEPAGES_DIR = Path("/dev/hugepages")
 NET_CLASS_DIR = Path("/sys/class/net")
 # sun_path holds 108 bytes, the terminating NUL included.
@@ -84,6 +101,8 @@ def qemu_argv(
     binary: str = QEMU_BINARY,
     hugepages_dir: Path = HUGEPAGES_DIR,
 ) -> list[str]:
+    if spec.gpu_topology is not None:
+        return _gpu_machine_argv(spec, spec.gpu_topology, gpu_accel(accel), binary)
     machine = accel.machine_type
     memory_backend: list[str] = []
     if spec.hugepages:
@@ -95,13 +114,7 @@ def qemu_argv(
         ]
     argv = [
         binary,
-        "-name",
-        machine_process_name(spec.machine_id),
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
+        *_bare(spec),
         "-machine",
         machine,
         "-accel",
@@ -113,6 +126,28 @@ def qemu_argv(
         "-m",
         f"{spec.memory_mb}M",
         *memory_backend,
+        *_guest(spec),
+    ]
+    for bdf in spec.gpus:
+        argv += ["-device", f"vfio-pci,host={bdf}"]
+    return argv
+
+
+def _bare(spec: VmSpec) -> list[str]:
+    return [
+        "-name",
+        machine_process_name(spec.machine_id),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]
+
+
+def _guest(spec: VmSpec) -> list[str]:
+    """Kernel, disks and the console, control, signal and monitor channels."""
+    argv = [
         "-kernel",
         str(spec.kernel),
         "-initrd",
@@ -153,6 +188,82 @@ def qemu_argv(
             "-device",
             f"virtio-net-pci,netdev=net0,mac={spec.nic.mac}",
         ]
-    for bdf in spec.gpus:
-        argv += ["-device", f"vfio-pci,host={bdf}"]
+    return argv
+
+
+def _gpu_machine_argv(
+    spec: VmSpec, topology: GpuTopology, accel: AccelChoice, binary: str
+) -> list[str]:
+    memory = topology.memory
+    prefix = [TASKSET, "-c", cpu_list(memory.host_cpus)] if memory.host_cpus else []
+    argv = [
+        *prefix,
+        binary,
+        *_bare(spec),
+        "-machine",
+        accel.machine_type,
+        "-accel",
+        accel.accel,
+        "-cpu",
+        f"{accel.cpu_model},host-phys-bits=on,host-phys-bits-limit={topology.phys_bits}",
+        "-smp",
+        str(spec.cpus),
+        "-m",
+        f"{spec.memory_mb}M",
+    ]
+    for node in memory.nodes:
+        argv += _memory_node(node, topology)
+    argv += ["-global", f"q35-pcihost.pci-hole64-size={topology.pci_hole64_bytes // GIB}G"]
+    argv += _guest(spec)
+    argv += _gpu_devices(topology)
+    return argv
+
+
+def _memory_node(node: MemoryNode, topology: GpuTopology) -> list[str]:
+    memory = topology.memory
+    backend = f"ram-node{node.guest_node}"
+    options = [f"id={backend}", f"size={node.size_mb}M"]
+    kind = "memory-backend-ram"
+    if memory.page_size != "4K":
+        kind = "memory-backend-memfd"
+        options += ["hugetlb=on", f"hugetlbsize={memory.page_size}"]
+    options += ["prealloc=on", f"prealloc-threads={memory.prealloc_threads}"]
+    argv: list[str] = []
+    if node.host_node is not None:
+        context = f"tc-node{node.guest_node}"
+        argv += ["-object", f"thread-context,id={context},node-affinity={node.host_node}"]
+        options += [f"prealloc-context={context}", f"host-nodes={node.host_node}", "policy=bind"]
+    argv += ["-object", f"{kind}," + ",".join(options)]
+    numa = f"node,nodeid={node.guest_node},memdev={backend}"
+    if node.vcpus:
+        numa += f",cpus={cpu_list(node.vcpus)}"
+    return [*argv, "-numa", numa]
+
+
+def _gpu_devices(topology: GpuTopology) -> list[str]:
+    guest_node = {node.host_node: node.guest_node for node in topology.memory.nodes}
+    argv: list[str] = []
+    for expander, host_node in enumerate(topology.numa_nodes):
+        argv += [
+            "-device",
+            f"pxb-pcie,id=pxb{expander},bus_nr={PXB_BUS_BASE + PXB_BUS_STRIDE * expander},"
+            f"numa_node={guest_node.get(host_node, 0)},bus=pcie.0",
+        ]
+    for index, (expander, gpu) in enumerate(topology.placed()):
+        port = f"rp{index}"
+        argv += [
+            "-device",
+            f"pcie-root-port,id={port},bus=pxb{expander},chassis={index + 1},slot=0",
+        ]
+        device = f"vfio-pci,host={gpu.bdf},id=gpu{index},bus={port},addr=00.0"
+        if gpu.companions:
+            device += ",multifunction=on"
+        argv += ["-device", device]
+        for companion in gpu.companions:
+            function = companion.rsplit(".", 1)[1]
+            argv += [
+                "-device",
+                f"vfio-pci,host={companion},id=gpu{index}-f{function},bus={port},"
+                f"addr=00.{function}",
+            ]
     return argv
