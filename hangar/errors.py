@@ -23,6 +23,7 @@ Hierarchy::
      +-- GuestBootError             failed to build or boot the guest (recorded on the machine)
      +-- VmmError                   the VMM misbehaved: launch failure, QMP failure
      +-- DeviceError                sysfs / VFIO / reset failure on a host device
+ +-- VolumeError                a volume image, key or snapshot operation failed on the host
      +-- StoreError                 the store could not commit (retryable by callers)
 """
 
@@ -102,6 +103,19 @@ class VmmError(HangarError):
 
 class DeviceError(HangarError):
     code = "device_error"
+
+
+class VolumeError(HangarError):
+    """A volume operation failed on the host (``qemu-img``, the key store, the disk).
+
+    ``retryable`` says whether running the same operation again may succeed (a full disk,
+    a busy image) or not (a corrupt image, a missing key)."""
+
+    code = "volume_error"
+
+    def __init__(self, message: str, *, retryable: bool, **fields: Any) -> None:
+        super().__init__(message, retryable=retryable, **fields)
+        self.retryable = retryable
 
 
 class StoreError(HangarError):
