@@ -167,4 +167,3 @@ class OneOffGuest:
         if self.handle is not None:
             await self.driver.kill(self.handle)
         shutil.rmtree(self.run_dir, ignore_errors=True)
-

@@ -70,8 +70,10 @@ def test_an_encrypted_volume_is_luks_under_its_own_wrapped_key(host: VolumeHost)
     with host.keys.secret_file(second.id) as wrong_key:
         opts = f"driver=qcow2,file.filename={host.layout.image(first.id)},encrypt.key-secret=k"
         wrong = subprocess.run(
-            ["qemu-io", "--object", f"secret,id=k,file={wrong_key}", "--image-opts"]
-            + ["-c", "read 0 4k", opts],
+            [
+                *("qemu-io", "--object", f"secret,id=k,file={wrong_key}"),
+                *("--image-opts", "-c", "read 0 4k", opts),
+            ],
             capture_output=True,
             text=True,
             check=False,
