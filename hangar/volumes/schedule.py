@@ -2,8 +2,9 @@
 
 A volume gets a scheduled snapshot when none was scheduled within the last day; every
 snapshot (scheduled or taken on request, as on Fly) is removed once it is older than the
-volume's ``snapshot_retention`` days. Pure: the time comes from the caller's clock, so tests
-move a clock instead of waiting days.
+volume's ``snapshot_retention`` days. The decision is pure over the caller's snapshot records
+and the time of the injected clock, so tests move a clock instead of waiting days (the
+timestamps QEMU writes into the image follow the wall clock and are not used here).
 """
 
 from __future__ import annotations
@@ -45,29 +46,30 @@ def decide_snapshots(
 
 @dataclass(frozen=True)
 class SnapshotMaintenance:
-    taken: str | None
+    taken: SnapshotInfo | None
     expired: list[str]
 
 
 async def maintain_snapshots(
     host: VolumeHost,
     volume_id: str,
+    snapshots: Sequence[SnapshotInfo],
     scheduled: Collection[str],
     retention_days: int,
     *,
     qmp_socket: Path | None = None,
 ) -> SnapshotMaintenance:
-    """Apply :func:`decide_snapshots` at ``host.clock``'s time: expire first (it frees room
+    """Apply :func:`decide_snapshots` at ``host.clock``'s time to the volume's snapshot
+    records (``snapshots``, their times from the same clock): expire first (it frees room
     under the snapshot bound), then take the day's snapshot. Returns what changed, for the
-    caller's records."""
-    decision = decide_snapshots(
-        host.snapshots(volume_id), scheduled, retention_days, host.clock.now()
-    )
+    caller to record."""
+    now = host.clock.now()
+    decision = decide_snapshots(snapshots, scheduled, retention_days, now)
     for snapshot_id in decision.expire:
         await host.delete_snapshot_plan(volume_id, snapshot_id, qmp_socket=qmp_socket).execute()
     taken = None
     if decision.take:
-        taken = new_snapshot_id()
+        taken = SnapshotInfo(id=new_snapshot_id(), created_at=now)
         host.check_snapshot(volume_id)
-        await host.snapshot_plan(volume_id, taken, qmp_socket=qmp_socket).execute()
+        await host.snapshot_plan(volume_id, taken.id, qmp_socket=qmp_socket).execute()
     return SnapshotMaintenance(taken=taken, expired=decision.expire)

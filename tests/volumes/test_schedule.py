@@ -47,13 +47,16 @@ def test_maintenance_takes_daily_snapshots_and_expires_old_ones(tmp_path: Path) 
     host = new_host(tmp_path / "volumes", clock=clock)
     spec = VolumeSpec(id=new_volume_id(), size_gb=1, encrypted=False)
     asyncio.run(host.create_plan(spec).execute())
-    scheduled: set[str] = set()
+    records: list[SnapshotInfo] = []
 
     def tick() -> tuple[str | None, list[str]]:
-        done = asyncio.run(maintain_snapshots(host, spec.id, scheduled, retention_days=2))
+        done = asyncio.run(
+            maintain_snapshots(host, spec.id, records, {r.id for r in records}, retention_days=2)
+        )
+        records[:] = [r for r in records if r.id not in done.expired]
         if done.taken:
-            scheduled.add(done.taken)
-        return done.taken, done.expired
+            records.append(done.taken)
+        return (done.taken.id if done.taken else None), done.expired
 
     first, _ = tick()
     assert first is not None
@@ -64,4 +67,5 @@ def test_maintenance_takes_daily_snapshots_and_expires_old_ones(tmp_path: Path) 
     clock.advance(DAY_S + 1)
     third, expired = tick()
     assert expired == [first]
+    assert third is not None
     assert [s.id for s in host.snapshots(spec.id)] == [second, third]
