@@ -22,7 +22,7 @@ from hangar.volumes.model import (
     new_snapshot_id,
     new_volume_id,
 )
-from hangar.volumes.online import resume_vm, volume_io_errors
+from hangar.volumes.online import describe_io_errors, resume_vm, volume_io_errors
 from hangar.volumes.plan import VolumePlan, VolumeStep
 from hangar.volumes.reconcile import ReconcileReport
 from hangar.volumes.schedule import SnapshotDecision, decide_snapshots, maintain_snapshots
@@ -46,6 +46,7 @@ __all__ = [
     "check_attach",
     "check_detach",
     "decide_snapshots",
+    "describe_io_errors",
     "fork_snapshot_name",
     "guest_volume",
     "guest_volumes",

@@ -90,6 +90,20 @@ async def volume_io_errors(qmp_socket: Path, *, clock: Clock) -> dict[str, str]:
     return errors
 
 
+def describe_io_errors(errors: dict[str, str]) -> str:
+    """One line for the machine's events, from :func:`volume_io_errors`."""
+    parts = []
+    for volume_id, status in sorted(errors.items()):
+        if status == "nospace":
+            parts.append(
+                f"volume {volume_id}: the host's disk is full; the machine is paused and "
+                "goes on once space is freed"
+            )
+        else:
+            parts.append(f"volume {volume_id}: I/O error ({status})")
+    return "; ".join(parts)
+
+
 async def resume_vm(qmp_socket: Path, *, clock: Clock) -> None:
     """``cont``: a VM paused on a full disk retries the write that failed."""
     await qmp_execute(qmp_socket, "cont", clock=clock, timeout_s=QMP_TIMEOUT_S)

@@ -31,7 +31,7 @@ from hangar.volumes.model import (
     new_snapshot_id,
     new_volume_id,
 )
-from hangar.volumes.online import resume_vm, volume_io_errors
+from hangar.volumes.online import describe_io_errors, resume_vm, volume_io_errors
 from tests.volumes.helpers import MIB
 
 pytestmark = pytest.mark.slow
@@ -200,6 +200,7 @@ def test_a_full_host_disk_pauses_the_machine_and_loses_nothing(
             assert "io-error" in (status.error or "")  # what the machine's events will say
             errors = await volume_io_errors(guest.qmp_socket, clock=SystemClock())
             assert errors == {victim.id: "nospace"}
+            assert "host's disk is full" in describe_io_errors(errors)
             assert host.check_image(other.id).get("corruptions", 0) == 0
             ballast.unlink()
             await resume_vm(guest.qmp_socket, clock=SystemClock())
