@@ -38,7 +38,7 @@ def bench_boot(
 
 @bench_app.command("volume")
 def bench_volume(
-    rounds: Annotated[int, typer.Option("--rounds", "-n", min=1, max=50)] = 5,
+    rounds: Annotated[int, typer.Option("--rounds", "-n", min=1, max=50)] = 9,
     image: Annotated[
         str | None, typer.Option(help="Image the guest runs (default: a busybox image built now).")
     ] = None,

@@ -4,8 +4,9 @@
   through a plain and an encrypted volume, whose image on the host has no plaintext;
 - a volume extended while stopped mounts at its new size; one extended while running
   (QMP ``block_resize``) grows in the guest at once;
-- a snapshot taken before more writes restores into a new volume with the old content, and a
-  fork of the encrypted volume carries its data under a key of its own;
+- a snapshot taken before more writes restores into a new volume with the old content (one
+  taken while the machine runs too), and a fork of the encrypted volume taken while it runs
+  carries its data under a key of its own after the source is deleted;
 - a host disk that fills during a write pauses the machine, names the volume, corrupts
   nothing, and the write completes once space is freed.
 """
@@ -93,6 +94,8 @@ def test_volumes_outlive_machines_grow_snapshot_and_fork(
     asyncio.run(host.extend_plan(plain.id, 2).execute())
 
     # Machine 2 reads both, writes more, and sees the encrypted volume grow while it runs.
+    running_snapshot_id = new_snapshot_id()
+    fork = VolumeSpec(id=new_volume_id(), size_gb=2, encrypted=True)
     read_and_grow = (
         "cat /data/first; head -1 /secret/note; echo later > /data/later; sync; "
         "df -k /data /secret; echo waiting-for-growth; "
@@ -110,13 +113,19 @@ def test_volumes_outlive_machines_grow_snapshot_and_fork(
         with host.keys.secret_file(secret.id) as passphrase_file:
             passphrase = passphrase_file.read_text()
         guest = OneOffGuest(guest_kit, "m-two", ["sh", "-c", read_and_grow], mounts=attachments)
+        qmp = guest.qmp_socket
         try:
             handle = await guest.start()
             assert not key_file.exists(), "the key file is gone once QEMU has started"
             info = read_process(handle.pid)
             assert info is not None and passphrase not in " ".join(info.cmdline)
             await guest.wait_for_console("waiting-for-growth", BOOT_TIMEOUT_S)
-            await host.extend_plan(secret.id, 2, qmp_socket=guest.qmp_socket).execute()
+            # While it runs: a snapshot after the later write, and a fork of the encrypted
+            # volume (both through QEMU's monitor), then the online extend.
+            await host.snapshot_plan(plain.id, running_snapshot_id, qmp_socket=qmp).execute()
+            fork_plan = host.create_plan(fork, ForkOf(volume_id=secret.id), source_qmp=qmp)
+            await fork_plan.execute()
+            await host.extend_plan(secret.id, 2, qmp_socket=qmp).execute()
             return await guest.wait_exit(BOOT_TIMEOUT_S)
         finally:
             await guest.close()
@@ -134,30 +143,35 @@ def test_volumes_outlive_machines_grow_snapshot_and_fork(
     assert df_kib(result, "/secret") > 1_900_000, "grown online, seen at once"
     assert host.info(secret.id).virtual_size == 2 * GIB
 
-    # The snapshot restores into a new volume without the later write; a fork carries the
-    # encrypted volume's data under its own key.
-    restored = VolumeSpec(id=new_volume_id(), size_gb=2, encrypted=False)
-    source = FromSnapshot(volume_id=plain.id, snapshot_id=snapshot_id)
-    host.check_create(restored, source)
-    asyncio.run(host.create_plan(restored, source).execute())
-    fork = VolumeSpec(id=new_volume_id(), size_gb=2, encrypted=True)
-    asyncio.run(host.create_plan(fork, ForkOf(volume_id=secret.id)).execute())
+    # Each snapshot restores into a new volume with the content of its time; the fork
+    # carries the encrypted volume's data under its own key, and outlives its source.
+    restored, restored_later = (
+        VolumeSpec(id=new_volume_id(), size_gb=2, encrypted=False) for _ in range(2)
+    )
+    for target, snapshot in ((restored, snapshot_id), (restored_later, running_snapshot_id)):
+        source = FromSnapshot(volume_id=plain.id, snapshot_id=snapshot)
+        host.check_create(target, source)
+        asyncio.run(host.create_plan(target, source).execute())
+    assert host.info(secret.id).snapshots == [], "the fork's snapshot was released"
     asyncio.run(host.delete_plan(secret.id).execute())
 
-    check = "cat /old/first; ls -1 /old; head -1 /copy/note"
+    check = "cat /old/first; ls -1 /old; echo --; ls -1 /later; head -1 /copy/note"
     third = OneOffGuest(
         guest_kit,
         "m-three",
         ["sh", "-c", check],
         mounts=[
             (host.attachment(restored.id, "m-three"), "/old"),
+            (host.attachment(restored_later.id, "m-three"), "/later"),
             (host.attachment(fork.id, "m-three"), "/copy"),
         ],
     )
     result = ok(asyncio.run(third.run(BOOT_TIMEOUT_S)))
     output = result.output()
     assert output[0] == PLAIN_TEXT
-    assert "later" not in output and "first" in output
+    before, after = output.index("--"), len(output)
+    assert "first" in output[:before] and "later" not in output[:before]
+    assert "later" in output[before:after]
     assert SECRET_TEXT in output
     assert SECRET_TEXT.encode() not in host.layout.image(fork.id).read_bytes()
 
