@@ -277,33 +277,45 @@ class VolumeHost:
     def _has_snapshot(self, volume_id: str, name: str) -> bool:
         return self.exists(volume_id) and self.info(volume_id).snapshot(name) is not None
 
+    def _snapshot_step(
+        self,
+        step: str,
+        volume_id: str,
+        name: str,
+        qmp_socket: Path | None,
+        *,
+        create: bool,
+        unless_exists: Path | None = None,
+    ) -> VolumeStep:
+        """A step that makes (``create``) or removes snapshot ``name`` of ``volume_id``
+        unless it is so already (or, when given, ``unless_exists`` is there: the copy a
+        fork's snapshot is for has been made)."""
+
+        async def should_run() -> bool:
+            if unless_exists is not None and unless_exists.exists():
+                return False
+            return create != await asyncio.to_thread(self._has_snapshot, volume_id, name)
+
+        async def run() -> None:
+            await self._snapshot(volume_id, name, qmp_socket, create=create)
+
+        return VolumeStep(step, should_run, run)
+
     def _freeze_source(
         self, new_id: str, source_id: str, qmp_socket: Path | None, image: Path
     ) -> VolumeStep:
         name = fork_snapshot_name(new_id)
-
-        async def should_run() -> bool:
-            if image.exists():
-                return False
-            return not await asyncio.to_thread(self._has_snapshot, source_id, name)
-
-        async def run() -> None:
-            await self._snapshot(source_id, name, qmp_socket)
-
-        return VolumeStep("freeze_source", should_run, run)
+        return self._snapshot_step(
+            "freeze_source", source_id, name, qmp_socket, create=True, unless_exists=image
+        )
 
     def _release_source(
         self, new_id: str, source_id: str, qmp_socket: Path | None, prefix: str = ""
     ) -> VolumeStep:
         name = fork_snapshot_name(new_id)
-
-        async def should_run() -> bool:
-            return await asyncio.to_thread(self._has_snapshot, source_id, name)
-
-        async def run() -> None:
-            await self._delete_snapshot(source_id, name, qmp_socket)
-
-        return VolumeStep(f"{prefix}release_source", should_run, run)
+        return self._snapshot_step(
+            f"{prefix}release_source", source_id, name, qmp_socket, create=False
+        )
 
     def _create_rollback(self, volume_id: str) -> tuple[VolumeStep, ...]:
         """A create that failed leaves neither image nor key (the record may be dropped)."""
@@ -337,25 +349,22 @@ class VolumeHost:
 
     # ---- snapshots ---------------------------------------------------------------------
 
-    async def _snapshot(self, volume_id: str, name: str, qmp_socket: Path | None) -> None:
+    async def _snapshot(
+        self, volume_id: str, name: str, qmp_socket: Path | None, *, create: bool
+    ) -> None:
+        """Make or remove an internal snapshot: through QEMU's monitor while a machine has
+        the volume open, else with ``qemu-img``."""
         if qmp_socket is not None:
-            await snapshot_online(qmp_socket, volume_id, name, clock=self.clock)
+            online = snapshot_online if create else delete_snapshot_online
+            await online(qmp_socket, volume_id, name, clock=self.clock)
             return
 
         def offline() -> None:
             with self._access(volume_id) as access:
-                self.qemu_img.snapshot_create(access, name)
-
-        await asyncio.to_thread(offline)
-
-    async def _delete_snapshot(self, volume_id: str, name: str, qmp_socket: Path | None) -> None:
-        if qmp_socket is not None:
-            await delete_snapshot_online(qmp_socket, volume_id, name, clock=self.clock)
-            return
-
-        def offline() -> None:
-            with self._access(volume_id) as access:
-                self.qemu_img.snapshot_delete(access, name)
+                if create:
+                    self.qemu_img.snapshot_create(access, name)
+                else:
+                    self.qemu_img.snapshot_delete(access, name)
 
         await asyncio.to_thread(offline)
 
@@ -363,40 +372,20 @@ class VolumeHost:
         self, volume_id: str, snapshot_id: str, *, qmp_socket: Path | None = None
     ) -> VolumePlan:
         check_snapshot_id(snapshot_id)
-
-        async def missing() -> bool:
-            return not await asyncio.to_thread(self._has_snapshot, volume_id, snapshot_id)
-
-        async def take() -> None:
-            await self._snapshot(volume_id, snapshot_id, qmp_socket)
-
-        async def present() -> bool:
-            return await asyncio.to_thread(self._has_snapshot, volume_id, snapshot_id)
-
-        async def drop() -> None:
-            await self._delete_snapshot(volume_id, snapshot_id, qmp_socket)
-
-        return VolumePlan(
-            "snapshot",
-            volume_id,
-            (VolumeStep("take_snapshot", missing, take),),
-            (VolumeStep("undo_take_snapshot", present, drop),),
+        take = self._snapshot_step("take_snapshot", volume_id, snapshot_id, qmp_socket, create=True)
+        undo = self._snapshot_step(
+            "undo_take_snapshot", volume_id, snapshot_id, qmp_socket, create=False
         )
+        return VolumePlan("snapshot", volume_id, (take,), (undo,))
 
     def delete_snapshot_plan(
         self, volume_id: str, snapshot_id: str, *, qmp_socket: Path | None = None
     ) -> VolumePlan:
         check_snapshot_id(snapshot_id)
-
-        async def present() -> bool:
-            return await asyncio.to_thread(self._has_snapshot, volume_id, snapshot_id)
-
-        async def drop() -> None:
-            await self._delete_snapshot(volume_id, snapshot_id, qmp_socket)
-
-        return VolumePlan(
-            "delete_snapshot", volume_id, (VolumeStep("delete_snapshot", present, drop),)
+        step = self._snapshot_step(
+            "delete_snapshot", volume_id, snapshot_id, qmp_socket, create=False
         )
+        return VolumePlan("delete_snapshot", volume_id, (step,))
 
     # ---- delete ------------------------------------------------------------------------
 
