@@ -25,6 +25,7 @@ Hierarchy::
      +-- VmmError                   the VMM misbehaved: launch failure, QMP failure
      +-- DeviceError                sysfs / VFIO / reset failure on a host device
      +-- NetworkError               netlink / nftables / address plan failure on a host network
+     +-- VolumeError                a volume image, key or snapshot operation failed on the host
      +-- StoreError                 the store could not commit (retryable by callers)
 
 An error says whether trying again may help (``retryable``: a store that was busy, a monitor
@@ -120,6 +121,18 @@ class NetworkError(HangarError):
     or the address plan cannot place a machine (an exhausted range, a collision)."""
 
     code = "network_error"
+
+    def __init__(self, message: str, *, retryable: bool, **fields: Any) -> None:
+        super().__init__(message, retryable=retryable, **fields)
+
+
+class VolumeError(HangarError):
+    """A volume operation failed on the host (``qemu-img``, the key store, the disk).
+
+    ``retryable`` says whether running the same operation again may succeed (a full disk,
+    a busy image) or not (a corrupt image, a missing key)."""
+
+    code = "volume_error"
 
     def __init__(self, message: str, *, retryable: bool, **fields: Any) -> None:
         super().__init__(message, retryable=retryable, **fields)

@@ -95,6 +95,24 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         default=DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="largest request body (4 MiB)"
     )
+    volumes_dir: Path | None = Field(
+        default=None,
+        description="where volume images and keys live (default `$HANGAR_HOME/volumes`)",
+    )
+    volume_host_key: Path | None = Field(
+        default=None,
+        description="the host key file wrapping volume keys (default "
+        "`$HANGAR_VOLUMES_DIR/host.key`)",
+    )
+    volume_reserve_gb: float = Field(
+        default=1.0, ge=0, description="free disk space volumes never take (default 1)"
+    )
+    volume_orphan_grace_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="age after which an image or key no volume record names is removed "
+        "(default 3600)",
+    )
     crash_after_step: str = Field(
         default="",
         description="test hook: `operation:step` makes the agent SIGKILL itself right after "
@@ -119,6 +137,10 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.cache if self.cache is not None else self.home / "cache"
+
+    @property
+    def volumes_root(self) -> Path:
+        return self.volumes_dir if self.volumes_dir is not None else self.home / "volumes"
 
     @property
     def database(self) -> Path:

@@ -36,6 +36,23 @@ def bench_boot(
     typer.echo(result.report())
 
 
+@bench_app.command("volume")
+def bench_volume(
+    rounds: Annotated[int, typer.Option("--rounds", "-n", min=1, max=50)] = 9,
+    image: Annotated[
+        str | None, typer.Option(help="Image the guest runs (default: a busybox image built now).")
+    ] = None,
+    folder: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Where the disk images go (default: the temporary folder)."),
+    ] = None,
+) -> None:
+    """Guest disk I/O: a raw file vs a hangar volume vs an encrypted one, one QEMU line."""
+    from hangar.bench.volume import volume_bench
+
+    typer.echo(volume_bench(rounds, image, folder))
+
+
 bench_app.command("placement")(placement)
 
 

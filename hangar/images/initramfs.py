@@ -10,6 +10,8 @@ The guest contract (read by ``guest/init``):
 - ``/bin/hangar-nvidia-nodes``: lists the NVIDIA device nodes to create (``guest/nvidia-nodes``);
 - ``/bin/hangar-xid-events``: turns the driver's Xid log lines into control events
   (``guest/xid-events``).
+- ``/bin/hangar-volumes`` with e2fsprogs: only in the initrd of a machine with volumes, from
+  the volume tools archive (``volume_tools``) appended after the base.
 
 A GPU machine's driver bundle comes on a disk of its own (``driver_bundle``), not in the initrd.
 """
@@ -51,20 +53,21 @@ XID_EVENTS = "bin/hangar-xid-events"
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 
 
-def _guest_script(name: str) -> bytes:
+def guest_script(name: str) -> bytes:
+    """A file of ``hangar/images/guest``."""
     return resources.files("hangar.images").joinpath("guest", name).read_bytes()
 
 
 def init_script() -> bytes:
-    return _guest_script("init")
+    return guest_script("init")
 
 
 def nvidia_nodes_script() -> bytes:
-    return _guest_script("nvidia-nodes")
+    return guest_script("nvidia-nodes")
 
 
 def xid_events_script() -> bytes:
-    return _guest_script("xid-events")
+    return guest_script("xid-events")
 
 
 def _module_name(path: str) -> str:
@@ -194,17 +197,24 @@ def machine_archive(run_config: GuestRunConfig) -> bytes:
     return archive.to_bytes()
 
 
-def machine_initrd(base_initrd: Path, run_config: GuestRunConfig, dest: Path) -> Path:
-    """``dest``: a copy of ``base_initrd`` with the machine's archive (uncompressed) appended.
+def machine_initrd(
+    base_initrd: Path,
+    run_config: GuestRunConfig,
+    dest: Path,
+    extra_archives: Sequence[Path] = (),
+) -> Path:
+    """``dest``: a copy of ``base_initrd``, then ``extra_archives`` (such as the volume tools,
+    for a machine with volumes), then the machine's archive (uncompressed).
 
-    The appended archive starts on a 4-byte boundary, as the kernel requires.
+    Each appended archive starts on a 4-byte boundary, as the kernel requires.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         with dest.open("wb") as out:
-            with base_initrd.open("rb") as base:
-                shutil.copyfileobj(base, out)
-            out.write(b"\0" * (-out.tell() % 4))
+            for archive in (base_initrd, *extra_archives):
+                with archive.open("rb") as part:
+                    shutil.copyfileobj(part, out)
+                out.write(b"\0" * (-out.tell() % 4))
             out.write(machine_archive(run_config))
     except BaseException:
         dest.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ The guest contract every driver honours (hangar's guest init relies on it):
 
 - kernel command line starts with :data:`GUEST_KERNEL_CMDLINE`; drivers may append to it;
 - disk 1 is the machine's writable root disk (``/dev/vda``), extra disks follow in order;
+- volumes follow the extra disks; the guest finds each by its serial (the volume's name);
 - the first serial port goes to ``console_log``;
 - the guest writes JSON lines to the port named :data:`CONTROL_PORT_NAME`, which land in
   ``control_log`` (see :mod:`hangar.vmm.control`);
@@ -36,6 +37,9 @@ SIGNAL_PORT_NAME = "hangar.sig"
 MACHINE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 IFNAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 MAC_PATTERN = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+# A QEMU id that is also a whole virtio-blk serial (20 bytes at most).
+VOLUME_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,19}$")
+MAX_VOLUMES = 8
 
 
 class DiskSpec(BaseModel):
@@ -73,6 +77,28 @@ class NicSpec(BaseModel):
     mac: MacAddress
 
 
+class VolumeDiskSpec(BaseModel):
+    """A volume: a qcow2 image attached as a virtio-blk disk whose serial is ``name``.
+
+    An encrypted image's passphrase is read by QEMU from ``key_file`` at launch; the driver
+    removes that file once QEMU has started (or failed to), so it never outlives the launch.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    image: Path
+    key_file: Path | None = None
+    read_only: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_serial(cls, value: str) -> str:
+        if not VOLUME_NAME_PATTERN.match(value):
+            raise ValueError(f"volume name {value!r} must match {VOLUME_NAME_PATTERN.pattern}")
+        return value
+
+
 class VmSpec(BaseModel):
     """Everything a driver needs to boot one machine; paths are on the host."""
 
@@ -84,6 +110,7 @@ class VmSpec(BaseModel):
     initrd: Path
     root_disk: Path
     extra_disks: list[DiskSpec] = Field(default_factory=list)
+    volumes: list[VolumeDiskSpec] = Field(default_factory=list, max_length=MAX_VOLUMES)
     cpus: int = Field(default=1, ge=1, le=512)
     memory_mb: int = Field(default=256, ge=32)
     kernel_args: list[str] = Field(
@@ -139,6 +166,13 @@ class VmSpec(BaseModel):
                 raise ValueError(f"gpu_topology places {vcpus} vCPUs, the spec has {self.cpus}")
         return self
 
+    @field_validator("volumes")
+    @classmethod
+    def _volumes_are_distinct(cls, value: list[VolumeDiskSpec]) -> list[VolumeDiskSpec]:
+        if len({volume.name for volume in value}) != len(value):
+            raise ValueError("a volume is listed twice")
+        return value
+
     @field_validator("kernel_args")
     @classmethod
     def _kernel_args_are_single_words(cls, value: list[str]) -> list[str]:
@@ -157,6 +191,7 @@ class VmSpec(BaseModel):
         initrd: Path,
         root_disk: Path,
         extra_disks: list[DiskSpec] | None = None,
+        volumes: list[VolumeDiskSpec] | None = None,
         cpus: int = 1,
         memory_mb: int = 256,
         kernel_args: list[str] | None = None,
@@ -173,6 +208,7 @@ class VmSpec(BaseModel):
             initrd=initrd,
             root_disk=root_disk,
             extra_disks=extra_disks or [],
+            volumes=volumes or [],
             cpus=cpus,
             memory_mb=memory_mb,
             kernel_args=kernel_args or [],

@@ -82,9 +82,18 @@ class QemuDriver:
         return qemu_argv(spec, self.accel, binary=self._binary, hugepages_dir=self._hugepages_dir)
 
     async def launch(self, spec: VmSpec) -> VmHandle:
-        argv = self.prepare(spec)
-        _clear_run_files(spec)
-        child = self._spawn(spec, argv)
+        try:
+            argv = self.prepare(spec)
+            _clear_run_files(spec)
+            child = self._spawn(spec, argv)
+            return await self._start(spec, argv, child)
+        finally:
+            # QEMU read the volumes' passphrases while starting; they must not outlive that.
+            _remove_volume_key_files(spec)
+
+    async def _start(
+        self, spec: VmSpec, argv: list[str], child: subprocess.Popen[bytes]
+    ) -> VmHandle:
         info = read_process(child.pid)
         # Nothing has reaped the child yet, so its /proc entry is there even if it exited.
         assert info is not None
@@ -350,6 +359,12 @@ def _clear_run_files(spec: VmSpec) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     for stale in (spec.control_log, spec.signal_socket, spec.qmp_socket):
         stale.unlink(missing_ok=True)
+
+
+def _remove_volume_key_files(spec: VmSpec) -> None:
+    for volume in spec.volumes:
+        if volume.key_file is not None:
+            volume.key_file.unlink(missing_ok=True)
 
 
 def _tail(path: Path) -> str:

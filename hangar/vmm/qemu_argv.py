@@ -20,6 +20,7 @@ from hangar.vmm.driver import (
     GUEST_KERNEL_CMDLINE,
     SIGNAL_PORT_NAME,
     VmSpec,
+    VolumeDiskSpec,
 )
 from hangar.vmm.gpu_topology import (
     GIB,
@@ -58,6 +59,10 @@ def check_spec_files(
         ("root_disk", spec.root_disk),
     ]
     inputs += [(f"extra_disks[{i}]", disk.path) for i, disk in enumerate(spec.extra_disks)]
+    for i, volume in enumerate(spec.volumes):
+        inputs.append((f"volumes[{i}]", volume.image))
+        if volume.key_file is not None:
+            inputs.append((f"volumes[{i}].key_file", volume.key_file))
     for field, path in inputs:
         if not path.exists():
             raise VmmError(
@@ -92,6 +97,38 @@ def check_spec_files(
             field="hugepages",
             path=str(hugepages_dir),
         )
+
+
+def volume_node_name(name: str) -> str:
+    """The block node of volume ``name``: QMP commands on the volume (resize, snapshots)
+    address it by this name."""
+    return name
+
+
+def volume_args(volume: VolumeDiskSpec) -> list[str]:
+    """``-object``/``-blockdev``/``-device`` for one volume: a qcow2 node (LUKS-encrypted
+    when a key file is given, the passphrase read from that file) on a file node, attached
+    as virtio-blk with the volume's name as its serial. Discards from the guest free the
+    image's clusters; on a full host disk the VM pauses (``werror=enospc``) so nothing is
+    lost, and QMP ``query-block`` names the volume."""
+    node = volume_node_name(volume.name)
+    read_only = ",read-only=on" if volume.read_only else ""
+    args: list[str] = []
+    qcow2 = f"driver=qcow2,node-name={node},file={node}-file,discard=unmap{read_only}"
+    if volume.key_file is not None:
+        args += ["-object", f"secret,id={node}-key,file={option_value(volume.key_file)}"]
+        qcow2 += f",encrypt.format=luks,encrypt.key-secret={node}-key"
+    args += [
+        "-blockdev",
+        f"driver=file,node-name={node}-file,filename={option_value(volume.image)},"
+        f"discard=unmap{read_only}",
+        "-blockdev",
+        qcow2,
+        "-device",
+        f"virtio-blk-pci,drive={node},id={node}-disk,serial={volume.name},"
+        "werror=enospc,rerror=report",
+    ]
+    return args
 
 
 def qemu_argv(
@@ -161,6 +198,8 @@ def _guest(spec: VmSpec) -> list[str]:
         if read_only:
             drive += ",readonly=on"
         argv += ["-drive", drive, "-device", f"virtio-blk-pci,drive=disk{index}"]
+    for volume in spec.volumes:
+        argv += volume_args(volume)
     argv += [
         "-chardev",
         f"file,id=console,path={option_value(spec.console_log)}",

@@ -25,7 +25,6 @@ from ipaddress import IPv6Address
 from pathlib import Path
 
 import pytest
-from hangar.paths import cache_dir
 
 from hangar.images.build import build_busybox_image
 from hangar.images.initramfs import ensure_base_initramfs, machine_initrd
@@ -42,6 +41,7 @@ from hangar.vmm.control import read_control_events
 from hangar.vmm.driver import VmHandle, VmSpec
 from hangar.vmm.qemu import QemuDriver
 from hangar.vmm.qemu_argv import QEMU_BINARY
+from tests.conftest import SUITE_CACHE
 from tests.net.netenv import unique_config, unique_ipv4_subnet
 from tests.net.netns import BackgroundDns, Outside, http_listener, ns_http_listener, outside
 
@@ -174,8 +174,8 @@ def _boot(
     run_dir = base / name
     run_dir.mkdir()
     config = GuestRunConfig(machine_id=machine_id, argv=argv, hostname=machine_id)
-    kernel = ensure_kernel(cache_dir())
-    initrd = machine_initrd(ensure_base_initramfs(kernel, cache_dir()), config, run_dir / "initrd")
+    kernel = ensure_kernel(SUITE_CACHE)
+    initrd = machine_initrd(ensure_base_initramfs(kernel, SUITE_CACHE), config, run_dir / "initrd")
     spec = VmSpec.in_run_dir(
         machine_id=machine_id,
         run_dir=run_dir,
@@ -195,7 +195,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         pytest.skip("guest networking tests need root, nft and QEMU")
     layout = tmp_path_factory.mktemp("netimage") / "oci"
     build_busybox_image(layout, "net", ["sh"], {})
-    image = asyncio.run(ImageCache(cache_dir()).ensure(parse_image_ref(f"oci:{layout}:net")))
+    image = asyncio.run(ImageCache(SUITE_CACHE).ensure(parse_image_ref(f"oci:{layout}:net")))
     egress_interface = f"hg{secrets.token_hex(3)}e"
     driver = QemuDriver()
     guests: list[Guest] = []
