@@ -19,7 +19,6 @@ from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
 from hangar.api.deps import Services
 from hangar.api.guard import GuardConfig
-from hangar.api.ratelimit import RateLimiter, RateLimits
 from hangar.api.services.apps import AppService
 from hangar.api.services.audit import AuditService
 from hangar.api.services.hosts import HostService
@@ -31,6 +30,7 @@ from hangar.api.services.quotas import QuotaService
 from hangar.api.services.tokens import TokenService
 from hangar.clock import Clock, SystemClock
 from hangar.model.host import HostInfo, read_local_host
+from hangar.ratelimit import RateLimiter, RateLimits
 from hangar.scheduler import ClaimStore
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores

@@ -20,7 +20,6 @@ from hangar.images.run_config import GuestFile, GuestRunConfig, resolve_argv
 from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
 from hangar.vmm.accel import choose_accel
-from hangar.vmm.control import read_control_events, summarise_control_events
 from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec
 from hangar.vmm.proc import PROC_ROOT, read_process
 from hangar.vmm.qemu import QemuDriver
@@ -187,9 +186,9 @@ class QemuGuestPlatform:
     async def kill(self, handle: VmHandleData) -> None:
         await self.driver.kill(VmHandle.model_validate(handle))
 
-    def guest_exit(self, run_dir: Path) -> GuestExit:
-        report = summarise_control_events(read_control_events(run_dir / RunDirLayout.CONTROL_LOG))
-        return GuestExit(exit_code=report.exit_code, guest_error=report.error or "")
+    async def guest_exit(self, handle: VmHandleData) -> GuestExit:
+        status = await self.driver.status(VmHandle.model_validate(handle))
+        return GuestExit(exit_code=status.exit_code, guest_error=status.error or "")
 
     def vmm_processes(self, machines_dir: Path) -> dict[int, str]:
         return find_vmm_processes(machines_dir)

@@ -81,7 +81,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
     ) -> list[Step]:
         return [
             StopVm(host.platform, timeout_s=timeout_s, signum=signum),
-            RecordExit(host.platform, run_dir, requested=requested),
+            RecordExit(host.platform, requested=requested),
             ReleaseVm(host),
         ]
 
@@ -130,7 +130,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             return Plan(
                 "exit",
                 [
-                    RecordExit(host.platform, run_dir, requested=False),
+                    RecordExit(host.platform, requested=False),
                     ReleaseVm(host),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                     ApplyRestartPolicy(),

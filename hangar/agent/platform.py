@@ -54,7 +54,10 @@ class GuestPlatform(Protocol):
 
     async def kill(self, handle: VmHandleData) -> None: ...
 
-    def guest_exit(self, run_dir: Path) -> GuestExit: ...
+    async def guest_exit(self, handle: VmHandleData) -> GuestExit:
+        """How the guest behind ``handle`` ended: the code it reported, or the VMM's own
+        account of why it reported none (QEMU gone first, a failed VM state)."""
+        ...
 
     def vmm_processes(self, machines_dir: Path) -> dict[int, str]:
         """Live VMM processes started for machines under ``machines_dir``: pid -> machine id."""

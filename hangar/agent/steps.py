@@ -226,10 +226,10 @@ class StopVm:
 
 @dataclass(frozen=True)
 class RecordExit:
-    """Record how the guest ended, once per boot. ``requested``: a stop someone asked for."""
+    """Record how the guest ended, once per boot (why it said nothing, when it did not).
+    ``requested``: a stop someone asked for."""
 
     platform: GuestPlatform
-    run_dir: Path
     requested: bool
     name: str = "record_exit"
 
@@ -239,7 +239,9 @@ class RecordExit:
         return ctx.runs.get_vm_handle(ctx.run.machine_id) is not None
 
     async def run(self, ctx: StepContext) -> None:
-        outcome = self.platform.guest_exit(self.run_dir)
+        handle = ctx.runs.get_vm_handle(ctx.run.machine_id)
+        assert handle is not None, "should_run saw it"
+        outcome = await self.platform.guest_exit(handle)
         exit_event: dict[str, Any] = {
             "exit_code": outcome.exit_code if outcome.exit_code is not None else -1,
             "guest_exit_code": outcome.exit_code,

@@ -17,11 +17,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hangar.api.access import Access, AccessPolicy
 from hangar.api.errors import hangar_error_response
-from hangar.api.ratelimit import RateLimiter
 from hangar.api.routetable import ApiOperation, RouteTable
 from hangar.api.scopes import Scope as RouteScope
 from hangar.api.services.audit import AuditService, Outcome
 from hangar.errors import HangarError, RateLimited, RequestTooLarge
+from hangar.ratelimit import RateLimiter
 from hangar.settings import DEFAULT_MAX_REQUEST_BYTES
 from hangar.store.protocol import ApiToken
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from hangar.model.config import MachineConfig, StopConfig, signal_number
 from hangar.model.duration import TokenLifetime
+from hangar.model.gpu_kinds import GPU_KINDS
 from hangar.model.machine import ImageRef, Machine, MachineEvent
 from hangar.store.protocol import OrgQuotas, TokenKind
 
@@ -219,8 +220,6 @@ class QuotasRequest(Body):
     @field_validator("gpus")
     @classmethod
     def _known_kinds(cls, value: dict[str, int]) -> dict[str, int]:
-        from hangar.devices.catalog import GPU_KINDS
-
         known = {kind.name for kind in GPU_KINDS}
         for kind in value:
             if kind not in known:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from hangar.scheduler.bench_cli import placement
+from hangar.bench.placement import placement
 
 bench_app = typer.Typer(
     help="Benchmarks (medians and ratios against a baseline).", no_args_is_help=True

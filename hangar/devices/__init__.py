@@ -1,6 +1,6 @@
 """Host devices for GPU machines: PCI inventory from sysfs, IOMMU groups, VFIO binding,
-the handoff between tenants (scrub, staged settings, health), NVML (UUIDs, MIG) and the GPU
-kind catalog.
+the handoff between tenants (scrub, staged settings, health) and NVML (UUIDs, MIG). The GPU
+kinds hangar knows are vocabulary: ``hangar.model.gpu_kinds``.
 
 Everything reads and writes sysfs through :class:`SysfsRoot`, so a fixture tree stands in
 for ``/sys`` in tests; NVML is read through an :class:`NvmlReader`. Names are exported
@@ -14,12 +14,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hangar.devices.catalog import (
-        GPU_KINDS,
-        GpuKind,
-        gpu_kind_for_device_id,
-        gpu_kind_named,
-    )
     from hangar.devices.groups import GpuGroup, group_of, plan_group_claim, read_gpu_groups
     from hangar.devices.handoff import (
         GroupClaim,
@@ -66,7 +60,6 @@ if TYPE_CHECKING:
     from hangar.devices.worker import DeviceDeadlines, WorkerRunner, killable_sysfs
 
 _EXPORTS = {
-    "catalog": ["GPU_KINDS", "GpuKind", "gpu_kind_for_device_id", "gpu_kind_named"],
     "groups": ["GpuGroup", "group_of", "plan_group_claim", "read_gpu_groups"],
     "handoff": [
         "GroupClaim",
@@ -98,13 +91,11 @@ _EXPORTS = {
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
-    "GPU_KINDS",
     "CommandScrubber",
     "DeviceDeadlines",
     "FileWriter",
     "Gpu",
     "GpuGroup",
-    "GpuKind",
     "GroupBinding",
     "GroupClaim",
     "GroupRelease",
@@ -134,8 +125,6 @@ __all__ = [
     "bind_group_to_vfio",
     "check_not_held",
     "check_vm_released",
-    "gpu_kind_for_device_id",
-    "gpu_kind_named",
     "group_of",
     "killable_sysfs",
     "normalize_bdf",

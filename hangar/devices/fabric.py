@@ -25,11 +25,11 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from hangar.devices.catalog import GpuKind
 from hangar.devices.pci import normalize_bdf
 from hangar.devices.readiness import CommandRunner, VendorTool
 from hangar.devices.worker import DeviceDeadlines
 from hangar.errors import DeviceError
+from hangar.model.gpu_kinds import GpuKind
 
 
 class FabricPartition(BaseModel):

@@ -24,7 +24,6 @@ from collections.abc import Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
-from hangar.devices.catalog import GpuKind, gpu_kind_for_device_id, unknown_gpu_kind
 from hangar.devices.iommu import GroupMember, group_problem, read_group_members
 from hangar.devices.pci import (
     NVIDIA_VENDOR_ID,
@@ -35,6 +34,7 @@ from hangar.devices.pci import (
 )
 from hangar.devices.sysfs import SysfsRoot
 from hangar.errors import DeviceError
+from hangar.model.gpu_kinds import GpuKind, gpu_kind_for_device_id, unknown_gpu_kind
 
 RESET_SUBORDINATE = "reset_subordinate"
 FUNCTION_RESETS = ("flr", "pm")

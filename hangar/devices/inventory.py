@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, computed_field
 
-from hangar.devices.catalog import GpuKind, gpu_kind_for_device_id, nvswitch_name, unknown_gpu_kind
 from hangar.devices.groups import read_gpu_group
 from hangar.devices.hostpaths import HostPaths
 from hangar.devices.iommu import (
@@ -40,6 +39,7 @@ from hangar.devices.readiness import (
 from hangar.devices.reset import reset_method_problem
 from hangar.devices.sysfs import SysfsRoot
 from hangar.devices.topology import NvlinkPlacement, NvlinkSource, nvlink_domains
+from hangar.model.gpu_kinds import GpuKind, gpu_kind_for_device_id, nvswitch_name, unknown_gpu_kind
 
 IOMMU_OFF = "IOMMU is off on this host (no IOMMU groups): VFIO cannot pass GPUs through"
 

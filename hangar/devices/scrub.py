@@ -13,7 +13,7 @@ QEMU closes the device, so an FLR never counts as a scrub here. Two ways do:
    shares the bus, and when any function below is bound to a driver other than vfio-pci
    (a host driver has no reset hooks: resetting under it gives Xid errors or a host hang).
    The firmware then reports in BAR0 (read through ``resource0``): boot done, then memory
-   clear done (:class:`hangar.devices.catalog.MemoryClearRegisters`).
+   clear done (:class:`hangar.model.gpu_kinds.MemoryClearRegisters`).
 2. **A trusted scrubber** (:class:`TrustedScrubber`), for hosts where the SBR is refused or
    the kind's firmware report is unknown: a command the operator installs that writes all
    of the GPU's memory and reads samples back (a host-side CUDA memset, or a scrubber VM
@@ -32,7 +32,6 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from hangar.devices.catalog import MemoryClearRegisters, gpu_kind_for_device_id
 from hangar.devices.deadline import PollClock, SystemPollClock, poll_until
 from hangar.devices.groups import RESET_SUBORDINATE, GpuGroup, functions_below
 from hangar.devices.pci import device_attr, read_pci_device
@@ -41,6 +40,7 @@ from hangar.devices.reset import reset_guard
 from hangar.devices.sysfs import SysfsRoot
 from hangar.devices.worker import DeviceDeadlines
 from hangar.errors import DeviceError
+from hangar.model.gpu_kinds import MemoryClearRegisters, gpu_kind_for_device_id
 
 BAR0 = "resource0"
 ALL_ONES = 0xFFFFFFFF

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from hangar.errors import UnsupportedField
 from hangar.model.duration import Duration
+from hangar.model.gpu_kinds import GPU_KINDS
 from hangar.model.services import MachineChecks, MachineServices
 
 UNSUPPORTED_CONFIG_FIELDS = (
@@ -99,8 +100,6 @@ class GuestConfig(StrictModel):
     @field_validator("gpu_kind")
     @classmethod
     def _known_gpu_kind(cls, value: str | None) -> str | None:
-        from hangar.devices.catalog import GPU_KINDS
-
         if value is not None and value not in {kind.name for kind in GPU_KINDS}:
             known = ", ".join(sorted(kind.name for kind in GPU_KINDS))
             raise ValueError(f"unknown GPU kind {value!r}; known kinds: {known}")

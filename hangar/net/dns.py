@@ -47,10 +47,10 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from hangar.api.ratelimit import RateLimit, RateLimiter, RateLimits
 from hangar.clock import Clock, SystemClock
 from hangar.errors import RateLimited
 from hangar.model.machine import Machine, MachineState
+from hangar.ratelimit import RateLimit, RateLimiter, RateLimits
 
 log = logging.getLogger(__name__)
 

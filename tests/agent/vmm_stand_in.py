@@ -49,7 +49,7 @@ class SleepingVmmPlatform(QemuGuestPlatform):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(int(handle["pid"]), 0)
 
-    def guest_exit(self, run_dir: Path) -> GuestExit:
+    async def guest_exit(self, handle: VmHandleData) -> GuestExit:
         return GuestExit(exit_code=None, guest_error="stand-in VMM killed")
 
     def vmm_processes(self, machines_dir: Path) -> dict[int, str]:

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from hangar.api.guard import MAX_BODY_BYTES
-from hangar.api.ratelimit import RateLimits
 from hangar.clock import ManualClock
 from hangar.model.config import MAX_FILE_BYTES
+from hangar.ratelimit import RateLimits
 from hangar.server import bootstrap_operator_token, build_server
 from hangar.settings import Settings
 from tests.api.helpers import assert_fly_error

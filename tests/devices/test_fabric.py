@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from hangar.devices.catalog import gpu_kind_named
 from hangar.devices.fabric import (
     FabricManager,
     choose_partition,
@@ -18,6 +17,7 @@ from hangar.devices.fabric import (
     partition_bdfs,
 )
 from hangar.errors import DeviceError
+from hangar.model.gpu_kinds import gpu_kind_named
 from tests.devices.sysfs_fixture import HGX_H100_GPUS
 
 # Module ids as an HGX H100 board numbers its slots; deliberately not PCI address order.

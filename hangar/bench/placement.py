@@ -2,10 +2,10 @@
 
 Mounted by the CLI; runnable on its own meanwhile::
 
-    python -m hangar.scheduler.bench_cli placement \\
+    python -m hangar.bench.placement placement \\
         --nodes ../shared/data/alibaba-gpu-v2023/openb_node_list_gpu_node.csv \\
         --pods ../shared/data/alibaba-gpu-v2023/openb_pod_list_default.csv --seeds 42..51
-    python -m hangar.scheduler.bench_cli placement --synthetic-hosts 10000 --machines 100000
+    python -m hangar.bench.placement placement --synthetic-hosts 10000 --machines 100000
 """
 
 from __future__ import annotations

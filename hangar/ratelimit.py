@@ -1,4 +1,4 @@
-"""Token buckets per (token, action, target), as Fly documents for its Machines API: each
+"""Token buckets per (principal, action, target), as Fly documents for its Machines API: each
 action on a machine allows 1 request/s with bursts of 3, Get Machine 5/s with bursts of 10.
 
 Limits are configurable (``HANGAR_RATE_LIMITS="default=1/3,get_machine=5/10"``) so that a
