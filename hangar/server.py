@@ -13,12 +13,15 @@ from hangar.agent.agent import Agent
 from hangar.agent.engine import crash_after
 from hangar.agent.gpus import HostGpus
 from hangar.agent.host import HostServices
+from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
+from hangar.agent.services import AgentBackends, HealthChecks
 from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
 from hangar.api.deps import Services
 from hangar.api.guard import GuardConfig
+from hangar.api.services.addresses import PrivateAddresses
 from hangar.api.services.apps import AppService
 from hangar.api.services.audit import AuditService
 from hangar.api.services.hosts import HostService
@@ -30,6 +33,9 @@ from hangar.api.services.quotas import QuotaService
 from hangar.api.services.tokens import TokenService
 from hangar.clock import Clock, SystemClock
 from hangar.model.host import HostInfo, read_local_host
+from hangar.net.host import HostNetConfig, HostNetwork
+from hangar.proxy.proxy import Proxy
+from hangar.proxy.settings import ProxySettings
 from hangar.ratelimit import RateLimiter, RateLimits
 from hangar.scheduler import ClaimStore
 from hangar.settings import Settings
@@ -38,6 +44,7 @@ from hangar.store.embedded import EmbeddedStores, open_embedded_stores
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_TOKEN_DESCRIPTION = "operator.token file"
+AUTOSTOP_INTERVAL_S = 15.0
 
 
 @dataclass
@@ -48,6 +55,7 @@ class EmbeddedServer:
     agent: Agent
     host: HostInfo
     app: FastAPI
+    traffic: MachineTraffic
 
     @property
     def home(self) -> Path:
@@ -76,12 +84,18 @@ def build_server(
         platform = QemuGuestPlatform.from_settings(settings)
     host = read_local_host(settings.host_id, settings.region)
     claim_store = claims if claims is not None else stores.claims
+    network = (
+        MachineNetwork(HostNetwork(HostNetConfig.from_settings(settings)), clock)
+        if settings.net
+        else None
+    )
     services_of_host = HostServices(
         platform=platform,
         machines_dir=settings.machines_dir,
         placement=HostPlacement(claim_store, host),
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
+        network=network,
     )
     agent = Agent(
         machines, stores.runs, services_of_host, clock, crash_after(settings.crash_after_step)
@@ -102,6 +116,7 @@ def build_server(
             quotas,
             ImagePolicy(settings.allowed_oci_dirs),
             capacity,
+            PrivateAddresses(machines, tenancy, network) if network is not None else None,
         ),
         orgs=orgs,
         tokens=tokens,
@@ -115,10 +130,57 @@ def build_server(
         audit=audit,
         max_body_bytes=settings.max_request_bytes,
     )
-    app = create_app(services, guard, on_startup=agent.start, on_shutdown=agent.close)
+    traffic = MachineTraffic.for_agent(agent, settings, clock)
+    app = create_app(services, guard, on_startup=traffic.start, on_shutdown=traffic.close)
     return EmbeddedServer(
-        settings=settings, stores=stores, tokens=tokens, agent=agent, host=host, app=app
+        settings=settings,
+        stores=stores,
+        tokens=tokens,
+        agent=agent,
+        host=host,
+        app=app,
+        traffic=traffic,
     )
+
+
+@dataclass
+class MachineTraffic:
+    """What runs beside the agent in ``hangar server``: the health checks of its machines
+    and the proxy publishing their services (each off when the settings say so)."""
+
+    agent: Agent
+    checks: HealthChecks | None
+    proxy: Proxy | None
+
+    @classmethod
+    def for_agent(cls, agent: Agent, settings: Settings, clock: Clock) -> MachineTraffic:
+        backends = AgentBackends(agent)
+        proxy = None
+        if settings.proxy:
+            proxy_settings = ProxySettings(
+                domain=settings.proxy_domain,
+                bind_host=settings.proxy_bind,
+                port_map=settings.proxy_port_map,
+                idle_stop_s=settings.proxy_idle_stop_s,
+                autostop_interval_s=min(AUTOSTOP_INTERVAL_S, settings.proxy_idle_stop_s / 4),
+                state_dir=settings.proxy_state_dir,
+            )
+            proxy = Proxy(backends, proxy_settings, clock)
+        return cls(agent, HealthChecks(agent, backends) if settings.net else None, proxy)
+
+    async def start(self) -> None:
+        await self.agent.start()
+        if self.checks is not None:
+            await self.checks.start()
+        if self.proxy is not None:
+            await self.proxy.start()
+
+    async def close(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
+        if self.checks is not None:
+            await self.checks.close()
+        await self.agent.close()
 
 
 def write_operator_token(path: Path, secret: str) -> Path:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from hangar.agent.context import StepContext
@@ -50,6 +51,7 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
         self._monitor_task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def platform(self) -> GuestPlatform:
@@ -67,6 +69,8 @@ class Agent:
         self._monitor_task = asyncio.create_task(self._monitor_loop())
 
     async def close(self) -> None:
+        if self.host.network is not None:
+            await self.host.network.close()
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -86,8 +90,11 @@ class Agent:
         host_id = self.host.placement.host.id
         self.host.placement.register(self.host.gpu_store.list_gpus(host_id=host_id))
 
-    # change notification, for `wait`
+    # change notification, for `wait`, the DNS service and whoever watches machines
     def notify(self) -> None:
+        self._refresh_dns()
+        for listener in list(self._listeners):
+            listener()
         loop_task = asyncio.get_running_loop().create_task(self._notify_waiters())
         self._tasks.add(loop_task)
         loop_task.add_done_callback(self._tasks.discard)
@@ -95,6 +102,18 @@ class Agent:
     async def _notify_waiters(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+    def on_change(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` (cheap, no I/O) after every change; returns how to stop."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _refresh_dns(self) -> None:
+        network = self.host.network
+        if network is None or network.dns is None:
+            return
+        app_orgs = {app.name: app.org_slug for app in self.machines.list_apps(None)}
+        network.refresh_dns(app_orgs, self.machines.list_machines(None))
 
     async def wait_for_change(self, timeout_s: float) -> None:
         async with self._changed:
@@ -197,6 +216,14 @@ class Agent:
                 self.runs.delete_vm_handle(machine_id)
         self._remove_orphan_files()
         self._reconcile_claims()
+        if self.host.network is not None:
+            owned = {
+                machine.id
+                for machine in self.machines.list_machines(None)
+                if self._live(machine) and machine.host_id == self.host.placement.host.id
+            }
+            await self.host.network.start(owned)
+            self._refresh_dns()
         for run in self.runs.list_runs(unfinished_only=True):
             log.info("resuming run %s (%s of %s)", run.id, run.operation, run.machine_id)
         for machine_id in {run.machine_id for run in self.runs.list_runs(unfinished_only=True)}:

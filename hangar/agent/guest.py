@@ -8,7 +8,7 @@ import os
 import signal
 from pathlib import Path
 
-from hangar.agent.platform import GuestExit, RunDirLayout, VmHandleData
+from hangar.agent.platform import GuestExit, GuestNetwork, RunDirLayout, VmHandleData
 from hangar.clock import Clock, SystemClock
 from hangar.errors import ImageError
 from hangar.images import initramfs, kernel
@@ -146,7 +146,13 @@ class QemuGuestPlatform:
         partial.rename(dest)
 
     # the VMM
-    async def vm_spec(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmSpec:
+    async def vm_spec(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        gpus: list[str],
+        network: GuestNetwork | None = None,
+    ) -> VmSpec:
         guest_kernel = await asyncio.to_thread(self.boot_kernel)
         extra_disks = []
         if gpus:
@@ -164,11 +170,19 @@ class QemuGuestPlatform:
             memory_mb=machine.config.guest.memory_mb,
             extra_disks=extra_disks,
             gpus=gpus,
+            nic=network.nic if network is not None else None,
+            kernel_args=list(network.kernel_args) if network is not None else [],
             hugepages=bool(gpus) and hugepages_available(machine.config.guest.memory_mb),
         )
 
-    async def launch(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmHandleData:
-        handle = await self.driver.launch(await self.vm_spec(machine, run_dir, gpus))
+    async def launch(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        gpus: list[str],
+        network: GuestNetwork | None = None,
+    ) -> VmHandleData:
+        handle = await self.driver.launch(await self.vm_spec(machine, run_dir, gpus, network))
         return handle.model_dump(mode="json")
 
     async def alive(self, handle: VmHandleData) -> bool:

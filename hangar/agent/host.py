@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hangar.agent.gpus import HostGpus
+from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
 from hangar.store.protocol import GpuStore
@@ -21,6 +22,8 @@ class HostServices:
     gpu_store: GpuStore
     gpus: HostGpus | None = None
     """This host's GPU devices; None where the host has no GPU support configured."""
+    network: MachineNetwork | None = None
+    """This host's private network; None where machines run without one."""
 
     def run_dir(self, machine_id: str) -> Path:
         return self.machines_dir / machine_id

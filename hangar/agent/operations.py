@@ -21,6 +21,8 @@ from hangar.agent.host import HostServices
 from hangar.agent.steps import (
     ApplyConfig,
     ApplyRestartPolicy,
+    AttachNetwork,
+    DetachNetwork,
     DropLease,
     LaunchVm,
     MarkFailed,
@@ -62,7 +64,12 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
     if subject.startswith(HANDOFF_SUBJECT_PREFIX):
         raise ValueError(f"{subject} is a GPU; only a handoff runs on it")
     run_dir = host.run_dir(subject)
-    launch_rollback: list[Step] = [ReleaseVm(host), ReleaseClaim(host), MarkFailed()]
+    launch_rollback: list[Step] = [
+        ReleaseVm(host),
+        DetachNetwork(host),
+        ReleaseClaim(host),
+        MarkFailed(),
+    ]
 
     def boot(fresh_image: bool) -> list[Step]:
         return [
@@ -72,6 +79,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             BindGpus(host),
             PrepareRootDisk(host.platform, run_dir),
             PrepareInitrd(host.platform, run_dir),
+            AttachNetwork(host),
             LaunchVm(host),
             Transition("mark_started", S.STARTED, "start"),
         ]
@@ -98,10 +106,16 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 [
                     Transition("mark_stopping", S.STOPPING, "stop"),
                     *halt(requested=True, timeout_s=request.timeout_s, signum=request.signal),
+                    DetachNetwork(host),
                     ReleaseClaim(host),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                 ],
-                [ReleaseVm(host), ReleaseClaim(host), MarkStoppedAfterFailure()],
+                [
+                    ReleaseVm(host),
+                    DetachNetwork(host),
+                    ReleaseClaim(host),
+                    MarkStoppedAfterFailure(),
+                ],
             )
         case RestartRequest():
             # The claim (GPUs included) stays with the machine across its own restart.
@@ -120,6 +134,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 steps.append(Transition("mark_replacing", S.REPLACING, "update"))
             steps += [
                 *halt(requested=True),
+                DetachNetwork(host),
                 ReleaseClaim(host),
                 ApplyConfig(request.config, request.version, request.instance_id),
             ]
@@ -134,9 +149,15 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     ReleaseVm(host),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                     ApplyRestartPolicy(),
+                    DetachNetwork(host, keep_if_restarting=True),
                     ReleaseClaim(host, keep_if_restarting=True),
                 ],
-                [ReleaseVm(host), ReleaseClaim(host), MarkStoppedAfterFailure()],
+                [
+                    ReleaseVm(host),
+                    DetachNetwork(host),
+                    ReleaseClaim(host),
+                    MarkStoppedAfterFailure(),
+                ],
             )
         case DestroyRequest():
             return Plan(
@@ -144,6 +165,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 [
                     Transition("mark_destroying", S.DESTROYING, "destroy"),
                     *halt(requested=True, timeout_s=0.0 if request.force else None),
+                    DetachNetwork(host),
                     ReleaseClaim(host),
                     RemoveRunDir(run_dir),
                     DropLease(),
@@ -151,6 +173,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 ],
                 [
                     ReleaseVm(host),
+                    DetachNetwork(host),
                     ReleaseClaim(host),
                     RemoveRunDir(run_dir),
                     DropLease(),

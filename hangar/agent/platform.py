@@ -6,14 +6,24 @@ The agent's steps speak only this protocol; the real implementation composes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel
 
 from hangar.model.machine import ImageRef, Machine
+from hangar.vmm.driver import NicSpec
 
 VmHandleData = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GuestNetwork:
+    """A boot's network interface: the tap's NIC and what the guest's init is told."""
+
+    nic: NicSpec
+    kernel_args: list[str]
 
 
 class GuestExit(BaseModel):
@@ -36,8 +46,15 @@ class GuestPlatform(Protocol):
 
     async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None: ...
 
-    async def launch(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmHandleData:
-        """Boot the machine with these GPUs (PCI addresses, bound to vfio-pci) passed through."""
+    async def launch(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        gpus: list[str],
+        network: GuestNetwork | None = None,
+    ) -> VmHandleData:
+        """Boot the machine with these GPUs (PCI addresses, bound to vfio-pci) passed through
+        and, with ``network``, its NIC on the host's private network."""
         ...
 
     async def alive(self, handle: VmHandleData) -> bool:

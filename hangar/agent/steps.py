@@ -12,7 +12,7 @@ from typing import Any
 from hangar.agent.context import StepContext
 from hangar.agent.gpu_steps import release_gpus_for_handoff
 from hangar.agent.host import HostServices
-from hangar.agent.platform import GuestPlatform, RunDirLayout
+from hangar.agent.platform import GuestNetwork, GuestPlatform, RunDirLayout
 from hangar.model.config import MachineConfig
 from hangar.model.machine import MachineState, new_ulid
 from hangar.model.run import (
@@ -130,6 +130,42 @@ def record_gpu_event(
 
 
 @dataclass(frozen=True)
+class AttachNetwork:
+    """The machine's tap on the host's bridge, and the ruleset that lets it talk to its org."""
+
+    host: HostServices
+    name: str = "attach_network"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        network = self.host.network
+        return network is not None and not await network.attached(ctx.machine())
+
+    async def run(self, ctx: StepContext) -> None:
+        assert self.host.network is not None
+        await self.host.network.attach(ctx.machine())
+
+
+@dataclass(frozen=True)
+class DetachNetwork:
+    """No tap for the machine, and a ruleset without it. ``keep_if_restarting``: an exit whose
+    restart policy boots the machine again keeps its tap."""
+
+    host: HostServices
+    keep_if_restarting: bool = False
+    name: str = "detach_network"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        if self.keep_if_restarting and ctx.run.progress.restart_decision == "restart":
+            return False
+        network = self.host.network
+        return network is not None and await network.has_tap(ctx.run.machine_id)
+
+    async def run(self, ctx: StepContext) -> None:
+        assert self.host.network is not None
+        await self.host.network.detach(ctx.run.machine_id)
+
+
+@dataclass(frozen=True)
 class PrepareRootDisk:
     platform: GuestPlatform
     run_dir: Path
@@ -196,7 +232,12 @@ class LaunchVm:
         run_dir = self.host.run_dir(ctx.run.machine_id)
         (run_dir / RunDirLayout.CONTROL_LOG).unlink(missing_ok=True)
         gpus = self.host.placement.claimed_bdfs(ctx.run.machine_id)
-        handle = await platform.launch(ctx.machine(), run_dir, gpus)
+        machine = ctx.machine()
+        network = None
+        if self.host.network is not None:
+            nic, kernel_args = await self.host.network.guest_network(machine)
+            network = GuestNetwork(nic=nic, kernel_args=kernel_args)
+        handle = await platform.launch(machine, run_dir, gpus, network)
         ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
         ctx.run.progress.exit_recorded = False
 

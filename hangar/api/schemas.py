@@ -13,6 +13,7 @@ from hangar.model.config import MachineConfig, StopConfig, signal_number
 from hangar.model.duration import TokenLifetime
 from hangar.model.gpu_kinds import GPU_KINDS
 from hangar.model.machine import ImageRef, Machine, MachineEvent
+from hangar.model.services import CheckStatus
 from hangar.store.protocol import OrgQuotas, TokenKind
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -178,6 +179,8 @@ class MachineView(BaseModel):
     host_status: str = "ok"
     version: int
     failure_reason: str = ""
+    cordoned: bool = False
+    checks: list[CheckStatus] = Field(default_factory=list)
 
     @classmethod
     def of(cls, machine: Machine, events: list[MachineEvent]) -> MachineView:
@@ -195,6 +198,8 @@ class MachineView(BaseModel):
             events=events,
             version=machine.version,
             failure_reason=machine.failure_reason,
+            cordoned=machine.cordoned,
+            checks=machine.checks,
         )
 
 

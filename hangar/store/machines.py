@@ -6,9 +6,12 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from hangar.errors import Conflict, NotFound
 from hangar.model.config import MachineConfig
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
+from hangar.model.services import CheckStatus
 from hangar.store.protocol import App
 from hangar.store.sqlite_db import SqliteDatabase
 
@@ -32,7 +35,9 @@ CREATE TABLE IF NOT EXISTS machines (
     host_id TEXT NOT NULL,
     failure_reason TEXT NOT NULL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    cordoned INTEGER NOT NULL DEFAULT 0,
+    checks TEXT NOT NULL DEFAULT '[]'
 );
 CREATE UNIQUE INDEX IF NOT EXISTS machines_live_name
     ON machines(app, name) WHERE state != 'destroyed';
@@ -59,9 +64,34 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
+MACHINE_COLUMNS = (
+    "id",
+    "app",
+    "name",
+    "state",
+    "region",
+    "instance_id",
+    "version",
+    "config",
+    "image_ref",
+    "private_ip",
+    "host_id",
+    "failure_reason",
+    "created_at",
+    "updated_at",
+    "cordoned",
+    "checks",
+)
+_CHECKS = TypeAdapter(list[CheckStatus])
+
+
 class SqliteMachineStore(SqliteDatabase):
     def __init__(self, path: Path) -> None:
         super().__init__(path, SCHEMA)
+        self.ensure_columns(
+            "machines",
+            {"cordoned": "INTEGER NOT NULL DEFAULT 0", "checks": "TEXT NOT NULL DEFAULT '[]'"},
+        )
 
     # apps
     def create_app(self, name: str, org_slug: str, now: float) -> App:
@@ -103,21 +133,26 @@ class SqliteMachineStore(SqliteDatabase):
             machine.failure_reason,
             machine.created_at,
             machine.updated_at,
+            int(machine.cordoned),
+            _CHECKS.dump_json(machine.checks).decode(),
         )
 
     @staticmethod
     def _machine_from(row: sqlite3.Row) -> Machine:
-        values = dict(row)
+        values = {name: row[name] for name in MACHINE_COLUMNS}
         values["config"] = MachineConfig.model_validate_json(values["config"])
         values["image_ref"] = ImageRef.model_validate_json(values["image_ref"])
         values["state"] = MachineState(values["state"])
+        values["cordoned"] = bool(values["cordoned"])
+        values["checks"] = _CHECKS.validate_json(values["checks"])
         return Machine(**values)
 
     def insert_machine(self, machine: Machine) -> None:
         try:
             with self.transaction() as db:
                 db.execute(
-                    "INSERT INTO machines VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO machines ({', '.join(MACHINE_COLUMNS)})"
+                    f" VALUES ({', '.join('?' for _ in MACHINE_COLUMNS)})",
                     self._machine_row(machine),
                 )
                 db.execute(
@@ -152,11 +187,9 @@ class SqliteMachineStore(SqliteDatabase):
 
     def save_machine(self, machine: Machine) -> None:
         row = self._machine_row(machine)
+        assignments = ", ".join(f"{name} = ?" for name in MACHINE_COLUMNS[1:])
         changed = self._execute(
-            "UPDATE machines SET app=?, name=?, state=?, region=?, instance_id=?, version=?,"
-            " config=?, image_ref=?, private_ip=?, host_id=?, failure_reason=?, created_at=?,"
-            " updated_at=? WHERE id = ?",
-            (*row[1:], row[0]),
+            f"UPDATE machines SET {assignments} WHERE id = ?", (*row[1:], row[0])
         )
         if not changed:
             raise NotFound(f"machine {machine.id} not found", machine_id=machine.id)
@@ -166,6 +199,21 @@ class SqliteMachineStore(SqliteDatabase):
         self._execute(
             "UPDATE machines SET image_ref = ?, updated_at = ? WHERE id = ?",
             (image_ref.model_dump_json(), now, machine_id),
+        )
+
+    def set_cordoned(self, machine_id: str, cordoned: bool, now: float) -> None:
+        changed = self._execute(
+            "UPDATE machines SET cordoned = ?, updated_at = ? WHERE id = ?",
+            (int(cordoned), now, machine_id),
+        )
+        if not changed:
+            raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+
+    def set_checks(self, machine_id: str, checks: list[CheckStatus]) -> None:
+        """Only the checks: a concurrent config or state write is not lost."""
+        self._execute(
+            "UPDATE machines SET checks = ? WHERE id = ?",
+            (_CHECKS.dump_json(checks).decode(), machine_id),
         )
 
     def set_state(

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 from hangar.agent.guest import QemuGuestPlatform
-from hangar.agent.platform import GuestExit, VmHandleData
+from hangar.agent.platform import GuestExit, GuestNetwork, VmHandleData
 from hangar.model.machine import Machine
 from hangar.vmm.proc import read_process
 
@@ -24,8 +24,14 @@ ARGV_FILE = "argv.json"
 
 
 class SleepingVmmPlatform(QemuGuestPlatform):
-    async def launch(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmHandleData:
-        spec = await self.vm_spec(machine, run_dir, gpus)
+    async def launch(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        gpus: list[str],
+        network: GuestNetwork | None = None,
+    ) -> VmHandleData:
+        spec = await self.vm_spec(machine, run_dir, gpus, network)
         (run_dir / ARGV_FILE).write_text(json.dumps(self.driver.prepare(spec)))
         process = subprocess.Popen(["sleep", "3600"], start_new_session=True)
         info = read_process(process.pid)

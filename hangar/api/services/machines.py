@@ -17,6 +17,7 @@ from hangar.api.schemas import (
     StopRequest,
     UpdateMachineRequest,
 )
+from hangar.api.services.addresses import PrivateAddresses
 from hangar.api.services.image_policy import ImagePolicy
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
@@ -68,7 +69,9 @@ class MachineService:
         quotas: QuotaService,
         images: ImagePolicy,
         platform: PlatformService,
+        addresses: PrivateAddresses | None = None,
     ) -> None:
+        self._addresses = addresses
         self._platform = platform
         self._store = store
         self._runs = runs
@@ -200,6 +203,9 @@ class MachineService:
             created_at=now,
             updated_at=now,
             host_id=self._host.id,
+            private_ip=(
+                self._addresses.for_machine(app, machine_id) if self._addresses is not None else ""
+            ),
         )
         self._store.insert_machine(machine)
         self._record(machine_id, "launch", "created", {"skip_launch": request.skip_launch})
