@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 skopeo umoci e2fsprogs busybox-static docker-registry cpio kmod \
-	ca-certificates python3-venv
+	ca-certificates python3-venv etcd-server
 PYTEST_ARGS ?=
 # make fuzz: schemathesis examples per API operation and pass (make test runs 8), and a time guard
 FUZZ_EXAMPLES ?= 200

@@ -24,6 +24,11 @@ Hierarchy::
      +-- VmmError                   the VMM misbehaved: launch failure, QMP failure
      +-- DeviceError                sysfs / VFIO / reset failure on a host device
      +-- StoreError                 the store could not commit (retryable by callers)
+     |    +-- StoreUnavailable      503  the store cannot be reached or has no quorum
+     |    +-- StoreRejected         the store refused a request as malformed (not retryable)
+     +-- SealedValueError           a sealed (encrypted) value failed to open: wrong key, tampered
+
+``retryable`` says whether the same call may succeed later unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class HangarError(Exception):
 
     http_status: int = 500
     code: str = "internal_error"
+    retryable: bool = False
 
     def __init__(self, message: str, **fields: Any) -> None:
         super().__init__(message)
@@ -106,6 +112,35 @@ class DeviceError(HangarError):
 
 class StoreError(HangarError):
     code = "store_error"
+    retryable = True
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or has lost quorum. Nothing is half done: a write either
+    did not happen (``outcome_unknown`` false) or is one atomic transaction that may still
+    commit when quorum returns (``outcome_unknown`` true; compare-and-set writes can be checked
+    by reading the key back)."""
+
+    http_status = 503
+    code = "store_unavailable"
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False, **fields: Any) -> None:
+        super().__init__(message, outcome_unknown=outcome_unknown, **fields)
+        self.outcome_unknown = outcome_unknown
+
+
+class StoreRejected(StoreError):
+    """The store refused a request (too large, malformed, a compacted revision): retrying the
+    same request fails the same way."""
+
+    retryable = False
+    code = "store_rejected"
+
+
+class SealedValueError(HangarError):
+    """A sealed value did not open: written under another key, for another place, or altered."""
+
+    code = "sealed_value_invalid"
 
 
 class Unauthenticated(HangarError):
@@ -125,6 +160,7 @@ class Forbidden(HangarError):
 class RateLimited(HangarError):
     http_status = 429
     code = "rate_limited"
+    retryable = True
 
     def __init__(self, message: str, retry_after_s: float, **fields: Any) -> None:
         super().__init__(message, retry_after_s=retry_after_s, **fields)

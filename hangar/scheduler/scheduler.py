@@ -4,20 +4,32 @@ Each ``Scheduler`` keeps its own index of the fleet (several may run against one
 API replicas do). A lost compare-and-set means another scheduler changed that host: the
 scheduler re-reads the host and places again, so the loser either lands elsewhere or gets
 ``insufficient_capacity``; it never writes over the winner.
+
+``place_many`` places a batch the same way with one store round trip per attempt: on a store
+whose writes cost a network round trip and a disk sync (etcd), a batch shares them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from hangar.errors import InsufficientCapacity, InvalidRequest, StoreError
-from hangar.scheduler.claims import ClaimStore
+from hangar.errors import HangarError, InsufficientCapacity, InvalidRequest, StoreError
+from hangar.scheduler.claims import ClaimStore, compare_and_set_many
 from hangar.scheduler.index import PRESSURE_REFRESH, Choice, PlacementIndex, stable_rank
-from hangar.scheduler.model import Claim, Placement, PlacementRequest
+from hangar.scheduler.model import Claim, HostState, Placement, PlacementRequest
 from hangar.scheduler.profile import WorkloadProfile
 from hangar.scheduler.regions import RegionCatalog
 
 DEFAULT_MAX_ATTEMPTS = 8
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    lost_races: int = 0
+    """Compare-and-sets lost to another writer."""
+    retried: int = 0
+    """Placements chosen again after their host's write lost."""
 
 
 class Scheduler:
@@ -36,6 +48,7 @@ class Scheduler:
         self._catalog = catalog or RegionCatalog()
         self._max_attempts = max_attempts
         self.index = PlacementIndex(profile or WorkloadProfile.empty(), rank_of, pressure_refresh)
+        self.stats = SchedulerStats()
         self.refresh()
 
     def refresh(self) -> None:
@@ -76,12 +89,103 @@ class Scheduler:
             if self._store.compare_and_set(choice.host_id, choice.version, new_state):
                 self.index.upsert(new_state, choice.version + 1)
                 return Placement(choice.host_id, new_state.region, claim)
+            self.stats.lost_races += 1
+            self.stats.retried += 1
             self.refresh_host(choice.host_id)
         raise StoreError(
             f"placement of {request.machine_id} lost {self._max_attempts} races in a row",
             machine_id=request.machine_id,
             attempts=self._max_attempts,
         )
+
+    def place_many(self, requests: Sequence[PlacementRequest]) -> list[Placement | HangarError]:
+        """Place a batch: each request is chosen as ``place`` would choose it, in order, on the
+        index as the earlier ones of the batch left it; every host's new claims go in one
+        compare-and-set and all hosts' in one ``compare_and_set_many``. Requests on a host
+        that lost its race are chosen again on fresh data, as are refusals of that attempt
+        (they may have seen claims that lost). One answer per request, in order: its
+        ``Placement`` or the error ``place`` would raise. A store error (``StoreUnavailable``)
+        propagates with the index as it was before the failed attempt."""
+        answers: list[Placement | HangarError | None] = [None] * len(requests)
+        pending = []
+        for position, request in enumerate(requests):
+            if request.machine_id:
+                pending.append(position)
+            else:
+                answers[position] = InvalidRequest(
+                    "a placement needs the machine's id", field="machine_id"
+                )
+        for _ in range(self._max_attempts):
+            if not pending:
+                break
+            pending = self._place_attempt(requests, pending, answers)
+        for position in pending:
+            request = requests[position]
+            answers[position] = StoreError(
+                f"placement of {request.machine_id} lost {self._max_attempts} races in a row",
+                machine_id=request.machine_id,
+                attempts=self._max_attempts,
+            )
+        settled = [answer for answer in answers if answer is not None]
+        assert len(settled) == len(requests)
+        return settled
+
+    def _place_attempt(
+        self,
+        requests: Sequence[PlacementRequest],
+        pending: list[int],
+        answers: list[Placement | HangarError | None],
+    ) -> list[int]:
+        """One round of ``place_many``: choose, write, settle; the positions to try again."""
+        writes: dict[str, tuple[int, HostState]] = {}
+        before: dict[str, tuple[HostState, int]] = {}
+        placed: dict[str, list[tuple[int, Claim]]] = {}
+        refused: list[int] = []
+        for position in pending:
+            request = requests[position]
+            regions = self._catalog.expand(request.region, self.index.regions())
+            choice = self._choose(request, regions)
+            if choice is None:
+                answers[position] = capacity_error(request, regions)
+                refused.append(position)
+                continue
+            claim = Claim(
+                request.machine_id,
+                request.cpu_milli,
+                request.memory_mb,
+                choice.gpu_indexes,
+                choice.gpu_milli,
+            )
+            try:
+                new_state = choice.state.with_claim(claim)
+            except InvalidRequest as error:
+                answers[position] = error
+                continue
+            before.setdefault(choice.host_id, (choice.state, choice.version))
+            writes[choice.host_id] = (choice.version, new_state)
+            placed.setdefault(choice.host_id, []).append((position, claim))
+            self.index.upsert(new_state, choice.version)  # later requests see this claim
+        batch = [(host_id, version, state) for host_id, (version, state) in writes.items()]
+        try:
+            outcomes = compare_and_set_many(self._store, batch)
+        except BaseException:
+            for state, version in before.values():
+                self.index.upsert(state, version)
+            raise
+        again: list[int] = []
+        for (host_id, version, state), won in zip(batch, outcomes, strict=True):
+            if won:
+                self.index.upsert(state, version + 1)
+                for position, claim in placed[host_id]:
+                    answers[position] = Placement(host_id, state.region, claim)
+                continue
+            self.stats.lost_races += 1
+            self.stats.retried += len(placed[host_id])
+            self.refresh_host(host_id)
+            again.extend(position for position, _ in placed[host_id])
+        if again:
+            again.extend(refused)
+        return sorted(again)
 
     def release(self, host_id: str, machine_id: str) -> None:
         """Give back what ``machine_id`` holds on ``host_id`` (its GPUs go to ``cleaning``)."""
@@ -98,6 +202,7 @@ class Scheduler:
             if self._store.compare_and_set(host_id, entry.version, new_state):
                 self.index.upsert(new_state, entry.version + 1)
                 return
+            self.stats.lost_races += 1
             self.refresh_host(host_id)
         raise StoreError(
             f"release of {machine_id} on {host_id} lost {self._max_attempts} races in a row",
