@@ -6,6 +6,11 @@ Mounted by the CLI; runnable on its own meanwhile::
         --nodes ../shared/data/alibaba-gpu-v2023/openb_node_list_gpu_node.csv \\
         --pods ../shared/data/alibaba-gpu-v2023/openb_pod_list_default.csv --seeds 42..51
     python -m hangar.scheduler.bench_cli placement --synthetic-hosts 10000 --machines 100000
+    python -m hangar.scheduler.bench_cli placement --etcd-cluster 3 --machines 100000
+
+With ``--etcd URL[,URL...]`` (or ``--etcd-cluster N``: a local cluster of N members started for
+the run) schedulers in separate processes race through etcd, and the single-process SQLite
+figure is measured in the same run; the rates end the output, one a line.
 """
 
 from __future__ import annotations
@@ -93,8 +98,38 @@ def placement(
     store: Annotated[
         str, typer.Option(help="Throughput mode: claim store, 'sqlite' (embedded) or 'memory'.")
     ] = "sqlite",
+    etcd: Annotated[
+        str | None,
+        typer.Option(help="Race schedulers through this etcd (client URLs, comma-separated)."),
+    ] = None,
+    etcd_cluster: Annotated[
+        int | None,
+        typer.Option(min=1, help="Race through a local etcd of this many members (started here)."),
+    ] = None,
+    schedulers: Annotated[
+        int, typer.Option(min=1, help="etcd mode: scheduler processes racing.")
+    ] = 2,
+    batch: Annotated[
+        int,
+        typer.Option(min=1, max=128, help="etcd mode: placements per transaction (1: one each)."),
+    ] = 32,
+    refresh_every: Annotated[
+        int, typer.Option(min=0, help="etcd mode: requests between index refreshes (0: never).")
+    ] = 2000,
 ) -> None:
     """Allocation ratio on a trace (FGD paper's method), or placements per second."""
+    if etcd is not None or etcd_cluster is not None:
+        _etcd_race(
+            etcd,
+            etcd_cluster,
+            synthetic_hosts or 10_000,
+            machines,
+            schedulers=schedulers,
+            batch=batch,
+            refresh_every=refresh_every,
+            as_json=as_json,
+        )
+        return
     if synthetic_hosts is not None:
         throughput = run_throughput_bench(
             synthetic_hosts, machines, store_factory=claim_store_factory(store)
@@ -112,6 +147,58 @@ def placement(
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     typer.echo(json.dumps(result.to_json(), indent=2) if as_json else result.table())
+
+
+def _etcd_race(
+    endpoints: str | None,
+    members: int | None,
+    hosts: int,
+    machines: int,
+    *,
+    schedulers: int,
+    batch: int,
+    refresh_every: int,
+    as_json: bool,
+) -> None:
+    from hangar.errors import InvalidRequest
+    from hangar.store.etcd.bench import run_etcd_race_bench
+    from hangar.store.etcd.client import parse_endpoints
+    from hangar.store.etcd.local import LocalEtcdCluster
+
+    if endpoints is not None and members is not None:
+        raise typer.BadParameter("give --etcd or --etcd-cluster, not both")
+    given: list[str] = []
+    if endpoints is not None:
+        try:
+            given = [endpoint.url for endpoint in parse_endpoints(endpoints)]
+        except InvalidRequest as error:
+            raise typer.BadParameter(error.message, param_hint="--etcd") from None
+    cluster = LocalEtcdCluster(members).start() if members is not None else None
+    try:
+        urls = cluster.endpoints if cluster is not None else given
+        print(f"racing {schedulers} schedulers through etcd {','.join(urls)} ...", file=sys.stderr)
+        raced = run_etcd_race_bench(
+            urls,
+            hosts,
+            machines,
+            schedulers=schedulers,
+            batch=batch,
+            refresh_every=refresh_every,
+        )
+    finally:
+        if cluster is not None:
+            cluster.close()
+    print("single-process SQLite, same fleet and requests ...", file=sys.stderr)
+    alone = run_throughput_bench(hosts, machines, store_factory=claim_store_factory("sqlite"))
+    ratio = raced.placements_per_s / alone.placements_per_s if alone.placements_per_s else 0.0
+    if as_json:
+        typer.echo(json.dumps({"etcd": raced.to_json(), "sqlite": alone.to_json(), "ratio": ratio}))
+        return
+    typer.echo(raced.summary())
+    typer.echo(f"sqlite (one process): {alone.summary()}")
+    typer.echo(f"placements/s etcd: {raced.placements_per_s:.0f}")
+    typer.echo(f"placements/s sqlite: {alone.placements_per_s:.0f}")
+    typer.echo(f"ratio etcd/sqlite: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,8 @@ class Scheduler:
                 break
             pending = self._place_attempt(requests, pending, answers)
         for position in pending:
+            if answers[position] is not None:
+                continue  # refused on the last attempt: no capacity is its answer
             request = requests[position]
             answers[position] = StoreError(
                 f"placement of {request.machine_id} lost {self._max_attempts} races in a row",
@@ -175,14 +177,20 @@ class Scheduler:
         again: list[int] = []
         for (host_id, version, state), won in zip(batch, outcomes, strict=True):
             if won:
-                self.index.upsert(state, version + 1)
+                entry = self.index.get(host_id)
+                if entry is not None and entry.state is state:
+                    entry.version = version + 1  # the index holds this state already
+                else:
+                    self.index.upsert(state, version + 1)
                 for position, claim in placed[host_id]:
                     answers[position] = Placement(host_id, state.region, claim)
                 continue
             self.stats.lost_races += 1
             self.stats.retried += len(placed[host_id])
             self.refresh_host(host_id)
-            again.extend(position for position, _ in placed[host_id])
+            for position, _ in placed[host_id]:
+                answers[position] = None
+                again.append(position)
         if again:
             again.extend(refused)
         return sorted(again)

@@ -1,0 +1,334 @@
+"""Placement throughput through etcd: schedulers in separate processes racing on one fleet.
+
+``run_etcd_race_bench`` registers a synthetic fleet under a fresh prefix, starts ``schedulers``
+worker processes (each with its own client, watch-fed ``EtcdClaimStore`` and ``Scheduler``, as
+API replicas would run), releases them together on the same request stream dealt round-robin,
+and times until the last one is done. Each places ``batch`` requests per ``place_many`` (one
+etcd transaction per attempt; ``batch`` 1 uses ``place``, one transaction per placement) and
+refreshes its index from its cache every ``refresh_every`` requests. Afterwards it reads every
+host back from etcd and checks that no machine is claimed twice, no GPU is over-committed and
+every claim is one a worker was told it won (``double_claims`` counts every violation).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import secrets
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.synchronize import Barrier
+from typing import Any
+
+from hangar.errors import HangarError, InsufficientCapacity
+from hangar.scheduler.bench import PROFILE_SAMPLE
+from hangar.scheduler.index import stable_rank
+from hangar.scheduler.model import Placement, PlacementRequest
+from hangar.scheduler.profile import WorkloadProfile
+from hangar.scheduler.scheduler import Scheduler
+from hangar.scheduler.synthetic import synthetic_hosts, synthetic_requests
+from hangar.store.etcd.claims import EtcdClaimStore
+from hangar.store.etcd.client import EtcdClient
+from hangar.store.etcd.keys import KeyLayout
+
+BENCH_TIMEOUT_S = 30.0
+"""Client timeout of the bench's etcd calls (a loaded single-core etcd can be slow)."""
+START_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerResult:
+    number: int
+    requests: int
+    placed: dict[str, str]
+    """Machine -> host, for every placement this worker was told it won."""
+    rejected: int
+    errors: dict[str, int]
+    """Error code -> count, for answers other than a placement or insufficient_capacity."""
+    lost_races: int
+    retried: int
+    seconds: float
+    cpu_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdRaceResult:
+    endpoints: tuple[str, ...]
+    hosts: int
+    machines: int
+    batch: int
+    refresh_every: int
+    seconds: float
+    setup_seconds: float
+    workers: tuple[WorkerResult, ...]
+    double_claims: int
+    unaccounted_claims: int
+
+    @property
+    def placed(self) -> int:
+        return sum(len(worker.placed) for worker in self.workers)
+
+    @property
+    def rejected(self) -> int:
+        return sum(worker.rejected for worker in self.workers)
+
+    @property
+    def conflicts(self) -> int:
+        return sum(worker.lost_races for worker in self.workers)
+
+    @property
+    def retries(self) -> int:
+        return sum(worker.retried for worker in self.workers)
+
+    @property
+    def placements_per_s(self) -> float:
+        return self.machines / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"etcd {','.join(self.endpoints)}: {self.hosts} hosts, {self.machines} requests, "
+            f"{len(self.workers)} schedulers racing (processes), batch {self.batch}, "
+            f"refresh every {self.refresh_every}; setup {self.setup_seconds:.1f} s",
+        ]
+        for worker in self.workers:
+            lines.append(
+                f"  scheduler {worker.number}: {worker.requests} requests in "
+                f"{worker.seconds:.2f} s (cpu {worker.cpu_seconds:.2f} s): "
+                f"{len(worker.placed)} placed, {worker.rejected} insufficient_capacity, "
+                f"errors {worker.errors or 'none'}, {worker.lost_races} conflicts, "
+                f"{worker.retried} retries"
+            )
+        lines.append(
+            f"  {self.placed} placed, {self.rejected} insufficient_capacity in "
+            f"{self.seconds:.2f} s; conflicts (lost compare-and-sets) {self.conflicts}, "
+            f"retries (placements chosen again) {self.retries}"
+        )
+        lines.append(
+            f"  double claims: {self.double_claims}; claims no scheduler was told it won: "
+            f"{self.unaccounted_claims}"
+        )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "endpoints": list(self.endpoints),
+            "hosts": self.hosts,
+            "machines": self.machines,
+            "schedulers": len(self.workers),
+            "batch": self.batch,
+            "refresh_every": self.refresh_every,
+            "seconds": round(self.seconds, 3),
+            "setup_seconds": round(self.setup_seconds, 3),
+            "placed": self.placed,
+            "rejected": self.rejected,
+            "conflicts": self.conflicts,
+            "retries": self.retries,
+            "double_claims": self.double_claims,
+            "unaccounted_claims": self.unaccounted_claims,
+            "placements_per_s": round(self.placements_per_s, 1),
+            "workers": [
+                {
+                    "requests": w.requests,
+                    "placed": len(w.placed),
+                    "rejected": w.rejected,
+                    "errors": w.errors,
+                    "conflicts": w.lost_races,
+                    "retries": w.retried,
+                    "seconds": round(w.seconds, 3),
+                    "cpu_seconds": round(w.cpu_seconds, 3),
+                }
+                for w in self.workers
+            ],
+        }
+
+
+def run_etcd_race_bench(
+    endpoints: Sequence[str],
+    hosts: int,
+    machines: int,
+    *,
+    schedulers: int = 2,
+    batch: int = 32,
+    refresh_every: int = 2000,
+    seed: int = 0,
+    spread_ranks: bool = True,
+    keep: bool = False,
+) -> EtcdRaceResult:
+    """``spread_ranks`` gives each scheduler its own order among equally good hosts (replicas
+    would be configured so), so racing schedulers start filling different hosts."""
+    started = time.perf_counter()
+    layout = KeyLayout(f"/hangar-bench-{secrets.token_hex(4)}")
+    client = EtcdClient(endpoints, timeout_s=BENCH_TIMEOUT_S)
+    try:
+        EtcdClaimStore(client, layout).put_hosts(synthetic_hosts(hosts, seed))
+        requests = synthetic_requests(machines, seed)
+        context = multiprocessing.get_context("spawn")
+        barrier = context.Barrier(schedulers + 1)
+        results = context.Queue()
+        workers = [
+            context.Process(
+                target=_worker,
+                args=(
+                    number,
+                    list(endpoints),
+                    layout.prefix,
+                    requests[number::schedulers],
+                    requests[:PROFILE_SAMPLE],
+                    batch,
+                    refresh_every,
+                    spread_ranks,
+                    barrier,
+                    results,
+                ),
+                name=f"bench scheduler {number}",
+            )
+            for number in range(schedulers)
+        ]
+        for worker in workers:
+            worker.start()
+        try:
+            barrier.wait(START_TIMEOUT_S)
+            setup = time.perf_counter() - started
+            outcomes = [results.get(timeout=START_TIMEOUT_S * 4) for _ in workers]
+        finally:
+            for worker in workers:
+                worker.join(timeout=10)
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
+        failed = [outcome for outcome in outcomes if isinstance(outcome, str)]
+        if failed:
+            raise RuntimeError(f"a bench scheduler failed: {failed[0]}")
+        done = sorted((o for o in outcomes if isinstance(o, WorkerResult)), key=lambda w: w.number)
+        double, unaccounted = _check_claims(EtcdClaimStore(client, layout), done)
+        return EtcdRaceResult(
+            endpoints=tuple(endpoints),
+            hosts=hosts,
+            machines=machines,
+            batch=batch,
+            refresh_every=refresh_every,
+            seconds=max(worker.seconds for worker in done),  # their starts are one barrier
+            setup_seconds=setup,
+            workers=tuple(done),
+            double_claims=double,
+            unaccounted_claims=unaccounted,
+        )
+    finally:
+        if not keep:
+            client.delete(layout.prefix + "/", prefix=True)
+        client.close()
+
+
+def _check_claims(store: EtcdClaimStore, workers: Sequence[WorkerResult]) -> tuple[int, int]:
+    """(double claims, claims nobody was told they won), from what etcd holds now."""
+    snapshot = store.snapshot()  # every state decodes, so no GPU is over-committed
+    holders: Counter[str] = Counter()
+    gpu_holders: Counter[tuple[str, int]] = Counter()
+    where: dict[str, str] = {}
+    for record in snapshot.values():
+        for claim in record.state.claims:
+            holders[claim.machine_id] += 1
+            where[claim.machine_id] = record.state.id
+            if claim.whole_gpus:
+                for index in claim.gpu_indexes:
+                    gpu_holders[(record.state.id, index)] += 1
+    double = sum(count - 1 for count in holders.values() if count > 1)
+    double += sum(count - 1 for count in gpu_holders.values() if count > 1)
+    told = {machine: host for worker in workers for machine, host in worker.placed.items()}
+    double += sum(1 for machine, host in told.items() if where.get(machine) != host)
+    unaccounted = sum(1 for machine in where if machine not in told)
+    return double, unaccounted
+
+
+def _worker(
+    number: int,
+    endpoints: list[str],
+    prefix: str,
+    requests: list[PlacementRequest],
+    profile_sample: list[PlacementRequest],
+    batch: int,
+    refresh_every: int,
+    spread_ranks: bool,
+    barrier: Barrier,
+    results: Any,
+) -> None:
+    try:
+        results.put(
+            _place_all(
+                number,
+                endpoints,
+                prefix,
+                requests,
+                profile_sample,
+                batch,
+                refresh_every,
+                spread_ranks,
+                barrier,
+            )
+        )
+    except BaseException as error:
+        barrier.abort()
+        results.put(f"scheduler {number}: {type(error).__name__}: {error}")
+
+
+def _place_all(
+    number: int,
+    endpoints: list[str],
+    prefix: str,
+    requests: list[PlacementRequest],
+    profile_sample: list[PlacementRequest],
+    batch: int,
+    refresh_every: int,
+    spread_ranks: bool,
+    barrier: Barrier,
+) -> WorkerResult:
+    client = EtcdClient(endpoints, timeout_s=BENCH_TIMEOUT_S)
+    store = EtcdClaimStore(client, KeyLayout(prefix)).start()
+    salt = f"scheduler-{number}:"
+    scheduler = Scheduler(
+        store,
+        WorkloadProfile.from_requests(profile_sample),
+        rank_of=(lambda host_id: stable_rank(salt + host_id)) if spread_ranks else stable_rank,
+    )
+    placed: dict[str, str] = {}
+    rejected = 0
+    errors: Counter[str] = Counter()
+    barrier.wait(START_TIMEOUT_S)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    since_refresh = 0
+    for first in range(0, len(requests), batch):
+        chunk = requests[first : first + batch]
+        answers: list[Placement | HangarError]
+        if batch == 1:
+            try:
+                answers = [scheduler.place(chunk[0])]
+            except HangarError as error:
+                answers = [error]
+        else:
+            answers = scheduler.place_many(chunk)
+        for request, answer in zip(chunk, answers, strict=True):
+            if isinstance(answer, Placement):
+                placed[request.machine_id] = answer.host_id
+            elif isinstance(answer, InsufficientCapacity):
+                rejected += 1
+            else:
+                errors[answer.code] += 1
+        since_refresh += len(chunk)
+        if refresh_every and since_refresh >= refresh_every:
+            scheduler.refresh()
+            since_refresh = 0
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    store.close()
+    client.close()
+    return WorkerResult(
+        number=number,
+        requests=len(requests),
+        placed=placed,
+        rejected=rejected,
+        errors=dict(errors),
+        lost_races=scheduler.stats.lost_races,
+        retried=scheduler.stats.retried,
+        seconds=seconds,
+        cpu_seconds=cpu,
+    )
