@@ -184,6 +184,7 @@ def _etcd_race(
             schedulers=schedulers,
             batch=batch,
             refresh_every=refresh_every,
+            server_cpu=cluster.cpu_seconds if cluster is not None else None,
         )
     finally:
         if cluster is not None:

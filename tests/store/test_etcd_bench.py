@@ -15,7 +15,12 @@ from hangar.store.etcd.local import LocalEtcdCluster
 
 def test_racing_schedulers_place_every_request_once(etcd_cluster: LocalEtcdCluster) -> None:
     result = run_etcd_race_bench(
-        etcd_cluster.endpoints, hosts=60, machines=1200, batch=16, refresh_every=200
+        etcd_cluster.endpoints,
+        hosts=60,
+        machines=1200,
+        batch=16,
+        refresh_every=200,
+        server_cpu=etcd_cluster.cpu_seconds,
     )
     assert len(result.workers) == 2
     assert all(worker.requests == 600 for worker in result.workers)
@@ -24,6 +29,7 @@ def test_racing_schedulers_place_every_request_once(etcd_cluster: LocalEtcdClust
     assert result.placed > 600 and result.rejected > 0, "the fleet fills up"
     assert result.double_claims == 0 and result.unaccounted_claims == 0
     assert result.placements_per_s > 0
+    assert result.server_cpu_seconds is not None and result.server_cpu_seconds > 0
     assert f"double claims: {result.double_claims}" in result.summary()
     client = EtcdClient(etcd_cluster.endpoints)
     leftovers = [kv.key for kv in client.range_prefix("/hangar-bench-").kvs]
@@ -63,6 +69,7 @@ def test_cli_starts_its_own_etcd_and_prints_the_rates() -> None:
     assert re.fullmatch(r"placements/s sqlite: \d+", lines[-2])
     assert re.fullmatch(r"ratio etcd/sqlite: \d+\.\d\d", lines[-1])
     assert "double claims: 0;" in result.stdout
+    assert re.search(r"cpu per request: schedulers \d+ us, etcd \d+ us", result.stdout)
 
 
 def test_cli_refuses_both_etcd_options_and_bad_urls() -> None:

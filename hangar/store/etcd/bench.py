@@ -13,10 +13,11 @@ every claim is one a worker was told it won (``double_claims`` counts every viol
 from __future__ import annotations
 
 import multiprocessing
+import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.synchronize import Barrier
 from typing import Any
@@ -64,6 +65,10 @@ class EtcdRaceResult:
     workers: tuple[WorkerResult, ...]
     double_claims: int
     unaccounted_claims: int
+    server_cpu_seconds: float | None = None
+    """CPU the etcd members spent during the race, when they run here (``--etcd-cluster``)."""
+    load_average: tuple[float, float] = (0.0, 0.0)
+    """The machine's 1-minute load average when the race started and when it ended."""
 
     @property
     def placed(self) -> int:
@@ -108,6 +113,14 @@ class EtcdRaceResult:
             f"  double claims: {self.double_claims}; claims no scheduler was told it won: "
             f"{self.unaccounted_claims}"
         )
+        client_cpu = sum(worker.cpu_seconds for worker in self.workers)
+        cpu = f"  cpu per request: schedulers {client_cpu / self.machines * 1e6:.0f} us"
+        if self.server_cpu_seconds is not None:
+            cpu += f", etcd {self.server_cpu_seconds / self.machines * 1e6:.0f} us"
+        lines.append(
+            f"{cpu}; load average {self.load_average[0]:.1f} at start, "
+            f"{self.load_average[1]:.1f} at end ({os.cpu_count()} cores)"
+        )
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -126,6 +139,8 @@ class EtcdRaceResult:
             "retries": self.retries,
             "double_claims": self.double_claims,
             "unaccounted_claims": self.unaccounted_claims,
+            "server_cpu_seconds": self.server_cpu_seconds,
+            "load_average": list(self.load_average),
             "placements_per_s": round(self.placements_per_s, 1),
             "workers": [
                 {
@@ -154,9 +169,11 @@ def run_etcd_race_bench(
     seed: int = 0,
     spread_ranks: bool = True,
     keep: bool = False,
+    server_cpu: Callable[[], float] | None = None,
 ) -> EtcdRaceResult:
     """``spread_ranks`` gives each scheduler its own order among equally good hosts (replicas
-    would be configured so), so racing schedulers start filling different hosts."""
+    would be configured so), so racing schedulers start filling different hosts.
+    ``server_cpu`` reads the etcd members' CPU seconds so far (when they run here)."""
     started = time.perf_counter()
     layout = KeyLayout(f"/hangar-bench-{secrets.token_hex(4)}")
     client = EtcdClient(endpoints, timeout_s=BENCH_TIMEOUT_S)
@@ -190,7 +207,11 @@ def run_etcd_race_bench(
         try:
             barrier.wait(START_TIMEOUT_S)
             setup = time.perf_counter() - started
+            load_start = os.getloadavg()[0]
+            cpu_start = server_cpu() if server_cpu is not None else 0.0
             outcomes = [results.get(timeout=START_TIMEOUT_S * 4) for _ in workers]
+            cpu_spent = server_cpu() - cpu_start if server_cpu is not None else None
+            load_end = os.getloadavg()[0]
         finally:
             for worker in workers:
                 worker.join(timeout=10)
@@ -213,6 +234,8 @@ def run_etcd_race_bench(
             workers=tuple(done),
             double_claims=double,
             unaccounted_claims=unaccounted,
+            server_cpu_seconds=cpu_spent,
+            load_average=(load_start, load_end),
         )
     finally:
         if not keep:

