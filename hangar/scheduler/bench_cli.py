@@ -160,7 +160,7 @@ def _etcd_race(
     refresh_every: int,
     as_json: bool,
 ) -> None:
-    from hangar.errors import InvalidRequest
+    from hangar.errors import HangarError, InvalidRequest
     from hangar.store.etcd.bench import run_etcd_race_bench
     from hangar.store.etcd.client import parse_endpoints
     from hangar.store.etcd.local import LocalEtcdCluster
@@ -186,6 +186,9 @@ def _etcd_race(
             refresh_every=refresh_every,
             server_cpu=cluster.cpu_seconds if cluster is not None else None,
         )
+    except HangarError as error:
+        typer.echo(f"error: {error.message}", err=True)
+        raise typer.Exit(1) from None
     finally:
         if cluster is not None:
             cluster.close()

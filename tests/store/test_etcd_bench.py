@@ -8,6 +8,7 @@ import re
 from typer.testing import CliRunner
 
 from hangar.scheduler.bench_cli import app
+from hangar.server_process import free_port
 from hangar.store.etcd.bench import run_etcd_race_bench
 from hangar.store.etcd.client import EtcdClient
 from hangar.store.etcd.local import LocalEtcdCluster
@@ -79,3 +80,12 @@ def test_cli_refuses_both_etcd_options_and_bad_urls() -> None:
     assert both.exit_code != 0 and "not both" in both.output
     bad = CliRunner().invoke(app, ["placement", "--etcd", "ftp://127.0.0.1:1"])
     assert bad.exit_code == 2 and "http://HOST:PORT" in bad.output
+
+
+def test_cli_says_when_etcd_cannot_be_reached() -> None:
+    port = free_port()  # nothing listens there
+    result = CliRunner().invoke(
+        app, ["placement", "--etcd", f"http://127.0.0.1:{port}", "--machines", "10"]
+    )
+    assert result.exit_code == 1
+    assert "etcd is unavailable" in result.output

@@ -12,9 +12,12 @@ every claim is one a worker was told it won (``double_claims`` counts every viol
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import queue
 import secrets
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
-from hangar.errors import HangarError, InsufficientCapacity
+from hangar.errors import HangarError, InsufficientCapacity, StoreError
 from hangar.scheduler.bench import PROFILE_SAMPLE
 from hangar.scheduler.index import stable_rank
 from hangar.scheduler.model import Placement, PlacementRequest
@@ -205,7 +208,14 @@ def run_etcd_race_bench(
         for worker in workers:
             worker.start()
         try:
-            barrier.wait(START_TIMEOUT_S)
+            try:
+                barrier.wait(START_TIMEOUT_S)
+            except threading.BrokenBarrierError:
+                try:
+                    reason = results.get(timeout=10)
+                except queue.Empty:
+                    reason = "no reason given"
+                raise RuntimeError(f"a bench scheduler failed to start: {reason}") from None
             setup = time.perf_counter() - started
             load_start = os.getloadavg()[0]
             cpu_start = server_cpu() if server_cpu is not None else 0.0
@@ -239,7 +249,8 @@ def run_etcd_race_bench(
         )
     finally:
         if not keep:
-            client.delete(layout.prefix + "/", prefix=True)
+            with contextlib.suppress(StoreError):  # etcd gone: its error is already on its way
+                client.delete(layout.prefix + "/", prefix=True)
         client.close()
 
 
