@@ -17,12 +17,12 @@ import multiprocessing
 import os
 import queue
 import secrets
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.synchronize import Barrier
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
 from hangar.errors import HangarError, InsufficientCapacity, StoreError
@@ -39,6 +39,8 @@ from hangar.store.etcd.keys import KeyLayout
 BENCH_TIMEOUT_S = 30.0
 """Client timeout of the bench's etcd calls (a loaded single-core etcd can be slow)."""
 START_TIMEOUT_S = 300.0
+RACE_TIMEOUT_S = 3600.0
+POLL_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +186,8 @@ def run_etcd_race_bench(
         EtcdClaimStore(client, layout).put_hosts(synthetic_hosts(hosts, seed))
         requests = synthetic_requests(machines, seed)
         context = multiprocessing.get_context("spawn")
-        barrier = context.Barrier(schedulers + 1)
-        results = context.Queue()
+        go = context.Event()
+        messages = context.Queue()
         workers = [
             context.Process(
                 target=_worker,
@@ -198,8 +200,8 @@ def run_etcd_race_bench(
                     batch,
                     refresh_every,
                     spread_ranks,
-                    barrier,
-                    results,
+                    go,
+                    messages,
                 ),
                 name=f"bench scheduler {number}",
             )
@@ -208,29 +210,21 @@ def run_etcd_race_bench(
         for worker in workers:
             worker.start()
         try:
-            try:
-                barrier.wait(START_TIMEOUT_S)
-            except threading.BrokenBarrierError:
-                try:
-                    reason = results.get(timeout=10)
-                except queue.Empty:
-                    reason = "no reason given"
-                raise RuntimeError(f"a bench scheduler failed to start: {reason}") from None
+            _collect(messages, workers, "ready", START_TIMEOUT_S)
             setup = time.perf_counter() - started
             load_start = os.getloadavg()[0]
             cpu_start = server_cpu() if server_cpu is not None else 0.0
-            outcomes = [results.get(timeout=START_TIMEOUT_S * 4) for _ in workers]
+            go.set()
+            outcomes = _collect(messages, workers, "done", RACE_TIMEOUT_S)
             cpu_spent = server_cpu() - cpu_start if server_cpu is not None else None
             load_end = os.getloadavg()[0]
         finally:
+            go.set()
             for worker in workers:
                 worker.join(timeout=10)
                 if worker.is_alive():
                     worker.kill()
                     worker.join()
-        failed = [outcome for outcome in outcomes if isinstance(outcome, str)]
-        if failed:
-            raise RuntimeError(f"a bench scheduler failed: {failed[0]}")
         done = sorted((o for o in outcomes if isinstance(o, WorkerResult)), key=lambda w: w.number)
         double, unaccounted = _check_claims(EtcdClaimStore(client, layout), done)
         return EtcdRaceResult(
@@ -239,7 +233,7 @@ def run_etcd_race_bench(
             machines=machines,
             batch=batch,
             refresh_every=refresh_every,
-            seconds=max(worker.seconds for worker in done),  # their starts are one barrier
+            seconds=max(worker.seconds for worker in done),  # they start on one signal
             setup_seconds=setup,
             workers=tuple(done),
             double_claims=double,
@@ -275,6 +269,31 @@ def _check_claims(store: EtcdClaimStore, workers: Sequence[WorkerResult]) -> tup
     return double, unaccounted
 
 
+def _collect(
+    messages: Any, workers: Sequence[BaseProcess], kind: str, timeout_s: float
+) -> list[object]:
+    """One ``kind`` message from every worker; a worker's failure (or death) raises."""
+    deadline = time.monotonic() + timeout_s
+    answers: list[object] = []
+    quiet_polls = 0
+    while len(answers) < len(workers):
+        try:
+            got, body = messages.get(timeout=POLL_S)
+        except queue.Empty:
+            exited = sum(1 for worker in workers if not worker.is_alive())
+            quiet_polls = quiet_polls + 1 if exited > len(answers) else 0
+            if quiet_polls > 1:  # a worker is gone and said nothing for a whole poll
+                raise RuntimeError(f"a bench scheduler exited before it was {kind}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bench schedulers not {kind} in {timeout_s:.0f} s") from None
+            continue
+        if got == "failed":
+            raise RuntimeError(f"a bench scheduler failed: {body}")
+        if got == kind:
+            answers.append(body)
+    return answers
+
+
 def _worker(
     number: int,
     endpoints: list[str],
@@ -284,26 +303,24 @@ def _worker(
     batch: int,
     refresh_every: int,
     spread_ranks: bool,
-    barrier: Barrier,
-    results: Any,
+    go: EventType,
+    messages: Any,
 ) -> None:
     try:
-        results.put(
-            _place_all(
-                number,
-                endpoints,
-                prefix,
-                requests,
-                profile_sample,
-                batch,
-                refresh_every,
-                spread_ranks,
-                barrier,
-            )
+        result = _place_all(
+            number,
+            endpoints,
+            prefix,
+            requests,
+            profile_sample,
+            batch,
+            refresh_every,
+            spread_ranks,
+            lambda: (messages.put(("ready", number)), go.wait(START_TIMEOUT_S)),
         )
+        messages.put(("done", result))
     except BaseException as error:
-        barrier.abort()
-        results.put(f"scheduler {number}: {type(error).__name__}: {error}")
+        messages.put(("failed", f"scheduler {number}: {type(error).__name__}: {error}"))
 
 
 def _place_all(
@@ -315,7 +332,7 @@ def _place_all(
     batch: int,
     refresh_every: int,
     spread_ranks: bool,
-    barrier: Barrier,
+    ready: Callable[[], object],
 ) -> WorkerResult:
     client = EtcdClient(endpoints, timeout_s=BENCH_TIMEOUT_S)
     store = EtcdClaimStore(client, KeyLayout(prefix)).start()
@@ -328,7 +345,7 @@ def _place_all(
     placed: dict[str, str] = {}
     rejected = 0
     errors: Counter[str] = Counter()
-    barrier.wait(START_TIMEOUT_S)
+    ready()  # says so, then waits for the others: every scheduler starts at once
     started, cpu_started = time.perf_counter(), time.process_time()
     since_refresh = 0
     for first in range(0, len(requests), batch):
