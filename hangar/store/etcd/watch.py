@@ -94,11 +94,12 @@ class Watch:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stopped.set()
-        with self._lock:
+        with self._lock:  # the stream closes its connection only after taking the lock
             connection = self._connection
-        if connection is not None and connection.sock is not None:
-            with contextlib.suppress(OSError):
-                connection.sock.shutdown(socket.SHUT_RDWR)
+            sock = connection.sock if connection is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
 
