@@ -112,10 +112,10 @@ def placement(
     batch: Annotated[
         int,
         typer.Option(min=1, max=128, help="etcd mode: placements per transaction (1: one each)."),
-    ] = 32,
+    ] = 64,
     refresh_every: Annotated[
         int, typer.Option(min=0, help="etcd mode: requests between index refreshes (0: never).")
-    ] = 2000,
+    ] = 10_000,
 ) -> None:
     """Allocation ratio on a trace (FGD paper's method), or placements per second."""
     if etcd is not None or etcd_cluster is not None:

@@ -6,11 +6,15 @@ scheduler re-reads the host and places again, so the loser either lands elsewher
 ``insufficient_capacity``; it never writes over the winner.
 
 ``place_many`` places a batch the same way with one store round trip per attempt: on a store
-whose writes cost a network round trip and a disk sync (etcd), a batch shares them.
+whose writes cost a network round trip and a disk sync (etcd), a batch shares them. From the
+third try on, a placement waits a random moment first (up to 2, 4, 8... ms, at most 50 ms), so
+two schedulers racing for one host in step do not lose to each other until they give up.
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +26,8 @@ from hangar.scheduler.profile import WorkloadProfile
 from hangar.scheduler.regions import RegionCatalog
 
 DEFAULT_MAX_ATTEMPTS = 8
+BACKOFF_S = 0.002
+MAX_BACKOFF_S = 0.05
 
 
 @dataclass(slots=True)
@@ -43,8 +49,11 @@ class Scheduler:
         rank_of: Callable[[str], int] = stable_rank,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         pressure_refresh: int = PRESSURE_REFRESH,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._store = store
+        self._sleep = sleep
+        self._jitter = random.Random()
         self._catalog = catalog or RegionCatalog()
         self._max_attempts = max_attempts
         self.index = PlacementIndex(profile or WorkloadProfile.empty(), rank_of, pressure_refresh)
@@ -74,7 +83,8 @@ class Scheduler:
         if not request.machine_id:
             raise InvalidRequest("a placement needs the machine's id", field="machine_id")
         regions = self._catalog.expand(request.region, self.index.regions())
-        for _ in range(self._max_attempts):
+        for attempt in range(self._max_attempts):
+            self._back_off(attempt)
             choice = self._choose(request, regions)
             if choice is None:
                 raise capacity_error(request, regions)
@@ -115,9 +125,10 @@ class Scheduler:
                 answers[position] = InvalidRequest(
                     "a placement needs the machine's id", field="machine_id"
                 )
-        for _ in range(self._max_attempts):
+        for attempt in range(self._max_attempts):
             if not pending:
                 break
+            self._back_off(attempt)
             pending = self._place_attempt(requests, pending, answers)
         for position in pending:
             if answers[position] is not None:
@@ -217,6 +228,13 @@ class Scheduler:
             machine_id=machine_id,
             host_id=host_id,
         )
+
+    def _back_off(self, attempt: int) -> None:
+        """Before the third and later tries: a random pause, growing, so two schedulers that
+        keep writing the same host in step fall out of step instead of losing every time."""
+        if attempt >= 2:
+            ceiling = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 2))
+            self._sleep(self._jitter.uniform(0, ceiling))
 
     def _choose(self, request: PlacementRequest, regions: tuple[str, ...]) -> Choice | None:
         for region in regions:

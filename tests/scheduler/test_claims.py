@@ -8,8 +8,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from hangar.errors import InsufficientCapacity
+from hangar.errors import InsufficientCapacity, StoreError
 from hangar.scheduler import HostState, InMemoryClaimStore, Scheduler, VersionedHost
+from hangar.scheduler.scheduler import BACKOFF_S, MAX_BACKOFF_S
 from tests.scheduler.fleet import gpu_host, whole
 
 
@@ -106,3 +107,29 @@ def test_compare_and_set_bumps_the_version_by_one() -> None:
     assert updated is not None and updated.version == 2
     with pytest.raises(ValueError):
         store.compare_and_set("gpu-1", 2, gpu_host("other"))
+
+
+class AlwaysOvertakenStore(InMemoryClaimStore):
+    """Another writer changes the host just before every compare-and-set lands."""
+
+    def compare_and_set(self, host_id: str, expected_version: int, new_state: HostState) -> bool:
+        current = self.read_host(host_id)
+        assert current is not None
+        self.put_host(current.state)
+        return super().compare_and_set(host_id, expected_version, new_state)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_placement_that_keeps_losing_backs_off_then_gives_up(batch: bool) -> None:
+    pauses: list[float] = []
+    scheduler = Scheduler(AlwaysOvertakenStore([gpu_host("gpu-1")]), sleep=pauses.append)
+    if batch:
+        (answer,) = scheduler.place_many([whole("m1")])
+        assert isinstance(answer, StoreError) and answer.fields["attempts"] == 8
+    else:
+        with pytest.raises(StoreError):
+            scheduler.place(whole("m1"))
+    assert len(pauses) == 6, "no pause before the first two tries"
+    ceilings = [min(MAX_BACKOFF_S, BACKOFF_S * 2**n) for n in range(6)]
+    assert all(0 <= pause <= ceiling for pause, ceiling in zip(pauses, ceilings, strict=True))
+    assert scheduler.stats.lost_races == 8
