@@ -26,6 +26,8 @@ from hangar.scheduler.profile import WorkloadProfile
 from hangar.scheduler.regions import RegionCatalog
 
 DEFAULT_MAX_ATTEMPTS = 8
+REFRESH_AFTER_LOSSES = 2
+"""Lost races in a row after which a placement re-reads the whole fleet, not just the host."""
 BACKOFF_S = 0.002
 MAX_BACKOFF_S = 0.05
 
@@ -36,6 +38,8 @@ class SchedulerStats:
     """Compare-and-sets lost to another writer."""
     retried: int = 0
     """Placements chosen again after their host's write lost."""
+    refreshes: int = 0
+    """Whole-fleet re-reads after repeated lost races."""
 
 
 class Scheduler:
@@ -101,7 +105,7 @@ class Scheduler:
                 return Placement(choice.host_id, new_state.region, claim)
             self.stats.lost_races += 1
             self.stats.retried += 1
-            self.refresh_host(choice.host_id)
+            self._catch_up([choice.host_id], attempt)
         raise StoreError(
             f"placement of {request.machine_id} lost {self._max_attempts} races in a row",
             machine_id=request.machine_id,
@@ -129,7 +133,7 @@ class Scheduler:
             if not pending:
                 break
             self._back_off(attempt)
-            pending = self._place_attempt(requests, pending, answers)
+            pending = self._place_attempt(requests, pending, answers, attempt)
         for position in pending:
             if answers[position] is not None:
                 continue  # refused on the last attempt: no capacity is its answer
@@ -148,6 +152,7 @@ class Scheduler:
         requests: Sequence[PlacementRequest],
         pending: list[int],
         answers: list[Placement | HangarError | None],
+        attempt: int,
     ) -> list[int]:
         """One round of ``place_many``: choose, write, settle; the positions to try again."""
         writes: dict[str, tuple[int, HostState]] = {}
@@ -186,6 +191,7 @@ class Scheduler:
                 self.index.upsert(state, version)
             raise
         again: list[int] = []
+        lost: list[str] = []
         for (host_id, version, state), won in zip(batch, outcomes, strict=True):
             if won:
                 entry = self.index.get(host_id)
@@ -198,10 +204,12 @@ class Scheduler:
                 continue
             self.stats.lost_races += 1
             self.stats.retried += len(placed[host_id])
-            self.refresh_host(host_id)
+            lost.append(host_id)
             for position, _ in placed[host_id]:
                 answers[position] = None
                 again.append(position)
+        if lost:
+            self._catch_up(lost, attempt)
         if again:
             again.extend(refused)
         return sorted(again)
@@ -228,6 +236,17 @@ class Scheduler:
             machine_id=machine_id,
             host_id=host_id,
         )
+
+    def _catch_up(self, host_ids: Sequence[str], attempt: int) -> None:
+        """After lost races: re-read those hosts; from the second loss in a row, the whole
+        fleet instead (the view is stale beyond those hosts: another scheduler has been filling
+        hosts this one still sees free; with a watch-fed store this reads memory)."""
+        if attempt + 1 >= REFRESH_AFTER_LOSSES:
+            self.refresh()
+            self.stats.refreshes += 1
+            return
+        for host_id in host_ids:
+            self.refresh_host(host_id)
 
     def _back_off(self, attempt: int) -> None:
         """Before the third and later tries: a random pause, growing, so two schedulers that

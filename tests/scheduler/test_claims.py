@@ -133,3 +133,14 @@ def test_a_placement_that_keeps_losing_backs_off_then_gives_up(batch: bool) -> N
     ceilings = [min(MAX_BACKOFF_S, BACKOFF_S * 2**n) for n in range(6)]
     assert all(0 <= pause <= ceiling for pause, ceiling in zip(pauses, ceilings, strict=True))
     assert scheduler.stats.lost_races == 8
+    assert scheduler.stats.refreshes == 7, "from the second loss in a row, the whole fleet"
+
+
+def test_a_scheduler_that_loses_twice_in_a_row_rereads_the_whole_fleet() -> None:
+    store = CountingStore([gpu_host(f"gpu-{n}", gpus=1) for n in range(4)])
+    busy, stale = Scheduler(store), Scheduler(store)
+    taken = {busy.place(whole(f"busy-{n}")).host_id for n in range(3)}
+    late = stale.place(whole("late"))
+    assert late.host_id not in taken
+    assert store.lost == 2 and stale.stats.refreshes == 1, "one host re-read, then all"
+    assert assert_each_gpu_held_once(store.snapshot()) == 4

@@ -145,6 +145,8 @@ class EtcdClaimStore:
     # -- the ClaimStore protocol --------------------------------------------------------------
 
     def snapshot(self) -> Mapping[str, VersionedHost]:
+        with self._lock:
+            self._read_back.clear()  # what a snapshot shows is as fresh (the cache has them)
         if self._started:
             return self._cache.snapshot()
         result = self._client.range_prefix(self._layout.claims)
