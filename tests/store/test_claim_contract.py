@@ -162,8 +162,9 @@ def test_racing_schedulers_win_exactly_the_gpus_there_are(backend: Backend, batc
         backend.put_host(gpu_host(f"gpu-{n}", gpus=2))
     threads_count, per_thread = 8, 4
     # A scheduler loses a race on a host only after someone else wrote it, and the 8 GPUs take
-    # at most 8 writes: with 9 attempts no placement can give up on lost races.
-    schedulers = [Scheduler(backend.open(), max_attempts=9) for _ in range(threads_count)]
+    # at most 8 writes; a batch sits a lost host out for the round after. So with 2 * 8 + 1
+    # tries no placement can give up on lost races: every loser ends placed or refused.
+    schedulers = [Scheduler(backend.open(), max_attempts=17) for _ in range(threads_count)]
     start = threading.Barrier(threads_count)
     wins: list[str] = []
     refusals: list[str] = []

@@ -8,6 +8,14 @@ etcd transaction per attempt; ``batch`` 1 uses ``place``, one transaction per pl
 refreshes its index from its cache every ``refresh_every`` requests. Afterwards it reads every
 host back from etcd and checks that no machine is claimed twice, no GPU is over-committed and
 every claim is one a worker was told it won (``double_claims`` counts every violation).
+
+Where the time goes (measured on a 2-core machine): etcd's JSON gateway costs about the same
+per transaction whatever it holds, so one placement per transaction spends about 2.4 ms of etcd
+CPU (3 members) and 0.9 ms of scheduler CPU per placement; 64 per transaction, about 0.18 ms
+and 0.13 ms. Nested transactions (one per host) cost etcd twice the CPU of one flat one, so
+``EtcdClaimStore`` sends flat ones. Refreshing each scheduler's whole view often makes the two
+converge on the same half-filled hosts (packing) and multiplies conflicts: every 500 requests
+gave 2,832 conflicts in 30,000 requests, every 10,000 gave 259.
 """
 
 from __future__ import annotations
