@@ -53,7 +53,8 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def claim_store_factory(kind: str) -> Callable[[list[HostState]], ClaimStore]:
+def claim_store_factory(kind: str, scratch: Path) -> Callable[[list[HostState]], ClaimStore]:
+    """The bench's claim store; a SQLite one keeps its database in ``scratch``."""
     if kind == "memory":
         return InMemoryClaimStore
     if kind != "sqlite":
@@ -62,7 +63,6 @@ def claim_store_factory(kind: str) -> Callable[[list[HostState]], ClaimStore]:
     def sqlite_store(hosts: list[HostState]) -> ClaimStore:
         from hangar.store.host_claims import SqliteClaimStore
 
-        scratch = Path(tempfile.mkdtemp(prefix="hangar-bench-claims-"))
         claims = SqliteClaimStore(scratch / "claims.sqlite")
         for host in hosts:
             claims.put_host(host)
@@ -131,9 +131,10 @@ def placement(
         )
         return
     if synthetic_hosts is not None:
-        throughput = run_throughput_bench(
-            synthetic_hosts, machines, store_factory=claim_store_factory(store)
-        )
+        with tempfile.TemporaryDirectory(prefix="hangar-bench-claims-") as scratch:
+            throughput = run_throughput_bench(
+                synthetic_hosts, machines, store_factory=claim_store_factory(store, Path(scratch))
+            )
         typer.echo(json.dumps(throughput.to_json()) if as_json else throughput.summary())
         return
     if nodes is None or pods is None:
@@ -193,7 +194,10 @@ def _etcd_race(
         if cluster is not None:
             cluster.close()
     print("single-process SQLite, same fleet and requests ...", file=sys.stderr)
-    alone = run_throughput_bench(hosts, machines, store_factory=claim_store_factory("sqlite"))
+    with tempfile.TemporaryDirectory(prefix="hangar-bench-claims-") as scratch:
+        alone = run_throughput_bench(
+            hosts, machines, store_factory=claim_store_factory("sqlite", Path(scratch))
+        )
     ratio = raced.placements_per_s / alone.placements_per_s if alone.placements_per_s else 0.0
     if as_json:
         typer.echo(json.dumps({"etcd": raced.to_json(), "sqlite": alone.to_json(), "ratio": ratio}))
