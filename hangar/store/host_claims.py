@@ -44,7 +44,8 @@ def host_state_to_json(host: HostState) -> str:
                 [c.machine_id, c.cpu_milli, c.memory_mb, list(c.gpu_indexes), c.gpu_milli]
                 for c in host.claims
             ],
-        }
+        },
+        separators=(",", ":"),
     )
 
 
