@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Self
 
 import httpx
 
+from hangar.localhost import free_port
 from hangar.net.scratch import scratch_network_settings
 from hangar.settings import OPERATOR_TOKEN_FILE, env_name
 
@@ -29,12 +29,6 @@ STARTUP_TIMEOUT_S = 30.0
 RAISED_RATE_LIMITS = {env_name("rate_limits"): "default=10000/10000,get_machine=10000/10000"}
 # The proxy listens on loopback, each service port on a free port of its own.
 LOOPBACK_PROXY = {env_name("proxy_bind"): "127.0.0.1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class BearerToken(httpx.Auth):

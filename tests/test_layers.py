@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "settings": 0,
     "model": 1,
     "ratelimit": 1,
+    "localhost": 1,
     # pure logic and host libraries
     "scheduler": 2,
     "devices": 2,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import re
 
-from hangar.scheduler.bench_cli import app
 from typer.testing import CliRunner
 
-from hangar.server_process import free_port
+from hangar.bench.placement import app
+from hangar.localhost import free_port
 from hangar.store.etcd.bench import run_etcd_race_bench
 from hangar.store.etcd.client import EtcdClient
 from hangar.store.etcd.local import LocalEtcdCluster

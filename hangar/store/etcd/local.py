@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from hangar.server_process import free_port
+from hangar.localhost import free_port
 
 ETCD_BINARY = "etcd"
 START_TIMEOUT_S = 30.0
