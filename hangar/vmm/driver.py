@@ -12,24 +12,36 @@ The guest contract every driver honours (hangar's guest init relies on it):
 - the guest writes JSON lines to the port named :data:`CONTROL_PORT_NAME`, which land in
   ``control_log`` (see :mod:`hangar.vmm.control`);
 - the host writes ``signal N`` lines to the port named :data:`SIGNAL_PORT_NAME`, served on
-  ``signal_socket``; the guest forwards signal N to its process.
+  ``signal_socket``; the guest forwards signal N to its process;
+- the host runs commands in the guest through the port named :data:`EXEC_PORT_NAME`, served
+  on ``exec_socket`` (see :mod:`hangar.vmm.guest_exec`).
+
+A running VM can be suspended into a snapshot file (:meth:`Driver.suspend`) and restored
+from it by launching the same spec with ``incoming_snapshot`` set (see
+:mod:`hangar.vmm.snapshot`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from signal import SIGTERM
-from typing import Literal, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, Self, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hangar.clock import Clock
 
+if TYPE_CHECKING:
+    from hangar.vmm.guest_exec import ExecResult, GuestProcess
+    from hangar.vmm.snapshot import SnapshotManifest
+
 GUEST_KERNEL_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet tsc=reliable no_timer_check"
 CONTROL_PORT_NAME = "hangar.ctl"
 SIGNAL_PORT_NAME = "hangar.sig"
+EXEC_PORT_NAME = "hangar.exec"
 
 MACHINE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 PCI_BDF_PATTERN = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -63,10 +75,16 @@ class VmSpec(BaseModel):
     console_log: Path
     control_log: Path
     signal_socket: Path
+    exec_socket: Path
     qmp_socket: Path
     vmm_log: Path = Field(description="the VMM's own stderr, quoted in launch errors")
     gpus: list[str] = Field(default_factory=list, description="PCI BDFs passed through by VFIO")
     hugepages: bool = False
+    incoming_snapshot: Path | None = Field(
+        default=None,
+        description="restore the VM from this suspend snapshot instead of booting it; "
+        "every other field must be as it was when the snapshot was taken",
+    )
 
     @field_validator("machine_id")
     @classmethod
@@ -123,6 +141,7 @@ class VmSpec(BaseModel):
             console_log=run_dir / "console.log",
             control_log=run_dir / "ctl.jsonl",
             signal_socket=run_dir / "sig.sock",
+            exec_socket=run_dir / "exec.sock",
             qmp_socket=run_dir / "qmp.sock",
             vmm_log=run_dir / "vmm.log",
             gpus=gpus or [],
@@ -146,6 +165,14 @@ class VmHandle(BaseModel):
     vmm_log: Path
     accel: str
     machine_type: str
+    cpu_model: str = ""
+    exec_socket: Path | None = Field(
+        default=None, description="None for a VM launched without an exec channel"
+    )
+    spec: VmSpec | None = Field(
+        default=None,
+        description="the spec the VM runs (without incoming_snapshot): what suspend records",
+    )
 
 
 class VmStatus(BaseModel):
@@ -181,7 +208,14 @@ class Driver(Protocol):
         ...
 
     async def launch(self, spec: VmSpec) -> VmHandle:
-        """Start the VMM, detached from the caller's session; return once it answers."""
+        """Start the VMM, detached from the caller's session; return once it answers.
+
+        With ``spec.incoming_snapshot`` the VM is restored from that snapshot and runs on
+        where it was suspended; the snapshot is consumed (dropped before the guest runs
+        again). A snapshot that is missing, corrupt or made for another command line raises
+        :class:`hangar.vmm.errors.SnapshotUnusable` and is dropped: launch the spec without
+        ``incoming_snapshot`` to boot cold.
+        """
         ...
 
     async def signal(self, handle: VmHandle, signum: int) -> None:
@@ -206,4 +240,24 @@ class Driver(Protocol):
 
     async def adopt(self, handle: VmHandle) -> bool:
         """After an agent restart: is this handle's VMM still running, ours, and answering?"""
+        ...
+
+    async def suspend(self, handle: VmHandle, snapshot_path: Path) -> SnapshotManifest:
+        """Pause the guest, save its memory and device state to ``snapshot_path`` and end
+        the VMM. The root disk is left exactly as the guest had it.
+
+        Idempotent: a whole snapshot already there (with its VMM still paused, or gone) is
+        kept and its VMM ended. On failure nothing that looks whole is left and the guest
+        runs on. GPU machines raise :class:`hangar.vmm.errors.SuspendNotSupported`.
+        """
+        ...
+
+    async def exec(
+        self, handle: VmHandle, argv: Sequence[str], *, stdin: bytes = b"", timeout_s: float
+    ) -> ExecResult:
+        """Run ``argv`` in the guest's root as root; killed after ``timeout_s``."""
+        ...
+
+    async def processes(self, handle: VmHandle) -> list[GuestProcess]:
+        """The processes running in the guest's root."""
         ...

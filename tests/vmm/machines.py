@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hangar.vmm.driver import DiskSpec, VmHandle, VmSpec
 from hangar.vmm.proc import ProcessRef
-from tests.vmm.guest import HANG_GUARD_S, BootArtefacts
+from tests.vmm.guest import HANG_GUARD_S, BootArtefacts, ImageGuest
 
 DISK_BYTES = 1 << 20
 
@@ -39,6 +39,19 @@ class Machines:
             root_disk=root_disk,
             extra_disks=extra_disks,
             kernel_args=[f"hangar_test.deadline={int(HANG_GUARD_S)}", *kernel_args],
+        )
+
+    def image_spec(self, machine_id: str, guest: ImageGuest, argv: list[str]) -> VmSpec:
+        """A machine that boots with hangar's init and runs ``argv`` in the image's root."""
+        run_dir = self._base / machine_id
+        run_dir.mkdir()
+        initrd, root_disk = guest.boot_files(machine_id, run_dir, argv)
+        return VmSpec.in_run_dir(
+            machine_id=machine_id,
+            run_dir=run_dir,
+            kernel=guest.kernel,
+            initrd=initrd,
+            root_disk=root_disk,
         )
 
     def track(self, handle: VmHandle) -> VmHandle:
