@@ -5,16 +5,22 @@
 (b) hangar, start of a stopped machine: ``POST .../start`` until the machine is ``started``
     and its console shows ``hangar-init: ready``.
 (c) hangar, create to started (+ ready) from an image already in the cache.
+(d) resume of a suspended machine: from the start of its restore until the console shows a
+    line the guest printed after the resume (the machine's process prints one every 0.1 s).
+    Measured at the driver for now (QemuDriver.suspend, then launch with incoming_snapshot,
+    on the same files as (a)); the API path (``POST .../suspend``, then ``.../start``) takes
+    its place once the agent suspends machines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -22,14 +28,18 @@ import httpx
 from hangar.agent.platform import RunDirLayout
 from hangar.server_process import ServerProcess
 from hangar.vmm.accel import choose_accel
-from hangar.vmm.driver import VmSpec
+from hangar.vmm.driver import VmHandle, VmSpec
+from hangar.vmm.qemu import QemuDriver
 from hangar.vmm.qemu_argv import qemu_argv
+from hangar.vmm.snapshot import drop_snapshot
 
 READY_LINE = b"hangar-init: ready"
 POLL_S = 0.005
 TIMEOUT_S = 180.0
 APP = "bench"
-SLEEPER = ["sh", "-c", "sleep 3600"]
+TICKER = ["sh", "-c", "while :; do echo tick; sleep 0.1; done"]
+"""The machine's process: a line every 0.1 s shows, after a resume, that the guest runs."""
+SNAPSHOT_NAME = "bench.vmstate"
 
 
 @dataclass
@@ -37,24 +47,35 @@ class BootBenchResult:
     plain_qemu_s: list[float]
     hangar_start_s: list[float]
     hangar_create_s: list[float]
+    resume_s: list[float] = field(default_factory=list)
+    resume_path: str = "driver"
 
     @property
     def ratio(self) -> float:
         return statistics.median(self.hangar_start_s) / statistics.median(self.plain_qemu_s)
+
+    @property
+    def resume_ratio(self) -> float:
+        return statistics.median(self.resume_s) / statistics.median(self.plain_qemu_s)
 
     def report(self) -> str:
         rows = [
             ("(a) plain QEMU, exec to init-ready", self.plain_qemu_s),
             ("(b) hangar start (stopped machine) to started+ready", self.hangar_start_s),
             ("(c) hangar create to started+ready (cached image)", self.hangar_create_s),
+            (f"(d) resume of a suspended guest ({self.resume_path}) to a new line", self.resume_s),
         ]
         lines = [f"{'path':<55} {'median':>8} {'min':>8} {'max':>8}  runs"]
         for label, samples in rows:
+            if not samples:
+                continue
             lines.append(
                 f"{label:<55} {statistics.median(samples):>7.3f}s {min(samples):>7.3f}s "
                 f"{max(samples):>7.3f}s  {len(samples)}"
             )
         lines.append(f"ratio hangar/qemu: {self.ratio:.2f}")
+        if self.resume_s:
+            lines.append(f"ratio resume/qemu: {self.resume_ratio:.2f}")
         return "\n".join(lines)
 
 
@@ -87,13 +108,57 @@ def plain_qemu_boot(spec: VmSpec) -> float:
         process.wait()
 
 
+def _new_line_after(path: Path, offset: int) -> bool:
+    """Has a whole line begun at or after ``offset`` of ``path``? (A line the guest had
+    begun before does not count.)"""
+    with path.open("rb") as file:
+        if offset == 0:
+            return b"\n" in file.read()
+        file.seek(offset - 1)
+        # From the end of the last line before offset.
+        return b"\n" in file.read().partition(b"\n")[2]
+
+
+async def resume_at_driver(spec: VmSpec, runs: int) -> list[float]:
+    """(d) at the driver: boot ``spec``, then suspend and restore it ``runs`` times, each
+    timed from the restore's start until the guest prints a new line."""
+    driver = QemuDriver()
+    state = spec.run_dir / SNAPSHOT_NAME
+    handles: list[VmHandle] = [await driver.launch(spec)]
+    samples = []
+    try:
+        _wait_for_bytes(spec.console_log, READY_LINE, time.monotonic() + TIMEOUT_S)
+        for _ in range(runs):
+            await driver.suspend(handles[-1], state)
+            offset = spec.console_log.stat().st_size
+            started = time.monotonic()
+            restoring = asyncio.ensure_future(
+                driver.launch(spec.model_copy(update={"incoming_snapshot": state}))
+            )
+            try:
+                while not _new_line_after(spec.console_log, offset):
+                    if restoring.done() and restoring.exception() is not None:
+                        await restoring
+                    if time.monotonic() > started + TIMEOUT_S:
+                        raise TimeoutError("the restored guest printed nothing")
+                    await asyncio.sleep(POLL_S)
+                samples.append(time.monotonic() - started)
+            finally:
+                handles.append(await restoring)
+    finally:
+        for handle in handles:
+            await driver.kill(handle)
+        drop_snapshot(state)
+    return samples
+
+
 def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
     result = BootBenchResult([], [], [])
     with ServerProcess(home) as server, server.client() as api:
         api.post("/v1/apps", json={"app_name": APP})
         config = {
             "image": image,
-            "init": {"cmd": SLEEPER},
+            "init": {"cmd": TICKER},
             "restart": {"policy": "no"},
             "stop_config": {"timeout": "1s"},
         }
@@ -108,6 +173,9 @@ def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
         plain_dir = Path(tempfile.mkdtemp(prefix="plain-", dir=home))
         for name in RunDirLayout.BOOT_FILES:
             shutil.copyfile(run_dir / name, plain_dir / name)
+        resume_dir = Path(tempfile.mkdtemp(prefix="resume-", dir=home))
+        for name in RunDirLayout.BOOT_FILES:
+            shutil.copyfile(run_dir / name, resume_dir / name)
         kernel = _kernel_of(run_dir)
         spec = VmSpec.in_run_dir(
             machine_id="plain-qemu",
@@ -115,6 +183,13 @@ def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
             kernel=kernel,
             initrd=plain_dir / RunDirLayout.INITRD,
             root_disk=plain_dir / RunDirLayout.ROOT_DISK,
+        )
+        resume_spec = VmSpec.in_run_dir(
+            machine_id="resume-bench",
+            run_dir=resume_dir,
+            kernel=kernel,
+            initrd=resume_dir / RunDirLayout.INITRD,
+            root_disk=resume_dir / RunDirLayout.ROOT_DISK,
         )
         api.post(f"{path}/stop").raise_for_status()
         _wait_state(api, path, "stopped")
@@ -140,6 +215,8 @@ def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
         api.delete(path, params={"force": "true"}).raise_for_status()
         _wait_state(api, path, "destroyed")
         shutil.rmtree(plain_dir, ignore_errors=True)
+        result.resume_s = asyncio.run(resume_at_driver(resume_spec, runs))
+        shutil.rmtree(resume_dir, ignore_errors=True)
     return result
 
 

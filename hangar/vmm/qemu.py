@@ -182,10 +182,10 @@ class QemuDriver:
         """Launch ``spec`` from the snapshot at ``state``; see :meth:`Driver.launch`."""
         try:
             manifest = read_manifest(state)
+            argv = self._prepare_restore(spec, state)
         except SnapshotUnusable:
             await asyncio.to_thread(drop_snapshot, state)
             raise
-        argv = self.prepare(spec)
         _clear_run_files(spec, keep_control_log=True)
         handle, child = self._start(spec, argv)
         # Checked while QEMU starts and loads the same file; the VM runs only if it passes.
@@ -219,6 +219,22 @@ class QemuDriver:
         except GuestExecError as error:
             log.warning("machine %s: the guest did not take the resume: %s", spec.machine_id, error)
         return handle
+
+    def _prepare_restore(self, spec: VmSpec, state: Path) -> list[str]:
+        """The restore's command line; a kernel, initrd or disk that is gone makes the
+        snapshot unusable (the guest ran from them)."""
+        try:
+            return self.prepare(spec)
+        except VmmError as error:
+            field = str(error.fields.get("field", ""))
+            if field in ("kernel", "initrd", "root_disk") or field.startswith("extra_disks"):
+                raise SnapshotUnusable(
+                    f"the snapshot {state} cannot be restored: {error}",
+                    reason="incompatible",
+                    path=str(state),
+                    machine_id=spec.machine_id,
+                ) from error
+            raise
 
     def _verify_snapshot(self, spec: VmSpec, state: Path, manifest: SnapshotManifest) -> None:
         """Raise :class:`SnapshotUnusable` unless the snapshot fits ``spec`` and is intact."""
