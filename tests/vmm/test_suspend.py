@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,8 @@ async def test_a_suspended_guest_resumes_where_it_was(
     )
     uptime_before = await uptime(driver, handle)
     (main_before,) = [p for p in await driver.processes(handle) if p.argv == COUNTER]
+    # A clock the resume must put right.
+    await driver.exec(handle, ["date", "-s", "@1000000000"], timeout_s=TIMEOUT_S)
     state = spec.run_dir / "suspend.vmstate"
 
     manifest = await driver.suspend(handle, state)
@@ -124,6 +127,8 @@ async def test_a_suspended_guest_resumes_where_it_was(
     marker = await driver.exec(restored, ["cat", "/dev/shm/marker"], timeout_s=TIMEOUT_S)
     assert marker.stdout == b"kept in memory\n"
     assert await uptime(driver, restored) >= uptime_before
+    guest_clock = await driver.exec(restored, ["date", "+%s"], timeout_s=TIMEOUT_S)
+    assert abs(int(guest_clock.stdout) - time.time()) < TIMEOUT_S
     (main_after,) = [p for p in await driver.processes(restored) if p.argv == COUNTER]
     assert (main_after.pid, main_after.started_after_boot_s) == (
         main_before.pid,
