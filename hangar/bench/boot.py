@@ -170,27 +170,9 @@ def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
         console = run_dir / RunDirLayout.CONSOLE_LOG
         _wait_state(api, path, "started")
         _wait_for_bytes(console, READY_LINE, time.monotonic() + TIMEOUT_S)
-        plain_dir = Path(tempfile.mkdtemp(prefix="plain-", dir=home))
-        for name in RunDirLayout.BOOT_FILES:
-            shutil.copyfile(run_dir / name, plain_dir / name)
-        resume_dir = Path(tempfile.mkdtemp(prefix="resume-", dir=home))
-        for name in RunDirLayout.BOOT_FILES:
-            shutil.copyfile(run_dir / name, resume_dir / name)
         kernel = _kernel_of(run_dir)
-        spec = VmSpec.in_run_dir(
-            machine_id="plain-qemu",
-            run_dir=plain_dir,
-            kernel=kernel,
-            initrd=plain_dir / RunDirLayout.INITRD,
-            root_disk=plain_dir / RunDirLayout.ROOT_DISK,
-        )
-        resume_spec = VmSpec.in_run_dir(
-            machine_id="resume-bench",
-            run_dir=resume_dir,
-            kernel=kernel,
-            initrd=resume_dir / RunDirLayout.INITRD,
-            root_disk=resume_dir / RunDirLayout.ROOT_DISK,
-        )
+        spec = _copy_of_machine(run_dir, kernel, home, "plain-qemu")
+        resume_spec = _copy_of_machine(run_dir, kernel, home, "resume-bench")
         api.post(f"{path}/stop").raise_for_status()
         _wait_state(api, path, "stopped")
         for _ in range(runs):
@@ -214,10 +196,24 @@ def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
             _wait_state(api, fresh_path, "destroyed")
         api.delete(path, params={"force": "true"}).raise_for_status()
         _wait_state(api, path, "destroyed")
-        shutil.rmtree(plain_dir, ignore_errors=True)
+        shutil.rmtree(spec.run_dir, ignore_errors=True)
         result.resume_s = asyncio.run(resume_at_driver(resume_spec, runs))
-        shutil.rmtree(resume_dir, ignore_errors=True)
+        shutil.rmtree(resume_spec.run_dir, ignore_errors=True)
     return result
+
+
+def _copy_of_machine(run_dir: Path, kernel: Path, home: Path, machine_id: str) -> VmSpec:
+    """A spec booting a copy of the machine's root disk and initrd, in a folder of its own."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{machine_id}-", dir=home))
+    for name in RunDirLayout.BOOT_FILES:
+        shutil.copyfile(run_dir / name, folder / name)
+    return VmSpec.in_run_dir(
+        machine_id=machine_id,
+        run_dir=folder,
+        kernel=kernel,
+        initrd=folder / RunDirLayout.INITRD,
+        root_disk=folder / RunDirLayout.ROOT_DISK,
+    )
 
 
 def _kernel_of(run_dir: Path) -> Path:

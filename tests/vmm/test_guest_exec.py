@@ -27,6 +27,7 @@ from hangar.vmm.guest_exec import (
     exec_in_guest,
     parse_processes,
 )
+from tests.vmm.machines import handle_for, plain_spec
 
 REQUEST_ID = "0123456789abcdef"
 
@@ -129,21 +130,7 @@ def test_a_request_frames_the_command_as_shell_words() -> None:
 
 
 def handle_without_socket(tmp_path: Path, **changes: object) -> VmHandle:
-    handle = VmHandle(
-        driver="qemu",
-        machine_id="m1",
-        pid=1,
-        start_time=1,
-        qmp_socket=tmp_path / "qmp.sock",
-        signal_socket=tmp_path / "sig.sock",
-        control_log=tmp_path / "ctl.jsonl",
-        console_log=tmp_path / "console.log",
-        vmm_log=tmp_path / "vmm.log",
-        accel="tcg",
-        machine_type="q35",
-        exec_socket=tmp_path / "exec.sock",
-    )
-    return handle.model_copy(update=changes)
+    return handle_for(plain_spec(tmp_path), **changes)
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from hangar.vmm.snapshot import (
     revoke_snapshot,
     vm_identity,
 )
+from tests.vmm.machines import plain_spec
 
 TCG = tcg_choice("test")
 STATE_BYTES = MIGRATION_STREAM_MAGIC + bytes(range(256)) * 64
@@ -40,21 +41,12 @@ needs_qemu = pytest.mark.skipif(
 
 
 def make_spec(root: Path, name: str = "run") -> VmSpec:
-    run_dir = root / name
-    run_dir.mkdir()
-    for file_name, content in (
-        ("vmlinuz", b"kernel"),
-        ("initrd", b"initrd"),
-        ("root", b"\0" * 4096),
-    ):
-        (run_dir / file_name).write_bytes(content)
-    return VmSpec.in_run_dir(
-        machine_id="m1",
-        run_dir=run_dir,
-        kernel=run_dir / "vmlinuz",
-        initrd=run_dir / "initrd",
-        root_disk=run_dir / "root",
-    )
+    spec = plain_spec(root / name)
+    spec.run_dir.mkdir()
+    for path, content in ((spec.kernel, b"kernel"), (spec.initrd, b"initrd")):
+        path.write_bytes(content)
+    spec.root_disk.write_bytes(b"\0" * 4096)
+    return spec
 
 
 def take_snapshot(spec: VmSpec, state: Path) -> None:
@@ -173,15 +165,8 @@ def test_revoking_leaves_no_snapshot_and_dropping_leaves_no_file(tmp_path: Path)
 def test_the_same_files_elsewhere_fit_the_snapshot(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     saved = vm_identity(spec, TCG, binary=QEMU_BINARY, hugepages_dir=HUGEPAGES_DIR)
-    moved_dir = tmp_path / "moved"
-    shutil.copytree(spec.run_dir, moved_dir, copy_function=shutil.copy2)
-    moved = VmSpec.in_run_dir(
-        machine_id="m1",
-        run_dir=moved_dir,
-        kernel=moved_dir / "vmlinuz",
-        initrd=moved_dir / "initrd",
-        root_disk=moved_dir / "root",
-    )
+    moved = plain_spec(tmp_path / "moved")
+    shutil.copytree(spec.run_dir, moved.run_dir, copy_function=shutil.copy2)
 
     now = vm_identity(moved, TCG, binary=QEMU_BINARY, hugepages_dir=HUGEPAGES_DIR)
 

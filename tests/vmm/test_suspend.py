@@ -22,7 +22,7 @@ from hangar.vmm.proc import PROC_ROOT, ProcessRef
 from hangar.vmm.qemu import QemuDriver
 from hangar.vmm.snapshot import SnapshotFiles, has_snapshot
 from tests.vmm.guest import ImageGuest, hang_guarded, wait_for_console
-from tests.vmm.machines import Machines
+from tests.vmm.machines import Machines, handle_for, plain_spec
 
 pytestmark = pytest.mark.slow
 
@@ -176,28 +176,7 @@ async def test_snapshots_that_cannot_be_restored_are_refused_and_dropped(
 
 
 async def test_machines_with_gpus_cannot_be_suspended(tmp_path: Path) -> None:
-    spec = VmSpec.in_run_dir(
-        machine_id="gpu",
-        run_dir=tmp_path,
-        kernel=tmp_path / "vmlinuz",
-        initrd=tmp_path / "initrd",
-        root_disk=tmp_path / "root.ext4",
-        gpus=["0000:65:00.0"],
-    )
-    handle = VmHandle(
-        driver="qemu",
-        machine_id="gpu",
-        pid=os.getpid(),
-        start_time=0,
-        qmp_socket=spec.qmp_socket,
-        signal_socket=spec.signal_socket,
-        control_log=spec.control_log,
-        console_log=spec.console_log,
-        vmm_log=spec.vmm_log,
-        accel="kvm",
-        machine_type="q35",
-        spec=spec,
-    )
+    handle = handle_for(plain_spec(tmp_path, gpus=["0000:65:00.0"]), pid=os.getpid())
 
     with pytest.raises(SuspendNotSupported) as raised:
         await QemuDriver().suspend(handle, tmp_path / "state")
