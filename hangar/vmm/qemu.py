@@ -48,6 +48,7 @@ from hangar.vmm.guest_exec import (
 from hangar.vmm.migration import (
     PAUSED_STATES,
     MigrationFailed,
+    cancel_active_migration,
     save_to_file,
     wait_incoming_loaded,
 )
@@ -418,12 +419,12 @@ class QemuDriver:
         drop_snapshot(snapshot_path)
         resumed = False
         if not process.has_exited():
-            with contextlib.suppress(QmpError):
-                await qmp_execute(
+            with contextlib.suppress(QmpError, TimeoutError):
+                await cancel_active_migration(
                     handle.qmp_socket,
-                    "migrate_cancel",
                     clock=self._clock,
-                    timeout_s=self._timeouts.qmp_s,
+                    qmp_timeout_s=self._timeouts.qmp_s,
+                    deadline=self._clock.monotonic() + self._timeouts.quit_grace_s,
                 )
                 await qmp_execute(
                     handle.qmp_socket, "cont", clock=self._clock, timeout_s=self._timeouts.qmp_s

@@ -19,7 +19,7 @@ from hangar.vmm.accel import AccelChoice
 from hangar.vmm.driver import VmHandle, VmSpec
 from hangar.vmm.errors import SnapshotUnusable, SuspendFailed, SuspendNotSupported
 from hangar.vmm.proc import PROC_ROOT, ProcessRef
-from hangar.vmm.qemu import QemuDriver
+from hangar.vmm.qemu import QemuDriver, QemuTimeouts
 from hangar.vmm.snapshot import SnapshotFiles, has_snapshot
 from tests.vmm.guest import ImageGuest, hang_guarded, wait_for_console
 from tests.vmm.machines import Machines, handle_for, plain_spec
@@ -196,6 +196,19 @@ async def test_a_suspend_cut_short_leaves_no_snapshot_and_the_guest_runs_on(
     spec = machines.image_spec("cut", image_guest, COUNTER)
     handle = await boot_counter(driver, machines, spec)
     state = spec.run_dir / "suspend.vmstate"
+
+    # The save outlasts its deadline: it is cancelled and the guest goes on.
+    hurried = QemuDriver(
+        accel=host_accel,
+        migration_bandwidth=SLOW_MIGRATION,
+        timeouts=QemuTimeouts(migrate_base_s=1.0, migrate_per_gib_s=0.0),
+    )
+    with pytest.raises(SuspendFailed) as raised:
+        await hurried.suspend(handle, state)
+    assert raised.value.resumed
+    assert snapshot_files_left(state) == []
+    last_tick = ticks(spec.console_log.read_text())[-1]
+    await wait_for_console(spec.console_log, lambda text: f"tick {last_tick + 2}\n" in text)
 
     # The writer dies in the middle: the suspend fails and the guest goes on.
     suspending = asyncio.ensure_future(slow.suspend(handle, state))
