@@ -97,10 +97,9 @@ async def exec_in_guest(
     directory; it is killed (with what it started) after ``timeout_s``. Each of stdout and
     stderr keeps its first :data:`OUTPUT_CAP` bytes."""
     words = _check_command(argv, stdin, timeout_s)
-    answer = await _exchange(
+    return await _exchange(
         handle, "run", "-", timeout_s, words, stdin, timeout_s + TRANSFER_MARGIN_S, clock
     )
-    return answer
 
 
 async def list_guest_processes(
