@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,37 +120,52 @@ def _new_line_after(path: Path, offset: int) -> bool:
         return b"\n" in file.read().partition(b"\n")[2]
 
 
-async def resume_at_driver(spec: VmSpec, runs: int) -> list[float]:
-    """(d) at the driver: boot ``spec``, then suspend and restore it ``runs`` times, each
-    timed from the restore's start until the guest prints a new line."""
-    driver = QemuDriver()
-    state = spec.run_dir / SNAPSHOT_NAME
-    handles: list[VmHandle] = [await driver.launch(spec)]
-    samples = []
-    try:
-        _wait_for_bytes(spec.console_log, READY_LINE, time.monotonic() + TIMEOUT_S)
-        for _ in range(runs):
-            await driver.suspend(handles[-1], state)
-            offset = spec.console_log.stat().st_size
-            started = time.monotonic()
-            restoring = asyncio.ensure_future(
-                driver.launch(spec.model_copy(update={"incoming_snapshot": state}))
-            )
-            try:
-                while not _new_line_after(spec.console_log, offset):
-                    if restoring.done() and restoring.exception() is not None:
-                        await restoring
-                    if time.monotonic() > started + TIMEOUT_S:
-                        raise TimeoutError("the restored guest printed nothing")
-                    await asyncio.sleep(POLL_S)
-                samples.append(time.monotonic() - started)
-            finally:
-                handles.append(await restoring)
-    finally:
-        for handle in handles:
-            await driver.kill(handle)
-        drop_snapshot(state)
-    return samples
+class DriverResume:
+    """(d) at the driver, on a copy of the machine's files: booted once and kept suspended
+    between runs, so it costs the other rows nothing. Each :meth:`measure` restores it, times
+    the restore until the guest prints a new line, and suspends it again.
+
+    The API path (``POST .../suspend``, then ``POST .../start`` and the machine's console)
+    is another class with the same three methods."""
+
+    path = "driver"
+
+    def __init__(self, spec: VmSpec) -> None:
+        self._spec = spec
+        self._state = spec.run_dir / SNAPSHOT_NAME
+        self._driver = QemuDriver()
+        self._handles: list[VmHandle] = []
+
+    async def prepare(self) -> None:
+        self._handles.append(await self._driver.launch(self._spec))
+        _wait_for_bytes(self._spec.console_log, READY_LINE, time.monotonic() + TIMEOUT_S)
+        await self._driver.suspend(self._handles[-1], self._state)
+
+    async def measure(self) -> float:
+        console = self._spec.console_log
+        offset = console.stat().st_size
+        started = time.monotonic()
+        restoring = asyncio.ensure_future(
+            self._driver.launch(self._spec.model_copy(update={"incoming_snapshot": self._state}))
+        )
+        try:
+            while not _new_line_after(console, offset):
+                if restoring.done() and restoring.exception() is not None:
+                    await restoring
+                if time.monotonic() > started + TIMEOUT_S:
+                    raise TimeoutError("the restored guest printed nothing")
+                await asyncio.sleep(POLL_S)
+            elapsed = time.monotonic() - started
+        finally:
+            self._handles.append(await restoring)
+        await self._driver.suspend(self._handles[-1], self._state)
+        return elapsed
+
+    async def close(self) -> None:
+        for handle in self._handles:
+            await self._driver.kill(handle)
+        drop_snapshot(self._state)
+        shutil.rmtree(self._spec.run_dir, ignore_errors=True)
 
 
 def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
@@ -175,31 +191,52 @@ def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
         resume_spec = _copy_of_machine(run_dir, kernel, home, "resume-bench")
         api.post(f"{path}/stop").raise_for_status()
         _wait_state(api, path, "stopped")
-        for _ in range(runs):
-            result.plain_qemu_s.append(plain_qemu_boot(spec))
-            started = time.monotonic()
-            api.post(f"{path}/start").raise_for_status()
-            _wait_state(api, path, "started")
-            _wait_for_bytes(console, READY_LINE, started + TIMEOUT_S)
-            result.hangar_start_s.append(time.monotonic() - started)
-            api.post(f"{path}/stop").raise_for_status()
-            _wait_state(api, path, "stopped")
-            started = time.monotonic()
-            fresh = api.post(f"/v1/apps/{APP}/machines", json={"config": config})
-            fresh.raise_for_status()
-            fresh_path = f"/v1/apps/{APP}/machines/{fresh.json()['id']}"
-            _wait_state(api, fresh_path, "started")
-            fresh_console = home / "machines" / fresh.json()["id"] / RunDirLayout.CONSOLE_LOG
-            _wait_for_bytes(fresh_console, READY_LINE, started + TIMEOUT_S)
-            result.hangar_create_s.append(time.monotonic() - started)
-            api.delete(fresh_path, params={"force": "true"}).raise_for_status()
-            _wait_state(api, fresh_path, "destroyed")
+        # Each run measures every row, so that all see the host alike.
+        resume = DriverResume(resume_spec)
+        result.resume_path = resume.path
+        with asyncio.Runner() as runner:
+            try:
+                runner.run(resume.prepare())
+                for _ in range(runs):
+                    _one_run(api, path, console, config, home, spec, result)
+                    result.resume_s.append(runner.run(resume.measure()))
+            finally:
+                runner.run(resume.close())
         api.delete(path, params={"force": "true"}).raise_for_status()
         _wait_state(api, path, "destroyed")
         shutil.rmtree(spec.run_dir, ignore_errors=True)
-        result.resume_s = asyncio.run(resume_at_driver(resume_spec, runs))
-        shutil.rmtree(resume_spec.run_dir, ignore_errors=True)
     return result
+
+
+def _one_run(
+    api: httpx.Client,
+    path: str,
+    console: Path,
+    config: Mapping[str, object],
+    home: Path,
+    spec: VmSpec,
+    result: BootBenchResult,
+) -> None:
+    """One sample of (a), (b) and (c): ``path`` is the stopped machine, ``spec`` a copy of
+    its files for plain QEMU."""
+    result.plain_qemu_s.append(plain_qemu_boot(spec))
+    started = time.monotonic()
+    api.post(f"{path}/start").raise_for_status()
+    _wait_state(api, path, "started")
+    _wait_for_bytes(console, READY_LINE, started + TIMEOUT_S)
+    result.hangar_start_s.append(time.monotonic() - started)
+    api.post(f"{path}/stop").raise_for_status()
+    _wait_state(api, path, "stopped")
+    started = time.monotonic()
+    fresh = api.post(f"/v1/apps/{APP}/machines", json={"config": config})
+    fresh.raise_for_status()
+    fresh_path = f"/v1/apps/{APP}/machines/{fresh.json()['id']}"
+    _wait_state(api, fresh_path, "started")
+    fresh_console = home / "machines" / fresh.json()["id"] / RunDirLayout.CONSOLE_LOG
+    _wait_for_bytes(fresh_console, READY_LINE, started + TIMEOUT_S)
+    result.hangar_create_s.append(time.monotonic() - started)
+    api.delete(fresh_path, params={"force": "true"}).raise_for_status()
+    _wait_state(api, fresh_path, "destroyed")
 
 
 def _copy_of_machine(run_dir: Path, kernel: Path, home: Path, machine_id: str) -> VmSpec:
