@@ -14,25 +14,37 @@ The guest contract every driver honours (hangar's guest init relies on it):
   ``control_log`` (see :mod:`hangar.vmm.control`);
 - a machine with a :class:`NicSpec` gets one virtio-net device on that tap, with that MAC;
 - the host writes ``signal N`` lines to the port named :data:`SIGNAL_PORT_NAME`, served on
-  ``signal_socket``; the guest forwards signal N to its process.
+  ``signal_socket``; the guest forwards signal N to its process;
+- the host runs commands in the guest through the port named :data:`EXEC_PORT_NAME`, served
+  on ``exec_socket`` (see :mod:`hangar.vmm.guest_exec`).
+
+A running VM can be suspended into a snapshot file (:meth:`Driver.suspend`) and restored
+from it by launching the same spec with ``incoming_snapshot`` set (see
+:mod:`hangar.vmm.snapshot`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from signal import SIGTERM
-from typing import Annotated, Literal, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol, Self, runtime_checkable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hangar.clock import Clock
 from hangar.vmm.gpu_topology import PCI_BDF_PATTERN, GpuTopology
 
+if TYPE_CHECKING:
+    from hangar.vmm.guest_exec import ExecResult, GuestProcess
+    from hangar.vmm.snapshot import SnapshotManifest
+
 GUEST_KERNEL_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet tsc=reliable no_timer_check"
 CONTROL_PORT_NAME = "hangar.ctl"
 SIGNAL_PORT_NAME = "hangar.sig"
+EXEC_PORT_NAME = "hangar.exec"
 
 MACHINE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 IFNAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -119,6 +131,7 @@ class VmSpec(BaseModel):
     console_log: Path
     control_log: Path
     signal_socket: Path
+    exec_socket: Path
     qmp_socket: Path
     vmm_log: Path = Field(description="the VMM's own stderr, quoted in launch errors")
     gpus: list[str] = Field(
@@ -132,6 +145,11 @@ class VmSpec(BaseModel):
         default=None,
         description="a GPU machine: q35 with KVM, a pxb-pcie per NUMA node and a root port "
         "per GPU, a 64-bit PCI hole sized to the BARs, memory from huge pages on the GPUs' node",
+    )
+    incoming_snapshot: Path | None = Field(
+        default=None,
+        description="restore the VM from this suspend snapshot instead of booting it; "
+        "every other field must be as it was when the snapshot was taken",
     )
 
     @field_validator("machine_id")
@@ -215,6 +233,7 @@ class VmSpec(BaseModel):
             console_log=run_dir / "console.log",
             control_log=run_dir / "ctl.jsonl",
             signal_socket=run_dir / "sig.sock",
+            exec_socket=run_dir / "exec.sock",
             qmp_socket=run_dir / "qmp.sock",
             vmm_log=run_dir / "vmm.log",
             gpus=gpus or [],
@@ -242,6 +261,14 @@ class VmHandle(BaseModel):
     machine_type: str
     memory_mb: int | None = Field(
         default=None, description="guest memory: how long a teardown may take grows with it"
+    )
+    cpu_model: str = ""
+    exec_socket: Path | None = Field(
+        default=None, description="None for a VM launched without an exec channel"
+    )
+    spec: VmSpec | None = Field(
+        default=None,
+        description="the spec the VM runs (without incoming_snapshot): what suspend records",
     )
 
 
@@ -278,7 +305,14 @@ class Driver(Protocol):
         ...
 
     async def launch(self, spec: VmSpec) -> VmHandle:
-        """Start the VMM, detached from the caller's session; return once it answers."""
+        """Start the VMM, detached from the caller's session; return once it answers.
+
+        With ``spec.incoming_snapshot`` the VM is restored from that snapshot and runs on
+        where it was suspended; the snapshot is consumed (dropped before the guest runs
+        again). A snapshot that is missing, corrupt or made for another command line raises
+        :class:`hangar.vmm.errors.SnapshotUnusable` and is dropped: launch the spec without
+        ``incoming_snapshot`` to boot cold.
+        """
         ...
 
     async def signal(self, handle: VmHandle, signum: int) -> None:
@@ -303,4 +337,24 @@ class Driver(Protocol):
 
     async def adopt(self, handle: VmHandle) -> bool:
         """After an agent restart: is this handle's VMM still running, ours, and answering?"""
+        ...
+
+    async def suspend(self, handle: VmHandle, snapshot_path: Path) -> SnapshotManifest:
+        """Pause the guest, save its memory and device state to ``snapshot_path`` and end
+        the VMM. The root disk is left exactly as the guest had it.
+
+        Idempotent: a whole snapshot already there (with its VMM still paused, or gone) is
+        kept and its VMM ended. On failure nothing that looks whole is left and the guest
+        runs on. GPU machines raise :class:`hangar.vmm.errors.SuspendNotSupported`.
+        """
+        ...
+
+    async def exec(
+        self, handle: VmHandle, argv: Sequence[str], *, stdin: bytes = b"", timeout_s: float
+    ) -> ExecResult:
+        """Run ``argv`` in the guest's root as root; killed after ``timeout_s``."""
+        ...
+
+    async def processes(self, handle: VmHandle) -> list[GuestProcess]:
+        """The processes running in the guest's root."""
         ...

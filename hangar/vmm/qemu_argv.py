@@ -11,14 +11,17 @@ and a 64-bit PCI hole sized to the BARs. The whole process runs on that node's C
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from hangar.errors import VmmError
 from hangar.vmm.accel import AccelChoice, gpu_accel
 from hangar.vmm.driver import (
     CONTROL_PORT_NAME,
+    EXEC_PORT_NAME,
     GUEST_KERNEL_CMDLINE,
     SIGNAL_PORT_NAME,
+    DiskSpec,
     VmSpec,
     VolumeDiskSpec,
 )
@@ -74,6 +77,7 @@ def check_spec_files(
     for field, socket_path in (
         ("qmp_socket", spec.qmp_socket),
         ("signal_socket", spec.signal_socket),
+        ("exec_socket", spec.exec_socket),
     ):
         if len(os.fsencode(socket_path)) > UNIX_SOCKET_PATH_MAX:
             raise VmmError(
@@ -167,6 +171,10 @@ def qemu_argv(
     ]
     for bdf in spec.gpus:
         argv += ["-device", f"vfio-pci,host={bdf}"]
+    if spec.incoming_snapshot is not None:
+        # QEMU 7.2 has no file: migration transport; exec:cat streams the file in. -S keeps
+        # the vCPUs stopped once it is loaded, whatever state the snapshot says.
+        argv += ["-S", "-incoming", f"exec:cat {shlex.quote(str(spec.incoming_snapshot))}"]
     return argv
 
 
@@ -200,21 +208,27 @@ def _guest(spec: VmSpec) -> list[str]:
         argv += ["-drive", drive, "-device", f"virtio-blk-pci,drive=disk{index}"]
     for volume in spec.volumes:
         argv += volume_args(volume)
+    # A restored guest goes on writing the logs its first boot began.
+    log_mode = ",append=on" if spec.incoming_snapshot is not None else ""
     argv += [
         "-chardev",
-        f"file,id=console,path={option_value(spec.console_log)}",
+        f"file,id=console,path={option_value(spec.console_log)}{log_mode}",
         "-serial",
         "chardev:console",
         "-device",
         "virtio-serial-pci,id=vs",
         "-chardev",
-        f"file,id=ctl,path={option_value(spec.control_log)}",
+        f"file,id=ctl,path={option_value(spec.control_log)}{log_mode}",
         "-device",
         f"virtserialport,bus=vs.0,chardev=ctl,name={CONTROL_PORT_NAME}",
         "-chardev",
         f"socket,id=sig,path={option_value(spec.signal_socket)},server=on,wait=off",
         "-device",
         f"virtserialport,bus=vs.0,chardev=sig,name={SIGNAL_PORT_NAME}",
+        "-chardev",
+        f"socket,id=exec,path={option_value(spec.exec_socket)},server=on,wait=off",
+        "-device",
+        f"virtserialport,bus=vs.0,chardev=exec,name={EXEC_PORT_NAME}",
         "-chardev",
         f"socket,id=qmp,path={option_value(spec.qmp_socket)},server=on,wait=off",
         "-mon",
@@ -306,3 +320,33 @@ def _gpu_devices(topology: GpuTopology) -> list[str]:
                 f"addr=00.{function}",
             ]
     return argv
+
+
+def snapshot_fingerprint(spec: VmSpec, accel: AccelChoice, *, hugepages_dir: Path) -> list[str]:
+    """The command line of ``spec`` with every host path replaced by a fixed name.
+
+    A snapshot restores only into a QEMU whose devices, memory, CPUs and machine are those
+    it was saved from; paths of logs, sockets and files may differ (the files themselves
+    are compared by :mod:`hangar.vmm.snapshot`). Equal fingerprints mean an equal device
+    model, whatever changes in this module.
+    """
+    placeholders = spec.model_copy(
+        update={
+            "run_dir": Path("run"),
+            "kernel": Path("kernel"),
+            "initrd": Path("initrd"),
+            "root_disk": Path("disk0"),
+            "extra_disks": [
+                DiskSpec(path=Path(f"disk{index}"), read_only=disk.read_only)
+                for index, disk in enumerate(spec.extra_disks, start=1)
+            ],
+            "console_log": Path("console.log"),
+            "control_log": Path("ctl.log"),
+            "signal_socket": Path("sig.sock"),
+            "exec_socket": Path("exec.sock"),
+            "qmp_socket": Path("qmp.sock"),
+            "vmm_log": Path("vmm.log"),
+            "incoming_snapshot": None,
+        }
+    )
+    return qemu_argv(placeholders, accel, binary="qemu", hugepages_dir=hugepages_dir)

@@ -12,7 +12,7 @@ import pytest
 from hangar.vmm.accel import AccelChoice, choose_accel
 from hangar.vmm.qemu_argv import QEMU_BINARY
 from tests.conftest import SUITE_CACHE
-from tests.vmm.guest import BootArtefacts, build_test_guest
+from tests.vmm.guest import BootArtefacts, ImageGuest, build_image_guest, build_test_guest
 from tests.vmm.machines import Machines
 
 
@@ -26,6 +26,14 @@ def boot_artefacts(tmp_path_factory: pytest.TempPathFactory) -> BootArtefacts:
     if shutil.which(QEMU_BINARY) is None:
         pytest.skip(f"{QEMU_BINARY} is not installed")
     return build_test_guest(SUITE_CACHE, tmp_path_factory.mktemp("guest") / "initrd")
+
+
+@pytest.fixture(scope="session")
+def image_guest(tmp_path_factory: pytest.TempPathFactory, test_image: str) -> ImageGuest:
+    """hangar's init over the suite's busybox test image (see tests/conftest.py)."""
+    if shutil.which(QEMU_BINARY) is None:
+        pytest.skip(f"{QEMU_BINARY} is not installed")
+    return build_image_guest(SUITE_CACHE, tmp_path_factory.mktemp("image-cache"), test_image)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Test machines: specs in short-lived run dirs, and every QEMU they got killed at the end."""
+"""Test machines: specs in short-lived run dirs, and every QEMU they got killed at the end;
+and plain spec and handle records for tests that start no QEMU."""
 
 from __future__ import annotations
 
@@ -7,9 +8,42 @@ from pathlib import Path
 
 from hangar.vmm.driver import DiskSpec, VmHandle, VmSpec
 from hangar.vmm.proc import ProcessRef
-from tests.vmm.guest import HANG_GUARD_S, BootArtefacts
+from tests.vmm.guest import HANG_GUARD_S, BootArtefacts, ImageGuest
 
 DISK_BYTES = 1 << 20
+
+
+def plain_spec(run_dir: Path, machine_id: str = "m1", **fields: object) -> VmSpec:
+    """A spec whose kernel, initrd and root disk sit in ``run_dir`` (they need not exist)."""
+    spec = VmSpec.in_run_dir(
+        machine_id=machine_id,
+        run_dir=run_dir,
+        kernel=run_dir / "vmlinuz",
+        initrd=run_dir / "initrd",
+        root_disk=run_dir / "root.ext4",
+    )
+    return spec.model_copy(update=fields)
+
+
+def handle_for(spec: VmSpec, **fields: object) -> VmHandle:
+    """The record QemuDriver.launch keeps for ``spec``, with no process behind it."""
+    handle = VmHandle(
+        driver="qemu",
+        machine_id=spec.machine_id,
+        pid=4242,
+        start_time=98765,
+        qmp_socket=spec.qmp_socket,
+        signal_socket=spec.signal_socket,
+        control_log=spec.control_log,
+        console_log=spec.console_log,
+        vmm_log=spec.vmm_log,
+        accel="tcg",
+        machine_type="q35",
+        cpu_model="max",
+        exec_socket=spec.exec_socket,
+        spec=spec,
+    )
+    return handle.model_copy(update=fields)
 
 
 class Machines:
@@ -39,6 +73,19 @@ class Machines:
             root_disk=root_disk,
             extra_disks=extra_disks,
             kernel_args=[f"hangar_test.deadline={int(HANG_GUARD_S)}", *kernel_args],
+        )
+
+    def image_spec(self, machine_id: str, guest: ImageGuest, argv: list[str]) -> VmSpec:
+        """A machine that boots with hangar's init and runs ``argv`` in the image's root."""
+        run_dir = self._base / machine_id
+        run_dir.mkdir()
+        initrd, root_disk = guest.boot_files(machine_id, run_dir, argv)
+        return VmSpec.in_run_dir(
+            machine_id=machine_id,
+            run_dir=run_dir,
+            kernel=guest.kernel,
+            initrd=initrd,
+            root_disk=root_disk,
         )
 
     def track(self, handle: VmHandle) -> VmHandle:
