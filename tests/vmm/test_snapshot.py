@@ -94,7 +94,7 @@ def test_no_manifest_no_snapshot_whatever_else_lies_there(tmp_path: Path) -> Non
         read_manifest(state)
 
     assert raised.value.reason == "missing"
-    assert raised.value.fields["retryable"] is False
+    assert raised.value.retryable is False
     assert drop_snapshot(state) is False
     assert list(spec.run_dir.glob("snapshot*")) == []
 
