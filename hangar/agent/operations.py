@@ -12,10 +12,12 @@ from hangar.agent.engine import Plan, Step
 from hangar.agent.gpu_steps import (
     HANDOFF_SUBJECT_PREFIX,
     BindGpus,
-    QuarantineGpu,
-    ResetGpu,
-    RestoreHostDrivers,
-    ReturnGpu,
+    ClaimGpuGroups,
+    CollectGpuXids,
+    MapGpuAddresses,
+    PrepareNvlink,
+    QuarantineGroup,
+    handoff_steps,
 )
 from hangar.agent.host import HostServices
 from hangar.agent.steps import (
@@ -62,17 +64,25 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
     if subject.startswith(HANDOFF_SUBJECT_PREFIX):
         raise ValueError(f"{subject} is a GPU; only a handoff runs on it")
     run_dir = host.run_dir(subject)
-    launch_rollback: list[Step] = [ReleaseVm(host), ReleaseClaim(host), MarkFailed()]
+    launch_rollback: list[Step] = [
+        ReleaseVm(host),
+        CollectGpuXids(host, run_dir),
+        ReleaseClaim(host),
+        MarkFailed(),
+    ]
 
     def boot(fresh_image: bool) -> list[Step]:
         return [
             Transition("mark_starting", S.STARTING, "start"),
             ResolveImage(host.platform, fresh=fresh_image),
             PlaceMachine(host),
+            ClaimGpuGroups(host),
             BindGpus(host),
+            PrepareNvlink(host),
             PrepareRootDisk(host.platform, run_dir),
             PrepareInitrd(host.platform, run_dir),
             LaunchVm(host),
+            MapGpuAddresses(host),
             Transition("mark_started", S.STARTED, "start"),
         ]
 
@@ -82,6 +92,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
         return [
             StopVm(host.platform, timeout_s=timeout_s, signum=signum),
             RecordExit(host.platform, run_dir, requested=requested),
+            CollectGpuXids(host, run_dir),
             ReleaseVm(host),
         ]
 
@@ -101,7 +112,12 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     ReleaseClaim(host),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                 ],
-                [ReleaseVm(host), ReleaseClaim(host), MarkStoppedAfterFailure()],
+                [
+                    ReleaseVm(host),
+                    CollectGpuXids(host, run_dir),
+                    ReleaseClaim(host),
+                    MarkStoppedAfterFailure(),
+                ],
             )
         case RestartRequest():
             # The claim (GPUs included) stays with the machine across its own restart.
@@ -131,12 +147,18 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 "exit",
                 [
                     RecordExit(host.platform, run_dir, requested=False),
+                    CollectGpuXids(host, run_dir),
                     ReleaseVm(host),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                     ApplyRestartPolicy(),
                     ReleaseClaim(host, keep_if_restarting=True),
                 ],
-                [ReleaseVm(host), ReleaseClaim(host), MarkStoppedAfterFailure()],
+                [
+                    ReleaseVm(host),
+                    CollectGpuXids(host, run_dir),
+                    ReleaseClaim(host),
+                    MarkStoppedAfterFailure(),
+                ],
             )
         case DestroyRequest():
             return Plan(
@@ -151,6 +173,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 ],
                 [
                     ReleaseVm(host),
+                    CollectGpuXids(host, run_dir),
                     ReleaseClaim(host),
                     RemoveRunDir(run_dir),
                     DropLease(),
@@ -161,9 +184,5 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
 
 
 def _handoff(request: HandoffRequest, host: HostServices) -> Plan:
-    bdf = request.bdf
-    return Plan(
-        "handoff",
-        [ResetGpu(host, bdf), RestoreHostDrivers(host, bdf), ReturnGpu(host, bdf)],
-        [QuarantineGpu(host, bdf)],
-    )
+    """The handoff of the IOMMU group of ``request.bdf`` (its first GPU)."""
+    return Plan("handoff", handoff_steps(host, request.bdf), [QuarantineGroup(host, request.bdf)])

@@ -6,12 +6,14 @@ The agent's steps speak only this protocol; the real implementation composes
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel
 
 from hangar.model.machine import ImageRef, Machine
+from hangar.vmm.gpu_topology import GpuTopology
 
 VmHandleData = dict[str, Any]
 
@@ -21,6 +23,15 @@ class GuestExit(BaseModel):
 
     exit_code: int | None = None
     guest_error: str = ""
+
+
+class GpuBoot(BaseModel):
+    """What a GPU machine boots with: its GPUs' layout and memory (each GPU behind a root
+    port on its NUMA node's expander, huge pages there), and the kernel arguments its GPUs
+    need (NVLink off for a lone NVSwitch GPU)."""
+
+    topology: GpuTopology
+    kernel_args: list[str] = []
 
 
 class GuestPlatform(Protocol):
@@ -36,8 +47,16 @@ class GuestPlatform(Protocol):
 
     async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None: ...
 
-    async def launch(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmHandleData:
-        """Boot the machine with these GPUs (PCI addresses, bound to vfio-pci) passed through."""
+    async def launch(self, machine: Machine, run_dir: Path, gpus: GpuBoot | None) -> VmHandleData:
+        """Boot the machine; with ``gpus``, those GPUs (bound to vfio-pci) passed through."""
+        ...
+
+    async def gpu_addresses(
+        self, handle: VmHandleData, device_ids: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Where the guest sees each passed-through function, once its firmware has placed
+        them: guest PCI address -> host BDF, for the VMM ``device_ids`` -> host BDF. What it
+        could not place within its deadline is left out."""
         ...
 
     async def alive(self, handle: VmHandleData) -> bool:
