@@ -22,7 +22,7 @@ from hangar.agent.gpus import HostGpus
 from hangar.agent.host import HostServices
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
-from hangar.clock import SystemClock
+from hangar.clock import Clock, SystemClock
 from hangar.devices.fabric import FabricManager
 from hangar.devices.handoff import HandoffContext
 from hangar.devices.hostpaths import HostPaths
@@ -37,10 +37,13 @@ from hangar.model.host import HostInfo
 from hangar.model.machine import Machine, MachineState, new_machine_id, new_ulid
 from hangar.model.run import RunRecord
 from hangar.store.embedded import EmbeddedStores
-from tests.conftest import REPO_ROOT
+from hangar.vmm.accel import kvm_choice
+from hangar.vmm.qemu import QemuDriver
+from tests.agent.vmm_stand_in import ARGV_FILE, SleepingVmmPlatform
+from tests.conftest import REPO_ROOT, SUITE_CACHE
 from tests.devices.gpu_hw import CLEAR, FakeNvmlHost, Hardware
 from tests.devices.kernel_sim import KernelSimulator
-from tests.devices.sysfs_fixture import SysfsBuilder
+from tests.devices.sysfs_fixture import HGX_H100_GPUS, SysfsBuilder
 from tests.devices.test_fabric import MODULES
 from tests.devices.test_scrub import StepClock
 from tests.devices.test_settings import FAKE_NVML, FAKE_TOOLS
@@ -117,7 +120,9 @@ class GpuHost:
     def placement(self) -> HostPlacement:
         return HostPlacement(self.stores.claims, HOST_INFO)
 
-    def agent(self, platform: GuestPlatform, crash_after: str = "") -> Agent:
+    def agent(
+        self, platform: GuestPlatform, crash_after: str = "", clock: Clock | None = None
+    ) -> Agent:
         def hook(operation: str, step: str) -> None:
             if crash_after == f"{operation}:{step}":
                 raise SimulatedCrash(crash_after)
@@ -130,7 +135,12 @@ class GpuHost:
             gpus=self.gpus(),
         )
         return Agent(
-            self.stores.machines, self.stores.runs, host, SystemClock(), hook, FAST_RETRIES
+            self.stores.machines,
+            self.stores.runs,
+            host,
+            clock or SystemClock(),
+            hook,
+            FAST_RETRIES,
         )
 
     # what the tests look at
@@ -173,8 +183,6 @@ class GpuHost:
         return record.quarantine_reason
 
     def argv(self, machine_id: str) -> list[str]:
-        from tests.agent.vmm_stand_in import ARGV_FILE
-
         return list(json.loads((self.tmp / "machines" / machine_id / ARGV_FILE).read_text()))
 
     def guest_writes(self, machine_id: str, *events: dict[str, object]) -> None:
@@ -271,9 +279,17 @@ async def until(agent: Agent, condition: Callable[[], bool]) -> None:
 
 
 def kill_stand_ins(stores: EmbeddedStores) -> None:
-    from hangar.vmm.qemu import QemuDriver
-    from tests.agent.vmm_stand_in import SleepingVmmPlatform
-    from tests.conftest import SUITE_CACHE
-
     for handle in stores.runs.list_vm_handles().values():
         asyncio.run(SleepingVmmPlatform(SUITE_CACHE, QemuDriver()).kill(handle))
+
+
+HGX_GROUPS = {bdf: 13 + 4 * position for position, bdf in enumerate(HGX_H100_GPUS)}
+"""The fixture's IOMMU group of each HGX GPU (one each, below its own switch port)."""
+KVM_HOST = kvm_choice("the KVM host these fixtures stand for")
+
+
+def partition_active(host: GpuHost, partition: int) -> bool:
+    assert host.fmpm is not None
+    return any(
+        p.active for p in FabricManager(host.fmpm).partitions() if p.partition_id == partition
+    )

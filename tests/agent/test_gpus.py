@@ -10,7 +10,7 @@ layer are real (tests/agent/gpu_fixture.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,87 +20,31 @@ from hangar.agent.guest import QemuGuestPlatform
 from hangar.agent.steps import new_run
 from hangar.errors import InsufficientCapacity
 from hangar.images.driver_bundle import NVLINK_OFF_KERNEL_ARG
-from hangar.images.initramfs import module_bytes, resolve_modules
-from hangar.images.kernel import ensure_kernel
 from hangar.model.config import MachineConfig
 from hangar.model.gpu import GpuState
 from hangar.model.machine import MachineState
 from hangar.model.run import CreateRequest, DestroyRequest, HandoffRequest, StopRequest
 from hangar.store.embedded import open_embedded_stores
-from hangar.vmm.accel import kvm_choice
 from hangar.vmm.qemu import QemuDriver
 from tests.agent.gpu_fixture import (
+    HGX_GROUPS,
     HOST,
     HOST_INFO,
     GpuHost,
-    kill_stand_ins,
-    prepare_host,
+    partition_active,
     settle,
     until,
 )
 from tests.agent.helpers import step_names
 from tests.agent.vmm_stand_in import SleepingVmmPlatform
 from tests.conftest import SUITE_CACHE
-from tests.devices.gpu_hw import SYSFS_ENV
 from tests.devices.kernel_sim import KernelSimulator, tenant_used
 from tests.devices.sysfs_fixture import (
     HGX_H100_GPUS,
     build_gpu_sharing_group_with_nic,
-    build_hgx_h100,
 )
-from tests.devices.test_fabric import MODULES, write_fmpm
-from tests.fixtures.driver_bundle import write_bundle
+from tests.devices.test_fabric import MODULES
 from tests.vmm.test_gpu_topology import values_of
-
-HGX_GROUPS = {bdf: 13 + 4 * position for position, bdf in enumerate(HGX_H100_GPUS)}
-"""The fixture's IOMMU group of each HGX GPU (one each, below its own switch port)."""
-KVM_HOST = kvm_choice("the KVM host these fixtures stand for")
-
-
-@pytest.fixture
-def gpu_host(tmp_path: Path, test_image: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[GpuHost]:
-    builder = build_hgx_h100(tmp_path / "sys")
-    monkeypatch.setenv(SYSFS_ENV, str(builder.root))
-    prepare_host(builder)
-    stores = open_embedded_stores(tmp_path / "db")
-    host = GpuHost(
-        tmp_path,
-        builder,
-        KernelSimulator(builder),
-        stores,
-        test_image,
-        fmpm=write_fmpm(tmp_path),
-    )
-    yield host
-    kill_stand_ins(stores)
-
-
-@pytest.fixture(scope="module")
-def driver_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A driver bundle for the real guest kernel (its "driver" is the kernel's dummy module)."""
-    guest_kernel = ensure_kernel(SUITE_CACHE)
-    [module] = resolve_modules(guest_kernel.modules_dir, ["dummy"])
-    return write_bundle(
-        tmp_path_factory.mktemp("bundle") / "driver",
-        {"dummy": module_bytes(guest_kernel.modules_dir / module)},
-        kernel_version=guest_kernel.version,
-    )
-
-
-@pytest.fixture
-def sleeping_platform(driver_bundle: Path) -> Callable[[], SleepingVmmPlatform]:
-    return lambda: SleepingVmmPlatform(
-        SUITE_CACHE, QemuDriver(accel=KVM_HOST), driver_bundle=driver_bundle
-    )
-
-
-def partition_active(host: GpuHost, partition: int) -> bool:
-    from hangar.devices.fabric import FabricManager
-
-    assert host.fmpm is not None
-    return any(
-        p.active for p in FabricManager(host.fmpm).partitions() if p.partition_id == partition
-    )
 
 
 async def test_two_gpus_get_a_fabric_partition_vfio_and_the_q35_layout_then_a_scrub(
