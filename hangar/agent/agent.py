@@ -246,7 +246,7 @@ class Agent:
         if any(member.state is not GpuState.QUARANTINED for member in group):
             raise PreconditionFailed(f"GPU {bdf} is {gpu.state}, not quarantined", field="bdf")
         operator_release(self.host, bdf, actor, reason, self.clock.now())
-        self.host.placement.set_group_state(bdf, GpuState.CLEANING, GpuState.QUARANTINED)
+        self.host.placement.set_gpu_state(bdf, GpuState.CLEANING, GpuState.QUARANTINED)
         self._start_handoff(group[0], f"quarantine released by {actor}: {reason}")
         released = self.host.placement.gpu(bdf)
         assert released is not None

@@ -57,7 +57,7 @@ from hangar.model.gpu import GpuEvent, GpuState
 from hangar.model.machine import new_ulid
 from hangar.model.run import HandoffRequest, RunRecord, RunStatus
 from hangar.vmm.control import read_control_events
-from hangar.vmm.gpu_topology import plan_gpu_topology
+from hangar.vmm.gpu_topology import gpu_device_ids, plan_gpu_topology
 
 if TYPE_CHECKING:
     from hangar.agent.context import StepContext
@@ -299,7 +299,9 @@ async def gpu_boot(host: HostServices, ctx: StepContext) -> GpuBoot | None:
         return None
     devices = _host_gpus(host)
     for group in held:
-        launched = group.model_copy(update={"launched": True, "guest_addresses": {}})
+        launched = group.model_copy(
+            update={"launched": True, "device_ids": {}, "guest_addresses": {}}
+        )
         write_held_group(host.gpu_store, group.lead, launched, ctx.clock.now())
     groups = [devices.group(group.claim.iommu_group) for group in held]
     passthrough = await asyncio.to_thread(devices.passthrough, groups)
@@ -312,6 +314,11 @@ async def gpu_boot(host: HostServices, ctx: StepContext) -> GpuBoot | None:
             "gpu_memory", "fallback", {"page_size": memory.page_size, "reason": memory.fallback}
         )
     topology = plan_gpu_topology(passthrough, memory, await asyncio.to_thread(devices.phys_bits))
+    ids = gpu_device_ids(topology)
+    for group in held_groups(host, ctx.run.machine_id):
+        mine = {device: bdf for device, bdf in ids.items() if bdf in group.claim.functions}
+        updated = group.model_copy(update={"device_ids": mine})
+        write_held_group(host.gpu_store, group.lead, updated, ctx.clock.now())
     nvlink_off = any(group.claim.nvlink_disabled for group in held)
     return GpuBoot(topology=topology, kernel_args=[NVLINK_OFF_KERNEL_ARG] if nvlink_off else [])
 
@@ -333,19 +340,7 @@ class MapGpuAddresses:
         held = held_groups(self.host, ctx.run.machine_id)
         if handle is None or not held:
             return
-        devices = _host_gpus(self.host)
-        groups = [devices.group(group.claim.iommu_group) for group in held]
-        passthrough = await asyncio.to_thread(devices.passthrough, groups)
-        # The device ids QEMU got: the layout orders GPUs by NUMA node, as gpu_boot did.
-        nodes: list[int | None] = []
-        for gpu in passthrough:
-            if gpu.numa_node not in nodes:
-                nodes.append(gpu.numa_node)
-        placed = [gpu for node in nodes for gpu in passthrough if gpu.numa_node == node]
-        ids = {f"gpu{i}": gpu.bdf for i, gpu in enumerate(placed)}
-        for i, gpu in enumerate(placed):
-            for companion in gpu.companions:
-                ids[f"gpu{i}-f{companion.rsplit('.', 1)[1]}"] = companion
+        ids = {device: bdf for group in held for device, bdf in group.device_ids.items()}
         addresses = await self.host.platform.gpu_addresses(handle, ids)
         missing = sorted(set(ids.values()) - set(addresses.values()))
         if missing:
@@ -770,7 +765,7 @@ class ReturnGroup(HandoffStep):
                 self.host.gpu_store.save_gpu(
                     record.model_copy(update={"quarantine_reason": "", "binding": None})
                 )
-        if self.host.placement.set_group_state(self.bdf, GpuState.FREE, GpuState.CLEANING):
+        if self.host.placement.set_gpu_state(self.bdf, GpuState.FREE, GpuState.CLEANING):
             self.event(ctx, "free")
 
     def save_none(self, ctx: StepContext) -> None:
@@ -798,7 +793,7 @@ class QuarantineGroup(HandoffStep):
                         update={"quarantine_reason": reason, "updated_at": ctx.clock.now()}
                     )
                 )
-        self.host.placement.set_group_state(self.bdf, GpuState.QUARANTINED, None)
+        self.host.placement.set_gpu_state(self.bdf, GpuState.QUARANTINED, None)
         self.event(
             ctx,
             "quarantined",

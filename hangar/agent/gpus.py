@@ -62,6 +62,8 @@ class HeldGroup(BaseModel):
     rebind: bool = False
     """An operator released the group from quarantine: it may be on its host drivers, and
     is bound to vfio-pci again (nothing holding it) before the scrub."""
+    device_ids: dict[str, str] = {}
+    """The id QEMU gave each of the group's functions in this boot -> its host BDF."""
     guest_addresses: dict[str, str] = {}
     """Where the guest sees each function (QMP ``query-pci``): guest address -> host BDF."""
     xids: list[XidEvent] = []

@@ -139,7 +139,7 @@ class HostPlacement:
         return [claim.machine_id for claim in self.current().state.claims]
 
     # GPU states (the handoff between tenants)
-    def set_group_state(self, bdf: str, state: GpuState, expected: GpuState | None) -> bool:
+    def set_gpu_state(self, bdf: str, state: GpuState, expected: GpuState | None) -> bool:
         """Move ``bdf`` and every GPU of its IOMMU group, none of them held, to ``state`` in
         one compare-and-set, if all of them are in ``expected`` (any state when None).
         False if they were not."""
