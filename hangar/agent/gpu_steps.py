@@ -147,6 +147,11 @@ def held_groups(host: HostServices, machine_id: str) -> list[HeldGroup]:
     return found
 
 
+def _update(host: HostServices, ctx: StepContext, held: HeldGroup, **changes: Any) -> None:
+    """Store the group's record with ``changes``."""
+    write_held_group(host.gpu_store, held.lead, held.model_copy(update=changes), ctx.clock.now())
+
+
 def record_claimed(host: HostServices, ctx: StepContext) -> None:
     for gpus in host.placement.claimed_groups(ctx.run.machine_id):
         _group_event(host, ctx, gpus, "claimed", machine_id=ctx.run.machine_id)
@@ -217,18 +222,11 @@ class BindGpus:
                 partial = error.fields.get("binding")
                 if isinstance(partial, dict):
                     binding = GroupBinding.model_validate(partial)
-                    self._save(ctx, held, held.claim.model_copy(update={"binding": binding}))
+                    partly = held.claim.model_copy(update={"binding": binding})
+                    _update(self.host, ctx, held, claim=partly)
                 raise
-            self._save(ctx, held, claim)
+            _update(self.host, ctx, held, claim=claim)
             _group_event(self.host, ctx, held.claim.gpus, "bound", driver="vfio-pci")
-
-    def _save(self, ctx: StepContext, held: HeldGroup, claim: GroupClaim) -> None:
-        write_held_group(
-            self.host.gpu_store,
-            held.lead,
-            held.model_copy(update={"claim": claim}),
-            ctx.clock.now(),
-        )
 
 
 @dataclass(frozen=True)
@@ -259,7 +257,7 @@ class PrepareNvlink:
         if nvlink_disabled_for(kind, len(gpus)):
             for group in held:
                 claim = group.claim.model_copy(update={"nvlink_disabled": True})
-                self._save(ctx, group, claim)
+                _update(self.host, ctx, group, claim=claim)
             return
         partition = held[0].claim.fabric_partition
         if partition is None:
@@ -270,7 +268,8 @@ class PrepareNvlink:
                 reason="fabric_mismatch",
             )
         for group in held:
-            self._save(ctx, group, group.claim.model_copy(update={"fabric_partition": partition}))
+            claim = group.claim.model_copy(update={"fabric_partition": partition})
+            _update(self.host, ctx, group, claim=claim)
         modules = []
         for bdf in gpus:
             record = self.host.gpu_store.get_gpu(bdf)
@@ -280,14 +279,6 @@ class PrepareNvlink:
         await _device(ctx, _host_gpus(self.host).activate_partition, partition, modules)
         for group in held:
             _group_event(self.host, ctx, group.claim.gpus, "fabric_activated", partition=partition)
-
-    def _save(self, ctx: StepContext, held: HeldGroup, claim: GroupClaim) -> None:
-        write_held_group(
-            self.host.gpu_store,
-            held.lead,
-            held.model_copy(update={"claim": claim}),
-            ctx.clock.now(),
-        )
 
 
 async def gpu_boot(host: HostServices, ctx: StepContext) -> GpuBoot | None:
@@ -299,10 +290,7 @@ async def gpu_boot(host: HostServices, ctx: StepContext) -> GpuBoot | None:
         return None
     devices = _host_gpus(host)
     for group in held:
-        launched = group.model_copy(
-            update={"launched": True, "device_ids": {}, "guest_addresses": {}}
-        )
-        write_held_group(host.gpu_store, group.lead, launched, ctx.clock.now())
+        _update(host, ctx, group, launched=True, device_ids={}, guest_addresses={})
     groups = [devices.group(group.claim.iommu_group) for group in held]
     passthrough = await asyncio.to_thread(devices.passthrough, groups)
     guest = ctx.machine().config.guest
@@ -317,8 +305,7 @@ async def gpu_boot(host: HostServices, ctx: StepContext) -> GpuBoot | None:
     ids = gpu_device_ids(topology)
     for group in held_groups(host, ctx.run.machine_id):
         mine = {device: bdf for device, bdf in ids.items() if bdf in group.claim.functions}
-        updated = group.model_copy(update={"device_ids": mine})
-        write_held_group(host.gpu_store, group.lead, updated, ctx.clock.now())
+        _update(host, ctx, group, device_ids=mine)
     nvlink_off = any(group.claim.nvlink_disabled for group in held)
     return GpuBoot(topology=topology, kernel_args=[NVLINK_OFF_KERNEL_ARG] if nvlink_off else [])
 
@@ -351,12 +338,7 @@ class MapGpuAddresses:
             )
         for group in held:
             mine = {a: b for a, b in addresses.items() if b in group.claim.functions}
-            write_held_group(
-                self.host.gpu_store,
-                group.lead,
-                group.model_copy(update={"guest_addresses": mine}),
-                ctx.clock.now(),
-            )
+            _update(self.host, ctx, group, guest_addresses=mine)
 
 
 @dataclass(frozen=True)
@@ -400,13 +382,7 @@ class CollectGpuXids:
         for group in held:
             mine = [x for x in xids if x.host_bdf is None or x.host_bdf in group.claim.functions]
             if mine:
-                kept = [*group.xids, *mine][:MAX_XIDS_PER_MACHINE]
-                write_held_group(
-                    self.host.gpu_store,
-                    group.lead,
-                    group.model_copy(update={"xids": kept}),
-                    ctx.clock.now(),
-                )
+                _update(self.host, ctx, group, xids=[*group.xids, *mine][:MAX_XIDS_PER_MACHINE])
         ctx.run.progress.gpu_xids_collected = True
 
 

@@ -9,13 +9,10 @@ import pytest
 
 from hangar.images.initramfs import module_bytes, resolve_modules
 from hangar.images.kernel import ensure_kernel
-from hangar.store.embedded import open_embedded_stores
 from hangar.vmm.qemu import QemuDriver
-from tests.agent.gpu_fixture import KVM_HOST, GpuHost, kill_stand_ins, prepare_host
+from tests.agent.gpu_fixture import KVM_HOST, GpuHost, fixture_host
 from tests.agent.vmm_stand_in import SleepingVmmPlatform
 from tests.conftest import SUITE_CACHE
-from tests.devices.gpu_hw import SYSFS_ENV
-from tests.devices.kernel_sim import KernelSimulator
 from tests.devices.sysfs_fixture import build_hgx_h100
 from tests.devices.test_fabric import write_fmpm
 from tests.fixtures.driver_bundle import write_bundle
@@ -26,19 +23,8 @@ def gpu_host(tmp_path: Path, test_image: str, monkeypatch: pytest.MonkeyPatch) -
     """An HGX H100 host (eight GPUs, each its own IOMMU group, NVSwitches and Fabric
     Manager), with its GPUs' NVML and gpu-admin-tools stand-ins."""
     builder = build_hgx_h100(tmp_path / "sys")
-    monkeypatch.setenv(SYSFS_ENV, str(builder.root))
-    prepare_host(builder)
-    stores = open_embedded_stores(tmp_path / "db")
-    host = GpuHost(
-        tmp_path,
-        builder,
-        KernelSimulator(builder),
-        stores,
-        test_image,
-        fmpm=write_fmpm(tmp_path),
-    )
-    yield host
-    kill_stand_ins(stores)
+    with fixture_host(tmp_path, builder, test_image, monkeypatch, write_fmpm(tmp_path)) as host:
+        yield host
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from hangar.agent.agent import Agent
 from hangar.agent.engine import RetryPolicy
@@ -35,13 +38,13 @@ from hangar.model.config import MachineConfig
 from hangar.model.gpu import GpuEvent, GpuState
 from hangar.model.host import HostInfo
 from hangar.model.machine import Machine, MachineState, new_machine_id, new_ulid
-from hangar.model.run import RunRecord
-from hangar.store.embedded import EmbeddedStores
+from hangar.model.run import CreateRequest, RunRecord, StopRequest
+from hangar.store.embedded import EmbeddedStores, open_embedded_stores
 from hangar.vmm.accel import kvm_choice
 from hangar.vmm.qemu import QemuDriver
 from tests.agent.vmm_stand_in import ARGV_FILE, SleepingVmmPlatform
 from tests.conftest import REPO_ROOT, SUITE_CACHE
-from tests.devices.gpu_hw import CLEAR, FakeNvmlHost, Hardware
+from tests.devices.gpu_hw import CLEAR, SYSFS_ENV, FakeNvmlHost, Hardware
 from tests.devices.kernel_sim import KernelSimulator
 from tests.devices.sysfs_fixture import HGX_H100_GPUS, SysfsBuilder
 from tests.devices.test_fabric import MODULES
@@ -231,6 +234,25 @@ class GpuHost:
         return machine_id
 
 
+@contextmanager
+def fixture_host(
+    tmp: Path,
+    builder: SysfsBuilder,
+    image: str,
+    monkeypatch: pytest.MonkeyPatch,
+    fmpm: list[str] | None = None,
+) -> Iterator[GpuHost]:
+    """A GPU host over ``builder``'s tree with fresh stores; the stand-in VMMs it leaves
+    are killed at the end."""
+    monkeypatch.setenv(SYSFS_ENV, str(builder.root))
+    prepare_host(builder)
+    stores = open_embedded_stores(tmp / "db")
+    try:
+        yield GpuHost(tmp, builder, KernelSimulator(builder), stores, image, fmpm)
+    finally:
+        kill_stand_ins(stores)
+
+
 def prepare_host(builder: SysfsBuilder, free_1g: int = 64) -> None:
     """What a GPU host has besides its PCI tree: NUMA nodes with huge pages, its CPU, and
     for an HGX board each GPU's module id as NVML reports it."""
@@ -263,6 +285,29 @@ def scrubber_command(folder: Path) -> CommandScrubber:
         "                  'samples_checked': 4096, 'mismatches': 0}))\n"
     )
     return CommandScrubber([sys.executable, str(script), "{bdf}"], name="memset")
+
+
+Platform = Callable[[], SleepingVmmPlatform]
+
+
+async def started(host: GpuHost, platform: Platform, gpus: int = 1, kind: str = "h100-sxm") -> str:
+    """A machine of ``gpus`` GPUs created by an agent that then stops, as a process would."""
+    agent = host.agent(platform())
+    await agent.start()
+    machine_id = host.add_machine(gpus=gpus, kind=kind)
+    agent.submit_operation(machine_id, CreateRequest())
+    await settle(agent)
+    await agent.close()
+    return machine_id
+
+
+async def stopped(host: GpuHost, platform: Platform, machine_id: str) -> None:
+    """The machine stopped by a fresh agent, which waits for every handoff."""
+    agent = host.agent(platform())
+    await agent.start()
+    agent.submit_operation(machine_id, StopRequest(timeout_s=0.0))
+    await settle(agent)
+    await agent.close()
 
 
 async def settle(agent: Agent) -> None:

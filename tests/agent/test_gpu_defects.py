@@ -28,19 +28,18 @@ from hangar.devices.sysfs import SysfsWriter
 from hangar.devices.worker import DeviceDeadlines, InlineRunner
 from hangar.model.gpu import GpuState
 from hangar.model.machine import MachineState
-from hangar.model.run import CreateRequest, StopRequest
-from hangar.store.embedded import open_embedded_stores
+from hangar.model.run import StopRequest
 from tests.agent.gpu_fixture import (
     HGX_GROUPS,
     GpuHost,
-    kill_stand_ins,
-    prepare_host,
+    Platform,
+    fixture_host,
     scrubber_command,
     settle,
+    started,
+    stopped,
 )
-from tests.agent.vmm_stand_in import SleepingVmmPlatform
-from tests.devices.gpu_hw import SYSFS_ENV
-from tests.devices.kernel_sim import KernelSimulator, tenant_used
+from tests.devices.kernel_sim import tenant_used
 from tests.devices.sysfs_fixture import (
     A10_AUDIO,
     A10_GPU,
@@ -59,26 +58,6 @@ from tests.vmm.test_gpu_topology import values_of
 FIRST = next(iter(HGX_H100_GPUS))
 """The GPU a lone machine gets on an empty HGX host (minor 0 under the nvidia driver)."""
 RESETS = ("/reset", "/reset_method", "/reset_subordinate")
-
-Platform = Callable[[], SleepingVmmPlatform]
-
-
-async def started(host: GpuHost, platform: Platform, gpus: int = 1, kind: str = "h100-sxm") -> str:
-    agent = host.agent(platform())
-    await agent.start()
-    machine_id = host.add_machine(gpus=gpus, kind=kind)
-    agent.submit_operation(machine_id, CreateRequest())
-    await settle(agent)
-    await agent.close()
-    return machine_id
-
-
-async def stopped(host: GpuHost, platform: Platform, machine_id: str) -> None:
-    agent = host.agent(platform())
-    await agent.start()
-    agent.submit_operation(machine_id, StopRequest(timeout_s=0.0))
-    await settle(agent)
-    await agent.close()
 
 
 class HolderAppears:
@@ -178,11 +157,8 @@ def a10_host(tmp_path: Path, test_image: str, monkeypatch: pytest.MonkeyPatch) -
     """An A10 with its HD-audio function in one IOMMU group, on a kernel without
     ``reset_subordinate``: no bus reset can clear it."""
     builder = build_a10_with_audio(tmp_path / "sys")
-    monkeypatch.setenv(SYSFS_ENV, str(builder.root))
-    prepare_host(builder)
-    stores = open_embedded_stores(tmp_path / "db")
-    yield GpuHost(tmp_path, builder, KernelSimulator(builder), stores, test_image)
-    kill_stand_ins(stores)
+    with fixture_host(tmp_path, builder, test_image, monkeypatch) as host:
+        yield host
 
 
 async def test_a_gpu_no_bus_reset_can_scrub_is_offered_only_with_a_trusted_scrubber(
@@ -330,11 +306,8 @@ def twin_host(
     """Two L40S behind one switch without ACS: one IOMMU group (a 6.14 kernel, whose port
     offers ``reset_subordinate``)."""
     builder = build_two_gpus_one_group(tmp_path / "sys", reset_subordinate=True)
-    monkeypatch.setenv(SYSFS_ENV, str(builder.root))
-    prepare_host(builder)
-    stores = open_embedded_stores(tmp_path / "db")
-    yield GpuHost(tmp_path, builder, KernelSimulator(builder), stores, test_image)
-    kill_stand_ins(stores)
+    with fixture_host(tmp_path, builder, test_image, monkeypatch) as host:
+        yield host
 
 
 async def test_two_gpus_in_one_iommu_group_go_to_one_tenant_together(

@@ -33,6 +33,7 @@ from tests.agent.gpu_fixture import (
     GpuHost,
     partition_active,
     settle,
+    started,
     until,
 )
 from tests.agent.helpers import step_names
@@ -114,12 +115,7 @@ async def test_two_gpus_get_a_fabric_partition_vfio_and_the_q35_layout_then_a_sc
 async def test_one_nvswitch_gpu_boots_with_nvlink_off_and_no_partition(
     gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform]
 ) -> None:
-    agent = gpu_host.agent(sleeping_platform())
-    await agent.start()
-    machine_id = gpu_host.add_machine(gpus=1)
-    agent.submit_operation(machine_id, CreateRequest())
-    await settle(agent)
-    await agent.close()
+    machine_id = await started(gpu_host, sleeping_platform)
 
     assert gpu_host.machine(machine_id).state == MachineState.STARTED
     assert NVLINK_OFF_KERNEL_ARG in values_of(gpu_host.argv(machine_id), "-append")[0].split()
@@ -129,14 +125,8 @@ async def test_one_nvswitch_gpu_boots_with_nvlink_off_and_no_partition(
 async def test_two_machines_of_two_gpus_fill_one_four_gpu_partition_first(
     gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform]
 ) -> None:
-    agent = gpu_host.agent(sleeping_platform())
-    await agent.start()
-    first, second = gpu_host.add_machine(gpus=2), gpu_host.add_machine(gpus=2)
-    agent.submit_operation(first, CreateRequest())
-    await settle(agent)
-    agent.submit_operation(second, CreateRequest())
-    await settle(agent)
-    await agent.close()
+    first = await started(gpu_host, sleeping_platform, gpus=2)
+    second = await started(gpu_host, sleeping_platform, gpus=2)
 
     assert gpu_host.held(first) == [MODULES[1], MODULES[2]]
     assert sorted(gpu_host.held(second)) == sorted([MODULES[3], MODULES[4]])
@@ -331,12 +321,7 @@ async def test_crash_during_gpu_start_resumes_without_double_claims(
 async def test_crash_during_handoff_never_frees_a_dirty_gpu(
     gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform], step: str
 ) -> None:
-    agent = gpu_host.agent(sleeping_platform())
-    await agent.start()
-    machine_id = gpu_host.add_machine(gpus=2)
-    agent.submit_operation(machine_id, CreateRequest())
-    await settle(agent)
-    await agent.close()
+    machine_id = await started(gpu_host, sleeping_platform, gpus=2)
     claimed = gpu_host.held(machine_id)
     lead = claimed[0]
     tenant_used(gpu_host.kernel, *claimed)
@@ -387,12 +372,7 @@ async def test_crash_during_handoff_never_frees_a_dirty_gpu(
 async def test_crash_after_the_xids_are_collected_keeps_them_for_the_handoff(
     gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform]
 ) -> None:
-    agent = gpu_host.agent(sleeping_platform())
-    await agent.start()
-    machine_id = gpu_host.add_machine(gpus=1)
-    agent.submit_operation(machine_id, CreateRequest())
-    await settle(agent)
-    await agent.close()
+    machine_id = await started(gpu_host, sleeping_platform)
     [bdf] = gpu_host.held(machine_id)
     gpu_host.guest_writes(
         machine_id,
