@@ -123,7 +123,7 @@ async def _device(ctx: StepContext, call: Callable[..., T], *args: Any) -> T:
     """A device call in a thread (it may block until its deadline). A DeviceError is
     recorded in the run (its ``reason``, whether a worker was killed) and raised again."""
     try:
-        return await asyncio.to_thread(call, *args)
+        result = await asyncio.to_thread(call, *args)
     except DeviceError as error:
         ctx.run.progress.devices["failure"] = {
             "reason": str(error.fields.get("reason", "device_error")),
@@ -132,6 +132,8 @@ async def _device(ctx: StepContext, call: Callable[..., T], *args: Any) -> T:
             "retryable": error.retryable,
         }
         raise
+    ctx.run.progress.devices.pop("failure", None)
+    return result
 
 
 # --- the machine's groups ---------------------------------------------------------------

@@ -16,14 +16,18 @@ from pathlib import Path
 import pytest
 
 from hangar.agent.agent import Agent
+from hangar.agent.gpus import HostGpus
 from hangar.agent.guest import QemuGuestPlatform
 from hangar.agent.steps import new_run
+from hangar.devices.hostpaths import HostPaths
+from hangar.devices.worker import RunnerWriter
 from hangar.errors import InsufficientCapacity
 from hangar.images.driver_bundle import NVLINK_OFF_KERNEL_ARG
 from hangar.model.config import MachineConfig
 from hangar.model.gpu import GpuState
 from hangar.model.machine import MachineState
 from hangar.model.run import CreateRequest, DestroyRequest, HandoffRequest, StopRequest
+from hangar.settings import Settings
 from hangar.store.embedded import open_embedded_stores
 from hangar.vmm.qemu import QemuDriver
 from tests.agent.gpu_fixture import (
@@ -43,6 +47,7 @@ from tests.devices.kernel_sim import KernelSimulator, tenant_used
 from tests.devices.sysfs_fixture import (
     HGX_H100_GPUS,
     build_gpu_sharing_group_with_nic,
+    build_hgx_h100,
 )
 from tests.devices.test_fabric import MODULES
 from tests.vmm.test_gpu_topology import values_of
@@ -396,3 +401,15 @@ async def test_crash_after_the_xids_are_collected_keeps_them_for_the_handoff(
     [xid] = [event for event in gpu_host.events(bdf) if event.action == "xid"]
     assert (xid.detail["code"], xid.iommu_group) == (79, HGX_GROUPS[bdf])
     assert xid.detail["guest_address"] == "0000:81:00.0"
+
+
+def test_an_agent_from_settings_makes_every_device_write_in_a_killable_worker(
+    tmp_path: Path,
+) -> None:
+    builder = build_hgx_h100(tmp_path / "sys")
+    devices = HostGpus.from_settings(Settings(sysfs_root=builder.root, host_id="h", nvml=False))
+
+    assert isinstance(devices.sysfs.writer, RunnerWriter)
+    assert devices.context.sysfs is devices.sysfs
+    assert devices.paths == HostPaths.beside(builder.root)
+    assert devices.fabric is None and devices.trusted_scrubber is None
