@@ -118,6 +118,13 @@ class VmmError(HangarError):
 class DeviceError(HangarError):
     code = "device_error"
 
+    def __init__(self, message: str, *, retryable: bool | None = None, **fields: Any) -> None:
+        """The ``retry`` field, when given, says whether to retry: a field survives the JSON
+        a device worker answers with (``hangar.devices.worker``)."""
+        if retryable is None and "retry" in fields:
+            retryable = bool(fields["retry"])
+        super().__init__(message, retryable=retryable, **fields)
+
 
 class NetworkError(HangarError):
     """A host network operation failed (``retryable`` says whether running it again may help),

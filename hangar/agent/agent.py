@@ -14,14 +14,14 @@ from pathlib import Path
 
 from hangar.agent.context import StepContext
 from hangar.agent.engine import CrashHook, RetryPolicy, RunEngine, no_crash
-from hangar.agent.gpu_steps import handoff_subject, submit_handoffs
+from hangar.agent.gpu_steps import handoff_subject, operator_release, submit_handoffs
 from hangar.agent.host import HostServices
 from hangar.agent.operations import plan_for
 from hangar.agent.platform import GuestPlatform, RunDirLayout
 from hangar.agent.steps import new_run
 from hangar.clock import Clock
 from hangar.errors import NotFound, PreconditionFailed
-from hangar.model.gpu import GpuEvent, GpuState
+from hangar.model.gpu import GpuState
 from hangar.model.machine import Machine, MachineState
 from hangar.model.run import ExitRequest, RunRecord, RunRequest
 from hangar.scheduler import Gpu
@@ -82,13 +82,19 @@ class Agent:
                 await task
 
     def register_host(self) -> None:
-        """This host's GPUs into its GPU store, and its capacity into its claim record (claims
-        and GPU states it had are kept)."""
+        """This host's GPUs into its GPU store, and its capacity, GPUs (with their IOMMU
+        groups) and Fabric Manager partitions into its claim record (claims and GPU states it
+        had are kept)."""
         devices = self.host.gpus
+        partitions = None
         if devices is not None:
-            devices.register(self.host.gpu_store)
+            inventory = devices.inventory()
+            devices.register(self.host.gpu_store, inventory)
+            partitions = devices.fabric_partitions(inventory)
         host_id = self.host.placement.host.id
-        self.host.placement.register(self.host.gpu_store.list_gpus(host_id=host_id))
+        self.host.placement.register(
+            self.host.gpu_store.list_gpus(host_id=host_id), fabric_partitions=partitions
+        )
 
     # change notification, for `wait`, the DNS service and whoever watches machines
     def notify(self) -> None:
@@ -238,40 +244,37 @@ class Agent:
                 log.warning("claim of %s is held by no live machine: releasing it", machine_id)
                 released = placement.release(machine_id)
                 submit_handoffs(
-                    self.host.gpu_store,
+                    self.host,
                     self.clock,
                     self.submit,
                     released,
                     f"claim of {machine_id} found stale at start",
                 )
         for gpu in placement.gpus():
-            if gpu.state is GpuState.CLEANING and not self.has_unfinished_run(
-                handoff_subject(gpu.bdf)
+            group = placement.group_of(gpu.bdf)
+            if (
+                group[0].bdf == gpu.bdf
+                and any(member.state is GpuState.CLEANING for member in group)
+                and not self.has_unfinished_run(handoff_subject(gpu.bdf))
             ):
                 self._start_handoff(gpu, "handoff resumed at start")
 
     def _start_handoff(self, gpu: Gpu, why: str) -> None:
-        submit_handoffs(self.host.gpu_store, self.clock, self.submit, [gpu.bdf], why)
+        submit_handoffs(self.host, self.clock, self.submit, [gpu.bdf], why)
 
     def release_quarantine(self, bdf: str, actor: str, reason: str) -> Gpu:
-        """An operator vouches for a quarantined GPU: it gets a fresh handoff (reset and
-        verify) and is free only if that succeeds. Who did it is recorded."""
+        """An operator vouches for a quarantined GPU: its whole IOMMU group gets a fresh
+        handoff (bound to vfio-pci again, scrubbed, checked) and is free only if that
+        succeeds. Who did it is recorded."""
         gpu = self.host.placement.gpu(bdf)
         if gpu is None:
             raise NotFound(f"GPU {bdf} not found on this host", field="bdf")
-        if gpu.state is not GpuState.QUARANTINED:
+        group = self.host.placement.group_of(bdf)
+        if any(member.state is not GpuState.QUARANTINED for member in group):
             raise PreconditionFailed(f"GPU {bdf} is {gpu.state}, not quarantined", field="bdf")
-        self.host.gpu_store.add_gpu_event(
-            GpuEvent(
-                bdf=bdf,
-                timestamp=self.clock.now(),
-                action="quarantine_released",
-                actor=actor,
-                detail={"reason": reason},
-            )
-        )
+        operator_release(self.host, bdf, actor, reason, self.clock.now())
         self.host.placement.set_gpu_state(bdf, GpuState.CLEANING, GpuState.QUARANTINED)
-        self._start_handoff(gpu, f"quarantine released by {actor}: {reason}")
+        self._start_handoff(group[0], f"quarantine released by {actor}: {reason}")
         released = self.host.placement.gpu(bdf)
         assert released is not None
         return released

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
-from hangar.agent.platform import GuestExit, GuestNetwork, RunDirLayout, VmHandleData
+from hangar.agent.platform import GpuBoot, GuestExit, GuestNetwork, RunDirLayout, VmHandleData
 from hangar.clock import Clock, SystemClock
+from hangar.devices.xid import guest_addresses
 from hangar.errors import ImageError
 from hangar.images import initramfs, kernel
 from hangar.images.driver_bundle import prepare_driver_bundle
@@ -19,26 +22,18 @@ from hangar.images.rootfs import CachedImage, ImageCache, machine_disk
 from hangar.images.run_config import GuestFile, GuestRunConfig, resolve_argv
 from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
-from hangar.vmm.accel import choose_accel
+from hangar.vmm.accel import choose_accel, gpu_accel
 from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec
+from hangar.vmm.errors import QmpError
 from hangar.vmm.proc import PROC_ROOT, read_process
 from hangar.vmm.qemu import QemuDriver
-from hangar.vmm.qemu_argv import HUGEPAGES_DIR
+from hangar.vmm.qmp import qmp_execute
 
+log = logging.getLogger(__name__)
 
-def hugepages_available(
-    memory_mb: int, meminfo: Path = Path("/proc/meminfo"), mount: Path = HUGEPAGES_DIR
-) -> bool:
-    """GPU machines get hugepage-backed memory when the host has enough free 2 MiB pages."""
-    if not mount.is_dir():
-        return False
-    values: dict[str, int] = {}
-    for line in meminfo.read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if rest.split():
-            values[name] = int(rest.split()[0])
-    free_kb = values.get("HugePages_Free", 0) * values.get("Hugepagesize", 0)
-    return free_kb >= memory_mb * 1024
+GPU_PLACEMENT_TIMEOUT_S = 30.0
+"""How long the guest's firmware may take to give the GPUs their bus numbers."""
+GPU_PLACEMENT_POLL_S = 0.1
 
 
 def to_model_ref(ref: ParsedImageRef, digest: str) -> ImageRef:
@@ -150,12 +145,17 @@ class QemuGuestPlatform:
         self,
         machine: Machine,
         run_dir: Path,
-        gpus: list[str],
+        gpus: GpuBoot | None,
         network: GuestNetwork | None = None,
     ) -> VmSpec:
+        """The spec QEMU boots. A GPU machine gets q35 with KVM (refused under TCG: VFIO does
+        not run there), the driver bundle read-only, and ``gpus``' layout and memory; a machine
+        on the private network its NIC and what its init is told of it."""
+        if gpus is not None and isinstance(self.driver, QemuDriver):
+            gpu_accel(self.driver.accel)
         guest_kernel = await asyncio.to_thread(self.boot_kernel)
         extra_disks = []
-        if gpus:
+        if gpus is not None:
             bundle = await asyncio.to_thread(
                 prepare_driver_bundle, guest_kernel, self.cache_root, bundle=self.driver_bundle
             )
@@ -169,21 +169,46 @@ class QemuGuestPlatform:
             cpus=machine.config.guest.cpus,
             memory_mb=machine.config.guest.memory_mb,
             extra_disks=extra_disks,
-            gpus=gpus,
             nic=network.nic if network is not None else None,
-            kernel_args=list(network.kernel_args) if network is not None else [],
-            hugepages=bool(gpus) and hugepages_available(machine.config.guest.memory_mb),
+            kernel_args=[
+                *(gpus.kernel_args if gpus is not None else []),
+                *(network.kernel_args if network is not None else []),
+            ],
+            gpu_topology=gpus.topology if gpus is not None else None,
         )
 
     async def launch(
         self,
         machine: Machine,
         run_dir: Path,
-        gpus: list[str],
+        gpus: GpuBoot | None,
         network: GuestNetwork | None = None,
     ) -> VmHandleData:
         handle = await self.driver.launch(await self.vm_spec(machine, run_dir, gpus, network))
         return handle.model_dump(mode="json")
+
+    async def gpu_addresses(
+        self, handle: VmHandleData, device_ids: Mapping[str, str]
+    ) -> dict[str, str]:
+        """QMP ``query-pci`` until the firmware has given every GPU a bus (bounded)."""
+        qmp = VmHandle.model_validate(handle).qmp_socket
+        deadline = self.clock.monotonic() + GPU_PLACEMENT_TIMEOUT_S
+        found: dict[str, str] = {}
+        while True:
+            try:
+                reply = await qmp_execute(qmp, "query-pci", clock=self.clock, timeout_s=5.0)
+            except QmpError as error:
+                log.warning("query-pci on %s failed: %s", qmp, error)
+                return found
+            if isinstance(reply, list):
+                found = {
+                    address: bdf
+                    for address, bdf in guest_addresses(reply, device_ids).items()
+                    if int(address.split(":")[1], 16) != 0
+                }
+            if len(found) >= len(device_ids) or self.clock.monotonic() >= deadline:
+                return found
+            await self.clock.sleep(GPU_PLACEMENT_POLL_S)
 
     async def alive(self, handle: VmHandleData) -> bool:
         return await self.driver.adopt(VmHandle.model_validate(handle))

@@ -12,10 +12,12 @@ from hangar.agent.engine import Plan, Step
 from hangar.agent.gpu_steps import (
     HANDOFF_SUBJECT_PREFIX,
     BindGpus,
-    QuarantineGpu,
-    ResetGpu,
-    RestoreHostDrivers,
-    ReturnGpu,
+    ClaimGpuGroups,
+    CollectGpuXids,
+    MapGpuAddresses,
+    PrepareNvlink,
+    QuarantineGroup,
+    handoff_steps,
 )
 from hangar.agent.host import HostServices
 from hangar.agent.steps import (
@@ -66,6 +68,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
     run_dir = host.run_dir(subject)
     launch_rollback: list[Step] = [
         ReleaseVm(host),
+        CollectGpuXids(host, run_dir),
         DetachNetwork(host),
         ReleaseClaim(host),
         MarkFailed(),
@@ -76,11 +79,14 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             Transition("mark_starting", S.STARTING, "start"),
             ResolveImage(host.platform, fresh=fresh_image),
             PlaceMachine(host),
+            ClaimGpuGroups(host),
             BindGpus(host),
+            PrepareNvlink(host),
             PrepareRootDisk(host.platform, run_dir),
             PrepareInitrd(host.platform, run_dir),
             AttachNetwork(host),
             LaunchVm(host),
+            MapGpuAddresses(host),
             Transition("mark_started", S.STARTED, "start"),
         ]
 
@@ -90,6 +96,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
         return [
             StopVm(host.platform, timeout_s=timeout_s, signum=signum),
             RecordExit(host.platform, requested=requested),
+            CollectGpuXids(host, run_dir),
             ReleaseVm(host),
         ]
 
@@ -112,6 +119,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 ],
                 [
                     ReleaseVm(host),
+                    CollectGpuXids(host, run_dir),
                     DetachNetwork(host),
                     ReleaseClaim(host),
                     MarkStoppedAfterFailure(),
@@ -146,6 +154,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 "exit",
                 [
                     RecordExit(host.platform, requested=False),
+                    CollectGpuXids(host, run_dir),
                     ReleaseVm(host),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                     ApplyRestartPolicy(),
@@ -154,6 +163,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 ],
                 [
                     ReleaseVm(host),
+                    CollectGpuXids(host, run_dir),
                     DetachNetwork(host),
                     ReleaseClaim(host),
                     MarkStoppedAfterFailure(),
@@ -173,6 +183,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 ],
                 [
                     ReleaseVm(host),
+                    CollectGpuXids(host, run_dir),
                     DetachNetwork(host),
                     ReleaseClaim(host),
                     RemoveRunDir(run_dir),
@@ -184,9 +195,5 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
 
 
 def _handoff(request: HandoffRequest, host: HostServices) -> Plan:
-    bdf = request.bdf
-    return Plan(
-        "handoff",
-        [ResetGpu(host, bdf), RestoreHostDrivers(host, bdf), ReturnGpu(host, bdf)],
-        [QuarantineGpu(host, bdf)],
-    )
+    """The handoff of the IOMMU group of ``request.bdf`` (its first GPU)."""
+    return Plan("handoff", handoff_steps(host, request.bdf), [QuarantineGroup(host, request.bdf)])

@@ -6,6 +6,7 @@ The agent's steps speak only this protocol; the real implementation composes
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 
 from hangar.model.machine import ImageRef, Machine
 from hangar.vmm.driver import NicSpec
+from hangar.vmm.gpu_topology import GpuTopology
 
 VmHandleData = dict[str, Any]
 
@@ -33,6 +35,15 @@ class GuestExit(BaseModel):
     guest_error: str = ""
 
 
+class GpuBoot(BaseModel):
+    """What a GPU machine boots with: its GPUs' layout and memory (each GPU behind a root
+    port on its NUMA node's expander, huge pages there), and the kernel arguments its GPUs
+    need (NVLink off for a lone NVSwitch GPU)."""
+
+    topology: GpuTopology
+    kernel_args: list[str] = []
+
+
 class GuestPlatform(Protocol):
     async def resolve_image(self, image: str) -> ImageRef:
         """Pull (or find cached) the image; the returned ref carries its manifest digest."""
@@ -50,11 +61,19 @@ class GuestPlatform(Protocol):
         self,
         machine: Machine,
         run_dir: Path,
-        gpus: list[str],
+        gpus: GpuBoot | None,
         network: GuestNetwork | None = None,
     ) -> VmHandleData:
-        """Boot the machine with these GPUs (PCI addresses, bound to vfio-pci) passed through
-        and, with ``network``, its NIC on the host's private network."""
+        """Boot the machine; with ``gpus``, those GPUs (bound to vfio-pci) passed through;
+        with ``network``, its NIC on the host's private network."""
+        ...
+
+    async def gpu_addresses(
+        self, handle: VmHandleData, device_ids: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Where the guest sees each passed-through function, once its firmware has placed
+        them: guest PCI address -> host BDF, for the VMM ``device_ids`` -> host BDF. What it
+        could not place within its deadline is left out."""
         ...
 
     async def alive(self, handle: VmHandleData) -> bool:

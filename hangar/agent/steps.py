@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hangar.agent.context import StepContext
-from hangar.agent.gpu_steps import release_gpus_for_handoff
+from hangar.agent.gpu_steps import gpu_boot, record_claimed, release_gpus_for_handoff
 from hangar.agent.host import HostServices
 from hangar.agent.platform import GuestNetwork, GuestPlatform, RunDirLayout
 from hangar.model.config import MachineConfig
@@ -89,8 +89,7 @@ class PlaceMachine:
 
     async def run(self, ctx: StepContext) -> None:
         self.host.placement.place(ctx.run.machine_id, ctx.machine().config.guest)
-        for bdf in self.host.placement.claimed_bdfs(ctx.run.machine_id):
-            record_gpu_event(self.host, ctx, bdf, "claimed", machine_id=ctx.run.machine_id)
+        record_claimed(self.host, ctx)
 
 
 @dataclass(frozen=True)
@@ -111,22 +110,6 @@ class ReleaseClaim:
     async def run(self, ctx: StepContext) -> None:
         released = self.host.placement.release(ctx.run.machine_id)
         release_gpus_for_handoff(self.host, ctx, released, f"released by {ctx.run.machine_id}")
-
-
-def record_gpu_event(
-    host: HostServices, ctx: StepContext, bdf: str, action: str, **detail: object
-) -> None:
-    from hangar.model.gpu import GpuEvent
-
-    host.gpu_store.add_gpu_event(
-        GpuEvent(
-            bdf=bdf,
-            timestamp=ctx.clock.now(),
-            action=action,
-            actor="agent",
-            detail={"run_id": ctx.run.id, **detail},
-        )
-    )
 
 
 @dataclass(frozen=True)
@@ -231,7 +214,7 @@ class LaunchVm:
             ctx.runs.delete_vm_handle(ctx.run.machine_id)
         run_dir = self.host.run_dir(ctx.run.machine_id)
         (run_dir / RunDirLayout.CONTROL_LOG).unlink(missing_ok=True)
-        gpus = self.host.placement.claimed_bdfs(ctx.run.machine_id)
+        gpus = await gpu_boot(self.host, ctx)
         machine = ctx.machine()
         network = None
         if self.host.network is not None:

@@ -10,7 +10,7 @@ resumed after a crash gets the same steps with the same inputs. What steps learn
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,7 +77,8 @@ class DestroyRequest(OperationRequest):
 
 
 class HandoffRequest(OperationRequest):
-    """Make a released GPU clean (reset, verified, back on its host driver) before it is free."""
+    """Make a released GPU's whole IOMMU group clean before it is free: scrubbed, its
+    settings and health checked, back on its host drivers. ``bdf`` is the group's first GPU."""
 
     operation: Literal["handoff"] = "handoff"
     bdf: str = Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -141,8 +142,11 @@ class RunProgress(BaseModel):
     exit_recorded: bool = False
     exit_code: int | None = None
     restart_decision: RestartDecision | None = None
-    reset_ok: bool = False
-    """A handoff's reset and verification passed."""
+    gpu_xids_collected: bool = False
+    """The Xid lines the guest forwarded were recorded against its GPUs."""
+    devices: dict[str, Any] = Field(default_factory=dict)
+    """What the run's GPU steps learnt, as JSON (``hangar.agent.gpu_steps``): a handoff's
+    settings found, scrubs and health findings; why a device call failed."""
 
 
 class RunRecord(BaseModel):

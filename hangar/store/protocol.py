@@ -91,8 +91,8 @@ class GpuStore(Protocol):
     quarantined, is the host's claim record (``hangar.scheduler.ClaimStore``)."""
 
     def upsert_gpu_inventory(self, gpu: GpuRecord) -> GpuRecord:
-        """Register a GPU found on the host; an existing record keeps its binding and its
-        quarantine reason."""
+        """Register a GPU found on the host; an existing record keeps what the agent wrote
+        (its group claim, binding and quarantine reason)."""
         ...
 
     def list_gpus(self, host_id: str | None = None) -> list[GpuRecord]: ...
