@@ -19,7 +19,13 @@ from hangar.scheduler.model import (
 )
 from hangar.scheduler.profile import RequestShape, WorkloadProfile
 from hangar.scheduler.regions import RegionCatalog
-from hangar.scheduler.scheduler import Scheduler, capacity_error
+from hangar.scheduler.scheduler import (
+    NoPlacementObserver,
+    PlacementObserver,
+    PlacementOutcome,
+    Scheduler,
+    capacity_error,
+)
 
 __all__ = [
     "MILLI_PER_GPU",
@@ -28,7 +34,10 @@ __all__ = [
     "Gpu",
     "HostState",
     "InMemoryClaimStore",
+    "NoPlacementObserver",
     "Placement",
+    "PlacementObserver",
+    "PlacementOutcome",
     "PlacementRequest",
     "Pool",
     "RegionCatalog",

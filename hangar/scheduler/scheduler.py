@@ -9,6 +9,7 @@ scheduler re-reads the host and places again, so the loser either lands elsewher
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, Protocol
 
 from hangar.errors import InsufficientCapacity, InvalidRequest, StoreError
 from hangar.scheduler.claims import ClaimStore
@@ -18,6 +19,26 @@ from hangar.scheduler.profile import WorkloadProfile
 from hangar.scheduler.regions import RegionCatalog
 
 DEFAULT_MAX_ATTEMPTS = 8
+
+PlacementOutcome = Literal["placed", "insufficient_capacity", "lost_races"]
+
+
+class PlacementObserver(Protocol):
+    """Told how each placement went (metrics); the scheduler knows nothing more of it."""
+
+    def placement_conflict(self, host_id: str) -> None:
+        """A compare-and-set on ``host_id`` lost to another writer; placement tries again."""
+        ...
+
+    def placement_finished(self, outcome: PlacementOutcome) -> None: ...
+
+
+class NoPlacementObserver:
+    def placement_conflict(self, host_id: str) -> None:
+        """Nobody listens."""
+
+    def placement_finished(self, outcome: PlacementOutcome) -> None:
+        """Nobody listens."""
 
 
 class Scheduler:
@@ -31,8 +52,10 @@ class Scheduler:
         rank_of: Callable[[str], int] = stable_rank,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         pressure_refresh: int = PRESSURE_REFRESH,
+        observer: PlacementObserver | None = None,
     ) -> None:
         self._store = store
+        self._observer = observer or NoPlacementObserver()
         self._catalog = catalog or RegionCatalog()
         self._max_attempts = max_attempts
         self.index = PlacementIndex(profile or WorkloadProfile.empty(), rank_of, pressure_refresh)
@@ -66,6 +89,7 @@ class Scheduler:
         for _ in range(self._max_attempts):
             choice = self._choose(request, regions)
             if choice is None:
+                self._observer.placement_finished("insufficient_capacity")
                 raise capacity_error(request, regions)
             claim = Claim(
                 request.machine_id,
@@ -77,8 +101,11 @@ class Scheduler:
             new_state = choice.state.with_claim(claim)
             if self._store.compare_and_set(choice.host_id, choice.version, new_state):
                 self.index.upsert(new_state, choice.version + 1)
+                self._observer.placement_finished("placed")
                 return Placement(choice.host_id, new_state.region, claim)
+            self._observer.placement_conflict(choice.host_id)
             self.refresh_host(choice.host_id)
+        self._observer.placement_finished("lost_races")
         raise StoreError(
             f"placement of {request.machine_id} lost {self._max_attempts} races in a row",
             machine_id=request.machine_id,
