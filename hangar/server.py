@@ -57,6 +57,7 @@ class EmbeddedServer:
     host: HostInfo
     app: FastAPI
     metrics: HangarMetrics
+    web: FastAPI
 
     @property
     def home(self) -> Path:
@@ -163,6 +164,7 @@ def build_server(
         host=host,
         app=app,
         metrics=metrics,
+        web=web,
     )
 
 

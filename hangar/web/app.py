@@ -84,6 +84,7 @@ def create_web_app(
 ) -> FastAPI:
     web = FastAPI(title="hangar dashboard", openapi_url=None, docs_url=None, redoc_url=None)
     web.state.viewers = viewers
+    web.state.streams = streams
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.globals["mount"] = MOUNT
     templates.env.globals["version"] = __version__
@@ -100,6 +101,14 @@ def create_web_app(
         if exc.page:
             return RedirectResponse(f"{MOUNT}/login", status_code=303)
         return JSONResponse({"error": exc.reason, "status": "unauthenticated"}, 401)
+
+    def overview(viewer: Viewer) -> dict[str, Any]:
+        return {
+            "board": reader.dashboard(viewer),
+            "viewer": viewer,
+            "cost": _cost_today(usage, viewer, clock) if viewer.org_wide else None,
+            "currency": usage.prices.currency,
+        }
 
     def signed_in(secret: str, request: Request) -> Response:
         """Set the cookie, then move on with a page of our own (a same-site navigation, so
@@ -127,19 +136,8 @@ def create_web_app(
                 return page(request, "login.html", {"error": str(exc)}, status=401)
             return signed_in(token, request)
         viewer = viewer_of(request, page=True)
-        board = reader.dashboard(viewer)
-        return page(
-            request,
-            "dashboard.html",
-            {
-                "board": board,
-                "viewer": viewer,
-                "windows": list(WINDOWS),
-                "window": DEFAULT_WINDOW,
-                "cost": _cost_today(usage, viewer, clock) if viewer.org_wide else None,
-                "currency": usage.prices.currency,
-            },
-        )
+        context = overview(viewer) | {"windows": list(WINDOWS), "window": DEFAULT_WINDOW}
+        return page(request, "dashboard.html", context)
 
     @web.get("/login", response_class=HTMLResponse)
     async def login_form(request: Request) -> Response:
@@ -173,10 +171,9 @@ def create_web_app(
         rows, states = reader.machine_rows(viewer)
         return page(request, "_machines.html", {"machines": rows, "states": states})
 
-    @web.get("/partials/gpus", response_class=HTMLResponse)
-    async def gpus_partial(request: Request, viewer: ViewerDep) -> Response:
-        board = reader.dashboard(viewer)
-        return page(request, "_fleet.html", {"board": board, "viewer": viewer})
+    @web.get("/partials/overview", response_class=HTMLResponse)
+    async def overview_partial(request: Request, viewer: ViewerDep) -> Response:
+        return page(request, "_overview.html", overview(viewer))
 
     @web.get("/usage.json")
     async def usage_series(

@@ -99,9 +99,9 @@ class Dashboard:
 
 def guest_summary(machine: Machine) -> str:
     guest = machine.config.guest
-    text = f"{guest.cpus} {guest.cpu_kind} CPU, {guest.memory_mb} MB"
+    text = f"{guest.cpus}x {guest.cpu_kind} · {guest.memory_mb} MB"
     if guest.gpus:
-        text += f", {guest.gpus}x {guest.gpu_kind}"
+        text += f" · {guest.gpus}x {guest.gpu_kind}"
     return text
 
 

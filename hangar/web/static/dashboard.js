@@ -35,7 +35,8 @@
       var what = document.createElement("span");
       what.className = "what";
       what.appendChild(text("span", "mono", event.machine_id));
-      what.appendChild(document.createTextNode(" " + event.machine_name + " · " + event.app + " · " + event.type + " "));
+      what.title = "app " + event.app + ", " + event.source;
+      what.appendChild(document.createTextNode(" " + event.machine_name + " · " + event.type + " "));
       what.appendChild(text("span", "badge state-" + event.status, event.status));
       item.appendChild(what);
       list.insertBefore(item, list.firstChild);
@@ -46,7 +47,7 @@
 
   var charts = {};
 
-  function draw(id, x, series, unit) {
+  function draw(id, x, series, unit, empty) {
     var node = document.getElementById(id);
     if (!node || !window.uPlot) return;
     var names = Object.keys(series);
@@ -68,7 +69,7 @@
     };
     if (charts[id]) charts[id].destroy();
     node.textContent = "";
-    if (!names.length) { node.appendChild(text("p", "muted", "no usage in this window")); return; }
+    if (!names.length) { node.appendChild(text("p", "muted", empty)); return; }
     charts[id] = new uPlot(opts, data, node);
   }
 
@@ -78,9 +79,9 @@
     fetch(section.dataset.source + "?window=" + encodeURIComponent(windowName), { credentials: "same-origin" })
       .then(function (response) { return response.json(); })
       .then(function (body) {
-        draw("chart-gpu", body.x, body.gpu_hours, "GPU-h");
-        draw("chart-orgs", body.x, body.machine_hours, "h");
-        draw("chart-cost", body.x, body.cost, body.currency);
+        draw("chart-gpu", body.x, body.gpu_hours, "GPU-h", "no GPU machine ran in this window");
+        draw("chart-orgs", body.x, body.machine_hours, "h", "no machine ran in this window");
+        draw("chart-cost", body.x, body.cost, body.currency, "nothing to bill in this window");
         section.dataset.loaded = windowName;
       });
   }
