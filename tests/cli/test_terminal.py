@@ -81,7 +81,9 @@ def test_run_list_status_and_logs_read_well_at_80_columns(terminal: Terminal) ->
 
 def test_logs_follow_a_machine_until_it_stops(terminal: Terminal) -> None:
     ticker = "for i in 1 2 3; do echo tick-$i; sleep 1; done"
-    created, status = terminal.run(f"ID=$(hangar machine run $IMAGE -a $APP -d -- sh -c '{ticker}')")
+    created, status = terminal.run(
+        f"ID=$(hangar machine run $IMAGE -a $APP -d -- sh -c '{ticker}')"
+    )
     assert status == 0, created
     followed, status = terminal.run("hangar logs $ID -a $APP -f")
     assert status == 0, followed
@@ -101,4 +103,3 @@ def test_errors_are_one_line_with_the_api_sentence_and_status(terminal: Terminal
     assert "Traceback" not in down
     streamed, status = terminal.run("hangar logs 0123456789abcd -a $APP -f")
     assert status == 1 and "(HTTP 404 not_found)" in streamed and "Traceback" not in streamed
-

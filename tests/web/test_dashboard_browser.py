@@ -43,6 +43,7 @@ SLEEPER = ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]
 QUARANTINE_REASON = "handoff: memory clear read back non-zero bytes"
 SEEN_MS = 60_000
 VIEWPORT = {"width": 1400, "height": 1000}
+expect.set_options(timeout=SEEN_MS)
 
 
 @dataclass
@@ -71,10 +72,15 @@ def quarantine_one_gpu(home: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, test_image: str) -> Iterator[Fleet]:
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, registry: str, registry_image: str
+) -> Iterator[Fleet]:
+    """The server, with a machine of org globex started, and one GPU quarantined. Machines
+    run the test image from the loopback registry (the page shows that reference)."""
     root = tmp_path_factory.mktemp("dashboard")
     build_hgx_h100(root / "sys")
     env = {
+        env_name("insecure_registries"): registry,
         env_name("sysfs_root"): str(root / "sys"),
         env_name("nvml"): "0",
         env_name("usage_checkpoint_s"): "1",
@@ -85,11 +91,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, test_image: str) -> Iterator
                 assert api.post("/v1/orgs", json={"slug": org}).status_code == 201
                 created = api.post("/v1/apps", json={"app_name": f"{org}-web", "org_slug": org})
                 assert created.status_code == 201, created.text
-            globex_machine = run_machine(api, "globex-web", test_image, cmd=SLEEPER)
+            globex_machine = run_machine(api, "globex-web", registry_image, cmd=SLEEPER)
             wait_state(api, "globex-web", globex_machine, "started")
             acme_token = api.post("/v1/tokens", json={"org_slug": "acme"}).json()["token"]
         quarantined = quarantine_one_gpu(server.home)
-        yield Fleet(server, acme_token, globex_machine, quarantined, test_image)
+        yield Fleet(server, acme_token, globex_machine, quarantined, registry_image)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +152,9 @@ def test_an_org_token_sees_its_own_machines_only(
     page.get_by_label("API token").fill(fleet.acme_token)
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_test_id("viewer")).to_have_text("org acme")
-    expect(page.get_by_test_id("machines").locator(f"[data-machine='{acme_machine}']")).to_be_visible()
+    expect(
+        page.get_by_test_id("machines").locator(f"[data-machine='{acme_machine}']")
+    ).to_be_visible()
     expect(page.get_by_test_id("events")).to_contain_text(acme_machine)
     expect(page.get_by_test_id("gpus")).to_have_count(0)
     expect(page.get_by_test_id("hosts")).to_have_count(0)
