@@ -410,18 +410,11 @@ def machine_logs(
     app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow until it stops.")] = False,
 ) -> None:
-    """The machine's console output."""
-    print_logs(machine_id, app_name, follow)
-
-
-@app.command("logs")
-def logs(
-    machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow until it stops.")] = False,
-) -> None:
     """A machine's console output (``-f`` follows it until the machine stops)."""
     print_logs(machine_id, app_name, follow)
+
+
+app.command("logs")(machine_logs)
 
 
 @machine_app.command("wait")
