@@ -40,6 +40,7 @@ from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
 from hangar.web.app import create_web_app
 from hangar.web.events import EventStreams
+from hangar.web.logs import uvicorn_log_config
 from hangar.web.pages import DashboardReader
 from hangar.web.viewer import Viewers
 
@@ -220,4 +221,4 @@ def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
             print(f"operator token (also written to {token_file}):")
             print(secret, flush=True)
     log.info("hangar server: home %s, listening on %s:%d", settings.home, host, port)
-    uvicorn.run(server.app, host=host, port=port, log_level="info")
+    uvicorn.run(server.app, host=host, port=port, log_level="info", log_config=uvicorn_log_config())

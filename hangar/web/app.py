@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -42,7 +42,7 @@ SECURITY_HEADERS = {
         "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -114,6 +114,8 @@ def create_web_app(
         """Set the cookie, then move on with a page of our own (a same-site navigation, so
         the Strict cookie goes with it), leaving no token in the address bar or history."""
         response = page(request, "signed_in.html", {"target": f"{MOUNT}/"})
+        # This page's address may hold the token: never send it on, even to this origin.
+        response.headers["Referrer-Policy"] = "no-referrer"
         response.set_cookie(
             COOKIE,
             secret,
@@ -145,6 +147,8 @@ def create_web_app(
 
     @web.post("/login", response_class=HTMLResponse)
     async def login(request: Request) -> Response:
+        if not _same_origin(request):
+            return page(request, "login.html", {"error": "sign in from this page"}, status=403)
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -161,7 +165,9 @@ def create_web_app(
         return signed_in(secret, request)
 
     @web.post("/logout")
-    async def logout() -> Response:
+    async def logout(request: Request) -> Response:
+        if not _same_origin(request):
+            return JSONResponse({"error": "cross-site request", "status": "forbidden"}, 403)
         response = RedirectResponse(f"{MOUNT}/login", status_code=303)
         response.delete_cookie(COOKIE, path=MOUNT)
         return response
@@ -210,6 +216,15 @@ def create_web_app(
         )
 
     return web
+
+
+def _same_origin(request: Request) -> bool:
+    """A form posted from another site (login CSRF) is refused; browsers say where a POST
+    comes from in ``Origin``, and a client that sends none is not a browser page."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc == request.headers.get("host", "")
 
 
 def _cost_today(usage: UsageService, viewer: Viewer, clock: Clock) -> UsageAmounts:

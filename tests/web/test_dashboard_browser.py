@@ -139,6 +139,8 @@ def test_the_operator_sees_gpus_and_a_machine_started_through_the_api(
     expect(page.locator("#chart-orgs .uplot")).to_be_visible()
     page.screenshot(path=str(tmp_path / "dashboard-operator.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'dashboard-operator.png'}")
+    log = fleet.server.log_path.read_text()
+    assert "/ui/?token=REDACTED" in log and fleet.server.operator_token not in log
 
 
 def test_an_org_token_sees_its_own_machines_only(

@@ -83,15 +83,22 @@ async def test_the_login_form_sets_a_strict_http_only_cookie(fleet: Embedded) ->
     async with fleet.client() as browser:
         form = await browser.get("/ui/login")
         assert form.status_code == 200 and 'name="token"' in form.text
+        cross_site = await browser.post(
+            "/ui/login", data={"token": fleet.operator}, headers={"origin": "http://elsewhere"}
+        )
+        assert cross_site.status_code == 403 and "set-cookie" not in cross_site.headers
         refused = await browser.post("/ui/login", data={"token": "hgr_" + "x" * 43})
         assert refused.status_code == 401 and "error" in refused.text
         assert COOKIE not in refused.headers.get("set-cookie", "")
-        accepted = await browser.post("/ui/login", data={"token": fleet.operator})
+        accepted = await browser.post(
+            "/ui/login", data={"token": fleet.operator}, headers={"origin": "http://hangar"}
+        )
         assert accepted.status_code == 200
         cookie = accepted.headers["set-cookie"]
         for attribute in ("HttpOnly", "SameSite=strict", "Path=/ui"):
             assert attribute.lower() in cookie.lower(), cookie
         assert fleet.operator not in accepted.text
+        assert accepted.headers["referrer-policy"] == "no-referrer"
         assert "frame-ancestors 'none'" in accepted.headers["content-security-policy"]
         dashboard = await browser.get("/ui/")
         assert dashboard.status_code == 200 and 'data-testid="viewer">operator<' in dashboard.text
