@@ -36,6 +36,9 @@ from hangar.store.usage import UsageStore
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT_S = 10.0
+LAUNCH_STEPS = frozenset({LaunchVm.name})
+"""Steps after which a guest runs (a resume step belongs here once machines can suspend; a
+step not listed is still caught by the next checkpoint)."""
 RELEASE_STEPS = frozenset({ReleaseVm.name, f"rollback:{ReleaseVm.name}"})
 
 
@@ -113,7 +116,7 @@ class UsageMeter:
     ) -> None:
         if error is not None:
             return
-        if step == LaunchVm.name:
+        if step in LAUNCH_STEPS:
             self.machine_launched(run.machine_id)
         elif step in RELEASE_STEPS:
             self.machine_released(run.machine_id)

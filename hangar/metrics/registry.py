@@ -140,7 +140,11 @@ class HangarMetrics:
         if step == BOOT_TO and error is None:
             began = self._boots.pop(run.id, None)
             if began is not None:
-                self.guest_start_seconds.labels("boot").observe(self._clock.monotonic() - began)
+                self.guest_started("boot", self._clock.monotonic() - began)
+
+    def guest_started(self, mode: str, seconds: float) -> None:
+        """A guest is running ``seconds`` after it was asked to: ``boot`` or ``resume``."""
+        self.guest_start_seconds.labels(mode).observe(seconds)
 
     def step_retried(self, run: RunRecord, step: str, error: BaseException) -> None:
         self.step_retries.labels(run.operation, step).inc()

@@ -58,10 +58,11 @@ class Viewers:
 
     def viewer(self, secret: str) -> Viewer:
         token = self.authenticate(secret)
-        candidates = self._machines.list_apps(
-            None if token.kind == TokenKind.OPERATOR else token.org_slug
-        )
-        apps = tuple(app for app in candidates if self._may(token, Scope.APP_READ, app.name))
+        if token.kind == TokenKind.OPERATOR:
+            apps = tuple(self._machines.list_apps(None))
+        else:
+            candidates = self._machines.list_apps(token.org_slug)
+            apps = tuple(app for app in candidates if self._may(token, Scope.APP_READ, app.name))
         return Viewer(token=token, apps=apps, org_wide=self._may(token, Scope.ORG_READ))
 
     def _may(self, token: ApiToken, scope: Scope, app_name: str | None = None) -> bool:
