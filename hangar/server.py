@@ -13,6 +13,7 @@ from hangar.agent.agent import Agent
 from hangar.agent.engine import crash_after
 from hangar.agent.gpus import HostGpus
 from hangar.agent.host import HostServices
+from hangar.agent.metering import UsageMeter
 from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
@@ -31,8 +32,11 @@ from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.api.services.tokens import TokenService
+from hangar.api.services.usage import UsageService
 from hangar.clock import Clock, SystemClock
+from hangar.metrics import HangarMetrics, StateCollector
 from hangar.model.host import HostInfo, read_local_host
+from hangar.model.usage import DEFAULT_PRICES, PriceTable
 from hangar.net.host import HostNetConfig, HostNetwork
 from hangar.proxy.proxy import Proxy
 from hangar.proxy.settings import ProxySettings
@@ -40,6 +44,11 @@ from hangar.ratelimit import RateLimiter, RateLimits
 from hangar.scheduler import ClaimStore
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
+from hangar.web.app import create_web_app
+from hangar.web.events import EventStreams
+from hangar.web.logs import uvicorn_log_config
+from hangar.web.pages import DashboardReader
+from hangar.web.viewer import Viewers
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,8 @@ class EmbeddedServer:
     host: HostInfo
     app: FastAPI
     traffic: MachineTraffic
+    metrics: HangarMetrics
+    web: FastAPI
 
     @property
     def home(self) -> Path:
@@ -78,10 +89,11 @@ def build_server(
     machines, tenancy = stores.machines, stores.tenancy
     for org_slug in {DEFAULT_ORG} | {app.org_slug for app in machines.list_apps(None)}:
         tenancy.ensure_org(org_slug, clock.now())
+    metrics = HangarMetrics(clock)
     if platform is None:
         from hangar.agent.guest import QemuGuestPlatform
 
-        platform = QemuGuestPlatform.from_settings(settings)
+        platform = QemuGuestPlatform.from_settings(settings, image_observer=metrics)
     host = read_local_host(settings.host_id, settings.region)
     claim_store = claims if claims is not None else stores.claims
     network = (
@@ -92,14 +104,29 @@ def build_server(
     services_of_host = HostServices(
         platform=platform,
         machines_dir=settings.machines_dir,
-        placement=HostPlacement(claim_store, host),
+        placement=HostPlacement(claim_store, host, observer=metrics),
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
         network=network,
     )
-    agent = Agent(
-        machines, stores.runs, services_of_host, clock, crash_after(settings.crash_after_step)
+    meter = UsageMeter(
+        stores.usage,
+        machines,
+        stores.runs,
+        services_of_host,
+        clock,
+        checkpoint_s=settings.usage_checkpoint_s,
     )
+    agent = Agent(
+        machines,
+        stores.runs,
+        services_of_host,
+        clock,
+        crash_after(settings.crash_after_step),
+        meter=meter,
+        observers=(metrics,),
+    )
+    metrics.register(StateCollector(machines, claim_store, settings.cache_dir))
     quotas = QuotaService(machines, tenancy)
     capacity = PlatformService(claim_store, settings.gpu_driver_bundle)
     orgs = OrgService(tenancy, quotas, clock)
@@ -123,15 +150,29 @@ def build_server(
         audit=audit,
         hosts=HostService(agent, host),
         platform=capacity,
+        usage=UsageService(
+            stores.usage, orgs, PriceTable.parse(settings.prices, DEFAULT_PRICES), clock
+        ),
+        metrics=metrics,
     )
+    policy = AccessPolicy(tokens, machines)
     guard = GuardConfig(
-        policy=AccessPolicy(tokens, machines),
+        policy=policy,
         limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
         audit=audit,
         max_body_bytes=settings.max_request_bytes,
+        observer=metrics,
+    )
+    reader = DashboardReader(machines, claim_store, stores.gpus)
+    web = create_web_app(
+        Viewers(policy, machines),
+        reader,
+        services.usage,
+        EventStreams(machines, reader, agent.wait_for_change, clock),
+        clock,
     )
     traffic = MachineTraffic.for_agent(agent, settings, clock)
-    app = create_app(services, guard, on_startup=traffic.start, on_shutdown=traffic.close)
+    app = create_app(services, guard, on_startup=traffic.start, on_shutdown=traffic.close, web=web)
     return EmbeddedServer(
         settings=settings,
         stores=stores,
@@ -140,6 +181,8 @@ def build_server(
         host=host,
         app=app,
         traffic=traffic,
+        metrics=metrics,
+        web=web,
     )
 
 
@@ -235,4 +278,4 @@ def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
             print(f"operator token (also written to {token_file}):")
             print(secret, flush=True)
     log.info("hangar server: home %s, listening on %s:%d", settings.home, host, port)
-    uvicorn.run(server.app, host=host, port=port, log_level="info")
+    uvicorn.run(server.app, host=host, port=port, log_level="info", log_config=uvicorn_log_config())

@@ -9,13 +9,14 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hangar.agent.context import StepContext
-from hangar.agent.engine import CrashHook, RetryPolicy, RunEngine, no_crash
+from hangar.agent.engine import CrashHook, RetryPolicy, RunEngine, RunObserver, no_crash
 from hangar.agent.gpu_steps import handoff_subject, operator_release, submit_handoffs
 from hangar.agent.host import HostServices
+from hangar.agent.metering import UsageMeter
 from hangar.agent.operations import plan_for
 from hangar.agent.platform import GuestPlatform, RunDirLayout
 from hangar.agent.steps import new_run
@@ -41,12 +42,18 @@ class Agent:
         clock: Clock,
         crash_hook: CrashHook = no_crash,
         retry: RetryPolicy | None = None,
+        meter: UsageMeter | None = None,
+        observers: Sequence[RunObserver] = (),
     ) -> None:
+        """``meter`` writes usage (it observes the runs, checkpoints in the monitor loop and
+        recovers at start); ``observers`` are told of every step (metrics)."""
         self.machines = machines
         self.runs = runs
         self.host = host
         self.clock = clock
-        self.engine = RunEngine(lambda run: plan_for(run, host), crash_hook, retry)
+        self.meter = meter
+        everyone = (*observers, *((meter,) if meter is not None else ()))
+        self.engine = RunEngine(lambda run: plan_for(run, host), crash_hook, retry, everyone)
         self._machine_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
@@ -65,6 +72,8 @@ class Agent:
     async def start(self) -> None:
         self.machines_dir.mkdir(parents=True, exist_ok=True)
         self.register_host()
+        if self.meter is not None:
+            self.meter.recover()
         await self.reconcile()
         self._monitor_task = asyncio.create_task(self._monitor_loop())
 
@@ -80,6 +89,11 @@ class Agent:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.meter is not None:
+            try:
+                self.meter.checkpoint()
+            except Exception:
+                log.exception("last usage checkpoint failed")
 
     def register_host(self) -> None:
         """This host's GPUs into its GPU store, and its capacity, GPUs (with their IOMMU
@@ -178,6 +192,11 @@ class Agent:
                 await self.check_guests()
             except Exception:
                 log.exception("guest monitor pass failed")
+            if self.meter is not None:
+                try:
+                    self.meter.tick()
+                except Exception:
+                    log.exception("usage checkpoint failed")
             await self.clock.sleep(MONITOR_INTERVAL_S)
 
     async def check_guests(self) -> None:

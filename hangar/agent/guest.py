@@ -18,7 +18,7 @@ from hangar.images import initramfs, kernel
 from hangar.images.driver_bundle import prepare_driver_bundle
 from hangar.images.reference import ImageRef as ParsedImageRef
 from hangar.images.reference import parse_image_ref
-from hangar.images.rootfs import CachedImage, ImageCache, machine_disk
+from hangar.images.rootfs import CachedImage, ImageCache, ImageCacheObserver, machine_disk
 from hangar.images.run_config import GuestFile, GuestRunConfig, resolve_argv
 from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
@@ -56,12 +56,14 @@ class QemuGuestPlatform:
         driver_bundle: Path | None = None,
         guest_kernel: Path | None = None,
         guest_modules: Path | None = None,
+        image_observer: ImageCacheObserver | None = None,
     ) -> None:
         """``insecure_registries``: ``host:port`` pulled without TLS verification;
         ``driver_bundle``: the GPU driver bundle; ``guest_kernel``/``guest_modules``: an
-        operator's kernel instead of Debian's (each as in :mod:`hangar.settings`)."""
+        operator's kernel instead of Debian's (each as in :mod:`hangar.settings`);
+        ``image_observer``: told of each image cache hit or miss (metrics)."""
         self.cache_root = cache
-        self.images = ImageCache(cache)
+        self.images = ImageCache(cache, observer=image_observer)
         self.driver = driver
         self.clock = clock or SystemClock()
         self.insecure_registries = insecure_registries
@@ -70,7 +72,9 @@ class QemuGuestPlatform:
         self.guest_modules = guest_modules
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> QemuGuestPlatform:
+    def from_settings(
+        cls, settings: Settings, image_observer: ImageCacheObserver | None = None
+    ) -> QemuGuestPlatform:
         accel = choose_accel(forced=settings.accel, pvm_guest_kernel=settings.pvm_guest_kernel)
         return cls(
             settings.cache_dir,
@@ -79,6 +83,7 @@ class QemuGuestPlatform:
             driver_bundle=settings.gpu_driver_bundle,
             guest_kernel=settings.guest_kernel,
             guest_modules=settings.guest_modules,
+            image_observer=image_observer,
         )
 
     def boot_kernel(self) -> kernel.GuestKernel:

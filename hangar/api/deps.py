@@ -17,7 +17,9 @@ from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import OrgService
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.tokens import TokenService
+from hangar.api.services.usage import UsageService
 from hangar.errors import Unauthenticated
+from hangar.metrics import HangarMetrics
 
 
 @dataclass
@@ -29,6 +31,8 @@ class Services:
     audit: AuditService
     hosts: HostService
     platform: PlatformService
+    usage: UsageService
+    metrics: HangarMetrics
 
 
 def services(request: Request) -> Services:

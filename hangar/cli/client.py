@@ -175,6 +175,20 @@ class HangarClient:
     def follow_logs(self, app: str, machine_id: str) -> Iterator[str]:
         return self.stream_text(self.machines_path(app, machine_id, "logs"), {"follow": "true"})
 
+    def runs(self, app: str, machine_id: str) -> Any:
+        return self.request("GET", self.machines_path(app, machine_id, "runs"))
+
+    # usage
+    def usage(
+        self, org_slug: str, start: str | None, end: str | None, group_by: str = "app"
+    ) -> Any:
+        params = {"group_by": group_by}
+        if start is not None:
+            params["from"] = start
+        if end is not None:
+            params["to"] = end
+        return self.request("GET", f"/v1/orgs/{org_slug}/usage", params=params)
+
     # orgs, tokens, audit
     def create_org(self, slug: str, name: str | None = None) -> Any:
         return self.request("POST", "/v1/orgs", json={"slug": slug, "name": name})

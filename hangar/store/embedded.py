@@ -10,6 +10,7 @@ from hangar.store.host_claims import SqliteClaimStore
 from hangar.store.machines import SqliteMachineStore
 from hangar.store.runs import SqliteRunStore
 from hangar.store.tenancy import SqliteTenancyStore
+from hangar.store.usage import SqliteUsageStore
 
 
 @dataclass(frozen=True)
@@ -19,9 +20,17 @@ class EmbeddedStores:
     gpus: SqliteGpuStore
     tenancy: SqliteTenancyStore
     claims: SqliteClaimStore
+    usage: SqliteUsageStore
 
     def close(self) -> None:
-        for store in (self.machines, self.runs, self.gpus, self.tenancy, self.claims):
+        for store in (
+            self.machines,
+            self.runs,
+            self.gpus,
+            self.tenancy,
+            self.claims,
+            self.usage,
+        ):
             store.close()
 
 
@@ -32,4 +41,5 @@ def open_embedded_stores(path: Path) -> EmbeddedStores:
         gpus=SqliteGpuStore(path),
         tenancy=SqliteTenancyStore(path),
         claims=SqliteClaimStore(path),
+        usage=SqliteUsageStore(path),
     )
