@@ -199,18 +199,6 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.strip().lower() or None if isinstance(value, str) else value
 
-    @field_validator("prices")
-    @classmethod
-    def _price_table(cls, value: str) -> str:
-        from hangar.errors import HangarError
-        from hangar.model.usage import PriceTable
-
-        try:
-            PriceTable.parse(value)
-        except HangarError as exc:
-            raise ValueError(str(exc)) from None
-        return value
-
     @field_validator("oci_dirs", mode="before")
     @classmethod
     def _colon_list(cls, value: object) -> object:
