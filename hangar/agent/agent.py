@@ -18,11 +18,12 @@ from hangar.agent.gpu_steps import handoff_subject, operator_release, submit_han
 from hangar.agent.host import HostServices
 from hangar.agent.metering import UsageMeter
 from hangar.agent.operations import plan_for
-from hangar.agent.platform import GuestPlatform, RunDirLayout
+from hangar.agent.platform import GuestPlatform
 from hangar.agent.steps import new_run
 from hangar.clock import Clock
 from hangar.errors import NotFound, PreconditionFailed
 from hangar.model.gpu import GpuState
+from hangar.model.guest_contract import RunDir
 from hangar.model.machine import Machine, MachineState
 from hangar.model.run import ExitRequest, RunRecord, RunRequest
 from hangar.scheduler import Gpu
@@ -311,7 +312,7 @@ class Agent:
                 continue
             if run_dir.name in handles or self.has_unfinished_run(run_dir.name):
                 continue
-            for name in RunDirLayout.BOOT_FILES:
+            for name in RunDir.BOOT_FILES:
                 leftover = run_dir / name
                 if leftover.exists():
                     log.warning("removing %s of stopped machine %s", name, run_dir.name)

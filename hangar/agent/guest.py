@@ -10,7 +10,7 @@ import signal
 from collections.abc import Mapping
 from pathlib import Path
 
-from hangar.agent.platform import GpuBoot, GuestExit, GuestNetwork, RunDirLayout, VmHandleData
+from hangar.agent.platform import GpuBoot, GuestExit, GuestNetwork, VmHandleData
 from hangar.clock import Clock, SystemClock
 from hangar.devices.xid import guest_addresses
 from hangar.errors import ImageError
@@ -20,6 +20,7 @@ from hangar.images.reference import ImageRef as ParsedImageRef
 from hangar.images.reference import parse_image_ref
 from hangar.images.rootfs import CachedImage, ImageCache, ImageCacheObserver, machine_disk
 from hangar.images.run_config import GuestFile, GuestRunConfig, resolve_argv
+from hangar.model.guest_contract import RunDir
 from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
 from hangar.vmm.accel import choose_accel, gpu_accel
@@ -169,8 +170,8 @@ class QemuGuestPlatform:
             machine_id=machine.id,
             run_dir=run_dir,
             kernel=guest_kernel.vmlinuz,
-            initrd=run_dir / RunDirLayout.INITRD,
-            root_disk=run_dir / RunDirLayout.ROOT_DISK,
+            initrd=run_dir / RunDir.INITRD,
+            root_disk=run_dir / RunDir.ROOT_DISK,
             cpus=machine.config.guest.cpus,
             memory_mb=machine.config.guest.memory_mb,
             extra_disks=extra_disks,

@@ -100,13 +100,3 @@ class GuestPlatform(Protocol):
         ...
 
     def kill_process(self, pid: int) -> None: ...
-
-
-class RunDirLayout:
-    """File names inside a machine's run directory, shared by the agent and the platform."""
-
-    ROOT_DISK = "root.ext4"
-    INITRD = "initrd.img"
-    CONSOLE_LOG = "console.log"
-    CONTROL_LOG = "ctl.jsonl"
-    BOOT_FILES = (ROOT_DISK, INITRD)

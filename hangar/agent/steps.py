@@ -12,8 +12,9 @@ from typing import Any
 from hangar.agent.context import StepContext
 from hangar.agent.gpu_steps import gpu_boot, record_claimed, release_gpus_for_handoff
 from hangar.agent.host import HostServices
-from hangar.agent.platform import GuestNetwork, GuestPlatform, RunDirLayout
+from hangar.agent.platform import GuestNetwork, GuestPlatform
 from hangar.model.config import MachineConfig
+from hangar.model.guest_contract import RunDir
 from hangar.model.machine import MachineState, new_ulid
 from hangar.model.run import (
     DestroyRequest,
@@ -155,12 +156,12 @@ class PrepareRootDisk:
     name: str = "prepare_root_disk"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return not (self.run_dir / RunDirLayout.ROOT_DISK).exists()
+        return not (self.run_dir / RunDir.ROOT_DISK).exists()
 
     async def run(self, ctx: StepContext) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         await self.platform.prepare_root_disk(
-            ctx.machine().image_ref, self.run_dir / RunDirLayout.ROOT_DISK
+            ctx.machine().image_ref, self.run_dir / RunDir.ROOT_DISK
         )
 
 
@@ -171,14 +172,12 @@ class PrepareInitrd:
     name: str = "prepare_initrd"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return not (self.run_dir / RunDirLayout.INITRD).exists()
+        return not (self.run_dir / RunDir.INITRD).exists()
 
     async def run(self, ctx: StepContext) -> None:
         machine = ctx.machine()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        await self.platform.prepare_initrd(
-            machine, machine.image_ref, self.run_dir / RunDirLayout.INITRD
-        )
+        await self.platform.prepare_initrd(machine, machine.image_ref, self.run_dir / RunDir.INITRD)
 
 
 async def live_handle(platform: GuestPlatform, ctx: StepContext) -> dict[str, Any] | None:
@@ -213,7 +212,7 @@ class LaunchVm:
             await platform.kill(stale)
             ctx.runs.delete_vm_handle(ctx.run.machine_id)
         run_dir = self.host.run_dir(ctx.run.machine_id)
-        (run_dir / RunDirLayout.CONTROL_LOG).unlink(missing_ok=True)
+        (run_dir / RunDir.CONTROL_LOG).unlink(missing_ok=True)
         gpus = await gpu_boot(self.host, ctx)
         machine = ctx.machine()
         network = None
@@ -290,7 +289,7 @@ class ReleaseVm:
         if ctx.runs.get_vm_handle(ctx.run.machine_id) is not None:
             return True
         run_dir = self.host.run_dir(ctx.run.machine_id)
-        return any((run_dir / name).exists() for name in RunDirLayout.BOOT_FILES)
+        return any((run_dir / name).exists() for name in RunDir.BOOT_FILES)
 
     async def run(self, ctx: StepContext) -> None:
         handle = ctx.runs.get_vm_handle(ctx.run.machine_id)
@@ -298,7 +297,7 @@ class ReleaseVm:
             await self.host.platform.kill(handle)
         kill_unrecorded_vmms(self.host, ctx)
         run_dir = self.host.run_dir(ctx.run.machine_id)
-        for name in RunDirLayout.BOOT_FILES:
+        for name in RunDir.BOOT_FILES:
             (run_dir / name).unlink(missing_ok=True)
         ctx.runs.delete_vm_handle(ctx.run.machine_id)
 

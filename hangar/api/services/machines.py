@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hangar.agent.agent import Agent
-from hangar.agent.platform import RunDirLayout
 from hangar.api.schemas import (
     CreateMachineRequest,
     LeaseData,
@@ -32,6 +31,7 @@ from hangar.errors import (
     WaitTimeout,
 )
 from hangar.model.config import MachineConfig, signal_number
+from hangar.model.guest_contract import RunDir
 from hangar.model.host import HostInfo
 from hangar.model.machine import (
     WAITABLE_STATES,
@@ -123,7 +123,7 @@ class MachineService:
 
     def console_log_path(self, app: str, machine_id: str) -> Path:
         self.require(app, machine_id)
-        return self._agent.machines_dir / machine_id / RunDirLayout.CONSOLE_LOG
+        return self._agent.machines_dir / machine_id / RunDir.CONSOLE_LOG
 
     # validation shared by create and update
     def _check_placement(self, region: str | None, config: MachineConfig) -> str:
