@@ -33,8 +33,8 @@ from hangar.images.cachedir import build_once
 from hangar.images.cpio import NewcArchive
 from hangar.images.kernel import GuestKernel
 from hangar.images.run_config import GuestRunConfig
-from hangar.model.guest_contract import InitrdPath, contract_env
 from hangar.images.runner import CommandRunner, run_command
+from hangar.model.guest_contract import InitrdPath, contract_env
 
 GUEST_MODULES = (
     "virtio_ring",
