@@ -16,6 +16,7 @@ from hangar.agent.host import HostServices
 from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
+from hangar.agent.volumes import HostVolumes
 from hangar.agent.services import AgentBackends, HealthChecks
 from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
@@ -31,6 +32,7 @@ from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.api.services.tokens import TokenService
+from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock, SystemClock
 from hangar.model.host import HostInfo, read_local_host
 from hangar.net.host import HostNetConfig, HostNetwork
@@ -40,6 +42,7 @@ from hangar.ratelimit import RateLimiter, RateLimits
 from hangar.scheduler import ClaimStore
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
+from hangar.volumes import VolumeHost, VolumeSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +99,23 @@ def build_server(
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
         network=network,
+        volumes=HostVolumes(
+            VolumeHost(VolumeSettings.from_settings(settings), clock=clock),
+            stores.volumes,
+            host.id,
+        ),
     )
     agent = Agent(
         machines, stores.runs, services_of_host, clock, crash_after(settings.crash_after_step)
     )
-    quotas = QuotaService(machines, tenancy)
+    quotas = QuotaService(machines, tenancy, stores.volumes)
     capacity = PlatformService(claim_store, settings.gpu_driver_bundle)
+    volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
     orgs = OrgService(tenancy, quotas, clock)
     tokens = TokenService(tenancy, machines, clock)
     audit = AuditService(tenancy, clock)
     services = Services(
-        apps=AppService(machines, tenancy, orgs, clock),
+        apps=AppService(machines, tenancy, orgs, clock, stores.volumes),
         machines=MachineService(
             machines,
             stores.runs,
@@ -117,12 +126,14 @@ def build_server(
             ImagePolicy(settings.allowed_oci_dirs),
             capacity,
             PrivateAddresses(machines, tenancy, network) if network is not None else None,
+            volumes=volumes,
         ),
         orgs=orgs,
         tokens=tokens,
         audit=audit,
         hosts=HostService(agent, host),
         platform=capacity,
+        volumes=volumes,
     )
     guard = GuardConfig(
         policy=AccessPolicy(tokens, machines),

@@ -40,8 +40,10 @@ from hangar.agent.steps import (
     StopVm,
     Transition,
 )
+from hangar.agent.volume_steps import AttachVolumes, DetachVolumes, volume_plan
 from hangar.model.machine import MachineState as S
 from hangar.model.run import (
+    VOLUME_SUBJECT_PREFIX,
     CreateRequest,
     DestroyRequest,
     ExitRequest,
@@ -53,6 +55,7 @@ from hangar.model.run import (
     StartRequest,
     StopRequest,
     UpdateRequest,
+    VolumeRequest,
 )
 
 
@@ -65,11 +68,16 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
         return _handoff(request, host)
     if subject.startswith(HANDOFF_SUBJECT_PREFIX):
         raise ValueError(f"{subject} is a GPU; only a handoff runs on it")
+    if isinstance(request, VolumeRequest):
+        return volume_plan(request, subject, host)
+    if subject.startswith(VOLUME_SUBJECT_PREFIX):
+        raise ValueError(f"{subject} is a volume; only volume operations run on it")
     run_dir = host.run_dir(subject)
     launch_rollback: list[Step] = [
         ReleaseVm(host),
         CollectGpuXids(host, run_dir),
         DetachNetwork(host),
+        DetachVolumes(host),
         ReleaseClaim(host),
         MarkFailed(),
     ]
@@ -79,11 +87,12 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             Transition("mark_starting", S.STARTING, "start"),
             ResolveImage(host.platform, fresh=fresh_image),
             PlaceMachine(host),
+            AttachVolumes(host),
             ClaimGpuGroups(host),
             BindGpus(host),
             PrepareNvlink(host),
             PrepareRootDisk(host.platform, run_dir),
-            PrepareInitrd(host.platform, run_dir),
+            PrepareInitrd(host.platform, run_dir, host.volumes),
             AttachNetwork(host),
             LaunchVm(host),
             MapGpuAddresses(host),
@@ -114,6 +123,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     Transition("mark_stopping", S.STOPPING, "stop"),
                     *halt(requested=True, timeout_s=request.timeout_s, signum=request.signal),
                     DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                 ],
@@ -121,6 +131,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     ReleaseVm(host),
                     CollectGpuXids(host, run_dir),
                     DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     MarkStoppedAfterFailure(),
                 ],
@@ -143,6 +154,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             steps += [
                 *halt(requested=True),
                 DetachNetwork(host),
+                DetachVolumes(host),
                 ReleaseClaim(host),
                 ApplyConfig(request.config, request.version, request.instance_id),
             ]
@@ -159,12 +171,14 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     Transition("mark_stopped", S.STOPPED, "stop"),
                     ApplyRestartPolicy(),
                     DetachNetwork(host, keep_if_restarting=True),
+                    DetachVolumes(host, keep_if_restarting=True),
                     ReleaseClaim(host, keep_if_restarting=True),
                 ],
                 [
                     ReleaseVm(host),
                     CollectGpuXids(host, run_dir),
                     DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     MarkStoppedAfterFailure(),
                 ],
@@ -176,6 +190,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     Transition("mark_destroying", S.DESTROYING, "destroy"),
                     *halt(requested=True, timeout_s=0.0 if request.force else None),
                     DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     RemoveRunDir(run_dir),
                     DropLease(),
@@ -185,6 +200,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     ReleaseVm(host),
                     CollectGpuXids(host, run_dir),
                     DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     RemoveRunDir(run_dir),
                     DropLease(),

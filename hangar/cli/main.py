@@ -18,6 +18,7 @@ from hangar.cli.host import host_app
 from hangar.cli.output import call, console, errors, fail
 from hangar.cli.proxy import proxy
 from hangar.cli.tenancy import admin_app, audit_app, orgs_app, tokens_app
+from hangar.cli.volumes import resolve_mounts, volumes_app
 from hangar.settings import DEFAULT_PORT, Settings
 
 app = typer.Typer(help="hangar: GPU Machines on your own servers.", no_args_is_help=True)
@@ -31,6 +32,7 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(audit_app, name="audit")
 app.add_typer(admin_app, name="admin")
 app.add_typer(host_app, name="host")
+app.add_typer(volumes_app, name="volumes")
 app.command("proxy")(proxy)
 
 DEFAULT_APP = "default"
@@ -156,6 +158,12 @@ def machine_run(
     autostop: Annotated[
         str | None, typer.Option("--autostop", help="off, stop or suspend (with --port)")
     ] = None,
+    volume: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--volume", "-v", help="NAME:/path (or vol_ID:/path): mount a volume of the app"
+        ),
+    ] = None,
 ) -> None:
     """Run IMAGE as a machine; arguments after -- replace the image's command."""
     from hangar.model.services import services_from_port_flags
@@ -189,6 +197,8 @@ def machine_run(
     if region:
         body["region"] = region
     call(ensure_app, api, app_name)
+    if volume:
+        config["mounts"] = call(resolve_mounts, api, app_name, volume)
     started_at = time.monotonic()
     machine = call(api.create_machine, app_name, body)
     machine_id = machine["id"]

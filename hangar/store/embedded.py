@@ -10,6 +10,7 @@ from hangar.store.host_claims import SqliteClaimStore
 from hangar.store.machines import SqliteMachineStore
 from hangar.store.runs import SqliteRunStore
 from hangar.store.tenancy import SqliteTenancyStore
+from hangar.store.volumes import SqliteVolumeStore
 
 
 @dataclass(frozen=True)
@@ -19,9 +20,11 @@ class EmbeddedStores:
     gpus: SqliteGpuStore
     tenancy: SqliteTenancyStore
     claims: SqliteClaimStore
+    volumes: SqliteVolumeStore
 
     def close(self) -> None:
-        for store in (self.machines, self.runs, self.gpus, self.tenancy, self.claims):
+        stores = (self.machines, self.runs, self.gpus, self.tenancy, self.claims, self.volumes)
+        for store in stores:
             store.close()
 
 
@@ -32,4 +35,5 @@ def open_embedded_stores(path: Path) -> EmbeddedStores:
         gpus=SqliteGpuStore(path),
         tenancy=SqliteTenancyStore(path),
         claims=SqliteClaimStore(path),
+        volumes=SqliteVolumeStore(path),
     )
