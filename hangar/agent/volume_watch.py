@@ -79,6 +79,7 @@ class VolumeWatch:
     notify: Callable[[], None] = lambda: None
     _io_checked_at: float | None = None
     _scheduled_at: float | None = None
+    """The first schedule pass comes one interval after the start (which reconciles)."""
     _reported: dict[str, PausedVm] = field(default_factory=dict)
     """Per boot (machine id, pid, start time): the errors last reported."""
 
@@ -88,7 +89,9 @@ class VolumeWatch:
         if self._io_checked_at is None or now - self._io_checked_at >= IO_CHECK_INTERVAL_S:
             self._io_checked_at = now
             await self.check_io_errors()
-        if self._scheduled_at is None or now - self._scheduled_at >= SCHEDULE_INTERVAL_S:
+        if self._scheduled_at is None:
+            self._scheduled_at = now
+        elif now - self._scheduled_at >= SCHEDULE_INTERVAL_S:
             self._scheduled_at = now
             self.maintain_snapshots()
             self.sweep_files()
