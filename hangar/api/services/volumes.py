@@ -297,8 +297,23 @@ class VolumeService:
             raise Conflict(f"snapshot {snapshot_id} of {volume_id} is still being taken")
         return VolumeSnapshotView.of(taken, volume.snapshot_retention)
 
+    async def _let_go(self, volume: Volume) -> Volume:
+        """A volume whose machine has stopped but whose run is still releasing it (an exit
+        records the stop before it detaches): wait (bounded) for that run to end."""
+        holder = volume.attached_machine_id
+        machine = self._agent.machines.get_machine(holder) if holder is not None else None
+        if machine is None or machine.state.holds_resources:
+            return volume
+        deadline = self._clock.monotonic() + RUN_WAIT_S
+        while self._agent.has_unfinished_run(machine.id):
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                break
+            await self._agent.wait_for_change(min(remaining, 1.0))
+        return self.require(volume.app, volume.id, live=True)
+
     async def delete(self, app: str, volume_id: str) -> VolumeView:
-        volume = self.require(app, volume_id, live=True)
+        volume = await self._let_go(self.require(app, volume_id, live=True))
         if volume.attached_machine_id is not None:
             raise Conflict(
                 f"volume {volume_id} is attached to machine {volume.attached_machine_id}; "
