@@ -16,8 +16,8 @@ from hangar.agent.host import HostServices
 from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
-from hangar.agent.volumes import HostVolumes
 from hangar.agent.services import AgentBackends, HealthChecks
+from hangar.agent.volumes import HostVolumes
 from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
 from hangar.api.deps import Services

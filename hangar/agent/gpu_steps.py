@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from hangar.agent.gpus import HeldGroup, HostGpus, read_held_group, write_held_group
 from hangar.agent.platform import GpuBoot, RunDirLayout
 from hangar.clock import Clock
-from hangar.model.gpu_kinds import gpu_kind_named
 from hangar.devices.fabric import nvlink_disabled_for
 from hangar.devices.groups import GpuGroup
 from hangar.devices.handoff import (
@@ -54,6 +53,7 @@ from hangar.devices.xid import MAX_XIDS_PER_MACHINE, xid_events
 from hangar.errors import DeviceError
 from hangar.images.driver_bundle import NVLINK_OFF_KERNEL_ARG
 from hangar.model.gpu import GpuEvent, GpuState
+from hangar.model.gpu_kinds import gpu_kind_named
 from hangar.model.machine import new_ulid
 from hangar.model.run import HandoffRequest, RunRecord, RunStatus
 from hangar.vmm.control import read_control_events

@@ -160,7 +160,13 @@ def test_machines_racing_for_one_volume_exactly_one_wins(
         winners: list[str] = []
         refused: list[str] = []
 
-        def claim(handle: VolumeStore, n: int, volume_id: str = record.id) -> None:
+        def claim(
+            handle: VolumeStore,
+            n: int,
+            volume_id: str = record.id,
+            winners: list[str] = winners,
+            refused: list[str] = refused,
+        ) -> None:
             machine_id = f"m{n}"
             try:
                 attach_volume(handle, volume_id, machine_id, app="web", host_id="h1", now=2.0)
@@ -183,7 +189,12 @@ def test_a_delete_and_attaches_racing_never_both_win(opener: Callable[[], Volume
         store.insert_volume(record)
         outcomes: list[str] = []
 
-        def act(handle: VolumeStore, n: int, volume_id: str = record.id) -> None:
+        def act(
+            handle: VolumeStore,
+            n: int,
+            volume_id: str = record.id,
+            outcomes: list[str] = outcomes,
+        ) -> None:
             try:
                 if n == 0:
                     move_volume(

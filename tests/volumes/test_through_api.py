@@ -29,9 +29,11 @@ import httpx
 import pytest
 
 from hangar.model.volume import VolumeState
+from hangar.settings import DATABASE
 from hangar.volumes import VolumeHost
 from tests.agent.helpers import machine_path, wait_state
 from tests.api.helpers import assert_fly_error, unique, wait_runs_finished
+from tests.api.invariants import store_violations
 from tests.conftest import kill_vmms_under
 from tests.fixtures.inprocess import InProcessServer
 
@@ -222,7 +224,9 @@ def test_volumes_race_persist_snapshot_extend_and_restore(
     assert f"attached to machine {winner}" in settled[loser]["failure_reason"]
     for volume in (plain, secret):
         assert volume_of(api, app, volume["id"])["attached_machine_id"] == winner
-    assert not (server.home / "machines" / loser / "initrd.img").exists(), "never launched"
+    [*_, lost] = api.get(machine_path(app, loser) + "/runs").json()
+    assert lost["status"] == "failed" and "launch_vm" not in lost["steps_done"], "never launched"
+    assert "detach_volumes" in lost["rollback_done"]
 
     wait_console(api, app, winner, "phase-one-written")
     # While it runs: no delete, no second machine, no attach without a relaunch.
@@ -274,6 +278,7 @@ def test_volumes_race_persist_snapshot_extend_and_restore(
     assert df_kib(text, "/secret")[-1] > 1_900_000, "grown while stopped, seen at mount"
     destroy(api, app, reader)
 
+    assert store_violations(server.home / DATABASE, server.home / "machines") == []
     for volume in (plain, secret, restored, spare):
         gone = api.delete(f"/v1/apps/{app}/volumes/{volume['id']}")
         assert gone.status_code == 200, gone.text
