@@ -1,8 +1,9 @@
-"""Volume steps: the durable runs of a volume's own operations (subject ``vol:VOLUME_ID``), and
-the steps by which a machine's boot attaches its volumes and its release detaches them.
+"""Volume steps: those of a volume's own runs (subject ``vol:VOLUME_ID``), and those by which a
+machine's boot attaches its volumes and its release detaches them.
 
-A volume operation's plan is the image library's (:mod:`hangar.volumes.host`) step for step,
-under the same names, with the record's changes around it:
+A volume operation's plan (``hangar.agent.operations``) is the image library's
+(:mod:`hangar.volumes.host`) step for step, under the same names, with the record's changes
+around it:
 
 - ``volume_create``: ``create_key`` (encrypted), ``create_image`` | ``freeze_source``,
   ``copy_image``, ``release_source`` (a fork) | ``copy_image`` (from a snapshot), then
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hangar.agent.context import StepContext
-from hangar.agent.engine import Plan, Step
 from hangar.agent.host import HostServices
 from hangar.agent.volumes import HostVolumes, running_qmp
 from hangar.errors import VolumeError
@@ -34,7 +34,7 @@ from hangar.model.run import (
     VolumeRequest,
     VolumeSnapshotRequest,
 )
-from hangar.model.volume import BEING_MADE, VolumeSnapshotRecord, VolumeState
+from hangar.model.volume import VolumeSnapshotRecord, VolumeState
 from hangar.store.volume_claims import (
     attach_volume,
     attached_to,
@@ -258,60 +258,6 @@ class ForgetSnapshot:
     async def run(self, ctx: StepContext) -> None:
         store = host_volumes(self.host).store
         forget_snapshot(store, self.volume_id, self.snapshot_id, ctx.clock.now())
-
-
-def volume_plan(request: VolumeRequest, subject: str, host: HostServices) -> Plan:
-    volume_id = volume_of(subject)
-    library = library_plan(host_volumes(host), request, volume_id)
-
-    def image_steps(steps: tuple[VolumeStep, ...]) -> list[Step]:
-        return [ImageStep(host, request, volume_id, step.name) for step in steps]
-
-    steps, rollback = image_steps(library.steps), image_steps(library.rollback)
-    match request:
-        case VolumeCreateRequest():
-            steps.append(
-                MoveVolume(host, volume_id, "mark_volume_created", VolumeState.CREATED, BEING_MADE)
-            )
-            rollback.append(
-                MoveVolume(
-                    host,
-                    volume_id,
-                    "mark_volume_destroyed",
-                    VolumeState.DESTROYED,
-                    BEING_MADE,
-                    with_reason=True,
-                )
-            )
-        case VolumeExtendRequest():
-            steps.append(RecordVolumeSize(host, volume_id, request.size_gb))
-        case VolumeSnapshotRequest():
-            steps.append(RecordSnapshot(host, volume_id, request.snapshot_id, request.scheduled))
-        case VolumeDeleteSnapshotRequest():
-            steps.append(ForgetSnapshot(host, volume_id, request.snapshot_id))
-        case VolumeDeleteRequest():
-            steps.insert(
-                0,
-                MoveVolume(
-                    host,
-                    volume_id,
-                    "mark_volume_destroying",
-                    VolumeState.DESTROYING,
-                    frozenset({VolumeState.CREATED, VolumeState.FAILED}),
-                    detached_only=True,
-                ),
-            )
-            steps.append(
-                MoveVolume(
-                    host,
-                    volume_id,
-                    "mark_volume_destroyed",
-                    VolumeState.DESTROYED,
-                    frozenset({VolumeState.DESTROYING}),
-                )
-            )
-            rollback.append(RestoreVolume(host, volume_id))
-    return Plan(request.operation, steps, rollback)
 
 
 # --- a machine's volumes --------------------------------------------------------------
