@@ -212,8 +212,9 @@ class MachineService:
         self._quotas.check(app, request.config)
         region = self._check_placement(request.region, request.config)
         volume_host = self._check_mounts(app, request.config, region)
-        if volume_host is not None and self._volumes is not None and not request.skip_launch:
-            self._volumes.check_room(request.config, region, volume_host)
+        if volume_host is not None and self._volumes is not None:
+            launching = not request.skip_launch
+            self._volumes.check_room(request.config, region, volume_host, launching)
         machine_id = new_machine_id()
         machine = Machine(
             id=machine_id,
@@ -258,7 +259,9 @@ class MachineService:
         self._quotas.check(app, request.config, replacing=machine)
         region = self._check_placement(request.region or machine.region, request.config)
         running = machine.state.holds_resources and request.skip_launch
-        self._check_mounts(app, request.config, region, machine, running)
+        volume_host = self._check_mounts(app, request.config, region, machine, running)
+        if volume_host is not None and self._volumes is not None:
+            self._volumes.check_room(request.config, region, volume_host, launching=False)
         version = machine.version + 1
         self._agent.submit_operation(
             machine_id,

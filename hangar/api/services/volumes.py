@@ -395,9 +395,12 @@ class VolumeService:
             )
         return volume.host_id
 
-    def check_room(self, config: MachineConfig, region: str, host_id: str) -> None:
+    def check_room(
+        self, config: MachineConfig, region: str, host_id: str, launching: bool = True
+    ) -> None:
         """A machine with mounts runs where its volumes are: placed there (the scheduler's
-        hard constraint), which must be a host this API places on and must have room."""
+        hard constraint), which must be a host this API places on and, for a machine about
+        to launch, have room for it now."""
         if host_id != self._host.id:
             raise InsufficientCapacity(
                 f"{MOUNTS_FIELD}: the volumes are on host {host_id}, which this API does not "
@@ -405,4 +408,5 @@ class VolumeService:
                 field=MOUNTS_FIELD,
                 host_id=host_id,
             )
-        self._platform.check_room_on(config.guest, region, host_id, MOUNTS_FIELD)
+        if launching:
+            self._platform.check_room_on(config.guest, region, host_id, MOUNTS_FIELD)
