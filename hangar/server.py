@@ -18,6 +18,7 @@ from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
 from hangar.agent.services import AgentBackends, HealthChecks
+from hangar.agent.volumes import HostVolumes
 from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
 from hangar.api.deps import Services
@@ -33,6 +34,7 @@ from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.api.services.tokens import TokenService
 from hangar.api.services.usage import UsageService
+from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock, SystemClock
 from hangar.metrics import HangarMetrics, StateCollector
 from hangar.model.host import HostInfo, read_local_host
@@ -44,6 +46,7 @@ from hangar.ratelimit import RateLimiter, RateLimits
 from hangar.scheduler import ClaimStore
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
+from hangar.volumes import VolumeHost, VolumeSettings
 from hangar.web.app import create_web_app
 from hangar.web.events import EventStreams
 from hangar.web.logs import uvicorn_log_config
@@ -108,6 +111,11 @@ def build_server(
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
         network=network,
+        volumes=HostVolumes(
+            VolumeHost(VolumeSettings.from_settings(settings), clock=clock),
+            stores.volumes,
+            host.id,
+        ),
     )
     meter = UsageMeter(
         stores.usage,
@@ -127,13 +135,14 @@ def build_server(
         observers=(metrics,),
     )
     metrics.register(StateCollector(machines, claim_store, settings.cache_dir))
-    quotas = QuotaService(machines, tenancy)
+    quotas = QuotaService(machines, tenancy, stores.volumes)
     capacity = PlatformService(claim_store, settings.gpu_driver_bundle)
+    volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
     orgs = OrgService(tenancy, quotas, clock)
     tokens = TokenService(tenancy, machines, clock)
     audit = AuditService(tenancy, clock)
     services = Services(
-        apps=AppService(machines, tenancy, orgs, clock),
+        apps=AppService(machines, tenancy, orgs, clock, stores.volumes),
         machines=MachineService(
             machines,
             stores.runs,
@@ -144,6 +153,7 @@ def build_server(
             ImagePolicy(settings.allowed_oci_dirs),
             capacity,
             PrivateAddresses(machines, tenancy, network) if network is not None else None,
+            volumes=volumes,
         ),
         orgs=orgs,
         tokens=tokens,
@@ -154,6 +164,7 @@ def build_server(
             stores.usage, orgs, PriceTable.parse(settings.prices, DEFAULT_PRICES), clock
         ),
         metrics=metrics,
+        volumes=volumes,
     )
     policy = AccessPolicy(tokens, machines)
     guard = GuardConfig(

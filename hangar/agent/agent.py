@@ -20,6 +20,7 @@ from hangar.agent.metering import UsageMeter
 from hangar.agent.operations import plan_for
 from hangar.agent.platform import GuestPlatform
 from hangar.agent.steps import new_run
+from hangar.agent.volume_watch import VolumeWatch
 from hangar.clock import Clock
 from hangar.errors import NotFound, PreconditionFailed
 from hangar.model.gpu import GpuState
@@ -60,6 +61,20 @@ class Agent:
         self._changed = asyncio.Condition()
         self._monitor_task: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], None]] = []
+        self.volume_watch = (
+            VolumeWatch(
+                host.volumes,
+                machines,
+                runs,
+                host.platform,
+                clock,
+                self.submit,
+                self.has_unfinished_run,
+                self.notify,
+            )
+            if host.volumes is not None
+            else None
+        )
 
     @property
     def platform(self) -> GuestPlatform:
@@ -148,8 +163,12 @@ class Agent:
         self._drive(run.machine_id)
         return inserted
 
-    def submit_operation(self, machine_id: str, request: RunRequest) -> RunRecord:
-        run = new_run(machine_id, request, self.clock.now())
+    def submit_operation(
+        self, machine_id: str, request: RunRequest, run_id: str | None = None
+    ) -> RunRecord:
+        """Submit ``request`` on ``machine_id`` (a machine, or a ``vol:``/``gpu:`` subject);
+        with ``run_id``, a repeated submit adds no second run."""
+        run = new_run(machine_id, request, self.clock.now(), run_id=run_id)
         self.submit(run)
         return run
 
@@ -191,6 +210,8 @@ class Agent:
         while True:
             try:
                 await self.check_guests()
+                if self.volume_watch is not None:
+                    await self.volume_watch.tick()
             except Exception:
                 log.exception("guest monitor pass failed")
             if self.meter is not None:
@@ -242,6 +263,10 @@ class Agent:
                 self.runs.delete_vm_handle(machine_id)
         self._remove_orphan_files()
         self._reconcile_claims()
+        if self.volume_watch is not None:
+            self.volume_watch.reconcile(
+                lambda machine_id: self._live(self.machines.get_machine(machine_id))
+            )
         if self.host.network is not None:
             owned = {
                 machine.id

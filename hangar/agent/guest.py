@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hangar.agent.platform import GpuBoot, GuestExit, GuestNetwork, VmHandleData
@@ -19,12 +19,13 @@ from hangar.images.driver_bundle import prepare_driver_bundle
 from hangar.images.reference import ImageRef as ParsedImageRef
 from hangar.images.reference import parse_image_ref
 from hangar.images.rootfs import CachedImage, ImageCache, ImageCacheObserver, machine_disk
-from hangar.images.run_config import GuestFile, GuestRunConfig, resolve_argv
+from hangar.images.run_config import GuestFile, GuestRunConfig, GuestVolume, resolve_argv
+from hangar.images.volume_tools import ensure_volume_tools
 from hangar.model.guest_contract import RunDir
 from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
 from hangar.vmm.accel import choose_accel, gpu_accel
-from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec
+from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec, VolumeDiskSpec
 from hangar.vmm.errors import QmpError
 from hangar.vmm.proc import PROC_ROOT, read_process
 from hangar.vmm.qemu import QemuDriver
@@ -116,7 +117,13 @@ class QemuGuestPlatform:
         await asyncio.to_thread(machine_disk, cached, partial)
         partial.rename(dest)
 
-    async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None:
+    async def prepare_initrd(
+        self,
+        machine: Machine,
+        image_ref: ImageRef,
+        dest: Path,
+        volumes: Sequence[GuestVolume] = (),
+    ) -> None:
         cached = self._cached(image_ref)
         config = machine.config
         image_config = cached.config
@@ -137,13 +144,17 @@ class QemuGuestPlatform:
                 )
                 for item in config.files
             ],
+            volumes=list(volumes),
         )
         guest_kernel = await asyncio.to_thread(self.boot_kernel)
         base = await asyncio.to_thread(
             initramfs.ensure_base_initramfs, guest_kernel, self.cache_root
         )
+        extras = []
+        if volumes:
+            extras.append(await asyncio.to_thread(ensure_volume_tools, self.cache_root))
         partial = dest.with_name(dest.name + ".partial")
-        await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial)
+        await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial, extras)
         partial.rename(dest)
 
     # the VMM
@@ -153,10 +164,12 @@ class QemuGuestPlatform:
         run_dir: Path,
         gpus: GpuBoot | None,
         network: GuestNetwork | None = None,
+        volumes: Sequence[VolumeDiskSpec] = (),
     ) -> VmSpec:
         """The spec QEMU boots. A GPU machine gets q35 with KVM (refused under TCG: VFIO does
         not run there), the driver bundle read-only, and ``gpus``' layout and memory; a machine
-        on the private network its NIC and what its init is told of it."""
+        on the private network its NIC and what its init is told of it; a machine with
+        volumes their disks."""
         if gpus is not None and isinstance(self.driver, QemuDriver):
             gpu_accel(self.driver.accel)
         guest_kernel = await asyncio.to_thread(self.boot_kernel)
@@ -175,6 +188,7 @@ class QemuGuestPlatform:
             cpus=machine.config.guest.cpus,
             memory_mb=machine.config.guest.memory_mb,
             extra_disks=extra_disks,
+            volumes=list(volumes),
             nic=network.nic if network is not None else None,
             kernel_args=[
                 *(gpus.kernel_args if gpus is not None else []),
@@ -189,9 +203,15 @@ class QemuGuestPlatform:
         run_dir: Path,
         gpus: GpuBoot | None,
         network: GuestNetwork | None = None,
+        volumes: Sequence[VolumeDiskSpec] = (),
     ) -> VmHandleData:
-        handle = await self.driver.launch(await self.vm_spec(machine, run_dir, gpus, network))
+        spec = await self.vm_spec(machine, run_dir, gpus, network, volumes)
+        handle = await self.driver.launch(spec)
         return handle.model_dump(mode="json")
+
+    def qmp_socket(self, handle: VmHandleData) -> Path | None:
+        socket = handle.get("qmp_socket")
+        return Path(socket) if isinstance(socket, str) else None
 
     async def gpu_addresses(
         self, handle: VmHandleData, device_ids: Mapping[str, str]

@@ -6,15 +6,16 @@ The agent's steps speak only this protocol; the real implementation composes
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from hangar.images.run_config import GuestVolume
 from hangar.model.machine import ImageRef, Machine
-from hangar.vmm.driver import NicSpec
+from hangar.vmm.driver import NicSpec, VolumeDiskSpec
 from hangar.vmm.gpu_topology import GpuTopology
 
 VmHandleData = dict[str, Any]
@@ -55,7 +56,15 @@ class GuestPlatform(Protocol):
         """Write a fresh writable root disk for one boot; atomic (dest appears whole or not)."""
         ...
 
-    async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None: ...
+    async def prepare_initrd(
+        self,
+        machine: Machine,
+        image_ref: ImageRef,
+        dest: Path,
+        volumes: Sequence[GuestVolume] = (),
+    ) -> None:
+        """The machine's initrd; with ``volumes``, the volume tools and what init mounts."""
+        ...
 
     async def launch(
         self,
@@ -63,9 +72,15 @@ class GuestPlatform(Protocol):
         run_dir: Path,
         gpus: GpuBoot | None,
         network: GuestNetwork | None = None,
+        volumes: Sequence[VolumeDiskSpec] = (),
     ) -> VmHandleData:
         """Boot the machine; with ``gpus``, those GPUs (bound to vfio-pci) passed through;
-        with ``network``, its NIC on the host's private network."""
+        with ``network``, its NIC on the host's private network; with ``volumes``, those
+        volume images as its disks (their key files are gone once this returns)."""
+        ...
+
+    def qmp_socket(self, handle: VmHandleData) -> Path | None:
+        """The VMM's monitor, where volume operations on a running machine go."""
         ...
 
     async def gpu_addresses(

@@ -4,7 +4,9 @@ the plan's goal. Each is built with exactly the inputs it needs (``operations.pl
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,11 @@ from hangar.agent.context import StepContext
 from hangar.agent.gpu_steps import gpu_boot, record_claimed, release_gpus_for_handoff
 from hangar.agent.host import HostServices
 from hangar.agent.platform import GuestNetwork, GuestPlatform
+from hangar.agent.volumes import HostVolumes
+from hangar.errors import VolumeError
 from hangar.model.config import MachineConfig
 from hangar.model.guest_contract import RunDir
-from hangar.model.machine import MachineState, new_ulid
+from hangar.model.machine import Machine, MachineState, new_ulid
 from hangar.model.run import (
     DestroyRequest,
     RunRecord,
@@ -23,6 +27,7 @@ from hangar.model.run import (
     RunStatus,
     StartRequest,
 )
+from hangar.vmm.driver import VolumeDiskSpec
 
 RESTART_WINDOW_S = 300.0
 
@@ -167,8 +172,12 @@ class PrepareRootDisk:
 
 @dataclass(frozen=True)
 class PrepareInitrd:
+    """The machine's initrd: its run config and, when it mounts volumes, the volume tools
+    and the mounts init makes (``volumes``: this host's)."""
+
     platform: GuestPlatform
     run_dir: Path
+    volumes: HostVolumes | None = None
     name: str = "prepare_initrd"
 
     async def should_run(self, ctx: StepContext) -> bool:
@@ -176,8 +185,28 @@ class PrepareInitrd:
 
     async def run(self, ctx: StepContext) -> None:
         machine = ctx.machine()
+        mounts = []
+        if machine.config.mounts:
+            if self.volumes is None:
+                raise VolumeError("this host keeps no volumes", retryable=False)
+            mounts = self.volumes.guest_mounts(machine)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        await self.platform.prepare_initrd(machine, machine.image_ref, self.run_dir / RunDir.INITRD)
+        await self.platform.prepare_initrd(
+            machine, machine.image_ref, self.run_dir / RunDir.INITRD, mounts
+        )
+
+
+@contextlib.asynccontextmanager
+async def boot_volumes(host: HostServices, machine: Machine) -> AsyncIterator[list[VolumeDiskSpec]]:
+    """The machine's volumes as disks of its launch, each volume's lock held until the VMM
+    is recorded (see ``hangar.agent.volumes``); none for a machine without mounts."""
+    if not machine.config.mounts:
+        yield []
+        return
+    if host.volumes is None:
+        raise VolumeError("this host keeps no volumes", retryable=False)
+    async with host.volumes.boot_disks(machine) as disks:
+        yield disks
 
 
 async def live_handle(platform: GuestPlatform, ctx: StepContext) -> dict[str, Any] | None:
@@ -219,8 +248,9 @@ class LaunchVm:
         if self.host.network is not None:
             nic, kernel_args = await self.host.network.guest_network(machine)
             network = GuestNetwork(nic=nic, kernel_args=kernel_args)
-        handle = await platform.launch(machine, run_dir, gpus, network)
-        ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
+        async with boot_volumes(self.host, machine) as volumes:
+            handle = await platform.launch(machine, run_dir, gpus, network, volumes)
+            ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
         ctx.run.progress.exit_recorded = False
 
 

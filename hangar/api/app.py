@@ -26,6 +26,7 @@ from hangar.api.routers import (
     platform,
     tokens,
     usage,
+    volumes,
 )
 from hangar.api.routetable import api_operations
 from hangar.api.scopes import OPENAPI_EXTENSION
@@ -62,6 +63,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(apps.router)
     app.include_router(machines.router)
+    app.include_router(volumes.router)
     app.include_router(orgs.router)
     app.include_router(tokens.router)
     app.include_router(audit.router)

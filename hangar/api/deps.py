@@ -18,6 +18,7 @@ from hangar.api.services.orgs import OrgService
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.tokens import TokenService
 from hangar.api.services.usage import UsageService
+from hangar.api.services.volumes import VolumeService
 from hangar.errors import Unauthenticated
 from hangar.metrics import HangarMetrics
 
@@ -33,6 +34,7 @@ class Services:
     platform: PlatformService
     usage: UsageService
     metrics: HangarMetrics
+    volumes: VolumeService
 
 
 def services(request: Request) -> Services:

@@ -33,6 +33,7 @@ from hangar.cli.tables import Col, fit_table
 from hangar.cli.tenancy import admin_app, audit_app, orgs_app, tokens_app
 from hangar.cli.usage import usage
 from hangar.cli.views import machine_status_view
+from hangar.cli.volumes import resolve_mounts, volumes_app
 from hangar.settings import DEFAULT_PORT, Settings
 
 app = typer.Typer(
@@ -50,6 +51,7 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(audit_app, name="audit")
 app.add_typer(admin_app, name="admin")
 app.add_typer(host_app, name="host")
+app.add_typer(volumes_app, name="volumes")
 app.command("proxy")(proxy)
 app.command("usage")(usage)
 
@@ -191,6 +193,12 @@ def machine_run(
         str | None, typer.Option("--autostop", help="off, stop or suspend (with --port)")
     ] = None,
     as_json: JsonFlag = False,
+    volume: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--volume", "-v", help="NAME:/path (or vol_ID:/path): mount a volume of the app"
+        ),
+    ] = None,
 ) -> None:
     """Run IMAGE as a machine; arguments after -- replace the image's command. Shows each
     stage of the boot (pull, root filesystem, initramfs, boot), then the machine's output;
@@ -226,6 +234,8 @@ def machine_run(
     if region:
         body["region"] = region
     call(ensure_app, api, app_name)
+    if volume:
+        config["mounts"] = call(resolve_mounts, api, app_name, volume)
     started_at = time.monotonic()
     machine = call(api.create_machine, app_name, body)
     machine_id = machine["id"]

@@ -83,6 +83,10 @@ def orgs_quota(
         list[str] | None, typer.Option("--gpu", help="KIND=COUNT, e.g. l40s=4 (repeatable).")
     ] = None,
     as_json: JsonFlag = False,
+    volumes: Annotated[str, typer.Option(help="Most volumes; 'none' for no limit.")] = "none",
+    volume_gb: Annotated[
+        str, typer.Option(help="Most GB of volumes together; 'none' for no limit.")
+    ] = "none",
 ) -> None:
     """Set an org's quotas (each one not given is lifted)."""
     gpus: dict[str, int] = {}
@@ -92,9 +96,15 @@ def orgs_quota(
             fail(f"--gpu takes KIND=COUNT, got {item!r}", 2)
         gpus[kind] = int(count)
     try:
-        quotas = {"machines": _limit(machines), "memory_mb": _limit(memory_mb), "gpus": gpus}
+        quotas = {
+            "machines": _limit(machines),
+            "memory_mb": _limit(memory_mb),
+            "gpus": gpus,
+            "volumes": _limit(volumes),
+            "volume_gb": _limit(volume_gb),
+        }
     except ValueError:
-        fail("--machines and --memory-mb take a number or 'none'", 2)
+        fail("--machines, --memory-mb, --volumes and --volume-gb take a number or 'none'", 2)
     org = call(HangarClient().set_quotas, slug, quotas)
     if as_json:
         print_json(org)

@@ -11,6 +11,7 @@ from hangar.store.machines import SqliteMachineStore
 from hangar.store.runs import SqliteRunStore
 from hangar.store.tenancy import SqliteTenancyStore
 from hangar.store.usage import SqliteUsageStore
+from hangar.store.volumes import SqliteVolumeStore
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class EmbeddedStores:
     tenancy: SqliteTenancyStore
     claims: SqliteClaimStore
     usage: SqliteUsageStore
+    volumes: SqliteVolumeStore
 
     def close(self) -> None:
         for store in (
@@ -30,6 +32,7 @@ class EmbeddedStores:
             self.tenancy,
             self.claims,
             self.usage,
+            self.volumes,
         ):
             store.close()
 
@@ -42,4 +45,5 @@ def open_embedded_stores(path: Path) -> EmbeddedStores:
         tenancy=SqliteTenancyStore(path),
         claims=SqliteClaimStore(path),
         usage=SqliteUsageStore(path),
+        volumes=SqliteVolumeStore(path),
     )

@@ -20,6 +20,7 @@ from hangar.api.services.addresses import PrivateAddresses
 from hangar.api.services.image_policy import ImagePolicy
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
+from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock
 from hangar.errors import (
     Conflict,
@@ -70,8 +71,10 @@ class MachineService:
         images: ImagePolicy,
         platform: PlatformService,
         addresses: PrivateAddresses | None = None,
+        volumes: VolumeService | None = None,
     ) -> None:
         self._addresses = addresses
+        self._volumes = volumes
         self._platform = platform
         self._store = store
         self._runs = runs
@@ -147,6 +150,24 @@ class MachineService:
             self._platform.admit_gpu_machine(config, self._host.region)
         return self._host.region
 
+    def _check_mounts(
+        self,
+        app: str,
+        config: MachineConfig,
+        region: str,
+        machine: Machine | None = None,
+        running: bool = False,
+    ) -> str | None:
+        """``config.mounts``: the volumes exist in this app and region, no other machine has
+        them; returns the host they are on (the machine must run there)."""
+        if not config.mounts and (machine is None or not machine.config.mounts):
+            return None
+        if self._volumes is None:
+            raise Unprocessable(
+                "config.mounts: this server keeps no volumes", field="config.mounts"
+            )
+        return self._volumes.check_mounts(app, config, region, machine, running)
+
     def _check_lease(self, machine: Machine, nonce: str | None) -> None:
         lease = self._store.get_lease(machine.id)
         if lease is None or lease.expires_at <= self._clock.now():
@@ -190,6 +211,10 @@ class MachineService:
         self._images.check(request.config.image)
         self._quotas.check(app, request.config)
         region = self._check_placement(request.region, request.config)
+        volume_host = self._check_mounts(app, request.config, region)
+        if volume_host is not None and self._volumes is not None:
+            launching = not request.skip_launch
+            self._volumes.check_room(request.config, region, volume_host, launching)
         machine_id = new_machine_id()
         machine = Machine(
             id=machine_id,
@@ -232,7 +257,11 @@ class MachineService:
             raise PreconditionFailed(f"machine {machine_id} is being destroyed")
         self._images.check(request.config.image)
         self._quotas.check(app, request.config, replacing=machine)
-        self._check_placement(request.region or machine.region, request.config)
+        region = self._check_placement(request.region or machine.region, request.config)
+        running = machine.state.holds_resources and request.skip_launch
+        volume_host = self._check_mounts(app, request.config, region, machine, running)
+        if volume_host is not None and self._volumes is not None:
+            self._volumes.check_room(request.config, region, volume_host, launching=False)
         version = machine.version + 1
         self._agent.submit_operation(
             machine_id,
