@@ -19,7 +19,7 @@ import struct
 import sys
 import tarfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 
@@ -30,14 +30,13 @@ from hangar.images.build import build_busybox_image, repack_with
 from hangar.images.busybox import HOST_BUSYBOX
 from hangar.images.cachedir import build_once, scratch_dir
 from hangar.images.runner import CommandError, CommandRunner, run_command
-from hangar.paths import cache_dir
+from hangar.settings import Settings
 
 log = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_PROJECT = "llama-cpp-python"
 SERVER_TARGET = "llama-server"
-SERVER_ENV = "HANGAR_LLAMA_SERVER"
 ENGINE_PORT = 8080
 IMAGE_SERVER_PATH = "/usr/local/bin/llama-server"
 IMAGE_MODELS_DIR = "/models"
@@ -161,17 +160,18 @@ def ensure_llama_server(
     build: EngineBuild | None = None,
     *,
     jobs: int = DEFAULT_BUILD_JOBS,
-    environ: Mapping[str, str] = os.environ,
+    configured: Path | None = None,
     runner: CommandRunner = run_command,
 ) -> EngineBinary:
-    """``$HANGAR_LLAMA_SERVER`` when set (a binary built elsewhere), else the ``llama-server``
-    for ``build``, compiled once per cache key and then reused."""
-    configured = environ.get(SERVER_ENV)
-    if configured:
-        path = Path(configured)
-        if not path.is_file() or not os.access(path, os.X_OK):
-            raise EngineError(f"{SERVER_ENV}={path} is not an executable file", setting=SERVER_ENV)
-        return EngineBinary(path=path, build=None)
+    """``configured`` when given (``HANGAR_LLAMA_SERVER``: a binary built elsewhere), else the
+    ``llama-server`` for ``build``, compiled once per cache key and then reused."""
+    if configured is not None:
+        if not configured.is_file() or not os.access(configured, os.X_OK):
+            raise EngineError(
+                f"HANGAR_LLAMA_SERVER={configured} is not an executable file",
+                setting="HANGAR_LLAMA_SERVER",
+            )
+        return EngineBinary(path=configured, build=None)
     build = build or EngineBuild()
     sdist = ensure_sdist(cache_dir, build.version, runner=runner)
     entry = build_once(
@@ -309,7 +309,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image", metavar="LAYOUT:TAG", help="also write the engine OCI image")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    binary = ensure_llama_server(cache_dir(), EngineBuild(cpu=CpuTarget(args.cpu)), jobs=args.jobs)
+    settings = Settings()
+    binary = ensure_llama_server(
+        settings.cache_dir,
+        EngineBuild(cpu=CpuTarget(args.cpu)),
+        jobs=args.jobs,
+        configured=settings.llama_server,
+    )
     print(binary.path)
     if args.image:
         layout, _, tag = str(args.image).rpartition(":")

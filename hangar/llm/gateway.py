@@ -37,8 +37,8 @@ from hangar.errors import (
     InvalidRequest,
     ModelNotFound,
     RequestTooLarge,
+    ServiceUnavailable,
     Unauthenticated,
-    Unavailable,
 )
 from hangar.llm.openai_errors import error_response, hangar_error_response, sse_error_event
 from hangar.llm.pool import PoolPolicy, ReplicaPool
@@ -290,8 +290,10 @@ class Gateway:
 
     def _admit(self) -> None:
         if self._requests >= self.config.max_requests:
-            raise Unavailable(
+            raise ServiceUnavailable(
                 "the gateway is at its limit of requests in flight",
+                app="",
+                reason="gateway at its limit of requests in flight",
                 retry_after_s=self.config.pool.retry_after_s,
             )
         self._requests += 1

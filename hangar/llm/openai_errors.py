@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from hangar.errors import HangarError, RateLimited, Unauthenticated, Unavailable
+from hangar.errors import HangarError, RateLimited, ServiceUnavailable, Unauthenticated
 
 _TYPES = {
     400: "invalid_request_error",
@@ -54,8 +54,9 @@ def error_response(
 
 def hangar_error_response(exc: HangarError) -> JSONResponse:
     headers: dict[str, str] = {}
-    if isinstance(exc, RateLimited | Unavailable):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    retry_after_s = exc.fields.get("retry_after_s")
+    if isinstance(exc, RateLimited | ServiceUnavailable) and isinstance(retry_after_s, int | float):
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     if isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = "Bearer"
     param = exc.fields.get("param")

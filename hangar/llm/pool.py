@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from hangar.clock import Clock
-from hangar.errors import BadGateway, HangarError, InsufficientCapacity, Unavailable
+from hangar.errors import BadGateway, HangarError, InsufficientCapacity, ServiceUnavailable
 from hangar.llm.seams import Deployment, Replica, Replicas, ReplicaState
 from hangar.vmm.deadline import run_with_deadline
 
@@ -216,7 +216,7 @@ class ReplicaPool:
             if await self._await_healthy(replica):
                 self._ready[replica.id] = replica.address
                 self._last_active[replica.id] = self._clock.monotonic()
-        except (Unavailable, InsufficientCapacity) as exc:
+        except (ServiceUnavailable, InsufficientCapacity) as exc:
             self._failure = self._unavailable(exc.message)
         except HangarError as exc:
             self._failure = BadGateway(
@@ -322,9 +322,11 @@ class ReplicaPool:
         except TimeoutError:
             raise self._unavailable("no replica became free in time") from None
 
-    def _unavailable(self, why: str) -> Unavailable:
-        return Unavailable(
+    def _unavailable(self, why: str) -> ServiceUnavailable:
+        return ServiceUnavailable(
             f"model {self.deployment.name!r} cannot take the request now: {why}",
+            app=self.deployment.app,
+            reason=why,
             retry_after_s=self._policy.retry_after_s,
             deployment=self.deployment.id,
         )

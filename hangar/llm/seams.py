@@ -32,6 +32,7 @@ class Deployment:
     id: str
     org: str
     name: str
+    app: str = ""  # the app whose machines are the replicas
     min_replicas: int = 0
     max_replicas: int = 1
     concurrency: int = 4  # requests one replica serves at once (llama-server's --parallel)
@@ -92,7 +93,7 @@ class Replicas(Protocol):
 
     async def wake(self, replica: Replica) -> Replica:
         """Resume a suspended replica or start a stopped one; return it as it is now (its
-        address may have changed). Raises ``Unavailable`` or ``InsufficientCapacity`` when
+        address may have changed). Raises ``ServiceUnavailable`` or ``InsufficientCapacity`` when
         the host cannot take it now, another ``HangarError`` when it fails."""
         ...
 
@@ -102,7 +103,7 @@ class Replicas(Protocol):
 
     async def scale_out(self, deployment: Deployment) -> Replica:
         """Add one replica (started, or stopped for ``wake`` to start). Raises
-        ``Unavailable`` or ``InsufficientCapacity`` when there is no room for one."""
+        ``ServiceUnavailable`` or ``InsufficientCapacity`` when there is no room for one."""
         ...
 
 

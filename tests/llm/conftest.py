@@ -19,7 +19,8 @@ from hangar.llm.engine import EngineBinary, ensure_llama_server
 from hangar.llm.gateway import Gateway
 from hangar.llm.native import EngineArgs, EngineProcess
 from hangar.llm.tinymodel import write_tiny_model
-from hangar.paths import cache_dir
+from hangar.settings import Settings
+from tests.conftest import SUITE_CACHE
 
 SERVE_DEADLINE_S = 30.0
 T = TypeVar("T")
@@ -27,8 +28,9 @@ T = TypeVar("T")
 
 @pytest.fixture(scope="session")
 def engine_binary() -> EngineBinary:
-    """llama-server, built once into the shared cache (minutes the first time)."""
-    return ensure_llama_server(cache_dir())
+    """llama-server, built once into the shared cache (minutes the first time), or the binary
+    ``HANGAR_LLAMA_SERVER`` names."""
+    return ensure_llama_server(SUITE_CACHE, configured=Settings().llama_server)
 
 
 @pytest.fixture(scope="session")

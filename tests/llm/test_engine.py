@@ -18,7 +18,6 @@ from hangar.llm.engine import (
     ENGINE_PORT,
     IMAGE_SERVER_PATH,
     LLAMA_CPP_PYTHON_VERSION,
-    SERVER_ENV,
     CpuTarget,
     EngineBinary,
     EngineBuild,
@@ -26,7 +25,7 @@ from hangar.llm.engine import (
     ensure_llama_server,
     is_static_executable,
 )
-from hangar.paths import cache_dir
+from tests.conftest import SUITE_CACHE
 from tests.images.recording import RecordingRunner
 
 
@@ -54,8 +53,8 @@ def test_a_failed_download_is_an_engine_error_and_leaves_no_entry(tmp_path: Path
         raise CommandError(argv, 1, "ERROR: Could not find a version that satisfies")
 
     with pytest.raises(EngineError, match="cannot download") as failed:
-        ensure_llama_server(tmp_path, EngineBuild(version="0.0.0"), environ={}, runner=offline)
-    assert failed.value.fields["retryable"] is True
+        ensure_llama_server(tmp_path, EngineBuild(version="0.0.0"), runner=offline)
+    assert failed.value.retryable is True
     assert not (tmp_path / "llm" / "sdist" / "0.0.0").exists()
     assert [
         p.name for p in (tmp_path / "llm" / "sdist").iterdir() if not p.name.startswith(".")
@@ -64,8 +63,8 @@ def test_a_failed_download_is_an_engine_error_and_leaves_no_entry(tmp_path: Path
 
 def test_a_configured_binary_is_used_as_it_is(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="not an executable"):
-        ensure_llama_server(tmp_path, environ={SERVER_ENV: str(tmp_path / "absent")})
-    configured = ensure_llama_server(tmp_path, environ={SERVER_ENV: "/bin/busybox"})
+        ensure_llama_server(tmp_path, configured=tmp_path / "absent")
+    configured = ensure_llama_server(tmp_path, configured=Path("/bin/busybox"))
     assert configured == EngineBinary(path=Path("/bin/busybox"), build=None)
     assert list(tmp_path.iterdir()) == [], "nothing fetched, nothing built"
 
@@ -82,7 +81,7 @@ def test_the_image_refuses_a_binary_that_needs_a_c_library(tmp_path: Path) -> No
 @pytest.fixture(scope="module")
 def built_engine() -> EngineBinary:
     """The engine hangar builds (whatever HANGAR_LLAMA_SERVER says)."""
-    return ensure_llama_server(cache_dir(), environ={})
+    return ensure_llama_server(SUITE_CACHE)
 
 
 @pytest.mark.slow
@@ -97,7 +96,7 @@ def test_the_built_server_is_static_and_cached(built_engine: EngineBinary) -> No
     assert _functions_using_avx_registers(binary) == set(), "ggml is built for SSE4.2 only"
 
     nothing_runs = RecordingRunner()
-    again = ensure_llama_server(cache_dir(), environ={}, runner=nothing_runs)
+    again = ensure_llama_server(SUITE_CACHE, runner=nothing_runs)
     assert again.path == binary
     assert nothing_runs.calls == [], "a cached build runs neither pip nor cmake"
 

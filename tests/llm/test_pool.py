@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from hangar.clock import ManualClock
-from hangar.errors import BadGateway, InsufficientCapacity, Unavailable, VmmError
+from hangar.errors import BadGateway, InsufficientCapacity, ServiceUnavailable, VmmError
 from hangar.llm.pool import PoolPolicy, ReplicaPool
 from hangar.llm.seams import Deployment, Replica, ReplicaState
 
@@ -120,7 +120,7 @@ async def test_a_failed_wake_is_a_502_for_its_waiters_and_a_503_until_retry() ->
     assert table.wakes == ["s"], "no second try before retry_after_s"
     clock.advance(5.0)
     table.wake_error = InsufficientCapacity("the host is full")
-    with pytest.raises(Unavailable, match="the host is full") as full:
+    with pytest.raises(ServiceUnavailable, match="the host is full") as full:
         await pool.acquire()
     assert full.value.retry_after_s == 5.0 and table.wakes == ["s", "s"]
 
@@ -161,20 +161,20 @@ async def test_bounded_queue_and_wait() -> None:
     await pool.acquire()
     queued = asyncio.create_task(pool.acquire())
     await settle()
-    with pytest.raises(Unavailable, match="too many requests"):
+    with pytest.raises(ServiceUnavailable, match="too many requests"):
         await pool.acquire()
     clock.advance(10.0)
-    with pytest.raises(Unavailable, match="in time"):
+    with pytest.raises(ServiceUnavailable, match="in time"):
         await queued
     assert pool.waiting == 0
 
 
 async def test_no_replica_and_no_room_is_unavailable_at_once() -> None:
     pool = make_pool(ReplicaTable(), ManualClock())
-    with pytest.raises(Unavailable, match="no host has room"):
+    with pytest.raises(ServiceUnavailable, match="no host has room"):
         await pool.acquire()
     empty = make_pool(ReplicaTable(), ManualClock(), replace(DEPLOYMENT, max_replicas=0))
-    with pytest.raises(Unavailable, match="no replica that can start"):
+    with pytest.raises(ServiceUnavailable, match="no replica that can start"):
         await empty.acquire()
 
 
