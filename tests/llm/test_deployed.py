@@ -159,8 +159,7 @@ def test_tokens_are_metered_per_org_and_deployment(deployed: Deployed) -> None:
     assert after["requests"] == before["requests"] + 1
     assert after["prompt_tokens"] - before["prompt_tokens"] == answer.usage.prompt_tokens
     assert (
-        after["completion_tokens"] - before["completion_tokens"]
-        == answer.usage.completion_tokens
+        after["completion_tokens"] - before["completion_tokens"] == answer.usage.completion_tokens
     )
     rival = deployed.server.embedded.stores.llm.token_totals(RIVAL)
     assert rival.requests == 0
