@@ -11,7 +11,7 @@ FUZZ_EXAMPLES ?= 200
 FUZZ_SECONDS ?= 3600
 
 .PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement bench-proxy \
-	bench-volume engine clean
+	bench-volume bench-llm engine clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -40,7 +40,9 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-unit: deps venv
+# The engine tests and the model deployment tests need llama-server: built here, once, into the
+# suite's cache (a cold build takes minutes; afterwards this is a cache lookup).
+unit: deps venv engine
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test: deps venv lint typecheck unit
@@ -53,7 +55,7 @@ gpu-check: venv
 
 # llama-server from the pinned llama-cpp-python sdist, built once into $HANGAR_CACHE (minutes)
 engine: deps venv
-	$(PYTHON) -m hangar.llm.engine
+	HANGAR_CACHE=$${HANGAR_CACHE:-$(CURDIR)/.cache} $(PYTHON) -m hangar.llm.engine
 
 bench-boot: deps venv
 	$(VENV)/bin/hangar bench boot
@@ -64,6 +66,9 @@ bench-volume: deps venv
 bench-placement: venv
 	$(VENV)/bin/hangar bench placement --nodes ../shared/data/alibaba-gpu-v2023/openb_node_list_gpu_node.csv \
 		--pods ../shared/data/alibaba-gpu-v2023/openb_pod_list_default.csv --seeds 42..51
+
+bench-llm: deps venv engine
+	HANGAR_CACHE=$${HANGAR_CACHE:-$(CURDIR)/.cache} $(VENV)/bin/hangar bench llm
 
 bench-proxy: deps venv
 	$(VENV)/bin/hangar bench proxy

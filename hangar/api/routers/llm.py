@@ -29,7 +29,8 @@ async def create_deployment(
     try:
         spec = DeploymentSpec.model_validate(body)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors(), body=body) from None
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        raise RequestValidationError(errors, body=body) from None
     return await services.llm.deploy(access, org_slug, spec)
 
 

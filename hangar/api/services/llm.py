@@ -195,25 +195,32 @@ class LlmService:
         if region != self._host.region:
             raise Unprocessable(f"region: no host serves region {region}", field="region")
         source = ModelSource.parse(spec.model)
+        model = None
+        if source.path and spec.engine is Engine.LLAMA_CPP:
+            model = check_model_file(Path(source.path), self._images.allowed_model_dirs)
         app_name = spec.app_name or f"llm-{spec.name}".replace(".", "-")
         app = self._cluster.get_app(app_name)
-        if app is None:
-            self._apps.create(access, CreateAppRequest(app_name=app_name, org_slug=org))
-        elif app.org_slug != org:
+        if app is not None and app.org_slug != org:
             raise NotFound(f"app {app_name} not found in org {org}", field="app_name")
+        volume_id = self._volume_id(app_name, source.volume) if source.volume else ""
+        # Everything is checked: from here on what is made is undone if a later part fails.
+        made_app = app is None
+        if made_app:
+            self._apps.create(access, CreateAppRequest(app_name=app_name, org_slug=org))
         deployment_id = new_deployment_id()
-        volume_id = snapshot_id = ""
-        if source.volume:
-            volume_id = self._volume_id(app_name, source.volume)
-            snapshot_id = (await self._volumes.snapshot(app_name, volume_id)).id
-        if spec.engine is Engine.IMAGE:
-            assert spec.image is not None
-            image = spec.image
-        else:
-            model = None
-            if source.path:
-                model = check_model_file(Path(source.path), self._images.allowed_model_dirs)
-            image = await self._images.image_for(deployment_id, model)
+        try:
+            snapshot_id = ""
+            if volume_id:
+                snapshot_id = (await self._volumes.snapshot(app_name, volume_id)).id
+            if spec.engine is Engine.IMAGE:
+                assert spec.image is not None
+                image = spec.image
+            else:
+                image = await self._images.image_for(deployment_id, model)
+        except BaseException:
+            if made_app:
+                self._apps.delete(app_name)
+            raise
         deployment = Deployment(
             id=deployment_id,
             org=org,
