@@ -11,8 +11,10 @@ reaches that model only; the tokens served are metered per org and deployment.
 from __future__ import annotations
 
 import time
+from base64 import b64encode
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +22,7 @@ import openai
 import pytest
 
 from hangar.llm.tinymodel import write_tiny_model
-from tests.agent.helpers import machine_path, wait_state
+from tests.agent.helpers import machine_path, run_machine, wait_state
 from tests.api.conftest import create_token
 from tests.conftest import kill_vmms_under
 from tests.fixtures.inprocess import InProcessServer
@@ -190,3 +192,44 @@ def test_list_and_scale(deployed: Deployed) -> None:
     assert (scaled.json()["min_replicas"], scaled.json()["max_replicas"]) == (0, 2)
     bad = deployed.api.post(f"{DEPLOYMENTS}/{MODEL}/scale", json={"min_replicas": 3})
     assert bad.status_code == 400 and "min_replicas" in bad.text
+
+
+def test_weights_on_a_volume_reach_each_replica_as_a_copy_of_a_snapshot(
+    deployed: Deployed, test_image: str
+) -> None:
+    api, app, name = deployed.api, "weights", "tiny-vol"
+    assert api.post("/v1/apps", json={"app_name": app, "org_slug": ORG}).status_code == 201
+    volume = api.post(f"/v1/apps/{app}/volumes", json={"name": "weights", "encrypted": False})
+    assert volume.status_code == 200, volume.text
+    volume_id = volume.json()["id"]
+    model = write_tiny_model(deployed.server.home / "vol-model" / "tiny.gguf")
+    loader = run_machine(
+        api,
+        app,
+        test_image,
+        ["sh", "-c", "cp /seed/tiny.gguf /models/tiny.gguf && sync"],
+        files=[{"guest_path": "/seed/tiny.gguf", "raw_value": base64(model)}],
+        mounts=[{"volume": volume_id, "path": "/models"}],
+    )
+    wait_state(api, app, loader, "stopped")
+    created = api.post(
+        DEPLOYMENTS,
+        json={"name": name, "model": "vol:weights:tiny.gguf", "app_name": app, "memory_mb": 512},
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["model"] == "vol:weights:tiny.gguf"
+    answer = deployed.client().completions.create(model=name, prompt="hi", max_tokens=2)
+    assert answer.usage.completion_tokens > 0
+    (replica,) = api.get(f"{DEPLOYMENTS}/{name}").json()["replicas"]
+    machine = api.get(machine_path(app, replica["id"])).json()
+    (mount,) = machine["config"]["mounts"]
+    copy = api.get(f"/v1/apps/{app}/volumes/{mount['volume']}").json()
+    assert mount["volume"] != volume_id and mount["path"] == "/models"
+    assert copy["snapshot_id"], "the replica's weights were restored from a snapshot"
+    assert api.delete(f"{DEPLOYMENTS}/{name}").status_code == 204
+    gone = api.get(f"/v1/apps/{app}/volumes/{mount['volume']}").json()
+    assert gone["state"] in ("destroyed", "pending_destroy"), gone
+
+
+def base64(path: Path) -> str:
+    return b64encode(path.read_bytes()).decode()
