@@ -31,9 +31,13 @@ class GatewayListener:
 
     async def start(self) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, and TCP_NODELAY on the listener (its connections inherit it):
+        # an answer goes out as headers then body, and with Nagle's algorithm the body would
+        # wait for the client's delayed ACK of the headers (40 ms a request).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((self.host, self.port))
         except OSError:
             sock.close()
