@@ -82,6 +82,8 @@ def server(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request at INFO: one line per call the model gateway forwards.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings() if home is None else Settings(home=home)
     serve(settings, host, port, init=init)
 
