@@ -81,6 +81,7 @@ class EmbeddedServer:
     traffic: MachineTraffic
     metrics: HangarMetrics
     web: FastAPI
+    llm: LlmService
 
     @property
     def home(self) -> Path:
@@ -229,6 +230,7 @@ def build_server(
         traffic=traffic,
         metrics=metrics,
         web=web,
+        llm=llm,
     )
 
 

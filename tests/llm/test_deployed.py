@@ -21,6 +21,8 @@ import httpx
 import openai
 import pytest
 
+from hangar.api.services.llm import MachineReplicas, gateway_deployment
+from hangar.llm.seams import ReplicaState
 from hangar.llm.tinymodel import write_tiny_model
 from tests.agent.helpers import machine_path, run_machine, wait_state
 from tests.api.conftest import create_token
@@ -33,6 +35,7 @@ ORG, RIVAL, MODEL = "acme", "rival", "tiny"
 DEPLOYMENTS = f"/v1/orgs/{ORG}/llm/deployments"
 FROM_ZERO_TIMEOUT_S = 300.0
 PROMPT = [{"role": "user", "content": "hello"}]
+SLEEPING = ReplicaState.STOPPED  # what an idle replica is put into
 
 
 @dataclass
@@ -182,6 +185,28 @@ def test_a_stopped_replica_is_started_by_the_next_request(deployed: Deployed) ->
     assert [r["state"] for r in deployed.deployment()["replicas"]] == ["started"]
     assert [r["id"] for r in deployed.deployment()["replicas"]] == [replica["id"]]
     print(f"first token from a stopped replica: {waking_s:.1f} s")
+
+
+def test_a_replica_put_to_sleep_is_woken_by_the_next_request(deployed: Deployed) -> None:
+    """What the gateway does to an idle replica (``Replicas.sleep``), then a request."""
+    server = deployed.server
+    llm = server.embedded.llm
+    record = server.embedded.stores.llm.deployment_named(ORG, MODEL)
+    assert record is not None
+    (machine,) = llm.replicas(record)
+    replicas = MachineReplicas(llm)
+    (replica,) = server.call(replicas.list(gateway_deployment(record)))
+    assert replica.state is ReplicaState.STARTED
+    server.call(replicas.sleep(replica))
+    (asleep,) = server.call(replicas.list(gateway_deployment(record)))
+    assert asleep.state is SLEEPING
+    started = time.monotonic()
+    answer = deployed.client().chat.completions.create(
+        model=MODEL, messages=PROMPT, max_tokens=8, temperature=0, seed=1
+    )
+    print(f"first token from a replica put to sleep: {time.monotonic() - started:.1f} s")
+    assert answer.choices[0].message.content == deployed.first_answer.choices[0].message.content
+    assert [r["id"] for r in deployed.deployment()["replicas"]] == [machine.id]
 
 
 def test_list_and_scale(deployed: Deployed) -> None:
