@@ -16,6 +16,11 @@ GPU requests, per (region, kind), minimise:
 5. whole free GPUs left on the host (pack hosts, leave others whole);
 6. the host's rank (a stable order: equal candidates fill hosts in the same order).
 
+A MIG slice goes to a free instance of its profile on a GPU already in MIG mode when there is
+one (pack cut GPUs), else to an idle GPU whose layout has the profile, on the busiest host
+(fewest whole GPUs free, not an idle host when another will do). Shares and whole GPUs take
+GPUs without a MIG layout first, so GPUs the operator set aside for slices stay whole.
+
 CPU-only requests minimise: leaving the host short of CPU for its free GPUs; then prefer
 hosts without free GPUs (their CPU is of no use to GPU machines) over hosts with some, and
 those over idle hosts able to take a multi-GPU request of the profile; then the CPU left over
@@ -30,7 +35,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from hangar.model.gpu import GpuState
-from hangar.scheduler.model import MILLI_PER_GPU, Gpu, HostState, PlacementRequest, Pool
+from hangar.scheduler.mig import profile_milli
+from hangar.scheduler.model import (
+    MILLI_PER_GPU,
+    Claim,
+    Gpu,
+    GpuMode,
+    HostState,
+    PlacementRequest,
+    Pool,
+)
 from hangar.scheduler.pressure import kind_levels
 from hangar.scheduler.profile import WorkloadProfile
 
@@ -52,7 +66,12 @@ class HostEntry:
     version: int
     rank: Rank
     gaps: dict[int, int]
-    """Free milli of a usable GPU -> the lowest GPU index with that much free."""
+    """Free milli of a GPU a share can use -> the lowest GPU index with that much free (for a
+    whole free GPU, one without a MIG layout first)."""
+    open_slices: dict[str, tuple[int, int]]
+    """MIG profile -> (GPU, instance): a free instance on a GPU already in MIG mode."""
+    fresh_slices: dict[str, tuple[int, int]]
+    """MIG profile -> (GPU, instance): an idle GPU whose layout has the profile."""
     whole_free: int
     max_group_free: int
     """Most unused GPUs inside one NVLink partition (the whole host when it has none)."""
@@ -86,10 +105,24 @@ class Choice:
     version: int
     gpu_indexes: tuple[int, ...]
     gpu_milli: int
+    gpu_slice: str = ""
+    mig_instance: int = -1
 
     @property
     def host_id(self) -> str:
         return self.state.id
+
+    def claim(self, request: PlacementRequest, machine_id: str | None = None) -> Claim:
+        """The claim that takes this choice for ``request``."""
+        return Claim(
+            request.machine_id if machine_id is None else machine_id,
+            request.cpu_milli,
+            request.memory_mb,
+            self.gpu_indexes,
+            self.gpu_milli,
+            self.gpu_slice,
+            self.mig_instance,
+        )
 
 
 class _RankedSet:
@@ -119,12 +152,15 @@ Buckets = dict[tuple[bool, int, bool], _RankedSet]
 
 
 class _KindBuckets:
-    __slots__ = ("free_milli", "gaps", "whole")
+    __slots__ = ("free_milli", "fresh_slices", "gaps", "hosts", "open_slices", "whole")
 
     def __init__(self) -> None:
         self.whole: Buckets = {}
         self.gaps: dict[int, Buckets] = {}
+        self.open_slices: dict[str, _RankedSet] = {}
+        self.fresh_slices: dict[str, _RankedSet] = {}
         self.free_milli = 0
+        self.hosts = 0
 
 
 class PlacementIndex:
@@ -184,9 +220,53 @@ class PlacementIndex:
 
     def choose(self, request: PlacementRequest, region: str) -> Choice | None:
         """The policy's best host in ``region`` for ``request``, or None if nothing fits."""
+        if request.gpu_slice:
+            return self._choose_slice(request, region)
         if request.wants_gpu:
             return self._choose_gpu(request, region)
         return self._choose_cpu(request, region)
+
+    def _choose_slice(self, request: PlacementRequest, region: str) -> Choice | None:
+        profile = request.gpu_slice
+        kinds = [kind for kind in self._kinds.get(region, ()) if request.accepts_kind(kind)]
+        if not kinds:
+            return None
+        levels = self._region_levels(region)
+        best: tuple[tuple[int, int, bool, int, Rank], Choice] | None = None
+        for kind in sorted(kinds):
+            buckets = self._gpu[(region, kind)]
+            level = levels.get(kind, 0)
+            for opened, ranked in enumerate(
+                (buckets.open_slices.get(profile), buckets.fresh_slices.get(profile))
+            ):
+                if not ranked:
+                    continue
+                found: tuple[tuple[int, int, bool, int, Rank], HostEntry] | None = None
+                for rank in ranked:
+                    entry = self._entries[rank[1]]
+                    if not _fits(entry, request):
+                        continue
+                    key = (opened, level, entry.idle, entry.whole_free, entry.rank)
+                    if found is None or key < found[0]:
+                        found = (key, entry)
+                    if not opened:
+                        break  # open instances: the first fit in rank order packs them
+                if found is not None:
+                    key, entry = found
+                    slots = entry.open_slices if not opened else entry.fresh_slices
+                    gpu, instance = slots[profile]
+                    choice = Choice(
+                        entry.state,
+                        entry.version,
+                        (gpu,),
+                        profile_milli(profile),
+                        profile,
+                        instance,
+                    )
+                    if best is None or key < best[0]:
+                        best = (key, choice)
+                    break
+        return best[1] if best is not None else None
 
     def _choose_gpu(self, request: PlacementRequest, region: str) -> Choice | None:
         kinds = [kind for kind in self._kinds.get(region, ()) if request.accepts_kind(kind)]
@@ -320,7 +400,11 @@ class PlacementIndex:
 
     def _derive(self, state: HostState, version: int) -> HostEntry:
         used = state.gpu_used_milli
+        modes = state.gpu_modes
         gaps: dict[int, int] = {}
+        open_slices: dict[str, tuple[int, int]] = {}
+        fresh_slices: dict[str, tuple[int, int]] = {}
+        sliced_whole: int | None = None
         groups: dict[object, int] = {}
         partitioned = any(gpu.nvlink_partition is not None for gpu in state.gpus)
         whole_free = 0
@@ -328,15 +412,30 @@ class PlacementIndex:
         for gpu in state.gpus:
             if gpu.state is not GpuState.FREE:
                 continue
+            mode = modes[gpu.index]
+            if mode is GpuMode.MIG:
+                for instance in state.free_instances(gpu.index):
+                    profile = gpu.mig_layout[instance]
+                    open_slices.setdefault(profile, (gpu.index, instance))
+                    free_milli += profile_milli(profile)
+                continue
             gap = MILLI_PER_GPU - used[gpu.index]
             if gap <= 0:
                 continue
             free_milli += gap
-            gaps.setdefault(gap, gpu.index)
+            if gap == MILLI_PER_GPU and gpu.mig_layout:
+                for instance, profile in enumerate(gpu.mig_layout):
+                    fresh_slices.setdefault(profile, (gpu.index, instance))
+                if sliced_whole is None:
+                    sliced_whole = gpu.index
+            else:
+                gaps.setdefault(gap, gpu.index)
             if gap == MILLI_PER_GPU:
                 whole_free += 1
                 group = _locality_group(gpu) if partitioned else None
                 groups[group] = groups.get(group, 0) + 1
+        if sliced_whole is not None:
+            gaps.setdefault(MILLI_PER_GPU, sliced_whole)
         gpu_host = state.pool is Pool.GPU and bool(state.gpus)
         surplus = state.free_cpu_milli - self.profile.cpu_per_gpu_milli * free_milli
         idle = not state.claims
@@ -357,6 +456,8 @@ class PlacementIndex:
             version=version,
             rank=(self._rank_of(state.id), state.id),
             gaps=gaps if gpu_host else {},
+            open_slices=open_slices if gpu_host else {},
+            fresh_slices=fresh_slices if gpu_host else {},
             whole_free=whole_free if gpu_host else 0,
             max_group_free=max_group if gpu_host else 0,
             free_gpu_milli=free_milli,
@@ -368,26 +469,33 @@ class PlacementIndex:
 
     def _register(self, entry: HostEntry) -> None:
         state = entry.state
-        if entry.gaps:
+        if entry.gaps or entry.open_slices:
             kind_key = (state.region, state.kind)
             buckets = self._gpu.get(kind_key)
             if buckets is None:
                 buckets = self._gpu[kind_key] = _KindBuckets()
                 self._kinds.setdefault(state.region, set()).add(state.kind)
+            buckets.hosts += 1
             buckets.free_milli += entry.free_gpu_milli
             if entry.whole_free:
                 buckets.whole.setdefault(entry.bucket, _RankedSet()).add(entry.rank)
             for gap in entry.gaps:
                 by_bucket = buckets.gaps.setdefault(gap, {})
                 by_bucket.setdefault(entry.bucket, _RankedSet()).add(entry.rank)
+            for profile in entry.open_slices:
+                buckets.open_slices.setdefault(profile, _RankedSet()).add(entry.rank)
+            for profile in entry.fresh_slices:
+                buckets.fresh_slices.setdefault(profile, _RankedSet()).add(entry.rank)
         if entry.cpu_candidate:
             lists = self._cpu.setdefault(state.region, ([], [], []))
             insort(lists[entry.cpu_class], (entry.surplus, entry.rank))
 
     def _unregister(self, entry: HostEntry) -> None:
         state = entry.state
-        if entry.gaps:
-            buckets = self._gpu[(state.region, state.kind)]
+        if entry.gaps or entry.open_slices:
+            kind_key = (state.region, state.kind)
+            buckets = self._gpu[kind_key]
+            buckets.hosts -= 1
             buckets.free_milli -= entry.free_gpu_milli
             if entry.whole_free:
                 _discard(buckets.whole, entry.bucket, entry.rank)
@@ -396,6 +504,14 @@ class PlacementIndex:
                 _discard(by_bucket, entry.bucket, entry.rank)
                 if not by_bucket:
                     del buckets.gaps[gap]
+            _discard_slices(buckets.open_slices, entry.open_slices, entry.rank)
+            _discard_slices(buckets.fresh_slices, entry.fresh_slices, entry.rank)
+            if not buckets.hosts:
+                del self._gpu[kind_key]
+                kinds = self._kinds[state.region]
+                kinds.discard(state.kind)
+                if not kinds:
+                    del self._kinds[state.region]
         if entry.cpu_candidate:
             ordered = self._cpu[state.region][entry.cpu_class]
             position = bisect_left(ordered, (entry.surplus, entry.rank))
@@ -409,6 +525,14 @@ def _discard(buckets: Buckets, key: tuple[bool, int, bool], rank: Rank) -> None:
         ranks.discard(rank)
         if not ranks:
             del buckets[key]
+
+
+def _discard_slices(slices: dict[str, _RankedSet], profiles: Iterable[str], rank: Rank) -> None:
+    for profile in profiles:
+        ranked = slices[profile]
+        ranked.discard(rank)
+        if not ranked:
+            del slices[profile]
 
 
 def _fits(entry: HostEntry, request: PlacementRequest) -> bool:
@@ -443,7 +567,8 @@ def pick_whole_gpus(state: HostState, count: int) -> tuple[int, ...]:
         by_numa.setdefault(gpu.numa_node, []).append(gpu)
     local = [gpus for gpus in by_numa.values() if len(gpus) >= count]
     if local:
-        chosen = min(local, key=lambda gpus: (len(gpus), gpus[0].index))[:count]
+        gpus = min(local, key=lambda gpus: (len(gpus), gpus[0].index))
+        chosen = sorted(gpus, key=lambda gpu: (bool(gpu.mig_layout), gpu.index))[:count]
     else:
         spread = sorted(by_numa.values(), key=lambda gpus: (-len(gpus), gpus[0].index))
         chosen = [gpu for gpus in spread for gpu in gpus][:count]

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from hangar.scheduler.mig import profile_milli
 from hangar.scheduler.model import MILLI_PER_GPU, PlacementRequest
 
 DEFAULT_SHARE_COVERAGE = 0.85
@@ -29,6 +30,7 @@ class RequestShape:
     gpus: int
     gpu_milli: int
     gpu_kinds: frozenset[str] | None
+    gpu_slice: str = ""
 
     @classmethod
     def of(cls, request: PlacementRequest) -> RequestShape:
@@ -38,10 +40,13 @@ class RequestShape:
             request.gpus,
             request.gpu_milli,
             request.gpu_kinds if request.wants_gpu else None,
+            request.gpu_slice,
         )
 
     @property
     def gpu_demand_milli(self) -> int:
+        if self.gpu_slice:
+            return profile_milli(self.gpu_slice)
         return self.gpus * MILLI_PER_GPU if self.gpus else self.gpu_milli
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from hangar.errors import InsufficientCapacity, InvalidRequest, StoreError
 from hangar.scheduler.claims import ClaimStore
 from hangar.scheduler.index import PRESSURE_REFRESH, Choice, PlacementIndex, stable_rank
-from hangar.scheduler.model import Claim, Placement, PlacementRequest
+from hangar.scheduler.model import Placement, PlacementRequest
 from hangar.scheduler.profile import WorkloadProfile
 from hangar.scheduler.regions import RegionCatalog
 
@@ -65,13 +65,7 @@ class Scheduler:
             choice = self._choose(request, regions)
             if choice is None:
                 raise capacity_error(request, regions)
-            claim = Claim(
-                request.machine_id,
-                request.cpu_milli,
-                request.memory_mb,
-                choice.gpu_indexes,
-                choice.gpu_milli,
-            )
+            claim = choice.claim(request)
             new_state = choice.state.with_claim(claim)
             if self._store.compare_and_set(choice.host_id, choice.version, new_state):
                 self.index.upsert(new_state, choice.version + 1)
@@ -117,7 +111,9 @@ def capacity_error(request: PlacementRequest, regions: tuple[str, ...]) -> Insuf
     """Fly-shaped: says where it looked and for what."""
     kinds = sorted(request.gpu_kinds) if request.gpu_kinds is not None else None
     kind_text = "/".join(kinds) if kinds else "any-kind"
-    if request.gpus:
+    if request.gpu_slice:
+        what = f"a {request.gpu_slice} MIG slice of a {kind_text} GPU"
+    elif request.gpus:
         what = f"{request.gpus}x {kind_text} GPU"
     elif request.gpu_milli:
         what = f"a {request.gpu_milli / 1000:g} share of a {kind_text} GPU"
@@ -133,4 +129,5 @@ def capacity_error(request: PlacementRequest, regions: tuple[str, ...]) -> Insuf
         gpu_milli=request.gpu_milli,
         cpu_milli=request.cpu_milli,
         memory_mb=request.memory_mb,
+        **({"gpu_slice": request.gpu_slice} if request.gpu_slice else {}),
     )
