@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from hangar.scheduler.bench_cli import placement
+from hangar.scheduler.bench_cli import mixes, placement, replay
 
 bench_app = typer.Typer(
     help="Benchmarks (medians and ratios against a baseline).", no_args_is_help=True
@@ -37,3 +37,5 @@ def bench_boot(
 
 
 bench_app.command("placement")(placement)
+bench_app.command("mixes")(mixes)
+bench_app.command("replay")(replay)

@@ -226,6 +226,22 @@ class PlacementIndex:
             return self._choose_gpu(request, region)
         return self._choose_cpu(request, region)
 
+    def host_can_take(self, host_id: str, request: PlacementRequest) -> bool:
+        """Whether ``choose`` could pick ``host_id`` for ``request`` (ignoring the region
+        expression): the same eligibility the search applies, for one host."""
+        entry = self._entries.get(host_id)
+        if entry is None or not _fits(entry, request):
+            return False
+        if not request.wants_gpu:
+            return entry.cpu_candidate
+        if not request.accepts_kind(entry.state.kind):
+            return False
+        if request.gpu_slice:
+            return request.gpu_slice in entry.open_slices or request.gpu_slice in entry.fresh_slices
+        if request.gpus:
+            return entry.whole_free >= request.gpus and entry.max_group_free >= request.gpus
+        return any(gap >= request.gpu_milli for gap in entry.gaps)
+
     def _choose_slice(self, request: PlacementRequest, region: str) -> Choice | None:
         profile = request.gpu_slice
         kinds = [kind for kind in self._kinds.get(region, ()) if request.accepts_kind(kind)]
@@ -328,20 +344,24 @@ class PlacementIndex:
                 (0, lambda k: not k[2], lambda e: e.surplus >= delta),
                 (1, lambda k: True, lambda e: e.starved or e.surplus < delta),
             ]
-        for effect, use_bucket, condition in passes:
-            group: tuple[bool, int] | None = None
-            best: HostEntry | None = None
-            for key in keys:
-                if not use_bucket(key):
-                    continue
-                if group is not None and (key[0], key[1]) != group and best is not None:
+        import os
+
+        idle_first = os.environ.get("HG_IDLE_FIRST") == "1"
+        for idle_value in (False, True) if idle_first else (None,):
+            for effect, use_bucket, condition in passes:
+                group: tuple[bool, int] | None = None
+                best: HostEntry | None = None
+                for key in keys:
+                    if not use_bucket(key) or (idle_value is not None and key[0] != idle_value):
+                        continue
+                    if group is not None and (key[0], key[1]) != group and best is not None:
+                        return effect, best
+                    group = (key[0], key[1])
+                    found = self._first_fit(buckets[key], request, min_group, condition)
+                    if found is not None and (best is None or found.rank < best.rank):
+                        best = found
+                if best is not None:
                     return effect, best
-                group = (key[0], key[1])
-                found = self._first_fit(buckets[key], request, min_group, condition)
-                if found is not None and (best is None or found.rank < best.rank):
-                    best = found
-            if best is not None:
-                return effect, best
         return None
 
     def _first_fit(

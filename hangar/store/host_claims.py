@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS host_states (
 
 
 def host_state_to_json(host: HostState) -> str:
+    """One host as JSON. A GPU's MIG layout and a claim's slice are written only when set, so
+    hosts without MIG read the same in older versions."""
     return json.dumps(
         {
             "id": host.id,
@@ -37,11 +39,26 @@ def host_state_to_json(host: HostState) -> str:
             "rack": host.rack,
             "allow_cpu_machines": host.allow_cpu_machines,
             "gpus": [
-                [gpu.index, gpu.kind, gpu.bdf, gpu.numa_node, gpu.nvlink_partition, str(gpu.state)]
+                [
+                    gpu.index,
+                    gpu.kind,
+                    gpu.bdf,
+                    gpu.numa_node,
+                    gpu.nvlink_partition,
+                    str(gpu.state),
+                    *([list(gpu.mig_layout)] if gpu.mig_layout else []),
+                ]
                 for gpu in host.gpus
             ],
             "claims": [
-                [c.machine_id, c.cpu_milli, c.memory_mb, list(c.gpu_indexes), c.gpu_milli]
+                [
+                    c.machine_id,
+                    c.cpu_milli,
+                    c.memory_mb,
+                    list(c.gpu_indexes),
+                    c.gpu_milli,
+                    *([c.gpu_slice, c.mig_instance] if c.gpu_slice else []),
+                ]
                 for c in host.claims
             ],
         }
@@ -59,15 +76,21 @@ def host_state_from_json(text: str) -> HostState:
         zone=body["zone"],
         rack=body["rack"],
         allow_cpu_machines=body["allow_cpu_machines"],
-        gpus=tuple(
-            Gpu(index, kind, bdf, numa, partition, GpuState(state))
-            for index, kind, bdf, numa, partition, state in body["gpus"]
-        ),
-        claims=tuple(
-            Claim(machine_id, cpu, memory, tuple(indexes), milli)
-            for machine_id, cpu, memory, indexes, milli in body["claims"]
-        ),
+        gpus=tuple(_gpu_from_json(row) for row in body["gpus"]),
+        claims=tuple(_claim_from_json(row) for row in body["claims"]),
     )
+
+
+def _gpu_from_json(row: list[Any]) -> Gpu:
+    index, kind, bdf, numa, partition, state, *rest = row
+    layout = tuple(rest[0]) if rest else ()
+    return Gpu(index, kind, bdf, numa, partition, GpuState(state), layout)
+
+
+def _claim_from_json(row: list[Any]) -> Claim:
+    machine_id, cpu, memory, indexes, milli, *rest = row
+    gpu_slice, instance = (rest[0], rest[1]) if rest else ("", -1)
+    return Claim(machine_id, cpu, memory, tuple(indexes), milli, gpu_slice, instance)
 
 
 class SqliteClaimStore(SqliteDatabase):
