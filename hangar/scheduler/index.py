@@ -344,24 +344,20 @@ class PlacementIndex:
                 (0, lambda k: not k[2], lambda e: e.surplus >= delta),
                 (1, lambda k: True, lambda e: e.starved or e.surplus < delta),
             ]
-        import os
-
-        idle_first = os.environ.get("HG_IDLE_FIRST") == "1"
-        for idle_value in (False, True) if idle_first else (None,):
-            for effect, use_bucket, condition in passes:
-                group: tuple[bool, int] | None = None
-                best: HostEntry | None = None
-                for key in keys:
-                    if not use_bucket(key) or (idle_value is not None and key[0] != idle_value):
-                        continue
-                    if group is not None and (key[0], key[1]) != group and best is not None:
-                        return effect, best
-                    group = (key[0], key[1])
-                    found = self._first_fit(buckets[key], request, min_group, condition)
-                    if found is not None and (best is None or found.rank < best.rank):
-                        best = found
-                if best is not None:
+        for effect, use_bucket, condition in passes:
+            group: tuple[bool, int] | None = None
+            best: HostEntry | None = None
+            for key in keys:
+                if not use_bucket(key):
+                    continue
+                if group is not None and (key[0], key[1]) != group and best is not None:
                     return effect, best
+                group = (key[0], key[1])
+                found = self._first_fit(buckets[key], request, min_group, condition)
+                if found is not None and (best is None or found.rank < best.rank):
+                    best = found
+            if best is not None:
+                return effect, best
         return None
 
     def _first_fit(
