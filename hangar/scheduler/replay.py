@@ -102,7 +102,7 @@ class ReplayConfig:
             f"{HANGAR}: whole GPUs, time shares (a part of one GPU with a memory cap), "
             f"MIG slices; GPU hosts run only GPU machines; hangar's packing",
             f"MIG ({HANGAR} only): trace model {self.mig_model} taken as {self.mig_kind} "
-            f"(the trace does not name it); {self.mig_fraction:.0%} of each such node's GPUs "
+            f"(the trace does not name it); {self.mig_fraction * 100:g} % of each such node's GPUs "
             f"set up for {layout}, cut only while slices are held; "
             f"{self.slice_percent:g} % of share asks ask the smallest covering slice instead",
             f"waiting: one FIFO queue retried on every departure, at most {self.max_queue} "
@@ -410,13 +410,16 @@ def replay_platform(
                 raise RuntimeError(f"{request.machine_id} fits {job.host_id} but failed")
             del waiting[number]
 
-    end = stream.window[1]
-    for arrival, request in zip(stream.arrivals, requests, strict=True):
-        while departures and departures[0][0] <= arrival.time:
+    def depart_until(now: float) -> None:
+        while departures and departures[0][0] <= now:
             time, _, machine_id = heapq.heappop(departures)
             tally.advance(time)
             expire(time)
             depart(machine_id)
+
+    end = stream.window[1]
+    for arrival, request in zip(stream.arrivals, requests, strict=True):
+        depart_until(arrival.time)
         tally.advance(arrival.time)
         expire(arrival.time)
         if tally.counts(arrival):
@@ -430,6 +433,7 @@ def replay_platform(
             refuse(arrival)
         else:
             waiting[arrival.number] = _Waiting(arrival, request)
+    depart_until(end)
     tally.advance(end)
     expire(end)
     tally.waited += sum(

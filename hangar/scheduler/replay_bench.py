@@ -82,7 +82,7 @@ class ReplayBenchResult:
             f"({config.warmup_passes} warm-up, not measured); each arrival draws a pod, shape "
             "and lifetime, from the list; lifetimes as listed; arrival clock compressed "
             f"x{compression:.0f} (mean) so the offered GPU demand averages "
-            f"{config.load:.0%} of the GPUs over the measured window",
+            f"{config.load * 100:g} % of the GPUs over the measured window",
             *config.describe(),
             "allocation: GPU capacity the running requests asked for (a share counts its share "
             "even where it holds a whole GPU), time-averaged, % of all GPUs; held: GPUs held",
@@ -107,7 +107,13 @@ class ReplayBenchResult:
                 f"vs {theirs.waited_or_refused:.1f} %"
             )
         fly, ours = self.summary(FLY), self.summary(HANGAR)
-        fewer = "fewer" if ours.refused < fly.refused else "not fewer"
+        fewer = (
+            "fewer"
+            if ours.refused < fly.refused
+            else "as many"
+            if ours.refused == fly.refused
+            else "more"
+        )
         lines += [
             "",
             f"refused GPU requests, hangar vs fly-style: {ours.refused} vs {fly.refused} ({fewer})",
