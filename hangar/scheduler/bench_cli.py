@@ -216,8 +216,8 @@ def replay(
         typer.Option("--pods", help="Pod list with creation and deletion times.", exists=True),
     ] = None,
     seeds: Annotated[str, typer.Option(help="Seeds: 42..44, or 42,43.")] = "42..44",
-    passes: Annotated[int, typer.Option(min=1, help="Passes over the list's arrivals.")] = 3,
-    warmup_passes: Annotated[int, typer.Option(min=0, help="Passes not measured.")] = 1,
+    passes: Annotated[int, typer.Option(min=1, help="Passes over the list's arrivals.")] = 4,
+    warmup_passes: Annotated[int, typer.Option(min=0, help="Passes not measured.")] = 2,
     load: Annotated[
         float, typer.Option(min=0.01, help="Offered GPU demand, times the GPU capacity.")
     ] = 1.0,

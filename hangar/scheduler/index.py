@@ -16,6 +16,13 @@ GPU requests, per (region, kind), minimise:
 5. whole free GPUs left on the host (pack hosts, leave others whole);
 6. the host's rank (a stable order: equal candidates fill hosts in the same order).
 
+"The CPU its GPUs need" is ``cpu_per_gpu_milli`` of the profile per free milli-GPU, except in a
+CPU-bound region: when the profile's CPU demand (GPU machines' and CPU-only machines', per
+milli-GPU of GPU demand) reaches the CPU the region's hosts have per milli-GPU, every CPU will
+be taken and a GPU left without CPU is lost, so each free GPU reserves ``CPU_BOUND_RESERVE``
+times as much. CPU-light GPU machines then fill the CPU-poor hosts first and CPU-only machines
+keep off the CPU those hosts' GPUs need.
+
 A MIG slice goes to a free instance of its profile on a GPU already in MIG mode when there is
 one (pack cut GPUs), else to an idle GPU whose layout has the profile, on the busiest host
 (fewest whole GPUs free, not an idle host when another will do). Shares and whole GPUs take
@@ -50,7 +57,11 @@ from hangar.scheduler.profile import WorkloadProfile
 
 Rank = tuple[int, str]
 PRESSURE_REFRESH = 200
-"""GPU requests between two recomputations of a region's kind pressure."""
+"""GPU requests between two recomputations of a region's kind pressure (and CPU mode)."""
+CPU_BOUND_RESERVE = 1.3
+"""CPU reserved per free GPU in a CPU-bound region, as a multiple of the CPU the profile's GPU
+machines bring per GPU. Measured on the trace's CPU-heavy mixes (1.3 to 1.5 do about equally
+well; 1.0 loses a point where CPU-only pods crowd the GPU hosts)."""
 
 
 def stable_rank(host_id: str) -> int:
@@ -125,6 +136,18 @@ class Choice:
         )
 
 
+@dataclass(slots=True)
+class _Fleet:
+    """A region's capacity, for telling whether CPU or GPUs run out first."""
+
+    gpu_host_cpu: int = 0
+    gpu_milli: int = 0
+    other_cpu: int = 0
+    """CPU of hosts without GPUs that run CPU-only machines."""
+    shared_gpu_hosts: int = 0
+    """GPU hosts that run CPU-only machines too."""
+
+
 class _RankedSet:
     """Host ranks in order; small enough in practice for a sorted list."""
 
@@ -183,6 +206,9 @@ class PlacementIndex:
         self._gpu_requests: dict[str, int] = {}
         self._hosts_per_region: dict[str, int] = {}
         self._regions: frozenset[str] = frozenset()
+        self._fleet: dict[str, _Fleet] = {}
+        self._cpu_reserve: dict[str, float] = {}
+        """Region -> milli-CPUs each free milli-GPU reserves (the profile's, or more)."""
 
     # -- maintenance ---------------------------------------------------------------------
 
@@ -191,6 +217,7 @@ class PlacementIndex:
         entry = self._derive(state, version)
         self._entries[state.id] = entry
         self._register(entry)
+        self._add_to_fleet(state, 1)
         count = self._hosts_per_region.get(state.region, 0)
         self._hosts_per_region[state.region] = count + 1
         if not count:
@@ -201,11 +228,50 @@ class PlacementIndex:
         entry = self._entries.pop(host_id, None)
         if entry is not None:
             self._unregister(entry)
+            self._add_to_fleet(entry.state, -1)
             region = entry.state.region
             self._hosts_per_region[region] -= 1
             if not self._hosts_per_region[region]:
                 del self._hosts_per_region[region]
                 self._regions = frozenset(self._hosts_per_region)
+
+    def _add_to_fleet(self, state: HostState, sign: int) -> None:
+        fleet = self._fleet.setdefault(state.region, _Fleet())
+        if state.pool is Pool.GPU and state.gpus:
+            fleet.gpu_host_cpu += sign * state.cpu_milli
+            fleet.gpu_milli += sign * len(state.gpus) * MILLI_PER_GPU
+            fleet.shared_gpu_hosts += sign * state.allow_cpu_machines
+        elif state.pool is Pool.GENERAL or state.allow_cpu_machines:
+            fleet.other_cpu += sign * state.cpu_milli
+
+    def cpu_reserve(self, region: str) -> float:
+        """Milli-CPUs a free milli-GPU in ``region`` reserves (see the module docstring)."""
+        return self._cpu_reserve.get(region, self.profile.cpu_per_gpu_milli)
+
+    def cpu_bound(self, region: str) -> bool:
+        """Whether the profile's machines would take all the CPU ``region``'s GPUs can use:
+        GPU machines' CPU, plus CPU-only machines' when GPU hosts take them, against the GPU
+        hosts' CPU (plus the other hosts' when CPU-only machines share the GPU hosts)."""
+        fleet = self._fleet.get(region)
+        profile = self.profile
+        if fleet is None or fleet.gpu_milli <= 0 or profile.cpu_per_gpu_milli <= 0:
+            return False
+        demand = profile.cpu_per_gpu_milli * fleet.gpu_milli
+        cpu = fleet.gpu_host_cpu
+        if fleet.shared_gpu_hosts:
+            demand += profile.cpu_only_per_gpu_milli * fleet.gpu_milli
+            cpu += fleet.other_cpu
+        return demand >= cpu
+
+    def _refresh_cpu_mode(self, region: str) -> None:
+        """Set the region's CPU reserve; when it changes, derive its hosts again."""
+        base = self.profile.cpu_per_gpu_milli
+        reserve = base * CPU_BOUND_RESERVE if self.cpu_bound(region) else base
+        if reserve == self.cpu_reserve(region):
+            return
+        self._cpu_reserve[region] = reserve
+        for entry in [e for e in self._entries.values() if e.state.region == region]:
+            self.upsert(entry.state, entry.version)
 
     def get(self, host_id: str) -> HostEntry | None:
         return self._entries.get(host_id)
@@ -295,18 +361,21 @@ class PlacementIndex:
             level = levels.get(kind, 0)
             if best is not None and level > best_level:
                 break
-            found = self._best_in_kind(self._gpu[(region, kind)], request)
+            found = self._best_in_kind(self._gpu[(region, kind)], request, region)
             if found is not None and (best is None or found[0] < best[0]):
                 best, best_level = found, level
         return best[1] if best is not None else None
 
     def _best_in_kind(
-        self, buckets: _KindBuckets, request: PlacementRequest
+        self, buckets: _KindBuckets, request: PlacementRequest, region: str
     ) -> tuple[tuple[float, int, bool, int, Rank], Choice] | None:
+        reserve = self.cpu_reserve(region)
         if request.gpus:
             wanted = request.gpus
             eligible = {key: ranks for key, ranks in buckets.whole.items() if key[1] >= wanted}
-            hit = self._best_in_buckets(eligible, request, request.gpus * MILLI_PER_GPU, wanted)
+            hit = self._best_in_buckets(
+                eligible, request, request.gpus * MILLI_PER_GPU, wanted, reserve
+            )
             if hit is None:
                 return None
             effect, entry = hit
@@ -316,7 +385,7 @@ class PlacementIndex:
         share = request.gpu_milli
         cost = self.profile.share_gap_cost
         for gap in sorted((g for g in buckets.gaps if g >= share), key=lambda g: cost(g, share)):
-            hit = self._best_in_buckets(buckets.gaps[gap], request, share, 0)
+            hit = self._best_in_buckets(buckets.gaps[gap], request, share, 0, reserve)
             if hit is not None:
                 effect, entry = hit
                 fresh = 1 if gap == MILLI_PER_GPU else 0
@@ -325,12 +394,17 @@ class PlacementIndex:
         return None
 
     def _best_in_buckets(
-        self, buckets: Buckets, request: PlacementRequest, gpu_milli: int, min_group: int
+        self,
+        buckets: Buckets,
+        request: PlacementRequest,
+        gpu_milli: int,
+        min_group: int,
+        reserve: float,
     ) -> tuple[int, HostEntry] | None:
         """The best host among ``buckets`` by (CPU effect, idle, whole free, rank)."""
         if not buckets:
             return None
-        delta = request.cpu_milli - self.profile.cpu_per_gpu_milli * gpu_milli
+        delta = request.cpu_milli - reserve * gpu_milli
         keys = sorted(buckets)
         passes: list[
             tuple[int, Callable[[tuple[bool, int, bool]], bool], Callable[[HostEntry], bool] | None]
@@ -408,6 +482,7 @@ class PlacementIndex:
         seen = self._gpu_requests.get(region, 0)
         self._gpu_requests[region] = seen + 1
         if seen % self._pressure_refresh == 0 or region not in self._levels:
+            self._refresh_cpu_mode(region)
             free = {kind: self._gpu[(region, kind)].free_milli for kind in self._kinds[region]}
             self._levels[region] = kind_levels(self.profile.kind_demand, free)
         return self._levels[region]
@@ -453,7 +528,7 @@ class PlacementIndex:
         if sliced_whole is not None:
             gaps.setdefault(MILLI_PER_GPU, sliced_whole)
         gpu_host = state.pool is Pool.GPU and bool(state.gpus)
-        surplus = state.free_cpu_milli - self.profile.cpu_per_gpu_milli * free_milli
+        surplus = state.free_cpu_milli - self.cpu_reserve(state.region) * free_milli
         idle = not state.claims
         max_group = max(groups.values(), default=0)
         scarce = (

@@ -69,8 +69,8 @@ PLATFORMS = (FLY, HANGAR)
 
 @dataclass(frozen=True, slots=True)
 class ReplayConfig:
-    passes: int = 3
-    warmup_passes: int = 1
+    passes: int = 4
+    warmup_passes: int = 2
     load: float = 1.0
     """Offered GPU demand over the window, as a multiple of the GPU capacity."""
     max_queue: int = 1000
