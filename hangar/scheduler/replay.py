@@ -97,7 +97,8 @@ class ReplayConfig:
     def describe(self) -> list[str]:
         layout = "+".join(self.mig_layout)
         return [
-            f"{FLY}: whole GPUs only; a share or slice ask takes a whole GPU; "
+            f"{FLY}: whole GPUs only; a share or slice ask takes a whole GPU (a slice: of its "
+            "kind); "
             "GPU hosts run only GPU machines; hangar's scheduler places the whole-GPU asks",
             f"{HANGAR}: whole GPUs, time shares (a part of one GPU with a memory cap), "
             f"MIG slices; GPU hosts run only GPU machines; hangar's packing",
