@@ -2,15 +2,16 @@
 SHELL := /bin/bash
 VENV := .venv
 PYTHON := $(VENV)/bin/python
-APT_PACKAGES := qemu-system-x86 skopeo umoci e2fsprogs busybox-static docker-registry cpio kmod \
-	ca-certificates python3-venv
+APT_PACKAGES := qemu-system-x86 qemu-utils skopeo umoci e2fsprogs busybox-static docker-registry cpio \
+	kmod nftables ca-certificates python3-venv haproxy wrk nginx-light iproute2 gcc libc6-dev \
+	etcd-server chromium tmux
 PYTEST_ARGS ?=
 # make fuzz: schemathesis examples per API operation and pass (make test runs 8), and a time guard
 FUZZ_EXAMPLES ?= 200
 FUZZ_SECONDS ?= 3600
 
-.PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement \
-	bench-mixes bench-replay clean
+.PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement bench-proxy \
+	bench-volume bench-mixes bench-replay clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -53,6 +54,9 @@ gpu-check: venv
 bench-boot: deps venv
 	$(VENV)/bin/hangar bench boot
 
+bench-volume: deps venv
+	$(VENV)/bin/hangar bench volume
+
 bench-placement: venv
 	$(VENV)/bin/hangar bench placement --nodes ../shared/data/alibaba-gpu-v2023/openb_node_list_gpu_node.csv \
 		--pods ../shared/data/alibaba-gpu-v2023/openb_pod_list_default.csv --seeds 42..51
@@ -65,6 +69,9 @@ bench-mixes: venv
 # the trace with arrivals and departures: Fly-style whole GPUs against hangar's slices and shares
 bench-replay: venv
 	$(VENV)/bin/hangar bench replay --data $(TRACE) --seeds 42..44
+
+bench-proxy: deps venv
+	$(VENV)/bin/hangar bench proxy
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -19,11 +19,22 @@ Hierarchy::
      +-- WaitTimeout                408  ``wait`` ran out before the machine reached the state
      +-- RequestTooLarge            413  a body over the size limit
      +-- RateLimited                429  past the rate limit (carries ``retry_after_s``)
+     +-- ServiceUnavailable         503  the proxy has no machine for a request (busy, none started)
      +-- ImageError                 failed to pull or unpack an image (recorded on the machine)
      +-- GuestBootError             failed to build or boot the guest (recorded on the machine)
      +-- VmmError                   the VMM misbehaved: launch failure, QMP failure
      +-- DeviceError                sysfs / VFIO / reset failure on a host device
+     +-- NetworkError               netlink / nftables / address plan failure on a host network
+     +-- VolumeError                a volume image, key or snapshot operation failed on the host
      +-- StoreError                 the store could not commit (retryable by callers)
+     |    +-- StoreUnavailable      503  the store cannot be reached or has no quorum
+     |    +-- StoreRejected         the store refused a request as malformed (not retryable)
+     +-- SealedValueError           a sealed (encrypted) value failed to open: wrong key, tampered
+
+An error says whether trying again may help (``retryable``: a store that was busy, a monitor
+that timed out, a registry that did not answer), so the agent's engine retries it a bounded
+number of times before it rolls a run back; anything else aborts at once. The HTTP statuses
+and their Fly ``status`` codes are one table, :data:`HTTP_STATUS_CODES`.
 """
 
 from __future__ import annotations
@@ -36,11 +47,15 @@ class HangarError(Exception):
 
     http_status: int = 500
     code: str = "internal_error"
+    retryable: bool = False
+    """Class default: whether the same call may succeed if tried again."""
 
-    def __init__(self, message: str, **fields: Any) -> None:
+    def __init__(self, message: str, *, retryable: bool | None = None, **fields: Any) -> None:
         super().__init__(message)
         self.message = message
         self.fields = fields
+        if retryable is not None:
+            self.retryable = retryable
 
     def __str__(self) -> str:
         return self.message
@@ -80,7 +95,7 @@ class Conflict(HangarError):
 
 class PreconditionFailed(HangarError):
     http_status = 412
-    code = "precondition_failed"
+    code = "failed_precondition"
 
 
 class WaitTimeout(HangarError):
@@ -103,9 +118,67 @@ class VmmError(HangarError):
 class DeviceError(HangarError):
     code = "device_error"
 
+    def __init__(self, message: str, *, retryable: bool | None = None, **fields: Any) -> None:
+        """The ``retry`` field, when given, says whether to retry: a field survives the JSON
+        a device worker answers with (``hangar.devices.worker``)."""
+        if retryable is None and "retry" in fields:
+            retryable = bool(fields["retry"])
+        super().__init__(message, retryable=retryable, **fields)
+
+
+class NetworkError(HangarError):
+    """A host network operation failed (``retryable`` says whether running it again may help),
+    or the address plan cannot place a machine (an exhausted range, a collision)."""
+
+    code = "network_error"
+
+    def __init__(self, message: str, *, retryable: bool, **fields: Any) -> None:
+        super().__init__(message, retryable=retryable, **fields)
+
+
+class VolumeError(HangarError):
+    """A volume operation failed on the host (``qemu-img``, the key store, the disk).
+
+    ``retryable`` says whether running the same operation again may succeed (a full disk,
+    a busy image) or not (a corrupt image, a missing key)."""
+
+    code = "volume_error"
+
+    def __init__(self, message: str, *, retryable: bool, **fields: Any) -> None:
+        super().__init__(message, retryable=retryable, **fields)
+
 
 class StoreError(HangarError):
     code = "store_error"
+    retryable = True
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or has lost quorum. Nothing is half done: a write either
+    did not happen (``outcome_unknown`` false) or is one atomic transaction that may still
+    commit when quorum returns (``outcome_unknown`` true; compare-and-set writes can be checked
+    by reading the key back)."""
+
+    http_status = 503
+    code = "store_unavailable"
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False, **fields: Any) -> None:
+        super().__init__(message, outcome_unknown=outcome_unknown, **fields)
+        self.outcome_unknown = outcome_unknown
+
+
+class StoreRejected(StoreError):
+    """The store refused a request (too large, malformed, a compacted revision): retrying the
+    same request fails the same way."""
+
+    retryable = False
+    code = "store_rejected"
+
+
+class SealedValueError(HangarError):
+    """A sealed value did not open: written under another key, for another place, or altered."""
+
+    code = "sealed_value_invalid"
 
 
 class Unauthenticated(HangarError):
@@ -125,6 +198,7 @@ class Forbidden(HangarError):
 class RateLimited(HangarError):
     http_status = 429
     code = "rate_limited"
+    retryable = True
 
     def __init__(self, message: str, retry_after_s: float, **fields: Any) -> None:
         super().__init__(message, retry_after_s=retry_after_s, **fields)
@@ -144,3 +218,40 @@ class QuotaExceeded(Unprocessable):
     def __init__(self, message: str, quota: str, **fields: Any) -> None:
         super().__init__(message, quota=quota, **fields)
         self.quota = quota
+
+
+class ServiceUnavailable(HangarError):
+    """No machine of an app can take a request now: every one is past its hard limit and the
+    queue is full or timed out, none is started, or a wake did not finish in time. Retryable."""
+
+    http_status = 503
+    code = "service_unavailable"
+
+    def __init__(self, message: str, app: str, reason: str, **fields: Any) -> None:
+        super().__init__(message, app=app, reason=reason, retryable=True, **fields)
+        self.app = app
+        self.reason = reason
+
+
+HTTP_STATUS_CODES: dict[int, str] = {
+    **{
+        cls.http_status: cls.code
+        for cls in (
+            InvalidRequest,
+            Unauthenticated,
+            Forbidden,
+            NotFound,
+            Conflict,
+            PreconditionFailed,
+            WaitTimeout,
+            RequestTooLarge,
+            Unprocessable,
+            RateLimited,
+            ServiceUnavailable,
+        )
+    },
+    405: "method_not_allowed",
+    415: "unsupported_media_type",
+    500: HangarError.code,
+}
+"""HTTP status -> the ``status`` code of a Fly-shaped error body, for every status hangar sends."""

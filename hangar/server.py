@@ -10,103 +10,235 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from hangar.agent.agent import Agent
+from hangar.agent.engine import crash_after
 from hangar.agent.gpus import HostGpus
+from hangar.agent.host import HostServices
+from hangar.agent.metering import UsageMeter
+from hangar.agent.network import MachineNetwork
+from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
+from hangar.agent.services import AgentBackends, HealthChecks
+from hangar.agent.volumes import HostVolumes
 from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
 from hangar.api.deps import Services
-from hangar.api.guard import MAX_BODY_BYTES, GuardConfig
-from hangar.api.ratelimit import RateLimiter, RateLimits
+from hangar.api.guard import GuardConfig
+from hangar.api.services.addresses import PrivateAddresses
 from hangar.api.services.apps import AppService
 from hangar.api.services.audit import AuditService
 from hangar.api.services.hosts import HostService
-from hangar.api.services.image_policy import ImagePolicy, default_oci_dirs
+from hangar.api.services.image_policy import ImagePolicy
 from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.api.services.tokens import TokenService
-from hangar.cli.client import OPERATOR_TOKEN_FILE
+from hangar.api.services.usage import UsageService
+from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock, SystemClock
+from hangar.metrics import HangarMetrics, StateCollector
 from hangar.model.host import HostInfo, read_local_host
-from hangar.store.sqlite import SqliteStore
-from hangar.store.tenancy import SqliteTenancyStore
+from hangar.model.usage import DEFAULT_PRICES, PriceTable
+from hangar.net.host import HostNetConfig, HostNetwork
+from hangar.proxy.proxy import Proxy
+from hangar.proxy.settings import ProxySettings
+from hangar.ratelimit import RateLimiter, RateLimits
+from hangar.scheduler import ClaimStore
+from hangar.settings import Settings
+from hangar.store.embedded import EmbeddedStores, open_embedded_stores
+from hangar.volumes import VolumeHost, VolumeSettings
+from hangar.web.app import create_web_app
+from hangar.web.events import EventStreams
+from hangar.web.logs import uvicorn_log_config
+from hangar.web.pages import DashboardReader
+from hangar.web.viewer import Viewers
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 4280
-DEFAULT_REGION = "local"
-DATABASE = "hangar.db"
 BOOTSTRAP_TOKEN_DESCRIPTION = "operator.token file"
-RATE_LIMITS_ENV = "HANGAR_RATE_LIMITS"
-MAX_BODY_ENV = "HANGAR_MAX_REQUEST_BYTES"
+AUTOSTOP_INTERVAL_S = 15.0
 
 
 @dataclass
 class EmbeddedServer:
-    home: Path
-    store: SqliteStore
-    tenancy: SqliteTenancyStore
+    settings: Settings
+    stores: EmbeddedStores
     tokens: TokenService
     agent: Agent
     host: HostInfo
     app: FastAPI
+    traffic: MachineTraffic
+    metrics: HangarMetrics
+    web: FastAPI
+
+    @property
+    def home(self) -> Path:
+        return self.settings.home
 
 
 def build_server(
-    home: Path,
+    settings: Settings,
     platform: GuestPlatform | None = None,
     clock: Clock | None = None,
-    region: str | None = None,
     rate_limits: RateLimits | None = None,
+    claims: ClaimStore | None = None,
 ) -> EmbeddedServer:
-    """Everything ``hangar server`` runs; ``rate_limits`` defaults to HANGAR_RATE_LIMITS
-    (Fly's documented limits where it names none)."""
+    """Everything ``hangar server`` runs; ``rate_limits`` defaults to the settings' (Fly's
+    documented limits where they name none). ``platform`` and ``claims`` replace the real
+    guest platform and the SQLite claim store (tests observe through them)."""
     clock = clock or SystemClock()
-    home.mkdir(parents=True, exist_ok=True)
-    store = SqliteStore(home / DATABASE)
-    tenancy = SqliteTenancyStore(home / DATABASE)
-    for org_slug in {DEFAULT_ORG} | {app.org_slug for app in store.list_apps(None)}:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    stores = open_embedded_stores(settings.database)
+    machines, tenancy = stores.machines, stores.tenancy
+    for org_slug in {DEFAULT_ORG} | {app.org_slug for app in machines.list_apps(None)}:
         tenancy.ensure_org(org_slug, clock.now())
+    metrics = HangarMetrics(clock)
     if platform is None:
         from hangar.agent.guest import QemuGuestPlatform
 
-        platform = QemuGuestPlatform.for_home(home)
-    host = read_local_host(region or os.environ.get("HANGAR_REGION", DEFAULT_REGION))
-    agent = Agent(store, platform, clock, home / "machines", HostGpus.from_environment(host.id))
-    quotas = QuotaService(store, tenancy)
-    capacity = PlatformService(store, host)
+        platform = QemuGuestPlatform.from_settings(settings, image_observer=metrics)
+    host = read_local_host(settings.host_id, settings.region)
+    claim_store = claims if claims is not None else stores.claims
+    network = (
+        MachineNetwork(HostNetwork(HostNetConfig.from_settings(settings)), clock)
+        if settings.net
+        else None
+    )
+    services_of_host = HostServices(
+        platform=platform,
+        machines_dir=settings.machines_dir,
+        placement=HostPlacement(claim_store, host, observer=metrics),
+        gpu_store=stores.gpus,
+        gpus=HostGpus.from_settings(settings),
+        network=network,
+        volumes=HostVolumes(
+            VolumeHost(VolumeSettings.from_settings(settings), clock=clock),
+            stores.volumes,
+            host.id,
+        ),
+    )
+    meter = UsageMeter(
+        stores.usage,
+        machines,
+        stores.runs,
+        services_of_host,
+        clock,
+        checkpoint_s=settings.usage_checkpoint_s,
+    )
+    agent = Agent(
+        machines,
+        stores.runs,
+        services_of_host,
+        clock,
+        crash_after(settings.crash_after_step),
+        meter=meter,
+        observers=(metrics,),
+    )
+    metrics.register(StateCollector(machines, claim_store, settings.cache_dir))
+    quotas = QuotaService(machines, tenancy, stores.volumes)
+    capacity = PlatformService(claim_store, settings.gpu_driver_bundle)
+    volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
     orgs = OrgService(tenancy, quotas, clock)
-    tokens = TokenService(tenancy, store, clock)
+    tokens = TokenService(tenancy, machines, clock)
     audit = AuditService(tenancy, clock)
     services = Services(
-        apps=AppService(store, tenancy, orgs, clock),
+        apps=AppService(machines, tenancy, orgs, clock, stores.volumes),
         machines=MachineService(
-            store, agent, clock, host, quotas, ImagePolicy(default_oci_dirs(home)), capacity
+            machines,
+            stores.runs,
+            agent,
+            clock,
+            host,
+            quotas,
+            ImagePolicy(settings.allowed_oci_dirs),
+            capacity,
+            PrivateAddresses(machines, tenancy, network) if network is not None else None,
+            volumes=volumes,
         ),
         orgs=orgs,
         tokens=tokens,
         audit=audit,
         hosts=HostService(agent, host),
         platform=capacity,
-    )
-    guard = GuardConfig(
-        policy=AccessPolicy(tokens, store),
-        limiter=RateLimiter(
-            rate_limits or RateLimits.parse(os.environ.get(RATE_LIMITS_ENV, "")), clock
+        usage=UsageService(
+            stores.usage, orgs, PriceTable.parse(settings.prices, DEFAULT_PRICES), clock
         ),
+        metrics=metrics,
+        volumes=volumes,
+    )
+    policy = AccessPolicy(tokens, machines)
+    guard = GuardConfig(
+        policy=policy,
+        limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
         audit=audit,
-        max_body_bytes=int(os.environ.get(MAX_BODY_ENV, MAX_BODY_BYTES)),
+        max_body_bytes=settings.max_request_bytes,
+        observer=metrics,
     )
-    app = create_app(services, guard, on_startup=agent.start, on_shutdown=agent.close)
+    reader = DashboardReader(machines, claim_store, stores.gpus)
+    web = create_web_app(
+        Viewers(policy, machines),
+        reader,
+        services.usage,
+        EventStreams(machines, reader, agent.wait_for_change, clock),
+        clock,
+    )
+    traffic = MachineTraffic.for_agent(agent, settings, clock)
+    app = create_app(services, guard, on_startup=traffic.start, on_shutdown=traffic.close, web=web)
     return EmbeddedServer(
-        home=home, store=store, tenancy=tenancy, tokens=tokens, agent=agent, host=host, app=app
+        settings=settings,
+        stores=stores,
+        tokens=tokens,
+        agent=agent,
+        host=host,
+        app=app,
+        traffic=traffic,
+        metrics=metrics,
+        web=web,
     )
 
 
-def write_operator_token(home: Path, secret: str) -> Path:
+@dataclass
+class MachineTraffic:
+    """What runs beside the agent in ``hangar server``: the health checks of its machines
+    and the proxy publishing their services (each off when the settings say so)."""
+
+    agent: Agent
+    checks: HealthChecks | None
+    proxy: Proxy | None
+
+    @classmethod
+    def for_agent(cls, agent: Agent, settings: Settings, clock: Clock) -> MachineTraffic:
+        backends = AgentBackends(agent)
+        proxy = None
+        if settings.proxy:
+            proxy_settings = ProxySettings(
+                domain=settings.proxy_domain,
+                bind_host=settings.proxy_bind,
+                port_map=settings.proxy_port_map,
+                idle_stop_s=settings.proxy_idle_stop_s,
+                autostop_interval_s=min(AUTOSTOP_INTERVAL_S, settings.proxy_idle_stop_s / 4),
+                state_dir=settings.proxy_state_dir,
+            )
+            proxy = Proxy(backends, proxy_settings, clock)
+        return cls(agent, HealthChecks(agent, backends) if settings.net else None, proxy)
+
+    async def start(self) -> None:
+        await self.agent.start()
+        if self.checks is not None:
+            await self.checks.start()
+        if self.proxy is not None:
+            await self.proxy.start()
+
+    async def close(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
+        if self.checks is not None:
+            await self.checks.close()
+        await self.agent.close()
+
+
+def write_operator_token(path: Path, secret: str) -> Path:
     """``$HANGAR_HOME/operator.token``, readable by its owner alone from the first byte."""
-    path = home / OPERATOR_TOKEN_FILE
     scratch = path.with_suffix(".tmp")
     scratch.unlink(missing_ok=True)
     descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -116,7 +248,9 @@ def write_operator_token(home: Path, secret: str) -> Path:
     return path
 
 
-def bootstrap_operator_token(home: Path, tokens: TokenService, renew: bool = False) -> str | None:
+def bootstrap_operator_token(
+    token_file: Path, tokens: TokenService, renew: bool = False
+) -> str | None:
     """On a first start (no operator token yet), or with ``renew`` (``hangar server --init``,
     which also revokes the previous file's token): mint an operator token and write it to
     ``$HANGAR_HOME/operator.token``. Returns the secret when it minted one."""
@@ -128,19 +262,31 @@ def bootstrap_operator_token(home: Path, tokens: TokenService, renew: bool = Fal
             if token.description == BOOTSTRAP_TOKEN_DESCRIPTION:
                 tokens.revoke(token.id)
     _token, secret = tokens.issue_operator(BOOTSTRAP_TOKEN_DESCRIPTION)
-    write_operator_token(home, secret)
+    write_operator_token(token_file, secret)
     return secret
 
 
-def serve(home: Path, host: str, port: int, init: bool = False) -> None:
+def mint_operator_token(settings: Settings, description: str) -> tuple[str, str]:
+    """``hangar admin token``, on the server's host: an operator token straight into the
+    server's database (no API involved). Returns (token id, secret)."""
+    if not settings.database.exists():
+        raise FileNotFoundError(settings.database)
+    stores = open_embedded_stores(settings.database)
+    tokens = TokenService(stores.tenancy, stores.machines, SystemClock())
+    token, secret = tokens.issue_operator(description)
+    return token.id, secret
+
+
+def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
     import uvicorn
 
-    server = build_server(home)
-    secret = bootstrap_operator_token(home, server.tokens, renew=init)
+    server = build_server(settings)
+    token_file = settings.operator_token_file
+    secret = bootstrap_operator_token(token_file, server.tokens, renew=init)
     if secret is not None:
-        log.info("operator token written to %s", home / OPERATOR_TOKEN_FILE)
+        log.info("operator token written to %s", token_file)
         if init:
-            print(f"operator token (also written to {home / OPERATOR_TOKEN_FILE}):")
+            print(f"operator token (also written to {token_file}):")
             print(secret, flush=True)
-    log.info("hangar server: home %s, listening on %s:%d", home, host, port)
-    uvicorn.run(server.app, host=host, port=port, log_level="info")
+    log.info("hangar server: home %s, listening on %s:%d", settings.home, host, port)
+    uvicorn.run(server.app, host=host, port=port, log_level="info", log_config=uvicorn_log_config())

@@ -19,8 +19,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HANGAR_CACHE", str(REPO_ROOT / ".cache"))
 
 from hangar.server_process import ServerProcess  # noqa: E402
+from hangar.settings import Settings  # noqa: E402
 from tests.fixtures.registry import start_registry  # noqa: E402
 
+SUITE_CACHE = Settings().cache_dir
+"""The suite's shared cache (guest kernel, initramfs, image rootfs)."""
 TEST_IMAGE_TAG = "test"
 TEST_IMAGE_CMD = ["sh", "-c", "echo hello from the test image; exit 0"]
 FUZZ_EXAMPLES_DEFAULT = 8
@@ -111,6 +114,7 @@ def running_server(
     finally:
         server.stop()
         kill_vmms_under(home)
+        server.remove_network()
 
 
 @pytest.fixture(scope="session")

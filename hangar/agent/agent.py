@@ -9,20 +9,26 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hangar.agent.context import StepContext
-from hangar.agent.engine import CrashHook, RunEngine, crash_if_injected
-from hangar.agent.gpu_steps import handoff_subject, start_handoff
-from hangar.agent.gpus import HostGpus
-from hangar.agent.operations import PLANS
-from hangar.agent.platform import GuestPlatform, RunDirLayout
+from hangar.agent.engine import CrashHook, RetryPolicy, RunEngine, RunObserver, no_crash
+from hangar.agent.gpu_steps import handoff_subject, operator_release, submit_handoffs
+from hangar.agent.host import HostServices
+from hangar.agent.metering import UsageMeter
+from hangar.agent.operations import plan_for
+from hangar.agent.platform import GuestPlatform
 from hangar.agent.steps import new_run
+from hangar.agent.volume_watch import VolumeWatch
 from hangar.clock import Clock
 from hangar.errors import NotFound, PreconditionFailed
-from hangar.model.gpu import GpuEvent, GpuRecord, GpuState
-from hangar.model.machine import MachineState
-from hangar.store.protocol import ClusterStore, RunRecord
+from hangar.model.gpu import GpuState
+from hangar.model.guest_contract import RunDir
+from hangar.model.machine import Machine, MachineState
+from hangar.model.run import ExitRequest, RunRecord, RunRequest
+from hangar.scheduler import Gpu
+from hangar.store.protocol import MachineStore, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -32,32 +38,64 @@ MONITOR_INTERVAL_S = 0.25
 class Agent:
     def __init__(
         self,
-        store: ClusterStore,
-        platform: GuestPlatform,
+        machines: MachineStore,
+        runs: RunStore,
+        host: HostServices,
         clock: Clock,
-        machines_dir: Path,
-        gpus: HostGpus | None = None,
-        crash_hook: CrashHook = crash_if_injected,
+        crash_hook: CrashHook = no_crash,
+        retry: RetryPolicy | None = None,
+        meter: UsageMeter | None = None,
+        observers: Sequence[RunObserver] = (),
     ) -> None:
-        self.store = store
-        self.platform = platform
+        """``meter`` writes usage (it observes the runs, checkpoints in the monitor loop and
+        recovers at start); ``observers`` are told of every step (metrics)."""
+        self.machines = machines
+        self.runs = runs
+        self.host = host
         self.clock = clock
-        self.machines_dir = machines_dir
-        self.gpus = gpus
-        self.engine = RunEngine(PLANS, crash_hook)
+        self.meter = meter
+        everyone = (*observers, *((meter,) if meter is not None else ()))
+        self.engine = RunEngine(lambda run: plan_for(run, host), crash_hook, retry, everyone)
         self._machine_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
-        self._change_counter = 0
         self._monitor_task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self.volume_watch = (
+            VolumeWatch(
+                host.volumes,
+                machines,
+                runs,
+                host.platform,
+                clock,
+                self.submit,
+                self.has_unfinished_run,
+                self.notify,
+            )
+            if host.volumes is not None
+            else None
+        )
+
+    @property
+    def platform(self) -> GuestPlatform:
+        return self.host.platform
+
+    @property
+    def machines_dir(self) -> Path:
+        return self.host.machines_dir
 
     # lifecycle
     async def start(self) -> None:
         self.machines_dir.mkdir(parents=True, exist_ok=True)
+        self.register_host()
+        if self.meter is not None:
+            self.meter.recover()
         await self.reconcile()
         self._monitor_task = asyncio.create_task(self._monitor_loop())
 
     async def close(self) -> None:
+        if self.host.network is not None:
+            await self.host.network.close()
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -67,10 +105,32 @@ class Agent:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.meter is not None:
+            try:
+                self.meter.checkpoint()
+            except Exception:
+                log.exception("last usage checkpoint failed")
 
-    # change notification, for `wait`
+    def register_host(self) -> None:
+        """This host's GPUs into its GPU store, and its capacity, GPUs (with their IOMMU
+        groups) and Fabric Manager partitions into its claim record (claims and GPU states it
+        had are kept)."""
+        devices = self.host.gpus
+        partitions = None
+        if devices is not None:
+            inventory = devices.inventory()
+            devices.register(self.host.gpu_store, inventory)
+            partitions = devices.fabric_partitions(inventory)
+        host_id = self.host.placement.host.id
+        self.host.placement.register(
+            self.host.gpu_store.list_gpus(host_id=host_id), fabric_partitions=partitions
+        )
+
+    # change notification, for `wait`, the DNS service and whoever watches machines
     def notify(self) -> None:
-        self._change_counter += 1
+        self._refresh_dns()
+        for listener in list(self._listeners):
+            listener()
         loop_task = asyncio.get_running_loop().create_task(self._notify_waiters())
         self._tasks.add(loop_task)
         loop_task.add_done_callback(self._tasks.discard)
@@ -78,6 +138,18 @@ class Agent:
     async def _notify_waiters(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+    def on_change(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` (cheap, no I/O) after every change; returns how to stop."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _refresh_dns(self) -> None:
+        network = self.host.network
+        if network is None or network.dns is None:
+            return
+        app_orgs = {app.name: app.org_slug for app in self.machines.list_apps(None)}
+        network.refresh_dns(app_orgs, self.machines.list_machines(None))
 
     async def wait_for_change(self, timeout_s: float) -> None:
         async with self._changed:
@@ -87,14 +159,16 @@ class Agent:
     # runs
     def submit(self, run: RunRecord) -> bool:
         """Record a run durably, then drive its machine's queue. False: that run id exists."""
-        inserted = self.store.insert_run(run)
+        inserted = self.runs.insert_run(run)
         self._drive(run.machine_id)
         return inserted
 
     def submit_operation(
-        self, machine_id: str, operation: str, params: dict[str, object] | None = None
+        self, machine_id: str, request: RunRequest, run_id: str | None = None
     ) -> RunRecord:
-        run = new_run(machine_id, operation, self.clock.now(), dict(params or {}))
+        """Submit ``request`` on ``machine_id`` (a machine, or a ``vol:``/``gpu:`` subject);
+        with ``run_id``, a repeated submit adds no second run."""
+        run = new_run(machine_id, request, self.clock.now(), run_id=run_id)
         self.submit(run)
         return run
 
@@ -107,19 +181,17 @@ class Agent:
         lock = self._machine_locks.setdefault(machine_id, asyncio.Lock())
         async with lock:
             while True:
-                pending = self.store.list_runs(machine_id, unfinished_only=True)
+                pending = self.runs.list_runs(machine_id, unfinished_only=True)
                 if not pending:
                     return
                 run = pending[0]
                 ctx = StepContext(
                     run=run,
-                    store=self.store,
+                    machines=self.machines,
+                    runs=self.runs,
                     clock=self.clock,
-                    platform=self.platform,
-                    machines_dir=self.machines_dir,
                     notify=self.notify,
                     submit=self.submit,
-                    gpus=self.gpus,
                 )
                 try:
                     await self.engine.execute(run, ctx)
@@ -131,122 +203,141 @@ class Agent:
                 self.notify()
 
     def has_unfinished_run(self, machine_id: str) -> bool:
-        return bool(self.store.list_runs(machine_id, unfinished_only=True))
+        return bool(self.runs.list_runs(machine_id, unfinished_only=True))
 
     # watching guests
     async def _monitor_loop(self) -> None:
         while True:
             try:
                 await self.check_guests()
+                if self.volume_watch is not None:
+                    await self.volume_watch.tick()
             except Exception:
                 log.exception("guest monitor pass failed")
+            if self.meter is not None:
+                try:
+                    self.meter.tick()
+                except Exception:
+                    log.exception("usage checkpoint failed")
             await self.clock.sleep(MONITOR_INTERVAL_S)
 
     async def check_guests(self) -> None:
         """Turn each guest that ended on its own into an ``exit`` run (once per boot)."""
-        for machine_id, handle in self.store.list_vm_handles().items():
+        for machine_id, handle in self.runs.list_vm_handles().items():
             if self.has_unfinished_run(machine_id):
                 continue
             if self.platform.running(handle):
                 continue
-            machine = self.store.get_machine(machine_id)
+            machine = self.machines.get_machine(machine_id)
             if machine is None or machine.state != MachineState.STARTED:
                 continue
             run_id = f"exit.{machine_id}.{handle.get('pid')}.{handle.get('start_time')}"
-            self.submit(new_run(machine_id, "exit", self.clock.now(), run_id=run_id))
+            self.submit(new_run(machine_id, ExitRequest(), self.clock.now(), run_id=run_id))
 
     # reconciliation
+    def _live(self, machine: Machine | None) -> bool:
+        return machine is not None and (
+            machine.state.holds_resources or self.has_unfinished_run(machine.id)
+        )
+
     async def reconcile(self) -> None:
-        """After a (re)start: kill VMMs no record owns, drop files no record owns, resume runs."""
-        handles = self.store.list_vm_handles()
+        """After a (re)start: kill VMMs no record owns, drop files and claims no live machine
+        owns, hand off GPUs left cleaning, resume runs."""
+        handles = self.runs.list_vm_handles()
         for pid, machine_id in self.platform.vmm_processes(self.machines_dir).items():
             recorded = handles.get(machine_id)
-            machine = self.store.get_machine(machine_id)
+            machine = self.machines.get_machine(machine_id)
             owned = (
                 recorded is not None
                 and recorded.get("pid") == pid
                 and machine is not None
-                and machine.state != MachineState.DESTROYED
+                and not machine.state.terminal
             )
             if not owned:
                 log.warning("killing VMM pid %s of machine %s: no record owns it", pid, machine_id)
                 self.platform.kill_process(pid)
         for machine_id, handle in handles.items():
-            machine = self.store.get_machine(machine_id)
-            if machine is None or machine.state == MachineState.DESTROYED:
+            machine = self.machines.get_machine(machine_id)
+            if machine is None or machine.state.terminal:
                 await self.platform.kill(handle)
-                self.store.delete_vm_handle(machine_id)
+                self.runs.delete_vm_handle(machine_id)
         self._remove_orphan_files()
-        self._reconcile_gpus()
-        for run in self.store.list_runs(unfinished_only=True):
+        self._reconcile_claims()
+        if self.volume_watch is not None:
+            self.volume_watch.reconcile(
+                lambda machine_id: self._live(self.machines.get_machine(machine_id))
+            )
+        if self.host.network is not None:
+            owned = {
+                machine.id
+                for machine in self.machines.list_machines(None)
+                if self._live(machine) and machine.host_id == self.host.placement.host.id
+            }
+            await self.host.network.start(owned)
+            self._refresh_dns()
+        for run in self.runs.list_runs(unfinished_only=True):
             log.info("resuming run %s (%s of %s)", run.id, run.operation, run.machine_id)
-        for machine_id in {run.machine_id for run in self.store.list_runs(unfinished_only=True)}:
+        for machine_id in {run.machine_id for run in self.runs.list_runs(unfinished_only=True)}:
             self._drive(machine_id)
 
-    def _reconcile_gpus(self) -> None:
-        """Register this host's GPUs; send every GPU no live machine holds to a handoff."""
-        if self.gpus is None:
-            return
-        self.gpus.register(self.store)
-        holding_states = {
-            MachineState.STARTING,
-            MachineState.STARTED,
-            MachineState.STOPPING,
-            MachineState.REPLACING,
-        }
-        for gpu in self.store.list_gpus(host_id=self.gpus.host_id):
-            if gpu.state == GpuState.CLAIMED:
-                machine = self.store.get_machine(gpu.machine_id)
-                live = machine is not None and (
-                    machine.state in holding_states or self.has_unfinished_run(machine.id)
+    def _reconcile_claims(self) -> None:
+        """Release every claim no live machine holds (its GPUs go to a handoff), and give each
+        GPU left ``cleaning`` a handoff run if it has none."""
+        placement = self.host.placement
+        for machine_id in placement.live_claims():
+            if not self._live(self.machines.get_machine(machine_id)):
+                log.warning("claim of %s is held by no live machine: releasing it", machine_id)
+                released = placement.release(machine_id)
+                submit_handoffs(
+                    self.host,
+                    self.clock,
+                    self.submit,
+                    released,
+                    f"claim of {machine_id} found stale at start",
                 )
-                if not live:
-                    log.warning("GPU %s is claimed by no live machine: handing it off", gpu.bdf)
-                    self._start_handoff(gpu, f"claim of {gpu.machine_id} found stale at start")
-            elif gpu.state == GpuState.CLEANING and not self.has_unfinished_run(
-                handoff_subject(gpu.bdf)
+        for gpu in placement.gpus():
+            group = placement.group_of(gpu.bdf)
+            if (
+                group[0].bdf == gpu.bdf
+                and any(member.state is GpuState.CLEANING for member in group)
+                and not self.has_unfinished_run(handoff_subject(gpu.bdf))
             ):
-                self._start_handoff(gpu, gpu.reason or "handoff resumed at start")
+                self._start_handoff(gpu, "handoff resumed at start")
 
-    def _start_handoff(self, gpu: GpuRecord, why: str) -> None:
-        start_handoff(self.store, self.clock, self.submit, gpu, why)
+    def _start_handoff(self, gpu: Gpu, why: str) -> None:
+        submit_handoffs(self.host, self.clock, self.submit, [gpu.bdf], why)
 
-    def release_quarantine(self, bdf: str, actor: str, reason: str) -> GpuRecord:
-        """An operator vouches for a quarantined GPU: it gets a fresh handoff (reset and
-        verify) and is free only if that succeeds. Who did it is recorded."""
-        gpu = self.store.get_gpu(bdf)
-        if gpu is None or self.gpus is None or gpu.host_id != self.gpus.host_id:
+    def release_quarantine(self, bdf: str, actor: str, reason: str) -> Gpu:
+        """An operator vouches for a quarantined GPU: its whole IOMMU group gets a fresh
+        handoff (bound to vfio-pci again, scrubbed, checked) and is free only if that
+        succeeds. Who did it is recorded."""
+        gpu = self.host.placement.gpu(bdf)
+        if gpu is None:
             raise NotFound(f"GPU {bdf} not found on this host", field="bdf")
-        if gpu.state != GpuState.QUARANTINED:
+        group = self.host.placement.group_of(bdf)
+        if any(member.state is not GpuState.QUARANTINED for member in group):
             raise PreconditionFailed(f"GPU {bdf} is {gpu.state}, not quarantined", field="bdf")
-        self.store.add_gpu_event(
-            GpuEvent(
-                bdf=bdf,
-                timestamp=self.clock.now(),
-                action="quarantine_released",
-                actor=actor,
-                detail={"reason": reason},
-            )
-        )
-        self._start_handoff(gpu, f"quarantine released by {actor}: {reason}")
-        released = self.store.get_gpu(bdf)
+        operator_release(self.host, bdf, actor, reason, self.clock.now())
+        self.host.placement.set_gpu_state(bdf, GpuState.CLEANING, GpuState.QUARANTINED)
+        self._start_handoff(group[0], f"quarantine released by {actor}: {reason}")
+        released = self.host.placement.gpu(bdf)
         assert released is not None
         return released
 
     def _remove_orphan_files(self) -> None:
         if not self.machines_dir.exists():
             return
-        handles = self.store.list_vm_handles()
+        handles = self.runs.list_vm_handles()
         for run_dir in self.machines_dir.iterdir():
-            machine = self.store.get_machine(run_dir.name)
-            if machine is None or machine.state == MachineState.DESTROYED:
+            machine = self.machines.get_machine(run_dir.name)
+            if machine is None or machine.state.terminal:
                 if not self.has_unfinished_run(run_dir.name):
                     log.warning("removing %s: no live machine owns it", run_dir.name)
                     shutil.rmtree(run_dir, ignore_errors=True)
                 continue
             if run_dir.name in handles or self.has_unfinished_run(run_dir.name):
                 continue
-            for name in RunDirLayout.BOOT_FILES:
+            for name in RunDir.BOOT_FILES:
                 leftover = run_dir / name
                 if leftover.exists():
                     log.warning("removing %s of stopped machine %s", name, run_dir.name)

@@ -4,53 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hangar.agent.platform import GuestExit, RunDirLayout, VmHandleData
+from hangar.agent.platform import GpuBoot, GuestExit, GuestNetwork, VmHandleData
 from hangar.clock import Clock, SystemClock
+from hangar.devices.xid import guest_addresses
 from hangar.errors import ImageError
 from hangar.images import initramfs, kernel
 from hangar.images.driver_bundle import prepare_driver_bundle
 from hangar.images.reference import ImageRef as ParsedImageRef
 from hangar.images.reference import parse_image_ref
-from hangar.images.rootfs import CachedImage, ImageCache, machine_disk
-from hangar.images.run_config import GuestFile, GuestRunConfig, resolve_argv
+from hangar.images.rootfs import CachedImage, ImageCache, ImageCacheObserver, machine_disk
+from hangar.images.run_config import GuestFile, GuestRunConfig, GuestVolume, resolve_argv
+from hangar.images.volume_tools import ensure_volume_tools
+from hangar.model.guest_contract import RunDir
 from hangar.model.machine import ImageRef, Machine
-from hangar.paths import cache_dir
-from hangar.vmm.control import read_control_events, summarise_control_events
-from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec
+from hangar.settings import Settings
+from hangar.vmm.accel import choose_accel, gpu_accel
+from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec, VolumeDiskSpec
+from hangar.vmm.errors import QmpError
 from hangar.vmm.proc import PROC_ROOT, read_process
 from hangar.vmm.qemu import QemuDriver
-from hangar.vmm.qemu_argv import HUGEPAGES_DIR
+from hangar.vmm.qmp import qmp_execute
 
-INSECURE_REGISTRIES_ENV = "HANGAR_INSECURE_REGISTRIES"
+log = logging.getLogger(__name__)
 
-
-def hugepages_available(
-    memory_mb: int, meminfo: Path = Path("/proc/meminfo"), mount: Path = HUGEPAGES_DIR
-) -> bool:
-    """GPU machines get hugepage-backed memory when the host has enough free 2 MiB pages."""
-    if not mount.is_dir():
-        return False
-    values: dict[str, int] = {}
-    for line in meminfo.read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if rest.split():
-            values[name] = int(rest.split()[0])
-    free_kb = values.get("HugePages_Free", 0) * values.get("Hugepagesize", 0)
-    return free_kb >= memory_mb * 1024
-
-
-def insecure_registries() -> set[str]:
-    """Registries reached without TLS verification (``host:port`` list, as docker's option)."""
-    return {
-        item.strip()
-        for item in os.environ.get(INSECURE_REGISTRIES_ENV, "").split(",")
-        if item.strip()
-    }
+GPU_PLACEMENT_TIMEOUT_S = 30.0
+"""How long the guest's firmware may take to give the GPUs their bus numbers."""
+GPU_PLACEMENT_POLL_S = 0.1
 
 
 def to_model_ref(ref: ParsedImageRef, digest: str) -> ImageRef:
@@ -63,29 +48,55 @@ def to_model_ref(ref: ParsedImageRef, digest: str) -> ImageRef:
 
 
 class QemuGuestPlatform:
-    driver_name = "qemu"
-
     def __init__(
         self,
         cache: Path,
         driver: Driver,
         clock: Clock | None = None,
-        settings: Mapping[str, str] = os.environ,
+        *,
+        insecure_registries: frozenset[str] = frozenset(),
+        driver_bundle: Path | None = None,
+        guest_kernel: Path | None = None,
+        guest_modules: Path | None = None,
+        image_observer: ImageCacheObserver | None = None,
     ) -> None:
+        """``insecure_registries``: ``host:port`` pulled without TLS verification;
+        ``driver_bundle``: the GPU driver bundle; ``guest_kernel``/``guest_modules``: an
+        operator's kernel instead of Debian's (each as in :mod:`hangar.settings`);
+        ``image_observer``: told of each image cache hit or miss (metrics)."""
         self.cache_root = cache
-        self.images = ImageCache(cache)
+        self.images = ImageCache(cache, observer=image_observer)
         self.driver = driver
         self.clock = clock or SystemClock()
-        self.settings = settings
+        self.insecure_registries = insecure_registries
+        self.driver_bundle = driver_bundle
+        self.guest_kernel = guest_kernel
+        self.guest_modules = guest_modules
 
     @classmethod
-    def for_home(cls, home: Path) -> QemuGuestPlatform:
-        return cls(cache_dir(), QemuDriver())
+    def from_settings(
+        cls, settings: Settings, image_observer: ImageCacheObserver | None = None
+    ) -> QemuGuestPlatform:
+        accel = choose_accel(forced=settings.accel, pvm_guest_kernel=settings.pvm_guest_kernel)
+        return cls(
+            settings.cache_dir,
+            QemuDriver(accel=accel),
+            insecure_registries=settings.insecure_registries,
+            driver_bundle=settings.gpu_driver_bundle,
+            guest_kernel=settings.guest_kernel,
+            guest_modules=settings.guest_modules,
+            image_observer=image_observer,
+        )
+
+    def boot_kernel(self) -> kernel.GuestKernel:
+        return kernel.ensure_kernel(
+            self.cache_root, vmlinuz=self.guest_kernel, modules=self.guest_modules
+        )
 
     # images
     async def resolve_image(self, image: str) -> ImageRef:
         ref = parse_image_ref(image)
-        tls_verify = ref.transport != "docker" or ref.registry not in insecure_registries()
+        tls_verify = ref.transport != "docker" or ref.registry not in self.insecure_registries
         cached = await self.images.ensure(ref, tls_verify=tls_verify)
         return to_model_ref(ref, cached.digest)
 
@@ -106,7 +117,13 @@ class QemuGuestPlatform:
         await asyncio.to_thread(machine_disk, cached, partial)
         partial.rename(dest)
 
-    async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None:
+    async def prepare_initrd(
+        self,
+        machine: Machine,
+        image_ref: ImageRef,
+        dest: Path,
+        volumes: Sequence[GuestVolume] = (),
+    ) -> None:
         cached = self._cached(image_ref)
         config = machine.config
         image_config = cached.config
@@ -127,40 +144,97 @@ class QemuGuestPlatform:
                 )
                 for item in config.files
             ],
+            volumes=list(volumes),
         )
-        guest_kernel = await asyncio.to_thread(kernel.ensure_kernel, self.cache_root)
+        guest_kernel = await asyncio.to_thread(self.boot_kernel)
         base = await asyncio.to_thread(
             initramfs.ensure_base_initramfs, guest_kernel, self.cache_root
         )
+        extras = []
+        if volumes:
+            extras.append(await asyncio.to_thread(ensure_volume_tools, self.cache_root))
         partial = dest.with_name(dest.name + ".partial")
-        await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial)
+        await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial, extras)
         partial.rename(dest)
 
     # the VMM
-    async def vm_spec(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmSpec:
-        guest_kernel = await asyncio.to_thread(kernel.ensure_kernel, self.cache_root)
+    async def vm_spec(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        gpus: GpuBoot | None,
+        network: GuestNetwork | None = None,
+        volumes: Sequence[VolumeDiskSpec] = (),
+    ) -> VmSpec:
+        """The spec QEMU boots. A GPU machine gets q35 with KVM (refused under TCG: VFIO does
+        not run there), the driver bundle read-only, and ``gpus``' layout and memory; a machine
+        on the private network its NIC and what its init is told of it; a machine with
+        volumes their disks."""
+        if gpus is not None and isinstance(self.driver, QemuDriver):
+            gpu_accel(self.driver.accel)
+        guest_kernel = await asyncio.to_thread(self.boot_kernel)
         extra_disks = []
-        if gpus:
+        if gpus is not None:
             bundle = await asyncio.to_thread(
-                prepare_driver_bundle, guest_kernel, self.cache_root, environ=self.settings
+                prepare_driver_bundle, guest_kernel, self.cache_root, bundle=self.driver_bundle
             )
             extra_disks.append(DiskSpec(path=bundle, read_only=True))
         return VmSpec.in_run_dir(
             machine_id=machine.id,
             run_dir=run_dir,
             kernel=guest_kernel.vmlinuz,
-            initrd=run_dir / RunDirLayout.INITRD,
-            root_disk=run_dir / RunDirLayout.ROOT_DISK,
+            initrd=run_dir / RunDir.INITRD,
+            root_disk=run_dir / RunDir.ROOT_DISK,
             cpus=machine.config.guest.cpus,
             memory_mb=machine.config.guest.memory_mb,
             extra_disks=extra_disks,
-            gpus=gpus,
-            hugepages=bool(gpus) and hugepages_available(machine.config.guest.memory_mb),
+            volumes=list(volumes),
+            nic=network.nic if network is not None else None,
+            kernel_args=[
+                *(gpus.kernel_args if gpus is not None else []),
+                *(network.kernel_args if network is not None else []),
+            ],
+            gpu_topology=gpus.topology if gpus is not None else None,
         )
 
-    async def launch(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmHandleData:
-        handle = await self.driver.launch(await self.vm_spec(machine, run_dir, gpus))
+    async def launch(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        gpus: GpuBoot | None,
+        network: GuestNetwork | None = None,
+        volumes: Sequence[VolumeDiskSpec] = (),
+    ) -> VmHandleData:
+        spec = await self.vm_spec(machine, run_dir, gpus, network, volumes)
+        handle = await self.driver.launch(spec)
         return handle.model_dump(mode="json")
+
+    def qmp_socket(self, handle: VmHandleData) -> Path | None:
+        socket = handle.get("qmp_socket")
+        return Path(socket) if isinstance(socket, str) else None
+
+    async def gpu_addresses(
+        self, handle: VmHandleData, device_ids: Mapping[str, str]
+    ) -> dict[str, str]:
+        """QMP ``query-pci`` until the firmware has given every GPU a bus (bounded)."""
+        qmp = VmHandle.model_validate(handle).qmp_socket
+        deadline = self.clock.monotonic() + GPU_PLACEMENT_TIMEOUT_S
+        found: dict[str, str] = {}
+        while True:
+            try:
+                reply = await qmp_execute(qmp, "query-pci", clock=self.clock, timeout_s=5.0)
+            except QmpError as error:
+                log.warning("query-pci on %s failed: %s", qmp, error)
+                return found
+            if isinstance(reply, list):
+                found = {
+                    address: bdf
+                    for address, bdf in guest_addresses(reply, device_ids).items()
+                    if int(address.split(":")[1], 16) != 0
+                }
+            if len(found) >= len(device_ids) or self.clock.monotonic() >= deadline:
+                return found
+            await self.clock.sleep(GPU_PLACEMENT_POLL_S)
 
     async def alive(self, handle: VmHandleData) -> bool:
         return await self.driver.adopt(VmHandle.model_validate(handle))
@@ -177,11 +251,9 @@ class QemuGuestPlatform:
     async def kill(self, handle: VmHandleData) -> None:
         await self.driver.kill(VmHandle.model_validate(handle))
 
-    def guest_exit(self, run_dir: Path) -> GuestExit:
-        report = summarise_control_events(read_control_events(run_dir / RunDirLayout.CONTROL_LOG))
-        return GuestExit(
-            exit_code=report.exit_code, guest_error=report.error or "", ready_seen=report.ready
-        )
+    async def guest_exit(self, handle: VmHandleData) -> GuestExit:
+        status = await self.driver.status(VmHandle.model_validate(handle))
+        return GuestExit(exit_code=status.exit_code, guest_error=status.error or "")
 
     def vmm_processes(self, machines_dir: Path) -> dict[int, str]:
         return find_vmm_processes(machines_dir)

@@ -1,129 +1,294 @@
-"""The plans of the machine operations: which steps, in which order, and how each rolls back."""
+"""The plans of the operations: which steps, in which order, how each rolls back, each step
+built from the run's typed request with exactly the inputs it needs.
+
+A machine's boot attaches its volumes (``attach_volumes``, after its claim) and carries them
+into its initrd and launch; stop, exit, destroy and a failed launch let go of them
+(``detach_volumes``, once its VMM is gone). A volume's own operations (subject ``vol:ID``)
+are the volume library's steps under the same names, with the record's changes around them.
+
+``plan_for`` is deterministic in the run's request, so a run resumed after a crash gets the
+same steps: the engine skips those recorded as done, and the step in flight asks "should I
+run?" again.
+"""
 
 from __future__ import annotations
 
-from hangar.agent.context import StepContext
 from hangar.agent.engine import Plan, Step
 from hangar.agent.gpu_steps import (
+    HANDOFF_SUBJECT_PREFIX,
     BindGpus,
-    ClaimGpus,
-    QuarantineGpu,
-    ReleaseGpus,
-    ResetGpu,
-    RestoreHostDrivers,
-    ReturnGpu,
+    ClaimGpuGroups,
+    CollectGpuXids,
+    MapGpuAddresses,
+    PrepareNvlink,
+    QuarantineGroup,
+    handoff_steps,
 )
+from hangar.agent.host import HostServices
 from hangar.agent.steps import (
     ApplyConfig,
     ApplyRestartPolicy,
+    AttachNetwork,
+    DetachNetwork,
     DropLease,
     LaunchVm,
     MarkFailed,
     MarkStoppedAfterFailure,
+    PlaceMachine,
     PrepareInitrd,
     PrepareRootDisk,
     RecordExit,
+    ReleaseClaim,
     ReleaseVm,
     RemoveRunDir,
     ResolveImage,
     StopVm,
     Transition,
 )
+from hangar.agent.volume_steps import (
+    AttachVolumes,
+    DetachVolumes,
+    ForgetSnapshot,
+    ImageStep,
+    MoveVolume,
+    RecordSnapshot,
+    RecordVolumeSize,
+    RestoreVolume,
+    host_volumes,
+    library_plan,
+    volume_of,
+)
 from hangar.model.machine import MachineState as S
+from hangar.model.run import (
+    VOLUME_SUBJECT_PREFIX,
+    CreateRequest,
+    DestroyRequest,
+    ExitRequest,
+    HandoffRequest,
+    PrepareRequest,
+    RestartRequest,
+    RunRecord,
+    RunRequest,
+    StartRequest,
+    StopRequest,
+    UpdateRequest,
+    VolumeCreateRequest,
+    VolumeDeleteRequest,
+    VolumeDeleteSnapshotRequest,
+    VolumeExtendRequest,
+    VolumeRequest,
+    VolumeSnapshotRequest,
+)
+from hangar.model.volume import BEING_MADE, VolumeState
+from hangar.volumes import VolumeStep
 
 
-def _boot_steps(gate: str = "") -> list[Step]:
-    return [
-        Transition("mark_starting", S.STARTING, "start", only_if_param=gate),
-        ResolveImage(),
-        _Gated(ClaimGpus(), gate),
-        _Gated(BindGpus(), gate),
-        _Gated(PrepareRootDisk(), gate),
-        _Gated(PrepareInitrd(), gate),
-        _Gated(LaunchVm(), gate),
-        Transition("mark_started", S.STARTED, "start", only_if_param=gate),
+def plan_for(run: RunRecord, host: HostServices) -> Plan:
+    return build_plan(run.request, run.machine_id, host)
+
+
+def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
+    if isinstance(request, HandoffRequest):
+        return _handoff(request, host)
+    if subject.startswith(HANDOFF_SUBJECT_PREFIX):
+        raise ValueError(f"{subject} is a GPU; only a handoff runs on it")
+    if isinstance(request, VolumeRequest):
+        return _volume(request, subject, host)
+    if subject.startswith(VOLUME_SUBJECT_PREFIX):
+        raise ValueError(f"{subject} is a volume; only volume operations run on it")
+    run_dir = host.run_dir(subject)
+    launch_rollback: list[Step] = [
+        ReleaseVm(host),
+        CollectGpuXids(host, run_dir),
+        DetachNetwork(host),
+        DetachVolumes(host),
+        ReleaseClaim(host),
+        MarkFailed(),
     ]
 
+    def boot(fresh_image: bool) -> list[Step]:
+        return [
+            Transition("mark_starting", S.STARTING, "start"),
+            ResolveImage(host.platform, fresh=fresh_image),
+            PlaceMachine(host),
+            AttachVolumes(host),
+            ClaimGpuGroups(host),
+            BindGpus(host),
+            PrepareNvlink(host),
+            PrepareRootDisk(host.platform, run_dir),
+            PrepareInitrd(host.platform, run_dir, host.volumes),
+            AttachNetwork(host),
+            LaunchVm(host),
+            MapGpuAddresses(host),
+            Transition("mark_started", S.STARTED, "start"),
+        ]
 
-def _halt_steps() -> list[Step]:
-    return [StopVm(), RecordExit(), ReleaseVm(), ReleaseGpus()]
+    def halt(
+        *, requested: bool, timeout_s: float | None = None, signum: int | None = None
+    ) -> list[Step]:
+        return [
+            StopVm(host.platform, timeout_s=timeout_s, signum=signum),
+            RecordExit(host.platform, requested=requested),
+            CollectGpuXids(host, run_dir),
+            ReleaseVm(host),
+        ]
+
+    match request:
+        case CreateRequest():
+            return Plan("create", boot(fresh_image=True), launch_rollback)
+        case StartRequest():
+            return Plan("start", boot(fresh_image=False), launch_rollback)
+        case PrepareRequest():
+            return Plan("prepare", [ResolveImage(host.platform, fresh=True)], [MarkFailed()])
+        case StopRequest():
+            return Plan(
+                "stop",
+                [
+                    Transition("mark_stopping", S.STOPPING, "stop"),
+                    *halt(requested=True, timeout_s=request.timeout_s, signum=request.signal),
+                    DetachNetwork(host),
+                    DetachVolumes(host),
+                    ReleaseClaim(host),
+                    Transition("mark_stopped", S.STOPPED, "stop"),
+                ],
+                [
+                    ReleaseVm(host),
+                    CollectGpuXids(host, run_dir),
+                    DetachNetwork(host),
+                    DetachVolumes(host),
+                    ReleaseClaim(host),
+                    MarkStoppedAfterFailure(),
+                ],
+            )
+        case RestartRequest():
+            # The claim (GPUs included) stays with the machine across its own restart.
+            return Plan(
+                "restart",
+                [
+                    Transition("mark_stopping", S.STOPPING, "restart"),
+                    *halt(requested=True),
+                    *boot(fresh_image=False),
+                ],
+                launch_rollback,
+            )
+        case UpdateRequest():
+            steps: list[Step] = []
+            if request.relaunch:
+                steps.append(Transition("mark_replacing", S.REPLACING, "update"))
+            steps += [
+                *halt(requested=True),
+                DetachNetwork(host),
+                DetachVolumes(host),
+                ReleaseClaim(host),
+                ApplyConfig(request.config, request.version, request.instance_id),
+            ]
+            if request.relaunch:
+                steps += boot(fresh_image=True)
+            return Plan("update", steps, launch_rollback)
+        case ExitRequest():
+            return Plan(
+                "exit",
+                [
+                    RecordExit(host.platform, requested=False),
+                    CollectGpuXids(host, run_dir),
+                    ReleaseVm(host),
+                    Transition("mark_stopped", S.STOPPED, "stop"),
+                    ApplyRestartPolicy(),
+                    DetachNetwork(host, keep_if_restarting=True),
+                    DetachVolumes(host, keep_if_restarting=True),
+                    ReleaseClaim(host, keep_if_restarting=True),
+                ],
+                [
+                    ReleaseVm(host),
+                    CollectGpuXids(host, run_dir),
+                    DetachNetwork(host),
+                    DetachVolumes(host),
+                    ReleaseClaim(host),
+                    MarkStoppedAfterFailure(),
+                ],
+            )
+        case DestroyRequest():
+            return Plan(
+                "destroy",
+                [
+                    Transition("mark_destroying", S.DESTROYING, "destroy"),
+                    *halt(requested=True, timeout_s=0.0 if request.force else None),
+                    DetachNetwork(host),
+                    DetachVolumes(host),
+                    ReleaseClaim(host),
+                    RemoveRunDir(run_dir),
+                    DropLease(),
+                    Transition("mark_destroyed", S.DESTROYED, "destroy"),
+                ],
+                [
+                    ReleaseVm(host),
+                    CollectGpuXids(host, run_dir),
+                    DetachNetwork(host),
+                    DetachVolumes(host),
+                    ReleaseClaim(host),
+                    RemoveRunDir(run_dir),
+                    DropLease(),
+                    Transition("mark_destroyed", S.DESTROYED, "destroy"),
+                ],
+            )
+    raise ValueError(f"no plan for {request!r}")
 
 
-class _Gated:
-    """A step that runs only when the run's params set ``gate`` (an empty gate always runs)."""
-
-    def __init__(self, inner: Step, gate: str) -> None:
-        self._inner = inner
-        self._gate = gate
-        self.name = inner.name
-
-    async def should_run(self, ctx: StepContext) -> bool:
-        if self._gate and not ctx.run.params.get(self._gate):
-            return False
-        return await self._inner.should_run(ctx)
-
-    async def run(self, ctx: StepContext) -> None:
-        await self._inner.run(ctx)
+def _handoff(request: HandoffRequest, host: HostServices) -> Plan:
+    """The handoff of the IOMMU group of ``request.bdf`` (its first GPU)."""
+    return Plan("handoff", handoff_steps(host, request.bdf), [QuarantineGroup(host, request.bdf)])
 
 
-_LAUNCH_ROLLBACK: list[Step] = [ReleaseVm(), ReleaseGpus(), MarkFailed()]
+def _volume(request: VolumeRequest, subject: str, host: HostServices) -> Plan:
+    """A volume's operation: the library's steps, with the record's changes around them."""
+    volume_id = volume_of(subject)
+    library = library_plan(host_volumes(host), request, volume_id)
 
-PLANS: dict[str, Plan] = {
-    plan.operation: plan
-    for plan in (
-        Plan("create", _boot_steps(), _LAUNCH_ROLLBACK),
-        Plan("start", _boot_steps(), _LAUNCH_ROLLBACK),
-        Plan("prepare", [ResolveImage()], [MarkFailed()]),
-        Plan(
-            "stop",
-            [
-                Transition("mark_stopping", S.STOPPING, "stop"),
-                *_halt_steps(),
-                Transition("mark_stopped", S.STOPPED, "stop"),
-            ],
-            [ReleaseVm(), ReleaseGpus(), MarkStoppedAfterFailure()],
-        ),
-        Plan(
-            "restart",
-            [Transition("mark_stopping", S.STOPPING, "restart"), *_halt_steps(), *_boot_steps()],
-            _LAUNCH_ROLLBACK,
-        ),
-        Plan(
-            "update",
-            [
-                Transition("mark_replacing", S.REPLACING, "update", only_if_param="was_running"),
-                *_halt_steps(),
-                ApplyConfig(),
-                *_boot_steps(gate="was_running"),
-            ],
-            _LAUNCH_ROLLBACK,
-        ),
-        Plan(
-            "exit",
-            [
-                RecordExit(),
-                ReleaseVm(),
-                Transition("mark_stopped", S.STOPPED, "stop"),
-                ApplyRestartPolicy(),
-            ],
-            [ReleaseVm(), ReleaseGpus(), MarkStoppedAfterFailure()],
-        ),
-        Plan(
-            "destroy",
-            [
-                Transition("mark_destroying", S.DESTROYING, "destroy"),
-                *_halt_steps(),
-                RemoveRunDir(),
-                DropLease(),
-                Transition("mark_destroyed", S.DESTROYED, "destroy"),
-            ],
-            [
-                ReleaseVm(),
-                RemoveRunDir(),
-                DropLease(),
-                Transition("mark_destroyed", S.DESTROYED, "destroy"),
-            ],
-        ),
-        Plan("handoff", [ResetGpu(), RestoreHostDrivers(), ReturnGpu()], [QuarantineGpu()]),
-    )
-}
+    def image_steps(steps: tuple[VolumeStep, ...]) -> list[Step]:
+        return [ImageStep(host, request, volume_id, step.name) for step in steps]
+
+    steps, rollback = image_steps(library.steps), image_steps(library.rollback)
+    match request:
+        case VolumeCreateRequest():
+            steps.append(
+                MoveVolume(host, volume_id, "mark_volume_created", VolumeState.CREATED, BEING_MADE)
+            )
+            rollback.append(
+                MoveVolume(
+                    host,
+                    volume_id,
+                    "mark_volume_destroyed",
+                    VolumeState.DESTROYED,
+                    BEING_MADE,
+                    with_reason=True,
+                )
+            )
+        case VolumeExtendRequest():
+            steps.append(RecordVolumeSize(host, volume_id, request.size_gb))
+        case VolumeSnapshotRequest():
+            steps.append(RecordSnapshot(host, volume_id, request.snapshot_id, request.scheduled))
+        case VolumeDeleteSnapshotRequest():
+            steps.append(ForgetSnapshot(host, volume_id, request.snapshot_id))
+        case VolumeDeleteRequest():
+            steps.insert(
+                0,
+                MoveVolume(
+                    host,
+                    volume_id,
+                    "mark_volume_destroying",
+                    VolumeState.DESTROYING,
+                    frozenset({VolumeState.CREATED, VolumeState.FAILED}),
+                    detached_only=True,
+                ),
+            )
+            steps.append(
+                MoveVolume(
+                    host,
+                    volume_id,
+                    "mark_volume_destroyed",
+                    VolumeState.DESTROYED,
+                    frozenset({VolumeState.DESTROYING}),
+                )
+            )
+            rollback.append(RestoreVolume(host, volume_id))
+    return Plan(request.operation, steps, rollback)

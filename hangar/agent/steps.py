@@ -1,34 +1,45 @@
 """The steps machine operations are made of. Each is idempotent: ``should_run`` looks at the
-world (records, files, processes) and ``run`` brings it one step closer to the plan's goal."""
+world (records, files, processes, the host's claims) and ``run`` brings it one step closer to
+the plan's goal. Each is built with exactly the inputs it needs (``operations.plan_for``)."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hangar.agent.context import StepContext
-from hangar.agent.platform import RunDirLayout
-from hangar.model.gpu import GpuState
-from hangar.model.machine import MachineState, new_ulid
-from hangar.store.protocol import RunRecord, RunStatus
+from hangar.agent.gpu_steps import gpu_boot, record_claimed, release_gpus_for_handoff
+from hangar.agent.host import HostServices
+from hangar.agent.platform import GuestNetwork, GuestPlatform
+from hangar.agent.volumes import HostVolumes
+from hangar.errors import VolumeError
+from hangar.model.config import MachineConfig
+from hangar.model.guest_contract import RunDir
+from hangar.model.machine import Machine, MachineState, new_ulid
+from hangar.model.run import (
+    DestroyRequest,
+    RunRecord,
+    RunRequest,
+    RunStatus,
+    StartRequest,
+)
+from hangar.vmm.driver import VolumeDiskSpec
 
 RESTART_WINDOW_S = 300.0
 
 
 def new_run(
-    machine_id: str,
-    operation: str,
-    now: float,
-    params: dict[str, Any] | None = None,
-    run_id: str | None = None,
+    machine_id: str, request: RunRequest, now: float, run_id: str | None = None
 ) -> RunRecord:
     return RunRecord(
         id=run_id or new_ulid(now),
         machine_id=machine_id,
-        operation=operation,
+        request=request,
         status=RunStatus.RUNNING,
-        params=params or {},
         created_at=now,
         updated_at=now,
     )
@@ -36,215 +47,341 @@ def new_run(
 
 @dataclass(frozen=True)
 class Transition:
-    """Move the machine to ``state`` unless it is there already, or the run's gate is off."""
+    """Move the machine to ``state`` unless it is there already."""
 
     name: str
     state: MachineState
     event_type: str
-    only_if_param: str = ""
 
     async def should_run(self, ctx: StepContext) -> bool:
-        if self.only_if_param and not ctx.run.params.get(self.only_if_param):
-            return False
         return ctx.machine().state != self.state
 
     async def run(self, ctx: StepContext) -> None:
-        request = {"exit_code": ctx.run.data["exit_code"]} if "exit_code" in ctx.run.data else {}
+        progress = ctx.run.progress
+        request = {"exit_code": progress.exit_code} if progress.exit_recorded else {}
         ctx.transition(self.state, self.event_type, request=request)
 
 
+@dataclass(frozen=True)
 class ResolveImage:
-    name = "resolve_image"
+    """Find the image's digest and have it in the cache; ``fresh`` resolves it again even
+    when a digest is known (create and update look the tag up anew)."""
+
+    platform: GuestPlatform
+    fresh: bool = False
+    name: str = "resolve_image"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        machine = ctx.machine()
-        if ctx.run.params.get("resolve_image") and not ctx.run.data.get("image_resolved"):
+        if self.fresh and not ctx.run.progress.image_resolved:
             return True
-        return not machine.image_ref.digest or not ctx.platform.image_cached(machine.image_ref)
+        image_ref = ctx.machine().image_ref
+        return not image_ref.digest or not self.platform.image_cached(image_ref)
 
     async def run(self, ctx: StepContext) -> None:
-        image_ref = await ctx.platform.resolve_image(ctx.machine().config.image)
-        ctx.store.set_image_ref(ctx.run.machine_id, image_ref, ctx.clock.now())
-        ctx.run.data["image_resolved"] = True
+        image_ref = await self.platform.resolve_image(ctx.machine().config.image)
+        ctx.machines.set_image_ref(ctx.run.machine_id, image_ref, ctx.clock.now())
+        ctx.run.progress.image_resolved = True
 
 
-class PrepareRootDisk:
-    name = "prepare_root_disk"
+@dataclass(frozen=True)
+class PlaceMachine:
+    """Claim the machine's CPUs, memory and GPUs on this host through the scheduler."""
+
+    host: HostServices
+    name: str = "place_machine"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return not (ctx.run_dir / RunDirLayout.ROOT_DISK).exists()
+        return self.host.placement.claim_of(ctx.run.machine_id) is None
 
     async def run(self, ctx: StepContext) -> None:
-        ctx.run_dir.mkdir(parents=True, exist_ok=True)
-        await ctx.platform.prepare_root_disk(
-            ctx.machine().image_ref, ctx.run_dir / RunDirLayout.ROOT_DISK
+        self.host.placement.place(ctx.run.machine_id, ctx.machine().config.guest)
+        record_claimed(self.host, ctx)
+
+
+@dataclass(frozen=True)
+class ReleaseClaim:
+    """Give back what the machine holds on this host; its GPUs go to a handoff (reset and
+    verified before anyone else gets them). ``keep_if_restarting``: an exit whose restart
+    policy boots the machine again keeps its claim, GPUs included."""
+
+    host: HostServices
+    keep_if_restarting: bool = False
+    name: str = "release_claim"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        if self.keep_if_restarting and ctx.run.progress.restart_decision == "restart":
+            return False
+        return self.host.placement.claim_of(ctx.run.machine_id) is not None
+
+    async def run(self, ctx: StepContext) -> None:
+        released = self.host.placement.release(ctx.run.machine_id)
+        release_gpus_for_handoff(self.host, ctx, released, f"released by {ctx.run.machine_id}")
+
+
+@dataclass(frozen=True)
+class AttachNetwork:
+    """The machine's tap on the host's bridge, and the ruleset that lets it talk to its org."""
+
+    host: HostServices
+    name: str = "attach_network"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        network = self.host.network
+        return network is not None and not await network.attached(ctx.machine())
+
+    async def run(self, ctx: StepContext) -> None:
+        assert self.host.network is not None
+        await self.host.network.attach(ctx.machine())
+
+
+@dataclass(frozen=True)
+class DetachNetwork:
+    """No tap for the machine, and a ruleset without it. ``keep_if_restarting``: an exit whose
+    restart policy boots the machine again keeps its tap."""
+
+    host: HostServices
+    keep_if_restarting: bool = False
+    name: str = "detach_network"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        if self.keep_if_restarting and ctx.run.progress.restart_decision == "restart":
+            return False
+        network = self.host.network
+        return network is not None and await network.has_tap(ctx.run.machine_id)
+
+    async def run(self, ctx: StepContext) -> None:
+        assert self.host.network is not None
+        await self.host.network.detach(ctx.run.machine_id)
+
+
+@dataclass(frozen=True)
+class PrepareRootDisk:
+    platform: GuestPlatform
+    run_dir: Path
+    name: str = "prepare_root_disk"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        return not (self.run_dir / RunDir.ROOT_DISK).exists()
+
+    async def run(self, ctx: StepContext) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        await self.platform.prepare_root_disk(
+            ctx.machine().image_ref, self.run_dir / RunDir.ROOT_DISK
         )
 
 
+@dataclass(frozen=True)
 class PrepareInitrd:
-    name = "prepare_initrd"
+    """The machine's initrd: its run config and, when it mounts volumes, the volume tools
+    and the mounts init makes (``volumes``: this host's)."""
+
+    platform: GuestPlatform
+    run_dir: Path
+    volumes: HostVolumes | None = None
+    name: str = "prepare_initrd"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return not (ctx.run_dir / RunDirLayout.INITRD).exists()
+        return not (self.run_dir / RunDir.INITRD).exists()
 
     async def run(self, ctx: StepContext) -> None:
         machine = ctx.machine()
-        ctx.run_dir.mkdir(parents=True, exist_ok=True)
-        await ctx.platform.prepare_initrd(
-            machine, machine.image_ref, ctx.run_dir / RunDirLayout.INITRD
+        mounts = []
+        if machine.config.mounts:
+            if self.volumes is None:
+                raise VolumeError("this host keeps no volumes", retryable=False)
+            mounts = self.volumes.guest_mounts(machine)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        await self.platform.prepare_initrd(
+            machine, machine.image_ref, self.run_dir / RunDir.INITRD, mounts
         )
 
 
-async def live_handle(ctx: StepContext) -> dict[str, Any] | None:
-    handle = ctx.store.get_vm_handle(ctx.run.machine_id)
-    if handle is not None and await ctx.platform.alive(handle):
+@contextlib.asynccontextmanager
+async def boot_volumes(host: HostServices, machine: Machine) -> AsyncIterator[list[VolumeDiskSpec]]:
+    """The machine's volumes as disks of its launch, each volume's lock held until the VMM
+    is recorded (see ``hangar.agent.volumes``); none for a machine without mounts."""
+    if not machine.config.mounts:
+        yield []
+        return
+    if host.volumes is None:
+        raise VolumeError("this host keeps no volumes", retryable=False)
+    async with host.volumes.boot_disks(machine) as disks:
+        yield disks
+
+
+async def live_handle(platform: GuestPlatform, ctx: StepContext) -> dict[str, Any] | None:
+    handle = ctx.runs.get_vm_handle(ctx.run.machine_id)
+    if handle is not None and await platform.alive(handle):
         return handle
     return None
 
 
-def kill_unrecorded_vmms(ctx: StepContext) -> None:
+def kill_unrecorded_vmms(host: HostServices, ctx: StepContext) -> None:
     """Kill VMM processes of this machine that no handle records (a launch cut short by a crash)."""
-    handle = ctx.store.get_vm_handle(ctx.run.machine_id)
+    handle = ctx.runs.get_vm_handle(ctx.run.machine_id)
     recorded_pid = handle.get("pid") if handle else None
-    for pid, machine_id in ctx.platform.vmm_processes(ctx.machines_dir).items():
+    for pid, machine_id in host.platform.vmm_processes(host.machines_dir).items():
         if machine_id == ctx.run.machine_id and pid != recorded_pid:
-            ctx.platform.kill_process(pid)
+            host.platform.kill_process(pid)
 
 
+@dataclass(frozen=True)
 class LaunchVm:
-    name = "launch_vm"
+    host: HostServices
+    name: str = "launch_vm"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return await live_handle(ctx) is None
+        return await live_handle(self.host.platform, ctx) is None
 
     async def run(self, ctx: StepContext) -> None:
-        kill_unrecorded_vmms(ctx)
-        stale = ctx.store.get_vm_handle(ctx.run.machine_id)
+        platform = self.host.platform
+        kill_unrecorded_vmms(self.host, ctx)
+        stale = ctx.runs.get_vm_handle(ctx.run.machine_id)
         if stale is not None:
-            await ctx.platform.kill(stale)
-            ctx.store.delete_vm_handle(ctx.run.machine_id)
-        (ctx.run_dir / RunDirLayout.CONTROL_LOG).unlink(missing_ok=True)
-        gpus = [
-            gpu.bdf
-            for gpu in ctx.store.list_gpus(machine_id=ctx.run.machine_id)
-            if gpu.state == GpuState.CLAIMED
-        ]
-        handle = await ctx.platform.launch(ctx.machine(), ctx.run_dir, gpus)
-        ctx.store.put_vm_handle(ctx.run.machine_id, handle)
-        ctx.run.data.pop("exit_recorded", None)
+            await platform.kill(stale)
+            ctx.runs.delete_vm_handle(ctx.run.machine_id)
+        run_dir = self.host.run_dir(ctx.run.machine_id)
+        (run_dir / RunDir.CONTROL_LOG).unlink(missing_ok=True)
+        gpus = await gpu_boot(self.host, ctx)
+        machine = ctx.machine()
+        network = None
+        if self.host.network is not None:
+            nic, kernel_args = await self.host.network.guest_network(machine)
+            network = GuestNetwork(nic=nic, kernel_args=kernel_args)
+        async with boot_volumes(self.host, machine) as volumes:
+            handle = await platform.launch(machine, run_dir, gpus, network, volumes)
+            ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
+        ctx.run.progress.exit_recorded = False
 
 
+@dataclass(frozen=True)
 class StopVm:
-    """Ask the guest to stop (signal, then QMP quit, then SIGKILL after the timeout)."""
+    """Ask the guest to stop (``signum``, then QMP quit, then SIGKILL after ``timeout_s``);
+    what the request leaves out comes from the machine's ``stop_config``."""
 
-    name = "stop_vm"
+    platform: GuestPlatform
+    timeout_s: float | None = None
+    signum: int | None = None
+    name: str = "stop_vm"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return await live_handle(ctx) is not None
+        return await live_handle(self.platform, ctx) is not None
 
     async def run(self, ctx: StepContext) -> None:
-        handle = await live_handle(ctx)
+        handle = await live_handle(self.platform, ctx)
         if handle is None:
             return
         config = ctx.machine().config.stop_config
-        timeout_s = float(ctx.run.params.get("timeout_s", config.timeout_seconds))
-        signum = int(ctx.run.params.get("signal", config.signal_number))
-        await ctx.platform.stop(handle, timeout_s, signum)
+        timeout_s = config.timeout_seconds if self.timeout_s is None else self.timeout_s
+        signum = config.signal_number if self.signum is None else self.signum
+        await self.platform.stop(handle, timeout_s, signum)
 
 
+@dataclass(frozen=True)
 class RecordExit:
-    """Record how the guest ended, once per boot."""
+    """Record how the guest ended, once per boot (why it said nothing, when it did not).
+    ``requested``: a stop someone asked for."""
 
-    name = "record_exit"
+    platform: GuestPlatform
+    requested: bool
+    name: str = "record_exit"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        if ctx.run.data.get("exit_recorded"):
+        if ctx.run.progress.exit_recorded:
             return False
-        return ctx.store.get_vm_handle(ctx.run.machine_id) is not None
+        return ctx.runs.get_vm_handle(ctx.run.machine_id) is not None
 
     async def run(self, ctx: StepContext) -> None:
-        outcome = ctx.platform.guest_exit(ctx.run_dir)
-        requested = ctx.run.operation != "exit"
+        handle = ctx.runs.get_vm_handle(ctx.run.machine_id)
+        assert handle is not None, "should_run saw it"
+        outcome = await self.platform.guest_exit(handle)
         exit_event: dict[str, Any] = {
             "exit_code": outcome.exit_code if outcome.exit_code is not None else -1,
             "guest_exit_code": outcome.exit_code,
-            "requested_stop": requested,
+            "requested_stop": self.requested,
             "exited_at": int(ctx.clock.now() * 1000),
         }
         if outcome.guest_error:
             exit_event["guest_error"] = outcome.guest_error
         ctx.record_event("exit", "stopped", {"exit_event": exit_event})
-        ctx.run.data["exit_code"] = outcome.exit_code
-        ctx.run.data["exit_recorded"] = True
+        ctx.run.progress.exit_code = outcome.exit_code
+        ctx.run.progress.exit_recorded = True
 
 
+@dataclass(frozen=True)
 class ReleaseVm:
     """Make sure no VMM runs for this machine, then free its per-boot files and handle."""
 
-    name = "release_vm"
+    host: HostServices
+    name: str = "release_vm"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        if ctx.store.get_vm_handle(ctx.run.machine_id) is not None:
+        if ctx.runs.get_vm_handle(ctx.run.machine_id) is not None:
             return True
-        return any((ctx.run_dir / name).exists() for name in RunDirLayout.BOOT_FILES)
+        run_dir = self.host.run_dir(ctx.run.machine_id)
+        return any((run_dir / name).exists() for name in RunDir.BOOT_FILES)
 
     async def run(self, ctx: StepContext) -> None:
-        handle = ctx.store.get_vm_handle(ctx.run.machine_id)
+        handle = ctx.runs.get_vm_handle(ctx.run.machine_id)
         if handle is not None:
-            await ctx.platform.kill(handle)
-        kill_unrecorded_vmms(ctx)
-        for name in RunDirLayout.BOOT_FILES:
-            (ctx.run_dir / name).unlink(missing_ok=True)
-        ctx.store.delete_vm_handle(ctx.run.machine_id)
+            await self.host.platform.kill(handle)
+        kill_unrecorded_vmms(self.host, ctx)
+        run_dir = self.host.run_dir(ctx.run.machine_id)
+        for name in RunDir.BOOT_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        ctx.runs.delete_vm_handle(ctx.run.machine_id)
 
 
+@dataclass(frozen=True)
 class RemoveRunDir:
-    name = "remove_run_dir"
+    run_dir: Path
+    name: str = "remove_run_dir"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return ctx.run_dir.exists()
+        return self.run_dir.exists()
 
     async def run(self, ctx: StepContext) -> None:
-        shutil.rmtree(ctx.run_dir, ignore_errors=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+@dataclass(frozen=True)
 class DropLease:
-    name = "drop_lease"
+    name: str = "drop_lease"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return ctx.store.get_lease(ctx.run.machine_id) is not None
+        return ctx.machines.get_lease(ctx.run.machine_id) is not None
 
     async def run(self, ctx: StepContext) -> None:
-        ctx.store.delete_lease(ctx.run.machine_id)
+        ctx.machines.delete_lease(ctx.run.machine_id)
 
 
+@dataclass(frozen=True)
 class ApplyConfig:
-    """Make the run's config the machine's current version (the old one is kept as replaced)."""
+    """Make ``config`` the machine's version ``version`` with a new ``instance_id`` (the old
+    version is kept as replaced), in one store transaction: the version that ``should_run``
+    looks at and the instance id can never disagree."""
 
-    name = "apply_config"
+    config: MachineConfig
+    version: int
+    instance_id: str
+    name: str = "apply_config"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return ctx.machine().version < int(ctx.run.params["version"])
+        return ctx.machine().version < self.version
 
     async def run(self, ctx: StepContext) -> None:
-        from hangar.model.config import MachineConfig
-
-        machine = ctx.machine()
-        machine.config = MachineConfig.model_validate(ctx.run.params["config"])
-        machine.version = int(ctx.run.params["version"])
-        machine.instance_id = str(ctx.run.params["instance_id"])
-        ctx.store.save_config_version(machine, ctx.clock.now())
-        machine = ctx.machine()
-        machine.instance_id = str(ctx.run.params["instance_id"])
-        ctx.store.save_machine(machine)
-        ctx.record_event("update", "updated", {"version": machine.version})
+        ctx.machines.apply_config_version(
+            ctx.run.machine_id, self.config, self.version, self.instance_id, ctx.clock.now()
+        )
+        ctx.record_event("update", "updated", {"version": self.version})
         ctx.notify()
 
 
+@dataclass(frozen=True)
 class MarkFailed:
     """Rollback's last step: the machine ends failed, with the reason the run recorded."""
 
-    name = "mark_failed"
+    name: str = "mark_failed"
 
     async def should_run(self, ctx: StepContext) -> bool:
         return ctx.machine().state not in (MachineState.FAILED, MachineState.LAUNCH_FAILED)
@@ -252,15 +389,18 @@ class MarkFailed:
     async def run(self, ctx: StepContext) -> None:
         reason = ctx.run.error or "operation failed"
         state = (
-            MachineState.LAUNCH_FAILED if reason.startswith(LaunchVm.name) else MachineState.FAILED
+            MachineState.LAUNCH_FAILED
+            if reason.startswith(LaunchVm.name + ":")
+            else MachineState.FAILED
         )
         ctx.transition(
             state, "launch" if ctx.run.operation == "create" else ctx.run.operation, reason=reason
         )
 
 
+@dataclass(frozen=True)
 class MarkStoppedAfterFailure:
-    name = "mark_stopped"
+    name: str = "mark_stopped"
 
     async def should_run(self, ctx: StepContext) -> bool:
         return ctx.machine().state != MachineState.STOPPED
@@ -269,41 +409,40 @@ class MarkStoppedAfterFailure:
         ctx.transition(MachineState.STOPPED, "stop", reason=ctx.run.error)
 
 
+@dataclass(frozen=True)
 class ApplyRestartPolicy:
     """After a guest exits on its own: restart it, destroy it, or leave it stopped."""
 
-    name = "apply_restart_policy"
+    name: str = "apply_restart_policy"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return "restart_decision" not in ctx.run.data
+        return ctx.run.progress.restart_decision is None
 
     async def run(self, ctx: StepContext) -> None:
         machine = ctx.machine()
         policy = machine.config.restart
-        exit_code = ctx.run.data.get("exit_code")
-        failed = exit_code != 0
+        exit_code = ctx.run.progress.exit_code
         now = ctx.clock.now()
         recent_restarts = [
             event
-            for event in ctx.store.list_events(machine.id)
+            for event in ctx.machines.list_events(machine.id)
             if event.type == "restart" and event.timestamp >= (now - RESTART_WINDOW_S) * 1000
         ]
         restart = policy.policy == "always" or (
             policy.policy == "on-failure"
-            and failed
+            and exit_code != 0
             and len(recent_restarts) < policy.effective_max_retries
         )
         if restart:
-            decision = "restart"
+            ctx.run.progress.restart_decision = "restart"
             ctx.record_event(
                 "restart", "starting", {"policy": policy.policy, "exit_code": exit_code}
             )
-            ctx.submit(new_run(machine.id, "start", now, run_id=f"{ctx.run.id}.restart"))
+            ctx.submit(new_run(machine.id, StartRequest(), now, run_id=f"{ctx.run.id}.restart"))
         elif machine.config.auto_destroy:
-            decision = "destroy"
+            ctx.run.progress.restart_decision = "destroy"
             ctx.submit(
-                new_run(machine.id, "destroy", now, {"force": True}, run_id=f"{ctx.run.id}.destroy")
+                new_run(machine.id, DestroyRequest(force=True), now, run_id=f"{ctx.run.id}.destroy")
             )
         else:
-            decision = "stay_stopped"
-        ctx.run.data["restart_decision"] = decision
+            ctx.run.progress.restart_decision = "stay_stopped"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from hangar.api.scopes import Scope
 from hangar.api.services.tokens import TokenService
 from hangar.errors import Forbidden, NotFound, Unauthenticated
-from hangar.store.protocol import ApiToken, App, ClusterStore, TokenKind
+from hangar.store.protocol import ApiToken, App, MachineStore, TokenKind
 
 
 def app_not_found(name: str) -> NotFound:
@@ -68,7 +68,7 @@ def bearer_secret(authorization: str | None) -> str:
 
 
 class AccessPolicy:
-    def __init__(self, tokens: TokenService, cluster: ClusterStore) -> None:
+    def __init__(self, tokens: TokenService, cluster: MachineStore) -> None:
         self._tokens = tokens
         self._cluster = cluster
 

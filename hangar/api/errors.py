@@ -12,25 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hangar.errors import HangarError, RateLimited, Unauthenticated
+from hangar.errors import HTTP_STATUS_CODES, HangarError, Unauthenticated
 
 log = logging.getLogger(__name__)
-
-
-_STATUS_CODES = {
-    400: "invalid_request",
-    401: "unauthenticated",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "deadline_exceeded",
-    409: "conflict",
-    412: "failed_precondition",
-    413: "request_too_large",
-    415: "unsupported_media_type",
-    422: "unprocessable_entity",
-    429: "rate_limited",
-}
 
 
 def error_response(
@@ -39,7 +23,7 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    status = code or _STATUS_CODES.get(http_status, "internal_error")
+    status = code or HTTP_STATUS_CODES.get(http_status, HTTP_STATUS_CODES[500])
     # Messages can quote input; a lone surrogate in it would not encode, so escape it.
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse(
@@ -50,8 +34,9 @@ def error_response(
 def hangar_error_response(exc: HangarError) -> JSONResponse:
     """The response for ``exc``, with the headers its status calls for."""
     headers: dict[str, str] = {}
-    if isinstance(exc, RateLimited):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    retry_after_s = exc.fields.get("retry_after_s")
+    if isinstance(retry_after_s, int | float):
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     if isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = "Bearer"
     return error_response(exc.http_status, exc.message, exc.code, headers or None)

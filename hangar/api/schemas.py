@@ -9,8 +9,11 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hangar.model.config import MachineConfig, signal_number
+from hangar.model.config import MachineConfig, StopConfig, signal_number
+from hangar.model.duration import TokenLifetime
+from hangar.model.gpu_kinds import GPU_KINDS
 from hangar.model.machine import ImageRef, Machine, MachineEvent
+from hangar.model.services import CheckStatus
 from hangar.store.protocol import OrgQuotas, TokenKind
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -103,25 +106,8 @@ class UpdateMachineRequest(CreateMachineRequest):
     current_version: str | None = None
 
 
-class StopRequest(Body):
-    signal: str | None = None
-    timeout: Any = None
-
-    @field_validator("signal")
-    @classmethod
-    def _signal(cls, value: str | None) -> str | None:
-        if value is not None:
-            signal_number(value)
-        return value
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, value: object) -> object:
-        from hangar.model.config import parse_duration_seconds
-
-        if value is not None:
-            parse_duration_seconds(value)
-        return value
+class StopRequest(StopConfig, Body):
+    """``POST .../stop``: the same fields as ``config.stop_config``, for this stop only."""
 
 
 class SignalRequest(Body):
@@ -147,11 +133,6 @@ class OkResponse(BaseModel):
     ok: bool = True
 
 
-class ErrorBody(BaseModel):
-    error: str
-    status: str
-
-
 class OrganizationView(BaseModel):
     name: str
     slug: str
@@ -163,6 +144,7 @@ class AppView(BaseModel):
     organization: OrganizationView
     status: str = "deployed"
     machine_count: int = 0
+    volume_count: int = 0
 
 
 class AppList(BaseModel):
@@ -198,6 +180,8 @@ class MachineView(BaseModel):
     host_status: str = "ok"
     version: int
     failure_reason: str = ""
+    cordoned: bool = False
+    checks: list[CheckStatus] = Field(default_factory=list)
 
     @classmethod
     def of(cls, machine: Machine, events: list[MachineEvent]) -> MachineView:
@@ -215,6 +199,8 @@ class MachineView(BaseModel):
             events=events,
             version=machine.version,
             failure_reason=machine.failure_reason,
+            cordoned=machine.cordoned,
+            checks=machine.checks,
         )
 
 
@@ -236,12 +222,12 @@ class QuotasRequest(Body):
     machines: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
     memory_mb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
     gpus: dict[str, Annotated[int, Field(ge=0, le=100_000)]] = Field(default_factory=dict)
+    volumes: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    volume_gb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
 
     @field_validator("gpus")
     @classmethod
     def _known_kinds(cls, value: dict[str, int]) -> dict[str, int]:
-        from hangar.devices.catalog import GPU_KINDS
-
         known = {kind.name for kind in GPU_KINDS}
         for kind in value:
             if kind not in known:
@@ -251,13 +237,21 @@ class QuotasRequest(Body):
         return value
 
     def quotas(self) -> OrgQuotas:
-        return OrgQuotas(machines=self.machines, memory_mb=self.memory_mb, gpus=dict(self.gpus))
+        return OrgQuotas(
+            machines=self.machines,
+            memory_mb=self.memory_mb,
+            gpus=dict(self.gpus),
+            volumes=self.volumes,
+            volume_gb=self.volume_gb,
+        )
 
 
 class OrgUsageView(BaseModel):
     machines: int
     memory_mb: int
     gpus: dict[str, int]
+    volumes: int = 0
+    volume_gb: int = 0
 
 
 class OrgDetail(BaseModel):
@@ -276,7 +270,7 @@ class CreateTokenRequest(Body):
     org_slug: str
     app_name: str | None = None
     read_only: bool = False
-    expires_in: str | None = None
+    expires_in: TokenLifetime | None = None
     """``90s``, ``30m``, ``24h``, ``7d``...; absent: the token does not expire."""
     description: Annotated[str, Field(max_length=256)] = ""
 
@@ -284,15 +278,6 @@ class CreateTokenRequest(Body):
     @classmethod
     def _names(cls, value: str | None) -> str | None:
         return None if value is None else _valid_name(value)
-
-    @field_validator("expires_in")
-    @classmethod
-    def _ttl(cls, value: str | None) -> str | None:
-        from hangar.api.services.tokens import parse_ttl
-
-        if value is not None:
-            parse_ttl(value)
-        return value
 
 
 class TokenView(BaseModel):

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from hangar.scheduler.bench_cli import mixes, placement, replay
+from hangar.bench.placement import placement
+from hangar.bench.trace import mixes, replay
 
 bench_app = typer.Typer(
     help="Benchmarks (medians and ratios against a baseline).", no_args_is_help=True
@@ -22,7 +23,8 @@ def bench_boot(
         str | None, typer.Option(help="Image to boot (default: a busybox image built now).")
     ] = None,
 ) -> None:
-    """Plain QEMU vs hangar start vs hangar create, same kernel, initrd and rootfs."""
+    """Plain QEMU vs hangar start vs hangar create vs resume of a suspended guest, same
+    kernel, initrd and rootfs."""
     from hangar.bench.boot import run_boot_bench
     from hangar.images.build import build_busybox_image
 
@@ -36,6 +38,38 @@ def bench_boot(
     typer.echo(result.report())
 
 
+@bench_app.command("volume")
+def bench_volume(
+    rounds: Annotated[int, typer.Option("--rounds", "-n", min=1, max=50)] = 9,
+    image: Annotated[
+        str | None, typer.Option(help="Image the guest runs (default: a busybox image built now).")
+    ] = None,
+    folder: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Where the disk images go (default: the temporary folder)."),
+    ] = None,
+) -> None:
+    """Guest disk I/O: a raw file vs a hangar volume vs an encrypted one, one QEMU line."""
+    from hangar.bench.volume import volume_bench
+
+    typer.echo(volume_bench(rounds, image, folder))
+
+
 bench_app.command("placement")(placement)
 bench_app.command("mixes")(mixes)
 bench_app.command("replay")(replay)
+
+
+@bench_app.command("proxy")
+def bench_proxy(
+    connections: Annotated[int, typer.Option("--connections", "-c", min=1, max=1000)] = 32,
+    seconds: Annotated[float, typer.Option("--seconds", min=1, max=60)] = 5.0,
+    runs: Annotated[int, typer.Option("--runs", "-n", min=1, max=20)] = 3,
+    haproxy_threads: Annotated[int, typer.Option("--haproxy-threads", min=1, max=64)] = 1,
+    wake_runs: Annotated[int, typer.Option("--wake-runs", min=1, max=50)] = 9,
+) -> None:
+    """Direct vs HAProxy vs hangar's proxy on one backend in a network namespace (root)."""
+    from hangar.bench.proxy import run_proxy_bench
+
+    result = run_proxy_bench(connections, seconds, runs, haproxy_threads, wake_runs)
+    typer.echo(result.report())

@@ -1,35 +1,47 @@
 """The CLI's only way to hangar: HTTP to the Machines API.
 
-Configured by ``HANGAR_API_URL`` and ``HANGAR_API_TOKEN``; without a token it uses the
-operator token the local server wrote to ``$HANGAR_HOME/operator.token``, when readable.
+Configured by ``HANGAR_API_URL`` and ``HANGAR_API_TOKEN``. Without a token, and only when the
+API URL is this host's loopback, it uses the operator token the local server wrote to
+``$HANGAR_HOME/operator.token``: the operator's secret never goes to another address.
 A 429 is waited out (its ``Retry-After``) and retried a few times.
 """
 
 from __future__ import annotations
 
-import os
+import ipaddress
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from hangar.paths import hangar_home
+from hangar.settings import Settings
 
-DEFAULT_API_URL = "http://127.0.0.1:4280"
-OPERATOR_TOKEN_FILE = "operator.token"
 RATE_LIMIT_RETRIES = 5
 MAX_RETRY_WAIT_S = 10.0
 
 
-def default_token(home: Path | None = None) -> str | None:
-    """``HANGAR_API_TOKEN``, else the local operator token file, else none."""
-    token = os.environ.get("HANGAR_API_TOKEN")
-    if token:
-        return token
+def is_loopback_url(url: str) -> bool:
+    """True for ``http(s)://`` URLs whose host is ``localhost`` or a loopback address."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
     try:
-        return (home or hangar_home()).joinpath(OPERATOR_TOKEN_FILE).read_text().strip() or None
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_token(settings: Settings) -> str | None:
+    """``HANGAR_API_TOKEN``, else (for a loopback API URL only) the local operator token
+    file, else none."""
+    if settings.api_token:
+        return settings.api_token
+    if not is_loopback_url(settings.api_url):
+        return None
+    try:
+        return settings.operator_token_file.read_text().strip() or None
     except OSError:
         return None
 
@@ -56,14 +68,18 @@ class HangarClient:
         token: str | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        settings: Settings | None = None,
     ) -> None:
         headers = {}
         self._sleep = sleep
-        token = token if token is not None else default_token()
+        if base_url is None or token is None:
+            settings = settings or Settings()
+            base_url = base_url or settings.api_url
+            token = token if token is not None else default_token(settings)
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
-            base_url=base_url or os.environ.get("HANGAR_API_URL", DEFAULT_API_URL),
+            base_url=base_url,
             headers=headers,
             timeout=httpx.Timeout(75.0, connect=5.0),
             transport=transport,
@@ -158,6 +174,57 @@ class HangarClient:
 
     def follow_logs(self, app: str, machine_id: str) -> Iterator[str]:
         return self.stream_text(self.machines_path(app, machine_id, "logs"), {"follow": "true"})
+
+    def runs(self, app: str, machine_id: str) -> Any:
+        return self.request("GET", self.machines_path(app, machine_id, "runs"))
+
+    # usage
+    def usage(
+        self, org_slug: str, start: str | None, end: str | None, group_by: str = "app"
+    ) -> Any:
+        params = {"group_by": group_by}
+        if start is not None:
+            params["from"] = start
+        if end is not None:
+            params["to"] = end
+        return self.request("GET", f"/v1/orgs/{org_slug}/usage", params=params)
+
+    # volumes
+    def volumes_path(self, app: str, volume_id: str = "", verb: str = "") -> str:
+        path = f"/v1/apps/{app}/volumes"
+        if volume_id:
+            path += f"/{volume_id}"
+        if verb:
+            path += f"/{verb}"
+        return path
+
+    def create_volume(self, app: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", self.volumes_path(app), json=body)
+
+    def list_volumes(self, app: str, include_deleted: bool = False) -> Any:
+        return self.request(
+            "GET", self.volumes_path(app), params={"include_deleted": include_deleted}
+        )
+
+    def get_volume(self, app: str, volume_id: str) -> Any:
+        return self.request("GET", self.volumes_path(app, volume_id))
+
+    def update_volume(self, app: str, volume_id: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", self.volumes_path(app, volume_id), json=body)
+
+    def extend_volume(self, app: str, volume_id: str, size_gb: int) -> Any:
+        return self.request(
+            "PUT", self.volumes_path(app, volume_id, "extend"), json={"size_gb": size_gb}
+        )
+
+    def delete_volume(self, app: str, volume_id: str) -> Any:
+        return self.request("DELETE", self.volumes_path(app, volume_id))
+
+    def list_snapshots(self, app: str, volume_id: str) -> Any:
+        return self.request("GET", self.volumes_path(app, volume_id, "snapshots"))
+
+    def create_snapshot(self, app: str, volume_id: str) -> Any:
+        return self.request("POST", self.volumes_path(app, volume_id, "snapshots"))
 
     # orgs, tokens, audit
     def create_org(self, slug: str, name: str | None = None) -> Any:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel, computed_field
 
-from hangar.devices.catalog import GpuKind, gpu_kind_for_device_id, nvswitch_name, unknown_gpu_kind
+from hangar.devices.groups import read_gpu_group
+from hangar.devices.hostpaths import HostPaths
 from hangar.devices.iommu import (
     GroupMember,
     classify_functions,
     group_bdfs,
-    group_problem,
     iommu_groups_present,
 )
 from hangar.devices.nvml import (
@@ -39,6 +39,7 @@ from hangar.devices.readiness import (
 from hangar.devices.reset import reset_method_problem
 from hangar.devices.sysfs import SysfsRoot
 from hangar.devices.topology import NvlinkPlacement, NvlinkSource, nvlink_domains
+from hangar.model.gpu_kinds import GpuKind, gpu_kind_for_device_id, nvswitch_name, unknown_gpu_kind
 
 IOMMU_OFF = "IOMMU is off on this host (no IOMMU groups): VFIO cannot pass GPUs through"
 
@@ -74,6 +75,9 @@ class Gpu(BaseModel):
     mig_mode_pending: MigMode | None = None
     mig_instances: list[MigInstance] = []
     """Slices for the sandbox tier; never passed to VFIO."""
+    nvml: NvmlGpu | None = None
+    """NVML's whole report (ECC, row remapping, recovery action, fabric state, module id);
+    None when NVML does not see the GPU."""
     nvml_errors: list[str] = []
     available: bool
     """Fit for VFIO passthrough on this host."""
@@ -118,8 +122,10 @@ def read_inventory(
     nvml: NvmlReader | None = None,
     runner: CommandRunner | None = None,
     hypervisor_binary: str = QEMU_BINARY,
+    paths: HostPaths | None = None,
 ) -> HostInventory:
-    """Inventory the host. Reads only: nothing is written to sysfs and NVML is only queried."""
+    """Inventory the host. Reads only: nothing is written to sysfs and NVML is only queried.
+    ``paths`` locates the host's ``/dev`` and ``/proc`` (by default beside the sysfs root)."""
     sysfs = sysfs or SysfsRoot()
     runner = runner or SubprocessRunner()
     devices = list_pci_devices(sysfs)
@@ -133,7 +139,7 @@ def read_inventory(
     iommu_enabled = iommu_groups_present(sysfs) or any(
         device.iommu_group is not None for device in devices
     )
-    vfio = probe_vfio(sysfs, runner)
+    vfio = probe_vfio(sysfs, runner, paths)
     hypervisor = probe_hypervisor(runner, hypervisor_binary)
     host_reasons = _host_reasons(iommu_enabled, vfio, hypervisor)
 
@@ -149,6 +155,7 @@ def read_inventory(
             device,
             kinds[device.bdf],
             _group_members(sysfs, device, by_bdf),
+            _group_problems(sysfs, device),
             placements[device.bdf],
             report.gpu_at(device.bdf),
             host_reasons,
@@ -190,25 +197,28 @@ def _group_members(
     return classify_functions(in_group or [device])
 
 
+def _group_problems(sysfs: SysfsRoot, device: PciDevice) -> list[str]:
+    """Why the GPU's group cannot go to a tenant: foreign members, or any member (the GPU,
+    an HD-audio companion) that cannot be reset between tenants."""
+    if device.iommu_group is None:
+        problem = reset_method_problem(device.reset_methods)
+        return [] if problem is None else [f"cannot be reset between tenants: {problem}"]
+    return read_gpu_group(sysfs, device.iommu_group).problems
+
+
 def _gpu(
     device: PciDevice,
     kind: GpuKind,
     members: list[GroupMember],
+    group_problems: list[str],
     placement: NvlinkPlacement,
     nvml: NvmlGpu | None,
     host_reasons: list[str],
 ) -> Gpu:
     reasons = list(host_reasons)
-    if device.iommu_group is None:
-        if IOMMU_OFF not in reasons:
-            reasons.append("no IOMMU group for this GPU")
-    else:
-        problem = group_problem(device.iommu_group, members)
-        if problem is not None:
-            reasons.append(problem)
-    reset_problem = reset_method_problem(device.reset_methods)
-    if reset_problem is not None:
-        reasons.append(f"cannot be reset between tenants: {reset_problem}")
+    if device.iommu_group is None and IOMMU_OFF not in reasons:
+        reasons.append("no IOMMU group for this GPU")
+    reasons.extend(group_problems)
     if nvml is not None and nvml.mig_mode == "enabled":
         reasons.append("MIG mode is on: its instances serve the sandbox tier, not VFIO")
     return Gpu(
@@ -229,6 +239,7 @@ def _gpu(
         mig_mode=nvml.mig_mode if nvml else "unknown",
         mig_mode_pending=nvml.mig_mode_pending if nvml else None,
         mig_instances=nvml.mig_instances if nvml else [],
+        nvml=nvml,
         nvml_errors=nvml.errors if nvml else [],
         available=not reasons,
         unavailable_reasons=reasons,

@@ -41,8 +41,8 @@ def _readiness_table(inventory: HostInventory) -> Table:
         "" if inventory.iommu_enabled else "no IOMMU groups in sysfs",
     )
     table.add_row(
-        "vfio-pci",
-        _yes_no(inventory.vfio.available, "available", "missing"),
+        "VFIO",
+        _yes_no(inventory.vfio.available, "ready", "not ready"),
         inventory.vfio.detail,
     )
     table.add_row(

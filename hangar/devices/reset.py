@@ -1,19 +1,22 @@
-"""Handoff between tenants: reset a GPU's functions, verify they came back, then scrub.
+"""Function resets of a GPU group, verified, and the one guard before every reset write.
 
 The reset goes through each function's ``reset`` attribute, after checking that
-``reset_method`` lists FLR, PM or bus reset; the kernel then tries the listed methods in
-its own order (hangar never rewrites ``reset_method``). Verification reads the function's
-config space (its first bytes must be the vendor and device ids sysfs recorded at boot),
-checks the function is still present and bound to the expected driver. A function that
-fails any of this puts the GPU in quarantine; the caller records that.
+``reset_method`` lists FLR, PM or bus reset, and only while the function is bound to
+vfio-pci or to no driver (:func:`reset_guard`): the nvidia driver has no
+reset_prepare/reset_done hooks, so resetting a GPU under it gives Xid errors or hangs the
+host. Verification reads the function's config space (its first bytes must be the vendor
+and device ids sysfs recorded at boot), checks the function is still present and bound to
+the expected driver. A function that fails any of this puts the GPU in quarantine.
 
-The scrub step is a hook. The only scrubber so far, :class:`VerifyOnlyScrubber`, overwrites
-nothing: it relies on the reset and the checks above.
+A function reset is not a scrub: FLR does not clear GPU memory (and vfio-pci already does
+one when QEMU closes the device). Clearing memory is :mod:`hangar.devices.scrub`'s job;
+:class:`VerifyOnlyScrubber` only keeps the older per-GPU handoff running until the agent
+moves to it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from pydantic import BaseModel
@@ -26,6 +29,7 @@ from hangar.devices.sysfs import SysfsRoot
 from hangar.errors import DeviceError
 
 ACCEPTED_RESET_METHODS = ("flr", "pm", "bus")
+RESETTABLE_DRIVERS = (VFIO_PCI, None)
 
 _CONFIG_ID_BYTES = 4
 _ABSENT_VENDOR_ID = 0xFFFF
@@ -46,6 +50,21 @@ def reset_method_problem(listed: list[str] | None) -> str | None:
     return None
 
 
+def reset_guard(sysfs: SysfsRoot, bdfs: Sequence[str], action: str = "reset") -> None:
+    """Raise unless every function is bound to vfio-pci or to nothing (``reason``:
+    ``host_driver_bound``): checked before anything hangar writes that resets a device."""
+    bound = {bdf: read_pci_device(sysfs, bdf).driver for bdf in bdfs}
+    wrong = {bdf: driver for bdf, driver in bound.items() if driver not in RESETTABLE_DRIVERS}
+    if wrong:
+        shown = ", ".join(f"{bdf} is bound to {driver}" for bdf, driver in wrong.items())
+        raise DeviceError(
+            f"refusing to {action}: {shown} (only vfio-pci or no driver may be reset)",
+            reason="host_driver_bound",
+            drivers=wrong,
+            retry=False,
+        )
+
+
 class ScrubResult(BaseModel):
     method: str
     ok: bool
@@ -57,7 +76,8 @@ class Scrubber(Protocol):
 
 
 class VerifyOnlyScrubber:
-    """Overwrites nothing: GPU memory is not cleared beyond what the reset does."""
+    """Overwrites nothing and clears nothing: kept for the per-GPU handoff only. The group
+    handoff scrubs with :func:`hangar.devices.scrub.scrub`."""
 
     def scrub(self, sysfs: SysfsRoot, gpu_bdf: str) -> ScrubResult:
         return ScrubResult(
@@ -160,6 +180,8 @@ def _reset_function(sysfs: SysfsRoot, bdf: str, expected_driver: str | None) -> 
             problems=["device not present"],
         )
     refusal = reset_method_problem(device.reset_methods)
+    if refusal is None and device.driver not in RESETTABLE_DRIVERS:
+        refusal = f"bound to the host driver {device.driver}, which cannot survive a reset"
     if refusal is not None:
         return FunctionReset(
             bdf=bdf,

@@ -68,9 +68,6 @@ class SysfsRoot:
     def exists(self, relpath: str) -> bool:
         return self.path(relpath).exists()
 
-    def is_link(self, relpath: str) -> bool:
-        return self.path(relpath).is_symlink()
-
     def read_text(self, relpath: str) -> str | None:
         """The attribute's content without trailing whitespace; None when absent or unreadable."""
         try:
@@ -108,3 +105,8 @@ class SysfsRoot:
 
     def write(self, relpath: str, data: str) -> None:
         self.writer.write(self.root, relpath, data)
+
+
+def write_attribute(root: str, relpath: str, data: str) -> None:
+    """Device worker target (:mod:`hangar.devices.worker`): one write, as FileWriter makes it."""
+    FileWriter().write(Path(root), relpath, data)

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from hangar.devices.catalog import GpuKind
+from hangar.model.gpu_kinds import GpuKind
 
 NvlinkSource = Literal["nvml", "sysfs"]
 

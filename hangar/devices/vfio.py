@@ -80,9 +80,12 @@ def bind_group_to_vfio(
             raise DeviceError(
                 f"binding {gpu_bdf}'s IOMMU group to vfio-pci failed at {function.bdf}: "
                 f"{error.message}",
-                bdf=function.bdf,
-                gpu_bdf=gpu_bdf,
-                binding=binding.model_copy(update={"changed": True}).model_dump(),
+                **{
+                    **error.fields,  # timed_out, errno, reason: why the write failed
+                    "bdf": function.bdf,
+                    "gpu_bdf": gpu_bdf,
+                    "binding": binding.model_copy(update={"changed": True}).model_dump(),
+                },
             ) from error
     return binding.model_copy(update={"changed": changed})
 

@@ -6,10 +6,19 @@ as below, or a ready ext4 image of one. ::
     manifest.json     {"driver_version": "550.90.07",
                        "kernel_version": "6.1.0-28-cloud-amd64",
                        "modules": ["nvidia", "nvidia_uvm", "nvidia_modeset"],
-                       "libraries": "lib", "binaries": "bin"}
+                       "libraries": "lib", "binaries": "bin", "firmware": "firmware"}
     modules/NAME.ko   one file per entry of ``modules``; the guest loads them in that order
     lib/              user-space libraries (``libraries``, relative; default ``lib``)
     bin/              tools such as nvidia-smi (``binaries``, relative; default ``bin``)
+    firmware/         firmware the modules load (``firmware``; default ``firmware``), laid out
+                      as under /lib/firmware: ``nvidia/<driver_version>/gsp_*.bin``
+
+Current NVIDIA drivers boot the GPU's GSP firmware (``nvidia/<version>/gsp_*.bin``) while
+probing it; without it a Hopper GPU does not initialise. So the bundle must ship the GSP
+firmware of its driver version, and every firmware file a module names (``modinfo -F
+firmware``, checked when ``modinfo`` can read the module). The guest's init points the
+kernel's firmware search path (``firmware_class.path``) at the bundle's folder before it
+loads the modules.
 
 ``kernel_version`` must equal the guest kernel's version (its ``lib/modules`` folder name):
 modules built for another kernel do not load. A module the NVIDIA modules need from the
@@ -22,18 +31,23 @@ guest's init reads. A ready image is used as it is, so it must hold that file as
 ``build_driver_bundle_disk`` writes such an image from a directory.
 
 The guest gets the image as its first extra disk (``/dev/vdb``), read-only, when its
-``GuestRunConfig.driver_bundle`` is set; ``guest/init`` says what it does with it.
+``GuestRunConfig.driver_bundle`` is set; ``guest/init`` says what it does with it. A
+machine given one GPU of an NVSwitch baseboard boots with :data:`NVLINK_OFF_KERNEL_ARG`
+on its kernel command line: init then loads ``nvidia`` with ``NVreg_NvLinkDisable=1``
+(alone on the board, its driver would wait for a fabric that never comes). The guest also
+forwards the driver's Xid lines to the host as ``{"type": "xid", "line": ...}`` control
+events (``guest/xid-events``).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import re
 import shlex
 import shutil
 import stat
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -44,15 +58,19 @@ from hangar.images.cachedir import build_once, scratch_dir
 from hangar.images.kernel import GuestKernel
 from hangar.images.rootfs import make_ext4
 from hangar.images.runner import CommandError, CommandRunner, run_command, stdout_bytes
+from hangar.model.guest_contract import CmdlineKey
+from hangar.settings import env_name
 
-DRIVER_BUNDLE_SETTING = "HANGAR_GPU_DRIVER_BUNDLE"
+DRIVER_BUNDLE_SETTING = env_name("gpu_driver_bundle")
+NVLINK_OFF_KERNEL_ARG = f"{CmdlineKey.NVLINK}=off"
+GSP_FIRMWARE_GLOB = "gsp_*.bin"
 MANIFEST_NAME = "manifest.json"
 MODULES_DIR = "modules"
 GUEST_ENV_NAME = "hangar-driver.env"
 DISK_NAME = "bundle.ext4"
 CACHE_FOLDER = "driver-bundles"
 # Part of every content digest: a change to what hangar adds to the image rebuilds it.
-DISK_LAYOUT_VERSION = b"hangar-driver-bundle-1"
+DISK_LAYOUT_VERSION = b"hangar-driver-bundle-2"
 EXT4_MAGIC_OFFSET = 1024 + 0x38
 EXT4_MAGIC = b"\x53\xef"
 
@@ -67,7 +85,8 @@ class DriverBundleError(GuestBootError):
 
     ``fields``: ``bundle`` (its path, when known) and ``reason``, one of ``not_configured``,
     ``missing``, ``no_manifest``, ``bad_manifest``, ``missing_module``, ``missing_folder``,
-    ``kernel_mismatch``, ``not_ext4``, ``unreadable``, ``no_guest_env``, ``build_failed``.
+    ``missing_firmware``, ``kernel_mismatch``, ``not_ext4``, ``unreadable``,
+    ``no_guest_env``, ``build_failed``.
     """
 
     code = "driver_bundle_error"
@@ -83,6 +102,7 @@ class DriverBundleManifest(BaseModel):
     modules: list[str] = Field(min_length=1)
     libraries: str = "lib"
     binaries: str = "bin"
+    firmware: str = "firmware"
 
     @field_validator("driver_version", "kernel_version")
     @classmethod
@@ -101,7 +121,7 @@ class DriverBundleManifest(BaseModel):
             raise ValueError("lists a module twice")
         return value
 
-    @field_validator("libraries", "binaries")
+    @field_validator("libraries", "binaries", "firmware")
     @classmethod
     def _relative_dir(cls, value: str) -> str:
         if not _RELATIVE_DIR.fullmatch(value) or {".", ".."} & set(value.split("/")):
@@ -111,6 +131,11 @@ class DriverBundleManifest(BaseModel):
     def module_path(self, name: str) -> str:
         return f"{MODULES_DIR}/{name}.ko"
 
+    @property
+    def gsp_firmware_dir(self) -> str:
+        """Where the driver looks for its GSP firmware, inside the bundle."""
+        return f"{self.firmware}/nvidia/{self.driver_version}"
+
     def guest_env(self) -> str:
         """``hangar-driver.env``: what the guest's init sources from the bundle disk."""
         values = {
@@ -118,6 +143,7 @@ class DriverBundleManifest(BaseModel):
             "DRIVER_MODULES": " ".join(self.modules),
             "DRIVER_LIBRARIES": self.libraries,
             "DRIVER_BINARIES": self.binaries,
+            "DRIVER_FIRMWARE": self.firmware,
         }
         return "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
 
@@ -133,6 +159,14 @@ class _BundleTree(Protocol):
 
     def is_dir(self, relative: str) -> bool: ...
 
+    def names(self, relative: str) -> list[str]:
+        """The entries of a folder; empty when it is absent."""
+        ...
+
+    def local_path(self, relative: str) -> Path | None:
+        """The file on this host, when the bundle is a folder (for ``modinfo``)."""
+        ...
+
 
 class _DirectoryTree:
     def __init__(self, root: Path) -> None:
@@ -147,6 +181,13 @@ class _DirectoryTree:
 
     def is_dir(self, relative: str) -> bool:
         return (self.root / relative).is_dir()
+
+    def names(self, relative: str) -> list[str]:
+        folder = self.root / relative
+        return sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
+
+    def local_path(self, relative: str) -> Path | None:
+        return self.root / relative
 
 
 class _Ext4ImageTree:
@@ -182,11 +223,21 @@ class _Ext4ImageTree:
     def is_dir(self, relative: str) -> bool:
         return self._type(relative) in ("directory", "symlink")
 
+    def names(self, relative: str) -> list[str]:
+        if self._type(relative) != "directory":
+            return []
+        listing = self._debugfs(f"ls -p /{relative}")
+        # ls -p prints /inode/mode/uid/gid/name/size/ per entry
+        names = [line.split("/")[5] for line in listing.splitlines() if line.count("/") >= 6]
+        return sorted(name for name in names if name not in (".", ".."))
 
-def configured_driver_bundle(environ: Mapping[str, str] = os.environ) -> Path:
+    def local_path(self, relative: str) -> Path | None:
+        return None
+
+
+def configured_driver_bundle(configured: Path | None) -> Path:
     """The bundle ``$HANGAR_GPU_DRIVER_BUNDLE`` names; a GPU machine cannot start without one."""
-    configured = environ.get(DRIVER_BUNDLE_SETTING)
-    if not configured:
+    if configured is None:
         raise DriverBundleError(
             f"GPU machines need the NVIDIA driver for the guest kernel: set "
             f"{DRIVER_BUNDLE_SETTING} to a driver bundle (a folder with manifest.json, or an "
@@ -194,7 +245,7 @@ def configured_driver_bundle(environ: Mapping[str, str] = os.environ) -> Path:
             setting=DRIVER_BUNDLE_SETTING,
             reason="not_configured",
         )
-    return Path(configured)
+    return configured
 
 
 def is_ext4_image(path: Path) -> bool:
@@ -265,7 +316,11 @@ def load_bundle_manifest(
                 reason="missing_module",
                 module=name,
             )
-    for field, folder in (("libraries", manifest.libraries), ("binaries", manifest.binaries)):
+    for field, folder in (
+        ("libraries", manifest.libraries),
+        ("binaries", manifest.binaries),
+        ("firmware", manifest.firmware),
+    ):
         if not tree.is_dir(folder):
             raise DriverBundleError(
                 f"driver bundle {bundle}: {field} folder {folder} does not exist",
@@ -273,6 +328,7 @@ def load_bundle_manifest(
                 reason="missing_folder",
                 field=field,
             )
+    _check_firmware(bundle, manifest, tree, runner)
     if isinstance(tree, _Ext4ImageTree) and tree.read(GUEST_ENV_NAME) != (
         manifest.guest_env().encode()
     ):
@@ -283,6 +339,49 @@ def load_bundle_manifest(
             reason="no_guest_env",
         )
     return manifest
+
+
+def _check_firmware(
+    bundle: Path, manifest: DriverBundleManifest, tree: _BundleTree, runner: CommandRunner
+) -> None:
+    """The driver version's GSP firmware is there, and every firmware file a module names."""
+    gsp = [
+        name
+        for name in tree.names(manifest.gsp_firmware_dir)
+        if fnmatch.fnmatch(name, GSP_FIRMWARE_GLOB)
+    ]
+    if not gsp:
+        raise DriverBundleError(
+            f"driver bundle {bundle} has no GSP firmware ({manifest.gsp_firmware_dir}/"
+            f"{GSP_FIRMWARE_GLOB}): NVIDIA {manifest.driver_version} loads it while probing "
+            "a GPU, and a Hopper GPU does not initialise without it",
+            bundle=str(bundle),
+            reason="missing_firmware",
+            firmware=f"{manifest.gsp_firmware_dir}/{GSP_FIRMWARE_GLOB}",
+        )
+    for name in manifest.modules:
+        for wanted in module_firmware(tree.local_path(manifest.module_path(name)), runner):
+            if not tree.is_file(f"{manifest.firmware}/{wanted}"):
+                raise DriverBundleError(
+                    f"driver bundle {bundle}: module {name} loads firmware {wanted}, which "
+                    f"is not in {manifest.firmware}/",
+                    bundle=str(bundle),
+                    reason="missing_firmware",
+                    module=name,
+                    firmware=wanted,
+                )
+
+
+def module_firmware(module: Path | None, runner: CommandRunner = run_command) -> list[str]:
+    """The firmware files a kernel module names (``modinfo -F firmware``); empty when
+    ``modinfo`` cannot read it (then the guest's ``insmod`` says what is wrong)."""
+    if module is None:
+        return []
+    try:
+        listing = runner(["modinfo", "-F", "firmware", module])
+    except CommandError:
+        return []
+    return [line.strip() for line in listing.splitlines() if line.strip()]
 
 
 def check_bundle_for_kernel(manifest: DriverBundleManifest, kernel: GuestKernel) -> None:
@@ -369,12 +468,12 @@ def prepare_driver_bundle(
     kernel: GuestKernel,
     cache_dir: Path,
     *,
-    environ: Mapping[str, str] = os.environ,
+    bundle: Path | None,
     runner: CommandRunner = run_command,
 ) -> Path:
     """For a GPU machine: the configured bundle, checked against ``kernel``, as the disk to
     attach read-only as the guest's first extra disk (and set ``driver_bundle`` in its run
     config). Raises ``DriverBundleError`` rather than let a guest start without its driver."""
-    bundle = configured_driver_bundle(environ)
+    bundle = configured_driver_bundle(bundle)
     check_bundle_for_kernel(load_bundle_manifest(bundle, runner=runner), kernel)
     return ensure_driver_bundle_disk(bundle, cache_dir, runner=runner)

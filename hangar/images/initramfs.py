@@ -1,13 +1,18 @@
 """hangar's initramfs: a base archive per kernel (busybox, virtio modules, init), cached,
 plus a small per-machine archive appended to a copy of it (the kernel unpacks both).
 
-The guest contract (read by ``guest/init``):
+What ``guest/init`` reads (the names are the guest contract's, ``hangar.model.guest_contract``):
+- ``/etc/hangar/contract.env``: the contract itself, as shell assignments;
 - ``/etc/hangar/modules``: module files under ``/lib/modules``, one a line, in load order;
 - ``/hangar/run.json``: the machine's ``GuestRunConfig`` (for the record);
 - ``/hangar/run.env``: the same as shell assignments (``GuestRunConfig.shell_env``);
 - ``/hangar/hostname``, ``/hangar/hosts``: copied to the rootfs's /etc;
 - ``/hangar/files/I``: content of ``files[I]``;
-- ``/bin/hangar-nvidia-nodes``: lists the NVIDIA device nodes to create (``guest/nvidia-nodes``).
+- ``/bin/hangar-nvidia-nodes``: lists the NVIDIA device nodes to create (``guest/nvidia-nodes``);
+- ``/bin/hangar-xid-events``: turns the driver's Xid log lines into control events
+  (``guest/xid-events``).
+- ``/bin/hangar-volumes`` with e2fsprogs: only in the initrd of a machine with volumes, from
+  the volume tools archive (``volume_tools``) appended after the base.
 
 A GPU machine's driver bundle comes on a disk of its own (``driver_bundle``), not in the initrd.
 """
@@ -29,6 +34,7 @@ from hangar.images.cpio import NewcArchive
 from hangar.images.kernel import GuestKernel
 from hangar.images.run_config import GuestRunConfig
 from hangar.images.runner import CommandRunner, run_command
+from hangar.model.guest_contract import InitrdPath, contract_env
 
 GUEST_MODULES = (
     "virtio_ring",
@@ -38,23 +44,32 @@ GUEST_MODULES = (
     "virtio_pci",
     "virtio_blk",
     "virtio_console",
+    "failover",
+    "net_failover",
+    "virtio_net",
 )
 BASE_NAME = "base.cpio.gz"
-MODULE_LIST = "etc/hangar/modules"
+MODULE_LIST = InitrdPath.MODULE_LIST
 NVIDIA_NODES = "bin/hangar-nvidia-nodes"
+XID_EVENTS = "bin/hangar-xid-events"
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 
 
-def _guest_script(name: str) -> bytes:
+def guest_script(name: str) -> bytes:
+    """A file of ``hangar/images/guest``."""
     return resources.files("hangar.images").joinpath("guest", name).read_bytes()
 
 
 def init_script() -> bytes:
-    return _guest_script("init")
+    return guest_script("init")
 
 
 def nvidia_nodes_script() -> bytes:
-    return _guest_script("nvidia-nodes")
+    return guest_script("nvidia-nodes")
+
+
+def xid_events_script() -> bytes:
+    return guest_script("xid-events")
 
 
 def _module_name(path: str) -> str:
@@ -141,7 +156,9 @@ def base_archive(
         archive.file(f"lib/modules/{file_name}", module_bytes(kernel.modules_dir / relative))
         load_order.append(file_name)
     archive.file(MODULE_LIST, "".join(f"{name}\n" for name in load_order).encode())
+    archive.file(InitrdPath.CONTRACT_ENV, contract_env().encode())
     archive.file(NVIDIA_NODES, nvidia_nodes_script(), 0o755)
+    archive.file(XID_EVENTS, xid_events_script(), 0o755)
     archive.file("init", init_script(), 0o755)
     return archive
 
@@ -158,7 +175,8 @@ def ensure_base_initramfs(
     busybox or the module list change: they are part of the cache key)."""
     key = hashlib.sha256()
     module_list = "\n".join(modules).encode()
-    for part in (init_script(), nvidia_nodes_script(), busybox.read_bytes(), module_list):
+    scripts = (init_script(), nvidia_nodes_script(), xid_events_script())
+    for part in (*scripts, busybox.read_bytes(), module_list, contract_env().encode()):
         key.update(hashlib.sha256(part).digest())
     entry = cache_dir / "initramfs" / f"{kernel.version}-{key.hexdigest()[:16]}"
 
@@ -172,27 +190,34 @@ def ensure_base_initramfs(
 def machine_archive(run_config: GuestRunConfig) -> bytes:
     archive = NewcArchive()
     archive.directory("hangar", 0o700)
-    archive.file("hangar/run.json", run_config.model_dump_json().encode(), 0o600)
-    archive.file("hangar/run.env", run_config.shell_env().encode(), 0o600)
-    archive.file("hangar/hostname", f"{run_config.hostname}\n".encode(), 0o644)
-    archive.file("hangar/hosts", run_config.hosts_file().encode(), 0o644)
-    archive.directory("hangar/files", 0o700)
+    archive.file(InitrdPath.RUN_JSON, run_config.model_dump_json().encode(), 0o600)
+    archive.file(InitrdPath.RUN_ENV, run_config.shell_env().encode(), 0o600)
+    archive.file(InitrdPath.HOSTNAME, f"{run_config.hostname}\n".encode(), 0o644)
+    archive.file(InitrdPath.HOSTS, run_config.hosts_file().encode(), 0o644)
+    archive.directory(InitrdPath.FILES_DIR, 0o700)
     for index, guest_file in enumerate(run_config.files):
-        archive.file(f"hangar/files/{index}", guest_file.content(), 0o600)
+        archive.file(f"{InitrdPath.FILES_DIR}/{index}", guest_file.content(), 0o600)
     return archive.to_bytes()
 
 
-def machine_initrd(base_initrd: Path, run_config: GuestRunConfig, dest: Path) -> Path:
-    """``dest``: a copy of ``base_initrd`` with the machine's archive (uncompressed) appended.
+def machine_initrd(
+    base_initrd: Path,
+    run_config: GuestRunConfig,
+    dest: Path,
+    extra_archives: Sequence[Path] = (),
+) -> Path:
+    """``dest``: a copy of ``base_initrd``, then ``extra_archives`` (such as the volume tools,
+    for a machine with volumes), then the machine's archive (uncompressed).
 
-    The appended archive starts on a 4-byte boundary, as the kernel requires.
+    Each appended archive starts on a 4-byte boundary, as the kernel requires.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         with dest.open("wb") as out:
-            with base_initrd.open("rb") as base:
-                shutil.copyfileobj(base, out)
-            out.write(b"\0" * (-out.tell() % 4))
+            for archive in (base_initrd, *extra_archives):
+                with archive.open("rb") as part:
+                    shutil.copyfileobj(part, out)
+                out.write(b"\0" * (-out.tell() % 4))
             out.write(machine_archive(run_config))
     except BaseException:
         dest.unlink(missing_ok=True)

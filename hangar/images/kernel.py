@@ -8,9 +8,8 @@ and ``debian-cloud.json`` naming the version fetched, so later calls need no apt
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,9 +18,10 @@ from pydantic import BaseModel, ConfigDict
 from hangar.errors import GuestBootError
 from hangar.images.cachedir import build_once, scratch_dir, write_atomically
 from hangar.images.runner import CommandError, CommandRunner, run_command
+from hangar.settings import env_name
 
-KERNEL_ENV = "HANGAR_GUEST_KERNEL"
-MODULES_ENV = "HANGAR_GUEST_MODULES"
+KERNEL_ENV = env_name("guest_kernel")
+MODULES_ENV = env_name("guest_modules")
 DEBIAN_META_PACKAGE = "linux-image-cloud-amd64"
 POINTER_NAME = "debian-cloud.json"
 _KERNEL_PACKAGE = re.compile(r"\blinux-image-(\d[^\s,()]*-cloud-amd64)\b")
@@ -50,18 +50,19 @@ class _Pointer(BaseModel):
 def ensure_kernel(
     cache_dir: Path,
     *,
-    environ: Mapping[str, str] = os.environ,
+    vmlinuz: Path | None = None,
+    modules: Path | None = None,
     runner: CommandRunner = run_command,
 ) -> GuestKernel:
-    """``$HANGAR_GUEST_KERNEL`` (a vmlinuz) with ``$HANGAR_GUEST_MODULES`` (its
-    ``lib/modules/VERSION`` folder, with ``modules.dep``), else Debian's cloud kernel."""
-    configured = environ.get(KERNEL_ENV)
-    if configured:
-        return _configured_kernel(Path(configured), environ.get(MODULES_ENV))
+    """The operator's kernel (``vmlinuz``, ``$HANGAR_GUEST_KERNEL``) with its
+    ``lib/modules/VERSION`` folder (``modules``, ``$HANGAR_GUEST_MODULES``, with
+    ``modules.dep``), else Debian's cloud kernel."""
+    if vmlinuz is not None:
+        return _configured_kernel(vmlinuz, modules)
     return _debian_kernel(cache_dir / "kernels", runner)
 
 
-def _configured_kernel(vmlinuz: Path, modules: str | None) -> GuestKernel:
+def _configured_kernel(vmlinuz: Path, modules: Path | None) -> GuestKernel:
     if not vmlinuz.is_file():
         raise GuestBootError(f"{KERNEL_ENV}={vmlinuz} is not a file", setting=KERNEL_ENV)
     if not modules:
@@ -69,7 +70,7 @@ def _configured_kernel(vmlinuz: Path, modules: str | None) -> GuestKernel:
             f"{KERNEL_ENV} is set, so {MODULES_ENV} must name its lib/modules/VERSION folder",
             setting=MODULES_ENV,
         )
-    modules_dir = Path(modules)
+    modules_dir = modules
     if not (modules_dir / "modules.dep").is_file():
         raise GuestBootError(
             f"{MODULES_ENV}={modules_dir} has no modules.dep (run depmod for it)",

@@ -21,6 +21,20 @@ _NOT_FOUND_MARKERS = (
     "no such file or directory",
     "requested access to the resource is denied",
 )
+# What skopeo says when the registry did not answer (worth a retry), not when it said no.
+_UNREACHABLE_MARKERS = (
+    "connection refused",
+    "connection reset",
+    "i/o timeout",
+    "timeout awaiting",
+    "tls handshake timeout",
+    "no route to host",
+    "temporary failure",
+    "too many requests",
+    "service unavailable",
+    "bad gateway",
+    ": eof",
+)
 _INDEX_MEDIA_TYPES = {
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -38,6 +52,7 @@ def _image_error(ref: ImageRef, action: str, error: CommandError) -> ImageError:
         ref=str(ref),
         action=action,
         stderr=error.stderr,
+        retryable=any(marker in lowered for marker in _UNREACHABLE_MARKERS),
     )
 
 

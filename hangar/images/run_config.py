@@ -6,11 +6,13 @@ import base64
 import binascii
 import posixpath
 import shlex
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hangar.errors import Unprocessable
 from hangar.images.image_config import ImageConfig
+from hangar.model.config import check_mount_path
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -45,6 +47,19 @@ class GuestFile(BaseModel):
         return base64.b64decode(self.raw_value)
 
 
+class GuestVolume(BaseModel):
+    """A volume init mounts at ``path`` before the process starts: the disk whose serial is
+    ``serial``, formatted with ``fstype`` on first use (see ``guest/volumes``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    serial: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,19}$")
+    path: str
+    fstype: Literal["ext4"] = "ext4"
+
+    _path = field_validator("path")(check_mount_path)
+
+
 class GuestRunConfig(BaseModel):
     """Everything init reads from ``/hangar`` in the machine's initrd."""
 
@@ -60,6 +75,9 @@ class GuestRunConfig(BaseModel):
     files: list[GuestFile] = []
     driver_bundle: bool = False
     """The GPU driver bundle is the first extra disk (see ``hangar.images.driver_bundle``)."""
+    volumes: list[GuestVolume] = []
+    """Mounted in order; init needs the volume tools archive in the initrd for these
+    (``hangar.images.volume_tools``)."""
 
     @field_validator("argv")
     @classmethod
@@ -68,6 +86,15 @@ class GuestRunConfig(BaseModel):
             raise ValueError("argv must not be empty")
         if any("\0" in word for word in value):
             raise ValueError("argv must not contain NUL")
+        return value
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, value: list[GuestVolume]) -> list[GuestVolume]:
+        if len({volume.serial for volume in value}) != len(value):
+            raise ValueError("a volume is mounted twice")
+        if len({volume.path.rstrip("/") for volume in value}) != len(value):
+            raise ValueError("two volumes are mounted at the same path")
         return value
 
     @field_validator("env")
@@ -95,7 +122,8 @@ class GuestRunConfig(BaseModel):
         ``HANGAR_ARGV`` and ``HANGAR_ENV`` hold already-quoted word lists for ``eval set --``.
         File ``i`` of ``files`` is ``/hangar/files/i`` in the initrd. ``HANGAR_DRIVER_BUNDLE=1``
         has init load the driver bundle, which extends the process's ``HANGAR_PATH`` and
-        ``HANGAR_LD_LIBRARY_PATH``.
+        ``HANGAR_LD_LIBRARY_PATH``. Volume ``i`` is ``HANGAR_VOLUME_i_SERIAL``, ``_PATH`` and
+        ``_FSTYPE``.
         """
         env = self.process_env()
         values: dict[str, str] = {
@@ -112,6 +140,11 @@ class GuestRunConfig(BaseModel):
         for index, file in enumerate(self.files):
             values[f"HANGAR_FILE_{index}_PATH"] = file.guest_path
             values[f"HANGAR_FILE_{index}_MODE"] = format(file.mode, "o")
+        values["HANGAR_VOLUME_COUNT"] = str(len(self.volumes))
+        for index, volume in enumerate(self.volumes):
+            values[f"HANGAR_VOLUME_{index}_SERIAL"] = volume.serial
+            values[f"HANGAR_VOLUME_{index}_PATH"] = volume.path.rstrip("/")
+            values[f"HANGAR_VOLUME_{index}_FSTYPE"] = volume.fstype
         return "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 import re
 import signal as signal_module
 from typing import Annotated, Any, Literal
@@ -16,11 +15,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hangar.errors import UnsupportedField
+from hangar.model.duration import Duration
+from hangar.model.gpu_kinds import GPU_KINDS
+from hangar.model.services import MachineChecks, MachineServices
 
 UNSUPPORTED_CONFIG_FIELDS = (
-    "services",
-    "mounts",
-    "checks",
     "schedule",
     "processes",
     "dns",
@@ -32,47 +31,23 @@ UNSUPPORTED_CONFIG_FIELDS = (
     "size",
 )
 UNSUPPORTED_GUEST_FIELDS = ("kernel_args", "host_dedication_id", "persist_rootfs")
+UNSUPPORTED_MOUNT_FIELDS = ("extend_threshold_percent", "add_size_gb", "size_gb_limit")
+MAX_MOUNTS = 8
+"""Volumes one machine may mount."""
 
 METADATA_KEY_PATTERN = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.\-]{0,62}$")
 ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_FILE_BYTES = 1024 * 1024
 GPU_COUNTS = (1, 2, 4, 8)
 MAX_FILES = 64
-DURATION_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
-DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-MAX_DURATION_S = 24 * 3600.0
+DEFAULT_STOP_TIMEOUT_S = 5.0
+DEFAULT_STOP_SIGNAL = int(signal_module.SIGTERM)
 # The guest mounts these before it runs the process; files hangar writes stay out of them.
 GUEST_PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-def parse_duration_seconds(value: object) -> float:
-    """Fly durations: seconds, ``"5s"``, ``"500ms"``, ``"2m"``, or ``{"Duration": ns}``."""
-    if isinstance(value, bool):
-        raise ValueError("must be a duration such as 10s")
-    try:
-        if isinstance(value, int | float):
-            seconds = float(value)
-        elif isinstance(value, str):
-            match = DURATION_PATTERN.match(value.strip())
-            if not match:
-                raise ValueError("must be a duration such as 10s, 500ms or 2m")
-            seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
-        elif isinstance(value, dict) and set(value) == {"Duration"}:
-            nanoseconds = value["Duration"]
-            if not isinstance(nanoseconds, int) or isinstance(nanoseconds, bool):
-                raise ValueError("Duration must be an integer number of nanoseconds")
-            seconds = nanoseconds / 1e9
-        else:
-            raise ValueError("must be a duration such as 10s")
-    except OverflowError:
-        raise ValueError("must be between 0s and 24h") from None
-    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_DURATION_S:
-        raise ValueError("must be between 0s and 24h")
-    return seconds
 
 
 def signal_number(name: str) -> int:
@@ -127,8 +102,6 @@ class GuestConfig(StrictModel):
     @field_validator("gpu_kind")
     @classmethod
     def _known_gpu_kind(cls, value: str | None) -> str | None:
-        from hangar.devices.catalog import GPU_KINDS
-
         if value is not None and value not in {kind.name for kind in GPU_KINDS}:
             known = ", ".join(sorted(kind.name for kind in GPU_KINDS))
             raise ValueError(f"unknown GPU kind {value!r}; known kinds: {known}")
@@ -165,15 +138,10 @@ class RestartConfig(StrictModel):
 
 
 class StopConfig(StrictModel):
-    timeout: Any = None
-    signal: str | None = None
+    """How a machine is stopped (also the body of ``POST .../stop``)."""
 
-    @field_validator("timeout")
-    @classmethod
-    def _valid_timeout(cls, value: object) -> object:
-        if value is not None:
-            parse_duration_seconds(value)
-        return value
+    timeout: Duration | None = None
+    signal: str | None = None
 
     @field_validator("signal")
     @classmethod
@@ -184,11 +152,11 @@ class StopConfig(StrictModel):
 
     @property
     def timeout_seconds(self) -> float:
-        return 5.0 if self.timeout is None else parse_duration_seconds(self.timeout)
+        return DEFAULT_STOP_TIMEOUT_S if self.timeout is None else self.timeout
 
     @property
     def signal_number(self) -> int:
-        return 15 if self.signal is None else signal_number(self.signal)
+        return DEFAULT_STOP_SIGNAL if self.signal is None else signal_number(self.signal)
 
 
 class GuestFile(StrictModel):
@@ -242,6 +210,46 @@ class GuestFile(StrictModel):
         return self
 
 
+def check_mount_path(value: str) -> str:
+    """A volume's mount point: an absolute directory other than ``/`` and the pseudo
+    filesystems, without ``..``, printable and without spaces (init passes it through the
+    shell environment)."""
+    parts = value.split("/")
+    if not value.startswith("/") or "\0" in value or ".." in parts or value.rstrip("/") == "":
+        raise ValueError("must be an absolute directory other than / without '..'")
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError("must be printable, without spaces")
+    normalized = "/" + "/".join(part for part in parts if part not in ("", "."))
+    for mount in GUEST_PSEUDO_FILESYSTEMS:
+        if normalized == mount or normalized.startswith(mount + "/"):
+            raise ValueError(f"must not be under {mount}")
+    return value
+
+
+class MountConfig(StrictModel):
+    """One of ``config.mounts``: volume ``volume`` (its id) mounted at ``path``. ``name``,
+    ``encrypted`` and ``size_gb`` describe the volume as Fly's clients echo them; the
+    volume's own record decides. Automatic extension is not supported."""
+
+    volume: Annotated[str, Field(min_length=1, max_length=64)]
+    path: Annotated[str, Field(min_length=2, max_length=256)]
+    name: Annotated[str, Field(max_length=64)] | None = None
+    encrypted: bool | None = None
+    size_gb: Annotated[int, Field(ge=1)] | None = None
+    extend_threshold_percent: int | None = None
+    add_size_gb: int | None = None
+    size_gb_limit: int | None = None
+
+    _path = field_validator("path")(check_mount_path)
+
+    @model_validator(mode="after")
+    def _reject_unsupported(self) -> MountConfig:
+        for name in UNSUPPORTED_MOUNT_FIELDS:
+            if getattr(self, name) is not None:
+                raise UnsupportedField(f"config.mounts.{name}")
+        return self
+
+
 class MachineConfig(StrictModel):
     image: Annotated[str, Field(min_length=1, max_length=512)]
     env: dict[str, str] = Field(default_factory=dict)
@@ -252,6 +260,9 @@ class MachineConfig(StrictModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     files: Annotated[list[GuestFile], Field(max_length=MAX_FILES)] = Field(default_factory=list)
     stop_config: StopConfig = Field(default_factory=StopConfig)
+    services: MachineServices = Field(default_factory=list)
+    checks: MachineChecks = Field(default_factory=dict)
+    mounts: Annotated[list[MountConfig], Field(max_length=MAX_MOUNTS)] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -261,6 +272,15 @@ class MachineConfig(StrictModel):
                 if data.get(name) not in (None, [], {}):
                     raise UnsupportedField(f"config.{name}")
         return data
+
+    @field_validator("mounts")
+    @classmethod
+    def _distinct_mounts(cls, value: list[MountConfig]) -> list[MountConfig]:
+        if len({mount.volume for mount in value}) != len(value):
+            raise ValueError("a volume is mounted twice")
+        if len({mount.path.rstrip("/") for mount in value}) != len(value):
+            raise ValueError("two volumes are mounted at the same path")
+        return value
 
     @field_validator("env")
     @classmethod

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -15,7 +14,6 @@ HOST_RESERVED_MEMORY_MB = 512
 class HostInfo(BaseModel):
     id: str
     region: str
-    pool: str = "general"
     cpus: int
     memory_mb: int
 
@@ -24,14 +22,14 @@ class HostInfo(BaseModel):
         return max(0, self.memory_mb - HOST_RESERVED_MEMORY_MB)
 
 
-def read_local_host(region: str, meminfo: Path = Path("/proc/meminfo")) -> HostInfo:
+def read_local_host(host_id: str, region: str, meminfo: Path = Path("/proc/meminfo")) -> HostInfo:
     total_kb = 0
     for line in meminfo.read_text().splitlines():
         if line.startswith("MemTotal:"):
             total_kb = int(line.split()[1])
             break
     return HostInfo(
-        id=os.environ.get("HANGAR_HOST_ID", socket.gethostname()),
+        id=host_id,
         region=region,
         cpus=os.cpu_count() or 1,
         memory_mb=total_kb // 1024,

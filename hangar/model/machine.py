@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from hangar.model.config import MachineConfig
+from hangar.model.services import CheckStatus
 
 
 class MachineState(enum.StrEnum):
@@ -25,15 +26,36 @@ class MachineState(enum.StrEnum):
     FAILED = "failed"
     LAUNCH_FAILED = "launch_failed"
 
+    @property
+    def holds_resources(self) -> bool:
+        """A VMM may run and host resources (claims, GPUs) may be held in this state; it is
+        also where ``stop`` and ``destroy`` without ``force`` do not apply directly."""
+        return self in HOLDS_RESOURCES
 
-TERMINAL_STATES = frozenset({MachineState.DESTROYED})
-# States from which `start` is legal.
+    @property
+    def startable(self) -> bool:
+        return self in STARTABLE_STATES
+
+    @property
+    def terminal(self) -> bool:
+        return self is MachineState.DESTROYED
+
+    @property
+    def may_still_log(self) -> bool:
+        """The console may still grow: the machine runs or may yet boot."""
+        return self in HOLDS_RESOURCES or self is MachineState.CREATED
+
+
+HOLDS_RESOURCES = frozenset(
+    {MachineState.STARTING, MachineState.STARTED, MachineState.STOPPING, MachineState.REPLACING}
+)
 STARTABLE_STATES = frozenset(
     {MachineState.CREATED, MachineState.STOPPED, MachineState.FAILED, MachineState.LAUNCH_FAILED}
 )
 WAITABLE_STATES = frozenset(
     {MachineState.STARTED, MachineState.STOPPED, MachineState.DESTROYED, MachineState.FAILED}
 )
+"""States ``wait`` accepts."""
 
 
 class ImageRef(BaseModel):
@@ -50,7 +72,39 @@ class MachineEvent(BaseModel):
     status: str
     source: str
     timestamp: int
+    """Unix milliseconds."""
     request: dict[str, Any] = Field(default_factory=dict)
+
+
+HOST_SOURCE = "flyd"
+"""Events of what the host did (Fly calls its host orchestrator flyd)."""
+USER_SOURCE = "user"
+"""Events of what a request asked for."""
+
+
+def new_event(
+    event_type: str, status: str, source: str, now: float, request: dict[str, Any] | None = None
+) -> MachineEvent:
+    return MachineEvent(
+        id=new_event_id(),
+        type=event_type,
+        status=status,
+        source=source,
+        timestamp=int(now * 1000),
+        request=request or {},
+    )
+
+
+def host_event(
+    event_type: str, status: str, now: float, request: dict[str, Any] | None = None
+) -> MachineEvent:
+    return new_event(event_type, status, HOST_SOURCE, now, request)
+
+
+def user_event(
+    event_type: str, status: str, now: float, request: dict[str, Any] | None = None
+) -> MachineEvent:
+    return new_event(event_type, status, USER_SOURCE, now, request)
 
 
 class Lease(BaseModel):
@@ -76,6 +130,10 @@ class Machine(BaseModel):
     updated_at: float
     host_id: str = ""
     failure_reason: str = ""
+    cordoned: bool = False
+    """Out of the proxy's rotation (``cordon``), running as before."""
+    checks: list[CheckStatus] = Field(default_factory=list)
+    """The latest result of each of its health checks."""
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

@@ -69,7 +69,7 @@ MIG_PROFILES: dict[str, dict[str, MigProfile]] = {
     "h200": _H200_141GB,
     "h200-nvl": _H200_141GB,
 }
-"""MIG profiles by GPU kind (the kinds of ``hangar.devices.catalog`` that are MIG-capable)."""
+"""MIG profiles by GPU kind (the kinds of ``hangar.model.gpu_kinds`` that are MIG-capable)."""
 
 
 def profile_milli(name: str) -> int:

@@ -404,7 +404,7 @@ def replay_platform(
             )
             if shape in too_big:
                 continue  # the host only shrinks while the queue is retried
-            if not scheduler.index.host_can_take(job.host_id, request):
+            if scheduler.index.choose_on(request, job.host_id) is None:
                 too_big.add(shape)
                 continue
             if not start(entry.arrival, request, waited=True):

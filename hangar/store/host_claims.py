@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hangar.model.gpu import GpuState
-from hangar.scheduler import Claim, Gpu, HostState, Pool, VersionedHost
+from hangar.scheduler import Claim, Gpu, HostState, NvlinkPartition, Pool, VersionedHost
 from hangar.store.sqlite_db import SqliteDatabase
 
 SCHEMA = """
@@ -46,10 +46,14 @@ def host_state_to_json(host: HostState) -> str:
                     gpu.numa_node,
                     gpu.nvlink_partition,
                     str(gpu.state),
+                    gpu.iommu_group,
                     *([list(gpu.mig_layout)] if gpu.mig_layout else []),
                 ]
                 for gpu in host.gpus
             ],
+            "fabric_partitions": None
+            if host.fabric_partitions is None
+            else [[p.partition_id, list(p.gpu_indexes)] for p in host.fabric_partitions],
             "claims": [
                 [
                     c.machine_id,
@@ -61,7 +65,8 @@ def host_state_to_json(host: HostState) -> str:
                 ]
                 for c in host.claims
             ],
-        }
+        },
+        separators=(",", ":"),
     )
 
 
@@ -78,13 +83,21 @@ def host_state_from_json(text: str) -> HostState:
         allow_cpu_machines=body["allow_cpu_machines"],
         gpus=tuple(_gpu_from_json(row) for row in body["gpus"]),
         claims=tuple(_claim_from_json(row) for row in body["claims"]),
+        fabric_partitions=None
+        if body.get("fabric_partitions") is None
+        else tuple(
+            NvlinkPartition(partition_id, tuple(indexes))
+            for partition_id, indexes in body["fabric_partitions"]
+        ),
     )
 
 
 def _gpu_from_json(row: list[Any]) -> Gpu:
+    # A record written before IOMMU groups were kept has six fields; a MIG layout comes last.
     index, kind, bdf, numa, partition, state, *rest = row
-    layout = tuple(rest[0]) if rest else ()
-    return Gpu(index, kind, bdf, numa, partition, GpuState(state), layout)
+    group = rest[0] if rest else None
+    layout = tuple(rest[1]) if len(rest) > 1 else ()
+    return Gpu(index, kind, bdf, numa, partition, GpuState(state), group, layout)
 
 
 def _claim_from_json(row: list[Any]) -> Claim:

@@ -1,4 +1,6 @@
-"""ClusterStore: what the API, the scheduler and the agent need from durable state.
+"""The stores, split by concern: machines (shared by a fleet), a host's runs and GPUs (each
+host's own), tenancy (orgs, tokens, audit). The scheduler's host claims are its own protocol,
+``hangar.scheduler.ClaimStore``.
 
 Kept free of any backend's idioms: the embedded backend is SQLite, the fleet backend etcd.
 """
@@ -6,13 +8,16 @@ Kept free of any backend's idioms: the embedded backend is SQLite, the fleet bac
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
-from hangar.model.gpu import GpuEvent, GpuRecord, GpuState
+from hangar.model.config import MachineConfig
+from hangar.model.gpu import GpuEvent, GpuRecord
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
+from hangar.model.run import RunRecord
+from hangar.model.services import CheckStatus
+from hangar.model.volume import Volume
 
 
 class App(BaseModel):
@@ -21,31 +26,10 @@ class App(BaseModel):
     created_at: float
 
 
-class RunStatus:
-    RUNNING = "running"
-    ROLLING_BACK = "rolling_back"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    UNFINISHED = (RUNNING, ROLLING_BACK)
+class MachineStore(Protocol):
+    """Apps and their machines, with their config versions, events and leases: what the API
+    reads and writes, shared by every host of a fleet."""
 
-
-class RunRecord(BaseModel):
-    """One durable operation on one machine: a plan of named steps and how far it got."""
-
-    id: str
-    machine_id: str
-    operation: str
-    status: str
-    steps_done: list[str] = Field(default_factory=list)
-    rollback_done: list[str] = Field(default_factory=list)
-    params: dict[str, Any] = Field(default_factory=dict)
-    data: dict[str, Any] = Field(default_factory=dict)
-    error: str = ""
-    created_at: float
-    updated_at: float
-
-
-class ClusterStore(Protocol):
     # apps
     def create_app(self, name: str, org_slug: str, now: float) -> App: ...
     def get_app(self, name: str) -> App | None: ...
@@ -58,10 +42,18 @@ class ClusterStore(Protocol):
     def list_machines(self, app: str | None, include_destroyed: bool = False) -> list[Machine]: ...
     def save_machine(self, machine: Machine) -> None: ...
     def set_image_ref(self, machine_id: str, image_ref: ImageRef, now: float) -> None: ...
+    def set_cordoned(self, machine_id: str, cordoned: bool, now: float) -> None: ...
+    def set_checks(self, machine_id: str, checks: list[CheckStatus]) -> None: ...
     def set_state(
         self, machine_id: str, state: MachineState, now: float, reason: str = ""
     ) -> Machine: ...
-    def save_config_version(self, machine: Machine, now: float) -> None: ...
+    def apply_config_version(
+        self, machine_id: str, config: MachineConfig, version: int, instance_id: str, now: float
+    ) -> None:
+        """Make ``config`` version ``version`` with ``instance_id``, the previous version
+        ``replaced``: all of it in one transaction."""
+        ...
+
     def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]: ...
 
     # events
@@ -73,10 +65,16 @@ class ClusterStore(Protocol):
     def put_lease(self, machine_id: str, lease: Lease) -> None: ...
     def delete_lease(self, machine_id: str) -> None: ...
 
-    # durable runs
-    def insert_run(self, run: RunRecord) -> bool: ...
+
+class RunStore(Protocol):
+    """A host agent's own durable state: its runs and the VMMs it launched (never shared:
+    each host keeps its own, as Fly's flyd keeps its own database)."""
+
+    def insert_run(self, run: RunRecord) -> bool:
+        """Insert unless a run with this id exists (False then): ids make submits idempotent."""
+        ...
+
     def save_run(self, run: RunRecord) -> None: ...
-    def get_run(self, run_id: str) -> RunRecord | None: ...
     def list_runs(
         self, machine_id: str | None = None, unfinished_only: bool = False
     ) -> list[RunRecord]: ...
@@ -87,22 +85,46 @@ class ClusterStore(Protocol):
     def delete_vm_handle(self, machine_id: str) -> None: ...
     def list_vm_handles(self) -> dict[str, dict[str, Any]]: ...
 
-    # GPUs: inventory, claims and the handoff between tenants
-    def upsert_gpu_inventory(self, gpu: GpuRecord) -> GpuRecord: ...
-    def list_gpus(
-        self, host_id: str | None = None, machine_id: str | None = None
-    ) -> list[GpuRecord]: ...
-    def get_gpu(self, bdf: str) -> GpuRecord | None: ...
-    def claim_gpus(
+
+class VolumeStore(Protocol):
+    """Volumes of every app, shared by a fleet (each record names the host its image is
+    on). A record changes only by compare-and-set on its ``version``; the changes hangar
+    makes (attach, detach, state moves) are built on that in ``hangar.store.volume_claims``."""
+
+    def insert_volume(self, volume: Volume) -> None:
+        """Add a new record (``Conflict`` if the id is taken)."""
+        ...
+
+    def get_volume(self, volume_id: str) -> Volume | None: ...
+    def list_volumes(
         self,
-        host_id: str,
-        machine_id: str,
-        kind: str,
-        count: int,
-        choose: Callable[[list[GpuRecord], int], list[GpuRecord] | None],
-        now: float,
-    ) -> list[GpuRecord] | None: ...
-    def update_gpu(self, gpu: GpuRecord, expected_state: GpuState | None = None) -> bool: ...
+        app: str | None = None,
+        *,
+        host_id: str | None = None,
+        include_destroyed: bool = False,
+    ) -> list[Volume]:
+        """Oldest first."""
+        ...
+
+    def compare_and_set_volume(self, volume: Volume) -> bool:
+        """Store ``volume`` if the record's version is still ``volume.version`` (it is
+        stored with the next version); False if it changed meanwhile or is gone."""
+        ...
+
+
+class GpuStore(Protocol):
+    """A host's GPUs as its agent found them (inventory, VFIO binding, why one is out of use)
+    and what happened to each. Who holds a GPU, and whether it is free, cleaning or
+    quarantined, is the host's claim record (``hangar.scheduler.ClaimStore``)."""
+
+    def upsert_gpu_inventory(self, gpu: GpuRecord) -> GpuRecord:
+        """Register a GPU found on the host; an existing record keeps what the agent wrote
+        (its group claim, binding and quarantine reason)."""
+        ...
+
+    def list_gpus(self, host_id: str | None = None) -> list[GpuRecord]: ...
+    def get_gpu(self, bdf: str) -> GpuRecord | None: ...
+    def save_gpu(self, gpu: GpuRecord) -> None: ...
     def add_gpu_event(self, event: GpuEvent) -> None: ...
     def list_gpu_events(self, bdf: str | None = None) -> list[GpuEvent]: ...
 
@@ -114,12 +136,16 @@ class TokenKind(enum.StrEnum):
 
 
 class OrgQuotas(BaseModel):
-    """Per-org limits over its machines that are not destroyed; ``None`` means no limit."""
+    """Per-org limits over its machines that are not destroyed and its volumes that hold
+    space; ``None`` means no limit."""
 
     machines: int | None = None
     memory_mb: int | None = None
     gpus: dict[str, int] = Field(default_factory=dict)
     """GPU kind -> most GPUs of that kind; a kind not named here is not limited."""
+    volumes: int | None = None
+    volume_gb: int | None = None
+    """The most GB all of the org's volumes may add up to."""
 
 
 class Org(BaseModel):
@@ -167,6 +193,10 @@ class TenancyStore(Protocol):
     def get_org(self, slug: str) -> Org | None: ...
     def list_orgs(self) -> list[Org]: ...
     def set_quotas(self, slug: str, quotas: OrgQuotas) -> Org: ...
+
+    # private networks: each org's number in the private addresses of its machines
+    def network_numbers(self) -> dict[int, str]: ...
+    def assign_network_number(self, slug: str, number: int) -> int: ...
 
     # tokens (looked up by the hash of their secret)
     def insert_token(self, token: ApiToken, secret_hash: str) -> None: ...

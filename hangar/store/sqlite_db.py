@@ -23,6 +23,14 @@ class SqliteDatabase:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(schema)
 
+    def ensure_columns(self, table: str, columns: dict[str, str]) -> None:
+        """Add the columns a database made by an older hangar lacks (``name: declaration``)."""
+        with self._lock:
+            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, declaration in columns.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

@@ -4,35 +4,52 @@ A driver turns a :class:`VmSpec` into a running VM and answers for it through a
 :class:`VmHandle`. Specs and handles are pydantic models because the agent stores them
 durably: after an agent restart it hands the stored handle back to :meth:`Driver.adopt`.
 
-The guest contract every driver honours (hangar's guest init relies on it):
+The guest contract every driver honours (names in :mod:`hangar.model.guest_contract`, which
+hangar's guest init reads too):
 
-- kernel command line starts with :data:`GUEST_KERNEL_CMDLINE`; drivers may append to it;
-- disk 1 is the machine's writable root disk (``/dev/vda``), extra disks follow in order;
+- kernel command line starts with ``GUEST_KERNEL_CMDLINE``; drivers may append to it;
+- disk 1 is the machine's writable root disk (``ROOT_DEVICE``), extra disks follow in order;
+- volumes follow the extra disks; the guest finds each by its serial (the volume's name);
 - the first serial port goes to ``console_log``;
-- the guest writes JSON lines to the port named :data:`CONTROL_PORT_NAME`, which land in
-  ``control_log`` (see :mod:`hangar.vmm.control`);
-- the host writes ``signal N`` lines to the port named :data:`SIGNAL_PORT_NAME`, served on
-  ``signal_socket``; the guest forwards signal N to its process.
+- the guest writes JSON lines to the port ``Port.CONTROL``, which land in ``control_log``
+  (see :mod:`hangar.vmm.control`);
+- a machine with a :class:`NicSpec` gets one virtio-net device on that tap, with that MAC;
+- the host writes ``signal N`` lines to the port ``Port.SIGNAL``, served on
+  ``signal_socket``; the guest forwards signal N to its process;
+- the host runs commands in the guest through the port ``Port.EXEC``, served on
+  ``exec_socket`` (see :mod:`hangar.vmm.guest_exec`).
+
+A running VM can be suspended into a snapshot file (:meth:`Driver.suspend`) and restored
+from it by launching the same spec with ``incoming_snapshot`` set (see
+:mod:`hangar.vmm.snapshot`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from signal import SIGTERM
-from typing import Literal, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol, Self, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hangar.clock import Clock
+from hangar.model.guest_contract import RunDir
+from hangar.vmm.gpu_topology import PCI_BDF_PATTERN, GpuTopology
 
-GUEST_KERNEL_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet tsc=reliable no_timer_check"
-CONTROL_PORT_NAME = "hangar.ctl"
-SIGNAL_PORT_NAME = "hangar.sig"
+if TYPE_CHECKING:
+    from hangar.vmm.guest_exec import ExecResult, GuestProcess
+    from hangar.vmm.snapshot import SnapshotManifest
+
 
 MACHINE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-PCI_BDF_PATTERN = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+IFNAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+MAC_PATTERN = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+# A QEMU id that is also a whole virtio-blk serial (20 bytes at most).
+VOLUME_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,19}$")
+MAX_VOLUMES = 8
 
 
 class DiskSpec(BaseModel):
@@ -42,6 +59,54 @@ class DiskSpec(BaseModel):
 
     path: Path
     read_only: bool = False
+
+
+def _interface_name(value: str) -> str:
+    if not IFNAME_PATTERN.match(value):
+        raise ValueError(f"interface name {value!r} must match {IFNAME_PATTERN.pattern}")
+    return value
+
+
+def _mac(value: str) -> str:
+    if not MAC_PATTERN.match(value):
+        raise ValueError(f"MAC {value!r} must be six lower-case hex octets")
+    return value
+
+
+InterfaceName = Annotated[str, AfterValidator(_interface_name)]
+MacAddress = Annotated[str, AfterValidator(_mac)]
+
+
+class NicSpec(BaseModel):
+    """The machine's network interface: a tap the host made (``hangar.net``), and the MAC the
+    guest's virtio-net device gets (the host's firewall accepts frames only from it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tap: InterfaceName
+    mac: MacAddress
+
+
+class VolumeDiskSpec(BaseModel):
+    """A volume: a qcow2 image attached as a virtio-blk disk whose serial is ``name``.
+
+    An encrypted image's passphrase is read by QEMU from ``key_file`` at launch; the driver
+    removes that file once QEMU has started (or failed to), so it never outlives the launch.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    image: Path
+    key_file: Path | None = None
+    read_only: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_serial(cls, value: str) -> str:
+        if not VOLUME_NAME_PATTERN.match(value):
+            raise ValueError(f"volume name {value!r} must match {VOLUME_NAME_PATTERN.pattern}")
+        return value
 
 
 class VmSpec(BaseModel):
@@ -55,18 +120,35 @@ class VmSpec(BaseModel):
     initrd: Path
     root_disk: Path
     extra_disks: list[DiskSpec] = Field(default_factory=list)
+    volumes: list[VolumeDiskSpec] = Field(default_factory=list, max_length=MAX_VOLUMES)
     cpus: int = Field(default=1, ge=1, le=512)
     memory_mb: int = Field(default=256, ge=32)
     kernel_args: list[str] = Field(
-        default_factory=list, description="appended to GUEST_KERNEL_CMDLINE"
+        default_factory=list, description="appended to the contract's GUEST_KERNEL_CMDLINE"
     )
     console_log: Path
     control_log: Path
     signal_socket: Path
+    exec_socket: Path
     qmp_socket: Path
     vmm_log: Path = Field(description="the VMM's own stderr, quoted in launch errors")
-    gpus: list[str] = Field(default_factory=list, description="PCI BDFs passed through by VFIO")
+    gpus: list[str] = Field(
+        default_factory=list,
+        description="PCI BDFs passed through by VFIO on the root bus (the older flat layout; "
+        "GPU machines use gpu_topology)",
+    )
     hugepages: bool = False
+    nic: NicSpec | None = Field(default=None, description="no network interface when None")
+    gpu_topology: GpuTopology | None = Field(
+        default=None,
+        description="a GPU machine: q35 with KVM, a pxb-pcie per NUMA node and a root port "
+        "per GPU, a 64-bit PCI hole sized to the BARs, memory from huge pages on the GPUs' node",
+    )
+    incoming_snapshot: Path | None = Field(
+        default=None,
+        description="restore the VM from this suspend snapshot instead of booting it; "
+        "every other field must be as it was when the snapshot was taken",
+    )
 
     @field_validator("machine_id")
     @classmethod
@@ -83,6 +165,28 @@ class VmSpec(BaseModel):
                 raise ValueError(f"GPU {bdf!r} is not a PCI address like 0000:65:00.0")
         if len(set(value)) != len(value):
             raise ValueError("a GPU is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _one_gpu_layout(self) -> VmSpec:
+        if self.gpu_topology is not None:
+            if self.gpus or self.hugepages:
+                raise ValueError("gpu_topology replaces gpus and hugepages: give one or the other")
+            if self.gpu_topology.memory.memory_mb != self.memory_mb:
+                raise ValueError(
+                    f"gpu_topology plans {self.gpu_topology.memory.memory_mb} MiB of memory, "
+                    f"the spec has {self.memory_mb} MiB"
+                )
+            vcpus = sum(len(node.vcpus) for node in self.gpu_topology.memory.nodes)
+            if vcpus != self.cpus:
+                raise ValueError(f"gpu_topology places {vcpus} vCPUs, the spec has {self.cpus}")
+        return self
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes_are_distinct(cls, value: list[VolumeDiskSpec]) -> list[VolumeDiskSpec]:
+        if len({volume.name for volume in value}) != len(value):
+            raise ValueError("a volume is listed twice")
         return value
 
     @field_validator("kernel_args")
@@ -103,11 +207,14 @@ class VmSpec(BaseModel):
         initrd: Path,
         root_disk: Path,
         extra_disks: list[DiskSpec] | None = None,
+        volumes: list[VolumeDiskSpec] | None = None,
         cpus: int = 1,
         memory_mb: int = 256,
         kernel_args: list[str] | None = None,
         gpus: list[str] | None = None,
         hugepages: bool = False,
+        nic: NicSpec | None = None,
+        gpu_topology: GpuTopology | None = None,
     ) -> Self:
         """A spec whose logs and sockets sit in ``run_dir`` under their standard names."""
         return cls(
@@ -117,16 +224,20 @@ class VmSpec(BaseModel):
             initrd=initrd,
             root_disk=root_disk,
             extra_disks=extra_disks or [],
+            volumes=volumes or [],
             cpus=cpus,
             memory_mb=memory_mb,
             kernel_args=kernel_args or [],
-            console_log=run_dir / "console.log",
-            control_log=run_dir / "ctl.jsonl",
-            signal_socket=run_dir / "sig.sock",
-            qmp_socket=run_dir / "qmp.sock",
-            vmm_log=run_dir / "vmm.log",
+            console_log=run_dir / RunDir.CONSOLE_LOG,
+            control_log=run_dir / RunDir.CONTROL_LOG,
+            signal_socket=run_dir / RunDir.SIGNAL_SOCKET,
+            exec_socket=run_dir / RunDir.EXEC_SOCKET,
+            qmp_socket=run_dir / RunDir.QMP_SOCKET,
+            vmm_log=run_dir / RunDir.VMM_LOG,
             gpus=gpus or [],
             hugepages=hugepages,
+            nic=nic,
+            gpu_topology=gpu_topology,
         )
 
 
@@ -146,6 +257,17 @@ class VmHandle(BaseModel):
     vmm_log: Path
     accel: str
     machine_type: str
+    memory_mb: int | None = Field(
+        default=None, description="guest memory: how long a teardown may take grows with it"
+    )
+    cpu_model: str = ""
+    exec_socket: Path | None = Field(
+        default=None, description="None for a VM launched without an exec channel"
+    )
+    spec: VmSpec | None = Field(
+        default=None,
+        description="the spec the VM runs (without incoming_snapshot): what suspend records",
+    )
 
 
 class VmStatus(BaseModel):
@@ -181,7 +303,14 @@ class Driver(Protocol):
         ...
 
     async def launch(self, spec: VmSpec) -> VmHandle:
-        """Start the VMM, detached from the caller's session; return once it answers."""
+        """Start the VMM, detached from the caller's session; return once it answers.
+
+        With ``spec.incoming_snapshot`` the VM is restored from that snapshot and runs on
+        where it was suspended; the snapshot is consumed (dropped before the guest runs
+        again). A snapshot that is missing, corrupt or made for another command line raises
+        :class:`hangar.vmm.errors.SnapshotUnusable` and is dropped: launch the spec without
+        ``incoming_snapshot`` to boot cold.
+        """
         ...
 
     async def signal(self, handle: VmHandle, signum: int) -> None:
@@ -206,4 +335,24 @@ class Driver(Protocol):
 
     async def adopt(self, handle: VmHandle) -> bool:
         """After an agent restart: is this handle's VMM still running, ours, and answering?"""
+        ...
+
+    async def suspend(self, handle: VmHandle, snapshot_path: Path) -> SnapshotManifest:
+        """Pause the guest, save its memory and device state to ``snapshot_path`` and end
+        the VMM. The root disk is left exactly as the guest had it.
+
+        Idempotent: a whole snapshot already there (with its VMM still paused, or gone) is
+        kept and its VMM ended. On failure nothing that looks whole is left and the guest
+        runs on. GPU machines raise :class:`hangar.vmm.errors.SuspendNotSupported`.
+        """
+        ...
+
+    async def exec(
+        self, handle: VmHandle, argv: Sequence[str], *, stdin: bytes = b"", timeout_s: float
+    ) -> ExecResult:
+        """Run ``argv`` in the guest's root as root; killed after ``timeout_s``."""
+        ...
+
+    async def processes(self, handle: VmHandle) -> list[GuestProcess]:
+        """The processes running in the guest's root."""
         ...

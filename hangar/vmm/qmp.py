@@ -46,6 +46,7 @@ async def qmp_execute(
             f"QMP {command} on {socket_path} failed: {error or type(error).__name__}",
             socket=str(socket_path),
             command=command,
+            retryable=isinstance(error, TimeoutError | OSError | EOFError),
         ) from error
 
 

@@ -4,13 +4,35 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
 from hangar.agent.guest import find_vmm_processes
+from hangar.agent.host import HostServices
+from hangar.agent.operations import build_plan
+from hangar.agent.placement import HostPlacement
+from hangar.agent.platform import GuestPlatform
+from hangar.model.host import HostInfo
+from hangar.model.run import RunRequest
+from hangar.scheduler import InMemoryClaimStore
+from hangar.store.protocol import GpuStore
 
 BOOT_TIMEOUT_S = 180
+
+
+def step_names(request: RunRequest) -> list[str]:
+    """The names of the steps of ``request``'s plan, in order (building a plan touches none
+    of the services its steps are built with)."""
+    host = HostServices(
+        platform=cast(GuestPlatform, object()),
+        machines_dir=Path("/nonexistent"),
+        placement=HostPlacement(
+            InMemoryClaimStore(), HostInfo(id="h", region="r", cpus=1, memory_mb=1024)
+        ),
+        gpu_store=cast(GpuStore, object()),
+    )
+    return [step.name for step in build_plan(request, "m1", host).steps]
 
 
 def machine_path(app_name: str, machine_id: str = "") -> str:

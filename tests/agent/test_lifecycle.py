@@ -160,3 +160,23 @@ def _wait_console(api: httpx.Client, app_name: str, machine_id: str, text: str) 
             return
         time.sleep(0.2)
     raise AssertionError(f"{text!r} never appeared on the console of {machine_id}")
+
+
+def test_a_vmm_that_dies_first_is_explained_in_the_exit_event(
+    api: httpx.Client, app_name: str, test_image: str, shared_server: ServerProcess
+) -> None:
+    """QEMU killed under a running guest: the guest reported nothing, and the machine's exit
+    event says what the driver saw instead."""
+    import os
+    import signal
+
+    machine_id = run_machine(
+        api, app_name, test_image, cmd=["sh", "-c", "while true; do sleep 1; done"]
+    )
+    wait_state(api, app_name, machine_id, "started")
+    [pid] = vmm_pids(shared_server.home, machine_id)
+    os.kill(pid, signal.SIGKILL)
+    [exit_event] = wait_exit_recorded(api, app_name, machine_id)
+    assert exit_event["guest_exit_code"] is None
+    assert "QEMU exited before the guest reported an exit" in exit_event["guest_error"]
+    wait_state(api, app_name, machine_id, "stopped")

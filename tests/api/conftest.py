@@ -11,11 +11,12 @@ import pytest
 
 from hangar.api.services.tokens import TokenService
 from hangar.clock import ManualClock, SystemClock
-from hangar.server import DATABASE
-from hangar.server_process import ServerProcess
-from hangar.store.sqlite import SqliteStore
+from hangar.settings import DATABASE
+from hangar.store.machines import SqliteMachineStore
 from hangar.store.tenancy import SqliteTenancyStore
 from tests.api.helpers import unique
+from tests.conftest import kill_vmms_under
+from tests.fixtures.inprocess import InProcessServer
 
 
 @dataclass
@@ -36,18 +37,39 @@ def create_token(api: httpx.Client, **body: object) -> str:
     return secret
 
 
-def expired_token(server: ServerProcess, org: str) -> str:
+@pytest.fixture(scope="session")
+def api_server(
+    tmp_path_factory: pytest.TempPathFactory, registry: str
+) -> Iterator[InProcessServer]:
+    """The API tests' server: the real app, agent and stores in this process."""
+    home = tmp_path_factory.mktemp("api-home")
+    try:
+        with InProcessServer(home, insecure_registries=frozenset({registry})) as server:
+            yield server
+    finally:
+        kill_vmms_under(home)
+
+
+@pytest.fixture
+def api(api_server: InProcessServer) -> Iterator[httpx.Client]:
+    with api_server.client() as client:
+        yield client
+
+
+def expired_token(server: InProcessServer, org: str) -> str:
     """A token that expired an hour ago, minted as ``hangar admin token`` does: in the DB."""
     database = server.home / DATABASE
     an_hour_and_a_bit_ago = SystemClock().now() - 3700
     tokens = TokenService(
-        SqliteTenancyStore(database), SqliteStore(database), ManualClock(an_hour_and_a_bit_ago)
+        SqliteTenancyStore(database),
+        SqliteMachineStore(database),
+        ManualClock(an_hour_and_a_bit_ago),
     )
     _token, secret = tokens.issue(org, ttl_s=60, description="expired in tests")
     return secret
 
 
-def make_tenant(server: ServerProcess, api: httpx.Client, name: str, image: str) -> Tenant:
+def make_tenant(server: InProcessServer, api: httpx.Client, name: str, image: str) -> Tenant:
     tenant = Tenant(org=unique(name), app=unique(f"{name}-app"), other_app=unique(f"{name}-two"))
     assert api.post("/v1/orgs", json={"slug": tenant.org}).status_code == 201
     for app in (tenant.app, tenant.other_app):
@@ -87,22 +109,22 @@ class Tenants:
 
 
 @pytest.fixture(scope="session")
-def tenants(shared_server: ServerProcess, test_image: str) -> Tenants:
-    with shared_server.client() as api:
+def tenants(api_server: InProcessServer, test_image: str) -> Tenants:
+    with api_server.client() as api:
         return Tenants(
-            a=make_tenant(shared_server, api, "alpha", test_image),
-            b=make_tenant(shared_server, api, "bravo", test_image),
-            operator=shared_server.operator_token,
+            a=make_tenant(api_server, api, "alpha", test_image),
+            b=make_tenant(api_server, api, "bravo", test_image),
+            operator=api_server.operator_token,
         )
 
 
 @pytest.fixture
-def as_token(shared_server: ServerProcess) -> Iterator[Any]:
-    """``as_token(secret)``: a client of the shared server acting with that token."""
+def as_token(api_server: InProcessServer) -> Iterator[Any]:
+    """``as_token(secret)``: a client of the API tests' server acting with that token."""
     clients: list[httpx.Client] = []
 
     def client(secret: str) -> httpx.Client:
-        clients.append(shared_server.client(secret))
+        clients.append(api_server.client(secret))
         return clients[-1]
 
     yield client

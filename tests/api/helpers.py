@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from hangar.store.protocol import RunStatus
+from hangar.model.run import RunStatus
 
 
 def assert_fly_error(response: httpx.Response, status: int, *words: str) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def wait_runs_finished(
     path = f"/v1/apps/{app_name}/machines/{machine_id}/runs"
     while time.monotonic() < deadline:
         runs = api.get(path).json()
-        if all(run["status"] not in RunStatus.UNFINISHED for run in runs):
+        if all(not RunStatus(run["status"]).unfinished for run in runs):
             return
         time.sleep(0.05)
     raise AssertionError(f"runs of {machine_id} still in progress: {runs}")

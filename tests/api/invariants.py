@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hangar.model.gpu import GpuState
 from hangar.model.machine import MachineState
-from hangar.store.protocol import RunStatus
+from hangar.model.run import UNFINISHED
 
 LIVE = "state != 'destroyed'"
 
@@ -29,9 +28,9 @@ def read_only(database: Path) -> Iterator[sqlite3.Connection]:
 
 def unfinished_runs(database: Path) -> int:
     with read_only(database) as db:
-        placeholders = ",".join("?" * len(RunStatus.UNFINISHED))
-        sql = f"SELECT count(*) FROM runs WHERE status IN ({placeholders})"
-        return int(db.execute(sql, RunStatus.UNFINISHED).fetchone()[0])
+        placeholders = ",".join("?" * len(UNFINISHED))
+        sql = f"SELECT count(*) FROM agent_runs WHERE status IN ({placeholders})"
+        return int(db.execute(sql, sorted(UNFINISHED)).fetchone()[0])
 
 
 def machine_violations(db: sqlite3.Connection, machines_dir: Path) -> list[str]:
@@ -63,7 +62,7 @@ def machine_violations(db: sqlite3.Connection, machines_dir: Path) -> list[str]:
 
 
 def claim_violations(db: sqlite3.Connection) -> list[str]:
-    """No lease, VM handle, GPU claim or unfinished run without a live machine."""
+    """No lease, VM handle, host claim or unfinished run without a live machine."""
     found = []
     for table in ("leases", "vm_handles"):
         rows = db.execute(
@@ -71,19 +70,26 @@ def claim_violations(db: sqlite3.Connection) -> list[str]:
             " WHERE m.id IS NULL OR m.state = 'destroyed'"
         ).fetchall()
         found += [f"{table} row for machine {row[0]}, which is not live" for row in rows]
-    claimed = db.execute(
-        "SELECT g.bdf, g.machine_id FROM gpus g LEFT JOIN machines m ON m.id = g.machine_id"
-        " WHERE g.state = ? AND (m.id IS NULL OR m.state = 'destroyed')",
-        (str(GpuState.CLAIMED),),
-    ).fetchall()
-    found += [f"GPU {bdf} claimed by {machine}, which is not live" for bdf, machine in claimed]
+    states = dict(db.execute("SELECT id, state FROM machines"))
+    for host_id, body in db.execute("SELECT host_id, body FROM host_states"):
+        for machine_id, *_rest in json.loads(body)["claims"]:
+            if states.get(machine_id, "destroyed") == "destroyed":
+                found.append(f"host {host_id} has a claim of {machine_id}, which is not live")
     runs = db.execute(
-        "SELECT r.id, r.machine_id FROM runs r LEFT JOIN machines m ON m.id = r.machine_id"
-        " WHERE m.id IS NULL"
+        "SELECT r.id, r.machine_id FROM agent_runs r LEFT JOIN machines m"
+        " ON m.id = r.machine_id WHERE m.id IS NULL AND r.machine_id NOT LIKE 'gpu:%'"
+        " AND r.machine_id NOT LIKE 'vol:%'"
     ).fetchall()
     found += [f"run {run} of unknown machine {machine}" for run, machine in runs]
+    volume_runs = db.execute(
+        "SELECT r.id, r.machine_id FROM agent_runs r LEFT JOIN volumes v"
+        " ON 'vol:' || v.id = r.machine_id WHERE r.machine_id LIKE 'vol:%' AND v.id IS NULL"
+    ).fetchall()
+    found += [f"run {run} of unknown volume {volume}" for run, volume in volume_runs]
+    placeholders = ",".join("?" * len(UNFINISHED))
     running = db.execute(
-        "SELECT id, machine_id FROM runs WHERE status IN (?, ?)", RunStatus.UNFINISHED
+        f"SELECT id, machine_id FROM agent_runs WHERE status IN ({placeholders})",
+        sorted(UNFINISHED),
     ).fetchall()
     found += [f"run {run} of {machine} never finished" for run, machine in running]
     return found
@@ -121,6 +127,34 @@ def org_violations(db: sqlite3.Connection) -> list[str]:
     return found
 
 
+def volume_violations(db: sqlite3.Connection) -> list[str]:
+    """Every live volume is in an app; one attached is attached to a machine of its app that
+    holds resources (a machine lets go of its volumes when it stops)."""
+    found = []
+    holding = {str(state) for state in MachineState if state.holds_resources}
+    machines = {
+        machine_id: (app, state)
+        for machine_id, app, state in db.execute("SELECT id, app, state FROM machines")
+    }
+    apps = {name for (name,) in db.execute("SELECT name FROM apps")}
+    for (body,) in db.execute(f"SELECT body FROM volumes WHERE {LIVE}"):
+        volume = json.loads(body)
+        if volume["app"] not in apps:
+            found.append(f"volume {volume['id']} has no app {volume['app']}")
+        holder = volume["attached_machine_id"]
+        if holder is None:
+            continue
+        app, state = machines.get(holder, ("", "destroyed"))
+        if app != volume["app"] or state not in holding:
+            found.append(f"volume {volume['id']} is attached to {holder}, which is {state}")
+    return found
+
+
 def store_violations(database: Path, machines_dir: Path) -> list[str]:
     with read_only(database) as db:
-        return machine_violations(db, machines_dir) + claim_violations(db) + org_violations(db)
+        return (
+            machine_violations(db, machines_dir)
+            + claim_violations(db)
+            + org_violations(db)
+            + volume_violations(db)
+        )

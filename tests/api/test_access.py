@@ -11,10 +11,11 @@ import pytest
 
 from hangar.api.access import AccessPolicy
 from hangar.api.scopes import Scope
-from hangar.api.services.tokens import TokenService, parse_ttl
+from hangar.api.services.tokens import TokenService
 from hangar.clock import ManualClock
 from hangar.errors import Forbidden, NotFound, Unauthenticated
-from hangar.store.sqlite import SqliteStore
+from hangar.model.duration import MAX_TOKEN_LIFETIME_S, parse_duration
+from hangar.store.machines import SqliteMachineStore
 from hangar.store.tenancy import SqliteTenancyStore
 
 
@@ -30,7 +31,7 @@ class World:
 def world(tmp_path: Path) -> World:
     database = tmp_path / "hangar.db"
     clock = ManualClock()
-    cluster = SqliteStore(database)
+    cluster = SqliteMachineStore(database)
     tenancy = SqliteTenancyStore(database)
     for org, app in (("acme", "web"), ("acme", "api"), ("rival", "shop")):
         tenancy.ensure_org(org, clock.now())
@@ -55,7 +56,7 @@ def test_secrets_are_random_shown_once_and_stored_only_as_their_hash(world: Worl
 
 
 def test_expired_revoked_unknown_and_malformed_tokens_are_401(world: World) -> None:
-    token, secret = world.tokens.issue("acme", ttl_s=parse_ttl("24h"))
+    token, secret = world.tokens.issue("acme", ttl_s=24 * 3600)
     world.clock.advance(24 * 3600 - 1)
     assert world.policy.authenticate(bearer(secret)).id == token.id
     world.clock.advance(1)
@@ -71,11 +72,15 @@ def test_expired_revoked_unknown_and_malformed_tokens_are_401(world: World) -> N
 
 
 def test_ttls_are_bounded() -> None:
-    assert parse_ttl("90s") == 90
-    assert parse_ttl("7d") == 7 * 86400
-    for text in ("0s", "24", "1y", "-1h", "367d", "1.5h"):
+    def lifetime(text: str) -> float:
+        return parse_duration(text, maximum=MAX_TOKEN_LIFETIME_S, minimum=1.0)
+
+    assert lifetime("90s") == 90
+    assert lifetime("7d") == 7 * 86400
+    assert lifetime("1.5h") == 5400
+    for text in ("0s", "24", "1y", "-1h", "367d"):
         with pytest.raises(ValueError):
-            parse_ttl(text)
+            lifetime(text)
 
 
 def test_tokens_are_issued_only_for_existing_orgs_and_their_own_apps(world: World) -> None:

@@ -47,7 +47,7 @@ def test_mutating_calls_are_recorded_with_who_what_and_how_it_ended(
 
 
 def test_operator_actions_and_anonymous_attempts_are_recorded(
-    api: httpx.Client, shared_server: Any
+    api: httpx.Client, api_server: Any
 ) -> None:
     org = unique("audited")
     assert api.post("/v1/orgs", json={"slug": org}).status_code == 201
@@ -55,7 +55,8 @@ def test_operator_actions_and_anonymous_attempts_are_recorded(
     operator_records = records(api, org_slug=org)
     assert [record["action"] for record in operator_records] == ["set_org_quotas", "create_org"]
     assert all(record["outcome"] == "ok" for record in operator_records)
-    assert httpx.post(f"{shared_server.url}/v1/orgs", json={"slug": org}).status_code == 401
+    with api_server.client(anonymous=True) as anonymous:
+        assert anonymous.post("/v1/orgs", json={"slug": org}).status_code == 401
     anonymous = [r for r in records(api) if r["token_id"] == "" and r["action"] == "create_org"]
     assert anonymous and anonymous[0]["outcome"] == "denied" and anonymous[0]["status"] == 401
 

@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from hangar.server import DATABASE
-from hangar.server_process import ServerProcess
+from hangar.settings import DATABASE
 from tests.api.helpers import unique
 from tests.api.invariants import store_violations, unfinished_runs
+from tests.fixtures.inprocess import InProcessServer
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def make_org(api: httpx.Client, name: str) -> Org:
 
 
 def worker(
-    server: ServerProcess, org: Org, rival: Org, image: str, seed: int, problems: Problems
+    server: InProcessServer, org: Org, rival: Org, image: str, seed: int, problems: Problems
 ) -> None:
     rng = random.Random(seed)
     with server.client(org.token) as api:
@@ -142,7 +142,7 @@ def worker(
                 problems.expect(destroy, {200, 409, 412}, "destroy")
 
 
-def wait_quiescent(server: ServerProcess) -> None:
+def wait_quiescent(server: InProcessServer) -> None:
     """A hang guard only: the agent finishes these runs in seconds."""
     deadline = time.monotonic() + QUIESCENCE_GUARD_S
     while unfinished_runs(server.home / DATABASE) and time.monotonic() < deadline:
@@ -150,13 +150,13 @@ def wait_quiescent(server: ServerProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def orgs(shared_server: ServerProcess) -> Iterator[tuple[Org, Org]]:
-    with shared_server.client() as api:
+def orgs(api_server: InProcessServer) -> Iterator[tuple[Org, Org]]:
+    with api_server.client() as api:
         yield make_org(api, "north"), make_org(api, "south")
 
 
 def test_two_orgs_at_once_leave_the_store_consistent(
-    shared_server: ServerProcess, orgs: tuple[Org, Org], test_image: str
+    api_server: InProcessServer, orgs: tuple[Org, Org], test_image: str
 ) -> None:
     north, south = orgs
     problems = Problems()
@@ -167,17 +167,17 @@ def test_two_orgs_at_once_leave_the_store_consistent(
     ]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         futures = [
-            pool.submit(worker, shared_server, org, rival, test_image, seed, problems)
+            pool.submit(worker, api_server, org, rival, test_image, seed, problems)
             for org, rival, seed in jobs
         ]
         for future in futures:
             future.result()
     assert not problems.found, "\n".join(problems.found[:20])
-    wait_quiescent(shared_server)
+    wait_quiescent(api_server)
 
-    violations = store_violations(shared_server.home / DATABASE, shared_server.home / "machines")
+    violations = store_violations(api_server.home / DATABASE, api_server.home / "machines")
     assert not violations, "\n".join(violations[:20])
-    with shared_server.client() as api:
+    with api_server.client() as api:
         for org in (north, south):
             machines: list[dict[str, Any]] = []
             for app in org.apps:

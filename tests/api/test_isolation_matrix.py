@@ -22,9 +22,10 @@ import pytest
 from hangar.api.routetable import api_operations
 from hangar.api.scopes import OPENAPI_EXTENSION
 from hangar.server import build_server
-from hangar.server_process import ServerProcess
+from hangar.settings import Settings
 from tests.api.conftest import Tenants
 from tests.api.helpers import assert_fly_error, unique
+from tests.fixtures.inprocess import InProcessServer
 
 ALLOW = "allow"
 UNAUTHENTICATED = ("anonymous", "malformed", "unknown", "expired", "revoked")
@@ -144,8 +145,9 @@ def operations(document: dict[str, Any]) -> list[Operation]:
 
 
 @pytest.fixture(scope="module")
-def openapi(shared_server: ServerProcess) -> dict[str, Any]:
-    response = httpx.get(f"{shared_server.url}/openapi.json")
+def openapi(api_server: InProcessServer) -> dict[str, Any]:
+    with api_server.client(anonymous=True) as anonymous:
+        response = anonymous.get("/openapi.json")
     assert response.status_code == 200
     document: dict[str, Any] = response.json()
     return document
@@ -156,7 +158,7 @@ def test_every_route_is_in_the_openapi_document_with_its_scope(
 ) -> None:
     """The matrix reads the OpenAPI document; nothing the server routes may be missing there,
     and every operation must have declared its scope."""
-    served = build_server(tmp_path).app
+    served = build_server(Settings(home=tmp_path)).app
     routed = {
         (method, operation.path)
         for operation in api_operations(served.router.routes)
@@ -184,7 +186,7 @@ class Cell:
 def test_isolation_matrix(
     openapi: dict[str, Any],
     tenants: Tenants,
-    shared_server: ServerProcess,
+    api_server: InProcessServer,
 ) -> None:
     a, b = tenants.a, tenants.b
     secrets = {
@@ -206,11 +208,7 @@ def test_isolation_matrix(
     real = Names(org=a.org, app=a.app, machine=a.machine_id)
     ghost = Names(org=unique("ghost-org"), app=unique("ghost-app"), machine=GHOST_MACHINE)
     clients = {
-        kind: httpx.Client(
-            base_url=shared_server.url,
-            timeout=30.0,
-            headers={} if secret is None else {"Authorization": f"Bearer {secret}"},
-        )
+        kind: api_server.client(secret, anonymous=secret is None)
         for kind, secret in secrets.items()
     }
 

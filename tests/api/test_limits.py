@@ -12,10 +12,11 @@ import httpx
 import pytest
 
 from hangar.api.guard import MAX_BODY_BYTES
-from hangar.api.ratelimit import RateLimits
 from hangar.clock import ManualClock
 from hangar.model.config import MAX_FILE_BYTES
+from hangar.ratelimit import RateLimits
 from hangar.server import bootstrap_operator_token, build_server
+from hangar.settings import Settings
 from tests.api.helpers import assert_fly_error
 
 
@@ -23,8 +24,9 @@ from tests.api.helpers import assert_fly_error
 async def fly_limited(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, ManualClock]]:
     """The server's app in this process, Fly's default limits, on a clock the test moves."""
     clock = ManualClock()
-    server = build_server(tmp_path, clock=clock, rate_limits=RateLimits())
-    secret = bootstrap_operator_token(tmp_path, server.tokens)
+    settings = Settings(home=tmp_path)
+    server = build_server(settings, clock=clock, rate_limits=RateLimits())
+    secret = bootstrap_operator_token(settings.operator_token_file, server.tokens)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=server.app),
         base_url="http://hangar",

@@ -7,7 +7,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hangar.agent.gpus import HostGpus, choose_gpus
+from hangar.agent.gpus import HostGpus
+from hangar.agent.placement import HostPlacement
 from hangar.api.services.platform import PlacementsRequest, PlatformService
 from hangar.devices import NoNvml, SysfsRoot
 from hangar.errors import InsufficientCapacity, Unprocessable
@@ -15,7 +16,7 @@ from hangar.images.driver_bundle import DRIVER_BUNDLE_SETTING
 from hangar.model.config import GuestConfig, MachineConfig
 from hangar.model.gpu import GpuState
 from hangar.model.host import HostInfo
-from hangar.store.sqlite import SqliteStore
+from hangar.store.embedded import open_embedded_stores
 from tests.devices.sysfs_fixture import build_hgx_h100
 from tests.fixtures.driver_bundle import write_bundle
 
@@ -37,14 +38,20 @@ def test_placements_and_regions_over_http(api: httpx.Client) -> None:
     assert bad.status_code == 422 and "count" in bad.json()["error"]
 
 
+HGX = HostInfo(id="hgx-1", region="ord", cpus=64, memory_mb=512 * 1024)
+
+
 @pytest.fixture
-def gpu_platform(tmp_path: Path) -> tuple[SqliteStore, PlatformService]:
-    store = SqliteStore(tmp_path / "db")
+def gpu_platform(tmp_path: Path) -> tuple[HostPlacement, PlatformService]:
+    """An HGX host registered as its agent registers it; the platform answers from the same
+    claim store the agent claims on."""
+    stores = open_embedded_stores(tmp_path / "db")
     builder = build_hgx_h100(tmp_path / "sys")
-    HostGpus("hgx-1", SysfsRoot(builder.root), NoNvml("tests")).register(store)
+    HostGpus("hgx-1", SysfsRoot(builder.root), NoNvml("tests")).register(stores.gpus)
+    placement = HostPlacement(stores.claims, HGX)
+    placement.register(stores.gpus.list_gpus())
     bundle = write_bundle(tmp_path / "bundle", {"nvidia": b"module"})
-    host = HostInfo(id="hgx-1", region="ord", cpus=64, memory_mb=512 * 1024)
-    return store, PlatformService(store, host, {DRIVER_BUNDLE_SETTING: str(bundle)})
+    return placement, PlatformService(stores.claims, bundle)
 
 
 def gpu_config(gpus: int) -> MachineConfig:
@@ -52,33 +59,32 @@ def gpu_config(gpus: int) -> MachineConfig:
 
 
 def test_gpu_admission_follows_what_is_free(
-    gpu_platform: tuple[SqliteStore, PlatformService],
+    gpu_platform: tuple[HostPlacement, PlatformService],
 ) -> None:
-    store, platform = gpu_platform
+    placement, platform = gpu_platform
     platform.admit_gpu_machine(gpu_config(8), "ord")
-    held = store.claim_gpus("hgx-1", "m-busy", "h100-sxm", 7, choose_gpus, 0.0)
-    assert held is not None
+    for n in range(7):
+        placement.place(f"m-busy-{n}", gpu_config(1).guest)
     # Claims of machines that are not running still take GPUs out of the free pool.
     platform.admit_gpu_machine(gpu_config(1), "ord")
     with pytest.raises(InsufficientCapacity) as refused:
         platform.admit_gpu_machine(gpu_config(2), "ord")
     assert "ord" in refused.value.message and "h100-sxm" in refused.value.message
-    [last] = [gpu for gpu in store.list_gpus() if gpu.state == GpuState.FREE]
-    store.update_gpu(last.model_copy(update={"state": GpuState.QUARANTINED}))
+    [last] = [gpu for gpu in placement.gpus() if gpu.state == GpuState.FREE]
+    placement.set_gpu_state(last.bdf, GpuState.QUARANTINED, GpuState.FREE)
     with pytest.raises(InsufficientCapacity):
         platform.admit_gpu_machine(gpu_config(1), "ord")
 
 
 def test_gpu_machines_need_a_driver_bundle(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "db")
-    host = HostInfo(id="hgx-1", region="ord", cpus=64, memory_mb=512 * 1024)
+    stores = open_embedded_stores(tmp_path / "db")
     with pytest.raises(Unprocessable) as refused:
-        PlatformService(store, host, {}).admit_gpu_machine(gpu_config(1), "ord")
+        PlatformService(stores.claims, None).admit_gpu_machine(gpu_config(1), "ord")
     assert DRIVER_BUNDLE_SETTING in refused.value.message
 
 
 def test_dry_run_counts_whole_gpus_per_region(
-    gpu_platform: tuple[SqliteStore, PlatformService],
+    gpu_platform: tuple[HostPlacement, PlatformService],
 ) -> None:
     _, platform = gpu_platform
     view = platform.placements(

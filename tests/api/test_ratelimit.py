@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hangar.api.ratelimit import RateLimit, RateLimiter, RateLimits
 from hangar.clock import ManualClock
 from hangar.errors import RateLimited
+from hangar.ratelimit import RateLimit, RateLimiter, RateLimits
 
 
 def allowed(limiter: RateLimiter, count: int, action: str = "stop_machine") -> int:

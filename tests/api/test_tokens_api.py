@@ -10,19 +10,15 @@ import httpx
 import pytest
 
 from hangar.api.services.tokens import TokenService
-from hangar.cli.client import OPERATOR_TOKEN_FILE
 from hangar.clock import ManualClock
 from hangar.errors import Unauthenticated
-from hangar.server import (
-    BOOTSTRAP_TOKEN_DESCRIPTION,
-    DATABASE,
-    bootstrap_operator_token,
-)
-from hangar.server_process import ServerProcess
-from hangar.store.sqlite import SqliteStore
+from hangar.server import BOOTSTRAP_TOKEN_DESCRIPTION, bootstrap_operator_token
+from hangar.settings import DATABASE, OPERATOR_TOKEN_FILE
+from hangar.store.machines import SqliteMachineStore
 from hangar.store.tenancy import SqliteTenancyStore
 from tests.api.conftest import Tenants
 from tests.api.helpers import assert_fly_error, unique
+from tests.fixtures.inprocess import InProcessServer
 
 
 def test_a_token_is_shown_once_then_listed_without_its_secret(
@@ -61,35 +57,37 @@ def test_token_requests_are_validated(api: httpx.Client, tenants: Tenants) -> No
     assert_fly_error(api.delete("/v1/tokens/tok_nothing"), 404, "tok_nothing")
 
 
-def test_requests_without_a_valid_token_are_401_and_say_how(shared_server: ServerProcess) -> None:
-    anonymous = httpx.get(f"{shared_server.url}/v1/apps")
+def test_requests_without_a_valid_token_are_401_and_say_how(api_server: InProcessServer) -> None:
+    with api_server.client(anonymous=True) as client:
+        anonymous = client.get("/v1/apps")
+        openapi = client.get("/openapi.json")
     assert_fly_error(anonymous, 401, "Bearer")
     assert anonymous.headers["www-authenticate"] == "Bearer"
-    assert httpx.get(f"{shared_server.url}/openapi.json").status_code == 200
+    assert openapi.status_code == 200
 
 
 def test_first_start_writes_an_operator_token_readable_by_its_owner_only(
-    shared_server: ServerProcess,
+    api_server: InProcessServer,
 ) -> None:
-    path = shared_server.home / OPERATOR_TOKEN_FILE
+    path = api_server.home / OPERATOR_TOKEN_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    with shared_server.client() as client:
+    with api_server.client() as client:
         assert client.get("/v1/orgs").status_code == 200
 
 
 def tokens_of(home: Path) -> TokenService:
     database = home / DATABASE
-    return TokenService(SqliteTenancyStore(database), SqliteStore(database), ManualClock())
+    return TokenService(SqliteTenancyStore(database), SqliteMachineStore(database), ManualClock())
 
 
 def test_bootstrap_mints_once_and_init_replaces_the_file_token(tmp_path: Path) -> None:
     tokens = tokens_of(tmp_path)
-    first = bootstrap_operator_token(tmp_path, tokens)
+    first = bootstrap_operator_token(tmp_path / OPERATOR_TOKEN_FILE, tokens)
     assert first is not None
     assert (tmp_path / OPERATOR_TOKEN_FILE).read_text().strip() == first
-    assert bootstrap_operator_token(tmp_path, tokens) is None
+    assert bootstrap_operator_token(tmp_path / OPERATOR_TOKEN_FILE, tokens) is None
     _admin, admin_secret = tokens.issue_operator("hangar admin")
-    renewed = bootstrap_operator_token(tmp_path, tokens, renew=True)
+    renewed = bootstrap_operator_token(tmp_path / OPERATOR_TOKEN_FILE, tokens, renew=True)
     assert renewed is not None and renewed != first
     assert (tmp_path / OPERATOR_TOKEN_FILE).read_text().strip() == renewed
     assert tokens.authenticate(renewed).description == BOOTSTRAP_TOKEN_DESCRIPTION

@@ -10,6 +10,7 @@ import pytest
 
 from hangar.cli.client import ApiError, HangarClient
 from hangar.server_process import ServerProcess
+from hangar.settings import Settings
 
 CALLS = 6
 BURST, PER_SECOND = 3, 1.0
@@ -50,14 +51,27 @@ def test_the_client_waits_out_rate_limits(fly_limited_server: ServerProcess) -> 
     assert all(0 < wait <= 10 for wait in waits)
 
 
-def test_without_a_token_it_reads_the_operator_token_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_without_a_token_it_reads_the_operator_token_file(tmp_path: Path) -> None:
     from hangar.cli.client import default_token
 
-    monkeypatch.delenv("HANGAR_API_TOKEN", raising=False)
-    assert default_token(tmp_path) is None
+    local = Settings(home=tmp_path, api_url="http://127.0.0.1:4280", api_token=None)
+    assert default_token(local) is None
     (tmp_path / "operator.token").write_text("hgr_from_file\n")
-    assert default_token(tmp_path) == "hgr_from_file"
-    monkeypatch.setenv("HANGAR_API_TOKEN", "hgr_from_env")
-    assert default_token(tmp_path) == "hgr_from_env"
+    assert default_token(local) == "hgr_from_file"
+    assert default_token(local.model_copy(update={"api_url": "http://localhost:9"})) == (
+        "hgr_from_file"
+    )
+    from_env = Settings(home=tmp_path, api_token="hgr_from_env")
+    assert default_token(from_env) == "hgr_from_env"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://10.0.0.5:4280", "https://hangar.example.com", "http://127.0.0.1.example.com:4280"],
+)
+def test_the_operator_token_file_never_goes_to_another_address(tmp_path: Path, url: str) -> None:
+    """A HANGAR_API_URL that points elsewhere gets no token from the local file."""
+    from hangar.cli.client import default_token
+
+    (tmp_path / "operator.token").write_text("hgr_from_file\n")
+    assert default_token(Settings(home=tmp_path, api_url=url, api_token=None)) is None

@@ -11,13 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from hangar.api.services.tokens import TokenService
-from hangar.cli.client import OPERATOR_TOKEN_FILE
 from hangar.cli.main import app
 from hangar.clock import SystemClock
 from hangar.errors import Unauthenticated
-from hangar.server import DATABASE, bootstrap_operator_token
+from hangar.server import bootstrap_operator_token
 from hangar.server_process import ServerProcess, free_port
-from hangar.store.sqlite import SqliteStore
+from hangar.settings import DATABASE, OPERATOR_TOKEN_FILE
+from hangar.store.machines import SqliteMachineStore
 from hangar.store.tenancy import SqliteTenancyStore
 from tests.api.helpers import unique
 
@@ -97,9 +97,9 @@ def test_server_init_prints_a_new_operator_token_and_revokes_the_old_one(
 ) -> None:
     home = tmp_path_factory.mktemp("init-home")
     tokens = TokenService(
-        SqliteTenancyStore(home / DATABASE), SqliteStore(home / DATABASE), SystemClock()
+        SqliteTenancyStore(home / DATABASE), SqliteMachineStore(home / DATABASE), SystemClock()
     )
-    old = bootstrap_operator_token(home, tokens)
+    old = bootstrap_operator_token(home / OPERATOR_TOKEN_FILE, tokens)
     assert old is not None
     server = subprocess.Popen(
         [sys.executable, "-m", "hangar.cli.main", "server", "--init", "--port", str(free_port())],

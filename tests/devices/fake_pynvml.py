@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import pynvml as real_pynvml
+
 from tests.devices.sysfs_fixture import GIB, HGX_H100_GPUS, HGX_H100_NVSWITCHES
 
 
@@ -58,6 +60,17 @@ class FakeGpu:
     nvlinks: list[str | None] | None = None
     """Remote bus id per link (None: link inactive); None: no NVLink at all."""
     lost: bool = False
+    ecc_mode: tuple[int, int] | None = (1, 1)
+    """(current, pending); None: ECC not supported."""
+    module_id: int | None = None
+    remapped_rows: tuple[int, int, int, int] = (0, 0, 0, 0)
+    """(correctable, uncorrectable, pending, failure)."""
+    retired_pages_pending: int = 0
+    uncorrectable_ecc: int = 0
+    recovery_action: int | None = 0
+    """NVML_GPU_RECOVERY_ACTION_*; None: a driver that does not know the field."""
+    fabric_state: int | None = None
+    """NVML_GPU_FABRIC_STATE_*; None: NOT_SUPPORTED."""
 
 
 class FakePynvml:
@@ -70,6 +83,11 @@ class FakePynvml:
     NVML_FEATURE_ENABLED = 1
     NVML_FEATURE_DISABLED = 0
     NVML_NVLINK_MAX_LINKS = 18
+    NVML_SUCCESS = 0
+    NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+    NVML_VOLATILE_ECC = 0
+    NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = 230
+    c_nvmlGpuFabricInfo_t = real_pynvml.c_nvmlGpuFabricInfo_t
 
     def __init__(
         self,
@@ -165,6 +183,73 @@ class FakePynvml:
         self._log("nvmlDeviceGetNvLinkRemotePciInfo")
         assert handle.nvlinks is not None
         return SimpleNamespace(busId=(handle.nvlinks[link] or "").encode())
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus_id: str) -> FakeGpu:
+        self._log("nvmlDeviceGetHandleByPciBusId")
+        for gpu in self.gpus:
+            if gpu.bus_id.upper() == bus_id.upper():
+                if gpu.lost:
+                    raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+                return gpu
+        raise NVMLError(NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceGetEccMode(self, handle: FakeGpu) -> list[int]:
+        self._log("nvmlDeviceGetEccMode")
+        if handle.ecc_mode is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return list(handle.ecc_mode)
+
+    def nvmlDeviceGetModuleId(self, handle: FakeGpu) -> int:
+        self._log("nvmlDeviceGetModuleId")
+        if handle.module_id is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return handle.module_id
+
+    def nvmlDeviceGetRemappedRows(self, handle: FakeGpu) -> tuple[int, int, int, int]:
+        self._log("nvmlDeviceGetRemappedRows")
+        return handle.remapped_rows
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: FakeGpu) -> int:
+        self._log("nvmlDeviceGetRetiredPagesPendingStatus")
+        return handle.retired_pages_pending
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: FakeGpu, error_type: int, counter: int) -> int:
+        self._log("nvmlDeviceGetTotalEccErrors")
+        assert (error_type, counter) == (1, 0), "uncorrected, volatile"
+        return handle.uncorrectable_ecc
+
+    def nvmlDeviceGetFieldValues(self, handle: FakeGpu, field_ids: list[int]) -> list[Any]:
+        self._log("nvmlDeviceGetFieldValues")
+        assert field_ids == [self.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION]
+        action = handle.recovery_action
+        return [
+            SimpleNamespace(
+                nvmlReturn=NVML_ERROR_NOT_SUPPORTED if action is None else 0,
+                value=SimpleNamespace(uiVal=action or 0),
+            )
+        ]
+
+    def nvmlDeviceGetGpuFabricInfo(self, handle: FakeGpu, info: Any) -> int:
+        self._log("nvmlDeviceGetGpuFabricInfo")
+        if handle.fabric_state is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        info._obj.state = handle.fabric_state
+        return 0
+
+    # Setters: never called by readers (tests check the call log for them).
+
+    def nvmlDeviceSetEccMode(self, handle: FakeGpu, mode: int) -> None:
+        self._log("nvmlDeviceSetEccMode")
+        if handle.ecc_mode is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        handle.ecc_mode = (handle.ecc_mode[0], mode)
+
+    def nvmlDeviceSetMigMode(self, handle: FakeGpu, mode: int) -> int:
+        self._log("nvmlDeviceSetMigMode")
+        if handle.mig_mode is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        handle.mig_mode = (handle.mig_mode[0], mode)
+        return 0
 
 
 def nvml_bus_id(bdf: str) -> str:

@@ -5,6 +5,13 @@ Device directories live under ``devices/pci<domain>:<bus>/<bridges...>/<BDF>``;
 (which links back), and ``iommu_group`` links to ``kernel/iommu_groups/<N>``, whose
 ``devices/`` links to each member. All links are relative, as in the real tree, so a
 fixture can be moved and read through any root.
+
+A tree rooted at a folder named ``sys`` is a whole fixture host: its siblings ``dev`` and
+``proc`` hold what a VFIO-ready host has there (``/dev/vfio/vfio``, interrupts on
+``IR-`` chips) and what the nvidia driver adds for each GPU it holds
+(``/proc/driver/nvidia/gpus/<BDF>/information``). Processes that hold device nodes open
+are ``proc/<pid>/fd`` links (:meth:`SysfsBuilder.add_holder`). PCIe functions carry link
+speed and width and AER counters; GPUs a sparse ``resource0`` (BAR0) for register reads.
 """
 
 from __future__ import annotations
@@ -36,6 +43,24 @@ BAR_MEM64_PREFETCH = 0x0014220C
 
 _RESOURCE_LINES = 13  # 6 BARs, the ROM, 6 SR-IOV BARs: what an endpoint shows
 
+GEN5 = "32.0 GT/s PCIe"
+GEN4 = "16.0 GT/s PCIe"
+GEN1 = "2.5 GT/s PCIe"
+AER_CORRECTABLE = ("RxErr", "BadTLP", "BadDLLP", "Rollover", "Timeout", "NonFatalErr")
+AER_UNCORRECTABLE = ("Undefined", "DLP", "SDES", "TLP", "FCP", "CmpltTO", "UnxCmplt", "MalfTLP")
+INTERRUPTS = (
+    "            CPU0       CPU1\n"
+    "   0:         41          0   IO-APIC   2-edge      timer\n"
+    "   9:          0          0   IR-IO-APIC    9-fasteoi   acpi\n"
+    " 120:         11          0   IR-PCI-MSI 524288-edge      nvme0q0\n"
+    " DMAR:          0          0   Intel DMAR remapping faults\n"
+)
+INTERRUPTS_WITHOUT_REMAPPING = (
+    "            CPU0       CPU1\n"
+    "   0:         41          0   IO-APIC   2-edge      timer\n"
+    " 120:         11          0   PCI-MSI 524288-edge      nvme0q0\n"
+)
+
 
 @dataclass(frozen=True)
 class Bar:
@@ -55,12 +80,44 @@ def gpu_bars(base: int, bar1_size: int) -> list[Bar]:
 
 
 class SysfsBuilder:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, reset_subordinate: bool = False) -> None:
+        """``reset_subordinate``: bridges offer it, as on Linux 6.14 and later."""
         self.root = root
+        self.reset_subordinate = reset_subordinate
         for folder in ("bus/pci/devices", "bus/pci/drivers", "kernel/iommu_groups", "devices"):
             (root / folder).mkdir(parents=True, exist_ok=True)
         for attribute in ("drivers_probe", "rescan", "drivers_autoprobe"):
             (root / "bus/pci" / attribute).touch()
+        self.host = root.parent if root.name == "sys" else None
+        """The fixture host's folder, holding ``sys``, ``dev`` and ``proc``."""
+        if self.host is not None and not (self.host / "proc").exists():
+            (self.host / "dev/vfio").mkdir(parents=True)
+            (self.host / "dev/vfio/vfio").touch()
+            (self.host / "proc/driver/nvidia/gpus").mkdir(parents=True)
+            (self.host / "proc/interrupts").write_text(INTERRUPTS)
+            params = root / "module/vfio_iommu_type1/parameters"
+            params.mkdir(parents=True)
+            (params / "allow_unsafe_interrupts").write_text("N\n")
+
+    @property
+    def proc(self) -> Path:
+        assert self.host is not None, "a fixture host's sysfs root is named 'sys'"
+        return self.host / "proc"
+
+    def add_holder(self, pid: int, command: str, *nodes: str) -> None:
+        """A process holding ``nodes`` open (``/dev/nvidia0``), as ``/proc/PID`` shows it."""
+        folder = self.proc / str(pid)
+        (folder / "fd").mkdir(parents=True, exist_ok=True)
+        (folder / "comm").write_text(command + "\n")
+        for fd, node in enumerate(nodes, start=3):
+            (folder / "fd" / str(fd)).symlink_to(node)
+        (folder / "fd" / "0").symlink_to("/dev/null")
+
+    def remove_holder(self, pid: int) -> None:
+        shutil.rmtree(self.proc / str(pid))
+
+    def device_dir(self, bdf: str) -> Path:
+        return (self.root / "bus/pci/devices" / bdf).resolve()
 
     def add_driver(self, name: str) -> None:
         driver = self.root / "bus/pci/drivers" / name
@@ -82,8 +139,13 @@ class SysfsBuilder:
         iommu_group: int | None = None,
         reset_methods: list[str] | None = None,
         bars: list[Bar] | None = None,
+        link: tuple[str, int] | None = (GEN5, 16),
+        max_link: tuple[str, int] | None = None,
     ) -> str:
-        """Create one function; returns its path under ``devices/`` for children to use."""
+        """Create one function; returns its path under ``devices/`` for children to use.
+
+        ``link`` is its current PCIe link (speed, width), ``max_link`` what it is capable
+        of (default: the same); None for a function with no PCIe capability."""
         parent = parent or f"pci{bdf[:7]}"
         device_path = f"{parent}/{bdf}"
         folder = self.root / "devices" / device_path
@@ -109,6 +171,19 @@ class SysfsBuilder:
         (folder / "config").write_bytes(
             _config_space(vendor, device, class_code, sub_vendor, sub_device)
         )
+        if link is not None:
+            self.set_link(folder, link, max_link or link)
+            for name, kinds in (
+                ("aer_dev_correctable", AER_CORRECTABLE),
+                ("aer_dev_nonfatal", AER_UNCORRECTABLE),
+                ("aer_dev_fatal", AER_UNCORRECTABLE),
+            ):
+                (folder / name).write_text(_aer(name, dict.fromkeys(kinds, 0)))
+        if class_code == CLASS_PCI_BRIDGE and self.reset_subordinate:
+            (folder / "reset_subordinate").touch()
+        if vendor == NVIDIA and class_code >> 16 == 0x03 and bars:
+            with open(folder / "resource0", "wb") as bar0:
+                bar0.truncate(bars[0].size)
         _link(self.root / "bus/pci/devices" / bdf, folder)
         if driver is not None:
             self.bind(bdf, driver)
@@ -120,13 +195,45 @@ class SysfsBuilder:
             _link(folder / "iommu_group", group)
         return device_path
 
+    def set_link(self, folder: Path, link: tuple[str, int], max_link: tuple[str, int]) -> None:
+        (folder / "current_link_speed").write_text(link[0] + "\n")
+        (folder / "current_link_width").write_text(f"{link[1]}\n")
+        (folder / "max_link_speed").write_text(max_link[0] + "\n")
+        (folder / "max_link_width").write_text(f"{max_link[1]}\n")
+
+    def set_aer(self, bdf: str, name: str, **counts: int) -> None:
+        """Set AER counters of ``aer_dev_correctable``/``_nonfatal``/``_fatal``."""
+        path = self.device_dir(bdf) / name
+        current = {
+            line.split()[0]: int(line.split()[1])
+            for line in path.read_text().splitlines()
+            if not line.startswith("TOTAL_")
+        }
+        current.update(counts)
+        path.write_text(_aer(name, current))
+
     def bind(self, bdf: str, driver: str) -> None:
-        """Make the tree show ``bdf`` bound to ``driver``, as the kernel would."""
+        """Make the tree show ``bdf`` bound to ``driver``, as the kernel would; the nvidia
+        driver also lists a GPU it takes in ``/proc/driver/nvidia/gpus``."""
         self.add_driver(driver)
         folder = (self.root / "bus/pci/devices" / bdf).resolve()
         driver_folder = self.root / "bus/pci/drivers" / driver
         _link(folder / "driver", driver_folder)
         _link(driver_folder / bdf, folder)
+        is_gpu = int((folder / "class").read_text(), 16) >> 16 == 0x03
+        if driver == "nvidia" and is_gpu and self.host is not None:
+            gpus = self.proc / "driver/nvidia/gpus"
+            taken = {
+                int(line.split(":")[1])
+                for info in gpus.glob("*/information")
+                for line in info.read_text().splitlines()
+                if line.startswith("Device Minor")
+            }
+            minor = min(set(range(len(taken) + 1)) - taken)
+            (gpus / bdf).mkdir(exist_ok=True)
+            (gpus / bdf / "information").write_text(
+                f"Model: \t\t NVIDIA GPU\nBus Location: \t {bdf}\nDevice Minor: \t {minor}\n"
+            )
 
     def unbind(self, bdf: str) -> None:
         folder = (self.root / "bus/pci/devices" / bdf).resolve()
@@ -135,6 +242,8 @@ class SysfsBuilder:
             driver = Path(os.readlink(driver_link)).name
             (self.root / "bus/pci/drivers" / driver / bdf).unlink(missing_ok=True)
             driver_link.unlink()
+            if driver == "nvidia" and self.host is not None:
+                shutil.rmtree(self.proc / "driver/nvidia/gpus" / bdf, ignore_errors=True)
 
     def remove(self, bdf: str) -> None:
         """Take the function off the bus, as hot removal (or a dead device) does."""
@@ -172,6 +281,16 @@ class SysfsBuilder:
 
 def _link(link: Path, target: Path) -> None:
     link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def _aer(name: str, counts: dict[str, int]) -> str:
+    total = {
+        "aer_dev_correctable": "TOTAL_ERR_COR",
+        "aer_dev_nonfatal": "TOTAL_ERR_NONFATAL",
+        "aer_dev_fatal": "TOTAL_ERR_FATAL",
+    }[name]
+    lines = [f"{kind} {count}" for kind, count in counts.items()]
+    return "\n".join([*lines, f"{total} {sum(counts.values())}"]) + "\n"
 
 
 def _resource(bars: list[Bar]) -> str:
@@ -219,12 +338,12 @@ HGX_H100_NVSWITCHES = ["0000:05:00.0", "0000:06:00.0", "0000:07:00.0", "0000:08:
 HGX_H100_NIC = "0000:c5:00.0"
 
 
-def build_hgx_h100(root: Path) -> SysfsBuilder:
+def build_hgx_h100(root: Path, *, reset_subordinate: bool = False) -> SysfsBuilder:
     """8x H100 SXM behind PCIe switches, 4 NVSwitches, a ConnectX NIC, two NUMA nodes.
 
     Each GPU sits below a switch downstream port with ACS, so it has a group of its own.
     """
-    sysfs = SysfsBuilder(root)
+    sysfs = SysfsBuilder(root, reset_subordinate=reset_subordinate)
     group = 10
     for bdf, node in HGX_H100_GPUS.items():
         bus = int(bdf[5:7], 16)
@@ -292,9 +411,9 @@ def build_hgx_h100(root: Path) -> SysfsBuilder:
 L40S_GPUS = {"0000:01:00.0": 0, "0000:41:00.0": 0, "0000:81:00.0": 1, "0000:c1:00.0": 1}
 
 
-def build_l40s(root: Path) -> SysfsBuilder:
+def build_l40s(root: Path, *, reset_subordinate: bool = False) -> SysfsBuilder:
     """4x L40S PCIe cards, one per root port, each in its own group."""
-    sysfs = SysfsBuilder(root)
+    sysfs = SysfsBuilder(root, reset_subordinate=reset_subordinate)
     for group, (bdf, node) in enumerate(L40S_GPUS.items(), start=20):
         bus = int(bdf[5:7], 16)
         port = sysfs.add_bridge(
@@ -321,9 +440,9 @@ A10_GPU = "0000:3b:00.0"
 A10_AUDIO = "0000:3b:00.1"
 
 
-def build_a10_with_audio(root: Path) -> SysfsBuilder:
+def build_a10_with_audio(root: Path, *, reset_subordinate: bool = False) -> SysfsBuilder:
     """An A10 whose HDMI audio function shares its IOMMU group (they pass through together)."""
-    sysfs = SysfsBuilder(root)
+    sysfs = SysfsBuilder(root, reset_subordinate=reset_subordinate)
     port = sysfs.add_bridge("0000:3a:00.0", numa_node=0, iommu_group=29)
     sysfs.add_device(
         A10_GPU,
@@ -359,9 +478,11 @@ SHARED_GPU = "0000:04:00.0"
 SHARED_NIC = "0000:05:00.0"
 
 
-def build_gpu_sharing_group_with_nic(root: Path) -> SysfsBuilder:
+def build_gpu_sharing_group_with_nic(
+    root: Path, *, reset_subordinate: bool = False
+) -> SysfsBuilder:
     """An A100 PCIe and an Intel NIC behind one switch without ACS: one IOMMU group."""
-    sysfs = SysfsBuilder(root)
+    sysfs = SysfsBuilder(root, reset_subordinate=reset_subordinate)
     port = sysfs.add_bridge("0000:00:1c.0", numa_node=0, iommu_group=14)
     upstream = sysfs.add_bridge(
         "0000:02:00.0",
@@ -418,9 +539,9 @@ def build_gpu_sharing_group_with_nic(root: Path) -> SysfsBuilder:
 NO_IOMMU_GPU = "0000:01:00.0"
 
 
-def build_without_iommu(root: Path) -> SysfsBuilder:
+def build_without_iommu(root: Path, *, reset_subordinate: bool = False) -> SysfsBuilder:
     """An H100 PCIe on a host booted without an IOMMU: no groups anywhere."""
-    sysfs = SysfsBuilder(root)
+    sysfs = SysfsBuilder(root, reset_subordinate=reset_subordinate)
     port = sysfs.add_bridge("0000:00:01.0", numa_node=0)
     sysfs.add_device(
         NO_IOMMU_GPU,
@@ -437,9 +558,9 @@ def build_without_iommu(root: Path) -> SysfsBuilder:
     return sysfs
 
 
-def build_without_gpu(root: Path) -> SysfsBuilder:
+def build_without_gpu(root: Path, *, reset_subordinate: bool = False) -> SysfsBuilder:
     """A CPU host: a NIC and an NVMe drive, nothing from NVIDIA."""
-    sysfs = SysfsBuilder(root)
+    sysfs = SysfsBuilder(root, reset_subordinate=reset_subordinate)
     sysfs.add_device(
         "0000:00:03.0",
         vendor=INTEL,
@@ -464,9 +585,9 @@ def build_without_gpu(root: Path) -> SysfsBuilder:
 FIRECRACKER_H200 = "0000:00:05.0"
 
 
-def build_firecracker_h200(root: Path) -> SysfsBuilder:
+def build_firecracker_h200(root: Path, *, reset_subordinate: bool = False) -> SysfsBuilder:
     """A Firecracker guest with one H200 passed through: flat root bus, no NUMA, no IOMMU."""
-    sysfs = SysfsBuilder(root)
+    sysfs = SysfsBuilder(root, reset_subordinate=reset_subordinate)
     sysfs.add_device("0000:00:00.0", vendor=INTEL, device=0x0D57, class_code=0x060000)
     for slot in (1, 2, 3, 4):
         sysfs.add_device(
@@ -487,4 +608,46 @@ def build_firecracker_h200(root: Path) -> SysfsBuilder:
         reset_methods=["flr", "bus"],
         bars=gpu_bars(0xE0000000, 256 * GIB),
     )
+    return sysfs
+
+
+TWIN_GPUS = ["0000:43:00.0", "0000:44:00.0"]
+TWIN_GROUP = 50
+
+
+def build_two_gpus_one_group(root: Path, *, reset_subordinate: bool = False) -> SysfsBuilder:
+    """Two L40S cards behind one PCIe switch without ACS: the switch's ports and both GPUs
+    share IOMMU group 50, so the two GPUs can only go to one tenant together."""
+    sysfs = SysfsBuilder(root, reset_subordinate=reset_subordinate)
+    root_port = sysfs.add_bridge("0000:40:01.0", numa_node=0, iommu_group=49)
+    upstream = sysfs.add_bridge(
+        "0000:41:00.0",
+        parent=root_port,
+        numa_node=0,
+        iommu_group=TWIN_GROUP,
+        vendor=BROADCOM_PLX,
+        device=0x8747,
+    )
+    for port, bdf in zip(("0000:42:08.0", "0000:42:10.0"), TWIN_GPUS, strict=True):
+        downstream = sysfs.add_bridge(
+            port,
+            parent=upstream,
+            numa_node=0,
+            iommu_group=TWIN_GROUP,
+            vendor=BROADCOM_PLX,
+            device=0x8747,
+        )
+        sysfs.add_device(
+            bdf,
+            vendor=NVIDIA,
+            device=0x26B9,
+            class_code=CLASS_3D,
+            parent=downstream,
+            numa_node=0,
+            driver="nvidia",
+            iommu_group=TWIN_GROUP,
+            reset_methods=["flr", "bus"],
+            bars=gpu_bars(0xF0000000 + int(bdf[5:7], 16) * 0x100000, 64 * GIB),
+        )
+    sysfs.add_driver("vfio-pci")
     return sysfs

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from hangar.devices.catalog import (
+from hangar.model.gpu_kinds import (
     GPU_KINDS,
     gpu_kind_for_device_id,
     gpu_kind_named,

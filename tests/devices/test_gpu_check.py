@@ -7,28 +7,41 @@ import hashlib
 import importlib.util
 import json
 import os
+import stat
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 from rich.console import Console
 
+from hangar.devices.crosscheck import (
+    check_device_nodes,
+    check_firmware,
+    parse_lspci,
+    parse_nvidia_smi_q,
+)
+from hangar.devices.hostpaths import HostPaths
 from hangar.devices.inventory import read_inventory
 from hangar.devices.nvml import PynvmlReader
+from hangar.devices.readiness import CommandResult, SubprocessRunner
 from hangar.devices.sysfs import ReadOnlyWriter, SysfsRoot
+from hangar.images.driver_bundle import DRIVER_BUNDLE_SETTING
 from tests.conftest import REPO_ROOT
 from tests.devices.conftest import ready_runner
-from tests.devices.fake_pynvml import FakeGpu, FakePynvml, nvml_bus_id
+from tests.devices.fake_pynvml import FakeGpu, FakePynvml, hgx_nvml_gpus, nvml_bus_id
 from tests.devices.sysfs_fixture import (
     FIRECRACKER_H200,
     GIB,
     HGX_H100_GPUS,
     SysfsBuilder,
     build_firecracker_h200,
+    build_hgx_h100,
     build_without_gpu,
 )
+from tests.fixtures.driver_bundle import DRIVER_VERSION, write_bundle
 
 SCRIPT = REPO_ROOT / "scripts" / "gpu_check.py"
 
@@ -47,8 +60,9 @@ def _load_script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.modules.setdefault("gpu_check", module)  # dataclasses look their module up
+    spec.loader.exec_module(sys.modules["gpu_check"])
+    return sys.modules["gpu_check"]
 
 
 def _tree_snapshot(root: Path) -> dict[str, str]:
@@ -102,7 +116,7 @@ def test_gpus_without_nvml_fail_with_a_clear_list_and_nothing_changes(
     before = _tree_snapshot(hgx.root)
     inventory_json = tmp_path / "inventory.json"
 
-    done = _run("--sysfs-root", str(hgx.root), "--json", str(inventory_json))
+    done = _run("--sysfs-root", str(hgx.root), "--json", str(inventory_json), "--no-tools")
 
     assert done.returncode == 1, done.stdout + done.stderr
     lines = done.stdout.splitlines()
@@ -181,3 +195,202 @@ def test_check_gpu_notes_memory_far_from_the_catalog(tmp_path: Path) -> None:
 
     assert failures == []
     assert "NVML memory 80.0 GiB is far from the catalog's 141 GB" in notes
+
+
+# --- cross-checks against lspci, nvidia-smi, /dev and modinfo (canned tool output)
+
+GPU = next(iter(HGX_H100_GPUS))
+LSPCI = f"""{GPU} 3D controller: NVIDIA Corporation GH100 [H100 SXM5 80GB] (rev a1)
+\tSubsystem: NVIDIA Corporation Device 16c1
+\tPhysical Slot: 1
+\tControl: I/O- Mem+ BusMaster+ SpecCycle- MemWINV- VGASnoop- ParErr+ Stepping- SERR+
+\tLatency: 0
+\tInterrupt: pin A routed to IRQ 255
+\tNUMA node: 0
+\tIOMMU group: 13
+\tRegion 0: Memory at e2000000 (32-bit, non-prefetchable) [size=16M]
+\tRegion 1: Memory at 21b000000000 (64-bit, prefetchable) [size=128G]
+\tRegion 3: Memory at 31b000000000 (64-bit, prefetchable) [size=32M]
+\tCapabilities: [78] Express (v2) Endpoint, MSI 00
+\t\tDevCap:\tMaxPayload 256 bytes, PhantFunc 0, Latency L0s unlimited, L1 <64us
+\t\tLnkCap:\tPort #0, Speed 32GT/s, Width x16, ASPM not supported
+\t\tLnkSta:\tSpeed 32GT/s, Width x16
+\tCapabilities: [100 v1] Advanced Error Reporting
+\t\tUESta:\tDLP- SDES- TLP- FCP- CmpltTO- CmpltAbrt- UnxCmplt- RxOF- MalfTLP-
+\tKernel driver in use: nvidia
+\tKernel modules: nvidiafb, nouveau, nvidia_drm, nvidia
+
+"""
+SMI = f"""
+==============NVSMI LOG==============
+
+Timestamp                                 : Mon Dec  1 10:00:00 2025
+Driver Version                            : 550.90.07
+CUDA Version                              : 12.4
+
+Attached GPUs                             : 1
+GPU 0000{GPU.upper()}
+    Product Name                          : NVIDIA H100 80GB HBM3
+    Module ID                             : 3
+    MIG Mode
+        Current                           : Disabled
+        Pending                           : Disabled
+    PCI
+        Bus Id                            : 0000{GPU.upper()}
+        GPU Link Info
+            PCIe Generation
+                Max                       : 5
+                Current                   : 5
+            Link Width
+                Max                       : 16x
+                Current                   : 16x
+    ECC Mode
+        Current                           : Enabled
+        Pending                           : Enabled
+    Remapped Rows
+        Correctable Error                 : 0
+        Uncorrectable Error               : 0
+        Pending                           : No
+        Remapping Failure Occurred        : No
+    Fabric
+        State                             : Completed
+        Status                            : Success
+"""
+
+
+class CannedRunner:
+    """Canned output of the read-only tools gpu-check runs; anything else exits 127."""
+
+    def __init__(self, answers: dict[str, CommandResult]) -> None:
+        self.answers = answers
+        self.commands: list[list[str]] = []
+
+    def run(self, argv: Sequence[str]) -> CommandResult:
+        self.commands.append(list(argv))
+        if argv[0] == "sh":  # the guest's node script, for real, on the fixture's /proc
+            return SubprocessRunner().run(argv)
+        return self.answers.get(argv[0], CommandResult(returncode=127, stderr="not found"))
+
+
+def _nvml_for(hgx: SysfsBuilder) -> FakePynvml:
+    gpus = hgx_nvml_gpus()
+    gpus[0].module_id = 3
+    gpus[0].fabric_state = 3
+    return FakePynvml(gpus)
+
+
+def _hgx_with_dev_nodes(tmp_path: Path) -> SysfsBuilder:
+    builder = build_hgx_h100(tmp_path / "sys")
+    dev = tmp_path / "dev"
+    os.mknod(dev / "nvidiactl", stat.S_IFCHR | 0o666, os.makedev(195, 255))
+    for minor in range(8):
+        os.mknod(dev / f"nvidia{minor}", stat.S_IFCHR | 0o666, os.makedev(195, minor))
+    return builder
+
+
+def _checked(
+    tmp_path: Path, lspci: str = LSPCI, smi: str = SMI, environ: dict[str, str] | None = None
+) -> tuple[int, str, CannedRunner]:
+    """Run every check on the HGX fixture; asserts they wrote nothing to its sysfs."""
+    script = _load_script()
+    builder = _hgx_with_dev_nodes(tmp_path)
+    before = _tree_snapshot(builder.root)
+    sysfs = SysfsRoot(builder.root, writer=ReadOnlyWriter())
+    paths = HostPaths.beside(sysfs)
+    nvml = _nvml_for(builder)
+    inventory = read_inventory(
+        sysfs, nvml=PynvmlReader(load=lambda: nvml), runner=ready_runner(), paths=paths
+    )
+    runner = CannedRunner(
+        {
+            "lspci": CommandResult(returncode=0, stdout=lspci),
+            "nvidia-smi": CommandResult(returncode=0, stdout=smi),
+            "modinfo": CommandResult(
+                returncode=0,
+                stdout=f"nvidia/{DRIVER_VERSION}/gsp_ga10x.bin\nnvidia/{DRIVER_VERSION}/gsp_tu10x.bin\n",
+            ),
+        }
+    )
+    tools = script.gather_tools(runner, paths, environ or {})
+    console = Console(record=True, width=300, color_system=None)
+    status = script.run_checks(inventory, sysfs, console, tools)
+    assert _tree_snapshot(builder.root) == before, "gpu-check is read-only"
+    return status, console.export_text(), runner
+
+
+def test_hangars_reading_agrees_with_lspci_nvidia_smi_dev_and_the_bundle(
+    tmp_path: Path,
+) -> None:
+    bundle = write_bundle(tmp_path / "bundle", {"nvidia": b"module"})
+
+    status, text, runner = _checked(tmp_path, environ={DRIVER_BUNDLE_SETTING: str(bundle)})
+
+    lines = text.splitlines()
+    gpu_line = next(line for line in lines if line.startswith("ok " + GPU))
+    assert gpu_line == f"ok {GPU} h100-sxm (10de:2330)"
+    assert "ok host: device nodes and firmware" in lines
+    assert "    note: the bundle ships all 2 firmware files the driver names" in lines
+    assert any("NVML: ECC enabled (pending enabled), MIG disabled" in line for line in lines)
+    assert any("module id 3, fabric completed" in line for line in lines)
+    assert any(f"IOMMU group 13: {GPU}; can be claimed" in line for line in lines)
+    assert any("nodes hangar would make: nvidiactl 195 255 nvidia0 195 0" in line for line in lines)
+    assert [c[0] for c in runner.commands] == ["lspci", "nvidia-smi", "sh", "modinfo"]
+    assert status == 0, text
+    assert "all checks passed for 8 GPU(s)" in text
+
+
+def test_a_bar_size_hangar_misreads_is_a_failure(tmp_path: Path) -> None:
+    _, text, _ = _checked(tmp_path, lspci=LSPCI.replace("[size=128G]", "[size=64G]"))
+
+    assert f"failure: BAR1: hangar reads {128 * GIB} bytes, lspci shows {64 * GIB}" in text
+
+
+def test_a_pending_mode_hangar_misses_is_a_failure(tmp_path: Path) -> None:
+    smi = SMI.replace(
+        "        Pending                           : Enabled",
+        "        Pending                           : Disabled",
+    )
+
+    _, text, _ = _checked(tmp_path, smi=smi)
+
+    assert "failure: pending ECC mode: hangar enabled, nvidia-smi Disabled" in text
+
+
+def test_a_device_node_hangar_would_make_wrongly_is_a_failure(tmp_path: Path) -> None:
+    _hgx = tmp_path / "dev"
+    failures, _ = check_device_nodes(["nvidia0 195 0", "nvidia-uvm 237 0"], tmp_path)
+
+    assert failures == [
+        "/dev/nvidia-uvm (237:0) does not exist on this host",
+        "/dev/nvidia0 (195:0) does not exist on this host",
+    ]
+    assert _hgx
+
+
+def test_firmware_is_compared_only_for_the_same_driver_version(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "bundle", {"nvidia": b"m"})
+    named = [f"nvidia/{DRIVER_VERSION}/gsp_ga10x.bin", f"nvidia/{DRIVER_VERSION}/gsp_gh100.bin"]
+
+    assert check_firmware(named, DRIVER_VERSION, bundle / "firmware") == (
+        [f"the bundle lacks firmware the driver loads: nvidia/{DRIVER_VERSION}/gsp_gh100.bin"],
+        [],
+    )
+    assert check_firmware(named, "560.35.03", bundle / "firmware")[0] == []
+    assert check_firmware([], None, None)[1] == [
+        "modinfo names no firmware for nvidia (no module, or a pre-GSP driver)"
+    ]
+
+
+def test_the_lspci_and_nvidia_smi_parsers() -> None:
+    [device] = parse_lspci(LSPCI).values()
+    [gpu] = parse_nvidia_smi_q(SMI).values()
+
+    assert device.bar_sizes == {0: 16 << 20, 1: 128 * GIB, 3: 32 << 20}
+    assert device.bar64 == {0: False, 1: True, 3: True}
+    assert (device.link_speed_gts, device.link_width, device.max_link_width) == (32.0, 16, 16)
+    assert (device.numa_node, device.driver, device.aer) == (0, "nvidia", True)
+    assert gpu.bdf == GPU
+    assert gpu.get("MIG Mode", "Pending") == "Disabled"
+    assert gpu.get("Link Width", "Max") == "16x"
+    assert gpu.get("Fabric", "State") == "Completed"
+    assert gpu.get("Module ID") == "3"

@@ -13,6 +13,7 @@ from tests.devices.sysfs_fixture import (
     CLASS_3D,
     HGX_H100_GPUS,
     HGX_H100_NVSWITCHES,
+    INTERRUPTS_WITHOUT_REMAPPING,
     L40S_GPUS,
     NO_IOMMU_GPU,
     NVIDIA,
@@ -124,7 +125,7 @@ def test_unknown_nvidia_gpu_is_listed_not_dropped(tmp_path: Path) -> None:
 
 
 def test_gpu_without_a_usable_reset_method_is_unavailable(tmp_path: Path) -> None:
-    builder = SysfsBuilder(tmp_path)
+    builder = SysfsBuilder(tmp_path / "sys")
     builder.add_driver("vfio-pci")
     for bdf, methods in (("0000:01:00.0", ["device_specific"]), ("0000:02:00.0", None)):
         builder.add_device(
@@ -137,28 +138,95 @@ def test_gpu_without_a_usable_reset_method_is_unavailable(tmp_path: Path) -> Non
             reset_methods=methods,
         )
 
-    gpus = read_inventory(SysfsRoot(tmp_path), nvml=NoNvml(), runner=ready_runner()).gpus
+    gpus = read_inventory(SysfsRoot(builder.root), nvml=NoNvml(), runner=ready_runner()).gpus
 
     assert [gpu.unavailable_reasons for gpu in gpus] == [
         [
-            "cannot be reset between tenants: no FLR, PM or bus reset "
+            "0000:01:00.0 (gpu) cannot be reset: no FLR, PM or bus reset "
             "(reset_method lists device_specific)"
         ],
-        ["cannot be reset between tenants: the kernel exposes no reset_method for it"],
+        ["0000:02:00.0 (gpu) cannot be reset: the kernel exposes no reset_method for it"],
     ]
 
 
-def test_vfio_module_on_disk_but_not_loaded_counts_as_available(tmp_path: Path) -> None:
-    SysfsBuilder(tmp_path)
+def test_an_audio_companion_that_cannot_be_reset_makes_its_gpu_unavailable(
+    a10: SysfsBuilder,
+) -> None:
+    (a10.root / f"bus/pci/devices/{A10_AUDIO}/reset_method").write_text("\n")
+
+    [gpu] = read_inventory(SysfsRoot(a10.root), nvml=NoNvml(), runner=ready_runner()).gpus
+
+    assert not gpu.available
+    assert gpu.unavailable_reasons == [
+        f"{A10_AUDIO} (companion) cannot be reset: no FLR, PM or bus reset "
+        "(reset_method lists nothing)"
+    ]
+
+
+def test_vfio_module_on_disk_but_not_loaded_is_not_ready(tmp_path: Path) -> None:
+    builder = SysfsBuilder(tmp_path / "sys")
     runner = StaticRunner(
         {"modinfo": CommandResult(returncode=0, stdout="/lib/modules/6.1/vfio-pci.ko\n")}
     )
 
-    status = probe_vfio(SysfsRoot(tmp_path), runner)
+    status = probe_vfio(SysfsRoot(builder.root), runner)
 
-    assert status.available and not status.loaded
-    assert "modprobe vfio-pci" in status.detail
+    assert status.installed and not status.loaded and not status.available
+    assert status.problems == [
+        "vfio-pci module at /lib/modules/6.1/vfio-pci.ko, not loaded (modprobe vfio-pci)"
+    ]
     assert runner.commands == [["modinfo", "-n", "vfio-pci"]]
+
+
+def test_a_ready_host_has_vfio_loaded_its_node_and_interrupt_remapping(
+    l40s: SysfsBuilder,
+) -> None:
+    status = probe_vfio(SysfsRoot(l40s.root), StaticRunner({}))
+
+    assert status.available and status.loaded and status.container_node
+    assert status.interrupt_remapping is True and not status.unsafe_interrupts
+    assert status.problems == []
+
+
+def test_vfio_without_its_device_node_is_not_ready(l40s: SysfsBuilder) -> None:
+    assert l40s.host is not None
+    (l40s.host / "dev/vfio/vfio").unlink()
+
+    inventory = read_inventory(SysfsRoot(l40s.root), nvml=NoNvml(), runner=ready_runner())
+
+    assert not inventory.vfio_available
+    assert inventory.reasons == [f"{l40s.host / 'dev/vfio/vfio'} does not exist"]
+    assert not any(gpu.available for gpu in inventory.gpus)
+
+
+def test_without_interrupt_remapping_vfio_is_not_ready(l40s: SysfsBuilder) -> None:
+    """vfio_iommu_type1 refuses to attach a group when interrupts are not remapped."""
+    assert l40s.host is not None
+    (l40s.host / "proc/interrupts").write_text(INTERRUPTS_WITHOUT_REMAPPING)
+
+    status = probe_vfio(SysfsRoot(l40s.root), StaticRunner({}))
+
+    assert status.interrupt_remapping is False and not status.available
+    assert "interrupt remapping is off" in status.detail
+
+
+def test_allowing_unsafe_interrupts_is_not_ready(l40s: SysfsBuilder) -> None:
+    (l40s.root / "module/vfio_iommu_type1/parameters/allow_unsafe_interrupts").write_text("Y\n")
+
+    status = probe_vfio(SysfsRoot(l40s.root), StaticRunner({}))
+
+    assert status.unsafe_interrupts and not status.available
+    assert "allow_unsafe_interrupts=Y" in status.detail
+
+
+def test_a_sysfs_root_of_no_known_host_is_not_ready(tmp_path: Path) -> None:
+    builder = SysfsBuilder(tmp_path / "elsewhere")
+    builder.add_driver("vfio-pci")
+
+    status = probe_vfio(SysfsRoot(builder.root), StaticRunner({}))
+
+    assert not status.available
+    assert status.interrupt_remapping is None
 
 
 def test_missing_vfio_and_qemu_make_every_gpu_unavailable(l40s: SysfsBuilder) -> None:

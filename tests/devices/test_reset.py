@@ -107,21 +107,37 @@ def test_an_absent_gpu_means_quarantine(a10: SysfsBuilder) -> None:
     assert kernel.writes == []
 
 
-def test_reset_after_release_verifies_each_original_driver(a10: SysfsBuilder) -> None:
+def test_reset_under_a_host_driver_is_refused_and_writes_nothing(a10: SysfsBuilder) -> None:
+    """The old failure path reset a GPU with whatever driver was bound: under nvidia (no
+    reset_prepare/reset_done hooks) that wedges the GPU. Now nothing is written."""
     kernel = KernelSimulator(a10)
     sysfs = SysfsRoot(a10.root, writer=kernel)
     binding = bind_group_to_vfio(sysfs, A10_GPU)
     release_group(sysfs, binding)
+    kernel.writes.clear()
     originals = {f.bdf: f.original_driver for f in binding.functions}
 
     outcome = reset_and_verify(sysfs, A10_GPU, expected_driver=originals)
-    one_driver_for_all = reset_and_verify(sysfs, A10_GPU, expected_driver="nvidia")
 
-    assert outcome.ok
-    assert [f.driver_after for f in outcome.functions] == ["nvidia", "snd_hda_intel"]
-    assert one_driver_for_all.functions[1].problems == [
-        "bound to snd_hda_intel after reset, expected nvidia"
+    assert outcome.quarantine
+    assert [f.problems for f in outcome.functions] == [
+        ["not reset: bound to the host driver nvidia, which cannot survive a reset"],
+        ["not reset: bound to the host driver snd_hda_intel, which cannot survive a reset"],
     ]
+    assert kernel.writes_to("/reset") == []
+    assert kernel.hardware is not None and kernel.hardware.gpu(A10_GPU).corrupted == ""
+
+
+def test_the_kernel_sim_wedges_a_gpu_reset_under_nvidia(a10: SysfsBuilder) -> None:
+    """What the guard prevents, shown on the simulator: the reset write itself succeeds."""
+    kernel = KernelSimulator(a10)
+
+    kernel.write(a10.root, f"bus/pci/devices/{A10_GPU}/reset", "1")
+
+    assert kernel.hardware is not None
+    assert "nvidia" in kernel.hardware.gpu(A10_GPU).corrupted
+    config = (a10.root / f"bus/pci/devices/{A10_GPU}/config").read_bytes()
+    assert config[:4] == b"\xff\xff\xff\xff"
 
 
 class FailingScrubber:

@@ -16,7 +16,7 @@ from hangar.images.initramfs import ensure_base_initramfs
 from hangar.images.kernel import GuestKernel, ensure_kernel
 from hangar.images.reference import ImageRef, parse_image_ref
 from hangar.images.rootfs import CachedImage, ImageCache
-from hangar.paths import cache_dir
+from tests.conftest import SUITE_CACHE
 
 HELLO_CMD = ["sh", "-c", "echo hello; exit 3"]
 HELLO_ENV = {"PATH": "/usr/bin:/bin", "GREETING": "hi there"}
@@ -67,9 +67,9 @@ def cached_hello(pushed_hello: PushedImage, session_cache_dir: Path) -> CachedIm
 @pytest.fixture(scope="session")
 def guest_kernel() -> GuestKernel:
     """The real guest kernel, fetched once into the suite's shared cache (``HANGAR_CACHE``)."""
-    return ensure_kernel(cache_dir())
+    return ensure_kernel(SUITE_CACHE)
 
 
 @pytest.fixture(scope="session")
 def base_initrd(guest_kernel: GuestKernel) -> Path:
-    return ensure_base_initramfs(guest_kernel, cache_dir())
+    return ensure_base_initramfs(guest_kernel, SUITE_CACHE)

@@ -35,6 +35,7 @@ def _qemu_argv(
     folder: Path,
     sig_chardev: str,
     read_only_disks: Sequence[Path],
+    kernel_args: Sequence[str] = (),
 ) -> list[str]:
     extra_disks: list[str] = []
     for index, extra in enumerate(read_only_disks):
@@ -46,7 +47,8 @@ def _qemu_argv(
         "qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-m", "256",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-serial", f"file:{folder / 'console.log'}",
-        "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd), "-append", KERNEL_ARGS,
+        "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
+        "-append", " ".join([KERNEL_ARGS, *kernel_args]),
         "-drive", f"id=root,file={disk},format=raw,if=none",
         "-device", "virtio-blk-pci,drive=root",
         *extra_disks,
@@ -102,13 +104,14 @@ def boot(
     folder: Path,
     interact: Callable[[RunningGuest], None] | None = None,
     read_only_disks: Sequence[Path] = (),
+    kernel_args: Sequence[str] = (),
 ) -> Boot:
     """Boot the machine to its end; ``interact`` runs while it does. ``read_only_disks``
     follow the root disk (the first is /dev/vdb), as the driver attaches extra disks."""
     initrd = machine_initrd(base_initrd, config, folder / "initrd")
     disk = machine_disk(image, folder / "root.ext4")
     sig_chardev = f"socket,id=sig,path={folder / 'sig.sock'},server=on,wait=off"
-    argv = _qemu_argv(kernel, initrd, disk, folder, sig_chardev, read_only_disks)
+    argv = _qemu_argv(kernel, initrd, disk, folder, sig_chardev, read_only_disks, kernel_args)
     qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     guard = threading.Timer(QEMU_TIMEOUT_SECONDS, qemu.kill)
     guard.start()

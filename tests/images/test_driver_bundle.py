@@ -4,6 +4,7 @@ and real guests that load a bundle's module and see its files read-only."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -15,6 +16,7 @@ from hangar.images.busybox import HOST_BUSYBOX
 from hangar.images.driver_bundle import (
     DRIVER_BUNDLE_SETTING,
     GUEST_ENV_NAME,
+    NVLINK_OFF_KERNEL_ARG,
     DriverBundleError,
     DriverBundleManifest,
     build_driver_bundle_disk,
@@ -23,9 +25,15 @@ from hangar.images.driver_bundle import (
     configured_driver_bundle,
     ensure_driver_bundle_disk,
     load_bundle_manifest,
+    module_firmware,
     prepare_driver_bundle,
 )
-from hangar.images.initramfs import module_bytes, nvidia_nodes_script, resolve_modules
+from hangar.images.initramfs import (
+    module_bytes,
+    nvidia_nodes_script,
+    resolve_modules,
+    xid_events_script,
+)
 from hangar.images.kernel import GuestKernel
 from hangar.images.rootfs import CachedImage, make_ext4
 from hangar.images.run_config import GuestFile, GuestRunConfig
@@ -62,10 +70,11 @@ def test_loads_a_bundle_folder(bundle: Path) -> None:
         modules=["nvidia", "nvidia_uvm"],
         libraries="lib",
         binaries="bin",
+        firmware="firmware",
     )
     assert manifest.guest_env() == (
         f"DRIVER_VERSION={DRIVER_VERSION}\nDRIVER_MODULES='nvidia nvidia_uvm'\n"
-        "DRIVER_LIBRARIES=lib\nDRIVER_BINARIES=bin\n"
+        "DRIVER_LIBRARIES=lib\nDRIVER_BINARIES=bin\nDRIVER_FIRMWARE=firmware\n"
     )
 
 
@@ -153,19 +162,15 @@ def test_kernel_version_must_match_the_guest_kernel(bundle: Path, tmp_path: Path
 
 def test_gpu_machines_need_a_configured_bundle(bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(DriverBundleError, match=DRIVER_BUNDLE_SETTING) as raised:
-        configured_driver_bundle({})
+        configured_driver_bundle(None)
     assert raised.value.fields["reason"] == "not_configured"
 
     kernel = _stand_in_kernel(tmp_path, KERNEL_VERSION)
-    disk = prepare_driver_bundle(
-        kernel, tmp_path / "cache", environ={DRIVER_BUNDLE_SETTING: str(bundle)}
-    )
+    disk = prepare_driver_bundle(kernel, tmp_path / "cache", bundle=bundle)
     assert read_file(disk, "/manifest.json") == (bundle / "manifest.json").read_bytes()
     other_kernel = _stand_in_kernel(tmp_path, "6.1.0-28-cloud-amd64")
     with pytest.raises(DriverBundleError, match="built for kernel"):
-        prepare_driver_bundle(
-            other_kernel, tmp_path / "cache", environ={DRIVER_BUNDLE_SETTING: str(bundle)}
-        )
+        prepare_driver_bundle(other_kernel, tmp_path / "cache", bundle=bundle)
 
 
 # --- the disk
@@ -249,6 +254,85 @@ def test_a_ready_image_is_checked_like_a_folder(bundle: Path, tmp_path: Path) ->
         assert raised.value.fields["reason"] == "not_ext4"
 
 
+# --- firmware
+
+
+def test_a_bundle_without_its_gsp_firmware_is_refused(bundle: Path) -> None:
+    """Current drivers boot the GPU's GSP firmware while probing: a Hopper GPU would not
+    initialise in the guest."""
+    for firmware in (bundle / "firmware/nvidia" / DRIVER_VERSION).iterdir():
+        firmware.unlink()
+
+    with pytest.raises(DriverBundleError, match="has no GSP firmware") as raised:
+        load_bundle_manifest(bundle)
+
+    assert raised.value.fields["reason"] == "missing_firmware"
+    assert raised.value.fields["firmware"] == f"firmware/nvidia/{DRIVER_VERSION}/gsp_*.bin"
+
+
+def test_gsp_firmware_of_another_driver_version_does_not_count(bundle: Path) -> None:
+    (bundle / "firmware/nvidia" / DRIVER_VERSION).rename(bundle / "firmware/nvidia/535.183.01")
+
+    with pytest.raises(DriverBundleError) as raised:
+        load_bundle_manifest(bundle)
+
+    assert raised.value.fields["reason"] == "missing_firmware"
+
+
+def test_a_bundle_without_a_firmware_folder_names_the_field(bundle: Path) -> None:
+    (bundle / "firmware/nvidia" / DRIVER_VERSION / "gsp_ga10x.bin").unlink()
+    (bundle / "firmware/nvidia" / DRIVER_VERSION / "gsp_tu10x.bin").unlink()
+    (bundle / "firmware/nvidia" / DRIVER_VERSION).rmdir()
+    (bundle / "firmware/nvidia").rmdir()
+    (bundle / "firmware").rmdir()
+
+    with pytest.raises(DriverBundleError) as raised:
+        load_bundle_manifest(bundle)
+
+    assert (raised.value.fields["reason"], raised.value.fields["field"]) == (
+        "missing_folder",
+        "firmware",
+    )
+
+
+def test_every_firmware_file_a_module_names_must_be_shipped(bundle: Path) -> None:
+    """What ``modinfo -F firmware nvidia`` lists for a 550 driver, one file missing."""
+    named = [f"nvidia/{DRIVER_VERSION}/gsp_ga10x.bin", f"nvidia/{DRIVER_VERSION}/gsp_tu10x.bin"]
+
+    def modinfo(argv: Any, **_: Any) -> str:
+        words = [str(word) for word in argv]
+        if words[:3] == ["modinfo", "-F", "firmware"] and words[3].endswith("/nvidia.ko"):
+            return "\n".join([*named, f"nvidia/{DRIVER_VERSION}/gsp_gh100.bin"]) + "\n"
+        return ""
+
+    with pytest.raises(DriverBundleError, match=r"gsp_gh100\.bin") as raised:
+        load_bundle_manifest(bundle, runner=modinfo)
+
+    assert raised.value.fields == {
+        "bundle": str(bundle),
+        "reason": "missing_firmware",
+        "module": "nvidia",
+        "firmware": f"nvidia/{DRIVER_VERSION}/gsp_gh100.bin",
+    }
+    (bundle / "firmware/nvidia" / DRIVER_VERSION / "gsp_gh100.bin").write_bytes(b"GSP")
+    assert load_bundle_manifest(bundle, runner=modinfo).firmware == "firmware"
+
+
+def test_a_module_modinfo_cannot_read_names_no_firmware(bundle: Path) -> None:
+    assert module_firmware(bundle / "modules" / "nvidia.ko") == []  # not an ELF module
+
+
+def test_an_image_is_checked_for_firmware_too(bundle: Path, tmp_path: Path) -> None:
+    for firmware in (bundle / "firmware/nvidia" / DRIVER_VERSION).iterdir():
+        firmware.unlink()
+    image = make_ext4(bundle, tmp_path / "no-gsp.ext4")
+
+    with pytest.raises(DriverBundleError) as raised:
+        load_bundle_manifest(image)
+
+    assert raised.value.fields["reason"] == "missing_firmware"
+
+
 # --- device nodes
 
 
@@ -312,6 +396,41 @@ def test_lists_no_device_nodes_without_the_driver(tmp_path: Path) -> None:
     assert _nvidia_nodes(proc, tmp_path) == []
 
 
+def _xid_events(records: str, tmp_path: Path) -> list[str]:
+    script = tmp_path / "hangar-xid-events"
+    script.write_bytes(xid_events_script())
+    return subprocess.run(
+        [str(HOST_BUSYBOX), "sh", str(script)],
+        input=records,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+
+
+def test_xid_lines_of_the_kernel_log_become_control_events(tmp_path: Path) -> None:
+    records = (
+        "6,812,93810412,-;nvidia-modeset: Loading NVIDIA Kernel Mode Setting Driver\n"
+        '4,813,93810499,-;NVRM: Xid (PCI:0000:01:00): 79, pid=1234, name=py "x" \\ y\n'
+        "4,814,93810500,-;NVRM: Xid (PCI:0000:01:00): 13, Graphics Exception\n"
+        "NVRM: Xid (PCI:0000:02:00): 48, plain dmesg line\n"
+    )
+
+    events = [json.loads(line) for line in _xid_events(records, tmp_path)]
+
+    assert events == [
+        {"type": "xid", "line": 'NVRM: Xid (PCI:0000:01:00): 79, pid=1234, name=py "x" \\ y'},
+        {"type": "xid", "line": "NVRM: Xid (PCI:0000:01:00): 13, Graphics Exception"},
+        {"type": "xid", "line": "NVRM: Xid (PCI:0000:02:00): 48, plain dmesg line"},
+    ]
+
+
+def test_xid_lines_are_cut_to_512_characters(tmp_path: Path) -> None:
+    [event] = _xid_events("4,1,1,-;NVRM: Xid (PCI:0000:01:00): 79, " + "x" * 2000 + "\n", tmp_path)
+
+    assert len(json.loads(event)["line"]) == 512
+
+
 # --- real guests
 
 
@@ -357,6 +476,7 @@ def test_guest_loads_the_driver_and_sees_the_bundle_read_only(
             "touch /opt/hangar/driver/lib/new 2>&1",
             "cat /tmp/ldconfig-ran",
             'echo "nvidia nodes: $(ls /dev | grep -c nvidia)"',
+            "cat /sys/module/firmware_class/parameters/path; echo",
         ]
     )
     fake_ldconfig = b"#!/bin/sh\necho 'ldconfig ran' >/tmp/ldconfig-ran\n"
@@ -375,7 +495,7 @@ def test_guest_loads_the_driver_and_sees_the_bundle_read_only(
 
     assert f"hangar-init: loaded NVIDIA driver {DRIVER_VERSION}" in result.console
     output = result.console.split("hangar-init: ready\n", 1)[1].splitlines()
-    assert output[:9] == [
+    assert output[:10] == [
         "dummy",
         LIBRARY.decode().strip(),
         f"NVIDIA-SMI {DRIVER_VERSION} (hangar test bundle)",
@@ -385,6 +505,7 @@ def test_guest_loads_the_driver_and_sees_the_bundle_read_only(
         "touch: /opt/hangar/driver/lib/new: Read-only file system",
         "ldconfig ran",
         "nvidia nodes: 0",  # a stand-in driver registers no NVIDIA devices
+        "/run/driver/firmware",  # where the kernel looks for the GSP firmware
     ]
     assert result.ctl == [{"type": "ready"}, {"type": "exit", "code": 0}]
 
@@ -405,3 +526,41 @@ def test_guest_does_not_run_without_its_driver(
     message = f"cannot load kernel module nvidia of NVIDIA driver {DRIVER_VERSION}"
     assert result.ctl == [{"type": "error", "message": message}, {"type": "exit", "code": 127}]
     assert "the process ran" not in result.console
+
+
+@pytest.mark.slow
+def test_a_lone_hgx_gpu_loads_nvidia_with_nvlink_off_and_xid_lines_reach_the_host(
+    guest_kernel: GuestKernel,
+    base_initrd: Path,
+    cached_hello: CachedImage,
+    real_module: bytes,
+    tmp_path: Path,
+) -> None:
+    """The stand-in ``nvidia`` module is the kernel's dummy (it ignores the unknown NVLink
+    option). The process, root in its guest, writes a forged Xid line into the kernel log:
+    exactly what a hostile tenant can do, which is why the host bounds and only ever
+    quarantines on them."""
+    bundle = write_bundle(
+        tmp_path / "bundle", {"nvidia": real_module}, kernel_version=guest_kernel.version
+    )
+    disk = ensure_driver_bundle_disk(bundle, tmp_path / "cache")
+    xid = "NVRM: Xid (PCI:0000:01:00): 79, pid=1, name=python, GPU has fallen off the bus."
+    script = f"mknod /tmp/kmsg c 1 11 && echo '{xid}' >/tmp/kmsg && sleep 3"
+    config = _gpu_config(cached_hello, ["sh", "-c", script])
+
+    result = boot(
+        guest_kernel,
+        base_initrd,
+        cached_hello,
+        config,
+        tmp_path,
+        read_only_disks=[disk],
+        kernel_args=[NVLINK_OFF_KERNEL_ARG],
+    )
+
+    assert (
+        f"hangar-init: loaded NVIDIA driver {DRIVER_VERSION} (NVreg_NvLinkDisable=1)"
+        in result.console
+    )
+    assert {"type": "xid", "line": xid} in result.ctl
+    assert result.ctl[0] == {"type": "ready"} and result.ctl[-1] == {"type": "exit", "code": 0}

@@ -38,8 +38,9 @@ kernel/drivers/virtio/virtio_ring.ko
 kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko \
 kernel/drivers/virtio/virtio_ring.ko
 kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko \
-kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/net/net_failover.ko:
+kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/net/core/failover.ko:
 """
 BUILTIN = "kernel/fs/ext4/ext4.ko\nkernel/drivers/tty/serial/8250/8250.ko\n"
 EXPECTED_ORDER = [
@@ -50,6 +51,9 @@ EXPECTED_ORDER = [
     "kernel/drivers/virtio/virtio_pci.ko",
     "kernel/drivers/block/virtio_blk.ko",
     "kernel/drivers/char/virtio_console.ko.xz",
+    "kernel/net/core/failover.ko",
+    "kernel/drivers/net/net_failover.ko",
+    "kernel/drivers/net/virtio_net.ko",
 ]
 
 
@@ -93,6 +97,7 @@ def test_resolves_modules_with_dependencies_first(kernel_tree: GuestKernel) -> N
     assert resolve_modules(kernel_tree.modules_dir, ["virtio-net"]) == [
         "kernel/drivers/virtio/virtio_ring.ko",
         "kernel/drivers/virtio/virtio.ko",
+        "kernel/net/core/failover.ko",
         "kernel/drivers/net/net_failover.ko",
         "kernel/drivers/net/virtio_net.ko",
     ]

@@ -22,28 +22,30 @@ def _configured_tree(root: Path) -> tuple[Path, Path]:
 
 def test_configured_kernel_wins(tmp_path: Path) -> None:
     vmlinuz, modules = _configured_tree(tmp_path)
-    environ = {KERNEL_ENV: str(vmlinuz), MODULES_ENV: str(modules)}
-    assert ensure_kernel(tmp_path / "cache", environ=environ) == GuestKernel(
+    assert ensure_kernel(tmp_path / "cache", vmlinuz=vmlinuz, modules=modules) == GuestKernel(
         vmlinuz=vmlinuz, modules_dir=modules, version="6.8.0-custom"
     )
     assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize(
-    ("setting", "environ"),
+    ("setting", "vmlinuz", "modules"),
     [
-        (KERNEL_ENV, {KERNEL_ENV: "missing-vmlinuz", MODULES_ENV: "modules/6.8.0-custom"}),
-        (MODULES_ENV, {KERNEL_ENV: "vmlinuz"}),
-        (MODULES_ENV, {KERNEL_ENV: "vmlinuz", MODULES_ENV: "."}),
+        (KERNEL_ENV, "missing-vmlinuz", "modules/6.8.0-custom"),
+        (MODULES_ENV, "vmlinuz", None),
+        (MODULES_ENV, "vmlinuz", "."),
     ],
 )
 def test_configured_kernel_must_be_complete(
-    tmp_path: Path, setting: str, environ: Mapping[str, str]
+    tmp_path: Path, setting: str, vmlinuz: str, modules: str | None
 ) -> None:
     _configured_tree(tmp_path)
-    absolute = {key: str(tmp_path / value) for key, value in environ.items()}
     with pytest.raises(GuestBootError) as raised:
-        ensure_kernel(tmp_path / "cache", environ=absolute)
+        ensure_kernel(
+            tmp_path / "cache",
+            vmlinuz=tmp_path / vmlinuz,
+            modules=None if modules is None else tmp_path / modules,
+        )
     assert raised.value.fields["setting"] == setting
 
 
@@ -78,7 +80,7 @@ def _refuse(argv: Argv, **_: object) -> str:
 @pytest.mark.slow
 def test_fetches_debian_cloud_kernel_once(tmp_path: Path) -> None:
     runner = ListsMissingOnce()
-    kernel = ensure_kernel(tmp_path, environ={}, runner=runner)
+    kernel = ensure_kernel(tmp_path, runner=runner)
 
     assert [call[:2] for call in runner.calls] == [
         ["apt-cache", "show"],
@@ -92,7 +94,7 @@ def test_fetches_debian_cloud_kernel_once(tmp_path: Path) -> None:
     assert kernel.vmlinuz.read_bytes()[0x202:0x206] == b"HdrS"  # x86 boot protocol header
     assert (kernel.modules_dir / "kernel" / "drivers" / "block" / "virtio_blk.ko").is_file()
     assert "virtio_blk.ko:" in (kernel.modules_dir / "modules.dep").read_text()
-    assert ensure_kernel(tmp_path, environ={}, runner=_refuse) == kernel
+    assert ensure_kernel(tmp_path, runner=_refuse) == kernel
     leftovers = {entry.name for entry in (tmp_path / "kernels").iterdir()}
     assert {name for name in leftovers if not name.endswith(".lock")} == {
         "debian-cloud.json",

@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from hangar.errors import UnsupportedField
-from hangar.model.config import MachineConfig, parse_duration_seconds, signal_number
+from hangar.model.config import MachineConfig, signal_number
+from hangar.model.duration import format_duration, parse_duration
 
 
 def test_minimal_config_gets_fly_defaults() -> None:
@@ -23,9 +24,10 @@ def test_minimal_config_gets_fly_defaults() -> None:
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"image": "x", "services": [{"internal_port": 80}]}, "config.services"),
-        ({"image": "x", "mounts": [{"volume": "v"}]}, "config.mounts"),
-        ({"image": "x", "checks": {"http": {}}}, "config.checks"),
+        (
+            {"image": "x", "mounts": [{"volume": "v", "path": "/d", "add_size_gb": 1}]},
+            "config.mounts.add_size_gb",
+        ),
         ({"image": "x", "guest": {"kernel_args": ["quiet"]}}, "config.guest.kernel_args"),
         ({"image": "x", "init": {"tty": True}}, "config.init.tty"),
         (
@@ -90,10 +92,34 @@ def test_files_are_base64_and_bounded() -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [(5, 5.0), ("10s", 10.0), ("500ms", 0.5), ("2m", 120.0), ({"Duration": 3_000_000_000}, 3.0)],
+    [
+        (5_000_000_000, 5.0),
+        ("10s", 10.0),
+        ("500ms", 0.5),
+        ("2m", 120.0),
+        ("1m0s", 60.0),
+        ("1h2m3.5s", 3723.5),
+        ("0", 0.0),
+        ({"Duration": 3_000_000_000}, 3.0),
+    ],
 )
-def test_durations(value: object, seconds: float) -> None:
-    assert parse_duration_seconds(value) == seconds
+def test_durations_as_fly_clients_send_them(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "10", "1y", "-1s", "25h", "1e3s", True, None, [1]])
+def test_bad_durations(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.0, "0s"), (0.5, "500ms"), (60.0, "1m0s"), (3723.5, "1h2m3.5s"), (1e-6, "1µs")],
+)
+def test_durations_are_written_as_go_writes_them(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
 
 
 def test_signals_by_name_and_number() -> None:
@@ -102,3 +128,23 @@ def test_signals_by_name_and_number() -> None:
     assert signal_number("9") == 9
     with pytest.raises(ValueError):
         signal_number("SIGWHAT")
+
+
+def test_mounts_name_a_volume_once_at_a_usable_path() -> None:
+    config = MachineConfig.model_validate(
+        {"image": "x", "mounts": [{"volume": "vol_a", "path": "/data", "name": "data"}]}
+    )
+    assert [(m.volume, m.path, m.name) for m in config.mounts] == [("vol_a", "/data", "data")]
+    for mounts in (
+        [{"volume": "vol_a", "path": "data"}],
+        [{"volume": "vol_a", "path": "/"}],
+        [{"volume": "vol_a", "path": "/a/../b"}],
+        [{"volume": "vol_a", "path": "/my data"}],
+        [{"volume": "vol_a", "path": "/proc/x"}],
+        [{"volume": "vol_a"}],
+        [{"volume": "vol_a", "path": "/a"}, {"volume": "vol_a", "path": "/b"}],
+        [{"volume": "vol_a", "path": "/a"}, {"volume": "vol_b", "path": "/a/"}],
+        [{"volume": f"vol_{n}", "path": f"/m{n}"} for n in range(9)],
+    ):
+        with pytest.raises(ValidationError):
+            MachineConfig.model_validate({"image": "x", "mounts": mounts})

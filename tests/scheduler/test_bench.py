@@ -7,8 +7,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from hangar.bench.placement import app, parse_seeds
 from hangar.scheduler.bench import run_throughput_bench, run_trace_bench
-from hangar.scheduler.bench_cli import app, parse_seeds
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NODES = FIXTURES / "openb_nodes_slice.csv"

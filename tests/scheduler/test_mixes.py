@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from hangar.bench.trace import app
 from hangar.scheduler.bench import run_mix_bench
-from hangar.scheduler.bench_cli import app
 from hangar.scheduler.mixes import FULL_GRID, QUICK_GRID, MixSpec, build_mix
 from hangar.scheduler.trace import TracePod, load_pods
 

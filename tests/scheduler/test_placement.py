@@ -8,13 +8,16 @@ from hangar.errors import InsufficientCapacity, InvalidRequest
 from hangar.model.gpu import GpuState
 from hangar.scheduler import (
     Claim,
+    Gpu,
     HostState,
     InMemoryClaimStore,
     PlacementRequest,
+    Pool,
     RegionCatalog,
     Scheduler,
     WorkloadProfile,
 )
+from hangar.scheduler.index import pick_whole_gpus
 from tests.scheduler.fleet import cpu_only, general_host, gpu_host, share, whole
 
 
@@ -236,3 +239,41 @@ def test_release_frees_cpu_and_sends_the_gpus_to_cleaning() -> None:
     store.put_host(record.state.with_gpu_state(0, GpuState.FREE))  # the agent scrubbed it
     sched.refresh()
     assert sched.place(whole("m2")).host_id == "gpu-1"
+
+
+def _host_of(gpus: list[tuple[int, int | None]]) -> HostState:
+    """A host whose GPU i sits on NUMA node gpus[i][0] and in NVLink partition gpus[i][1]."""
+    return HostState(
+        id="h",
+        region="r",
+        pool=Pool.GPU,
+        cpu_milli=64_000,
+        memory_mb=65536,
+        gpus=tuple(
+            Gpu(i, "h100-sxm", f"0000:0{i}:00.0", numa, partition)
+            for i, (numa, partition) in enumerate(gpus)
+        ),
+    )
+
+
+def test_pick_whole_gpus_keeps_requests_close_and_leaves_big_groups_whole() -> None:
+    host = _host_of([(0, None), (1, None), (1, None), (0, None), (0, None)])
+    assert pick_whole_gpus(host, 2) == (1, 2)
+    assert pick_whole_gpus(host, 3) == (0, 3, 4)
+    assert len(pick_whole_gpus(host, 4)) == 4
+    linked = _host_of([(0, 1), (1, 1), (0, None)])
+    assert pick_whole_gpus(linked, 2) == (0, 1)
+
+
+def test_a_placement_on_one_named_host_honours_its_gpus() -> None:
+    host = _host_of([(0, None), (1, None)])
+    scheduler = Scheduler(InMemoryClaimStore([host]))
+    two = PlacementRequest(cpu_milli=1000, memory_mb=1024, gpus=2, machine_id="m1", host_id="h")
+    assert scheduler.place(two).claim.gpu_indexes == (0, 1)
+    with pytest.raises(InsufficientCapacity):
+        scheduler.place(
+            PlacementRequest(cpu_milli=1000, memory_mb=1024, gpus=1, machine_id="m2", host_id="h")
+        )
+    elsewhere = PlacementRequest(cpu_milli=1, memory_mb=1, machine_id="m3", host_id="nowhere")
+    with pytest.raises(InsufficientCapacity):
+        scheduler.place(elsewhere)

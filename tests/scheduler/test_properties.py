@@ -5,6 +5,7 @@ nothing fits. Whole GPUs, time shares and MIG slices all take part."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -106,17 +107,7 @@ def fleet() -> InMemoryClaimStore:
 
 
 def with_id(request: PlacementRequest, machine_id: str) -> PlacementRequest:
-    return PlacementRequest(
-        request.cpu_milli,
-        request.memory_mb,
-        request.gpus,
-        request.gpu_milli,
-        request.gpu_kinds,
-        request.region,
-        request.zone,
-        machine_id,
-        request.gpu_slice,
-    )
+    return replace(request, machine_id=machine_id)
 
 
 def fits_somewhere(snapshot: Mapping[str, VersionedHost], request: PlacementRequest) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from hangar.scheduler.bench_cli import app
+from hangar.bench.trace import app
 from hangar.scheduler.mig import profile_milli
 from hangar.scheduler.replay import (
     FLY,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from hangar.errors import Conflict, NotFound
+from hangar.store.machines import SqliteMachineStore
 from hangar.store.protocol import ApiToken, AuditRecord, OrgQuotas, TokenKind
-from hangar.store.sqlite import SqliteStore
 from hangar.store.tenancy import SqliteTenancyStore
 
 
@@ -67,7 +67,7 @@ def test_audit_is_newest_first_per_org_and_pages(store: SqliteTenancyStore) -> N
 
 def test_shares_the_cluster_database_file(tmp_path: Path) -> None:
     database = tmp_path / "hangar.db"
-    cluster = SqliteStore(database)
+    cluster = SqliteMachineStore(database)
     tenancy = SqliteTenancyStore(database)
     cluster.create_app("web", "acme", 1.0)
     tenancy.ensure_org("acme", 1.0)

@@ -9,14 +9,16 @@ import pytest
 from pydantic import ValidationError
 
 from hangar.errors import VmmError
+from hangar.model.guest_contract import GUEST_KERNEL_CMDLINE
 from hangar.vmm.accel import AccelChoice, kvm_choice, tcg_choice
-from hangar.vmm.driver import GUEST_KERNEL_CMDLINE, DiskSpec, VmSpec
+from hangar.vmm.driver import DiskSpec, NicSpec, VmSpec
 from hangar.vmm.qemu import QemuDriver
-from hangar.vmm.qemu_argv import HUGEPAGES_DIR
+from hangar.vmm.qemu_argv import HUGEPAGES_DIR, check_spec_files, qemu_argv, snapshot_fingerprint
 
 TCG = tcg_choice("test")
 KVM = kvm_choice("test")
 GPUS = ["0000:17:00.0", "0000:65:00.0"]
+NIC = NicSpec(tap="hgt0123456789ab", mac="06:12:34:56:78:9a")
 
 
 def make_spec(root: Path, **changes: object) -> VmSpec:
@@ -112,6 +114,46 @@ def test_console_control_signal_and_monitor_channels(tmp_path: Path) -> None:
     assert "virtio-serial-pci,id=vs" in devices
     assert "virtserialport,bus=vs.0,chardev=ctl,name=hangar.ctl" in devices
     assert "virtserialport,bus=vs.0,chardev=sig,name=hangar.sig" in devices
+    assert f"socket,id=exec,path={spec.exec_socket},server=on,wait=off" in chardevs
+    assert "virtserialport,bus=vs.0,chardev=exec,name=hangar.exec" in devices
+
+
+def test_a_cold_boot_starts_the_vcpus_and_truncates_its_logs(tmp_path: Path) -> None:
+    argv = argv_for(make_spec(tmp_path))
+
+    assert "-incoming" not in argv
+    assert "-S" not in argv
+    assert not [c for c in values_of(argv, "-chardev") if "append=on" in c]
+
+
+def test_a_restore_loads_the_snapshot_paused_and_appends_to_the_logs(tmp_path: Path) -> None:
+    snapshot = tmp_path / "my snapshot's state"
+    spec = make_spec(tmp_path, incoming_snapshot=snapshot)
+    argv = argv_for(spec)
+
+    assert values_of(argv, "-incoming") == [f"exec:cat '{tmp_path}/my snapshot'\"'\"'s state'"]
+    assert "-S" in argv
+    chardevs = values_of(argv, "-chardev")
+    assert f"file,id=console,path={spec.console_log},append=on" in chardevs
+    assert f"file,id=ctl,path={spec.control_log},append=on" in chardevs
+    cold = argv_for(spec.model_copy(update={"incoming_snapshot": None}))
+    assert values_of(argv, "-device") == values_of(cold, "-device")
+
+
+def test_the_snapshot_fingerprint_leaves_paths_out_but_not_devices(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    here = make_spec(tmp_path / "a")
+    moved = make_spec(tmp_path / "b", incoming_snapshot=tmp_path / "state")
+
+    def fingerprint(spec: VmSpec) -> list[str]:
+        return snapshot_fingerprint(spec, TCG, hugepages_dir=HUGEPAGES_DIR)
+
+    assert fingerprint(here) == fingerprint(moved)
+    assert not [word for word in fingerprint(here) if str(tmp_path) in word]
+    assert fingerprint(here) != fingerprint(here.model_copy(update={"memory_mb": 1024}))
+    assert fingerprint(here) != fingerprint(here.model_copy(update={"extra_disks": []}))
+    assert fingerprint(here) != snapshot_fingerprint(here, KVM, hugepages_dir=HUGEPAGES_DIR)
 
 
 def test_each_gpu_is_passed_through_by_vfio(tmp_path: Path) -> None:
@@ -125,6 +167,35 @@ def test_no_gpu_means_no_vfio(tmp_path: Path) -> None:
     argv = argv_for(make_spec(tmp_path))
 
     assert not [d for d in values_of(argv, "-device") if d.startswith("vfio-pci")]
+
+
+def test_a_nic_is_virtio_net_on_the_hosts_tap_with_its_mac(tmp_path: Path) -> None:
+    argv = qemu_argv(make_spec(tmp_path, nic=NIC), TCG)
+
+    assert values_of(argv, "-netdev") == [
+        "tap,id=net0,ifname=hgt0123456789ab,script=no,downscript=no"
+    ]
+    assert "virtio-net-pci,netdev=net0,mac=06:12:34:56:78:9a" in values_of(argv, "-device")
+
+
+def test_no_nic_means_no_network_device(tmp_path: Path) -> None:
+    argv = argv_for(make_spec(tmp_path))
+
+    assert "-netdev" not in argv
+    assert not [d for d in values_of(argv, "-device") if d.startswith("virtio-net")]
+
+
+def test_a_tap_that_does_not_exist_is_named(tmp_path: Path) -> None:
+    net_class = tmp_path / "class-net"
+    net_class.mkdir()
+    spec = make_spec(tmp_path, nic=NIC)
+
+    with pytest.raises(VmmError) as raised:
+        check_spec_files(spec, net_class_dir=net_class)
+    assert raised.value.fields["field"] == "nic.tap"
+
+    (net_class / NIC.tap).mkdir()
+    check_spec_files(spec, net_class_dir=net_class)
 
 
 def test_hugepages_back_guest_memory_with_a_shared_file(tmp_path: Path) -> None:
@@ -179,13 +250,14 @@ def test_a_missing_extra_disk_is_named_by_position(tmp_path: Path) -> None:
     assert raised.value.fields["field"] == "extra_disks[1]"
 
 
-def test_a_socket_path_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> None:
-    spec = make_spec(tmp_path, qmp_socket=tmp_path / ("q" * 120))
+@pytest.mark.parametrize("field", ["qmp_socket", "exec_socket"])
+def test_a_socket_path_too_long_for_unix_sockets_is_refused(tmp_path: Path, field: str) -> None:
+    spec = make_spec(tmp_path, **{field: tmp_path / ("q" * 120)})
 
     with pytest.raises(VmmError) as raised:
         argv_for(spec)
 
-    assert raised.value.fields["field"] == "qmp_socket"
+    assert raised.value.fields["field"] == field
 
 
 @pytest.mark.parametrize(
@@ -196,6 +268,9 @@ def test_a_socket_path_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> N
         {"machine_id": "m1,x"},
         {"kernel_args": ["two words"]},
         {"cpus": 0},
+        {"nic": {"tap": "hgt1,script=/x", "mac": "06:12:34:56:78:9a"}},
+        {"nic": {"tap": "hgt0123456789abc", "mac": "06:12:34:56:78:9a"}},
+        {"nic": {"tap": "hgt1", "mac": "06:12:34:56:78"}},
     ],
 )
 def test_spec_rejects_values_qemu_would_misread(tmp_path: Path, changes: dict[str, object]) -> None:

@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hangar.api.deps import AccessDep, ServicesDep
 from hangar.api.scopes import Scope, requires
-from hangar.api.services.hosts import HostGpusView, HostView
-from hangar.model.gpu import GpuEvent, GpuRecord
+from hangar.api.services.hosts import GpuView, HostGpusView, HostView
+from hangar.model.gpu import GpuEvent
 
 router = APIRouter(prefix="/v1/hosts", tags=["hosts"])
 
@@ -47,6 +47,6 @@ async def release_quarantine(
     host_id: str,
     bdf: str,
     body: Annotated[QuarantineRelease, Body()],
-) -> GpuRecord:
+) -> GpuView:
     access.note(host=host_id, gpu=bdf)
     return services.hosts.release_quarantine(host_id, bdf, access.actor, body.reason)

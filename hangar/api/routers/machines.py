@@ -20,8 +20,8 @@ from hangar.api.schemas import (
     UpdateMachineRequest,
 )
 from hangar.api.scopes import Scope, requires
-from hangar.model.machine import MachineEvent, MachineState
-from hangar.store.protocol import RunRecord
+from hangar.model.machine import MachineEvent
+from hangar.model.run import RunRecord
 
 router = APIRouter(prefix="/v1/apps/{app_name}/machines", tags=["machines"])
 
@@ -181,13 +181,7 @@ async def machine_logs(
                     offset += len(chunk)
                     yield chunk
             machine = services.machines.require(app_name, machine_id)
-            if machine.state not in (
-                MachineState.STARTING,
-                MachineState.STARTED,
-                MachineState.STOPPING,
-                MachineState.REPLACING,
-                MachineState.CREATED,
-            ) and not services.machines.busy(machine_id):
+            if not machine.state.may_still_log and not services.machines.busy(machine_id):
                 if path.exists() and path.stat().st_size > offset:
                     continue
                 return

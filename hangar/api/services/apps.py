@@ -7,13 +7,19 @@ from hangar.api.schemas import AppList, AppView, CreateAppRequest, OrganizationV
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.clock import Clock
 from hangar.errors import PreconditionFailed
-from hangar.store.protocol import App, ClusterStore, TenancyStore
+from hangar.store.protocol import App, MachineStore, TenancyStore, VolumeStore
 
 
 class AppService:
     def __init__(
-        self, store: ClusterStore, tenancy: TenancyStore, orgs: OrgService, clock: Clock
+        self,
+        store: MachineStore,
+        tenancy: TenancyStore,
+        orgs: OrgService,
+        clock: Clock,
+        volumes: VolumeStore | None = None,
     ) -> None:
+        self._volumes = volumes
         self._store = store
         self._tenancy = tenancy
         self._orgs = orgs
@@ -35,6 +41,7 @@ class AppService:
                 name=org.name if org is not None else app.org_slug, slug=app.org_slug
             ),
             machine_count=len(machines),
+            volume_count=len(self._volumes.list_volumes(app.name)) if self._volumes else 0,
         )
 
     def create(self, access: Access, request: CreateAppRequest) -> AppView:
@@ -58,5 +65,10 @@ class AppService:
         if live:
             raise PreconditionFailed(
                 f"app {name} still has {len(live)} machine(s); destroy them first", app=name
+            )
+        volumes = self._volumes.list_volumes(name) if self._volumes else []
+        if volumes:
+            raise PreconditionFailed(
+                f"app {name} still has {len(volumes)} volume(s); destroy them first", app=name
             )
         self._store.delete_app(name)

@@ -5,25 +5,18 @@ host read a directory of its choosing."""
 from __future__ import annotations
 
 import os
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from hangar.errors import InvalidRequest, Unprocessable
 from hangar.images.reference import IMAGE_FIELD, parse_image_ref
+from hangar.settings import env_name
 
-OCI_DIRS_ENV = "HANGAR_OCI_DIRS"
-
-
-def default_oci_dirs(home: Path) -> list[Path]:
-    """``$HANGAR_HOME`` and the system temporary directory, unless HANGAR_OCI_DIRS says."""
-    configured = os.environ.get(OCI_DIRS_ENV)
-    if configured is not None:
-        return [Path(part) for part in configured.split(":") if part]
-    return [home, Path(tempfile.gettempdir())]
+OCI_DIRS_ENV = env_name("oci_dirs")
 
 
 class ImagePolicy:
-    def __init__(self, oci_dirs: list[Path]) -> None:
+    def __init__(self, oci_dirs: Iterable[Path]) -> None:
         # Resolved once, so that a link among them cannot widen the list later.
         self.oci_dirs = [Path(os.path.realpath(directory)) for directory in oci_dirs]
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from hangar.agent.agent import Agent
-from hangar.agent.platform import RunDirLayout
 from hangar.api.schemas import (
     CreateMachineRequest,
     LeaseData,
@@ -16,9 +16,11 @@ from hangar.api.schemas import (
     StopRequest,
     UpdateMachineRequest,
 )
+from hangar.api.services.addresses import PrivateAddresses
 from hangar.api.services.image_policy import ImagePolicy
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
+from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock
 from hangar.errors import (
     Conflict,
@@ -29,39 +31,53 @@ from hangar.errors import (
     Unprocessable,
     WaitTimeout,
 )
-from hangar.model.config import MachineConfig, parse_duration_seconds, signal_number
+from hangar.model.config import MachineConfig, signal_number
+from hangar.model.guest_contract import RunDir
 from hangar.model.host import HostInfo
 from hangar.model.machine import (
-    STARTABLE_STATES,
+    WAITABLE_STATES,
     Lease,
     Machine,
     MachineEvent,
     MachineState,
-    new_event_id,
     new_machine_id,
     new_ulid,
+    user_event,
 )
-from hangar.store.protocol import ClusterStore, RunRecord
+from hangar.model.run import (
+    CreateRequest,
+    DestroyRequest,
+    PrepareRequest,
+    RestartRequest,
+    RunRecord,
+    StartRequest,
+    UpdateRequest,
+)
+from hangar.model.run import StopRequest as StopRun
+from hangar.store.protocol import MachineStore, RunStore
 
-ACTIVE_STATES = frozenset(
-    {MachineState.STARTING, MachineState.STARTED, MachineState.STOPPING, MachineState.REPLACING}
-)
-WAIT_STATES = frozenset({"started", "stopped", "destroyed", "failed", "suspended"})
+WAIT_STATES = frozenset(str(state) for state in WAITABLE_STATES)
 
 
 class MachineService:
     def __init__(
         self,
-        store: ClusterStore,
+        store: MachineStore,
+        runs: RunStore,
         agent: Agent,
         clock: Clock,
         host: HostInfo,
         quotas: QuotaService,
         images: ImagePolicy,
         platform: PlatformService,
+        addresses: PrivateAddresses | None = None,
+        volumes: VolumeService | None = None,
     ) -> None:
+        self._addresses = addresses
+        self._volumes = volumes
         self._platform = platform
         self._store = store
+        self._runs = runs
         self._agent = agent
         self._clock = clock
         self._host = host
@@ -106,11 +122,11 @@ class MachineService:
 
     def runs(self, app: str, machine_id: str) -> list[RunRecord]:
         self.require(app, machine_id)
-        return self._store.list_runs(machine_id)
+        return self._runs.list_runs(machine_id)
 
     def console_log_path(self, app: str, machine_id: str) -> Path:
         self.require(app, machine_id)
-        return self._agent.machines_dir / machine_id / RunDirLayout.CONSOLE_LOG
+        return self._agent.machines_dir / machine_id / RunDir.CONSOLE_LOG
 
     # validation shared by create and update
     def _check_placement(self, region: str | None, config: MachineConfig) -> str:
@@ -134,6 +150,24 @@ class MachineService:
             self._platform.admit_gpu_machine(config, self._host.region)
         return self._host.region
 
+    def _check_mounts(
+        self,
+        app: str,
+        config: MachineConfig,
+        region: str,
+        machine: Machine | None = None,
+        running: bool = False,
+    ) -> str | None:
+        """``config.mounts``: the volumes exist in this app and region, no other machine has
+        them; returns the host they are on (the machine must run there)."""
+        if not config.mounts and (machine is None or not machine.config.mounts):
+            return None
+        if self._volumes is None:
+            raise Unprocessable(
+                "config.mounts: this server keeps no volumes", field="config.mounts"
+            )
+        return self._volumes.check_mounts(app, config, region, machine, running)
+
     def _check_lease(self, machine: Machine, nonce: str | None) -> None:
         lease = self._store.get_lease(machine.id)
         if lease is None or lease.expires_at <= self._clock.now():
@@ -148,16 +182,28 @@ class MachineService:
         self, machine_id: str, event_type: str, status: str, request: dict[str, object]
     ) -> None:
         self._store.add_event(
-            machine_id,
-            MachineEvent(
-                id=new_event_id(),
-                type=event_type,
-                status=status,
-                source="user",
-                timestamp=int(self._clock.now() * 1000),
-                request=request,
-            ),
+            machine_id, user_event(event_type, status, self._clock.now(), dict(request))
         )
+
+    def _ready_for(
+        self,
+        app: str,
+        machine_id: str,
+        nonce: str | None,
+        verb: str,
+        allowed: Callable[[MachineState], bool],
+    ) -> Machine:
+        """The machine, if the caller holds its lease (when it has one) and its state allows
+        ``verb``; a Fly-shaped 409/412 otherwise."""
+        machine = self.require(app, machine_id)
+        self._check_lease(machine, nonce)
+        if not allowed(machine.state):
+            raise PreconditionFailed(
+                f"unable to {verb} machine from current state: '{machine.state}'",
+                field="state",
+                state=str(machine.state),
+            )
+        return machine
 
     # writing
     def create(self, app: str, request: CreateMachineRequest, actor: str) -> MachineView:
@@ -165,6 +211,10 @@ class MachineService:
         self._images.check(request.config.image)
         self._quotas.check(app, request.config)
         region = self._check_placement(request.region, request.config)
+        volume_host = self._check_mounts(app, request.config, region)
+        if volume_host is not None and self._volumes is not None:
+            launching = not request.skip_launch
+            self._volumes.check_room(request.config, region, volume_host, launching)
         machine_id = new_machine_id()
         machine = Machine(
             id=machine_id,
@@ -178,14 +228,18 @@ class MachineService:
             created_at=now,
             updated_at=now,
             host_id=self._host.id,
+            private_ip=(
+                self._addresses.for_machine(app, machine_id) if self._addresses is not None else ""
+            ),
         )
         self._store.insert_machine(machine)
         self._record(machine_id, "launch", "created", {"skip_launch": request.skip_launch})
         if request.lease_ttl:
             self._store.put_lease(machine_id, self._new_lease(request.lease_ttl, "", actor))
         # skip_launch still resolves the image, so that a bad reference fails at create.
-        operation = "prepare" if request.skip_launch else "create"
-        self._agent.submit_operation(machine_id, operation, {"resolve_image": True})
+        self._agent.submit_operation(
+            machine_id, PrepareRequest() if request.skip_launch else CreateRequest()
+        )
         self._agent.notify()
         return self.view(machine)
 
@@ -203,84 +257,66 @@ class MachineService:
             raise PreconditionFailed(f"machine {machine_id} is being destroyed")
         self._images.check(request.config.image)
         self._quotas.check(app, request.config, replacing=machine)
-        self._check_placement(request.region or machine.region, request.config)
-        was_running = machine.state in ACTIVE_STATES and not request.skip_launch
+        region = self._check_placement(request.region or machine.region, request.config)
+        running = machine.state.holds_resources and request.skip_launch
+        volume_host = self._check_mounts(app, request.config, region, machine, running)
+        if volume_host is not None and self._volumes is not None:
+            self._volumes.check_room(request.config, region, volume_host, launching=False)
         version = machine.version + 1
         self._agent.submit_operation(
             machine_id,
-            "update",
-            {
-                "config": request.config.model_dump(mode="json"),
-                "version": version,
-                "instance_id": new_ulid(self._clock.now()),
-                "was_running": was_running,
-                "resolve_image": True,
-            },
+            UpdateRequest(
+                config=request.config,
+                version=version,
+                instance_id=new_ulid(self._clock.now()),
+                relaunch=machine.state.holds_resources and not request.skip_launch,
+            ),
         )
         self._record(machine_id, "update", "pending", {"version": version})
         return self.view(machine)
 
     def start(self, app: str, machine_id: str, nonce: str | None) -> dict[str, str]:
-        machine = self.require(app, machine_id)
-        self._check_lease(machine, nonce)
-        if machine.state not in STARTABLE_STATES:
-            raise PreconditionFailed(
-                f"unable to start machine from current state: '{machine.state}'",
-                field="state",
-                state=str(machine.state),
-            )
-        self._agent.submit_operation(machine_id, "start")
+        machine = self._ready_for(app, machine_id, nonce, "start", lambda state: state.startable)
+        self._agent.submit_operation(machine_id, StartRequest())
         return {"previous_state": str(machine.state)}
 
     def stop(self, app: str, machine_id: str, request: StopRequest, nonce: str | None) -> None:
-        machine = self.require(app, machine_id)
-        self._check_lease(machine, nonce)
-        if machine.state not in ACTIVE_STATES:
-            raise PreconditionFailed(
-                f"unable to stop machine from current state: '{machine.state}'",
-                field="state",
-                state=str(machine.state),
-            )
-        params: dict[str, object] = {}
-        if request.signal is not None:
-            params["signal"] = signal_number(request.signal)
-        if request.timeout is not None:
-            params["timeout_s"] = parse_duration_seconds(request.timeout)
-        self._agent.submit_operation(machine_id, "stop", params)
+        self._ready_for(app, machine_id, nonce, "stop", lambda state: state.holds_resources)
+        signum = None if request.signal is None else signal_number(request.signal)
+        self._agent.submit_operation(machine_id, StopRun(signal=signum, timeout_s=request.timeout))
 
     def restart(self, app: str, machine_id: str, nonce: str | None) -> None:
-        machine = self.require(app, machine_id)
-        self._check_lease(machine, nonce)
-        if machine.state != MachineState.STARTED:
-            raise PreconditionFailed(
-                f"unable to restart machine from current state: '{machine.state}'",
-                field="state",
-                state=str(machine.state),
-            )
-        self._agent.submit_operation(machine_id, "restart")
+        self._ready_for(
+            app, machine_id, nonce, "restart", lambda state: state is MachineState.STARTED
+        )
+        self._agent.submit_operation(machine_id, RestartRequest())
 
     async def signal(self, app: str, machine_id: str, signal_name: str, nonce: str | None) -> None:
-        machine = self.require(app, machine_id)
-        self._check_lease(machine, nonce)
-        handle = self._store.get_vm_handle(machine_id)
-        if machine.state != MachineState.STARTED or handle is None:
+        self._ready_for(
+            app, machine_id, nonce, "signal", lambda state: state is MachineState.STARTED
+        )
+        handle = self._runs.get_vm_handle(machine_id)
+        if handle is None:
             raise PreconditionFailed(
-                f"unable to signal machine in state '{machine.state}'", field="state"
+                f"unable to signal machine {machine_id}: it has no running VM", field="state"
             )
         await self._agent.platform.signal(handle, signal_number(signal_name))
         self._record(machine_id, "signal", "sent", {"signal": signal_name})
 
     def destroy(self, app: str, machine_id: str, force: bool, nonce: str | None) -> None:
-        machine = self.require(app, machine_id)
-        self._check_lease(machine, nonce)
-        if machine.state in (MachineState.DESTROYED, MachineState.DESTROYING):
-            raise PreconditionFailed(f"machine {machine_id} is already {machine.state}")
-        if machine.state in ACTIVE_STATES and not force:
+        machine = self._ready_for(
+            app,
+            machine_id,
+            nonce,
+            "destroy",
+            lambda state: state not in (MachineState.DESTROYED, MachineState.DESTROYING),
+        )
+        if machine.state.holds_resources and not force:
             raise PreconditionFailed(
                 f"unable to destroy machine in state '{machine.state}'; stop it or pass force=true",
                 field="force",
             )
-        self._agent.submit_operation(machine_id, "destroy", {"timeout_s": 0.0} if force else {})
+        self._agent.submit_operation(machine_id, DestroyRequest(force=force))
 
     async def wait(
         self, app: str, machine_id: str, state: str, timeout_s: int, instance_id: str | None

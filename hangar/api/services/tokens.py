@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 
 from hangar.api.schemas import CreateTokenRequest, TokenCreated, TokenList, TokenView, iso8601
 from hangar.clock import Clock
 from hangar.errors import NotFound, Unauthenticated
-from hangar.store.protocol import ApiToken, ClusterStore, TenancyStore, TokenKind
+from hangar.store.protocol import ApiToken, MachineStore, TenancyStore, TokenKind
 
 SECRET_PREFIX = "hgr_"
-TTL_PATTERN = re.compile(r"^([1-9][0-9]{0,6})(s|m|h|d)$")
-TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-MAX_TTL_S = 366 * 86400
 
 
 def hash_secret(secret: str) -> str:
     """Tokens are 256 random bits, so one SHA-256 is enough: there is nothing to brute-force."""
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def parse_ttl(text: str) -> int:
-    """``90s``, ``30m``, ``24h``, ``7d`` -> seconds (at most 366 days)."""
-    match = TTL_PATTERN.match(text)
-    if not match:
-        raise ValueError("must be a number and a unit: s, m, h or d (e.g. 24h)")
-    seconds = int(match.group(1)) * TTL_UNITS[match.group(2)]
-    if seconds > MAX_TTL_S:
-        raise ValueError("must be at most 366d")
-    return seconds
 
 
 def token_status(token: ApiToken, now: float) -> str:
@@ -42,7 +27,7 @@ def token_status(token: ApiToken, now: float) -> str:
 
 
 class TokenService:
-    def __init__(self, store: TenancyStore, cluster: ClusterStore, clock: Clock) -> None:
+    def __init__(self, store: TenancyStore, cluster: MachineStore, clock: Clock) -> None:
         self._store = store
         self._cluster = cluster
         self._clock = clock
@@ -129,7 +114,7 @@ class TokenService:
             request.org_slug,
             request.app_name,
             request.read_only,
-            None if request.expires_in is None else parse_ttl(request.expires_in),
+            None if request.expires_in is None else round(request.expires_in),
             request.description,
         )
         return TokenCreated(**self.view(token).model_dump(), token=secret)

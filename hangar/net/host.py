@@ -1,0 +1,250 @@
+"""One host's private network, as the agent's steps use it: the bridge, a tap per machine,
+the ruleset, and reconciliation. Each operation has a check ("should I run?") and is safe to
+repeat after a crash at any point.
+
+The taps are the record of which machine is attached (their aliases hold the attachments), and
+the ruleset is always rendered from the taps that exist, so a tap and its rules can never be
+owned by different records. Settings (``HANGAR_NET_*``): :meth:`HostNetConfig.from_settings`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence, Set
+from dataclasses import dataclass, field
+from ipaddress import IPv4Interface, IPv6Interface
+
+from hangar.net import firewall, links
+from hangar.net.addressing import (
+    GATEWAY_LINK_LOCAL,
+    LINK_LOCAL_PREFIX_LEN,
+    AddressPlan,
+    bridge_mac,
+    check_host_number,
+    host_number,
+    machine_mac,
+)
+from hangar.net.attachment import Attachment
+from hangar.net.guest import guest_kernel_args
+from hangar.net.links import BridgeConfig, LinkNames, TapState
+from hangar.settings import Settings
+from hangar.vmm.driver import NicSpec
+
+DEFAULT_TABLE = "hangar"
+
+
+@dataclass(frozen=True)
+class HostNetConfig:
+    host_number: int
+    plan: AddressPlan = field(default_factory=AddressPlan)
+    names: LinkNames = field(default_factory=LinkNames)
+    table: str = DEFAULT_TABLE
+    egress: bool = True
+    egress_interface: str | None = None
+    """None with egress on: the interface of the host's default route, looked up when the
+    ruleset is rendered."""
+    dns_port: int = 53
+    published_tcp: frozenset[int] = frozenset()
+    published_udp: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        check_host_number(self.host_number)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HostNetConfig:
+        """The operator's ``HANGAR_NET_*`` settings for this host (its number from its id
+        unless ``HANGAR_NET_HOST_NUMBER`` says)."""
+        return cls(
+            host_number=settings.net_host_number or host_number(settings.host_id),
+            plan=AddressPlan.parse(settings.net_prefix, settings.net_egress_subnet),
+            names=LinkNames(settings.net_link_prefix),
+            table=settings.net_table,
+            egress=settings.net_egress,
+            egress_interface=settings.net_egress_interface,
+            published_tcp=settings.net_published_tcp,
+        )
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    removed_taps: list[str]
+    """Taps no record owned, or half-made ones, now gone."""
+    rules_applied: bool
+
+
+class HostNetwork:
+    """The agent's handle on this host's private network."""
+
+    def __init__(self, config: HostNetConfig) -> None:
+        self.config = config
+
+    @property
+    def plan(self) -> AddressPlan:
+        return self.config.plan
+
+    @property
+    def bridge(self) -> str:
+        return self.config.names.bridge
+
+    # the bridge
+    def bridge_config(self) -> BridgeConfig:
+        plan = self.plan
+        addresses: list[IPv4Interface | IPv6Interface] = [
+            IPv6Interface(f"{GATEWAY_LINK_LOCAL}/{LINK_LOCAL_PREFIX_LEN}"),
+            IPv6Interface(f"{plan.dns_address}/128"),
+        ]
+        if self.config.egress:
+            addresses.append(IPv4Interface(f"{plan.egress_gateway}/{plan.egress_subnet.prefixlen}"))
+        sysctls = {}
+        egress_interface = self.egress_interface()
+        if egress_interface is not None:
+            # Replies to egress come in there and are forwarded to the bridge.
+            sysctls[f"ipv4/conf/{egress_interface}/forwarding"] = "1"
+        return BridgeConfig(
+            name=self.bridge,
+            mac=bridge_mac(self.config.host_number),
+            addresses=addresses,
+            routes=[plan.ula_prefix],
+            ipv4_forwarding=self.config.egress,
+            sysctls=sysctls,
+        )
+
+    def egress_interface(self) -> str | None:
+        """Where egress leaves (None: egress is off, or the host has no default route)."""
+        if not self.config.egress:
+            return None
+        return self.config.egress_interface or links.default_route_interface()
+
+    def bridge_ready(self) -> bool:
+        return links.bridge_ready(self.bridge_config())
+
+    def ensure_bridge(self) -> None:
+        links.ensure_bridge(self.bridge_config())
+
+    # taps
+    def taps(self) -> list[TapState]:
+        return links.list_taps(self.config.names)
+
+    def attachments(self) -> list[Attachment]:
+        """The machines attached now: whole taps on this host's bridge."""
+        return [
+            tap.attachment
+            for tap in self.taps()
+            if tap.attachment is not None and tap.master == self.bridge
+        ]
+
+    def attachment(self, machine_id: str, org_number: int) -> Attachment:
+        """Where the machine is (or would be) attached. Its tap, MAC and ``private_ip`` follow
+        from its id, org and this host; its egress address is kept while its tap exists and
+        otherwise chosen past the other taps' addresses."""
+        tap = self.config.names.tap(machine_id)
+        ip6 = self.plan.machine_address(org_number, self.config.host_number, machine_id)
+        ip4 = None
+        if self.config.egress:
+            current = links.tap_state(tap)
+            held = current.attachment if current is not None else None
+            if (
+                held is not None
+                and held.machine_id == machine_id
+                and held.ip4 is not None
+                and held.ip4 in self.plan.egress_subnet
+            ):
+                ip4 = held.ip4
+            else:
+                taken = [
+                    a.ip4
+                    for a in self.attachments()
+                    if a.ip4 is not None and a.machine_id != machine_id
+                ]
+                ip4 = self.plan.egress_address(machine_id, taken)
+        return Attachment(
+            machine_id=machine_id,
+            org_number=org_number,
+            tap=tap,
+            mac=machine_mac(machine_id),
+            ip6=ip6,
+            ip4=ip4,
+        )
+
+    def tap_ready(self, machine_id: str, org_number: int) -> bool:
+        return links.tap_ready(self.attachment(machine_id, org_number), self.bridge)
+
+    def create_tap(self, machine_id: str, org_number: int) -> Attachment:
+        """Create (or repair) the machine's tap on the bridge; return its attachment.
+        Raises :class:`NetworkError` if another attached machine has the same address."""
+        attachment = self.attachment(machine_id, org_number)
+        others = [a for a in self.attachments() if a.machine_id != machine_id]
+        firewall.check_attachments([*others, attachment])
+        links.create_tap(attachment, self.bridge)
+        return attachment
+
+    def remove_tap(self, machine_id: str) -> bool:
+        return links.remove_tap(self.config.names.tap(machine_id))
+
+    # rules
+    def policy(self, attached: Sequence[Attachment]) -> firewall.FirewallPolicy:
+        egress_interface = self.egress_interface()
+        return firewall.FirewallPolicy(
+            table=self.config.table,
+            bridge=self.bridge,
+            tap_head=self.config.names.tap_head,
+            dns_address=self.plan.dns_address,
+            dns_port=self.config.dns_port,
+            org_prefixes={a.org_number: self.plan.org_prefix(a.org_number) for a in attached},
+            egress_interface=egress_interface,
+            egress_subnet=self.plan.egress_subnet if egress_interface is not None else None,
+            published_tcp=self.config.published_tcp,
+            published_udp=self.config.published_udp,
+        )
+
+    def render_rules(self, attached: Sequence[Attachment] | None = None) -> str:
+        """The ruleset for ``attached`` (default: the machines whose taps exist now)."""
+        machines = self.attachments() if attached is None else attached
+        return firewall.render_ruleset(self.policy(machines), machines)
+
+    def rules_current(self) -> bool:
+        return firewall.ruleset_current(self.config.table, self.render_rules())
+
+    def apply_rules(self) -> None:
+        """Replace the ruleset with one rendered from the taps there are now."""
+        firewall.apply_ruleset(self.render_rules())
+
+    def dns_endpoint(self) -> tuple[str, int]:
+        """Where the host's DNS service listens (on the bridge: after :meth:`ensure_bridge`)."""
+        return str(self.plan.dns_address), self.config.dns_port
+
+    # the guest's view
+    def nic(self, attachment: Attachment) -> NicSpec:
+        return NicSpec(tap=attachment.tap, mac=attachment.mac)
+
+    def guest_kernel_args(self, attachment: Attachment) -> list[str]:
+        return guest_kernel_args(attachment, self.plan)
+
+    # recovery
+    def reconcile(self, owned: Set[str]) -> ReconcileReport:
+        """After an agent start: bring the bridge back, remove every tap no record owns
+        (``owned``: ids of the machines that should be attached) and every half-made one, put
+        owned taps that fell off the bridge back on it, and load the ruleset for what remains."""
+        self.ensure_bridge()
+        removed: list[str] = []
+        for tap in self.taps():
+            attachment = tap.attachment
+            if (
+                attachment is None
+                or attachment.machine_id not in owned
+                or attachment.tap != tap.name
+            ):
+                if links.remove_tap(tap.name):
+                    removed.append(tap.name)
+            elif tap.master != self.bridge or not tap.up:
+                links.create_tap(attachment, self.bridge)
+        applied = not self.rules_current()
+        if applied:
+            self.apply_rules()
+        return ReconcileReport(removed_taps=removed, rules_applied=applied)
+
+    def teardown(self) -> None:
+        """Remove every tap, the ruleset and the bridge (tests, and a host leaving service)."""
+        for tap in self.taps():
+            links.remove_tap(tap.name)
+        firewall.remove_ruleset(self.config.table)
+        links.remove_bridge(self.bridge)

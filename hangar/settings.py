@@ -1,0 +1,247 @@
+"""Every ``HANGAR_*`` setting, read once.
+
+The entry points (``hangar server``, the CLI) build one frozen :class:`Settings` from the
+environment and pass down what each part needs; nothing else in hangar reads the environment.
+The README's configuration table is rendered from the fields here
+(:func:`settings_table`), and a test keeps the two the same.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "HANGAR_"
+DEFAULT_PORT = 4280
+DEFAULT_API_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DATABASE = "hangar.db"
+OPERATOR_TOKEN_FILE = "operator.token"
+
+
+def _default_home() -> Path:
+    return Path.home() / ".local" / "share" / "hangar"
+
+
+def _split(value: object, separator: str) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(separator) if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """hangar's configuration. Each field is the environment variable ``HANGAR_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    home: Path = Field(
+        default_factory=_default_home,
+        description="state: SQLite database, per-machine run directories "
+        "(default `~/.local/share/hangar`)",
+    )
+    cache: Path | None = Field(
+        default=None,
+        description="shared caches: guest kernel, initramfs, image rootfs by digest "
+        "(default `$HANGAR_HOME/cache`)",
+    )
+    region: str = Field(default="local", description="this host's region")
+    host_id: str = Field(
+        default_factory=socket.gethostname, description="this host's id (default: its hostname)"
+    )
+    api_url: str = Field(default=DEFAULT_API_URL, description="where the CLI finds the API")
+    api_token: str | None = Field(
+        default=None,
+        description="the token the CLI sends (default: `$HANGAR_HOME/operator.token` when "
+        "the API URL is this host's loopback)",
+    )
+    insecure_registries: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(), description="`host:port,...` pulled without TLS verification"
+    )
+    guest_kernel: Path | None = Field(
+        default=None, description="a guest kernel (vmlinuz) instead of Debian's cloud kernel"
+    )
+    guest_modules: Path | None = Field(
+        default=None, description="the `lib/modules/VERSION` folder of `HANGAR_GUEST_KERNEL`"
+    )
+    accel: Literal["kvm", "tcg"] | None = Field(
+        default=None, description="`kvm` or `tcg` to override the acceleration hangar picks"
+    )
+    pvm_guest_kernel: bool = Field(
+        default=False,
+        description="`1` when the guest kernel is built for kvm-pvm hosts (then KVM is used)",
+    )
+    gpu_driver_bundle: Path | None = Field(
+        default=None, description="the NVIDIA driver bundle GPU machines boot with"
+    )
+    sysfs_root: Path = Field(
+        default=Path("/sys"), description="sysfs to read devices from (a fixture tree in tests)"
+    )
+    nvml: bool = Field(default=True, description="`0` skips NVML")
+    oci_dirs: Annotated[tuple[Path, ...] | None, NoDecode] = Field(
+        default=None,
+        description="`dir:dir...` where `oci:` image layouts may be (default: `$HANGAR_HOME` "
+        "and the system temp directory; set it on a shared host)",
+    )
+    rate_limits: str = Field(
+        default="",
+        description="`default=1/3,get_machine=5/10`: requests/s and burst, per action "
+        "(default: Fly's)",
+    )
+    max_request_bytes: int = Field(
+        default=DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="largest request body (4 MiB)"
+    )
+    volumes_dir: Path | None = Field(
+        default=None,
+        description="where volume images and keys live (default `$HANGAR_HOME/volumes`)",
+    )
+    volume_host_key: Path | None = Field(
+        default=None,
+        description="the host key file wrapping volume keys (default "
+        "`$HANGAR_VOLUMES_DIR/host.key`)",
+    )
+    volume_reserve_gb: float = Field(
+        default=1.0, ge=0, description="free disk space volumes never take (default 1)"
+    )
+    volume_orphan_grace_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="age after which an image or key no volume record names is removed "
+        "(default 3600)",
+    )
+    net: bool = Field(default=True, description="`0` runs machines without a network interface")
+    net_prefix: str = Field(
+        default="fdaa::/16",
+        description="the private networks' ULA prefix (inside `fd00::/8`); each org gets a /48",
+    )
+    net_egress: bool = Field(
+        default=True, description="`0` turns off guests' NAT egress on this host's default route"
+    )
+    net_egress_subnet: str = Field(
+        default="172.19.0.0/16", description="the IPv4 addresses guests leave the host from"
+    )
+    net_egress_interface: str | None = Field(
+        default=None, description="where egress leaves (default: the default route's interface)"
+    )
+    net_host_number: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="this host's number in private addresses (default: from its id)",
+    )
+    net_link_prefix: str = Field(
+        default="hg", description="names of hangar's bridge (`PREFIXbr`) and taps (`PREFIXt...`)"
+    )
+    net_table: str = Field(default="hangar", description="hangar's nftables tables")
+    net_published_tcp: Annotated[frozenset[int], NoDecode] = Field(
+        default=frozenset(),
+        description="`port,...` of the host that guests may reach (the proxy's)",
+    )
+    proxy: bool = Field(
+        default=True, description="`0`: `hangar server` runs no proxy for machines' services"
+    )
+    proxy_domain: str = Field(
+        default="localhost", description="apps answer HTTP and TLS as `APP.DOMAIN`"
+    )
+    proxy_bind: str = Field(default="0.0.0.0", description="the address the proxy listens on")
+    proxy_port_map: Annotated[dict[int, int], NoDecode] = Field(
+        default_factory=dict,
+        description="`80=8080,...`: a service port the proxy publishes on another host port "
+        "(0: any free port)",
+    )
+    proxy_idle_stop_s: float = Field(
+        default=300.0, gt=0, description="an `autostop` machine without traffic this long stops"
+    )
+    usage_checkpoint_s: float = Field(
+        default=10.0,
+        ge=0.5,
+        le=3600,
+        description="how often the agent writes how long running machines have run: a crash "
+        "loses at most this much metered time, never counts any twice (default 10)",
+    )
+    prices: str = Field(
+        default="",
+        description="`gpu:l40s=1.25,cpu:performance=0.04,memory_gb=0.007,volume_gb=0.0002`: "
+        "prices per hour that replace the defaults (Fly.io's published GPU prices)",
+    )
+    crash_after_step: str = Field(
+        default="",
+        description="test hook: `operation:step` makes the agent SIGKILL itself right after "
+        "that step",
+    )
+
+    @field_validator("insecure_registries", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split(value, ",")
+
+    @field_validator("net_published_tcp", mode="before")
+    @classmethod
+    def _ports(cls, value: object) -> object:
+        return _split(value, ",")
+
+    @field_validator("proxy_port_map", mode="before")
+    @classmethod
+    def _port_map(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs = [item.strip().partition("=") for item in value.split(",") if item.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError("must be SERVICE_PORT=HOST_PORT,...")
+        return {int(port): int(host) for port, _, host in pairs}
+
+    @field_validator("accel", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() or None if isinstance(value, str) else value
+
+    @field_validator("oci_dirs", mode="before")
+    @classmethod
+    def _colon_list(cls, value: object) -> object:
+        return _split(value, ":")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache if self.cache is not None else self.home / "cache"
+
+    @property
+    def volumes_root(self) -> Path:
+        return self.volumes_dir if self.volumes_dir is not None else self.home / "volumes"
+
+    @property
+    def proxy_state_dir(self) -> Path:
+        return self.home / "proxy"
+
+    @property
+    def database(self) -> Path:
+        return self.home / DATABASE
+
+    @property
+    def machines_dir(self) -> Path:
+        return self.home / "machines"
+
+    @property
+    def operator_token_file(self) -> Path:
+        return self.home / OPERATOR_TOKEN_FILE
+
+    @property
+    def allowed_oci_dirs(self) -> tuple[Path, ...]:
+        if self.oci_dirs is not None:
+            return self.oci_dirs
+        return (self.home, Path(tempfile.gettempdir()))
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def settings_table() -> str:
+    """The README's configuration table, one row per setting."""
+    rows = ["| variable | meaning |", "|---|---|"]
+    for name, field in Settings.model_fields.items():
+        rows.append(f"| `{env_name(name)}` | {field.description} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,288 @@
+"""The embedded MachineStore: apps, machines, config versions, events and leases in SQLite."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from hangar.errors import Conflict, NotFound
+from hangar.model.config import MachineConfig
+from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
+from hangar.model.services import CheckStatus
+from hangar.store.protocol import App
+from hangar.store.sqlite_db import SqliteDatabase
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS apps (
+    name TEXT PRIMARY KEY,
+    org_slug TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS machines (
+    id TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    region TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    image_ref TEXT NOT NULL,
+    private_ip TEXT NOT NULL,
+    host_id TEXT NOT NULL,
+    failure_reason TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    cordoned INTEGER NOT NULL DEFAULT 0,
+    checks TEXT NOT NULL DEFAULT '[]'
+);
+CREATE UNIQUE INDEX IF NOT EXISTS machines_live_name
+    ON machines(app, name) WHERE state != 'destroyed';
+CREATE INDEX IF NOT EXISTS machines_app ON machines(app, created_at);
+CREATE TABLE IF NOT EXISTS machine_versions (
+    machine_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    config TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    replaced_at REAL,
+    PRIMARY KEY (machine_id, version)
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    machine_id TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_machine ON events(machine_id, seq);
+CREATE TABLE IF NOT EXISTS leases (
+    machine_id TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+"""
+
+
+MACHINE_COLUMNS = (
+    "id",
+    "app",
+    "name",
+    "state",
+    "region",
+    "instance_id",
+    "version",
+    "config",
+    "image_ref",
+    "private_ip",
+    "host_id",
+    "failure_reason",
+    "created_at",
+    "updated_at",
+    "cordoned",
+    "checks",
+)
+_CHECKS = TypeAdapter(list[CheckStatus])
+
+
+class SqliteMachineStore(SqliteDatabase):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, SCHEMA)
+        self.ensure_columns(
+            "machines",
+            {"cordoned": "INTEGER NOT NULL DEFAULT 0", "checks": "TEXT NOT NULL DEFAULT '[]'"},
+        )
+
+    # apps
+    def create_app(self, name: str, org_slug: str, now: float) -> App:
+        try:
+            self._execute("INSERT INTO apps VALUES (?, ?, ?)", (name, org_slug, now))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"app {name} already exists", app=name) from None
+        return App(name=name, org_slug=org_slug, created_at=now)
+
+    def get_app(self, name: str) -> App | None:
+        rows = self._query("SELECT * FROM apps WHERE name = ?", (name,))
+        return App(**dict(rows[0])) if rows else None
+
+    def list_apps(self, org_slug: str | None) -> list[App]:
+        if org_slug is None:
+            rows = self._query("SELECT * FROM apps ORDER BY name")
+        else:
+            rows = self._query("SELECT * FROM apps WHERE org_slug = ? ORDER BY name", (org_slug,))
+        return [App(**dict(row)) for row in rows]
+
+    def delete_app(self, name: str) -> None:
+        self._execute("DELETE FROM apps WHERE name = ?", (name,))
+
+    # machines
+    @staticmethod
+    def _machine_row(machine: Machine) -> tuple[Any, ...]:
+        return (
+            machine.id,
+            machine.app,
+            machine.name,
+            str(machine.state),
+            machine.region,
+            machine.instance_id,
+            machine.version,
+            machine.config.model_dump_json(),
+            machine.image_ref.model_dump_json(),
+            machine.private_ip,
+            machine.host_id,
+            machine.failure_reason,
+            machine.created_at,
+            machine.updated_at,
+            int(machine.cordoned),
+            _CHECKS.dump_json(machine.checks).decode(),
+        )
+
+    @staticmethod
+    def _machine_from(row: sqlite3.Row) -> Machine:
+        values = {name: row[name] for name in MACHINE_COLUMNS}
+        values["config"] = MachineConfig.model_validate_json(values["config"])
+        values["image_ref"] = ImageRef.model_validate_json(values["image_ref"])
+        values["state"] = MachineState(values["state"])
+        values["cordoned"] = bool(values["cordoned"])
+        values["checks"] = _CHECKS.validate_json(values["checks"])
+        return Machine(**values)
+
+    def insert_machine(self, machine: Machine) -> None:
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    f"INSERT INTO machines ({', '.join(MACHINE_COLUMNS)})"
+                    f" VALUES ({', '.join('?' for _ in MACHINE_COLUMNS)})",
+                    self._machine_row(machine),
+                )
+                db.execute(
+                    "INSERT INTO machine_versions VALUES (?, ?, ?, ?, NULL)",
+                    (
+                        machine.id,
+                        machine.version,
+                        machine.config.model_dump_json(),
+                        machine.created_at,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise Conflict(
+                f"a machine named {machine.name} already exists in app {machine.app}",
+                field="name",
+            ) from None
+
+    def get_machine(self, machine_id: str) -> Machine | None:
+        rows = self._query("SELECT * FROM machines WHERE id = ?", (machine_id,))
+        return self._machine_from(rows[0]) if rows else None
+
+    def list_machines(self, app: str | None, include_destroyed: bool = False) -> list[Machine]:
+        sql = "SELECT * FROM machines WHERE 1=1"
+        params: list[Any] = []
+        if app is not None:
+            sql += " AND app = ?"
+            params.append(app)
+        if not include_destroyed:
+            sql += " AND state != 'destroyed'"
+        rows = self._query(sql + " ORDER BY created_at", tuple(params))
+        return [self._machine_from(row) for row in rows]
+
+    def save_machine(self, machine: Machine) -> None:
+        row = self._machine_row(machine)
+        assignments = ", ".join(f"{name} = ?" for name in MACHINE_COLUMNS[1:])
+        changed = self._execute(
+            f"UPDATE machines SET {assignments} WHERE id = ?", (*row[1:], row[0])
+        )
+        if not changed:
+            raise NotFound(f"machine {machine.id} not found", machine_id=machine.id)
+
+    def set_image_ref(self, machine_id: str, image_ref: ImageRef, now: float) -> None:
+        """Only the image reference: a concurrent metadata or config write is not lost."""
+        self._execute(
+            "UPDATE machines SET image_ref = ?, updated_at = ? WHERE id = ?",
+            (image_ref.model_dump_json(), now, machine_id),
+        )
+
+    def set_cordoned(self, machine_id: str, cordoned: bool, now: float) -> None:
+        changed = self._execute(
+            "UPDATE machines SET cordoned = ?, updated_at = ? WHERE id = ?",
+            (int(cordoned), now, machine_id),
+        )
+        if not changed:
+            raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+
+    def set_checks(self, machine_id: str, checks: list[CheckStatus]) -> None:
+        """Only the checks: a concurrent config or state write is not lost."""
+        self._execute(
+            "UPDATE machines SET checks = ? WHERE id = ?",
+            (_CHECKS.dump_json(checks).decode(), machine_id),
+        )
+
+    def set_state(
+        self, machine_id: str, state: MachineState, now: float, reason: str = ""
+    ) -> Machine:
+        changed = self._execute(
+            "UPDATE machines SET state = ?, updated_at = ?, failure_reason = ? WHERE id = ?",
+            (str(state), now, reason, machine_id),
+        )
+        if not changed:
+            raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+        machine = self.get_machine(machine_id)
+        assert machine is not None
+        return machine
+
+    def apply_config_version(
+        self, machine_id: str, config: MachineConfig, version: int, instance_id: str, now: float
+    ) -> None:
+        body = config.model_dump_json()
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE machine_versions SET replaced_at = ? WHERE machine_id = ?"
+                " AND replaced_at IS NULL",
+                (now, machine_id),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO machine_versions VALUES (?, ?, ?, ?, NULL)",
+                (machine_id, version, body, now),
+            )
+            changed = db.execute(
+                "UPDATE machines SET version = ?, config = ?, instance_id = ?, updated_at = ?"
+                " WHERE id = ?",
+                (version, body, instance_id, now, machine_id),
+            ).rowcount
+            if not changed:
+                raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+
+    def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT version, created_at, replaced_at FROM machine_versions"
+            " WHERE machine_id = ? ORDER BY version",
+            (machine_id,),
+        )
+        return [dict(row) for row in rows]
+
+    # events
+    def add_event(self, machine_id: str, event: MachineEvent) -> None:
+        self._execute(
+            "INSERT INTO events (id, machine_id, body) VALUES (?, ?, ?)",
+            (event.id, machine_id, event.model_dump_json()),
+        )
+
+    def list_events(self, machine_id: str, limit: int | None = None) -> list[MachineEvent]:
+        sql = "SELECT body FROM events WHERE machine_id = ? ORDER BY seq DESC"
+        params: tuple[Any, ...] = (machine_id,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = (machine_id, limit)
+        return [MachineEvent.model_validate_json(row["body"]) for row in self._query(sql, params)]
+
+    # leases
+    def get_lease(self, machine_id: str) -> Lease | None:
+        rows = self._query("SELECT body FROM leases WHERE machine_id = ?", (machine_id,))
+        return Lease.model_validate_json(rows[0]["body"]) if rows else None
+
+    def put_lease(self, machine_id: str, lease: Lease) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO leases VALUES (?, ?)", (machine_id, lease.model_dump_json())
+        )
+
+    def delete_lease(self, machine_id: str) -> None:
+        self._execute("DELETE FROM leases WHERE machine_id = ?", (machine_id,))

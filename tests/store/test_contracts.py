@@ -1,0 +1,135 @@
+"""One contract per store protocol, run over every implementation of it: a new backend (the
+fleet's etcd store) joins by adding one entry to a ``*_BACKENDS`` list."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hangar.agent.steps import new_run
+from hangar.errors import Conflict
+from hangar.model.config import MachineConfig
+from hangar.model.gpu import GpuEvent, GpuRecord
+from hangar.model.machine import Lease, Machine, MachineState, host_event
+from hangar.model.run import RunStatus, StartRequest, StopRequest
+from hangar.store.gpus import SqliteGpuStore
+from hangar.store.machines import SqliteMachineStore
+from hangar.store.protocol import GpuStore, MachineStore, RunStore
+from hangar.store.runs import SqliteRunStore
+
+MACHINE_BACKENDS: dict[str, Callable[[Path], MachineStore]] = {
+    "sqlite": lambda tmp: SqliteMachineStore(tmp / "db"),
+}
+RUN_BACKENDS: dict[str, Callable[[Path], RunStore]] = {
+    "sqlite": lambda tmp: SqliteRunStore(tmp / "db"),
+}
+GPU_BACKENDS: dict[str, Callable[[Path], GpuStore]] = {
+    "sqlite": lambda tmp: SqliteGpuStore(tmp / "db"),
+}
+
+
+@pytest.fixture(params=sorted(MACHINE_BACKENDS))
+def machines(request: pytest.FixtureRequest, tmp_path: Path) -> MachineStore:
+    return MACHINE_BACKENDS[request.param](tmp_path)
+
+
+@pytest.fixture(params=sorted(RUN_BACKENDS))
+def runs(request: pytest.FixtureRequest, tmp_path: Path) -> RunStore:
+    return RUN_BACKENDS[request.param](tmp_path)
+
+
+@pytest.fixture(params=sorted(GPU_BACKENDS))
+def gpus(request: pytest.FixtureRequest, tmp_path: Path) -> GpuStore:
+    return GPU_BACKENDS[request.param](tmp_path)
+
+
+def machine(machine_id: str, app: str = "web", name: str = "") -> Machine:
+    return Machine(
+        id=machine_id,
+        name=name or machine_id,
+        app=app,
+        state=MachineState.CREATED,
+        region="local",
+        instance_id="i1",
+        version=1,
+        config=MachineConfig(image="x"),
+        created_at=1.0,
+        updated_at=1.0,
+    )
+
+
+def test_apps(machines: MachineStore) -> None:
+    machines.create_app("web", "acme", 1.0)
+    with pytest.raises(Conflict):
+        machines.create_app("web", "other", 2.0)
+    machines.create_app("api", "beta", 3.0)
+    assert [app.name for app in machines.list_apps(None)] == ["api", "web"]
+    assert [app.name for app in machines.list_apps("acme")] == ["web"]
+    machines.delete_app("web")
+    assert machines.get_app("web") is None
+
+
+def test_machines_states_names_and_versions(machines: MachineStore) -> None:
+    machines.insert_machine(machine("m1", name="one"))
+    with pytest.raises(Conflict):
+        machines.insert_machine(machine("m2", name="one"))
+    assert machines.set_state("m1", MachineState.DESTROYED, 2.0).state == MachineState.DESTROYED
+    machines.insert_machine(machine("m2", name="one"))  # the name is free once destroyed
+    assert [m.id for m in machines.list_machines("web")] == ["m2"]
+    assert {m.id for m in machines.list_machines("web", include_destroyed=True)} == {"m1", "m2"}
+    config = MachineConfig(image="y", metadata={"v": "2"})
+    machines.apply_config_version("m2", config, 2, "i2", 3.0)
+    updated = machines.get_machine("m2")
+    assert updated is not None
+    assert (updated.version, updated.instance_id, updated.config.image) == (2, "i2", "y")
+    versions = machines.list_config_versions("m2")
+    assert [v["version"] for v in versions] == [1, 2]
+    assert versions[0]["replaced_at"] == 3.0 and versions[1]["replaced_at"] is None
+
+
+def test_events_newest_first_and_leases(machines: MachineStore) -> None:
+    machines.insert_machine(machine("m1"))
+    for n in range(3):
+        machines.add_event("m1", host_event("start", f"s{n}", float(n)))
+    assert [e.status for e in machines.list_events("m1")] == ["s2", "s1", "s0"]
+    assert [e.status for e in machines.list_events("m1", limit=1)] == ["s2"]
+    lease = Lease(nonce="n", expires_at=10, owner="o", version="v")
+    machines.put_lease("m1", lease)
+    assert machines.get_lease("m1") == lease
+    machines.delete_lease("m1")
+    assert machines.get_lease("m1") is None
+
+
+def test_runs_are_idempotent_ordered_and_typed(runs: RunStore) -> None:
+    first = new_run("m1", StartRequest(), 1.0)
+    second = new_run("m1", StopRequest(signal=2), 2.0)
+    done = new_run("m1", StartRequest(), 0.5)
+    done.status = RunStatus.SUCCEEDED
+    for run in (second, done, first):
+        assert runs.insert_run(run)
+    assert not runs.insert_run(first)
+    unfinished = runs.list_runs("m1", unfinished_only=True)
+    assert [run.id for run in unfinished] == [first.id, second.id]
+    assert unfinished[1].request == StopRequest(signal=2)
+    first.status = RunStatus.FAILED
+    runs.save_run(first)
+    assert [run.id for run in runs.list_runs("m1", unfinished_only=True)] == [second.id]
+    runs.put_vm_handle("m1", {"pid": 1})
+    assert runs.list_vm_handles() == {"m1": {"pid": 1}}
+    runs.delete_vm_handle("m1")
+    assert runs.get_vm_handle("m1") is None
+
+
+def test_gpu_inventory_keeps_binding_and_quarantine_reason(gpus: GpuStore) -> None:
+    record = GpuRecord(host_id="h", bdf="0000:01:00.0", kind="l40s", reason="")
+    gpus.upsert_gpu_inventory(record)
+    gpus.save_gpu(record.model_copy(update={"binding": {"x": 1}, "quarantine_reason": "bad"}))
+    again = gpus.upsert_gpu_inventory(record.model_copy(update={"numa_node": 1}))
+    assert again.binding == {"x": 1} and again.quarantine_reason == "bad"
+    assert again.numa_node == 1
+    gpus.add_gpu_event(GpuEvent(bdf=record.bdf, timestamp=1.0, action="a", actor="t"))
+    gpus.add_gpu_event(GpuEvent(bdf=record.bdf, timestamp=2.0, action="b", actor="t"))
+    assert [e.action for e in gpus.list_gpu_events(record.bdf)] == ["b", "a"]
+    assert [g.bdf for g in gpus.list_gpus(host_id="h")] == [record.bdf]
