@@ -256,8 +256,11 @@ class MixBenchResult:
     def led(self) -> int:
         return sum(1 for mix in self.mixes if mix.led)
 
+    def _policy_names(self) -> list[str]:
+        return [p.name for p in self.mixes[0].policies] if self.mixes else []
+
     def table(self) -> str:
-        names = [p.name for p in self.mixes[0].policies] if self.mixes else []
+        names = self._policy_names()
         lines = [
             f"nodes {self.nodes_csv}",
             f"pods  {self.pods_csv}"
@@ -286,7 +289,22 @@ class MixBenchResult:
             verdict = "leads" if mix.led else "does not lead"
             lines.append(f"{mix.spec.name}: hangar {ours.mean:.2f} vs {versus}: {verdict}")
         lines += ["", f"mixes led: {self.led}/{len(self.mixes)}"]
+        if "hangar" in names:
+            medians = ", ".join(f"{name} {self.median(name):.2f}" for name in names)
+            lines.append(f"median allocation % over every mix and seed: {medians}")
+            lines += [
+                f"ratio hangar/{name}: {self.ratio(name):.3f}" for name in names if name != "hangar"
+            ]
         return "\n".join(lines)
+
+    def median(self, policy: str) -> float:
+        """``policy``'s GPU allocation %, median over every mix and seed."""
+        return statistics.median(r for mix in self.mixes for r in mix.result(policy).ratios)
+
+    def ratio(self, baseline: str) -> float:
+        """hangar's median allocation over ``baseline``'s."""
+        theirs = self.median(baseline)
+        return self.median("hangar") / theirs if theirs else 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -312,6 +330,9 @@ class MixBenchResult:
             ],
             "mixes_led": self.led,
             "mixes_total": len(self.mixes),
+            "median_allocation_percent": {
+                name: round(self.median(name), 4) for name in self._policy_names()
+            },
         }
 
 

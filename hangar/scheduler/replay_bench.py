@@ -29,6 +29,9 @@ from hangar.scheduler.trace import TracePod, load_nodes, load_pods
 class PlatformSummary:
     platform: str
     allocation: float
+    """Mean over the seeds, as the other columns."""
+    median_allocation: float
+    """Median over the seeds: what the ratio compares."""
     held: float
     waited_percent: float
     refused_percent: float
@@ -54,6 +57,7 @@ class ReplayBenchResult:
         return PlatformSummary(
             platform=platform,
             allocation=statistics.fmean(o.allocation for o in outcomes),
+            median_allocation=statistics.median(o.allocation for o in outcomes),
             held=statistics.fmean(o.held for o in outcomes),
             waited_percent=statistics.fmean(o.waited_percent for o in outcomes),
             refused_percent=statistics.fmean(o.refused_percent for o in outcomes),
@@ -65,9 +69,9 @@ class ReplayBenchResult:
 
     @property
     def ratio(self) -> float:
-        """Time-averaged GPU allocation, hangar over fly-style (means over the seeds)."""
-        fly = self.summary(FLY).allocation
-        return self.summary(HANGAR).allocation / fly if fly else 0.0
+        """Time-averaged GPU allocation, hangar over fly-style (medians over the seeds)."""
+        fly = self.summary(FLY).median_allocation
+        return self.summary(HANGAR).median_allocation / fly if fly else 0.0
 
     def table(self) -> str:
         config = self.config
@@ -85,7 +89,8 @@ class ReplayBenchResult:
             f"{config.load * 100:g} % of the GPUs over the measured window",
             *config.describe(),
             "allocation: GPU capacity the running requests asked for (a share counts its share "
-            "even where it holds a whole GPU), time-averaged, % of all GPUs; held: GPUs held",
+            "even where it holds a whole GPU), time-averaged, % of all GPUs; held: GPUs held; "
+            "columns: means over the seeds",
             "",
             f"{'platform':<11}{'alloc %':>9}{'held %':>8}{'waited %':>10}{'refused %':>11}"
             f"{'waited|refused %':>18}{'refused':>9}{'slices':>8}",
@@ -116,6 +121,8 @@ class ReplayBenchResult:
         )
         lines += [
             "",
+            f"median alloc % over the seeds: hangar {ours.median_allocation:.2f}, "
+            f"fly-style {fly.median_allocation:.2f}",
             f"refused GPU requests, hangar vs fly-style: {ours.refused} vs {fly.refused} ({fewer})",
             f"ratio hangar/fly-style: {self.ratio:.2f}",
         ]
@@ -141,6 +148,7 @@ class ReplayBenchResult:
             "summary": {
                 platform: {
                     "allocation_percent": round(s.allocation, 3),
+                    "median_allocation_percent": round(s.median_allocation, 3),
                     "held_percent": round(s.held, 3),
                     "waited_percent": round(s.waited_percent, 3),
                     "refused_percent": round(s.refused_percent, 3),

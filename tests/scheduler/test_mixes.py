@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,13 @@ def test_mix_bench_runs_every_policy_on_every_mix() -> None:
         assert mix.margin == pytest.approx(mix.result("hangar").mean - best_other)
         assert mix.led == (mix.margin > 0)
     table = result.table().splitlines()
-    assert table[-1] == f"mixes led: {result.led}/{len(QUICK_GRID)}"
+    assert f"mixes led: {result.led}/{len(QUICK_GRID)}" in table
+    assert table[-2:] == [
+        f"ratio hangar/fgd: {result.ratio('fgd'):.3f}",
+        f"ratio hangar/bestfit: {result.ratio('bestfit'):.3f}",
+    ]
+    every = [r for mix in result.mixes for r in mix.result("fgd").ratios]
+    assert result.median("fgd") == pytest.approx(statistics.median(every))
     for mix in result.mixes:
         assert any(line.startswith(f"{mix.spec.name}: hangar ") for line in table)
 

@@ -177,7 +177,10 @@ def test_replay_bench_table_and_json() -> None:
     assert any(line.startswith("fly-style: whole GPUs only") for line in table)
     assert any(line.startswith("MIG (hangar only)") for line in table)
     ours, fly = result.summary(HANGAR), result.summary(FLY)
-    assert result.ratio == pytest.approx(ours.allocation / fly.allocation)
+    assert result.ratio == pytest.approx(ours.median_allocation / fly.median_allocation)
+    assert f"median alloc % over the seeds: hangar {ours.median_allocation:.2f}, " in "\n".join(
+        table
+    )
     document = result.to_json()
     assert document["ratio_hangar_over_fly_style"] == round(result.ratio, 4)
     assert [seed["seed"] for seed in document["seeds"]] == [1, 2]
