@@ -54,6 +54,8 @@ def llm_deploy(
     port: Annotated[int, typer.Option("--port", help="The port the engine listens on.")] = 8080,
     cpus: Annotated[int, typer.Option("--cpus")] = 1,
     memory_mb: Annotated[int, typer.Option("--memory-mb")] = 512,
+    gpu_kind: Annotated[str | None, typer.Option("--gpu-kind", help="e.g. l40s")] = None,
+    gpus: Annotated[int | None, typer.Option("--gpus")] = None,
     min_replicas: Annotated[int, typer.Option("--min")] = 0,
     max_replicas: Annotated[int, typer.Option("--max")] = 1,
     region: Annotated[str | None, typer.Option("--region", "-r")] = None,
@@ -73,7 +75,13 @@ def llm_deploy(
         "min_replicas": min_replicas,
         "max_replicas": max_replicas,
     }
-    for key, value in (("image", image), ("region", region), ("app_name", app_name)):
+    for key, value in (
+        ("image", image),
+        ("region", region),
+        ("app_name", app_name),
+        ("gpu_kind", gpu_kind),
+        ("gpus", gpus),
+    ):
         if value is not None:
             body[key] = value
     deployment = call(HangarClient().create_deployment, org, body)

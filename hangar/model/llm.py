@@ -81,6 +81,8 @@ class DeploymentSpec(BaseModel):
     port: Annotated[int, Field(ge=1, le=65535)] = ENGINE_PORT
     cpus: Annotated[int, Field(ge=1, le=64)] = 1
     memory_mb: Annotated[int, Field(ge=128, le=1024 * 1024)] = 512
+    gpu_kind: str | None = None
+    gpus: Annotated[int, Field(ge=1, le=8)] | None = None
     min_replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = 0
     max_replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 1
     concurrency: Annotated[int, Field(ge=1, le=64)] = 4
@@ -98,6 +100,8 @@ class DeploymentSpec(BaseModel):
     def _consistent(self) -> DeploymentSpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas is larger than max_replicas")
+        if (self.gpu_kind is None) != (self.gpus is None):
+            raise ValueError("gpu_kind and gpus are given together")
         if (self.engine is Engine.IMAGE) != (self.image is not None):
             raise ValueError("image is given exactly when engine is 'image'")
         return self
@@ -118,6 +122,8 @@ class Deployment(BaseModel):
     port: int
     cpus: int
     memory_mb: int
+    gpu_kind: str | None = None
+    gpus: int | None = None
     min_replicas: int
     max_replicas: int
     concurrency: int

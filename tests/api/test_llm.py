@@ -32,6 +32,7 @@ def test_bad_deployments_are_refused_and_leave_nothing(api: httpx.Client, tenant
         ({"name": "m", "model": "vol:w", "engine": "image"}, 422, "image"),
         ({"name": "m", "model": "vol:nothing-here"}, 422, "model"),
         ({"name": "m", "model": "vol:w", "memory_mb": 100}, 422, "memory_mb"),
+        ({"name": "m", "model": "vol:w", "gpu_kind": "l40s"}, 422, "gpus"),
     ]
     for body, status, word in cases:
         response = api.post(path(org), json=body)

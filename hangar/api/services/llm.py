@@ -232,6 +232,8 @@ class LlmService:
             port=spec.port,
             cpus=spec.cpus,
             memory_mb=spec.memory_mb,
+            gpu_kind=spec.gpu_kind,
+            gpus=spec.gpus,
             min_replicas=spec.min_replicas,
             max_replicas=spec.max_replicas,
             concurrency=spec.concurrency,
@@ -325,7 +327,12 @@ class LlmService:
             config = MachineConfig(
                 image=deployment.image,
                 env=engine_env(deployment),
-                guest=GuestConfig(cpus=deployment.cpus, memory_mb=deployment.memory_mb),
+                guest=GuestConfig(
+                    cpus=deployment.cpus,
+                    memory_mb=deployment.memory_mb,
+                    gpu_kind=deployment.gpu_kind,
+                    gpus=deployment.gpus,
+                ),
                 metadata={REPLICA_METADATA: deployment.id},
                 mounts=mounts,
             )
