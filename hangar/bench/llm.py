@@ -13,8 +13,11 @@ directly for a first token. The ratios end the report, each on a line of its own
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from hangar.agent.guest import find_vmm_processes
 from hangar.llm.tinymodel import write_tiny_model
 from hangar.localhost import free_port
 from hangar.server_process import ServerProcess
@@ -179,6 +183,10 @@ def run_llm_bench(rounds: int, wake_runs: int, home: Path) -> LlmBenchResult:
                     result.plain_start_ttft_s.append(time.perf_counter() - started)
             api.delete(f"{deployments}/{MODEL}", timeout=DEPLOY_TIMEOUT_S).raise_for_status()
     finally:
+        server.stop()
+        for pid in find_vmm_processes(home / "machines"):  # none should outlive the bench
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         server.remove_network()
     return result
 
