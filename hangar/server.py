@@ -192,7 +192,11 @@ def build_server(
         hosts=HostService(agent, host),
         platform=capacity,
         usage=UsageService(
-            stores.usage, orgs, PriceTable.parse(settings.prices, DEFAULT_PRICES), clock
+            stores.usage,
+            orgs,
+            PriceTable.parse(settings.prices, DEFAULT_PRICES),
+            clock,
+            tokens=stores.llm,
         ),
         metrics=metrics,
         volumes=volumes,

@@ -27,6 +27,9 @@ class LlmStore(Protocol):
 
     def record_tokens(self, usage: TokenUsage) -> None: ...
     def token_totals(self, org: str, deployment: str | None = None) -> TokenTotals: ...
+    def tokens_by_deployment(
+        self, org: str, since: float, until: float
+    ) -> dict[str, TokenTotals]: ...
 
 
 SCHEMA = """
@@ -146,3 +149,18 @@ class SqliteLlmStore(SqliteDatabase):
             sql += " AND deployment = ?"
             params += (deployment,)
         return TokenTotals.model_validate(dict(self._query(sql, params)[0]))
+
+    def tokens_by_deployment(self, org: str, since: float, until: float) -> dict[str, TokenTotals]:
+        """Totals per deployment of the requests served in ``[since, until)``."""
+        rows = self._query(
+            "SELECT deployment, COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, "
+            "SUM(completion_tokens) AS completion_tokens FROM llm_token_usage "
+            "WHERE org = ? AND at >= ? AND at < ? GROUP BY deployment ORDER BY deployment",
+            (org, since, until),
+        )
+        return {
+            row["deployment"]: TokenTotals.model_validate(
+                {key: row[key] for key in ("requests", "prompt_tokens", "completion_tokens")}
+            )
+            for row in rows
+        }

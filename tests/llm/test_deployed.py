@@ -168,6 +168,14 @@ def test_tokens_are_metered_per_org_and_deployment(deployed: Deployed) -> None:
     )
     rival = deployed.server.embedded.stores.llm.token_totals(RIVAL)
     assert rival.requests == 0
+    report = deployed.api.get(f"/v1/orgs/{ORG}/usage").json()
+    (model,) = [m for m in report["models"] if m["name"] == MODEL]
+    assert (model["requests"], model["prompt_tokens"], model["completion_tokens"]) == (
+        after["requests"],
+        after["prompt_tokens"],
+        after["completion_tokens"],
+    )
+    assert deployed.api.get(f"/v1/orgs/{RIVAL}/usage").json()["models"] == []
 
 
 def test_a_stopped_replica_is_started_by_the_next_request(deployed: Deployed) -> None:

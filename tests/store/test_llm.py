@@ -67,6 +67,9 @@ def test_deployments_keys_and_token_totals(tmp_path: Path) -> None:
     totals = store.token_totals("acme", "dep_1")
     assert (totals.requests, totals.prompt_tokens, totals.completion_tokens) == (2, 12, 3)
     assert store.token_totals("rival").requests == 0
+    by_deployment = store.tokens_by_deployment("acme", 0.0, 10.0)
+    assert by_deployment["dep_1"] == totals
+    assert store.tokens_by_deployment("acme", 3.5, 10.0) == {}, "outside the window"
 
     store.delete_deployment("dep_1")
     assert store.get_deployment("dep_1") is None
