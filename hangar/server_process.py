@@ -25,7 +25,7 @@ from hangar.localhost import free_port
 from hangar.net.scratch import scratch_network_settings
 from hangar.settings import OPERATOR_TOKEN_FILE, env_name
 
-STARTUP_TIMEOUT_S = 30.0
+STARTUP_TIMEOUT_S = 120.0  # a loaded two-core machine imports slowly
 RAISED_RATE_LIMITS = {env_name("rate_limits"): "default=10000/10000,get_machine=10000/10000"}
 # The proxy listens on loopback, each service port on a free port of its own.
 LOOPBACK_PROXY = {env_name("proxy_bind"): "127.0.0.1"}

@@ -44,8 +44,10 @@ class GatewayListener:
             raise
         self._socket = sock
         self.port = sock.getsockname()[1]
+        # No log settings of its own: uvicorn would set its loggers' levels for the whole
+        # process, silencing the API server's lines.
         config = uvicorn.Config(
-            self.gateway.app, lifespan="on", log_level="warning", access_log=False
+            self.gateway.app, lifespan="on", log_config=None, log_level=None, access_log=False
         )
         server = self._server = uvicorn.Server(config)
         task = self._task = asyncio.create_task(server.serve(sockets=[sock]))
