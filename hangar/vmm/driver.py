@@ -52,13 +52,13 @@ class DiskSpec(BaseModel):
 
 
 def _interface_name(value: str) -> str:
-    if not IFNAME_PATTERN.match(value):
+    if not IFNAME_PATTERN.fullmatch(value):
         raise ValueError(f"interface name {value!r} must match {IFNAME_PATTERN.pattern}")
     return value
 
 
 def _mac(value: str) -> str:
-    if not MAC_PATTERN.match(value):
+    if not MAC_PATTERN.fullmatch(value):
         raise ValueError(f"MAC {value!r} must be six lower-case hex octets")
     return value
 
@@ -94,7 +94,7 @@ class VolumeDiskSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_is_a_serial(cls, value: str) -> str:
-        if not VOLUME_NAME_PATTERN.match(value):
+        if not VOLUME_NAME_PATTERN.fullmatch(value):
             raise ValueError(f"volume name {value!r} must match {VOLUME_NAME_PATTERN.pattern}")
         return value
 
@@ -137,7 +137,7 @@ class VmSpec(BaseModel):
     @field_validator("machine_id")
     @classmethod
     def _machine_id_is_a_plain_name(cls, value: str) -> str:
-        if not MACHINE_ID_PATTERN.match(value):
+        if not MACHINE_ID_PATTERN.fullmatch(value):
             raise ValueError(f"machine_id {value!r} must match {MACHINE_ID_PATTERN.pattern}")
         return value
 
@@ -145,7 +145,7 @@ class VmSpec(BaseModel):
     @classmethod
     def _gpus_are_full_bdfs(cls, value: list[str]) -> list[str]:
         for bdf in value:
-            if not PCI_BDF_PATTERN.match(bdf):
+            if not PCI_BDF_PATTERN.fullmatch(bdf):
                 raise ValueError(f"GPU {bdf!r} is not a PCI address like 0000:65:00.0")
         if len(set(value)) != len(value):
             raise ValueError("a GPU is listed twice")
