@@ -65,8 +65,9 @@ def build_server(
     documented limits where they name none). ``platform`` and ``claims`` replace the real
     guest platform and the SQLite claim store (tests observe through them)."""
     clock = clock or SystemClock()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    stores = open_embedded_stores(settings.database)
+    for private in (settings.home, settings.machines_dir, settings.cache_dir):
+        make_private_dir(private)
+    stores = open_embedded_stores(settings.database, keep_versions=settings.config_versions_kept)
     machines, tenancy = stores.machines, stores.tenancy
     for org_slug in {DEFAULT_ORG} | {app.org_slug for app in machines.list_apps(None)}:
         tenancy.ensure_org(org_slug, clock.now())
@@ -92,7 +93,9 @@ def build_server(
     tokens = TokenService(tenancy, machines, clock)
     audit = AuditService(tenancy, clock)
     services = Services(
-        apps=AppService(machines, tenancy, orgs, clock),
+        apps=AppService(
+            machines, tenancy, orgs, clock, runs=stores.runs, name_hold_s=settings.app_name_hold_s
+        ),
         machines=MachineService(
             machines,
             stores.runs,
@@ -119,6 +122,17 @@ def build_server(
     return EmbeddedServer(
         settings=settings, stores=stores, tokens=tokens, agent=agent, host=host, app=app
     )
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (mode 0700), or take group and other access away from it: everything
+    under ``$HANGAR_HOME`` (the database, machines' env in their initrd, their disks, the
+    image cache) is the server user's alone."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("%s was mode %o: making it private (0700)", path, mode)
+        path.chmod(0o700)
 
 
 def write_operator_token(path: Path, secret: str) -> Path:
@@ -164,6 +178,8 @@ def mint_operator_token(settings: Settings, description: str) -> tuple[str, str]
 def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
     import uvicorn
 
+    # Every file the server (and the QEMU it starts) creates is its user's alone.
+    os.umask(0o077)
     server = build_server(settings)
     token_file = settings.operator_token_file
     secret = bootstrap_operator_token(token_file, server.tokens, renew=init)

@@ -113,6 +113,7 @@ class QemuGuestPlatform:
         cached = self._cached(image_ref)
         partial = dest.with_name(dest.name + ".partial")
         await asyncio.to_thread(machine_disk, cached, partial)
+        partial.chmod(0o600)
         partial.rename(dest)
 
     async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None:
@@ -142,7 +143,11 @@ class QemuGuestPlatform:
             initramfs.ensure_base_initramfs, guest_kernel, self.cache_root
         )
         partial = dest.with_name(dest.name + ".partial")
+        # The initrd holds the machine's env and files: its owner's alone from the first byte.
+        partial.unlink(missing_ok=True)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial)
+        partial.chmod(0o600)
         partial.rename(dest)
 
     # the VMM

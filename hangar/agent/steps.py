@@ -139,7 +139,7 @@ class PrepareRootDisk:
         return not (self.run_dir / RunDirLayout.ROOT_DISK).exists()
 
     async def run(self, ctx: StepContext) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.platform.prepare_root_disk(
             ctx.machine().image_ref, self.run_dir / RunDirLayout.ROOT_DISK
         )
@@ -156,7 +156,7 @@ class PrepareInitrd:
 
     async def run(self, ctx: StepContext) -> None:
         machine = ctx.machine()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.platform.prepare_initrd(
             machine, machine.image_ref, self.run_dir / RunDirLayout.INITRD
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hangar.store.gpus import SqliteGpuStore
 from hangar.store.host_claims import SqliteClaimStore
-from hangar.store.machines import SqliteMachineStore
+from hangar.store.machines import DEFAULT_KEEP_VERSIONS, SqliteMachineStore
 from hangar.store.runs import SqliteRunStore
 from hangar.store.tenancy import SqliteTenancyStore
 
@@ -25,9 +25,9 @@ class EmbeddedStores:
             store.close()
 
 
-def open_embedded_stores(path: Path) -> EmbeddedStores:
+def open_embedded_stores(path: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> EmbeddedStores:
     return EmbeddedStores(
-        machines=SqliteMachineStore(path),
+        machines=SqliteMachineStore(path, keep_versions=keep_versions),
         runs=SqliteRunStore(path),
         gpus=SqliteGpuStore(path),
         tenancy=SqliteTenancyStore(path),

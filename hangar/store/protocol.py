@@ -22,6 +22,8 @@ class App(BaseModel):
     name: str
     org_slug: str
     created_at: float
+    id: str = ""
+    """This instance of the name: machines belong to it, not to the name."""
 
 
 class MachineStore(Protocol):
@@ -29,10 +31,17 @@ class MachineStore(Protocol):
     reads and writes, shared by every host of a fleet."""
 
     # apps
-    def create_app(self, name: str, org_slug: str, now: float) -> App: ...
+    def create_app(self, name: str, org_slug: str, now: float, name_hold_s: float = 0.0) -> App:
+        """A new app instance (``Conflict`` if the name is taken, or was deleted by another
+        org less than ``name_hold_s`` ago)."""
+        ...
+
     def get_app(self, name: str) -> App | None: ...
     def list_apps(self, org_slug: str | None) -> list[App]: ...
-    def delete_app(self, name: str) -> None: ...
+    def delete_app(self, name: str, now: float = 0.0) -> list[str]:
+        """Delete the app and every record of its machines; hold the name for its org.
+        Returns the ids of the machines whose records were deleted."""
+        ...
 
     # machines
     def insert_machine(self, machine: Machine) -> None: ...
@@ -74,6 +83,9 @@ class RunStore(Protocol):
     def list_runs(
         self, machine_id: str | None = None, unfinished_only: bool = False
     ) -> list[RunRecord]: ...
+    def forget_machines(self, machine_ids: list[str]) -> None:
+        """Delete every run and VMM handle of these machines (their app was deleted)."""
+        ...
 
     # VMM handles (what the agent needs to re-adopt a VM after a restart)
     def put_vm_handle(self, machine_id: str, handle: dict[str, Any]) -> None: ...

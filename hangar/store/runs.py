@@ -59,6 +59,13 @@ class SqliteRunStore(SqliteDatabase):
         rows = self._query(sql + " ORDER BY created_at, rowid", tuple(params))
         return [RunRecord.model_validate_json(row["body"]) for row in rows]
 
+    def forget_machines(self, machine_ids: list[str]) -> None:
+        with self.transaction() as db:
+            for machine_id in machine_ids:
+                db.execute("DELETE FROM agent_runs WHERE machine_id = ?", (machine_id,))
+                db.execute("DELETE FROM vm_handles WHERE machine_id = ?", (machine_id,))
+        self.checkpoint()
+
     # VMM handles
     def put_vm_handle(self, machine_id: str, handle: dict[str, Any]) -> None:
         self._execute(

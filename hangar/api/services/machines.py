@@ -81,11 +81,16 @@ class MachineService:
     # reading
     def require(self, app: str, machine_id: str, include_destroyed: bool = True) -> Machine:
         machine = self._store.get_machine(machine_id)
-        if machine is None or machine.app != app:
+        if machine is None or machine.app != app or not self._of_current_app(machine):
             raise NotFound(f"machine {machine_id} not found in app {app}", machine_id=machine_id)
         if not include_destroyed and machine.state == MachineState.DESTROYED:
             raise NotFound(f"machine {machine_id} is destroyed", machine_id=machine_id)
         return machine
+
+    def _of_current_app(self, machine: Machine) -> bool:
+        """A machine of an earlier app of the same name is not this app's."""
+        current = self._store.get_app(machine.app)
+        return current is not None and machine.app_id in ("", current.id)
 
     def view(self, machine: Machine, event_limit: int = 10) -> MachineView:
         return MachineView.of(machine, self._store.list_events(machine.id, event_limit))
@@ -188,10 +193,12 @@ class MachineService:
         self._quotas.check(app, request.config)
         region = self._check_placement(request.region, request.config)
         machine_id = new_machine_id()
+        current = self._store.get_app(app)
         machine = Machine(
             id=machine_id,
             name=request.name or f"{app}-{machine_id[:6]}",
             app=app,
+            app_id=current.id if current is not None else "",
             state=MachineState.CREATED,
             region=region,
             instance_id=new_ulid(now),
