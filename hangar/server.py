@@ -32,8 +32,10 @@ from hangar.clock import Clock, SystemClock
 from hangar.model.host import HostInfo, read_local_host
 from hangar.ratelimit import RateLimiter, RateLimits
 from hangar.scheduler import ClaimStore
+from hangar.scheduler.machines import Overcommit
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
+from hangar.store.protocol import OrgQuotas
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,14 @@ def build_server(
         make_private_dir(private)
     stores = open_embedded_stores(settings.database, keep_versions=settings.config_versions_kept)
     machines, tenancy = stores.machines, stores.tenancy
+    default_quotas = OrgQuotas(
+        machines=settings.default_org_machines,
+        memory_mb=settings.default_org_memory_mb,
+        gpus=dict(settings.default_org_gpus),
+    )
     for org_slug in {DEFAULT_ORG} | {app.org_slug for app in machines.list_apps(None)}:
-        tenancy.ensure_org(org_slug, clock.now())
+        tenancy.ensure_org(org_slug, clock.now(), quotas=default_quotas)
+    overcommit = Overcommit(cpu=settings.cpu_overcommit, memory=settings.memory_overcommit)
     if platform is None:
         from hangar.agent.guest import QemuGuestPlatform
 
@@ -80,16 +88,16 @@ def build_server(
     services_of_host = HostServices(
         platform=platform,
         machines_dir=settings.machines_dir,
-        placement=HostPlacement(claim_store, host),
+        placement=HostPlacement(claim_store, host, overcommit=overcommit),
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
     )
     agent = Agent(
         machines, stores.runs, services_of_host, clock, crash_after(settings.crash_after_step)
     )
-    quotas = QuotaService(machines, tenancy)
-    capacity = PlatformService(claim_store, settings.gpu_driver_bundle)
-    orgs = OrgService(tenancy, quotas, clock)
+    quotas = QuotaService(machines, tenancy, runs=stores.runs)
+    capacity = PlatformService(claim_store, settings.gpu_driver_bundle, overcommit=overcommit)
+    orgs = OrgService(tenancy, quotas, clock, default_quotas=default_quotas)
     tokens = TokenService(tenancy, machines, clock)
     audit = AuditService(tenancy, clock)
     services = Services(

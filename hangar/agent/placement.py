@@ -15,16 +15,24 @@ from hangar.model.config import GuestConfig
 from hangar.model.gpu import GpuRecord, GpuState
 from hangar.model.host import HostInfo
 from hangar.scheduler import Claim, ClaimStore, Gpu, HostState, Scheduler, VersionedHost
-from hangar.scheduler.machines import host_state, placement_request
+from hangar.scheduler.machines import NO_OVERCOMMIT, Overcommit, host_state, placement_request
 
 MAX_CAS_ATTEMPTS = 8
 
 
 class HostPlacement:
-    def __init__(self, claims: ClaimStore, host: HostInfo, scheduler: Scheduler | None = None):
+    def __init__(
+        self,
+        claims: ClaimStore,
+        host: HostInfo,
+        scheduler: Scheduler | None = None,
+        overcommit: Overcommit = NO_OVERCOMMIT,
+    ):
+        """``overcommit``: the operator's ratios for shared machines (host admission)."""
         self.claims = claims
         self.host = host
         self._scheduler = scheduler
+        self.overcommit = overcommit
 
     @property
     def scheduler(self) -> Scheduler:
@@ -42,6 +50,7 @@ class HostPlacement:
                 gpus,
                 current.state if current is not None else None,
                 allow_cpu_machines=allow_cpu_machines,
+                overcommit=self.overcommit,
             )
             if current is None:
                 self.claims.put_host(state)
@@ -90,7 +99,9 @@ class HostPlacement:
         held = self.claim_of(machine_id)
         if held is not None:
             return held
-        request = placement_request(guest, machine_id=machine_id, host_id=self.host.id)
+        request = placement_request(
+            guest, machine_id=machine_id, host_id=self.host.id, overcommit=self.overcommit
+        )
         return self.scheduler.place(request).claim
 
     def release(self, machine_id: str) -> list[str]:

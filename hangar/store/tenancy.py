@@ -48,8 +48,8 @@ class SqliteTenancyStore(SqliteDatabase):
             quotas=OrgQuotas.model_validate_json(row["quotas"]),
         )
 
-    def create_org(self, slug: str, name: str, now: float) -> Org:
-        org = Org(slug=slug, name=name, created_at=now)
+    def create_org(self, slug: str, name: str, now: float, quotas: OrgQuotas | None = None) -> Org:
+        org = Org(slug=slug, name=name, created_at=now, quotas=quotas or OrgQuotas())
         try:
             with self.transaction() as db:
                 db.execute(
@@ -60,11 +60,11 @@ class SqliteTenancyStore(SqliteDatabase):
             raise Conflict(f"org {slug} already exists", org=slug) from None
         return org
 
-    def ensure_org(self, slug: str, now: float) -> Org:
+    def ensure_org(self, slug: str, now: float, quotas: OrgQuotas | None = None) -> Org:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO orgs VALUES (?, ?, ?, ?)",
-                (slug, slug, now, OrgQuotas().model_dump_json()),
+                (slug, slug, now, (quotas or OrgQuotas()).model_dump_json()),
             )
         org = self.get_org(slug)
         assert org is not None

@@ -145,8 +145,6 @@ class MachineService:
                 f"host {self._host.id} can allocate {self._host.allocatable_memory_mb} MB",
                 field="config.guest.memory_mb",
             )
-        if config.guest.gpus:
-            self._platform.admit_gpu_machine(config, self._host.region)
         return self._host.region
 
     def _check_lease(self, machine: Machine, nonce: str | None) -> None:
@@ -190,8 +188,12 @@ class MachineService:
     def create(self, app: str, request: CreateMachineRequest, actor: str) -> MachineView:
         now = self._clock.now()
         self._images.check(request.config.image)
-        self._quotas.check(app, request.config)
         region = self._check_placement(request.region, request.config)
+        self._quotas.check(app, request.config)
+        if request.config.guest.gpus:
+            self._platform.admit_gpu_machine(request.config, region)
+        if not request.skip_launch:
+            self._platform.admit(request.config, region)
         machine_id = new_machine_id()
         current = self._store.get_app(app)
         machine = Machine(
@@ -232,8 +234,13 @@ class MachineService:
         if machine.state == MachineState.DESTROYING:
             raise PreconditionFailed(f"machine {machine_id} is being destroyed")
         self._images.check(request.config.image)
-        self._quotas.check(app, request.config, replacing=machine)
         self._check_placement(request.region or machine.region, request.config)
+        self._quotas.check(app, request.config, replacing=machine)
+        if request.config.guest.gpus:
+            self._platform.admit_gpu_machine(request.config, machine.region)
+        relaunch = machine.state.holds_resources and not request.skip_launch
+        if relaunch:
+            self._platform.admit(request.config, machine.region, machine_id)
         version = machine.version + 1
         self._agent.submit_operation(
             machine_id,
@@ -241,7 +248,7 @@ class MachineService:
                 config=request.config,
                 version=version,
                 instance_id=new_ulid(self._clock.now()),
-                relaunch=machine.state.holds_resources and not request.skip_launch,
+                relaunch=relaunch,
             ),
         )
         self._record(machine_id, "update", "pending", {"version": version})
@@ -249,6 +256,7 @@ class MachineService:
 
     def start(self, app: str, machine_id: str, nonce: str | None) -> dict[str, str]:
         machine = self._ready_for(app, machine_id, nonce, "start", lambda state: state.startable)
+        self._platform.admit(machine.config, machine.region, machine_id)
         self._agent.submit_operation(machine_id, StartRequest())
         return {"previous_state": str(machine.state)}
 
