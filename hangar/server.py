@@ -113,6 +113,7 @@ def build_server(
             quotas,
             ImagePolicy(settings.allowed_oci_dirs),
             capacity,
+            max_config_bytes=settings.max_config_bytes,
         ),
         orgs=orgs,
         tokens=tokens,

@@ -171,7 +171,10 @@ class Settings(BaseSettings):
         description="largest machine config, as JSON (2 MiB)",
     )
     config_versions_kept: int = Field(
-        default=10, ge=1, description="config versions kept per machine; older ones are pruned"
+        default=10,
+        ge=1,
+        description="config versions, and finished runs, kept per machine; older ones are "
+        "deleted (10)",
     )
     cpu_overcommit: float = Field(
         default=1.0,

@@ -28,7 +28,7 @@ class EmbeddedStores:
 def open_embedded_stores(path: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> EmbeddedStores:
     return EmbeddedStores(
         machines=SqliteMachineStore(path, keep_versions=keep_versions),
-        runs=SqliteRunStore(path),
+        runs=SqliteRunStore(path, keep_finished=keep_versions),
         gpus=SqliteGpuStore(path),
         tenancy=SqliteTenancyStore(path),
         claims=SqliteClaimStore(path),

@@ -68,7 +68,10 @@ class MachineService:
         quotas: QuotaService,
         images: ImagePolicy,
         platform: PlatformService,
+        max_config_bytes: int | None = None,
     ) -> None:
+        """``max_config_bytes``: the largest config (as JSON) a machine may have."""
+        self._max_config_bytes = max_config_bytes
         self._platform = platform
         self._store = store
         self._runs = runs
@@ -128,6 +131,18 @@ class MachineService:
         return self._agent.machines_dir / machine_id / RunDirLayout.CONSOLE_LOG
 
     # validation shared by create and update
+    def _check_config_size(self, config: MachineConfig) -> None:
+        if self._max_config_bytes is None:
+            return
+        size = len(config.model_dump_json().encode())
+        if size > self._max_config_bytes:
+            raise Unprocessable(
+                f"config: {size} bytes as JSON, more than the {self._max_config_bytes} a "
+                "machine's config may have",
+                field="config",
+                limit=self._max_config_bytes,
+            )
+
     def _check_placement(self, region: str | None, config: MachineConfig) -> str:
         if region and region != self._host.region:
             raise InsufficientCapacity(
@@ -187,6 +202,7 @@ class MachineService:
     # writing
     def create(self, app: str, request: CreateMachineRequest, actor: str) -> MachineView:
         now = self._clock.now()
+        self._check_config_size(request.config)
         self._images.check(request.config.image)
         region = self._check_placement(request.region, request.config)
         self._quotas.check(app, request.config)
@@ -233,6 +249,7 @@ class MachineService:
             )
         if machine.state == MachineState.DESTROYING:
             raise PreconditionFailed(f"machine {machine_id} is being destroyed")
+        self._check_config_size(request.config)
         self._images.check(request.config.image)
         self._check_placement(request.region or machine.region, request.config)
         self._quotas.check(app, request.config, replacing=machine)
