@@ -30,7 +30,7 @@ from hangar.api.services.quotas import QuotaService
 from hangar.api.services.tokens import TokenService
 from hangar.clock import Clock, SystemClock
 from hangar.model.host import HostInfo, read_local_host
-from hangar.ratelimit import RateLimiter, RateLimits
+from hangar.ratelimit import RateLimit, RateLimiter, RateLimits
 from hangar.scheduler import ClaimStore
 from hangar.scheduler.machines import Overcommit
 from hangar.settings import Settings
@@ -99,7 +99,7 @@ def build_server(
     capacity = PlatformService(claim_store, settings.gpu_driver_bundle, overcommit=overcommit)
     orgs = OrgService(tenancy, quotas, clock, default_quotas=default_quotas)
     tokens = TokenService(tenancy, machines, clock)
-    audit = AuditService(tenancy, clock)
+    audit = AuditService(tenancy, clock, retention_s=settings.audit_retention_days * 86400)
     services = Services(
         apps=AppService(
             machines, tenancy, orgs, clock, runs=stores.runs, name_hold_s=settings.app_name_hold_s
@@ -126,6 +126,10 @@ def build_server(
         limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
         audit=audit,
         max_body_bytes=settings.max_request_bytes,
+        anonymous=RateLimiter(
+            RateLimits(default=RateLimit.parse(settings.anonymous_rate_limit), actions={}), clock
+        ),
+        body_timeout_s=settings.header_timeout_s,
     )
     app = create_app(services, guard, on_startup=agent.start, on_shutdown=agent.close)
     return EmbeddedServer(

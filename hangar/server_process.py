@@ -23,7 +23,10 @@ import httpx
 from hangar.settings import OPERATOR_TOKEN_FILE, env_name
 
 STARTUP_TIMEOUT_S = 30.0
-RAISED_RATE_LIMITS = {env_name("rate_limits"): "default=10000/10000,get_machine=10000/10000"}
+RAISED_RATE_LIMITS = {
+    env_name("rate_limits"): "default=10000/10000,get_machine=10000/10000",
+    env_name("anonymous_rate_limit"): "10000/10000",
+}
 
 
 def free_port() -> int:

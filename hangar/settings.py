@@ -245,7 +245,9 @@ class Settings(BaseSettings):
         if not isinstance(value, str):
             return value
         counts: dict[str, str] = {}
-        for item in _split(value, ","):  # type: ignore[union-attr]
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
             kind, sep, count = str(item).partition("=")
             if not sep:
                 raise ValueError(f"{item!r} is not KIND=COUNT")

@@ -187,6 +187,10 @@ class TenancyStore(Protocol):
 
     # audit log
     def add_audit(self, record: AuditRecord) -> AuditRecord: ...
+    def prune_audit(self, before: float) -> int:
+        """Delete the records made before ``before``; returns how many."""
+        ...
+
     def list_audit(
         self, org_slug: str | None = None, limit: int = 100, before_seq: int | None = None
     ) -> list[AuditRecord]: ...

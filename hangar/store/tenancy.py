@@ -138,6 +138,14 @@ class SqliteTenancyStore(SqliteDatabase):
         assert seq is not None
         return record.model_copy(update={"seq": seq})
 
+    def prune_audit(self, before: float) -> int:
+        with self.transaction() as db:
+            return int(
+                db.execute(
+                    "DELETE FROM audit_log WHERE json_extract(body, '$.timestamp') < ?", (before,)
+                ).rowcount
+            )
+
     def list_audit(
         self, org_slug: str | None = None, limit: int = 100, before_seq: int | None = None
     ) -> list[AuditRecord]:
