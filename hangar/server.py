@@ -189,7 +189,7 @@ def mint_operator_token(settings: Settings, description: str) -> tuple[str, str]
 
 
 def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
-    import uvicorn
+    from hangar.api import http_server
 
     # Every file the server (and the QEMU it starts) creates is its user's alone.
     os.umask(0o077)
@@ -202,4 +202,9 @@ def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
             print(f"operator token (also written to {token_file}):")
             print(secret, flush=True)
     log.info("hangar server: home %s, listening on %s:%d", settings.home, host, port)
-    uvicorn.run(server.app, host=host, port=port, log_level="info")
+    limits = http_server.ConnectionLimits(
+        max_connections=settings.max_connections,
+        header_timeout_s=settings.header_timeout_s,
+        keepalive_timeout_s=settings.keepalive_timeout_s,
+    )
+    http_server.run(server.app, host, port, limits)
