@@ -62,7 +62,8 @@ class Settings(BaseSettings):
         "the API URL is this host's loopback)",
     )
     insecure_registries: Annotated[frozenset[str], NoDecode] = Field(
-        default=frozenset(), description="`host:port,...` pulled without TLS verification"
+        default=frozenset(),
+        description="`host:port,...` registries spoken to over plain HTTP (no TLS)",
     )
     guest_kernel: Path | None = Field(
         default=None, description="a guest kernel (vmlinuz) instead of Debian's cloud kernel"

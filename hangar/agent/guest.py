@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 from hangar.agent.platform import GuestExit, RunDirLayout, VmHandleData
@@ -13,10 +14,14 @@ from hangar.clock import Clock, SystemClock
 from hangar.errors import ImageError
 from hangar.images import initramfs, kernel
 from hangar.images.driver_bundle import prepare_driver_bundle
+from hangar.images.local_layout import LocalLayouts
+from hangar.images.netpolicy import RegistryPolicy
+from hangar.images.overlay import overlay_backing
 from hangar.images.reference import ImageRef as ParsedImageRef
 from hangar.images.reference import parse_image_ref
-from hangar.images.rootfs import CachedImage, ImageCache, machine_disk
+from hangar.images.rootfs import GIB, MIB, CachedImage, ImageCache, ImageLimits
 from hangar.images.run_config import GuestFile, GuestRunConfig, resolve_argv
+from hangar.images.workers import ImageWorkers
 from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
 from hangar.vmm.accel import choose_accel
@@ -41,6 +46,16 @@ def hugepages_available(
     return free_kb >= memory_mb * 1024
 
 
+def image_limits(settings: Settings) -> ImageLimits:
+    return ImageLimits(
+        max_compressed_bytes=settings.image_max_compressed_mb * MIB,
+        max_unpacked_bytes=settings.image_max_unpacked_mb * MIB,
+        pull_timeout_s=settings.image_pull_timeout_s,
+        command_timeout_s=settings.image_command_timeout_s,
+        cache_bytes=round(settings.image_cache_gb * GIB),
+    )
+
+
 def to_model_ref(ref: ParsedImageRef, digest: str) -> ImageRef:
     return ImageRef(
         registry=ref.registry if ref.transport == "docker" else "oci",
@@ -61,12 +76,29 @@ class QemuGuestPlatform:
         driver_bundle: Path | None = None,
         guest_kernel: Path | None = None,
         guest_modules: Path | None = None,
+        local_registries: frozenset[str] = frozenset(),
+        oci_dirs: Sequence[Path] | None = None,
+        image_limits: ImageLimits | None = None,
+        image_workers: ImageWorkers | None = None,
+        machines_dir: Path | None = None,
     ) -> None:
-        """``insecure_registries``: ``host:port`` pulled without TLS verification;
+        """``insecure_registries``: ``host:port`` spoken to over plain HTTP;
+        ``local_registries``: ``host:port`` allowed on this host's own addresses;
+        ``oci_dirs``: where ``oci:`` layouts may be (default: anywhere);
         ``driver_bundle``: the GPU driver bundle; ``guest_kernel``/``guest_modules``: an
-        operator's kernel instead of Debian's (each as in :mod:`hangar.settings`)."""
+        operator's kernel instead of Debian's; ``machines_dir``: where machines' root disks
+        are (their images are never evicted from the cache) (each as in
+        :mod:`hangar.settings`)."""
         self.cache_root = cache
-        self.images = ImageCache(cache)
+        self.machines_dir = machines_dir
+        self.images = ImageCache(
+            cache,
+            policy=RegistryPolicy(local=local_registries, insecure=insecure_registries),
+            layouts=LocalLayouts(oci_dirs) if oci_dirs is not None else None,
+            limits=image_limits,
+            workers=image_workers,
+            in_use=self.images_in_use,
+        )
         self.driver = driver
         self.clock = clock or SystemClock()
         self.insecure_registries = insecure_registries
@@ -84,7 +116,24 @@ class QemuGuestPlatform:
             driver_bundle=settings.gpu_driver_bundle,
             guest_kernel=settings.guest_kernel,
             guest_modules=settings.guest_modules,
+            local_registries=settings.local_registries,
+            oci_dirs=settings.allowed_oci_dirs,
+            image_limits=image_limits(settings),
+            image_workers=ImageWorkers(settings.image_workers, settings.image_workers_per_org),
+            machines_dir=settings.machines_dir,
         )
+
+    def images_in_use(self) -> set[str]:
+        """The images machines' root disks are overlays over (never evicted)."""
+        if self.machines_dir is None or not self.machines_dir.is_dir():
+            return set()
+        found = set()
+        for run_dir in self.machines_dir.iterdir():
+            for disk in (RunDirLayout.ROOT_DISK, RunDirLayout.ROOT_DISK + ".partial"):
+                base = overlay_backing(run_dir / disk)
+                if base is not None:
+                    found.add(base.parent.name.replace("-", ":", 1))
+        return found
 
     def boot_kernel(self) -> kernel.GuestKernel:
         return kernel.ensure_kernel(
@@ -92,10 +141,9 @@ class QemuGuestPlatform:
         )
 
     # images
-    async def resolve_image(self, image: str) -> ImageRef:
+    async def resolve_image(self, image: str, owner: str = "") -> ImageRef:
         ref = parse_image_ref(image)
-        tls_verify = ref.transport != "docker" or ref.registry not in self.insecure_registries
-        cached = await self.images.ensure(ref, tls_verify=tls_verify)
+        cached = await self.images.ensure(ref, owner=owner)
         return to_model_ref(ref, cached.digest)
 
     def image_cached(self, image_ref: ImageRef) -> bool:
@@ -110,9 +158,10 @@ class QemuGuestPlatform:
         return cached
 
     async def prepare_root_disk(self, image_ref: ImageRef, dest: Path) -> None:
+        """A qcow2 overlay over the cached image: the machine's disk costs what it writes."""
         cached = self._cached(image_ref)
         partial = dest.with_name(dest.name + ".partial")
-        await asyncio.to_thread(machine_disk, cached, partial)
+        await asyncio.to_thread(self.images.overlay, cached, partial)
         partial.chmod(0o600)
         partial.rename(dest)
 
@@ -165,6 +214,7 @@ class QemuGuestPlatform:
             kernel=guest_kernel.vmlinuz,
             initrd=run_dir / RunDirLayout.INITRD,
             root_disk=run_dir / RunDirLayout.ROOT_DISK,
+            root_disk_format="qcow2",
             cpus=machine.config.guest.cpus,
             memory_mb=machine.config.guest.memory_mb,
             extra_disks=extra_disks,

@@ -24,14 +24,16 @@ class GuestExit(BaseModel):
 
 
 class GuestPlatform(Protocol):
-    async def resolve_image(self, image: str) -> ImageRef:
-        """Pull (or find cached) the image; the returned ref carries its manifest digest."""
+    async def resolve_image(self, image: str, owner: str = "") -> ImageRef:
+        """Pull (or find cached) the image; the returned ref carries its manifest digest.
+        ``owner`` (the machine's org) is whose share of the image workers the pull takes."""
         ...
 
     def image_cached(self, image_ref: ImageRef) -> bool: ...
 
     async def prepare_root_disk(self, image_ref: ImageRef, dest: Path) -> None:
-        """Write a fresh writable root disk for one boot; atomic (dest appears whole or not)."""
+        """Write a fresh writable root disk for one boot (a qcow2 overlay over the cached
+        image); atomic (dest appears whole or not)."""
         ...
 
     async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None: ...
@@ -69,7 +71,7 @@ class GuestPlatform(Protocol):
 class RunDirLayout:
     """File names inside a machine's run directory, shared by the agent and the platform."""
 
-    ROOT_DISK = "root.ext4"
+    ROOT_DISK = "root.qcow2"
     INITRD = "initrd.img"
     CONSOLE_LOG = "console.log"
     CONTROL_LOG = "ctl.jsonl"

@@ -72,7 +72,10 @@ class ResolveImage:
         return not image_ref.digest or not self.platform.image_cached(image_ref)
 
     async def run(self, ctx: StepContext) -> None:
-        image_ref = await self.platform.resolve_image(ctx.machine().config.image)
+        machine = ctx.machine()
+        app = ctx.machines.get_app(machine.app)
+        owner = app.org_slug if app is not None else machine.app
+        image_ref = await self.platform.resolve_image(machine.config.image, owner=owner)
         ctx.machines.set_image_ref(ctx.run.machine_id, image_ref, ctx.clock.now())
         ctx.run.progress.image_resolved = True
 

@@ -109,6 +109,9 @@ class VmSpec(BaseModel):
     kernel: Path
     initrd: Path
     root_disk: Path
+    root_disk_format: Literal["raw", "qcow2"] = Field(
+        default="raw", description="qcow2: an overlay over a cached image (the machines' own)"
+    )
     extra_disks: list[DiskSpec] = Field(default_factory=list)
     volumes: list[VolumeDiskSpec] = Field(default_factory=list, max_length=MAX_VOLUMES)
     cpus: int = Field(default=1, ge=1, le=512)
@@ -190,6 +193,7 @@ class VmSpec(BaseModel):
         kernel: Path,
         initrd: Path,
         root_disk: Path,
+        root_disk_format: Literal["raw", "qcow2"] | None = None,
         extra_disks: list[DiskSpec] | None = None,
         volumes: list[VolumeDiskSpec] | None = None,
         cpus: int = 1,
@@ -200,13 +204,16 @@ class VmSpec(BaseModel):
         nic: NicSpec | None = None,
         gpu_topology: GpuTopology | None = None,
     ) -> Self:
-        """A spec whose logs and sockets sit in ``run_dir`` under their standard names."""
+        """A spec whose logs and sockets sit in ``run_dir`` under their standard names; the
+        root disk's format is its suffix's (``.qcow2``, else raw) unless given."""
         return cls(
             machine_id=machine_id,
             run_dir=run_dir,
             kernel=kernel,
             initrd=initrd,
             root_disk=root_disk,
+            root_disk_format=root_disk_format
+            or ("qcow2" if root_disk.suffix == ".qcow2" else "raw"),
             extra_disks=extra_disks or [],
             volumes=volumes or [],
             cpus=cpus,

@@ -192,9 +192,10 @@ def _guest(spec: VmSpec) -> list[str]:
         "-append",
         " ".join([GUEST_KERNEL_CMDLINE, *spec.kernel_args]),
     ]
-    disks = [(spec.root_disk, False)] + [(d.path, d.read_only) for d in spec.extra_disks]
-    for index, (path, read_only) in enumerate(disks):
-        drive = f"id=disk{index},file={option_value(path)},format=raw,if=none"
+    disks = [(spec.root_disk, False, spec.root_disk_format)]
+    disks += [(d.path, d.read_only, "raw") for d in spec.extra_disks]
+    for index, (path, read_only, disk_format) in enumerate(disks):
+        drive = f"id=disk{index},file={option_value(path)},format={disk_format},if=none"
         if read_only:
             drive += ",readonly=on"
         argv += ["-drive", drive, "-device", f"virtio-blk-pci,drive=disk{index}"]
