@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from hangar.errors import ImageError
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 OWN_ADDRESSES_TTL_S = 30.0
+OWN_ADDRESSES_READ_S = 10.0
 
 
 def split_host_port(authority: str, default_port: int) -> tuple[str, int]:
@@ -35,15 +38,28 @@ def split_host_port(authority: str, default_port: int) -> tuple[str, int]:
 
 
 def read_own_addresses() -> set[Address]:
-    """Every address configured on this host's interfaces."""
+    """Every address configured on this host's interfaces (netlink, read on a thread of its
+    own: pyroute2 runs an event loop, and pulls call this from inside one)."""
     from pyroute2 import IPRoute
 
     found: set[Address] = set()
-    with IPRoute() as ipr:
-        for message in ipr.get_addr():
-            value = message.get_attr("IFA_ADDRESS") or message.get_attr("IFA_LOCAL")
-            if value:
-                found.add(ipaddress.ip_address(value.split("%")[0]))
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            with IPRoute() as ipr:
+                for message in ipr.get_addr():
+                    value = message.get_attr("IFA_ADDRESS") or message.get_attr("IFA_LOCAL")
+                    if value:
+                        found.add(ipaddress.ip_address(value.split("%")[0]))
+        except BaseException as error:  # handed to the caller's thread
+            errors.append(error)
+
+    reader = threading.Thread(target=read, name="own-addresses", daemon=True)
+    reader.start()
+    reader.join(OWN_ADDRESSES_READ_S)
+    if errors:
+        raise OSError(f"cannot read this host's addresses: {errors[0]}")
     return found
 
 
@@ -80,10 +96,12 @@ class RegistryPolicy:
     """Which registries the host pulls from, and how.
 
     ``local``: ``host:port`` registries the operator allows on any address (a registry on
-    this host); ``insecure``: ``host:port`` registries spoken to over plain HTTP."""
+    this host); ``insecure``: ``host:port`` registries spoken to over plain HTTP; ``tls``:
+    the certificates to trust (default: the system's)."""
 
     local: frozenset[str] = frozenset()
     insecure: frozenset[str] = frozenset()
+    tls: ssl.SSLContext | None = None
     resolver: Resolver = resolve
     own_addresses: Callable[[], set[Address]] = read_own_addresses
     _own: tuple[float, set[Address]] | None = field(default=None, repr=False)

@@ -79,7 +79,12 @@ class RegistrySession:
         self.insecure = insecure or policy.is_insecure(ref.registry)
         self._token: str | None = None
         timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-        self._client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+        self._client = httpx.AsyncClient(
+            timeout=timeout,
+            follow_redirects=False,
+            trust_env=False,
+            verify=policy.tls if policy.tls is not None else True,
+        )
 
     async def close(self) -> None:
         await self._client.aclose()

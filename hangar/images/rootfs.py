@@ -228,8 +228,9 @@ class ImageCache:
                 lambda staged: self._build(pinned, resolved, staged, fetch, cancellation),
             )
         self.touch(resolved.digest)
-        self.evict()
-        return self._load(entry).model_copy(update={"image_ref": ref.with_digest(resolved.digest)})
+        loaded = self._load(entry)
+        self.evict(keep={resolved.digest})
+        return loaded.model_copy(update={"image_ref": ref.with_digest(resolved.digest)})
 
     def lookup(self, digest: str) -> CachedImage | None:
         """The cached image with this digest, without any network access; ``None`` if absent.
@@ -336,9 +337,10 @@ class ImageCache:
     def size_bytes(self) -> int:
         return sum(_entry_bytes(entry) for _digest, entry in self.entries())
 
-    def evict(self, now: float | None = None) -> list[str]:
+    def evict(self, now: float | None = None, keep: set[str] | None = None) -> list[str]:
         """Past ``cache_bytes``: remove the least recently used images that no machine's
-        root disk uses and nobody used in the last ``keep_recent_s``. Returns their digests."""
+        root disk uses, nobody used in the last ``keep_recent_s`` and that are not in
+        ``keep``. Returns their digests."""
         now = time.time() if now is None else now
         sized = []
         for digest, entry in self.entries():
@@ -354,7 +356,7 @@ class ImageCache:
         for used, digest, entry, size in sorted(sized):
             if total <= self.limits.cache_bytes:
                 break
-            if now - used < self.limits.keep_recent_s:
+            if now - used < self.limits.keep_recent_s or digest in (keep or set()):
                 continue
             with entry_lock(entry):
                 in_use = self._in_use() if self._in_use is not None else set()

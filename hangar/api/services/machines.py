@@ -314,6 +314,9 @@ class MachineService:
                 field="force",
             )
         self._agent.submit_operation(machine_id, DestroyRequest(force=force))
+        if force:
+            # Whatever the machine is doing (a pull from a slow registry, a boot) stops now.
+            self._agent.cancel_for_destroy(machine_id, "the machine is being destroyed")
 
     async def wait(
         self, app: str, machine_id: str, state: str, timeout_s: int, instance_id: str | None
