@@ -17,6 +17,7 @@ from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
 from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
+from hangar.api.console import ConsoleReaders
 from hangar.api.deps import Services
 from hangar.api.guard import GuardConfig
 from hangar.api.services.apps import AppService
@@ -114,6 +115,7 @@ def build_server(
             ImagePolicy(settings.allowed_oci_dirs),
             capacity,
             max_config_bytes=settings.max_config_bytes,
+            console=ConsoleReaders(clock, follow_max_s=settings.logs_follow_max_s),
         ),
         orgs=orgs,
         tokens=tokens,

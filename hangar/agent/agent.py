@@ -251,6 +251,9 @@ class Agent:
             if machine is None or machine.state.terminal:
                 await self.platform.kill(handle)
                 self.runs.delete_vm_handle(machine_id)
+            else:
+                # Adopting a VM that still runs reads its console and control port again.
+                await self.platform.alive(handle)
         self._remove_orphan_files()
         self._reconcile_claims()
         for run in self.runs.list_runs(unfinished_only=True):

@@ -25,6 +25,7 @@ from hangar.images.workers import ImageWorkers
 from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
 from hangar.vmm.accel import choose_accel
+from hangar.vmm.channels import ChannelLimits
 from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec
 from hangar.vmm.proc import PROC_ROOT, read_process
 from hangar.vmm.qemu import QemuDriver
@@ -109,9 +110,14 @@ class QemuGuestPlatform:
     @classmethod
     def from_settings(cls, settings: Settings) -> QemuGuestPlatform:
         accel = choose_accel(forced=settings.accel, pvm_guest_kernel=settings.pvm_guest_kernel)
+        channels = ChannelLimits(
+            console_max_bytes=settings.console_log_max_bytes,
+            rate_bytes=settings.guest_channel_rate,
+            burst_bytes=max(settings.guest_channel_rate, 1024 * 1024),
+        )
         return cls(
             settings.cache_dir,
-            QemuDriver(accel=accel),
+            QemuDriver(accel=accel, channel_limits=channels),
             insecure_registries=settings.insecure_registries,
             driver_bundle=settings.gpu_driver_bundle,
             guest_kernel=settings.guest_kernel,

@@ -115,6 +115,7 @@ def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
             kernel=kernel,
             initrd=plain_dir / RunDirLayout.INITRD,
             root_disk=plain_dir / RunDirLayout.ROOT_DISK,
+            channel_sockets=False,
         )
         api.post(f"{path}/stop").raise_for_status()
         _wait_state(api, path, "stopped")

@@ -11,7 +11,9 @@ The guest contract every driver honours (hangar's guest init relies on it):
 - volumes follow the extra disks; the guest finds each by its serial (the volume's name);
 - the first serial port goes to ``console_log``;
 - the guest writes JSON lines to the port named :data:`CONTROL_PORT_NAME`, which land in
-  ``control_log`` (see :mod:`hangar.vmm.control`);
+  ``control_log`` (see :mod:`hangar.vmm.control`); with ``console_socket`` and
+  ``control_socket`` set (what :meth:`VmSpec.in_run_dir` does) both go through sockets the
+  host reads with bounds (:mod:`hangar.vmm.channels`), never straight into files;
 - a machine with a :class:`NicSpec` gets one virtio-net device on that tap, with that MAC;
 - the host writes ``signal N`` lines to the port named :data:`SIGNAL_PORT_NAME`, served on
   ``signal_socket``; the guest forwards signal N to its process.
@@ -32,6 +34,8 @@ from hangar.vmm.gpu_topology import PCI_BDF_PATTERN, GpuTopology
 
 GUEST_KERNEL_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet tsc=reliable no_timer_check"
 CONTROL_PORT_NAME = "hangar.ctl"
+CONTROL_ACK_ARG = "hangar.ctl=ack"
+"""On the kernel command line when the host acknowledges the guest's exit event."""
 SIGNAL_PORT_NAME = "hangar.sig"
 
 MACHINE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -124,6 +128,14 @@ class VmSpec(BaseModel):
     signal_socket: Path
     qmp_socket: Path
     vmm_log: Path = Field(description="the VMM's own stderr, quoted in launch errors")
+    console_socket: Path | None = Field(
+        default=None,
+        description="the console as a socket the host reads with bounds (None: QEMU writes "
+        "console_log itself)",
+    )
+    control_socket: Path | None = Field(
+        default=None, description="the control port as a socket the host reads with bounds"
+    )
     gpus: list[str] = Field(
         default_factory=list,
         description="PCI BDFs passed through by VFIO on the root bus (the older flat layout; "
@@ -203,6 +215,7 @@ class VmSpec(BaseModel):
         hugepages: bool = False,
         nic: NicSpec | None = None,
         gpu_topology: GpuTopology | None = None,
+        channel_sockets: bool = True,
     ) -> Self:
         """A spec whose logs and sockets sit in ``run_dir`` under their standard names; the
         root disk's format is its suffix's (``.qcow2``, else raw) unless given."""
@@ -224,6 +237,8 @@ class VmSpec(BaseModel):
             signal_socket=run_dir / "sig.sock",
             qmp_socket=run_dir / "qmp.sock",
             vmm_log=run_dir / "vmm.log",
+            console_socket=run_dir / "console.sock" if channel_sockets else None,
+            control_socket=run_dir / "ctl.sock" if channel_sockets else None,
             gpus=gpus or [],
             hugepages=hugepages,
             nic=nic,
@@ -245,6 +260,8 @@ class VmHandle(BaseModel):
     control_log: Path
     console_log: Path
     vmm_log: Path
+    console_socket: Path | None = None
+    control_socket: Path | None = None
     accel: str
     machine_type: str
     memory_mb: int | None = Field(

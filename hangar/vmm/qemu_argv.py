@@ -16,6 +16,7 @@ from pathlib import Path
 from hangar.errors import VmmError
 from hangar.vmm.accel import AccelChoice, gpu_accel
 from hangar.vmm.driver import (
+    CONTROL_ACK_ARG,
     CONTROL_PORT_NAME,
     GUEST_KERNEL_CMDLINE,
     SIGNAL_PORT_NAME,
@@ -74,7 +75,11 @@ def check_spec_files(
     for field, socket_path in (
         ("qmp_socket", spec.qmp_socket),
         ("signal_socket", spec.signal_socket),
+        ("console_socket", spec.console_socket),
+        ("control_socket", spec.control_socket),
     ):
+        if socket_path is None:
+            continue
         if len(os.fsencode(socket_path)) > UNIX_SOCKET_PATH_MAX:
             raise VmmError(
                 f"{field} {socket_path} is longer than a unix socket path may be "
@@ -182,6 +187,11 @@ def _bare(spec: VmSpec) -> list[str]:
     ]
 
 
+def _channel_args(spec: VmSpec) -> list[str]:
+    """The host reads the control port itself (a socket) and acknowledges the exit event."""
+    return [CONTROL_ACK_ARG] if spec.control_socket is not None else []
+
+
 def _guest(spec: VmSpec) -> list[str]:
     """Kernel, disks and the console, control, signal and monitor channels."""
     argv = [
@@ -190,7 +200,7 @@ def _guest(spec: VmSpec) -> list[str]:
         "-initrd",
         str(spec.initrd),
         "-append",
-        " ".join([GUEST_KERNEL_CMDLINE, *spec.kernel_args]),
+        " ".join([GUEST_KERNEL_CMDLINE, *spec.kernel_args, *_channel_args(spec)]),
     ]
     disks = [(spec.root_disk, False, spec.root_disk_format)]
     disks += [(d.path, d.read_only, "raw") for d in spec.extra_disks]
@@ -201,15 +211,28 @@ def _guest(spec: VmSpec) -> list[str]:
         argv += ["-drive", drive, "-device", f"virtio-blk-pci,drive=disk{index}"]
     for volume in spec.volumes:
         argv += volume_args(volume)
+    # The console and control channels: sockets the host reads with bounds when the spec has
+    # them (QEMU waits at start for the host to take the console, so no output is lost),
+    # else files QEMU writes itself.
+    console = (
+        f"socket,id=console,path={option_value(spec.console_socket)},server=on,wait=on"
+        if spec.console_socket is not None
+        else f"file,id=console,path={option_value(spec.console_log)}"
+    )
+    control = (
+        f"socket,id=ctl,path={option_value(spec.control_socket)},server=on,wait=off"
+        if spec.control_socket is not None
+        else f"file,id=ctl,path={option_value(spec.control_log)}"
+    )
     argv += [
         "-chardev",
-        f"file,id=console,path={option_value(spec.console_log)}",
+        console,
         "-serial",
         "chardev:console",
         "-device",
         "virtio-serial-pci,id=vs",
         "-chardev",
-        f"file,id=ctl,path={option_value(spec.control_log)}",
+        control,
         "-device",
         f"virtserialport,bus=vs.0,chardev=ctl,name={CONTROL_PORT_NAME}",
         "-chardev",

@@ -83,7 +83,7 @@ def test_kernel_command_line_is_the_guest_contract_plus_extras(tmp_path: Path) -
 
     assert values_of(argv, "-kernel") == [str(spec.kernel)]
     assert values_of(argv, "-initrd") == [str(spec.initrd)]
-    assert values_of(argv, "-append") == [f"{GUEST_KERNEL_CMDLINE} hangar.debug=1"]
+    assert values_of(argv, "-append") == [f"{GUEST_KERNEL_CMDLINE} hangar.debug=1 hangar.ctl=ack"]
 
 
 def test_root_disk_comes_first_and_read_only_disks_stay_read_only(tmp_path: Path) -> None:
@@ -103,8 +103,9 @@ def test_console_control_signal_and_monitor_channels(tmp_path: Path) -> None:
     argv = argv_for(spec)
 
     chardevs = values_of(argv, "-chardev")
-    assert f"file,id=console,path={spec.console_log}" in chardevs
-    assert f"file,id=ctl,path={spec.control_log}" in chardevs
+    # The host reads the console and control port with bounds; QEMU waits for the console.
+    assert f"socket,id=console,path={spec.console_socket},server=on,wait=on" in chardevs
+    assert f"socket,id=ctl,path={spec.control_socket},server=on,wait=off" in chardevs
     assert f"socket,id=sig,path={spec.signal_socket},server=on,wait=off" in chardevs
     assert f"socket,id=qmp,path={spec.qmp_socket},server=on,wait=off" in chardevs
     assert values_of(argv, "-serial") == ["chardev:console"]
@@ -113,6 +114,13 @@ def test_console_control_signal_and_monitor_channels(tmp_path: Path) -> None:
     assert "virtio-serial-pci,id=vs" in devices
     assert "virtserialport,bus=vs.0,chardev=ctl,name=hangar.ctl" in devices
     assert "virtserialport,bus=vs.0,chardev=sig,name=hangar.sig" in devices
+
+
+def test_without_channel_sockets_qemu_writes_the_files(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path).model_copy(update={"console_socket": None, "control_socket": None})
+    chardevs = values_of(argv_for(spec), "-chardev")
+    assert f"file,id=console,path={spec.console_log}" in chardevs
+    assert f"file,id=ctl,path={spec.control_log}" in chardevs
 
 
 def test_each_gpu_is_passed_through_by_vfio(tmp_path: Path) -> None:
@@ -183,7 +191,7 @@ def test_commas_in_paths_are_doubled_inside_options(tmp_path: Path) -> None:
     argv = argv_for(spec)
 
     assert f"id=disk0,file={tmp_path}/a,,b/root.ext4,format=raw,if=none" in argv
-    assert f"file,id=ctl,path={tmp_path}/a,,b/run/ctl.jsonl" in argv
+    assert f"socket,id=ctl,path={tmp_path}/a,,b/run/ctl.sock,server=on,wait=off" in argv
     assert values_of(argv, "-kernel") == [f"{tmp_path}/a,b/vmlinuz"]
 
 

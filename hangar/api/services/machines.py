@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from hangar.agent.agent import Agent
 from hangar.agent.platform import RunDirLayout
+from hangar.api.console import ConsoleReaders, FollowerSlot
 from hangar.api.schemas import (
     CreateMachineRequest,
     LeaseData,
@@ -69,9 +70,12 @@ class MachineService:
         images: ImagePolicy,
         platform: PlatformService,
         max_config_bytes: int | None = None,
+        console: ConsoleReaders | None = None,
     ) -> None:
-        """``max_config_bytes``: the largest config (as JSON) a machine may have."""
+        """``max_config_bytes``: the largest config (as JSON) a machine may have;
+        ``console``: how machines' consoles are read and followed."""
         self._max_config_bytes = max_config_bytes
+        self.console_readers = console or ConsoleReaders(clock)
         self._platform = platform
         self._store = store
         self._runs = runs
@@ -129,6 +133,25 @@ class MachineService:
     def console_log_path(self, app: str, machine_id: str) -> Path:
         self.require(app, machine_id)
         return self._agent.machines_dir / machine_id / RunDirLayout.CONSOLE_LOG
+
+    def console(
+        self, app: str, machine_id: str, follow: bool
+    ) -> tuple[AsyncIterator[bytes], FollowerSlot | None]:
+        """The machine's console as a stream of chunks; ``follow``: and what comes next, while
+        the machine runs or has an operation pending (a follower's slot is taken now: 429 if
+        the machine has all it may have)."""
+        path = self.console_log_path(app, machine_id)
+        if not follow:
+            return self.console_readers.read(path), None
+
+        def still_logging() -> bool:
+            machine = self._store.get_machine(machine_id)
+            if machine is None:
+                return False
+            return machine.state.holds_resources or self.busy(machine_id)
+
+        slot = self.console_readers.take(machine_id)
+        return self.console_readers.follow(path, still_logging, slot), slot
 
     # validation shared by create and update
     def _check_config_size(self, config: MachineConfig) -> None:
