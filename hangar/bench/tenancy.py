@@ -178,16 +178,17 @@ class Flood:
 
     def start(self) -> None:
         with self._client() as api:
-            for _ in range(TARPIT_MACHINES):
-                config = {"image": f"{self.tarpit}/flood/app:latest"}
-                api.post(f"/v1/apps/{self.app}/machines", json={"config": config})
-                self._count("tarpit_creates")
+            # The chatty machine first: the tarpit pulls then hold this tenant's image threads.
             chatty = {"image": self.image, "init": {"cmd": CHATTY}, "restart": {"policy": "no"}}
             created = api.post(f"/v1/apps/{self.app}/machines", json={"config": chatty})
             created.raise_for_status()
             self.chatty = created.json()["id"]
             path = f"/v1/apps/{self.app}/machines/{self.chatty}"
             _wait(lambda: _state(api, path) == "started", "the chatty machine started")
+            for _ in range(TARPIT_MACHINES):
+                config = {"image": f"{self.tarpit}/flood/app:latest"}
+                api.post(f"/v1/apps/{self.app}/machines", json={"config": config})
+                self._count("tarpit_creates")
         for _ in range(FOLLOWERS):
             self._spawn(self._follow)
         for _ in range(ANONYMOUS_CLIENTS):
