@@ -187,3 +187,7 @@ def test_capacity_answers_show_an_org_nothing_of_other_orgs(
             after_mine, after_operator, after_regions = answers()
         assert (after_mine, after_regions) == (before_mine, before_regions)
         assert after_operator < before_operator, "the operator sees what the host has left"
+        unknown_kind = reader.get("/v1/platform/regions", params={"gpu_kind": "h9000"})
+        assert (
+            unknown_kind.status_code == 200 and unknown_kind.json()["regions"][0]["capacity"] == 0
+        )

@@ -18,6 +18,7 @@ from hangar.errors import Unprocessable
 from hangar.images.driver_bundle import DriverBundleError, configured_driver_bundle
 from hangar.model.config import GuestConfig, MachineConfig
 from hangar.model.gpu import GpuState
+from hangar.model.gpu_kinds import GPU_KINDS
 from hangar.scheduler import (
     ClaimStore,
     Gpu,
@@ -163,9 +164,10 @@ class PlatformService:
         counts = capacity_by_region(snapshot, gpu_kind)
         if room_of is not None:
             # One whole GPU of the kind, with the least memory a machine can have.
+            known = gpu_kind in {kind.name for kind in GPU_KINDS}
             template = (
                 GuestConfig(cpu_kind="performance", gpu_kind=gpu_kind, gpus=1, memory_mb=128)
-                if gpu_kind
+                if gpu_kind and known
                 else GuestConfig(memory_mb=128)
             )
             room = room_of(template)
