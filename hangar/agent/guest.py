@@ -153,7 +153,11 @@ class QemuGuestPlatform:
         return to_model_ref(ref, cached.digest)
 
     def image_cached(self, image_ref: ImageRef) -> bool:
-        return bool(image_ref.digest) and self.images.lookup(image_ref.digest) is not None
+        if not image_ref.digest or self.images.lookup(image_ref.digest) is None:
+            return False
+        # About to boot from it: recently used images are not evicted.
+        self.images.touch(image_ref.digest)
+        return True
 
     def _cached(self, image_ref: ImageRef) -> CachedImage:
         cached = self.images.lookup(image_ref.digest)
