@@ -19,7 +19,7 @@ Hierarchy::
      +-- WaitTimeout                408  ``wait`` ran out before the machine reached the state
      +-- RequestTooLarge            413  a body over the size limit
      +-- RateLimited                429  past the rate limit (carries ``retry_after_s``)
- +-- ServiceUnavailable         503  the proxy has no machine for a request (busy, none started)
+     +-- ServiceUnavailable         503  the proxy has no machine for a request (busy, none started)
      +-- ImageError                 failed to pull or unpack an image (recorded on the machine)
      +-- GuestBootError             failed to build or boot the guest (recorded on the machine)
      +-- VmmError                   the VMM misbehaved: launch failure, QMP failure
@@ -27,6 +27,9 @@ Hierarchy::
      +-- NetworkError               netlink / nftables / address plan failure on a host network
      +-- VolumeError                a volume image, key or snapshot operation failed on the host
      +-- StoreError                 the store could not commit (retryable by callers)
+     |    +-- StoreUnavailable      503  the store cannot be reached or has no quorum
+     |    +-- StoreRejected         the store refused a request as malformed (not retryable)
+     +-- SealedValueError           a sealed (encrypted) value failed to open: wrong key, tampered
 
 An error says whether trying again may help (``retryable``: a store that was busy, a monitor
 that timed out, a registry that did not answer), so the agent's engine retries it a bounded
@@ -115,6 +118,13 @@ class VmmError(HangarError):
 class DeviceError(HangarError):
     code = "device_error"
 
+    def __init__(self, message: str, *, retryable: bool | None = None, **fields: Any) -> None:
+        """The ``retry`` field, when given, says whether to retry: a field survives the JSON
+        a device worker answers with (``hangar.devices.worker``)."""
+        if retryable is None and "retry" in fields:
+            retryable = bool(fields["retry"])
+        super().__init__(message, retryable=retryable, **fields)
+
 
 class NetworkError(HangarError):
     """A host network operation failed (``retryable`` says whether running it again may help),
@@ -143,6 +153,34 @@ class StoreError(HangarError):
     retryable = True
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or has lost quorum. Nothing is half done: a write either
+    did not happen (``outcome_unknown`` false) or is one atomic transaction that may still
+    commit when quorum returns (``outcome_unknown`` true; compare-and-set writes can be checked
+    by reading the key back)."""
+
+    http_status = 503
+    code = "store_unavailable"
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False, **fields: Any) -> None:
+        super().__init__(message, outcome_unknown=outcome_unknown, **fields)
+        self.outcome_unknown = outcome_unknown
+
+
+class StoreRejected(StoreError):
+    """The store refused a request (too large, malformed, a compacted revision): retrying the
+    same request fails the same way."""
+
+    retryable = False
+    code = "store_rejected"
+
+
+class SealedValueError(HangarError):
+    """A sealed value did not open: written under another key, for another place, or altered."""
+
+    code = "sealed_value_invalid"
+
+
 class Unauthenticated(HangarError):
     """No token, or one that is unknown, expired or revoked."""
 
@@ -160,6 +198,7 @@ class Forbidden(HangarError):
 class RateLimited(HangarError):
     http_status = 429
     code = "rate_limited"
+    retryable = True
 
     def __init__(self, message: str, retry_after_s: float, **fields: Any) -> None:
         super().__init__(message, retry_after_s=retry_after_s, **fields)

@@ -13,13 +13,18 @@ from hangar.agent.agent import Agent
 from hangar.agent.engine import crash_after
 from hangar.agent.gpus import HostGpus
 from hangar.agent.host import HostServices
+from hangar.agent.metering import UsageMeter
+from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
+from hangar.agent.services import AgentBackends, HealthChecks
+from hangar.agent.volumes import HostVolumes
 from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
 from hangar.api.console import ConsoleReaders
 from hangar.api.deps import Services
 from hangar.api.guard import GuardConfig
+from hangar.api.services.addresses import PrivateAddresses
 from hangar.api.services.apps import AppService
 from hangar.api.services.audit import AuditService
 from hangar.api.services.hosts import HostService
@@ -29,18 +34,32 @@ from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.api.services.tokens import TokenService
+from hangar.api.services.usage import UsageService
+from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock, SystemClock
+from hangar.metrics import HangarMetrics, StateCollector
 from hangar.model.host import HostInfo, read_local_host
+from hangar.model.usage import DEFAULT_PRICES, PriceTable
+from hangar.net.host import HostNetConfig, HostNetwork
+from hangar.proxy.proxy import Proxy
+from hangar.proxy.settings import ProxySettings
 from hangar.ratelimit import RateLimit, RateLimiter, RateLimits
 from hangar.scheduler import ClaimStore
 from hangar.scheduler.machines import Overcommit
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
 from hangar.store.protocol import OrgQuotas
+from hangar.volumes import VolumeHost, VolumeSettings
+from hangar.web.app import create_web_app
+from hangar.web.events import EventStreams
+from hangar.web.logs import uvicorn_log_config
+from hangar.web.pages import DashboardReader
+from hangar.web.viewer import Viewers
 
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_TOKEN_DESCRIPTION = "operator.token file"
+AUTOSTOP_INTERVAL_S = 15.0
 
 
 @dataclass
@@ -51,6 +70,9 @@ class EmbeddedServer:
     agent: Agent
     host: HostInfo
     app: FastAPI
+    traffic: MachineTraffic
+    metrics: HangarMetrics
+    web: FastAPI
 
     @property
     def home(self) -> Path:
@@ -80,30 +102,64 @@ def build_server(
     for org_slug in {DEFAULT_ORG} | {app.org_slug for app in machines.list_apps(None)}:
         tenancy.ensure_org(org_slug, clock.now(), quotas=default_quotas)
     overcommit = Overcommit(cpu=settings.cpu_overcommit, memory=settings.memory_overcommit)
+    metrics = HangarMetrics(clock)
     if platform is None:
         from hangar.agent.guest import QemuGuestPlatform
 
-        platform = QemuGuestPlatform.from_settings(settings)
+        platform = QemuGuestPlatform.from_settings(settings, image_observer=metrics)
     host = read_local_host(settings.host_id, settings.region)
     claim_store = claims if claims is not None else stores.claims
+    network = (
+        MachineNetwork(HostNetwork(HostNetConfig.from_settings(settings)), clock)
+        if settings.net
+        else None
+    )
     services_of_host = HostServices(
         platform=platform,
         machines_dir=settings.machines_dir,
-        placement=HostPlacement(claim_store, host, overcommit=overcommit),
+        placement=HostPlacement(claim_store, host, observer=metrics, overcommit=overcommit),
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
+        network=network,
+        volumes=HostVolumes(
+            VolumeHost(VolumeSettings.from_settings(settings), clock=clock),
+            stores.volumes,
+            host.id,
+        ),
+    )
+    meter = UsageMeter(
+        stores.usage,
+        machines,
+        stores.runs,
+        services_of_host,
+        clock,
+        checkpoint_s=settings.usage_checkpoint_s,
     )
     agent = Agent(
-        machines, stores.runs, services_of_host, clock, crash_after(settings.crash_after_step)
+        machines,
+        stores.runs,
+        services_of_host,
+        clock,
+        crash_after(settings.crash_after_step),
+        meter=meter,
+        observers=(metrics,),
     )
-    quotas = QuotaService(machines, tenancy, runs=stores.runs)
+    metrics.register(StateCollector(machines, claim_store, settings.cache_dir))
+    quotas = QuotaService(machines, tenancy, runs=stores.runs, volumes=stores.volumes)
     capacity = PlatformService(claim_store, settings.gpu_driver_bundle, overcommit=overcommit)
+    volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
     orgs = OrgService(tenancy, quotas, clock, default_quotas=default_quotas)
     tokens = TokenService(tenancy, machines, clock)
     audit = AuditService(tenancy, clock, retention_s=settings.audit_retention_days * 86400)
     services = Services(
         apps=AppService(
-            machines, tenancy, orgs, clock, runs=stores.runs, name_hold_s=settings.app_name_hold_s
+            machines,
+            tenancy,
+            orgs,
+            clock,
+            runs=stores.runs,
+            name_hold_s=settings.app_name_hold_s,
+            volumes=stores.volumes,
         ),
         machines=MachineService(
             machines,
@@ -114,6 +170,8 @@ def build_server(
             quotas,
             ImagePolicy(settings.allowed_oci_dirs),
             capacity,
+            addresses=PrivateAddresses(machines, tenancy, network) if network is not None else None,
+            volumes=volumes,
             max_config_bytes=settings.max_config_bytes,
             console=ConsoleReaders(clock, follow_max_s=settings.logs_follow_max_s),
         ),
@@ -122,9 +180,15 @@ def build_server(
         audit=audit,
         hosts=HostService(agent, host),
         platform=capacity,
+        usage=UsageService(
+            stores.usage, orgs, PriceTable.parse(settings.prices, DEFAULT_PRICES), clock
+        ),
+        metrics=metrics,
+        volumes=volumes,
     )
+    policy = AccessPolicy(tokens, machines)
     guard = GuardConfig(
-        policy=AccessPolicy(tokens, machines),
+        policy=policy,
         limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
         audit=audit,
         max_body_bytes=settings.max_request_bytes,
@@ -132,10 +196,28 @@ def build_server(
             RateLimits(default=RateLimit.parse(settings.anonymous_rate_limit), actions={}), clock
         ),
         body_timeout_s=settings.header_timeout_s,
+        observer=metrics,
     )
-    app = create_app(services, guard, on_startup=agent.start, on_shutdown=agent.close)
+    reader = DashboardReader(machines, claim_store, stores.gpus)
+    web = create_web_app(
+        Viewers(policy, machines),
+        reader,
+        services.usage,
+        EventStreams(machines, reader, agent.wait_for_change, clock),
+        clock,
+    )
+    traffic = MachineTraffic.for_agent(agent, settings, clock)
+    app = create_app(services, guard, on_startup=traffic.start, on_shutdown=traffic.close, web=web)
     return EmbeddedServer(
-        settings=settings, stores=stores, tokens=tokens, agent=agent, host=host, app=app
+        settings=settings,
+        stores=stores,
+        tokens=tokens,
+        agent=agent,
+        host=host,
+        app=app,
+        traffic=traffic,
+        metrics=metrics,
+        web=web,
     )
 
 
@@ -148,6 +230,46 @@ def make_private_dir(path: Path) -> None:
     if mode & 0o077:
         log.warning("%s was mode %o: making it private (0700)", path, mode)
         path.chmod(0o700)
+
+
+@dataclass
+class MachineTraffic:
+    """What runs beside the agent in ``hangar server``: the health checks of its machines
+    and the proxy publishing their services (each off when the settings say so)."""
+
+    agent: Agent
+    checks: HealthChecks | None
+    proxy: Proxy | None
+
+    @classmethod
+    def for_agent(cls, agent: Agent, settings: Settings, clock: Clock) -> MachineTraffic:
+        backends = AgentBackends(agent)
+        proxy = None
+        if settings.proxy:
+            proxy_settings = ProxySettings(
+                domain=settings.proxy_domain,
+                bind_host=settings.proxy_bind,
+                port_map=settings.proxy_port_map,
+                idle_stop_s=settings.proxy_idle_stop_s,
+                autostop_interval_s=min(AUTOSTOP_INTERVAL_S, settings.proxy_idle_stop_s / 4),
+                state_dir=settings.proxy_state_dir,
+            )
+            proxy = Proxy(backends, proxy_settings, clock)
+        return cls(agent, HealthChecks(agent, backends) if settings.net else None, proxy)
+
+    async def start(self) -> None:
+        await self.agent.start()
+        if self.checks is not None:
+            await self.checks.start()
+        if self.proxy is not None:
+            await self.proxy.start()
+
+    async def close(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
+        if self.checks is not None:
+            await self.checks.close()
+        await self.agent.close()
 
 
 def write_operator_token(path: Path, secret: str) -> Path:
@@ -209,4 +331,4 @@ def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
         header_timeout_s=settings.header_timeout_s,
         keepalive_timeout_s=settings.keepalive_timeout_s,
     )
-    http_server.run(server.app, host, port, limits)
+    http_server.run(server.app, host, port, limits, log_config=uvicorn_log_config())

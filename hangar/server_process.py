@@ -1,15 +1,16 @@
 """A ``hangar server`` child process on loopback with its own $HANGAR_HOME (benchmarks, tests).
 
 Tests crash it (SIGKILL) and start it again over the same home to check recovery. Its rate
-limits are raised (benchmarks and tests poll fast) unless ``extra_env`` sets them; its
-``client()`` carries the operator token the server wrote at its first start.
+limits are raised (benchmarks and tests poll fast) unless ``extra_env`` sets them; its private
+network is its own (bridge, taps, tables, prefix: ``hangar.net.scratch``) and has no egress;
+its proxy listens on loopback; its ``client()`` carries the operator token the server wrote
+at its first start.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from typing import Self
 
 import httpx
 
+from hangar.localhost import free_port
+from hangar.net.scratch import scratch_network_settings
 from hangar.settings import OPERATOR_TOKEN_FILE, env_name
 
 STARTUP_TIMEOUT_S = 30.0
@@ -27,12 +30,8 @@ RAISED_RATE_LIMITS = {
     env_name("rate_limits"): "default=10000/10000,get_machine=10000/10000",
     env_name("anonymous_rate_limit"): "10000/10000",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# The proxy listens on loopback, each service port on a free port of its own.
+LOOPBACK_PROXY = {env_name("proxy_bind"): "127.0.0.1"}
 
 
 class BearerToken(httpx.Auth):
@@ -48,7 +47,12 @@ class ServerProcess:
     def __init__(self, home: Path, extra_env: dict[str, str] | None = None) -> None:
         self.home = home
         self.port = free_port()
-        self.extra_env = {**RAISED_RATE_LIMITS, **(extra_env or {})}
+        self.extra_env = {
+            **RAISED_RATE_LIMITS,
+            **LOOPBACK_PROXY,
+            **scratch_network_settings(),
+            **(extra_env or {}),
+        }
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -100,6 +104,19 @@ class ServerProcess:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def remove_network(self) -> None:
+        """Remove the server's private network from this host (its bridge, taps and tables):
+        what a test made, it takes away."""
+        from hangar.net.host import HostNetConfig, HostNetwork
+        from hangar.settings import Settings
+
+        values = {
+            key.removeprefix("HANGAR_").lower(): value
+            for key, value in self.extra_env.items()
+            if key.startswith("HANGAR_NET")
+        }
+        HostNetwork(HostNetConfig.from_settings(Settings.model_validate(values))).teardown()
 
     def log_tail(self, lines: int = 60) -> str:
         if not self.log_path.exists():

@@ -229,6 +229,61 @@ class Settings(BaseSettings):
     keepalive_timeout_s: float = Field(
         default=5.0, gt=0, description="idle keep-alive connections are closed after (5)"
     )
+    net: bool = Field(default=True, description="`0` runs machines without a network interface")
+    net_prefix: str = Field(
+        default="fdaa::/16",
+        description="the private networks' ULA prefix (inside `fd00::/8`); each org gets a /48",
+    )
+    net_egress: bool = Field(
+        default=True, description="`0` turns off guests' NAT egress on this host's default route"
+    )
+    net_egress_subnet: str = Field(
+        default="172.19.0.0/16", description="the IPv4 addresses guests leave the host from"
+    )
+    net_egress_interface: str | None = Field(
+        default=None, description="where egress leaves (default: the default route's interface)"
+    )
+    net_host_number: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="this host's number in private addresses (default: from its id)",
+    )
+    net_link_prefix: str = Field(
+        default="hg", description="names of hangar's bridge (`PREFIXbr`) and taps (`PREFIXt...`)"
+    )
+    net_table: str = Field(default="hangar", description="hangar's nftables tables")
+    net_published_tcp: Annotated[frozenset[int], NoDecode] = Field(
+        default=frozenset(),
+        description="`port,...` of the host that guests may reach (the proxy's)",
+    )
+    proxy: bool = Field(
+        default=True, description="`0`: `hangar server` runs no proxy for machines' services"
+    )
+    proxy_domain: str = Field(
+        default="localhost", description="apps answer HTTP and TLS as `APP.DOMAIN`"
+    )
+    proxy_bind: str = Field(default="0.0.0.0", description="the address the proxy listens on")
+    proxy_port_map: Annotated[dict[int, int], NoDecode] = Field(
+        default_factory=dict,
+        description="`80=8080,...`: a service port the proxy publishes on another host port "
+        "(0: any free port)",
+    )
+    proxy_idle_stop_s: float = Field(
+        default=300.0, gt=0, description="an `autostop` machine without traffic this long stops"
+    )
+    usage_checkpoint_s: float = Field(
+        default=10.0,
+        ge=0.5,
+        le=3600,
+        description="how often the agent writes how long running machines have run: a crash "
+        "loses at most this much metered time, never counts any twice (default 10)",
+    )
+    prices: str = Field(
+        default="",
+        description="`gpu:l40s=1.25,cpu:performance=0.04,memory_gb=0.007,volume_gb=0.0002`: "
+        "prices per hour that replace the defaults (Fly.io's published GPU prices)",
+    )
     crash_after_step: str = Field(
         default="",
         description="test hook: `operation:step` makes the agent SIGKILL itself right after "
@@ -255,6 +310,21 @@ class Settings(BaseSettings):
             counts[kind.strip()] = count.strip()
         return counts
 
+    @field_validator("net_published_tcp", mode="before")
+    @classmethod
+    def _ports(cls, value: object) -> object:
+        return _split(value, ",")
+
+    @field_validator("proxy_port_map", mode="before")
+    @classmethod
+    def _port_map(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs = [item.strip().partition("=") for item in value.split(",") if item.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError("must be SERVICE_PORT=HOST_PORT,...")
+        return {int(port): int(host) for port, _, host in pairs}
+
     @field_validator("accel", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
@@ -272,6 +342,10 @@ class Settings(BaseSettings):
     @property
     def volumes_root(self) -> Path:
         return self.volumes_dir if self.volumes_dir is not None else self.home / "volumes"
+
+    @property
+    def proxy_state_dir(self) -> Path:
+        return self.home / "proxy"
 
     @property
     def database(self) -> Path:

@@ -114,6 +114,7 @@ def running_server(
     finally:
         server.stop()
         kill_vmms_under(home)
+        server.remove_network()
 
 
 @pytest.fixture(scope="session")

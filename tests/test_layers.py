@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "settings": 0,
     "model": 1,
     "ratelimit": 1,
+    "localhost": 1,
     # pure logic and host libraries
     "scheduler": 2,
     "devices": 2,
@@ -30,6 +31,7 @@ LAYERS: dict[str, int] = {
     "proxy": 5,
     "llm": 6,
     # the API and what is built on it
+    "metrics": 6,
     "api": 7,
     "web": 8,
     "server": 9,

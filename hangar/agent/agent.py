@@ -11,18 +11,22 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hangar.agent.context import StepContext
-from hangar.agent.engine import CrashHook, RetryPolicy, RunEngine, no_crash
-from hangar.agent.gpu_steps import handoff_subject, submit_handoffs
+from hangar.agent.engine import CrashHook, RetryPolicy, RunEngine, RunObserver, no_crash
+from hangar.agent.gpu_steps import handoff_subject, operator_release, submit_handoffs
 from hangar.agent.host import HostServices
+from hangar.agent.metering import UsageMeter
 from hangar.agent.operations import plan_for
-from hangar.agent.platform import GuestPlatform, RunDirLayout
+from hangar.agent.platform import GuestPlatform
 from hangar.agent.steps import new_run
+from hangar.agent.volume_watch import VolumeWatch
 from hangar.clock import Clock
 from hangar.errors import NotFound, PreconditionFailed
-from hangar.model.gpu import GpuEvent, GpuState
+from hangar.model.gpu import GpuState
+from hangar.model.guest_contract import RunDir
 from hangar.model.machine import Machine, MachineState
 from hangar.model.run import ExitRequest, RunRecord, RunRequest, RunStatus
 from hangar.scheduler import Gpu
@@ -43,12 +47,18 @@ class Agent:
         clock: Clock,
         crash_hook: CrashHook = no_crash,
         retry: RetryPolicy | None = None,
+        meter: UsageMeter | None = None,
+        observers: Sequence[RunObserver] = (),
     ) -> None:
+        """``meter`` writes usage (it observes the runs, checkpoints in the monitor loop and
+        recovers at start); ``observers`` are told of every step (metrics)."""
         self.machines = machines
         self.runs = runs
         self.host = host
         self.clock = clock
-        self.engine = RunEngine(lambda run: plan_for(run, host), crash_hook, retry)
+        self.meter = meter
+        everyone = (*observers, *((meter,) if meter is not None else ()))
+        self.engine = RunEngine(lambda run: plan_for(run, host), crash_hook, retry, everyone)
         self._machine_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
@@ -56,6 +66,21 @@ class Agent:
         self._current: dict[str, tuple[RunRecord, asyncio.Task[RunRecord]]] = {}
         self._cancel_reasons: dict[str, str] = {}
         """run id -> why it was cancelled (a force-destroy)"""
+        self._listeners: list[Callable[[], None]] = []
+        self.volume_watch = (
+            VolumeWatch(
+                host.volumes,
+                machines,
+                runs,
+                host.platform,
+                clock,
+                self.submit,
+                self.has_unfinished_run,
+                self.notify,
+            )
+            if host.volumes is not None
+            else None
+        )
 
     @property
     def platform(self) -> GuestPlatform:
@@ -69,10 +94,14 @@ class Agent:
     async def start(self) -> None:
         self.machines_dir.mkdir(parents=True, exist_ok=True)
         self.register_host()
+        if self.meter is not None:
+            self.meter.recover()
         await self.reconcile()
         self._monitor_task = asyncio.create_task(self._monitor_loop())
 
     async def close(self) -> None:
+        if self.host.network is not None:
+            await self.host.network.close()
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -82,18 +111,32 @@ class Agent:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.meter is not None:
+            try:
+                self.meter.checkpoint()
+            except Exception:
+                log.exception("last usage checkpoint failed")
 
     def register_host(self) -> None:
-        """This host's GPUs into its GPU store, and its capacity into its claim record (claims
-        and GPU states it had are kept)."""
+        """This host's GPUs into its GPU store, and its capacity, GPUs (with their IOMMU
+        groups) and Fabric Manager partitions into its claim record (claims and GPU states it
+        had are kept)."""
         devices = self.host.gpus
+        partitions = None
         if devices is not None:
-            devices.register(self.host.gpu_store)
+            inventory = devices.inventory()
+            devices.register(self.host.gpu_store, inventory)
+            partitions = devices.fabric_partitions(inventory)
         host_id = self.host.placement.host.id
-        self.host.placement.register(self.host.gpu_store.list_gpus(host_id=host_id))
+        self.host.placement.register(
+            self.host.gpu_store.list_gpus(host_id=host_id), fabric_partitions=partitions
+        )
 
-    # change notification, for `wait`
+    # change notification, for `wait`, the DNS service and whoever watches machines
     def notify(self) -> None:
+        self._refresh_dns()
+        for listener in list(self._listeners):
+            listener()
         loop_task = asyncio.get_running_loop().create_task(self._notify_waiters())
         self._tasks.add(loop_task)
         loop_task.add_done_callback(self._tasks.discard)
@@ -101,6 +144,18 @@ class Agent:
     async def _notify_waiters(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+    def on_change(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` (cheap, no I/O) after every change; returns how to stop."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _refresh_dns(self) -> None:
+        network = self.host.network
+        if network is None or network.dns is None:
+            return
+        app_orgs = {app.name: app.org_slug for app in self.machines.list_apps(None)}
+        network.refresh_dns(app_orgs, self.machines.list_machines(None))
 
     async def wait_for_change(self, timeout_s: float) -> None:
         async with self._changed:
@@ -114,8 +169,12 @@ class Agent:
         self._drive(run.machine_id)
         return inserted
 
-    def submit_operation(self, machine_id: str, request: RunRequest) -> RunRecord:
-        run = new_run(machine_id, request, self.clock.now())
+    def submit_operation(
+        self, machine_id: str, request: RunRequest, run_id: str | None = None
+    ) -> RunRecord:
+        """Submit ``request`` on ``machine_id`` (a machine, or a ``vol:``/``gpu:`` subject);
+        with ``run_id``, a repeated submit adds no second run."""
+        run = new_run(machine_id, request, self.clock.now(), run_id=run_id)
         self.submit(run)
         return run
 
@@ -207,8 +266,15 @@ class Agent:
         while True:
             try:
                 await self.check_guests()
+                if self.volume_watch is not None:
+                    await self.volume_watch.tick()
             except Exception:
                 log.exception("guest monitor pass failed")
+            if self.meter is not None:
+                try:
+                    self.meter.tick()
+                except Exception:
+                    log.exception("usage checkpoint failed")
             await self.clock.sleep(MONITOR_INTERVAL_S)
 
     async def check_guests(self) -> None:
@@ -256,6 +322,18 @@ class Agent:
                 await self.platform.alive(handle)
         self._remove_orphan_files()
         self._reconcile_claims()
+        if self.volume_watch is not None:
+            self.volume_watch.reconcile(
+                lambda machine_id: self._live(self.machines.get_machine(machine_id))
+            )
+        if self.host.network is not None:
+            owned = {
+                machine.id
+                for machine in self.machines.list_machines(None)
+                if self._live(machine) and machine.host_id == self.host.placement.host.id
+            }
+            await self.host.network.start(owned)
+            self._refresh_dns()
         for run in self.runs.list_runs(unfinished_only=True):
             log.info("resuming run %s (%s of %s)", run.id, run.operation, run.machine_id)
         for machine_id in {run.machine_id for run in self.runs.list_runs(unfinished_only=True)}:
@@ -270,40 +348,37 @@ class Agent:
                 log.warning("claim of %s is held by no live machine: releasing it", machine_id)
                 released = placement.release(machine_id)
                 submit_handoffs(
-                    self.host.gpu_store,
+                    self.host,
                     self.clock,
                     self.submit,
                     released,
                     f"claim of {machine_id} found stale at start",
                 )
         for gpu in placement.gpus():
-            if gpu.state is GpuState.CLEANING and not self.has_unfinished_run(
-                handoff_subject(gpu.bdf)
+            group = placement.group_of(gpu.bdf)
+            if (
+                group[0].bdf == gpu.bdf
+                and any(member.state is GpuState.CLEANING for member in group)
+                and not self.has_unfinished_run(handoff_subject(gpu.bdf))
             ):
                 self._start_handoff(gpu, "handoff resumed at start")
 
     def _start_handoff(self, gpu: Gpu, why: str) -> None:
-        submit_handoffs(self.host.gpu_store, self.clock, self.submit, [gpu.bdf], why)
+        submit_handoffs(self.host, self.clock, self.submit, [gpu.bdf], why)
 
     def release_quarantine(self, bdf: str, actor: str, reason: str) -> Gpu:
-        """An operator vouches for a quarantined GPU: it gets a fresh handoff (reset and
-        verify) and is free only if that succeeds. Who did it is recorded."""
+        """An operator vouches for a quarantined GPU: its whole IOMMU group gets a fresh
+        handoff (bound to vfio-pci again, scrubbed, checked) and is free only if that
+        succeeds. Who did it is recorded."""
         gpu = self.host.placement.gpu(bdf)
         if gpu is None:
             raise NotFound(f"GPU {bdf} not found on this host", field="bdf")
-        if gpu.state is not GpuState.QUARANTINED:
+        group = self.host.placement.group_of(bdf)
+        if any(member.state is not GpuState.QUARANTINED for member in group):
             raise PreconditionFailed(f"GPU {bdf} is {gpu.state}, not quarantined", field="bdf")
-        self.host.gpu_store.add_gpu_event(
-            GpuEvent(
-                bdf=bdf,
-                timestamp=self.clock.now(),
-                action="quarantine_released",
-                actor=actor,
-                detail={"reason": reason},
-            )
-        )
+        operator_release(self.host, bdf, actor, reason, self.clock.now())
         self.host.placement.set_gpu_state(bdf, GpuState.CLEANING, GpuState.QUARANTINED)
-        self._start_handoff(gpu, f"quarantine released by {actor}: {reason}")
+        self._start_handoff(group[0], f"quarantine released by {actor}: {reason}")
         released = self.host.placement.gpu(bdf)
         assert released is not None
         return released
@@ -321,7 +396,7 @@ class Agent:
                 continue
             if run_dir.name in handles or self.has_unfinished_run(run_dir.name):
                 continue
-            for name in RunDirLayout.BOOT_FILES:
+            for name in RunDir.BOOT_FILES:
                 leftover = run_dir / name
                 if leftover.exists():
                     log.warning("removing %s of stopped machine %s", name, run_dir.name)

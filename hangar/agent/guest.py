@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hangar.agent.platform import GuestExit, RunDirLayout, VmHandleData
+from hangar.agent.platform import GpuBoot, GuestExit, GuestNetwork, VmHandleData
 from hangar.clock import Clock, SystemClock
+from hangar.devices.xid import guest_addresses
 from hangar.errors import ImageError
 from hangar.images import initramfs, kernel
 from hangar.images.driver_bundle import prepare_driver_bundle
@@ -19,32 +21,26 @@ from hangar.images.netpolicy import RegistryPolicy
 from hangar.images.overlay import overlay_backing
 from hangar.images.reference import ImageRef as ParsedImageRef
 from hangar.images.reference import parse_image_ref
-from hangar.images.rootfs import GIB, MIB, CachedImage, ImageCache, ImageLimits
-from hangar.images.run_config import GuestFile, GuestRunConfig, resolve_argv
+from hangar.images.rootfs import GIB, MIB, CachedImage, ImageCache, ImageCacheObserver, ImageLimits
+from hangar.images.run_config import GuestFile, GuestRunConfig, GuestVolume, resolve_argv
+from hangar.images.volume_tools import ensure_volume_tools
 from hangar.images.workers import ImageWorkers
+from hangar.model.guest_contract import RunDir
 from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
-from hangar.vmm.accel import choose_accel
+from hangar.vmm.accel import choose_accel, gpu_accel
 from hangar.vmm.channels import ChannelLimits
-from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec
+from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec, VolumeDiskSpec
+from hangar.vmm.errors import QmpError
 from hangar.vmm.proc import PROC_ROOT, read_process
 from hangar.vmm.qemu import QemuDriver
-from hangar.vmm.qemu_argv import HUGEPAGES_DIR
+from hangar.vmm.qmp import qmp_execute
 
+log = logging.getLogger(__name__)
 
-def hugepages_available(
-    memory_mb: int, meminfo: Path = Path("/proc/meminfo"), mount: Path = HUGEPAGES_DIR
-) -> bool:
-    """GPU machines get hugepage-backed memory when the host has enough free 2 MiB pages."""
-    if not mount.is_dir():
-        return False
-    values: dict[str, int] = {}
-    for line in meminfo.read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if rest.split():
-            values[name] = int(rest.split()[0])
-    free_kb = values.get("HugePages_Free", 0) * values.get("Hugepagesize", 0)
-    return free_kb >= memory_mb * 1024
+GPU_PLACEMENT_TIMEOUT_S = 30.0
+"""How long the guest's firmware may take to give the GPUs their bus numbers."""
+GPU_PLACEMENT_POLL_S = 0.1
 
 
 def image_limits(settings: Settings) -> ImageLimits:
@@ -82,6 +78,7 @@ class QemuGuestPlatform:
         image_limits: ImageLimits | None = None,
         image_workers: ImageWorkers | None = None,
         machines_dir: Path | None = None,
+        image_observer: ImageCacheObserver | None = None,
     ) -> None:
         """``insecure_registries``: ``host:port`` spoken to over plain HTTP;
         ``local_registries``: ``host:port`` allowed on this host's own addresses;
@@ -89,7 +86,8 @@ class QemuGuestPlatform:
         ``driver_bundle``: the GPU driver bundle; ``guest_kernel``/``guest_modules``: an
         operator's kernel instead of Debian's; ``machines_dir``: where machines' root disks
         are (their images are never evicted from the cache) (each as in
-        :mod:`hangar.settings`)."""
+        :mod:`hangar.settings`); ``image_observer``: told of each image cache hit or miss
+        (metrics)."""
         self.cache_root = cache
         self.machines_dir = machines_dir
         self.images = ImageCache(
@@ -99,6 +97,7 @@ class QemuGuestPlatform:
             limits=image_limits,
             workers=image_workers,
             in_use=self.images_in_use,
+            observer=image_observer,
         )
         self.driver = driver
         self.clock = clock or SystemClock()
@@ -108,7 +107,9 @@ class QemuGuestPlatform:
         self.guest_modules = guest_modules
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> QemuGuestPlatform:
+    def from_settings(
+        cls, settings: Settings, image_observer: ImageCacheObserver | None = None
+    ) -> QemuGuestPlatform:
         accel = choose_accel(forced=settings.accel, pvm_guest_kernel=settings.pvm_guest_kernel)
         channels = ChannelLimits(
             console_max_bytes=settings.console_log_max_bytes,
@@ -127,6 +128,7 @@ class QemuGuestPlatform:
             image_limits=image_limits(settings),
             image_workers=ImageWorkers(settings.image_workers, settings.image_workers_per_org),
             machines_dir=settings.machines_dir,
+            image_observer=image_observer,
         )
 
     def images_in_use(self) -> set[str]:
@@ -135,7 +137,7 @@ class QemuGuestPlatform:
             return set()
         found = set()
         for run_dir in self.machines_dir.iterdir():
-            for disk in (RunDirLayout.ROOT_DISK, RunDirLayout.ROOT_DISK + ".partial"):
+            for disk in (RunDir.ROOT_DISK, RunDir.ROOT_DISK + ".partial"):
                 base = overlay_backing(run_dir / disk)
                 if base is not None:
                     found.add(base.parent.name.replace("-", ":", 1))
@@ -175,7 +177,13 @@ class QemuGuestPlatform:
         partial.chmod(0o600)
         partial.rename(dest)
 
-    async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None:
+    async def prepare_initrd(
+        self,
+        machine: Machine,
+        image_ref: ImageRef,
+        dest: Path,
+        volumes: Sequence[GuestVolume] = (),
+    ) -> None:
         cached = self._cached(image_ref)
         config = machine.config
         image_config = cached.config
@@ -196,24 +204,41 @@ class QemuGuestPlatform:
                 )
                 for item in config.files
             ],
+            volumes=list(volumes),
         )
         guest_kernel = await asyncio.to_thread(self.boot_kernel)
         base = await asyncio.to_thread(
             initramfs.ensure_base_initramfs, guest_kernel, self.cache_root
         )
+        extras = []
+        if volumes:
+            extras.append(await asyncio.to_thread(ensure_volume_tools, self.cache_root))
         partial = dest.with_name(dest.name + ".partial")
         # The initrd holds the machine's env and files: its owner's alone from the first byte.
         partial.unlink(missing_ok=True)
         os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial)
+        await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial, extras)
         partial.chmod(0o600)
         partial.rename(dest)
 
     # the VMM
-    async def vm_spec(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmSpec:
+    async def vm_spec(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        gpus: GpuBoot | None,
+        network: GuestNetwork | None = None,
+        volumes: Sequence[VolumeDiskSpec] = (),
+    ) -> VmSpec:
+        """The spec QEMU boots. A GPU machine gets q35 with KVM (refused under TCG: VFIO does
+        not run there), the driver bundle read-only, and ``gpus``' layout and memory; a machine
+        on the private network its NIC and what its init is told of it; a machine with
+        volumes their disks."""
+        if gpus is not None and isinstance(self.driver, QemuDriver):
+            gpu_accel(self.driver.accel)
         guest_kernel = await asyncio.to_thread(self.boot_kernel)
         extra_disks = []
-        if gpus:
+        if gpus is not None:
             bundle = await asyncio.to_thread(
                 prepare_driver_bundle, guest_kernel, self.cache_root, bundle=self.driver_bundle
             )
@@ -222,19 +247,59 @@ class QemuGuestPlatform:
             machine_id=machine.id,
             run_dir=run_dir,
             kernel=guest_kernel.vmlinuz,
-            initrd=run_dir / RunDirLayout.INITRD,
-            root_disk=run_dir / RunDirLayout.ROOT_DISK,
+            initrd=run_dir / RunDir.INITRD,
+            root_disk=run_dir / RunDir.ROOT_DISK,
             root_disk_format="qcow2",
             cpus=machine.config.guest.cpus,
             memory_mb=machine.config.guest.memory_mb,
             extra_disks=extra_disks,
-            gpus=gpus,
-            hugepages=bool(gpus) and hugepages_available(machine.config.guest.memory_mb),
+            volumes=list(volumes),
+            nic=network.nic if network is not None else None,
+            kernel_args=[
+                *(gpus.kernel_args if gpus is not None else []),
+                *(network.kernel_args if network is not None else []),
+            ],
+            gpu_topology=gpus.topology if gpus is not None else None,
         )
 
-    async def launch(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmHandleData:
-        handle = await self.driver.launch(await self.vm_spec(machine, run_dir, gpus))
+    async def launch(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        gpus: GpuBoot | None,
+        network: GuestNetwork | None = None,
+        volumes: Sequence[VolumeDiskSpec] = (),
+    ) -> VmHandleData:
+        spec = await self.vm_spec(machine, run_dir, gpus, network, volumes)
+        handle = await self.driver.launch(spec)
         return handle.model_dump(mode="json")
+
+    def qmp_socket(self, handle: VmHandleData) -> Path | None:
+        socket = handle.get("qmp_socket")
+        return Path(socket) if isinstance(socket, str) else None
+
+    async def gpu_addresses(
+        self, handle: VmHandleData, device_ids: Mapping[str, str]
+    ) -> dict[str, str]:
+        """QMP ``query-pci`` until the firmware has given every GPU a bus (bounded)."""
+        qmp = VmHandle.model_validate(handle).qmp_socket
+        deadline = self.clock.monotonic() + GPU_PLACEMENT_TIMEOUT_S
+        found: dict[str, str] = {}
+        while True:
+            try:
+                reply = await qmp_execute(qmp, "query-pci", clock=self.clock, timeout_s=5.0)
+            except QmpError as error:
+                log.warning("query-pci on %s failed: %s", qmp, error)
+                return found
+            if isinstance(reply, list):
+                found = {
+                    address: bdf
+                    for address, bdf in guest_addresses(reply, device_ids).items()
+                    if int(address.split(":")[1], 16) != 0
+                }
+            if len(found) >= len(device_ids) or self.clock.monotonic() >= deadline:
+                return found
+            await self.clock.sleep(GPU_PLACEMENT_POLL_S)
 
     async def alive(self, handle: VmHandleData) -> bool:
         return await self.driver.adopt(VmHandle.model_validate(handle))

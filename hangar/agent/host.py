@@ -1,6 +1,6 @@
 """What the agent's steps act on besides the machine store: this host's guest platform, its
-run directories, its claims (through the scheduler) and its GPUs. Plans build each step with
-the parts it needs."""
+run directories, its claims (through the scheduler), its GPUs and its volumes. Plans build
+each step with the parts it needs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hangar.agent.gpus import HostGpus
+from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
+from hangar.agent.volumes import HostVolumes
 from hangar.store.protocol import GpuStore
 
 
@@ -21,6 +23,11 @@ class HostServices:
     gpu_store: GpuStore
     gpus: HostGpus | None = None
     """This host's GPU devices; None where the host has no GPU support configured."""
+    network: MachineNetwork | None = None
+    """This host's private network; None where machines run without one."""
+    volumes: HostVolumes | None = None
+    """This host's volumes; None where the host keeps none (a machine that mounts one
+    fails to start there)."""
 
     def run_dir(self, machine_id: str) -> Path:
         return self.machines_dir / machine_id

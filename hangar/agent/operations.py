@@ -1,6 +1,11 @@
 """The plans of the operations: which steps, in which order, how each rolls back, each step
 built from the run's typed request with exactly the inputs it needs.
 
+A machine's boot attaches its volumes (``attach_volumes``, after its claim) and carries them
+into its initrd and launch; stop, exit, destroy and a failed launch let go of them
+(``detach_volumes``, once its VMM is gone). A volume's own operations (subject ``vol:ID``)
+are the volume library's steps under the same names, with the record's changes around them.
+
 ``plan_for`` is deterministic in the run's request, so a run resumed after a crash gets the
 same steps: the engine skips those recorded as done, and the step in flight asks "should I
 run?" again.
@@ -12,15 +17,19 @@ from hangar.agent.engine import Plan, Step
 from hangar.agent.gpu_steps import (
     HANDOFF_SUBJECT_PREFIX,
     BindGpus,
-    QuarantineGpu,
-    ResetGpu,
-    RestoreHostDrivers,
-    ReturnGpu,
+    ClaimGpuGroups,
+    CollectGpuXids,
+    MapGpuAddresses,
+    PrepareNvlink,
+    QuarantineGroup,
+    handoff_steps,
 )
 from hangar.agent.host import HostServices
 from hangar.agent.steps import (
     ApplyConfig,
     ApplyRestartPolicy,
+    AttachNetwork,
+    DetachNetwork,
     DropLease,
     LaunchVm,
     MarkFailed,
@@ -36,8 +45,22 @@ from hangar.agent.steps import (
     StopVm,
     Transition,
 )
+from hangar.agent.volume_steps import (
+    AttachVolumes,
+    DetachVolumes,
+    ForgetSnapshot,
+    ImageStep,
+    MoveVolume,
+    RecordSnapshot,
+    RecordVolumeSize,
+    RestoreVolume,
+    host_volumes,
+    library_plan,
+    volume_of,
+)
 from hangar.model.machine import MachineState as S
 from hangar.model.run import (
+    VOLUME_SUBJECT_PREFIX,
     CreateRequest,
     DestroyRequest,
     ExitRequest,
@@ -49,7 +72,15 @@ from hangar.model.run import (
     StartRequest,
     StopRequest,
     UpdateRequest,
+    VolumeCreateRequest,
+    VolumeDeleteRequest,
+    VolumeDeleteSnapshotRequest,
+    VolumeExtendRequest,
+    VolumeRequest,
+    VolumeSnapshotRequest,
 )
+from hangar.model.volume import BEING_MADE, VolumeState
+from hangar.volumes import VolumeStep
 
 
 def plan_for(run: RunRecord, host: HostServices) -> Plan:
@@ -61,18 +92,34 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
         return _handoff(request, host)
     if subject.startswith(HANDOFF_SUBJECT_PREFIX):
         raise ValueError(f"{subject} is a GPU; only a handoff runs on it")
+    if isinstance(request, VolumeRequest):
+        return _volume(request, subject, host)
+    if subject.startswith(VOLUME_SUBJECT_PREFIX):
+        raise ValueError(f"{subject} is a volume; only volume operations run on it")
     run_dir = host.run_dir(subject)
-    launch_rollback: list[Step] = [ReleaseVm(host), ReleaseClaim(host), MarkFailed()]
+    launch_rollback: list[Step] = [
+        ReleaseVm(host),
+        CollectGpuXids(host, run_dir),
+        DetachNetwork(host),
+        DetachVolumes(host),
+        ReleaseClaim(host),
+        MarkFailed(),
+    ]
 
     def boot(fresh_image: bool) -> list[Step]:
         return [
             Transition("mark_starting", S.STARTING, "start"),
             ResolveImage(host.platform, fresh=fresh_image),
             PlaceMachine(host),
+            AttachVolumes(host),
+            ClaimGpuGroups(host),
             BindGpus(host),
+            PrepareNvlink(host),
             PrepareRootDisk(host.platform, run_dir),
-            PrepareInitrd(host.platform, run_dir),
+            PrepareInitrd(host.platform, run_dir, host.volumes),
+            AttachNetwork(host),
             LaunchVm(host),
+            MapGpuAddresses(host),
             Transition("mark_started", S.STARTED, "start"),
         ]
 
@@ -82,6 +129,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
         return [
             StopVm(host.platform, timeout_s=timeout_s, signum=signum),
             RecordExit(host.platform, requested=requested),
+            CollectGpuXids(host, run_dir),
             ReleaseVm(host),
         ]
 
@@ -98,10 +146,19 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 [
                     Transition("mark_stopping", S.STOPPING, "stop"),
                     *halt(requested=True, timeout_s=request.timeout_s, signum=request.signal),
+                    DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                 ],
-                [ReleaseVm(host), ReleaseClaim(host), MarkStoppedAfterFailure()],
+                [
+                    ReleaseVm(host),
+                    CollectGpuXids(host, run_dir),
+                    DetachNetwork(host),
+                    DetachVolumes(host),
+                    ReleaseClaim(host),
+                    MarkStoppedAfterFailure(),
+                ],
             )
         case RestartRequest():
             # The claim (GPUs included) stays with the machine across its own restart.
@@ -120,6 +177,8 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 steps.append(Transition("mark_replacing", S.REPLACING, "update"))
             steps += [
                 *halt(requested=True),
+                DetachNetwork(host),
+                DetachVolumes(host),
                 ReleaseClaim(host),
                 ApplyConfig(request.config, request.version, request.instance_id),
             ]
@@ -131,12 +190,22 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 "exit",
                 [
                     RecordExit(host.platform, requested=False),
+                    CollectGpuXids(host, run_dir),
                     ReleaseVm(host),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                     ApplyRestartPolicy(),
+                    DetachNetwork(host, keep_if_restarting=True),
+                    DetachVolumes(host, keep_if_restarting=True),
                     ReleaseClaim(host, keep_if_restarting=True),
                 ],
-                [ReleaseVm(host), ReleaseClaim(host), MarkStoppedAfterFailure()],
+                [
+                    ReleaseVm(host),
+                    CollectGpuXids(host, run_dir),
+                    DetachNetwork(host),
+                    DetachVolumes(host),
+                    ReleaseClaim(host),
+                    MarkStoppedAfterFailure(),
+                ],
             )
         case DestroyRequest():
             return Plan(
@@ -144,6 +213,8 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 [
                     Transition("mark_destroying", S.DESTROYING, "destroy"),
                     *halt(requested=True, timeout_s=0.0 if request.force else None),
+                    DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     RemoveRunDir(run_dir),
                     DropLease(),
@@ -151,6 +222,9 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 ],
                 [
                     ReleaseVm(host),
+                    CollectGpuXids(host, run_dir),
+                    DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     RemoveRunDir(run_dir),
                     DropLease(),
@@ -161,9 +235,60 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
 
 
 def _handoff(request: HandoffRequest, host: HostServices) -> Plan:
-    bdf = request.bdf
-    return Plan(
-        "handoff",
-        [ResetGpu(host, bdf), RestoreHostDrivers(host, bdf), ReturnGpu(host, bdf)],
-        [QuarantineGpu(host, bdf)],
-    )
+    """The handoff of the IOMMU group of ``request.bdf`` (its first GPU)."""
+    return Plan("handoff", handoff_steps(host, request.bdf), [QuarantineGroup(host, request.bdf)])
+
+
+def _volume(request: VolumeRequest, subject: str, host: HostServices) -> Plan:
+    """A volume's operation: the library's steps, with the record's changes around them."""
+    volume_id = volume_of(subject)
+    library = library_plan(host_volumes(host), request, volume_id)
+
+    def image_steps(steps: tuple[VolumeStep, ...]) -> list[Step]:
+        return [ImageStep(host, request, volume_id, step.name) for step in steps]
+
+    steps, rollback = image_steps(library.steps), image_steps(library.rollback)
+    match request:
+        case VolumeCreateRequest():
+            steps.append(
+                MoveVolume(host, volume_id, "mark_volume_created", VolumeState.CREATED, BEING_MADE)
+            )
+            rollback.append(
+                MoveVolume(
+                    host,
+                    volume_id,
+                    "mark_volume_destroyed",
+                    VolumeState.DESTROYED,
+                    BEING_MADE,
+                    with_reason=True,
+                )
+            )
+        case VolumeExtendRequest():
+            steps.append(RecordVolumeSize(host, volume_id, request.size_gb))
+        case VolumeSnapshotRequest():
+            steps.append(RecordSnapshot(host, volume_id, request.snapshot_id, request.scheduled))
+        case VolumeDeleteSnapshotRequest():
+            steps.append(ForgetSnapshot(host, volume_id, request.snapshot_id))
+        case VolumeDeleteRequest():
+            steps.insert(
+                0,
+                MoveVolume(
+                    host,
+                    volume_id,
+                    "mark_volume_destroying",
+                    VolumeState.DESTROYING,
+                    frozenset({VolumeState.CREATED, VolumeState.FAILED}),
+                    detached_only=True,
+                ),
+            )
+            steps.append(
+                MoveVolume(
+                    host,
+                    volume_id,
+                    "mark_volume_destroyed",
+                    VolumeState.DESTROYED,
+                    frozenset({VolumeState.DESTROYING}),
+                )
+            )
+            rollback.append(RestoreVolume(host, volume_id))
+    return Plan(request.operation, steps, rollback)

@@ -3,18 +3,27 @@ memory and GPUs here, and by which it gives them back.
 
 ``place`` runs the same ``Scheduler`` and ``ClaimStore`` that ``hangar bench placement``
 measures, constrained to this host; a GPU's state (free, claimed, cleaning, quarantined)
-changes only by compare-and-set on the host's claim record.
+changes only by compare-and-set on the host's claim record, for its whole IOMMU group at
+once (the claim unit).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from hangar.errors import NotFound, StoreError
 from hangar.model.config import GuestConfig
 from hangar.model.gpu import GpuRecord, GpuState
 from hangar.model.host import HostInfo
-from hangar.scheduler import Claim, ClaimStore, Gpu, HostState, Scheduler, VersionedHost
+from hangar.scheduler import (
+    Claim,
+    ClaimStore,
+    Gpu,
+    HostState,
+    PlacementObserver,
+    Scheduler,
+    VersionedHost,
+)
 from hangar.scheduler.machines import NO_OVERCOMMIT, Overcommit, host_state, placement_request
 
 MAX_CAS_ATTEMPTS = 8
@@ -26,23 +35,34 @@ class HostPlacement:
         claims: ClaimStore,
         host: HostInfo,
         scheduler: Scheduler | None = None,
+        observer: PlacementObserver | None = None,
         overcommit: Overcommit = NO_OVERCOMMIT,
     ):
-        """``overcommit``: the operator's ratios for shared machines (host admission)."""
+        """``observer`` is told how each placement went (metrics); it is given to the
+        scheduler made here (one passed in keeps its own). ``overcommit``: the operator's
+        ratios for shared machines (host admission)."""
         self.claims = claims
         self.host = host
         self._scheduler = scheduler
+        self._observer = observer
         self.overcommit = overcommit
 
     @property
     def scheduler(self) -> Scheduler:
         if self._scheduler is None:
-            self._scheduler = Scheduler(self.claims)
+            self._scheduler = Scheduler(self.claims, observer=self._observer)
         return self._scheduler
 
     # the host record
-    def register(self, gpus: Sequence[GpuRecord], allow_cpu_machines: bool = True) -> HostState:
-        """Write this host's capacity and GPUs, keeping every claim and GPU state it had."""
+    def register(
+        self,
+        gpus: Sequence[GpuRecord],
+        allow_cpu_machines: bool = True,
+        fabric_partitions: Mapping[int, Sequence[int]] | None = None,
+    ) -> HostState:
+        """Write this host's capacity and GPUs, keeping every claim and GPU state it had.
+        ``fabric_partitions``: Fabric Manager's partitions (id -> module ids) on an NVSwitch
+        host."""
         for _ in range(MAX_CAS_ATTEMPTS):
             current = self.claims.read_host(self.host.id)
             state = host_state(
@@ -51,6 +71,7 @@ class HostPlacement:
                 current.state if current is not None else None,
                 allow_cpu_machines=allow_cpu_machines,
                 overcommit=self.overcommit,
+                fabric_partitions=fabric_partitions,
             )
             if current is None:
                 self.claims.put_host(state)
@@ -73,6 +94,32 @@ class HostPlacement:
 
     def gpu(self, bdf: str) -> Gpu | None:
         return next((gpu for gpu in self.gpus() if gpu.bdf == bdf), None)
+
+    def group_of(self, bdf: str) -> list[Gpu]:
+        """The GPUs claimed, handed off and quarantined together with ``bdf``: its IOMMU
+        group's, by address (the first is the group's lead). Empty if not on this host."""
+        state = self.current().state
+        gpu = next((g for g in state.gpus if g.bdf == bdf), None)
+        return [] if gpu is None else [state.gpus[i] for i in state.group_indexes(gpu.index)]
+
+    def claimed_groups(self, machine_id: str) -> list[list[str]]:
+        """The IOMMU groups ``machine_id`` holds, each as its GPUs' addresses."""
+        state = self.current().state
+        claim = next((c for c in state.claims if c.machine_id == machine_id), None)
+        if claim is None or not claim.whole_gpus:
+            return []
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for index in claim.gpu_indexes:
+            unit = state.group_indexes(index)
+            groups.setdefault(unit, [state.gpus[i].bdf for i in unit])
+        return list(groups.values())
+
+    def partition_of(self, bdfs: Sequence[str]) -> int | None:
+        """The Fabric Manager partition made of exactly these GPUs (None: there is none)."""
+        state = self.current().state
+        indexes = tuple(gpu.index for gpu in state.gpus if gpu.bdf in set(bdfs))
+        partition = state.partition_of(indexes)
+        return None if partition is None else partition.partition_id
 
     def holders(self) -> dict[str, str]:
         """BDF -> the machine holding that GPU."""
@@ -116,18 +163,21 @@ class HostPlacement:
 
     # GPU states (the handoff between tenants)
     def set_gpu_state(self, bdf: str, state: GpuState, expected: GpuState | None) -> bool:
-        """Move a GPU nobody holds to ``state``, if it is in ``expected`` (any state when
-        None). False if it was not."""
+        """Move ``bdf`` and every GPU of its IOMMU group, none of them held, to ``state`` in
+        one compare-and-set, if all of them are in ``expected`` (any state when None).
+        False if they were not."""
         for _ in range(MAX_CAS_ATTEMPTS):
             record = self.current()
             gpu = next((g for g in record.state.gpus if g.bdf == bdf), None)
             if gpu is None:
                 raise NotFound(f"GPU {bdf} is not on host {self.host.id}", bdf=bdf)
-            if expected is not None and gpu.state is not expected:
+            group = record.state.group_indexes(gpu.index)
+            states = {record.state.gpus[index].state for index in group}
+            if expected is not None and states != {expected}:
                 return False
-            if gpu.state is state:
+            if states == {state}:
                 return True
-            new_state = record.state.with_gpu_state(gpu.index, state)
+            new_state = record.state.with_gpu_states(group, state)
             if self.claims.compare_and_set(self.host.id, record.version, new_state):
                 self.scheduler.refresh_host(self.host.id)
                 return True

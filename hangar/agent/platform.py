@@ -6,14 +6,27 @@ The agent's steps speak only this protocol; the real implementation composes
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from hangar.images.run_config import GuestVolume
 from hangar.model.machine import ImageRef, Machine
+from hangar.vmm.driver import NicSpec, VolumeDiskSpec
+from hangar.vmm.gpu_topology import GpuTopology
 
 VmHandleData = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GuestNetwork:
+    """A boot's network interface: the tap's NIC and what the guest's init is told."""
+
+    nic: NicSpec
+    kernel_args: list[str]
 
 
 class GuestExit(BaseModel):
@@ -21,6 +34,15 @@ class GuestExit(BaseModel):
 
     exit_code: int | None = None
     guest_error: str = ""
+
+
+class GpuBoot(BaseModel):
+    """What a GPU machine boots with: its GPUs' layout and memory (each GPU behind a root
+    port on its NUMA node's expander, huge pages there), and the kernel arguments its GPUs
+    need (NVLink off for a lone NVSwitch GPU)."""
+
+    topology: GpuTopology
+    kernel_args: list[str] = []
 
 
 class GuestPlatform(Protocol):
@@ -36,10 +58,39 @@ class GuestPlatform(Protocol):
         image); atomic (dest appears whole or not)."""
         ...
 
-    async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None: ...
+    async def prepare_initrd(
+        self,
+        machine: Machine,
+        image_ref: ImageRef,
+        dest: Path,
+        volumes: Sequence[GuestVolume] = (),
+    ) -> None:
+        """The machine's initrd; with ``volumes``, the volume tools and what init mounts."""
+        ...
 
-    async def launch(self, machine: Machine, run_dir: Path, gpus: list[str]) -> VmHandleData:
-        """Boot the machine with these GPUs (PCI addresses, bound to vfio-pci) passed through."""
+    async def launch(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        gpus: GpuBoot | None,
+        network: GuestNetwork | None = None,
+        volumes: Sequence[VolumeDiskSpec] = (),
+    ) -> VmHandleData:
+        """Boot the machine; with ``gpus``, those GPUs (bound to vfio-pci) passed through;
+        with ``network``, its NIC on the host's private network; with ``volumes``, those
+        volume images as its disks (their key files are gone once this returns)."""
+        ...
+
+    def qmp_socket(self, handle: VmHandleData) -> Path | None:
+        """The VMM's monitor, where volume operations on a running machine go."""
+        ...
+
+    async def gpu_addresses(
+        self, handle: VmHandleData, device_ids: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Where the guest sees each passed-through function, once its firmware has placed
+        them: guest PCI address -> host BDF, for the VMM ``device_ids`` -> host BDF. What it
+        could not place within its deadline is left out."""
         ...
 
     async def alive(self, handle: VmHandleData) -> bool:
@@ -66,13 +117,3 @@ class GuestPlatform(Protocol):
         ...
 
     def kill_process(self, pid: int) -> None: ...
-
-
-class RunDirLayout:
-    """File names inside a machine's run directory, shared by the agent and the platform."""
-
-    ROOT_DISK = "root.qcow2"
-    INITRD = "initrd.img"
-    CONSOLE_LOG = "console.log"
-    CONTROL_LOG = "ctl.jsonl"
-    BOOT_FILES = (ROOT_DISK, INITRD)

@@ -4,17 +4,22 @@ the plan's goal. Each is built with exactly the inputs it needs (``operations.pl
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hangar.agent.context import StepContext
-from hangar.agent.gpu_steps import release_gpus_for_handoff
+from hangar.agent.gpu_steps import gpu_boot, record_claimed, release_gpus_for_handoff
 from hangar.agent.host import HostServices
-from hangar.agent.platform import GuestPlatform, RunDirLayout
+from hangar.agent.platform import GuestNetwork, GuestPlatform
+from hangar.agent.volumes import HostVolumes
+from hangar.errors import VolumeError
 from hangar.model.config import MachineConfig
-from hangar.model.machine import MachineState, new_ulid
+from hangar.model.guest_contract import RunDir
+from hangar.model.machine import Machine, MachineState, new_ulid
 from hangar.model.run import (
     DestroyRequest,
     RunRecord,
@@ -22,6 +27,7 @@ from hangar.model.run import (
     RunStatus,
     StartRequest,
 )
+from hangar.vmm.driver import VolumeDiskSpec
 
 RESTART_WINDOW_S = 300.0
 
@@ -92,8 +98,7 @@ class PlaceMachine:
 
     async def run(self, ctx: StepContext) -> None:
         self.host.placement.place(ctx.run.machine_id, ctx.machine().config.guest)
-        for bdf in self.host.placement.claimed_bdfs(ctx.run.machine_id):
-            record_gpu_event(self.host, ctx, bdf, "claimed", machine_id=ctx.run.machine_id)
+        record_claimed(self.host, ctx)
 
 
 @dataclass(frozen=True)
@@ -116,20 +121,40 @@ class ReleaseClaim:
         release_gpus_for_handoff(self.host, ctx, released, f"released by {ctx.run.machine_id}")
 
 
-def record_gpu_event(
-    host: HostServices, ctx: StepContext, bdf: str, action: str, **detail: object
-) -> None:
-    from hangar.model.gpu import GpuEvent
+@dataclass(frozen=True)
+class AttachNetwork:
+    """The machine's tap on the host's bridge, and the ruleset that lets it talk to its org."""
 
-    host.gpu_store.add_gpu_event(
-        GpuEvent(
-            bdf=bdf,
-            timestamp=ctx.clock.now(),
-            action=action,
-            actor="agent",
-            detail={"run_id": ctx.run.id, **detail},
-        )
-    )
+    host: HostServices
+    name: str = "attach_network"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        network = self.host.network
+        return network is not None and not await network.attached(ctx.machine())
+
+    async def run(self, ctx: StepContext) -> None:
+        assert self.host.network is not None
+        await self.host.network.attach(ctx.machine())
+
+
+@dataclass(frozen=True)
+class DetachNetwork:
+    """No tap for the machine, and a ruleset without it. ``keep_if_restarting``: an exit whose
+    restart policy boots the machine again keeps its tap."""
+
+    host: HostServices
+    keep_if_restarting: bool = False
+    name: str = "detach_network"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        if self.keep_if_restarting and ctx.run.progress.restart_decision == "restart":
+            return False
+        network = self.host.network
+        return network is not None and await network.has_tap(ctx.run.machine_id)
+
+    async def run(self, ctx: StepContext) -> None:
+        assert self.host.network is not None
+        await self.host.network.detach(ctx.run.machine_id)
 
 
 @dataclass(frozen=True)
@@ -139,30 +164,52 @@ class PrepareRootDisk:
     name: str = "prepare_root_disk"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return not (self.run_dir / RunDirLayout.ROOT_DISK).exists()
+        return not (self.run_dir / RunDir.ROOT_DISK).exists()
 
     async def run(self, ctx: StepContext) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.platform.prepare_root_disk(
-            ctx.machine().image_ref, self.run_dir / RunDirLayout.ROOT_DISK
+            ctx.machine().image_ref, self.run_dir / RunDir.ROOT_DISK
         )
 
 
 @dataclass(frozen=True)
 class PrepareInitrd:
+    """The machine's initrd: its run config and, when it mounts volumes, the volume tools
+    and the mounts init makes (``volumes``: this host's)."""
+
     platform: GuestPlatform
     run_dir: Path
+    volumes: HostVolumes | None = None
     name: str = "prepare_initrd"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return not (self.run_dir / RunDirLayout.INITRD).exists()
+        return not (self.run_dir / RunDir.INITRD).exists()
 
     async def run(self, ctx: StepContext) -> None:
         machine = ctx.machine()
+        mounts = []
+        if machine.config.mounts:
+            if self.volumes is None:
+                raise VolumeError("this host keeps no volumes", retryable=False)
+            mounts = self.volumes.guest_mounts(machine)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.platform.prepare_initrd(
-            machine, machine.image_ref, self.run_dir / RunDirLayout.INITRD
+            machine, machine.image_ref, self.run_dir / RunDir.INITRD, mounts
         )
+
+
+@contextlib.asynccontextmanager
+async def boot_volumes(host: HostServices, machine: Machine) -> AsyncIterator[list[VolumeDiskSpec]]:
+    """The machine's volumes as disks of its launch, each volume's lock held until the VMM
+    is recorded (see ``hangar.agent.volumes``); none for a machine without mounts."""
+    if not machine.config.mounts:
+        yield []
+        return
+    if host.volumes is None:
+        raise VolumeError("this host keeps no volumes", retryable=False)
+    async with host.volumes.boot_disks(machine) as disks:
+        yield disks
 
 
 async def live_handle(platform: GuestPlatform, ctx: StepContext) -> dict[str, Any] | None:
@@ -197,10 +244,16 @@ class LaunchVm:
             await platform.kill(stale)
             ctx.runs.delete_vm_handle(ctx.run.machine_id)
         run_dir = self.host.run_dir(ctx.run.machine_id)
-        (run_dir / RunDirLayout.CONTROL_LOG).unlink(missing_ok=True)
-        gpus = self.host.placement.claimed_bdfs(ctx.run.machine_id)
-        handle = await platform.launch(ctx.machine(), run_dir, gpus)
-        ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
+        (run_dir / RunDir.CONTROL_LOG).unlink(missing_ok=True)
+        gpus = await gpu_boot(self.host, ctx)
+        machine = ctx.machine()
+        network = None
+        if self.host.network is not None:
+            nic, kernel_args = await self.host.network.guest_network(machine)
+            network = GuestNetwork(nic=nic, kernel_args=kernel_args)
+        async with boot_volumes(self.host, machine) as volumes:
+            handle = await platform.launch(machine, run_dir, gpus, network, volumes)
+            ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
         ctx.run.progress.exit_recorded = False
 
 
@@ -269,7 +322,7 @@ class ReleaseVm:
         if ctx.runs.get_vm_handle(ctx.run.machine_id) is not None:
             return True
         run_dir = self.host.run_dir(ctx.run.machine_id)
-        return any((run_dir / name).exists() for name in RunDirLayout.BOOT_FILES)
+        return any((run_dir / name).exists() for name in RunDir.BOOT_FILES)
 
     async def run(self, ctx: StepContext) -> None:
         handle = ctx.runs.get_vm_handle(ctx.run.machine_id)
@@ -277,7 +330,7 @@ class ReleaseVm:
             await self.host.platform.kill(handle)
         kill_unrecorded_vmms(self.host, ctx)
         run_dir = self.host.run_dir(ctx.run.machine_id)
-        for name in RunDirLayout.BOOT_FILES:
+        for name in RunDir.BOOT_FILES:
             (run_dir / name).unlink(missing_ok=True)
         ctx.runs.delete_vm_handle(ctx.run.machine_id)
 

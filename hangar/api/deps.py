@@ -17,7 +17,10 @@ from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import OrgService
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.tokens import TokenService
+from hangar.api.services.usage import UsageService
+from hangar.api.services.volumes import VolumeService
 from hangar.errors import Unauthenticated
+from hangar.metrics import HangarMetrics
 
 
 @dataclass
@@ -29,6 +32,9 @@ class Services:
     audit: AuditService
     hosts: HostService
     platform: PlatformService
+    usage: UsageService
+    metrics: HangarMetrics
+    volumes: VolumeService
 
 
 def services(request: Request) -> Services:

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hangar.errors import HTTP_STATUS_CODES, HangarError, RateLimited, Unauthenticated
+from hangar.errors import HTTP_STATUS_CODES, HangarError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ def error_response(
 def hangar_error_response(exc: HangarError) -> JSONResponse:
     """The response for ``exc``, with the headers its status calls for."""
     headers: dict[str, str] = {}
-    if isinstance(exc, RateLimited):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    retry_after_s = exc.fields.get("retry_after_s")
+    if isinstance(retry_after_s, int | float):
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     if isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = "Bearer"
     return error_response(exc.http_status, exc.message, exc.code, headers or None)

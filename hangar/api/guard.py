@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,6 +42,14 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 ANONYMOUS_ACTION = "unauthenticated"
 
 
+class RequestObserver(Protocol):
+    """Told how each API request ended (metrics)."""
+
+    def api_request(self, route: str, method: str, status: int, seconds: float) -> None: ...
+
+    def rate_limited(self, route: str) -> None: ...
+
+
 @dataclass
 class GuardConfig:
     policy: AccessPolicy
@@ -51,6 +60,7 @@ class GuardConfig:
     """Requests without a valid token, per client address (None: not limited)."""
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     floods: FloodLog = field(default_factory=lambda: FloodLog(log, "anonymous requests"))
+    observer: RequestObserver | None = None
 
 
 @dataclass
@@ -97,12 +107,19 @@ class RequestGuard:
         route, path_params = matched
         attempt = _Attempt(action=route.name, target={k: str(v) for k, v in path_params.items()})
         mutating = scope["method"] not in READ_METHODS
+        started = time.monotonic()
         try:
             await self._guarded(scope, receive, send, route, path_params, attempt)
         except Exception:
             attempt.outcome = Outcome.ERROR
             raise
         finally:
+            observer = self._config.observer
+            if observer is not None:
+                seconds = time.monotonic() - started
+                observer.api_request(route.name, scope["method"], attempt.status, seconds)
+                if attempt.outcome == Outcome.RATE_LIMITED:
+                    observer.rate_limited(route.name)
             anonymous_flood = attempt.token is None and attempt.outcome == Outcome.RATE_LIMITED
             if mutating and not anonymous_flood:
                 self._config.audit.record(

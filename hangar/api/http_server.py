@@ -166,8 +166,15 @@ def install_log_filters() -> None:
     logging.getLogger("asyncio").addFilter(OncePerEpisode())
 
 
-def server_config(app: Any, host: str, port: int, limits: ConnectionLimits) -> uvicorn.Config:
-    """uvicorn's configuration for the API on ``host:port`` with ``limits``."""
+def server_config(
+    app: Any,
+    host: str,
+    port: int,
+    limits: ConnectionLimits,
+    log_config: dict[str, Any] | None = None,
+) -> uvicorn.Config:
+    """uvicorn's configuration for the API on ``host:port`` with ``limits``; ``log_config``:
+    uvicorn's logging configuration (its default if None)."""
     cap = connection_cap(limits, raise_file_limit())
     log.info(
         "API connections: at most %d, %gs to send headers, %gs idle keep-alive",
@@ -180,6 +187,7 @@ def server_config(app: Any, host: str, port: int, limits: ConnectionLimits) -> u
         host=host,
         port=port,
         log_level="info",
+        **({"log_config": log_config} if log_config is not None else {}),
         http=guarded_protocol(_Gate(cap, limits.header_timeout_s)),
         timeout_keep_alive=max(1, round(limits.keepalive_timeout_s)),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
@@ -187,8 +195,14 @@ def server_config(app: Any, host: str, port: int, limits: ConnectionLimits) -> u
     )
 
 
-def run(app: Any, host: str, port: int, limits: ConnectionLimits) -> None:
-    config = server_config(app, host, port, limits)
+def run(
+    app: Any,
+    host: str,
+    port: int,
+    limits: ConnectionLimits,
+    log_config: dict[str, Any] | None = None,
+) -> None:
+    config = server_config(app, host, port, limits, log_config)
     server = uvicorn.Server(config)
     # uvicorn configures logging when the server is made: the filters go on afterwards.
     install_log_filters()

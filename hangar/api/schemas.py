@@ -13,6 +13,7 @@ from hangar.model.config import MachineConfig, StopConfig, signal_number
 from hangar.model.duration import TokenLifetime
 from hangar.model.gpu_kinds import GPU_KINDS
 from hangar.model.machine import ImageRef, Machine, MachineEvent
+from hangar.model.services import CheckStatus
 from hangar.store.protocol import OrgQuotas, TokenKind
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -143,6 +144,7 @@ class AppView(BaseModel):
     organization: OrganizationView
     status: str = "deployed"
     machine_count: int = 0
+    volume_count: int = 0
 
 
 class AppList(BaseModel):
@@ -178,6 +180,8 @@ class MachineView(BaseModel):
     host_status: str = "ok"
     version: int
     failure_reason: str = ""
+    cordoned: bool = False
+    checks: list[CheckStatus] = Field(default_factory=list)
 
     @classmethod
     def of(cls, machine: Machine, events: list[MachineEvent]) -> MachineView:
@@ -195,6 +199,8 @@ class MachineView(BaseModel):
             events=events,
             version=machine.version,
             failure_reason=machine.failure_reason,
+            cordoned=machine.cordoned,
+            checks=machine.checks,
         )
 
 
@@ -216,6 +222,8 @@ class QuotasRequest(Body):
     machines: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
     memory_mb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
     gpus: dict[str, Annotated[int, Field(ge=0, le=100_000)]] = Field(default_factory=dict)
+    volumes: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    volume_gb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
 
     @field_validator("gpus")
     @classmethod
@@ -229,13 +237,21 @@ class QuotasRequest(Body):
         return value
 
     def quotas(self) -> OrgQuotas:
-        return OrgQuotas(machines=self.machines, memory_mb=self.memory_mb, gpus=dict(self.gpus))
+        return OrgQuotas(
+            machines=self.machines,
+            memory_mb=self.memory_mb,
+            gpus=dict(self.gpus),
+            volumes=self.volumes,
+            volume_gb=self.volume_gb,
+        )
 
 
 class OrgUsageView(BaseModel):
     machines: int
     memory_mb: int
     gpus: dict[str, int]
+    volumes: int = 0
+    volume_gb: int = 0
 
 
 class OrgDetail(BaseModel):

@@ -5,31 +5,42 @@
 (b) hangar, start of a stopped machine: ``POST .../start`` until the machine is ``started``
     and its console shows ``hangar-init: ready``.
 (c) hangar, create to started (+ ready) from an image already in the cache.
+(d) resume of a suspended machine: from the start of its restore until the console shows a
+    line the guest printed after the resume (the machine's process prints one every 0.1 s).
+    Measured at the driver for now (QemuDriver.suspend, then launch with incoming_snapshot,
+    on the same files as (a)); the API path (``POST .../suspend``, then ``.../start``) takes
+    its place once the agent suspends machines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from hangar.agent.platform import RunDirLayout
+from hangar.model.guest_contract import RunDir
 from hangar.server_process import ServerProcess
 from hangar.vmm.accel import choose_accel
-from hangar.vmm.driver import VmSpec
+from hangar.vmm.driver import VmHandle, VmSpec
+from hangar.vmm.qemu import QemuDriver
 from hangar.vmm.qemu_argv import qemu_argv
+from hangar.vmm.snapshot import drop_snapshot
 
 READY_LINE = b"hangar-init: ready"
 POLL_S = 0.005
 TIMEOUT_S = 180.0
 APP = "bench"
-SLEEPER = ["sh", "-c", "sleep 3600"]
+TICKER = ["sh", "-c", "while :; do echo tick; sleep 0.1; done"]
+"""The machine's process: a line every 0.1 s shows, after a resume, that the guest runs."""
+SNAPSHOT_NAME = "bench.vmstate"
 
 
 @dataclass
@@ -37,24 +48,35 @@ class BootBenchResult:
     plain_qemu_s: list[float]
     hangar_start_s: list[float]
     hangar_create_s: list[float]
+    resume_s: list[float] = field(default_factory=list)
+    resume_path: str = "driver"
 
     @property
     def ratio(self) -> float:
         return statistics.median(self.hangar_start_s) / statistics.median(self.plain_qemu_s)
+
+    @property
+    def resume_ratio(self) -> float:
+        return statistics.median(self.resume_s) / statistics.median(self.plain_qemu_s)
 
     def report(self) -> str:
         rows = [
             ("(a) plain QEMU, exec to init-ready", self.plain_qemu_s),
             ("(b) hangar start (stopped machine) to started+ready", self.hangar_start_s),
             ("(c) hangar create to started+ready (cached image)", self.hangar_create_s),
+            (f"(d) resume of a suspended guest ({self.resume_path}) to a new line", self.resume_s),
         ]
         lines = [f"{'path':<55} {'median':>8} {'min':>8} {'max':>8}  runs"]
         for label, samples in rows:
+            if not samples:
+                continue
             lines.append(
                 f"{label:<55} {statistics.median(samples):>7.3f}s {min(samples):>7.3f}s "
                 f"{max(samples):>7.3f}s  {len(samples)}"
             )
         lines.append(f"ratio hangar/qemu: {self.ratio:.2f}")
+        if self.resume_s:
+            lines.append(f"ratio resume/qemu: {self.resume_ratio:.2f}")
         return "\n".join(lines)
 
 
@@ -87,13 +109,72 @@ def plain_qemu_boot(spec: VmSpec) -> float:
         process.wait()
 
 
+def _new_line_after(path: Path, offset: int) -> bool:
+    """Has a whole line begun at or after ``offset`` of ``path``? (A line the guest had
+    begun before does not count.)"""
+    with path.open("rb") as file:
+        if offset == 0:
+            return b"\n" in file.read()
+        file.seek(offset - 1)
+        # From the end of the last line before offset.
+        return b"\n" in file.read().partition(b"\n")[2]
+
+
+class DriverResume:
+    """(d) at the driver, on a copy of the machine's files: booted once and kept suspended
+    between runs, so it costs the other rows nothing. Each :meth:`measure` restores it, times
+    the restore until the guest prints a new line, and suspends it again.
+
+    The API path (``POST .../suspend``, then ``POST .../start`` and the machine's console)
+    is another class with the same three methods."""
+
+    path = "driver"
+
+    def __init__(self, spec: VmSpec) -> None:
+        self._spec = spec
+        self._state = spec.run_dir / SNAPSHOT_NAME
+        self._driver = QemuDriver()
+        self._handles: list[VmHandle] = []
+
+    async def prepare(self) -> None:
+        self._handles.append(await self._driver.launch(self._spec))
+        _wait_for_bytes(self._spec.console_log, READY_LINE, time.monotonic() + TIMEOUT_S)
+        await self._driver.suspend(self._handles[-1], self._state)
+
+    async def measure(self) -> float:
+        console = self._spec.console_log
+        offset = console.stat().st_size
+        started = time.monotonic()
+        restoring = asyncio.ensure_future(
+            self._driver.launch(self._spec.model_copy(update={"incoming_snapshot": self._state}))
+        )
+        try:
+            while not _new_line_after(console, offset):
+                if restoring.done() and restoring.exception() is not None:
+                    await restoring
+                if time.monotonic() > started + TIMEOUT_S:
+                    raise TimeoutError("the restored guest printed nothing")
+                await asyncio.sleep(POLL_S)
+            elapsed = time.monotonic() - started
+        finally:
+            self._handles.append(await restoring)
+        await self._driver.suspend(self._handles[-1], self._state)
+        return elapsed
+
+    async def close(self) -> None:
+        for handle in self._handles:
+            await self._driver.kill(handle)
+        drop_snapshot(self._state)
+        shutil.rmtree(self._spec.run_dir, ignore_errors=True)
+
+
 def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
     result = BootBenchResult([], [], [])
     with ServerProcess(home) as server, server.client() as api:
         api.post("/v1/apps", json={"app_name": APP})
         config = {
             "image": image,
-            "init": {"cmd": SLEEPER},
+            "init": {"cmd": TICKER},
             "restart": {"policy": "no"},
             "stop_config": {"timeout": "1s"},
         }
@@ -102,46 +183,79 @@ def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
         machine_id = created.json()["id"]
         path = f"/v1/apps/{APP}/machines/{machine_id}"
         run_dir = home / "machines" / machine_id
-        console = run_dir / RunDirLayout.CONSOLE_LOG
+        console = run_dir / RunDir.CONSOLE_LOG
         _wait_state(api, path, "started")
         _wait_for_bytes(console, READY_LINE, time.monotonic() + TIMEOUT_S)
-        plain_dir = Path(tempfile.mkdtemp(prefix="plain-", dir=home))
-        for name in RunDirLayout.BOOT_FILES:
-            shutil.copyfile(run_dir / name, plain_dir / name)
         kernel = _kernel_of(run_dir)
-        spec = VmSpec.in_run_dir(
-            machine_id="plain-qemu",
-            run_dir=plain_dir,
-            kernel=kernel,
-            initrd=plain_dir / RunDirLayout.INITRD,
-            root_disk=plain_dir / RunDirLayout.ROOT_DISK,
-            channel_sockets=False,
-        )
+        # The plain row runs QEMU by itself: its console and control port are files.
+        spec = _copy_of_machine(run_dir, kernel, home, "plain-qemu", channel_sockets=False)
+        resume_spec = _copy_of_machine(run_dir, kernel, home, "resume-bench")
         api.post(f"{path}/stop").raise_for_status()
         _wait_state(api, path, "stopped")
-        for _ in range(runs):
-            result.plain_qemu_s.append(plain_qemu_boot(spec))
-            started = time.monotonic()
-            api.post(f"{path}/start").raise_for_status()
-            _wait_state(api, path, "started")
-            _wait_for_bytes(console, READY_LINE, started + TIMEOUT_S)
-            result.hangar_start_s.append(time.monotonic() - started)
-            api.post(f"{path}/stop").raise_for_status()
-            _wait_state(api, path, "stopped")
-            started = time.monotonic()
-            fresh = api.post(f"/v1/apps/{APP}/machines", json={"config": config})
-            fresh.raise_for_status()
-            fresh_path = f"/v1/apps/{APP}/machines/{fresh.json()['id']}"
-            _wait_state(api, fresh_path, "started")
-            fresh_console = home / "machines" / fresh.json()["id"] / RunDirLayout.CONSOLE_LOG
-            _wait_for_bytes(fresh_console, READY_LINE, started + TIMEOUT_S)
-            result.hangar_create_s.append(time.monotonic() - started)
-            api.delete(fresh_path, params={"force": "true"}).raise_for_status()
-            _wait_state(api, fresh_path, "destroyed")
+        # Each run measures every row, so that all see the host alike.
+        resume = DriverResume(resume_spec)
+        result.resume_path = resume.path
+        with asyncio.Runner() as runner:
+            try:
+                runner.run(resume.prepare())
+                for _ in range(runs):
+                    _one_run(api, path, console, config, home, spec, result)
+                    result.resume_s.append(runner.run(resume.measure()))
+            finally:
+                runner.run(resume.close())
         api.delete(path, params={"force": "true"}).raise_for_status()
         _wait_state(api, path, "destroyed")
-        shutil.rmtree(plain_dir, ignore_errors=True)
+        shutil.rmtree(spec.run_dir, ignore_errors=True)
     return result
+
+
+def _one_run(
+    api: httpx.Client,
+    path: str,
+    console: Path,
+    config: Mapping[str, object],
+    home: Path,
+    spec: VmSpec,
+    result: BootBenchResult,
+) -> None:
+    """One sample of (a), (b) and (c): ``path`` is the stopped machine, ``spec`` a copy of
+    its files for plain QEMU."""
+    result.plain_qemu_s.append(plain_qemu_boot(spec))
+    started = time.monotonic()
+    api.post(f"{path}/start").raise_for_status()
+    _wait_state(api, path, "started")
+    _wait_for_bytes(console, READY_LINE, started + TIMEOUT_S)
+    result.hangar_start_s.append(time.monotonic() - started)
+    api.post(f"{path}/stop").raise_for_status()
+    _wait_state(api, path, "stopped")
+    started = time.monotonic()
+    fresh = api.post(f"/v1/apps/{APP}/machines", json={"config": config})
+    fresh.raise_for_status()
+    fresh_path = f"/v1/apps/{APP}/machines/{fresh.json()['id']}"
+    _wait_state(api, fresh_path, "started")
+    fresh_console = home / "machines" / fresh.json()["id"] / RunDir.CONSOLE_LOG
+    _wait_for_bytes(fresh_console, READY_LINE, started + TIMEOUT_S)
+    result.hangar_create_s.append(time.monotonic() - started)
+    api.delete(fresh_path, params={"force": "true"}).raise_for_status()
+    _wait_state(api, fresh_path, "destroyed")
+
+
+def _copy_of_machine(
+    run_dir: Path, kernel: Path, home: Path, machine_id: str, channel_sockets: bool = True
+) -> VmSpec:
+    """A spec booting a copy of the machine's root disk (an overlay over the same cached
+    image) and initrd, in a folder of its own."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{machine_id}-", dir=home))
+    for name in RunDir.BOOT_FILES:
+        shutil.copyfile(run_dir / name, folder / name)
+    return VmSpec.in_run_dir(
+        machine_id=machine_id,
+        run_dir=folder,
+        kernel=kernel,
+        initrd=folder / RunDir.INITRD,
+        root_disk=folder / RunDir.ROOT_DISK,
+        channel_sockets=channel_sockets,
+    )
 
 
 def _kernel_of(run_dir: Path) -> Path:

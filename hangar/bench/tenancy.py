@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from hangar.agent.platform import RunDirLayout
+from hangar.model.guest_contract import RunDir
 from hangar.server_process import BearerToken, ServerProcess
 from hangar.settings import env_name
 
@@ -147,7 +147,7 @@ def cycle(api: httpx.Client, home: Path, app: str, image: str) -> float:
     created.raise_for_status()
     machine_id = created.json()["id"]
     path = f"/v1/apps/{app}/machines/{machine_id}"
-    console = home / "machines" / machine_id / RunDirLayout.CONSOLE_LOG
+    console = home / "machines" / machine_id / RunDir.CONSOLE_LOG
     _wait(lambda: _state(api, path) == "started" and _ready(console), "started and ready")
     api.post(f"{path}/stop").raise_for_status()
     _wait(lambda: _state(api, path) == "stopped", "stopped")

@@ -22,7 +22,8 @@ def bench_boot(
         str | None, typer.Option(help="Image to boot (default: a busybox image built now).")
     ] = None,
 ) -> None:
-    """Plain QEMU vs hangar start vs hangar create, same kernel, initrd and rootfs."""
+    """Plain QEMU vs hangar start vs hangar create vs resume of a suspended guest, same
+    kernel, initrd and rootfs."""
     from hangar.bench.boot import run_boot_bench
     from hangar.images.build import build_busybox_image
 

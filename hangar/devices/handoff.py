@@ -48,6 +48,7 @@ from hangar.devices.pci import read_pci_device
 from hangar.devices.reset import reset_guard
 from hangar.devices.scrub import ScrubOutcome, TrustedScrubber, scrub
 from hangar.devices.settings import (
+    BoundTo,
     OperatorDefaults,
     SettingsSource,
     StagedSettings,
@@ -163,31 +164,136 @@ def bind_claim(sysfs: SysfsRoot, paths: HostPaths, claim: GroupClaim) -> GroupCl
 def run_handoff(
     context: HandoffContext, claim: GroupClaim, xids: Sequence[XidEvent] = ()
 ) -> HandoffReport:
-    """The whole handoff of a group after its VM, in order; DeviceError means quarantine."""
+    """The whole handoff of a group after its VM, in order; DeviceError means quarantine.
+
+    The agent runs the same phases as durable steps (:func:`hold_for_handoff`,
+    :func:`stage_settings`, :func:`scrub_group`, :func:`vfio_health`, ``release_group``,
+    :func:`apply_staged_settings`, :func:`nvml_health`, :func:`verify_handoff`).
+    """
+    group, binding = hold_for_handoff(context, claim)
+    before = stage_settings(context, group, "vfio-pci", stage=True)
+    scrubs = [scrub_group(context, group)]
+    after_vfio = stage_settings(context, group, "vfio-pci", stage=False)
+    findings = vfio_health(context, group, claim, xids)
+    release_group(context.sysfs, binding)
+    before_nvidia = stage_settings(context, group, "nvidia", stage=True)
+    cycle = apply_staged_settings(context, group, binding, before_nvidia)
+    after_nvidia = stage_settings(context, group, "nvidia", stage=False)
+    for bdf, found in nvml_health(context, group).items():
+        findings[bdf] = [*findings.get(bdf, []), *found]
+    verify_handoff(context, group, [*after_vfio, *after_nvidia], findings)
+    return HandoffReport(
+        iommu_group=group.iommu_group,
+        scrubs=[*scrubs, *([cycle] if cycle is not None else [])],
+        settings_before=[*before, *before_nvidia],
+        settings_after=[*after_vfio, *after_nvidia],
+        findings=findings,
+        restore_cycles=int(cycle is not None),
+    )
+
+
+def hold_for_handoff(context: HandoffContext, claim: GroupClaim) -> tuple[GpuGroup, GroupBinding]:
+    """The handoff's start: the VM released the group, every function is on vfio-pci or on
+    no driver (never reset under a host driver), and the binding to release it with (the
+    stored one, or the group bound now when none was stored)."""
     sysfs, paths = context.sysfs, context.paths
     check_vm_released(paths, claim.iommu_group)
     group = read_gpu_group(sysfs, claim.iommu_group)
     reset_guard(sysfs, group.bdfs, "start the handoff")
     binding = claim.binding or _binding_of(sysfs, group)
-    before = _settings_on(context, group, "vfio-pci", stage=True)
-    scrubs = [_scrub(context, group)]
-    after_vfio = _settings_on(context, group, "vfio-pci", stage=False)
-    findings = {
-        bdf: _health(context, bdf, claim, require_max_speed=True, xids=xids) for bdf in group.gpus
-    }
-    release_group(sysfs, binding)
-    before_nvidia = _settings_on(context, group, "nvidia", stage=True)
-    cycles = 0
-    if any(staged.needs_reset(context.defaults) for staged in before_nvidia):
-        cycles = 1
-        check_not_held(paths, sysfs, group.gpus)
-        binding = bind_group_to_vfio(sysfs, group.gpus[0], binding)
-        scrubs.append(_scrub(context, read_gpu_group(sysfs, group.iommu_group)))
-        release_group(sysfs, binding)
-    after_nvidia = _settings_on(context, group, "nvidia", stage=False)
+    return group, binding
+
+
+def _binding_of(sysfs: SysfsRoot, group: GpuGroup) -> GroupBinding:
+    """A group with no stored binding (a crash before the bind was recorded): whatever is
+    on vfio-pci stays there until the scrub, then goes to the kernel's choice."""
+    return bind_group_to_vfio(sysfs, group.gpus[0])
+
+
+def scrub_group(context: HandoffContext, group: GpuGroup) -> ScrubOutcome:
+    """Clear the group's memory (:func:`hangar.devices.scrub.scrub`) with the context's
+    deadlines, clock and trusted scrubber."""
+    return scrub(
+        context.sysfs,
+        group,
+        deadlines=context.deadlines,
+        clock=context.clock,
+        trusted=context.trusted_scrubber,
+    )
+
+
+def stage_settings(
+    context: HandoffContext, group: GpuGroup, bound_to: BoundTo, *, stage: bool
+) -> list[StagedSettings]:
+    """Each GPU's settings that the sources able to read them with the group bound to
+    ``bound_to`` report; with ``stage`` the operator's defaults are staged where they
+    differ (a reset applies them)."""
+    sources = [s for s in context.settings_sources if s.bound_to == bound_to]
+    if not sources:
+        return []
+    found = []
     for bdf in group.gpus:
-        findings[bdf] += _nvml_health(context, bdf)
-    for staged in [*after_vfio, *after_nvidia]:
+        staged = read_staged_settings(sources, bdf, bound_to)
+        if stage:
+            restore_operator_defaults(sources, staged, context.defaults)
+        found.append(staged)
+    return found
+
+
+def vfio_health(
+    context: HandoffContext,
+    group: GpuGroup,
+    claim: GroupClaim,
+    xids: Sequence[XidEvent] = (),
+) -> dict[str, list[Finding]]:
+    """What sysfs shows of each GPU right after the scrub, on vfio-pci: ids, link at its
+    maximum width and speed, AER against the claim's baseline; and the guest's Xids (an
+    Xid with no known host address counts against every GPU)."""
+    return {
+        bdf: health_check(
+            context.sysfs,
+            bdf,
+            xids=[x for x in xids if x.host_bdf in (bdf, None)],
+            baseline=claim.aer_baseline.get(bdf),
+            require_max_link_speed=True,
+        ).findings
+        for bdf in group.gpus
+    }
+
+
+def apply_staged_settings(
+    context: HandoffContext,
+    group: GpuGroup,
+    binding: GroupBinding,
+    staged_on_nvidia: Sequence[StagedSettings],
+) -> ScrubOutcome | None:
+    """A tenant's change that already took effect (ECC, MIG current off the default) is
+    undone only by a reset: with the defaults staged, bind the group again, scrub (the bus
+    reset applies them) and give it back. None when nothing needed it."""
+    if not any(staged.needs_reset(context.defaults) for staged in staged_on_nvidia):
+        return None
+    check_not_held(context.paths, context.sysfs, group.gpus)
+    bind_group_to_vfio(context.sysfs, group.gpus[0], binding)
+    outcome = scrub_group(context, read_gpu_group(context.sysfs, group.iommu_group))
+    release_group(context.sysfs, binding)
+    return outcome
+
+
+def nvml_health(context: HandoffContext, group: GpuGroup) -> dict[str, list[Finding]]:
+    """What NVML says of each GPU back on its host driver (row remapping, retired pages,
+    uncorrectable ECC, recovery action); nothing when the context skips NVML."""
+    return {bdf: _nvml_health(context, bdf) for bdf in group.gpus}
+
+
+def verify_handoff(
+    context: HandoffContext,
+    group: GpuGroup,
+    settings_after: Sequence[StagedSettings],
+    findings: dict[str, list[Finding]],
+) -> None:
+    """Raise DeviceError unless every setting is the operator's default (``reason``
+    ``settings_mismatch``) and no finding failed (``unhealthy``)."""
+    for staged in settings_after:
         verify_settings(staged, context.defaults)
     failed = [
         f"{bdf}: {f.check}: {f.detail}"
@@ -203,63 +309,6 @@ def run_handoff(
             findings=failed,
             retry=False,
         )
-    return HandoffReport(
-        iommu_group=group.iommu_group,
-        scrubs=scrubs,
-        settings_before=[*before, *before_nvidia],
-        settings_after=[*after_vfio, *after_nvidia],
-        findings=findings,
-        restore_cycles=cycles,
-    )
-
-
-def _binding_of(sysfs: SysfsRoot, group: GpuGroup) -> GroupBinding:
-    """A group with no stored binding (a crash before the bind was recorded): whatever is
-    on vfio-pci stays there until the scrub, then goes to the kernel's choice."""
-    return bind_group_to_vfio(sysfs, group.gpus[0])
-
-
-def _scrub(context: HandoffContext, group: GpuGroup) -> ScrubOutcome:
-    return scrub(
-        context.sysfs,
-        group,
-        deadlines=context.deadlines,
-        clock=context.clock,
-        trusted=context.trusted_scrubber,
-    )
-
-
-def _settings_on(
-    context: HandoffContext, group: GpuGroup, bound_to: str, *, stage: bool
-) -> list[StagedSettings]:
-    sources = [s for s in context.settings_sources if s.bound_to == bound_to]
-    if not sources:
-        return []
-    found = []
-    for bdf in group.gpus:
-        staged = read_staged_settings(sources, bdf, bound_to)  # type: ignore[arg-type]
-        if stage:
-            restore_operator_defaults(sources, staged, context.defaults)
-        found.append(staged)
-    return found
-
-
-def _health(
-    context: HandoffContext,
-    bdf: str,
-    claim: GroupClaim,
-    *,
-    require_max_speed: bool,
-    xids: Sequence[XidEvent],
-) -> list[Finding]:
-    report = health_check(
-        context.sysfs,
-        bdf,
-        xids=[x for x in xids if x.host_bdf in (bdf, None)],
-        baseline=claim.aer_baseline.get(bdf),
-        require_max_link_speed=require_max_speed,
-    )
-    return report.findings
 
 
 def _nvml_health(context: HandoffContext, bdf: str) -> list[Finding]:

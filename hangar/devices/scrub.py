@@ -124,6 +124,12 @@ def secondary_bus_reset(sysfs: SysfsRoot, group: GpuGroup) -> str:
     return "reset_method=bus"
 
 
+def bus_reset_scrub_refusal(sysfs: SysfsRoot, group: GpuGroup) -> str | None:
+    """Why a bus reset and the firmware's memory clear cannot scrub this group (so only a
+    trusted scrubber can), or None when they can."""
+    return sbr_refusal(sysfs, group) or _memory_clear_unknown(sysfs, group)
+
+
 def read_bar0_register(sysfs: SysfsRoot, bdf: str, offset: int) -> int | None:
     """A 32-bit register of BAR0, read by mapping ``resource0``; None if it cannot be."""
     page = mmap.PAGESIZE
@@ -270,7 +276,7 @@ def scrub(
     deadlines = deadlines or DeviceDeadlines()
     clock = clock or SystemPollClock()
     reset_guard(sysfs, group.bdfs, "scrub")
-    refusal = sbr_refusal(sysfs, group) or _memory_clear_unknown(sysfs, group)
+    refusal = bus_reset_scrub_refusal(sysfs, group)
     if refusal is not None:
         if trusted is None:
             raise DeviceError(

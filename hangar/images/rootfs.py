@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -139,10 +140,41 @@ InUse = Callable[[], set[str]]
 
 def _entry_bytes(entry: Path) -> int:
     total = 0
-    for path in entry.iterdir():
-        with contextlib.suppress(OSError):
-            total += path.stat().st_blocks * 512
+    with contextlib.suppress(OSError):
+        for path in entry.iterdir():
+            with contextlib.suppress(OSError):
+                total += path.lstat().st_blocks * 512
     return total
+
+
+class ImageCacheObserver(Protocol):
+    def image_lookup(self, hit: bool) -> None:
+        """An image was asked for: ``hit`` if its rootfs was cached, else it was built."""
+        ...
+
+
+class CacheUsage(BaseModel):
+    entries: int
+    bytes: int
+    """Disk space the entries take (allocated blocks: sparse files count what they hold)."""
+
+
+def cache_usage(cache_dir: Path) -> CacheUsage:
+    """How many images the rootfs cache under ``cache_dir`` holds, and their size on disk."""
+    root = cache_dir / "images"
+    entries, total = 0, 0
+    try:
+        folders = [entry for entry in root.iterdir() if entry.name.startswith("sha256-")]
+    except FileNotFoundError:
+        return CacheUsage(entries=0, bytes=0)
+    for folder in folders:
+        try:
+            files = list(folder.iterdir())
+        except OSError:
+            continue
+        entries += 1
+        total += _entry_bytes(folder)
+    return CacheUsage(entries=entries, bytes=total)
 
 
 class ImageCache:
@@ -163,10 +195,12 @@ class ImageCache:
         limits: ImageLimits | None = None,
         workers: ImageWorkers | None = None,
         in_use: InUse | None = None,
+        observer: ImageCacheObserver | None = None,
     ) -> None:
         """``policy``: which registries may be pulled from (default: none on this host);
         ``layouts``: where ``oci:`` layouts may be (default: anywhere, for tools and tests;
-        the server passes ``HANGAR_OCI_DIRS``)."""
+        the server passes ``HANGAR_OCI_DIRS``); ``observer`` is told whether each ``ensure``
+        found the image cached (metrics)."""
         self.root = cache_dir / "images"
         self._runner = runner
         self._rootless = rootless
@@ -175,62 +209,18 @@ class ImageCache:
         self.limits = limits or ImageLimits()
         self.workers = workers or ImageWorkers()
         self._in_use = in_use
+        self._observer = observer
 
     def entry_for(self, digest: str) -> Path:
         if not DIGEST_PATTERN.fullmatch(digest):
             raise ImageError(f"bad image digest {digest!r}", digest=digest)
         return self.root / digest.replace(":", "-")
 
-    async def ensure(
-        self, ref: ImageRef, *, tls_verify: bool = True, owner: str = ""
-    ) -> CachedImage:
-        """The image ``ref`` names, cached; pulled on ``owner``'s share of the image pool.
-        ``tls_verify=False``: speak plain HTTP to its registry (an insecure registry)."""
-        if ref.transport == "docker" and ref.digest:
-            hit = self.lookup(ref.digest)
-            if hit is not None:
-                self.touch(ref.digest)
-                return hit.model_copy(update={"image_ref": ref})
-        return await self.workers.run(
-            owner, lambda cancellation: self._ensure(ref, not tls_verify, cancellation)
-        )
-
-    def _pull_limits(self) -> PullLimits:
-        return PullLimits(self.limits.max_compressed_bytes, self.limits.pull_timeout_s)
-
-    def _ensure(self, ref: ImageRef, insecure: bool, cancellation: Cancellation) -> CachedImage:
-        if ref.transport == "oci":
-            with self.layouts.open(ref) as local:
-                resolved = local.resolve()
-
-                def copy_local(layout: Path) -> None:
-                    for blob in resolved.manifest.blobs:
-                        local.copy_blob(blob, BlobSink(layout, blob, cancellation))
-
-                entry = build_once(
-                    self.entry_for(resolved.digest),
-                    lambda staged: self._build(ref, resolved, staged, copy_local, cancellation),
-                )
-        else:
-            limits = self._pull_limits()
-            resolved = run_pull(resolve, ref, self.policy, limits, cancellation, insecure)
-            pinned = ref.with_digest(resolved.digest)
-
-            def fetch(layout: Path) -> None:
-                async def blobs(session: RegistrySession) -> None:
-                    for blob in resolved.manifest.blobs:
-                        await session.blob(blob, BlobSink(layout, blob, cancellation))
-
-                run_pull(blobs, pinned, self.policy, limits, cancellation, insecure)
-
-            entry = build_once(
-                self.entry_for(resolved.digest),
-                lambda staged: self._build(pinned, resolved, staged, fetch, cancellation),
-            )
-        self.touch(resolved.digest)
-        loaded = self._load(entry)
-        self.evict(keep={resolved.digest})
-        return loaded.model_copy(update={"image_ref": ref.with_digest(resolved.digest)})
+        self.policy = policy or RegistryPolicy()
+        self.layouts = layouts or LocalLayouts([Path("/")])
+        self.limits = limits or ImageLimits()
+        self.workers = workers or ImageWorkers()
+        self._in_use = in_use
 
     def lookup(self, digest: str) -> CachedImage | None:
         """The cached image with this digest, without any network access; ``None`` if absent.

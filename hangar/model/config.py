@@ -20,7 +20,6 @@ from hangar.model.gpu_kinds import GPU_KINDS
 from hangar.model.services import MachineChecks, MachineServices
 
 UNSUPPORTED_CONFIG_FIELDS = (
-    "mounts",
     "schedule",
     "processes",
     "dns",
@@ -32,6 +31,9 @@ UNSUPPORTED_CONFIG_FIELDS = (
     "size",
 )
 UNSUPPORTED_GUEST_FIELDS = ("kernel_args", "host_dedication_id", "persist_rootfs")
+UNSUPPORTED_MOUNT_FIELDS = ("extend_threshold_percent", "add_size_gb", "size_gb_limit")
+MAX_MOUNTS = 8
+"""Volumes one machine may mount."""
 
 METADATA_KEY_PATTERN = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.\-]{0,62}$")
 ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -208,6 +210,46 @@ class GuestFile(StrictModel):
         return self
 
 
+def check_mount_path(value: str) -> str:
+    """A volume's mount point: an absolute directory other than ``/`` and the pseudo
+    filesystems, without ``..``, printable and without spaces (init passes it through the
+    shell environment)."""
+    parts = value.split("/")
+    if not value.startswith("/") or "\0" in value or ".." in parts or value.rstrip("/") == "":
+        raise ValueError("must be an absolute directory other than / without '..'")
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError("must be printable, without spaces")
+    normalized = "/" + "/".join(part for part in parts if part not in ("", "."))
+    for mount in GUEST_PSEUDO_FILESYSTEMS:
+        if normalized == mount or normalized.startswith(mount + "/"):
+            raise ValueError(f"must not be under {mount}")
+    return value
+
+
+class MountConfig(StrictModel):
+    """One of ``config.mounts``: volume ``volume`` (its id) mounted at ``path``. ``name``,
+    ``encrypted`` and ``size_gb`` describe the volume as Fly's clients echo them; the
+    volume's own record decides. Automatic extension is not supported."""
+
+    volume: Annotated[str, Field(min_length=1, max_length=64)]
+    path: Annotated[str, Field(min_length=2, max_length=256)]
+    name: Annotated[str, Field(max_length=64)] | None = None
+    encrypted: bool | None = None
+    size_gb: Annotated[int, Field(ge=1)] | None = None
+    extend_threshold_percent: int | None = None
+    add_size_gb: int | None = None
+    size_gb_limit: int | None = None
+
+    _path = field_validator("path")(check_mount_path)
+
+    @model_validator(mode="after")
+    def _reject_unsupported(self) -> MountConfig:
+        for name in UNSUPPORTED_MOUNT_FIELDS:
+            if getattr(self, name) is not None:
+                raise UnsupportedField(f"config.mounts.{name}")
+        return self
+
+
 class MachineConfig(StrictModel):
     image: Annotated[str, Field(min_length=1, max_length=512)]
     env: dict[str, str] = Field(default_factory=dict)
@@ -220,6 +262,7 @@ class MachineConfig(StrictModel):
     stop_config: StopConfig = Field(default_factory=StopConfig)
     services: MachineServices = Field(default_factory=list)
     checks: MachineChecks = Field(default_factory=dict)
+    mounts: Annotated[list[MountConfig], Field(max_length=MAX_MOUNTS)] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -229,6 +272,15 @@ class MachineConfig(StrictModel):
                 if data.get(name) not in (None, [], {}):
                     raise UnsupportedField(f"config.{name}")
         return data
+
+    @field_validator("mounts")
+    @classmethod
+    def _distinct_mounts(cls, value: list[MountConfig]) -> list[MountConfig]:
+        if len({mount.volume for mount in value}) != len(value):
+            raise ValueError("a volume is mounted twice")
+        if len({mount.path.rstrip("/") for mount in value}) != len(value):
+            raise ValueError("two volumes are mounted at the same path")
+        return value
 
     @field_validator("env")
     @classmethod

@@ -25,8 +25,18 @@ class GpuRecord(BaseModel):
     numa_node: int | None = None
     nvlink_domain: str | None = None
     iommu_group: int | None = None
+    """GPUs that share an IOMMU group are one claim unit: one tenant gets all or none."""
+    module_id: int | None = None
+    """The GPU's slot on an NVSwitch baseboard (NVML's module id): Fabric Manager
+    partitions name GPUs by it."""
+    claim: dict[str, Any] | None = None
+    """While a machine holds this GPU's IOMMU group, from its claim until the handoff frees
+    it: the agent's record of the group (``hangar.agent.gpus.HeldGroup``: the devices
+    layer's GroupClaim with its VFIO binding and AER baseline, whether the machine reached
+    launch, the guest's addresses and Xids). Kept on the group's first GPU."""
     binding: dict[str, Any] | None = None
-    """The devices layer's GroupBinding while hangar holds the group on vfio-pci."""
+    """A per-GPU GroupBinding as agents stored it before group claims; a handoff that finds
+    one (and no ``claim``) scrubs the group as one that reached launch."""
     available: bool = True
     """Fit for passthrough on this host (clean IOMMU group, resettable, MIG off)."""
     reason: str = ""
@@ -42,3 +52,5 @@ class GpuEvent(BaseModel):
     action: str
     actor: str
     detail: dict[str, Any] = Field(default_factory=dict)
+    iommu_group: int | None = None
+    """The IOMMU group the GPU was claimed, handed off or quarantined with."""

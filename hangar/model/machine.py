@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from hangar.model.config import MachineConfig
+from hangar.model.services import CheckStatus
 
 
 class MachineState(enum.StrEnum):
@@ -131,6 +132,10 @@ class Machine(BaseModel):
     updated_at: float
     host_id: str = ""
     failure_reason: str = ""
+    cordoned: bool = False
+    """Out of the proxy's rotation (``cordon``), running as before."""
+    checks: list[CheckStatus] = Field(default_factory=list)
+    """The latest result of each of its health checks."""
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

@@ -10,7 +10,7 @@ resumed after a crash gets the same steps with the same inputs. What steps learn
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -76,8 +76,57 @@ class DestroyRequest(OperationRequest):
     force: bool = False
 
 
+VOLUME_SUBJECT_PREFIX = "vol:"
+"""A volume's runs have ``vol:VOLUME_ID`` for subject, as a GPU handoff has ``gpu:BDF``."""
+
+
+def volume_subject(volume_id: str) -> str:
+    return f"{VOLUME_SUBJECT_PREFIX}{volume_id}"
+
+
+class VolumeCreateRequest(OperationRequest):
+    """Make the volume's image (and key, when encrypted): blank, restored from
+    ``snapshot_id`` of ``source_volume_id``, or a fork of ``source_volume_id`` as it is now."""
+
+    operation: Literal["volume_create"] = "volume_create"
+    size_gb: int = Field(ge=1)
+    encrypted: bool
+    fstype: Literal["ext4"] = "ext4"
+    source_volume_id: str | None = None
+    snapshot_id: str | None = None
+
+
+class VolumeExtendRequest(OperationRequest):
+    """Grow the volume to ``size_gb`` (through QEMU while a running machine has it open)."""
+
+    operation: Literal["volume_extend"] = "volume_extend"
+    size_gb: int = Field(ge=1)
+
+
+class VolumeSnapshotRequest(OperationRequest):
+    """Take snapshot ``snapshot_id`` (``scheduled``: by the daily schedule)."""
+
+    operation: Literal["volume_snapshot"] = "volume_snapshot"
+    snapshot_id: str
+    scheduled: bool = False
+
+
+class VolumeDeleteSnapshotRequest(OperationRequest):
+    """Remove snapshot ``snapshot_id`` (past its retention)."""
+
+    operation: Literal["volume_delete_snapshot"] = "volume_delete_snapshot"
+    snapshot_id: str
+
+
+class VolumeDeleteRequest(OperationRequest):
+    """Delete the volume: its key (the data is unreadable from then on), then its image."""
+
+    operation: Literal["volume_delete"] = "volume_delete"
+
+
 class HandoffRequest(OperationRequest):
-    """Make a released GPU clean (reset, verified, back on its host driver) before it is free."""
+    """Make a released GPU's whole IOMMU group clean before it is free: scrubbed, its
+    settings and health checked, back on its host drivers. ``bdf`` is the group's first GPU."""
 
     operation: Literal["handoff"] = "handoff"
     bdf: str = Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -92,11 +141,36 @@ RunRequest = Annotated[
     | UpdateRequest
     | ExitRequest
     | DestroyRequest
-    | HandoffRequest,
+    | HandoffRequest
+    | VolumeCreateRequest
+    | VolumeExtendRequest
+    | VolumeSnapshotRequest
+    | VolumeDeleteSnapshotRequest
+    | VolumeDeleteRequest,
     Field(discriminator="operation"),
 ]
+VolumeRequest = (
+    VolumeCreateRequest
+    | VolumeExtendRequest
+    | VolumeSnapshotRequest
+    | VolumeDeleteSnapshotRequest
+    | VolumeDeleteRequest
+)
 Operation = Literal[
-    "create", "prepare", "start", "stop", "restart", "update", "exit", "destroy", "handoff"
+    "create",
+    "prepare",
+    "start",
+    "stop",
+    "restart",
+    "update",
+    "exit",
+    "destroy",
+    "handoff",
+    "volume_create",
+    "volume_extend",
+    "volume_snapshot",
+    "volume_delete_snapshot",
+    "volume_delete",
 ]
 
 
@@ -141,12 +215,16 @@ class RunProgress(BaseModel):
     exit_recorded: bool = False
     exit_code: int | None = None
     restart_decision: RestartDecision | None = None
-    reset_ok: bool = False
-    """A handoff's reset and verification passed."""
+    gpu_xids_collected: bool = False
+    """The Xid lines the guest forwarded were recorded against its GPUs."""
+    devices: dict[str, Any] = Field(default_factory=dict)
+    """What the run's GPU steps learnt, as JSON (``hangar.agent.gpu_steps``): a handoff's
+    settings found, scrubs and health findings; why a device call failed."""
 
 
 class RunRecord(BaseModel):
-    """One durable operation on one subject (a machine id, or ``gpu:BDF`` for a handoff)."""
+    """One durable operation on one subject (a machine id, ``gpu:BDF`` for a handoff,
+    ``vol:VOLUME_ID`` for a volume's operations)."""
 
     id: str
     machine_id: str

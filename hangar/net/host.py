@@ -4,21 +4,17 @@ repeat after a crash at any point.
 
 The taps are the record of which machine is attached (their aliases hold the attachments), and
 the ruleset is always rendered from the taps that exist, so a tap and its rules can never be
-owned by different records. Settings (``HANGAR_NET_*``) are read by :meth:`HostNetConfig.from_env`.
+owned by different records. Settings (``HANGAR_NET_*``): :meth:`HostNetConfig.from_settings`.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
 
-from hangar.errors import NetworkError
 from hangar.net import firewall, links
 from hangar.net.addressing import (
-    DEFAULT_EGRESS_SUBNET,
-    DEFAULT_ULA_PREFIX,
     GATEWAY_LINK_LOCAL,
     LINK_LOCAL_PREFIX_LEN,
     AddressPlan,
@@ -30,24 +26,10 @@ from hangar.net.addressing import (
 from hangar.net.attachment import Attachment
 from hangar.net.guest import guest_kernel_args
 from hangar.net.links import BridgeConfig, LinkNames, TapState
+from hangar.settings import Settings
 from hangar.vmm.driver import NicSpec
 
-PREFIX_ENV = "HANGAR_NET_PREFIX"
-EGRESS_ENV = "HANGAR_NET_EGRESS"
-EGRESS_SUBNET_ENV = "HANGAR_NET_EGRESS_SUBNET"
-EGRESS_INTERFACE_ENV = "HANGAR_NET_EGRESS_INTERFACE"
-HOST_NUMBER_ENV = "HANGAR_NET_HOST_NUMBER"
-PUBLISHED_TCP_ENV = "HANGAR_NET_PUBLISHED_TCP"
 DEFAULT_TABLE = "hangar"
-
-
-def _ports(text: str, setting: str) -> frozenset[int]:
-    try:
-        return frozenset(int(word) for word in text.replace(",", " ").split())
-    except ValueError as exc:
-        raise NetworkError(
-            f"{setting} must be port numbers: {text!r}", retryable=False, setting=setting
-        ) from exc
 
 
 @dataclass(frozen=True)
@@ -68,33 +50,17 @@ class HostNetConfig:
         check_host_number(self.host_number)
 
     @classmethod
-    def from_env(cls, host_id: str, environ: Mapping[str, str] = os.environ) -> HostNetConfig:
-        """``HANGAR_NET_PREFIX`` (default ``fdaa::/16``), ``HANGAR_NET_EGRESS`` (``1``/``0``),
-        ``HANGAR_NET_EGRESS_SUBNET`` (``172.19.0.0/16``), ``HANGAR_NET_EGRESS_INTERFACE``
-        (default: the default route's), ``HANGAR_NET_HOST_NUMBER`` (default: from the host id),
-        ``HANGAR_NET_PUBLISHED_TCP`` (the proxy's ports guests may reach on the host)."""
-        plan = AddressPlan.parse(
-            environ.get(PREFIX_ENV, str(DEFAULT_ULA_PREFIX)),
-            environ.get(EGRESS_SUBNET_ENV, str(DEFAULT_EGRESS_SUBNET)),
-        )
-        egress = environ.get(EGRESS_ENV, "1")
-        if egress not in ("0", "1"):
-            raise NetworkError(
-                f"{EGRESS_ENV} must be 0 or 1, not {egress!r}", retryable=False, setting=EGRESS_ENV
-            )
-        number = environ.get(HOST_NUMBER_ENV)
-        try:
-            chosen = int(number) if number else host_number(host_id)
-        except ValueError as exc:
-            raise NetworkError(
-                f"{HOST_NUMBER_ENV} must be a number", retryable=False, setting=HOST_NUMBER_ENV
-            ) from exc
+    def from_settings(cls, settings: Settings) -> HostNetConfig:
+        """The operator's ``HANGAR_NET_*`` settings for this host (its number from its id
+        unless ``HANGAR_NET_HOST_NUMBER`` says)."""
         return cls(
-            host_number=chosen,
-            plan=plan,
-            egress=egress == "1",
-            egress_interface=environ.get(EGRESS_INTERFACE_ENV) or None,
-            published_tcp=_ports(environ.get(PUBLISHED_TCP_ENV, ""), PUBLISHED_TCP_ENV),
+            host_number=settings.net_host_number or host_number(settings.host_id),
+            plan=AddressPlan.parse(settings.net_prefix, settings.net_egress_subnet),
+            names=LinkNames(settings.net_link_prefix),
+            table=settings.net_table,
+            egress=settings.net_egress,
+            egress_interface=settings.net_egress_interface,
+            published_tcp=settings.net_published_tcp,
         )
 
 

@@ -7,37 +7,60 @@ a snapshot without claiming anything.
 """
 
 from hangar.scheduler.capacity import RegionPlacements, capacity_by_region, dry_run_placements
-from hangar.scheduler.claims import ClaimStore, InMemoryClaimStore, VersionedHost
+from hangar.scheduler.claims import (
+    BatchClaimStore,
+    ClaimStore,
+    ClaimWrite,
+    InMemoryClaimStore,
+    VersionedHost,
+    compare_and_set_many,
+)
 from hangar.scheduler.model import (
     MILLI_PER_GPU,
     Claim,
     Gpu,
     HostState,
+    NvlinkPartition,
     Placement,
     PlacementRequest,
     Pool,
 )
 from hangar.scheduler.profile import RequestShape, WorkloadProfile
 from hangar.scheduler.regions import RegionCatalog
-from hangar.scheduler.scheduler import Scheduler, capacity_error
+from hangar.scheduler.scheduler import (
+    NoPlacementObserver,
+    PlacementObserver,
+    PlacementOutcome,
+    Scheduler,
+    SchedulerStats,
+    capacity_error,
+)
 
 __all__ = [
     "MILLI_PER_GPU",
+    "BatchClaimStore",
     "Claim",
     "ClaimStore",
+    "ClaimWrite",
     "Gpu",
     "HostState",
     "InMemoryClaimStore",
+    "NoPlacementObserver",
+    "NvlinkPartition",
     "Placement",
+    "PlacementObserver",
+    "PlacementOutcome",
     "PlacementRequest",
     "Pool",
     "RegionCatalog",
     "RegionPlacements",
     "RequestShape",
     "Scheduler",
+    "SchedulerStats",
     "VersionedHost",
     "WorkloadProfile",
     "capacity_by_region",
     "capacity_error",
+    "compare_and_set_many",
     "dry_run_placements",
 ]

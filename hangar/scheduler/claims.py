@@ -5,14 +5,18 @@ compare-and-set of that host's record: two schedulers racing for the last GPU re
 version, and only the first write succeeds. Backends: ``InMemoryClaimStore`` here (tests and
 benchmarks); SQLite (a version column) and etcd (the key's ``version`` in a transaction
 compare) implement the same protocol in ``hangar.store``.
+
+A store may also write many hosts in one round trip (``BatchClaimStore``: etcd sends one
+transaction holding one compare-and-set per host); ``compare_and_set_many`` uses that when the
+store has it and one call per host otherwise.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from hangar.scheduler.model import HostState
 
@@ -39,6 +43,27 @@ class ClaimStore(Protocol):
         """Write ``new_state`` if the host is still at ``expected_version``; on success its
         version becomes ``expected_version + 1``. False (nothing written) otherwise."""
         ...
+
+
+ClaimWrite = tuple[str, int, HostState]
+"""One compare-and-set: host id, the version it was read at, the state to write."""
+
+
+@runtime_checkable
+class BatchClaimStore(ClaimStore, Protocol):
+    def compare_and_set_many(self, writes: Sequence[ClaimWrite]) -> list[bool]:
+        """Each write as ``compare_and_set`` would do it (each wins or loses alone), in one
+        round trip; the hosts must differ. One answer per write, in order."""
+        ...
+
+
+def compare_and_set_many(store: ClaimStore, writes: Sequence[ClaimWrite]) -> list[bool]:
+    hosts = [host_id for host_id, _, _ in writes]
+    if len(set(hosts)) != len(hosts):
+        raise ValueError("one write per host in a batch")
+    if isinstance(store, BatchClaimStore):
+        return store.compare_and_set_many(writes)
+    return [store.compare_and_set(*write) for write in writes]
 
 
 class InMemoryClaimStore:

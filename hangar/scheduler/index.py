@@ -62,6 +62,15 @@ class HostEntry:
     """Free CPU beyond what the free GPUs need (negative: the host is short of CPU)."""
     cpu_candidate: bool
     scarce: bool
+    pickable: frozenset[int] | None = None
+    """Counts of whole GPUs that can be claimed together here, where IOMMU groups or Fabric
+    Manager partitions constrain it; None: any count up to ``max_group_free``."""
+
+    def can_take(self, gpus: int) -> bool:
+        """Whether ``gpus`` whole GPUs (0: none) can be claimed together on this host."""
+        if gpus <= 0:
+            return True
+        return gpus <= self.max_group_free if self.pickable is None else gpus in self.pickable
 
     @property
     def starved(self) -> bool:
@@ -199,7 +208,7 @@ class PlacementIndex:
         if not entry.gaps or not request.accepts_kind(entry.state.kind):
             return None
         if request.gpus:
-            if entry.max_group_free < request.gpus:
+            if not entry.can_take(request.gpus):
                 return None
             gpus = pick_whole_gpus(entry.state, request.gpus)
             return Choice(entry.state, entry.version, gpus, MILLI_PER_GPU)
@@ -298,7 +307,7 @@ class PlacementIndex:
             entry = entries[rank[1]]
             if (
                 _fits(entry, request)
-                and entry.max_group_free >= min_group
+                and entry.can_take(min_group)
                 and (condition is None or condition(entry))
             ):
                 return entry
@@ -363,6 +372,9 @@ class PlacementIndex:
         surplus = state.free_cpu_milli - self.profile.cpu_per_gpu_milli * free_milli
         idle = not state.claims
         max_group = max(groups.values(), default=0)
+        pickable = pickable_counts(state) if constrained(state) else None
+        if pickable is not None:
+            max_group = max(pickable, default=0)
         scarce = (
             idle
             and gpu_host
@@ -386,6 +398,7 @@ class PlacementIndex:
             surplus=surplus,
             cpu_candidate=state.pool is Pool.GENERAL or state.allow_cpu_machines,
             scarce=scarce,
+            pickable=pickable,
         )
 
     def _register(self, entry: HostEntry) -> None:
@@ -448,17 +461,40 @@ def _locality_group(gpu: Gpu) -> object:
 
 def pick_whole_gpus(state: HostState, count: int) -> tuple[int, ...]:
     """``count`` unused GPUs inside one locality group: the tightest group that fits, and in
-    it one NUMA node when one node has enough (the tightest such node)."""
+    it one NUMA node when one node has enough (the tightest such node).
+
+    IOMMU groups are never split: a group's GPUs are taken all together or not at all. On
+    an NVSwitch host (``state.fabric_partitions``) several GPUs are exactly one Fabric
+    Manager partition, the one whose enclosing partition is fullest (pack, and leave larger
+    partitions whole)."""
+    chosen = _pick_units(state, count) if constrained(state) else _pick_ungrouped(state, count)
+    if chosen is None:
+        raise ValueError(f"host {state.id} has no {count} unused GPUs in one locality group")
+    return chosen
+
+
+def constrained(state: HostState) -> bool:
+    """Whether IOMMU groups of several GPUs or Fabric Manager partitions shape claims here."""
+    if state.fabric_partitions is not None:
+        return True
+    groups = [gpu.iommu_group for gpu in state.gpus if gpu.iommu_group is not None]
+    return len(groups) != len(set(groups))
+
+
+def _unused(state: HostState) -> list[Gpu]:
     used = state.gpu_used_milli
+    return [gpu for gpu in state.gpus if gpu.state is GpuState.FREE and used[gpu.index] == 0]
+
+
+def _pick_ungrouped(state: HostState, count: int) -> tuple[int, ...] | None:
     partitioned = any(gpu.nvlink_partition is not None for gpu in state.gpus)
     groups: dict[object, list[Gpu]] = {}
-    for gpu in state.gpus:
-        if gpu.state is GpuState.FREE and used[gpu.index] == 0:
-            key = _locality_group(gpu) if partitioned else None
-            groups.setdefault(key, []).append(gpu)
+    for gpu in _unused(state):
+        key = _locality_group(gpu) if partitioned else None
+        groups.setdefault(key, []).append(gpu)
     fitting = [gpus for gpus in groups.values() if len(gpus) >= count]
     if not fitting:
-        raise ValueError(f"host {state.id} has no {count} unused GPUs in one locality group")
+        return None
     group = min(fitting, key=lambda gpus: (len(gpus), gpus[0].index))
     by_numa: dict[int, list[Gpu]] = {}
     for gpu in group:
@@ -470,3 +506,112 @@ def pick_whole_gpus(state: HostState, count: int) -> tuple[int, ...]:
         spread = sorted(by_numa.values(), key=lambda gpus: (-len(gpus), gpus[0].index))
         chosen = [gpu for gpus in spread for gpu in gpus][:count]
     return tuple(sorted(gpu.index for gpu in chosen))
+
+
+def _free_units(state: HostState) -> list[tuple[int, ...]]:
+    """The IOMMU groups (claim units) whose GPUs are all unused, by first index."""
+    free = {gpu.index for gpu in _unused(state)}
+    units: dict[tuple[int, ...], None] = {}
+    for index in sorted(free):
+        unit = state.group_indexes(index)
+        if set(unit) <= free:
+            units[unit] = None
+    return list(units)
+
+
+def _candidate_sets(state: HostState, count: int) -> list[tuple[int, ...]]:
+    """Every set of ``count`` unused GPUs that may be claimed together."""
+    units = _free_units(state)
+    if state.fabric_partitions is not None and count > 1:
+        free = {index for unit in units for index in unit}
+        return [
+            tuple(sorted(p.gpu_indexes))
+            for p in state.fabric_partitions
+            if len(p.gpu_indexes) == count
+            and set(p.gpu_indexes) <= free
+            and all(set(state.group_indexes(i)) <= set(p.gpu_indexes) for i in p.gpu_indexes)
+        ]
+    partitioned = state.fabric_partitions is None and any(
+        gpu.nvlink_partition is not None for gpu in state.gpus
+    )
+    by_locality: dict[object, list[tuple[int, ...]]] = {}
+    for unit in units:
+        key = _locality_group(state.gpus[unit[0]]) if partitioned else None
+        by_locality.setdefault(key, []).append(unit)
+    found: list[tuple[int, ...]] = []
+
+    def extend(chosen: list[int], rest: list[tuple[int, ...]]) -> None:
+        if len(chosen) == count:
+            found.append(tuple(sorted(chosen)))
+            return
+        for position, unit in enumerate(rest):
+            if len(chosen) + len(unit) <= count:
+                extend([*chosen, *unit], rest[position + 1 :])
+
+    for group in by_locality.values():
+        extend([], group)
+    return found
+
+
+def pickable_counts(state: HostState) -> frozenset[int]:
+    """How many whole GPUs can be claimed together on a constrained host right now."""
+    units = _free_units(state)
+    counts: set[int] = set()
+    if state.fabric_partitions is not None:
+        counts.update(len(unit) for unit in units if len(unit) == 1)
+        free = {index for unit in units for index in unit}
+        counts.update(
+            len(p.gpu_indexes)
+            for p in state.fabric_partitions
+            if len(p.gpu_indexes) > 1
+            and set(p.gpu_indexes) <= free
+            and all(set(state.group_indexes(i)) <= set(p.gpu_indexes) for i in p.gpu_indexes)
+        )
+        return frozenset(counts)
+    partitioned = any(gpu.nvlink_partition is not None for gpu in state.gpus)
+    by_locality: dict[object, list[int]] = {}
+    for unit in units:
+        key = _locality_group(state.gpus[unit[0]]) if partitioned else None
+        by_locality.setdefault(key, []).append(len(unit))
+    for sizes in by_locality.values():
+        sums = {0}
+        for size in sizes:
+            sums |= {total + size for total in sums}
+        counts.update(total for total in sums if total)
+    return frozenset(counts)
+
+
+def _pick_units(state: HostState, count: int) -> tuple[int, ...] | None:
+    candidates = _candidate_sets(state, count)
+    if not candidates:
+        return None
+    unused = {gpu.index for gpu in _unused(state)}
+    gpus = state.gpus
+
+    def numa_nodes(indexes: tuple[int, ...]) -> int:
+        return len({gpus[i].numa_node for i in indexes})
+
+    if state.fabric_partitions is not None:
+        partitions = sorted(state.fabric_partitions, key=lambda p: len(p.gpu_indexes))
+
+        def slack(indexes: tuple[int, ...]) -> int:
+            """Unused GPUs left in the smallest partition holding these and more."""
+            held = set(indexes)
+            for partition in partitions:
+                members = set(partition.gpu_indexes)
+                if len(members) > len(held) and held <= members:
+                    return len(members & unused) - len(held)
+            return len(unused) - len(held)
+
+        return min(candidates, key=lambda c: (numa_nodes(c), slack(c), c))
+
+    partitioned = any(gpu.nvlink_partition is not None for gpu in gpus)
+
+    def tightness(indexes: tuple[int, ...]) -> tuple[int, int, int, tuple[int, ...]]:
+        locality = _locality_group(gpus[indexes[0]]) if partitioned else None
+        in_group = [i for i in unused if not partitioned or _locality_group(gpus[i]) == locality]
+        nodes = {gpus[i].numa_node for i in indexes}
+        on_nodes = sum(1 for i in in_group if gpus[i].numa_node in nodes)
+        return (len(in_group), len(nodes), on_nodes, indexes)
+
+    return min(candidates, key=tightness)

@@ -13,13 +13,13 @@ performance vCPU (a whole core) and the memory of a GPU machine (VFIO pins all o
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from hangar.model.config import GuestConfig
 from hangar.model.gpu import GpuRecord, GpuState
 from hangar.model.host import HostInfo
-from hangar.scheduler.model import Claim, Gpu, HostState, PlacementRequest, Pool
+from hangar.scheduler.model import Claim, Gpu, HostState, NvlinkPartition, PlacementRequest, Pool
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,15 @@ def host_state(
     previous: HostState | None = None,
     allow_cpu_machines: bool = True,
     overcommit: Overcommit = NO_OVERCOMMIT,
+    fabric_partitions: Mapping[int, Sequence[int]] | None = None,
 ) -> HostState:
     """The host as the scheduler places on it: its CPUs and memory, and its GPUs of one kind
-    (the kind it has most of; a host carries one kind). GPUs keep the state they had in
-    ``previous``, and claims keep their GPUs by PCI address; a GPU unfit for passthrough is
-    never offered (quarantined). ``allow_cpu_machines``: CPU-only machines may run on a GPU
-    host (the one-host default; a fleet's GPU hosts say no)."""
+    (the kind it has most of; a host carries one kind) with their IOMMU groups. GPUs keep
+    the state they had in ``previous``, and claims keep their GPUs by PCI address; a GPU
+    unfit for passthrough is never offered (quarantined). ``allow_cpu_machines``: CPU-only
+    machines may run on a GPU host (the one-host default; a fleet's GPU hosts say no).
+    ``fabric_partitions``: on an NVSwitch host, Fabric Manager's partitions (id -> the
+    GPUs' module ids); several GPUs are then claimed only as one of them."""
     records = sorted(gpus, key=lambda gpu: gpu.bdf)
     kinds = [gpu.kind for gpu in records]
     kind = max(sorted(set(kinds)), key=kinds.count) if kinds else ""
@@ -109,6 +112,7 @@ def host_state(
             numa_node=gpu.numa_node or 0,
             nvlink_partition=partitions.get(gpu.nvlink_domain or ""),
             state=_gpu_state(gpu, before.get(gpu.bdf)),
+            iommu_group=gpu.iommu_group,
         )
         for index, gpu in enumerate(records)
     )
@@ -141,7 +145,33 @@ def host_state(
         gpus=state_gpus,
         allow_cpu_machines=allow_cpu_machines,
         claims=tuple(claims),
+        fabric_partitions=_fabric(host.id, records, fabric_partitions),
     )
+
+
+def _fabric(
+    host_id: str, records: Sequence[GpuRecord], partitions: Mapping[int, Sequence[int]] | None
+) -> tuple[NvlinkPartition, ...] | None:
+    """Fabric Manager's partitions by GPU index; one naming a module id no offered GPU has
+    is left out (logged)."""
+    if partitions is None:
+        return None
+    index_of = {
+        gpu.module_id: index for index, gpu in enumerate(records) if gpu.module_id is not None
+    }
+    found = []
+    for partition_id, modules in sorted(partitions.items()):
+        missing = [module for module in modules if module not in index_of]
+        if missing:
+            log.warning(
+                "host %s: Fabric Manager partition %s names modules %s no GPU here reports",
+                host_id,
+                partition_id,
+                missing,
+            )
+            continue
+        found.append(NvlinkPartition(partition_id, tuple(sorted(index_of[m] for m in modules))))
+    return tuple(found)
 
 
 def _gpu_state(record: GpuRecord, before: Gpu | None) -> GpuState:

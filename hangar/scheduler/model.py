@@ -34,6 +34,18 @@ class Gpu:
     nvlink_partition: int | None = None
     """GPUs sharing a partition talk over NVLink; a multi-GPU machine stays inside one."""
     state: GpuState = GpuState.FREE
+    iommu_group: int | None = None
+    """GPUs sharing an IOMMU group are one claim unit: VFIO hands the whole group to one
+    guest, so a whole-GPU claim holds every GPU of the group or none of them."""
+
+
+@dataclass(frozen=True, slots=True)
+class NvlinkPartition:
+    """A Fabric Manager partition of an NVSwitch host: GPUs that may share NVLink inside
+    one machine, activated for it before boot."""
+
+    partition_id: int
+    gpu_indexes: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +79,10 @@ class HostState:
     allow_cpu_machines: bool = False
     """Operator's per-host exception: CPU-only machines may run on this ``gpu`` host."""
     claims: tuple[Claim, ...] = ()
+    fabric_partitions: tuple[NvlinkPartition, ...] | None = None
+    """On an NVSwitch host, its Fabric Manager partitions: a claim of several GPUs is
+    exactly one of them. None: no NVSwitch fabric; empty: a fabric whose partitions are
+    unknown, where only single GPUs (NVLink off) can be claimed."""
     free_cpu_milli: int = field(init=False)
     free_memory_mb: int = field(init=False)
     gpu_used_milli: tuple[int, ...] = field(init=False)
@@ -101,14 +117,50 @@ class HostState:
                 used[index] += claim.gpu_milli
         if cpu < 0 or memory < 0 or any(milli > MILLI_PER_GPU for milli in used):
             raise InvalidRequest(f"host {self.id}: claims exceed its capacity", field="claims")
+        self._check_groups()
         object.__setattr__(self, "free_cpu_milli", cpu)
         object.__setattr__(self, "free_memory_mb", memory)
         object.__setattr__(self, "gpu_used_milli", tuple(used))
+
+    def _check_groups(self) -> None:
+        """No whole-GPU claim holds part of an IOMMU group; partitions name real GPUs."""
+        if any(gpu.iommu_group is not None for gpu in self.gpus):
+            for claim in self.claims:
+                held = set(claim.gpu_indexes)
+                if claim.whole_gpus and any(
+                    not set(self.group_indexes(index)) <= held for index in held
+                ):
+                    raise InvalidRequest(
+                        f"host {self.id}: claim {claim.machine_id} splits an IOMMU group",
+                        field="claims",
+                    )
+        for partition in self.fabric_partitions or ():
+            if not all(0 <= index < len(self.gpus) for index in partition.gpu_indexes):
+                raise InvalidRequest(
+                    f"host {self.id}: partition {partition.partition_id} names a GPU it "
+                    "does not have",
+                    field="fabric_partitions",
+                )
 
     @property
     def kind(self) -> str:
         """The host's GPU kind ("" for a host without GPUs); hosts carry one kind."""
         return self.gpus[0].kind if self.gpus else ""
+
+    def group_indexes(self, index: int) -> tuple[int, ...]:
+        """The GPUs claimed together with GPU ``index``: its IOMMU group's (itself alone
+        when it has no group)."""
+        group = self.gpus[index].iommu_group
+        if group is None:
+            return (index,)
+        return tuple(gpu.index for gpu in self.gpus if gpu.iommu_group == group)
+
+    def partition_of(self, indexes: tuple[int, ...]) -> NvlinkPartition | None:
+        """The Fabric Manager partition made of exactly these GPUs, if there is one."""
+        wanted = sorted(indexes)
+        return next(
+            (p for p in self.fabric_partitions or () if sorted(p.gpu_indexes) == wanted), None
+        )
 
     def with_claim(self, claim: Claim) -> HostState:
         if any(existing.machine_id == claim.machine_id for existing in self.claims):
@@ -142,12 +194,19 @@ class HostState:
 
     def with_gpu_state(self, index: int, state: GpuState) -> HostState:
         """The agent's transitions: cleaning -> free after a scrub, anything -> quarantined."""
-        gpus = tuple(_with_state(gpu, state) if gpu.index == index else gpu for gpu in self.gpus)
+        return self.with_gpu_states((index,), state)
+
+    def with_gpu_states(self, indexes: tuple[int, ...], state: GpuState) -> HostState:
+        """The same transition for several GPUs at once (an IOMMU group's)."""
+        wanted = set(indexes)
+        gpus = tuple(_with_state(gpu, state) if gpu.index in wanted else gpu for gpu in self.gpus)
         return _replace_claims(self, self.claims, gpus)
 
 
 def _with_state(gpu: Gpu, state: GpuState) -> Gpu:
-    return Gpu(gpu.index, gpu.kind, gpu.bdf, gpu.numa_node, gpu.nvlink_partition, state)
+    return Gpu(
+        gpu.index, gpu.kind, gpu.bdf, gpu.numa_node, gpu.nvlink_partition, state, gpu.iommu_group
+    )
 
 
 def _replace_claims(host: HostState, claims: tuple[Claim, ...], gpus: tuple[Gpu, ...]) -> HostState:
@@ -162,6 +221,7 @@ def _replace_claims(host: HostState, claims: tuple[Claim, ...], gpus: tuple[Gpu,
         rack=host.rack,
         allow_cpu_machines=host.allow_cpu_machines,
         claims=claims,
+        fabric_partitions=host.fabric_partitions,
     )
 
 

@@ -10,6 +10,8 @@ from hangar.store.host_claims import SqliteClaimStore
 from hangar.store.machines import DEFAULT_KEEP_VERSIONS, SqliteMachineStore
 from hangar.store.runs import SqliteRunStore
 from hangar.store.tenancy import SqliteTenancyStore
+from hangar.store.usage import SqliteUsageStore
+from hangar.store.volumes import SqliteVolumeStore
 
 
 @dataclass(frozen=True)
@@ -19,9 +21,19 @@ class EmbeddedStores:
     gpus: SqliteGpuStore
     tenancy: SqliteTenancyStore
     claims: SqliteClaimStore
+    usage: SqliteUsageStore
+    volumes: SqliteVolumeStore
 
     def close(self) -> None:
-        for store in (self.machines, self.runs, self.gpus, self.tenancy, self.claims):
+        for store in (
+            self.machines,
+            self.runs,
+            self.gpus,
+            self.tenancy,
+            self.claims,
+            self.usage,
+            self.volumes,
+        ):
             store.close()
 
 
@@ -32,4 +44,6 @@ def open_embedded_stores(path: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS)
         gpus=SqliteGpuStore(path),
         tenancy=SqliteTenancyStore(path),
         claims=SqliteClaimStore(path),
+        usage=SqliteUsageStore(path),
+        volumes=SqliteVolumeStore(path),
     )

@@ -35,6 +35,7 @@ class SqliteGpuStore(SqliteDatabase):
                 gpu = gpu.model_copy(
                     update={
                         "binding": current.binding,
+                        "claim": current.claim,
                         "quarantine_reason": current.quarantine_reason,
                     }
                 )

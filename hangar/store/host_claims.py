@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hangar.model.gpu import GpuState
-from hangar.scheduler import Claim, Gpu, HostState, Pool, VersionedHost
+from hangar.scheduler import Claim, Gpu, HostState, NvlinkPartition, Pool, VersionedHost
 from hangar.store.sqlite_db import SqliteDatabase
 
 SCHEMA = """
@@ -37,14 +37,26 @@ def host_state_to_json(host: HostState) -> str:
             "rack": host.rack,
             "allow_cpu_machines": host.allow_cpu_machines,
             "gpus": [
-                [gpu.index, gpu.kind, gpu.bdf, gpu.numa_node, gpu.nvlink_partition, str(gpu.state)]
+                [
+                    gpu.index,
+                    gpu.kind,
+                    gpu.bdf,
+                    gpu.numa_node,
+                    gpu.nvlink_partition,
+                    str(gpu.state),
+                    gpu.iommu_group,
+                ]
                 for gpu in host.gpus
             ],
+            "fabric_partitions": None
+            if host.fabric_partitions is None
+            else [[p.partition_id, list(p.gpu_indexes)] for p in host.fabric_partitions],
             "claims": [
                 [c.machine_id, c.cpu_milli, c.memory_mb, list(c.gpu_indexes), c.gpu_milli]
                 for c in host.claims
             ],
-        }
+        },
+        separators=(",", ":"),
     )
 
 
@@ -60,12 +72,19 @@ def host_state_from_json(text: str) -> HostState:
         rack=body["rack"],
         allow_cpu_machines=body["allow_cpu_machines"],
         gpus=tuple(
-            Gpu(index, kind, bdf, numa, partition, GpuState(state))
-            for index, kind, bdf, numa, partition, state in body["gpus"]
+            # A record written before IOMMU groups were kept has six fields.
+            Gpu(index, kind, bdf, numa, partition, GpuState(state), *group)
+            for index, kind, bdf, numa, partition, state, *group in body["gpus"]
         ),
         claims=tuple(
             Claim(machine_id, cpu, memory, tuple(indexes), milli)
             for machine_id, cpu, memory, indexes, milli in body["claims"]
+        ),
+        fabric_partitions=None
+        if body.get("fabric_partitions") is None
+        else tuple(
+            NvlinkPartition(partition_id, tuple(indexes))
+            for partition_id, indexes in body["fabric_partitions"]
         ),
     )
 

@@ -12,9 +12,12 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from hangar.errors import Conflict, NotFound
 from hangar.model.config import MachineConfig
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
+from hangar.model.services import CheckStatus
 from hangar.store.protocol import App
 from hangar.store.sqlite_db import SqliteDatabase
 
@@ -43,7 +46,9 @@ CREATE TABLE IF NOT EXISTS machines (
     host_id TEXT NOT NULL,
     failure_reason TEXT NOT NULL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    cordoned INTEGER NOT NULL DEFAULT 0,
+    checks TEXT NOT NULL DEFAULT '[]'
 );
 CREATE UNIQUE INDEX IF NOT EXISTS machines_live_name
     ON machines(app, name) WHERE state != 'destroyed';
@@ -73,9 +78,28 @@ CREATE TABLE IF NOT EXISTS leases (
 DEFAULT_KEEP_VERSIONS = 10
 APP_COLUMNS = "name, org_slug, created_at, id"
 MACHINE_COLUMNS = (
-    "id, app, name, state, region, instance_id, version, config, image_ref, private_ip, "
-    "host_id, failure_reason, created_at, updated_at, app_id"
+    "id",
+    "app",
+    "name",
+    "state",
+    "region",
+    "instance_id",
+    "version",
+    "config",
+    "image_ref",
+    "private_ip",
+    "host_id",
+    "failure_reason",
+    "created_at",
+    "updated_at",
+    "cordoned",
+    "checks",
+    "app_id",
 )
+MACHINE_SELECT = ", ".join(MACHINE_COLUMNS)
+_CHECKS = TypeAdapter(list[CheckStatus])
+
+
 # The machines of ``app`` (a name) that belong to the app of that name now.
 _OF_CURRENT_APP = "app = ? AND app_id = IFNULL((SELECT id FROM apps WHERE name = ?), app_id)"
 
@@ -88,8 +112,8 @@ class SqliteMachineStore(SqliteDatabase):
     def __init__(self, path: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> None:
         super().__init__(path, SCHEMA)
         self.keep_versions = max(1, keep_versions)
-        self.add_columns("apps", {"id": "TEXT NOT NULL DEFAULT ''"})
-        self.add_columns("machines", {"app_id": "TEXT NOT NULL DEFAULT ''"})
+        self.ensure_columns("apps", {"id": "TEXT NOT NULL DEFAULT ''"})
+        self.ensure_columns("machines", {"app_id": "TEXT NOT NULL DEFAULT ''"})
         with self.transaction() as db:
             for row in db.execute("SELECT name FROM apps WHERE id = ''").fetchall():
                 db.execute("UPDATE apps SET id = ? WHERE name = ?", (new_app_id(), row["name"]))
@@ -97,6 +121,10 @@ class SqliteMachineStore(SqliteDatabase):
                 "UPDATE machines SET app_id = IFNULL((SELECT id FROM apps"
                 " WHERE apps.name = machines.app), '') WHERE app_id = ''"
             )
+        self.ensure_columns(
+            "machines",
+            {"cordoned": "INTEGER NOT NULL DEFAULT 0", "checks": "TEXT NOT NULL DEFAULT '[]'"},
+        )
 
     # apps
     def create_app(self, name: str, org_slug: str, now: float, name_hold_s: float = 0.0) -> App:
@@ -180,15 +208,19 @@ class SqliteMachineStore(SqliteDatabase):
             machine.failure_reason,
             machine.created_at,
             machine.updated_at,
+            int(machine.cordoned),
+            _CHECKS.dump_json(machine.checks).decode(),
             machine.app_id,
         )
 
     @staticmethod
     def _machine_from(row: sqlite3.Row) -> Machine:
-        values = dict(row)
+        values = {name: row[name] for name in MACHINE_COLUMNS}
         values["config"] = MachineConfig.model_validate_json(values["config"])
         values["image_ref"] = ImageRef.model_validate_json(values["image_ref"])
         values["state"] = MachineState(values["state"])
+        values["cordoned"] = bool(values["cordoned"])
+        values["checks"] = _CHECKS.validate_json(values["checks"])
         return Machine(**values)
 
     def insert_machine(self, machine: Machine) -> None:
@@ -196,8 +228,8 @@ class SqliteMachineStore(SqliteDatabase):
             with self.transaction() as db:
                 row = self._machine_row(machine)
                 db.execute(
-                    f"INSERT INTO machines ({MACHINE_COLUMNS}) VALUES"
-                    " (?,?,?,?,?,?,?,?,?,?,?,?,?,?,"
+                    f"INSERT INTO machines ({MACHINE_SELECT}) VALUES"
+                    f" ({', '.join('?' for _ in MACHINE_COLUMNS[:-1])},"
                     " IFNULL(NULLIF(?, ''), IFNULL((SELECT id FROM apps WHERE name = ?), '')))",
                     (*row, machine.app),
                 )
@@ -217,11 +249,11 @@ class SqliteMachineStore(SqliteDatabase):
             ) from None
 
     def get_machine(self, machine_id: str) -> Machine | None:
-        rows = self._query(f"SELECT {MACHINE_COLUMNS} FROM machines WHERE id = ?", (machine_id,))
+        rows = self._query(f"SELECT {MACHINE_SELECT} FROM machines WHERE id = ?", (machine_id,))
         return self._machine_from(rows[0]) if rows else None
 
     def list_machines(self, app: str | None, include_destroyed: bool = False) -> list[Machine]:
-        sql = f"SELECT {MACHINE_COLUMNS} FROM machines WHERE 1=1"
+        sql = f"SELECT {MACHINE_SELECT} FROM machines WHERE 1=1"
         params: list[Any] = []
         if app is not None:
             sql += f" AND {_OF_CURRENT_APP}"
@@ -233,11 +265,10 @@ class SqliteMachineStore(SqliteDatabase):
 
     def save_machine(self, machine: Machine) -> None:
         row = self._machine_row(machine)
+        # app_id is the machine's for good: never rewritten.
+        assignments = ", ".join(f"{name} = ?" for name in MACHINE_COLUMNS[1:-1])
         changed = self._execute(
-            "UPDATE machines SET app=?, name=?, state=?, region=?, instance_id=?, version=?,"
-            " config=?, image_ref=?, private_ip=?, host_id=?, failure_reason=?, created_at=?,"
-            " updated_at=? WHERE id = ?",
-            (*row[1:-1], row[0]),
+            f"UPDATE machines SET {assignments} WHERE id = ?", (*row[1:-1], row[0])
         )
         if not changed:
             raise NotFound(f"machine {machine.id} not found", machine_id=machine.id)
@@ -247,6 +278,21 @@ class SqliteMachineStore(SqliteDatabase):
         self._execute(
             "UPDATE machines SET image_ref = ?, updated_at = ? WHERE id = ?",
             (image_ref.model_dump_json(), now, machine_id),
+        )
+
+    def set_cordoned(self, machine_id: str, cordoned: bool, now: float) -> None:
+        changed = self._execute(
+            "UPDATE machines SET cordoned = ?, updated_at = ? WHERE id = ?",
+            (int(cordoned), now, machine_id),
+        )
+        if not changed:
+            raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+
+    def set_checks(self, machine_id: str, checks: list[CheckStatus]) -> None:
+        """Only the checks: a concurrent config or state write is not lost."""
+        self._execute(
+            "UPDATE machines SET checks = ? WHERE id = ?",
+            (_CHECKS.dump_json(checks).decode(), machine_id),
         )
 
     def set_state(

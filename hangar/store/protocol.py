@@ -16,6 +16,8 @@ from hangar.model.config import MachineConfig
 from hangar.model.gpu import GpuEvent, GpuRecord
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 from hangar.model.run import RunRecord
+from hangar.model.services import CheckStatus
+from hangar.model.volume import Volume
 
 
 class App(BaseModel):
@@ -49,6 +51,8 @@ class MachineStore(Protocol):
     def list_machines(self, app: str | None, include_destroyed: bool = False) -> list[Machine]: ...
     def save_machine(self, machine: Machine) -> None: ...
     def set_image_ref(self, machine_id: str, image_ref: ImageRef, now: float) -> None: ...
+    def set_cordoned(self, machine_id: str, cordoned: bool, now: float) -> None: ...
+    def set_checks(self, machine_id: str, checks: list[CheckStatus]) -> None: ...
     def set_state(
         self, machine_id: str, state: MachineState, now: float, reason: str = ""
     ) -> Machine: ...
@@ -94,14 +98,40 @@ class RunStore(Protocol):
     def list_vm_handles(self) -> dict[str, dict[str, Any]]: ...
 
 
+class VolumeStore(Protocol):
+    """Volumes of every app, shared by a fleet (each record names the host its image is
+    on). A record changes only by compare-and-set on its ``version``; the changes hangar
+    makes (attach, detach, state moves) are built on that in ``hangar.store.volume_claims``."""
+
+    def insert_volume(self, volume: Volume) -> None:
+        """Add a new record (``Conflict`` if the id is taken)."""
+        ...
+
+    def get_volume(self, volume_id: str) -> Volume | None: ...
+    def list_volumes(
+        self,
+        app: str | None = None,
+        *,
+        host_id: str | None = None,
+        include_destroyed: bool = False,
+    ) -> list[Volume]:
+        """Oldest first."""
+        ...
+
+    def compare_and_set_volume(self, volume: Volume) -> bool:
+        """Store ``volume`` if the record's version is still ``volume.version`` (it is
+        stored with the next version); False if it changed meanwhile or is gone."""
+        ...
+
+
 class GpuStore(Protocol):
     """A host's GPUs as its agent found them (inventory, VFIO binding, why one is out of use)
     and what happened to each. Who holds a GPU, and whether it is free, cleaning or
     quarantined, is the host's claim record (``hangar.scheduler.ClaimStore``)."""
 
     def upsert_gpu_inventory(self, gpu: GpuRecord) -> GpuRecord:
-        """Register a GPU found on the host; an existing record keeps its binding and its
-        quarantine reason."""
+        """Register a GPU found on the host; an existing record keeps what the agent wrote
+        (its group claim, binding and quarantine reason)."""
         ...
 
     def list_gpus(self, host_id: str | None = None) -> list[GpuRecord]: ...
@@ -118,12 +148,16 @@ class TokenKind(enum.StrEnum):
 
 
 class OrgQuotas(BaseModel):
-    """Per-org limits over its machines that are not destroyed; ``None`` means no limit."""
+    """Per-org limits over its machines that are not destroyed and its volumes that hold
+    space; ``None`` means no limit."""
 
     machines: int | None = None
     memory_mb: int | None = None
     gpus: dict[str, int] = Field(default_factory=dict)
     """GPU kind -> most GPUs of that kind; a kind not named here is not limited."""
+    volumes: int | None = None
+    volume_gb: int | None = None
+    """The most GB all of the org's volumes may add up to."""
 
 
 class Org(BaseModel):
@@ -177,6 +211,10 @@ class TenancyStore(Protocol):
     def get_org(self, slug: str) -> Org | None: ...
     def list_orgs(self) -> list[Org]: ...
     def set_quotas(self, slug: str, quotas: OrgQuotas) -> Org: ...
+
+    # private networks: each org's number in the private addresses of its machines
+    def network_numbers(self) -> dict[int, str]: ...
+    def assign_network_number(self, slug: str, number: int) -> int: ...
 
     # tokens (looked up by the hash of their secret)
     def insert_token(self, token: ApiToken, secret_hash: str) -> None: ...

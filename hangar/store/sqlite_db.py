@@ -31,14 +31,14 @@ class SqliteDatabase:
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(schema)
 
-    def add_columns(self, table: str, columns: dict[str, str]) -> set[str]:
-        """Add ``columns`` (name -> declaration) that an older ``table`` lacks; returns the
-        names added (a database made by an earlier version is upgraded in place)."""
+    def ensure_columns(self, table: str, columns: dict[str, str]) -> set[str]:
+        """Add the columns a database made by an older hangar lacks (``name: declaration``);
+        returns the names added (the database is upgraded in place)."""
         with self._lock:
-            present = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             added = set()
             for name, declaration in columns.items():
-                if name not in present:
+                if name not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
                     added.add(name)
             return added

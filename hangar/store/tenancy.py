@@ -31,6 +31,10 @@ CREATE TABLE IF NOT EXISTS audit_log (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_log_org ON audit_log(org_slug, seq);
+CREATE TABLE IF NOT EXISTS org_networks (
+    slug TEXT PRIMARY KEY,
+    number INTEGER NOT NULL UNIQUE
+);
 """
 
 
@@ -87,6 +91,24 @@ class SqliteTenancyStore(SqliteDatabase):
         org = self.get_org(slug)
         assert org is not None
         return org
+
+    # private networks
+    def network_numbers(self) -> dict[int, str]:
+        rows = self._query("SELECT number, slug FROM org_networks")
+        return {row["number"]: row["slug"] for row in rows}
+
+    def assign_network_number(self, slug: str, number: int) -> int:
+        """The org's network number: ``number`` if it had none (and no other org has it),
+        else the one it has. Conflict if another org holds ``number``."""
+        try:
+            with self.transaction() as db:
+                db.execute("INSERT OR IGNORE INTO org_networks VALUES (?, ?)", (slug, number))
+                row = db.execute(
+                    "SELECT number FROM org_networks WHERE slug = ?", (slug,)
+                ).fetchone()
+        except sqlite3.IntegrityError:
+            raise Conflict(f"network number {number} is taken", org=slug, retryable=True) from None
+        return int(row["number"])
 
     # tokens
     def insert_token(self, token: ApiToken, secret_hash: str) -> None:

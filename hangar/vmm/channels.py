@@ -14,7 +14,7 @@ the host (:class:`ChannelPump`, never the event loop) reads every machine's chan
   ``exit`` and ``error`` events, a bounded number more);
 - and a flood (lines dropped, the control log full) is logged once per episode.
 
-Each ``exit`` event kept is acknowledged (``ack`` on the port): the guest's init waits for it
+Each ``exit`` event kept is acknowledged (``EXIT_ACK_REPLY`` on the port): the guest's init waits for it
 before it powers off, since what the host has not read yet when QEMU exits is lost.
 
 While the agent is down nobody reads: the guest's control writes wait (nothing is lost), its
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from hangar.model.guest_contract import EXIT_ACK_REPLY
 from hangar.ratelimit import FloodLog
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ CONSOLE_PREVIOUS_SUFFIX = ".1"
 ESSENTIAL_EVENTS = frozenset({"exit", "error"})
 ESSENTIAL_EXTRA_LINES = 64
 ESSENTIAL_LINE_BYTES = 4 * KIB
-EXIT_ACK = b"ack\n"
 
 
 def previous_console_log(console_log: Path) -> Path:
@@ -376,7 +376,7 @@ class ChannelPump:
 def _acknowledge(sock: socket.socket) -> None:
     """Tell the guest its exit was taken (a few bytes on a socket nobody else writes)."""
     with contextlib.suppress(OSError):
-        sock.send(EXIT_ACK)
+        sock.send(EXIT_ACK_REPLY)
 
 
 def connect_unix(path: Path) -> socket.socket:

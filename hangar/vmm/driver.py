@@ -4,39 +4,48 @@ A driver turns a :class:`VmSpec` into a running VM and answers for it through a
 :class:`VmHandle`. Specs and handles are pydantic models because the agent stores them
 durably: after an agent restart it hands the stored handle back to :meth:`Driver.adopt`.
 
-The guest contract every driver honours (hangar's guest init relies on it):
+The guest contract every driver honours (names in :mod:`hangar.model.guest_contract`, which
+hangar's guest init reads too):
 
-- kernel command line starts with :data:`GUEST_KERNEL_CMDLINE`; drivers may append to it;
-- disk 1 is the machine's writable root disk (``/dev/vda``), extra disks follow in order;
+- kernel command line starts with ``GUEST_KERNEL_CMDLINE``; drivers may append to it;
+- disk 1 is the machine's writable root disk (``ROOT_DEVICE``), extra disks follow in order;
 - volumes follow the extra disks; the guest finds each by its serial (the volume's name);
 - the first serial port goes to ``console_log``;
-- the guest writes JSON lines to the port named :data:`CONTROL_PORT_NAME`, which land in
-  ``control_log`` (see :mod:`hangar.vmm.control`); with ``console_socket`` and
-  ``control_socket`` set (what :meth:`VmSpec.in_run_dir` does) both go through sockets the
-  host reads with bounds (:mod:`hangar.vmm.channels`), never straight into files;
+- the guest writes JSON lines to the port ``Port.CONTROL``, which land in ``control_log``
+  (see :mod:`hangar.vmm.control`); with ``console_socket`` and ``control_socket`` set (what
+  :meth:`VmSpec.in_run_dir` does) both go through sockets the host reads with bounds
+  (:mod:`hangar.vmm.channels`), never straight into files, and the kernel command line
+  carries ``EXIT_ACK_ARG`` (the guest waits for the host's answer to its exit event);
 - a machine with a :class:`NicSpec` gets one virtio-net device on that tap, with that MAC;
-- the host writes ``signal N`` lines to the port named :data:`SIGNAL_PORT_NAME`, served on
-  ``signal_socket``; the guest forwards signal N to its process.
+- the host writes ``signal N`` lines to the port ``Port.SIGNAL``, served on
+  ``signal_socket``; the guest forwards signal N to its process;
+- the host runs commands in the guest through the port ``Port.EXEC``, served on
+  ``exec_socket`` (see :mod:`hangar.vmm.guest_exec`).
+
+A running VM can be suspended into a snapshot file (:meth:`Driver.suspend`) and restored
+from it by launching the same spec with ``incoming_snapshot`` set (see
+:mod:`hangar.vmm.snapshot`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from signal import SIGTERM
-from typing import Annotated, Literal, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol, Self, runtime_checkable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hangar.clock import Clock
+from hangar.model.guest_contract import RunDir
 from hangar.vmm.gpu_topology import PCI_BDF_PATTERN, GpuTopology
 
-GUEST_KERNEL_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet tsc=reliable no_timer_check"
-CONTROL_PORT_NAME = "hangar.ctl"
-CONTROL_ACK_ARG = "hangar.ctl=ack"
-"""On the kernel command line when the host acknowledges the guest's exit event."""
-SIGNAL_PORT_NAME = "hangar.sig"
+if TYPE_CHECKING:
+    from hangar.vmm.guest_exec import ExecResult, GuestProcess
+    from hangar.vmm.snapshot import SnapshotManifest
+
 
 MACHINE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 IFNAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -121,11 +130,12 @@ class VmSpec(BaseModel):
     cpus: int = Field(default=1, ge=1, le=512)
     memory_mb: int = Field(default=256, ge=32)
     kernel_args: list[str] = Field(
-        default_factory=list, description="appended to GUEST_KERNEL_CMDLINE"
+        default_factory=list, description="appended to the contract's GUEST_KERNEL_CMDLINE"
     )
     console_log: Path
     control_log: Path
     signal_socket: Path
+    exec_socket: Path
     qmp_socket: Path
     vmm_log: Path = Field(description="the VMM's own stderr, quoted in launch errors")
     console_socket: Path | None = Field(
@@ -147,6 +157,11 @@ class VmSpec(BaseModel):
         default=None,
         description="a GPU machine: q35 with KVM, a pxb-pcie per NUMA node and a root port "
         "per GPU, a 64-bit PCI hole sized to the BARs, memory from huge pages on the GPUs' node",
+    )
+    incoming_snapshot: Path | None = Field(
+        default=None,
+        description="restore the VM from this suspend snapshot instead of booting it; "
+        "every other field must be as it was when the snapshot was taken",
     )
 
     @field_validator("machine_id")
@@ -232,13 +247,14 @@ class VmSpec(BaseModel):
             cpus=cpus,
             memory_mb=memory_mb,
             kernel_args=kernel_args or [],
-            console_log=run_dir / "console.log",
-            control_log=run_dir / "ctl.jsonl",
-            signal_socket=run_dir / "sig.sock",
-            qmp_socket=run_dir / "qmp.sock",
-            vmm_log=run_dir / "vmm.log",
-            console_socket=run_dir / "console.sock" if channel_sockets else None,
-            control_socket=run_dir / "ctl.sock" if channel_sockets else None,
+            console_log=run_dir / RunDir.CONSOLE_LOG,
+            control_log=run_dir / RunDir.CONTROL_LOG,
+            signal_socket=run_dir / RunDir.SIGNAL_SOCKET,
+            exec_socket=run_dir / RunDir.EXEC_SOCKET,
+            qmp_socket=run_dir / RunDir.QMP_SOCKET,
+            vmm_log=run_dir / RunDir.VMM_LOG,
+            console_socket=run_dir / RunDir.CONSOLE_SOCKET if channel_sockets else None,
+            control_socket=run_dir / RunDir.CONTROL_SOCKET if channel_sockets else None,
             gpus=gpus or [],
             hugepages=hugepages,
             nic=nic,
@@ -266,6 +282,14 @@ class VmHandle(BaseModel):
     machine_type: str
     memory_mb: int | None = Field(
         default=None, description="guest memory: how long a teardown may take grows with it"
+    )
+    cpu_model: str = ""
+    exec_socket: Path | None = Field(
+        default=None, description="None for a VM launched without an exec channel"
+    )
+    spec: VmSpec | None = Field(
+        default=None,
+        description="the spec the VM runs (without incoming_snapshot): what suspend records",
     )
 
 
@@ -302,7 +326,14 @@ class Driver(Protocol):
         ...
 
     async def launch(self, spec: VmSpec) -> VmHandle:
-        """Start the VMM, detached from the caller's session; return once it answers."""
+        """Start the VMM, detached from the caller's session; return once it answers.
+
+        With ``spec.incoming_snapshot`` the VM is restored from that snapshot and runs on
+        where it was suspended; the snapshot is consumed (dropped before the guest runs
+        again). A snapshot that is missing, corrupt or made for another command line raises
+        :class:`hangar.vmm.errors.SnapshotUnusable` and is dropped: launch the spec without
+        ``incoming_snapshot`` to boot cold.
+        """
         ...
 
     async def signal(self, handle: VmHandle, signum: int) -> None:
@@ -327,4 +358,24 @@ class Driver(Protocol):
 
     async def adopt(self, handle: VmHandle) -> bool:
         """After an agent restart: is this handle's VMM still running, ours, and answering?"""
+        ...
+
+    async def suspend(self, handle: VmHandle, snapshot_path: Path) -> SnapshotManifest:
+        """Pause the guest, save its memory and device state to ``snapshot_path`` and end
+        the VMM. The root disk is left exactly as the guest had it.
+
+        Idempotent: a whole snapshot already there (with its VMM still paused, or gone) is
+        kept and its VMM ended. On failure nothing that looks whole is left and the guest
+        runs on. GPU machines raise :class:`hangar.vmm.errors.SuspendNotSupported`.
+        """
+        ...
+
+    async def exec(
+        self, handle: VmHandle, argv: Sequence[str], *, stdin: bytes = b"", timeout_s: float
+    ) -> ExecResult:
+        """Run ``argv`` in the guest's root as root; killed after ``timeout_s``."""
+        ...
+
+    async def processes(self, handle: VmHandle) -> list[GuestProcess]:
+        """The processes running in the guest's root."""
         ...

@@ -8,6 +8,10 @@ launch and adopt attach them.
 A QEMU this instance launched is reaped by a waiter thread as soon as it exits; one that
 was adopted is someone else's child, and its exit shows through a pidfd, /proc and the
 guest's control log.
+
+Suspend is QEMU's migration into a file (:mod:`hangar.vmm.migration`), committed as a
+snapshot (:mod:`hangar.vmm.snapshot`); restore launches the same command line with
+``-incoming`` and continues the VM once the snapshot is loaded and checked.
 """
 
 from __future__ import annotations
@@ -18,19 +22,42 @@ import itertools
 import logging
 import subprocess
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from signal import SIGKILL, SIGTERM
+from typing import Any
 
 from hangar.clock import Clock, SystemClock
 from hangar.errors import VmmError
-from hangar.vmm.accel import AccelChoice, choose_accel
+from hangar.vmm.accel import AccelChoice, choose_accel, kvm_choice, tcg_choice
 from hangar.vmm.channels import ChannelLimits, ChannelPump, connect_unix
 from hangar.vmm.control import read_control_events, summarise_control_events
 from hangar.vmm.deadline import run_with_deadline
 from hangar.vmm.driver import StopOutcome, VmHandle, VmSpec, VmStatus
-from hangar.vmm.errors import QmpError, SignalNotDelivered
+from hangar.vmm.errors import (
+    GuestExecError,
+    QmpError,
+    SignalNotDelivered,
+    SnapshotUnusable,
+    SuspendFailed,
+    SuspendNotSupported,
+)
 from hangar.vmm.gpu_topology import launch_timeout_s, unpin_time_s
+from hangar.vmm.guest_exec import (
+    ExecResult,
+    GuestProcess,
+    exec_in_guest,
+    list_guest_processes,
+    tell_guest_resumed,
+)
+from hangar.vmm.migration import (
+    PAUSED_STATES,
+    MigrationFailed,
+    cancel_active_migration,
+    save_to_file,
+    wait_incoming_loaded,
+)
 from hangar.vmm.proc import ProcessRef, read_process
 from hangar.vmm.qemu_argv import (
     HUGEPAGES_DIR,
@@ -41,13 +68,25 @@ from hangar.vmm.qemu_argv import (
 )
 from hangar.vmm.qmp import qmp_execute, query_status
 from hangar.vmm.signal_port import send_guest_signal
+from hangar.vmm.snapshot import (
+    SnapshotManifest,
+    check_state_crc,
+    commit_snapshot,
+    create_partial_state,
+    drop_snapshot,
+    has_snapshot,
+    identity_mismatch,
+    read_manifest,
+    revoke_snapshot,
+    vm_identity,
+)
 
 log = logging.getLogger(__name__)
 
 # QMP run states in which the guest cannot go on by itself.
 FAILED_VM_STATES = frozenset({"internal-error", "guest-panicked", "io-error", "shutdown"})
 VMM_LOG_QUOTE_CHARS = 4000
-LAUNCH_POLL_S = 0.05
+LAUNCH_POLL_S = 0.01
 DRAIN_TIMEOUT_S = 10.0
 """How long the exit waits for what the guest sent last to be read into its control log."""
 
@@ -62,6 +101,20 @@ class QemuTimeouts:
     quit_grace_s: float = 10.0
     kill_grace_s: float = 30.0
     """A SIGKILLed QEMU with VFIO devices can take seconds to release them."""
+    migrate_base_s: float = 60.0
+    migrate_per_gib_s: float = 60.0
+    """Saving or loading a snapshot may take migrate_base_s + this much per GiB of memory."""
+    resume_notice_s: float = 5.0
+    """For the restored guest to take its clock and note the resume (it goes on regardless)."""
+
+    def migrate_s(self, memory_mb: int) -> float:
+        return self.migrate_base_s + self.migrate_per_gib_s * memory_mb / 1024
+
+
+# QEMU's words when an incoming migration stream does not fit or does not load.
+_REJECTED_STREAM_WORDS = ("migration", "loading state", "savevm", "ramblock")
+MIGRATION_MAX_BANDWIDTH = 1 << 40
+"""Bytes a second: the VM is stopped while it is saved, so nothing is gained by throttling."""
 
 
 class QemuDriver:
@@ -76,6 +129,7 @@ class QemuDriver:
         timeouts: QemuTimeouts | None = None,
         hugepages_dir: Path = HUGEPAGES_DIR,
         channel_limits: ChannelLimits | None = None,
+        migration_bandwidth: int = MIGRATION_MAX_BANDWIDTH,
     ) -> None:
         self.accel = accel if accel is not None else choose_accel()
         self.channels = ChannelPump(channel_limits)
@@ -83,6 +137,7 @@ class QemuDriver:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._timeouts = timeouts if timeouts is not None else QemuTimeouts()
         self._hugepages_dir = hugepages_dir
+        self._migration_bandwidth = migration_bandwidth
         self._children: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
 
     def prepare(self, spec: VmSpec) -> list[str]:
@@ -91,17 +146,38 @@ class QemuDriver:
 
     async def launch(self, spec: VmSpec) -> VmHandle:
         try:
-            argv = self.prepare(spec)
-            _clear_run_files(spec)
-            child = self._spawn(spec, argv)
-            return await self._start(spec, argv, child)
+            if spec.incoming_snapshot is not None:
+                return await self._restore(spec, spec.incoming_snapshot)
+            return await self._boot(spec)
         finally:
             # QEMU read the volumes' passphrases while starting; they must not outlive that.
             _remove_volume_key_files(spec)
 
-    async def _start(
-        self, spec: VmSpec, argv: list[str], child: subprocess.Popen[bytes]
-    ) -> VmHandle:
+    async def _boot(self, spec: VmSpec) -> VmHandle:
+        argv = self.prepare(spec)
+        _clear_run_files(spec)
+        handle, child = self._start(spec, argv)
+        try:
+            deadline = self._clock.monotonic() + self._launch_s(spec)
+            await self._attach_channels(handle, child, argv, deadline)
+            await self._wait_until_answering(
+                handle, child, argv, max(0.0, deadline - self._clock.monotonic())
+            )
+        except BaseException:
+            with contextlib.suppress(VmmError):
+                await self.kill(handle)
+            raise
+        log.info(
+            "machine %s: QEMU pid %d running (accel=%s machine=%s)",
+            spec.machine_id,
+            child.pid,
+            handle.accel,
+            handle.machine_type,
+        )
+        return handle
+
+    def _start(self, spec: VmSpec, argv: list[str]) -> tuple[VmHandle, subprocess.Popen[bytes]]:
+        child = self._spawn(spec, argv)
         info = read_process(child.pid)
         # Nothing has reaped the child yet, so its /proc entry is there even if it exited.
         assert info is not None
@@ -120,25 +196,53 @@ class QemuDriver:
             accel=self.accel.accel,
             machine_type=argv[argv.index("-machine") + 1],
             memory_mb=spec.memory_mb,
+            cpu_model=self.accel.cpu_model,
+            exec_socket=spec.exec_socket,
+            spec=spec.model_copy(update={"incoming_snapshot": None}),
         )
         self._reap_when_done(handle, child)
+        return handle, child
+
+    async def _restore(self, spec: VmSpec, state: Path) -> VmHandle:
+        """Launch ``spec`` from the snapshot at ``state``; see :meth:`Driver.launch`."""
         try:
-            deadline = self._clock.monotonic() + self._launch_s(spec)
-            await self._attach_channels(handle, child, argv, deadline)
-            await self._wait_until_answering(
-                handle, child, argv, max(0.0, deadline - self._clock.monotonic())
+            manifest = read_manifest(state)
+            argv = self._prepare_restore(spec, state)
+        except SnapshotUnusable:
+            await asyncio.to_thread(drop_snapshot, state)
+            raise
+        _clear_run_files(spec, keep_control_log=True)
+        handle, child = self._start(spec, argv)
+        # Checked while QEMU starts and loads the same file; the VM runs only if it passes.
+        verified = asyncio.ensure_future(
+            asyncio.to_thread(self._verify_snapshot, spec, state, manifest)
+        )
+        try:
+            await self._load_snapshot(handle, child, argv, spec)
+            await verified
+            # From here the guest runs on and its disk moves away from the snapshot: it
+            # must never be restored again.
+            revoke_snapshot(state)
+            await qmp_execute(
+                handle.qmp_socket, "cont", clock=self._clock, timeout_s=self._timeouts.qmp_s
             )
-        except BaseException:
+        except BaseException as error:
             with contextlib.suppress(VmmError):
                 await self.kill(handle)
-            raise
-        log.info(
-            "machine %s: QEMU pid %d running (accel=%s machine=%s)",
-            spec.machine_id,
-            child.pid,
-            handle.accel,
-            handle.machine_type,
-        )
+            problem = await _exception_of(verified)
+            if isinstance(error, VmmError) and isinstance(problem, SnapshotUnusable):
+                error = problem  # what made QEMU fail, or what it would have run
+            if isinstance(error, SnapshotUnusable):
+                await asyncio.to_thread(drop_snapshot, state)
+            raise error
+        log.info("machine %s: QEMU pid %d restored from %s", spec.machine_id, child.pid, state)
+        await asyncio.to_thread(drop_snapshot, state)
+        try:
+            await tell_guest_resumed(
+                handle, clock=self._clock, timeout_s=self._timeouts.resume_notice_s
+            )
+        except GuestExecError as error:
+            log.warning("machine %s: the guest did not take the resume: %s", spec.machine_id, error)
         return handle
 
     async def _attach_channels(
@@ -184,6 +288,71 @@ class QemuDriver:
             except OSError as error:
                 log.warning("machine %s: cannot read its %s: %s", handle.machine_id, kind, error)
 
+    def _prepare_restore(self, spec: VmSpec, state: Path) -> list[str]:
+        """The restore's command line; a kernel, initrd or disk that is gone makes the
+        snapshot unusable (the guest ran from them)."""
+        try:
+            return self.prepare(spec)
+        except VmmError as error:
+            field = str(error.fields.get("field", ""))
+            if field in ("kernel", "initrd", "root_disk") or field.startswith("extra_disks"):
+                raise SnapshotUnusable(
+                    f"the snapshot {state} cannot be restored: {error}",
+                    reason="incompatible",
+                    path=str(state),
+                    machine_id=spec.machine_id,
+                ) from error
+            raise
+
+    def _verify_snapshot(self, spec: VmSpec, state: Path, manifest: SnapshotManifest) -> None:
+        """Raise :class:`SnapshotUnusable` unless the snapshot fits ``spec`` and is intact."""
+        cold = spec.model_copy(update={"incoming_snapshot": None})
+        now = vm_identity(cold, self.accel, binary=self._binary, hugepages_dir=self._hugepages_dir)
+        mismatch = identity_mismatch(manifest.vm, now)
+        if mismatch is not None:
+            raise SnapshotUnusable(
+                f"the snapshot {state} cannot be restored: {mismatch}",
+                reason="incompatible",
+                path=str(state),
+                machine_id=spec.machine_id,
+            )
+        check_state_crc(state, manifest)
+
+    async def _load_snapshot(
+        self, handle: VmHandle, child: subprocess.Popen[bytes], argv: list[str], spec: VmSpec
+    ) -> None:
+        """Wait until QEMU has loaded its incoming snapshot and holds the VM paused."""
+        deadline = self._clock.monotonic() + self._timeouts.migrate_s(spec.memory_mb)
+        try:
+            launch_deadline = self._clock.monotonic() + self._launch_s(spec)
+            await self._attach_channels(handle, child, argv, launch_deadline)
+            await self._wait_until_answering(
+                handle, child, argv, max(0.0, launch_deadline - self._clock.monotonic())
+            )
+            run_state = await wait_incoming_loaded(
+                handle.qmp_socket,
+                clock=self._clock,
+                qmp_timeout_s=self._timeouts.qmp_s,
+                deadline=deadline,
+            )
+        except VmmError as error:
+            if isinstance(error, SnapshotUnusable) or not await self._exits_soon(child):
+                raise
+            raise _restore_failure(handle, spec, child) from error
+        if run_state not in PAUSED_STATES:
+            raise SnapshotUnusable(
+                f"QEMU loaded the snapshot {spec.incoming_snapshot} into state {run_state}",
+                reason="rejected",
+                path=str(spec.incoming_snapshot),
+                machine_id=spec.machine_id,
+            )
+
+    async def _exits_soon(self, child: subprocess.Popen[bytes]) -> bool:
+        deadline = self._clock.monotonic() + self._timeouts.quit_grace_s
+        while child.returncode is None and self._clock.monotonic() < deadline:
+            await self._clock.sleep(LAUNCH_POLL_S)
+        return child.returncode is not None
+
     async def signal(self, handle: VmHandle, signum: int) -> None:
         await send_guest_signal(
             handle.signal_socket, signum, clock=self._clock, timeout_s=self._timeouts.signal_s
@@ -212,20 +381,26 @@ class QemuDriver:
             log.info(
                 "machine %s: still running after %s s, quitting QEMU", handle.machine_id, timeout_s
             )
-            try:
-                await qmp_execute(
-                    handle.qmp_socket, "quit", clock=clock, timeout_s=self._timeouts.qmp_s
-                )
-            except QmpError as error:
-                log.warning("machine %s: %s", handle.machine_id, error)
-            else:
-                if await _exits_within(process, clock, self._timeouts.quit_grace_s):
-                    return StopOutcome.QUIT
+            return await self._quit_or_kill(handle, process, clock)
 
-            log.warning("machine %s: killing QEMU pid %d", handle.machine_id, handle.pid)
-            process.send_signal(SIGKILL)
-            if await _exits_within(process, clock, self._kill_grace_s(handle)):
-                return StopOutcome.KILLED
+    async def _quit_or_kill(
+        self, handle: VmHandle, process: ProcessRef, clock: Clock
+    ) -> StopOutcome:
+        """Make QEMU quit through QMP, and failing that kill it; return once it is gone."""
+        try:
+            await qmp_execute(
+                handle.qmp_socket, "quit", clock=clock, timeout_s=self._timeouts.qmp_s
+            )
+        except QmpError as error:
+            log.warning("machine %s: %s", handle.machine_id, error)
+        else:
+            if await _exits_within(process, clock, self._timeouts.quit_grace_s):
+                return StopOutcome.QUIT
+
+        log.warning("machine %s: killing QEMU pid %d", handle.machine_id, handle.pid)
+        process.send_signal(SIGKILL)
+        if await _exits_within(process, clock, self._kill_grace_s(handle)):
+            return StopOutcome.KILLED
         raise VmmError(
             f"QEMU pid {handle.pid} is still running after SIGKILL",
             machine_id=handle.machine_id,
@@ -245,6 +420,108 @@ class QemuDriver:
             machine_id=handle.machine_id,
             pid=handle.pid,
         )
+
+    async def suspend(self, handle: VmHandle, snapshot_path: Path) -> SnapshotManifest:
+        spec = suspendable_spec(handle)
+        process = ProcessRef.open(handle.pid, handle.start_time)
+        if process is None:
+            # Run again after the VMM ended: done if the earlier run committed the snapshot.
+            try:
+                return read_manifest(snapshot_path)
+            except SnapshotUnusable:
+                raise SuspendFailed(
+                    f"machine {handle.machine_id} is not running: nothing to suspend",
+                    resumed=False,
+                    machine_id=handle.machine_id,
+                ) from None
+        with process:
+            if has_snapshot(snapshot_path) and await self._vm_state(handle) in PAUSED_STATES:
+                # An earlier run committed the snapshot but did not end QEMU.
+                await self._quit_or_kill(handle, process, self._clock)
+                return read_manifest(snapshot_path)
+            # A snapshot this VM has run on from, or what a cut-short run left: never restorable.
+            drop_snapshot(snapshot_path)
+            partial = create_partial_state(snapshot_path)
+            deadline = self._clock.monotonic() + self._timeouts.migrate_s(spec.memory_mb)
+            try:
+                await save_to_file(
+                    handle.qmp_socket,
+                    partial,
+                    clock=self._clock,
+                    qmp_timeout_s=self._timeouts.qmp_s,
+                    deadline=deadline,
+                    max_bandwidth=self._migration_bandwidth,
+                )
+            except (MigrationFailed, TimeoutError, QmpError) as error:
+                raise await self._suspend_failed(handle, process, snapshot_path, error) from error
+            except BaseException:
+                # Cancelled, as by a crash: the next run finds the migration and redoes it.
+                partial.unlink(missing_ok=True)
+                raise
+            # The vCPUs are stopped and QEMU has flushed and released the disks: what the
+            # snapshot records of them is final.
+            vm = await asyncio.to_thread(
+                vm_identity,
+                spec,
+                _accel_of(handle),
+                binary=self._binary,
+                hugepages_dir=self._hugepages_dir,
+            )
+            manifest = await asyncio.to_thread(
+                commit_snapshot,
+                snapshot_path,
+                machine_id=handle.machine_id,
+                vm=vm,
+                now=self._clock.now(),
+            )
+            log.info(
+                "machine %s: suspended into %s (%d bytes)",
+                handle.machine_id,
+                snapshot_path,
+                manifest.state_size,
+            )
+            await self._quit_or_kill(handle, process, self._clock)
+        return manifest
+
+    async def _suspend_failed(
+        self, handle: VmHandle, process: ProcessRef, snapshot_path: Path, error: BaseException
+    ) -> SuspendFailed:
+        """Clean up after a failed save and let the guest run on; the error to raise."""
+        drop_snapshot(snapshot_path)
+        resumed = False
+        if not process.has_exited():
+            with contextlib.suppress(QmpError, TimeoutError):
+                await cancel_active_migration(
+                    handle.qmp_socket,
+                    clock=self._clock,
+                    qmp_timeout_s=self._timeouts.qmp_s,
+                    deadline=self._clock.monotonic() + self._timeouts.quit_grace_s,
+                )
+                await qmp_execute(
+                    handle.qmp_socket, "cont", clock=self._clock, timeout_s=self._timeouts.qmp_s
+                )
+                resumed = True
+        log.warning(
+            "machine %s: suspend failed (%s); the guest %s",
+            handle.machine_id,
+            error,
+            "runs on" if resumed else "is gone",
+        )
+        return SuspendFailed(
+            f"suspending machine {handle.machine_id} failed: {error}",
+            resumed=resumed,
+            machine_id=handle.machine_id,
+        )
+
+    async def exec(
+        self, handle: VmHandle, argv: Sequence[str], *, stdin: bytes = b"", timeout_s: float
+    ) -> ExecResult:
+        return await exec_in_guest(
+            handle, argv, stdin=stdin, timeout_s=timeout_s, clock=self._clock
+        )
+
+    async def processes(self, handle: VmHandle) -> list[GuestProcess]:
+        return await list_guest_processes(handle, clock=self._clock)
 
     async def status(self, handle: VmHandle) -> VmStatus:
         running = self.is_running(handle)
@@ -411,25 +688,84 @@ def _names_machine(cmdline: tuple[str, ...], machine_id: str) -> bool:
     return any(flag == "-name" and value == expected for flag, value in itertools.pairwise(cmdline))
 
 
-def _clear_run_files(spec: VmSpec) -> None:
-    """Make the directories, and drop what a previous boot left that would mislead this one."""
+def _clear_run_files(spec: VmSpec, *, keep_control_log: bool = False) -> None:
+    """Make the directories, and drop what a previous boot left that would mislead this one
+    (a restored guest goes on with the control log of its boot)."""
     for path in (
         spec.console_log,
         spec.control_log,
         spec.signal_socket,
+        spec.exec_socket,
         spec.qmp_socket,
         spec.vmm_log,
     ):
         path.parent.mkdir(parents=True, exist_ok=True)
-    sockets = [path for path in (spec.console_socket, spec.control_socket) if path is not None]
-    for stale in (spec.control_log, spec.signal_socket, spec.qmp_socket, *sockets):
-        stale.unlink(missing_ok=True)
+    stale = [spec.signal_socket, spec.exec_socket, spec.qmp_socket]
+    stale += [path for path in (spec.console_socket, spec.control_socket) if path is not None]
+    if not keep_control_log:
+        stale.append(spec.control_log)
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
-def _remove_volume_key_files(spec: VmSpec) -> None:
-    for volume in spec.volumes:
-        if volume.key_file is not None:
-            volume.key_file.unlink(missing_ok=True)
+def suspendable_spec(handle: VmHandle) -> VmSpec:
+    """The spec of a VM that can be suspended; :class:`SuspendNotSupported` otherwise."""
+    if handle.spec is None:
+        raise SuspendNotSupported(
+            f"machine {handle.machine_id} was started by a hangar that did not record its "
+            "spec: restart it before suspending it",
+            field="machine",
+            machine_id=handle.machine_id,
+        )
+    if handle.spec.gpus:
+        raise SuspendNotSupported(
+            f"machine {handle.machine_id} has GPUs: a VFIO device cannot be suspended",
+            field="config.guest.gpus",
+            machine_id=handle.machine_id,
+        )
+    return handle.spec
+
+
+def _accel_of(handle: VmHandle) -> AccelChoice:
+    """The accelerator the handle's VM was launched with."""
+    choice = kvm_choice if handle.accel == "kvm" else tcg_choice
+    return choice("the VM runs so").model_copy(
+        update={"machine_type": handle.machine_type, "cpu_model": handle.cpu_model}
+    )
+
+
+async def _exception_of(task: asyncio.Future[None]) -> BaseException | None:
+    try:
+        await task
+    except BaseException as error:
+        return error
+    return None
+
+
+def _restore_failure(
+    handle: VmHandle, spec: VmSpec, child: subprocess.Popen[bytes]
+) -> SnapshotUnusable | VmmError:
+    """Why QEMU ended while loading a snapshot: the stream (the snapshot is unusable), or
+    something else (the snapshot is kept for another try)."""
+    stderr = _tail(handle.vmm_log)
+    last_line = stderr.strip().splitlines()[-1] if stderr.strip() else "no message"
+    fields: dict[str, Any] = {
+        "machine_id": spec.machine_id,
+        "exit_status": child.returncode,
+        "stderr": stderr,
+    }
+    if any(word in stderr.lower() for word in _REJECTED_STREAM_WORDS):
+        return SnapshotUnusable(
+            f"QEMU could not load the snapshot {spec.incoming_snapshot}: {last_line}",
+            reason="rejected",
+            path=str(spec.incoming_snapshot),
+            **fields,
+        )
+    return VmmError(
+        f"QEMU for machine {spec.machine_id} exited while restoring (status "
+        f"{child.returncode}): {last_line}",
+        **fields,
+    )
 
 
 def _tail(path: Path) -> str:
@@ -450,3 +786,9 @@ def _unexplained_exit(handle: VmHandle, vmm_exit_status: int | None) -> str:
     if last_lines:
         message += ": " + " | ".join(last_lines)
     return message
+
+
+def _remove_volume_key_files(spec: VmSpec) -> None:
+    for volume in spec.volumes:
+        if volume.key_file is not None:
+            volume.key_file.unlink(missing_ok=True)

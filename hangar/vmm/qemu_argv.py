@@ -11,15 +11,14 @@ and a 64-bit PCI hole sized to the BARs. The whole process runs on that node's C
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from hangar.errors import VmmError
+from hangar.model.guest_contract import EXIT_ACK_ARG, GUEST_KERNEL_CMDLINE, Port, RunDir
 from hangar.vmm.accel import AccelChoice, gpu_accel
 from hangar.vmm.driver import (
-    CONTROL_ACK_ARG,
-    CONTROL_PORT_NAME,
-    GUEST_KERNEL_CMDLINE,
-    SIGNAL_PORT_NAME,
+    DiskSpec,
     VmSpec,
     VolumeDiskSpec,
 )
@@ -77,6 +76,7 @@ def check_spec_files(
         ("signal_socket", spec.signal_socket),
         ("console_socket", spec.console_socket),
         ("control_socket", spec.control_socket),
+        ("exec_socket", spec.exec_socket),
     ):
         if socket_path is None:
             continue
@@ -172,6 +172,10 @@ def qemu_argv(
     ]
     for bdf in spec.gpus:
         argv += ["-device", f"vfio-pci,host={bdf}"]
+    if spec.incoming_snapshot is not None:
+        # QEMU 7.2 has no file: migration transport; exec:cat streams the file in. -S keeps
+        # the vCPUs stopped once it is loaded, whatever state the snapshot says.
+        argv += ["-S", "-incoming", f"exec:cat {shlex.quote(str(spec.incoming_snapshot))}"]
     return argv
 
 
@@ -189,7 +193,7 @@ def _bare(spec: VmSpec) -> list[str]:
 
 def _channel_args(spec: VmSpec) -> list[str]:
     """The host reads the control port itself (a socket) and acknowledges the exit event."""
-    return [CONTROL_ACK_ARG] if spec.control_socket is not None else []
+    return [EXIT_ACK_ARG] if spec.control_socket is not None else []
 
 
 def _guest(spec: VmSpec) -> list[str]:
@@ -212,17 +216,19 @@ def _guest(spec: VmSpec) -> list[str]:
     for volume in spec.volumes:
         argv += volume_args(volume)
     # The console and control channels: sockets the host reads with bounds when the spec has
-    # them (QEMU waits at start for the host to take the console, so no output is lost),
+    # them (QEMU waits at start for the host to take the console, so no output is lost; the
+    # host appends to the logs, so a restored guest goes on with those its first boot began),
     # else files QEMU writes itself.
+    log_mode = ",append=on" if spec.incoming_snapshot is not None else ""
     console = (
         f"socket,id=console,path={option_value(spec.console_socket)},server=on,wait=on"
         if spec.console_socket is not None
-        else f"file,id=console,path={option_value(spec.console_log)}"
+        else f"file,id=console,path={option_value(spec.console_log)}{log_mode}"
     )
     control = (
         f"socket,id=ctl,path={option_value(spec.control_socket)},server=on,wait=off"
         if spec.control_socket is not None
-        else f"file,id=ctl,path={option_value(spec.control_log)}"
+        else f"file,id=ctl,path={option_value(spec.control_log)}{log_mode}"
     )
     argv += [
         "-chardev",
@@ -234,11 +240,15 @@ def _guest(spec: VmSpec) -> list[str]:
         "-chardev",
         control,
         "-device",
-        f"virtserialport,bus=vs.0,chardev=ctl,name={CONTROL_PORT_NAME}",
+        f"virtserialport,bus=vs.0,chardev=ctl,name={Port.CONTROL}",
         "-chardev",
         f"socket,id=sig,path={option_value(spec.signal_socket)},server=on,wait=off",
         "-device",
-        f"virtserialport,bus=vs.0,chardev=sig,name={SIGNAL_PORT_NAME}",
+        f"virtserialport,bus=vs.0,chardev=sig,name={Port.SIGNAL}",
+        "-chardev",
+        f"socket,id=exec,path={option_value(spec.exec_socket)},server=on,wait=off",
+        "-device",
+        f"virtserialport,bus=vs.0,chardev=exec,name={Port.EXEC}",
         "-chardev",
         f"socket,id=qmp,path={option_value(spec.qmp_socket)},server=on,wait=off",
         "-mon",
@@ -330,3 +340,35 @@ def _gpu_devices(topology: GpuTopology) -> list[str]:
                 f"addr=00.{function}",
             ]
     return argv
+
+
+def snapshot_fingerprint(spec: VmSpec, accel: AccelChoice, *, hugepages_dir: Path) -> list[str]:
+    """The command line of ``spec`` with every host path replaced by a fixed name.
+
+    A snapshot restores only into a QEMU whose devices, memory, CPUs and machine are those
+    it was saved from; paths of logs, sockets and files may differ (the files themselves
+    are compared by :mod:`hangar.vmm.snapshot`). Equal fingerprints mean an equal device
+    model, whatever changes in this module.
+    """
+    placeholders = spec.model_copy(
+        update={
+            "run_dir": Path("run"),
+            "kernel": Path("kernel"),
+            "initrd": Path("initrd"),
+            "root_disk": Path("disk0"),
+            "extra_disks": [
+                DiskSpec(path=Path(f"disk{index}"), read_only=disk.read_only)
+                for index, disk in enumerate(spec.extra_disks, start=1)
+            ],
+            "console_log": Path(RunDir.CONSOLE_LOG),
+            "control_log": Path(RunDir.CONTROL_LOG),
+            "signal_socket": Path(RunDir.SIGNAL_SOCKET),
+            "exec_socket": Path(RunDir.EXEC_SOCKET),
+            "qmp_socket": Path(RunDir.QMP_SOCKET),
+            "vmm_log": Path(RunDir.VMM_LOG),
+            "console_socket": spec.console_socket and Path(RunDir.CONSOLE_SOCKET),
+            "control_socket": spec.control_socket and Path(RunDir.CONTROL_SOCKET),
+            "incoming_snapshot": None,
+        }
+    )
+    return qemu_argv(placeholders, accel, binary="qemu", hugepages_dir=hugepages_dir)

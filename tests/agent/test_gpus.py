@@ -1,16 +1,16 @@
-"""GPU machines on fixture hosts: claims, VFIO binding, the QEMU command line, release on every
-exit path, the handoff (reset, verify, host drivers back) and quarantine, with crashes injected.
+"""GPU machines on fixture hosts: claims of whole IOMMU groups (and Fabric Manager
+partitions) through the scheduler, VFIO binding, NVLink, the QEMU layout, release on every
+exit path, the group handoff (scrub, settings, health, host drivers back) and quarantine,
+with crashes injected at every step of start and handoff.
 
 The sysfs trees copy real layouts (tests/devices/sysfs_fixture.py) and a kernel simulator
-applies the writes the PCI core acts on. The agent, store, engine and devices layer are real.
+applies the writes the PCI core acts on. The agent, store, engine, scheduler and devices
+layer are real (tests/agent/gpu_fixture.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,161 +18,42 @@ import pytest
 from hangar.agent.agent import Agent
 from hangar.agent.gpus import HostGpus
 from hangar.agent.guest import QemuGuestPlatform
-from hangar.agent.host import HostServices
-from hangar.agent.placement import HostPlacement
-from hangar.agent.platform import GuestPlatform
 from hangar.agent.steps import new_run
-from hangar.clock import SystemClock
-from hangar.devices import NoNvml, SysfsRoot
+from hangar.devices.hostpaths import HostPaths
+from hangar.devices.worker import RunnerWriter
 from hangar.errors import InsufficientCapacity
-from hangar.images.initramfs import module_bytes, resolve_modules
-from hangar.images.kernel import ensure_kernel
+from hangar.images.driver_bundle import NVLINK_OFF_KERNEL_ARG
 from hangar.model.config import MachineConfig
 from hangar.model.gpu import GpuState
-from hangar.model.host import HostInfo
-from hangar.model.machine import Machine, MachineState, new_machine_id, new_ulid
-from hangar.model.run import CreateRequest, DestroyRequest, StopRequest
-from hangar.store.embedded import EmbeddedStores, open_embedded_stores
+from hangar.model.machine import MachineState
+from hangar.model.run import CreateRequest, DestroyRequest, HandoffRequest, StopRequest
+from hangar.settings import Settings
+from hangar.store.embedded import open_embedded_stores
 from hangar.vmm.qemu import QemuDriver
-from tests.agent.vmm_stand_in import ARGV_FILE, SleepingVmmPlatform
+from tests.agent.gpu_fixture import (
+    HGX_GROUPS,
+    HOST,
+    HOST_INFO,
+    GpuHost,
+    partition_active,
+    settle,
+    started,
+    until,
+)
+from tests.agent.helpers import step_names
+from tests.agent.vmm_stand_in import SleepingVmmPlatform
 from tests.conftest import SUITE_CACHE
-from tests.devices.kernel_sim import KernelSimulator
+from tests.devices.kernel_sim import KernelSimulator, tenant_used
 from tests.devices.sysfs_fixture import (
     HGX_H100_GPUS,
-    SysfsBuilder,
     build_gpu_sharing_group_with_nic,
     build_hgx_h100,
 )
-from tests.fixtures.driver_bundle import write_bundle
-
-HOST = "gpu-host-1"
-HOST_INFO = HostInfo(id=HOST, region="local", cpus=64, memory_mb=512 * 1024)
+from tests.devices.test_fabric import MODULES
+from tests.vmm.test_gpu_topology import values_of
 
 
-class SimulatedCrash(Exception):
-    """Raised by the crash hook: the agent stops there as a killed process would."""
-
-
-@dataclass
-class GpuHost:
-    tmp: Path
-    builder: SysfsBuilder
-    kernel: KernelSimulator
-    stores: EmbeddedStores
-    image: str
-
-    def gpus(self) -> HostGpus:
-        return HostGpus(HOST, SysfsRoot(self.builder.root, writer=self.kernel), NoNvml("tests"))
-
-    @property
-    def placement(self) -> HostPlacement:
-        return HostPlacement(self.stores.claims, HOST_INFO)
-
-    def agent(self, platform: GuestPlatform, crash_after: str = "") -> Agent:
-        def hook(operation: str, step: str) -> None:
-            if crash_after == f"{operation}:{step}":
-                raise SimulatedCrash(crash_after)
-
-        host = HostServices(
-            platform=platform,
-            machines_dir=self.tmp / "machines",
-            placement=self.placement,
-            gpu_store=self.stores.gpus,
-            gpus=self.gpus(),
-        )
-        return Agent(self.stores.machines, self.stores.runs, host, SystemClock(), hook)
-
-    def state(self, bdf: str) -> GpuState:
-        gpu = self.placement.gpu(bdf)
-        assert gpu is not None, bdf
-        return gpu.state
-
-    def states(self) -> list[GpuState]:
-        return [gpu.state for gpu in self.placement.gpus()]
-
-    def held(self, machine_id: str) -> list[str]:
-        return self.placement.claimed_bdfs(machine_id)
-
-    def machine(self, machine_id: str) -> Machine:
-        machine = self.stores.machines.get_machine(machine_id)
-        assert machine is not None
-        return machine
-
-    def driver_of(self, bdf: str) -> str | None:
-        link = self.builder.root / "bus/pci/devices" / bdf / "driver"
-        return link.resolve().name if link.is_symlink() else None
-
-    def add_machine(self, gpus: int, kind: str = "h100-sxm") -> str:
-        now = SystemClock().now()
-        machine_id = new_machine_id()
-        config = MachineConfig.model_validate(
-            {
-                "image": self.image,
-                "init": {"cmd": ["sleep", "600"]},
-                "guest": {"cpu_kind": "performance", "gpu_kind": kind, "gpus": gpus},
-            }
-        )
-        self.stores.machines.insert_machine(
-            Machine(
-                id=machine_id,
-                name=machine_id,
-                app="gpu",
-                state=MachineState.CREATED,
-                region="local",
-                instance_id=new_ulid(now),
-                version=1,
-                config=config,
-                created_at=now,
-                updated_at=now,
-                host_id=HOST,
-            )
-        )
-        return machine_id
-
-
-@pytest.fixture
-def gpu_host(tmp_path: Path, test_image: str) -> Iterator[GpuHost]:
-    builder = build_hgx_h100(tmp_path / "sys")
-    host = GpuHost(
-        tmp_path,
-        builder,
-        KernelSimulator(builder),
-        open_embedded_stores(tmp_path / "db"),
-        test_image,
-    )
-    yield host
-    for handle in host.stores.runs.list_vm_handles().values():
-        asyncio.run(SleepingVmmPlatform(SUITE_CACHE, QemuDriver()).kill(handle))
-
-
-@pytest.fixture(scope="module")
-def driver_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A driver bundle for the real guest kernel (its "driver" is the kernel's dummy module)."""
-    guest_kernel = ensure_kernel(SUITE_CACHE)
-    [module] = resolve_modules(guest_kernel.modules_dir, ["dummy"])
-    bundle = write_bundle(
-        tmp_path_factory.mktemp("bundle") / "driver",
-        {"dummy": module_bytes(guest_kernel.modules_dir / module)},
-        kernel_version=guest_kernel.version,
-    )
-    return bundle
-
-
-@pytest.fixture
-def sleeping_platform(driver_bundle: Path) -> Callable[[], SleepingVmmPlatform]:
-    return lambda: SleepingVmmPlatform(SUITE_CACHE, QemuDriver(), driver_bundle=driver_bundle)
-
-
-async def settle(agent: Agent) -> None:
-    """Until no run is unfinished: woken by the agent's own change notices (bounded)."""
-    for _ in range(600):
-        if not agent.runs.list_runs(unfinished_only=True):
-            return
-        await agent.wait_for_change(0.1)
-    raise AssertionError(f"runs never finished: {agent.runs.list_runs(unfinished_only=True)}")
-
-
-async def test_gpu_machine_claims_close_gpus_binds_them_and_passes_each_bdf(
+async def test_two_gpus_get_a_fabric_partition_vfio_and_the_q35_layout_then_a_scrub(
     gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform]
 ) -> None:
     agent = gpu_host.agent(sleeping_platform())
@@ -180,41 +61,104 @@ async def test_gpu_machine_claims_close_gpus_binds_them_and_passes_each_bdf(
     machine_id = gpu_host.add_machine(gpus=2)
     agent.submit_operation(machine_id, CreateRequest())
     await settle(agent)
+
     assert gpu_host.machine(machine_id).state == MachineState.STARTED
     claimed = gpu_host.held(machine_id)
-    assert len(claimed) == 2
+    # Fabric Manager's two-GPU partition 3 is modules 1 and 2: chosen by module id, not by
+    # PCI address order (which would pair 18:00.0 with 2a:00.0, modules 1 and 3).
+    assert claimed == [MODULES[1], MODULES[2]] == ["0000:18:00.0", "0000:3a:00.0"]
     assert all(gpu_host.state(bdf) == GpuState.CLAIMED for bdf in claimed)
-    assert len({HGX_H100_GPUS[bdf] for bdf in claimed}) == 1, "one NUMA node"
-    domains = {
-        record.nvlink_domain for bdf in claimed if (record := gpu_host.stores.gpus.get_gpu(bdf))
-    }
-    assert len(domains) == 1, "one NVLink domain"
-    for bdf in claimed:
-        assert gpu_host.driver_of(bdf) == "vfio-pci"
-    argv = json.loads((gpu_host.tmp / "machines" / machine_id / ARGV_FILE).read_text())
-    for bdf in claimed:
-        assert f"vfio-pci,host={bdf}" in argv
-    drives = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-drive"]
+    assert partition_active(gpu_host, 3)
+    assert all(gpu_host.driver_of(bdf) == "vfio-pci" for bdf in claimed)
+    argv = gpu_host.argv(machine_id)
+    assert values_of(argv, "-machine") == ["q35"] and values_of(argv, "-accel") == ["kvm"]
+    devices = values_of(argv, "-device")
+    assert "pxb-pcie,id=pxb0,bus_nr=128,numa_node=0,bus=pcie.0" in devices
+    assert [d for d in devices if d.startswith("vfio-pci")] == [
+        f"vfio-pci,host={bdf},id=gpu{i},bus=rp{i},addr=00.0" for i, bdf in enumerate(claimed)
+    ]
+    assert any("hugetlbsize=1G" in value for value in values_of(argv, "-object"))
+    assert NVLINK_OFF_KERNEL_ARG not in values_of(argv, "-append")[0]
+    drives = values_of(argv, "-drive")
     assert len(drives) == 2 and "readonly=on" in drives[1], "the driver bundle, read-only"
     initrd = (gpu_host.tmp / "machines" / machine_id / "initrd.img").read_bytes()
     assert b"HANGAR_DRIVER_BUNDLE=1" in initrd
+    tenant_used(gpu_host.kernel, *claimed)
 
     agent.submit_operation(machine_id, StopRequest(timeout_s=0.0))
     await settle(agent)
     await agent.close()
+
     assert gpu_host.placement.claim_of(machine_id) is None
+    assert not partition_active(gpu_host, 3), "deactivated at the handoff"
     for bdf in claimed:
         assert gpu_host.state(bdf) == GpuState.FREE
         assert gpu_host.driver_of(bdf) == "nvidia", "back on its host driver"
-        assert (f"bus/pci/devices/{bdf}/reset", "1") in gpu_host.kernel.writes
-    actions = [event.action for event in gpu_host.stores.gpus.list_gpu_events(claimed[0])]
-    assert actions[::-1] == ["claimed", "cleaning", "reset", "host_drivers_restored", "free"]
+        assert gpu_host.hardware.gpu(bdf).resets == ["sbr"], "a bus reset; no FLR counted"
+        assert gpu_host.clean(bdf)
+        assert (f"bus/pci/devices/{bdf}/reset_method", "bus") in gpu_host.kernel.writes
+        record = gpu_host.stores.gpus.get_gpu(bdf)
+        assert record is not None and record.claim is None
+    events = gpu_host.events(claimed[0])
+    assert [event.action for event in events] == [
+        "claimed",
+        "bound",
+        "fabric_activated",
+        "cleaning",
+        "fabric_deactivated",
+        "scrubbed",
+        "host_drivers_restored",
+        "free",
+    ]
+    assert {event.iommu_group for event in events} == {HGX_GROUPS[claimed[0]]}
+    assert events[5].detail["method"] == "secondary-bus-reset"
+    [handoff] = gpu_host.handoff_runs(claimed[0])
+    assert handoff.status == "succeeded"
+    assert [handoff.request] == [HandoffRequest(bdf=claimed[0])]
 
 
-async def test_a_launch_that_fails_releases_its_gpus(
+async def test_one_nvswitch_gpu_boots_with_nvlink_off_and_no_partition(
+    gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform]
+) -> None:
+    machine_id = await started(gpu_host, sleeping_platform)
+
+    assert gpu_host.machine(machine_id).state == MachineState.STARTED
+    assert NVLINK_OFF_KERNEL_ARG in values_of(gpu_host.argv(machine_id), "-append")[0].split()
+    assert "fabric_activated" not in gpu_host.actions(gpu_host.held(machine_id)[0])
+
+
+async def test_two_machines_of_two_gpus_fill_one_four_gpu_partition_first(
+    gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform]
+) -> None:
+    first = await started(gpu_host, sleeping_platform, gpus=2)
+    second = await started(gpu_host, sleeping_platform, gpus=2)
+
+    assert gpu_host.held(first) == [MODULES[1], MODULES[2]]
+    assert sorted(gpu_host.held(second)) == sorted([MODULES[3], MODULES[4]])
+    assert partition_active(gpu_host, 3) and partition_active(gpu_host, 4)
+
+
+async def test_without_fabric_manager_several_nvswitch_gpus_are_never_claimed(
+    gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform]
+) -> None:
+    gpu_host.fmpm = None
+    agent = gpu_host.agent(sleeping_platform())
+    await agent.start()
+    pair, lone = gpu_host.add_machine(gpus=2), gpu_host.add_machine(gpus=1)
+    agent.submit_operation(pair, CreateRequest())
+    agent.submit_operation(lone, CreateRequest())
+    await settle(agent)
+    await agent.close()
+
+    assert gpu_host.machine(pair).state == MachineState.FAILED
+    assert "insufficient resources" in gpu_host.machine(pair).failure_reason
+    assert gpu_host.machine(lone).state == MachineState.STARTED
+
+
+async def test_a_launch_refused_under_tcg_frees_its_group(
     gpu_host: GpuHost, driver_bundle: Path
 ) -> None:
-    # Real QEMU: it refuses the VFIO device this host does not really have.
+    # The real platform on this TCG host: GPU machines need KVM, and the spec says so.
     agent = gpu_host.agent(
         QemuGuestPlatform(SUITE_CACHE, QemuDriver(), driver_bundle=driver_bundle)
     )
@@ -223,16 +167,16 @@ async def test_a_launch_that_fails_releases_its_gpus(
     agent.submit_operation(machine_id, CreateRequest())
     await settle(agent)
     await agent.close()
+
     machine = gpu_host.machine(machine_id)
     assert machine.state == MachineState.LAUNCH_FAILED
-    assert "vfio" in machine.failure_reason.lower()
-    assert gpu_host.held(machine_id) == []
+    assert "GPU machines need KVM" in machine.failure_reason
     assert gpu_host.placement.claim_of(machine_id) is None
     assert all(state == GpuState.FREE for state in gpu_host.states())
     assert all(gpu_host.driver_of(bdf) == "nvidia" for bdf in HGX_H100_GPUS)
 
 
-async def test_failed_reset_quarantines_until_an_operator_releases_it(
+async def test_a_failed_scrub_quarantines_until_an_operator_releases_it(
     gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform]
 ) -> None:
     agent = gpu_host.agent(sleeping_platform())
@@ -244,100 +188,228 @@ async def test_failed_reset_quarantines_until_an_operator_releases_it(
     gpu_host.kernel.reset_faults[bdf] = "unresponsive"
     agent.submit_operation(machine_id, DestroyRequest(force=True))
     await settle(agent)
+
     assert gpu_host.state(bdf) == GpuState.QUARANTINED
-    quarantined = gpu_host.stores.gpus.get_gpu(bdf)
-    assert quarantined is not None and "reset" in quarantined.quarantine_reason
+    assert "config-space: reads ffff:ffff" in gpu_host.quarantine_reason(bdf)
+    [quarantined] = [e for e in gpu_host.events(bdf) if e.action == "quarantined"]
+    assert quarantined.detail["code"] == "unhealthy"
+    assert quarantined.iommu_group == HGX_GROUPS[bdf]
 
     # Quarantined GPUs are never offered: eight are asked for, seven are clean.
     eight = gpu_host.add_machine(gpus=8)
     agent.submit_operation(eight, CreateRequest())
     await settle(agent)
-    failed = gpu_host.machine(eight)
-    assert failed.state == MachineState.FAILED
-    assert "insufficient resources" in failed.failure_reason
+    assert gpu_host.machine(eight).state == MachineState.FAILED
+    assert "insufficient resources" in gpu_host.machine(eight).failure_reason
     assert all(state != GpuState.CLAIMED for state in gpu_host.states())
 
     gpu_host.kernel.reset_faults.clear()
-    builder_config = gpu_host.builder.root / "bus/pci/devices" / bdf / "config"
-    builder_config.write_bytes(b"\xde\x10\x30\x23" + builder_config.read_bytes()[4:])
+    config = gpu_host.builder.root / "bus/pci/devices" / bdf / "config"
+    config.write_bytes(b"\xde\x10\x30\x23" + config.read_bytes()[4:])
     agent.release_quarantine(bdf, actor="alice", reason="reseated the board")
     await settle(agent)
     await agent.close()
+
     assert gpu_host.state(bdf) == GpuState.FREE
-    [event] = [
-        e for e in gpu_host.stores.gpus.list_gpu_events(bdf) if e.action == "quarantine_released"
-    ]
-    assert event.actor == "alice" and event.detail["reason"] == "reseated the board"
+    assert gpu_host.driver_of(bdf) == "nvidia"
+    assert gpu_host.quarantine_reason(bdf) == ""
+    [released] = [e for e in gpu_host.events(bdf) if e.action == "quarantine_released"]
+    assert released.actor == "alice" and released.detail["reason"] == "reseated the board"
+    assert released.iommu_group == HGX_GROUPS[bdf]
+    assert gpu_host.actions(bdf)[-3:] == ["scrubbed", "host_drivers_restored", "free"]
 
 
 def test_a_gpu_sharing_its_group_with_a_nic_is_never_claimed(tmp_path: Path) -> None:
     builder = build_gpu_sharing_group_with_nic(tmp_path / "sys")
     stores = open_embedded_stores(tmp_path / "db")
-    host = HostGpus(HOST, SysfsRoot(builder.root, writer=KernelSimulator(builder)), NoNvml("t"))
-    [record] = host.register(stores.gpus)
+    host = GpuHost(tmp_path, builder, KernelSimulator(builder), stores, "x")
+    [record] = host.gpus().register(stores.gpus)
     assert not record.available
     assert "Ethernet controller" in record.reason
-    placement = HostPlacement(stores.claims, HOST_INFO)
+    placement = host.placement
     placement.register(stores.gpus.list_gpus())
     guest = MachineConfig.model_validate(
         {"image": "x", "guest": {"cpu_kind": "performance", "gpu_kind": record.kind}}
     ).guest
     with pytest.raises(InsufficientCapacity):
         placement.place("m1", guest)
+    assert HOST_INFO.id == HOST
 
 
-HANDOFF_STEPS = ["reset_gpu", "restore_host_drivers", "return_gpu"]
+START_STEPS = [
+    "place_machine",
+    "claim_gpu_groups",
+    "bind_gpus",
+    "prepare_nvlink",
+    "launch_vm",
+    "map_gpu_addresses",
+]
+HANDOFF_STEPS = step_names(HandoffRequest(bdf="0000:18:00.0"))
 
 
-@pytest.mark.parametrize("step", HANDOFF_STEPS)
-async def test_crash_during_handoff_never_frees_a_dirty_gpu(
-    gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform], step: str
+def test_the_gpu_steps_are_in_the_start_and_handoff_plans() -> None:
+    start = step_names(CreateRequest())
+    assert [name for name in start if name in START_STEPS] == START_STEPS
+    assert HANDOFF_STEPS == [
+        "check_vm_released",
+        "deactivate_fabric",
+        "hold_group",
+        "restage_settings",
+        "scrub_group",
+        "check_group_health",
+        "restore_host_drivers",
+        "apply_staged_settings",
+        "verify_group",
+        "return_group",
+    ]
+    stop = step_names(StopRequest())
+    assert stop.index("collect_gpu_xids") < stop.index("release_claim")
+
+
+async def crash_then_restart(
+    host: GpuHost,
+    platform: Callable[[], SleepingVmmPlatform],
+    target: str,
+    reached: Callable[[], bool],
+    act: Callable[[Agent], object],
+    after_crash: Callable[[], None] = lambda: None,
 ) -> None:
-    agent = gpu_host.agent(sleeping_platform(), crash_after=f"handoff:{step}")
+    """Run ``act`` on an agent armed to crash at ``target``; once ``reached`` holds (the
+    step is recorded done), drop that agent as a killed process would, check
+    ``after_crash``, and start another over the same stores and devices."""
+    agent = host.agent(platform(), crash_after=target)
     await agent.start()
-    machine_id = gpu_host.add_machine(gpus=1)
-    agent.submit_operation(machine_id, CreateRequest())
-    await settle(agent)
-    [bdf] = gpu_host.held(machine_id)
-    agent.submit_operation(machine_id, StopRequest(timeout_s=0.0))
-    for _ in range(400):
-        await agent.wait_for_change(0.1)
-        runs = gpu_host.stores.runs.list_runs(f"gpu:{bdf}")
-        if runs and step in runs[-1].steps_done:
-            break
+    act(agent)
+    await until(agent, reached)
     await agent.close()
-    if step != "return_gpu":
-        assert gpu_host.state(bdf) == GpuState.CLEANING, "not free before the handoff ends"
-
-    restarted = gpu_host.agent(sleeping_platform())
+    after_crash()
+    restarted = host.agent(platform())
     await restarted.start()
     await settle(restarted)
     await restarted.close()
-    assert gpu_host.state(bdf) == GpuState.FREE
-    assert gpu_host.driver_of(bdf) == "nvidia"
 
 
-@pytest.mark.parametrize("step", ["place_machine", "bind_gpus", "launch_vm"])
+@pytest.mark.parametrize("step", START_STEPS)
 async def test_crash_during_gpu_start_resumes_without_double_claims(
     gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform], step: str
 ) -> None:
-    agent = gpu_host.agent(sleeping_platform(), crash_after=f"create:{step}")
-    await agent.start()
     machine_id = gpu_host.add_machine(gpus=2)
-    agent.submit_operation(machine_id, CreateRequest())
-    for _ in range(400):
-        await agent.wait_for_change(0.1)
-        [run] = gpu_host.stores.runs.list_runs(machine_id)
-        if step in run.steps_done:
-            break
-    await agent.close()
-    restarted = gpu_host.agent(sleeping_platform())
-    await restarted.start()
-    await settle(restarted)
+
+    def reached() -> bool:
+        runs = gpu_host.stores.runs.list_runs(machine_id)
+        return bool(runs) and step in runs[0].steps_done
+
+    await crash_then_restart(
+        gpu_host,
+        sleeping_platform,
+        f"create:{step}",
+        reached,
+        lambda agent: agent.submit_operation(machine_id, CreateRequest()),
+    )
+
     assert gpu_host.machine(machine_id).state == MachineState.STARTED
-    assert len(gpu_host.held(machine_id)) == 2
+    claimed = gpu_host.held(machine_id)
+    assert claimed == [MODULES[1], MODULES[2]]
     assert gpu_host.states().count(GpuState.CLAIMED) == 2
-    restarted.submit(new_run(machine_id, DestroyRequest(force=True), 0.0))
-    await settle(restarted)
-    await restarted.close()
+    assert [p for p in (3, 4, 5, 6, 1, 2, 0) if partition_active(gpu_host, p)] == [3]
+    assert all(gpu_host.driver_of(bdf) == "vfio-pci" for bdf in claimed)
+    agent = gpu_host.agent(sleeping_platform())
+    await agent.start()
+    agent.submit(new_run(machine_id, DestroyRequest(force=True), 0.0))
+    await settle(agent)
+    await agent.close()
     assert all(state == GpuState.FREE for state in gpu_host.states())
+    assert not partition_active(gpu_host, 3)
+
+
+@pytest.mark.parametrize("step", [*HANDOFF_STEPS, "rollback:quarantine_group"])
+async def test_crash_during_handoff_never_frees_a_dirty_gpu(
+    gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform], step: str
+) -> None:
+    machine_id = await started(gpu_host, sleeping_platform, gpus=2)
+    claimed = gpu_host.held(machine_id)
+    lead = claimed[0]
+    tenant_used(gpu_host.kernel, *claimed)
+    with gpu_host.hardware.edit(lead) as gpu:  # the tenant turned ECC off: a restore cycle
+        gpu.ecc = ["disabled", "disabled"]
+    failing = step == "rollback:quarantine_group"
+    if failing:
+        gpu_host.builder.set_aer(lead, "aer_dev_fatal", CmpltTO=1)
+
+    def reached() -> bool:
+        runs = gpu_host.handoff_runs(lead)
+        if not runs:
+            return False
+        done = runs[-1].rollback_done if failing else runs[-1].steps_done
+        return step.removeprefix("rollback:") in done
+
+    def dirty_is_never_free() -> None:
+        for bdf in claimed:
+            if not gpu_host.clean(bdf):
+                assert gpu_host.state(bdf) != GpuState.FREE
+        if step != "return_group":
+            assert gpu_host.state(lead) != GpuState.FREE, "not free before its handoff ends"
+
+    await crash_then_restart(
+        gpu_host,
+        sleeping_platform,
+        f"handoff:{step}",
+        reached,
+        lambda agent: agent.submit_operation(machine_id, StopRequest(timeout_s=0.0)),
+        dirty_is_never_free,
+    )
+
+    states = {gpu_host.state(bdf) for bdf in claimed}
+    assert not partition_active(gpu_host, 3)
+    if failing:
+        # Each GPU of an HGX board is an IOMMU group of its own, handed off on its own.
+        assert [gpu_host.state(bdf) for bdf in claimed] == [GpuState.QUARANTINED, GpuState.FREE]
+        assert "aer-fatal" in gpu_host.quarantine_reason(lead)
+        return
+    assert states == {GpuState.FREE}
+    assert gpu_host.clean(*claimed)
+    assert all(gpu_host.driver_of(bdf) == "nvidia" for bdf in claimed)
+    assert gpu_host.hardware.gpu(lead).ecc == ["enabled", "enabled"]
+    assert "sbr" in gpu_host.hardware.gpu(lead).resets
+    assert "flr" not in gpu_host.hardware.gpu(lead).resets
+
+
+async def test_crash_after_the_xids_are_collected_keeps_them_for_the_handoff(
+    gpu_host: GpuHost, sleeping_platform: Callable[[], SleepingVmmPlatform]
+) -> None:
+    machine_id = await started(gpu_host, sleeping_platform)
+    [bdf] = gpu_host.held(machine_id)
+    gpu_host.guest_writes(
+        machine_id,
+        {"type": "xid", "line": "NVRM: Xid (PCI:0000:81:00): 79, GPU has fallen off the bus."},
+    )
+
+    def reached() -> bool:
+        runs = gpu_host.stores.runs.list_runs(machine_id)
+        return "collect_gpu_xids" in runs[-1].steps_done
+
+    await crash_then_restart(
+        gpu_host,
+        sleeping_platform,
+        "stop:collect_gpu_xids",
+        reached,
+        lambda agent: agent.submit_operation(machine_id, StopRequest(timeout_s=0.0)),
+    )
+
+    assert gpu_host.state(bdf) == GpuState.QUARANTINED
+    assert "xid-79" in gpu_host.quarantine_reason(bdf)
+    [xid] = [event for event in gpu_host.events(bdf) if event.action == "xid"]
+    assert (xid.detail["code"], xid.iommu_group) == (79, HGX_GROUPS[bdf])
+    assert xid.detail["guest_address"] == "0000:81:00.0"
+
+
+def test_an_agent_from_settings_makes_every_device_write_in_a_killable_worker(
+    tmp_path: Path,
+) -> None:
+    builder = build_hgx_h100(tmp_path / "sys")
+    devices = HostGpus.from_settings(Settings(sysfs_root=builder.root, host_id="h", nvml=False))
+
+    assert isinstance(devices.sysfs.writer, RunnerWriter)
+    assert devices.context.sysfs is devices.sysfs
+    assert devices.paths == HostPaths.beside(builder.root)
+    assert devices.fabric is None and devices.trusted_scrubber is None

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hangar.agent.platform import RunDirLayout
+from hangar.model.guest_contract import RunDir
 from hangar.vmm.channels import previous_console_log
 from tests.agent.helpers import machine_path, run_machine, wait_exit_recorded
 from tests.api.helpers import unique, wait_runs_finished
@@ -61,7 +61,7 @@ def test_a_control_port_flood_is_bounded_and_the_exit_still_recorded(
         machine_id = run_machine(api, app, test_image, ["sh", "-c", script])
         [exit_event] = wait_exit_recorded(api, app, machine_id)
     assert exit_event["exit_code"] == 3, exit_event
-    control_log = server.home / "machines" / machine_id / RunDirLayout.CONTROL_LOG
+    control_log = server.home / "machines" / machine_id / RunDir.CONTROL_LOG
     assert not control_log.exists() or control_log.stat().st_size < 2 * MIB
     floods = [
         r.getMessage() for r in caplog.records if f"flood from {machine_id}" in r.getMessage()
@@ -76,7 +76,7 @@ def test_the_console_is_capped_and_logs_stream_what_is_kept(
     script = "i=0; while [ $i -lt 12000 ]; do echo chatty-line-$i-padding-padding; i=$((i+1)); done"
     machine_id = run_machine(api, app, test_image, ["sh", "-c", script])
     wait_exit_recorded(api, app, machine_id)
-    console = server.home / "machines" / machine_id / RunDirLayout.CONSOLE_LOG
+    console = server.home / "machines" / machine_id / RunDir.CONSOLE_LOG
     kept = console.stat().st_size + previous_console_log(console).stat().st_size
     assert kept <= CONSOLE_CAP + 64 * KIB
     text = api.get(machine_path(app, machine_id) + "/logs").text

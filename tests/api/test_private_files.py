@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from hangar.agent.platform import RunDirLayout
+from hangar.model.guest_contract import RunDir
 from tests.agent.helpers import machine_path, run_machine, wait_state
 from tests.fixtures.inprocess import InProcessServer
 
@@ -47,7 +47,7 @@ def test_a_machines_initrd_and_root_disk_are_private(
         wait_state(api, app_name, machine_id, "started")
         run_dir = api_server.home / "machines" / machine_id
         assert mode(run_dir) == 0o700
-        for name in RunDirLayout.BOOT_FILES:
+        for name in RunDir.BOOT_FILES:
             assert mode(run_dir / name) == 0o600, name
     finally:
         api.delete(machine_path(app_name, machine_id), params={"force": "true"})

@@ -8,6 +8,7 @@ Run as ``python fake_gpu_tools.py --gpu-bdf=BDF OPTIONS...``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -21,7 +22,12 @@ def main(argv: list[str]) -> int:
     if driver.is_symlink() and os.readlink(driver).endswith("/nvidia"):
         print(f"ERROR GPU {bdf} has the nvidia driver loaded; unbind it first", file=sys.stderr)
         return 1
-    hw_file = sysfs.parent / "gpu-hw.json"
+    with open(sysfs.parent / "gpu-hw.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as tests.devices.gpu_hw.hardware_lock
+        return _answer(sysfs.parent / "gpu-hw.json", bdf, argv)
+
+
+def _answer(hw_file: Path, bdf: str, argv: list[str]) -> int:
     state = json.loads(hw_file.read_text()) if hw_file.exists() else {}
     gpu = state.setdefault(bdf, {})
     for arg in argv:
@@ -37,7 +43,9 @@ def main(argv: list[str]) -> int:
                     print(f"2025-01-01,00:00:00.000 INFO   enable-devtools = {devtools}")
             elif arg.startswith(f"--set-{name}-mode="):
                 gpu[name] = [current, arg.split("=", 1)[1]]
-                hw_file.write_text(json.dumps(state))
+                partial = hw_file.with_suffix(".tools")
+                partial.write_text(json.dumps(state))
+                partial.replace(hw_file)
                 print(f"INFO GPU {bdf} {label} mode set to {gpu[name][1]}.")
     return 0
 

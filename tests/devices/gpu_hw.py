@@ -12,6 +12,7 @@ host's sysfs root in ``$HANGAR_TEST_SYSFS``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from typing import Any
 from tests.devices.fake_pynvml import FakeGpu, FakePynvml, nvml_bus_id
 
 HW_FILE = "gpu-hw.json"
+LOCK_FILE = "gpu-hw.lock"
 SYSFS_ENV = "HANGAR_TEST_SYSFS"
 TENANT_DATA = "tenant-data"
 CLEAR = "clear"
@@ -52,6 +54,17 @@ class GpuState:
     """``flr`` or ``sbr`` per reset, in order."""
 
 
+@contextmanager
+def hardware_lock(host: Path) -> Iterator[None]:
+    """The fixture host's hardware state, locked (``fcntl.flock`` on ``HOST/gpu-hw.lock``)."""
+    with open(host / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Hardware:
     def __init__(self, host: Path) -> None:
         self.path = host / HW_FILE
@@ -68,13 +81,16 @@ class Hardware:
 
     @contextmanager
     def edit(self, bdf: str) -> Iterator[GpuState]:
-        data = self._load()
-        state = GpuState(**data.get(bdf, {}))
-        yield state
-        data[bdf] = asdict(state)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps(data))
-        partial.replace(self.path)
+        """Change one GPU's state; one edit at a time across threads and processes (the
+        handoffs of two groups run side by side, and vendor-tool stand-ins write here too)."""
+        with hardware_lock(self.path.parent):
+            data = self._load()
+            state = GpuState(**data.get(bdf, {}))
+            yield state
+            data[bdf] = asdict(state)
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(json.dumps(data))
+            partial.replace(self.path)
 
     def apply_reset(self, bdf: str, *, bus: bool) -> None:
         """What a reset does to the device: staged modes take effect; only the firmware's

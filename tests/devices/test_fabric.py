@@ -97,12 +97,12 @@ def test_an_unreadable_listing_is_an_error() -> None:
     assert raised.value.fields["reason"] == "fabric_unreadable"
 
 
-@pytest.fixture
-def fmpm(tmp_path: Path) -> list[str]:
-    """A stand-in for Fabric Manager's ``fmpm`` keeping its partitions in a file."""
-    state = tmp_path / "partitions.json"
+def write_fmpm(folder: Path) -> list[str]:
+    """A stand-in for Fabric Manager's ``fmpm`` keeping the HGX board's partitions in a file
+    in ``folder``; returns its command line."""
+    state = folder / "partitions.json"
     state.write_text(json.dumps(_listing()))
-    script = tmp_path / "fmpm.py"
+    script = folder / "fmpm.py"
     script.write_text(
         "import json, sys\n"
         f"path = {str(state)!r}\n"
@@ -117,6 +117,11 @@ def fmpm(tmp_path: Path) -> list[str]:
         "json.dump(listing, open(path, 'w'))\n"
     )
     return [sys.executable, str(script)]
+
+
+@pytest.fixture
+def fmpm(tmp_path: Path) -> list[str]:
+    return write_fmpm(tmp_path)
 
 
 def test_activate_before_boot_and_deactivate_at_handoff(fmpm: list[str]) -> None:

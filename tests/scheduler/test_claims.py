@@ -8,8 +8,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from hangar.errors import InsufficientCapacity
-from hangar.scheduler import HostState, InMemoryClaimStore, Scheduler, VersionedHost
+from hangar.errors import InsufficientCapacity, StoreError
+from hangar.scheduler import HostState, InMemoryClaimStore, Placement, Scheduler, VersionedHost
+from hangar.scheduler.scheduler import BACKOFF_S, MAX_BACKOFF_S, REFRESH_AFTER_LOSSES
 from tests.scheduler.fleet import gpu_host, whole
 
 
@@ -106,3 +107,55 @@ def test_compare_and_set_bumps_the_version_by_one() -> None:
     assert updated is not None and updated.version == 2
     with pytest.raises(ValueError):
         store.compare_and_set("gpu-1", 2, gpu_host("other"))
+
+
+class AlwaysOvertakenStore(InMemoryClaimStore):
+    """Another writer changes the host just before every compare-and-set lands."""
+
+    def compare_and_set(self, host_id: str, expected_version: int, new_state: HostState) -> bool:
+        current = self.read_host(host_id)
+        assert current is not None
+        self.put_host(current.state)
+        return super().compare_and_set(host_id, expected_version, new_state)
+
+
+def test_a_placement_that_keeps_losing_backs_off_then_gives_up() -> None:
+    pauses: list[float] = []
+    scheduler = Scheduler(AlwaysOvertakenStore([gpu_host("gpu-1")]), sleep=pauses.append)
+    with pytest.raises(StoreError):
+        scheduler.place(whole("m1"))
+    assert len(pauses) == 6, "no pause before the first two tries"
+    ceilings = [min(MAX_BACKOFF_S, BACKOFF_S * 2**n) for n in range(6)]
+    assert all(0 <= pause <= ceiling for pause, ceiling in zip(pauses, ceilings, strict=True))
+    assert scheduler.stats.lost_races == 8
+    assert scheduler.stats.refreshes == 8 - (REFRESH_AFTER_LOSSES - 1), "then the whole fleet"
+
+
+def test_a_batch_retry_avoids_the_host_that_just_changed_then_gives_up() -> None:
+    pauses: list[float] = []
+    scheduler = Scheduler(AlwaysOvertakenStore([gpu_host("gpu-1")]), sleep=pauses.append)
+    (answer,) = scheduler.place_many([whole("m1")])
+    assert isinstance(answer, StoreError) and answer.fields["attempts"] == 8
+    # Every other round the only host sits out (nothing to write); the last round sees it.
+    assert scheduler.stats.lost_races == 5
+    assert len(pauses) == 6
+
+
+def test_a_batch_retry_lands_elsewhere_rather_than_on_the_contested_host() -> None:
+    store = CountingStore([gpu_host("gpu-1", gpus=2), gpu_host("gpu-2", gpus=2)])
+    first, second = Scheduler(store), Scheduler(store)
+    contested = first.place(whole("m1")).host_id
+    (answer,) = second.place_many([whole("m2")])
+    assert isinstance(answer, Placement) and answer.host_id != contested
+    assert store.lost == 1
+
+
+def test_a_scheduler_that_keeps_losing_rereads_the_whole_fleet() -> None:
+    hosts = REFRESH_AFTER_LOSSES + 2
+    store = CountingStore([gpu_host(f"gpu-{n}", gpus=1) for n in range(hosts)])
+    busy, stale = Scheduler(store), Scheduler(store)
+    taken = {busy.place(whole(f"busy-{n}")).host_id for n in range(hosts - 1)}
+    late = stale.place(whole("late"))
+    assert late.host_id not in taken
+    assert store.lost == REFRESH_AFTER_LOSSES and stale.stats.refreshes == 1
+    assert assert_each_gpu_held_once(store.snapshot()) == hosts

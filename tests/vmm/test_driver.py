@@ -7,6 +7,7 @@ from pathlib import Path
 from hangar.vmm.accel import tcg_choice
 from hangar.vmm.driver import Driver, VmHandle, VmSpec
 from hangar.vmm.qemu import QemuDriver
+from tests.vmm.machines import handle_for, plain_spec
 
 
 def test_qemu_driver_is_a_driver() -> None:
@@ -17,33 +18,28 @@ def test_qemu_driver_is_a_driver() -> None:
 
 
 def test_spec_in_run_dir_puts_logs_and_sockets_there(tmp_path: Path) -> None:
-    spec = VmSpec.in_run_dir(
-        machine_id="m1",
-        run_dir=tmp_path,
-        kernel=tmp_path / "vmlinuz",
-        initrd=tmp_path / "initrd",
-        root_disk=tmp_path / "root.ext4",
-    )
+    spec = plain_spec(tmp_path)
 
-    paths = (spec.console_log, spec.control_log, spec.signal_socket, spec.qmp_socket, spec.vmm_log)
+    paths = (
+        spec.console_log,
+        spec.control_log,
+        spec.signal_socket,
+        spec.exec_socket,
+        spec.qmp_socket,
+        spec.vmm_log,
+    )
     assert {path.parent for path in paths} == {tmp_path}
     assert len({path.name for path in paths}) == len(paths)
     assert VmSpec.model_validate_json(spec.model_dump_json()) == spec
 
 
-def test_handle_survives_a_json_round_trip(tmp_path: Path) -> None:
-    handle = VmHandle(
-        driver="qemu",
-        machine_id="m1",
-        pid=4242,
-        start_time=98765,
-        qmp_socket=tmp_path / "qmp.sock",
-        signal_socket=tmp_path / "sig.sock",
-        control_log=tmp_path / "ctl.jsonl",
-        console_log=tmp_path / "console.log",
-        vmm_log=tmp_path / "vmm.log",
-        accel="tcg",
-        machine_type="q35",
-    )
+def test_a_handle_keeps_its_spec_and_reads_older_records(tmp_path: Path) -> None:
+    spec = plain_spec(tmp_path)
+    handle = handle_for(spec)
+    newer_fields = {"cpu_model", "exec_socket", "spec"}
+    older = handle.model_dump(mode="json", exclude=newer_fields)
 
     assert VmHandle.model_validate_json(handle.model_dump_json()) == handle
+    assert handle.spec == spec
+    assert VmHandle.model_validate(older).spec is None
+    assert VmHandle.model_validate(older).exec_socket is None

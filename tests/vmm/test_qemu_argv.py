@@ -9,10 +9,11 @@ import pytest
 from pydantic import ValidationError
 
 from hangar.errors import VmmError
+from hangar.model.guest_contract import EXIT_ACK_ARG, GUEST_KERNEL_CMDLINE
 from hangar.vmm.accel import AccelChoice, kvm_choice, tcg_choice
-from hangar.vmm.driver import GUEST_KERNEL_CMDLINE, DiskSpec, NicSpec, VmSpec
+from hangar.vmm.driver import DiskSpec, NicSpec, VmSpec
 from hangar.vmm.qemu import QemuDriver
-from hangar.vmm.qemu_argv import HUGEPAGES_DIR, check_spec_files, qemu_argv
+from hangar.vmm.qemu_argv import HUGEPAGES_DIR, check_spec_files, qemu_argv, snapshot_fingerprint
 
 TCG = tcg_choice("test")
 KVM = kvm_choice("test")
@@ -83,7 +84,7 @@ def test_kernel_command_line_is_the_guest_contract_plus_extras(tmp_path: Path) -
 
     assert values_of(argv, "-kernel") == [str(spec.kernel)]
     assert values_of(argv, "-initrd") == [str(spec.initrd)]
-    assert values_of(argv, "-append") == [f"{GUEST_KERNEL_CMDLINE} hangar.debug=1 hangar.ctl=ack"]
+    assert values_of(argv, "-append") == [f"{GUEST_KERNEL_CMDLINE} hangar.debug=1 {EXIT_ACK_ARG}"]
 
 
 def test_root_disk_comes_first_and_read_only_disks_stay_read_only(tmp_path: Path) -> None:
@@ -114,6 +115,46 @@ def test_console_control_signal_and_monitor_channels(tmp_path: Path) -> None:
     assert "virtio-serial-pci,id=vs" in devices
     assert "virtserialport,bus=vs.0,chardev=ctl,name=hangar.ctl" in devices
     assert "virtserialport,bus=vs.0,chardev=sig,name=hangar.sig" in devices
+    assert f"socket,id=exec,path={spec.exec_socket},server=on,wait=off" in chardevs
+    assert "virtserialport,bus=vs.0,chardev=exec,name=hangar.exec" in devices
+
+
+def test_a_cold_boot_starts_the_vcpus_and_truncates_its_logs(tmp_path: Path) -> None:
+    argv = argv_for(make_spec(tmp_path))
+
+    assert "-incoming" not in argv
+    assert "-S" not in argv
+    assert not [c for c in values_of(argv, "-chardev") if "append=on" in c]
+
+
+def test_a_restore_loads_the_snapshot_paused_and_appends_to_the_logs(tmp_path: Path) -> None:
+    snapshot = tmp_path / "my snapshot's state"
+    spec = make_spec(tmp_path, incoming_snapshot=snapshot)
+    argv = argv_for(spec)
+
+    assert values_of(argv, "-incoming") == [f"exec:cat '{tmp_path}/my snapshot'\"'\"'s state'"]
+    assert "-S" in argv
+    chardevs = values_of(argv, "-chardev")
+    assert f"file,id=console,path={spec.console_log},append=on" in chardevs
+    assert f"file,id=ctl,path={spec.control_log},append=on" in chardevs
+    cold = argv_for(spec.model_copy(update={"incoming_snapshot": None}))
+    assert values_of(argv, "-device") == values_of(cold, "-device")
+
+
+def test_the_snapshot_fingerprint_leaves_paths_out_but_not_devices(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    here = make_spec(tmp_path / "a")
+    moved = make_spec(tmp_path / "b", incoming_snapshot=tmp_path / "state")
+
+    def fingerprint(spec: VmSpec) -> list[str]:
+        return snapshot_fingerprint(spec, TCG, hugepages_dir=HUGEPAGES_DIR)
+
+    assert fingerprint(here) == fingerprint(moved)
+    assert not [word for word in fingerprint(here) if str(tmp_path) in word]
+    assert fingerprint(here) != fingerprint(here.model_copy(update={"memory_mb": 1024}))
+    assert fingerprint(here) != fingerprint(here.model_copy(update={"extra_disks": []}))
+    assert fingerprint(here) != snapshot_fingerprint(here, KVM, hugepages_dir=HUGEPAGES_DIR)
 
 
 def test_without_channel_sockets_qemu_writes_the_files(tmp_path: Path) -> None:
@@ -217,13 +258,14 @@ def test_a_missing_extra_disk_is_named_by_position(tmp_path: Path) -> None:
     assert raised.value.fields["field"] == "extra_disks[1]"
 
 
-def test_a_socket_path_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> None:
-    spec = make_spec(tmp_path, qmp_socket=tmp_path / ("q" * 120))
+@pytest.mark.parametrize("field", ["qmp_socket", "exec_socket"])
+def test_a_socket_path_too_long_for_unix_sockets_is_refused(tmp_path: Path, field: str) -> None:
+    spec = make_spec(tmp_path, **{field: tmp_path / ("q" * 120)})
 
     with pytest.raises(VmmError) as raised:
         argv_for(spec)
 
-    assert raised.value.fields["field"] == "qmp_socket"
+    assert raised.value.fields["field"] == field
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from hangar.api.schemas import AppList, AppView, CreateAppRequest, OrganizationV
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.clock import Clock
 from hangar.errors import PreconditionFailed
-from hangar.store.protocol import App, MachineStore, RunStore, TenancyStore
+from hangar.store.protocol import App, MachineStore, RunStore, TenancyStore, VolumeStore
 
 
 class AppService:
@@ -22,7 +22,9 @@ class AppService:
         clock: Clock,
         runs: RunStore | None = None,
         name_hold_s: float = 0.0,
+        volumes: VolumeStore | None = None,
     ) -> None:
+        self._volumes = volumes
         self._store = store
         self._tenancy = tenancy
         self._orgs = orgs
@@ -46,6 +48,7 @@ class AppService:
                 name=org.name if org is not None else app.org_slug, slug=app.org_slug
             ),
             machine_count=len(machines),
+            volume_count=len(self._volumes.list_volumes(app.name)) if self._volumes else 0,
         )
 
     def create(self, access: Access, request: CreateAppRequest) -> AppView:
@@ -71,6 +74,11 @@ class AppService:
         if live:
             raise PreconditionFailed(
                 f"app {name} still has {len(live)} machine(s); destroy them first", app=name
+            )
+        volumes = self._volumes.list_volumes(name) if self._volumes else []
+        if volumes:
+            raise PreconditionFailed(
+                f"app {name} still has {len(volumes)} volume(s); destroy them first", app=name
             )
         forgotten = self._store.delete_app(name, self._clock.now())
         if self._runs is not None and forgotten:

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from hangar.agent.agent import Agent
-from hangar.agent.platform import RunDirLayout
 from hangar.api.console import ConsoleReaders, FollowerSlot
 from hangar.api.schemas import (
     CreateMachineRequest,
@@ -18,9 +17,11 @@ from hangar.api.schemas import (
     StopRequest,
     UpdateMachineRequest,
 )
+from hangar.api.services.addresses import PrivateAddresses
 from hangar.api.services.image_policy import ImagePolicy
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
+from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock
 from hangar.errors import (
     Conflict,
@@ -32,6 +33,7 @@ from hangar.errors import (
     WaitTimeout,
 )
 from hangar.model.config import MachineConfig, signal_number
+from hangar.model.guest_contract import RunDir
 from hangar.model.host import HostInfo
 from hangar.model.machine import (
     WAITABLE_STATES,
@@ -71,11 +73,15 @@ class MachineService:
         platform: PlatformService,
         max_config_bytes: int | None = None,
         console: ConsoleReaders | None = None,
+        addresses: PrivateAddresses | None = None,
+        volumes: VolumeService | None = None,
     ) -> None:
         """``max_config_bytes``: the largest config (as JSON) a machine may have;
         ``console``: how machines' consoles are read and followed."""
         self._max_config_bytes = max_config_bytes
         self.console_readers = console or ConsoleReaders(clock)
+        self._addresses = addresses
+        self._volumes = volumes
         self._platform = platform
         self._store = store
         self._runs = runs
@@ -132,7 +138,7 @@ class MachineService:
 
     def console_log_path(self, app: str, machine_id: str) -> Path:
         self.require(app, machine_id)
-        return self._agent.machines_dir / machine_id / RunDirLayout.CONSOLE_LOG
+        return self._agent.machines_dir / machine_id / RunDir.CONSOLE_LOG
 
     def console(
         self, app: str, machine_id: str, follow: bool
@@ -185,6 +191,24 @@ class MachineService:
             )
         return self._host.region
 
+    def _check_mounts(
+        self,
+        app: str,
+        config: MachineConfig,
+        region: str,
+        machine: Machine | None = None,
+        running: bool = False,
+    ) -> str | None:
+        """``config.mounts``: the volumes exist in this app and region, no other machine has
+        them; returns the host they are on (the machine must run there)."""
+        if not config.mounts and (machine is None or not machine.config.mounts):
+            return None
+        if self._volumes is None:
+            raise Unprocessable(
+                "config.mounts: this server keeps no volumes", field="config.mounts"
+            )
+        return self._volumes.check_mounts(app, config, region, machine, running)
+
     def _check_lease(self, machine: Machine, nonce: str | None) -> None:
         lease = self._store.get_lease(machine.id)
         if lease is None or lease.expires_at <= self._clock.now():
@@ -229,6 +253,10 @@ class MachineService:
         self._images.check(request.config.image)
         region = self._check_placement(request.region, request.config)
         self._quotas.check(app, request.config)
+        volume_host = self._check_mounts(app, request.config, region)
+        if volume_host is not None and self._volumes is not None:
+            launching = not request.skip_launch
+            self._volumes.check_room(request.config, region, volume_host, launching)
         if request.config.guest.gpus:
             self._platform.admit_gpu_machine(request.config, region)
         if not request.skip_launch:
@@ -248,6 +276,9 @@ class MachineService:
             created_at=now,
             updated_at=now,
             host_id=self._host.id,
+            private_ip=(
+                self._addresses.for_machine(app, machine_id) if self._addresses is not None else ""
+            ),
         )
         self._store.insert_machine(machine)
         self._record(machine_id, "launch", "created", {"skip_launch": request.skip_launch})
@@ -274,8 +305,12 @@ class MachineService:
             raise PreconditionFailed(f"machine {machine_id} is being destroyed")
         self._check_config_size(request.config)
         self._images.check(request.config.image)
-        self._check_placement(request.region or machine.region, request.config)
+        region = self._check_placement(request.region or machine.region, request.config)
         self._quotas.check(app, request.config, replacing=machine)
+        running = machine.state.holds_resources and request.skip_launch
+        volume_host = self._check_mounts(app, request.config, region, machine, running)
+        if volume_host is not None and self._volumes is not None:
+            self._volumes.check_room(request.config, region, volume_host, launching=False)
         if request.config.guest.gpus:
             self._platform.admit_gpu_machine(request.config, machine.region)
         relaunch = machine.state.holds_resources and not request.skip_launch

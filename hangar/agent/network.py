@@ -1,0 +1,118 @@
+"""This host's private network as the agent uses it: a machine's tap and the ruleset around
+its boots, the internal DNS service, and reconciliation after a restart.
+
+Taps and rules are changed one machine at a time (a lock): the ruleset is rendered from the
+taps that exist, so two machines attaching at once must not each load a ruleset that lacks
+the other. Netlink and ``nft`` calls are quick but blocking, so they run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping, Set
+from ipaddress import IPv6Address
+
+from hangar.clock import Clock
+from hangar.errors import NetworkError
+from hangar.model.machine import Machine
+from hangar.net.attachment import Attachment
+from hangar.net.dns import DnsServer, view_from_records
+from hangar.net.host import HostNetwork
+from hangar.vmm.driver import NicSpec
+
+log = logging.getLogger(__name__)
+
+
+class MachineNetwork:
+    def __init__(self, net: HostNetwork, clock: Clock) -> None:
+        self.net = net
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self.dns: DnsServer | None = None
+
+    # addresses
+    @property
+    def host_number(self) -> int:
+        return self.net.config.host_number
+
+    def private_ip(self, org_number: int, machine_id: str) -> str:
+        """The machine's address: stable for its org, this host and its id."""
+        return str(self.net.plan.machine_address(org_number, self.host_number, machine_id))
+
+    def org_number_of(self, machine: Machine) -> int:
+        if not machine.private_ip:
+            raise NetworkError(
+                f"machine {machine.id} has no private address", retryable=False, machine=machine.id
+            )
+        number = self.net.plan.org_of(IPv6Address(machine.private_ip))
+        if number is None:
+            raise NetworkError(
+                f"machine {machine.id}'s address {machine.private_ip} is outside this host's "
+                "private network",
+                retryable=False,
+                machine=machine.id,
+            )
+        return number
+
+    def attachment(self, machine: Machine) -> Attachment:
+        return self.net.attachment(machine.id, self.org_number_of(machine))
+
+    # a machine's tap and the rules (pyroute2's calls run their own event loop: a thread each)
+    async def attached(self, machine: Machine) -> bool:
+        org_number = self.org_number_of(machine)
+        return await asyncio.to_thread(
+            lambda: self.net.tap_ready(machine.id, org_number) and self.net.rules_current()
+        )
+
+    async def attach(self, machine: Machine) -> Attachment:
+        org_number = self.org_number_of(machine)
+        async with self._lock:
+            return await asyncio.to_thread(self._attach, machine.id, org_number)
+
+    def _attach(self, machine_id: str, org_number: int) -> Attachment:
+        if not self.net.bridge_ready():
+            self.net.ensure_bridge()
+        attachment = self.net.create_tap(machine_id, org_number)
+        if not self.net.rules_current():
+            self.net.apply_rules()
+        return attachment
+
+    async def has_tap(self, machine_id: str) -> bool:
+        names = self.net.config.names
+        taps = await asyncio.to_thread(self.net.taps)
+        return any(tap.name == names.tap(machine_id) for tap in taps)
+
+    async def detach(self, machine_id: str) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._detach, machine_id)
+
+    def _detach(self, machine_id: str) -> None:
+        self.net.remove_tap(machine_id)
+        if not self.net.rules_current():
+            self.net.apply_rules()
+
+    async def guest_network(self, machine: Machine) -> tuple[NicSpec, list[str]]:
+        """The NIC and kernel arguments a boot of ``machine`` gets (its tap must exist)."""
+        attachment = await asyncio.to_thread(self.attachment, machine)
+        return self.net.nic(attachment), self.net.guest_kernel_args(attachment)
+
+    # the host's side
+    async def start(self, owned: Set[str]) -> None:
+        """After an agent (re)start: the bridge back, taps no live machine owns removed, the
+        ruleset current; then the DNS service on the bridge."""
+        async with self._lock:
+            report = await asyncio.to_thread(self.net.reconcile, owned)
+        if report.removed_taps:
+            log.warning("removed taps no live machine owns: %s", report.removed_taps)
+        self.dns = DnsServer(view_from_records({}, []), clock=self._clock)
+        await self.dns.start(*self.net.dns_endpoint())
+
+    def refresh_dns(self, app_orgs: Mapping[str, str], machines: Iterable[Machine]) -> None:
+        if self.dns is not None:
+            self.dns.set_view(view_from_records(app_orgs, machines))
+
+    async def close(self) -> None:
+        if self.dns is not None:
+            await self.dns.stop()
+            self.dns = None

@@ -1,0 +1,115 @@
+"""Machines' services on this host: the proxy's ``Backends`` over the machine store and the
+agent, and the health checks that feed it.
+
+Snapshots are rebuilt when the agent says something changed (coalesced: a burst of changes
+makes one snapshot); the checks runner follows the same snapshots and writes each machine's
+results to its record, which is itself a change. Autostart and autostop are agent runs like
+any other (``start``, ``stop``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+from hangar.agent.agent import Agent
+from hangar.errors import PreconditionFailed
+from hangar.model.machine import Machine
+from hangar.model.run import StartRequest, StopRequest
+from hangar.model.services import CheckStatus
+from hangar.proxy.backends import BackendMachine, StopMode
+from hangar.proxy.checks import CheckRunner
+
+WATCH_COALESCE_S = 0.05
+
+
+def backend_of(machine: Machine) -> BackendMachine:
+    return BackendMachine(
+        id=machine.id,
+        app=machine.app,
+        state=str(machine.state),
+        private_ip=machine.private_ip,
+        services=tuple(machine.config.services),
+        cordoned=machine.cordoned,
+        checks=tuple(machine.checks),
+        machine_checks=dict(machine.config.checks),
+    )
+
+
+class AgentBackends:
+    """The embedded server's ``Backends``: this host's machines that have services or checks."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    def snapshot(self) -> list[BackendMachine]:
+        host_id = self._agent.host.placement.host.id
+        return [
+            backend_of(machine)
+            for machine in self._agent.machines.list_machines(None)
+            if machine.host_id == host_id and (machine.config.services or machine.config.checks)
+        ]
+
+    async def watch(self) -> AsyncIterator[Sequence[BackendMachine]]:
+        changed = asyncio.Event()
+        stop_listening = self._agent.on_change(changed.set)
+        try:
+            last: list[BackendMachine] | None = None
+            while True:
+                snapshot = self.snapshot()
+                if snapshot != last:
+                    last = snapshot
+                    yield snapshot
+                await changed.wait()
+                changed.clear()
+                await asyncio.sleep(WATCH_COALESCE_S)
+        finally:
+            stop_listening()
+
+    async def start(self, machine: BackendMachine) -> None:
+        record = self._agent.machines.get_machine(machine.id)
+        if record is None or not record.state.startable:
+            raise PreconditionFailed(
+                f"machine {machine.id} cannot be started from {machine.state}", field="state"
+            )
+        if not self._agent.has_unfinished_run(machine.id):
+            self._agent.submit_operation(machine.id, StartRequest())
+
+    async def stop(self, machine: BackendMachine, mode: StopMode) -> None:
+        record = self._agent.machines.get_machine(machine.id)
+        if record is None or not record.state.holds_resources:
+            return
+        if not self._agent.has_unfinished_run(machine.id):
+            self._agent.submit_operation(machine.id, StopRequest())
+
+
+class HealthChecks:
+    """Runs every check of this host's machines and keeps the results in their records."""
+
+    def __init__(self, agent: Agent, backends: AgentBackends) -> None:
+        self._agent = agent
+        self._backends = backends
+        self.runner = CheckRunner(self._record, agent.clock)
+        self._task: asyncio.Task[None] | None = None
+
+    def _record(self, machine: BackendMachine, results: tuple[CheckStatus, ...]) -> None:
+        current = self._agent.machines.get_machine(machine.id)
+        if current is None or tuple(current.checks) == results:
+            return
+        self._agent.machines.set_checks(machine.id, list(results))
+        self._agent.notify()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        async for snapshot in self._backends.watch():
+            self.runner.update(snapshot)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.runner.close()

@@ -1,0 +1,66 @@
+"""Where hangar's records live in etcd: one key layout under a configurable prefix.
+
+::
+
+    {prefix}/claims/{host_id}          the scheduler's HostState of a host (claims, GPU states)
+    {prefix}/hosts/{host_id}           a host's live registration, under its agent's lease
+    {prefix}/sealed/{kind}/{name}      an encrypted value (volume key, app secret, token hash)
+
+Every name is one path segment, so a prefix range over ``claims/`` or ``hosts/`` never picks up
+a key of another kind or another fleet sharing the cluster under another prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hangar.errors import InvalidRequest
+
+DEFAULT_PREFIX = "/hangar"
+MAX_NAME_LENGTH = 253
+
+
+def check_name(name: str, field: str) -> str:
+    """A name used as one key segment: non-empty, no ``/``, printable ASCII."""
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise InvalidRequest(f"{field} must be 1 to {MAX_NAME_LENGTH} characters", field=field)
+    if "/" in name or not name.isascii() or not name.isprintable() or " " in name:
+        raise InvalidRequest(
+            f"{field} {name!r} must be printable ASCII without '/' or spaces", field=field
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLayout:
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        segments = self.prefix.split("/")
+        if not self.prefix.startswith("/") or self.prefix.endswith("/") or len(segments) < 2:
+            raise InvalidRequest(
+                f"etcd prefix {self.prefix!r} must start with '/' and not end with it",
+                field="prefix",
+            )
+        for segment in segments[1:]:
+            check_name(segment, "prefix")
+
+    @property
+    def claims(self) -> str:
+        return f"{self.prefix}/claims/"
+
+    def claim(self, host_id: str) -> str:
+        return self.claims + check_name(host_id, "host_id")
+
+    @property
+    def hosts(self) -> str:
+        return f"{self.prefix}/hosts/"
+
+    def host(self, host_id: str) -> str:
+        return self.hosts + check_name(host_id, "host_id")
+
+    def sealed_kind(self, kind: str) -> str:
+        return f"{self.prefix}/sealed/{check_name(kind, 'kind')}/"
+
+    def sealed(self, kind: str, name: str) -> str:
+        return self.sealed_kind(kind) + check_name(name, "name")

@@ -1,0 +1,5 @@
+"""Store tests run against real backends: SQLite files and a real etcd cluster."""
+
+from tests.fixtures.etcd import etcd_client, etcd_cluster, etcd_layout, own_etcd_cluster
+
+__all__ = ["etcd_client", "etcd_cluster", "etcd_layout", "own_etcd_cluster"]
