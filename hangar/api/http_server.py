@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from hangar.ratelimit import FloodLog
@@ -187,7 +188,7 @@ def server_config(
         host=host,
         port=port,
         log_level="info",
-        **({"log_config": log_config} if log_config is not None else {}),
+        log_config=log_config if log_config is not None else LOGGING_CONFIG,
         http=guarded_protocol(_Gate(cap, limits.header_timeout_s)),
         timeout_keep_alive=max(1, round(limits.keepalive_timeout_s)),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,

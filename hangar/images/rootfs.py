@@ -168,12 +168,9 @@ def cache_usage(cache_dir: Path) -> CacheUsage:
     except FileNotFoundError:
         return CacheUsage(entries=0, bytes=0)
     for folder in folders:
-        try:
-            files = list(folder.iterdir())
-        except OSError:
-            continue
-        entries += 1
-        total += _entry_bytes(folder)
+        if folder.is_dir():
+            entries += 1
+            total += _entry_bytes(folder)
     return CacheUsage(entries=entries, bytes=total)
 
 
@@ -216,11 +213,74 @@ class ImageCache:
             raise ImageError(f"bad image digest {digest!r}", digest=digest)
         return self.root / digest.replace(":", "-")
 
-        self.policy = policy or RegistryPolicy()
-        self.layouts = layouts or LocalLayouts([Path("/")])
-        self.limits = limits or ImageLimits()
-        self.workers = workers or ImageWorkers()
-        self._in_use = in_use
+    async def ensure(
+        self, ref: ImageRef, *, tls_verify: bool = True, owner: str = ""
+    ) -> CachedImage:
+        """The image ``ref`` names, cached; pulled on ``owner``'s share of the image pool.
+        ``tls_verify=False``: speak plain HTTP to its registry (an insecure registry)."""
+        if ref.transport == "docker" and ref.digest:
+            hit = self.lookup(ref.digest)
+            if hit is not None:
+                self.touch(ref.digest)
+                self._observed(hit=True)
+                return hit.model_copy(update={"image_ref": ref})
+        return await self.workers.run(
+            owner, lambda cancellation: self._ensure(ref, not tls_verify, cancellation)
+        )
+
+    def _pull_limits(self) -> PullLimits:
+        return PullLimits(self.limits.max_compressed_bytes, self.limits.pull_timeout_s)
+
+    def _observed(self, hit: bool) -> None:
+        if self._observer is not None:
+            self._observer.image_lookup(hit=hit)
+
+    def _ensure(self, ref: ImageRef, insecure: bool, cancellation: Cancellation) -> CachedImage:
+        built = False
+
+        def counted(build: Callable[[Path], None]) -> Callable[[Path], None]:
+            def run(staged: Path) -> None:
+                nonlocal built
+                built = True
+                build(staged)
+
+            return run
+
+        if ref.transport == "oci":
+            with self.layouts.open(ref) as local:
+                resolved = local.resolve()
+
+                def copy_local(layout: Path) -> None:
+                    for blob in resolved.manifest.blobs:
+                        local.copy_blob(blob, BlobSink(layout, blob, cancellation))
+
+                entry = build_once(
+                    self.entry_for(resolved.digest),
+                    counted(
+                        lambda staged: self._build(ref, resolved, staged, copy_local, cancellation)
+                    ),
+                )
+        else:
+            limits = self._pull_limits()
+            resolved = run_pull(resolve, ref, self.policy, limits, cancellation, insecure)
+            pinned = ref.with_digest(resolved.digest)
+
+            def fetch(layout: Path) -> None:
+                async def blobs(session: RegistrySession) -> None:
+                    for blob in resolved.manifest.blobs:
+                        await session.blob(blob, BlobSink(layout, blob, cancellation))
+
+                run_pull(blobs, pinned, self.policy, limits, cancellation, insecure)
+
+            entry = build_once(
+                self.entry_for(resolved.digest),
+                counted(lambda staged: self._build(pinned, resolved, staged, fetch, cancellation)),
+            )
+        self._observed(hit=not built)
+        self.touch(resolved.digest)
+        loaded = self._load(entry)
+        self.evict(keep={resolved.digest})
+        return loaded.model_copy(update={"image_ref": ref.with_digest(resolved.digest)})
 
     def lookup(self, digest: str) -> CachedImage | None:
         """The cached image with this digest, without any network access; ``None`` if absent.

@@ -187,7 +187,7 @@ class SqliteMachineStore(SqliteDatabase):
                 "INSERT OR REPLACE INTO app_name_holds VALUES (?, ?, ?)",
                 (name, app["org_slug"], now),
             )
-        self.checkpoint()
+        self.truncate_wal()
         return ids
 
     # machines

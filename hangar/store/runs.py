@@ -81,7 +81,7 @@ class SqliteRunStore(SqliteDatabase):
             for machine_id in machine_ids:
                 db.execute("DELETE FROM agent_runs WHERE machine_id = ?", (machine_id,))
                 db.execute("DELETE FROM vm_handles WHERE machine_id = ?", (machine_id,))
-        self.checkpoint()
+        self.truncate_wal()
 
     # VMM handles
     def put_vm_handle(self, machine_id: str, handle: dict[str, Any]) -> None:

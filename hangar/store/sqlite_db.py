@@ -43,7 +43,7 @@ class SqliteDatabase:
                     added.add(name)
             return added
 
-    def checkpoint(self) -> None:
+    def truncate_wal(self) -> None:
         """Copy the write-ahead log into the database and empty it, so that older versions
         of pages (which may hold deleted records) are gone from the log as well."""
         with self._lock:

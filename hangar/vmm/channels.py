@@ -14,8 +14,9 @@ the host (:class:`ChannelPump`, never the event loop) reads every machine's chan
   ``exit`` and ``error`` events, a bounded number more);
 - and a flood (lines dropped, the control log full) is logged once per episode.
 
-Each ``exit`` event kept is acknowledged (``EXIT_ACK_REPLY`` on the port): the guest's init waits for it
-before it powers off, since what the host has not read yet when QEMU exits is lost.
+Each ``exit`` event kept is acknowledged (``EXIT_ACK_REPLY`` on the port): the guest's init
+waits for it before it powers off, since what the host has not read yet when QEMU exits is
+lost.
 
 While the agent is down nobody reads: the guest's control writes wait (nothing is lost), its
 console output is dropped by QEMU. An adopted VM's channels are attached again.

@@ -203,9 +203,7 @@ class PlatformService:
     def check_room_on(self, guest: GuestConfig, region: str, host_id: str, field: str) -> None:
         """A machine bound to ``host_id`` (its volumes are there) must fit there now: the
         scheduler's hard constraint, asked of the same claim records the agent claims on."""
-        request = placement_request(
-            guest, region, host_id=host_id, overcommit=self.overcommit
-        )
+        request = placement_request(guest, region, host_id=host_id, overcommit=self.overcommit)
         results = dry_run_placements(self.snapshot(), request, 1)
         if not any(result.placeable for result in results):
             raise InsufficientCapacity(
