@@ -116,7 +116,13 @@ def test_new_orgs_get_the_operators_default_quotas(tmp_path: Any) -> None:
         org = unique("dflt")
         created = api.post("/v1/orgs", json={"slug": org})
         assert created.status_code == 201, created.text
-        assert created.json()["quotas"] == {"machines": 2, "memory_mb": 1024, "gpus": {"a10": 1}}
+        assert created.json()["quotas"] == {
+            "machines": 2,
+            "memory_mb": 1024,
+            "gpus": {"a10": 1},
+            "volumes": None,
+            "volume_gb": None,
+        }
         assert api.get("/v1/orgs/personal").json()["quotas"]["machines"] == 2
         changed = api.put(f"/v1/orgs/{org}/quotas", json={"machines": 5})
         assert changed.json()["quotas"]["machines"] == 5
