@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from hangar.model.guest_contract import RunDir
+from hangar.model.guest_contract import Port, RunDir
 from hangar.server_process import BearerToken, ServerProcess
 from hangar.settings import env_name
 
@@ -40,7 +40,7 @@ CHATTY = [
     "sh",
     "-c",
     "for p in /sys/class/virtio-ports/*; do "
-    '[ "$(cat $p/name)" = hangar.ctl ] && dev=$(cat $p/dev); done; '
+    f'[ "$(cat $p/name)" = {Port.CONTROL} ] && dev=$(cat $p/dev); done; '
     "mknod /tmp/ctl c ${dev%:*} ${dev#*:}; "
     '(while :; do echo \'{"type":"noise","pad":"xxxxxxxxxxxxxxxxxxxxxxxx"}\'; done > /tmp/ctl) & '
     "while :; do echo chatty console line padding padding padding padding; done",

@@ -123,6 +123,11 @@ class VolumeStore(Protocol):
         stored with the next version); False if it changed meanwhile or is gone."""
         ...
 
+    def forget_volumes(self, app: str) -> list[str]:
+        """Delete the records of ``app``'s destroyed volumes (the app is being deleted: its
+        name's next owner must not see them); returns their ids."""
+        ...
+
 
 class GpuStore(Protocol):
     """A host's GPUs as its agent found them (inventory, VFIO binding, why one is out of use)

@@ -10,6 +10,7 @@ from hangar.api.schemas import AppList, AppView, CreateAppRequest, OrganizationV
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.clock import Clock
 from hangar.errors import PreconditionFailed
+from hangar.model.run import volume_subject
 from hangar.store.protocol import App, MachineStore, RunStore, TenancyStore, VolumeStore
 
 
@@ -81,5 +82,9 @@ class AppService:
                 f"app {name} still has {len(volumes)} volume(s); destroy them first", app=name
             )
         forgotten = self._store.delete_app(name, self._clock.now())
+        if self._volumes is not None:
+            # Volumes belong to the app's name: the destroyed ones go with the app.
+            volume_ids = self._volumes.forget_volumes(name)
+            forgotten += [volume_subject(volume_id) for volume_id in volume_ids]
         if self._runs is not None and forgotten:
             self._runs.forget_machines(forgotten)
