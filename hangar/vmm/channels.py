@@ -380,8 +380,14 @@ def _acknowledge(sock: socket.socket) -> None:
         sock.send(EXIT_ACK_REPLY)
 
 
-def connect_unix(path: Path) -> socket.socket:
+CONNECT_TIMEOUT_S = 2.0
+
+
+def connect_unix(path: Path, timeout_s: float = CONNECT_TIMEOUT_S) -> socket.socket:
+    """A connection to a channel QEMU serves; a QEMU that does not take it within
+    ``timeout_s`` (its backlog full, the process stopped) raises ``OSError``."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
     try:
         sock.connect(str(path))
     except OSError:
