@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hangar.model.guest_contract import RunDir
+from hangar.model.guest_contract import Port, RunDir
 from hangar.vmm.channels import previous_console_log
 from tests.agent.helpers import machine_path, run_machine, wait_exit_recorded
 from tests.api.helpers import unique, wait_runs_finished
@@ -23,7 +23,7 @@ CONSOLE_CAP = 256 * KIB
 # Root in the guest makes itself a node for the control port (the process's /dev has none).
 FIND_CTL_PORT = (
     "for p in /sys/class/virtio-ports/*; do "
-    '[ "$(cat $p/name)" = hangar.ctl ] && dev=$(cat $p/dev); done; '
+    f'[ "$(cat $p/name)" = {Port.CONTROL} ] && dev=$(cat $p/dev); done; '
     "mknod /tmp/ctl c ${dev%:*} ${dev#*:}; port=/tmp/ctl; "
 )
 
