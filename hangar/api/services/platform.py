@@ -9,6 +9,7 @@ quota, over the hosts as if they were empty: what other orgs run never shows in 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -86,29 +87,18 @@ def unclaimed(state: HostState) -> HostState:
 
 
 def _without(state: HostState, machine_id: str) -> HostState:
-    """The host as if ``machine_id`` held nothing on it (its GPUs free again)."""
+    """The host as if ``machine_id`` held nothing on it (its GPUs free again, unless another
+    claim holds a share or slice of one)."""
     held = next((claim for claim in state.claims if claim.machine_id == machine_id), None)
     if held is None:
         return state
-    freed = set(held.gpu_indexes)
+    others = tuple(claim for claim in state.claims if claim.machine_id != machine_id)
+    still_held = {index for claim in others for index in claim.gpu_indexes}
+    freed = set(held.gpu_indexes) - still_held
     gpus = tuple(
-        Gpu(gpu.index, gpu.kind, gpu.bdf, gpu.numa_node, gpu.nvlink_partition, GpuState.FREE)
-        if gpu.index in freed
-        else gpu
-        for gpu in state.gpus
+        replace(gpu, state=GpuState.FREE) if gpu.index in freed else gpu for gpu in state.gpus
     )
-    return HostState(
-        id=state.id,
-        region=state.region,
-        pool=state.pool,
-        cpu_milli=state.cpu_milli,
-        memory_mb=state.memory_mb,
-        gpus=gpus,
-        zone=state.zone,
-        rack=state.rack,
-        allow_cpu_machines=state.allow_cpu_machines,
-        claims=tuple(claim for claim in state.claims if claim.machine_id != machine_id),
-    )
+    return replace(state, gpus=gpus, claims=others)
 
 
 def _capped(count: int, room: int | None) -> int:
