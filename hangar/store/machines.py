@@ -1,4 +1,9 @@
-"""The embedded MachineStore: apps, machines, config versions, events and leases in SQLite."""
+"""The embedded MachineStore: apps, machines, config versions, events and leases in SQLite.
+
+Each org's usage counters (``org_usage``: what its machines that are not destroyed add up
+to, ``hangar.model.footprint``) change in the same transaction as every machine write that
+moves them, so they survive a crash exactly as the machines do. A database from before the
+counters is counted once, when it is opened (``org_usage_counted`` marks it done)."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pydantic import TypeAdapter
 
 from hangar.errors import Conflict, NotFound
 from hangar.model.config import MachineConfig
+from hangar.model.footprint import Footprint, footprint_change
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 from hangar.model.services import CheckStatus
 from hangar.store.protocol import App
@@ -42,6 +48,16 @@ CREATE TABLE IF NOT EXISTS machines (
 CREATE UNIQUE INDEX IF NOT EXISTS machines_live_name
     ON machines(app, name) WHERE state != 'destroyed';
 CREATE INDEX IF NOT EXISTS machines_app ON machines(app, created_at);
+CREATE INDEX IF NOT EXISTS machines_app_page ON machines(app, created_at, id);
+CREATE TABLE IF NOT EXISTS org_usage (
+    org_slug TEXT NOT NULL,
+    counter TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    PRIMARY KEY (org_slug, counter)
+);
+CREATE TABLE IF NOT EXISTS org_usage_counted (
+    id INTEGER PRIMARY KEY CHECK (id = 1)
+);
 CREATE TABLE IF NOT EXISTS machine_versions (
     machine_id TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -92,6 +108,66 @@ class SqliteMachineStore(SqliteDatabase):
             "machines",
             {"cordoned": "INTEGER NOT NULL DEFAULT 0", "checks": "TEXT NOT NULL DEFAULT '[]'"},
         )
+        self._count_once()
+
+    # usage counters
+    def _count_once(self) -> None:
+        """Count every org's usage from its machines, if this database never has."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM org_usage_counted").fetchone() is not None:
+                return
+            totals: dict[str, Footprint] = {}
+            for row in db.execute(
+                "SELECT apps.org_slug, machines.config FROM machines JOIN apps"
+                " ON apps.name = machines.app WHERE machines.state != 'destroyed'"
+            ):
+                config = MachineConfig.model_validate_json(row["config"])
+                totals.setdefault(row["org_slug"], Footprint()).add(config)
+            db.execute("DELETE FROM org_usage")
+            for org_slug, footprint in totals.items():
+                self._add_counters(db, org_slug, footprint.counters())
+            db.execute("INSERT INTO org_usage_counted VALUES (1)")
+
+    @staticmethod
+    def _add_counters(db: sqlite3.Connection, org_slug: str, change: dict[str, int]) -> None:
+        db.executemany(
+            "INSERT INTO org_usage VALUES (?, ?, ?) ON CONFLICT (org_slug, counter)"
+            " DO UPDATE SET amount = amount + excluded.amount",
+            [(org_slug, counter, amount) for counter, amount in change.items()],
+        )
+
+    def _count(
+        self,
+        db: sqlite3.Connection,
+        app: str,
+        before: MachineConfig | None,
+        after: MachineConfig | None,
+    ) -> None:
+        """Inside a machine write's transaction: the machine of ``app`` counted with
+        ``before`` now counts with ``after`` (None: not counted). A machine whose app is
+        gone counts for no org."""
+        change = footprint_change(before, after)
+        if not change:
+            return
+        row = db.execute("SELECT org_slug FROM apps WHERE name = ?", (app,)).fetchone()
+        if row is not None:
+            self._add_counters(db, row["org_slug"], change)
+
+    @staticmethod
+    def _counted_as(db: sqlite3.Connection, machine_id: str) -> tuple[str, MachineConfig | None]:
+        """The stored machine's app and the config it counts with (None: destroyed)."""
+        row = db.execute(
+            "SELECT app, state, config FROM machines WHERE id = ?", (machine_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+        if row["state"] == str(MachineState.DESTROYED):
+            return row["app"], None
+        return row["app"], MachineConfig.model_validate_json(row["config"])
+
+    def machine_usage(self, org_slug: str) -> Footprint:
+        rows = self._query("SELECT counter, amount FROM org_usage WHERE org_slug = ?", (org_slug,))
+        return Footprint.from_counters({row["counter"]: row["amount"] for row in rows})
 
     # apps
     def create_app(self, name: str, org_slug: str, now: float) -> App:
@@ -113,7 +189,12 @@ class SqliteMachineStore(SqliteDatabase):
         return [App(**dict(row)) for row in rows]
 
     def delete_app(self, name: str) -> None:
-        self._execute("DELETE FROM apps WHERE name = ?", (name,))
+        with self.transaction() as db:
+            for row in db.execute(
+                "SELECT config FROM machines WHERE app = ? AND state != 'destroyed'", (name,)
+            ).fetchall():
+                self._count(db, name, MachineConfig.model_validate_json(row["config"]), None)
+            db.execute("DELETE FROM apps WHERE name = ?", (name,))
 
     # machines
     @staticmethod
@@ -155,6 +236,7 @@ class SqliteMachineStore(SqliteDatabase):
                     f" VALUES ({', '.join('?' for _ in MACHINE_COLUMNS)})",
                     self._machine_row(machine),
                 )
+                self._count(db, machine.app, None, _counted(machine))
                 db.execute(
                     "INSERT INTO machine_versions VALUES (?, ?, ?, ?, NULL)",
                     (
@@ -174,7 +256,14 @@ class SqliteMachineStore(SqliteDatabase):
         rows = self._query("SELECT * FROM machines WHERE id = ?", (machine_id,))
         return self._machine_from(rows[0]) if rows else None
 
-    def list_machines(self, app: str | None, include_destroyed: bool = False) -> list[Machine]:
+    def list_machines(
+        self,
+        app: str | None,
+        include_destroyed: bool = False,
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[Machine]:
         sql = "SELECT * FROM machines WHERE 1=1"
         params: list[Any] = []
         if app is not None:
@@ -182,17 +271,27 @@ class SqliteMachineStore(SqliteDatabase):
             params.append(app)
         if not include_destroyed:
             sql += " AND state != 'destroyed'"
-        rows = self._query(sql + " ORDER BY created_at", tuple(params))
+        if after is not None:
+            sql += " AND (created_at, id) > (SELECT created_at, id FROM machines WHERE id = ?)"
+            params.append(after)
+        sql += " ORDER BY created_at, id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        rows = self._query(sql, tuple(params))
         return [self._machine_from(row) for row in rows]
 
     def save_machine(self, machine: Machine) -> None:
         row = self._machine_row(machine)
         assignments = ", ".join(f"{name} = ?" for name in MACHINE_COLUMNS[1:])
-        changed = self._execute(
-            f"UPDATE machines SET {assignments} WHERE id = ?", (*row[1:], row[0])
-        )
-        if not changed:
-            raise NotFound(f"machine {machine.id} not found", machine_id=machine.id)
+        with self.transaction() as db:
+            app, before = self._counted_as(db, machine.id)
+            db.execute(f"UPDATE machines SET {assignments} WHERE id = ?", (*row[1:], row[0]))
+            if app == machine.app:
+                self._count(db, app, before, _counted(machine))
+            else:
+                self._count(db, app, before, None)
+                self._count(db, machine.app, None, _counted(machine))
 
     def set_image_ref(self, machine_id: str, image_ref: ImageRef, now: float) -> None:
         """Only the image reference: a concurrent metadata or config write is not lost."""
@@ -219,12 +318,23 @@ class SqliteMachineStore(SqliteDatabase):
     def set_state(
         self, machine_id: str, state: MachineState, now: float, reason: str = ""
     ) -> Machine:
-        changed = self._execute(
-            "UPDATE machines SET state = ?, updated_at = ?, failure_reason = ? WHERE id = ?",
-            (str(state), now, reason, machine_id),
-        )
-        if not changed:
-            raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+        destroyed = str(MachineState.DESTROYED)
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT app, state, config FROM machines WHERE id = ?", (machine_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+            db.execute(
+                "UPDATE machines SET state = ?, updated_at = ?, failure_reason = ? WHERE id = ?",
+                (str(state), now, reason, machine_id),
+            )
+            if (row["state"] == destroyed) != (state is MachineState.DESTROYED):
+                config = MachineConfig.model_validate_json(row["config"])
+                if state is MachineState.DESTROYED:
+                    self._count(db, row["app"], config, None)
+                else:
+                    self._count(db, row["app"], None, config)
         machine = self.get_machine(machine_id)
         assert machine is not None
         return machine
@@ -234,6 +344,7 @@ class SqliteMachineStore(SqliteDatabase):
     ) -> None:
         body = config.model_dump_json()
         with self.transaction() as db:
+            app, before = self._counted_as(db, machine_id)
             db.execute(
                 "UPDATE machine_versions SET replaced_at = ? WHERE machine_id = ?"
                 " AND replaced_at IS NULL",
@@ -250,6 +361,7 @@ class SqliteMachineStore(SqliteDatabase):
             ).rowcount
             if not changed:
                 raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+            self._count(db, app, before, None if before is None else config)
 
     def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]:
         rows = self._query(
@@ -286,3 +398,8 @@ class SqliteMachineStore(SqliteDatabase):
 
     def delete_lease(self, machine_id: str) -> None:
         self._execute("DELETE FROM leases WHERE machine_id = ?", (machine_id,))
+
+
+def _counted(machine: Machine) -> MachineConfig | None:
+    """The config ``machine`` counts with against its org's quotas (None: destroyed)."""
+    return None if machine.state is MachineState.DESTROYED else machine.config

@@ -5,10 +5,9 @@ a 422 naming it."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
-
 from hangar.errors import QuotaExceeded
 from hangar.model.config import MachineConfig
+from hangar.model.footprint import Footprint
 from hangar.model.machine import Machine
 from hangar.model.volume import Volume
 from hangar.store.protocol import MachineStore, Org, TenancyStore, VolumeStore
@@ -17,19 +16,9 @@ Limit = tuple[str, int | None, int, int, str]
 """quota name, its limit, the org's use now, its use if the request went through, unit"""
 
 
-class OrgUsage(BaseModel):
-    machines: int = 0
-    memory_mb: int = 0
-    gpus: dict[str, int] = Field(default_factory=dict)
+class OrgUsage(Footprint):
     volumes: int = 0
     volume_gb: int = 0
-
-    def add(self, config: MachineConfig, sign: int = 1) -> None:
-        self.machines += sign
-        self.memory_mb += sign * config.guest.memory_mb
-        kind, count = config.guest.gpu_kind, config.guest.gpus or 0
-        if kind is not None and count:
-            self.gpus[kind] = self.gpus.get(kind, 0) + sign * count
 
     def add_volume(self, size_gb: int, sign: int = 1) -> None:
         self.volumes += sign
@@ -44,11 +33,14 @@ class QuotaService:
         self._tenancy = tenancy
         self._volumes = volumes
 
+    def machine_usage(self, org_slug: str) -> OrgUsage:
+        """The org's machines, from the store's counters (no machine is read)."""
+        return OrgUsage(**self._cluster.machine_usage(org_slug).model_dump())
+
     def usage(self, org_slug: str) -> OrgUsage:
-        usage = OrgUsage()
-        for app in self._cluster.list_apps(org_slug):
-            for machine in self._cluster.list_machines(app.name):
-                usage.add(machine.config)
+        """The org's machines (counted) and its volumes (read)."""
+        usage = self.machine_usage(org_slug)
+        for app in self._cluster.list_apps(org_slug) if self._volumes else []:
             for volume in self._volumes.list_volumes(app.name) if self._volumes else []:
                 if volume.state.holds_space:
                     usage.add_volume(volume.size_gb)
@@ -88,7 +80,7 @@ class QuotaService:
         org = self._org_of(app_name)
         if org is None:
             return
-        before = self.usage(org.slug)
+        before = self.machine_usage(org.slug)
         after = before.model_copy(deep=True)
         if replacing is not None:
             after.add(replacing.config, sign=-1)
