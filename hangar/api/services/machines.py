@@ -271,7 +271,7 @@ class MachineService:
         self._agent.submit_operation(
             machine_id, PrepareRequest() if request.skip_launch else CreateRequest()
         )
-        self._agent.notify()
+        self._agent.notify(machine_id)
         return self.view(machine)
 
     def update(
