@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import httpx
@@ -50,8 +51,7 @@ class StatementTrace:
         self.statements: list[str] = []
         self._recording = False
         self._connections: list[sqlite3.Connection] = [
-            store._db  # noqa: SLF001 (the test's view of the real connections)
-            for store in vars(server.embedded.stores).values()
+            store._db for store in vars(server.embedded.stores).values()
         ]
         for connection in self._connections:
             connection.set_trace_callback(self._record)
@@ -110,56 +110,57 @@ def scans(server: InProcessServer, statements: list[str]) -> list[str]:
     return found
 
 
+def one_round(
+    api: httpx.Client, server: InProcessServer, trace: StatementTrace, app: str, image: str
+) -> dict[str, list[tuple[str, int]]]:
+    """Each operation once, on a machine it creates: the statements each ran."""
+    services: Services = server.embedded.app.state.services
+    machines = server.embedded.stores.machines
+    request = CreateMachineRequest(config=MachineConfig(image=image), skip_launch=True)
+    created: list[str] = []
+    statements = {
+        "create": trace.run(
+            server,
+            lambda: created.append(services.machines.create(app, request, actor="test").id),
+        )
+    }
+    machine_id = created[0]
+    statements["get"] = trace.run(
+        server, lambda: services.machines.view(services.machines.require(app, machine_id))
+    )
+    statements["notice"] = trace.run(server, partial(server.embedded.agent.notify, machine_id))
+    # Stop needs a running machine and start a stopped one: the record says so, and the
+    # runs they submit find no VM to stop and, its image gone, none to start.
+    wait_runs_finished(api, app, machine_id)
+    machines.set_state(machine_id, MachineState.STARTED, 1.0)
+    statements["stop"] = trace.run(
+        server, partial(services.machines.stop, app, machine_id, StopRequest(), None)
+    )
+    wait_runs_finished(api, app, machine_id)
+    machines.set_state(machine_id, MachineState.STOPPED, 1.0)
+    missing = MachineConfig(image=f"oci:{server.home}/no-such-layout:latest")
+    machines.apply_config_version(machine_id, missing, 2, "i2", 2.0)
+    statements["start"] = trace.run(server, partial(services.machines.start, app, machine_id, None))
+    wait_runs_finished(api, app, machine_id)
+    return statements
+
+
 def test_create_get_start_stop_and_notices_read_no_table_whole(
     api: httpx.Client, api_server: InProcessServer, test_image: str
 ) -> None:
-    services: Services = api_server.embedded.app.state.services
-    agent = api_server.embedded.agent
-    machines = api_server.embedded.stores.machines
     _org, app = quota_org(api, machines=1000, memory_mb=1024 * 1024)
     for _ in range(3):
         assert create(api, app, test_image).status_code == 200
-    request = CreateMachineRequest(config=MachineConfig(image=test_image), skip_launch=True)
-    counts: dict[str, list[list[int]]] = {}
+    rows: dict[str, list[list[int]]] = {}
     """operation -> in each round, the rows each of its statements returned"""
     with traced(api_server) as trace:
         for round_ in range(2):
-            created: list[str] = []
-
-            def create_one(created: list[str] = created) -> None:
-                created.append(services.machines.create(app, request, actor="test").id)
-
-            statements = {"create": trace.run(api_server, create_one)}
-            machine_id = created[0]
-
-            def get() -> None:
-                services.machines.view(services.machines.require(app, machine_id))
-
-            def stop() -> None:
-                services.machines.stop(app, machine_id, StopRequest(), None)
-
-            def start() -> None:
-                services.machines.start(app, machine_id, None)
-
-            statements["get"] = trace.run(api_server, get)
-            statements["notice"] = trace.run(api_server, lambda: agent.notify(machine_id))
-            # Stop needs a running machine and start a stopped one: the record says so, and
-            # the runs they submit find no VM to stop and, its image gone, none to start.
-            wait_runs_finished(api, app, machine_id)
-            machines.set_state(machine_id, MachineState.STARTED, 1.0)
-            statements["stop"] = trace.run(api_server, stop)
-            wait_runs_finished(api, app, machine_id)
-            machines.set_state(machine_id, MachineState.STOPPED, 1.0)
-            missing = MachineConfig(image=f"oci:{api_server.home}/no-such-layout:latest")
-            machines.apply_config_version(machine_id, missing, 2, "i2", 2.0)
-            statements["start"] = trace.run(api_server, start)
-            wait_runs_finished(api, app, machine_id)
-            for operation, traced_sql in statements.items():
-                assert traced_sql, f"{operation} ran no statement: the trace saw nothing"
-                assert scans(api_server, [sql for sql, _rows in traced_sql]) == [], operation
-                counts.setdefault(operation, []).append([rows for _sql, rows in traced_sql])
+            for operation, statements in one_round(api, api_server, trace, app, test_image).items():
+                assert statements, f"{operation} ran no statement: the trace saw nothing"
+                assert scans(api_server, [sql for sql, _ in statements]) == [], operation
+                rows.setdefault(operation, []).append([count for _, count in statements])
             if round_ == 0:  # ten times the machines, then the same again
                 for _ in range(30):
                     assert create(api, app, test_image).status_code == 200
     # As many statements, each returning as many rows, with ten times the machines.
-    assert all(first == second for first, second in counts.values()), counts
+    assert all(first == second for first, second in rows.values()), rows
