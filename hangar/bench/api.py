@@ -29,6 +29,7 @@ import httpx
 from hangar.clock import SystemClock
 from hangar.images.build import build_busybox_image
 from hangar.model.config import MachineConfig
+from hangar.model.host import HostInfo
 from hangar.model.machine import Machine, MachineState, new_machine_id, new_ulid
 from hangar.ratelimit import RateLimits
 from hangar.server import EmbeddedServer, build_server
@@ -95,21 +96,21 @@ class ApiBenchResult:
         return "\n".join(lines)
 
 
-def filler(index: int, image: str, now: float) -> Machine:
-    """A machine as the API would have created it with ``skip_launch``."""
+def filler(index: int, image: str, host: HostInfo, now: float) -> Machine:
+    """A machine as the API would have created it on ``host`` with ``skip_launch``."""
     machine_id = new_machine_id()
     return Machine(
         id=machine_id,
         name=f"fill-{index}",
         app=APP,
         state=MachineState.CREATED,
-        region="local",
+        region=host.region,
         instance_id=new_ulid(now),
         version=1,
         config=MachineConfig(image=image),
         created_at=now,
         updated_at=now,
-        host_id="bench",
+        host_id=host.id,
     )
 
 
@@ -178,7 +179,7 @@ async def _bench(
         for size in sizes:
             started = time.perf_counter()
             for index in range(have, size):
-                store.insert_machine(filler(index, image, clock.now()))
+                store.insert_machine(filler(index, image, server.host, clock.now()))
             result.fill_s += time.perf_counter() - started
             result.samples[size] = await _measure_size(api, server, image, samples)
             have = size + samples
