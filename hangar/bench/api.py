@@ -68,34 +68,61 @@ def p50_ms(samples: Sequence[float]) -> float:
 class ApiBenchResult:
     samples: dict[int, dict[str, list[float]]] = field(default_factory=dict)
     """fleet size -> operation (create, get, list, page) -> seconds of each call"""
+    cpu: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    """the same, in CPU seconds of the thread that served the call (what other processes on
+    a busy machine do not change)"""
     fill_s: float = 0.0
 
-    def ratio(self, operation: str) -> float:
-        sizes = sorted(self.samples)
-        return p50_ms(self.samples[sizes[-1]][operation]) / p50_ms(
-            self.samples[sizes[0]][operation]
-        )
+    def ratio(self, operation: str, cpu: bool = False) -> float:
+        table = self.cpu if cpu else self.samples
+        sizes = sorted(table)
+        return p50_ms(table[sizes[-1]][operation]) / p50_ms(table[sizes[0]][operation])
 
-    def report(self) -> str:
-        sizes = sorted(self.samples)
-        header = f"{'machines':>9}" + "".join(
+    @staticmethod
+    def _table(title: str, table: dict[int, dict[str, list[float]]]) -> list[str]:
+        header = f"{title:<10}" + "".join(
             f" {name + ' p50':>13}" for name in ("create", "get", "list all", f"list {PAGE}")
         )
         lines = [header]
-        for size in sizes:
-            row = self.samples[size]
+        for size in sorted(table):
+            row = table[size]
             lines.append(
-                f"{size:>9}"
+                f"{size:>10}"
                 + "".join(f" {p50_ms(row[name]):>10.2f} ms" for name in OPERATIONS)
                 + f"  ({len(row['create'])} creates, {len(row['list'])} lists)"
             )
+        return lines
+
+    def report(self) -> str:
+        sizes = sorted(self.samples)
+        lines = self._table("machines", self.samples)
+        if self.cpu:
+            lines += self._table("cpu", self.cpu)
         lines.append(f"filled {sizes[-1]} machines in the store in {self.fill_s:.1f}s")
         first, last = sizes[0], sizes[-1]
-        for name in ("get", f"list {PAGE}"):
-            operation = "page" if name.startswith("list") else name
+        for name, operation in (("get", "get"), (f"list {PAGE}", "page")):
             lines.append(f"ratio {name} {last}/{first}: {self.ratio(operation):.2f}")
+        if self.cpu:
+            lines.append(f"ratio create cpu {last}/{first}: {self.ratio('create', cpu=True):.2f}")
         lines.append(f"ratio create {last}/{first}: {self.ratio('create'):.2f}")
         return "\n".join(lines)
+
+
+@dataclass
+class _Row:
+    wall: dict[str, list[float]] = field(default_factory=lambda: {n: [] for n in OPERATIONS})
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {n: [] for n in OPERATIONS})
+
+    async def timed(
+        self, operation: str, call: Callable[[], Awaitable[httpx.Response]]
+    ) -> httpx.Response:
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        response = await call()
+        self.cpu[operation].append(time.thread_time() - started_cpu)
+        self.wall[operation].append(time.perf_counter() - started)
+        if response.status_code != 200:
+            raise RuntimeError(f"{operation}: {response.status_code} {response.text}")
+        return response
 
 
 def filler(index: int, image: str, host: HostInfo, now: float) -> Machine:
@@ -116,14 +143,6 @@ def filler(index: int, image: str, host: HostInfo, now: float) -> Machine:
     )
 
 
-async def _timed(samples: list[float], call: Callable[[], Awaitable[httpx.Response]]) -> None:
-    started = time.perf_counter()
-    response = await call()
-    samples.append(time.perf_counter() - started)
-    if response.status_code != 200:
-        raise RuntimeError(f"{response.request.url}: {response.status_code} {response.text}")
-
-
 async def _idle(server: EmbeddedServer) -> None:
     """Until the agent has nothing queued or running (its prepare of the last create)."""
     deadline = time.monotonic() + IDLE_TIMEOUT_S
@@ -135,25 +154,21 @@ async def _idle(server: EmbeddedServer) -> None:
 
 async def _measure_size(
     api: httpx.AsyncClient, server: EmbeddedServer, image: str, samples: int
-) -> dict[str, list[float]]:
-    row: dict[str, list[float]] = {name: [] for name in OPERATIONS}
+) -> _Row:
+    row = _Row()
     path = f"/v1/apps/{APP}/machines"
     created: list[str] = []
+    body = {"config": {"image": image}, "skip_launch": True}
     for _ in range(samples):
-        body = {"config": {"image": image}, "skip_launch": True}
-        started = time.perf_counter()
-        response = await api.post(path, json=body)
-        row["create"].append(time.perf_counter() - started)
-        if response.status_code != 200:
-            raise RuntimeError(f"create: {response.status_code} {response.text}")
+        response = await row.timed("create", partial(api.post, path, json=body))
         created.append(response.json()["id"])
         await _idle(server)
     for machine_id in created:
-        await _timed(row["get"], partial(api.get, f"{path}/{machine_id}"))
+        await row.timed("get", partial(api.get, f"{path}/{machine_id}"))
     for _ in range(max(3, samples // 5)):
-        await _timed(row["list"], partial(api.get, path))
+        await row.timed("list", partial(api.get, path))
     for _ in range(samples):
-        await _timed(row["page"], partial(api.get, path, params={"limit": PAGE}))
+        await row.timed("page", partial(api.get, path, params={"limit": PAGE}))
     return row
 
 
@@ -178,14 +193,15 @@ async def _bench(
                 raise RuntimeError(f"setup: {response.status_code} {response.text}")
         # Untimed: the first calls of a fresh process pay for what later ones find ready.
         warmup = await _measure_size(api, server, image, WARMUP)
-        have = len(warmup["create"])
+        have = len(warmup.wall["create"])
         store = server.stores.machines
         for size in sizes:
             started = time.perf_counter()
             for index in range(have, size):
                 store.insert_machine(filler(index, image, server.host, clock.now()))
             result.fill_s += time.perf_counter() - started
-            result.samples[size] = await _measure_size(api, server, image, samples)
+            row = await _measure_size(api, server, image, samples)
+            result.samples[size], result.cpu[size] = row.wall, row.cpu
             have = size + samples
     return result
 

@@ -29,19 +29,29 @@ def test_the_report_has_a_row_per_size_and_the_create_ratio_last() -> None:
             "page": [0.004, 0.004, 0.004],
         }
 
-    result = ApiBenchResult({100: row(4.0), 1000: row(5.0), 10000: row(6.0)}, fill_s=2.5)
+    result = ApiBenchResult(
+        {100: row(4.0), 1000: row(5.0), 10000: row(6.0)},
+        cpu={100: row(2.0), 1000: row(2.0), 10000: row(2.2)},
+        fill_s=2.5,
+    )
 
     lines = result.report().splitlines()
 
     assert lines[0].split()[:3] == ["machines", "create", "p50"]
     assert lines[1].split()[:5] == ["100", "4.00", "ms", "2.00", "ms"]
-    assert lines[3].startswith("    10000       6.00 ms")
+    assert lines[3].startswith("     10000       6.00 ms")
+    assert lines[4].split()[:3] == ["cpu", "create", "p50"]
+    assert lines[7].startswith("     10000       2.20 ms")
     assert "filled 10000 machines in the store in 2.5s" in lines
-    assert lines[-3:] == [
+    assert lines[-4:] == [
         "ratio get 10000/100: 1.00",
         "ratio list 100 10000/100: 1.00",
+        "ratio create cpu 10000/100: 1.10",
         "ratio create 10000/100: 1.50",
     ]
+    without_cpu = ApiBenchResult({100: row(4.0), 10000: row(6.0)}).report().splitlines()
+    assert "cpu" not in " ".join(without_cpu)
+    assert without_cpu[-1] == "ratio create 10000/100: 1.50"
 
 
 def test_the_command_refuses_bad_sizes_naming_the_option() -> None:
