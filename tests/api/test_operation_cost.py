@@ -37,10 +37,9 @@ FLEET_TABLES = frozenset(
         "vm_handles",
         "volumes",
         "usage_intervals",
-        "host_states",
     }
 )
-"""Tables whose rows grow with the machines (the host's claim record holds one per host)."""
+"""Tables whose rows grow with the machines (the scheduler's host records are one per host)."""
 SKIPPED = ("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", "SAVEPOINT", "RELEASE")
 
 
