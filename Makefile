@@ -10,8 +10,8 @@ PYTEST_ARGS ?=
 FUZZ_EXAMPLES ?= 200
 FUZZ_SECONDS ?= 3600
 
-.PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement bench-proxy \
-	bench-volume bench-mixes bench-replay bench-tenancy bench-llm engine clean
+.PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-api bench-boot bench-placement \
+	bench-proxy bench-volume bench-mixes bench-replay bench-tenancy bench-llm engine clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -56,6 +56,9 @@ gpu-check: venv
 # llama-server from the pinned llama-cpp-python sdist, built once into $HANGAR_CACHE (minutes)
 engine: deps venv
 	HANGAR_CACHE=$${HANGAR_CACHE:-$(CURDIR)/.cache} $(PYTHON) -m hangar.llm.engine
+
+bench-api: deps venv
+	$(VENV)/bin/hangar bench api
 
 bench-boot: deps venv
 	$(VENV)/bin/hangar bench boot
