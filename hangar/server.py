@@ -30,6 +30,7 @@ from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
+from hangar.api.services.secrets import SecretService
 from hangar.api.services.tokens import TokenService
 from hangar.clock import Clock, SystemClock
 from hangar.model.host import HostInfo, read_local_host
@@ -74,7 +75,7 @@ def build_server(
     guest platform and the SQLite claim store (tests observe through them)."""
     clock = clock or SystemClock()
     settings.home.mkdir(parents=True, exist_ok=True)
-    stores = open_embedded_stores(settings.database)
+    stores = open_embedded_stores(settings.database, settings.secrets_key_file)
     machines, tenancy = stores.machines, stores.tenancy
     for org_slug in {DEFAULT_ORG} | {app.org_slug for app in machines.list_apps(None)}:
         tenancy.ensure_org(org_slug, clock.now())
@@ -96,6 +97,7 @@ def build_server(
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
         network=network,
+        secrets=stores.secrets,
     )
     agent = Agent(
         machines, stores.runs, services_of_host, clock, crash_after(settings.crash_after_step)
@@ -106,7 +108,7 @@ def build_server(
     tokens = TokenService(tenancy, machines, clock)
     audit = AuditService(tenancy, clock)
     services = Services(
-        apps=AppService(machines, tenancy, orgs, clock),
+        apps=AppService(machines, tenancy, orgs, clock, secrets=stores.secrets),
         machines=MachineService(
             machines,
             stores.runs,
@@ -117,12 +119,14 @@ def build_server(
             ImagePolicy(settings.allowed_oci_dirs),
             capacity,
             PrivateAddresses(machines, tenancy, network) if network is not None else None,
+            secrets=stores.secrets,
         ),
         orgs=orgs,
         tokens=tokens,
         audit=audit,
         hosts=HostService(agent, host),
         platform=capacity,
+        secrets=SecretService(stores.secrets, clock),
     )
     guard = GuardConfig(
         policy=AccessPolicy(tokens, machines),

@@ -22,6 +22,7 @@ DEFAULT_API_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DATABASE = "hangar.db"
 OPERATOR_TOKEN_FILE = "operator.token"
+SECRETS_KEY_FILE = "secrets.key"
 
 
 def _default_home() -> Path:
@@ -112,6 +113,11 @@ class Settings(BaseSettings):
         ge=0,
         description="age after which an image or key no volume record names is removed "
         "(default 3600)",
+    )
+    secrets_key: Path | None = Field(
+        default=None,
+        description="the key file app secrets are sealed with (default `$HANGAR_HOME/secrets.key`,"
+        " made mode 0600 on first use)",
     )
     net: bool = Field(default=True, description="`0` runs machines without a network interface")
     net_prefix: str = Field(
@@ -211,6 +217,10 @@ class Settings(BaseSettings):
     @property
     def machines_dir(self) -> Path:
         return self.home / "machines"
+
+    @property
+    def secrets_key_file(self) -> Path:
+        return self.secrets_key if self.secrets_key is not None else self.home / SECRETS_KEY_FILE
 
     @property
     def operator_token_file(self) -> Path:

@@ -22,10 +22,11 @@ from hangar.agent.steps import new_run
 from hangar.clock import Clock
 from hangar.errors import NotFound, PreconditionFailed
 from hangar.model.gpu import GpuState
-from hangar.model.machine import Machine, MachineState
+from hangar.model.machine import Machine, MachineState, host_event
 from hangar.model.run import ExitRequest, RunRecord, RunRequest
 from hangar.scheduler import Gpu
 from hangar.store.protocol import MachineStore, RunStore
+from hangar.vmm.snapshot import drop_snapshot, has_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ class Agent:
             if machine is None or machine.state.terminal:
                 await self.platform.kill(handle)
                 self.runs.delete_vm_handle(machine_id)
+        self._settle_suspended()
         self._remove_orphan_files()
         self._reconcile_claims()
         if self.host.network is not None:
@@ -279,6 +281,24 @@ class Agent:
         assert released is not None
         return released
 
+    def _settle_suspended(self) -> None:
+        """A suspended machine of this host whose snapshot is gone (removed by hand, or lost
+        with its disk) can only boot cold: it is ``stopped``, with an event saying why."""
+        host_id = self.host.placement.host.id
+        for machine in self.machines.list_machines(None):
+            if (
+                machine.state is not MachineState.SUSPENDED
+                or machine.host_id != host_id
+                or self.has_unfinished_run(machine.id)
+                or has_snapshot(self.host.suspend_state(machine.id))
+            ):
+                continue
+            log.warning("machine %s is suspended but its snapshot is gone: stopped", machine.id)
+            reason = "its suspend snapshot is gone: the next start boots it afresh"
+            now = self.clock.now()
+            self.machines.set_state(machine.id, MachineState.STOPPED, now, reason)
+            self.machines.add_event(machine.id, host_event("stop", "stopped", now, reason=reason))
+
     def _remove_orphan_files(self) -> None:
         if not self.machines_dir.exists():
             return
@@ -292,6 +312,12 @@ class Agent:
                 continue
             if run_dir.name in handles or self.has_unfinished_run(run_dir.name):
                 continue
+            if machine.state is MachineState.SUSPENDED:
+                continue  # its boot files and snapshot are what it resumes from
+            if drop_snapshot(self.host.suspend_state(machine.id)):
+                log.warning(
+                    "dropped the suspend snapshot of %s machine %s", machine.state, machine.id
+                )
             for name in RunDirLayout.BOOT_FILES:
                 leftover = run_dir / name
                 if leftover.exists():

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from hangar.agent.gpus import HeldGroup, HostGpus, read_held_group, write_held_group
 from hangar.agent.platform import GpuBoot, RunDirLayout
 from hangar.clock import Clock
-from hangar.model.gpu_kinds import gpu_kind_named
 from hangar.devices.fabric import nvlink_disabled_for
 from hangar.devices.groups import GpuGroup
 from hangar.devices.handoff import (
@@ -54,6 +53,7 @@ from hangar.devices.xid import MAX_XIDS_PER_MACHINE, xid_events
 from hangar.errors import DeviceError
 from hangar.images.driver_bundle import NVLINK_OFF_KERNEL_ARG
 from hangar.model.gpu import GpuEvent, GpuState
+from hangar.model.gpu_kinds import gpu_kind_named
 from hangar.model.machine import new_ulid
 from hangar.model.run import HandoffRequest, RunRecord, RunStatus
 from hangar.vmm.control import read_control_events
@@ -301,7 +301,7 @@ async def gpu_boot(host: HostServices, ctx: StepContext) -> GpuBoot | None:
     )
     if memory.fallback:
         ctx.record_event(
-            "gpu_memory", "fallback", {"page_size": memory.page_size, "reason": memory.fallback}
+            "gpu_memory", "fallback", reason=f"{memory.page_size} pages: {memory.fallback}"
         )
     topology = plan_gpu_topology(passthrough, memory, await asyncio.to_thread(devices.phys_bits))
     ids = gpu_device_ids(topology)
@@ -336,7 +336,8 @@ class MapGpuAddresses:
             ctx.record_event(
                 "gpu_addresses",
                 "incomplete",
-                {"missing": missing, "effect": "Xids at unknown addresses count for every GPU"},
+                reason=f"{', '.join(missing)} not placed by the guest's firmware: "
+                "Xids at unknown addresses count for every GPU",
             )
         for group in held:
             mine = {a: b for a, b in addresses.items() if b in group.claim.functions}

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hangar.agent.platform import GpuBoot, GuestExit, GuestNetwork, RunDirLayout, VmHandleData
+from hangar.agent.platform import (
+    BootSecrets,
+    GpuBoot,
+    GuestExit,
+    GuestNetwork,
+    RunDirLayout,
+    VmHandleData,
+)
 from hangar.clock import Clock, SystemClock
 from hangar.devices.xid import guest_addresses
 from hangar.errors import ImageError
@@ -25,6 +33,7 @@ from hangar.settings import Settings
 from hangar.vmm.accel import choose_accel, gpu_accel
 from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec
 from hangar.vmm.errors import QmpError
+from hangar.vmm.guest_exec import ExecResult, GuestProcess
 from hangar.vmm.proc import PROC_ROOT, read_process
 from hangar.vmm.qemu import QemuDriver
 from hangar.vmm.qmp import qmp_execute
@@ -110,7 +119,9 @@ class QemuGuestPlatform:
         await asyncio.to_thread(machine_disk, cached, partial)
         partial.rename(dest)
 
-    async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None:
+    async def prepare_initrd(
+        self, machine: Machine, image_ref: ImageRef, dest: Path, secrets: BootSecrets
+    ) -> None:
         cached = self._cached(image_ref)
         config = machine.config
         image_config = cached.config
@@ -118,7 +129,8 @@ class QemuGuestPlatform:
         run_config = GuestRunConfig(
             machine_id=machine.id,
             argv=argv,
-            env={**image_config.env, **config.env},
+            # As on Fly, an app's secret wins over a variable of the same name.
+            env={**image_config.env, **config.env, **secrets.env},
             workdir=image_config.workdir or "/",
             user=image_config.user,
             hostname=machine.id,
@@ -126,7 +138,11 @@ class QemuGuestPlatform:
             files=[
                 GuestFile(
                     guest_path=item.guest_path,
-                    raw_value=item.raw_value or "",
+                    raw_value=(
+                        base64.b64encode(secrets.files[item.secret_name]).decode()
+                        if item.secret_name is not None
+                        else item.raw_value or ""
+                    ),
                     mode=0o644 if item.mode is None else item.mode,
                 )
                 for item in config.files
@@ -138,6 +154,8 @@ class QemuGuestPlatform:
         )
         partial = dest.with_name(dest.name + ".partial")
         await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial)
+        # It holds the machine's environment and files, secrets among them.
+        partial.chmod(0o600)
         partial.rename(dest)
 
     # the VMM
@@ -186,6 +204,30 @@ class QemuGuestPlatform:
     ) -> VmHandleData:
         handle = await self.driver.launch(await self.vm_spec(machine, run_dir, gpus, network))
         return handle.model_dump(mode="json")
+
+    async def resume(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        network: GuestNetwork | None,
+        snapshot: Path,
+    ) -> VmHandleData:
+        spec = await self.vm_spec(machine, run_dir, None, network)
+        handle = await self.driver.launch(spec.model_copy(update={"incoming_snapshot": snapshot}))
+        return handle.model_dump(mode="json")
+
+    async def suspend(self, handle: VmHandleData, snapshot: Path) -> None:
+        await self.driver.suspend(VmHandle.model_validate(handle), snapshot)
+
+    async def exec(
+        self, handle: VmHandleData, argv: Sequence[str], stdin: bytes, timeout_s: float
+    ) -> ExecResult:
+        return await self.driver.exec(
+            VmHandle.model_validate(handle), argv, stdin=stdin, timeout_s=timeout_s
+        )
+
+    async def processes(self, handle: VmHandleData) -> list[GuestProcess]:
+        return await self.driver.processes(VmHandle.model_validate(handle))
 
     async def gpu_addresses(
         self, handle: VmHandleData, device_ids: Mapping[str, str]

@@ -1,5 +1,6 @@
 """What the agent's steps act on besides the machine store: this host's guest platform, its
-run directories, its claims (through the scheduler) and its GPUs. Plans build each step with
+run directories, its claims (through the scheduler), its GPUs, its private network and the
+apps' secrets. Plans build each step with
 the parts it needs."""
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from pathlib import Path
 from hangar.agent.gpus import HostGpus
 from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
-from hangar.agent.platform import GuestPlatform
-from hangar.store.protocol import GpuStore
+from hangar.agent.platform import GuestPlatform, RunDirLayout
+from hangar.store.protocol import GpuStore, SecretStore
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,12 @@ class HostServices:
     """This host's GPU devices; None where the host has no GPU support configured."""
     network: MachineNetwork | None = None
     """This host's private network; None where machines run without one."""
+    secrets: SecretStore | None = None
+    """Apps' secrets, for the boots of their machines; None: machines boot without any."""
 
     def run_dir(self, machine_id: str) -> Path:
         return self.machines_dir / machine_id
+
+    def suspend_state(self, machine_id: str) -> Path:
+        """Where the machine's suspend snapshot is kept."""
+        return self.run_dir(machine_id) / RunDirLayout.SUSPEND_STATE

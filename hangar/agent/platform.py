@@ -6,16 +6,17 @@ The agent's steps speak only this protocol; the real implementation composes
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel
 
 from hangar.model.machine import ImageRef, Machine
-from hangar.vmm.driver import NicSpec
+from hangar.vmm.driver import NicSpec, RunDirFiles
 from hangar.vmm.gpu_topology import GpuTopology
+from hangar.vmm.guest_exec import ExecResult, GuestProcess
 
 VmHandleData = dict[str, Any]
 
@@ -26,6 +27,18 @@ class GuestNetwork:
 
     nic: NicSpec
     kernel_args: list[str]
+
+
+@dataclass(frozen=True)
+class BootSecrets:
+    """What a boot gets of its app's secrets: variables for the process's environment, and
+    the content of each secret a ``files[].secret_name`` names. Never logged."""
+
+    env: Mapping[str, str] = field(default_factory=dict)
+    files: Mapping[str, bytes] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"BootSecrets(env={sorted(self.env)}, files={sorted(self.files)})"
 
 
 class GuestExit(BaseModel):
@@ -55,7 +68,12 @@ class GuestPlatform(Protocol):
         """Write a fresh writable root disk for one boot; atomic (dest appears whole or not)."""
         ...
 
-    async def prepare_initrd(self, machine: Machine, image_ref: ImageRef, dest: Path) -> None: ...
+    async def prepare_initrd(
+        self, machine: Machine, image_ref: ImageRef, dest: Path, secrets: BootSecrets
+    ) -> None:
+        """Write the machine's initrd (its process, environment, secrets and files); atomic,
+        readable by its owner alone."""
+        ...
 
     async def launch(
         self,
@@ -67,6 +85,31 @@ class GuestPlatform(Protocol):
         """Boot the machine; with ``gpus``, those GPUs (bound to vfio-pci) passed through;
         with ``network``, its NIC on the host's private network."""
         ...
+
+    async def resume(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        network: GuestNetwork | None,
+        snapshot: Path,
+    ) -> VmHandleData:
+        """Restore the machine from its suspend ``snapshot`` (the boot files in ``run_dir``
+        as it left them): the guest runs on where it was. The snapshot is consumed; one that
+        cannot be restored raises ``SnapshotUnusable`` and is dropped."""
+        ...
+
+    async def suspend(self, handle: VmHandleData, snapshot: Path) -> None:
+        """Save the guest into ``snapshot`` and end its VMM (``SuspendFailed`` says whether
+        the guest runs on)."""
+        ...
+
+    async def exec(
+        self, handle: VmHandleData, argv: Sequence[str], stdin: bytes, timeout_s: float
+    ) -> ExecResult:
+        """Run ``argv`` inside the guest (its exec channel), never on the host."""
+        ...
+
+    async def processes(self, handle: VmHandleData) -> list[GuestProcess]: ...
 
     async def gpu_addresses(
         self, handle: VmHandleData, device_ids: Mapping[str, str]
@@ -102,11 +145,15 @@ class GuestPlatform(Protocol):
     def kill_process(self, pid: int) -> None: ...
 
 
-class RunDirLayout:
-    """File names inside a machine's run directory, shared by the agent and the platform."""
+class RunDirLayout(RunDirFiles):
+    """File names inside a machine's run directory, shared by the agent and the platform:
+    the VMM's (:class:`hangar.vmm.driver.RunDirFiles`) and the agent's own."""
 
     ROOT_DISK = "root.ext4"
     INITRD = "initrd.img"
-    CONSOLE_LOG = "console.log"
-    CONTROL_LOG = "ctl.jsonl"
+    SUSPEND_STATE = "suspend.vmstate"
+    """The suspend snapshot (with ``suspend.vmstate.json``, its manifest: see
+    :mod:`hangar.vmm.snapshot`)."""
     BOOT_FILES = (ROOT_DISK, INITRD)
+    """Rebuilt for every cold boot; kept while the machine is suspended (its snapshot was
+    taken over them)."""

@@ -15,7 +15,7 @@ from hangar import __version__
 from hangar.api.deps import Services
 from hangar.api.errors import install_error_handlers
 from hangar.api.guard import GuardConfig, RequestGuard
-from hangar.api.routers import apps, audit, hosts, machines, orgs, platform, tokens
+from hangar.api.routers import apps, audit, hosts, machines, orgs, platform, secrets, tokens
 from hangar.api.routetable import api_operations
 from hangar.api.scopes import OPENAPI_EXTENSION
 
@@ -46,6 +46,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(apps.router)
     app.include_router(machines.router)
+    app.include_router(secrets.router)
     app.include_router(orgs.router)
     app.include_router(tokens.router)
     app.include_router(audit.router)

@@ -16,6 +16,7 @@ from hangar.api.services.hosts import HostService
 from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import OrgService
 from hangar.api.services.platform import PlatformService
+from hangar.api.services.secrets import SecretService
 from hangar.api.services.tokens import TokenService
 from hangar.errors import Unauthenticated
 
@@ -29,6 +30,7 @@ class Services:
     audit: AuditService
     hosts: HostService
     platform: PlatformService
+    secrets: SecretService
 
 
 def services(request: Request) -> Services:

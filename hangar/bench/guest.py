@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hangar.agent.platform import RunDirLayout
 from hangar.images.initramfs import ensure_base_initramfs, machine_initrd
 from hangar.images.kernel import ensure_kernel
 from hangar.images.reference import parse_image_ref
@@ -92,8 +93,10 @@ class OneOffGuest:
             volumes=[GuestVolume(serial=disk.name, path=path) for disk, path in self.mounts],
         )
         extras = [self.kit.volume_tools] if self.mounts else []
-        initrd = machine_initrd(self.kit.base_initrd, config, self.run_dir / "initrd", extras)
-        root = machine_disk(self.kit.image, self.run_dir / "root.ext4")
+        initrd = machine_initrd(
+            self.kit.base_initrd, config, self.run_dir / RunDirLayout.INITRD, extras
+        )
+        root = machine_disk(self.kit.image, self.run_dir / RunDirLayout.ROOT_DISK)
         return VmSpec.in_run_dir(
             machine_id=self.machine_id,
             run_dir=self.run_dir,
@@ -112,15 +115,15 @@ class OneOffGuest:
 
     @property
     def control_log(self) -> Path:
-        return self.run_dir / "ctl.jsonl"
+        return self.run_dir / RunDirLayout.CONTROL_LOG
 
     @property
     def console_log(self) -> Path:
-        return self.run_dir / "console.log"
+        return self.run_dir / RunDirLayout.CONSOLE_LOG
 
     @property
     def qmp_socket(self) -> Path:
-        return self.run_dir / "qmp.sock"
+        return self.run_dir / RunDirLayout.QMP_SOCKET
 
     def console(self) -> str:
         try:

@@ -48,9 +48,19 @@ class StopRequest(OperationRequest):
 
 
 class RestartRequest(OperationRequest):
-    """Stop and boot again on the same host resources (GPUs are kept, not handed off)."""
+    """Stop and boot again on the same host resources (GPUs are kept, not handed off);
+    ``signal`` and ``timeout_s`` as for a stop."""
 
     operation: Literal["restart"] = "restart"
+    signal: int | None = Field(default=None, ge=1, le=64)
+    timeout_s: float | None = Field(default=None, ge=0, le=MAX_CONFIG_DURATION_S)
+
+
+class SuspendRequest(OperationRequest):
+    """Save the guest's memory and devices into the machine's snapshot file and end its VMM,
+    keeping its root disk; its host resources are freed. ``start`` restores it."""
+
+    operation: Literal["suspend"] = "suspend"
 
 
 class UpdateRequest(OperationRequest):
@@ -90,6 +100,7 @@ RunRequest = Annotated[
     | StartRequest
     | StopRequest
     | RestartRequest
+    | SuspendRequest
     | UpdateRequest
     | ExitRequest
     | DestroyRequest
@@ -97,7 +108,16 @@ RunRequest = Annotated[
     Field(discriminator="operation"),
 ]
 Operation = Literal[
-    "create", "prepare", "start", "stop", "restart", "update", "exit", "destroy", "handoff"
+    "create",
+    "prepare",
+    "start",
+    "stop",
+    "restart",
+    "suspend",
+    "update",
+    "exit",
+    "destroy",
+    "handoff",
 ]
 
 
@@ -142,6 +162,10 @@ class RunProgress(BaseModel):
     exit_recorded: bool = False
     exit_code: int | None = None
     restart_decision: RestartDecision | None = None
+    resume_attempted: bool = False
+    """A restore from the machine's snapshot was started in this run (recorded before QEMU
+    starts): if the snapshot is gone after a crash, the guest may have run on from its disk,
+    which is then rebuilt for a cold boot."""
     gpu_xids_collected: bool = False
     """The Xid lines the guest forwarded were recorded against its GPUs."""
     devices: dict[str, Any] = Field(default_factory=dict)

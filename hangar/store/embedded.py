@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from hangar.settings import SECRETS_KEY_FILE
 from hangar.store.gpus import SqliteGpuStore
 from hangar.store.host_claims import SqliteClaimStore
 from hangar.store.machines import SqliteMachineStore
 from hangar.store.runs import SqliteRunStore
+from hangar.store.secrets import SqliteSecretStore
 from hangar.store.tenancy import SqliteTenancyStore
 
 
@@ -19,17 +21,28 @@ class EmbeddedStores:
     gpus: SqliteGpuStore
     tenancy: SqliteTenancyStore
     claims: SqliteClaimStore
+    secrets: SqliteSecretStore
 
     def close(self) -> None:
-        for store in (self.machines, self.runs, self.gpus, self.tenancy, self.claims):
+        for store in (
+            self.machines,
+            self.runs,
+            self.gpus,
+            self.tenancy,
+            self.claims,
+            self.secrets,
+        ):
             store.close()
 
 
-def open_embedded_stores(path: Path) -> EmbeddedStores:
+def open_embedded_stores(path: Path, secrets_key: Path | None = None) -> EmbeddedStores:
+    """``secrets_key``: the key file app secrets are sealed with (default: ``secrets.key``
+    beside the database; made on first use)."""
     return EmbeddedStores(
         machines=SqliteMachineStore(path),
         runs=SqliteRunStore(path),
         gpus=SqliteGpuStore(path),
         tenancy=SqliteTenancyStore(path),
         claims=SqliteClaimStore(path),
+        secrets=SqliteSecretStore(path, secrets_key or path.parent / SECRETS_KEY_FILE),
     )

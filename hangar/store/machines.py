@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from hangar.errors import Conflict, NotFound
+from hangar.errors import Conflict, NameTaken, NotFound
 from hangar.model.config import MachineConfig
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 from hangar.model.services import CheckStatus
@@ -19,7 +19,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
     name TEXT PRIMARY KEY,
     org_slug TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    network TEXT NOT NULL DEFAULT 'default',
+    numeric_id INTEGER
 );
 CREATE TABLE IF NOT EXISTS machines (
     id TEXT PRIMARY KEY,
@@ -37,7 +39,8 @@ CREATE TABLE IF NOT EXISTS machines (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     cordoned INTEGER NOT NULL DEFAULT 0,
-    checks TEXT NOT NULL DEFAULT '[]'
+    checks TEXT NOT NULL DEFAULT '[]',
+    skip_secrets INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS machines_live_name
     ON machines(app, name) WHERE state != 'destroyed';
@@ -81,7 +84,9 @@ MACHINE_COLUMNS = (
     "updated_at",
     "cordoned",
     "checks",
+    "skip_secrets",
 )
+APP_COLUMNS = ("name", "org_slug", "created_at", "network", "numeric_id")
 _CHECKS = TypeAdapter(list[CheckStatus])
 
 
@@ -90,27 +95,47 @@ class SqliteMachineStore(SqliteDatabase):
         super().__init__(path, SCHEMA)
         self.ensure_columns(
             "machines",
-            {"cordoned": "INTEGER NOT NULL DEFAULT 0", "checks": "TEXT NOT NULL DEFAULT '[]'"},
+            {
+                "cordoned": "INTEGER NOT NULL DEFAULT 0",
+                "checks": "TEXT NOT NULL DEFAULT '[]'",
+                "skip_secrets": "INTEGER NOT NULL DEFAULT 0",
+            },
         )
+        self.ensure_columns(
+            "apps", {"network": "TEXT NOT NULL DEFAULT 'default'", "numeric_id": "INTEGER"}
+        )
+        # Apps made before numeric ids existed get theirs once, in creation order.
+        self._execute("UPDATE apps SET numeric_id = rowid WHERE numeric_id IS NULL")
 
     # apps
-    def create_app(self, name: str, org_slug: str, now: float) -> App:
+    def create_app(self, name: str, org_slug: str, now: float, network: str = "default") -> App:
         try:
-            self._execute("INSERT INTO apps VALUES (?, ?, ?)", (name, org_slug, now))
+            with self.transaction() as db:
+                db.execute(
+                    f"INSERT INTO apps ({', '.join(APP_COLUMNS)}) VALUES (?, ?, ?, ?,"
+                    " (SELECT COALESCE(MAX(numeric_id), 0) + 1 FROM apps))",
+                    (name, org_slug, now, network),
+                )
         except sqlite3.IntegrityError:
-            raise Conflict(f"app {name} already exists", app=name) from None
-        return App(name=name, org_slug=org_slug, created_at=now)
+            raise NameTaken(f"app {name} already exists", app=name) from None
+        app = self.get_app(name)
+        assert app is not None
+        return app
+
+    @staticmethod
+    def _app_from(row: sqlite3.Row) -> App:
+        return App(**{name: row[name] for name in APP_COLUMNS})
 
     def get_app(self, name: str) -> App | None:
         rows = self._query("SELECT * FROM apps WHERE name = ?", (name,))
-        return App(**dict(rows[0])) if rows else None
+        return self._app_from(rows[0]) if rows else None
 
     def list_apps(self, org_slug: str | None) -> list[App]:
         if org_slug is None:
             rows = self._query("SELECT * FROM apps ORDER BY name")
         else:
             rows = self._query("SELECT * FROM apps WHERE org_slug = ? ORDER BY name", (org_slug,))
-        return [App(**dict(row)) for row in rows]
+        return [self._app_from(row) for row in rows]
 
     def delete_app(self, name: str) -> None:
         self._execute("DELETE FROM apps WHERE name = ?", (name,))
@@ -135,6 +160,7 @@ class SqliteMachineStore(SqliteDatabase):
             machine.updated_at,
             int(machine.cordoned),
             _CHECKS.dump_json(machine.checks).decode(),
+            int(machine.skip_secrets),
         )
 
     @staticmethod
@@ -144,6 +170,7 @@ class SqliteMachineStore(SqliteDatabase):
         values["image_ref"] = ImageRef.model_validate_json(values["image_ref"])
         values["state"] = MachineState(values["state"])
         values["cordoned"] = bool(values["cordoned"])
+        values["skip_secrets"] = bool(values["skip_secrets"])
         values["checks"] = _CHECKS.validate_json(values["checks"])
         return Machine(**values)
 
@@ -209,6 +236,33 @@ class SqliteMachineStore(SqliteDatabase):
         if not changed:
             raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
 
+    def set_skip_secrets(self, machine_id: str, skip_secrets: bool, now: float) -> None:
+        changed = self._execute(
+            "UPDATE machines SET skip_secrets = ?, updated_at = ? WHERE id = ?",
+            (int(skip_secrets), now, machine_id),
+        )
+        if not changed:
+            raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+
+    def update_metadata(
+        self, machine_id: str, changes: dict[str, str | None], now: float
+    ) -> dict[str, str]:
+        with self.transaction() as db:
+            row = db.execute("SELECT config FROM machines WHERE id = ?", (machine_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+            config = MachineConfig.model_validate_json(row["config"])
+            for key, value in changes.items():
+                if value is None:
+                    config.metadata.pop(key, None)
+                else:
+                    config.metadata[key] = value
+            db.execute(
+                "UPDATE machines SET config = ?, updated_at = ? WHERE id = ?",
+                (config.model_dump_json(), now, machine_id),
+            )
+        return dict(config.metadata)
+
     def set_checks(self, machine_id: str, checks: list[CheckStatus]) -> None:
         """Only the checks: a concurrent config or state write is not lost."""
         self._execute(
@@ -253,11 +307,14 @@ class SqliteMachineStore(SqliteDatabase):
 
     def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]:
         rows = self._query(
-            "SELECT version, created_at, replaced_at FROM machine_versions"
+            "SELECT version, config, created_at, replaced_at FROM machine_versions"
             " WHERE machine_id = ? ORDER BY version",
             (machine_id,),
         )
-        return [dict(row) for row in rows]
+        return [
+            {**dict(row), "config": MachineConfig.model_validate_json(row["config"])}
+            for row in rows
+        ]
 
     # events
     def add_event(self, machine_id: str, event: MachineEvent) -> None:

@@ -54,6 +54,18 @@ VOLUME_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,19}$")
 MAX_VOLUMES = 8
 
 
+class RunDirFiles:
+    """The names of what a VMM keeps in a machine's run directory (``VmSpec.in_run_dir``);
+    the agent's ``RunDirLayout`` adds what it keeps there itself."""
+
+    CONSOLE_LOG = "console.log"
+    CONTROL_LOG = "ctl.jsonl"
+    SIGNAL_SOCKET = "sig.sock"
+    EXEC_SOCKET = "exec.sock"
+    QMP_SOCKET = "qmp.sock"
+    VMM_LOG = "vmm.log"
+
+
 class DiskSpec(BaseModel):
     """A disk after the root disk, attached in list order."""
 
@@ -230,12 +242,12 @@ class VmSpec(BaseModel):
             cpus=cpus,
             memory_mb=memory_mb,
             kernel_args=kernel_args or [],
-            console_log=run_dir / "console.log",
-            control_log=run_dir / "ctl.jsonl",
-            signal_socket=run_dir / "sig.sock",
-            exec_socket=run_dir / "exec.sock",
-            qmp_socket=run_dir / "qmp.sock",
-            vmm_log=run_dir / "vmm.log",
+            console_log=run_dir / RunDirFiles.CONSOLE_LOG,
+            control_log=run_dir / RunDirFiles.CONTROL_LOG,
+            signal_socket=run_dir / RunDirFiles.SIGNAL_SOCKET,
+            exec_socket=run_dir / RunDirFiles.EXEC_SOCKET,
+            qmp_socket=run_dir / RunDirFiles.QMP_SOCKET,
+            vmm_log=run_dir / RunDirFiles.VMM_LOG,
             gpus=gpus or [],
             hugepages=hugepages,
             nic=nic,

@@ -1,23 +1,44 @@
-"""Apps: create, list, get, delete; each in one org, seen only by that org and the operator."""
+"""Apps: create, list, get, delete; each in one org, seen only by that org and the operator.
+An app is shown as fly-go's ``App`` decodes it (``network``, ``internal_numeric_id``,
+``machine_count``, ``volume_count``, ``organization``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hangar.api.access import Access, app_not_found
-from hangar.api.schemas import AppList, AppView, CreateAppRequest, OrganizationView
+from hangar.api.schemas import (
+    DEFAULT_NETWORK,
+    AppList,
+    AppView,
+    CreateAppRequest,
+    OrganizationView,
+)
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.clock import Clock
 from hangar.errors import PreconditionFailed
-from hangar.store.protocol import App, MachineStore, TenancyStore
+from hangar.store.protocol import App, MachineStore, SecretStore, TenancyStore
+
+VolumeCount = Callable[[str], int]
+"""How many volumes an app has (none until volumes have their routes)."""
 
 
 class AppService:
     def __init__(
-        self, store: MachineStore, tenancy: TenancyStore, orgs: OrgService, clock: Clock
+        self,
+        store: MachineStore,
+        tenancy: TenancyStore,
+        orgs: OrgService,
+        clock: Clock,
+        secrets: SecretStore | None = None,
+        volume_count: VolumeCount | None = None,
     ) -> None:
         self._store = store
         self._tenancy = tenancy
         self._orgs = orgs
         self._clock = clock
+        self._secrets = secrets
+        self._volume_count = volume_count
 
     def require(self, name: str) -> App:
         app = self._store.get_app(name)
@@ -31,17 +52,20 @@ class AppService:
         return AppView(
             id=app.name,
             name=app.name,
+            internal_numeric_id=app.numeric_id,
+            network=app.network,
             organization=OrganizationView(
                 name=org.name if org is not None else app.org_slug, slug=app.org_slug
             ),
             machine_count=len(machines),
+            volume_count=self._volume_count(app.name) if self._volume_count is not None else 0,
         )
 
     def create(self, access: Access, request: CreateAppRequest) -> AppView:
         org_slug = request.org_slug or access.token.org_slug or DEFAULT_ORG
         self._orgs.require(access, org_slug)
-        access.note(org=org_slug, app_name=request.app_name)
-        app = self._store.create_app(request.app_name, org_slug, self._clock.now())
+        access.note(org=org_slug, app_name=request.app)
+        app = self._store.create_app(request.app, org_slug, self._clock.now(), DEFAULT_NETWORK)
         return self.view(app)
 
     def list(self, access: Access, org_slug: str | None) -> AppList:
@@ -60,3 +84,5 @@ class AppService:
                 f"app {name} still has {len(live)} machine(s); destroy them first", app=name
             )
         self._store.delete_app(name)
+        if self._secrets is not None:
+            self._secrets.delete_app_secrets(name)
