@@ -33,10 +33,12 @@ from hangar.api.services.quotas import QuotaService
 from hangar.clock import Clock
 from hangar.errors import (
     Conflict,
+    HangarError,
     InsufficientCapacity,
     InvalidRequest,
     NotFound,
     PreconditionFailed,
+    RequestTooLarge,
     ServiceUnavailable,
     Unprocessable,
     WaitTimeout,
@@ -232,8 +234,8 @@ class MachineService:
         wanted = request.min_secrets_version
         if wanted is not None and self._secrets.secrets_version(app) < wanted:
             raise PreconditionFailed(
-                f"app {app}'s secrets are at version {self._secrets.secrets_version(app)}, "
-                f"not yet {wanted}",
+                f"min_secrets_version: app {app}'s secrets are at version "
+                f"{self._secrets.secrets_version(app)}, not yet {wanted}",
                 field="min_secrets_version",
             )
         named = {f.secret_name for f in request.config.files if f.secret_name is not None}
@@ -500,6 +502,8 @@ class MachineService:
             raise ServiceUnavailable(
                 f"machine {machine_id}: {error}", app=app, reason="guest_exec"
             ) from None
+        except (InvalidRequest, RequestTooLarge) as error:
+            raise _naming_its_field(error) from None
         return ExecResponse(
             exit_code=result.exit_code,
             stdout=result.stdout.decode(errors="replace"),
@@ -621,6 +625,14 @@ class MachineService:
     def busy(self, machine_id: str) -> bool:
         """True while the agent still has an operation queued or running for the machine."""
         return self._agent.has_unfinished_run(machine_id)
+
+
+def _naming_its_field(error: InvalidRequest | RequestTooLarge) -> HangarError:
+    """The same error, its message starting with the field it names (``cmd: ...``)."""
+    field = error.fields.get("field")
+    if not field or error.message.startswith(f"{field}:"):
+        return error
+    return type(error)(f"{field}: {error.message}", **error.fields)
 
 
 def _check_metadata_key(key: str, field: str) -> None:

@@ -44,7 +44,7 @@ class SecretService:
         current = self._store.secrets_version(app)
         if version is not None and version > current:
             raise PreconditionFailed(
-                f"app {app}'s secrets are at version {current}, not yet {version}",
+                f"version: app {app}'s secrets are at version {current}, not yet {version}",
                 field="version",
             )
 
