@@ -69,7 +69,7 @@ from hangar.model.run import (
 )
 from hangar.model.run import StopRequest as StopRun
 from hangar.store.protocol import MachineStore, RunStore, SecretStore
-from hangar.vmm.errors import GuestExecError, SuspendNotSupported
+from hangar.vmm.errors import GuestExecError, SignalNotDelivered, SuspendNotSupported
 from hangar.vmm.guest_exec import GuestProcess
 
 WAIT_STATES = frozenset(str(state) for state in WAITABLE_STATES)
@@ -419,7 +419,14 @@ class MachineService:
             app, machine_id, nonce, "signal", lambda state: state is MachineState.STARTED
         )
         handle = self._running_vm(app, machine_id, "signal")
-        await self._agent.platform.signal(handle, signal_number(signal_name))
+        try:
+            await self._agent.platform.signal(handle, signal_number(signal_name))
+        except SignalNotDelivered as error:
+            raise PreconditionFailed(
+                f"machine {machine_id}: {error} (it may still be booting; try again)",
+                field="state",
+                retryable=True,
+            ) from None
         self._record(machine_id, "signal", "sent", reason=signal_name)
 
     def destroy(self, app: str, machine_id: str, force: bool, nonce: str | None) -> None:
