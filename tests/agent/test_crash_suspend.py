@@ -171,3 +171,22 @@ def test_a_restore_cut_short_boots_afresh(ticker: Ticker) -> None:
         assert ticks(console_text(api, APP, ticker.machine_id))[0] == 1, "a fresh boot"
         assert not re.search("resumed", console_text(api, APP, ticker.machine_id))
         assert len(vmm_pids(ticker.server.home, ticker.machine_id)) == 1
+
+
+def test_a_suspended_machine_whose_snapshot_is_gone_is_stopped_at_restart(ticker: Ticker) -> None:
+    put_in(ticker, "suspended")
+    ticker.server.stop()
+    for leftover in ticker.state_file.parent.glob("suspend.vmstate*"):
+        leftover.unlink()
+    ticker.server.start()
+    with ticker.server.client() as api:
+        machine = api.get(ticker.path).json()
+        assert machine["state"] == "stopped"
+        assert "snapshot is gone" in machine["failure_reason"]
+        events = api.get(f"{ticker.path}/events").json()
+        assert events[0]["type"] == "stop" and events[0]["source"] == "flyd"
+        assert "snapshot is gone" in events[0]["reason"]
+        run_dir = ticker.state_file.parent
+        assert not (run_dir / "root.ext4").exists(), "its boot files go with it"
+        assert api.post(f"{ticker.path}/start").status_code == 200
+        wait_state(api, APP, ticker.machine_id, "started")

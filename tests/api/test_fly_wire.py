@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 
+from hangar.model.config import MachineConfig
+from hangar.model.machine import Machine, MachineState, new_machine_id, new_ulid
 from tests.api.helpers import assert_fly_error, unique, wait_runs_finished
 
 
@@ -258,3 +260,33 @@ def test_secret_values_are_sealed_at_rest_and_never_echoed(
     bad = api.post(f"/v1/apps/{app_name}/secrets/CANARY", json={"value": value + "\u0000"})
     assert_fly_error(bad, 422, "CANARY")
     assert value not in bad.text
+
+
+def test_a_gpu_machine_cannot_be_suspended(
+    api: httpx.Client, app_name: str, api_server: Any
+) -> None:
+    """A VFIO device cannot be migrated: 422 naming the field, before anything is asked of
+    the host (the machine is recorded started as a GPU host would have it)."""
+    now = time.time()
+    config = MachineConfig.model_validate(
+        {
+            "image": "x",
+            "guest": {"cpu_kind": "performance", "gpu_kind": "h100-sxm", "gpus": 1},
+        }
+    )
+    machine = Machine(
+        id=new_machine_id(),
+        name=unique("gpu"),
+        app=app_name,
+        state=MachineState.STARTED,
+        region="local",
+        instance_id=new_ulid(now),
+        version=1,
+        config=config,
+        created_at=now,
+        updated_at=now,
+    )
+    api_server.embedded.stores.machines.insert_machine(machine)
+    response = api.post(f"/v1/apps/{app_name}/machines/{machine.id}/suspend")
+    assert_fly_error(response, 422, "config.guest.gpus")
+    assert api_server.embedded.agent.has_unfinished_run(machine.id) is False

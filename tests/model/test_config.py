@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 
 import pytest
 from pydantic import ValidationError
@@ -110,6 +111,13 @@ def test_a_config_as_go_writes_it_decodes() -> None:
     assert config.stop_config.timeout_seconds == 60.0
     assert config.stop_config.signal is None
     assert "a_key_from_a_newer_client" not in config.model_dump()
+
+
+def test_unknown_keys_are_logged_by_name_never_by_value(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="hangar.model.fly"):
+        MachineConfig.model_validate({"image": "x", "newer_field": "value-never-logged"})
+    assert "newer_field" in caplog.text
+    assert "value-never-logged" not in caplog.text
 
 
 def test_a_file_from_a_secret() -> None:

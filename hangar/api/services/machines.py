@@ -385,7 +385,8 @@ class MachineService:
         )
         if machine.config.guest.gpus:
             raise SuspendNotSupported(
-                f"machine {machine_id} has GPUs: a VFIO device cannot be suspended",
+                f"config.guest.gpus: machine {machine_id} has GPUs, and a VFIO device cannot "
+                "be suspended",
                 field="config.guest.gpus",
             )
         self._agent.submit_operation(machine_id, SuspendRequest())
