@@ -8,8 +8,6 @@
 (d) hangar, start of a suspended machine: ``POST .../start`` until the console shows a line
     the guest printed after the resume (the machine's process prints one every 0.1 s); the
     machine is suspended again (``POST .../suspend``) between runs, outside the timing.
-    ``DriverResume`` measures the same at the driver alone (QemuDriver.suspend, then launch
-    with incoming_snapshot), for comparison.
 """
 
 from __future__ import annotations
@@ -29,10 +27,8 @@ import httpx
 from hangar.agent.platform import RunDirLayout
 from hangar.server_process import ServerProcess
 from hangar.vmm.accel import choose_accel
-from hangar.vmm.driver import VmHandle, VmSpec
-from hangar.vmm.qemu import QemuDriver
+from hangar.vmm.driver import VmSpec
 from hangar.vmm.qemu_argv import qemu_argv
-from hangar.vmm.snapshot import drop_snapshot
 
 READY_LINE = b"hangar-init: ready"
 POLL_S = 0.005
@@ -40,7 +36,6 @@ TIMEOUT_S = 180.0
 APP = "bench"
 TICKER = ["sh", "-c", "while :; do echo tick; sleep 0.1; done"]
 """The machine's process: a line every 0.1 s shows, after a resume, that the guest runs."""
-SNAPSHOT_NAME = RunDirLayout.SUSPEND_STATE
 
 
 @dataclass
@@ -168,54 +163,6 @@ class ApiResume:
         if self._path:
             self._api.delete(self._path, params={"kill": "true"}).raise_for_status()
             _wait_state(self._api, self._path, "destroyed")
-
-
-class DriverResume:
-    """(d) at the driver, on a copy of the machine's files: booted once and kept suspended
-    between runs, so it costs the other rows nothing. Each :meth:`measure` restores it, times
-    the restore until the guest prints a new line, and suspends it again.
-
-    The API path (``POST .../suspend``, then ``POST .../start`` and the machine's console)
-    is another class with the same three methods."""
-
-    path = "driver"
-
-    def __init__(self, spec: VmSpec) -> None:
-        self._spec = spec
-        self._state = spec.run_dir / SNAPSHOT_NAME
-        self._driver = QemuDriver()
-        self._handles: list[VmHandle] = []
-
-    async def prepare(self) -> None:
-        self._handles.append(await self._driver.launch(self._spec))
-        _wait_for_bytes(self._spec.console_log, READY_LINE, time.monotonic() + TIMEOUT_S)
-        await self._driver.suspend(self._handles[-1], self._state)
-
-    async def measure(self) -> float:
-        console = self._spec.console_log
-        offset = console.stat().st_size
-        started = time.monotonic()
-        restoring = asyncio.ensure_future(
-            self._driver.launch(self._spec.model_copy(update={"incoming_snapshot": self._state}))
-        )
-        try:
-            while not _new_line_after(console, offset):
-                if restoring.done() and restoring.exception() is not None:
-                    await restoring
-                if time.monotonic() > started + TIMEOUT_S:
-                    raise TimeoutError("the restored guest printed nothing")
-                await asyncio.sleep(POLL_S)
-            elapsed = time.monotonic() - started
-        finally:
-            self._handles.append(await restoring)
-        await self._driver.suspend(self._handles[-1], self._state)
-        return elapsed
-
-    async def close(self) -> None:
-        for handle in self._handles:
-            await self._driver.kill(handle)
-        drop_snapshot(self._state)
-        shutil.rmtree(self._spec.run_dir, ignore_errors=True)
 
 
 def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
