@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 qemu-utils skopeo umoci e2fsprogs busybox-static docker-registry cpio \
 	kmod nftables ca-certificates python3-venv haproxy wrk nginx-light iproute2 gcc libc6-dev \
-	etcd-server
+	etcd-server chromium tmux
 PYTEST_ARGS ?=
 # make fuzz: schemathesis examples per API operation and pass (make test runs 8), and a time guard
 FUZZ_EXAMPLES ?= 200

@@ -13,10 +13,12 @@ from hangar.agent.agent import Agent
 from hangar.agent.engine import crash_after
 from hangar.agent.gpus import HostGpus
 from hangar.agent.host import HostServices
+from hangar.agent.metering import UsageMeter
 from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
 from hangar.agent.services import AgentBackends, HealthChecks
+from hangar.agent.volumes import HostVolumes
 from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
 from hangar.api.deps import Services
@@ -32,8 +34,12 @@ from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.api.services.secrets import SecretService
 from hangar.api.services.tokens import TokenService
+from hangar.api.services.usage import UsageService
+from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock, SystemClock
+from hangar.metrics import HangarMetrics, StateCollector
 from hangar.model.host import HostInfo, read_local_host
+from hangar.model.usage import DEFAULT_PRICES, PriceTable
 from hangar.net.host import HostNetConfig, HostNetwork
 from hangar.proxy.proxy import Proxy
 from hangar.proxy.settings import ProxySettings
@@ -41,6 +47,12 @@ from hangar.ratelimit import RateLimiter, RateLimits
 from hangar.scheduler import ClaimStore
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
+from hangar.volumes import VolumeHost, VolumeSettings
+from hangar.web.app import create_web_app
+from hangar.web.events import EventStreams
+from hangar.web.logs import uvicorn_log_config
+from hangar.web.pages import DashboardReader
+from hangar.web.viewer import Viewers
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +69,8 @@ class EmbeddedServer:
     host: HostInfo
     app: FastAPI
     traffic: MachineTraffic
+    metrics: HangarMetrics
+    web: FastAPI
 
     @property
     def home(self) -> Path:
@@ -79,10 +93,11 @@ def build_server(
     machines, tenancy = stores.machines, stores.tenancy
     for org_slug in {DEFAULT_ORG} | {app.org_slug for app in machines.list_apps(None)}:
         tenancy.ensure_org(org_slug, clock.now())
+    metrics = HangarMetrics(clock)
     if platform is None:
         from hangar.agent.guest import QemuGuestPlatform
 
-        platform = QemuGuestPlatform.from_settings(settings)
+        platform = QemuGuestPlatform.from_settings(settings, image_observer=metrics)
     host = read_local_host(settings.host_id, settings.region)
     claim_store = claims if claims is not None else stores.claims
     network = (
@@ -93,22 +108,43 @@ def build_server(
     services_of_host = HostServices(
         platform=platform,
         machines_dir=settings.machines_dir,
-        placement=HostPlacement(claim_store, host),
+        placement=HostPlacement(claim_store, host, observer=metrics),
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
         network=network,
         secrets=stores.secrets,
+        volumes=HostVolumes(
+            VolumeHost(VolumeSettings.from_settings(settings), clock=clock),
+            stores.volumes,
+            host.id,
+        ),
+    )
+    meter = UsageMeter(
+        stores.usage,
+        machines,
+        stores.runs,
+        services_of_host,
+        clock,
+        checkpoint_s=settings.usage_checkpoint_s,
     )
     agent = Agent(
-        machines, stores.runs, services_of_host, clock, crash_after(settings.crash_after_step)
+        machines,
+        stores.runs,
+        services_of_host,
+        clock,
+        crash_after(settings.crash_after_step),
+        meter=meter,
+        observers=(metrics,),
     )
-    quotas = QuotaService(machines, tenancy)
+    metrics.register(StateCollector(machines, claim_store, settings.cache_dir))
+    quotas = QuotaService(machines, tenancy, stores.volumes)
     capacity = PlatformService(claim_store, settings.gpu_driver_bundle)
+    volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
     orgs = OrgService(tenancy, quotas, clock)
     tokens = TokenService(tenancy, machines, clock)
     audit = AuditService(tenancy, clock)
     services = Services(
-        apps=AppService(machines, tenancy, orgs, clock, secrets=stores.secrets),
+        apps=AppService(machines, tenancy, orgs, clock, stores.volumes, secrets=stores.secrets),
         machines=MachineService(
             machines,
             stores.runs,
@@ -120,6 +156,7 @@ def build_server(
             capacity,
             PrivateAddresses(machines, tenancy, network) if network is not None else None,
             secrets=stores.secrets,
+            volumes=volumes,
         ),
         orgs=orgs,
         tokens=tokens,
@@ -127,15 +164,30 @@ def build_server(
         hosts=HostService(agent, host),
         platform=capacity,
         secrets=SecretService(stores.secrets, clock),
+        usage=UsageService(
+            stores.usage, orgs, PriceTable.parse(settings.prices, DEFAULT_PRICES), clock
+        ),
+        metrics=metrics,
+        volumes=volumes,
     )
+    policy = AccessPolicy(tokens, machines)
     guard = GuardConfig(
-        policy=AccessPolicy(tokens, machines),
+        policy=policy,
         limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
         audit=audit,
         max_body_bytes=settings.max_request_bytes,
+        observer=metrics,
+    )
+    reader = DashboardReader(machines, claim_store, stores.gpus)
+    web = create_web_app(
+        Viewers(policy, machines),
+        reader,
+        services.usage,
+        EventStreams(machines, reader, agent.wait_for_change, clock),
+        clock,
     )
     traffic = MachineTraffic.for_agent(agent, settings, clock)
-    app = create_app(services, guard, on_startup=traffic.start, on_shutdown=traffic.close)
+    app = create_app(services, guard, on_startup=traffic.start, on_shutdown=traffic.close, web=web)
     return EmbeddedServer(
         settings=settings,
         stores=stores,
@@ -144,6 +196,8 @@ def build_server(
         host=host,
         app=app,
         traffic=traffic,
+        metrics=metrics,
+        web=web,
     )
 
 
@@ -239,4 +293,4 @@ def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
             print(f"operator token (also written to {token_file}):")
             print(secret, flush=True)
     log.info("hangar server: home %s, listening on %s:%d", settings.home, host, port)
-    uvicorn.run(server.app, host=host, port=port, log_level="info")
+    uvicorn.run(server.app, host=host, port=port, log_level="info", log_config=uvicorn_log_config())

@@ -162,6 +162,18 @@ class Settings(BaseSettings):
     proxy_idle_stop_s: float = Field(
         default=300.0, gt=0, description="an `autostop` machine without traffic this long stops"
     )
+    usage_checkpoint_s: float = Field(
+        default=10.0,
+        ge=0.5,
+        le=3600,
+        description="how often the agent writes how long running machines have run: a crash "
+        "loses at most this much metered time, never counts any twice (default 10)",
+    )
+    prices: str = Field(
+        default="",
+        description="`gpu:l40s=1.25,cpu:performance=0.04,memory_gb=0.007,volume_gb=0.0002`: "
+        "prices per hour that replace the defaults (Fly.io's published GPU prices)",
+    )
     crash_after_step: str = Field(
         default="",
         description="test hook: `operation:step` makes the agent SIGKILL itself right after "

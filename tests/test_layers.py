@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "proxy": 5,
     "llm": 6,
     # the API and what is built on it
+    "metrics": 6,
     "api": 7,
     "web": 8,
     "server": 9,

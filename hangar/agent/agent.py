@@ -9,19 +9,22 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hangar.agent.context import StepContext
-from hangar.agent.engine import CrashHook, RetryPolicy, RunEngine, no_crash
+from hangar.agent.engine import CrashHook, RetryPolicy, RunEngine, RunObserver, no_crash
 from hangar.agent.gpu_steps import handoff_subject, operator_release, submit_handoffs
 from hangar.agent.host import HostServices
+from hangar.agent.metering import UsageMeter
 from hangar.agent.operations import plan_for
-from hangar.agent.platform import GuestPlatform, RunDirLayout
+from hangar.agent.platform import GuestPlatform
 from hangar.agent.steps import new_run
+from hangar.agent.volume_watch import VolumeWatch
 from hangar.clock import Clock
 from hangar.errors import NotFound, PreconditionFailed
 from hangar.model.gpu import GpuState
+from hangar.model.guest_contract import RunDir
 from hangar.model.machine import Machine, MachineState, host_event
 from hangar.model.run import ExitRequest, RunRecord, RunRequest
 from hangar.scheduler import Gpu
@@ -42,17 +45,37 @@ class Agent:
         clock: Clock,
         crash_hook: CrashHook = no_crash,
         retry: RetryPolicy | None = None,
+        meter: UsageMeter | None = None,
+        observers: Sequence[RunObserver] = (),
     ) -> None:
+        """``meter`` writes usage (it observes the runs, checkpoints in the monitor loop and
+        recovers at start); ``observers`` are told of every step (metrics)."""
         self.machines = machines
         self.runs = runs
         self.host = host
         self.clock = clock
-        self.engine = RunEngine(lambda run: plan_for(run, host), crash_hook, retry)
+        self.meter = meter
+        everyone = (*observers, *((meter,) if meter is not None else ()))
+        self.engine = RunEngine(lambda run: plan_for(run, host), crash_hook, retry, everyone)
         self._machine_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
         self._monitor_task: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], None]] = []
+        self.volume_watch = (
+            VolumeWatch(
+                host.volumes,
+                machines,
+                runs,
+                host.platform,
+                clock,
+                self.submit,
+                self.has_unfinished_run,
+                self.notify,
+            )
+            if host.volumes is not None
+            else None
+        )
 
     @property
     def platform(self) -> GuestPlatform:
@@ -66,6 +89,8 @@ class Agent:
     async def start(self) -> None:
         self.machines_dir.mkdir(parents=True, exist_ok=True)
         self.register_host()
+        if self.meter is not None:
+            self.meter.recover()
         await self.reconcile()
         self._monitor_task = asyncio.create_task(self._monitor_loop())
 
@@ -81,6 +106,11 @@ class Agent:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.meter is not None:
+            try:
+                self.meter.checkpoint()
+            except Exception:
+                log.exception("last usage checkpoint failed")
 
     def register_host(self) -> None:
         """This host's GPUs into its GPU store, and its capacity, GPUs (with their IOMMU
@@ -134,8 +164,12 @@ class Agent:
         self._drive(run.machine_id)
         return inserted
 
-    def submit_operation(self, machine_id: str, request: RunRequest) -> RunRecord:
-        run = new_run(machine_id, request, self.clock.now())
+    def submit_operation(
+        self, machine_id: str, request: RunRequest, run_id: str | None = None
+    ) -> RunRecord:
+        """Submit ``request`` on ``machine_id`` (a machine, or a ``vol:``/``gpu:`` subject);
+        with ``run_id``, a repeated submit adds no second run."""
+        run = new_run(machine_id, request, self.clock.now(), run_id=run_id)
         self.submit(run)
         return run
 
@@ -177,8 +211,15 @@ class Agent:
         while True:
             try:
                 await self.check_guests()
+                if self.volume_watch is not None:
+                    await self.volume_watch.tick()
             except Exception:
                 log.exception("guest monitor pass failed")
+            if self.meter is not None:
+                try:
+                    self.meter.tick()
+                except Exception:
+                    log.exception("usage checkpoint failed")
             await self.clock.sleep(MONITOR_INTERVAL_S)
 
     async def check_guests(self) -> None:
@@ -198,6 +239,13 @@ class Agent:
     def _live(self, machine: Machine | None) -> bool:
         return machine is not None and (
             machine.state.holds_resources or self.has_unfinished_run(machine.id)
+        )
+
+    def _keeps_volumes(self, machine: Machine | None) -> bool:
+        """A live machine keeps its volumes attached, and so does a suspended one (its saved
+        guest has them mounted)."""
+        return self._live(machine) or (
+            machine is not None and machine.state is MachineState.SUSPENDED
         )
 
     async def reconcile(self) -> None:
@@ -224,6 +272,10 @@ class Agent:
         self._settle_suspended()
         self._remove_orphan_files()
         self._reconcile_claims()
+        if self.volume_watch is not None:
+            self.volume_watch.reconcile(
+                lambda machine_id: self._keeps_volumes(self.machines.get_machine(machine_id))
+            )
         if self.host.network is not None:
             owned = {
                 machine.id
@@ -318,7 +370,7 @@ class Agent:
                 log.warning(
                     "dropped the suspend snapshot of %s machine %s", machine.state, machine.id
                 )
-            for name in RunDirLayout.BOOT_FILES:
+            for name in RunDir.BOOT_FILES:
                 leftover = run_dir / name
                 if leftover.exists():
                     log.warning("removing %s of stopped machine %s", name, run_dir.name)

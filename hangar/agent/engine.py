@@ -75,6 +75,24 @@ def is_retryable(error: BaseException) -> bool:
     return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
 
 
+class RunObserver(Protocol):
+    """Told what the engine does, after it is recorded (metrics, metering). An observer that
+    raises is logged and ignored: it never changes how a run goes."""
+
+    def step_started(self, run: RunRecord, step: str) -> None: ...
+
+    def step_finished(
+        self, run: RunRecord, step: str, ran: bool, seconds: float, error: BaseException | None
+    ) -> None:
+        """``step`` (``rollback:NAME`` in a rollback) is over: ``ran`` is False when it had
+        nothing to do; ``error`` is why it failed."""
+        ...
+
+    def step_retried(self, run: RunRecord, step: str, error: BaseException) -> None: ...
+
+    def run_finished(self, run: RunRecord) -> None: ...
+
+
 CrashHook = Callable[[str, str], None]
 
 
@@ -106,10 +124,19 @@ class RunEngine:
         plan_for: PlanFor,
         crash_hook: CrashHook = no_crash,
         retry: RetryPolicy | None = None,
+        observers: Sequence[RunObserver] = (),
     ) -> None:
         self._plan_for = plan_for
         self._crash_hook = crash_hook
         self._retry = retry or RetryPolicy()
+        self._observers = tuple(observers)
+
+    def _tell(self, method: str, *args: object) -> None:
+        for observer in self._observers:
+            try:
+                getattr(observer, method)(*args)
+            except Exception:
+                log.exception("run observer %r failed in %s", observer, method)
 
     async def execute(self, run: RunRecord, ctx: StepContext) -> RunRecord:
         plan = self._plan_for(run)
@@ -117,6 +144,8 @@ class RunEngine:
             await self._forward(plan, run, ctx)
         if run.status == RunStatus.ROLLING_BACK:
             await self._rollback(plan, run, ctx)
+        if not run.status.unfinished:
+            self._tell("run_finished", run)
         return run
 
     async def _forward(self, plan: Plan, run: RunRecord, ctx: StepContext) -> None:
@@ -124,23 +153,31 @@ class RunEngine:
             if step.name in run.steps_done:
                 continue
             self._record(run, ctx, current=step.name)
+            self._tell("step_started", run, step.name)
+            started = ctx.clock.monotonic()
             try:
-                await self._run_step(step, run, ctx)
+                ran = await self._run_step(step, run, ctx)
             except Exception as exc:
                 log.warning("run %s step %s failed: %s", run.id, step.name, exc)
                 run.status = RunStatus.ROLLING_BACK
                 run.error = f"{step.name}: {exc}"
                 self._record(run, ctx, current="")
+                self._tell("step_finished", run, step.name, True, self._since(ctx, started), exc)
                 return
             run.steps_done.append(step.name)
             self._record(run, ctx, current="")
+            self._tell("step_finished", run, step.name, ran, self._since(ctx, started), None)
             self._crash_hook(run.operation, step.name)
         run.status = RunStatus.SUCCEEDED
         self._record(run, ctx, current="")
 
-    async def _run_step(self, step: Step, run: RunRecord, ctx: StepContext) -> None:
-        """Should it run, then run it; a retryable error is tried again after a backoff, a
-        bounded number of times, each retry recorded in the run."""
+    @staticmethod
+    def _since(ctx: StepContext, started: float) -> float:
+        return max(0.0, ctx.clock.monotonic() - started)
+
+    async def _run_step(self, step: Step, run: RunRecord, ctx: StepContext) -> bool:
+        """Should it run, then run it (True if it ran); a retryable error is tried again after
+        a backoff, a bounded number of times, each retry recorded in the run."""
         retry = 0
         while True:
             started = ctx.clock.monotonic()
@@ -148,7 +185,8 @@ class RunEngine:
                 if await step.should_run(ctx):
                     await step.run(ctx)
                     run.progress.step_seconds[step.name] = round(ctx.clock.monotonic() - started, 4)
-                return
+                    return True
+                return False
             except Exception as exc:
                 if not is_retryable(exc) or retry + 1 >= self._retry.attempts:
                     raise
@@ -167,22 +205,30 @@ class RunEngine:
                     )
                 )
                 self._record(run, ctx, current=step.name)
+                self._tell("step_retried", run, step.name, exc)
                 await ctx.clock.sleep(delay)
 
     async def _rollback(self, plan: Plan, run: RunRecord, ctx: StepContext) -> None:
         for step in plan.rollback:
             if step.name in run.rollback_done:
                 continue
-            self._record(run, ctx, current=f"rollback:{step.name}")
+            label = f"rollback:{step.name}"
+            self._record(run, ctx, current=label)
+            self._tell("step_started", run, label)
+            started = ctx.clock.monotonic()
+            ran = True
+            failure: BaseException | None = None
             try:
-                await self._run_step(step, run, ctx)
+                ran = await self._run_step(step, run, ctx)
             except Exception as exc:
                 # A rollback step that fails is recorded and skipped: the remaining steps still
                 # free what they can, and reconciliation sweeps anything left on restart.
                 log.error("run %s rollback step %s failed: %s", run.id, step.name, exc)
                 run.progress.rollback_errors.append(f"{step.name}: {exc}")
+                failure = exc
             run.rollback_done.append(step.name)
             self._record(run, ctx, current="")
+            self._tell("step_finished", run, label, ran, self._since(ctx, started), failure)
             self._crash_hook(run.operation, f"rollback:{step.name}")
         run.status = RunStatus.FAILED
         self._record(run, ctx, current="")

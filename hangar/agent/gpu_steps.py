@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from hangar.agent.gpus import HeldGroup, HostGpus, read_held_group, write_held_group
-from hangar.agent.platform import GpuBoot, RunDirLayout
+from hangar.agent.platform import GpuBoot
 from hangar.clock import Clock
 from hangar.devices.fabric import nvlink_disabled_for
 from hangar.devices.groups import GpuGroup
@@ -54,6 +54,7 @@ from hangar.errors import DeviceError
 from hangar.images.driver_bundle import NVLINK_OFF_KERNEL_ARG
 from hangar.model.gpu import GpuEvent, GpuState
 from hangar.model.gpu_kinds import gpu_kind_named
+from hangar.model.guest_contract import RunDir
 from hangar.model.machine import new_ulid
 from hangar.model.run import HandoffRequest, RunRecord, RunStatus
 from hangar.vmm.control import read_control_events
@@ -361,9 +362,7 @@ class CollectGpuXids:
     async def run(self, ctx: StepContext) -> None:
         held = [group for group in held_groups(self.host, ctx.run.machine_id) if group.launched]
         address_map = {a: b for group in held for a, b in group.guest_addresses.items()}
-        events = await asyncio.to_thread(
-            read_control_events, self.run_dir / RunDirLayout.CONTROL_LOG
-        )
+        events = await asyncio.to_thread(read_control_events, self.run_dir / RunDir.CONTROL_LOG)
         xids = xid_events(events, address_map)
         for xid in xids:
             targets = [xid.host_bdf] if xid.host_bdf else [b for g in held for b in g.claim.gpus]

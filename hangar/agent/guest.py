@@ -11,14 +11,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hangar.agent.platform import (
-    BootSecrets,
-    GpuBoot,
-    GuestExit,
-    GuestNetwork,
-    RunDirLayout,
-    VmHandleData,
-)
+from hangar.agent.platform import BootSecrets, GpuBoot, GuestExit, GuestNetwork, VmHandleData
 from hangar.clock import Clock, SystemClock
 from hangar.devices.xid import guest_addresses
 from hangar.errors import ImageError
@@ -26,12 +19,14 @@ from hangar.images import initramfs, kernel
 from hangar.images.driver_bundle import prepare_driver_bundle
 from hangar.images.reference import ImageRef as ParsedImageRef
 from hangar.images.reference import parse_image_ref
-from hangar.images.rootfs import CachedImage, ImageCache, machine_disk
-from hangar.images.run_config import GuestFile, GuestRunConfig, resolve_argv
+from hangar.images.rootfs import CachedImage, ImageCache, ImageCacheObserver, machine_disk
+from hangar.images.run_config import GuestFile, GuestRunConfig, GuestVolume, resolve_argv
+from hangar.images.volume_tools import ensure_volume_tools
+from hangar.model.guest_contract import RunDir
 from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
 from hangar.vmm.accel import choose_accel, gpu_accel
-from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec
+from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec, VolumeDiskSpec
 from hangar.vmm.errors import QmpError
 from hangar.vmm.guest_exec import ExecResult, GuestProcess
 from hangar.vmm.proc import PROC_ROOT, read_process
@@ -65,12 +60,14 @@ class QemuGuestPlatform:
         driver_bundle: Path | None = None,
         guest_kernel: Path | None = None,
         guest_modules: Path | None = None,
+        image_observer: ImageCacheObserver | None = None,
     ) -> None:
         """``insecure_registries``: ``host:port`` pulled without TLS verification;
         ``driver_bundle``: the GPU driver bundle; ``guest_kernel``/``guest_modules``: an
-        operator's kernel instead of Debian's (each as in :mod:`hangar.settings`)."""
+        operator's kernel instead of Debian's (each as in :mod:`hangar.settings`);
+        ``image_observer``: told of each image cache hit or miss (metrics)."""
         self.cache_root = cache
-        self.images = ImageCache(cache)
+        self.images = ImageCache(cache, observer=image_observer)
         self.driver = driver
         self.clock = clock or SystemClock()
         self.insecure_registries = insecure_registries
@@ -79,7 +76,9 @@ class QemuGuestPlatform:
         self.guest_modules = guest_modules
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> QemuGuestPlatform:
+    def from_settings(
+        cls, settings: Settings, image_observer: ImageCacheObserver | None = None
+    ) -> QemuGuestPlatform:
         accel = choose_accel(forced=settings.accel, pvm_guest_kernel=settings.pvm_guest_kernel)
         return cls(
             settings.cache_dir,
@@ -88,6 +87,7 @@ class QemuGuestPlatform:
             driver_bundle=settings.gpu_driver_bundle,
             guest_kernel=settings.guest_kernel,
             guest_modules=settings.guest_modules,
+            image_observer=image_observer,
         )
 
     def boot_kernel(self) -> kernel.GuestKernel:
@@ -120,7 +120,12 @@ class QemuGuestPlatform:
         partial.rename(dest)
 
     async def prepare_initrd(
-        self, machine: Machine, image_ref: ImageRef, dest: Path, secrets: BootSecrets
+        self,
+        machine: Machine,
+        image_ref: ImageRef,
+        dest: Path,
+        secrets: BootSecrets,
+        volumes: Sequence[GuestVolume] = (),
     ) -> None:
         cached = self._cached(image_ref)
         config = machine.config
@@ -147,13 +152,17 @@ class QemuGuestPlatform:
                 )
                 for item in config.files
             ],
+            volumes=list(volumes),
         )
         guest_kernel = await asyncio.to_thread(self.boot_kernel)
         base = await asyncio.to_thread(
             initramfs.ensure_base_initramfs, guest_kernel, self.cache_root
         )
+        extras = []
+        if volumes:
+            extras.append(await asyncio.to_thread(ensure_volume_tools, self.cache_root))
         partial = dest.with_name(dest.name + ".partial")
-        await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial)
+        await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial, extras)
         # It holds the machine's environment and files, secrets among them.
         partial.chmod(0o600)
         partial.rename(dest)
@@ -165,10 +174,12 @@ class QemuGuestPlatform:
         run_dir: Path,
         gpus: GpuBoot | None,
         network: GuestNetwork | None = None,
+        volumes: Sequence[VolumeDiskSpec] = (),
     ) -> VmSpec:
         """The spec QEMU boots. A GPU machine gets q35 with KVM (refused under TCG: VFIO does
         not run there), the driver bundle read-only, and ``gpus``' layout and memory; a machine
-        on the private network its NIC and what its init is told of it."""
+        on the private network its NIC and what its init is told of it; a machine with
+        volumes their disks."""
         if gpus is not None and isinstance(self.driver, QemuDriver):
             gpu_accel(self.driver.accel)
         guest_kernel = await asyncio.to_thread(self.boot_kernel)
@@ -182,11 +193,12 @@ class QemuGuestPlatform:
             machine_id=machine.id,
             run_dir=run_dir,
             kernel=guest_kernel.vmlinuz,
-            initrd=run_dir / RunDirLayout.INITRD,
-            root_disk=run_dir / RunDirLayout.ROOT_DISK,
+            initrd=run_dir / RunDir.INITRD,
+            root_disk=run_dir / RunDir.ROOT_DISK,
             cpus=machine.config.guest.cpus,
             memory_mb=machine.config.guest.memory_mb,
             extra_disks=extra_disks,
+            volumes=list(volumes),
             nic=network.nic if network is not None else None,
             kernel_args=[
                 *(gpus.kernel_args if gpus is not None else []),
@@ -201,9 +213,15 @@ class QemuGuestPlatform:
         run_dir: Path,
         gpus: GpuBoot | None,
         network: GuestNetwork | None = None,
+        volumes: Sequence[VolumeDiskSpec] = (),
     ) -> VmHandleData:
-        handle = await self.driver.launch(await self.vm_spec(machine, run_dir, gpus, network))
+        spec = await self.vm_spec(machine, run_dir, gpus, network, volumes)
+        handle = await self.driver.launch(spec)
         return handle.model_dump(mode="json")
+
+    def qmp_socket(self, handle: VmHandleData) -> Path | None:
+        socket = handle.get("qmp_socket")
+        return Path(socket) if isinstance(socket, str) else None
 
     async def resume(
         self,
@@ -211,8 +229,9 @@ class QemuGuestPlatform:
         run_dir: Path,
         network: GuestNetwork | None,
         snapshot: Path,
+        volumes: Sequence[VolumeDiskSpec] = (),
     ) -> VmHandleData:
-        spec = await self.vm_spec(machine, run_dir, None, network)
+        spec = await self.vm_spec(machine, run_dir, None, network, volumes)
         handle = await self.driver.launch(spec.model_copy(update={"incoming_snapshot": snapshot}))
         return handle.model_dump(mode="json")
 

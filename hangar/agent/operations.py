@@ -1,6 +1,11 @@
 """The plans of the operations: which steps, in which order, how each rolls back, each step
 built from the run's typed request with exactly the inputs it needs.
 
+A machine's boot attaches its volumes (``attach_volumes``, after its claim) and carries them
+into its initrd and launch; stop, exit, destroy and a failed launch let go of them
+(``detach_volumes``, once its VMM is gone). A volume's own operations (subject ``vol:ID``)
+are the volume library's steps under the same names, with the record's changes around them.
+
 ``plan_for`` is deterministic in the run's request, so a run resumed after a crash gets the
 same steps: the engine skips those recorded as done, and the step in flight asks "should I
 run?" again.
@@ -46,8 +51,22 @@ from hangar.agent.steps import (
     SuspendVm,
     Transition,
 )
+from hangar.agent.volume_steps import (
+    AttachVolumes,
+    DetachVolumes,
+    ForgetSnapshot,
+    ImageStep,
+    MoveVolume,
+    RecordSnapshot,
+    RecordVolumeSize,
+    RestoreVolume,
+    host_volumes,
+    library_plan,
+    volume_of,
+)
 from hangar.model.machine import MachineState as S
 from hangar.model.run import (
+    VOLUME_SUBJECT_PREFIX,
     CreateRequest,
     DestroyRequest,
     ExitRequest,
@@ -60,7 +79,15 @@ from hangar.model.run import (
     StopRequest,
     SuspendRequest,
     UpdateRequest,
+    VolumeCreateRequest,
+    VolumeDeleteRequest,
+    VolumeDeleteSnapshotRequest,
+    VolumeExtendRequest,
+    VolumeRequest,
+    VolumeSnapshotRequest,
 )
+from hangar.model.volume import BEING_MADE, VolumeState
+from hangar.volumes import VolumeStep
 
 
 def plan_for(run: RunRecord, host: HostServices) -> Plan:
@@ -72,11 +99,16 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
         return _handoff(request, host)
     if subject.startswith(HANDOFF_SUBJECT_PREFIX):
         raise ValueError(f"{subject} is a GPU; only a handoff runs on it")
+    if isinstance(request, VolumeRequest):
+        return _volume(request, subject, host)
+    if subject.startswith(VOLUME_SUBJECT_PREFIX):
+        raise ValueError(f"{subject} is a volume; only volume operations run on it")
     run_dir = host.run_dir(subject)
     launch_rollback: list[Step] = [
         ReleaseVm(host),
         CollectGpuXids(host, run_dir),
         DetachNetwork(host),
+        DetachVolumes(host, keep_if_suspended=True),
         ReleaseClaim(host),
         MarkFailed(snapshot=host.suspend_state(subject)),
     ]
@@ -89,6 +121,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             Transition("mark_starting", S.STARTING, "start"),
             ResolveImage(host.platform, fresh=fresh_image),
             PlaceMachine(host),
+            AttachVolumes(host),
             ClaimGpuGroups(host),
             BindGpus(host),
             PrepareNvlink(host),
@@ -126,6 +159,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     Transition("mark_stopping", S.STOPPING, "stop"),
                     *halt(requested=True, timeout_s=request.timeout_s, signum=request.signal),
                     DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                 ],
@@ -133,6 +167,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     ReleaseVm(host),
                     CollectGpuXids(host, run_dir),
                     DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     MarkStoppedAfterFailure(),
                 ],
@@ -155,6 +190,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             steps += [
                 *halt(requested=True),
                 DetachNetwork(host),
+                DetachVolumes(host),
                 ReleaseClaim(host),
                 ApplyConfig(request.config, request.version, request.instance_id),
             ]
@@ -165,7 +201,8 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             return Plan("update", steps, launch_rollback)
         case SuspendRequest():
             # The claim and the tap go back: a suspended machine holds no host resources,
-            # and is placed again when it is started.
+            # and is placed again when it is started. Its volumes stay attached: the saved
+            # guest has them mounted (stop, update and destroy detach them).
             return Plan(
                 "suspend",
                 [
@@ -193,12 +230,14 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     Transition("mark_stopped", S.STOPPED, "stop"),
                     ApplyRestartPolicy(),
                     DetachNetwork(host, keep_if_restarting=True),
+                    DetachVolumes(host, keep_if_restarting=True),
                     ReleaseClaim(host, keep_if_restarting=True),
                 ],
                 [
                     ReleaseVm(host),
                     CollectGpuXids(host, run_dir),
                     DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     MarkStoppedAfterFailure(),
                 ],
@@ -210,6 +249,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     Transition("mark_destroying", S.DESTROYING, "destroy"),
                     *halt(requested=True, timeout_s=0.0 if request.force else None),
                     DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     RemoveRunDir(run_dir),
                     DropLease(),
@@ -219,6 +259,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     ReleaseVm(host),
                     CollectGpuXids(host, run_dir),
                     DetachNetwork(host),
+                    DetachVolumes(host),
                     ReleaseClaim(host),
                     RemoveRunDir(run_dir),
                     DropLease(),
@@ -231,3 +272,58 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
 def _handoff(request: HandoffRequest, host: HostServices) -> Plan:
     """The handoff of the IOMMU group of ``request.bdf`` (its first GPU)."""
     return Plan("handoff", handoff_steps(host, request.bdf), [QuarantineGroup(host, request.bdf)])
+
+
+def _volume(request: VolumeRequest, subject: str, host: HostServices) -> Plan:
+    """A volume's operation: the library's steps, with the record's changes around them."""
+    volume_id = volume_of(subject)
+    library = library_plan(host_volumes(host), request, volume_id)
+
+    def image_steps(steps: tuple[VolumeStep, ...]) -> list[Step]:
+        return [ImageStep(host, request, volume_id, step.name) for step in steps]
+
+    steps, rollback = image_steps(library.steps), image_steps(library.rollback)
+    match request:
+        case VolumeCreateRequest():
+            steps.append(
+                MoveVolume(host, volume_id, "mark_volume_created", VolumeState.CREATED, BEING_MADE)
+            )
+            rollback.append(
+                MoveVolume(
+                    host,
+                    volume_id,
+                    "mark_volume_destroyed",
+                    VolumeState.DESTROYED,
+                    BEING_MADE,
+                    with_reason=True,
+                )
+            )
+        case VolumeExtendRequest():
+            steps.append(RecordVolumeSize(host, volume_id, request.size_gb))
+        case VolumeSnapshotRequest():
+            steps.append(RecordSnapshot(host, volume_id, request.snapshot_id, request.scheduled))
+        case VolumeDeleteSnapshotRequest():
+            steps.append(ForgetSnapshot(host, volume_id, request.snapshot_id))
+        case VolumeDeleteRequest():
+            steps.insert(
+                0,
+                MoveVolume(
+                    host,
+                    volume_id,
+                    "mark_volume_destroying",
+                    VolumeState.DESTROYING,
+                    frozenset({VolumeState.CREATED, VolumeState.FAILED}),
+                    detached_only=True,
+                ),
+            )
+            steps.append(
+                MoveVolume(
+                    host,
+                    volume_id,
+                    "mark_volume_destroyed",
+                    VolumeState.DESTROYED,
+                    frozenset({VolumeState.DESTROYING}),
+                )
+            )
+            rollback.append(RestoreVolume(host, volume_id))
+    return Plan(request.operation, steps, rollback)

@@ -15,22 +15,39 @@ from hangar.errors import NotFound, StoreError
 from hangar.model.config import GuestConfig
 from hangar.model.gpu import GpuRecord, GpuState
 from hangar.model.host import HostInfo
-from hangar.scheduler import Claim, ClaimStore, Gpu, HostState, Scheduler, VersionedHost
+from hangar.scheduler import (
+    Claim,
+    ClaimStore,
+    Gpu,
+    HostState,
+    PlacementObserver,
+    Scheduler,
+    VersionedHost,
+)
 from hangar.scheduler.machines import host_state, placement_request
 
 MAX_CAS_ATTEMPTS = 8
 
 
 class HostPlacement:
-    def __init__(self, claims: ClaimStore, host: HostInfo, scheduler: Scheduler | None = None):
+    def __init__(
+        self,
+        claims: ClaimStore,
+        host: HostInfo,
+        scheduler: Scheduler | None = None,
+        observer: PlacementObserver | None = None,
+    ):
+        """``observer`` is told how each placement went (metrics); it is given to the
+        scheduler made here (one passed in keeps its own)."""
         self.claims = claims
         self.host = host
         self._scheduler = scheduler
+        self._observer = observer
 
     @property
     def scheduler(self) -> Scheduler:
         if self._scheduler is None:
-            self._scheduler = Scheduler(self.claims)
+            self._scheduler = Scheduler(self.claims, observer=self._observer)
         return self._scheduler
 
     # the host record

@@ -13,8 +13,9 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from hangar.images.run_config import GuestVolume
 from hangar.model.machine import ImageRef, Machine
-from hangar.vmm.driver import NicSpec, RunDirFiles
+from hangar.vmm.driver import NicSpec, VolumeDiskSpec
 from hangar.vmm.gpu_topology import GpuTopology
 from hangar.vmm.guest_exec import ExecResult, GuestProcess
 
@@ -69,10 +70,16 @@ class GuestPlatform(Protocol):
         ...
 
     async def prepare_initrd(
-        self, machine: Machine, image_ref: ImageRef, dest: Path, secrets: BootSecrets
+        self,
+        machine: Machine,
+        image_ref: ImageRef,
+        dest: Path,
+        secrets: BootSecrets,
+        volumes: Sequence[GuestVolume] = (),
     ) -> None:
-        """Write the machine's initrd (its process, environment, secrets and files); atomic,
-        readable by its owner alone."""
+        """Write the machine's initrd (its process, environment, secrets and files; with
+        ``volumes``, the volume tools and what init mounts); atomic, readable by its owner
+        alone."""
         ...
 
     async def launch(
@@ -81,9 +88,15 @@ class GuestPlatform(Protocol):
         run_dir: Path,
         gpus: GpuBoot | None,
         network: GuestNetwork | None = None,
+        volumes: Sequence[VolumeDiskSpec] = (),
     ) -> VmHandleData:
         """Boot the machine; with ``gpus``, those GPUs (bound to vfio-pci) passed through;
-        with ``network``, its NIC on the host's private network."""
+        with ``network``, its NIC on the host's private network; with ``volumes``, those
+        volume images as its disks (their key files are gone once this returns)."""
+        ...
+
+    def qmp_socket(self, handle: VmHandleData) -> Path | None:
+        """The VMM's monitor, where volume operations on a running machine go."""
         ...
 
     async def resume(
@@ -92,9 +105,11 @@ class GuestPlatform(Protocol):
         run_dir: Path,
         network: GuestNetwork | None,
         snapshot: Path,
+        volumes: Sequence[VolumeDiskSpec] = (),
     ) -> VmHandleData:
         """Restore the machine from its suspend ``snapshot`` (the boot files in ``run_dir``
-        as it left them): the guest runs on where it was. The snapshot is consumed; one that
+        as it left them, ``volumes`` as the disks it had): the guest runs on where it was.
+        The snapshot is consumed; one that
         cannot be restored raises ``SnapshotUnusable`` and is dropped."""
         ...
 
@@ -143,17 +158,3 @@ class GuestPlatform(Protocol):
         ...
 
     def kill_process(self, pid: int) -> None: ...
-
-
-class RunDirLayout(RunDirFiles):
-    """File names inside a machine's run directory, shared by the agent and the platform:
-    the VMM's (:class:`hangar.vmm.driver.RunDirFiles`) and the agent's own."""
-
-    ROOT_DISK = "root.ext4"
-    INITRD = "initrd.img"
-    SUSPEND_STATE = "suspend.vmstate"
-    """The suspend snapshot (with ``suspend.vmstate.json``, its manifest: see
-    :mod:`hangar.vmm.snapshot`)."""
-    BOOT_FILES = (ROOT_DISK, INITRD)
-    """Rebuilt for every cold boot; kept while the machine is suspended (its snapshot was
-    taken over them)."""

@@ -4,7 +4,9 @@ the plan's goal. Each is built with exactly the inputs it needs (``operations.pl
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,12 @@ from typing import Any
 from hangar.agent.context import StepContext
 from hangar.agent.gpu_steps import gpu_boot, record_claimed, release_gpus_for_handoff
 from hangar.agent.host import HostServices
-from hangar.agent.platform import BootSecrets, GuestNetwork, GuestPlatform, RunDirLayout
+from hangar.agent.platform import BootSecrets, GuestNetwork, GuestPlatform
 from hangar.agent.secrets import boot_secrets
-from hangar.errors import VmmError
+from hangar.errors import VmmError, VolumeError
 from hangar.model.config import MachineConfig
-from hangar.model.machine import MachineState, new_ulid, rfc3339
+from hangar.model.guest_contract import RunDir
+from hangar.model.machine import Machine, MachineState, new_ulid, rfc3339
 from hangar.model.run import (
     DestroyRequest,
     RunRecord,
@@ -24,6 +27,7 @@ from hangar.model.run import (
     RunStatus,
     StartRequest,
 )
+from hangar.vmm.driver import VolumeDiskSpec
 from hangar.vmm.errors import SnapshotUnusable
 from hangar.vmm.snapshot import SnapshotFiles, drop_snapshot, has_snapshot
 
@@ -165,26 +169,27 @@ class PrepareRootDisk:
     name: str = "prepare_root_disk"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return not (self.run_dir / RunDirLayout.ROOT_DISK).exists()
+        return not (self.run_dir / RunDir.ROOT_DISK).exists()
 
     async def run(self, ctx: StepContext) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         await self.platform.prepare_root_disk(
-            ctx.machine().image_ref, self.run_dir / RunDirLayout.ROOT_DISK
+            ctx.machine().image_ref, self.run_dir / RunDir.ROOT_DISK
         )
 
 
 @dataclass(frozen=True)
 class PrepareInitrd:
     """The boot's initrd: the machine's process, environment and files, with its app's
-    secrets (as environment unless ``skip_secrets``, and the files that name one)."""
+    secrets (as environment unless ``skip_secrets``, and the files that name one) and, when
+    it mounts volumes, the volume tools and the mounts init makes (this host's volumes)."""
 
     host: HostServices
     run_dir: Path
     name: str = "prepare_initrd"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return not (self.run_dir / RunDirLayout.INITRD).exists()
+        return not (self.run_dir / RunDir.INITRD).exists()
 
     async def run(self, ctx: StepContext) -> None:
         machine = ctx.machine()
@@ -193,10 +198,28 @@ class PrepareInitrd:
             if self.host.secrets is not None
             else BootSecrets()
         )
+        mounts = []
+        if machine.config.mounts:
+            if self.host.volumes is None:
+                raise VolumeError("this host keeps no volumes", retryable=False)
+            mounts = self.host.volumes.guest_mounts(machine)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         await self.host.platform.prepare_initrd(
-            machine, machine.image_ref, self.run_dir / RunDirLayout.INITRD, secrets
+            machine, machine.image_ref, self.run_dir / RunDir.INITRD, secrets, mounts
         )
+
+
+@contextlib.asynccontextmanager
+async def boot_volumes(host: HostServices, machine: Machine) -> AsyncIterator[list[VolumeDiskSpec]]:
+    """The machine's volumes as disks of its launch, each volume's lock held until the VMM
+    is recorded (see ``hangar.agent.volumes``); none for a machine without mounts."""
+    if not machine.config.mounts:
+        yield []
+        return
+    if host.volumes is None:
+        raise VolumeError("this host keeps no volumes", retryable=False)
+    async with host.volumes.boot_disks(machine) as disks:
+        yield disks
 
 
 async def live_handle(platform: GuestPlatform, ctx: StepContext) -> dict[str, Any] | None:
@@ -217,7 +240,7 @@ def kill_unrecorded_vmms(host: HostServices, ctx: StepContext) -> None:
 
 def unlink_boot_files(run_dir: Path) -> None:
     """Drop the boot's root disk and initrd: the next boot builds them afresh from the image."""
-    for name in RunDirLayout.BOOT_FILES:
+    for name in RunDir.BOOT_FILES:
         (run_dir / name).unlink(missing_ok=True)
 
 
@@ -241,7 +264,8 @@ async def guest_network(host: HostServices, ctx: StepContext) -> GuestNetwork | 
 @dataclass(frozen=True)
 class ResumeVm:
     """Start a suspended machine from its snapshot: QEMU restores the saved guest, which runs
-    on where it was (its processes, memory and uptime) on the root disk it left. A snapshot
+    on where it was (its processes, memory and uptime) on the root disk it left, with its
+    volumes (kept attached while it was suspended) as the same disks. A snapshot
     that cannot be restored is dropped, with an event saying why, and the boot files go, so
     the steps after this boot the machine cold. Whether a restore was begun is recorded before
     QEMU starts: after a crash that left no snapshot, the guest may have run on from its disk,
@@ -276,19 +300,21 @@ class ResumeVm:
             return
         progress.resume_attempted = True
         ctx.runs.save_run(ctx.run)
+        machine = ctx.machine()
         network = await guest_network(self.host, ctx)
-        try:
-            handle = await self.host.platform.resume(ctx.machine(), run_dir, network, state)
-        except SnapshotUnusable as error:
-            unlink_boot_files(run_dir)
-            progress.resume_attempted = False
-            ctx.record_event(
-                "resume",
-                "cold_boot",
-                reason=f"the suspend snapshot could not be restored ({error.reason}): {error}",
-            )
-            return
-        ctx.runs.put_vm_handle(machine_id, handle)
+        async with boot_volumes(self.host, machine) as volumes:
+            try:
+                handle = await self.host.platform.resume(machine, run_dir, network, state, volumes)
+            except SnapshotUnusable as error:
+                unlink_boot_files(run_dir)
+                progress.resume_attempted = False
+                ctx.record_event(
+                    "resume",
+                    "cold_boot",
+                    reason=f"the suspend snapshot could not be restored ({error.reason}): {error}",
+                )
+                return
+            ctx.runs.put_vm_handle(machine_id, handle)
         progress.exit_recorded = False
         ctx.record_event("resume", "resumed")
 
@@ -304,11 +330,13 @@ class LaunchVm:
     async def run(self, ctx: StepContext) -> None:
         await forget_stale_vm(self.host, ctx)
         run_dir = self.host.run_dir(ctx.run.machine_id)
-        (run_dir / RunDirLayout.CONTROL_LOG).unlink(missing_ok=True)
+        (run_dir / RunDir.CONTROL_LOG).unlink(missing_ok=True)
         gpus = await gpu_boot(self.host, ctx)
+        machine = ctx.machine()
         network = await guest_network(self.host, ctx)
-        handle = await self.host.platform.launch(ctx.machine(), run_dir, gpus, network)
-        ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
+        async with boot_volumes(self.host, machine) as volumes:
+            handle = await self.host.platform.launch(machine, run_dir, gpus, network, volumes)
+            ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
         ctx.run.progress.exit_recorded = False
 
 
@@ -491,7 +519,7 @@ class ReleaseVm:
 
     def _boot_files_to_drop(self, machine_id: str) -> bool:
         run_dir = self.host.run_dir(machine_id)
-        return any((run_dir / name).exists() for name in RunDirLayout.BOOT_FILES) and (
+        return any((run_dir / name).exists() for name in RunDir.BOOT_FILES) and (
             not has_snapshot(self.host.suspend_state(machine_id))
         )
 

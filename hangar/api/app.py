@@ -10,18 +10,32 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp
 
 from hangar import __version__
 from hangar.api.deps import Services
 from hangar.api.errors import install_error_handlers
 from hangar.api.guard import GuardConfig, RequestGuard
-from hangar.api.routers import apps, audit, hosts, machines, orgs, platform, secrets, tokens
+from hangar.api.routers import (
+    apps,
+    audit,
+    hosts,
+    machines,
+    metrics,
+    orgs,
+    platform,
+    secrets,
+    tokens,
+    usage,
+    volumes,
+)
 from hangar.api.routetable import api_operations
 from hangar.api.scopes import OPENAPI_EXTENSION
 
 log = logging.getLogger(__name__)
 
 BEARER_SCHEME = "bearer"
+WEB_MOUNT = "/ui"
 
 
 def create_app(
@@ -29,7 +43,11 @@ def create_app(
     guard: GuardConfig,
     on_startup: Callable[[], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    web: ASGIApp | None = None,
 ) -> FastAPI:
+    """``web``: the dashboard, mounted at ``/ui`` (outside the API's route table: it signs
+    in with a cookie and asks the same access policy itself)."""
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         check_declared_scopes(_app)
@@ -47,11 +65,16 @@ def create_app(
     app.include_router(apps.router)
     app.include_router(machines.router)
     app.include_router(secrets.router)
+    app.include_router(volumes.router)
     app.include_router(orgs.router)
     app.include_router(tokens.router)
     app.include_router(audit.router)
     app.include_router(hosts.router)
     app.include_router(platform.router)
+    app.include_router(usage.router)
+    app.include_router(metrics.router)
+    if web is not None:
+        app.mount(WEB_MOUNT, web)
     app.add_middleware(RequestGuard, routes=app.router.routes, config=guard)
     install_openapi(app)
     return app

@@ -18,7 +18,10 @@ from hangar.api.services.orgs import OrgService
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.secrets import SecretService
 from hangar.api.services.tokens import TokenService
+from hangar.api.services.usage import UsageService
+from hangar.api.services.volumes import VolumeService
 from hangar.errors import Unauthenticated
+from hangar.metrics import HangarMetrics
 
 
 @dataclass
@@ -31,6 +34,9 @@ class Services:
     hosts: HostService
     platform: PlatformService
     secrets: SecretService
+    usage: UsageService
+    metrics: HangarMetrics
+    volumes: VolumeService
 
 
 def services(request: Request) -> Services:

@@ -9,9 +9,10 @@ written to the audit log with how it ended, whether the guard or the route answe
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,12 +32,21 @@ MAX_BODY_BYTES = DEFAULT_MAX_REQUEST_BYTES
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+class RequestObserver(Protocol):
+    """Told how each API request ended (metrics)."""
+
+    def api_request(self, route: str, method: str, status: int, seconds: float) -> None: ...
+
+    def rate_limited(self, route: str) -> None: ...
+
+
 @dataclass
 class GuardConfig:
     policy: AccessPolicy
     limiter: RateLimiter
     audit: AuditService
     max_body_bytes: int = MAX_BODY_BYTES
+    observer: RequestObserver | None = None
 
 
 @dataclass
@@ -83,12 +93,19 @@ class RequestGuard:
         route, path_params = matched
         attempt = _Attempt(action=route.name, target={k: str(v) for k, v in path_params.items()})
         mutating = scope["method"] not in READ_METHODS
+        started = time.monotonic()
         try:
             await self._guarded(scope, receive, send, route, path_params, attempt)
         except Exception:
             attempt.outcome = Outcome.ERROR
             raise
         finally:
+            observer = self._config.observer
+            if observer is not None:
+                seconds = time.monotonic() - started
+                observer.api_request(route.name, scope["method"], attempt.status, seconds)
+                if attempt.outcome == Outcome.RATE_LIMITED:
+                    observer.rate_limited(route.name)
             if mutating:
                 self._config.audit.record(
                     attempt.token,

@@ -508,6 +508,8 @@ class QuotasRequest(StrictBody):
     machines: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
     memory_mb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
     gpus: dict[str, Annotated[int, Field(ge=0, le=100_000)]] = Field(default_factory=dict)
+    volumes: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    volume_gb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
 
     @field_validator("gpus")
     @classmethod
@@ -521,13 +523,21 @@ class QuotasRequest(StrictBody):
         return value
 
     def quotas(self) -> OrgQuotas:
-        return OrgQuotas(machines=self.machines, memory_mb=self.memory_mb, gpus=dict(self.gpus))
+        return OrgQuotas(
+            machines=self.machines,
+            memory_mb=self.memory_mb,
+            gpus=dict(self.gpus),
+            volumes=self.volumes,
+            volume_gb=self.volume_gb,
+        )
 
 
 class OrgUsageView(BaseModel):
     machines: int
     memory_mb: int
     gpus: dict[str, int]
+    volumes: int = 0
+    volume_gb: int = 0
 
 
 class OrgDetail(BaseModel):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from hangar.agent.platform import RunDirLayout
+from hangar.model.guest_contract import RunDir
 from hangar.server_process import ServerProcess
 from hangar.vmm.accel import choose_accel
 from hangar.vmm.driver import VmSpec
@@ -137,7 +137,7 @@ class ApiResume:
         created.raise_for_status()
         machine_id = created.json()["id"]
         self._path = f"/v1/apps/{APP}/machines/{machine_id}"
-        self._console = self._home / "machines" / machine_id / RunDirLayout.CONSOLE_LOG
+        self._console = self._home / "machines" / machine_id / RunDir.CONSOLE_LOG
         _wait_state(self._api, self._path, "started")
         _wait_for_bytes(self._console, READY_LINE, time.monotonic() + TIMEOUT_S)
         self._suspend()
@@ -180,7 +180,7 @@ def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
         machine_id = created.json()["id"]
         path = f"/v1/apps/{APP}/machines/{machine_id}"
         run_dir = home / "machines" / machine_id
-        console = run_dir / RunDirLayout.CONSOLE_LOG
+        console = run_dir / RunDir.CONSOLE_LOG
         _wait_state(api, path, "started")
         _wait_for_bytes(console, READY_LINE, time.monotonic() + TIMEOUT_S)
         kernel = _kernel_of(run_dir)
@@ -228,7 +228,7 @@ def _one_run(
     fresh.raise_for_status()
     fresh_path = f"/v1/apps/{APP}/machines/{fresh.json()['id']}"
     _wait_state(api, fresh_path, "started")
-    fresh_console = home / "machines" / fresh.json()["id"] / RunDirLayout.CONSOLE_LOG
+    fresh_console = home / "machines" / fresh.json()["id"] / RunDir.CONSOLE_LOG
     _wait_for_bytes(fresh_console, READY_LINE, started + TIMEOUT_S)
     result.hangar_create_s.append(time.monotonic() - started)
     api.delete(fresh_path, params={"force": "true"}).raise_for_status()
@@ -238,14 +238,14 @@ def _one_run(
 def _copy_of_machine(run_dir: Path, kernel: Path, home: Path, machine_id: str) -> VmSpec:
     """A spec booting a copy of the machine's root disk and initrd, in a folder of its own."""
     folder = Path(tempfile.mkdtemp(prefix=f"{machine_id}-", dir=home))
-    for name in RunDirLayout.BOOT_FILES:
+    for name in RunDir.BOOT_FILES:
         shutil.copyfile(run_dir / name, folder / name)
     return VmSpec.in_run_dir(
         machine_id=machine_id,
         run_dir=folder,
         kernel=kernel,
-        initrd=folder / RunDirLayout.INITRD,
-        root_disk=folder / RunDirLayout.ROOT_DISK,
+        initrd=folder / RunDir.INITRD,
+        root_disk=folder / RunDir.ROOT_DISK,
     )
 
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hangar.agent.platform import RunDirLayout
 from hangar.images.initramfs import ensure_base_initramfs, machine_initrd
 from hangar.images.kernel import ensure_kernel
 from hangar.images.reference import parse_image_ref
 from hangar.images.rootfs import CachedImage, ImageCache, machine_disk
 from hangar.images.run_config import GuestFile, GuestRunConfig, GuestVolume
 from hangar.images.volume_tools import ensure_volume_tools
+from hangar.model.guest_contract import RunDir
 from hangar.vmm.control import read_control_events, summarise_control_events
 from hangar.vmm.driver import DiskSpec, VmHandle, VmSpec, VolumeDiskSpec
 from hangar.vmm.qemu import QemuDriver
@@ -93,10 +93,8 @@ class OneOffGuest:
             volumes=[GuestVolume(serial=disk.name, path=path) for disk, path in self.mounts],
         )
         extras = [self.kit.volume_tools] if self.mounts else []
-        initrd = machine_initrd(
-            self.kit.base_initrd, config, self.run_dir / RunDirLayout.INITRD, extras
-        )
-        root = machine_disk(self.kit.image, self.run_dir / RunDirLayout.ROOT_DISK)
+        initrd = machine_initrd(self.kit.base_initrd, config, self.run_dir / RunDir.INITRD, extras)
+        root = machine_disk(self.kit.image, self.run_dir / RunDir.ROOT_DISK)
         return VmSpec.in_run_dir(
             machine_id=self.machine_id,
             run_dir=self.run_dir,
@@ -115,15 +113,15 @@ class OneOffGuest:
 
     @property
     def control_log(self) -> Path:
-        return self.run_dir / RunDirLayout.CONTROL_LOG
+        return self.run_dir / RunDir.CONTROL_LOG
 
     @property
     def console_log(self) -> Path:
-        return self.run_dir / RunDirLayout.CONSOLE_LOG
+        return self.run_dir / RunDir.CONSOLE_LOG
 
     @property
     def qmp_socket(self) -> Path:
-        return self.run_dir / RunDirLayout.QMP_SOCKET
+        return self.run_dir / RunDir.QMP_SOCKET
 
     def console(self) -> str:
         try:

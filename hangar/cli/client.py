@@ -197,6 +197,57 @@ class HangarClient:
     def follow_logs(self, app: str, machine_id: str) -> Iterator[str]:
         return self.stream_text(self.machines_path(app, machine_id, "logs"), {"follow": "true"})
 
+    def runs(self, app: str, machine_id: str) -> Any:
+        return self.request("GET", self.machines_path(app, machine_id, "runs"))
+
+    # usage
+    def usage(
+        self, org_slug: str, start: str | None, end: str | None, group_by: str = "app"
+    ) -> Any:
+        params = {"group_by": group_by}
+        if start is not None:
+            params["from"] = start
+        if end is not None:
+            params["to"] = end
+        return self.request("GET", f"/v1/orgs/{org_slug}/usage", params=params)
+
+    # volumes
+    def volumes_path(self, app: str, volume_id: str = "", verb: str = "") -> str:
+        path = f"/v1/apps/{app}/volumes"
+        if volume_id:
+            path += f"/{volume_id}"
+        if verb:
+            path += f"/{verb}"
+        return path
+
+    def create_volume(self, app: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", self.volumes_path(app), json=body)
+
+    def list_volumes(self, app: str, include_deleted: bool = False) -> Any:
+        return self.request(
+            "GET", self.volumes_path(app), params={"include_deleted": include_deleted}
+        )
+
+    def get_volume(self, app: str, volume_id: str) -> Any:
+        return self.request("GET", self.volumes_path(app, volume_id))
+
+    def update_volume(self, app: str, volume_id: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", self.volumes_path(app, volume_id), json=body)
+
+    def extend_volume(self, app: str, volume_id: str, size_gb: int) -> Any:
+        return self.request(
+            "PUT", self.volumes_path(app, volume_id, "extend"), json={"size_gb": size_gb}
+        )
+
+    def delete_volume(self, app: str, volume_id: str) -> Any:
+        return self.request("DELETE", self.volumes_path(app, volume_id))
+
+    def list_snapshots(self, app: str, volume_id: str) -> Any:
+        return self.request("GET", self.volumes_path(app, volume_id, "snapshots"))
+
+    def create_snapshot(self, app: str, volume_id: str) -> Any:
+        return self.request("POST", self.volumes_path(app, volume_id, "snapshots"))
+
     # orgs, tokens, audit
     def create_org(self, slug: str, name: str | None = None) -> Any:
         return self.request("POST", "/v1/orgs", json={"slug": slug, "name": name})

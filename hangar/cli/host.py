@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.table import Table
 
 from hangar.cli.client import ApiError, HangarClient
-from hangar.cli.output import call, console
+from hangar.cli.output import JsonFlag, call, console, print_json
 
 host_app = typer.Typer(
     help="This host's GPUs: inventory, readiness, quarantine.", no_args_is_help=True
@@ -68,7 +68,7 @@ def inspect(
             body = client.request("GET", f"/v1/hosts/{host['id']}/gpus")
             if body["gpus"]:
                 console.print(claims_table(body["gpus"]))
-    except (ApiError, OSError) as exc:
+    except (ApiError, OSError, httpx.TransportError) as exc:
         console.print(f"[yellow]claim states not shown: the API did not answer ({exc})[/yellow]")
 
 
@@ -77,6 +77,7 @@ def release_gpu(
     host_id: str,
     bdf: str,
     reason: Annotated[str, typer.Option(help="Why the GPU is safe to hand out again.")],
+    as_json: JsonFlag = False,
 ) -> None:
     """Release a quarantined GPU: it is reset and verified again, and free only if that works.
     The operator token that asked is recorded with the reason."""
@@ -86,4 +87,7 @@ def release_gpu(
         f"/v1/hosts/{host_id}/gpus/{bdf}/release",
         json={"reason": reason},
     )
-    console.print(json.dumps(body))
+    if as_json:
+        print_json(body)
+        return
+    console.print(f"GPU {bdf} on {host_id} is {body['state']}")

@@ -6,22 +6,42 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
-from rich.table import Table
+from rich.markup import escape
 
 from hangar.cli.bench import bench_app
 from hangar.cli.client import ApiError, HangarClient
 from hangar.cli.host import host_app
-from hangar.cli.output import call, console, errors, fail
+from hangar.cli.output import (
+    JsonFlag,
+    api_error_line,
+    call,
+    console,
+    errors,
+    fail,
+    print_json,
+    unreachable_line,
+)
+from hangar.cli.progress import follow_boot
 from hangar.cli.proxy import proxy
 from hangar.cli.secrets import secrets_app
+from hangar.cli.tables import Col, fit_table
 from hangar.cli.tenancy import admin_app, audit_app, orgs_app, tokens_app
+from hangar.cli.usage import usage
+from hangar.cli.views import machine_status_view
+from hangar.cli.volumes import resolve_mounts, volumes_app
 from hangar.settings import DEFAULT_PORT, Settings
 
-app = typer.Typer(help="hangar: GPU Machines on your own servers.", no_args_is_help=True)
+app = typer.Typer(
+    help="hangar: GPU Machines on your own servers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 apps_app = typer.Typer(help="Apps own machines.", no_args_is_help=True)
 machine_app = typer.Typer(help="Run and manage machines.", no_args_is_help=True)
 app.add_typer(apps_app, name="apps")
@@ -33,7 +53,9 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(admin_app, name="admin")
 app.add_typer(host_app, name="host")
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(volumes_app, name="volumes")
 app.command("proxy")(proxy)
+app.command("usage")(usage)
 
 DEFAULT_APP = "default"
 
@@ -70,23 +92,37 @@ def apps_create(
     org: Annotated[
         str | None, typer.Option("--org", help="Org slug (default: the token's org, or personal).")
     ] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     created = call(client().create_app, name, org)
+    if as_json:
+        print_json(created)
+        return
     console.print(f"created app [bold]{name}[/bold] in org {created['organization']['slug']}")
 
 
 @apps_app.command("list")
-def apps_list(org: Annotated[str | None, typer.Option("--org")] = None) -> None:
+def apps_list(
+    org: Annotated[str | None, typer.Option("--org")] = None, as_json: JsonFlag = False
+) -> None:
     body = call(client().list_apps, org)
-    table = Table("NAME", "ORG", "MACHINES")
-    for item in body["apps"]:
-        table.add_row(item["name"], item["organization"]["slug"], str(item["machine_count"]))
-    console.print(table)
+    if as_json:
+        print_json(body)
+        return
+    rows = [
+        [item["name"], item["organization"]["slug"], str(item["machine_count"])]
+        for item in body["apps"]
+    ]
+    columns = [Col("NAME", whole=True), Col("ORG", whole=True), Col("MACHINES")]
+    console.print(fit_table(columns, rows, console))
 
 
 @apps_app.command("destroy")
-def apps_destroy(name: str) -> None:
-    call(client().delete_app, name)
+def apps_destroy(name: str, as_json: JsonFlag = False) -> None:
+    body = call(client().delete_app, name)
+    if as_json:
+        print_json(body)
+        return
     console.print(f"destroyed app {name}")
 
 
@@ -158,8 +194,17 @@ def machine_run(
     autostop: Annotated[
         str | None, typer.Option("--autostop", help="off, stop or suspend (with --port)")
     ] = None,
+    as_json: JsonFlag = False,
+    volume: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--volume", "-v", help="NAME:/path (or vol_ID:/path): mount a volume of the app"
+        ),
+    ] = None,
 ) -> None:
-    """Run IMAGE as a machine; arguments after -- replace the image's command."""
+    """Run IMAGE as a machine; arguments after -- replace the image's command. Shows each
+    stage of the boot (pull, root filesystem, initramfs, boot), then the machine's output;
+    with --detach, prints the machine's id (its JSON with --json) and returns."""
     from hangar.model.services import services_from_port_flags
 
     api = client()
@@ -191,21 +236,19 @@ def machine_run(
     if region:
         body["region"] = region
     call(ensure_app, api, app_name)
+    if volume:
+        config["mounts"] = call(resolve_mounts, api, app_name, volume)
     started_at = time.monotonic()
     machine = call(api.create_machine, app_name, body)
     machine_id = machine["id"]
     errors.print(f"machine [bold]{machine_id}[/bold] ({machine['name']}) created")
     if detach:
-        console.print(machine_id)
+        if as_json:
+            print_json(machine)
+        else:
+            typer.echo(machine_id)
         return
-    with errors.status("booting (pulling the image if needed)..."):
-        machine = call(
-            wait_until,
-            api,
-            app_name,
-            machine_id,
-            {"started", "stopped", "failed", "launch_failed", "destroyed"},
-        )
+    machine = call(follow_boot, api, app_name, machine_id, errors)
     boot_s = time.monotonic() - started_at
     if machine["state"] in ("failed", "launch_failed"):
         fail(f"machine {machine_id} {machine['state']}: {machine.get('failure_reason', '')}")
@@ -227,15 +270,31 @@ def machine_run(
     raise typer.Exit(code if code is not None and 0 <= code < 256 else 1)
 
 
+MACHINE_COLUMNS = (
+    Col("ID", whole=True),
+    Col("NAME", whole=True),
+    Col("STATE"),
+    Col("REGION", drop=3),
+    Col("ADDRESS", drop=2),
+    Col("CHECKS", drop=1),
+    Col("IMAGE", shrink=True),
+    Col("UPDATED", drop=0),
+)
+
+
 @machine_app.command("list")
 def machine_list(
     app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
     all_machines: Annotated[bool, typer.Option("--all", help="Include destroyed.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
+    """The app's machines; ids and names are printed whole, the image column is cut to fit."""
     machines = call(client().list_machines, app_name, all_machines)
-    table = Table("ID", "NAME", "STATE", "REGION", "ADDRESS", "CHECKS", "IMAGE", "UPDATED")
-    for item in machines:
-        table.add_row(
+    if as_json:
+        print_json(machines)
+        return
+    rows = [
+        [
             item["id"],
             item["name"],
             item["state"],
@@ -244,8 +303,19 @@ def machine_list(
             checks_summary(item.get("checks") or []),
             item["config"]["image"],
             item["updated_at"],
-        )
-    console.print(table)
+        ]
+        for item in machines
+    ]
+    columns = [
+        column
+        for index, column in enumerate(MACHINE_COLUMNS)
+        if column.drop is None or any(row[index] for row in rows)
+    ]
+    shown = [
+        [row[index] for index, column in enumerate(MACHINE_COLUMNS) if column in columns]
+        for row in rows
+    ]
+    console.print(fit_table(columns, shown, console))
 
 
 def checks_summary(checks: list[dict[str, Any]]) -> str:
@@ -260,22 +330,37 @@ def checks_summary(checks: list[dict[str, Any]]) -> str:
 
 @machine_app.command("status")
 def machine_status(
-    machine_id: str, app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    as_json: JsonFlag = False,
 ) -> None:
-    machine = call(client().get_machine, app_name, machine_id)
-    console.print_json(json.dumps(machine))
+    """The machine: state, addresses, checks and its latest events."""
+    api = client()
+    machine = call(api.get_machine, app_name, machine_id)
+    if as_json:
+        print_json(machine)
+        return
+    events = call(api.events, app_name, machine_id, 10)
+    console.print(machine_status_view(machine, events, console))
 
 
-def _simple_action(verb: str, machine_id: str, app_name: str, body: Any = None) -> None:
-    call(client().machine_action, app_name, machine_id, verb, body)
+def _simple_action(
+    verb: str, machine_id: str, app_name: str, as_json: bool, body: Any = None
+) -> None:
+    answer = call(client().machine_action, app_name, machine_id, verb, body)
+    if as_json:
+        print_json(answer)
+        return
     console.print(f"{verb} requested for {machine_id}")
 
 
 @machine_app.command("start")
 def machine_start(
-    machine_id: str, app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    as_json: JsonFlag = False,
 ) -> None:
-    _simple_action("start", machine_id, app_name)
+    _simple_action("start", machine_id, app_name, as_json)
 
 
 @machine_app.command("stop")
@@ -284,32 +369,39 @@ def machine_stop(
     app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
     signal: Annotated[str | None, typer.Option("--signal", "-s")] = None,
     timeout: Annotated[str | None, typer.Option("--timeout", help="e.g. 10s")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     body = {k: v for k, v in {"signal": signal, "timeout": timeout}.items() if v is not None}
-    _simple_action("stop", machine_id, app_name, body)
+    _simple_action("stop", machine_id, app_name, as_json, body)
 
 
 @machine_app.command("suspend")
 def machine_suspend(
-    machine_id: str, app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    as_json: JsonFlag = False,
 ) -> None:
     """Save the machine's memory and devices and end its VM; `start` resumes it."""
-    _simple_action("suspend", machine_id, app_name)
+    _simple_action("suspend", machine_id, app_name, as_json)
 
 
 @machine_app.command("cordon")
 def machine_cordon(
-    machine_id: str, app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    as_json: JsonFlag = False,
 ) -> None:
     """Take the machine out of the proxy's rotation (it runs on)."""
-    _simple_action("cordon", machine_id, app_name)
+    _simple_action("cordon", machine_id, app_name, as_json)
 
 
 @machine_app.command("uncordon")
 def machine_uncordon(
-    machine_id: str, app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    as_json: JsonFlag = False,
 ) -> None:
-    _simple_action("uncordon", machine_id, app_name)
+    _simple_action("uncordon", machine_id, app_name, as_json)
 
 
 @machine_app.command(
@@ -343,12 +435,17 @@ def machine_exec(
 
 @machine_app.command("ps")
 def machine_ps(
-    machine_id: str, app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    as_json: JsonFlag = False,
 ) -> None:
     """The processes running inside the machine."""
-    table = Table("PID", "PPID", "USER", "STATE", "RSS", "CPU", "COMMAND")
-    for process in call(client().processes, app_name, machine_id):
-        table.add_row(
+    processes = call(client().processes, app_name, machine_id)
+    if as_json:
+        print_json(processes)
+        return
+    rows = [
+        [
             str(process["pid"]),
             str(process["ppid"]),
             process["user"],
@@ -356,15 +453,28 @@ def machine_ps(
             f"{process['rss'] // 1024} KiB",
             f"{process['rtime'] / 1000:.2f}s",
             process["command"],
-        )
-    console.print(table)
+        ]
+        for process in processes
+    ]
+    columns = [
+        Col("PID"),
+        Col("PPID", drop=1),
+        Col("USER", drop=2),
+        Col("STATE", drop=3),
+        Col("RSS"),
+        Col("CPU", drop=4),
+        Col("COMMAND"),
+    ]
+    console.print(fit_table(columns, rows, console))
 
 
 @machine_app.command("restart")
 def machine_restart(
-    machine_id: str, app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    as_json: JsonFlag = False,
 ) -> None:
-    _simple_action("restart", machine_id, app_name)
+    _simple_action("restart", machine_id, app_name, as_json)
 
 
 @machine_app.command("destroy")
@@ -372,24 +482,44 @@ def machine_destroy(
     machine_id: str,
     app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
     force: Annotated[bool, typer.Option("--force", "-f")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
-    call(client().destroy_machine, app_name, machine_id, force)
+    answer = call(client().destroy_machine, app_name, machine_id, force)
+    if as_json:
+        print_json(answer)
+        return
     console.print(f"destroy requested for {machine_id}")
+
+
+def print_logs(machine_id: str, app_name: str, follow: bool) -> None:
+    api = client()
+    if follow:
+        call(_write_all, call(api.follow_logs, app_name, machine_id))
+    else:
+        _write(call(api.logs, app_name, machine_id))
+
+
+def _write_all(chunks: Iterable[str]) -> None:
+    for chunk in chunks:
+        _write(chunk)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 @machine_app.command("logs")
 def machine_logs(
     machine_id: str,
     app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
-    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow until it stops.")] = False,
 ) -> None:
-    api = client()
-    if follow:
-        for chunk in call(api.follow_logs, app_name, machine_id):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-    else:
-        sys.stdout.write(call(api.logs, app_name, machine_id))
+    """A machine's console output (``-f`` follows it until the machine stops)."""
+    print_logs(machine_id, app_name, follow)
+
+
+app.command("logs")(machine_logs)
 
 
 @machine_app.command("wait")
@@ -398,8 +528,12 @@ def machine_wait(
     app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
     state: Annotated[str, typer.Option("--state")] = "started",
     timeout: Annotated[int, typer.Option("--timeout", help="seconds, 1..60")] = 60,
+    as_json: JsonFlag = False,
 ) -> None:
-    call(client().wait, app_name, machine_id, state, timeout)
+    answer = call(client().wait, app_name, machine_id, state, timeout)
+    if as_json:
+        print_json(answer)
+        return
     console.print(f"{machine_id} is {state}")
 
 
@@ -408,16 +542,36 @@ def machine_events(
     machine_id: str,
     app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
     limit: Annotated[int | None, typer.Option("--limit")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     events = call(client().events, app_name, machine_id, limit)
-    table = Table("TIME", "TYPE", "STATUS", "SOURCE", "DETAIL")
+    if as_json:
+        print_json(events)
+        return
+    rows = []
     for event in events:
         stamp = time.strftime("%H:%M:%S", time.localtime(event["timestamp"] / 1000))
         request = event.get("request")
         detail = event.get("reason") or (json.dumps(request) if request else "")
-        table.add_row(stamp, event["type"], event["status"], event["source"], detail)
-    console.print(table)
+        rows.append([stamp, event["type"], event["status"], event["source"], detail])
+    columns = [Col("TIME"), Col("TYPE"), Col("STATUS"), Col("SOURCE", drop=0), Col("DETAIL")]
+    console.print(fit_table(columns, rows, console))
+
+
+def main() -> None:
+    """The ``hangar`` command: an API error or an unreachable API is one line and exit 1,
+    never a traceback (also for errors met while streaming)."""
+    try:
+        app()
+    except ApiError as exc:
+        errors.print(f"[red]error:[/red] {escape(api_error_line(exc))}", highlight=False)
+        raise SystemExit(1) from None
+    except (OSError, httpx.TransportError) as exc:
+        errors.print(f"[red]error:[/red] {escape(unreachable_line(exc))}", highlight=False)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
-    app()
+    main()

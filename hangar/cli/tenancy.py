@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from hangar.cli.client import HangarClient
-from hangar.cli.output import call, console, errors, fail
+from hangar.cli.output import JsonFlag, call, console, errors, fail, print_json
+from hangar.cli.tables import Col, fit_table
 
 orgs_app = typer.Typer(help="Orgs own apps (operator).", no_args_is_help=True)
 tokens_app = typer.Typer(
@@ -29,31 +29,49 @@ def _limit(value: str) -> int | None:
 
 @orgs_app.command("create")
 def orgs_create(
-    slug: str, name: Annotated[str | None, typer.Option(help="Display name.")] = None
+    slug: str,
+    name: Annotated[str | None, typer.Option(help="Display name.")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    call(HangarClient().create_org, slug, name)
+    created = call(HangarClient().create_org, slug, name)
+    if as_json:
+        print_json(created)
+        return
     console.print(f"created org [bold]{slug}[/bold]")
 
 
 @orgs_app.command("list")
-def orgs_list() -> None:
+def orgs_list(as_json: JsonFlag = False) -> None:
     body = call(HangarClient().list_orgs)
-    table = Table("SLUG", "NAME", "MACHINES", "MEMORY MB", "GPUS", "QUOTAS")
+    if as_json:
+        print_json(body)
+        return
+    rows = []
     for org in body["orgs"]:
         usage, quotas = org["usage"], org["quotas"]
         gpus = ", ".join(f"{kind}={count}" for kind, count in usage["gpus"].items())
         limits = ", ".join(
             f"{name}={value}" for name, value in quotas.items() if value not in (None, {})
         )
-        table.add_row(
-            org["slug"],
-            org["name"],
-            str(usage["machines"]),
-            str(usage["memory_mb"]),
-            gpus,
-            limits or "none",
+        rows.append(
+            [
+                org["slug"],
+                org["name"],
+                str(usage["machines"]),
+                str(usage["memory_mb"]),
+                gpus,
+                limits or "none",
+            ]
         )
-    console.print(table)
+    columns = [
+        Col("SLUG", whole=True),
+        Col("NAME", drop=1),
+        Col("MACHINES"),
+        Col("MEMORY MB", drop=0),
+        Col("GPUS"),
+        Col("QUOTAS", shrink=True),
+    ]
+    console.print(fit_table(columns, rows, console))
 
 
 @orgs_app.command("quota")
@@ -64,6 +82,11 @@ def orgs_quota(
     gpu: Annotated[
         list[str] | None, typer.Option("--gpu", help="KIND=COUNT, e.g. l40s=4 (repeatable).")
     ] = None,
+    as_json: JsonFlag = False,
+    volumes: Annotated[str, typer.Option(help="Most volumes; 'none' for no limit.")] = "none",
+    volume_gb: Annotated[
+        str, typer.Option(help="Most GB of volumes together; 'none' for no limit.")
+    ] = "none",
 ) -> None:
     """Set an org's quotas (each one not given is lifted)."""
     gpus: dict[str, int] = {}
@@ -73,10 +96,19 @@ def orgs_quota(
             fail(f"--gpu takes KIND=COUNT, got {item!r}", 2)
         gpus[kind] = int(count)
     try:
-        quotas = {"machines": _limit(machines), "memory_mb": _limit(memory_mb), "gpus": gpus}
+        quotas = {
+            "machines": _limit(machines),
+            "memory_mb": _limit(memory_mb),
+            "gpus": gpus,
+            "volumes": _limit(volumes),
+            "volume_gb": _limit(volume_gb),
+        }
     except ValueError:
-        fail("--machines and --memory-mb take a number or 'none'", 2)
+        fail("--machines, --memory-mb, --volumes and --volume-gb take a number or 'none'", 2)
     org = call(HangarClient().set_quotas, slug, quotas)
+    if as_json:
+        print_json(org)
+        return
     console.print_json(data=org["quotas"])
 
 
@@ -91,8 +123,9 @@ def tokens_create(
         str | None, typer.Option("--expires", help="Lifetime: 90s, 30m, 24h, 7d...")
     ] = None,
     description: Annotated[str, typer.Option(help="What the token is for.")] = "",
+    as_json: JsonFlag = False,
 ) -> None:
-    """Create a token; its secret is printed once, on stdout."""
+    """Create a token; its secret is printed once, on stdout (all of it with --json)."""
     body = {
         "org_slug": org,
         "app_name": app_name,
@@ -101,6 +134,9 @@ def tokens_create(
         "description": description,
     }
     created = call(HangarClient().create_token, body)
+    if as_json:
+        print_json(created)
+        return
     scope = f"app {app_name}" if app_name else f"org {org}"
     mode = "read-only" if read_only else "read-write"
     errors.print(f"token {created['id']} ({mode}, {scope}); shown once:", style="dim")
@@ -108,11 +144,15 @@ def tokens_create(
 
 
 @tokens_app.command("list")
-def tokens_list(org: Annotated[str | None, typer.Option("--org")] = None) -> None:
+def tokens_list(
+    org: Annotated[str | None, typer.Option("--org")] = None, as_json: JsonFlag = False
+) -> None:
     body = call(HangarClient().list_tokens, org)
-    table = Table("ID", "KIND", "ORG", "APP", "ACCESS", "STATUS", "EXPIRES", "DESCRIPTION")
-    for token in body["tokens"]:
-        table.add_row(
+    if as_json:
+        print_json(body)
+        return
+    rows = [
+        [
             token["id"],
             token["kind"],
             token["org_slug"] or "",
@@ -121,13 +161,28 @@ def tokens_list(org: Annotated[str | None, typer.Option("--org")] = None) -> Non
             token["status"],
             token["expires_at"] or "never",
             token["description"],
-        )
-    console.print(table)
+        ]
+        for token in body["tokens"]
+    ]
+    columns = [
+        Col("ID", whole=True),
+        Col("KIND", drop=2),
+        Col("ORG", whole=True),
+        Col("APP", whole=True),
+        Col("ACCESS"),
+        Col("STATUS"),
+        Col("EXPIRES", drop=1),
+        Col("DESCRIPTION", shrink=True, drop=0),
+    ]
+    console.print(fit_table(columns, rows, console))
 
 
 @tokens_app.command("revoke")
-def tokens_revoke(token_id: str) -> None:
-    call(HangarClient().revoke_token, token_id)
+def tokens_revoke(token_id: str, as_json: JsonFlag = False) -> None:
+    answer = call(HangarClient().revoke_token, token_id)
+    if as_json:
+        print_json(answer)
+        return
     console.print(f"revoked {token_id}")
 
 
@@ -135,12 +190,15 @@ def tokens_revoke(token_id: str) -> None:
 def audit(
     org: Annotated[str | None, typer.Option("--org")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 50,
+    as_json: JsonFlag = False,
 ) -> None:
     """The latest audit records, newest first."""
     body = call(HangarClient().audit, org, limit)
-    table = Table("SEQ", "TIME", "TOKEN", "ORG", "ACTION", "TARGET", "OUTCOME", "STATUS")
-    for record in body["records"]:
-        table.add_row(
+    if as_json:
+        print_json(body)
+        return
+    rows = [
+        [
             str(record["seq"]),
             record["time"],
             record["token_id"],
@@ -149,8 +207,20 @@ def audit(
             record["target"],
             record["outcome"],
             str(record["status"]),
-        )
-    console.print(table)
+        ]
+        for record in body["records"]
+    ]
+    columns = [
+        Col("SEQ", drop=1),
+        Col("TIME", drop=0),
+        Col("TOKEN", whole=True),
+        Col("ORG", whole=True, drop=2),
+        Col("ACTION"),
+        Col("TARGET", shrink=True),
+        Col("OUTCOME"),
+        Col("STATUS"),
+    ]
+    console.print(fit_table(columns, rows, console))
 
 
 @admin_app.command("token")

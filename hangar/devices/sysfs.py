@@ -68,9 +68,6 @@ class SysfsRoot:
     def exists(self, relpath: str) -> bool:
         return self.path(relpath).exists()
 
-    def is_link(self, relpath: str) -> bool:
-        return self.path(relpath).is_symlink()
-
     def read_text(self, relpath: str) -> str | None:
         """The attribute's content without trailing whitespace; None when absent or unreadable."""
         try:

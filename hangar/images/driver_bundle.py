@@ -58,10 +58,11 @@ from hangar.images.cachedir import build_once, scratch_dir
 from hangar.images.kernel import GuestKernel
 from hangar.images.rootfs import make_ext4
 from hangar.images.runner import CommandError, CommandRunner, run_command, stdout_bytes
+from hangar.model.guest_contract import CmdlineKey
 from hangar.settings import env_name
 
 DRIVER_BUNDLE_SETTING = env_name("gpu_driver_bundle")
-NVLINK_OFF_KERNEL_ARG = "hangar.nvlink=off"
+NVLINK_OFF_KERNEL_ARG = f"{CmdlineKey.NVLINK}=off"
 GSP_FIRMWARE_GLOB = "gsp_*.bin"
 MANIFEST_NAME = "manifest.json"
 MODULES_DIR = "modules"

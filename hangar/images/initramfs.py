@@ -1,7 +1,8 @@
 """hangar's initramfs: a base archive per kernel (busybox, virtio modules, init), cached,
 plus a small per-machine archive appended to a copy of it (the kernel unpacks both).
 
-The guest contract (read by ``guest/init``):
+What ``guest/init`` reads (the names are the guest contract's, ``hangar.model.guest_contract``):
+- ``/etc/hangar/contract.env``: the contract itself, as shell assignments;
 - ``/etc/hangar/modules``: module files under ``/lib/modules``, one a line, in load order;
 - ``/hangar/run.json``: the machine's ``GuestRunConfig`` (for the record);
 - ``/hangar/run.env``: the same as shell assignments (``GuestRunConfig.shell_env``);
@@ -33,6 +34,7 @@ from hangar.images.cpio import NewcArchive
 from hangar.images.kernel import GuestKernel
 from hangar.images.run_config import GuestRunConfig
 from hangar.images.runner import CommandRunner, run_command
+from hangar.model.guest_contract import InitrdPath, contract_env
 
 GUEST_MODULES = (
     "virtio_ring",
@@ -47,7 +49,7 @@ GUEST_MODULES = (
     "virtio_net",
 )
 BASE_NAME = "base.cpio.gz"
-MODULE_LIST = "etc/hangar/modules"
+MODULE_LIST = InitrdPath.MODULE_LIST
 NVIDIA_NODES = "bin/hangar-nvidia-nodes"
 XID_EVENTS = "bin/hangar-xid-events"
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
@@ -154,6 +156,7 @@ def base_archive(
         archive.file(f"lib/modules/{file_name}", module_bytes(kernel.modules_dir / relative))
         load_order.append(file_name)
     archive.file(MODULE_LIST, "".join(f"{name}\n" for name in load_order).encode())
+    archive.file(InitrdPath.CONTRACT_ENV, contract_env().encode())
     archive.file(NVIDIA_NODES, nvidia_nodes_script(), 0o755)
     archive.file(XID_EVENTS, xid_events_script(), 0o755)
     archive.file("init", init_script(), 0o755)
@@ -173,7 +176,7 @@ def ensure_base_initramfs(
     key = hashlib.sha256()
     module_list = "\n".join(modules).encode()
     scripts = (init_script(), nvidia_nodes_script(), xid_events_script())
-    for part in (*scripts, busybox.read_bytes(), module_list):
+    for part in (*scripts, busybox.read_bytes(), module_list, contract_env().encode()):
         key.update(hashlib.sha256(part).digest())
     entry = cache_dir / "initramfs" / f"{kernel.version}-{key.hexdigest()[:16]}"
 
@@ -187,13 +190,13 @@ def ensure_base_initramfs(
 def machine_archive(run_config: GuestRunConfig) -> bytes:
     archive = NewcArchive()
     archive.directory("hangar", 0o700)
-    archive.file("hangar/run.json", run_config.model_dump_json().encode(), 0o600)
-    archive.file("hangar/run.env", run_config.shell_env().encode(), 0o600)
-    archive.file("hangar/hostname", f"{run_config.hostname}\n".encode(), 0o644)
-    archive.file("hangar/hosts", run_config.hosts_file().encode(), 0o644)
-    archive.directory("hangar/files", 0o700)
+    archive.file(InitrdPath.RUN_JSON, run_config.model_dump_json().encode(), 0o600)
+    archive.file(InitrdPath.RUN_ENV, run_config.shell_env().encode(), 0o600)
+    archive.file(InitrdPath.HOSTNAME, f"{run_config.hostname}\n".encode(), 0o644)
+    archive.file(InitrdPath.HOSTS, run_config.hosts_file().encode(), 0o644)
+    archive.directory(InitrdPath.FILES_DIR, 0o700)
     for index, guest_file in enumerate(run_config.files):
-        archive.file(f"hangar/files/{index}", guest_file.content(), 0o600)
+        archive.file(f"{InitrdPath.FILES_DIR}/{index}", guest_file.content(), 0o600)
     return archive.to_bytes()
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import stat
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -78,6 +79,40 @@ def make_ext4(source: Path, dest: Path, *, runner: CommandRunner = run_command) 
     return dest
 
 
+class ImageCacheObserver(Protocol):
+    def image_lookup(self, hit: bool) -> None:
+        """An image was asked for: ``hit`` if its rootfs was cached, else it was built."""
+        ...
+
+
+class CacheUsage(BaseModel):
+    entries: int
+    bytes: int
+    """Disk space the entries take (allocated blocks: sparse files count what they hold)."""
+
+
+def cache_usage(cache_dir: Path) -> CacheUsage:
+    """How many images the rootfs cache under ``cache_dir`` holds, and their size on disk."""
+    root = cache_dir / "images"
+    entries, total = 0, 0
+    try:
+        folders = [entry for entry in root.iterdir() if entry.name.startswith("sha256-")]
+    except FileNotFoundError:
+        return CacheUsage(entries=0, bytes=0)
+    for folder in folders:
+        try:
+            files = list(folder.iterdir())
+        except OSError:
+            continue
+        entries += 1
+        for item in files:
+            try:
+                total += item.lstat().st_blocks * 512
+            except OSError:
+                continue
+    return CacheUsage(entries=entries, bytes=total)
+
+
 class ImageCache:
     """Pull, unpack and turn images into cached ext4 rootfs images, once per digest.
 
@@ -91,10 +126,13 @@ class ImageCache:
         *,
         runner: CommandRunner = run_command,
         rootless: bool | None = None,
+        observer: ImageCacheObserver | None = None,
     ) -> None:
+        """``observer`` is told whether each ``ensure`` found the image cached (metrics)."""
         self.root = cache_dir / "images"
         self._runner = runner
         self._rootless = rootless
+        self._observer = observer
 
     def entry_for(self, digest: str) -> Path:
         if not DIGEST_PATTERN.fullmatch(digest):
@@ -107,10 +145,16 @@ class ImageCache:
     def _ensure(self, ref: ImageRef, tls_verify: bool) -> CachedImage:
         digest = oci.resolve_digest(ref, tls_verify=tls_verify, runner=self._runner)
         pinned = ref.with_digest(digest) if ref.transport == "docker" else ref
-        entry = build_once(
-            self.entry_for(digest),
-            lambda staged: self._build(pinned, digest, staged, tls_verify),
-        )
+        built = False
+
+        def build(staged: Path) -> None:
+            nonlocal built
+            built = True
+            self._build(pinned, digest, staged, tls_verify)
+
+        entry = build_once(self.entry_for(digest), build)
+        if self._observer is not None:
+            self._observer.image_lookup(hit=not built)
         return self._load(entry).model_copy(update={"image_ref": ref.with_digest(digest)})
 
     def lookup(self, digest: str) -> CachedImage | None:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hangar.errors import Unprocessable
 from hangar.images.image_config import ImageConfig
+from hangar.model.config import check_mount_path
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -56,17 +57,7 @@ class GuestVolume(BaseModel):
     path: str
     fstype: Literal["ext4"] = "ext4"
 
-    @field_validator("path")
-    @classmethod
-    def _absolute_dir(cls, value: str) -> str:
-        parts = value.split("/")
-        if not value.startswith("/") or "\0" in value or ".." in parts or value.rstrip("/") == "":
-            raise ValueError(
-                "a volume's path must be an absolute directory other than / without '..'"
-            )
-        if any(ch.isspace() or not ch.isprintable() for ch in value):
-            raise ValueError("a volume's path must be printable, without spaces")
-        return value
+    _path = field_validator("path")(check_mount_path)
 
 
 class GuestRunConfig(BaseModel):

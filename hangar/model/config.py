@@ -21,7 +21,6 @@ from hangar.model.gpu_kinds import GPU_KINDS
 from hangar.model.services import MachineChecks, MachineServices
 
 UNSUPPORTED_CONFIG_FIELDS = (
-    "mounts",
     "schedule",
     "processes",
     "dns",
@@ -40,6 +39,10 @@ UNSUPPORTED_GUEST_FIELDS = ("kernel_args", "host_dedication_id", "persist_rootfs
 UNSUPPORTED_INIT_FIELDS = ("tty", "swap_size_mb", "kernel_args")
 UNSUPPORTED_RESTART_FIELDS = ("gpu_bid_price",)
 UNSUPPORTED_FILE_FIELDS = ("image_config",)
+UNSUPPORTED_MOUNT_FIELDS = ("extend_threshold_percent", "add_size_gb", "size_gb_limit")
+MAX_MOUNTS = 8
+"""Volumes one machine may mount."""
+
 METADATA_KEY_PATTERN = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.\-]{0,62}$")
 ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_NAME_PATTERN = ENV_KEY_PATTERN
@@ -238,6 +241,49 @@ class GuestFile(FlyModel):
         return self
 
 
+def check_mount_path(value: str) -> str:
+    """A volume's mount point: an absolute directory other than ``/`` and the pseudo
+    filesystems, without ``..``, printable and without spaces (init passes it through the
+    shell environment)."""
+    parts = value.split("/")
+    if not value.startswith("/") or "\0" in value or ".." in parts or value.rstrip("/") == "":
+        raise ValueError("must be an absolute directory other than / without '..'")
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError("must be printable, without spaces")
+    normalized = "/" + "/".join(part for part in parts if part not in ("", "."))
+    for mount in GUEST_PSEUDO_FILESYSTEMS:
+        if normalized == mount or normalized.startswith(mount + "/"):
+            raise ValueError(f"must not be under {mount}")
+    return value
+
+
+class MountConfig(FlyModel):
+    """One of ``config.mounts``: volume ``volume`` (its id) mounted at ``path``. ``name``,
+    ``encrypted`` and ``size_gb`` describe the volume as Fly's clients echo them; the
+    volume's own record decides. Automatic extension is not supported."""
+
+    volume: Annotated[str, Field(min_length=1, max_length=64)]
+    path: Annotated[str, Field(min_length=2, max_length=256)]
+    name: Annotated[str, Field(max_length=64)] | None = None
+    encrypted: bool | None = None
+    size_gb: Annotated[int, Field(ge=1)] | None = None
+    extend_threshold_percent: int | None = None
+    add_size_gb: int | None = None
+    size_gb_limit: int | None = None
+
+    _path = field_validator("path")(check_mount_path)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        refuse_unless_zero(data, UNSUPPORTED_MOUNT_FIELDS, "config.mounts.")
+        if isinstance(data, dict):
+            # Go's zero values: the volume's record decides its name and size.
+            zero = {"name": "", "size_gb": 0}
+            data = {k: v for k, v in data.items() if k not in zero or v != zero[k]}
+        return data
+
+
 class MachineConfig(FlyModel):
     image: Annotated[str, Field(min_length=1, max_length=512)]
     env: dict[str, str] = Field(default_factory=dict)
@@ -250,12 +296,22 @@ class MachineConfig(FlyModel):
     stop_config: StopConfig = Field(default_factory=StopConfig)
     services: MachineServices = Field(default_factory=list)
     checks: MachineChecks = Field(default_factory=dict)
+    mounts: Annotated[list[MountConfig], Field(max_length=MAX_MOUNTS)] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
     def _reject_unsupported_fields(cls, data: Any) -> Any:
         refuse_unless_zero(data, UNSUPPORTED_CONFIG_FIELDS, "config.")
         return data
+
+    @field_validator("mounts")
+    @classmethod
+    def _distinct_mounts(cls, value: list[MountConfig]) -> list[MountConfig]:
+        if len({mount.volume for mount in value}) != len(value):
+            raise ValueError("a volume is mounted twice")
+        if len({mount.path.rstrip("/") for mount in value}) != len(value):
+            raise ValueError("two volumes are mounted at the same path")
+        return value
 
     @field_validator("env")
     @classmethod

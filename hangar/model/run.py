@@ -86,6 +86,54 @@ class DestroyRequest(OperationRequest):
     force: bool = False
 
 
+VOLUME_SUBJECT_PREFIX = "vol:"
+"""A volume's runs have ``vol:VOLUME_ID`` for subject, as a GPU handoff has ``gpu:BDF``."""
+
+
+def volume_subject(volume_id: str) -> str:
+    return f"{VOLUME_SUBJECT_PREFIX}{volume_id}"
+
+
+class VolumeCreateRequest(OperationRequest):
+    """Make the volume's image (and key, when encrypted): blank, restored from
+    ``snapshot_id`` of ``source_volume_id``, or a fork of ``source_volume_id`` as it is now."""
+
+    operation: Literal["volume_create"] = "volume_create"
+    size_gb: int = Field(ge=1)
+    encrypted: bool
+    fstype: Literal["ext4"] = "ext4"
+    source_volume_id: str | None = None
+    snapshot_id: str | None = None
+
+
+class VolumeExtendRequest(OperationRequest):
+    """Grow the volume to ``size_gb`` (through QEMU while a running machine has it open)."""
+
+    operation: Literal["volume_extend"] = "volume_extend"
+    size_gb: int = Field(ge=1)
+
+
+class VolumeSnapshotRequest(OperationRequest):
+    """Take snapshot ``snapshot_id`` (``scheduled``: by the daily schedule)."""
+
+    operation: Literal["volume_snapshot"] = "volume_snapshot"
+    snapshot_id: str
+    scheduled: bool = False
+
+
+class VolumeDeleteSnapshotRequest(OperationRequest):
+    """Remove snapshot ``snapshot_id`` (past its retention)."""
+
+    operation: Literal["volume_delete_snapshot"] = "volume_delete_snapshot"
+    snapshot_id: str
+
+
+class VolumeDeleteRequest(OperationRequest):
+    """Delete the volume: its key (the data is unreadable from then on), then its image."""
+
+    operation: Literal["volume_delete"] = "volume_delete"
+
+
 class HandoffRequest(OperationRequest):
     """Make a released GPU's whole IOMMU group clean before it is free: scrubbed, its
     settings and health checked, back on its host drivers. ``bdf`` is the group's first GPU."""
@@ -104,9 +152,21 @@ RunRequest = Annotated[
     | UpdateRequest
     | ExitRequest
     | DestroyRequest
-    | HandoffRequest,
+    | HandoffRequest
+    | VolumeCreateRequest
+    | VolumeExtendRequest
+    | VolumeSnapshotRequest
+    | VolumeDeleteSnapshotRequest
+    | VolumeDeleteRequest,
     Field(discriminator="operation"),
 ]
+VolumeRequest = (
+    VolumeCreateRequest
+    | VolumeExtendRequest
+    | VolumeSnapshotRequest
+    | VolumeDeleteSnapshotRequest
+    | VolumeDeleteRequest
+)
 Operation = Literal[
     "create",
     "prepare",
@@ -118,6 +178,11 @@ Operation = Literal[
     "exit",
     "destroy",
     "handoff",
+    "volume_create",
+    "volume_extend",
+    "volume_snapshot",
+    "volume_delete_snapshot",
+    "volume_delete",
 ]
 
 
@@ -174,7 +239,8 @@ class RunProgress(BaseModel):
 
 
 class RunRecord(BaseModel):
-    """One durable operation on one subject (a machine id, or ``gpu:BDF`` for a handoff)."""
+    """One durable operation on one subject (a machine id, ``gpu:BDF`` for a handoff,
+    ``vol:VOLUME_ID`` for a volume's operations)."""
 
     id: str
     machine_id: str

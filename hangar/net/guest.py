@@ -14,20 +14,21 @@ Init also maps the machine's hostname to the private address in ``/etc/hosts``.
 
 from __future__ import annotations
 
+from hangar.model.guest_contract import CmdlineKey as Key
 from hangar.net.addressing import GATEWAY_LINK_LOCAL, ORG_PREFIX_LEN, AddressPlan
 from hangar.net.attachment import Attachment
 
 
 def guest_kernel_args(attachment: Attachment, plan: AddressPlan) -> list[str]:
     args = [
-        f"hangar.mac={attachment.mac}",
-        f"hangar.ip6={attachment.ip6}/{ORG_PREFIX_LEN}",
-        f"hangar.gw6={GATEWAY_LINK_LOCAL}",
-        f"hangar.dns={plan.dns_address}",
+        f"{Key.NET_MAC}={attachment.mac}",
+        f"{Key.NET_IP6}={attachment.ip6}/{ORG_PREFIX_LEN}",
+        f"{Key.NET_GW6}={GATEWAY_LINK_LOCAL}",
+        f"{Key.NET_DNS}={plan.dns_address}",
     ]
     if attachment.ip4 is not None:
         args += [
-            f"hangar.ip4={attachment.ip4}/{plan.egress_subnet.prefixlen}",
-            f"hangar.gw4={plan.egress_gateway}",
+            f"{Key.NET_IP4}={attachment.ip4}/{plan.egress_subnet.prefixlen}",
+            f"{Key.NET_GW4}={plan.egress_gateway}",
         ]
     return args

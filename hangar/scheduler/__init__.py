@@ -27,7 +27,14 @@ from hangar.scheduler.model import (
 )
 from hangar.scheduler.profile import RequestShape, WorkloadProfile
 from hangar.scheduler.regions import RegionCatalog
-from hangar.scheduler.scheduler import Scheduler, SchedulerStats, capacity_error
+from hangar.scheduler.scheduler import (
+    NoPlacementObserver,
+    PlacementObserver,
+    PlacementOutcome,
+    Scheduler,
+    SchedulerStats,
+    capacity_error,
+)
 
 __all__ = [
     "MILLI_PER_GPU",
@@ -38,8 +45,11 @@ __all__ = [
     "Gpu",
     "HostState",
     "InMemoryClaimStore",
+    "NoPlacementObserver",
     "NvlinkPartition",
     "Placement",
+    "PlacementObserver",
+    "PlacementOutcome",
     "PlacementRequest",
     "Pool",
     "RegionCatalog",

@@ -80,7 +80,13 @@ def _fill(
 ) -> tuple[str, ...]:
     hosts: list[str] = []
     while limit is None or len(hosts) < limit:
-        choice = index.choose(request, region)
+        if request.host_id:
+            # A hard constraint (a machine's own host, or its volume's): that host or none.
+            choice = index.choose_on(request, request.host_id)
+            if choice is not None and choice.state.region != region:
+                choice = None
+        else:
+            choice = index.choose(request, region)
         if choice is None:
             break
         claim = Claim(

@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from hangar.errors import HangarError, InsufficientCapacity, InvalidRequest, StoreError
 from hangar.scheduler.claims import ClaimStore, compare_and_set_many
@@ -47,6 +48,27 @@ class SchedulerStats:
     """Whole-fleet re-reads after repeated lost races."""
 
 
+PlacementOutcome = Literal["placed", "insufficient_capacity", "lost_races"]
+
+
+class PlacementObserver(Protocol):
+    """Told how each placement went (metrics); the scheduler knows nothing more of it."""
+
+    def placement_conflict(self, host_id: str) -> None:
+        """A compare-and-set on ``host_id`` lost to another writer; placement tries again."""
+        ...
+
+    def placement_finished(self, outcome: PlacementOutcome) -> None: ...
+
+
+class NoPlacementObserver:
+    def placement_conflict(self, host_id: str) -> None:
+        """Nobody listens."""
+
+    def placement_finished(self, outcome: PlacementOutcome) -> None:
+        """Nobody listens."""
+
+
 class Scheduler:
     """Not thread-safe; run one per thread or process, all against the same store."""
 
@@ -59,10 +81,12 @@ class Scheduler:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         pressure_refresh: int = PRESSURE_REFRESH,
         sleep: Callable[[float], None] = time.sleep,
+        observer: PlacementObserver | None = None,
     ) -> None:
         self._store = store
         self._sleep = sleep
         self._jitter = random.Random()
+        self._observer = observer or NoPlacementObserver()
         self._catalog = catalog or RegionCatalog()
         self._max_attempts = max_attempts
         self.index = PlacementIndex(profile or WorkloadProfile.empty(), rank_of, pressure_refresh)
@@ -98,6 +122,7 @@ class Scheduler:
             self._back_off(attempt)
             choice = self._choose(request, regions)
             if choice is None:
+                self._observer.placement_finished("insufficient_capacity")
                 raise capacity_error(request, regions)
             claim = Claim(
                 request.machine_id,
@@ -109,10 +134,13 @@ class Scheduler:
             new_state = choice.state.with_claim(claim)
             if self._store.compare_and_set(choice.host_id, choice.version, new_state):
                 self.index.upsert(new_state, choice.version + 1)
+                self._observer.placement_finished("placed")
                 return Placement(choice.host_id, new_state.region, claim)
             self.stats.lost_races += 1
             self.stats.retried += 1
+            self._observer.placement_conflict(choice.host_id)
             self._catch_up([choice.host_id], attempt)
+        self._observer.placement_finished("lost_races")
         raise StoreError(
             f"placement of {request.machine_id} lost {self._max_attempts} races in a row",
             machine_id=request.machine_id,

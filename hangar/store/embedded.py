@@ -12,6 +12,8 @@ from hangar.store.machines import SqliteMachineStore
 from hangar.store.runs import SqliteRunStore
 from hangar.store.secrets import SqliteSecretStore
 from hangar.store.tenancy import SqliteTenancyStore
+from hangar.store.usage import SqliteUsageStore
+from hangar.store.volumes import SqliteVolumeStore
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,8 @@ class EmbeddedStores:
     tenancy: SqliteTenancyStore
     claims: SqliteClaimStore
     secrets: SqliteSecretStore
+    usage: SqliteUsageStore
+    volumes: SqliteVolumeStore
 
     def close(self) -> None:
         for store in (
@@ -31,6 +35,8 @@ class EmbeddedStores:
             self.tenancy,
             self.claims,
             self.secrets,
+            self.usage,
+            self.volumes,
         ):
             store.close()
 
@@ -45,4 +51,6 @@ def open_embedded_stores(path: Path, secrets_key: Path | None = None) -> Embedde
         tenancy=SqliteTenancyStore(path),
         claims=SqliteClaimStore(path),
         secrets=SqliteSecretStore(path, secrets_key or path.parent / SECRETS_KEY_FILE),
+        usage=SqliteUsageStore(path),
+        volumes=SqliteVolumeStore(path),
     )

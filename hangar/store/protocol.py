@@ -18,6 +18,7 @@ from hangar.model.gpu import GpuEvent, GpuRecord
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 from hangar.model.run import RunRecord
 from hangar.model.services import CheckStatus
+from hangar.model.volume import Volume
 
 
 class App(BaseModel):
@@ -130,6 +131,32 @@ class SecretStore(Protocol):
     def delete_app_secrets(self, app: str) -> None: ...
 
 
+class VolumeStore(Protocol):
+    """Volumes of every app, shared by a fleet (each record names the host its image is
+    on). A record changes only by compare-and-set on its ``version``; the changes hangar
+    makes (attach, detach, state moves) are built on that in ``hangar.store.volume_claims``."""
+
+    def insert_volume(self, volume: Volume) -> None:
+        """Add a new record (``Conflict`` if the id is taken)."""
+        ...
+
+    def get_volume(self, volume_id: str) -> Volume | None: ...
+    def list_volumes(
+        self,
+        app: str | None = None,
+        *,
+        host_id: str | None = None,
+        include_destroyed: bool = False,
+    ) -> list[Volume]:
+        """Oldest first."""
+        ...
+
+    def compare_and_set_volume(self, volume: Volume) -> bool:
+        """Store ``volume`` if the record's version is still ``volume.version`` (it is
+        stored with the next version); False if it changed meanwhile or is gone."""
+        ...
+
+
 class GpuStore(Protocol):
     """A host's GPUs as its agent found them (inventory, VFIO binding, why one is out of use)
     and what happened to each. Who holds a GPU, and whether it is free, cleaning or
@@ -154,12 +181,16 @@ class TokenKind(enum.StrEnum):
 
 
 class OrgQuotas(BaseModel):
-    """Per-org limits over its machines that are not destroyed; ``None`` means no limit."""
+    """Per-org limits over its machines that are not destroyed and its volumes that hold
+    space; ``None`` means no limit."""
 
     machines: int | None = None
     memory_mb: int | None = None
     gpus: dict[str, int] = Field(default_factory=dict)
     """GPU kind -> most GPUs of that kind; a kind not named here is not limited."""
+    volumes: int | None = None
+    volume_gb: int | None = None
+    """The most GB all of the org's volumes may add up to."""
 
 
 class Org(BaseModel):

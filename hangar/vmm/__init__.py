@@ -4,10 +4,6 @@ and the guest's exec channel."""
 from hangar.vmm.accel import AccelChoice, choose_accel
 from hangar.vmm.control import GuestReport, read_control_events, summarise_control_events
 from hangar.vmm.driver import (
-    CONTROL_PORT_NAME,
-    EXEC_PORT_NAME,
-    GUEST_KERNEL_CMDLINE,
-    SIGNAL_PORT_NAME,
     DiskSpec,
     Driver,
     StopOutcome,
@@ -28,10 +24,6 @@ from hangar.vmm.qemu import QemuDriver, QemuTimeouts
 from hangar.vmm.snapshot import SnapshotManifest, drop_snapshot, has_snapshot
 
 __all__ = [
-    "CONTROL_PORT_NAME",
-    "EXEC_PORT_NAME",
-    "GUEST_KERNEL_CMDLINE",
-    "SIGNAL_PORT_NAME",
     "AccelChoice",
     "DiskSpec",
     "Driver",

@@ -4,19 +4,20 @@ A driver turns a :class:`VmSpec` into a running VM and answers for it through a
 :class:`VmHandle`. Specs and handles are pydantic models because the agent stores them
 durably: after an agent restart it hands the stored handle back to :meth:`Driver.adopt`.
 
-The guest contract every driver honours (hangar's guest init relies on it):
+The guest contract every driver honours (names in :mod:`hangar.model.guest_contract`, which
+hangar's guest init reads too):
 
-- kernel command line starts with :data:`GUEST_KERNEL_CMDLINE`; drivers may append to it;
-- disk 1 is the machine's writable root disk (``/dev/vda``), extra disks follow in order;
+- kernel command line starts with ``GUEST_KERNEL_CMDLINE``; drivers may append to it;
+- disk 1 is the machine's writable root disk (``ROOT_DEVICE``), extra disks follow in order;
 - volumes follow the extra disks; the guest finds each by its serial (the volume's name);
 - the first serial port goes to ``console_log``;
-- the guest writes JSON lines to the port named :data:`CONTROL_PORT_NAME`, which land in
-  ``control_log`` (see :mod:`hangar.vmm.control`);
+- the guest writes JSON lines to the port ``Port.CONTROL``, which land in ``control_log``
+  (see :mod:`hangar.vmm.control`);
 - a machine with a :class:`NicSpec` gets one virtio-net device on that tap, with that MAC;
-- the host writes ``signal N`` lines to the port named :data:`SIGNAL_PORT_NAME`, served on
+- the host writes ``signal N`` lines to the port ``Port.SIGNAL``, served on
   ``signal_socket``; the guest forwards signal N to its process;
-- the host runs commands in the guest through the port named :data:`EXEC_PORT_NAME`, served
-  on ``exec_socket`` (see :mod:`hangar.vmm.guest_exec`).
+- the host runs commands in the guest through the port ``Port.EXEC``, served on
+  ``exec_socket`` (see :mod:`hangar.vmm.guest_exec`).
 
 A running VM can be suspended into a snapshot file (:meth:`Driver.suspend`) and restored
 from it by launching the same spec with ``incoming_snapshot`` set (see
@@ -35,16 +36,13 @@ from typing import TYPE_CHECKING, Annotated, Literal, Protocol, Self, runtime_ch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hangar.clock import Clock
+from hangar.model.guest_contract import RunDir
 from hangar.vmm.gpu_topology import PCI_BDF_PATTERN, GpuTopology
 
 if TYPE_CHECKING:
     from hangar.vmm.guest_exec import ExecResult, GuestProcess
     from hangar.vmm.snapshot import SnapshotManifest
 
-GUEST_KERNEL_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet tsc=reliable no_timer_check"
-CONTROL_PORT_NAME = "hangar.ctl"
-SIGNAL_PORT_NAME = "hangar.sig"
-EXEC_PORT_NAME = "hangar.exec"
 
 MACHINE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 IFNAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -52,18 +50,6 @@ MAC_PATTERN = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 # A QEMU id that is also a whole virtio-blk serial (20 bytes at most).
 VOLUME_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,19}$")
 MAX_VOLUMES = 8
-
-
-class RunDirFiles:
-    """The names of what a VMM keeps in a machine's run directory (``VmSpec.in_run_dir``);
-    the agent's ``RunDirLayout`` adds what it keeps there itself."""
-
-    CONSOLE_LOG = "console.log"
-    CONTROL_LOG = "ctl.jsonl"
-    SIGNAL_SOCKET = "sig.sock"
-    EXEC_SOCKET = "exec.sock"
-    QMP_SOCKET = "qmp.sock"
-    VMM_LOG = "vmm.log"
 
 
 class DiskSpec(BaseModel):
@@ -138,7 +124,7 @@ class VmSpec(BaseModel):
     cpus: int = Field(default=1, ge=1, le=512)
     memory_mb: int = Field(default=256, ge=32)
     kernel_args: list[str] = Field(
-        default_factory=list, description="appended to GUEST_KERNEL_CMDLINE"
+        default_factory=list, description="appended to the contract's GUEST_KERNEL_CMDLINE"
     )
     console_log: Path
     control_log: Path
@@ -242,12 +228,12 @@ class VmSpec(BaseModel):
             cpus=cpus,
             memory_mb=memory_mb,
             kernel_args=kernel_args or [],
-            console_log=run_dir / RunDirFiles.CONSOLE_LOG,
-            control_log=run_dir / RunDirFiles.CONTROL_LOG,
-            signal_socket=run_dir / RunDirFiles.SIGNAL_SOCKET,
-            exec_socket=run_dir / RunDirFiles.EXEC_SOCKET,
-            qmp_socket=run_dir / RunDirFiles.QMP_SOCKET,
-            vmm_log=run_dir / RunDirFiles.VMM_LOG,
+            console_log=run_dir / RunDir.CONSOLE_LOG,
+            control_log=run_dir / RunDir.CONTROL_LOG,
+            signal_socket=run_dir / RunDir.SIGNAL_SOCKET,
+            exec_socket=run_dir / RunDir.EXEC_SOCKET,
+            qmp_socket=run_dir / RunDir.QMP_SOCKET,
+            vmm_log=run_dir / RunDir.VMM_LOG,
             gpus=gpus or [],
             hugepages=hugepages,
             nic=nic,

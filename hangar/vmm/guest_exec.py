@@ -35,15 +35,15 @@ from pydantic import BaseModel
 
 from hangar.clock import Clock
 from hangar.errors import InvalidRequest, RequestTooLarge
+from hangar.model.guest_contract import EXEC_ARGV_MAX, EXEC_OUTPUT_CAP, EXEC_STDIN_MAX
 from hangar.vmm.deadline import run_with_deadline
 from hangar.vmm.driver import VmHandle
 from hangar.vmm.errors import GuestExecError
 
 PROTOCOL = "HX1"
-OUTPUT_CAP = 1 << 20
-"""Bytes kept of each of stdout and stderr (the guest init's EXEC_OUTPUT_CAP)."""
-STDIN_MAX = 1 << 20
-ARGV_MAX = 64 << 10
+OUTPUT_CAP = EXEC_OUTPUT_CAP
+STDIN_MAX = EXEC_STDIN_MAX
+ARGV_MAX = EXEC_ARGV_MAX
 TIMEOUT_MAX_S = 3600.0
 TRANSFER_MARGIN_S = 30.0
 """Time allowed beyond the command's own timeout to move the request and the answer."""

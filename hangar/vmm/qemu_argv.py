@@ -15,12 +15,9 @@ import shlex
 from pathlib import Path
 
 from hangar.errors import VmmError
+from hangar.model.guest_contract import GUEST_KERNEL_CMDLINE, Port, RunDir
 from hangar.vmm.accel import AccelChoice, gpu_accel
 from hangar.vmm.driver import (
-    CONTROL_PORT_NAME,
-    EXEC_PORT_NAME,
-    GUEST_KERNEL_CMDLINE,
-    SIGNAL_PORT_NAME,
     DiskSpec,
     VmSpec,
     VolumeDiskSpec,
@@ -220,15 +217,15 @@ def _guest(spec: VmSpec) -> list[str]:
         "-chardev",
         f"file,id=ctl,path={option_value(spec.control_log)}{log_mode}",
         "-device",
-        f"virtserialport,bus=vs.0,chardev=ctl,name={CONTROL_PORT_NAME}",
+        f"virtserialport,bus=vs.0,chardev=ctl,name={Port.CONTROL}",
         "-chardev",
         f"socket,id=sig,path={option_value(spec.signal_socket)},server=on,wait=off",
         "-device",
-        f"virtserialport,bus=vs.0,chardev=sig,name={SIGNAL_PORT_NAME}",
+        f"virtserialport,bus=vs.0,chardev=sig,name={Port.SIGNAL}",
         "-chardev",
         f"socket,id=exec,path={option_value(spec.exec_socket)},server=on,wait=off",
         "-device",
-        f"virtserialport,bus=vs.0,chardev=exec,name={EXEC_PORT_NAME}",
+        f"virtserialport,bus=vs.0,chardev=exec,name={Port.EXEC}",
         "-chardev",
         f"socket,id=qmp,path={option_value(spec.qmp_socket)},server=on,wait=off",
         "-mon",
@@ -340,12 +337,12 @@ def snapshot_fingerprint(spec: VmSpec, accel: AccelChoice, *, hugepages_dir: Pat
                 DiskSpec(path=Path(f"disk{index}"), read_only=disk.read_only)
                 for index, disk in enumerate(spec.extra_disks, start=1)
             ],
-            "console_log": Path("console.log"),
-            "control_log": Path("ctl.log"),
-            "signal_socket": Path("sig.sock"),
-            "exec_socket": Path("exec.sock"),
-            "qmp_socket": Path("qmp.sock"),
-            "vmm_log": Path("vmm.log"),
+            "console_log": Path(RunDir.CONSOLE_LOG),
+            "control_log": Path(RunDir.CONTROL_LOG),
+            "signal_socket": Path(RunDir.SIGNAL_SOCKET),
+            "exec_socket": Path(RunDir.EXEC_SOCKET),
+            "qmp_socket": Path(RunDir.QMP_SOCKET),
+            "vmm_log": Path(RunDir.VMM_LOG),
             "incoming_snapshot": None,
         }
     )

@@ -106,10 +106,14 @@ class VolumeHost:
         with self._access(volume_id) as access:
             return self.qemu_img.check(access)
 
+    def free_bytes(self) -> int:
+        """Free space on the disk volumes live on (the reserve included)."""
+        self.layout.ensure_dirs()
+        return self._free_bytes(self.layout.root)
+
     def available_bytes(self) -> int:
         """Free space volumes may still take: the disk's free space less the reserve."""
-        self.layout.ensure_dirs()
-        return max(0, self._free_bytes(self.layout.root) - self.settings.reserve_bytes)
+        return max(0, self.free_bytes() - self.settings.reserve_bytes)
 
     # ---- checks: a 4xx before anything is written ---------------------------------------
 

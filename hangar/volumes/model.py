@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hangar.errors import Unprocessable
+from hangar.model.config import MAX_MOUNTS
 
 GIB = 1 << 30
 MIN_SIZE_GB = 1
@@ -25,7 +26,7 @@ since: the count is bounded so a tenant cannot pin the host's disk without limit
 MIN_RETENTION_DAYS = 1
 MAX_RETENTION_DAYS = 60
 DEFAULT_RETENTION_DAYS = 5
-MAX_VOLUMES_PER_MACHINE = 8
+MAX_VOLUMES_PER_MACHINE = MAX_MOUNTS
 
 _ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _ID_RANDOM_CHARS = 16

@@ -125,6 +125,38 @@ def test_crash_during_destroy(crash_server: ServerProcess, test_image: str, step
     assert not (crash_server.home / "machines" / machine_id).exists()
 
 
+def test_a_crash_right_after_apply_config_keeps_version_and_instance_together(
+    crash_server: ServerProcess, test_image: str
+) -> None:
+    """The new config, its version and its instance id are written in one transaction: a
+    crash after that step (where two writes once left the old instance id for good) resumes
+    with all three new, and the machine boots again."""
+    with crash_server.client() as api:
+        machine_id = run_machine(api, APP, test_image, cmd=SLEEPER)
+        before = wait_state(api, APP, machine_id, "started")
+        _wait_runs_idle(api, machine_id)
+        config = {**before["config"], "metadata": {"updated": "yes"}}
+    crash_during(
+        crash_server,
+        "update",
+        "apply_config",
+        httpx.Request(
+            "POST",
+            f"{crash_server.url}{machine_path(APP, machine_id)}",
+            json={"config": config},
+        ),
+    )
+    with crash_server.client() as api:
+        after = wait_state(api, APP, machine_id, "started")
+        _wait_runs_idle(api, machine_id)
+        after = api.get(machine_path(APP, machine_id)).json()
+        assert after["config"]["metadata"] == {"updated": "yes"}
+        assert int(after["version"]) == int(before["version"]) + 1
+        assert after["instance_id"] != before["instance_id"]
+        assert_no_leaks(crash_server.home, machine_id, running=True)
+        _destroy(api, crash_server, machine_id)
+
+
 def _wait_runs_idle(api: httpx.Client, machine_id: str) -> None:
     import time
 

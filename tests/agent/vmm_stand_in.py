@@ -16,12 +16,13 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hangar.agent.guest import QemuGuestPlatform
 from hangar.agent.platform import GpuBoot, GuestExit, GuestNetwork, VmHandleData
 from hangar.model.machine import Machine
+from hangar.vmm.driver import VolumeDiskSpec
 from hangar.vmm.proc import read_process
 
 ARGV_FILE = "argv.json"
@@ -34,8 +35,9 @@ class SleepingVmmPlatform(QemuGuestPlatform):
         run_dir: Path,
         gpus: GpuBoot | None,
         network: GuestNetwork | None = None,
+        volumes: Sequence[VolumeDiskSpec] = (),
     ) -> VmHandleData:
-        spec = await self.vm_spec(machine, run_dir, gpus, network)
+        spec = await self.vm_spec(machine, run_dir, gpus, network, volumes)
         (run_dir / ARGV_FILE).write_text(json.dumps(self.driver.prepare(spec)))
         process = subprocess.Popen(["sleep", "3600"], start_new_session=True)
         info = read_process(process.pid)

@@ -78,8 +78,14 @@ def claim_violations(db: sqlite3.Connection) -> list[str]:
     runs = db.execute(
         "SELECT r.id, r.machine_id FROM agent_runs r LEFT JOIN machines m"
         " ON m.id = r.machine_id WHERE m.id IS NULL AND r.machine_id NOT LIKE 'gpu:%'"
+        " AND r.machine_id NOT LIKE 'vol:%'"
     ).fetchall()
     found += [f"run {run} of unknown machine {machine}" for run, machine in runs]
+    volume_runs = db.execute(
+        "SELECT r.id, r.machine_id FROM agent_runs r LEFT JOIN volumes v"
+        " ON 'vol:' || v.id = r.machine_id WHERE r.machine_id LIKE 'vol:%' AND v.id IS NULL"
+    ).fetchall()
+    found += [f"run {run} of unknown volume {volume}" for run, volume in volume_runs]
     placeholders = ",".join("?" * len(UNFINISHED))
     running = db.execute(
         f"SELECT id, machine_id FROM agent_runs WHERE status IN ({placeholders})",
@@ -121,6 +127,34 @@ def org_violations(db: sqlite3.Connection) -> list[str]:
     return found
 
 
+def volume_violations(db: sqlite3.Connection) -> list[str]:
+    """Every live volume is in an app; one attached is attached to a machine of its app that
+    holds resources (a machine lets go of its volumes when it stops)."""
+    found = []
+    holding = {str(state) for state in MachineState if state.holds_resources}
+    machines = {
+        machine_id: (app, state)
+        for machine_id, app, state in db.execute("SELECT id, app, state FROM machines")
+    }
+    apps = {name for (name,) in db.execute("SELECT name FROM apps")}
+    for (body,) in db.execute(f"SELECT body FROM volumes WHERE {LIVE}"):
+        volume = json.loads(body)
+        if volume["app"] not in apps:
+            found.append(f"volume {volume['id']} has no app {volume['app']}")
+        holder = volume["attached_machine_id"]
+        if holder is None:
+            continue
+        app, state = machines.get(holder, ("", "destroyed"))
+        if app != volume["app"] or state not in holding:
+            found.append(f"volume {volume['id']} is attached to {holder}, which is {state}")
+    return found
+
+
 def store_violations(database: Path, machines_dir: Path) -> list[str]:
     with read_only(database) as db:
-        return machine_violations(db, machines_dir) + claim_violations(db) + org_violations(db)
+        return (
+            machine_violations(db, machines_dir)
+            + claim_violations(db)
+            + org_violations(db)
+            + volume_violations(db)
+        )

@@ -5,8 +5,8 @@ and every error body must be Fly-shaped: exactly ``{"error": str, "status": str}
 
 Four passes: the operator with random names (orgs, tokens, and 404s everywhere else) and an
 org token with the names of a real app and machine (so that bodies reach the services);
-each with schema-valid and schema-invalid data. The org has a machine quota, so the fuzzer
-cannot fill the host; its machines' image is a layout that does not exist, so nothing boots;
+each with schema-valid and schema-invalid data. The org has machine and volume quotas, so the
+fuzzer cannot fill the host; its machines' image is a layout that does not exist, so nothing boots;
 and a leased machine keeps its app from being deleted halfway.
 """
 
@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 FUZZ_ORG = "fuzz"
 FUZZ_APP = "fuzz-app"
 MACHINE_QUOTA = 4
+VOLUME_QUOTA = {"volumes": 4, "volume_gb": 16}
 # Real-names passes only: a follow would stream until the machine stops, a wait would wait.
 REAL_NAMES_QUERY = {
     "GET /v1/apps/{app_name}/machines/{machine_id}/logs": {"follow": False},
@@ -55,7 +56,7 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget
     try:
         with server.client() as api:
             assert api.post("/v1/orgs", json={"slug": FUZZ_ORG}).status_code == 201
-            quotas = {"machines": MACHINE_QUOTA}
+            quotas = {"machines": MACHINE_QUOTA, **VOLUME_QUOTA}
             assert api.put(f"/v1/orgs/{FUZZ_ORG}/quotas", json=quotas).status_code == 200
             created = api.post("/v1/apps", json={"app_name": FUZZ_APP, "org_slug": FUZZ_ORG})
             assert created.status_code == 201, created.text

@@ -37,7 +37,7 @@ def test_machine_quota_refuses_the_one_too_many_and_frees_on_destroy(
     assert body["status"] == "quota_exceeded"
     assert machine_ids(api, app) == [first.json()["id"]]
     usage = api.get(f"/v1/orgs/{org}").json()["usage"]
-    assert usage == {"machines": 1, "memory_mb": 256, "gpus": {}}
+    assert usage == {"machines": 1, "memory_mb": 256, "gpus": {}, "volumes": 0, "volume_gb": 0}
     machine = f"/v1/apps/{app}/machines/{first.json()['id']}"
     assert api.delete(machine).status_code == 200
     assert (

@@ -25,7 +25,10 @@ def test_minimal_config_gets_fly_defaults() -> None:
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"image": "x", "mounts": [{"volume": "v"}]}, "config.mounts"),
+        (
+            {"image": "x", "mounts": [{"volume": "v", "path": "/d", "add_size_gb": 1}]},
+            "config.mounts.add_size_gb",
+        ),
         ({"image": "x", "guest": {"kernel_args": ["quiet"]}}, "config.guest.kernel_args"),
         ({"image": "x", "init": {"tty": True}}, "config.init.tty"),
         ({"image": "x", "init": {"kernel_args": ["quiet"]}}, "config.init.kernel_args"),
@@ -183,3 +186,23 @@ def test_signals_by_name_and_number() -> None:
     assert signal_number("9") == 9
     with pytest.raises(ValueError):
         signal_number("SIGWHAT")
+
+
+def test_mounts_name_a_volume_once_at_a_usable_path() -> None:
+    config = MachineConfig.model_validate(
+        {"image": "x", "mounts": [{"volume": "vol_a", "path": "/data", "name": "data"}]}
+    )
+    assert [(m.volume, m.path, m.name) for m in config.mounts] == [("vol_a", "/data", "data")]
+    for mounts in (
+        [{"volume": "vol_a", "path": "data"}],
+        [{"volume": "vol_a", "path": "/"}],
+        [{"volume": "vol_a", "path": "/a/../b"}],
+        [{"volume": "vol_a", "path": "/my data"}],
+        [{"volume": "vol_a", "path": "/proc/x"}],
+        [{"volume": "vol_a"}],
+        [{"volume": "vol_a", "path": "/a"}, {"volume": "vol_a", "path": "/b"}],
+        [{"volume": "vol_a", "path": "/a"}, {"volume": "vol_b", "path": "/a/"}],
+        [{"volume": f"vol_{n}", "path": f"/m{n}"} for n in range(9)],
+    ):
+        with pytest.raises(ValidationError):
+            MachineConfig.model_validate({"image": "x", "mounts": mounts})

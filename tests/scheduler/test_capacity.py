@@ -67,3 +67,20 @@ def test_capacity_questions_must_ask_for_something() -> None:
         capacity_by_region(store().snapshot(), None, PlacementRequest(cpu_milli=0, memory_mb=0))
     with pytest.raises(InvalidRequest):
         dry_run_placements(store().snapshot(), whole(""), count=0)
+
+
+def test_a_dry_run_bound_to_a_host_places_there_or_nowhere() -> None:
+    """A machine with a volume may run only on the volume's host: the dry run the API asks
+    at create holds to it as the scheduler's ``place`` does."""
+    snapshot = store().snapshot()
+    on_ord_1 = PlacementRequest(
+        cpu_milli=8000, memory_mb=1024, gpus=1, region="ord", host_id="ord-1"
+    )
+    [result] = dry_run_placements(snapshot, on_ord_1, count=5)
+    assert result.host_ids == ("ord-1",) * 3, "its three free GPUs, never ord-2's"
+    elsewhere = PlacementRequest(
+        cpu_milli=8000, memory_mb=1024, gpus=1, region="iad", host_id="ord-1"
+    )
+    assert dry_run_placements(snapshot, elsewhere, count=1)[0].placeable == 0
+    cpu_only = PlacementRequest(cpu_milli=1000, memory_mb=1024, region="iad", host_id="iad-4")
+    assert dry_run_placements(snapshot, cpu_only, count=2)[0].host_ids == ("iad-4", "iad-4")

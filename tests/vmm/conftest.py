@@ -1,4 +1,5 @@
-"""Fixtures for the VMM tests: boot artefacts shared by the session, machines killed at teardown."""
+"""Fixtures for the VMM tests: hangar's init over the test image, shared by the session;
+machines killed at teardown."""
 
 from __future__ import annotations
 
@@ -12,20 +13,13 @@ import pytest
 from hangar.vmm.accel import AccelChoice, choose_accel
 from hangar.vmm.qemu_argv import QEMU_BINARY
 from tests.conftest import SUITE_CACHE
-from tests.vmm.guest import BootArtefacts, ImageGuest, build_image_guest, build_test_guest
+from tests.vmm.guest import ImageGuest, build_image_guest
 from tests.vmm.machines import Machines
 
 
 @pytest.fixture(scope="session")
 def host_accel() -> AccelChoice:
     return choose_accel()
-
-
-@pytest.fixture(scope="session")
-def boot_artefacts(tmp_path_factory: pytest.TempPathFactory) -> BootArtefacts:
-    if shutil.which(QEMU_BINARY) is None:
-        pytest.skip(f"{QEMU_BINARY} is not installed")
-    return build_test_guest(SUITE_CACHE, tmp_path_factory.mktemp("guest") / "initrd")
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +31,9 @@ def image_guest(tmp_path_factory: pytest.TempPathFactory, test_image: str) -> Im
 
 
 @pytest.fixture
-def machines(boot_artefacts: BootArtefacts) -> Iterator[Machines]:
+def machines(image_guest: ImageGuest) -> Iterator[Machines]:
     base = Path(tempfile.mkdtemp(prefix="hangar-vmm-"))
-    tracker = Machines(boot_artefacts, base)
+    tracker = Machines(image_guest, base)
     try:
         yield tracker
     finally:

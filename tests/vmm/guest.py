@@ -1,11 +1,6 @@
-"""Bootable test guests for the VMM tests.
-
-- the test guest: hangar's guest kernel and base initramfs (busybox, virtio modules) with
-  ``guest_init.sh`` appended in place of hangar's init, a guest whose behaviour each test
-  picks on the kernel command line (see that script);
-- the image guest: hangar's own init running a command in a real busybox image's root disk,
-  as a machine runs (for what needs hangar's init: exec, suspend and resume).
-"""
+"""Bootable guests for the VMM tests: hangar's own kernel, base initramfs and init, running a
+command in the root disk of the suite's busybox test image, as a machine runs. (The real init,
+not a stand-in: these tests check the guest contract from both ends.)"""
 
 from __future__ import annotations
 
@@ -16,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec
 
-from hangar.images.cpio import NewcArchive
 from hangar.images.initramfs import ensure_base_initramfs, machine_initrd
 from hangar.images.kernel import ensure_kernel
 from hangar.images.reference import parse_image_ref
@@ -24,33 +18,11 @@ from hangar.images.rootfs import CachedImage, ImageCache, machine_disk
 from hangar.images.run_config import GuestRunConfig
 from hangar.vmm.control import read_control_events
 
-GUEST_INIT = Path(__file__).parent / "guest_init.sh"
 # Nothing in these tests may wait longer than this; it guards against hangs, and no
 # test result depends on it.
 HANG_GUARD_S = 180.0
 
 P = ParamSpec("P")
-
-
-@dataclass(frozen=True)
-class BootArtefacts:
-    kernel: Path
-    initrd: Path
-
-
-def build_test_guest(cache: Path, destination: Path) -> BootArtefacts:
-    """The guest kernel, and at ``destination`` hangar's base initramfs with the test init."""
-    kernel = ensure_kernel(cache)
-    base = ensure_base_initramfs(kernel, cache)
-    overlay = NewcArchive()
-    overlay.file("init", GUEST_INIT.read_bytes(), 0o755)
-    with destination.open("wb") as initrd:
-        initrd.write(base.read_bytes())
-        # The kernel unpacks archives one after the other; a later file replaces an
-        # earlier one, and each archive must start on a 4-byte boundary.
-        initrd.write(b"\0" * (-initrd.tell() % 4))
-        initrd.write(overlay.to_bytes())
-    return BootArtefacts(kernel=kernel.vmlinuz, initrd=destination)
 
 
 @dataclass(frozen=True)

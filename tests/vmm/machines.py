@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hangar.vmm.driver import DiskSpec, VmHandle, VmSpec
 from hangar.vmm.proc import ProcessRef
-from tests.vmm.guest import HANG_GUARD_S, BootArtefacts, ImageGuest
+from tests.vmm.guest import ImageGuest
 
 DISK_BYTES = 1 << 20
 
@@ -47,33 +47,21 @@ def handle_for(spec: VmSpec, **fields: object) -> VmHandle:
 
 
 class Machines:
-    """Makes specs for test machines and kills every QEMU they got at teardown."""
+    """Makes specs for test machines (hangar's own init running a command in the test image's
+    root disk, as a machine runs) and kills every QEMU they got at teardown."""
 
-    def __init__(self, artefacts: BootArtefacts, base: Path) -> None:
-        self._artefacts = artefacts
+    def __init__(self, guest: ImageGuest, base: Path) -> None:
+        self._guest = guest
         self._base = base
         self._handles: list[VmHandle] = []
 
-    def spec(self, machine_id: str, *kernel_args: str, read_only_disk: bool = False) -> VmSpec:
-        # Short paths: unix socket paths must stay under 108 bytes.
-        run_dir = self._base / machine_id
-        run_dir.mkdir()
-        root_disk = run_dir / "root.img"
-        root_disk.write_bytes(b"\0" * DISK_BYTES)
-        extra_disks = []
-        if read_only_disk:
-            bundle = run_dir / "bundle.img"
-            bundle.write_bytes(b"\0" * DISK_BYTES)
-            extra_disks.append(DiskSpec(path=bundle, read_only=True))
-        return VmSpec.in_run_dir(
-            machine_id=machine_id,
-            run_dir=run_dir,
-            kernel=self._artefacts.kernel,
-            initrd=self._artefacts.initrd,
-            root_disk=root_disk,
-            extra_disks=extra_disks,
-            kernel_args=[f"hangar_test.deadline={int(HANG_GUARD_S)}", *kernel_args],
-        )
+    def spec(self, machine_id: str, argv: list[str], *, read_only_disk: bool = False) -> VmSpec:
+        spec = self.image_spec(machine_id, self._guest, argv)
+        if not read_only_disk:
+            return spec
+        bundle = spec.run_dir / "bundle.img"
+        bundle.write_bytes(b"\0" * DISK_BYTES)
+        return spec.model_copy(update={"extra_disks": [DiskSpec(path=bundle, read_only=True)]})
 
     def image_spec(self, machine_id: str, guest: ImageGuest, argv: list[str]) -> VmSpec:
         """A machine that boots with hangar's init and runs ``argv`` in the image's root."""

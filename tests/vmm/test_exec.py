@@ -16,7 +16,7 @@ from hangar.vmm.accel import AccelChoice
 from hangar.vmm.driver import VmHandle, VmSpec
 from hangar.vmm.guest_exec import OUTPUT_CAP
 from hangar.vmm.qemu import QemuDriver
-from tests.vmm.guest import BootArtefacts, ImageGuest, hang_guarded, wait_for_console
+from tests.vmm.guest import ImageGuest, hang_guarded, wait_for_console
 from tests.vmm.machines import Machines
 
 pytestmark = pytest.mark.slow
@@ -39,11 +39,9 @@ async def boot(driver: QemuDriver, spec: VmSpec) -> VmHandle:
 
 
 @pytest.fixture(scope="module")
-def guest(
-    boot_artefacts: BootArtefacts, image_guest: ImageGuest, host_accel: AccelChoice
-) -> Iterator[Booted]:
+def guest(image_guest: ImageGuest, host_accel: AccelChoice) -> Iterator[Booted]:
     base = Path(tempfile.mkdtemp(prefix="hangar-exec-"))
-    machines = Machines(boot_artefacts, base)
+    machines = Machines(image_guest, base)
     try:
         driver = QemuDriver(accel=host_accel)
         spec = machines.image_spec("exec", image_guest, MAIN)

@@ -9,8 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from hangar.errors import VmmError
+from hangar.model.guest_contract import GUEST_KERNEL_CMDLINE
 from hangar.vmm.accel import AccelChoice, kvm_choice, tcg_choice
-from hangar.vmm.driver import GUEST_KERNEL_CMDLINE, DiskSpec, NicSpec, VmSpec
+from hangar.vmm.driver import DiskSpec, NicSpec, VmSpec
 from hangar.vmm.qemu import QemuDriver
 from hangar.vmm.qemu_argv import HUGEPAGES_DIR, check_spec_files, qemu_argv, snapshot_fingerprint
 

@@ -4,8 +4,6 @@ An app is shown as fly-go's ``App`` decodes it (``network``, ``internal_numeric_
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from hangar.api.access import Access, app_not_found
 from hangar.api.schemas import (
     DEFAULT_NETWORK,
@@ -17,10 +15,7 @@ from hangar.api.schemas import (
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.clock import Clock
 from hangar.errors import PreconditionFailed
-from hangar.store.protocol import App, MachineStore, SecretStore, TenancyStore
-
-VolumeCount = Callable[[str], int]
-"""How many volumes an app has (none until volumes have their routes)."""
+from hangar.store.protocol import App, MachineStore, SecretStore, TenancyStore, VolumeStore
 
 
 class AppService:
@@ -30,15 +25,15 @@ class AppService:
         tenancy: TenancyStore,
         orgs: OrgService,
         clock: Clock,
+        volumes: VolumeStore | None = None,
         secrets: SecretStore | None = None,
-        volume_count: VolumeCount | None = None,
     ) -> None:
+        self._volumes = volumes
         self._store = store
         self._tenancy = tenancy
         self._orgs = orgs
         self._clock = clock
         self._secrets = secrets
-        self._volume_count = volume_count
 
     def require(self, name: str) -> App:
         app = self._store.get_app(name)
@@ -58,7 +53,7 @@ class AppService:
                 name=org.name if org is not None else app.org_slug, slug=app.org_slug
             ),
             machine_count=len(machines),
-            volume_count=self._volume_count(app.name) if self._volume_count is not None else 0,
+            volume_count=len(self._volumes.list_volumes(app.name)) if self._volumes else 0,
         )
 
     def create(self, access: Access, request: CreateAppRequest) -> AppView:
@@ -82,6 +77,11 @@ class AppService:
         if live:
             raise PreconditionFailed(
                 f"app {name} still has {len(live)} machine(s); destroy them first", app=name
+            )
+        volumes = self._volumes.list_volumes(name) if self._volumes else []
+        if volumes:
+            raise PreconditionFailed(
+                f"app {name} still has {len(volumes)} volume(s); destroy them first", app=name
             )
         self._store.delete_app(name)
         if self._secrets is not None:

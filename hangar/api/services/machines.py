@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hangar.agent.agent import Agent
-from hangar.agent.platform import RunDirLayout, VmHandleData
+from hangar.agent.platform import VmHandleData
 from hangar.api.schemas import (
     DEFAULT_LEASE_TTL_S,
     CreateMachineRequest,
@@ -30,6 +30,7 @@ from hangar.api.services.addresses import PrivateAddresses
 from hangar.api.services.image_policy import ImagePolicy
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
+from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock
 from hangar.errors import (
     Conflict,
@@ -45,6 +46,7 @@ from hangar.errors import (
 )
 from hangar.model.config import MachineConfig, signal_number, validate_metadata_key
 from hangar.model.duration import parse_duration
+from hangar.model.guest_contract import RunDir
 from hangar.model.host import HostInfo
 from hangar.model.machine import (
     STOPPABLE_STATES,
@@ -133,8 +135,10 @@ class MachineService:
         platform: PlatformService,
         addresses: PrivateAddresses | None = None,
         secrets: SecretStore | None = None,
+        volumes: VolumeService | None = None,
     ) -> None:
         self._addresses = addresses
+        self._volumes = volumes
         self._platform = platform
         self._store = store
         self._runs = runs
@@ -202,7 +206,7 @@ class MachineService:
 
     def console_log_path(self, app: str, machine_id: str) -> Path:
         self.require(app, machine_id)
-        return self._agent.machines_dir / machine_id / RunDirLayout.CONSOLE_LOG
+        return self._agent.machines_dir / machine_id / RunDir.CONSOLE_LOG
 
     # validation shared by create and update
     def _check_placement(self, region: str | None, config: MachineConfig) -> str:
@@ -245,6 +249,24 @@ class MachineService:
                 f"config.files: app {app} has no secret named {sorted(missing)[0]}",
                 field="config.files.secret_name",
             )
+
+    def _check_mounts(
+        self,
+        app: str,
+        config: MachineConfig,
+        region: str,
+        machine: Machine | None = None,
+        running: bool = False,
+    ) -> str | None:
+        """``config.mounts``: the volumes exist in this app and region, no other machine has
+        them; returns the host they are on (the machine must run there)."""
+        if not config.mounts and (machine is None or not machine.config.mounts):
+            return None
+        if self._volumes is None:
+            raise Unprocessable(
+                "config.mounts: this server keeps no volumes", field="config.mounts"
+            )
+        return self._volumes.check_mounts(app, config, region, machine, running)
 
     def _check_lease(self, machine: Machine, nonce: str | None) -> None:
         lease = self._store.get_lease(machine.id)
@@ -301,6 +323,10 @@ class MachineService:
         self._quotas.check(app, request.config)
         region = self._check_placement(request.region, request.config)
         self._check_secrets(app, request)
+        volume_host = self._check_mounts(app, request.config, region)
+        if volume_host is not None and self._volumes is not None:
+            launching = not request.skip_launch
+            self._volumes.check_room(request.config, region, volume_host, launching)
         machine_id = new_machine_id()
         machine = Machine(
             id=machine_id,
@@ -348,7 +374,11 @@ class MachineService:
             raise PreconditionFailed(f"machine {machine_id} is being destroyed")
         self._images.check(request.config.image)
         self._quotas.check(app, request.config, replacing=machine)
-        self._check_placement(request.region or machine.region, request.config)
+        region = self._check_placement(request.region or machine.region, request.config)
+        running = machine.state.holds_resources and request.skip_launch
+        volume_host = self._check_mounts(app, request.config, region, machine, running)
+        if volume_host is not None and self._volumes is not None:
+            self._volumes.check_room(request.config, region, volume_host, launching=False)
         self._check_secrets(app, request)
         if request.skip_secrets != machine.skip_secrets:
             self._store.set_skip_secrets(machine_id, request.skip_secrets, self._clock.now())

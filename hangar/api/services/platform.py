@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hangar.errors import Unprocessable
+from hangar.errors import InsufficientCapacity, Unprocessable
 from hangar.images.driver_bundle import DriverBundleError, configured_driver_bundle
 from hangar.model.config import GuestConfig, MachineConfig
 from hangar.scheduler import (
@@ -85,6 +85,20 @@ class PlatformService:
                 for region, count in counts.items()
             ]
         )
+
+    def check_room_on(self, guest: GuestConfig, region: str, host_id: str, field: str) -> None:
+        """A machine bound to ``host_id`` (its volumes are there) must fit there now: the
+        scheduler's hard constraint, asked of the same claim records the agent claims on."""
+        request = placement_request(guest, region, host_id=host_id)
+        results = dry_run_placements(self.snapshot(), request, 1)
+        if not any(result.placeable for result in results):
+            raise InsufficientCapacity(
+                f"{field}: host {host_id}, where the volume is, has no room now for "
+                f"{guest.cpus} CPU(s), {guest.memory_mb} MB"
+                + (f" and {guest.gpus} {guest.gpu_kind} GPU(s)" if guest.gpus else ""),
+                field=field,
+                host_id=host_id,
+            )
 
     def admit_gpu_machine(self, config: MachineConfig, region: str) -> None:
         """A GPU machine is refused at create when its guests could get no driver, or when

@@ -1,5 +1,7 @@
 """Per-org quotas over the machines an org has (every machine not destroyed counts):
-machines, memory, and GPUs by kind. A request that would pass one gets a 422 naming it."""
+machines, memory, and GPUs by kind; and over its volumes (every volume that holds or will
+hold an image counts): how many, and their GB together. A request that would pass one gets
+a 422 naming it."""
 
 from __future__ import annotations
 
@@ -8,13 +10,19 @@ from pydantic import BaseModel, Field
 from hangar.errors import QuotaExceeded
 from hangar.model.config import MachineConfig
 from hangar.model.machine import Machine
-from hangar.store.protocol import MachineStore, TenancyStore
+from hangar.model.volume import Volume
+from hangar.store.protocol import MachineStore, Org, TenancyStore, VolumeStore
+
+Limit = tuple[str, int | None, int, int, str]
+"""quota name, its limit, the org's use now, its use if the request went through, unit"""
 
 
 class OrgUsage(BaseModel):
     machines: int = 0
     memory_mb: int = 0
     gpus: dict[str, int] = Field(default_factory=dict)
+    volumes: int = 0
+    volume_gb: int = 0
 
     def add(self, config: MachineConfig, sign: int = 1) -> None:
         self.machines += sign
@@ -23,18 +31,53 @@ class OrgUsage(BaseModel):
         if kind is not None and count:
             self.gpus[kind] = self.gpus.get(kind, 0) + sign * count
 
+    def add_volume(self, size_gb: int, sign: int = 1) -> None:
+        self.volumes += sign
+        self.volume_gb += sign * size_gb
+
 
 class QuotaService:
-    def __init__(self, cluster: MachineStore, tenancy: TenancyStore) -> None:
+    def __init__(
+        self, cluster: MachineStore, tenancy: TenancyStore, volumes: VolumeStore | None = None
+    ) -> None:
         self._cluster = cluster
         self._tenancy = tenancy
+        self._volumes = volumes
 
     def usage(self, org_slug: str) -> OrgUsage:
         usage = OrgUsage()
         for app in self._cluster.list_apps(org_slug):
             for machine in self._cluster.list_machines(app.name):
                 usage.add(machine.config)
+            for volume in self._volumes.list_volumes(app.name) if self._volumes else []:
+                if volume.state.holds_space:
+                    usage.add_volume(volume.size_gb)
         return usage
+
+    def _org_of(self, app_name: str) -> Org | None:
+        app = self._cluster.get_app(app_name)
+        return self._tenancy.get_org(app.org_slug) if app is not None else None
+
+    def check_volume(self, app_name: str, size_gb: int, replacing: Volume | None = None) -> None:
+        """Raise QuotaExceeded if the app's org cannot take a volume of ``size_gb`` (or
+        ``replacing`` grown to it, for an extend). The caller records the volume without
+        yielding in between, as :meth:`check` says."""
+        org = self._org_of(app_name)
+        if org is None:
+            return
+        before = self.usage(org.slug)
+        after = before.model_copy(deep=True)
+        if replacing is not None and replacing.state.holds_space:
+            after.add_volume(replacing.size_gb, sign=-1)
+        after.add_volume(size_gb)
+        quotas = org.quotas
+        _enforce(
+            org,
+            [
+                ("volumes", quotas.volumes, before.volumes, after.volumes, "volume(s)"),
+                ("volume_gb", quotas.volume_gb, before.volume_gb, after.volume_gb, "GB of volumes"),
+            ],
+        )
 
     def check(self, app_name: str, config: MachineConfig, replacing: Machine | None = None) -> None:
         """Raise QuotaExceeded if the app's org cannot take a machine with ``config`` (in place
@@ -42,8 +85,7 @@ class QuotaService:
         a lowered quota can still shrink or keep its machines. The caller creates nothing until
         this returns, and does so without yielding to the event loop in between, so concurrent
         requests cannot both pass on the same room."""
-        app = self._cluster.get_app(app_name)
-        org = self._tenancy.get_org(app.org_slug) if app is not None else None
+        org = self._org_of(app_name)
         if org is None:
             return
         before = self.usage(org.slug)
@@ -52,7 +94,7 @@ class QuotaService:
             after.add(replacing.config, sign=-1)
         after.add(config)
         quotas = org.quotas
-        limits: list[tuple[str, int | None, int, int, str]] = [
+        limits: list[Limit] = [
             ("machines", quotas.machines, before.machines, after.machines, "machine(s)"),
             ("memory_mb", quotas.memory_mb, before.memory_mb, after.memory_mb, "MB of memory"),
         ]
@@ -66,11 +108,17 @@ class QuotaService:
             )
             for kind, limit in sorted(quotas.gpus.items())
         ]
-        for quota, limit, used, wanted, unit in limits:
-            if limit is not None and wanted > limit and wanted > used:
-                raise QuotaExceeded(
-                    f"quota exceeded: org {org.slug} may have {limit} {unit}, this request "
-                    f"would make {wanted} (quota {quota})",
-                    quota=quota,
-                    org=org.slug,
-                )
+        _enforce(org, limits)
+
+
+def _enforce(org: Org, limits: list[Limit]) -> None:
+    """Only what the request grows is checked, so an org over a lowered quota can still
+    shrink or keep what it has."""
+    for quota, limit, used, wanted, unit in limits:
+        if limit is not None and wanted > limit and wanted > used:
+            raise QuotaExceeded(
+                f"quota exceeded: org {org.slug} may have {limit} {unit}, this request "
+                f"would make {wanted} (quota {quota})",
+                quota=quota,
+                org=org.slug,
+            )
