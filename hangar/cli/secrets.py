@@ -7,10 +7,10 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from hangar.cli.client import HangarClient
-from hangar.cli.output import call, console, fail
+from hangar.cli.output import JsonFlag, call, console, fail, print_json
+from hangar.cli.tables import Col, fit_table
 
 secrets_app = typer.Typer(
     help="App secrets: environment for its machines, sealed at rest.", no_args_is_help=True
@@ -20,11 +20,16 @@ AppOption = Annotated[str, typer.Option("--app", "-a")]
 
 
 @secrets_app.command("list")
-def secrets_list(app_name: AppOption = DEFAULT_APP) -> None:
-    table = Table("NAME", "DIGEST", "UPDATED")
-    for secret in call(HangarClient().list_secrets, app_name)["secrets"]:
-        table.add_row(secret["name"], secret["digest"], secret["updated_at"])
-    console.print(table)
+def secrets_list(app_name: AppOption = DEFAULT_APP, as_json: JsonFlag = False) -> None:
+    listed = call(HangarClient().list_secrets, app_name)
+    if as_json:
+        print_json(listed)
+        return
+    rows = [
+        [secret["name"], secret["digest"], secret["updated_at"]] for secret in listed["secrets"]
+    ]
+    columns = [Col("NAME", whole=True), Col("DIGEST", shrink=True), Col("UPDATED", drop=0)]
+    console.print(fit_table(columns, rows, console))
 
 
 @secrets_app.command("set")
