@@ -192,7 +192,9 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 DetachNetwork(host),
                 DetachVolumes(host),
                 ReleaseClaim(host),
-                ApplyConfig(request.config, request.version, request.instance_id),
+                ApplyConfig(
+                    request.config, request.version, request.instance_id, request.metadata_before
+                ),
             ]
             if request.relaunch:
                 steps += boot(fresh_image=True)

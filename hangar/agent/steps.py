@@ -565,11 +565,14 @@ class DropLease:
 class ApplyConfig:
     """Make ``config`` the machine's version ``version`` with a new ``instance_id`` (the old
     version is kept as replaced), in one store transaction: the version that ``should_run``
-    looks at and the instance id can never disagree."""
+    looks at and the instance id can never disagree. Metadata keys set or removed through the
+    metadata endpoints since the update was asked for (``metadata_before`` is what the
+    machine had then) stay as they were set: the later write wins."""
 
     config: MachineConfig
     version: int
     instance_id: str
+    metadata_before: dict[str, str] | None = None
     name: str = "apply_config"
 
     async def should_run(self, ctx: StepContext) -> bool:
@@ -577,7 +580,12 @@ class ApplyConfig:
 
     async def run(self, ctx: StepContext) -> None:
         ctx.machines.apply_config_version(
-            ctx.run.machine_id, self.config, self.version, self.instance_id, ctx.clock.now()
+            ctx.run.machine_id,
+            self.config,
+            self.version,
+            self.instance_id,
+            ctx.clock.now(),
+            metadata_before=self.metadata_before,
         )
         ctx.record_event("update", "updated", reason=f"version {self.version}")
         ctx.notify()

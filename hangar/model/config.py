@@ -278,9 +278,14 @@ class MountConfig(FlyModel):
     def _reject_unsupported(cls, data: Any) -> Any:
         refuse_unless_zero(data, UNSUPPORTED_MOUNT_FIELDS, "config.mounts.")
         if isinstance(data, dict):
-            # Go's zero values: the volume's record decides its name and size.
+            # Go's zero values: the volume's record decides its name and size, and no
+            # automatic extension is asked for (the fields are left out, as Go leaves them).
             zero = {"name": "", "size_gb": 0}
-            data = {k: v for k, v in data.items() if k not in zero or v != zero[k]}
+            data = {
+                k: v
+                for k, v in data.items()
+                if k not in UNSUPPORTED_MOUNT_FIELDS and (k not in zero or v != zero[k])
+            }
         return data
 
 
@@ -331,6 +336,23 @@ class MachineConfig(FlyModel):
             if len(item) > 1024:
                 raise ValueError(f"value of {key} is longer than 1024 characters")
         return value
+
+
+def with_metadata_edits(
+    config: MachineConfig, before: dict[str, str], current: dict[str, str]
+) -> MachineConfig:
+    """``config`` (asked for when the machine's metadata was ``before``) with the metadata
+    edits made since (``current`` is the metadata now): a key set or removed later keeps
+    that later value."""
+    if current == before:
+        return config
+    metadata = dict(config.metadata)
+    for key, value in current.items():
+        if before.get(key) != value:
+            metadata[key] = value
+    for key in before.keys() - current.keys():
+        metadata.pop(key, None)
+    return config.model_copy(update={"metadata": metadata})
 
 
 def validate_metadata_key(key: str) -> str:

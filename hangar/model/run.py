@@ -64,13 +64,16 @@ class SuspendRequest(OperationRequest):
 
 
 class UpdateRequest(OperationRequest):
-    """Make ``config`` the machine's version ``version``; boot it again if ``relaunch``."""
+    """Make ``config`` the machine's version ``version``; boot it again if ``relaunch``.
+    ``metadata_before``: the machine's metadata when the update was asked for; what the
+    metadata endpoints change after that is kept when ``config`` is applied."""
 
     operation: Literal["update"] = "update"
     config: MachineConfig
     version: int = Field(ge=2)
     instance_id: str = Field(min_length=1, max_length=64)
     relaunch: bool
+    metadata_before: dict[str, str] | None = None
 
 
 class ExitRequest(OperationRequest):

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from hangar.errors import Conflict, NameTaken, NotFound
-from hangar.model.config import MachineConfig
+from hangar.model.config import MachineConfig, with_metadata_edits
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 from hangar.model.services import CheckStatus
 from hangar.store.protocol import App
@@ -284,10 +284,23 @@ class SqliteMachineStore(SqliteDatabase):
         return machine
 
     def apply_config_version(
-        self, machine_id: str, config: MachineConfig, version: int, instance_id: str, now: float
+        self,
+        machine_id: str,
+        config: MachineConfig,
+        version: int,
+        instance_id: str,
+        now: float,
+        metadata_before: dict[str, str] | None = None,
     ) -> None:
-        body = config.model_dump_json()
         with self.transaction() as db:
+            body = config.model_dump_json()
+            if metadata_before is not None:
+                row = db.execute(
+                    "SELECT config FROM machines WHERE id = ?", (machine_id,)
+                ).fetchone()
+                if row is not None:
+                    current = MachineConfig.model_validate_json(row["config"]).metadata
+                    body = with_metadata_edits(config, metadata_before, current).model_dump_json()
             db.execute(
                 "UPDATE machine_versions SET replaced_at = ? WHERE machine_id = ?"
                 " AND replaced_at IS NULL",

@@ -61,10 +61,18 @@ class MachineStore(Protocol):
         self, machine_id: str, state: MachineState, now: float, reason: str = ""
     ) -> Machine: ...
     def apply_config_version(
-        self, machine_id: str, config: MachineConfig, version: int, instance_id: str, now: float
+        self,
+        machine_id: str,
+        config: MachineConfig,
+        version: int,
+        instance_id: str,
+        now: float,
+        metadata_before: dict[str, str] | None = None,
     ) -> None:
         """Make ``config`` version ``version`` with ``instance_id``, the previous version
-        ``replaced``: all of it in one transaction."""
+        ``replaced``: all of it in one transaction. With ``metadata_before`` (the metadata
+        when the change was asked for), the metadata edits made since are kept
+        (:func:`hangar.model.config.with_metadata_edits`)."""
         ...
 
     def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]:

@@ -259,3 +259,50 @@ def test_an_unusable_snapshot_boots_cold_and_updates_drop_snapshots(
 def assert_fly_412(response: httpx.Response) -> None:
     assert response.status_code == 412, response.text
     assert set(response.json()) == {"error", "status"}
+
+
+def test_a_suspended_machine_keeps_its_volume_and_resumes_with_it(
+    api: httpx.Client, app_name: str, test_image: str, shared_server: ServerProcess
+) -> None:
+    created = api.post(f"/v1/apps/{app_name}/volumes", json={"name": "data", "encrypted": False})
+    assert created.status_code == 200, created.text
+    volume_id = created.json()["id"]
+    wait_volume = f"/v1/apps/{app_name}/volumes/{volume_id}"
+    deadline = time.monotonic() + 120
+    while api.get(wait_volume).json()["state"] != "created":
+        assert time.monotonic() < deadline, api.get(wait_volume).text
+        time.sleep(0.2)
+    machine_id = run_machine(
+        api, app_name, test_image, cmd=TICKER, mounts=[{"volume": volume_id, "path": "/data"}]
+    )
+    machine = Booted(app_name, machine_id)
+    wait_state(api, app_name, machine_id, "started")
+    mounts = api.get(machine.path).json()["config"]["mounts"]
+    assert mounts == [{"volume": volume_id, "path": "/data"}], "Fly's mount, nothing added"
+    wrote = exec_in(api, machine, cmd="sh -c 'echo on the volume > /data/note; sync'")
+    assert wrote["exit_code"] == 0, wrote
+
+    assert api.post(f"{machine.path}/suspend").status_code == 200
+    wait_state(api, app_name, machine_id, "suspended")
+    wait_runs_finished(api, app_name, machine_id)
+    assert api.get(wait_volume).json()["attached_machine_id"] == machine_id, "kept attached"
+    refused = api.delete(wait_volume)
+    assert refused.status_code in (409, 412), refused.text
+
+    assert api.post(f"{machine.path}/start").status_code == 200
+    wait_state(api, app_name, machine_id, "started")
+    events = api.get(f"{machine.path}/events").json()
+    assert any(e["type"] == "resume" and e["status"] == "resumed" for e in events), events
+    assert exec_in(api, machine, cmd="cat /data/note")["stdout"] == "on the volume\n"
+    appended = exec_in(api, machine, cmd="sh -c 'echo after > /data/more; sync; cat /data/more'")
+    assert appended["stdout"] == "after\n", "the restored guest writes to its volume"
+
+    assert api.post(f"{machine.path}/suspend").status_code == 200
+    wait_state(api, app_name, machine_id, "suspended")
+    assert api.post(f"{machine.path}/stop").status_code == 200
+    wait_state(api, app_name, machine_id, "stopped")
+    wait_runs_finished(api, app_name, machine_id)
+    assert api.get(wait_volume).json()["attached_machine_id"] is None, "stop lets go of it"
+    assert api.delete(machine.path).status_code == 200
+    wait_state(api, app_name, machine_id, "destroyed")
+    assert api.delete(wait_volume).status_code == 200

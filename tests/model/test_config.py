@@ -206,3 +206,26 @@ def test_mounts_name_a_volume_once_at_a_usable_path() -> None:
     ):
         with pytest.raises(ValidationError):
             MachineConfig.model_validate({"image": "x", "mounts": mounts})
+
+
+def test_a_mount_as_go_writes_it_decodes() -> None:
+    """fly-go's ``MachineMount`` with its zero values and a key hangar does not know."""
+    mount = {
+        "volume": "vol_a",
+        "path": "/data",
+        "name": "",
+        "size_gb": 0,
+        "encrypted": False,
+        "extend_threshold_percent": 0,
+        "add_size_gb": 0,
+        "size_gb_limit": 0,
+        "some_later_field": {"x": 1},
+    }
+    config = MachineConfig.model_validate({"image": "x", "mounts": [mount]})
+    assert config.model_dump(mode="json", exclude_none=True)["mounts"] == [
+        {"volume": "vol_a", "path": "/data", "encrypted": False}
+    ]
+    assert MachineConfig.model_validate({"image": "x", "mounts": None}).mounts == []
+    with pytest.raises(UnsupportedField) as refused:
+        MachineConfig.model_validate({"image": "x", "mounts": [{**mount, "size_gb_limit": 10}]})
+    assert refused.value.field == "config.mounts.size_gb_limit"

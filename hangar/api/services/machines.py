@@ -390,6 +390,7 @@ class MachineService:
                 version=version,
                 instance_id=new_ulid(self._clock.now()),
                 relaunch=machine.state.holds_resources and not request.skip_launch,
+                metadata_before=dict(machine.config.metadata),
             ),
         )
         self._record(machine_id, "update", "requested", reason=f"version {version}")
