@@ -26,7 +26,7 @@ DEFAULT_EXEC_TIMEOUT_S = 30.0
 
 
 def _valid_name(value: str) -> str:
-    if not NAME_PATTERN.match(value):
+    if not NAME_PATTERN.fullmatch(value):
         raise ValueError(
             "must be 1-63 characters: lowercase letters, digits, '-' and '_', "
             "starting with a letter or digit"

@@ -8,7 +8,7 @@ from pathlib import Path
 from hangar.settings import SECRETS_KEY_FILE
 from hangar.store.gpus import SqliteGpuStore
 from hangar.store.host_claims import SqliteClaimStore
-from hangar.store.machines import SqliteMachineStore
+from hangar.store.machines import DEFAULT_KEEP_VERSIONS, SqliteMachineStore
 from hangar.store.runs import SqliteRunStore
 from hangar.store.secrets import SqliteSecretStore
 from hangar.store.tenancy import SqliteTenancyStore
@@ -41,12 +41,17 @@ class EmbeddedStores:
             store.close()
 
 
-def open_embedded_stores(path: Path, secrets_key: Path | None = None) -> EmbeddedStores:
+def open_embedded_stores(
+    path: Path,
+    secrets_key: Path | None = None,
+    keep_versions: int = DEFAULT_KEEP_VERSIONS,
+) -> EmbeddedStores:
     """``secrets_key``: the key file app secrets are sealed with (default: ``secrets.key``
-    beside the database; made on first use)."""
+    beside the database; made on first use). ``keep_versions``: config versions, and
+    finished runs, kept per machine."""
     return EmbeddedStores(
-        machines=SqliteMachineStore(path),
-        runs=SqliteRunStore(path),
+        machines=SqliteMachineStore(path, keep_versions=keep_versions),
+        runs=SqliteRunStore(path, keep_finished=keep_versions),
         gpus=SqliteGpuStore(path),
         tenancy=SqliteTenancyStore(path),
         claims=SqliteClaimStore(path),

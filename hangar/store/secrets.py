@@ -142,6 +142,9 @@ class SqliteSecretStore(SqliteDatabase):
         return {name: sealer.open(blob, sealing_context(app, name)) for name, blob in found.items()}
 
     def delete_app_secrets(self, app: str) -> None:
+        """Forget the app's secrets and their version (the deleted pages are overwritten and
+        the write-ahead log emptied, as for the app's other records)."""
         with self.transaction() as db:
             db.execute("DELETE FROM app_secrets WHERE app = ?", (app,))
             db.execute("DELETE FROM app_secrets_versions WHERE app = ?", (app,))
+        self.truncate_wal()

@@ -1,6 +1,9 @@
 """Apps: create, list, get, delete; each in one org, seen only by that org and the operator.
 An app is shown as fly-go's ``App`` decodes it (``network``, ``internal_numeric_id``,
-``machine_count``, ``volume_count``, ``organization``)."""
+``machine_count``, ``volume_count``, ``organization``).
+
+Deleting an app deletes every record of its machines (configs, events, leases, runs) and its
+secrets; its name stays with its org for ``name_hold_s`` before another org may take it."""
 
 from __future__ import annotations
 
@@ -15,7 +18,15 @@ from hangar.api.schemas import (
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.clock import Clock
 from hangar.errors import PreconditionFailed
-from hangar.store.protocol import App, MachineStore, SecretStore, TenancyStore, VolumeStore
+from hangar.model.run import volume_subject
+from hangar.store.protocol import (
+    App,
+    MachineStore,
+    RunStore,
+    SecretStore,
+    TenancyStore,
+    VolumeStore,
+)
 
 
 class AppService:
@@ -25,6 +36,8 @@ class AppService:
         tenancy: TenancyStore,
         orgs: OrgService,
         clock: Clock,
+        runs: RunStore | None = None,
+        name_hold_s: float = 0.0,
         volumes: VolumeStore | None = None,
         secrets: SecretStore | None = None,
     ) -> None:
@@ -34,6 +47,8 @@ class AppService:
         self._orgs = orgs
         self._clock = clock
         self._secrets = secrets
+        self._runs = runs
+        self._name_hold_s = name_hold_s
 
     def require(self, name: str) -> App:
         app = self._store.get_app(name)
@@ -60,7 +75,13 @@ class AppService:
         org_slug = request.org_slug or access.token.org_slug or DEFAULT_ORG
         self._orgs.require(access, org_slug)
         access.note(org=org_slug, app_name=request.app)
-        app = self._store.create_app(request.app, org_slug, self._clock.now(), DEFAULT_NETWORK)
+        app = self._store.create_app(
+            request.app,
+            org_slug,
+            self._clock.now(),
+            network=DEFAULT_NETWORK,
+            name_hold_s=self._name_hold_s,
+        )
         return self.view(app)
 
     def list(self, access: Access, org_slug: str | None) -> AppList:
@@ -83,6 +104,12 @@ class AppService:
             raise PreconditionFailed(
                 f"app {name} still has {len(volumes)} volume(s); destroy them first", app=name
             )
-        self._store.delete_app(name)
+        forgotten = self._store.delete_app(name, self._clock.now())
         if self._secrets is not None:
             self._secrets.delete_app_secrets(name)
+        if self._volumes is not None:
+            # Volumes belong to the app's name: the destroyed ones go with the app.
+            volume_ids = self._volumes.forget_volumes(name)
+            forgotten += [volume_subject(volume_id) for volume_id in volume_ids]
+        if self._runs is not None and forgotten:
+            self._runs.forget_machines(forgotten)
