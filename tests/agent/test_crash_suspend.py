@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from hangar.agent.steps import new_run
+from hangar.model.guest_contract import RunDir
 from hangar.model.machine import MachineState
 from hangar.model.run import RunProgress, StartRequest, SuspendRequest
 from hangar.server_process import ServerProcess
@@ -95,7 +96,7 @@ def assert_suspended(api: httpx.Client, ticker: Ticker) -> None:
     run_dir = ticker.state_file.parent
     assert vmm_pids(ticker.server.home, ticker.machine_id) == []
     assert has_snapshot(ticker.state_file)
-    assert (run_dir / "root.ext4").exists() and (run_dir / "initrd.img").exists()
+    assert (run_dir / RunDir.ROOT_DISK).exists() and (run_dir / RunDir.INITRD).exists()
     assert claims_of(ticker.server, ticker.machine_id) == []
 
 
@@ -187,6 +188,6 @@ def test_a_suspended_machine_whose_snapshot_is_gone_is_stopped_at_restart(ticker
         assert events[0]["type"] == "stop" and events[0]["source"] == "flyd"
         assert "snapshot is gone" in events[0]["reason"]
         run_dir = ticker.state_file.parent
-        assert not (run_dir / "root.ext4").exists(), "its boot files go with it"
+        assert not (run_dir / RunDir.ROOT_DISK).exists(), "its boot files go with it"
         assert api.post(f"{ticker.path}/start").status_code == 200
         wait_state(api, APP, ticker.machine_id, "started")

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from hangar.model.guest_contract import RunDir
 from hangar.net.links import LinkNames, tap_state
 from hangar.server_process import ServerProcess
 from hangar.settings import DATABASE, env_name
@@ -162,7 +163,7 @@ def test_a_suspended_machine_resumes_where_it_was(
     run_dir = shared_server.home / "machines" / ticker.machine_id
     assert vmm_pids(shared_server.home, ticker.machine_id) == []
     assert (run_dir / "suspend.vmstate").exists() and (run_dir / "suspend.vmstate.json").exists()
-    assert (run_dir / "root.ext4").exists() and (run_dir / "initrd.img").exists()
+    assert (run_dir / RunDir.ROOT_DISK).exists() and (run_dir / RunDir.INITRD).exists()
     assert claims_of(shared_server, ticker.machine_id) == [], "a suspended machine holds no claim"
     assert not has_tap(shared_server, ticker.machine_id)
     assert machine["state"] == "suspended"
@@ -204,7 +205,7 @@ def test_stopping_a_suspended_machine_drops_its_snapshot(
     wait_runs_finished(api, ticker.app, ticker.machine_id)
     run_dir = shared_server.home / "machines" / ticker.machine_id
     assert sorted(p.name for p in run_dir.glob("suspend.vmstate*")) == []
-    assert not (run_dir / "root.ext4").exists()
+    assert not (run_dir / RunDir.ROOT_DISK).exists()
     events = api.get(f"{ticker.path}/events").json()
     assert any(e["type"] == "suspend" and e["status"] == "dropped" for e in events)
 
