@@ -53,7 +53,7 @@ def exec_in(api: httpx.Client, machine: Booted, **body: Any) -> dict[str, Any]:
 
 
 def ticks(text: str) -> list[int]:
-    return [int(number) for number in re.findall(r"^tick (\d+)$", text, re.MULTILINE)]
+    return [int(number) for number in re.findall(r"^tick (\d+)\r?$", text, re.MULTILINE)]
 
 
 def wait_for_ticks(api: httpx.Client, machine: Booted, after: int, count: int = 3) -> list[int]:

@@ -34,7 +34,7 @@ MIB = 1 << 20
 
 
 def ticks(text: str) -> list[int]:
-    return [int(number) for number in re.findall(r"^tick (\d+)$", text, re.MULTILINE)]
+    return [int(number) for number in re.findall(r"^tick (\d+)\r?$", text, re.MULTILINE)]
 
 
 async def boot_counter(driver: QemuDriver, machines: Machines, spec: VmSpec) -> VmHandle:
