@@ -4,13 +4,15 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 qemu-utils skopeo umoci e2fsprogs busybox-static docker-registry cpio \
 	kmod nftables ca-certificates python3-venv haproxy wrk nginx-light iproute2 gcc libc6-dev \
-	etcd-server chromium tmux
+	etcd-server chromium tmux runc
 PYTEST_ARGS ?=
 # make fuzz: schemathesis examples per API operation and pass (make test runs 8), and a time guard
 FUZZ_EXAMPLES ?= 200
 FUZZ_SECONDS ?= 3600
+# gVisor's runsc (the sandbox tier): Debian trixie's build, kept here; tests and the demo use it
+RUNSC := $(CURDIR)/.cache/runsc/bin/runsc
 
-.PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement bench-proxy \
+.PHONY: deps runsc venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement bench-proxy \
 	bench-volume clean
 
 deps:
@@ -22,6 +24,12 @@ deps:
 			--no-install-recommends $$missing; \
 	fi
 
+runsc: $(RUNSC)
+
+$(RUNSC): scripts/fetch_runsc.sh
+	./scripts/fetch_runsc.sh $(dir $(RUNSC))..
+	touch $@
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
@@ -30,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-demo: deps venv
+demo: deps runsc venv
 	./scripts/demo.sh
 
 lint: venv
@@ -40,15 +48,15 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-unit: deps venv
+unit: deps runsc venv
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test: deps venv lint typecheck unit
 
-fuzz: deps venv
+fuzz: deps runsc venv
 	$(PYTHON) -m pytest tests/api/test_fuzz.py -s --fuzz-examples=$(FUZZ_EXAMPLES) --fuzz-seconds=$(FUZZ_SECONDS) $(PYTEST_ARGS)
 
-gpu-check: venv
+gpu-check: runsc venv
 	$(PYTHON) scripts/gpu_check.py
 
 bench-boot: deps venv

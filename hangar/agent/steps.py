@@ -15,9 +15,10 @@ from hangar.agent.context import StepContext
 from hangar.agent.gpu_steps import gpu_boot, record_claimed, release_gpus_for_handoff
 from hangar.agent.host import HostServices
 from hangar.agent.platform import GuestNetwork, GuestPlatform
+from hangar.agent.slices import sandbox_gpu
 from hangar.agent.volumes import HostVolumes
 from hangar.errors import VolumeError
-from hangar.model.config import MachineConfig
+from hangar.model.config import MachineConfig, Tier
 from hangar.model.guest_contract import RunDir
 from hangar.model.machine import Machine, MachineState, new_ulid
 from hangar.model.run import (
@@ -28,6 +29,7 @@ from hangar.model.run import (
     StartRequest,
 )
 from hangar.vmm.driver import VolumeDiskSpec
+from hangar.vmm.sandbox import rootfs_dir
 
 RESTART_WINDOW_S = 300.0
 
@@ -127,7 +129,10 @@ class AttachNetwork:
 
     async def should_run(self, ctx: StepContext) -> bool:
         network = self.host.network
-        return network is not None and not await network.attached(ctx.machine())
+        machine = ctx.machine()
+        if network is None or machine.tier is not Tier.VM:
+            return False  # sandbox machines run with --network=none for now
+        return not await network.attached(machine)
 
     async def run(self, ctx: StepContext) -> None:
         assert self.host.network is not None
@@ -156,11 +161,15 @@ class DetachNetwork:
 
 @dataclass(frozen=True)
 class PrepareRootDisk:
+    """A VM's writable root disk for this boot, from the cached image."""
+
     platform: GuestPlatform
     run_dir: Path
     name: str = "prepare_root_disk"
 
     async def should_run(self, ctx: StepContext) -> bool:
+        if ctx.machine().tier is not Tier.VM:
+            return False
         return not (self.run_dir / RunDir.ROOT_DISK).exists()
 
     async def run(self, ctx: StepContext) -> None:
@@ -168,6 +177,25 @@ class PrepareRootDisk:
         await self.platform.prepare_root_disk(
             ctx.machine().image_ref, self.run_dir / RunDir.ROOT_DISK
         )
+
+
+@dataclass(frozen=True)
+class PrepareRootTree:
+    """A sandbox-tier machine's root folder for this boot, from the same cached image."""
+
+    platform: GuestPlatform
+    run_dir: Path
+    name: str = "prepare_root_tree"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        if ctx.machine().tier is not Tier.SANDBOX:
+            return False
+        return not rootfs_dir(self.run_dir).exists()
+
+    async def run(self, ctx: StepContext) -> None:
+        rootfs = rootfs_dir(self.run_dir)
+        rootfs.parent.mkdir(parents=True, exist_ok=True)
+        await self.platform.prepare_root_tree(ctx.machine().image_ref, rootfs)
 
 
 @dataclass(frozen=True)
@@ -181,6 +209,8 @@ class PrepareInitrd:
     name: str = "prepare_initrd"
 
     async def should_run(self, ctx: StepContext) -> bool:
+        if ctx.machine().tier is not Tier.VM:
+            return False
         return not (self.run_dir / RunDir.INITRD).exists()
 
     async def run(self, ctx: StepContext) -> None:
@@ -242,8 +272,14 @@ class LaunchVm:
             ctx.runs.delete_vm_handle(ctx.run.machine_id)
         run_dir = self.host.run_dir(ctx.run.machine_id)
         (run_dir / RunDir.CONTROL_LOG).unlink(missing_ok=True)
-        gpus = await gpu_boot(self.host, ctx)
         machine = ctx.machine()
+        if machine.tier is Tier.SANDBOX:
+            gpu_part = await sandbox_gpu(self.host, ctx.run.machine_id)
+            handle = await platform.launch(machine, run_dir, None, gpu_part=gpu_part)
+            ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
+            ctx.run.progress.exit_recorded = False
+            return
+        gpus = await gpu_boot(self.host, ctx)
         network = None
         if self.host.network is not None:
             nic, kernel_args = await self.host.network.guest_network(machine)
@@ -319,7 +355,9 @@ class ReleaseVm:
         if ctx.runs.get_vm_handle(ctx.run.machine_id) is not None:
             return True
         run_dir = self.host.run_dir(ctx.run.machine_id)
-        return any((run_dir / name).exists() for name in RunDir.BOOT_FILES)
+        return any((run_dir / name).exists() for name in RunDir.BOOT_FILES) or any(
+            (run_dir / name).exists() for name in RunDir.BOOT_FOLDERS
+        )
 
     async def run(self, ctx: StepContext) -> None:
         handle = ctx.runs.get_vm_handle(ctx.run.machine_id)
@@ -329,6 +367,8 @@ class ReleaseVm:
         run_dir = self.host.run_dir(ctx.run.machine_id)
         for name in RunDir.BOOT_FILES:
             (run_dir / name).unlink(missing_ok=True)
+        for name in RunDir.BOOT_FOLDERS:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
         ctx.runs.delete_vm_handle(ctx.run.machine_id)
 
 

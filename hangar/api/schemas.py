@@ -182,6 +182,8 @@ class MachineView(BaseModel):
     failure_reason: str = ""
     cordoned: bool = False
     checks: list[CheckStatus] = Field(default_factory=list)
+    tier: str = "vm"
+    """hangar: ``vm`` or ``sandbox`` (Fly's clients ignore the key)."""
 
     @classmethod
     def of(cls, machine: Machine, events: list[MachineEvent]) -> MachineView:
@@ -201,6 +203,7 @@ class MachineView(BaseModel):
             failure_reason=machine.failure_reason,
             cordoned=machine.cordoned,
             checks=machine.checks,
+            tier=machine.tier.value,
         )
 
 

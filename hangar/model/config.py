@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import re
 import signal as signal_module
 from typing import Annotated, Any, Literal
@@ -82,6 +83,19 @@ class InitConfig(StrictModel):
         return self
 
 
+class Tier(enum.StrEnum):
+    """How a machine is isolated: a micro-VM, or a sandboxed container (gVisor) for thin
+    GPU slices (a MIG instance or a time share cannot be passed into a VM)."""
+
+    VM = "vm"
+    SANDBOX = "sandbox"
+
+
+GPU_SLICE_PATTERN = re.compile(r"^[1-7]g\.[0-9]{1,3}gb$")
+GPU_SHARE_STEP = 1000
+"""Shares are counted in thousandths of a GPU."""
+
+
 class GuestConfig(StrictModel):
     cpu_kind: Literal["shared", "performance"] = "shared"
     cpus: Annotated[int, Field(ge=1, le=64)] = 1
@@ -91,6 +105,44 @@ class GuestConfig(StrictModel):
     kernel_args: list[str] | None = None
     host_dedication_id: str | None = None
     persist_rootfs: str | None = None
+    gpu_slice: str | None = None
+    """hangar: a MIG instance of ``gpu_kind`` by profile (``1g.10gb``); sandbox tier."""
+    gpu_share: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """hangar: a time share of one ``gpu_kind`` GPU (0.25: a quarter of its compute and
+    memory, through MPS); sandbox tier."""
+    tier: Tier | None = None
+    """hangar: ``sandbox`` runs a machine without a GPU part in the sandbox tier too; left
+    out, slices and shares run there and everything else in a VM."""
+
+    @field_validator("gpu_slice")
+    @classmethod
+    def _profile_shape(cls, value: str | None) -> str | None:
+        if value is not None and not GPU_SLICE_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a MIG profile name (like 1g.10gb or 3g.40gb)")
+        return value
+
+    @field_validator("gpu_share")
+    @classmethod
+    def _share_in_thousandths(cls, value: float | None) -> float | None:
+        if value is not None and round(value * GPU_SHARE_STEP) < 1:
+            raise ValueError(f"must be at least {1 / GPU_SHARE_STEP}")
+        return value
+
+    @property
+    def gpu_part(self) -> bool:
+        """A slice or share of one GPU (rather than whole GPUs)."""
+        return self.gpu_slice is not None or self.gpu_share is not None
+
+    @property
+    def gpu_share_milli(self) -> int:
+        """The share in thousandths of a GPU (0 without one)."""
+        return round(self.gpu_share * GPU_SHARE_STEP) if self.gpu_share is not None else 0
+
+    @property
+    def effective_tier(self) -> Tier:
+        if self.gpu_part or self.tier is Tier.SANDBOX:
+            return Tier.SANDBOX
+        return Tier.VM
 
     @field_validator("memory_mb")
     @classmethod
@@ -121,6 +173,19 @@ class GuestConfig(StrictModel):
                 raise UnsupportedField(f"config.guest.{name}")
         if self.gpus and self.gpu_kind is None:
             raise ValueError("gpu_kind is required when gpus is set")
+        if self.gpu_slice is not None and self.gpu_share is not None:
+            raise ValueError("ask for a gpu_slice or a gpu_share, not both")
+        if self.gpu_part:
+            if self.gpus is not None:
+                raise ValueError("gpu_slice and gpu_share are part of one GPU: leave out gpus")
+            if self.gpu_kind is None:
+                raise ValueError("gpu_kind is required with gpu_slice or gpu_share")
+            if self.tier is Tier.VM:
+                raise ValueError(
+                    "a GPU slice or share runs in the sandbox tier (a MIG instance or an MPS "
+                    "share cannot be passed into a VM): leave out tier or set it to sandbox"
+                )
+            return self
         if self.gpu_kind is not None and self.gpus is None:
             self.gpus = 1
         if self.gpus and self.cpu_kind != "performance":

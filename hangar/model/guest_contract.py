@@ -34,8 +34,12 @@ class RunDir:
     EXEC_SOCKET = "exec.sock"
     QMP_SOCKET = "qmp.sock"
     VMM_LOG = "vmm.log"
+    BUNDLE = "bundle"
+    """A sandbox-tier machine's OCI bundle: ``config.json`` and its root folder ``rootfs``."""
     BOOT_FILES = (ROOT_DISK, INITRD)
     """Made anew for each boot from the image and the machine's config."""
+    BOOT_FOLDERS = (BUNDLE,)
+    """Folders made anew for each boot (a sandbox machine's root)."""
 
 
 class CmdlineKey(enum.StrEnum):

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from hangar.model.config import MachineConfig
+from hangar.model.config import MachineConfig, Tier
 from hangar.model.services import CheckStatus
 
 
@@ -134,6 +134,11 @@ class Machine(BaseModel):
     """Out of the proxy's rotation (``cordon``), running as before."""
     checks: list[CheckStatus] = Field(default_factory=list)
     """The latest result of each of its health checks."""
+
+    @property
+    def tier(self) -> Tier:
+        """How it is isolated: ``vm`` or ``sandbox`` (from its config's guest)."""
+        return self.config.guest.effective_tier
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
