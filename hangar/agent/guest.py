@@ -362,7 +362,7 @@ class QemuGuestPlatform:
         return GuestExit(exit_code=status.exit_code, guest_error=status.error or "")
 
     def vmm_processes(self, machines_dir: Path) -> dict[int, str]:
-        return {**find_vmm_processes(machines_dir), **find_shims(machines_dir)}
+        return find_machine_processes(machines_dir)
 
     def kill_process(self, pid: int) -> None:
         """SIGKILL a VMM; a sandbox shim with its process group (its sandbox dies with it)."""
@@ -388,6 +388,11 @@ def sandbox_driver(settings: Settings) -> SandboxDriver:
         runtime=runtime,
         platform=RunscPlatform(settings.runsc_platform),
     )
+
+
+def find_machine_processes(machines_dir: Path) -> dict[int, str]:
+    """Live QEMU processes and sandbox shims of machines under ``machines_dir``."""
+    return {**find_vmm_processes(machines_dir), **find_shims(machines_dir)}
 
 
 def find_vmm_processes(machines_dir: Path) -> dict[int, str]:
