@@ -14,6 +14,7 @@ from hangar.agent.engine import crash_after
 from hangar.agent.gpus import HostGpus
 from hangar.agent.host import HostServices
 from hangar.agent.metering import UsageMeter
+from hangar.agent.mps import MpsSupervisor
 from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
@@ -116,6 +117,7 @@ def build_server(
             stores.volumes,
             host.id,
         ),
+        mps=MpsSupervisor(settings.mps_pipe_root) if settings.gpu_share_kinds else None,
     )
     meter = UsageMeter(
         stores.usage,
@@ -136,7 +138,9 @@ def build_server(
     )
     metrics.register(StateCollector(machines, claim_store, settings.cache_dir))
     quotas = QuotaService(machines, tenancy, stores.volumes)
-    capacity = PlatformService(claim_store, settings.gpu_driver_bundle)
+    capacity = PlatformService(
+        claim_store, settings.gpu_driver_bundle, share_kinds=settings.gpu_share_kinds
+    )
     volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
     orgs = OrgService(tenancy, quotas, clock)
     tokens = TokenService(tenancy, machines, clock)

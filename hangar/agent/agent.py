@@ -19,6 +19,7 @@ from hangar.agent.host import HostServices
 from hangar.agent.metering import UsageMeter
 from hangar.agent.operations import plan_for
 from hangar.agent.platform import GuestPlatform
+from hangar.agent.slices import shared_gpus
 from hangar.agent.steps import new_run
 from hangar.agent.volume_watch import VolumeWatch
 from hangar.clock import Clock
@@ -210,6 +211,8 @@ class Agent:
         while True:
             try:
                 await self.check_guests()
+                if self.host.mps is not None:
+                    await self.host.mps.supervise(lambda: shared_gpus(self.host))
                 if self.volume_watch is not None:
                     await self.volume_watch.tick()
             except Exception:

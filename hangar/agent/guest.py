@@ -29,8 +29,8 @@ from hangar.images.rootfs import (
 )
 from hangar.images.run_config import GuestFile, GuestRunConfig, GuestVolume, resolve_argv
 from hangar.images.volume_tools import ensure_volume_tools
-from hangar.model.guest_contract import RunDir
 from hangar.model.config import Tier
+from hangar.model.guest_contract import RunDir
 from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
 from hangar.vmm.accel import choose_accel, gpu_accel

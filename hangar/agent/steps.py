@@ -117,7 +117,13 @@ class ReleaseClaim:
 
     async def run(self, ctx: StepContext) -> None:
         released = self.host.placement.release(ctx.run.machine_id)
-        release_gpus_for_handoff(self.host, ctx, released, f"released by {ctx.run.machine_id}")
+        # A GPU that other slices or shares still hold stays theirs; the last one out hands
+        # it off (and stops its MPS daemon).
+        idle = [bdf for bdf in released if bdf not in self.host.placement.holders()]
+        if self.host.mps is not None:
+            for bdf in idle:
+                await self.host.mps.stop(bdf)
+        release_gpus_for_handoff(self.host, ctx, idle, f"released by {ctx.run.machine_id}")
 
 
 @dataclass(frozen=True)

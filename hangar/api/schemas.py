@@ -252,7 +252,8 @@ class QuotasRequest(Body):
 class OrgUsageView(BaseModel):
     machines: int
     memory_mb: int
-    gpus: dict[str, int]
+    gpus: dict[str, float]
+    """GPUs by kind; a MIG slice or a time share counts as its fraction of one GPU."""
     volumes: int = 0
     volume_gb: int = 0
 

@@ -166,18 +166,14 @@ def oci_config(spec: ContainerSpec, *, cpus: int, memory_mb: int) -> dict[str, A
             "args": list(spec.argv),
             "env": [f"{name}={value}" for name, value in env.items()],
             "cwd": spec.cwd,
-            "capabilities": {
-                key: capabilities for key in ("bounding", "effective", "permitted")
-            },
+            "capabilities": {key: capabilities for key in ("bounding", "effective", "permitted")},
             "noNewPrivileges": True,
         },
         "root": {"path": str(spec.rootfs), "readonly": False},
         "hostname": spec.hostname,
         "mounts": mounts,
         "linux": {
-            "namespaces": [
-                {"type": kind} for kind in ("pid", "ipc", "uts", "mount", "network")
-            ],
+            "namespaces": [{"type": kind} for kind in ("pid", "ipc", "uts", "mount", "network")],
             "devices": devices,
             "resources": {
                 "devices": [{"allow": False, "access": "rwm"}, *allowed],

@@ -234,7 +234,9 @@ class SandboxDriver:
             raise
         with spec.control_log.open("a") as ctl:
             ctl.write(json.dumps({"type": "ready"}) + "\n")
-        log.info("machine %s: %s sandbox running (shim pid %d)", spec.machine_id, self.name, child.pid)
+        log.info(
+            "machine %s: %s sandbox running (shim pid %d)", spec.machine_id, self.name, child.pid
+        )
         return handle
 
     def _spawn(self, spec: VmSpec, argv: list[str]) -> subprocess.Popen[bytes]:
@@ -253,9 +255,7 @@ class SandboxDriver:
                 machine_id=spec.machine_id,
             ) from error
 
-    async def _wait_until_running(
-        self, handle: VmHandle, child: subprocess.Popen[bytes]
-    ) -> None:
+    async def _wait_until_running(self, handle: VmHandle, child: subprocess.Popen[bytes]) -> None:
         deadline = self._clock.monotonic() + self._timeouts.launch_s
         while True:
             if child.poll() is not None:
@@ -459,9 +459,7 @@ class SandboxDriver:
         )
         timed_out = False
         try:
-            out, err = await run_with_deadline(
-                self._clock, timeout_s, process.communicate(stdin)
-            )
+            out, err = await run_with_deadline(self._clock, timeout_s, process.communicate(stdin))
         except TimeoutError:
             timed_out = True
             with contextlib.suppress(ProcessLookupError):

@@ -148,6 +148,8 @@ class MachineService:
             )
         if config.guest.gpus:
             self._platform.admit_gpu_machine(config, self._host.region)
+        elif config.guest.gpu_part:
+            self._platform.admit_gpu_part(config, self._host.region)
         return self._host.region
 
     def _check_mounts(

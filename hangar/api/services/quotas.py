@@ -11,25 +11,41 @@ from hangar.errors import QuotaExceeded
 from hangar.model.config import MachineConfig
 from hangar.model.machine import Machine
 from hangar.model.volume import Volume
+from hangar.scheduler.mig import profile_milli
+from hangar.scheduler.model import MILLI_PER_GPU
 from hangar.store.protocol import MachineStore, Org, TenancyStore, VolumeStore
 
-Limit = tuple[str, int | None, int, int, str]
+
+def gpu_milli(config: MachineConfig) -> int:
+    """What a machine holds of its kind's GPUs, in thousandths: whole GPUs, a MIG slice's
+    compute share (``1g`` of 7), or a time share."""
+    guest = config.guest
+    if guest.gpu_slice is not None:
+        return profile_milli(guest.gpu_slice)
+    if guest.gpu_share is not None:
+        return guest.gpu_share_milli
+    return (guest.gpus or 0) * MILLI_PER_GPU
+
+
+Limit = tuple[str, int | None, float, float, str]
 """quota name, its limit, the org's use now, its use if the request went through, unit"""
 
 
 class OrgUsage(BaseModel):
     machines: int = 0
     memory_mb: int = 0
-    gpus: dict[str, int] = Field(default_factory=dict)
+    gpus: dict[str, float] = Field(default_factory=dict)
+    """GPUs by kind; a MIG slice or a time share counts as its fraction of one GPU."""
     volumes: int = 0
     volume_gb: int = 0
 
     def add(self, config: MachineConfig, sign: int = 1) -> None:
         self.machines += sign
         self.memory_mb += sign * config.guest.memory_mb
-        kind, count = config.guest.gpu_kind, config.guest.gpus or 0
-        if kind is not None and count:
-            self.gpus[kind] = self.gpus.get(kind, 0) + sign * count
+        kind, milli = config.guest.gpu_kind, gpu_milli(config)
+        if kind is not None and milli:
+            total = round(self.gpus.get(kind, 0) * MILLI_PER_GPU) + sign * milli
+            self.gpus[kind] = total / MILLI_PER_GPU
 
     def add_volume(self, size_gb: int, sign: int = 1) -> None:
         self.volumes += sign
@@ -118,7 +134,7 @@ def _enforce(org: Org, limits: list[Limit]) -> None:
         if limit is not None and wanted > limit and wanted > used:
             raise QuotaExceeded(
                 f"quota exceeded: org {org.slug} may have {limit} {unit}, this request "
-                f"would make {wanted} (quota {quota})",
+                f"would make {wanted:g} (quota {quota})",
                 quota=quota,
                 org=org.slug,
             )
