@@ -181,7 +181,9 @@ def test_nvml_mig_layout_is_offered_and_a_slice_gets_exactly_its_instance(
         root_disk=mig_host.tmp,
         container=container,
     )
-    driver = SandboxDriver(binary="runsc", state_root=state_root_for(mig_host.tmp, SandboxRuntime.RUNSC))
+    driver = SandboxDriver(
+        binary="runsc", state_root=state_root_for(mig_host.tmp, SandboxRuntime.RUNSC)
+    )
     assert "--nvproxy" in driver.global_flags(spec)
 
 
