@@ -232,8 +232,9 @@ class SandboxDriver:
             with contextlib.suppress(VmmError):
                 await self.kill(handle)
             raise
-        with spec.control_log.open("a") as ctl:
-            ctl.write(json.dumps({"type": "ready"}) + "\n")
+        if child.poll() is None:  # a container that has already ended says so itself
+            with spec.control_log.open("a") as ctl:
+                ctl.write(json.dumps({"type": "ready"}) + "\n")
         log.info(
             "machine %s: %s sandbox running (shim pid %d)", spec.machine_id, self.name, child.pid
         )
@@ -282,20 +283,20 @@ class SandboxDriver:
 
     # runtime calls
     async def _runtime_call(
-        self, args: Sequence[str], *, check: bool = True, stdin: bytes = b""
+        self, args: Sequence[str], *, check: bool = True
     ) -> tuple[int, bytes, bytes]:
         process = await asyncio.create_subprocess_exec(
             self._binary,
             "--root",
             str(self._state_root),
             *args,
-            stdin=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         try:
             out, err = await run_with_deadline(
-                self._clock, self._timeouts.command_s, process.communicate(stdin)
+                self._clock, self._timeouts.command_s, process.communicate()
             )
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
@@ -353,6 +354,8 @@ class SandboxDriver:
     async def kill(self, handle: VmHandle) -> None:
         process = ProcessRef.open(handle.pid, handle.start_time)
         if process is None:
+            # The shim is gone; what it ran may not be (runc's containers outlive it).
+            await self._runtime_call(["kill", "--all", handle.machine_id, "KILL"], check=False)
             await self._runtime_call(["delete", "--force", handle.machine_id], check=False)
             return
         with process:
@@ -478,28 +481,43 @@ class SandboxDriver:
         )
 
     async def processes(self, handle: VmHandle) -> list[GuestProcess]:
-        _, out, _ = await self._runtime_call(["ps", "--format", "json", handle.machine_id])
-        try:
-            rows = json.loads(out) or []
-        except json.JSONDecodeError as error:
-            raise VmmError(f"{self.name} ps answered {out[:200]!r}") from error
-        return [
+        """The container's processes as the runtime's ``ps`` table lists them (pids as the
+        container sees them under runsc; memory and CPU time are not reported)."""
+        _, out, _ = await self._runtime_call(["ps", handle.machine_id])
+        return parse_ps_table(out.decode(errors="replace"))
+
+
+def parse_ps_table(text: str) -> list[GuestProcess]:
+    """``UID PID PPID C ... CMD`` rows (the command last, possibly with blanks)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return []
+    header = lines[0].split()
+    if "PID" not in header or "CMD" not in header or header[-1] != "CMD":
+        raise VmmError(f"unexpected ps output: {lines[0][:200]!r}")
+    found = []
+    for line in lines[1:]:
+        fields = line.split(None, len(header) - 1)
+        if len(fields) < len(header):
+            continue
+        row = dict(zip(header, fields, strict=True))
+        command = row["CMD"]
+        found.append(
             GuestProcess(
-                pid=int(row.get("PID", 0)),
-                ppid=int(row.get("PPID", 0)),
-                uid=int(row.get("UID", 0)),
-                user=str(row.get("UID", "")),
-                state="R",
-                command=str(row.get("Cmd", "")),
-                argv=[str(row.get("Cmd", ""))],
+                pid=int(row["PID"]) if row["PID"].isdigit() else 0,
+                ppid=int(row.get("PPID", "0")) if row.get("PPID", "").isdigit() else 0,
+                uid=int(row["UID"]) if row.get("UID", "").isdigit() else 0,
+                user=row.get("UID", ""),
+                state="",
+                command=command.split()[0] if command.split() else command,
+                argv=command.split(),
                 directory="",
                 rss_bytes=0,
                 cpu_time_s=0.0,
                 started_after_boot_s=0.0,
             )
-            for row in rows
-            if isinstance(row, dict)
-        ]
+        )
+    return found
 
 
 def shim_machine(cmdline: Sequence[str]) -> str | None:
@@ -577,6 +595,7 @@ __all__ = [
     "bundle_dir",
     "find_shims",
     "kill_shim",
+    "parse_ps_table",
     "rootfs_dir",
     "runtime_error",
     "shim_machine",
