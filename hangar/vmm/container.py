@@ -76,6 +76,8 @@ class ContainerSpec(BaseModel):
     mounts: list[ContainerMount] = Field(default_factory=list)
     gpu: bool = False
     """The container drives an NVIDIA GPU part (runsc: through its nvproxy)."""
+    read_only_root: bool = False
+    """The root folder is mounted read-only (a machine's root is writable)."""
 
     @field_validator("env")
     @classmethod
@@ -169,7 +171,7 @@ def oci_config(spec: ContainerSpec, *, cpus: int, memory_mb: int) -> dict[str, A
             "capabilities": {key: capabilities for key in ("bounding", "effective", "permitted")},
             "noNewPrivileges": True,
         },
-        "root": {"path": str(spec.rootfs), "readonly": False},
+        "root": {"path": str(spec.rootfs), "readonly": spec.read_only_root},
         "hostname": spec.hostname,
         "mounts": mounts,
         "linux": {

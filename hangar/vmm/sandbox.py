@@ -176,7 +176,7 @@ class SandboxDriver:
             SHIM_MARKER,
             self._binary,
             str(self._state_root),
-            str(container.rootfs.parent),
+            str(bundle_dir(spec.run_dir)),
             spec.machine_id,
             str(spec.console_log),
             str(spec.control_log),
@@ -194,7 +194,7 @@ class SandboxDriver:
         argv = self.prepare(spec)
         assert spec.container is not None
         write_bundle(
-            spec.container.rootfs.parent,
+            bundle_dir(spec.run_dir),
             spec.container,
             cpus=spec.cpus,
             memory_mb=spec.memory_mb,
