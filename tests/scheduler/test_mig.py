@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -204,6 +205,19 @@ def test_slice_requests_name_acceptable_kinds() -> None:
     scheduler = Scheduler(InMemoryClaimStore(hosts))
     placement = scheduler.place(slice_of("m", "1g.10gb", kinds=("h100-sxm",)))
     assert placement.host_id == "h100"
+
+
+def test_a_slice_bound_to_a_host_takes_an_instance_there_or_nowhere() -> None:
+    hosts = [mig_host("cut", gpus=1, layout=LAYOUT), gpu_host("plain", gpus=1)]
+    scheduler = Scheduler(InMemoryClaimStore(hosts))
+    first = scheduler.place(replace(slice_of("m1", "1g.10gb"), host_id="cut"))
+    second = scheduler.place(replace(slice_of("m2", "1g.10gb"), host_id="cut"))
+    assert (first.host_id, first.claim.gpu_slice) == ("cut", "1g.10gb")
+    assert {first.claim.mig_instance, second.claim.mig_instance} == {2, 3}
+    with pytest.raises(InsufficientCapacity):
+        scheduler.place(replace(slice_of("m3", "1g.10gb"), host_id="cut"))  # both taken
+    with pytest.raises(InsufficientCapacity):
+        scheduler.place(replace(slice_of("m4", "1g.10gb"), host_id="plain"))  # no layout
 
 
 def test_host_state_with_slices_round_trips_through_json() -> None:
