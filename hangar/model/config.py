@@ -338,6 +338,15 @@ class MachineConfig(StrictModel):
                     raise UnsupportedField(f"config.{name}")
         return data
 
+    @model_validator(mode="after")
+    def _sandbox_has_no_network_or_volumes_yet(self) -> MachineConfig:
+        if self.guest.effective_tier is Tier.SANDBOX:
+            reason = "is not available in the sandbox tier yet (no network, no volumes there)"
+            for name in ("mounts", "services", "checks"):
+                if getattr(self, name):
+                    raise UnsupportedField(f"config.{name}", reason)
+        return self
+
     @field_validator("mounts")
     @classmethod
     def _distinct_mounts(cls, value: list[MountConfig]) -> list[MountConfig]:
