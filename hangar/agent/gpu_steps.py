@@ -180,8 +180,7 @@ class ClaimGpuGroups:
                 record = self.host.gpu_store.get_gpu(bdf)
                 if record is not None and record.mig_layout:
                     raise DeviceError(
-                        f"GPU {bdf} is in MIG mode: its instances serve the sandbox tier, "
-                        "not a VM",
+                        f"GPU {bdf} is in MIG mode: its instances serve the sandbox tier, not a VM",
                         bdf=bdf,
                         retryable=False,
                     )

@@ -43,7 +43,14 @@ from hangar.vmm.deadline import run_with_deadline
 from hangar.vmm.driver import StopOutcome, VmHandle, VmSpec, VmStatus
 from hangar.vmm.errors import GuestExecError, SuspendNotSupported
 from hangar.vmm.guest_exec import ExecResult, GuestProcess
-from hangar.vmm.proc import PROC_ROOT, ProcessRef, read_process
+from hangar.vmm.proc import (
+    PROC_ROOT,
+    ProcessRef,
+    exits_within,
+    is_alive,
+    read_process,
+    tail_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -270,14 +277,16 @@ class SandboxDriver:
                     )
                 return  # it ran, and has already ended: its exit is in the control log
             state = await self._container_state(handle.machine_id)
-            if state in ("running", "stopped", "paused"):
+            if state in ("running", "paused"):
                 return
+            # "stopped": it ended, or never started (runc says so before its error): the
+            # shim's end, next time round, tells which.
             if self._clock.monotonic() >= deadline:
                 raise VmmError(
                     f"the {self.name} container of machine {handle.machine_id} was not running "
                     f"within {self._timeouts.launch_s:g} s",
                     machine_id=handle.machine_id,
-                    stderr=_tail(handle.vmm_log),
+                    stderr=tail_text(handle.vmm_log, ERROR_QUOTE_CHARS),
                 )
             await self._clock.sleep(LAUNCH_POLL_S)
 
@@ -343,7 +352,7 @@ class SandboxDriver:
             )
             if code != 0:
                 log.warning("machine %s: %s kill: %s", handle.machine_id, self.name, err[-300:])
-            if await _exits_within(process, clock, deadline - clock.monotonic()):
+            if await _exits_soon(process, clock, deadline - clock.monotonic()):
                 return StopOutcome.GUEST_EXITED
             log.info(
                 "machine %s: still running after %s s, killing it", handle.machine_id, timeout_s
@@ -364,11 +373,11 @@ class SandboxDriver:
     async def _kill(self, handle: VmHandle, process: ProcessRef, clock: Clock) -> None:
         """The container's processes, then the shim's group; return once the shim is gone."""
         await self._runtime_call(["kill", "--all", handle.machine_id, "KILL"], check=False)
-        if not await _exits_within(process, clock, self._timeouts.kill_grace_s):
+        if not await exits_within(process, clock, self._timeouts.kill_grace_s):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(handle.pid, SIGKILL)
             process.send_signal(SIGKILL)
-            if not await _exits_within(process, clock, self._timeouts.kill_grace_s):
+            if not await exits_within(process, clock, self._timeouts.kill_grace_s):
                 raise VmmError(
                     f"the sandbox shim pid {handle.pid} is still running after SIGKILL",
                     machine_id=handle.machine_id,
@@ -407,11 +416,7 @@ class SandboxDriver:
         )
 
     def is_running(self, handle: VmHandle) -> bool:
-        process = ProcessRef.open(handle.pid, handle.start_time)
-        if process is None:
-            return False
-        with process:
-            return not process.has_exited()
+        return is_alive(handle.pid, handle.start_time)
 
     async def adopt(self, handle: VmHandle) -> bool:
         refusal = await self._adoption_refusal(handle)
@@ -551,10 +556,17 @@ def kill_shim(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+async def _exits_soon(process: ProcessRef, clock: Clock, seconds: float) -> bool:
+    """Like ``exits_within``, for a deadline that may have passed already."""
+    if seconds <= 0:
+        return process.has_exited()
+    return await exits_within(process, clock, seconds)
+
+
 def runtime_error(runtime_log: Path) -> str | None:
     """The last error the runtime logged (its JSON log lines), if any."""
     message = None
-    for line in _tail(runtime_log).splitlines():
+    for line in tail_text(runtime_log, ERROR_QUOTE_CHARS).splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
@@ -562,27 +574,6 @@ def runtime_error(runtime_log: Path) -> str | None:
         if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
             message = str(entry.get("msg", ""))
     return message
-
-
-async def _exits_within(process: ProcessRef, clock: Clock, seconds: float) -> bool:
-    if seconds <= 0:
-        return process.has_exited()
-    try:
-        await run_with_deadline(clock, seconds, process.wait_exited())
-    except TimeoutError:
-        return False
-    return True
-
-
-def _tail(path: Path) -> str:
-    try:
-        with path.open("rb") as file:
-            file.seek(0, 2)
-            size = file.tell()
-            file.seek(max(0, size - ERROR_QUOTE_CHARS))
-            return file.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 __all__ = [
