@@ -22,6 +22,7 @@ from hangar.agent.services import AgentBackends, HealthChecks
 from hangar.agent.volumes import HostVolumes
 from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
+from hangar.api.console import ConsoleReaders
 from hangar.api.deps import Services
 from hangar.api.guard import GuardConfig
 from hangar.api.services.addresses import PrivateAddresses
@@ -43,10 +44,12 @@ from hangar.model.usage import DEFAULT_PRICES, PriceTable
 from hangar.net.host import HostNetConfig, HostNetwork
 from hangar.proxy.proxy import Proxy
 from hangar.proxy.settings import ProxySettings
-from hangar.ratelimit import RateLimiter, RateLimits
+from hangar.ratelimit import RateLimit, RateLimiter, RateLimits
 from hangar.scheduler import ClaimStore
+from hangar.scheduler.machines import Overcommit
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
+from hangar.store.protocol import OrgQuotas
 from hangar.volumes import VolumeHost, VolumeSettings
 from hangar.web.app import create_web_app
 from hangar.web.events import EventStreams
@@ -88,11 +91,18 @@ def build_server(
     documented limits where they name none). ``platform`` and ``claims`` replace the real
     guest platform and the SQLite claim store (tests observe through them)."""
     clock = clock or SystemClock()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    stores = open_embedded_stores(settings.database)
+    for private in (settings.home, settings.machines_dir, settings.cache_dir):
+        make_private_dir(private)
+    stores = open_embedded_stores(settings.database, keep_versions=settings.config_versions_kept)
     machines, tenancy = stores.machines, stores.tenancy
+    default_quotas = OrgQuotas(
+        machines=settings.default_org_machines,
+        memory_mb=settings.default_org_memory_mb,
+        gpus=dict(settings.default_org_gpus),
+    )
     for org_slug in {DEFAULT_ORG} | {app.org_slug for app in machines.list_apps(None)}:
-        tenancy.ensure_org(org_slug, clock.now())
+        tenancy.ensure_org(org_slug, clock.now(), quotas=default_quotas)
+    overcommit = Overcommit(cpu=settings.cpu_overcommit, memory=settings.memory_overcommit)
     metrics = HangarMetrics(clock)
     if platform is None:
         from hangar.agent.guest import QemuGuestPlatform
@@ -108,7 +118,7 @@ def build_server(
     services_of_host = HostServices(
         platform=platform,
         machines_dir=settings.machines_dir,
-        placement=HostPlacement(claim_store, host, observer=metrics),
+        placement=HostPlacement(claim_store, host, observer=metrics, overcommit=overcommit),
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
         network=network,
@@ -137,16 +147,27 @@ def build_server(
         observers=(metrics,),
     )
     metrics.register(StateCollector(machines, claim_store, settings.cache_dir))
-    quotas = QuotaService(machines, tenancy, stores.volumes)
+    quotas = QuotaService(machines, tenancy, runs=stores.runs, volumes=stores.volumes)
     capacity = PlatformService(
-        claim_store, settings.gpu_driver_bundle, share_kinds=settings.gpu_share_kinds
+        claim_store,
+        settings.gpu_driver_bundle,
+        overcommit=overcommit,
+        share_kinds=settings.gpu_share_kinds,
     )
     volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
-    orgs = OrgService(tenancy, quotas, clock)
+    orgs = OrgService(tenancy, quotas, clock, default_quotas=default_quotas)
     tokens = TokenService(tenancy, machines, clock)
-    audit = AuditService(tenancy, clock)
+    audit = AuditService(tenancy, clock, retention_s=settings.audit_retention_days * 86400)
     services = Services(
-        apps=AppService(machines, tenancy, orgs, clock, stores.volumes),
+        apps=AppService(
+            machines,
+            tenancy,
+            orgs,
+            clock,
+            runs=stores.runs,
+            name_hold_s=settings.app_name_hold_s,
+            volumes=stores.volumes,
+        ),
         machines=MachineService(
             machines,
             stores.runs,
@@ -156,8 +177,10 @@ def build_server(
             quotas,
             ImagePolicy(settings.allowed_oci_dirs),
             capacity,
-            PrivateAddresses(machines, tenancy, network) if network is not None else None,
+            addresses=PrivateAddresses(machines, tenancy, network) if network is not None else None,
             volumes=volumes,
+            max_config_bytes=settings.max_config_bytes,
+            console=ConsoleReaders(clock, follow_max_s=settings.logs_follow_max_s),
         ),
         orgs=orgs,
         tokens=tokens,
@@ -176,6 +199,10 @@ def build_server(
         limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
         audit=audit,
         max_body_bytes=settings.max_request_bytes,
+        anonymous=RateLimiter(
+            RateLimits(default=RateLimit.parse(settings.anonymous_rate_limit), actions={}), clock
+        ),
+        body_timeout_s=settings.header_timeout_s,
         observer=metrics,
     )
     reader = DashboardReader(machines, claim_store, stores.gpus)
@@ -199,6 +226,17 @@ def build_server(
         metrics=metrics,
         web=web,
     )
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (mode 0700), or take group and other access away from it: everything
+    under ``$HANGAR_HOME`` (the database, machines' env in their initrd, their disks, the
+    image cache) is the server user's alone."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("%s was mode %o: making it private (0700)", path, mode)
+        path.chmod(0o700)
 
 
 @dataclass
@@ -282,8 +320,10 @@ def mint_operator_token(settings: Settings, description: str) -> tuple[str, str]
 
 
 def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
-    import uvicorn
+    from hangar.api import http_server
 
+    # Every file the server (and the QEMU it starts) creates is its user's alone.
+    os.umask(0o077)
     server = build_server(settings)
     token_file = settings.operator_token_file
     secret = bootstrap_operator_token(token_file, server.tokens, renew=init)
@@ -293,4 +333,9 @@ def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
             print(f"operator token (also written to {token_file}):")
             print(secret, flush=True)
     log.info("hangar server: home %s, listening on %s:%d", settings.home, host, port)
-    uvicorn.run(server.app, host=host, port=port, log_level="info", log_config=uvicorn_log_config())
+    limits = http_server.ConnectionLimits(
+        max_connections=settings.max_connections,
+        header_timeout_s=settings.header_timeout_s,
+        keepalive_timeout_s=settings.keepalive_timeout_s,
+    )
+    http_server.run(server.app, host, port, limits, log_config=uvicorn_log_config())

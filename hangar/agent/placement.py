@@ -24,7 +24,7 @@ from hangar.scheduler import (
     Scheduler,
     VersionedHost,
 )
-from hangar.scheduler.machines import host_state, placement_request
+from hangar.scheduler.machines import NO_OVERCOMMIT, Overcommit, host_state, placement_request
 
 MAX_CAS_ATTEMPTS = 8
 
@@ -36,13 +36,16 @@ class HostPlacement:
         host: HostInfo,
         scheduler: Scheduler | None = None,
         observer: PlacementObserver | None = None,
+        overcommit: Overcommit = NO_OVERCOMMIT,
     ):
         """``observer`` is told how each placement went (metrics); it is given to the
-        scheduler made here (one passed in keeps its own)."""
+        scheduler made here (one passed in keeps its own). ``overcommit``: the operator's
+        ratios for shared machines (host admission)."""
         self.claims = claims
         self.host = host
         self._scheduler = scheduler
         self._observer = observer
+        self.overcommit = overcommit
 
     @property
     def scheduler(self) -> Scheduler:
@@ -67,6 +70,7 @@ class HostPlacement:
                 gpus,
                 current.state if current is not None else None,
                 allow_cpu_machines=allow_cpu_machines,
+                overcommit=self.overcommit,
                 fabric_partitions=fabric_partitions,
             )
             if current is None:
@@ -142,7 +146,9 @@ class HostPlacement:
         held = self.claim_of(machine_id)
         if held is not None:
             return held
-        request = placement_request(guest, machine_id=machine_id, host_id=self.host.id)
+        request = placement_request(
+            guest, machine_id=machine_id, host_id=self.host.id, overcommit=self.overcommit
+        )
         return self.scheduler.place(request).claim
 
     def release(self, machine_id: str) -> list[str]:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from hangar.agent.engine import CRASH_AFTER_STEP_ENV
+from hangar.model.guest_contract import RunDir
 from hangar.model.run import DestroyRequest, StartRequest, StopRequest
 from hangar.server_process import ServerProcess
 from tests.agent.helpers import machine_path, run_machine, step_names, vmm_pids, wait_state
@@ -74,14 +75,14 @@ def crash_during(server: ServerProcess, operation: str, step: str, request: http
 def assert_no_leaks(home: Path, machine_id: str, running: bool, tier: str = "vm") -> None:
     pids = vmm_pids(home, machine_id)
     run_dir = home / "machines" / machine_id
-    root = run_dir / ("bundle/rootfs" if tier == "sandbox" else "root.ext4")
+    root = run_dir / ("bundle/rootfs" if tier == "sandbox" else RunDir.ROOT_DISK)
     if running:
         assert len(pids) == 1, pids
         assert root.exists()
     else:
         assert pids == []
         assert not root.exists()
-        assert not (run_dir / "root.ext4").exists()
+        assert not (run_dir / RunDir.ROOT_DISK).exists()
         assert not (run_dir / "initrd.img").exists()
         assert not (run_dir / "bundle").exists()
 

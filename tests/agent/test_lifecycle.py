@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from hangar.model.guest_contract import RunDir
 from hangar.server_process import ServerProcess
 from tests.agent.helpers import (
     console_text,
@@ -40,7 +41,7 @@ def tier_config(tier: str) -> dict[str, Any]:
 
 def root_of(run_dir: Path, tier: str) -> Path:
     """Where a machine's writable root lives while it runs."""
-    return run_dir / ("bundle" if tier == "sandbox" else "root.ext4")
+    return run_dir / (RunDir.BUNDLE if tier == "sandbox" else RunDir.ROOT_DISK)
 
 
 def test_machine_runs_prints_and_reports_its_exit_code(
