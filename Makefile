@@ -12,8 +12,8 @@ FUZZ_SECONDS ?= 3600
 # gVisor's runsc (the sandbox tier): Debian trixie's build, kept here; tests and the demo use it
 RUNSC := $(CURDIR)/.cache/runsc/bin/runsc
 
-.PHONY: deps runsc venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement bench-proxy \
-	bench-volume bench-mixes bench-replay bench-tenancy clean
+.PHONY: deps runsc venv demo test lint typecheck unit fuzz gpu-check bench-api bench-boot bench-placement \
+	bench-proxy bench-volume bench-mixes bench-replay bench-tenancy clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -58,6 +58,9 @@ fuzz: deps runsc venv
 
 gpu-check: runsc venv
 	$(PYTHON) scripts/gpu_check.py
+
+bench-api: deps venv
+	$(VENV)/bin/hangar bench api
 
 bench-boot: deps venv
 	$(VENV)/bin/hangar bench boot

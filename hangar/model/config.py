@@ -94,6 +94,9 @@ class Tier(enum.StrEnum):
 GPU_SLICE_PATTERN = re.compile(r"^[1-7]g\.[0-9]{1,3}gb$")
 GPU_SHARE_STEP = 1000
 """Shares are counted in thousandths of a GPU."""
+MIG_COMPUTE_SLICES = 7
+"""A MIG profile ``Ng.*`` holds N of a GPU's 7 compute slices (as ``hangar.scheduler.mig``
+counts it)."""
 
 
 class GuestConfig(StrictModel):
@@ -137,6 +140,14 @@ class GuestConfig(StrictModel):
     def gpu_share_milli(self) -> int:
         """The share in thousandths of a GPU (0 without one)."""
         return round(self.gpu_share * GPU_SHARE_STEP) if self.gpu_share is not None else 0
+
+    @property
+    def gpu_part_milli(self) -> int:
+        """A slice's or share's part of one GPU in thousandths (0 for whole GPUs or none): a
+        MIG slice its compute slices' share, rounded down."""
+        if self.gpu_slice is not None:
+            return int(self.gpu_slice[0]) * GPU_SHARE_STEP // MIG_COMPUTE_SLICES
+        return self.gpu_share_milli
 
     @property
     def effective_tier(self) -> Tier:

@@ -120,7 +120,8 @@ def test_a_slice_counts_as_its_fraction_of_a_gpu_in_quotas(
         {"gpu_kind": "h100-sxm", "gpus": 1, "cpu_kind": "performance"},
     ):
         usage.add(MachineConfig.model_validate({"image": test_image, "guest": guest}))
-    assert usage.gpus == {"h100-sxm": 1.678}
+    assert usage.gpu_totals() == {"h100-sxm": 1.678}
+    assert usage.counters()["gpu_parts.h100-sxm"] == 678
     assert org
 
 

@@ -1,6 +1,7 @@
 """Per-org quotas over the machines an org has (every machine not destroyed counts):
-machines, memory, and GPUs by kind; and over its volumes (every volume that holds or will
-hold an image counts): how many, and their GB together. A request that would pass one gets
+machines, memory, and GPUs by kind (a MIG slice or time share as its fraction of one GPU);
+and over its volumes (every volume that holds or will hold an image counts): how many, and
+their GB together. A request that would pass one gets
 a 422 naming it.
 
 A machine with updates still pending (queued or running in the agent) counts with the
@@ -12,42 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel, Field
-
 from hangar.errors import QuotaExceeded
 from hangar.model.config import GuestConfig, MachineConfig
-from hangar.model.machine import Machine
+from hangar.model.footprint import MILLI_PER_GPU, Footprint
+from hangar.model.machine import Machine, MachineState
 from hangar.model.run import UpdateRequest
 from hangar.model.volume import Volume
-from hangar.scheduler.mig import profile_milli
-from hangar.scheduler.model import MILLI_PER_GPU
 from hangar.store.protocol import MachineStore, Org, OrgQuotas, RunStore, TenancyStore, VolumeStore
-
-
-def gpu_milli(guest: GuestConfig) -> int:
-    """What a machine holds of its kind's GPUs, in thousandths: whole GPUs, a MIG slice's
-    compute share (``1g`` of 7), or a time share."""
-    if guest.gpu_slice is not None:
-        return profile_milli(guest.gpu_slice)
-    if guest.gpu_share is not None:
-        return guest.gpu_share_milli
-    return (guest.gpus or 0) * MILLI_PER_GPU
-
 
 Limit = tuple[str, int | None, float, float, str]
 """quota name, its limit, the org's use now, its use if the request went through, unit"""
 
 
-class OrgUsage(BaseModel):
-    machines: int = 0
-    memory_mb: int = 0
-    gpus: dict[str, float] = Field(default_factory=dict)
-    """GPUs by kind; a MIG slice or a time share counts as its fraction of one GPU."""
+class OrgUsage(Footprint):
     volumes: int = 0
     volume_gb: int = 0
-
-    def add(self, config: MachineConfig, sign: int = 1) -> None:
-        self.add_largest([config], sign)
 
     def add_largest(self, configs: Sequence[MachineConfig], sign: int = 1) -> None:
         """One machine that has had, or will have, each of ``configs``: the largest of them
@@ -55,13 +35,17 @@ class OrgUsage(BaseModel):
         self.machines += sign
         self.memory_mb += sign * max(config.guest.memory_mb for config in configs)
         largest: dict[str, int] = {}
+        parts: dict[str, int] = {}
         for config in configs:
-            kind, milli = config.guest.gpu_kind, gpu_milli(config.guest)
-            if kind is not None and milli:
-                largest[kind] = max(largest.get(kind, 0), milli)
-        for kind, milli in largest.items():
-            total = round(self.gpus.get(kind, 0) * MILLI_PER_GPU) + sign * milli
-            self.gpus[kind] = total / MILLI_PER_GPU
+            kind, count = config.guest.gpu_kind, config.guest.gpus or 0
+            if kind is not None and count:
+                largest[kind] = max(largest.get(kind, 0), count)
+            if kind is not None and config.guest.gpu_part_milli:
+                parts[kind] = max(parts.get(kind, 0), config.guest.gpu_part_milli)
+        for kind, count in largest.items():
+            self.gpus[kind] = self.gpus.get(kind, 0) + sign * count
+        for kind, milli in parts.items():
+            self.gpu_parts[kind] = self.gpu_parts.get(kind, 0) + sign * milli
 
     def add_volume(self, size_gb: int, sign: int = 1) -> None:
         self.volumes += sign
@@ -75,10 +59,11 @@ def room_for(quotas: OrgQuotas, usage: OrgUsage, guest: GuestConfig) -> int | No
         rooms.append(quotas.machines - usage.machines)
     if quotas.memory_mb is not None:
         rooms.append((quotas.memory_mb - usage.memory_mb) // guest.memory_mb)
-    kind, milli = guest.gpu_kind, gpu_milli(guest)
-    if kind is not None and milli and kind in quotas.gpus:
-        free = quotas.gpus[kind] * MILLI_PER_GPU - round(usage.gpus.get(kind, 0) * MILLI_PER_GPU)
-        rooms.append(free // milli)
+    kind = guest.gpu_kind
+    wanted = (guest.gpus or 0) * MILLI_PER_GPU + guest.gpu_part_milli
+    if kind is not None and wanted and kind in quotas.gpus:
+        free = round((quotas.gpus[kind] - usage.gpu_total(kind)) * MILLI_PER_GPU)
+        rooms.append(free // wanted)
     return max(0, min(rooms)) if rooms else None
 
 
@@ -110,12 +95,26 @@ class QuotaService:
     ) -> list[MachineConfig]:
         return [machine.config, *pending.get(machine.id, [])]
 
+    def machine_usage(self, org_slug: str) -> OrgUsage:
+        """The org's machines: the store's counters (no machine is read), with each machine
+        that has updates pending counted at the largest of its configs (those machines are
+        read, the queued updates being few whatever the fleet)."""
+        usage = OrgUsage(**self._cluster.machine_usage(org_slug).model_dump())
+        for machine_id, configs in self._pending_configs().items():
+            machine = self._cluster.get_machine(machine_id)
+            if machine is None or machine.state is MachineState.DESTROYED:
+                continue
+            app = self._cluster.get_app(machine.app)
+            if app is None or app.org_slug != org_slug or machine.app_id not in ("", app.id):
+                continue
+            usage.add(machine.config, sign=-1)
+            usage.add_largest([machine.config, *configs])
+        return usage
+
     def usage(self, org_slug: str) -> OrgUsage:
-        usage = OrgUsage()
-        pending = self._pending_configs()
-        for app in self._cluster.list_apps(org_slug):
-            for machine in self._cluster.list_machines(app.name):
-                usage.add_largest(self._configs_of(machine, pending))
+        """The org's machines (counted) and its volumes (read)."""
+        usage = self.machine_usage(org_slug)
+        for app in self._cluster.list_apps(org_slug) if self._volumes else []:
             for volume in self._volumes.list_volumes(app.name) if self._volumes else []:
                 if volume.state.holds_space:
                     usage.add_volume(volume.size_gb)
@@ -125,7 +124,7 @@ class QuotaService:
         org = self._tenancy.get_org(org_slug)
         if org is None:
             return 0
-        return room_for(org.quotas, self.usage(org_slug), guest)
+        return room_for(org.quotas, self.machine_usage(org_slug), guest)
 
     def _org_of(self, app_name: str) -> Org | None:
         app = self._cluster.get_app(app_name)
@@ -161,7 +160,7 @@ class QuotaService:
         org = self._org_of(app_name)
         if org is None:
             return
-        before = self.usage(org.slug)
+        before = self.machine_usage(org.slug)
         after = before.model_copy(deep=True)
         if replacing is None:
             after.add(config)
@@ -178,8 +177,8 @@ class QuotaService:
             (
                 f"gpus.{kind}",
                 limit,
-                before.gpus.get(kind, 0),
-                after.gpus.get(kind, 0),
+                before.gpu_total(kind),
+                after.gpu_total(kind),
                 f"{kind} GPU(s)",
             )
             for kind, limit in sorted(quotas.gpus.items())
