@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 qemu-utils skopeo umoci e2fsprogs busybox-static docker-registry cpio \
 	kmod nftables ca-certificates python3-venv haproxy wrk nginx-light iproute2 gcc libc6-dev \
-	etcd-server chromium tmux runc
+	etcd-server chromium tmux cmake g++ make runc
 PYTEST_ARGS ?=
 # make fuzz: schemathesis examples per API operation and pass (make test runs 8), and a time guard
 FUZZ_EXAMPLES ?= 200
@@ -13,7 +13,7 @@ FUZZ_SECONDS ?= 3600
 RUNSC := $(CURDIR)/.cache/runsc/bin/runsc
 
 .PHONY: deps runsc venv demo test lint typecheck unit fuzz gpu-check bench-api bench-boot bench-placement \
-	bench-proxy bench-volume bench-mixes bench-replay bench-tenancy clean
+	bench-proxy bench-volume bench-mixes bench-replay bench-tenancy bench-llm engine clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -48,7 +48,9 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-unit: deps runsc venv
+# The engine tests and the model deployment tests need llama-server: built here, once, into the
+# suite's cache (a cold build takes minutes; afterwards this is a cache lookup).
+unit: deps runsc venv engine
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test: deps venv lint typecheck unit
@@ -58,6 +60,10 @@ fuzz: deps runsc venv
 
 gpu-check: runsc venv
 	$(PYTHON) scripts/gpu_check.py
+
+# llama-server from the pinned llama-cpp-python sdist, built once into $HANGAR_CACHE (minutes)
+engine: deps venv
+	HANGAR_CACHE=$${HANGAR_CACHE:-$(CURDIR)/.cache} $(PYTHON) -m hangar.llm.engine
 
 bench-api: deps venv
 	$(VENV)/bin/hangar bench api
@@ -74,6 +80,9 @@ bench-tenancy: deps venv
 bench-placement: venv
 	$(VENV)/bin/hangar bench placement --nodes ../shared/data/alibaba-gpu-v2023/openb_node_list_gpu_node.csv \
 		--pods ../shared/data/alibaba-gpu-v2023/openb_pod_list_default.csv --seeds 42..51
+
+bench-llm: deps venv engine
+	HANGAR_CACHE=$${HANGAR_CACHE:-$(CURDIR)/.cache} $(VENV)/bin/hangar bench llm
 
 TRACE := ../shared/data/alibaba-gpu-v2023
 # hangar against FGD and BestFit on every kind of mix (15 mixes x 10 seeds; long on 2 cores)

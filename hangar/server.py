@@ -30,6 +30,14 @@ from hangar.api.services.apps import AppService
 from hangar.api.services.audit import AuditService
 from hangar.api.services.hosts import HostService
 from hangar.api.services.image_policy import ImagePolicy
+from hangar.api.services.llm import (
+    EngineImages,
+    HangarAuthenticator,
+    LlmService,
+    MachineReplicas,
+    StoreDeployments,
+    StoreMetering,
+)
 from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.api.services.platform import PlatformService
@@ -38,6 +46,9 @@ from hangar.api.services.tokens import TokenService
 from hangar.api.services.usage import UsageService
 from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock, SystemClock
+from hangar.llm.gateway import Gateway, GatewayConfig
+from hangar.llm.listener import GatewayListener
+from hangar.llm.pool import PoolPolicy
 from hangar.metrics import HangarMetrics, StateCollector
 from hangar.model.host import HostInfo, read_local_host
 from hangar.model.usage import DEFAULT_PRICES, PriceTable
@@ -74,6 +85,7 @@ class EmbeddedServer:
     traffic: MachineTraffic
     metrics: HangarMetrics
     web: FastAPI
+    llm: LlmService
 
     @property
     def home(self) -> Path:
@@ -158,40 +170,64 @@ def build_server(
     orgs = OrgService(tenancy, quotas, clock, default_quotas=default_quotas)
     tokens = TokenService(tenancy, machines, clock)
     audit = AuditService(tenancy, clock, retention_s=settings.audit_retention_days * 86400)
+    apps = AppService(
+        machines,
+        tenancy,
+        orgs,
+        clock,
+        runs=stores.runs,
+        name_hold_s=settings.app_name_hold_s,
+        volumes=stores.volumes,
+    )
+    machine_service = MachineService(
+        machines,
+        stores.runs,
+        agent,
+        clock,
+        host,
+        quotas,
+        ImagePolicy(settings.allowed_oci_dirs),
+        capacity,
+        addresses=PrivateAddresses(machines, tenancy, network) if network is not None else None,
+        volumes=volumes,
+        max_config_bytes=settings.max_config_bytes,
+        console=ConsoleReaders(clock, follow_max_s=settings.logs_follow_max_s),
+    )
+    llm = LlmService(
+        stores.llm,
+        machines,
+        apps,
+        orgs,
+        machine_service,
+        volumes,
+        stores.volumes,
+        EngineImages(
+            layout=settings.llm_images_dir,
+            cache=settings.cache_dir,
+            allowed_model_dirs=settings.allowed_oci_dirs,
+            configured_server=settings.llama_server,
+        ),
+        clock,
+        host,
+    )
     services = Services(
-        apps=AppService(
-            machines,
-            tenancy,
-            orgs,
-            clock,
-            runs=stores.runs,
-            name_hold_s=settings.app_name_hold_s,
-            volumes=stores.volumes,
-        ),
-        machines=MachineService(
-            machines,
-            stores.runs,
-            agent,
-            clock,
-            host,
-            quotas,
-            ImagePolicy(settings.allowed_oci_dirs),
-            capacity,
-            addresses=PrivateAddresses(machines, tenancy, network) if network is not None else None,
-            volumes=volumes,
-            max_config_bytes=settings.max_config_bytes,
-            console=ConsoleReaders(clock, follow_max_s=settings.logs_follow_max_s),
-        ),
+        apps=apps,
+        machines=machine_service,
         orgs=orgs,
         tokens=tokens,
         audit=audit,
         hosts=HostService(agent, host),
         platform=capacity,
         usage=UsageService(
-            stores.usage, orgs, PriceTable.parse(settings.prices, DEFAULT_PRICES), clock
+            stores.usage,
+            orgs,
+            PriceTable.parse(settings.prices, DEFAULT_PRICES),
+            clock,
+            tokens=stores.llm,
         ),
         metrics=metrics,
         volumes=volumes,
+        llm=llm,
     )
     policy = AccessPolicy(tokens, machines)
     guard = GuardConfig(
@@ -214,6 +250,10 @@ def build_server(
         clock,
     )
     traffic = MachineTraffic.for_agent(agent, settings, clock)
+    if settings.llm:
+        traffic.gateway = GatewayListener(
+            model_gateway(llm, tokens, settings, clock), settings.llm_bind, settings.llm_port
+        )
     app = create_app(services, guard, on_startup=traffic.start, on_shutdown=traffic.close, web=web)
     return EmbeddedServer(
         settings=settings,
@@ -225,6 +265,26 @@ def build_server(
         traffic=traffic,
         metrics=metrics,
         web=web,
+        llm=llm,
+    )
+
+
+def model_gateway(
+    llm: LlmService, tokens: TokenService, settings: Settings, clock: Clock
+) -> Gateway:
+    """The OpenAI-compatible gateway over this server's deployments (``hangar llm``)."""
+    idle_s = settings.llm_idle_s
+    return Gateway(
+        HangarAuthenticator(tokens, llm.store),
+        StoreDeployments(llm.store),
+        MachineReplicas(llm),
+        StoreMetering(llm.store),
+        clock=clock,
+        config=GatewayConfig(
+            max_body_bytes=settings.max_request_bytes,
+            reconcile_interval_s=min(5.0, idle_s / 4),
+            pool=PoolPolicy(idle_s=idle_s),
+        ),
     )
 
 
@@ -241,12 +301,14 @@ def make_private_dir(path: Path) -> None:
 
 @dataclass
 class MachineTraffic:
-    """What runs beside the agent in ``hangar server``: the health checks of its machines
-    and the proxy publishing their services (each off when the settings say so)."""
+    """What runs beside the agent in ``hangar server``: the health checks of its machines,
+    the proxy publishing their services and the model gateway (each off when the settings
+    say so)."""
 
     agent: Agent
     checks: HealthChecks | None
     proxy: Proxy | None
+    gateway: GatewayListener | None = None
 
     @classmethod
     def for_agent(cls, agent: Agent, settings: Settings, clock: Clock) -> MachineTraffic:
@@ -270,8 +332,13 @@ class MachineTraffic:
             await self.checks.start()
         if self.proxy is not None:
             await self.proxy.start()
+        if self.gateway is not None:
+            await self.gateway.start()
+            log.info("model gateway: %s", self.gateway.url)
 
     async def close(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.close()
         if self.proxy is not None:
             await self.proxy.close()
         if self.checks is not None:

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ENV_PREFIX = "HANGAR_"
 DEFAULT_PORT = 4280
 DEFAULT_API_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_LLM_PORT = 4281
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DATABASE = "hangar.db"
 OPERATOR_TOKEN_FILE = "operator.token"
@@ -306,6 +307,29 @@ class Settings(BaseSettings):
         description="`gpu:l40s=1.25,cpu:performance=0.04,memory_gb=0.007,volume_gb=0.0002`: "
         "prices per hour that replace the defaults (Fly.io's published GPU prices)",
     )
+    llm: bool = Field(
+        default=True, description="`0`: `hangar server` runs no model gateway (`hangar llm`)"
+    )
+    llm_bind: str = Field(
+        default="127.0.0.1", description="the address the model gateway (OpenAI's API) listens on"
+    )
+    llm_port: int = Field(
+        default=DEFAULT_LLM_PORT,
+        ge=0,
+        le=65535,
+        description=f"the model gateway's port (default {DEFAULT_LLM_PORT}; 0: any free port)",
+    )
+    llm_idle_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="a model replica without requests this long is put to sleep, down to its "
+        "deployment's minimum (default 300)",
+    )
+    llama_server: Path | None = Field(
+        default=None,
+        description="a `llama-server` binary to use instead of building one (the engine image "
+        "needs it static)",
+    )
     crash_after_step: str = Field(
         default="",
         description="test hook: `operation:step` makes the agent SIGKILL itself right after "
@@ -364,6 +388,11 @@ class Settings(BaseSettings):
     @property
     def volumes_root(self) -> Path:
         return self.volumes_dir if self.volumes_dir is not None else self.home / "volumes"
+
+    @property
+    def llm_images_dir(self) -> Path:
+        """The OCI layout of deployments' engine images."""
+        return self.home / "llm" / "images"
 
     @property
     def proxy_state_dir(self) -> Path:

@@ -20,6 +20,7 @@ from hangar.api.routers import (
     apps,
     audit,
     hosts,
+    llm,
     machines,
     metrics,
     orgs,
@@ -71,6 +72,7 @@ def create_app(
     app.include_router(platform.router)
     app.include_router(usage.router)
     app.include_router(metrics.router)
+    app.include_router(llm.router)
     if web is not None:
         app.mount(WEB_MOUNT, web)
     app.add_middleware(RequestGuard, routes=app.router.routes, config=guard)

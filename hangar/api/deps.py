@@ -13,6 +13,7 @@ from hangar.api.guard import ACCESS_KEY
 from hangar.api.services.apps import AppService
 from hangar.api.services.audit import AuditService
 from hangar.api.services.hosts import HostService
+from hangar.api.services.llm import LlmService
 from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import OrgService
 from hangar.api.services.platform import PlatformService
@@ -35,6 +36,7 @@ class Services:
     usage: UsageService
     metrics: HangarMetrics
     volumes: VolumeService
+    llm: LlmService
 
 
 def services(request: Request) -> Services:

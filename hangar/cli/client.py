@@ -18,6 +18,7 @@ import httpx
 
 from hangar.settings import Settings
 
+DEPLOY_TIMEOUT_S = 1800.0
 RATE_LIMIT_RETRIES = 5
 MAX_RETRY_WAIT_S = 10.0
 
@@ -253,3 +254,27 @@ class HangarClient:
         if org_slug:
             params["org_slug"] = org_slug
         return self.request("GET", "/v1/audit", params=params)
+
+    # model deployments
+    def llm_path(self, org: str, name: str = "", verb: str = "") -> str:
+        path = f"/v1/orgs/{org}/llm/deployments"
+        return path + (f"/{name}" if name else "") + (f"/{verb}" if verb else "")
+
+    def create_deployment(self, org: str, body: dict[str, Any]) -> Any:
+        # The first deploy on a host builds the engine (minutes).
+        return self.request("POST", self.llm_path(org), json=body, timeout=DEPLOY_TIMEOUT_S)
+
+    def list_deployments(self, org: str) -> Any:
+        return self.request("GET", self.llm_path(org))
+
+    def get_deployment(self, org: str, name: str) -> Any:
+        return self.request("GET", self.llm_path(org, name))
+
+    def scale_deployment(self, org: str, name: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", self.llm_path(org, name, "scale"), json=body)
+
+    def delete_deployment(self, org: str, name: str) -> Any:
+        return self.request("DELETE", self.llm_path(org, name), timeout=DEPLOY_TIMEOUT_S)
+
+    def create_deployment_key(self, org: str, name: str) -> Any:
+        return self.request("POST", self.llm_path(org, name, "keys"))

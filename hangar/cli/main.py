@@ -17,6 +17,7 @@ from rich.markup import escape
 from hangar.cli.bench import bench_app
 from hangar.cli.client import ApiError, HangarClient
 from hangar.cli.host import host_app
+from hangar.cli.llm import llm_app
 from hangar.cli.output import (
     JsonFlag,
     api_error_line,
@@ -52,6 +53,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(admin_app, name="admin")
 app.add_typer(host_app, name="host")
 app.add_typer(volumes_app, name="volumes")
+app.add_typer(llm_app, name="llm")
 app.command("proxy")(proxy)
 app.command("usage")(usage)
 
@@ -80,6 +82,8 @@ def server(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request at INFO: one line per call the model gateway forwards.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings() if home is None else Settings(home=home)
     serve(settings, host, port, init=init)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from hangar.store.gpus import SqliteGpuStore
 from hangar.store.host_claims import SqliteClaimStore
+from hangar.store.llm import SqliteLlmStore
 from hangar.store.machines import DEFAULT_KEEP_VERSIONS, SqliteMachineStore
 from hangar.store.runs import SqliteRunStore
 from hangar.store.tenancy import SqliteTenancyStore
@@ -23,6 +24,7 @@ class EmbeddedStores:
     claims: SqliteClaimStore
     usage: SqliteUsageStore
     volumes: SqliteVolumeStore
+    llm: SqliteLlmStore
 
     def close(self) -> None:
         for store in (
@@ -33,6 +35,7 @@ class EmbeddedStores:
             self.claims,
             self.usage,
             self.volumes,
+            self.llm,
         ):
             store.close()
 
@@ -46,4 +49,5 @@ def open_embedded_stores(path: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS)
         claims=SqliteClaimStore(path),
         usage=SqliteUsageStore(path),
         volumes=SqliteVolumeStore(path),
+        llm=SqliteLlmStore(path),
     )
