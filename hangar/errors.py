@@ -16,6 +16,7 @@ Hierarchy::
      +-- NotFound                   404  app, machine, host or lease that does not exist
  |    +-- ModelNotFound         404  a model (deployment) absent or not the caller's
      +-- Conflict                   409  a state or lease conflict (illegal transition, wrong nonce)
+     |    +-- NameTaken             409  a unique name in use (``name_taken``, as Fly answers)
      +-- PreconditionFailed         412  an ``If-Match``-style check failed (version, lease owner)
      +-- WaitTimeout                408  ``wait`` ran out before the machine reached the state
      +-- RequestTooLarge            413  a body over the size limit
@@ -94,6 +95,12 @@ class NotFound(HangarError):
 class Conflict(HangarError):
     http_status = 409
     code = "conflict"
+
+
+class NameTaken(Conflict):
+    """A name that must be unique is taken (app names are global, as on Fly)."""
+
+    code = "name_taken"
 
 
 class PreconditionFailed(HangarError):

@@ -42,6 +42,7 @@ from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
+from hangar.api.services.secrets import SecretService
 from hangar.api.services.tokens import TokenService
 from hangar.api.services.usage import UsageService
 from hangar.api.services.volumes import VolumeService
@@ -105,7 +106,9 @@ def build_server(
     clock = clock or SystemClock()
     for private in (settings.home, settings.machines_dir, settings.cache_dir):
         make_private_dir(private)
-    stores = open_embedded_stores(settings.database, keep_versions=settings.config_versions_kept)
+    stores = open_embedded_stores(
+        settings.database, settings.secrets_key_file, keep_versions=settings.config_versions_kept
+    )
     machines, tenancy = stores.machines, stores.tenancy
     default_quotas = OrgQuotas(
         machines=settings.default_org_machines,
@@ -134,6 +137,7 @@ def build_server(
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
         network=network,
+        secrets=stores.secrets,
         volumes=HostVolumes(
             VolumeHost(VolumeSettings.from_settings(settings), clock=clock),
             stores.volumes,
@@ -178,6 +182,7 @@ def build_server(
         runs=stores.runs,
         name_hold_s=settings.app_name_hold_s,
         volumes=stores.volumes,
+        secrets=stores.secrets,
     )
     machine_service = MachineService(
         machines,
@@ -189,6 +194,7 @@ def build_server(
         ImagePolicy(settings.allowed_oci_dirs),
         capacity,
         addresses=PrivateAddresses(machines, tenancy, network) if network is not None else None,
+        secrets=stores.secrets,
         volumes=volumes,
         max_config_bytes=settings.max_config_bytes,
         console=ConsoleReaders(clock, follow_max_s=settings.logs_follow_max_s),
@@ -218,6 +224,7 @@ def build_server(
         audit=audit,
         hosts=HostService(agent, host),
         platform=capacity,
+        secrets=SecretService(stores.secrets, clock),
         usage=UsageService(
             stores.usage,
             orgs,

@@ -23,6 +23,7 @@ DEFAULT_LLM_PORT = 4281
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DATABASE = "hangar.db"
 OPERATOR_TOKEN_FILE = "operator.token"
+SECRETS_KEY_FILE = "secrets.key"
 
 
 def _default_home() -> Path:
@@ -138,6 +139,11 @@ class Settings(BaseSettings):
         ge=0,
         description="age after which an image or key no volume record names is removed "
         "(default 3600)",
+    )
+    secrets_key: Path | None = Field(
+        default=None,
+        description="the key file app secrets are sealed with (default `$HANGAR_HOME/secrets.key`,"
+        " made mode 0600 on first use)",
     )
     local_registries: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),
@@ -405,6 +411,10 @@ class Settings(BaseSettings):
     @property
     def machines_dir(self) -> Path:
         return self.home / "machines"
+
+    @property
+    def secrets_key_file(self) -> Path:
+        return self.secrets_key if self.secrets_key is not None else self.home / SECRETS_KEY_FILE
 
     @property
     def operator_token_file(self) -> Path:

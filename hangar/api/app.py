@@ -25,6 +25,7 @@ from hangar.api.routers import (
     metrics,
     orgs,
     platform,
+    secrets,
     tokens,
     usage,
     volumes,
@@ -64,6 +65,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(apps.router)
     app.include_router(machines.router)
+    app.include_router(secrets.router)
     app.include_router(volumes.router)
     app.include_router(orgs.router)
     app.include_router(tokens.router)

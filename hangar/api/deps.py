@@ -17,6 +17,7 @@ from hangar.api.services.llm import LlmService
 from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import OrgService
 from hangar.api.services.platform import PlatformService
+from hangar.api.services.secrets import SecretService
 from hangar.api.services.tokens import TokenService
 from hangar.api.services.usage import UsageService
 from hangar.api.services.volumes import VolumeService
@@ -33,6 +34,7 @@ class Services:
     audit: AuditService
     hosts: HostService
     platform: PlatformService
+    secrets: SecretService
     usage: UsageService
     metrics: HangarMetrics
     volumes: VolumeService

@@ -159,6 +159,28 @@ class HangarClient:
             "DELETE", self.machines_path(app, machine_id), params={"force": str(force).lower()}
         )
 
+    def exec(
+        self, app: str, machine_id: str, command: list[str], timeout_s: int, stdin: str = ""
+    ) -> Any:
+        body = {"command": command, "timeout": timeout_s, "stdin": stdin}
+        # The command may run for timeout_s: the request waits that long and a margin.
+        return self.request(
+            "POST",
+            self.machines_path(app, machine_id, "exec"),
+            json=body,
+            timeout=httpx.Timeout(timeout_s + 60.0, connect=5.0),
+        )
+
+    def processes(self, app: str, machine_id: str) -> Any:
+        return self.request("GET", self.machines_path(app, machine_id, "ps"))
+
+    # secrets
+    def list_secrets(self, app: str) -> Any:
+        return self.request("GET", f"/v1/apps/{app}/secrets")
+
+    def update_secrets(self, app: str, values: dict[str, str | None]) -> Any:
+        return self.request("POST", f"/v1/apps/{app}/secrets", json={"values": values})
+
     def wait(self, app: str, machine_id: str, state: str, timeout_s: int = 60) -> Any:
         return self.request(
             "GET",
