@@ -4,13 +4,15 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 qemu-utils skopeo umoci e2fsprogs busybox-static docker-registry cpio \
 	kmod nftables ca-certificates python3-venv haproxy wrk nginx-light iproute2 gcc libc6-dev \
-	etcd-server chromium tmux cmake g++ make
+	etcd-server chromium tmux cmake g++ make runc
 PYTEST_ARGS ?=
 # make fuzz: schemathesis examples per API operation and pass (make test runs 8), and a time guard
 FUZZ_EXAMPLES ?= 200
 FUZZ_SECONDS ?= 3600
+# gVisor's runsc (the sandbox tier): Debian trixie's build, kept here; tests and the demo use it
+RUNSC := $(CURDIR)/.cache/runsc/bin/runsc
 
-.PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-api bench-boot bench-placement \
+.PHONY: deps runsc venv demo test lint typecheck unit fuzz gpu-check bench-api bench-boot bench-placement \
 	bench-proxy bench-volume bench-mixes bench-replay bench-tenancy bench-llm engine engine-background clean
 
 deps:
@@ -22,6 +24,12 @@ deps:
 			--no-install-recommends $$missing; \
 	fi
 
+runsc: $(RUNSC)
+
+$(RUNSC): scripts/fetch_runsc.sh
+	./scripts/fetch_runsc.sh $(dir $(RUNSC))..
+	touch $@
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
@@ -30,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-demo: deps venv
+demo: deps runsc venv
 	./scripts/demo.sh
 
 lint: venv
@@ -40,7 +48,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-unit: deps venv
+unit: deps runsc venv
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 # The engine tests and the model deployment tests need llama-server, built once into the suite's
@@ -54,10 +62,10 @@ engine-background: deps venv
 	HANGAR_CACHE=$${HANGAR_CACHE:-$(CURDIR)/.cache} nohup nice -n 10 $(PYTHON) -m hangar.llm.engine \
 		> "$${HANGAR_CACHE:-$(CURDIR)/.cache}/engine-build.log" 2>&1 &
 
-fuzz: deps venv
+fuzz: deps runsc venv
 	$(PYTHON) -m pytest tests/api/test_fuzz.py -s --fuzz-examples=$(FUZZ_EXAMPLES) --fuzz-seconds=$(FUZZ_SECONDS) $(PYTEST_ARGS)
 
-gpu-check: venv
+gpu-check: runsc venv
 	$(PYTHON) scripts/gpu_check.py
 
 # llama-server from the pinned llama-cpp-python sdist, built once into $HANGAR_CACHE (minutes)

@@ -14,6 +14,7 @@ from hangar.agent.engine import crash_after
 from hangar.agent.gpus import HostGpus
 from hangar.agent.host import HostServices
 from hangar.agent.metering import UsageMeter
+from hangar.agent.mps import MpsSupervisor
 from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
@@ -142,6 +143,7 @@ def build_server(
             stores.volumes,
             host.id,
         ),
+        mps=MpsSupervisor(settings.mps_pipe_root) if settings.gpu_share_kinds else None,
     )
     meter = UsageMeter(
         stores.usage,
@@ -162,7 +164,12 @@ def build_server(
     )
     metrics.register(StateCollector(machines, claim_store, settings.cache_dir))
     quotas = QuotaService(machines, tenancy, runs=stores.runs, volumes=stores.volumes)
-    capacity = PlatformService(claim_store, settings.gpu_driver_bundle, overcommit=overcommit)
+    capacity = PlatformService(
+        claim_store,
+        settings.gpu_driver_bundle,
+        overcommit=overcommit,
+        share_kinds=settings.gpu_share_kinds,
+    )
     volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
     orgs = OrgService(tenancy, quotas, clock, default_quotas=default_quotas)
     tokens = TokenService(tenancy, machines, clock)

@@ -87,6 +87,28 @@ class Settings(BaseSettings):
         default=Path("/sys"), description="sysfs to read devices from (a fixture tree in tests)"
     )
     nvml: bool = Field(default=True, description="`0` skips NVML")
+    sandbox_runtime: Literal["runsc", "runc"] = Field(
+        default="runsc",
+        description="the sandbox tier's OCI runtime: `runsc` (gVisor); `runc` shares the host "
+        "kernel with tenants, so only an operator who accepts that sets it",
+    )
+    runsc: Path | None = Field(
+        default=None,
+        description="gVisor's `runsc` (default: `runsc` on `PATH`; `make runsc` installs one "
+        "under `.cache/runsc/bin`)",
+    )
+    runsc_platform: Literal["systrap", "ptrace", "kvm"] = Field(
+        default="systrap", description="how gVisor intercepts system calls (default systrap)"
+    )
+    gpu_share_kinds: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        description="`kind,...` GPU kinds opened to time shares (`guest.gpu_share`, through "
+        "MPS); none by default",
+    )
+    mps_pipe_root: Path = Field(
+        default=Path("/run/hangar-mps"),
+        description="where each shared GPU's MPS control daemon keeps its pipes and logs",
+    )
     oci_dirs: Annotated[tuple[Path, ...] | None, NoDecode] = Field(
         default=None,
         description="`dir:dir...` where `oci:` image layouts may be (default: `$HANGAR_HOME` "
@@ -320,7 +342,7 @@ class Settings(BaseSettings):
         "that step",
     )
 
-    @field_validator("insecure_registries", "local_registries", mode="before")
+    @field_validator("insecure_registries", "local_registries", "gpu_share_kinds", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split(value, ",")

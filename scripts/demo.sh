@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 export HANGAR_HOME="${HANGAR_HOME:-$HOME/.local/share/hangar}"
 PORT="${HANGAR_DEMO_PORT:-4280}"
 export HANGAR_API_URL="http://127.0.0.1:${PORT}"
+# the sandbox tier's runtime, as `make runsc` installs it
+export HANGAR_RUNSC="${HANGAR_RUNSC:-$PWD/.cache/runsc/bin/runsc}"
 HANGAR=.venv/bin/hangar
 IMAGE_DIR="$HANGAR_HOME/demo-image"
 mkdir -p "$HANGAR_HOME"

@@ -10,7 +10,11 @@ the health hangar would judge it by (shown as notes). For the host: the device n
 guest's ``hangar-nvidia-nodes`` would create against the real ``/dev/nvidia*``, and the
 firmware ``modinfo -F firmware nvidia`` names against what the driver bundle
 (``$HANGAR_GPU_DRIVER_BUNDLE``) ships. An absent IOMMU group (usual inside a VM) is
-reported, not failed.
+reported, not failed. Then GPU time shares (``scripts/mps_check.py``): an MPS control
+daemon, two sandbox machines with a 0.5 share each allocating up to their caps and
+computing, one allocation past a cap refused in that machine only, MPS stopped
+(``--no-mps`` leaves it out; skipped, and said so, where MPS or a sandbox runtime is
+missing).
 
 It changes nothing: sysfs is opened with a writer that refuses writes, NVML is only
 queried, and the only commands run are read-only: ``modinfo``, ``qemu-system-x86_64
@@ -277,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the lspci, nvidia-smi, modinfo and device-node cross-checks",
     )
+    parser.add_argument("--no-mps", action="store_true", help="skip the MPS share check")
     args = parser.parse_args(argv)
 
     console = Console(width=None if sys.stdout.isatty() else 200)
@@ -292,11 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     console.print(render_inspect_report(inventory))
     if not inventory.gpus:
         console.print("[bold yellow]gpu-check: no NVIDIA GPU found on this host[/bold yellow]")
+        console.print("[yellow]skip[/yellow] MPS shares: no GPU here")
         return EXIT_NO_GPU
     tools = None
     if not args.no_tools:
         tools = gather_tools(SubprocessRunner(), paths, dict(os.environ))
-    return run_checks(inventory, sysfs, console, tools)
+    status = run_checks(inventory, sysfs, console, tools)
+    if args.no_mps:
+        return status
+    from mps_check import run as run_mps_check  # beside this script
+
+    if run_mps_check(inventory, console):
+        return EXIT_FAILED
+    return status
 
 
 if __name__ == "__main__":

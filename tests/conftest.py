@@ -24,6 +24,9 @@ from tests.fixtures.registry import start_registry  # noqa: E402
 
 SUITE_CACHE = Settings().cache_dir
 """The suite's shared cache (guest kernel, initramfs, image rootfs)."""
+RUNSC = REPO_ROOT / ".cache" / "runsc" / "bin" / "runsc"
+"""gVisor's runsc as ``make runsc`` installs it (the sandbox tier's tests need it)."""
+SANDBOX_ENV = {"HANGAR_RUNSC": str(RUNSC)}
 TEST_IMAGE_TAG = "test"
 TEST_IMAGE_CMD = ["sh", "-c", "echo hello from the test image; exit 0"]
 FUZZ_EXAMPLES_DEFAULT = 8
@@ -96,12 +99,16 @@ def registry_image(registry: str, oci_layout: Path) -> str:
 
 
 def kill_vmms_under(home: Path) -> None:
-    """Teardown safety net: no QEMU started under ``home`` may outlive the test session."""
+    """Teardown safety net: no QEMU or sandbox started under ``home`` may outlive the test
+    session."""
     from hangar.agent.guest import find_vmm_processes
+    from hangar.vmm.sandbox import find_shims, kill_shim
 
     for pid in find_vmm_processes(home / "machines"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    for pid in find_shims(home / "machines"):
+        kill_shim(pid)
 
 
 @contextlib.contextmanager
@@ -110,7 +117,7 @@ def running_server(
 ) -> Iterator[ServerProcess]:
     """A ``hangar server`` of its own over ``home`` (with ``app`` created), stopped after,
     with every QEMU it started killed."""
-    server = ServerProcess(home, env)
+    server = ServerProcess(home, {**SANDBOX_ENV, **(env or {})})
     server.start()
     try:
         if app is not None:

@@ -22,12 +22,12 @@ from hangar.agent.host import HostServices
 from hangar.agent.metering import UsageMeter
 from hangar.agent.operations import plan_for
 from hangar.agent.platform import GuestPlatform
-from hangar.agent.steps import new_run
+from hangar.agent.slices import shared_gpus
+from hangar.agent.steps import boot_files_exist, new_run, unlink_boot_files
 from hangar.agent.volume_watch import VolumeWatch
 from hangar.clock import Clock
 from hangar.errors import NotFound, PreconditionFailed
 from hangar.model.gpu import GpuState
-from hangar.model.guest_contract import RunDir
 from hangar.model.machine import Machine, MachineState, host_event
 from hangar.model.run import ExitRequest, RunRecord, RunRequest, RunStatus
 from hangar.scheduler import Gpu
@@ -282,6 +282,8 @@ class Agent:
         while True:
             try:
                 await self.check_guests()
+                if self.host.mps is not None:
+                    await self.host.mps.supervise(lambda: shared_gpus(self.host))
                 if self.volume_watch is not None:
                     await self.volume_watch.tick()
             except Exception:
@@ -444,8 +446,6 @@ class Agent:
                 log.warning(
                     "dropped the suspend snapshot of %s machine %s", machine.state, machine.id
                 )
-            for name in RunDir.BOOT_FILES:
-                leftover = run_dir / name
-                if leftover.exists():
-                    log.warning("removing %s of stopped machine %s", name, run_dir.name)
-                    leftover.unlink()
+            if boot_files_exist(run_dir):
+                log.warning("removing the boot files of stopped machine %s", run_dir.name)
+                unlink_boot_files(run_dir)

@@ -176,6 +176,14 @@ class ClaimGpuGroups:
     async def run(self, ctx: StepContext) -> None:
         devices = _host_gpus(self.host)
         for gpus in self.host.placement.claimed_groups(ctx.run.machine_id):
+            for bdf in gpus:
+                record = self.host.gpu_store.get_gpu(bdf)
+                if record is not None and record.mig_layout:
+                    raise DeviceError(
+                        f"GPU {bdf} is in MIG mode: its instances serve the sandbox tier, not a VM",
+                        bdf=bdf,
+                        retryable=False,
+                    )
             held = read_held_group(self.host.gpu_store, gpus[0])
             if held is not None and held.machine_id == ctx.run.machine_id:
                 continue

@@ -24,7 +24,8 @@ from hangar.devices.groups import GpuGroup, read_gpu_group
 from hangar.devices.handoff import GroupClaim, HandoffContext, begin_claim, bind_claim
 from hangar.devices.health import AerCounts, read_aer
 from hangar.devices.hostpaths import HostPaths
-from hangar.devices.inventory import HostInventory, read_inventory
+from hangar.devices.inventory import MIG_ON_REASON, HostInventory, read_inventory
+from hangar.devices.inventory import Gpu as InventoryGpu
 from hangar.devices.nvml import NoNvml, NvmlGpu, NvmlReader, PynvmlReader
 from hangar.devices.pci import read_pci_device
 from hangar.devices.scrub import TrustedScrubber, bus_reset_scrub_refusal
@@ -33,8 +34,9 @@ from hangar.devices.sysfs import SysfsRoot
 from hangar.devices.vfio import GroupBinding, release_group
 from hangar.devices.worker import killable_sysfs
 from hangar.devices.xid import XidEvent
-from hangar.errors import DeviceError
+from hangar.errors import DeviceError, InvalidRequest
 from hangar.model.gpu import GpuRecord
+from hangar.scheduler.mig import check_layout
 from hangar.settings import Settings
 from hangar.store.protocol import GpuStore
 from hangar.vmm.accel import host_phys_bits_limit
@@ -166,7 +168,10 @@ class HostGpus:
         records = []
         scrub_problems: dict[int, str | None] = {}
         for gpu in (inventory or self.inventory()).gpus:
-            reason = gpu.unavailable_reason or ""
+            layout = self._mig_layout(gpu)
+            reason = "; ".join(
+                text for text in gpu.unavailable_reasons if not (layout and text == MIG_ON_REASON)
+            )
             if gpu.available and gpu.iommu_group is not None:
                 if gpu.iommu_group not in scrub_problems:
                     scrub_problems[gpu.iommu_group] = self._scrub_problem(gpu.iommu_group)
@@ -185,10 +190,28 @@ class HostGpus:
                         module_id=self._module_id(store, gpu.bdf, gpu.nvml),
                         available=not reason,
                         reason=reason,
+                        mig_layout=list(layout),
                     )
                 )
             )
         return records
+
+    def _mig_layout(self, gpu: InventoryGpu) -> tuple[str, ...]:
+        """The MIG instances NVML reports on a GPU in MIG mode, by GPU-instance profile; none
+        (and the GPU stays unavailable) where the layout is not one hangar knows."""
+        if gpu.mig_mode != "enabled" or not gpu.mig_instances:
+            return ()
+        profiles = [instance.gpu_instance_profile for instance in gpu.mig_instances]
+        if any(profile is None for profile in profiles):
+            log.warning("host %s GPU %s: a MIG instance without a profile", self.host_id, gpu.bdf)
+            return ()
+        layout = tuple(profile for profile in profiles if profile is not None)
+        try:
+            check_layout(gpu.kind.name, layout)
+        except InvalidRequest as error:
+            log.warning("host %s GPU %s: MIG layout not offered: %s", self.host_id, gpu.bdf, error)
+            return ()
+        return layout
 
     @staticmethod
     def _module_id(store: GpuStore, bdf: str, nvml: NvmlGpu | None) -> int | None:

@@ -7,14 +7,22 @@ import base64
 import contextlib
 import logging
 import os
+import shutil
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hangar.agent.platform import BootSecrets, GpuBoot, GuestExit, GuestNetwork, VmHandleData
+from hangar.agent.platform import (
+    BootSecrets,
+    GpuBoot,
+    GuestExit,
+    GuestNetwork,
+    SandboxGpu,
+    VmHandleData,
+)
 from hangar.clock import Clock, SystemClock
 from hangar.devices.xid import guest_addresses
-from hangar.errors import ImageError
+from hangar.errors import ImageError, Unprocessable
 from hangar.images import initramfs, kernel
 from hangar.images.driver_bundle import prepare_driver_bundle
 from hangar.images.local_layout import LocalLayouts
@@ -22,21 +30,42 @@ from hangar.images.netpolicy import RegistryPolicy
 from hangar.images.overlay import overlay_backing
 from hangar.images.reference import ImageRef as ParsedImageRef
 from hangar.images.reference import parse_image_ref
-from hangar.images.rootfs import GIB, MIB, CachedImage, ImageCache, ImageCacheObserver, ImageLimits
+from hangar.images.root_tree import resolve_user, write_into_root
+from hangar.images.rootfs import (
+    GIB,
+    MIB,
+    CachedImage,
+    ImageCache,
+    ImageCacheObserver,
+    ImageLimits,
+    machine_tree,
+)
 from hangar.images.run_config import GuestFile, GuestRunConfig, GuestVolume, resolve_argv
 from hangar.images.volume_tools import ensure_volume_tools
 from hangar.images.workers import ImageWorkers
+from hangar.model.config import Tier
 from hangar.model.guest_contract import RunDir
 from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
 from hangar.vmm.accel import choose_accel, gpu_accel
 from hangar.vmm.channels import ChannelLimits
+from hangar.vmm.container import ContainerSpec
 from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec, VolumeDiskSpec
 from hangar.vmm.errors import QmpError
 from hangar.vmm.guest_exec import ExecResult, GuestProcess
 from hangar.vmm.proc import PROC_ROOT, read_process
 from hangar.vmm.qemu import QemuDriver
 from hangar.vmm.qmp import qmp_execute
+from hangar.vmm.sandbox import (
+    RunscPlatform,
+    SandboxDriver,
+    SandboxRuntime,
+    find_shims,
+    kill_shim,
+    rootfs_dir,
+    shim_machine,
+    state_root_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +110,7 @@ class QemuGuestPlatform:
         image_workers: ImageWorkers | None = None,
         machines_dir: Path | None = None,
         image_observer: ImageCacheObserver | None = None,
+        sandbox: Driver | None = None,
     ) -> None:
         """``insecure_registries``: ``host:port`` spoken to over plain HTTP;
         ``local_registries``: ``host:port`` allowed on this host's own addresses;
@@ -89,7 +119,8 @@ class QemuGuestPlatform:
         operator's kernel instead of Debian's; ``machines_dir``: where machines' root disks
         are (their images are never evicted from the cache) (each as in
         :mod:`hangar.settings`); ``image_observer``: told of each image cache hit or miss
-        (metrics)."""
+        (metrics); ``sandbox``: the driver of sandbox-tier machines (none: such machines fail
+        to launch here)."""
         self.cache_root = cache
         self.machines_dir = machines_dir
         self.images = ImageCache(
@@ -107,6 +138,7 @@ class QemuGuestPlatform:
         self.driver_bundle = driver_bundle
         self.guest_kernel = guest_kernel
         self.guest_modules = guest_modules
+        self.sandbox = sandbox
 
     @classmethod
     def from_settings(
@@ -131,6 +163,7 @@ class QemuGuestPlatform:
             image_workers=ImageWorkers(settings.image_workers, settings.image_workers_per_org),
             machines_dir=settings.machines_dir,
             image_observer=image_observer,
+            sandbox=sandbox_driver(settings),
         )
 
     def images_in_use(self) -> set[str]:
@@ -177,6 +210,14 @@ class QemuGuestPlatform:
         partial = dest.with_name(dest.name + ".partial")
         await asyncio.to_thread(self.images.overlay, cached, partial)
         partial.chmod(0o600)
+        partial.rename(dest)
+
+    async def prepare_root_tree(self, image_ref: ImageRef, dest: Path) -> None:
+        cached = self._cached(image_ref)
+        partial = dest.with_name(dest.name + ".partial")
+        if partial.exists():
+            await asyncio.to_thread(shutil.rmtree, partial)
+        await asyncio.to_thread(machine_tree, cached, partial)
         partial.rename(dest)
 
     async def prepare_initrd(
@@ -278,12 +319,83 @@ class QemuGuestPlatform:
         gpus: GpuBoot | None,
         network: GuestNetwork | None = None,
         volumes: Sequence[VolumeDiskSpec] = (),
+        gpu_part: SandboxGpu | None = None,
     ) -> VmHandleData:
+        if machine.tier is Tier.SANDBOX:
+            if gpus is not None or network is not None or volumes:
+                raise Unprocessable(
+                    f"machine {machine.id} runs in the sandbox tier: no whole GPUs, network "
+                    "interface or volumes there",
+                    field="config.guest.tier",
+                )
+            sandbox = self._sandbox_driver(machine.id)
+            spec = await self.sandbox_spec(machine, run_dir, gpu_part)
+            return (await sandbox.launch(spec)).model_dump(mode="json")
         spec = await self.vm_spec(machine, run_dir, gpus, network, volumes)
         handle = await self.driver.launch(spec)
         return handle.model_dump(mode="json")
 
+    def _sandbox_driver(self, machine_id: str) -> Driver:
+        if self.sandbox is None:
+            raise Unprocessable(
+                f"machine {machine_id} runs in the sandbox tier, which this host does not offer",
+                field="config.guest.tier",
+            )
+        return self.sandbox
+
+    async def sandbox_spec(
+        self, machine: Machine, run_dir: Path, gpu_part: SandboxGpu | None
+    ) -> VmSpec:
+        """The container a sandbox-tier machine runs: the image's process with the machine's
+        environment and files, in the root folder made for this boot, with its GPU part."""
+        cached = self._cached(machine.image_ref)
+        config = machine.config
+        image_config = cached.config
+        rootfs = rootfs_dir(run_dir)
+        argv = resolve_argv(image_config, config.init.exec, config.init.entrypoint, config.init.cmd)
+        for item in config.files:
+            file = GuestFile(
+                guest_path=item.guest_path,
+                raw_value=item.raw_value or "",
+                mode=0o644 if item.mode is None else item.mode,
+            )
+            await asyncio.to_thread(
+                write_into_root, rootfs, file.guest_path, file.content(), file.mode
+            )
+        uid, gid = await asyncio.to_thread(resolve_user, rootfs, image_config.user)
+        part = gpu_part or SandboxGpu()
+        container = ContainerSpec(
+            rootfs=rootfs,
+            argv=argv,
+            env={**image_config.env, **config.env, **part.env},
+            cwd=image_config.workdir or "/",
+            uid=uid,
+            gid=gid,
+            hostname=machine.id,
+            devices=part.devices,
+            mounts=part.mounts,
+            gpu=gpu_part is not None,
+        )
+        return VmSpec.in_run_dir(
+            machine_id=machine.id,
+            run_dir=run_dir,
+            kernel=None,
+            initrd=None,
+            root_disk=rootfs,
+            cpus=config.guest.cpus,
+            memory_mb=config.guest.memory_mb,
+            channel_sockets=False,  # the runtime writes the container's output to the file
+            container=container,
+        )
+
+    def _driver_of(self, handle: VmHandleData) -> Driver:
+        if self.sandbox is not None and handle.get("driver") == self.sandbox.name:
+            return self.sandbox
+        return self.driver
+
     def qmp_socket(self, handle: VmHandleData) -> Path | None:
+        if self._driver_of(handle) is not self.driver:
+            return None
         socket = handle.get("qmp_socket")
         return Path(socket) if isinstance(socket, str) else None
 
@@ -300,22 +412,24 @@ class QemuGuestPlatform:
         return handle.model_dump(mode="json")
 
     async def suspend(self, handle: VmHandleData, snapshot: Path) -> None:
-        await self.driver.suspend(VmHandle.model_validate(handle), snapshot)
+        await self._driver_of(handle).suspend(VmHandle.model_validate(handle), snapshot)
 
     async def exec(
         self, handle: VmHandleData, argv: Sequence[str], stdin: bytes, timeout_s: float
     ) -> ExecResult:
-        return await self.driver.exec(
+        return await self._driver_of(handle).exec(
             VmHandle.model_validate(handle), argv, stdin=stdin, timeout_s=timeout_s
         )
 
     async def processes(self, handle: VmHandleData) -> list[GuestProcess]:
-        return await self.driver.processes(VmHandle.model_validate(handle))
+        return await self._driver_of(handle).processes(VmHandle.model_validate(handle))
 
     async def gpu_addresses(
         self, handle: VmHandleData, device_ids: Mapping[str, str]
     ) -> dict[str, str]:
         """QMP ``query-pci`` until the firmware has given every GPU a bus (bounded)."""
+        if self._driver_of(handle) is not self.driver:
+            return {}
         qmp = VmHandle.model_validate(handle).qmp_socket
         deadline = self.clock.monotonic() + GPU_PLACEMENT_TIMEOUT_S
         found: dict[str, str] = {}
@@ -336,30 +450,58 @@ class QemuGuestPlatform:
             await self.clock.sleep(GPU_PLACEMENT_POLL_S)
 
     async def alive(self, handle: VmHandleData) -> bool:
-        return await self.driver.adopt(VmHandle.model_validate(handle))
+        return await self._driver_of(handle).adopt(VmHandle.model_validate(handle))
 
     def running(self, handle: VmHandleData) -> bool:
-        return self.driver.is_running(VmHandle.model_validate(handle))
+        return self._driver_of(handle).is_running(VmHandle.model_validate(handle))
 
     async def stop(self, handle: VmHandleData, timeout_s: float, signum: int) -> None:
-        await self.driver.stop(VmHandle.model_validate(handle), timeout_s, self.clock, signum)
+        await self._driver_of(handle).stop(
+            VmHandle.model_validate(handle), timeout_s, self.clock, signum
+        )
 
     async def signal(self, handle: VmHandleData, signum: int) -> None:
-        await self.driver.signal(VmHandle.model_validate(handle), signum)
+        await self._driver_of(handle).signal(VmHandle.model_validate(handle), signum)
 
     async def kill(self, handle: VmHandleData) -> None:
-        await self.driver.kill(VmHandle.model_validate(handle))
+        await self._driver_of(handle).kill(VmHandle.model_validate(handle))
 
     async def guest_exit(self, handle: VmHandleData) -> GuestExit:
-        status = await self.driver.status(VmHandle.model_validate(handle))
+        status = await self._driver_of(handle).status(VmHandle.model_validate(handle))
         return GuestExit(exit_code=status.exit_code, guest_error=status.error or "")
 
     def vmm_processes(self, machines_dir: Path) -> dict[int, str]:
-        return find_vmm_processes(machines_dir)
+        return find_machine_processes(machines_dir)
 
     def kill_process(self, pid: int) -> None:
+        """SIGKILL a VMM; a sandbox shim with its process group (its sandbox dies with it)."""
+        info = read_process(pid)
+        if info is not None and shim_machine(info.cmdline) is not None:
+            kill_shim(pid)
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def sandbox_driver(settings: Settings) -> SandboxDriver:
+    """The sandbox tier's driver as the settings ask: gVisor's runsc unless the operator
+    chose runc."""
+    runtime = SandboxRuntime(settings.sandbox_runtime)
+    if runtime is SandboxRuntime.RUNC:
+        binary: Path | str = "runc"
+    else:
+        binary = settings.runsc if settings.runsc is not None else "runsc"
+    return SandboxDriver(
+        binary=binary,
+        state_root=state_root_for(settings.machines_dir, runtime),
+        runtime=runtime,
+        platform=RunscPlatform(settings.runsc_platform),
+    )
+
+
+def find_machine_processes(machines_dir: Path) -> dict[int, str]:
+    """Live QEMU processes and sandbox shims of machines under ``machines_dir``."""
+    return {**find_vmm_processes(machines_dir), **find_shims(machines_dir)}
 
 
 def find_vmm_processes(machines_dir: Path) -> dict[int, str]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hangar.agent.gpus import HostGpus
+from hangar.agent.mps import MpsSupervisor
 from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
@@ -31,6 +32,8 @@ class HostServices:
     volumes: HostVolumes | None = None
     """This host's volumes; None where the host keeps none (a machine that mounts one
     fails to start there)."""
+    mps: MpsSupervisor | None = None
+    """The MPS control daemons of this host's shared GPUs; None where shares are not run."""
 
     def run_dir(self, machine_id: str) -> Path:
         return self.machines_dir / machine_id

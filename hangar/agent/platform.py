@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from hangar.images.run_config import GuestVolume
 from hangar.model.machine import ImageRef, Machine
+from hangar.vmm.container import ContainerDevice, ContainerMount
 from hangar.vmm.driver import NicSpec, VolumeDiskSpec
 from hangar.vmm.gpu_topology import GpuTopology
 from hangar.vmm.guest_exec import ExecResult, GuestProcess
@@ -58,6 +59,16 @@ class GpuBoot(BaseModel):
     kernel_args: list[str] = []
 
 
+class SandboxGpu(BaseModel):
+    """What a sandbox-tier machine's GPU part is handed (``hangar.agent.slices``): the device
+    nodes and read-only files it may use, and the environment that points CUDA at its MIG
+    instance or MPS share."""
+
+    devices: list[ContainerDevice] = []
+    mounts: list[ContainerMount] = []
+    env: dict[str, str] = {}
+
+
 class GuestPlatform(Protocol):
     async def resolve_image(self, image: str, owner: str = "") -> ImageRef:
         """Pull (or find cached) the image; the returned ref carries its manifest digest.
@@ -69,6 +80,11 @@ class GuestPlatform(Protocol):
     async def prepare_root_disk(self, image_ref: ImageRef, dest: Path) -> None:
         """Write a fresh writable root disk for one boot (a qcow2 overlay over the cached
         image); atomic (dest appears whole or not)."""
+        ...
+
+    async def prepare_root_tree(self, image_ref: ImageRef, dest: Path) -> None:
+        """A sandbox-tier machine's root folder for one boot, from the same cached image a
+        VM's root disk comes from; atomic (dest appears whole or not)."""
         ...
 
     async def prepare_initrd(
@@ -91,10 +107,12 @@ class GuestPlatform(Protocol):
         gpus: GpuBoot | None,
         network: GuestNetwork | None = None,
         volumes: Sequence[VolumeDiskSpec] = (),
+        gpu_part: SandboxGpu | None = None,
     ) -> VmHandleData:
-        """Boot the machine; with ``gpus``, those GPUs (bound to vfio-pci) passed through;
-        with ``network``, its NIC on the host's private network; with ``volumes``, those
-        volume images as its disks (their key files are gone once this returns)."""
+        """Boot the machine in its tier; with ``gpus``, those GPUs (bound to vfio-pci) passed
+        through; with ``network``, its NIC on the host's private network; with ``volumes``,
+        those volume images as its disks (their key files are gone once this returns); a
+        sandbox-tier machine with ``gpu_part``, its MIG instance or MPS share."""
         ...
 
     def qmp_socket(self, handle: VmHandleData) -> Path | None:

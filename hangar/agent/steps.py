@@ -16,8 +16,9 @@ from hangar.agent.gpu_steps import gpu_boot, record_claimed, release_gpus_for_ha
 from hangar.agent.host import HostServices
 from hangar.agent.platform import BootSecrets, GuestNetwork, GuestPlatform
 from hangar.agent.secrets import boot_secrets
+from hangar.agent.slices import sandbox_gpu
 from hangar.errors import VmmError, VolumeError
-from hangar.model.config import MachineConfig
+from hangar.model.config import MachineConfig, Tier
 from hangar.model.guest_contract import RunDir
 from hangar.model.machine import Machine, MachineState, new_ulid, rfc3339
 from hangar.model.run import (
@@ -29,6 +30,7 @@ from hangar.model.run import (
 )
 from hangar.vmm.driver import VolumeDiskSpec
 from hangar.vmm.errors import SnapshotUnusable
+from hangar.vmm.sandbox import rootfs_dir
 from hangar.vmm.snapshot import SnapshotFiles, drop_snapshot, has_snapshot
 
 RESTART_WINDOW_S = 300.0
@@ -122,7 +124,13 @@ class ReleaseClaim:
 
     async def run(self, ctx: StepContext) -> None:
         released = self.host.placement.release(ctx.run.machine_id)
-        release_gpus_for_handoff(self.host, ctx, released, f"released by {ctx.run.machine_id}")
+        # A GPU that other slices or shares still hold stays theirs; the last one out hands
+        # it off (and stops its MPS daemon).
+        idle = [bdf for bdf in released if bdf not in self.host.placement.holders()]
+        if self.host.mps is not None:
+            for bdf in idle:
+                await self.host.mps.stop(bdf)
+        release_gpus_for_handoff(self.host, ctx, idle, f"released by {ctx.run.machine_id}")
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,10 @@ class AttachNetwork:
 
     async def should_run(self, ctx: StepContext) -> bool:
         network = self.host.network
-        return network is not None and not await network.attached(ctx.machine())
+        machine = ctx.machine()
+        if network is None or machine.tier is not Tier.VM:
+            return False  # sandbox machines run with --network=none for now
+        return not await network.attached(machine)
 
     async def run(self, ctx: StepContext) -> None:
         assert self.host.network is not None
@@ -167,11 +178,15 @@ class DetachNetwork:
 
 @dataclass(frozen=True)
 class PrepareRootDisk:
+    """A VM's writable root disk for this boot, from the cached image."""
+
     platform: GuestPlatform
     run_dir: Path
     name: str = "prepare_root_disk"
 
     async def should_run(self, ctx: StepContext) -> bool:
+        if ctx.machine().tier is not Tier.VM:
+            return False
         return not (self.run_dir / RunDir.ROOT_DISK).exists()
 
     async def run(self, ctx: StepContext) -> None:
@@ -179,6 +194,25 @@ class PrepareRootDisk:
         await self.platform.prepare_root_disk(
             ctx.machine().image_ref, self.run_dir / RunDir.ROOT_DISK
         )
+
+
+@dataclass(frozen=True)
+class PrepareRootTree:
+    """A sandbox-tier machine's root folder for this boot, from the same cached image."""
+
+    platform: GuestPlatform
+    run_dir: Path
+    name: str = "prepare_root_tree"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        if ctx.machine().tier is not Tier.SANDBOX:
+            return False
+        return not rootfs_dir(self.run_dir).exists()
+
+    async def run(self, ctx: StepContext) -> None:
+        rootfs = rootfs_dir(self.run_dir)
+        rootfs.parent.mkdir(parents=True, exist_ok=True)
+        await self.platform.prepare_root_tree(ctx.machine().image_ref, rootfs)
 
 
 @dataclass(frozen=True)
@@ -192,6 +226,8 @@ class PrepareInitrd:
     name: str = "prepare_initrd"
 
     async def should_run(self, ctx: StepContext) -> bool:
+        if ctx.machine().tier is not Tier.VM:
+            return False
         return not (self.run_dir / RunDir.INITRD).exists()
 
     async def run(self, ctx: StepContext) -> None:
@@ -241,10 +277,18 @@ def kill_unrecorded_vmms(host: HostServices, ctx: StepContext) -> None:
             host.platform.kill_process(pid)
 
 
+def boot_files_exist(run_dir: Path) -> bool:
+    """Whether a boot left its root disk, initrd or sandbox bundle in ``run_dir``."""
+    return any((run_dir / name).exists() for name in (*RunDir.BOOT_FILES, *RunDir.BOOT_FOLDERS))
+
+
 def unlink_boot_files(run_dir: Path) -> None:
-    """Drop the boot's root disk and initrd: the next boot builds them afresh from the image."""
+    """Drop the boot's root disk and initrd (or a sandbox machine's bundle folder): the next
+    boot builds them afresh from the image."""
     for name in RunDir.BOOT_FILES:
         (run_dir / name).unlink(missing_ok=True)
+    for name in RunDir.BOOT_FOLDERS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 async def forget_stale_vm(host: HostServices, ctx: StepContext) -> None:
@@ -334,8 +378,14 @@ class LaunchVm:
         await forget_stale_vm(self.host, ctx)
         run_dir = self.host.run_dir(ctx.run.machine_id)
         (run_dir / RunDir.CONTROL_LOG).unlink(missing_ok=True)
-        gpus = await gpu_boot(self.host, ctx)
         machine = ctx.machine()
+        if machine.tier is Tier.SANDBOX:
+            gpu_part = await sandbox_gpu(self.host, ctx.run.machine_id)
+            handle = await self.host.platform.launch(machine, run_dir, None, gpu_part=gpu_part)
+            ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
+            ctx.run.progress.exit_recorded = False
+            return
+        gpus = await gpu_boot(self.host, ctx)
         network = await guest_network(self.host, ctx)
         async with boot_volumes(self.host, machine) as volumes:
             handle = await self.host.platform.launch(machine, run_dir, gpus, network, volumes)
@@ -522,9 +572,7 @@ class ReleaseVm:
 
     def _boot_files_to_drop(self, machine_id: str) -> bool:
         run_dir = self.host.run_dir(machine_id)
-        return any((run_dir / name).exists() for name in RunDir.BOOT_FILES) and (
-            not has_snapshot(self.host.suspend_state(machine_id))
-        )
+        return boot_files_exist(run_dir) and not has_snapshot(self.host.suspend_state(machine_id))
 
     async def should_run(self, ctx: StepContext) -> bool:
         if ctx.runs.get_vm_handle(ctx.run.machine_id) is not None:

@@ -385,6 +385,8 @@ class MachineView(BaseModel):
     host_status: str = "ok"
     cordoned: bool = False
     failure_reason: str | None = None
+    tier: str = "vm"
+    """hangar: ``vm`` or ``sandbox`` (Fly's clients ignore the key)."""
 
     @classmethod
     def of(
@@ -407,6 +409,7 @@ class MachineView(BaseModel):
             nonce=nonce,
             cordoned=machine.cordoned,
             failure_reason=machine.failure_reason or None,
+            tier=machine.tier.value,
         )
 
 
@@ -566,7 +569,8 @@ class QuotasRequest(StrictBody):
 class OrgUsageView(BaseModel):
     machines: int
     memory_mb: int
-    gpus: dict[str, int]
+    gpus: dict[str, float]
+    """GPUs by kind; a MIG slice or a time share counts as its fraction of one GPU."""
     volumes: int = 0
     volume_gb: int = 0
 

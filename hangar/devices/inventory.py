@@ -206,6 +206,9 @@ def _group_problems(sysfs: SysfsRoot, device: PciDevice) -> list[str]:
     return read_gpu_group(sysfs, device.iommu_group).problems
 
 
+MIG_ON_REASON = "MIG mode is on: its instances serve the sandbox tier, not VFIO"
+
+
 def _gpu(
     device: PciDevice,
     kind: GpuKind,
@@ -220,7 +223,7 @@ def _gpu(
         reasons.append("no IOMMU group for this GPU")
     reasons.extend(group_problems)
     if nvml is not None and nvml.mig_mode == "enabled":
-        reasons.append("MIG mode is on: its instances serve the sandbox tier, not VFIO")
+        reasons.append(MIG_ON_REASON)
     return Gpu(
         bdf=device.bdf,
         kind=kind,

@@ -62,6 +62,13 @@ class MigInstance(BaseModel):
     compute_instance_id: int | None = None
     memory_total_bytes: int | None = None
 
+    @property
+    def gpu_instance_profile(self) -> str | None:
+        """The GPU instance's profile (``2g.35gb`` for ``1c.2g.35gb``): what a slice asks."""
+        if self.profile is None:
+            return None
+        return ".".join(self.profile.split(".")[-2:])
+
 
 class RemappedRows(BaseModel):
     correctable: int

@@ -434,3 +434,32 @@ def machine_disk(cached: CachedImage, dest: Path, *, runner: CommandRunner = run
             stderr=exc.stderr,
         ) from exc
     return dest
+
+
+def machine_tree(cached: CachedImage, dest: Path, *, runner: CommandRunner = run_command) -> Path:
+    """A writable folder holding the image's rootfs for one sandbox-tier machine: the same
+    cached ext4 image a VM boots from, dumped by ``debugfs`` (no mount). ``dest`` must not
+    exist yet."""
+    text = str(dest)
+    if any(ch.isspace() or ch in "\"'\\" for ch in text):
+        raise ImageError(f"cannot dump a rootfs into {text!r}: the path has blanks or quotes")
+    dest.mkdir(parents=True)
+    try:
+        runner(["debugfs", "-R", f"rdump / {text}", cached.rootfs_path])
+    except CommandError as exc:
+        raise ImageError(
+            f"failed to dump the rootfs of image {cached.image_ref} to {dest}: {exc.stderr}",
+            ref=str(cached.image_ref),
+            action="dump",
+            stderr=exc.stderr,
+        ) from exc
+    lost = dest / "lost+found"
+    if lost.is_dir() and not lost.is_symlink() and not any(lost.iterdir()):
+        lost.rmdir()
+    if not any(dest.iterdir()):
+        raise ImageError(
+            f"dumping the rootfs of image {cached.image_ref} left {dest} empty",
+            ref=str(cached.image_ref),
+            action="dump",
+        )
+    return dest

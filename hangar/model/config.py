@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import re
 import signal as signal_module
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from hangar.errors import UnsupportedField
 from hangar.model.duration import Duration
-from hangar.model.fly import FlyModel, refuse_unless_zero
+from hangar.model.fly import FlyModel, is_zero, refuse_unless_zero
 from hangar.model.gpu_kinds import GPU_KINDS
 from hangar.model.services import MachineChecks, MachineServices
 
@@ -84,19 +86,88 @@ class InitConfig(FlyModel):
         return data
 
 
+class Tier(enum.StrEnum):
+    """How a machine is isolated: a micro-VM, or a sandboxed container (gVisor) for thin
+    GPU slices (a MIG instance or a time share cannot be passed into a VM)."""
+
+    VM = "vm"
+    SANDBOX = "sandbox"
+
+
+GPU_SLICE_PATTERN = re.compile(r"^[1-7]g\.[0-9]{1,3}gb$")
+GPU_SHARE_STEP = 1000
+"""Shares are counted in thousandths of a GPU."""
+MIG_COMPUTE_SLICES = 7
+"""A MIG profile ``Ng.*`` holds N of a GPU's 7 compute slices (as ``hangar.scheduler.mig``
+counts it)."""
+GPU_PART_FIELDS = ("gpu_slice", "gpu_share", "tier")
+"""hangar's guest fields beside Fly's: at their zero value (``""``, ``0``) they are unset."""
+
+
 class GuestConfig(FlyModel):
     cpu_kind: Literal["shared", "performance"] = "shared"
     cpus: Annotated[int, Field(ge=1, le=64)] = 1
     memory_mb: Annotated[int, Field(ge=128, le=1024 * 1024)] = 256
     gpu_kind: str | None = None
     gpus: int | None = None
+    gpu_slice: str | None = None
+    """hangar: a MIG instance of ``gpu_kind`` by profile (``1g.10gb``); sandbox tier."""
+    gpu_share: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """hangar: a time share of one ``gpu_kind`` GPU (0.25: a quarter of its compute and
+    memory, through MPS); sandbox tier."""
+    tier: Tier | None = None
+    """hangar: ``sandbox`` runs a machine without a GPU part in the sandbox tier too; left
+    out, slices and shares run there and everything else in a VM."""
+
+    @field_validator("gpu_slice")
+    @classmethod
+    def _profile_shape(cls, value: str | None) -> str | None:
+        if value is not None and not GPU_SLICE_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a MIG profile name (like 1g.10gb or 3g.40gb)")
+        return value
+
+    @field_validator("gpu_share")
+    @classmethod
+    def _share_in_thousandths(cls, value: float | None) -> float | None:
+        if value is not None and round(value * GPU_SHARE_STEP) < 1:
+            raise ValueError(f"must be at least {1 / GPU_SHARE_STEP}")
+        return value
+
+    @property
+    def gpu_part(self) -> bool:
+        """A slice or share of one GPU (rather than whole GPUs)."""
+        return self.gpu_slice is not None or self.gpu_share is not None
+
+    @property
+    def gpu_share_milli(self) -> int:
+        """The share in thousandths of a GPU (0 without one)."""
+        return round(self.gpu_share * GPU_SHARE_STEP) if self.gpu_share is not None else 0
+
+    @property
+    def gpu_part_milli(self) -> int:
+        """A slice's or share's part of one GPU in thousandths (0 for whole GPUs or none): a
+        MIG slice its compute slices' share, rounded down."""
+        if self.gpu_slice is not None:
+            return int(self.gpu_slice[0]) * GPU_SHARE_STEP // MIG_COMPUTE_SLICES
+        return self.gpu_share_milli
+
+    @property
+    def effective_tier(self) -> Tier:
+        if self.gpu_part or self.tier is Tier.SANDBOX:
+            return Tier.SANDBOX
+        return Tier.VM
 
     @model_validator(mode="before")
     @classmethod
     def _reject_unsupported(cls, data: Any) -> Any:
         refuse_unless_zero(data, UNSUPPORTED_GUEST_FIELDS, "config.guest.")
-        if isinstance(data, dict) and data.get("gpus") == 0 and not data.get("gpu_kind"):
-            data = {**data, "gpus": None}  # Go's zero value: no GPUs
+        if not isinstance(data, dict):
+            return data
+        # Go's zero values: no slice, no share, the tier chosen from the GPU part
+        data = {**data, **{name: None for name in GPU_PART_FIELDS if is_zero(data.get(name))}}
+        gpu_part = data.get("gpu_slice") is not None or data.get("gpu_share") is not None
+        if data.get("gpus") == 0 and (gpu_part or not data.get("gpu_kind")):
+            data = {**data, "gpus": None}  # Go's zero value: no whole GPUs
         return data
 
     @field_validator("memory_mb")
@@ -125,6 +196,19 @@ class GuestConfig(FlyModel):
     def _gpu_kind_and_count(self) -> GuestConfig:
         if self.gpus and self.gpu_kind is None:
             raise ValueError("gpu_kind is required when gpus is set")
+        if self.gpu_slice is not None and self.gpu_share is not None:
+            raise ValueError("ask for a gpu_slice or a gpu_share, not both")
+        if self.gpu_part:
+            if self.gpus is not None:
+                raise ValueError("gpu_slice and gpu_share are part of one GPU: leave out gpus")
+            if self.gpu_kind is None:
+                raise ValueError("gpu_kind is required with gpu_slice or gpu_share")
+            if self.tier is Tier.VM:
+                raise ValueError(
+                    "a GPU slice or share runs in the sandbox tier (a MIG instance or an MPS "
+                    "share cannot be passed into a VM): leave out tier or set it to sandbox"
+                )
+            return self
         if self.gpu_kind is not None and self.gpus is None:
             self.gpus = 1
         if self.gpus and self.cpu_kind != "performance":
@@ -308,6 +392,15 @@ class MachineConfig(FlyModel):
     def _reject_unsupported_fields(cls, data: Any) -> Any:
         refuse_unless_zero(data, UNSUPPORTED_CONFIG_FIELDS, "config.")
         return data
+
+    @model_validator(mode="after")
+    def _sandbox_has_no_network_or_volumes_yet(self) -> MachineConfig:
+        if self.guest.effective_tier is Tier.SANDBOX:
+            reason = "is not available in the sandbox tier yet (no network, no volumes there)"
+            for name in ("mounts", "services", "checks"):
+                if getattr(self, name):
+                    raise UnsupportedField(f"config.{name}", reason)
+        return self
 
     @field_validator("mounts")
     @classmethod

@@ -16,13 +16,17 @@ from hangar.model.config import MachineConfig
 MACHINES = "machines"
 MEMORY_MB = "memory_mb"
 GPUS_PREFIX = "gpus."
+GPU_PARTS_PREFIX = "gpu_parts."
+MILLI_PER_GPU = 1000
 
 
 class Footprint(BaseModel):
     machines: int = 0
     memory_mb: int = 0
     gpus: dict[str, int] = Field(default_factory=dict)
-    """GPU kind -> GPUs of that kind."""
+    """GPU kind -> whole GPUs of that kind."""
+    gpu_parts: dict[str, int] = Field(default_factory=dict)
+    """GPU kind -> thousandths of GPUs of that kind held as MIG slices and time shares."""
 
     def add(self, config: MachineConfig, sign: int = 1) -> None:
         """Count (``sign`` 1) or uncount (-1) one machine with ``config``."""
@@ -31,11 +35,25 @@ class Footprint(BaseModel):
         kind, count = config.guest.gpu_kind, config.guest.gpus or 0
         if kind is not None and count:
             self.gpus[kind] = self.gpus.get(kind, 0) + sign * count
+        part = config.guest.gpu_part_milli
+        if kind is not None and part:
+            self.gpu_parts[kind] = self.gpu_parts.get(kind, 0) + sign * part
+
+    def gpu_total(self, kind: str) -> float:
+        """GPUs of ``kind``, a slice or share counting as its fraction of one."""
+        milli = self.gpus.get(kind, 0) * MILLI_PER_GPU + self.gpu_parts.get(kind, 0)
+        return milli / MILLI_PER_GPU
+
+    def gpu_totals(self) -> dict[str, float]:
+        kinds = sorted(set(self.gpus) | set(self.gpu_parts))
+        return {kind: self.gpu_total(kind) for kind in kinds if self.gpu_total(kind)}
 
     def counters(self) -> dict[str, int]:
-        """Flat ``name -> amount`` (``machines``, ``memory_mb``, ``gpus.KIND``), zeros left out."""
+        """Flat ``name -> amount`` (``machines``, ``memory_mb``, ``gpus.KIND``,
+        ``gpu_parts.KIND``), zeros left out."""
         flat = {MACHINES: self.machines, MEMORY_MB: self.memory_mb}
         flat.update({GPUS_PREFIX + kind: count for kind, count in self.gpus.items()})
+        flat.update({GPU_PARTS_PREFIX + kind: milli for kind, milli in self.gpu_parts.items()})
         return {name: amount for name, amount in flat.items() if amount}
 
     @classmethod
@@ -48,6 +66,11 @@ class Footprint(BaseModel):
                 name.removeprefix(GPUS_PREFIX): amount
                 for name, amount in sorted(counters.items())
                 if name.startswith(GPUS_PREFIX) and amount
+            },
+            gpu_parts={
+                name.removeprefix(GPU_PARTS_PREFIX): amount
+                for name, amount in sorted(counters.items())
+                if name.startswith(GPU_PARTS_PREFIX) and amount
             },
         )
 

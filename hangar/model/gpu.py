@@ -38,7 +38,11 @@ class GpuRecord(BaseModel):
     """A per-GPU GroupBinding as agents stored it before group claims; a handoff that finds
     one (and no ``claim``) scrubs the group as one that reached launch."""
     available: bool = True
-    """Fit for passthrough on this host (clean IOMMU group, resettable, MIG off)."""
+    """Fit for passthrough on this host (clean IOMMU group, resettable, MIG off), or, with
+    MIG on, for its MIG instances."""
+    mig_layout: list[str] = []
+    """With MIG on: the profile of each MIG instance NVML reports (the operator's layout),
+    in NVML's order; the sandbox tier's slices are these instances."""
     reason: str = ""
     """Why the GPU is unavailable (from the inventory)."""
     quarantine_reason: str = ""

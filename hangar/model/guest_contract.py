@@ -39,12 +39,16 @@ class RunDir:
     EXEC_SOCKET = "exec.sock"
     QMP_SOCKET = "qmp.sock"
     VMM_LOG = "vmm.log"
+    BUNDLE = "bundle"
+    """A sandbox-tier machine's OCI bundle: ``config.json`` and its root folder ``rootfs``."""
     SUSPEND_STATE = "suspend.vmstate"
     """The suspend snapshot (with ``suspend.vmstate.json``, its manifest: see
     :mod:`hangar.vmm.snapshot`)."""
     BOOT_FILES = (ROOT_DISK, INITRD)
     """Made anew for each cold boot from the image and the machine's config; kept while the
     machine is suspended (its snapshot was taken over them)."""
+    BOOT_FOLDERS = (BUNDLE,)
+    """Folders made anew for each boot (a sandbox machine's root)."""
 
 
 class CmdlineKey(enum.StrEnum):

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from hangar.model.config import MachineConfig
+from hangar.model.config import MachineConfig, Tier
 from hangar.model.services import CheckStatus
 
 
@@ -185,6 +185,11 @@ class Machine(BaseModel):
     """The latest result of each of its health checks."""
     skip_secrets: bool = False
     """Boots without its app's secrets (created or updated with ``skip_secrets``)."""
+
+    @property
+    def tier(self) -> Tier:
+        """How it is isolated: ``vm`` or ``sandbox`` (from its config's guest)."""
+        return self.config.guest.effective_tier
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

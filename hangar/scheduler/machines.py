@@ -68,6 +68,8 @@ def placement_request(
         cpu_milli=cpu_milli(guest, overcommit),
         memory_mb=memory_mb(guest, overcommit),
         gpus=guest.gpus or 0,
+        gpu_milli=guest.gpu_share_milli,
+        gpu_slice=guest.gpu_slice or "",
         gpu_kinds=kinds,
         region=region,
         machine_id=machine_id,
@@ -114,7 +116,7 @@ def host_state(
             nvlink_partition=partitions.get(gpu.nvlink_domain or ""),
             state=_gpu_state(gpu, before.get(gpu.bdf)),
             iommu_group=gpu.iommu_group,
-            mig_layout=before[gpu.bdf].mig_layout if gpu.bdf in before else (),
+            mig_layout=_mig_layout(gpu, before.get(gpu.bdf)),
         )
         for index, gpu in enumerate(records)
     )
@@ -170,6 +172,14 @@ def _fabric(
             continue
         found.append(NvlinkPartition(partition_id, tuple(sorted(index_of[m] for m in modules))))
     return tuple(found)
+
+
+def _mig_layout(record: GpuRecord, before: Gpu | None) -> tuple[str, ...]:
+    """The MIG instances the host's NVML reports (the operator's layout); else the layout
+    the host record had."""
+    if record.mig_layout:
+        return tuple(record.mig_layout)
+    return before.mig_layout if before is not None else ()
 
 
 def _gpu_state(record: GpuRecord, before: Gpu | None) -> GpuState:

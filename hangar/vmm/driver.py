@@ -40,6 +40,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from hangar.clock import Clock
 from hangar.model.guest_contract import RunDir
+from hangar.vmm.container import ContainerSpec
 from hangar.vmm.gpu_topology import PCI_BDF_PATTERN, GpuTopology
 
 if TYPE_CHECKING:
@@ -113,17 +114,24 @@ class VolumeDiskSpec(BaseModel):
 
 
 class VmSpec(BaseModel):
-    """Everything a driver needs to boot one machine; paths are on the host."""
+    """Everything a driver needs to boot one machine; paths are on the host.
+
+    A VM (tier ``vm``) has a ``kernel`` and ``initrd``; a sandbox-tier machine has a
+    ``container`` instead, and its ``root_disk`` is the root folder the container runs in.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     machine_id: str
     run_dir: Path
-    kernel: Path
-    initrd: Path
+    kernel: Path | None = None
+    initrd: Path | None = None
     root_disk: Path
     root_disk_format: Literal["raw", "qcow2"] = Field(
         default="raw", description="qcow2: an overlay over a cached image (the machines' own)"
+    )
+    container: ContainerSpec | None = Field(
+        default=None, description="a sandbox-tier machine: the container it runs"
     )
     extra_disks: list[DiskSpec] = Field(default_factory=list)
     volumes: list[VolumeDiskSpec] = Field(default_factory=list, max_length=MAX_VOLUMES)
@@ -182,6 +190,23 @@ class VmSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _a_vm_or_a_container(self) -> VmSpec:
+        if self.container is None and (self.kernel is None or self.initrd is None):
+            raise ValueError("a VM needs a kernel and an initrd")
+        if self.container is not None and (
+            self.kernel is not None or self.gpus or self.gpu_topology or self.nic
+        ):
+            raise ValueError("a container has no kernel, PCI GPUs or NIC of its own")
+        return self
+
+    @property
+    def boot_files(self) -> tuple[Path, Path]:
+        """The VM's kernel and initrd."""
+        if self.kernel is None or self.initrd is None:
+            raise ValueError(f"machine {self.machine_id} is a container: it has no kernel")
+        return self.kernel, self.initrd
+
+    @model_validator(mode="after")
     def _one_gpu_layout(self) -> VmSpec:
         if self.gpu_topology is not None:
             if self.gpus or self.hugepages:
@@ -217,8 +242,8 @@ class VmSpec(BaseModel):
         *,
         machine_id: str,
         run_dir: Path,
-        kernel: Path,
-        initrd: Path,
+        kernel: Path | None,
+        initrd: Path | None,
         root_disk: Path,
         root_disk_format: Literal["raw", "qcow2"] | None = None,
         extra_disks: list[DiskSpec] | None = None,
@@ -231,6 +256,7 @@ class VmSpec(BaseModel):
         nic: NicSpec | None = None,
         gpu_topology: GpuTopology | None = None,
         channel_sockets: bool = True,
+        container: ContainerSpec | None = None,
     ) -> Self:
         """A spec whose logs and sockets sit in ``run_dir`` under their standard names; the
         root disk's format is its suffix's (``.qcow2``, else raw) unless given."""
@@ -259,6 +285,7 @@ class VmSpec(BaseModel):
             hugepages=hugepages,
             nic=nic,
             gpu_topology=gpu_topology,
+            container=container,
         )
 
 
@@ -317,7 +344,8 @@ class StopOutcome(StrEnum):
 
 @runtime_checkable
 class Driver(Protocol):
-    """A VMM as the agent sees it. Implementations: :class:`hangar.vmm.qemu.QemuDriver`."""
+    """A VMM as the agent sees it. Implementations: :class:`hangar.vmm.qemu.QemuDriver`
+    (VMs) and :class:`hangar.vmm.sandbox.SandboxDriver` (sandbox-tier containers)."""
 
     name: str
 

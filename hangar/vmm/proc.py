@@ -20,6 +20,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from hangar.clock import Clock
+from hangar.vmm.deadline import run_with_deadline
+
 PROC_ROOT = Path("/proc")
 
 # Field numbers of /proc/PID/stat as proc(5) counts them, from 1.
@@ -127,3 +130,33 @@ class ProcessRef:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+async def exits_within(process: ProcessRef, clock: Clock, seconds: float) -> bool:
+    """Whether ``process`` exits within ``seconds`` of ``clock``."""
+    try:
+        await run_with_deadline(clock, seconds, process.wait_exited())
+    except TimeoutError:
+        return False
+    return True
+
+
+def is_alive(pid: int, start_time: int) -> bool:
+    """Is the process a (pid, start time) pair names still running? Cheap: for polling."""
+    process = ProcessRef.open(pid, start_time)
+    if process is None:
+        return False
+    with process:
+        return not process.has_exited()
+
+
+def tail_text(path: Path, chars: int) -> str:
+    """The last ``chars`` bytes of a log file, decoded; empty when it does not exist."""
+    try:
+        with path.open("rb") as file:
+            file.seek(0, 2)
+            size = file.tell()
+            file.seek(max(0, size - chars))
+            return file.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""

@@ -33,7 +33,6 @@ from hangar.errors import VmmError
 from hangar.vmm.accel import AccelChoice, choose_accel, kvm_choice, tcg_choice
 from hangar.vmm.channels import ChannelLimits, ChannelPump, connect_unix
 from hangar.vmm.control import read_control_events, summarise_control_events
-from hangar.vmm.deadline import run_with_deadline
 from hangar.vmm.driver import StopOutcome, VmHandle, VmSpec, VmStatus
 from hangar.vmm.errors import (
     GuestExecError,
@@ -58,7 +57,7 @@ from hangar.vmm.migration import (
     save_to_file,
     wait_incoming_loaded,
 )
-from hangar.vmm.proc import ProcessRef, read_process
+from hangar.vmm.proc import ProcessRef, exits_within, is_alive, read_process, tail_text
 from hangar.vmm.qemu_argv import (
     HUGEPAGES_DIR,
     QEMU_BINARY,
@@ -270,7 +269,7 @@ class QemuDriver:
                     raise VmmError(
                         f"QEMU for machine {handle.machine_id} did not open its {kind} channel",
                         machine_id=handle.machine_id,
-                        stderr=_tail(handle.vmm_log),
+                        stderr=tail_text(handle.vmm_log, VMM_LOG_QUOTE_CHARS),
                         argv=argv,
                     )
                 await self._clock.sleep(LAUNCH_POLL_S)
@@ -375,7 +374,7 @@ class QemuDriver:
                 )
             except SignalNotDelivered as error:
                 log.warning("machine %s: %s", handle.machine_id, error)
-            if await _exits_within(process, clock, deadline - clock.monotonic()):
+            if await exits_within(process, clock, deadline - clock.monotonic()):
                 return StopOutcome.GUEST_EXITED
 
             log.info(
@@ -394,12 +393,12 @@ class QemuDriver:
         except QmpError as error:
             log.warning("machine %s: %s", handle.machine_id, error)
         else:
-            if await _exits_within(process, clock, self._timeouts.quit_grace_s):
+            if await exits_within(process, clock, self._timeouts.quit_grace_s):
                 return StopOutcome.QUIT
 
         log.warning("machine %s: killing QEMU pid %d", handle.machine_id, handle.pid)
         process.send_signal(SIGKILL)
-        if await _exits_within(process, clock, self._kill_grace_s(handle)):
+        if await exits_within(process, clock, self._kill_grace_s(handle)):
             return StopOutcome.KILLED
         raise VmmError(
             f"QEMU pid {handle.pid} is still running after SIGKILL",
@@ -413,7 +412,7 @@ class QemuDriver:
             return
         with process:
             process.send_signal(SIGKILL)
-            if await _exits_within(process, self._clock, self._kill_grace_s(handle)):
+            if await exits_within(process, self._clock, self._kill_grace_s(handle)):
                 return
         raise VmmError(
             f"QEMU pid {handle.pid} is still running after SIGKILL",
@@ -623,7 +622,7 @@ class QemuDriver:
         deadline = self._clock.monotonic() + launch_s
         while True:
             if child.returncode is not None:
-                stderr = _tail(handle.vmm_log)
+                stderr = tail_text(handle.vmm_log, VMM_LOG_QUOTE_CHARS)
                 last_line = stderr.strip().splitlines()[-1] if stderr.strip() else "no message"
                 raise VmmError(
                     f"QEMU for machine {handle.machine_id} exited during launch "
@@ -639,7 +638,7 @@ class QemuDriver:
                     f"QEMU for machine {handle.machine_id} did not answer QMP within "
                     f"{launch_s:g} s",
                     machine_id=handle.machine_id,
-                    stderr=_tail(handle.vmm_log),
+                    stderr=tail_text(handle.vmm_log, VMM_LOG_QUOTE_CHARS),
                     argv=argv,
                 )
             # Until QEMU has made its socket a connection attempt can only fail (noisily).
@@ -652,11 +651,7 @@ class QemuDriver:
             await self._clock.sleep(LAUNCH_POLL_S)
 
     def is_running(self, handle: VmHandle) -> bool:
-        process = ProcessRef.open(handle.pid, handle.start_time)
-        if process is None:
-            return False
-        with process:
-            return not process.has_exited()
+        return is_alive(handle.pid, handle.start_time)
 
     async def _vm_state(self, handle: VmHandle) -> str | None:
         try:
@@ -673,14 +668,6 @@ class QemuDriver:
             return None
         # It has exited, so waiting only lets the waiter thread finish reaping it.
         return await asyncio.to_thread(child.wait)
-
-
-async def _exits_within(process: ProcessRef, clock: Clock, seconds: float) -> bool:
-    try:
-        await run_with_deadline(clock, seconds, process.wait_exited())
-    except TimeoutError:
-        return False
-    return True
 
 
 def _names_machine(cmdline: tuple[str, ...], machine_id: str) -> bool:
@@ -747,7 +734,7 @@ def _restore_failure(
 ) -> SnapshotUnusable | VmmError:
     """Why QEMU ended while loading a snapshot: the stream (the snapshot is unusable), or
     something else (the snapshot is kept for another try)."""
-    stderr = _tail(handle.vmm_log)
+    stderr = tail_text(handle.vmm_log, VMM_LOG_QUOTE_CHARS)
     last_line = stderr.strip().splitlines()[-1] if stderr.strip() else "no message"
     fields: dict[str, Any] = {
         "machine_id": spec.machine_id,
@@ -768,21 +755,10 @@ def _restore_failure(
     )
 
 
-def _tail(path: Path) -> str:
-    try:
-        with path.open("rb") as file:
-            file.seek(0, 2)
-            size = file.tell()
-            file.seek(max(0, size - VMM_LOG_QUOTE_CHARS))
-            return file.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
 def _unexplained_exit(handle: VmHandle, vmm_exit_status: int | None) -> str:
     detail = "" if vmm_exit_status is None else f" (QEMU status {vmm_exit_status})"
     message = f"QEMU exited before the guest reported an exit{detail}"
-    last_lines = _tail(handle.vmm_log).strip().splitlines()[-3:]
+    last_lines = tail_text(handle.vmm_log, VMM_LOG_QUOTE_CHARS).strip().splitlines()[-3:]
     if last_lines:
         message += ": " + " | ".join(last_lines)
     return message

@@ -53,9 +53,16 @@ def check_spec_files(
     spec: VmSpec, *, hugepages_dir: Path = HUGEPAGES_DIR, net_class_dir: Path = NET_CLASS_DIR
 ) -> None:
     """Raise :class:`VmmError` naming the first input that is missing or unusable."""
+    if spec.container is not None:
+        raise VmmError(
+            f"machine {spec.machine_id} runs in the sandbox tier: QEMU boots VMs",
+            machine_id=spec.machine_id,
+            field="container",
+        )
+    kernel, initrd = spec.boot_files
     inputs: list[tuple[str, Path]] = [
-        ("kernel", spec.kernel),
-        ("initrd", spec.initrd),
+        ("kernel", kernel),
+        ("initrd", initrd),
         ("root_disk", spec.root_disk),
     ]
     inputs += [(f"extra_disks[{i}]", disk.path) for i, disk in enumerate(spec.extra_disks)]
@@ -198,11 +205,12 @@ def _channel_args(spec: VmSpec) -> list[str]:
 
 def _guest(spec: VmSpec) -> list[str]:
     """Kernel, disks and the console, control, signal and monitor channels."""
+    kernel, initrd = spec.boot_files
     argv = [
         "-kernel",
-        str(spec.kernel),
+        str(kernel),
         "-initrd",
-        str(spec.initrd),
+        str(initrd),
         "-append",
         " ".join([GUEST_KERNEL_CMDLINE, *spec.kernel_args, *_channel_args(spec)]),
     ]

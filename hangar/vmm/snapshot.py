@@ -132,12 +132,13 @@ def vm_identity(
     if resolved is None:
         raise VmmError(f"{binary} is not installed", binary=binary)
     disks = [spec.root_disk] + [disk.path for disk in spec.extra_disks]
+    kernel, initrd = spec.boot_files
     return VmIdentity(
         fingerprint=snapshot_fingerprint(spec, accel, hugepages_dir=hugepages_dir),
         memory_mb=spec.memory_mb,
         qemu=stat_identity(Path(resolved).resolve()),
-        kernel=content_identity(spec.kernel),
-        initrd=content_identity(spec.initrd),
+        kernel=content_identity(kernel),
+        initrd=content_identity(initrd),
         disks=[stat_identity(path) for path in disks],
     )
 

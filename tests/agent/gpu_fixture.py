@@ -75,6 +75,8 @@ class GpuHost:
     """How sysfs writes are made (default: the simulator, in this process)."""
     deadlines: DeviceDeadlines = field(default_factory=DeviceDeadlines)
     settings_sources: list[SettingsSource] | None = None
+    nvml_host: Callable[[Path], FakeNvmlHost] = FakeNvmlHost
+    """NVML over the fixture host (a subclass adds what a test needs, such as MIG)."""
 
     @property
     def hardware(self) -> Hardware:
@@ -111,10 +113,11 @@ class GpuHost:
             clock=StepClock(),
         )
         root = self.builder.root
+        nvml_host = self.nvml_host
         return HostGpus(
             HOST,
             sysfs,
-            PynvmlReader(load=lambda: FakeNvmlHost(root)),
+            PynvmlReader(load=lambda: nvml_host(root)),
             context,
             FabricManager(self.fmpm) if self.fmpm is not None else None,
         )

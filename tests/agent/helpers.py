@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import httpx
 
-from hangar.agent.guest import find_vmm_processes
+from hangar.agent.guest import find_machine_processes
 from hangar.agent.host import HostServices
 from hangar.agent.operations import build_plan
 from hangar.agent.placement import HostPlacement
@@ -92,7 +92,9 @@ def wait_exit_recorded(
 
 def vmm_pids(home: Path, machine_id: str) -> list[int]:
     return [
-        pid for pid, owner in find_vmm_processes(home / "machines").items() if owner == machine_id
+        pid
+        for pid, owner in find_machine_processes(home / "machines").items()
+        if owner == machine_id
     ]
 
 

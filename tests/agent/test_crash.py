@@ -1,5 +1,6 @@
 """Crash injection: SIGKILL the server right after each step of start, stop and destroy, start it
-again over the same home, and check the machine reaches the intended state with nothing leaked."""
+again over the same home, and check the machine reaches the intended state with nothing leaked;
+for VM machines and for sandbox-tier machines (runsc) alike."""
 
 from __future__ import annotations
 
@@ -20,6 +21,38 @@ pytestmark = pytest.mark.slow
 
 APP = "crashes"
 SLEEPER = ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]
+TIERS = ("vm", "sandbox")
+SANDBOX_NO_OPS = frozenset(
+    {
+        "attach_volumes",
+        "claim_gpu_groups",
+        "bind_gpus",
+        "prepare_nvlink",
+        "prepare_root_disk",
+        "prepare_initrd",
+        "attach_network",
+        "map_gpu_addresses",
+        "collect_gpu_xids",
+        "detach_network",
+        "detach_volumes",
+    }
+)
+"""Steps with nothing to do for a CPU-only sandbox machine: a crash after one is a crash after
+the step before it, which is tested already."""
+
+
+def crash_points(steps: list[str]) -> list[tuple[str, str]]:
+    """(step, tier) for every step of a VM's plan and every step a sandbox machine acts in."""
+    return [
+        (step, tier)
+        for tier in TIERS
+        for step in steps
+        if tier == "vm" or step not in SANDBOX_NO_OPS
+    ]
+
+
+def tier_guest(tier: str) -> dict[str, dict[str, str]]:
+    return {"guest": {"tier": "sandbox"}} if tier == "sandbox" else {}
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +72,25 @@ def crash_during(server: ServerProcess, operation: str, step: str, request: http
     server.start()
 
 
-def assert_no_leaks(home: Path, machine_id: str, running: bool) -> None:
+def assert_no_leaks(home: Path, machine_id: str, running: bool, tier: str = "vm") -> None:
     pids = vmm_pids(home, machine_id)
     run_dir = home / "machines" / machine_id
+    root = run_dir / ("bundle/rootfs" if tier == "sandbox" else RunDir.ROOT_DISK)
     if running:
         assert len(pids) == 1, pids
-        assert (run_dir / RunDir.ROOT_DISK).exists()
+        assert root.exists()
     else:
         assert pids == []
+        assert not root.exists()
         assert not (run_dir / RunDir.ROOT_DISK).exists()
         assert not (run_dir / "initrd.img").exists()
+        assert not (run_dir / "bundle").exists()
 
 
-@pytest.mark.parametrize("step", step_names(StartRequest()))
-def test_crash_during_start(crash_server: ServerProcess, test_image: str, step: str) -> None:
+@pytest.mark.parametrize(("step", "tier"), crash_points(step_names(StartRequest())))
+def test_crash_during_start(
+    crash_server: ServerProcess, test_image: str, step: str, tier: str
+) -> None:
     with crash_server.client() as api:
         response = api.post(
             machine_path(APP),
@@ -61,6 +99,7 @@ def test_crash_during_start(crash_server: ServerProcess, test_image: str, step: 
                     "image": test_image,
                     "init": {"cmd": SLEEPER},
                     "restart": {"policy": "no"},
+                    **tier_guest(tier),
                 },
                 "skip_launch": True,
             },
@@ -78,14 +117,16 @@ def test_crash_during_start(crash_server: ServerProcess, test_image: str, step: 
     with crash_server.client() as api:
         wait_state(api, APP, machine_id, "started")
         _wait_runs_idle(api, machine_id)
-        assert_no_leaks(crash_server.home, machine_id, running=True)
+        assert_no_leaks(crash_server.home, machine_id, running=True, tier=tier)
         _destroy(api, crash_server, machine_id)
 
 
-@pytest.mark.parametrize("step", step_names(StopRequest()))
-def test_crash_during_stop(crash_server: ServerProcess, test_image: str, step: str) -> None:
+@pytest.mark.parametrize(("step", "tier"), crash_points(step_names(StopRequest())))
+def test_crash_during_stop(
+    crash_server: ServerProcess, test_image: str, step: str, tier: str
+) -> None:
     with crash_server.client() as api:
-        machine_id = run_machine(api, APP, test_image, cmd=SLEEPER)
+        machine_id = run_machine(api, APP, test_image, cmd=SLEEPER, **tier_guest(tier))
         wait_state(api, APP, machine_id, "started")
         _wait_runs_idle(api, machine_id)
     crash_during(
@@ -101,14 +142,16 @@ def test_crash_during_stop(crash_server: ServerProcess, test_image: str, step: s
     with crash_server.client() as api:
         wait_state(api, APP, machine_id, "stopped")
         _wait_runs_idle(api, machine_id)
-        assert_no_leaks(crash_server.home, machine_id, running=False)
+        assert_no_leaks(crash_server.home, machine_id, running=False, tier=tier)
         _destroy(api, crash_server, machine_id)
 
 
-@pytest.mark.parametrize("step", step_names(DestroyRequest(force=True)))
-def test_crash_during_destroy(crash_server: ServerProcess, test_image: str, step: str) -> None:
+@pytest.mark.parametrize(("step", "tier"), crash_points(step_names(DestroyRequest(force=True))))
+def test_crash_during_destroy(
+    crash_server: ServerProcess, test_image: str, step: str, tier: str
+) -> None:
     with crash_server.client() as api:
-        machine_id = run_machine(api, APP, test_image, cmd=SLEEPER)
+        machine_id = run_machine(api, APP, test_image, cmd=SLEEPER, **tier_guest(tier))
         wait_state(api, APP, machine_id, "started")
         _wait_runs_idle(api, machine_id)
     crash_during(
@@ -122,7 +165,7 @@ def test_crash_during_destroy(crash_server: ServerProcess, test_image: str, step
     with crash_server.client() as api:
         wait_state(api, APP, machine_id, "destroyed")
         _wait_runs_idle(api, machine_id)
-    assert_no_leaks(crash_server.home, machine_id, running=False)
+    assert_no_leaks(crash_server.home, machine_id, running=False, tier=tier)
     assert not (crash_server.home / "machines" / machine_id).exists()
 
 

@@ -1,10 +1,13 @@
-"""Real machines on a real server: boot, output, exit codes, stop, restart policy, update."""
+"""Real machines on a real server: boot, output, exit codes, stop, restart policy, update,
+in both tiers: QEMU micro-VMs and sandbox-tier containers under gVisor's runsc (CPU-only)."""
 
 from __future__ import annotations
 
 import base64
 import time
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,9 +26,27 @@ from tests.agent.helpers import (
 
 pytestmark = pytest.mark.slow
 
+READY_LINE = "process-ready"
+"""What the tests' commands print once their signal traps are set."""
+
+
+@pytest.fixture(params=["vm", "sandbox"])
+def tier(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def tier_config(tier: str) -> dict[str, Any]:
+    """The machine config that puts a CPU-only machine in ``tier`` (VMs are the default)."""
+    return {"guest": {"tier": "sandbox"}} if tier == "sandbox" else {}
+
+
+def root_of(run_dir: Path, tier: str) -> Path:
+    """Where a machine's writable root lives while it runs."""
+    return run_dir / (RunDir.BUNDLE if tier == "sandbox" else RunDir.ROOT_DISK)
+
 
 def test_machine_runs_prints_and_reports_its_exit_code(
-    api: httpx.Client, app_name: str, registry_image: str, shared_server: ServerProcess
+    api: httpx.Client, app_name: str, registry_image: str, shared_server: ServerProcess, tier: str
 ) -> None:
     file_value = base64.b64encode(b"from-a-file").decode()
     machine_id = run_machine(
@@ -35,6 +56,7 @@ def test_machine_runs_prints_and_reports_its_exit_code(
         cmd=["sh", "-c", 'echo "out:$GREETING:$MODE:$(cat /etc/app.conf):$(hostname)"; exit 7'],
         env={"MODE": "test"},
         files=[{"guest_path": "/etc/app.conf", "raw_value": file_value}],
+        **tier_config(tier),
     )
     [exit_event] = wait_exit_recorded(api, app_name, machine_id)
     assert exit_event["exit_code"] == 7
@@ -45,17 +67,18 @@ def test_machine_runs_prints_and_reports_its_exit_code(
     machine = wait_state(api, app_name, machine_id, "stopped")
     assert machine["image_ref"]["digest"].startswith("sha256:")
     assert machine["image_ref"]["repository"] == "hangar/test"
+    assert machine["tier"] == tier
     assert f"out:hi:test:from-a-file:{machine_id}" in console_text(api, app_name, machine_id)
     assert vmm_pids(shared_server.home, machine_id) == []
     run_dir = shared_server.home / "machines" / machine_id
-    assert not (run_dir / RunDir.ROOT_DISK).exists(), "the writable disk is dropped on stop"
+    assert not root_of(run_dir, tier).exists(), "the writable root is dropped on stop"
     assert api.delete(machine_path(app_name, machine_id)).status_code == 200
     wait_state(api, app_name, machine_id, "destroyed")
     assert not run_dir.exists()
 
 
 def test_stop_signals_the_process_and_start_boots_a_fresh_disk(
-    api: httpx.Client, app_name: str, test_image: str, shared_server: ServerProcess
+    api: httpx.Client, app_name: str, test_image: str, shared_server: ServerProcess, tier: str
 ) -> None:
     machine_id = run_machine(
         api,
@@ -65,13 +88,14 @@ def test_stop_signals_the_process_and_start_boots_a_fresh_disk(
             "sh",
             "-c",
             "test -e /marker && echo marker-survived; touch /marker; "
-            "trap 'echo got-term; exit 42' TERM; while true; do sleep 1; done",
+            f"trap 'echo got-term; exit 42' TERM; echo {READY_LINE}; while true; do sleep 1; done",
         ],
+        **tier_config(tier),
     )
     wait_state(api, app_name, machine_id, "started")
     assert len(vmm_pids(shared_server.home, machine_id)) == 1
     base = machine_path(app_name, machine_id)
-    _wait_console(api, app_name, machine_id, "hangar-init: ready")
+    _wait_console(api, app_name, machine_id, READY_LINE)
     response = api.post(f"{base}/stop", json={"signal": "SIGTERM", "timeout": "20s"})
     assert response.status_code == 200, response.text
     wait_state(api, app_name, machine_id, "stopped")
@@ -80,7 +104,7 @@ def test_stop_signals_the_process_and_start_boots_a_fresh_disk(
     assert exit_event["requested_stop"] is True
     assert api.post(f"{base}/start").status_code == 200
     wait_state(api, app_name, machine_id, "started")
-    _wait_console(api, app_name, machine_id, "hangar-init: ready")
+    _wait_console(api, app_name, machine_id, READY_LINE)
     assert "marker-survived" not in console_text(api, app_name, machine_id)
     assert api.delete(base, params={"force": "true"}).status_code == 200
     wait_state(api, app_name, machine_id, "destroyed")
@@ -88,13 +112,17 @@ def test_stop_signals_the_process_and_start_boots_a_fresh_disk(
 
 
 def test_stop_kills_a_guest_that_ignores_the_signal(
-    api: httpx.Client, app_name: str, test_image: str, shared_server: ServerProcess
+    api: httpx.Client, app_name: str, test_image: str, shared_server: ServerProcess, tier: str
 ) -> None:
     machine_id = run_machine(
-        api, app_name, test_image, cmd=["sh", "-c", "trap '' TERM; while true; do sleep 1; done"]
+        api,
+        app_name,
+        test_image,
+        cmd=["sh", "-c", f"trap '' TERM; echo {READY_LINE}; while true; do sleep 1; done"],
+        **tier_config(tier),
     )
     wait_state(api, app_name, machine_id, "started")
-    _wait_console(api, app_name, machine_id, "hangar-init: ready")
+    _wait_console(api, app_name, machine_id, READY_LINE)
     base = machine_path(app_name, machine_id)
     assert api.post(f"{base}/stop", json={"timeout": "1s"}).status_code == 200
     wait_state(api, app_name, machine_id, "stopped")
@@ -103,7 +131,7 @@ def test_stop_kills_a_guest_that_ignores_the_signal(
 
 
 def test_on_failure_policy_restarts_up_to_max_retries(
-    api: httpx.Client, app_name: str, test_image: str
+    api: httpx.Client, app_name: str, test_image: str, tier: str
 ) -> None:
     machine_id = run_machine(
         api,
@@ -111,6 +139,7 @@ def test_on_failure_policy_restarts_up_to_max_retries(
         test_image,
         cmd=["sh", "-c", "exit 3"],
         restart={"policy": "on-failure", "max_retries": 1},
+        **tier_config(tier),
     )
     exits = wait_exit_recorded(api, app_name, machine_id, count=2)
     assert [item["exit_code"] for item in exits] == [3, 3]
@@ -120,9 +149,9 @@ def test_on_failure_policy_restarts_up_to_max_retries(
 
 
 def test_auto_destroy_destroys_after_exit(
-    api: httpx.Client, app_name: str, test_image: str, shared_server: ServerProcess
+    api: httpx.Client, app_name: str, test_image: str, shared_server: ServerProcess, tier: str
 ) -> None:
-    machine_id = run_machine(api, app_name, test_image, auto_destroy=True)
+    machine_id = run_machine(api, app_name, test_image, auto_destroy=True, **tier_config(tier))
     wait_state(api, app_name, machine_id, "destroyed")
     [exit_event] = exit_events(api, app_name, machine_id)
     assert exit_event["exit_code"] == 0
@@ -132,10 +161,14 @@ def test_auto_destroy_destroys_after_exit(
 
 
 def test_update_replaces_the_config_and_reboots(
-    api: httpx.Client, app_name: str, test_image: str
+    api: httpx.Client, app_name: str, test_image: str, tier: str
 ) -> None:
     machine_id = run_machine(
-        api, app_name, test_image, cmd=["sh", "-c", "echo version-one; sleep 600"]
+        api,
+        app_name,
+        test_image,
+        cmd=["sh", "-c", "echo version-one; sleep 600"],
+        **tier_config(tier),
     )
     wait_state(api, app_name, machine_id, "started")
     base = machine_path(app_name, machine_id)
@@ -145,6 +178,7 @@ def test_update_replaces_the_config_and_reboots(
         "init": {"cmd": ["sh", "-c", "echo version-two; sleep 600"]},
         "restart": {"policy": "no"},
         "stop_config": {"timeout": "1s"},
+        **tier_config(tier),
     }
     response = api.post(base, json={"config": config})
     assert response.status_code == 200, response.text
@@ -154,6 +188,7 @@ def test_update_replaces_the_config_and_reboots(
     after = wait_state(api, app_name, machine_id, "started")
     assert after["version"] == "2"
     assert after["instance_id"] != before["instance_id"]
+    assert after["tier"] == tier
     _wait_console(api, app_name, machine_id, "version-two")
     assert api.delete(base, params={"force": "true"}).status_code == 200
 
@@ -168,15 +203,19 @@ def _wait_console(api: httpx.Client, app_name: str, machine_id: str, text: str) 
 
 
 def test_a_vmm_that_dies_first_is_explained_in_the_exit_event(
-    api: httpx.Client, app_name: str, test_image: str, shared_server: ServerProcess
+    api: httpx.Client, app_name: str, test_image: str, shared_server: ServerProcess, tier: str
 ) -> None:
-    """QEMU killed under a running guest: the guest reported nothing, and the machine's exit
-    event says what the driver saw instead."""
+    """QEMU (or the sandbox's shim) killed under a running guest: the guest reported
+    nothing, and the machine's exit event says what the driver saw instead."""
     import os
     import signal
 
     machine_id = run_machine(
-        api, app_name, test_image, cmd=["sh", "-c", "while true; do sleep 1; done"]
+        api,
+        app_name,
+        test_image,
+        cmd=["sh", "-c", "while true; do sleep 1; done"],
+        **tier_config(tier),
     )
     wait_state(api, app_name, machine_id, "started")
     [pid] = vmm_pids(shared_server.home, machine_id)
@@ -185,5 +224,9 @@ def test_a_vmm_that_dies_first_is_explained_in_the_exit_event(
     assert exit_event["guest_exit_code"] == -1, (
         "no code reported: -1, an integer as fly-go reads it"
     )
-    assert "QEMU exited before the guest reported an exit" in exit_event["guest_error"]
+    expected = {
+        "vm": "QEMU exited before the guest reported an exit",
+        "sandbox": "the sandbox ended before its exit code was recorded",
+    }
+    assert expected[tier] in exit_event["guest_error"]
     wait_state(api, app_name, machine_id, "stopped")

@@ -290,3 +290,27 @@ def test_a_gpu_machine_cannot_be_suspended(
     response = api.post(f"/v1/apps/{app_name}/machines/{machine.id}/suspend")
     assert_fly_error(response, 422, "config.guest.gpus")
     assert api_server.embedded.agent.has_unfinished_run(machine.id) is False
+
+
+def test_a_sandbox_machine_cannot_be_suspended(
+    api: httpx.Client, app_name: str, api_server: Any
+) -> None:
+    """The sandbox tier takes no snapshots: 422 naming the tier, as for a GPU machine."""
+    now = time.time()
+    config = MachineConfig.model_validate({"image": "x", "guest": {"tier": "sandbox"}})
+    machine = Machine(
+        id=new_machine_id(),
+        name=unique("sandbox"),
+        app=app_name,
+        state=MachineState.STARTED,
+        region="local",
+        instance_id=new_ulid(now),
+        version=1,
+        config=config,
+        created_at=now,
+        updated_at=now,
+    )
+    api_server.embedded.stores.machines.insert_machine(machine)
+    response = api.post(f"/v1/apps/{app_name}/machines/{machine.id}/suspend")
+    assert_fly_error(response, 422, "config.guest.tier")
+    assert api_server.embedded.agent.has_unfinished_run(machine.id) is False

@@ -117,6 +117,10 @@ def one_round(
     machines = server.embedded.stores.machines
     request = CreateMachineRequest(config=MachineConfig(image=image), skip_launch=True)
     created: list[str] = []
+    # Quotas read the runs in flight: the earlier machines' preparing runs end first, so
+    # that what create reads does not hang on how far the agent has got with them.
+    for machine in api.get(f"/v1/apps/{app}/machines").json():
+        wait_runs_finished(api, app, machine["id"])
     statements = {
         "create": trace.run(
             server,

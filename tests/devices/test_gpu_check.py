@@ -92,6 +92,7 @@ def test_on_this_machine_it_says_no_gpu_and_exits_2() -> None:
 
     assert done.returncode == 2, done.stdout + done.stderr
     assert "gpu-check: no NVIDIA GPU found on this host" in done.stdout
+    assert "skip MPS shares: no GPU here" in done.stdout
 
 
 def test_a_host_without_nvidia_devices_exits_2(tmp_path: Path) -> None:
@@ -394,3 +395,59 @@ def test_the_lspci_and_nvidia_smi_parsers() -> None:
     assert gpu.get("Link Width", "Max") == "16x"
     assert gpu.get("Fabric", "State") == "Completed"
     assert gpu.get("Module ID") == "3"
+
+
+def _load_mps_check() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("mps_check", SCRIPT.parent / "mps_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("mps_check", module)
+    spec.loader.exec_module(sys.modules["mps_check"])
+    return sys.modules["mps_check"]
+
+
+def test_the_mps_part_skips_with_a_reason_where_mps_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mps_check = _load_mps_check()
+    builder = build_firecracker_h200(tmp_path)
+    sysfs = SysfsRoot(builder.root, writer=ReadOnlyWriter())
+    nvml = _h200_nvml((0, 0))
+    inventory = read_inventory(sysfs, nvml=PynvmlReader(load=lambda: nvml), runner=ready_runner())
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
+    console = Console(record=True, width=200, color_system=None)
+
+    failures = mps_check.run(inventory, console)
+
+    assert failures == 0
+    assert "skip MPS shares: nvidia-cuda-mps-control is not installed" in console.export_text()
+    mig = _h200_nvml((1, 1))
+    inventory = read_inventory(sysfs, nvml=PynvmlReader(load=lambda: mig), runner=ready_runner())
+    assert (
+        "no GPU outside MIG mode" in mps_check.asyncio.run(mps_check.mps_check(inventory)).skipped
+    )
+
+
+def test_the_mps_part_judges_the_machines_lines() -> None:
+    judge = _load_mps_check().judge
+    env = {"phase": "env", "cap_mib": 71000, "threads": "50", "visible": "GPU-1"}
+    good = {
+        "A": [
+            env,
+            {"phase": "within_cap", "ok": True, "allocated_mib": 56800},
+            {"phase": "beyond_cap", "refused": True, "extra_mib": 16248, "error": "out of memory"},
+        ],
+        "B": [
+            env,
+            {"phase": "within_cap", "ok": True, "allocated_mib": 56800},
+            {"phase": "after_a_refused", "ok": True},
+        ],
+    }
+    failures, notes = judge(good)
+    assert failures == []
+    assert "machine B computed again after A's refusal: only A was refused" in notes
+    leaky = {**good, "A": [*good["A"][:2], {"phase": "beyond_cap", "refused": False}]}
+    assert any("past its cap" in failure for failure in judge(leaky)[0])
+    hurt = {**good, "B": good["B"][:2]}
+    assert any("machine B did not compute" in failure for failure in judge(hurt)[0])
+    assert len(judge({})[0]) == 4

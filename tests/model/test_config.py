@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from hangar.errors import UnsupportedField
-from hangar.model.config import MachineConfig, signal_number
+from hangar.model.config import GuestConfig, MachineConfig, Tier, signal_number
 from hangar.model.duration import format_duration, parse_duration
 
 
@@ -229,3 +229,16 @@ def test_a_mount_as_go_writes_it_decodes() -> None:
     with pytest.raises(UnsupportedField) as refused:
         MachineConfig.model_validate({"image": "x", "mounts": [{**mount, "size_gb_limit": 10}]})
     assert refused.value.field == "config.mounts.size_gb_limit"
+
+
+def test_hangars_guest_fields_at_go_zero_values_are_unset() -> None:
+    """``gpu_slice: ""``, ``gpu_share: 0``, ``tier: ""``: no GPU part, the tier left to it."""
+    guest = GuestConfig.model_validate(
+        {"cpus": 1, "memory_mb": 256, "gpu_slice": "", "gpu_share": 0, "tier": ""}
+    )
+    assert (guest.gpu_slice, guest.gpu_share, guest.tier) == (None, None, None)
+    assert guest.effective_tier is Tier.VM
+    share = GuestConfig.model_validate(
+        {"gpu_kind": "a100-pcie-40gb", "gpu_share": 0.25, "gpus": 0, "gpu_slice": None}
+    )
+    assert (share.gpus, share.gpu_share_milli, share.effective_tier) == (None, 250, Tier.SANDBOX)

@@ -46,7 +46,7 @@ from hangar.errors import (
     Unprocessable,
     WaitTimeout,
 )
-from hangar.model.config import MachineConfig, signal_number, validate_metadata_key
+from hangar.model.config import MachineConfig, Tier, signal_number, validate_metadata_key
 from hangar.model.duration import parse_duration
 from hangar.model.guest_contract import RunDir
 from hangar.model.host import HostInfo
@@ -402,6 +402,8 @@ class MachineService:
             self._volumes.check_room(request.config, region, volume_host, launching)
         if request.config.guest.gpus:
             self._platform.admit_gpu_machine(request.config, region)
+        elif request.config.guest.gpu_part:
+            self._platform.admit_gpu_part(request.config, region)
         if not request.skip_launch:
             self._platform.admit(request.config, region)
         machine_id = new_machine_id()
@@ -462,6 +464,8 @@ class MachineService:
         self._check_secrets(app, request)
         if request.config.guest.gpus:
             self._platform.admit_gpu_machine(request.config, machine.region)
+        elif request.config.guest.gpu_part:
+            self._platform.admit_gpu_part(request.config, machine.region)
         relaunch = machine.state.holds_resources and not request.skip_launch
         if relaunch:
             self._platform.admit(request.config, machine.region, machine_id)
@@ -500,6 +504,12 @@ class MachineService:
         machine = self._ready_for(
             app, machine_id, nonce, "suspend", lambda state: state is MachineState.STARTED
         )
+        if machine.tier is Tier.SANDBOX:
+            raise SuspendNotSupported(
+                f"config.guest.tier: machine {machine_id} runs in the sandbox tier, where "
+                "nothing can be suspended",
+                field="config.guest.tier",
+            )
         if machine.config.guest.gpus:
             raise SuspendNotSupported(
                 f"config.guest.gpus: machine {machine_id} has GPUs, and a VFIO device cannot "

@@ -48,7 +48,7 @@ class OrgService:
             name=org.name,
             created_at=iso8601(org.created_at),
             quotas=org.quotas,
-            usage=OrgUsageView(**usage.model_dump()),
+            usage=OrgUsageView(**{**usage.model_dump(), "gpus": usage.gpu_totals()}),
         )
 
     def create(self, request: CreateOrgRequest) -> OrgDetail:

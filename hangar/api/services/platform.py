@@ -30,6 +30,7 @@ from hangar.scheduler import (
     dry_run_placements,
 )
 from hangar.scheduler.machines import Overcommit, placement_request
+from hangar.scheduler.mig import MIG_PROFILES
 
 RoomOf = Callable[[GuestConfig], "int | None"]
 """How many more machines of this guest shape the caller's org may have (None: no limit)."""
@@ -111,10 +112,53 @@ class PlatformService:
         claims: ClaimStore,
         driver_bundle: Path | None = None,
         overcommit: Overcommit | None = None,
+        share_kinds: frozenset[str] = frozenset(),
     ) -> None:
+        """``share_kinds``: the GPU kinds the operator opened to time shares."""
         self._claims = claims
         self._driver_bundle = driver_bundle
         self.overcommit = overcommit or Overcommit()
+        self._share_kinds = share_kinds
+
+    def admit_gpu_part(self, config: MachineConfig, region: str) -> None:
+        """A MIG slice must be a profile of its kind, a share must be of a kind opened to
+        sharing (each a 422 listing what exists), and the policy must find room now."""
+        guest = config.guest
+        kind = guest.gpu_kind or ""
+        if guest.gpu_slice is not None:
+            profiles = sorted(MIG_PROFILES.get(kind, {}))
+            if guest.gpu_slice not in profiles:
+                message = (
+                    f"config.guest.gpu_slice: {kind} has no MIG profile {guest.gpu_slice}; "
+                    + (
+                        f"its profiles: {', '.join(profiles)}"
+                        if profiles
+                        else f"{kind} has no MIG; kinds with MIG: {', '.join(sorted(MIG_PROFILES))}"
+                    )
+                )
+                raise Unprocessable(
+                    message,
+                    field="config.guest.gpu_slice",
+                    gpu_kind=kind,
+                    profiles=profiles,
+                    mig_kinds=sorted(MIG_PROFILES),
+                )
+        elif guest.gpu_share is not None and kind not in self._share_kinds:
+            opened = sorted(self._share_kinds)
+            raise Unprocessable(
+                f"config.guest.gpu_share: {kind} is not open to GPU shares on this platform; "
+                + (f"kinds open to shares: {', '.join(opened)}" if opened else "none is"),
+                field="config.guest.gpu_share",
+                gpu_kind=kind,
+                share_kinds=opened,
+            )
+        request = placement_request(guest, region, overcommit=self.overcommit)
+        if not any(result.placeable for result in dry_run_placements(self.snapshot(), request, 1)):
+            error = capacity_error(request, (region,))
+            error.fields["field"] = (
+                "config.guest.gpu_slice" if guest.gpu_slice else "config.guest.gpu_share"
+            )
+            raise error
 
     def snapshot(self) -> Mapping[str, VersionedHost]:
         """Every host with its claims, as the scheduler reads them."""

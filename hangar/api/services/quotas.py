@@ -1,6 +1,7 @@
 """Per-org quotas over the machines an org has (every machine not destroyed counts):
-machines, memory, and GPUs by kind; and over its volumes (every volume that holds or will
-hold an image counts): how many, and their GB together. A request that would pass one gets
+machines, memory, and GPUs by kind (a MIG slice or time share as its fraction of one GPU);
+and over its volumes (every volume that holds or will hold an image counts): how many, and
+their GB together. A request that would pass one gets
 a 422 naming it.
 
 A machine with updates still pending (queued or running in the agent) counts with the
@@ -14,13 +15,13 @@ from collections.abc import Sequence
 
 from hangar.errors import QuotaExceeded
 from hangar.model.config import GuestConfig, MachineConfig
-from hangar.model.footprint import Footprint
+from hangar.model.footprint import MILLI_PER_GPU, Footprint
 from hangar.model.machine import Machine, MachineState
 from hangar.model.run import UpdateRequest
 from hangar.model.volume import Volume
 from hangar.store.protocol import MachineStore, Org, OrgQuotas, RunStore, TenancyStore, VolumeStore
 
-Limit = tuple[str, int | None, int, int, str]
+Limit = tuple[str, int | None, float, float, str]
 """quota name, its limit, the org's use now, its use if the request went through, unit"""
 
 
@@ -34,12 +35,17 @@ class OrgUsage(Footprint):
         self.machines += sign
         self.memory_mb += sign * max(config.guest.memory_mb for config in configs)
         largest: dict[str, int] = {}
+        parts: dict[str, int] = {}
         for config in configs:
             kind, count = config.guest.gpu_kind, config.guest.gpus or 0
             if kind is not None and count:
                 largest[kind] = max(largest.get(kind, 0), count)
+            if kind is not None and config.guest.gpu_part_milli:
+                parts[kind] = max(parts.get(kind, 0), config.guest.gpu_part_milli)
         for kind, count in largest.items():
             self.gpus[kind] = self.gpus.get(kind, 0) + sign * count
+        for kind, milli in parts.items():
+            self.gpu_parts[kind] = self.gpu_parts.get(kind, 0) + sign * milli
 
     def add_volume(self, size_gb: int, sign: int = 1) -> None:
         self.volumes += sign
@@ -53,9 +59,11 @@ def room_for(quotas: OrgQuotas, usage: OrgUsage, guest: GuestConfig) -> int | No
         rooms.append(quotas.machines - usage.machines)
     if quotas.memory_mb is not None:
         rooms.append((quotas.memory_mb - usage.memory_mb) // guest.memory_mb)
-    kind, count = guest.gpu_kind, guest.gpus or 0
-    if kind is not None and count and kind in quotas.gpus:
-        rooms.append((quotas.gpus[kind] - usage.gpus.get(kind, 0)) // count)
+    kind = guest.gpu_kind
+    wanted = (guest.gpus or 0) * MILLI_PER_GPU + guest.gpu_part_milli
+    if kind is not None and wanted and kind in quotas.gpus:
+        free = round((quotas.gpus[kind] - usage.gpu_total(kind)) * MILLI_PER_GPU)
+        rooms.append(free // wanted)
     return max(0, min(rooms)) if rooms else None
 
 
@@ -169,8 +177,8 @@ class QuotaService:
             (
                 f"gpus.{kind}",
                 limit,
-                before.gpus.get(kind, 0),
-                after.gpus.get(kind, 0),
+                before.gpu_total(kind),
+                after.gpu_total(kind),
                 f"{kind} GPU(s)",
             )
             for kind, limit in sorted(quotas.gpus.items())
@@ -185,7 +193,7 @@ def _enforce(org: Org, limits: list[Limit]) -> None:
         if limit is not None and wanted > limit and wanted > used:
             raise QuotaExceeded(
                 f"quota exceeded: org {org.slug} may have {limit} {unit}, this request "
-                f"would make {wanted} (quota {quota})",
+                f"would make {wanted:g} (quota {quota})",
                 quota=quota,
                 org=org.slug,
             )

@@ -1,0 +1,594 @@
+"""SandboxDriver: sandbox-tier machines as OCI containers under gVisor's ``runsc`` (or
+``runc``, where the operator enables it), behind the same :class:`~hangar.vmm.driver.Driver`
+protocol as QEMU.
+
+The process a handle names is a small shell *shim* in a session of its own: it runs
+``RUNTIME run`` in the foreground (the container's stdout and stderr go to the console log,
+as a VM's serial port does) and, when that returns, appends the container's exit code to
+the control log as ``{"type": "exit", "code": N}``, the same line a VM's guest init writes.
+So an agent restart loses nothing: the shim outlives it, its exit code lands in a file, and
+the next agent adopts the shim by pid and start time. ``runsc run`` ties the sandbox to its
+own life (gVisor's ``--attached``), so killing the shim's process group ends the sandbox too;
+``RUNTIME kill`` and ``RUNTIME delete --force`` cover what outlives it (runc's containers).
+
+The runtime's own errors go to the VMM log as JSON lines (``--log-format=json``): a
+container that never started (an image without its command, a bad bundle) fails the
+launch with the runtime's words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from signal import SIGKILL, SIGTERM
+from typing import Any
+
+from hangar.clock import Clock, SystemClock
+from hangar.errors import Unprocessable, VmmError
+from hangar.model.guest_contract import EXEC_OUTPUT_CAP, RunDir
+from hangar.vmm.container import CONFIG_NAME, write_bundle
+from hangar.vmm.deadline import run_with_deadline
+from hangar.vmm.driver import StopOutcome, VmHandle, VmSpec, VmStatus
+from hangar.vmm.errors import GuestExecError, SuspendNotSupported
+from hangar.vmm.guest_exec import ExecResult, GuestProcess
+from hangar.vmm.proc import (
+    PROC_ROOT,
+    ProcessRef,
+    exits_within,
+    is_alive,
+    read_process,
+    tail_text,
+)
+
+log = logging.getLogger(__name__)
+
+SHIM_MARKER = "hangar-sandbox"
+"""``$0`` of every shim: how the agent finds them in /proc."""
+MACHINE_TYPE = "sandbox"
+STATE_ROOT_BASE = Path("/run/hangar-sandbox")
+LAUNCH_POLL_S = 0.02
+ERROR_QUOTE_CHARS = 4000
+BUNDLE_DIR = RunDir.BUNDLE
+ROOTFS_DIR = "rootfs"
+
+# $1 runtime, $2 state root, $3 bundle, $4 container id, $5 console log, $6 control log,
+# $7 runtime log, then the runtime's global flags.
+_SHIM = r"""
+runtime=$1 root=$2 bundle=$3 id=$4 console=$5 ctl=$6 rlog=$7
+shift 7
+"$runtime" --root "$root" --log "$rlog" --log-format json "$@" run --bundle "$bundle" "$id" \
+    >>"$console" 2>&1 </dev/null
+code=$?
+printf '{"type":"exit","code":%d}\n' "$code" >>"$ctl"
+"$runtime" --root "$root" delete --force "$id" >/dev/null 2>&1
+exit "$code"
+"""
+
+
+class SandboxRuntime(StrEnum):
+    RUNSC = "runsc"
+    RUNC = "runc"
+
+
+class RunscPlatform(StrEnum):
+    """How gVisor's sentry intercepts the container's system calls."""
+
+    SYSTRAP = "systrap"
+    PTRACE = "ptrace"
+    KVM = "kvm"
+
+
+@dataclass(frozen=True)
+class SandboxTimeouts:
+    launch_s: float = 30.0
+    """From spawning the shim to the container running."""
+    command_s: float = 10.0
+    """For one ``RUNTIME state|kill|delete|ps`` call."""
+    kill_grace_s: float = 10.0
+
+
+def state_root_for(machines_dir: Path, runtime: SandboxRuntime) -> Path:
+    """The runtime's state folder for the machines under ``machines_dir``: short (it holds
+    unix sockets) and distinct per hangar home."""
+    digest = hashlib.sha256(str(machines_dir.resolve()).encode()).hexdigest()[:12]
+    return STATE_ROOT_BASE / f"{runtime.value}-{digest}"
+
+
+def bundle_dir(run_dir: Path) -> Path:
+    return run_dir / BUNDLE_DIR
+
+
+def rootfs_dir(run_dir: Path) -> Path:
+    """Where a sandbox machine's root folder is made for each boot."""
+    return bundle_dir(run_dir) / ROOTFS_DIR
+
+
+class SandboxDriver:
+    """A :class:`~hangar.vmm.driver.Driver` for specs with a ``container``."""
+
+    def __init__(
+        self,
+        *,
+        binary: Path | str,
+        state_root: Path,
+        runtime: SandboxRuntime = SandboxRuntime.RUNSC,
+        platform: RunscPlatform = RunscPlatform.SYSTRAP,
+        clock: Clock | None = None,
+        timeouts: SandboxTimeouts | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.name = runtime.value
+        self.platform = platform
+        self._binary = str(binary)
+        self._state_root = state_root
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._timeouts = timeouts if timeouts is not None else SandboxTimeouts()
+        self._children: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
+
+    # launching
+    def global_flags(self, spec: VmSpec) -> list[str]:
+        """The runtime's flags for this spec (after ``--root`` and ``--log``)."""
+        if self.runtime is SandboxRuntime.RUNC:
+            return []
+        flags = ["--network=none", f"--platform={self.platform.value}"]
+        container = spec.container
+        if container is not None and container.gpu:
+            flags.append("--nvproxy")
+        return flags
+
+    def prepare(self, spec: VmSpec) -> list[str]:
+        container = spec.container
+        if container is None:
+            raise Unprocessable(
+                f"machine {spec.machine_id}: the {self.name} driver runs containers; this spec "
+                "boots a VM",
+                field="tier",
+            )
+        if shutil.which(self._binary) is None:
+            raise VmmError(
+                f"the sandbox runtime {self._binary!r} is not installed (make runsc)",
+                machine_id=spec.machine_id,
+                binary=self._binary,
+            )
+        if not container.rootfs.is_dir():
+            raise VmmError(
+                f"machine {spec.machine_id}: root folder {container.rootfs} is missing",
+                machine_id=spec.machine_id,
+                field="rootfs",
+            )
+        for mount in container.mounts:
+            if not mount.source.exists():
+                raise VmmError(
+                    f"machine {spec.machine_id}: {mount.source} (for {mount.destination}) "
+                    "is missing",
+                    machine_id=spec.machine_id,
+                    field="mounts",
+                )
+        return [
+            "/bin/sh",
+            "-c",
+            _SHIM,
+            SHIM_MARKER,
+            self._binary,
+            str(self._state_root),
+            str(bundle_dir(spec.run_dir)),
+            spec.machine_id,
+            str(spec.console_log),
+            str(spec.control_log),
+            str(spec.vmm_log),
+            *self.global_flags(spec),
+        ]
+
+    async def launch(self, spec: VmSpec) -> VmHandle:
+        if spec.incoming_snapshot is not None:
+            raise SuspendNotSupported(
+                f"machine {spec.machine_id} runs in the sandbox tier: no snapshots there",
+                field="tier",
+                machine_id=spec.machine_id,
+            )
+        argv = self.prepare(spec)
+        assert spec.container is not None
+        write_bundle(
+            bundle_dir(spec.run_dir),
+            spec.container,
+            cpus=spec.cpus,
+            memory_mb=spec.memory_mb,
+        )
+        self._state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # What a launch cut short left behind under this id.
+        await self._runtime_call(["delete", "--force", spec.machine_id], check=False)
+        for path in (spec.console_log, spec.control_log, spec.vmm_log):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        spec.control_log.unlink(missing_ok=True)
+        spec.vmm_log.write_bytes(b"")
+        child = self._spawn(spec, argv)
+        info = read_process(child.pid)
+        assert info is not None  # not reaped yet
+        handle = VmHandle(
+            driver=self.name,
+            machine_id=spec.machine_id,
+            pid=child.pid,
+            start_time=info.start_time,
+            qmp_socket=spec.qmp_socket,
+            signal_socket=spec.signal_socket,
+            control_log=spec.control_log,
+            console_log=spec.console_log,
+            vmm_log=spec.vmm_log,
+            accel=self.platform.value if self.runtime is SandboxRuntime.RUNSC else "none",
+            machine_type=MACHINE_TYPE,
+            memory_mb=spec.memory_mb,
+            spec=spec,
+        )
+        self._children[(handle.pid, handle.start_time)] = child
+        threading.Thread(target=child.wait, name=f"reap-shim-{child.pid}", daemon=True).start()
+        try:
+            await self._wait_until_running(handle, child)
+        except BaseException:
+            with contextlib.suppress(VmmError):
+                await self.kill(handle)
+            raise
+        if child.poll() is None:  # a container that has already ended says so itself
+            with spec.control_log.open("a") as ctl:
+                ctl.write(json.dumps({"type": "ready"}) + "\n")
+        log.info(
+            "machine %s: %s sandbox running (shim pid %d)", spec.machine_id, self.name, child.pid
+        )
+        return handle
+
+    def _spawn(self, spec: VmSpec, argv: list[str]) -> subprocess.Popen[bytes]:
+        try:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as error:
+            raise VmmError(
+                f"cannot start the sandbox shim: {error.strerror or error}",
+                machine_id=spec.machine_id,
+            ) from error
+
+    async def _wait_until_running(self, handle: VmHandle, child: subprocess.Popen[bytes]) -> None:
+        deadline = self._clock.monotonic() + self._timeouts.launch_s
+        while True:
+            if child.poll() is not None:
+                failure = runtime_error(handle.vmm_log)
+                if failure is not None:
+                    raise VmmError(
+                        f"{self.name} could not start machine {handle.machine_id}: {failure}",
+                        machine_id=handle.machine_id,
+                        exit_status=child.returncode,
+                        retryable=False,
+                    )
+                return  # it ran, and has already ended: its exit is in the control log
+            state = await self._container_state(handle.machine_id)
+            if state in ("running", "paused"):
+                return
+            # "stopped": it ended, or never started (runc says so before its error): the
+            # shim's end, next time round, tells which.
+            if self._clock.monotonic() >= deadline:
+                raise VmmError(
+                    f"the {self.name} container of machine {handle.machine_id} was not running "
+                    f"within {self._timeouts.launch_s:g} s",
+                    machine_id=handle.machine_id,
+                    stderr=tail_text(handle.vmm_log, ERROR_QUOTE_CHARS),
+                )
+            await self._clock.sleep(LAUNCH_POLL_S)
+
+    # runtime calls
+    async def _runtime_call(
+        self, args: Sequence[str], *, check: bool = True
+    ) -> tuple[int, bytes, bytes]:
+        process = await asyncio.create_subprocess_exec(
+            self._binary,
+            "--root",
+            str(self._state_root),
+            *args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            out, err = await run_with_deadline(
+                self._clock, self._timeouts.command_s, process.communicate()
+            )
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise VmmError(
+                f"{self.name} {' '.join(args[:1])} did not answer within "
+                f"{self._timeouts.command_s:g} s",
+                retryable=True,
+            ) from None
+        code = process.returncode if process.returncode is not None else -1
+        if check and code != 0:
+            raise VmmError(
+                f"{self.name} {' '.join(args[:1])} failed: {err.decode(errors='replace')[-500:]}",
+                exit_status=code,
+            )
+        return code, out, err
+
+    async def _container_state(self, container_id: str) -> str | None:
+        code, out, _ = await self._runtime_call(["state", container_id], check=False)
+        if code != 0:
+            return None
+        try:
+            value = json.loads(out)
+        except json.JSONDecodeError:
+            return None
+        status = value.get("status") if isinstance(value, dict) else None
+        return status if isinstance(status, str) else None
+
+    # signals and stopping
+    async def signal(self, handle: VmHandle, signum: int) -> None:
+        await self._runtime_call(["kill", handle.machine_id, str(signum)])
+
+    async def stop(
+        self, handle: VmHandle, timeout_s: float, clock: Clock, signum: int = SIGTERM
+    ) -> StopOutcome:
+        process = ProcessRef.open(handle.pid, handle.start_time)
+        if process is None:
+            return StopOutcome.NOT_RUNNING
+        with process:
+            deadline = clock.monotonic() + timeout_s
+            code, _, err = await self._runtime_call(
+                ["kill", handle.machine_id, str(signum)], check=False
+            )
+            if code != 0:
+                log.warning("machine %s: %s kill: %s", handle.machine_id, self.name, err[-300:])
+            if await _exits_soon(process, clock, deadline - clock.monotonic()):
+                return StopOutcome.GUEST_EXITED
+            log.info(
+                "machine %s: still running after %s s, killing it", handle.machine_id, timeout_s
+            )
+            await self._kill(handle, process, clock)
+            return StopOutcome.KILLED
+
+    async def kill(self, handle: VmHandle) -> None:
+        process = ProcessRef.open(handle.pid, handle.start_time)
+        if process is None:
+            # The shim is gone; what it ran may not be (runc's containers outlive it).
+            await self._runtime_call(["kill", "--all", handle.machine_id, "KILL"], check=False)
+            await self._runtime_call(["delete", "--force", handle.machine_id], check=False)
+            return
+        with process:
+            await self._kill(handle, process, self._clock)
+
+    async def _kill(self, handle: VmHandle, process: ProcessRef, clock: Clock) -> None:
+        """The container's processes, then the shim's group; return once the shim is gone."""
+        await self._runtime_call(["kill", "--all", handle.machine_id, "KILL"], check=False)
+        if not await exits_within(process, clock, self._timeouts.kill_grace_s):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(handle.pid, SIGKILL)
+            process.send_signal(SIGKILL)
+            if not await exits_within(process, clock, self._timeouts.kill_grace_s):
+                raise VmmError(
+                    f"the sandbox shim pid {handle.pid} is still running after SIGKILL",
+                    machine_id=handle.machine_id,
+                    pid=handle.pid,
+                )
+        await self._runtime_call(["delete", "--force", handle.machine_id], check=False)
+
+    # state
+    async def status(self, handle: VmHandle) -> VmStatus:
+        from hangar.vmm.control import read_control_events, summarise_control_events
+
+        report = summarise_control_events(read_control_events(handle.control_log))
+        if self.is_running(handle):
+            return VmStatus(
+                state="running",
+                guest_ready=report.ready,
+                exit_code=report.exit_code,
+                error=report.error,
+                vm_state=await self._container_state(handle.machine_id),
+            )
+        child = self._children.get((handle.pid, handle.start_time))
+        shim_status = await asyncio.to_thread(child.wait) if child is not None else None
+        error = report.error
+        if error is None and report.exit_code is None:
+            detail = "" if shim_status is None else f" (status {shim_status})"
+            error = f"the sandbox ended before its exit code was recorded{detail}"
+            failure = runtime_error(handle.vmm_log)
+            if failure is not None:
+                error += f": {failure}"
+        return VmStatus(
+            state="exited",
+            guest_ready=report.ready,
+            exit_code=report.exit_code,
+            error=error,
+            vmm_exit_status=shim_status,
+        )
+
+    def is_running(self, handle: VmHandle) -> bool:
+        return is_alive(handle.pid, handle.start_time)
+
+    async def adopt(self, handle: VmHandle) -> bool:
+        refusal = await self._adoption_refusal(handle)
+        if refusal is not None:
+            log.warning(
+                "machine %s: not adopting shim pid %d: %s", handle.machine_id, handle.pid, refusal
+            )
+            return False
+        return True
+
+    async def _adoption_refusal(self, handle: VmHandle) -> str | None:
+        if handle.driver != self.name:
+            return f"the handle belongs to driver {handle.driver!r}"
+        info = read_process(handle.pid)
+        if info is None or info.exited:
+            return "the process has exited"
+        if info.start_time != handle.start_time:
+            return "the pid now belongs to a process started later"
+        if shim_machine(info.cmdline) != handle.machine_id:
+            return "the process is not this machine's sandbox shim"
+        if await self._container_state(handle.machine_id) is None:
+            return f"{self.name} does not know its container"
+        return None
+
+    async def suspend(self, handle: VmHandle, snapshot_path: Path) -> Any:
+        raise SuspendNotSupported(
+            f"machine {handle.machine_id} runs in the sandbox tier: it cannot be suspended",
+            field="tier",
+            machine_id=handle.machine_id,
+        )
+
+    async def exec(
+        self, handle: VmHandle, argv: Sequence[str], *, stdin: bytes = b"", timeout_s: float
+    ) -> ExecResult:
+        if not argv:
+            raise GuestExecError("exec needs a command", retryable=False, field="command")
+        process = await asyncio.create_subprocess_exec(
+            self._binary,
+            "--root",
+            str(self._state_root),
+            "exec",
+            handle.machine_id,
+            *argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        timed_out = False
+        try:
+            out, err = await run_with_deadline(self._clock, timeout_s, process.communicate(stdin))
+        except TimeoutError:
+            timed_out = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, SIGKILL)
+            out, err = await process.communicate()
+        code = process.returncode if process.returncode is not None else -1
+        if code < 0:
+            code = 128 - code
+        return ExecResult(
+            exit_code=137 if timed_out else code,
+            stdout=out[:EXEC_OUTPUT_CAP],
+            stderr=err[:EXEC_OUTPUT_CAP],
+            stdout_truncated=len(out) > EXEC_OUTPUT_CAP,
+            stderr_truncated=len(err) > EXEC_OUTPUT_CAP,
+            timed_out=timed_out,
+        )
+
+    async def processes(self, handle: VmHandle) -> list[GuestProcess]:
+        """The container's processes as the runtime's ``ps`` table lists them (pids as the
+        container sees them under runsc; memory and CPU time are not reported)."""
+        _, out, _ = await self._runtime_call(["ps", handle.machine_id])
+        return parse_ps_table(out.decode(errors="replace"))
+
+
+def parse_ps_table(text: str) -> list[GuestProcess]:
+    """``UID PID PPID C ... CMD`` rows (the command last, possibly with blanks)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return []
+    header = lines[0].split()
+    if "PID" not in header or "CMD" not in header or header[-1] != "CMD":
+        raise VmmError(f"unexpected ps output: {lines[0][:200]!r}")
+    found = []
+    for line in lines[1:]:
+        fields = line.split(None, len(header) - 1)
+        if len(fields) < len(header):
+            continue
+        row = dict(zip(header, fields, strict=True))
+        command = row["CMD"]
+        found.append(
+            GuestProcess(
+                pid=int(row["PID"]) if row["PID"].isdigit() else 0,
+                ppid=int(row.get("PPID", "0")) if row.get("PPID", "").isdigit() else 0,
+                uid=int(row["UID"]) if row.get("UID", "").isdigit() else 0,
+                user=row.get("UID", ""),
+                state="",
+                command=command.split()[0] if command.split() else command,
+                argv=command.split(),
+                directory="",
+                rss_bytes=0,
+                cpu_time_s=0.0,
+                started_after_boot_s=0.0,
+            )
+        )
+    return found
+
+
+def shim_machine(cmdline: Sequence[str]) -> str | None:
+    """The machine id a shim's command line runs, or None for any other process."""
+    if len(cmdline) > 7 and cmdline[2] == _SHIM and cmdline[3] == SHIM_MARKER:
+        return cmdline[7]
+    return None
+
+
+def find_shims(machines_dir: Path, proc_root: Path = PROC_ROOT) -> dict[int, str]:
+    """Live shims of machines whose bundle is under ``machines_dir``: pid -> machine id."""
+    prefix = str(machines_dir.resolve()) + os.sep
+    found: dict[int, str] = {}
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        info = read_process(int(entry.name), proc_root)
+        if info is None or info.exited:
+            continue
+        machine_id = shim_machine(info.cmdline)
+        if machine_id is not None and info.cmdline[6].startswith(prefix):
+            found[info.pid] = machine_id
+    return found
+
+
+def kill_shim(pid: int) -> None:
+    """SIGKILL a shim's whole group (with ``runsc run``, whose sandbox dies with it)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+async def _exits_soon(process: ProcessRef, clock: Clock, seconds: float) -> bool:
+    """Like ``exits_within``, for a deadline that may have passed already."""
+    if seconds <= 0:
+        return process.has_exited()
+    return await exits_within(process, clock, seconds)
+
+
+def runtime_error(runtime_log: Path) -> str | None:
+    """The last error the runtime logged (its JSON log lines), if any."""
+    message = None
+    for line in tail_text(runtime_log, ERROR_QUOTE_CHARS).splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
+            message = str(entry.get("msg", ""))
+    return message
+
+
+__all__ = [
+    "BUNDLE_DIR",
+    "CONFIG_NAME",
+    "RunscPlatform",
+    "SandboxDriver",
+    "SandboxRuntime",
+    "SandboxTimeouts",
+    "bundle_dir",
+    "find_shims",
+    "kill_shim",
+    "parse_ps_table",
+    "rootfs_dir",
+    "runtime_error",
+    "shim_machine",
+    "state_root_for",
+]
