@@ -47,6 +47,7 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 CompareTarget = Literal["VERSION", "CREATE", "MOD", "VALUE", "LEASE"]
 CompareResult = Literal["EQUAL", "NOT_EQUAL", "GREATER", "LESS"]
+SortTarget = Literal["KEY", "VERSION", "CREATE", "MOD", "VALUE"]
 _TARGET_FIELDS = {
     "VERSION": "version",
     "CREATE": "create_revision",
@@ -139,6 +140,11 @@ class Range:
     limit: int = 0
     revision: int = 0
     serializable: bool = False
+    sort_target: SortTarget | None = None
+    """Order by this (etcd's own ``sort_target``); keys ascending when None."""
+    descending: bool = False
+    max_create_revision: int = 0
+    """Only keys created at or before this revision (0: any)."""
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"key": encode_bytes(self.key), **_key_end(self.key, self.prefix)}
@@ -148,6 +154,11 @@ class Range:
             body["revision"] = str(self.revision)
         if self.serializable:
             body["serializable"] = True
+        if self.sort_target is not None:
+            body["sort_target"] = self.sort_target
+            body["sort_order"] = "DESCEND" if self.descending else "ASCEND"
+        if self.max_create_revision:
+            body["max_create_revision"] = str(self.max_create_revision)
         return body
 
 

@@ -1,0 +1,307 @@
+"""The fleet's MachineStore on etcd: apps, machines, config versions, events and leases, shared
+by every API replica and agent.
+
+Keys (``KeyLayout.record``)::
+
+    apps/{app}                      App
+    machines/{app}/{machine_id}     Machine (listing an app's machines is one prefix range)
+    machine-apps/{machine_id}       the app a machine belongs to (never changes: cached)
+    machine-names/{app}/{name}      the id of the live (not destroyed) machine with that name
+    machine-versions/{id}/{version} a config version: {version, config, created_at, replaced_at}
+    events/{machine_id}/{event_id}  MachineEvent, ordered by when etcd created the key
+    leases/{machine_id}             Lease
+
+A machine's write is one transaction comparing the ``mod_revision`` it read, and writing the
+name index with it (a live name is taken only if its key is absent), so two replicas never both
+win, and a name freed by a destroy is free in the same commit.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from hangar.errors import Conflict, NotFound
+from hangar.model.config import MachineConfig
+from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
+from hangar.model.services import CheckStatus
+from hangar.store.etcd.client import Compare, Delete, EtcdClient, KeyValue, Op, Put, Range, Txn
+from hangar.store.etcd.keys import KeyLayout
+from hangar.store.etcd.records import answer_kv, with_retries
+from hangar.store.protocol import App
+
+_VERSION = TypeAdapter(dict[str, Any])
+
+
+def _live(machine: Machine) -> bool:
+    return machine.state is not MachineState.DESTROYED
+
+
+class EtcdMachineStore:
+    """A ``MachineStore`` over etcd. Thread-safe (the client is)."""
+
+    def __init__(self, client: EtcdClient, layout: KeyLayout | None = None) -> None:
+        self._client = client
+        self._layout = layout or KeyLayout()
+        self._app_of: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def _app_key(self, name: str) -> str:
+        return self._layout.record("apps", name)
+
+    def _machine_key(self, app: str, machine_id: str) -> str:
+        return self._layout.record("machines", app, machine_id)
+
+    def _name_key(self, machine: Machine) -> str:
+        return self._layout.record("machine-names", machine.app, machine.name)
+
+    def _version_key(self, machine_id: str, version: int) -> str:
+        return self._layout.record("machine-versions", machine_id, f"{version:012d}")
+
+    # apps
+    def create_app(self, name: str, org_slug: str, now: float) -> App:
+        app = App(name=name, org_slug=org_slug, created_at=now)
+        key = self._app_key(name)
+        result = self._client.txn(
+            Txn(compare=(Compare.absent(key),), success=(Put(key, app.model_dump_json().encode()),))
+        )
+        if not result.succeeded:
+            raise Conflict(f"app {name} already exists", app=name)
+        return app
+
+    def get_app(self, name: str) -> App | None:
+        kv = self._client.get(self._app_key(name))
+        return None if kv is None else App.model_validate_json(kv.value)
+
+    def list_apps(self, org_slug: str | None) -> list[App]:
+        kvs = self._client.range_prefix(self._layout.records("apps")).kvs
+        apps = [App.model_validate_json(kv.value) for kv in kvs]
+        return sorted(
+            (app for app in apps if org_slug is None or app.org_slug == org_slug),
+            key=lambda app: app.name,
+        )
+
+    def delete_app(self, name: str) -> None:
+        self._client.delete(self._app_key(name))
+
+    # machines
+    def _machine_app(self, machine_id: str) -> str | None:
+        with self._lock:
+            app = self._app_of.get(machine_id)
+        if app is not None:
+            return app
+        kv = self._client.get(self._layout.record("machine-apps", machine_id))
+        if kv is None:
+            return None
+        app = kv.value.decode()
+        with self._lock:
+            self._app_of[machine_id] = app
+        return app
+
+    def insert_machine(self, machine: Machine) -> None:
+        key = self._machine_key(machine.app, machine.id)
+        compares = [Compare.absent(key)]
+        ops: list[Op] = [
+            Put(key, machine.model_dump_json().encode()),
+            Put(self._layout.record("machine-apps", machine.id), machine.app.encode()),
+            Put(
+                self._version_key(machine.id, machine.version),
+                _version_record(machine.version, machine.config, machine.created_at),
+            ),
+        ]
+        if _live(machine):
+            compares.append(Compare.absent(self._name_key(machine)))
+            ops.append(Put(self._name_key(machine), machine.id.encode()))
+        result = self._client.txn(Txn(compare=compares, success=ops, failure=(Range(key),)))
+        if not result.succeeded:
+            if answer_kv(result, 0) is not None:
+                raise Conflict(f"machine {machine.id} already exists", machine_id=machine.id)
+            raise Conflict(
+                f"a machine named {machine.name} already exists in app {machine.app}",
+                field="name",
+            )
+        with self._lock:
+            self._app_of[machine.id] = machine.app
+
+    def _read(self, machine_id: str) -> tuple[KeyValue, Machine] | None:
+        app = self._machine_app(machine_id)
+        if app is None:
+            return None
+        kv = self._client.get(self._machine_key(app, machine_id))
+        return None if kv is None else (kv, Machine.model_validate_json(kv.value))
+
+    def get_machine(self, machine_id: str) -> Machine | None:
+        read = self._read(machine_id)
+        return None if read is None else read[1]
+
+    def list_machines(self, app: str | None, include_destroyed: bool = False) -> list[Machine]:
+        prefix = self._layout.records("machines", app) if app is not None else None
+        kvs = self._client.range_prefix(prefix or self._layout.records("machines")).kvs
+        machines = [(Machine.model_validate_json(kv.value), kv.create_revision) for kv in kvs]
+        machines.sort(key=lambda pair: (pair[0].created_at, pair[1]))
+        return [m for m, _ in machines if include_destroyed or _live(m)]
+
+    def _change(
+        self,
+        machine_id: str,
+        change: Callable[[Machine], Machine],
+        *,
+        extra: Callable[[Machine], tuple[Sequence[Compare], Sequence[Op]]] | None = None,
+        missing_ok: bool = False,
+    ) -> Machine | None:
+        """Read, change and compare-and-set one machine (and its name index); ``extra``
+        adds compares and writes to the same transaction."""
+
+        def attempt() -> tuple[Machine | None] | None:
+            read = self._read(machine_id)
+            if read is None:
+                if missing_ok:
+                    return (None,)
+                raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+            kv, old = read
+            new = change(old.model_copy(deep=True))
+            compares: list[Compare] = [Compare.mod_revision_is(kv.key, kv.mod_revision)]
+            ops: list[Op] = [Put(kv.key, new.model_dump_json().encode())]
+            if (_live(old), old.name) != (_live(new), new.name):
+                if _live(old):
+                    ops.append(Delete(self._name_key(old)))
+                if _live(new):
+                    compares.append(Compare.absent(self._name_key(new)))
+                    ops.append(Put(self._name_key(new), new.id.encode()))
+            if extra is not None:
+                more_compares, more_ops = extra(new)
+                compares.extend(more_compares)
+                ops.extend(more_ops)
+            result = self._client.txn(Txn(compare=compares, success=ops, failure=(Range(kv.key),)))
+            if result.succeeded:
+                return (new,)
+            current = answer_kv(result, 0)
+            if current is not None and current.mod_revision == kv.mod_revision and extra is None:
+                raise Conflict(
+                    f"a machine named {new.name} already exists in app {new.app}",
+                    field="name",
+                )
+            return None
+
+        return with_retries(f"machine {machine_id}", attempt)[0]
+
+    def save_machine(self, machine: Machine) -> None:
+        self._change(machine.id, lambda _old: machine)
+
+    def set_image_ref(self, machine_id: str, image_ref: ImageRef, now: float) -> None:
+        def change(machine: Machine) -> Machine:
+            machine.image_ref, machine.updated_at = image_ref, now
+            return machine
+
+        self._change(machine_id, change, missing_ok=True)
+
+    def set_cordoned(self, machine_id: str, cordoned: bool, now: float) -> None:
+        def change(machine: Machine) -> Machine:
+            machine.cordoned, machine.updated_at = cordoned, now
+            return machine
+
+        self._change(machine_id, change)
+
+    def set_checks(self, machine_id: str, checks: list[CheckStatus]) -> None:
+        def change(machine: Machine) -> Machine:
+            machine.checks = list(checks)
+            return machine
+
+        self._change(machine_id, change, missing_ok=True)
+
+    def set_state(
+        self, machine_id: str, state: MachineState, now: float, reason: str = ""
+    ) -> Machine:
+        def change(machine: Machine) -> Machine:
+            machine.state, machine.updated_at, machine.failure_reason = state, now, reason
+            return machine
+
+        changed = self._change(machine_id, change)
+        assert changed is not None
+        return changed
+
+    def apply_config_version(
+        self, machine_id: str, config: MachineConfig, version: int, instance_id: str, now: float
+    ) -> None:
+        def change(machine: Machine) -> Machine:
+            machine.version, machine.config = version, config
+            machine.instance_id, machine.updated_at = instance_id, now
+            return machine
+
+        def versions(_machine: Machine) -> tuple[Sequence[Compare], Sequence[Op]]:
+            writes: dict[str, bytes] = {}
+            compares: list[Compare] = []
+            for kv in self._client.range_prefix(
+                self._layout.records("machine-versions", machine_id)
+            ).kvs:
+                record = _VERSION.validate_json(kv.value)
+                if record.get("replaced_at") is None:
+                    record["replaced_at"] = now
+                    writes[kv.key] = json.dumps(record).encode()
+                    compares.append(Compare.mod_revision_is(kv.key, kv.mod_revision))
+            writes[self._version_key(machine_id, version)] = _version_record(version, config, now)
+            return compares, [Put(key, value) for key, value in writes.items()]
+
+        self._change(machine_id, change, extra=versions)
+
+    def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]:
+        kvs = self._client.range_prefix(self._layout.records("machine-versions", machine_id)).kvs
+        records = [_VERSION.validate_json(kv.value) for kv in kvs]
+        return [
+            {key: record.get(key) for key in ("version", "created_at", "replaced_at")}
+            for record in sorted(records, key=lambda record: int(record["version"]))
+        ]
+
+    # events
+    def add_event(self, machine_id: str, event: MachineEvent) -> None:
+        key = self._layout.record("events", machine_id, event.id)
+        self._client.txn(
+            Txn(
+                compare=(Compare.absent(key),),
+                success=(Put(key, event.model_dump_json().encode()),),
+            )
+        )
+
+    def list_events(self, machine_id: str, limit: int | None = None) -> list[MachineEvent]:
+        if limit is not None and limit <= 0:
+            return []
+        result = self._client.range(
+            Range(
+                self._layout.records("events", machine_id),
+                prefix=True,
+                limit=limit or 0,
+                sort_target="CREATE",
+                descending=True,
+            )
+        )
+        return [MachineEvent.model_validate_json(kv.value) for kv in result.kvs]
+
+    # leases
+    def get_lease(self, machine_id: str) -> Lease | None:
+        kv = self._client.get(self._layout.record("leases", machine_id))
+        return None if kv is None else Lease.model_validate_json(kv.value)
+
+    def put_lease(self, machine_id: str, lease: Lease) -> None:
+        self._client.put(
+            self._layout.record("leases", machine_id), lease.model_dump_json().encode()
+        )
+
+    def delete_lease(self, machine_id: str) -> None:
+        self._client.delete(self._layout.record("leases", machine_id))
+
+
+def _version_record(version: int, config: MachineConfig, created_at: float) -> bytes:
+    return json.dumps(
+        {
+            "version": version,
+            "config": config.model_dump(mode="json"),
+            "created_at": created_at,
+            "replaced_at": None,
+        }
+    ).encode()
