@@ -36,9 +36,12 @@ class HostPlacement:
         host: HostInfo,
         scheduler: Scheduler | None = None,
         observer: PlacementObserver | None = None,
+        allow_cpu_machines: bool = True,
     ):
         """``observer`` is told how each placement went (metrics); it is given to the
-        scheduler made here (one passed in keeps its own)."""
+        scheduler made here (one passed in keeps its own). ``allow_cpu_machines``: whether
+        CPU-only machines may run here when the host has GPUs (a fleet's GPU pool: no)."""
+        self.allow_cpu_machines = allow_cpu_machines
         self.claims = claims
         self.host = host
         self._scheduler = scheduler
@@ -54,7 +57,7 @@ class HostPlacement:
     def register(
         self,
         gpus: Sequence[GpuRecord],
-        allow_cpu_machines: bool = True,
+        allow_cpu_machines: bool | None = None,
         fabric_partitions: Mapping[int, Sequence[int]] | None = None,
     ) -> HostState:
         """Write this host's capacity and GPUs, keeping every claim and GPU state it had.
@@ -66,7 +69,9 @@ class HostPlacement:
                 self.host,
                 gpus,
                 current.state if current is not None else None,
-                allow_cpu_machines=allow_cpu_machines,
+                allow_cpu_machines=(
+                    self.allow_cpu_machines if allow_cpu_machines is None else allow_cpu_machines
+                ),
                 fabric_partitions=fabric_partitions,
             )
             if current is None:

@@ -18,6 +18,7 @@ from hangar.api.schemas import (
 )
 from hangar.api.services.addresses import PrivateAddresses
 from hangar.api.services.image_policy import ImagePolicy
+from hangar.api.services.placement import MachinePlacer
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.api.services.volumes import VolumeService
@@ -72,7 +73,11 @@ class MachineService:
         platform: PlatformService,
         addresses: PrivateAddresses | None = None,
         volumes: VolumeService | None = None,
+        placer: MachinePlacer | None = None,
     ) -> None:
+        """``placer``: a fleet's scheduler choosing each new machine's host (None: this
+        server's one host takes every machine)."""
+        self._placer = placer
         self._addresses = addresses
         self._volumes = volumes
         self._platform = platform
@@ -94,7 +99,10 @@ class MachineService:
         return machine
 
     def view(self, machine: Machine, event_limit: int = 10) -> MachineView:
-        return MachineView.of(machine, self._store.list_events(machine.id, event_limit))
+        view = MachineView.of(machine, self._store.list_events(machine.id, event_limit))
+        if self._placer is not None:
+            view.host_status = self._placer.host_status(machine.host_id)
+        return view
 
     def list_views(
         self,
@@ -130,6 +138,10 @@ class MachineService:
 
     # validation shared by create and update
     def _check_placement(self, region: str | None, config: MachineConfig) -> str:
+        if self._placer is not None:  # a fleet: the scheduler decides (at create)
+            if config.guest.gpus:
+                self._platform.admit_gpu_machine(config, region or "")
+            return region or ""
         if region and region != self._host.region:
             raise InsufficientCapacity(
                 f"insufficient capacity: no host in region {region}", field="region", region=region
@@ -216,6 +228,11 @@ class MachineService:
             launching = not request.skip_launch
             self._volumes.check_room(request.config, region, volume_host, launching)
         machine_id = new_machine_id()
+        host_id = self._host.id
+        if self._placer is not None:
+            host_id, region = self._placer.place(
+                machine_id, region, request.config, launching=not request.skip_launch
+            )
         machine = Machine(
             id=machine_id,
             name=request.name or f"{app}-{machine_id[:6]}",
@@ -227,12 +244,17 @@ class MachineService:
             config=request.config,
             created_at=now,
             updated_at=now,
-            host_id=self._host.id,
+            host_id=host_id,
             private_ip=(
                 self._addresses.for_machine(app, machine_id) if self._addresses is not None else ""
             ),
         )
-        self._store.insert_machine(machine)
+        try:
+            self._store.insert_machine(machine)
+        except BaseException:
+            if self._placer is not None and not request.skip_launch:
+                self._placer.release(host_id, machine_id)  # nothing half done
+            raise
         self._record(machine_id, "launch", "created", {"skip_launch": request.skip_launch})
         if request.lease_ttl:
             self._store.put_lease(machine_id, self._new_lease(request.lease_ttl, "", actor))
