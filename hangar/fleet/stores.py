@@ -44,7 +44,7 @@ def fleet_sealer(settings: Settings) -> Sealer:
 def open_fleet_stores(settings: Settings, *, sealer: Sealer | None = None) -> FleetStores:
     if not settings.etcd:
         raise InvalidRequest("no etcd endpoints given (--etcd or HANGAR_ETCD)", field="etcd")
-    client = EtcdClient(settings.etcd)
+    client = EtcdClient(settings.etcd, stale_reads=True)
     layout = KeyLayout(settings.etcd_prefix)
     return FleetStores(
         client=client,

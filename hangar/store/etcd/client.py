@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -358,8 +358,13 @@ class EtcdClient:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        stale_reads: bool = False,
     ) -> None:
+        """``stale_reads``: a read that finds no member with a leader (quorum lost) is
+        answered from a live member's own copy instead (``serializable``), so what the fleet
+        knew keeps being served while it cannot change."""
         self.endpoints = parse_endpoints(endpoints)
+        self.stale_reads = stale_reads
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._local = threading.local()
@@ -374,7 +379,15 @@ class EtcdClient:
         return result.kvs[0] if result.kvs else None
 
     def range(self, request: Range) -> RangeResult:
-        body = self.call("/v3/kv/range", request.to_json(), require_leader=not request.serializable)
+        try:
+            body = self.call(
+                "/v3/kv/range", request.to_json(), require_leader=not request.serializable
+            )
+        except StoreUnavailable:
+            if not self.stale_reads or request.serializable:
+                raise
+            stale = replace(request, serializable=True)
+            body = self.call("/v3/kv/range", stale.to_json(), require_leader=False)
         return RangeResult.from_json(body)
 
     def range_prefix(self, prefix: str, *, page_size: int = 1000) -> RangeResult:
