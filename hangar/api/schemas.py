@@ -178,6 +178,8 @@ class MachineView(BaseModel):
     updated_at: str
     events: list[MachineEvent] = Field(default_factory=list)
     host_status: str = "ok"
+    incomplete_config: dict[str, Any] | None = None
+    """The config as last recorded, when the machine's host is not answering (Fly's)."""
     version: int
     failure_reason: str = ""
     cordoned: bool = False

@@ -91,9 +91,17 @@ def test_a_machine_created_through_one_replica_boots_on_an_agent_host(fleet: Fle
         view = machine_view(second, app, machine_id)
         assert view["host_status"] == "ok" and view["state"] == "started"
         assert any(e["source"] == "flyd" and e["status"] == "started" for e in view["events"])
-        runs = second.get(f"/v1/apps/{app}/machines/{machine_id}/runs")
-        if runs.status_code == 200:  # the runs the agent published, read on another process
-            assert any(run["status"] == "succeeded" for run in runs.json())
+        # the runs the agent recorded in its SQLite and published, read on another process
+        until(
+            "the create run published as succeeded",
+            lambda: True
+            if any(
+                run["status"] == "succeeded"
+                for run in second.get(f"/v1/apps/{app}/machines/{machine_id}/runs").json()
+            )
+            else None,
+            10,
+        )
         stopped = second.post(f"/v1/apps/{app}/machines/{machine_id}/stop", json={})
         assert stopped.status_code == 200, stopped.text
         wait_state(first, app, machine_id, "stopped")
@@ -187,6 +195,7 @@ def test_a_killed_agent_goes_unreachable_and_reconciles_on_return(fleet: Fleet) 
             LEASE_TTL_S + 10,
         )
         assert time.monotonic() - killed_at <= LEASE_TTL_S + 5
+        assert machine_view(second, app, machine_id)["incomplete_config"]["image"]
         # nothing is placed on the lost host meanwhile, and its guest keeps running
         other = second.post(
             f"/v1/apps/{app}/machines",

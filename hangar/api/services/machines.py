@@ -102,6 +102,8 @@ class MachineService:
         view = MachineView.of(machine, self._store.list_events(machine.id, event_limit))
         if self._placer is not None:
             view.host_status = self._placer.host_status(machine.host_id)
+            if view.host_status != "ok":
+                view.incomplete_config = view.config
         return view
 
     def list_views(
