@@ -44,6 +44,9 @@ from hangar.api.services.usage import UsageService
 from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock, SystemClock
 from hangar.errors import NotFound, StoreRejected, Unprocessable
+from hangar.fleet import admin
+from hangar.fleet.admin import FleetHosts
+from hangar.fleet.cordons import Cordons
 from hangar.fleet.placer import FleetPlacer
 from hangar.fleet.stores import FleetStores, open_fleet_stores
 from hangar.images.run_config import GuestVolume
@@ -297,17 +300,20 @@ class Replica:
     settings: Settings
     fleet: FleetStores
     monitor: HostMonitor
+    cordons: Cordons
     agent: FleetAgent
     tokens: TokenService
     app: FastAPI
 
     async def start(self) -> None:
         await asyncio.to_thread(self.monitor.start)
+        await asyncio.to_thread(self.cordons.start)
         await asyncio.to_thread(self.fleet.claims.start)
         await self.agent.start()
 
     async def close(self) -> None:
         await self.agent.close()
+        self.cordons.close()
         self.monitor.close()
         self.fleet.close()
 
@@ -321,7 +327,8 @@ def build_replica(
     machines, tenancy = fleet.machines, fleet.tenancy
     tenancy.ensure_org(DEFAULT_ORG, clock.now())
     monitor = HostMonitor(fleet.client, fleet.layout)
-    placer = FleetPlacer(fleet.claims, monitor)
+    cordons = Cordons(fleet.client, fleet.layout)
+    placer = FleetPlacer(fleet.claims, monitor, cordons.is_cordoned)
     replica_host = HostInfo(
         id=f"api-{settings.host_id}", region=settings.region, cpus=0, memory_mb=0
     )
@@ -385,7 +392,9 @@ def build_replica(
         await replica.close()
 
     app = create_app(services, guard, on_startup=start, on_shutdown=close)
-    replica = Replica(settings, fleet, monitor, agent, tokens, app)
+    app.include_router(admin.router)
+    app.state.fleet_hosts = FleetHosts(cordons, machines, services.machines, fleet.claims, clock)
+    replica = Replica(settings, fleet, monitor, cordons, agent, tokens, app)
     return replica
 
 

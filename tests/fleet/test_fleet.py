@@ -10,7 +10,11 @@ is back. The fleet's invariants are checked after every scenario.
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +26,7 @@ import pytest
 from hangar.agent.guest import find_vmm_processes
 from hangar.fleet.invariants import fleet_violations
 from hangar.model.host import HostInfo
+from hangar.settings import env_name
 from hangar.store.etcd.hosts import HostLease, HostRecord
 from tests.fleet.conftest import HOSTS, LEASE_TTL_S, REGION, Fleet
 from tests.scheduler.fleet import gpu_host
@@ -94,12 +99,14 @@ def test_a_machine_created_through_one_replica_boots_on_an_agent_host(fleet: Fle
         # the runs the agent recorded in its SQLite and published, read on another process
         until(
             "the create run published as succeeded",
-            lambda: True
-            if any(
-                run["status"] == "succeeded"
-                for run in second.get(f"/v1/apps/{app}/machines/{machine_id}/runs").json()
-            )
-            else None,
+            lambda: (
+                True
+                if any(
+                    run["status"] == "succeeded"
+                    for run in second.get(f"/v1/apps/{app}/machines/{machine_id}/runs").json()
+                )
+                else None
+            ),
             10,
         )
         stopped = second.post(f"/v1/apps/{app}/machines/{machine_id}/stop", json={})
@@ -260,4 +267,63 @@ def test_etcd_member_loss_then_quorum_loss_then_convergence(fleet: Fleet) -> Non
 
         fresh = until("a create once quorum is back", created_again, 30)
         assert {m.id for m in fleet.stores.machines.list_machines(app)} == before | {fresh}
+    assert_invariants(fleet)
+
+
+def hangar_cli(fleet: Fleet, *args: str) -> dict[str, Any]:
+    """The ``hangar`` command against the second replica, as an operator would run it."""
+    env = {
+        **os.environ,
+        env_name("api_url"): fleet.replicas[1].url,
+        env_name("api_token"): fleet.replicas[0].operator_token,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "hangar.cli.main", *args, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+def test_cordon_steers_placement_and_drain_recreates_stopped_machines(fleet: Fleet) -> None:
+    app = new_app(fleet, "drain")
+    body = {"config": {"image": fleet.sleeper_image}, "skip_launch": True}
+    first_host, second_host = HOSTS
+    assert hangar_cli(fleet, "host", "cordon", second_host)["by"]
+    try:
+        with fleet.api(0) as api:
+            names = [f"keep-{n}" for n in (0, 1)]
+            old = []
+            for name in names:
+                created = api.post(f"/v1/apps/{app}/machines", json={**body, "name": name})
+                assert created.status_code == 200, created.text
+                old.append(created.json()["id"])
+            hosts = {m.id: m.host_id for m in fleet.stores.machines.list_machines(app)}
+            assert set(hosts.values()) == {first_host}  # the cordoned host took none
+    finally:
+        assert hangar_cli(fleet, "host", "uncordon", second_host)["ok"]
+
+    report = hangar_cli(fleet, "host", "drain", first_host)
+    try:
+        assert report["left"] == []
+        assert {moved["machine_id"] for moved in report["moved"]} == set(old)
+        assert {moved["host_id"] for moved in report["moved"]} == {second_host}
+        with fleet.api(1) as api:
+            for moved in report["moved"]:
+                wait_state(api, app, moved["machine_id"], "destroyed")
+                view = machine_view(api, app, moved["new_machine_id"])
+                assert any(e["type"] == "drain" for e in view["events"])
+            live = api.get(f"/v1/apps/{app}/machines").json()
+            assert sorted(m["name"] for m in live) == names
+            placed = api.post(f"/v1/apps/{app}/machines", json=body)  # first host is cordoned
+            assert placed.status_code == 200, placed.text
+            record = fleet.stores.machines.get_machine(placed.json()["id"])
+            assert record is not None and record.host_id == second_host
+    finally:
+        hangar_cli(fleet, "host", "uncordon", first_host)
     assert_invariants(fleet)
