@@ -310,11 +310,12 @@ def test_cordon_steers_placement_and_drain_recreates_stopped_machines(fleet: Fle
 
     report = hangar_cli(fleet, "host", "drain", first_host)
     try:
-        assert report["left"] == []
-        assert {moved["machine_id"] for moved in report["moved"]} == set(old)
+        # (other scenarios' machines on that host are moved or left too; these two must move)
+        ours = [moved for moved in report["moved"] if moved["machine_id"] in old]
+        assert sorted(moved["machine_id"] for moved in ours) == sorted(old), report
         assert {moved["host_id"] for moved in report["moved"]} == {second_host}
         with fleet.api(1) as api:
-            for moved in report["moved"]:
+            for moved in ours:
                 wait_state(api, app, moved["machine_id"], "destroyed")
                 view = machine_view(api, app, moved["new_machine_id"])
                 assert any(e["type"] == "drain" for e in view["events"])
