@@ -47,6 +47,7 @@ from hangar.server import MachineTraffic
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
 from hangar.store.etcd.hosts import HostLease, HostRecord
+from hangar.store.protocol import AuditRecord
 from hangar.volumes import VolumeHost, VolumeSettings
 
 log = logging.getLogger(__name__)
@@ -159,12 +160,34 @@ class HostAgent:
         self.local.close()
 
 
+def audit_repair(
+    fleet: FleetStores, host: HostInfo, clock: Clock, action: str, machine_id: str
+) -> None:
+    """What reconciliation repaired, in the fleet's audit log (the machine's org's, when the
+    machine is still known), done by ``agent:HOST``."""
+    machine = fleet.machines.get_machine(machine_id)
+    app = fleet.machines.get_app(machine.app) if machine is not None else None
+    fleet.tenancy.add_audit(
+        AuditRecord(
+            timestamp=clock.now(),
+            token_id=f"agent:{host.id}",
+            org_slug=app.org_slug if app is not None else "",
+            action=f"reconcile_{action}",
+            target=f"host/{host.id}",
+            app_name=machine.app if machine is not None else "",
+            machine_id=machine_id,
+            outcome="ok",
+            status=200,
+        )
+    )
+
+
 def build_host_agent(
     settings: Settings, platform: GuestPlatform | None = None, clock: Clock | None = None
 ) -> HostAgent:
     clock = clock or SystemClock()
     settings.home.mkdir(parents=True, exist_ok=True)
-    fleet = open_fleet_stores(settings)
+    fleet = open_fleet_stores(settings, tokens=False)
     local = open_embedded_stores(settings.database)
     metrics = HangarMetrics(clock)
     if platform is None:
@@ -209,6 +232,7 @@ def build_host_agent(
         crash_after(settings.crash_after_step),
         meter=meter,
         observers=(metrics, publisher),
+        on_repair=lambda action, machine_id: audit_repair(fleet, host, clock, action, machine_id),
     )
     traffic = MachineTraffic.for_agent(agent, settings, clock)
     return HostAgent(settings, host, pool, fleet, local, agent, traffic, publisher)

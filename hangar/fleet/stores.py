@@ -41,7 +41,11 @@ def fleet_sealer(settings: Settings) -> Sealer:
     return Sealer([Sealer.read_key_file(path)])
 
 
-def open_fleet_stores(settings: Settings, *, sealer: Sealer | None = None) -> FleetStores:
+def open_fleet_stores(
+    settings: Settings, *, sealer: Sealer | None = None, tokens: bool = True
+) -> FleetStores:
+    """``tokens``: this process authenticates (an API replica) and needs the fleet's sealing
+    key; a host's agent does not, and never holds it."""
     if not settings.etcd:
         raise InvalidRequest("no etcd endpoints given (--etcd or HANGAR_ETCD)", field="etcd")
     client = EtcdClient(settings.etcd, stale_reads=True)
@@ -50,7 +54,9 @@ def open_fleet_stores(settings: Settings, *, sealer: Sealer | None = None) -> Fl
         client=client,
         layout=layout,
         machines=EtcdMachineStore(client, layout),
-        tenancy=EtcdTenancyStore(client, sealer or fleet_sealer(settings), layout),
+        tenancy=EtcdTenancyStore(
+            client, (sealer or fleet_sealer(settings)) if tokens else None, layout
+        ),
         volumes=EtcdVolumeStore(client, layout),
         claims=EtcdClaimStore(client, layout),
         work=WorkQueue(client, layout),

@@ -26,6 +26,7 @@ import pytest
 from hangar.agent.guest import find_vmm_processes
 from hangar.fleet.invariants import fleet_violations
 from hangar.model.host import HostInfo
+from hangar.scheduler import Claim
 from hangar.settings import env_name
 from hangar.store.etcd.hosts import HostLease, HostRecord
 from tests.fleet.conftest import HOSTS, LEASE_TTL_S, REGION, Fleet
@@ -213,6 +214,13 @@ def test_a_killed_agent_goes_unreachable_and_reconciles_on_return(fleet: Fleet) 
         assert placed is not None and placed.host_id != record.host_id
         assert find_vmm_processes(agent.home / "machines") == vmms
 
+        # etcd drifts while the host is away: a claim no machine of this host owns
+        ghost = f"ghost-{secrets.token_hex(3)}"
+        host_claims = fleet.stores.claims.read_host(record.host_id)
+        assert host_claims is not None
+        drifted = host_claims.state.with_claim(Claim(ghost, 1000, 64))
+        assert fleet.stores.claims.compare_and_set(record.host_id, host_claims.version, drifted)
+
         agent.start()  # the same host, its own SQLite: reconciles and registers again
         until(
             "host_status ok again",
@@ -224,6 +232,15 @@ def test_a_killed_agent_goes_unreachable_and_reconciles_on_return(fleet: Fleet) 
         assert find_vmm_processes(agent.home / "machines") == vmms  # not started twice
         starts = [e for e in view["events"] if e["source"] == "flyd" and e["status"] == "started"]
         assert len(starts) == 1
+        # the host's SQLite won: the drifted claim is gone, and the operator can see why
+        repaired = fleet.stores.claims.read_host(record.host_id)
+        assert repaired is not None
+        assert ghost not in {claim.machine_id for claim in repaired.state.claims}
+        audit = second.get("/v1/audit", params={"limit": 50}).json()["records"]
+        assert any(
+            r["action"] == "reconcile_release_stale_claim" and r["machine_id"] == ghost
+            for r in audit
+        ), audit
         destroyed = first.delete(f"/v1/apps/{app}/machines/{machine_id}", params={"force": "true"})
         assert destroyed.status_code == 200, destroyed.text
         wait_state(second, app, machine_id, "destroyed")

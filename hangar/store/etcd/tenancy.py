@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 
-from hangar.errors import Conflict, NotFound
+from hangar.errors import Conflict, InvalidRequest, NotFound
 from hangar.model.machine import new_ulid
 from hangar.store.etcd.client import Compare, EtcdClient, Put, Range, Txn
 from hangar.store.etcd.keys import KeyLayout
@@ -31,10 +31,20 @@ TOKEN_HASH_KIND = "token-hash"
 
 
 class EtcdTenancyStore:
-    def __init__(self, client: EtcdClient, sealer: Sealer, layout: KeyLayout | None = None) -> None:
+    def __init__(
+        self, client: EtcdClient, sealer: Sealer | None, layout: KeyLayout | None = None
+    ) -> None:
+        """``sealer``: the fleet's key; a process without it (a host's agent) reads and writes
+        everything but tokens."""
         self._client = client
-        self._sealer = sealer
+        self._sealer_or_none = sealer
         self._layout = layout or KeyLayout()
+
+    @property
+    def _sealer(self) -> Sealer:
+        if self._sealer_or_none is None:
+            raise InvalidRequest("this process holds no sealing key: tokens are out of reach")
+        return self._sealer_or_none
 
     # orgs
     def _org_key(self, slug: str) -> str:
