@@ -67,7 +67,7 @@ class ServerProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "hangar.cli.main", *self.command()],
+                [*self.launcher(), sys.executable, "-m", "hangar.cli.main", *self.command()],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -83,6 +83,10 @@ class ServerProcess:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"hangar {self.command()[0]} was not ready in time:\n{self.log_tail()}")
+
+    def launcher(self) -> list[str]:
+        """What runs the process (e.g. ``ip netns exec NS``); nothing by default."""
+        return []
 
     def command(self) -> list[str]:
         """The ``hangar`` subcommand and its arguments."""
@@ -176,12 +180,22 @@ class AgentProcess(ServerProcess):
         region: str,
         pool: str,
         extra_env: dict[str, str] | None = None,
+        namespace: str | None = None,
+        registry_etcd: list[str] | None = None,
     ):
+        """``namespace``: a network namespace the agent runs in (its own host), reaching
+        etcd at ``etcd``; ``registry_etcd``: where this process sees the same etcd (to know
+        when the host registered), when that differs."""
         super().__init__(home, extra_env)
         self.etcd = etcd
+        self.namespace = namespace
+        self.registry_etcd = registry_etcd or etcd
         self.host_id = host_id
         self.region = region
         self.pool = pool
+
+    def launcher(self) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace] if self.namespace else []
 
     def command(self) -> list[str]:
         return [
@@ -201,7 +215,7 @@ class AgentProcess(ServerProcess):
         from hangar.store.etcd.keys import KeyLayout
 
         prefix = self.extra_env.get(env_name("etcd_prefix"), "/hangar")
-        client = EtcdClient(self.etcd, timeout_s=1.0)
+        client = EtcdClient(self.registry_etcd, timeout_s=1.0)
         try:
             return client.get(KeyLayout(prefix).host(self.host_id)) is not None
         except Exception:

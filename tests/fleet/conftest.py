@@ -1,9 +1,12 @@
-"""A real fleet for the fleet tests: a 3-member etcd cluster on loopback, two hosts (each a
-``hangar agent`` process with its own home and SQLite) and two ``hangar api`` replicas, all on
-a key prefix of their own; stopped and removed at the end (every QEMU they started killed)."""
+"""A real fleet for the fleet tests: a 3-member etcd cluster, two hosts (each a ``hangar agent``
+process in a network namespace of its own, joined by a veth pair, with its own home and SQLite)
+and two ``hangar api`` replicas, all on a key prefix of their own; stopped and removed at the
+end (every QEMU they started killed, the namespaces and links deleted). etcd answers on
+loopback for the replicas and on each host's veth address for its agent."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from hangar.bench.netns import NamespaceLink, veth_namespace
 from hangar.fleet.stores import FleetStores, open_fleet_stores
 from hangar.images.build import build_busybox_image
 from hangar.server_process import AgentProcess, ApiReplicaProcess
@@ -34,6 +38,8 @@ class Fleet:
     stores: FleetStores
     """The test's own view of the fleet's shared records (invariants, fixture hosts)."""
     sleeper_image: str
+    links: dict[str, NamespaceLink]
+    """Each host's namespace and the veth pair that is its only way to etcd."""
 
     def api(self, replica: int) -> httpx.Client:
         token = self.replicas[0].operator_token  # the first replica minted it; all accept it
@@ -56,7 +62,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         env_name("host_lease_ttl_s"): str(LEASE_TTL_S),
         env_name("gpu_driver_bundle"): str(bundle),
     }
-    with LocalEtcdCluster(3) as cluster:
+    with contextlib.ExitStack() as stack:
+        links = {host_id: stack.enter_context(veth_namespace()) for host_id in HOSTS}
+        cluster = stack.enter_context(
+            LocalEtcdCluster(3, extra_client_hosts=tuple(link.host_ip for link in links.values()))
+        )
         settings = Settings(
             home=base / "test",
             etcd=tuple(cluster.endpoints),
@@ -66,7 +76,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         stores = open_fleet_stores(settings)
         agents = {
             host_id: AgentProcess(
-                base / host_id, cluster.endpoints, host_id, REGION, "general", env
+                base / host_id,
+                cluster.endpoints_at(links[host_id].host_ip),
+                host_id,
+                REGION,
+                "general",
+                env,
+                namespace=links[host_id].namespace,
+                registry_etcd=cluster.endpoints,
             )
             for host_id in HOSTS
         }
@@ -74,7 +91,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         try:
             for process in (*agents.values(), *replicas):
                 process.start()
-            yield Fleet(cluster, env, agents, replicas, stores, f"oci:{layout}:{SLEEPER_TAG}")
+            yield Fleet(
+                cluster, env, agents, replicas, stores, f"oci:{layout}:{SLEEPER_TAG}", links
+            )
         finally:
             for process in (*replicas, *agents.values()):
                 process.stop()

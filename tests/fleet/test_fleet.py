@@ -1,9 +1,11 @@
-"""A fleet with real processes: etcd (3 members), two agents, two API replicas.
+"""A fleet with real processes: etcd (3 members), two agents (each in a network namespace of
+its own), two API replicas.
 
 Scenarios: a machine created through one replica boots on an agent host; two replicas racing
 for the last GPU of a fixture GPU host (exactly one wins); an agent killed with SIGKILL (its
 machines unreachable within the lease TTL plus 5 s, nothing placed there meanwhile, nothing
-started twice, reconciled on return); one etcd member stopped (service goes on), two stopped
+started twice, reconciled on return, the repair in the audit log); a host's link cut and
+restored; cordon and drain; one etcd member stopped (service goes on), two stopped
 (mutating calls answer a Fly-shaped 503 and leave nothing behind), and convergence once quorum
 is back. The fleet's invariants are checked after every scenario.
 """
@@ -344,4 +346,59 @@ def test_cordon_steers_placement_and_drain_recreates_stopped_machines(fleet: Fle
             assert record is not None and record.host_id == second_host
     finally:
         hangar_cli(fleet, "host", "uncordon", first_host)
+    assert_invariants(fleet)
+
+
+def ip_link(interface: str, state: str) -> None:
+    subprocess.run(["ip", "link", "set", interface, state], check=True, timeout=10)
+
+
+@pytest.mark.slow
+def test_a_host_cut_off_goes_unreachable_and_rejoins_when_its_link_returns(fleet: Fleet) -> None:
+    app = new_app(fleet, "link")
+    kept, cut = HOSTS
+    with fleet.api(0) as api:
+        assert api.post(f"/v1/hosts/{kept}/cordon").status_code == 200
+        try:
+            created = api.post(
+                f"/v1/apps/{app}/machines",
+                json={"config": {"image": fleet.sleeper_image}, "skip_launch": True},
+            )
+        finally:
+            assert api.post(f"/v1/hosts/{kept}/uncordon").status_code == 200
+        assert created.status_code == 200, created.text
+        machine_id = created.json()["id"]
+        record = fleet.stores.machines.get_machine(machine_id)
+        assert record is not None and record.host_id == cut
+
+        link = fleet.links[cut]
+        ip_link(link.host_interface, "down")  # the host's only way to etcd
+        try:
+            cut_at = time.monotonic()
+            until(
+                "host_status unreachable",
+                lambda: (
+                    True
+                    if machine_view(api, app, machine_id)["host_status"] == "unreachable"
+                    else None
+                ),
+                LEASE_TTL_S + 10,
+            )
+            assert time.monotonic() - cut_at <= LEASE_TTL_S + 5
+            hosts = {host["id"] for host in api.get("/v1/hosts").json()}
+            assert cut not in hosts and kept in hosts
+        finally:
+            ip_link(link.host_interface, "up")
+        until(
+            "the host registered again",
+            lambda: True if machine_view(api, app, machine_id)["host_status"] == "ok" else None,
+            30,
+        )
+        # the host takes work again: a start addressed to it runs there
+        started = api.post(f"/v1/apps/{app}/machines/{machine_id}/start")
+        assert started.status_code == 200, started.text
+        wait_state(api, app, machine_id, "started")
+        stopped = api.post(f"/v1/apps/{app}/machines/{machine_id}/stop", json={})
+        assert stopped.status_code == 200, stopped.text
+        wait_state(api, app, machine_id, "stopped")
     assert_invariants(fleet)
