@@ -29,7 +29,6 @@ from hangar.agent.engine import crash_after
 from hangar.agent.gpus import HostGpus
 from hangar.agent.host import HostServices
 from hangar.agent.metering import UsageMeter
-from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
 from hangar.agent.volumes import HostVolumes
@@ -42,7 +41,6 @@ from hangar.metrics import HangarMetrics
 from hangar.model.gpu import GpuState
 from hangar.model.host import HostInfo, read_local_host
 from hangar.model.run import RunRecord
-from hangar.net.host import HostNetConfig, HostNetwork
 from hangar.server import MachineTraffic
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
@@ -197,11 +195,12 @@ def build_host_agent(
     host = read_local_host(settings.host_id, settings.region)
     gpus = HostGpus.from_settings(settings)
     pool = settings.pool or ("gpu" if gpus.inventory().gpus else "general")
-    network = (
-        MachineNetwork(HostNetwork(HostNetConfig.from_settings(settings)), clock)
-        if settings.net
-        else None
-    )
+    if settings.net:
+        log.warning(
+            "the private network does not span a fleet's hosts yet: machines on %s run "
+            "without one (as with HANGAR_NET=0)",
+            host.id,
+        )
     services_of_host = HostServices(
         platform=platform,
         machines_dir=settings.machines_dir,
@@ -210,7 +209,7 @@ def build_host_agent(
         ),
         gpu_store=local.gpus,
         gpus=gpus,
-        network=network,
+        network=None,
         volumes=HostVolumes(
             VolumeHost(VolumeSettings.from_settings(settings), clock=clock), fleet.volumes, host.id
         ),

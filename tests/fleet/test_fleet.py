@@ -30,7 +30,7 @@ from hangar.fleet.invariants import fleet_violations
 from hangar.model.host import HostInfo
 from hangar.scheduler import Claim
 from hangar.settings import env_name
-from hangar.store.etcd.hosts import HostLease, HostRecord
+from hangar.store.etcd.hosts import HostLease, HostRecord, decode_host_record
 from tests.fleet.conftest import HOSTS, LEASE_TTL_S, REGION, Fleet
 from tests.scheduler.fleet import gpu_host
 
@@ -82,6 +82,19 @@ def machine_view(api: httpx.Client, app: str, machine_id: str) -> dict[str, Any]
     return view
 
 
+def published_free_memory(fleet: Fleet, host_id: str, holder: str) -> bool:
+    """The host's lease registration says as much memory free as its claim record leaves,
+    with ``holder``'s claim in it."""
+    kv = fleet.stores.client.get(fleet.stores.layout.host(host_id))
+    claims = fleet.stores.claims.read_host(host_id)
+    if kv is None or claims is None:
+        return False
+    state = claims.state
+    free = state.memory_mb - sum(claim.memory_mb for claim in state.claims)
+    holds = any(claim.machine_id == holder for claim in state.claims)
+    return holds and decode_host_record(kv).free_memory_mb == free
+
+
 @pytest.mark.slow
 def test_a_machine_created_through_one_replica_boots_on_an_agent_host(fleet: Fleet) -> None:
     app = new_app(fleet, "boot")
@@ -98,6 +111,11 @@ def test_a_machine_created_through_one_replica_boots_on_an_agent_host(fleet: Fle
         assert machine_id in find_vmm_processes(agent.home / "machines").values()
         view = machine_view(second, app, machine_id)
         assert view["host_status"] == "ok" and view["state"] == "started"
+        until(
+            "the host's registration showing the machine's claim taken from what is free",
+            lambda: True if published_free_memory(fleet, record.host_id, machine_id) else None,
+            LEASE_TTL_S * 3,
+        )
         assert any(e["source"] == "flyd" and e["status"] == "started" for e in view["events"])
         # the runs the agent recorded in its SQLite and published, read on another process
         until(
