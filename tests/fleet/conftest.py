@@ -22,6 +22,9 @@ from hangar.settings import Settings, env_name
 from hangar.store.etcd.local import LocalEtcdCluster
 from hangar.store.etcd.sealed import Sealer
 from tests.conftest import kill_vmms_under
+from tests.fixtures.etcd import etcd_client, etcd_cluster, etcd_layout
+
+__all__ = ["etcd_client", "etcd_cluster", "etcd_layout"]
 
 LEASE_TTL_S = 3
 HOSTS = ("h1", "h2")
