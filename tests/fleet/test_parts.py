@@ -7,22 +7,27 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from hangar.agent.steps import new_run
-from hangar.errors import InsufficientCapacity
+from hangar.errors import InsufficientCapacity, InvalidRequest
 from hangar.fleet.board import RunBoard
 from hangar.fleet.cordons import Cordon, Cordons
 from hangar.fleet.placer import FleetPlacer
+from hangar.fleet.stores import open_fleet_stores
 from hangar.fleet.work import WorkIntake, WorkQueue
 from hangar.model.config import GuestConfig, MachineConfig
 from hangar.model.host import HostInfo
 from hangar.model.run import RunRecord, RunStatus, StartRequest
+from hangar.settings import Settings
 from hangar.store.etcd.claims import EtcdClaimStore
 from hangar.store.etcd.client import EtcdClient
 from hangar.store.etcd.hosts import HostLease, HostMonitor, HostRecord, HostStatus
 from hangar.store.etcd.keys import KeyLayout
+from hangar.store.etcd.local import LocalEtcdCluster
+from hangar.store.etcd.sealed import Sealer
 from tests.scheduler.fleet import general_host, gpu_host
 
 TTL_S = 2
@@ -157,3 +162,21 @@ def test_the_board_keeps_the_newest_runs_and_says_whether_one_is_unfinished(
     entry = board.read("h1", "m1")
     assert entry is not None and not entry.unfinished
     assert board.read("h1", "other") is None
+
+
+def test_a_replica_with_another_sealing_key_is_refused(
+    etcd_cluster: LocalEtcdCluster, etcd_layout: KeyLayout, tmp_path: Path
+) -> None:
+    def settings(name: str) -> Settings:
+        return Settings(
+            home=tmp_path / name,
+            etcd=tuple(etcd_cluster.endpoints),
+            etcd_prefix=etcd_layout.prefix,
+            etcd_key_file=Sealer.create_key_file(tmp_path / f"{name}.key"),
+        )
+
+    first = open_fleet_stores(settings("first"))
+    first.close()
+    with pytest.raises(InvalidRequest) as refused:
+        open_fleet_stores(settings("second"))
+    assert refused.value.fields["field"] == "etcd_key_file"
