@@ -11,7 +11,7 @@ FUZZ_EXAMPLES ?= 200
 FUZZ_SECONDS ?= 3600
 
 .PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement bench-proxy \
-	bench-volume clean
+	bench-volume bench-mixes bench-replay clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -60,6 +60,15 @@ bench-volume: deps venv
 bench-placement: venv
 	$(VENV)/bin/hangar bench placement --nodes ../shared/data/alibaba-gpu-v2023/openb_node_list_gpu_node.csv \
 		--pods ../shared/data/alibaba-gpu-v2023/openb_pod_list_default.csv --seeds 42..51
+
+TRACE := ../shared/data/alibaba-gpu-v2023
+# hangar against FGD and BestFit on every kind of mix (15 mixes x 10 seeds; long on 2 cores)
+bench-mixes: venv
+	$(VENV)/bin/hangar bench mixes --data $(TRACE) --seeds 42..51 --jobs 2
+
+# the trace with arrivals and departures: Fly-style whole GPUs against hangar's slices and shares
+bench-replay: venv
+	$(VENV)/bin/hangar bench replay --data $(TRACE) --seeds 42..44
 
 bench-proxy: deps venv
 	$(VENV)/bin/hangar bench proxy

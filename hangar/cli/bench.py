@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from hangar.bench.placement import placement
+from hangar.bench.trace import mixes, replay
 
 bench_app = typer.Typer(
     help="Benchmarks (medians and ratios against a baseline).", no_args_is_help=True
@@ -55,6 +56,8 @@ def bench_volume(
 
 
 bench_app.command("placement")(placement)
+bench_app.command("mixes")(mixes)
+bench_app.command("replay")(replay)
 
 
 @bench_app.command("proxy")

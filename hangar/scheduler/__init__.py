@@ -3,7 +3,9 @@
 Pure logic over store snapshots. ``Scheduler.place`` chooses a host with the policy
 (``index``) and claims the machine's resources there with one compare-and-set on a
 ``ClaimStore``; ``dry_run_placements`` and ``capacity_by_region`` answer capacity questions on
-a snapshot without claiming anything.
+a snapshot without claiming anything. A machine asks for whole GPUs, a time share of one GPU
+(``gpu_milli``) or a MIG slice (``gpu_slice``, an instance of the GPU's operator-set
+``mig_layout``); a GPU serves one of these modes at a time (``GpuMode``).
 """
 
 from hangar.scheduler.capacity import RegionPlacements, capacity_by_region, dry_run_placements
@@ -19,6 +21,7 @@ from hangar.scheduler.model import (
     MILLI_PER_GPU,
     Claim,
     Gpu,
+    GpuMode,
     HostState,
     NvlinkPartition,
     Placement,
@@ -43,6 +46,7 @@ __all__ = [
     "ClaimStore",
     "ClaimWrite",
     "Gpu",
+    "GpuMode",
     "HostState",
     "InMemoryClaimStore",
     "NoPlacementObserver",

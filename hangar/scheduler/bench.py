@@ -1,7 +1,9 @@
 """Placement benchmarks: policy quality on a real trace, and placement throughput.
 
 ``run_trace_bench`` replays the FGD paper's experiment (``sim.replay``) for every policy on
-the same per-seed workloads and reports the GPU allocation ratio at 100 % arrival.
+the same per-seed workloads and reports the GPU allocation ratio at 100 % arrival;
+``run_mix_bench`` does the same on mixes built from the lists (``mixes``) and says on which
+hangar leads every other policy.
 ``run_throughput_bench`` places a synthetic request stream on a synthetic fleet through the
 real ``Scheduler`` and ``InMemoryClaimStore`` (index search, claim, compare-and-set).
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 from hangar.errors import InsufficientCapacity
 from hangar.scheduler.claims import ClaimStore, InMemoryClaimStore
+from hangar.scheduler.mixes import MixSpec, build_mix
 from hangar.scheduler.model import HostState
 from hangar.scheduler.profile import WorkloadProfile
 from hangar.scheduler.scheduler import Scheduler
@@ -153,6 +156,7 @@ def _timed_replay(
 def _report(
     progress: Callable[[str], None] | None, run: tuple[str, int], outcome: tuple[float, float]
 ) -> None:
+    """One progress line per finished run."""
     if progress is not None:
         progress(f"{run[0]} seed {run[1]}: {outcome[0]:.2f} % ({outcome[1]:.1f} s)")
 
@@ -215,3 +219,176 @@ def run_throughput_bench(
             rejected += 1
     elapsed = time.perf_counter() - started
     return ThroughputResult(hosts, machines, placed, rejected, elapsed, setup)
+
+
+MIX_POLICIES = ("hangar", "fgd", "bestfit")
+
+
+@dataclass(frozen=True, slots=True)
+class MixResult:
+    spec: MixSpec
+    pods: int
+    policies: tuple[PolicyResult, ...]
+
+    def result(self, name: str) -> PolicyResult:
+        return next(p for p in self.policies if p.name == name)
+
+    @property
+    def margin(self) -> float:
+        """hangar's mean allocation minus the best other policy's (points)."""
+        others = [p.mean for p in self.policies if p.name != "hangar"]
+        return self.result("hangar").mean - max(others)
+
+    @property
+    def led(self) -> bool:
+        return self.margin > 0
+
+
+@dataclass(frozen=True, slots=True)
+class MixBenchResult:
+    nodes_csv: str
+    pods_csv: str
+    multi_csv: str | None
+    seeds: tuple[int, ...]
+    mixes: tuple[MixResult, ...]
+
+    @property
+    def led(self) -> int:
+        return sum(1 for mix in self.mixes if mix.led)
+
+    def _policy_names(self) -> list[str]:
+        return [p.name for p in self.mixes[0].policies] if self.mixes else []
+
+    def table(self) -> str:
+        names = self._policy_names()
+        lines = [
+            f"nodes {self.nodes_csv}",
+            f"pods  {self.pods_csv}"
+            + (f" (multi-GPU pods also from {self.multi_csv})" if self.multi_csv else ""),
+            f"seeds {', '.join(str(seed) for seed in self.seeds)}",
+            "GPU allocation % at 100 % arrival (FGD paper's method), mean over the seeds",
+            "",
+            f"{'mix':<22}{'pods':>7}" + "".join(f"{name:>10}" for name in names) + f"{'margin':>9}",
+        ]
+        for mix in self.mixes:
+            lines.append(
+                f"{mix.spec.name:<22}{mix.pods:>7}"
+                + "".join(f"{mix.result(name).mean:>10.2f}" for name in names)
+                + f"{mix.margin:>+9.2f}"
+            )
+        lines.append("")
+        for mix in self.mixes:
+            ours = mix.result("hangar")
+            versus = ", ".join(
+                f"{p.name} {p.mean:.2f} ({ours.mean - p.mean:+.2f}, "
+                f"{sum(a > b for a, b in zip(ours.ratios, p.ratios, strict=True))}"
+                f"/{len(self.seeds)} seeds)"
+                for p in mix.policies
+                if p.name != "hangar"
+            )
+            verdict = "leads" if mix.led else "does not lead"
+            lines.append(f"{mix.spec.name}: hangar {ours.mean:.2f} vs {versus}: {verdict}")
+        lines += ["", f"mixes led: {self.led}/{len(self.mixes)}"]
+        if "hangar" in names:
+            medians = ", ".join(f"{name} {self.median(name):.2f}" for name in names)
+            lines.append(f"median allocation % over every mix and seed: {medians}")
+            lines += [
+                f"ratio hangar/{name}: {self.ratio(name):.3f}" for name in names if name != "hangar"
+            ]
+        return "\n".join(lines)
+
+    def median(self, policy: str) -> float:
+        """``policy``'s GPU allocation %, median over every mix and seed."""
+        return statistics.median(r for mix in self.mixes for r in mix.result(policy).ratios)
+
+    def ratio(self, baseline: str) -> float:
+        """hangar's median allocation over ``baseline``'s."""
+        theirs = self.median(baseline)
+        return self.median("hangar") / theirs if theirs else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "nodes": self.nodes_csv,
+            "pods": self.pods_csv,
+            "multi_pods": self.multi_csv,
+            "seeds": list(self.seeds),
+            "mixes": [
+                {
+                    "mix": mix.spec.name,
+                    "pods": mix.pods,
+                    "led": mix.led,
+                    "margin": round(mix.margin, 4),
+                    "policies": {
+                        p.name: {
+                            "mean": round(p.mean, 4),
+                            "ratios": [round(r, 4) for r in p.ratios],
+                        }
+                        for p in mix.policies
+                    },
+                }
+                for mix in self.mixes
+            ],
+            "mixes_led": self.led,
+            "mixes_total": len(self.mixes),
+            "median_allocation_percent": {
+                name: round(self.median(name), 4) for name in self._policy_names()
+            },
+        }
+
+
+def run_mix_bench(
+    nodes_csv: Path,
+    pods_csv: Path,
+    mixes: Sequence[MixSpec],
+    seeds: Sequence[int],
+    multi_csv: Path | None = None,
+    policies: Sequence[str] = MIX_POLICIES,
+    jobs: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> MixBenchResult:
+    """Every policy on every mix (built by ``mixes.build_mix``), the same workloads per seed."""
+    if "hangar" not in policies or len(policies) < 2:
+        raise ValueError("compare hangar with at least one other policy")
+    unknown = [name for name in policies if name not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; known: {sorted(POLICIES)}")
+    nodes = load_nodes(nodes_csv)
+    pods = load_pods(pods_csv)
+    pool = load_pods(multi_csv) if multi_csv is not None else []
+    lists = {spec: build_mix(pods, spec, pool) for spec in mixes}
+    runs = [(spec, name, seed) for spec in mixes for name in policies for seed in seeds]
+    outcomes: dict[tuple[MixSpec, str, int], tuple[float, float]] = {}
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as executor:
+            futures = {
+                run: executor.submit(_timed_replay, nodes, lists[run[0]], run[1], run[2])
+                for run in runs
+            }
+            for run, future in futures.items():
+                outcomes[run] = future.result()
+                _report(progress, (f"{run[0].name} {run[1]}", run[2]), outcomes[run])
+    else:
+        for run in runs:
+            outcomes[run] = _timed_replay(nodes, lists[run[0]], run[1], run[2])
+            _report(progress, (f"{run[0].name} {run[1]}", run[2]), outcomes[run])
+    return MixBenchResult(
+        nodes_csv=str(nodes_csv),
+        pods_csv=str(pods_csv),
+        multi_csv=str(multi_csv) if multi_csv is not None else None,
+        seeds=tuple(seeds),
+        mixes=tuple(
+            MixResult(
+                spec,
+                len(lists[spec]),
+                tuple(
+                    PolicyResult(
+                        name,
+                        tuple(outcomes[(spec, name, seed)][0] for seed in seeds),
+                        sum(outcomes[(spec, name, seed)][1] for seed in seeds),
+                    )
+                    for name in policies
+                ),
+            )
+            for spec in mixes
+        ),
+    )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from hangar.errors import InvalidRequest
 from hangar.scheduler.claims import VersionedHost
 from hangar.scheduler.index import PlacementIndex, stable_rank
-from hangar.scheduler.model import Claim, PlacementRequest
+from hangar.scheduler.model import PlacementRequest
 from hangar.scheduler.profile import WorkloadProfile
 from hangar.scheduler.regions import RegionCatalog
 
@@ -89,13 +89,7 @@ def _fill(
             choice = index.choose(request, region)
         if choice is None:
             break
-        claim = Claim(
-            f"dry-run-{len(hosts)}",
-            request.cpu_milli,
-            request.memory_mb,
-            choice.gpu_indexes,
-            choice.gpu_milli,
-        )
+        claim = choice.claim(request, f"dry-run-{len(hosts)}")
         index.upsert(choice.state.with_claim(claim), choice.version)
         hosts.append(choice.host_id)
     return tuple(hosts)

@@ -16,6 +16,18 @@ GPU requests, per (region, kind), minimise:
 5. whole free GPUs left on the host (pack hosts, leave others whole);
 6. the host's rank (a stable order: equal candidates fill hosts in the same order).
 
+"The CPU its GPUs need" is ``cpu_per_gpu_milli`` of the profile per free milli-GPU, except in a
+CPU-bound region: when the profile's CPU demand (GPU machines' and CPU-only machines', per
+milli-GPU of GPU demand) reaches the CPU the region's hosts have per milli-GPU, every CPU will
+be taken and a GPU left without CPU is lost, so each free GPU reserves ``CPU_BOUND_RESERVE``
+times as much. CPU-light GPU machines then fill the CPU-poor hosts first and CPU-only machines
+keep off the CPU those hosts' GPUs need.
+
+A MIG slice goes to a free instance of its profile on a GPU already in MIG mode when there is
+one (pack cut GPUs), else to an idle GPU whose layout has the profile, on the busiest host
+(fewest whole GPUs free, not an idle host when another will do). Shares and whole GPUs take
+GPUs without a MIG layout first, so GPUs the operator set aside for slices stay whole.
+
 CPU-only requests minimise: leaving the host short of CPU for its free GPUs; then prefer
 hosts without free GPUs (their CPU is of no use to GPU machines) over hosts with some, and
 those over idle hosts able to take a multi-GPU request of the profile; then the CPU left over
@@ -30,13 +42,26 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from hangar.model.gpu import GpuState
-from hangar.scheduler.model import MILLI_PER_GPU, Gpu, HostState, PlacementRequest, Pool
+from hangar.scheduler.mig import profile_milli
+from hangar.scheduler.model import (
+    MILLI_PER_GPU,
+    Claim,
+    Gpu,
+    GpuMode,
+    HostState,
+    PlacementRequest,
+    Pool,
+)
 from hangar.scheduler.pressure import kind_levels
 from hangar.scheduler.profile import WorkloadProfile
 
 Rank = tuple[int, str]
 PRESSURE_REFRESH = 200
-"""GPU requests between two recomputations of a region's kind pressure."""
+"""GPU requests between two recomputations of a region's kind pressure (and CPU mode)."""
+CPU_BOUND_RESERVE = 1.3
+"""CPU reserved per free GPU in a CPU-bound region, as a multiple of the CPU the profile's GPU
+machines bring per GPU. Measured on the trace's CPU-heavy mixes (1.3 to 1.5 do about equally
+well; 1.0 loses a point where CPU-only pods crowd the GPU hosts)."""
 
 
 def stable_rank(host_id: str) -> int:
@@ -52,7 +77,12 @@ class HostEntry:
     version: int
     rank: Rank
     gaps: dict[int, int]
-    """Free milli of a usable GPU -> the lowest GPU index with that much free."""
+    """Free milli of a GPU a share can use -> the lowest GPU index with that much free (for a
+    whole free GPU, one without a MIG layout first)."""
+    open_slices: dict[str, tuple[int, int]]
+    """MIG profile -> (GPU, instance): a free instance on a GPU already in MIG mode."""
+    fresh_slices: dict[str, tuple[int, int]]
+    """MIG profile -> (GPU, instance): an idle GPU whose layout has the profile."""
     whole_free: int
     max_group_free: int
     """Most unused GPUs inside one NVLink partition (the whole host when it has none)."""
@@ -95,10 +125,36 @@ class Choice:
     version: int
     gpu_indexes: tuple[int, ...]
     gpu_milli: int
+    gpu_slice: str = ""
+    mig_instance: int = -1
 
     @property
     def host_id(self) -> str:
         return self.state.id
+
+    def claim(self, request: PlacementRequest, machine_id: str | None = None) -> Claim:
+        """The claim that takes this choice for ``request``."""
+        return Claim(
+            request.machine_id if machine_id is None else machine_id,
+            request.cpu_milli,
+            request.memory_mb,
+            self.gpu_indexes,
+            self.gpu_milli,
+            self.gpu_slice,
+            self.mig_instance,
+        )
+
+
+@dataclass(slots=True)
+class _Fleet:
+    """A region's capacity, for telling whether CPU or GPUs run out first."""
+
+    gpu_host_cpu: int = 0
+    gpu_milli: int = 0
+    other_cpu: int = 0
+    """CPU of hosts without GPUs that run CPU-only machines."""
+    shared_gpu_hosts: int = 0
+    """GPU hosts that run CPU-only machines too."""
 
 
 class _RankedSet:
@@ -128,12 +184,15 @@ Buckets = dict[tuple[bool, int, bool], _RankedSet]
 
 
 class _KindBuckets:
-    __slots__ = ("free_milli", "gaps", "whole")
+    __slots__ = ("free_milli", "fresh_slices", "gaps", "hosts", "open_slices", "whole")
 
     def __init__(self) -> None:
         self.whole: Buckets = {}
         self.gaps: dict[int, Buckets] = {}
+        self.open_slices: dict[str, _RankedSet] = {}
+        self.fresh_slices: dict[str, _RankedSet] = {}
         self.free_milli = 0
+        self.hosts = 0
 
 
 class PlacementIndex:
@@ -156,6 +215,9 @@ class PlacementIndex:
         self._gpu_requests: dict[str, int] = {}
         self._hosts_per_region: dict[str, int] = {}
         self._regions: frozenset[str] = frozenset()
+        self._fleet: dict[str, _Fleet] = {}
+        self._cpu_reserve: dict[str, float] = {}
+        """Region -> milli-CPUs each free milli-GPU reserves (the profile's, or more)."""
 
     # -- maintenance ---------------------------------------------------------------------
 
@@ -164,6 +226,7 @@ class PlacementIndex:
         entry = self._derive(state, version)
         self._entries[state.id] = entry
         self._register(entry)
+        self._add_to_fleet(state, 1)
         count = self._hosts_per_region.get(state.region, 0)
         self._hosts_per_region[state.region] = count + 1
         if not count:
@@ -174,11 +237,50 @@ class PlacementIndex:
         entry = self._entries.pop(host_id, None)
         if entry is not None:
             self._unregister(entry)
+            self._add_to_fleet(entry.state, -1)
             region = entry.state.region
             self._hosts_per_region[region] -= 1
             if not self._hosts_per_region[region]:
                 del self._hosts_per_region[region]
                 self._regions = frozenset(self._hosts_per_region)
+
+    def _add_to_fleet(self, state: HostState, sign: int) -> None:
+        fleet = self._fleet.setdefault(state.region, _Fleet())
+        if state.pool is Pool.GPU and state.gpus:
+            fleet.gpu_host_cpu += sign * state.cpu_milli
+            fleet.gpu_milli += sign * len(state.gpus) * MILLI_PER_GPU
+            fleet.shared_gpu_hosts += sign * state.allow_cpu_machines
+        elif state.pool is Pool.GENERAL or state.allow_cpu_machines:
+            fleet.other_cpu += sign * state.cpu_milli
+
+    def cpu_reserve(self, region: str) -> float:
+        """Milli-CPUs a free milli-GPU in ``region`` reserves (see the module docstring)."""
+        return self._cpu_reserve.get(region, self.profile.cpu_per_gpu_milli)
+
+    def cpu_bound(self, region: str) -> bool:
+        """Whether the profile's machines would take all the CPU ``region``'s GPUs can use:
+        GPU machines' CPU, plus CPU-only machines' when GPU hosts take them, against the GPU
+        hosts' CPU (plus the other hosts' when CPU-only machines share the GPU hosts)."""
+        fleet = self._fleet.get(region)
+        profile = self.profile
+        if fleet is None or fleet.gpu_milli <= 0 or profile.cpu_per_gpu_milli <= 0:
+            return False
+        demand = profile.cpu_per_gpu_milli * fleet.gpu_milli
+        cpu = fleet.gpu_host_cpu
+        if fleet.shared_gpu_hosts:
+            demand += profile.cpu_only_per_gpu_milli * fleet.gpu_milli
+            cpu += fleet.other_cpu
+        return demand >= cpu
+
+    def _refresh_cpu_mode(self, region: str) -> None:
+        """Set the region's CPU reserve; when it changes, derive its hosts again."""
+        base = self.profile.cpu_per_gpu_milli
+        reserve = base * CPU_BOUND_RESERVE if self.cpu_bound(region) else base
+        if reserve == self.cpu_reserve(region):
+            return
+        self._cpu_reserve[region] = reserve
+        for entry in [e for e in self._entries.values() if e.state.region == region]:
+            self.upsert(entry.state, entry.version)
 
     def get(self, host_id: str) -> HostEntry | None:
         return self._entries.get(host_id)
@@ -193,6 +295,8 @@ class PlacementIndex:
 
     def choose(self, request: PlacementRequest, region: str) -> Choice | None:
         """The policy's best host in ``region`` for ``request``, or None if nothing fits."""
+        if request.gpu_slice:
+            return self._choose_slice(request, region)
         if request.wants_gpu:
             return self._choose_gpu(request, region)
         return self._choose_cpu(request, region)
@@ -205,7 +309,17 @@ class PlacementIndex:
             return None
         if not request.wants_gpu:
             return Choice(entry.state, entry.version, (), 0) if entry.cpu_candidate else None
-        if not entry.gaps or not request.accepts_kind(entry.state.kind):
+        if not request.accepts_kind(entry.state.kind):
+            return None
+        if request.gpu_slice:
+            profile = request.gpu_slice
+            slot = entry.open_slices.get(profile) or entry.fresh_slices.get(profile)
+            if slot is None:
+                return None
+            gpu, instance = slot
+            milli = profile_milli(profile)
+            return Choice(entry.state, entry.version, (gpu,), milli, profile, instance)
+        if not entry.gaps:
             return None
         if request.gpus:
             if not entry.can_take(request.gpus):
@@ -219,6 +333,48 @@ class PlacementIndex:
         gap = min(fitting, key=lambda g: self.profile.share_gap_cost(g, share))
         return Choice(entry.state, entry.version, (entry.gaps[gap],), share)
 
+    def _choose_slice(self, request: PlacementRequest, region: str) -> Choice | None:
+        profile = request.gpu_slice
+        kinds = [kind for kind in self._kinds.get(region, ()) if request.accepts_kind(kind)]
+        if not kinds:
+            return None
+        levels = self._region_levels(region)
+        best: tuple[tuple[int, int, bool, int, Rank], Choice] | None = None
+        for kind in sorted(kinds):
+            buckets = self._gpu[(region, kind)]
+            level = levels.get(kind, 0)
+            for opened, ranked in enumerate(
+                (buckets.open_slices.get(profile), buckets.fresh_slices.get(profile))
+            ):
+                if not ranked:
+                    continue
+                found: tuple[tuple[int, int, bool, int, Rank], HostEntry] | None = None
+                for rank in ranked:
+                    entry = self._entries[rank[1]]
+                    if not _fits(entry, request):
+                        continue
+                    key = (opened, level, entry.idle, entry.whole_free, entry.rank)
+                    if found is None or key < found[0]:
+                        found = (key, entry)
+                    if not opened:
+                        break  # open instances: the first fit in rank order packs them
+                if found is not None:
+                    key, entry = found
+                    slots = entry.open_slices if not opened else entry.fresh_slices
+                    gpu, instance = slots[profile]
+                    choice = Choice(
+                        entry.state,
+                        entry.version,
+                        (gpu,),
+                        profile_milli(profile),
+                        profile,
+                        instance,
+                    )
+                    if best is None or key < best[0]:
+                        best = (key, choice)
+                    break
+        return best[1] if best is not None else None
+
     def _choose_gpu(self, request: PlacementRequest, region: str) -> Choice | None:
         kinds = [kind for kind in self._kinds.get(region, ()) if request.accepts_kind(kind)]
         if not kinds:
@@ -230,18 +386,21 @@ class PlacementIndex:
             level = levels.get(kind, 0)
             if best is not None and level > best_level:
                 break
-            found = self._best_in_kind(self._gpu[(region, kind)], request)
+            found = self._best_in_kind(self._gpu[(region, kind)], request, region)
             if found is not None and (best is None or found[0] < best[0]):
                 best, best_level = found, level
         return best[1] if best is not None else None
 
     def _best_in_kind(
-        self, buckets: _KindBuckets, request: PlacementRequest
+        self, buckets: _KindBuckets, request: PlacementRequest, region: str
     ) -> tuple[tuple[float, int, bool, int, Rank], Choice] | None:
+        reserve = self.cpu_reserve(region)
         if request.gpus:
             wanted = request.gpus
             eligible = {key: ranks for key, ranks in buckets.whole.items() if key[1] >= wanted}
-            hit = self._best_in_buckets(eligible, request, request.gpus * MILLI_PER_GPU, wanted)
+            hit = self._best_in_buckets(
+                eligible, request, request.gpus * MILLI_PER_GPU, wanted, reserve
+            )
             if hit is None:
                 return None
             effect, entry = hit
@@ -251,7 +410,7 @@ class PlacementIndex:
         share = request.gpu_milli
         cost = self.profile.share_gap_cost
         for gap in sorted((g for g in buckets.gaps if g >= share), key=lambda g: cost(g, share)):
-            hit = self._best_in_buckets(buckets.gaps[gap], request, share, 0)
+            hit = self._best_in_buckets(buckets.gaps[gap], request, share, 0, reserve)
             if hit is not None:
                 effect, entry = hit
                 fresh = 1 if gap == MILLI_PER_GPU else 0
@@ -260,12 +419,17 @@ class PlacementIndex:
         return None
 
     def _best_in_buckets(
-        self, buckets: Buckets, request: PlacementRequest, gpu_milli: int, min_group: int
+        self,
+        buckets: Buckets,
+        request: PlacementRequest,
+        gpu_milli: int,
+        min_group: int,
+        reserve: float,
     ) -> tuple[int, HostEntry] | None:
         """The best host among ``buckets`` by (CPU effect, idle, whole free, rank)."""
         if not buckets:
             return None
-        delta = request.cpu_milli - self.profile.cpu_per_gpu_milli * gpu_milli
+        delta = request.cpu_milli - reserve * gpu_milli
         keys = sorted(buckets)
         passes: list[
             tuple[int, Callable[[tuple[bool, int, bool]], bool], Callable[[HostEntry], bool] | None]
@@ -343,6 +507,7 @@ class PlacementIndex:
         seen = self._gpu_requests.get(region, 0)
         self._gpu_requests[region] = seen + 1
         if seen % self._pressure_refresh == 0 or region not in self._levels:
+            self._refresh_cpu_mode(region)
             free = {kind: self._gpu[(region, kind)].free_milli for kind in self._kinds[region]}
             self._levels[region] = kind_levels(self.profile.kind_demand, free)
         return self._levels[region]
@@ -351,7 +516,11 @@ class PlacementIndex:
 
     def _derive(self, state: HostState, version: int) -> HostEntry:
         used = state.gpu_used_milli
+        modes = state.gpu_modes
         gaps: dict[int, int] = {}
+        open_slices: dict[str, tuple[int, int]] = {}
+        fresh_slices: dict[str, tuple[int, int]] = {}
+        sliced_whole: int | None = None
         groups: dict[object, int] = {}
         partitioned = any(gpu.nvlink_partition is not None for gpu in state.gpus)
         whole_free = 0
@@ -359,17 +528,32 @@ class PlacementIndex:
         for gpu in state.gpus:
             if gpu.state is not GpuState.FREE:
                 continue
+            mode = modes[gpu.index]
+            if mode is GpuMode.MIG:
+                for instance in state.free_instances(gpu.index):
+                    profile = gpu.mig_layout[instance]
+                    open_slices.setdefault(profile, (gpu.index, instance))
+                    free_milli += profile_milli(profile)
+                continue
             gap = MILLI_PER_GPU - used[gpu.index]
             if gap <= 0:
                 continue
             free_milli += gap
-            gaps.setdefault(gap, gpu.index)
+            if gap == MILLI_PER_GPU and gpu.mig_layout:
+                for instance, profile in enumerate(gpu.mig_layout):
+                    fresh_slices.setdefault(profile, (gpu.index, instance))
+                if sliced_whole is None:
+                    sliced_whole = gpu.index
+            else:
+                gaps.setdefault(gap, gpu.index)
             if gap == MILLI_PER_GPU:
                 whole_free += 1
                 group = _locality_group(gpu) if partitioned else None
                 groups[group] = groups.get(group, 0) + 1
+        if sliced_whole is not None:
+            gaps.setdefault(MILLI_PER_GPU, sliced_whole)
         gpu_host = state.pool is Pool.GPU and bool(state.gpus)
-        surplus = state.free_cpu_milli - self.profile.cpu_per_gpu_milli * free_milli
+        surplus = state.free_cpu_milli - self.cpu_reserve(state.region) * free_milli
         idle = not state.claims
         max_group = max(groups.values(), default=0)
         pickable = pickable_counts(state) if constrained(state) else None
@@ -391,6 +575,8 @@ class PlacementIndex:
             version=version,
             rank=(self._rank_of(state.id), state.id),
             gaps=gaps if gpu_host else {},
+            open_slices=open_slices if gpu_host else {},
+            fresh_slices=fresh_slices if gpu_host else {},
             whole_free=whole_free if gpu_host else 0,
             max_group_free=max_group if gpu_host else 0,
             free_gpu_milli=free_milli,
@@ -403,26 +589,33 @@ class PlacementIndex:
 
     def _register(self, entry: HostEntry) -> None:
         state = entry.state
-        if entry.gaps:
+        if entry.gaps or entry.open_slices:
             kind_key = (state.region, state.kind)
             buckets = self._gpu.get(kind_key)
             if buckets is None:
                 buckets = self._gpu[kind_key] = _KindBuckets()
                 self._kinds.setdefault(state.region, set()).add(state.kind)
+            buckets.hosts += 1
             buckets.free_milli += entry.free_gpu_milli
             if entry.whole_free:
                 buckets.whole.setdefault(entry.bucket, _RankedSet()).add(entry.rank)
             for gap in entry.gaps:
                 by_bucket = buckets.gaps.setdefault(gap, {})
                 by_bucket.setdefault(entry.bucket, _RankedSet()).add(entry.rank)
+            for profile in entry.open_slices:
+                buckets.open_slices.setdefault(profile, _RankedSet()).add(entry.rank)
+            for profile in entry.fresh_slices:
+                buckets.fresh_slices.setdefault(profile, _RankedSet()).add(entry.rank)
         if entry.cpu_candidate:
             lists = self._cpu.setdefault(state.region, ([], [], []))
             insort(lists[entry.cpu_class], (entry.surplus, entry.rank))
 
     def _unregister(self, entry: HostEntry) -> None:
         state = entry.state
-        if entry.gaps:
-            buckets = self._gpu[(state.region, state.kind)]
+        if entry.gaps or entry.open_slices:
+            kind_key = (state.region, state.kind)
+            buckets = self._gpu[kind_key]
+            buckets.hosts -= 1
             buckets.free_milli -= entry.free_gpu_milli
             if entry.whole_free:
                 _discard(buckets.whole, entry.bucket, entry.rank)
@@ -431,6 +624,14 @@ class PlacementIndex:
                 _discard(by_bucket, entry.bucket, entry.rank)
                 if not by_bucket:
                     del buckets.gaps[gap]
+            _discard_slices(buckets.open_slices, entry.open_slices, entry.rank)
+            _discard_slices(buckets.fresh_slices, entry.fresh_slices, entry.rank)
+            if not buckets.hosts:
+                del self._gpu[kind_key]
+                kinds = self._kinds[state.region]
+                kinds.discard(state.kind)
+                if not kinds:
+                    del self._kinds[state.region]
         if entry.cpu_candidate:
             ordered = self._cpu[state.region][entry.cpu_class]
             position = bisect_left(ordered, (entry.surplus, entry.rank))
@@ -444,6 +645,14 @@ def _discard(buckets: Buckets, key: tuple[bool, int, bool], rank: Rank) -> None:
         ranks.discard(rank)
         if not ranks:
             del buckets[key]
+
+
+def _discard_slices(slices: dict[str, _RankedSet], profiles: Iterable[str], rank: Rank) -> None:
+    for profile in profiles:
+        ranked = slices[profile]
+        ranked.discard(rank)
+        if not ranked:
+            del slices[profile]
 
 
 def _fits(entry: HostEntry, request: PlacementRequest) -> bool:
@@ -501,7 +710,8 @@ def _pick_ungrouped(state: HostState, count: int) -> tuple[int, ...] | None:
         by_numa.setdefault(gpu.numa_node, []).append(gpu)
     local = [gpus for gpus in by_numa.values() if len(gpus) >= count]
     if local:
-        chosen = min(local, key=lambda gpus: (len(gpus), gpus[0].index))[:count]
+        gpus = min(local, key=lambda gpus: (len(gpus), gpus[0].index))
+        chosen = sorted(gpus, key=lambda gpu: (bool(gpu.mig_layout), gpu.index))[:count]
     else:
         spread = sorted(by_numa.values(), key=lambda gpus: (-len(gpus), gpus[0].index))
         chosen = [gpu for gpus in spread for gpu in gpus][:count]

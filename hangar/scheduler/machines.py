@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from hangar.model.config import GuestConfig
 from hangar.model.gpu import GpuRecord, GpuState
@@ -51,9 +52,10 @@ def host_state(
 ) -> HostState:
     """The host as the scheduler places on it: its CPUs and memory, and its GPUs of one kind
     (the kind it has most of; a host carries one kind) with their IOMMU groups. GPUs keep
-    the state they had in ``previous``, and claims keep their GPUs by PCI address; a GPU
-    unfit for passthrough is never offered (quarantined). ``allow_cpu_machines``: CPU-only
-    machines may run on a GPU host (the one-host default; a fleet's GPU hosts say no).
+    the state and MIG layout they had in ``previous``, and claims keep their GPUs by PCI
+    address; a GPU unfit for passthrough is never offered (quarantined).
+    ``allow_cpu_machines``: CPU-only machines may run on a GPU host (the one-host default; a
+    fleet's GPU hosts say no).
     ``fabric_partitions``: on an NVSwitch host, Fabric Manager's partitions (id -> the
     GPUs' module ids); several GPUs are then claimed only as one of them."""
     records = sorted(gpus, key=lambda gpu: gpu.bdf)
@@ -79,6 +81,7 @@ def host_state(
             nvlink_partition=partitions.get(gpu.nvlink_domain or ""),
             state=_gpu_state(gpu, before.get(gpu.bdf)),
             iommu_group=gpu.iommu_group,
+            mig_layout=before[gpu.bdf].mig_layout if gpu.bdf in before else (),
         )
         for index, gpu in enumerate(records)
     )
@@ -94,13 +97,9 @@ def host_state(
             )
         indexes = tuple(index_of[bdf] for bdf in bdfs if bdf in index_of)
         claims.append(
-            Claim(
-                claim.machine_id,
-                claim.cpu_milli,
-                claim.memory_mb,
-                indexes,
-                claim.gpu_milli if indexes else 0,
-            )
+            replace(claim, gpu_indexes=indexes, gpu_milli=claim.gpu_milli)
+            if indexes
+            else Claim(claim.machine_id, claim.cpu_milli, claim.memory_mb)
         )
     return HostState(
         id=host.id,

@@ -6,6 +6,11 @@ over-commits anything cannot be built, so no code path can write one.
 
 Units: CPU in milli-CPUs (the API multiplies Fly's ``cpus`` by 1000), memory in MB, GPU
 capacity in milli-GPUs (1000 = one whole GPU; a slice or time share is a part of one GPU).
+
+A GPU is used in one mode at a time (``GpuMode``), read from its claims: whole (one claim of
+all of it), MIG (claims of instances of its operator-set ``mig_layout``), or shared (time
+shares, each a part of it with a memory cap in proportion). It serves whole again only once
+every slice or share is released.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 
 from hangar.errors import InvalidRequest
 from hangar.model.gpu import GpuState
+from hangar.scheduler.mig import MIG_PROFILES, check_layout, profile_milli
 
 MILLI_PER_GPU = 1000
 
@@ -22,6 +28,15 @@ MILLI_PER_GPU = 1000
 class Pool(enum.StrEnum):
     GPU = "gpu"
     GENERAL = "general"
+
+
+class GpuMode(enum.StrEnum):
+    """How a GPU is used right now (derived from its claims; ``idle`` when nobody holds it)."""
+
+    IDLE = "idle"
+    WHOLE = "whole"
+    MIG = "mig"
+    SHARED = "shared"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +52,9 @@ class Gpu:
     iommu_group: int | None = None
     """GPUs sharing an IOMMU group are one claim unit: VFIO hands the whole group to one
     guest, so a whole-GPU claim holds every GPU of the group or none of them."""
+    mig_layout: tuple[str, ...] = ()
+    """MIG instances (profile names) the operator cuts this GPU into when a slice is asked of
+    it; empty: the GPU never runs in MIG mode. Instances are named by their position here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +76,23 @@ class Claim:
     gpu_indexes: tuple[int, ...] = ()
     gpu_milli: int = 0
     """Per GPU in ``gpu_indexes``: 1000 for whole GPUs, less for a slice of one GPU."""
+    gpu_slice: str = ""
+    """A MIG profile (``1g.10gb``): the claim holds instance ``mig_instance`` of its one GPU's
+    layout and ``gpu_milli`` is that profile's share. Empty for whole GPUs and time shares."""
+    mig_instance: int = -1
 
     @property
     def whole_gpus(self) -> bool:
-        return bool(self.gpu_indexes) and self.gpu_milli == MILLI_PER_GPU
+        return bool(self.gpu_indexes) and self.gpu_milli == MILLI_PER_GPU and not self.gpu_slice
+
+    @property
+    def mode(self) -> GpuMode:
+        """The mode this claim puts its GPUs in (``idle`` for a claim without GPUs)."""
+        if not self.gpu_indexes:
+            return GpuMode.IDLE
+        if self.gpu_slice:
+            return GpuMode.MIG
+        return GpuMode.WHOLE if self.gpu_milli == MILLI_PER_GPU else GpuMode.SHARED
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +118,17 @@ class HostState:
     free_memory_mb: int = field(init=False)
     gpu_used_milli: tuple[int, ...] = field(init=False)
     """Per GPU (by index): milli-GPUs held by claims."""
+    gpu_modes: tuple[GpuMode, ...] = field(init=False)
+    """Per GPU (by index): the mode its claims put it in."""
+    mig_taken: tuple[frozenset[int], ...] = field(init=False)
+    """Per GPU (by index): the instances of its MIG layout that claims hold."""
 
     def __post_init__(self) -> None:
         cpu = self.cpu_milli
         memory = self.memory_mb
         used = [0] * len(self.gpus)
+        modes = [GpuMode.IDLE] * len(self.gpus)
+        taken: list[set[int]] = [set() for _ in self.gpus]
         for position, gpu in enumerate(self.gpus):
             if gpu.index != position:
                 raise InvalidRequest(
@@ -100,6 +137,7 @@ class HostState:
                 )
             if gpu.kind != self.gpus[0].kind:
                 raise InvalidRequest(f"host {self.id} mixes GPU kinds", field="gpus")
+            check_layout(gpu.kind, gpu.mig_layout)
         for claim in self.claims:
             cpu -= claim.cpu_milli
             memory -= claim.memory_mb
@@ -108,19 +146,70 @@ class HostState:
                     f"host {self.id}: claim {claim.machine_id} holds {claim.gpu_milli} milli-GPU",
                     field="claims",
                 )
+            mode = claim.mode
             for index in claim.gpu_indexes:
                 if not 0 <= index < len(used):
                     raise InvalidRequest(
                         f"host {self.id}: claim {claim.machine_id} names GPU {index}",
                         field="claims",
                     )
+                clash = modes[index] not in (GpuMode.IDLE, mode)
+                if clash or (mode is GpuMode.WHOLE and used[index]):
+                    raise InvalidRequest(
+                        f"host {self.id}: GPU {index} cannot be {mode} and {modes[index]} at once",
+                        field="claims",
+                    )
+                modes[index] = mode
                 used[index] += claim.gpu_milli
+            if claim.gpu_slice:
+                self._check_slice(claim, taken)
         if cpu < 0 or memory < 0 or any(milli > MILLI_PER_GPU for milli in used):
             raise InvalidRequest(f"host {self.id}: claims exceed its capacity", field="claims")
         self._check_groups()
         object.__setattr__(self, "free_cpu_milli", cpu)
         object.__setattr__(self, "free_memory_mb", memory)
         object.__setattr__(self, "gpu_used_milli", tuple(used))
+        object.__setattr__(self, "gpu_modes", tuple(modes))
+        object.__setattr__(self, "mig_taken", tuple(frozenset(t) for t in taken))
+
+    def _check_slice(self, claim: Claim, taken: list[set[int]]) -> None:
+        """A slice claim holds one free instance of its GPU's layout, of the claimed profile."""
+        if len(claim.gpu_indexes) != 1:
+            raise InvalidRequest(
+                f"host {self.id}: slice claim {claim.machine_id} must name one GPU",
+                field="claims",
+            )
+        index = claim.gpu_indexes[0]
+        layout = self.gpus[index].mig_layout
+        instance = claim.mig_instance
+        if not 0 <= instance < len(layout) or layout[instance] != claim.gpu_slice:
+            raise InvalidRequest(
+                f"host {self.id}: GPU {index} has no {claim.gpu_slice} instance {instance}",
+                field="claims",
+            )
+        if claim.gpu_milli != profile_milli(claim.gpu_slice):
+            raise InvalidRequest(
+                f"host {self.id}: slice claim {claim.machine_id} holds {claim.gpu_milli} "
+                f"milli-GPU, not its profile's {profile_milli(claim.gpu_slice)}",
+                field="claims",
+            )
+        if instance in taken[index]:
+            raise InvalidRequest(
+                f"host {self.id}: instance {instance} of GPU {index} is already held",
+                field="claims",
+            )
+        taken[index].add(instance)
+
+    def free_instances(self, index: int) -> tuple[int, ...]:
+        """Instances of GPU ``index``'s MIG layout a slice claim could take now."""
+        gpu = self.gpus[index]
+        if gpu.state is not GpuState.FREE or self.gpu_modes[index] not in (
+            GpuMode.IDLE,
+            GpuMode.MIG,
+        ):
+            return ()
+        taken = self.mig_taken[index]
+        return tuple(i for i in range(len(gpu.mig_layout)) if i not in taken)
 
     def _check_groups(self) -> None:
         """No whole-GPU claim holds part of an IOMMU group; partitions name real GPUs."""
@@ -205,7 +294,14 @@ class HostState:
 
 def _with_state(gpu: Gpu, state: GpuState) -> Gpu:
     return Gpu(
-        gpu.index, gpu.kind, gpu.bdf, gpu.numa_node, gpu.nvlink_partition, state, gpu.iommu_group
+        gpu.index,
+        gpu.kind,
+        gpu.bdf,
+        gpu.numa_node,
+        gpu.nvlink_partition,
+        state,
+        gpu.iommu_group,
+        gpu.mig_layout,
     )
 
 
@@ -227,8 +323,8 @@ def _replace_claims(host: HostState, claims: tuple[Claim, ...], gpus: tuple[Gpu,
 
 @dataclass(frozen=True, slots=True)
 class PlacementRequest:
-    """One machine to place: whole GPUs (``gpus``), a share of one GPU (``gpu_milli``), or
-    neither (a CPU-only machine)."""
+    """One machine to place: whole GPUs (``gpus``), a time share of one GPU (``gpu_milli``, the
+    API's ``gpu_share`` x 1000), a MIG instance (``gpu_slice``), or none (a CPU-only machine)."""
 
     cpu_milli: int
     memory_mb: int
@@ -243,6 +339,8 @@ class PlacementRequest:
     machine_id: str = ""
     host_id: str = ""
     """A hard constraint: only this host (a machine's own host, or its volume's)."""
+    gpu_slice: str = ""
+    """A MIG profile (``1g.10gb``): one instance of it, on a GPU whose layout has one."""
 
     def __post_init__(self) -> None:
         if self.cpu_milli < 0:
@@ -257,9 +355,24 @@ class PlacementRequest:
             raise InvalidRequest("gpu_milli must be between 1 and 999", field="gpu_milli")
         if self.gpu_kinds is not None and not self.gpu_kinds:
             raise InvalidRequest("gpu_kinds must name at least one kind", field="gpu_kinds")
+        if self.gpu_slice:
+            if self.gpus or self.gpu_milli:
+                raise InvalidRequest(
+                    "ask for whole GPUs, a GPU share or a MIG slice, only one", field="gpu_slice"
+                )
+            profile_milli(self.gpu_slice)
+            if self.gpu_kinds is not None and not any(
+                self.gpu_slice in MIG_PROFILES.get(kind, {}) for kind in self.gpu_kinds
+            ):
+                raise InvalidRequest(
+                    f"none of {', '.join(sorted(self.gpu_kinds))} has MIG profile {self.gpu_slice}",
+                    field="gpu_slice",
+                )
 
     @property
     def gpu_demand_milli(self) -> int:
+        if self.gpu_slice:
+            return profile_milli(self.gpu_slice)
         return self.gpus * MILLI_PER_GPU if self.gpus else self.gpu_milli
 
     @property

@@ -4,6 +4,8 @@ Three things are learnt from it:
 
 - ``cpu_per_gpu_milli``: milli-CPUs that GPU machines bring per milli-GPU, volume-weighted. A
   host whose free CPU falls short of that for its free GPUs will strand GPUs.
+  ``cpu_only_per_gpu_milli``: milli-CPUs CPU-only machines ask for per milli-GPU of GPU
+  demand (together they tell whether CPU or GPUs run out first).
 - ``gap_waste``: for each free amount of one GPU (0..1000 milli), what stays unusable once it
   is filled with the *typical* share sizes, the most frequent sizes covering ``share_coverage``
   of share requests (rare sizes are left out: there are too few of them to count on).
@@ -17,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from hangar.scheduler.mig import profile_milli
 from hangar.scheduler.model import MILLI_PER_GPU, PlacementRequest
 
 DEFAULT_SHARE_COVERAGE = 0.85
@@ -29,6 +32,7 @@ class RequestShape:
     gpus: int
     gpu_milli: int
     gpu_kinds: frozenset[str] | None
+    gpu_slice: str = ""
 
     @classmethod
     def of(cls, request: PlacementRequest) -> RequestShape:
@@ -38,10 +42,13 @@ class RequestShape:
             request.gpus,
             request.gpu_milli,
             request.gpu_kinds if request.wants_gpu else None,
+            request.gpu_slice,
         )
 
     @property
     def gpu_demand_milli(self) -> int:
+        if self.gpu_slice:
+            return profile_milli(self.gpu_slice)
         return self.gpus * MILLI_PER_GPU if self.gpus else self.gpu_milli
 
 
@@ -55,6 +62,7 @@ class WorkloadProfile:
     ) -> None:
         gpu_volume = 0.0
         gpu_cpu = 0.0
+        cpu_only = 0.0
         shares: Counter[int] = Counter()
         kind_demand: dict[frozenset[str] | None, float] = {}
         multi: list[RequestShape] = []
@@ -66,11 +74,14 @@ class WorkloadProfile:
                 gpu_volume += volume
                 gpu_cpu += shape.cpu_milli * weight
                 kind_demand[shape.gpu_kinds] = kind_demand.get(shape.gpu_kinds, 0.0) + volume
+            else:
+                cpu_only += shape.cpu_milli * weight
             if shape.gpu_milli:
                 shares[shape.gpu_milli] += round(weight * 1_000_000)
             if shape.gpus >= 2:
                 multi.append(shape)
         self.cpu_per_gpu_milli = gpu_cpu / gpu_volume if gpu_volume else 0.0
+        self.cpu_only_per_gpu_milli = cpu_only / gpu_volume if gpu_volume else 0.0
         self.typical_share_sizes = _typical_sizes(shares, share_coverage)
         self.gap_waste = _gap_waste(self.typical_share_sizes)
         self.kind_demand: Mapping[frozenset[str] | None, float] = kind_demand

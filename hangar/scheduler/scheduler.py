@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from hangar.errors import HangarError, InsufficientCapacity, InvalidRequest, StoreError
 from hangar.scheduler.claims import ClaimStore, compare_and_set_many
@@ -124,13 +124,7 @@ class Scheduler:
             if choice is None:
                 self._observer.placement_finished("insufficient_capacity")
                 raise capacity_error(request, regions)
-            claim = Claim(
-                request.machine_id,
-                request.cpu_milli,
-                request.memory_mb,
-                choice.gpu_indexes,
-                choice.gpu_milli,
-            )
+            claim = choice.claim(request)
             new_state = choice.state.with_claim(claim)
             if self._store.compare_and_set(choice.host_id, choice.version, new_state):
                 self.index.upsert(new_state, choice.version + 1)
@@ -268,13 +262,7 @@ class Scheduler:
                 answers[position] = capacity_error(request, regions)
                 refused.append(position)
                 continue
-            claim = Claim(
-                request.machine_id,
-                request.cpu_milli,
-                request.memory_mb,
-                choice.gpu_indexes,
-                choice.gpu_milli,
-            )
+            claim = choice.claim(request)
             try:
                 new_state = choice.state.with_claim(claim)
             except InvalidRequest as error:
@@ -340,13 +328,16 @@ def capacity_error(request: PlacementRequest, regions: tuple[str, ...]) -> Insuf
     """Fly-shaped: says where it looked and for what."""
     kinds = sorted(request.gpu_kinds) if request.gpu_kinds is not None else None
     kind_text = "/".join(kinds) if kinds else "any-kind"
-    if request.gpus:
+    if request.gpu_slice:
+        what = f"a {request.gpu_slice} MIG slice of a {kind_text} GPU"
+    elif request.gpus:
         what = f"{request.gpus}x {kind_text} GPU"
     elif request.gpu_milli:
         what = f"a {request.gpu_milli / 1000:g} share of a {kind_text} GPU"
     else:
         what = "a CPU-only machine"
     where = ", ".join(regions) if regions else "no region"
+    extra: dict[str, Any] = {"gpu_slice": request.gpu_slice} if request.gpu_slice else {}
     return InsufficientCapacity(
         f"insufficient resources available to fulfill request: no host in {where} has room "
         f"for {what} with {request.cpu_milli / 1000:g} CPUs and {request.memory_mb} MB of memory",
@@ -356,4 +347,5 @@ def capacity_error(request: PlacementRequest, regions: tuple[str, ...]) -> Insuf
         gpu_milli=request.gpu_milli,
         cpu_milli=request.cpu_milli,
         memory_mb=request.memory_mb,
+        **extra,
     )

@@ -1,8 +1,9 @@
 """The Alibaba GPU cluster trace (cluster-trace-gpu-v2023, "openb") and its workload sampling.
 
 Node lists: ``sn,cpu_milli,memory_mib,gpu,model``. Pod lists: ``name,cpu_milli,memory_mib,
-num_gpu,gpu_milli[,gpu_spec,...]``; ``gpu_milli`` below 1000 with one GPU is a share of it,
-``gpu_spec`` like ``V100M16|V100M32`` restricts the GPU model.
+num_gpu,gpu_milli[,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time]``;
+``gpu_milli`` below 1000 with one GPU is a share of it, ``gpu_spec`` like ``V100M16|V100M32``
+restricts the GPU model, and the times (seconds) say when the pod was created and deleted.
 
 Sampling follows the FGD paper's simulator: pods are drawn (with replacement) from the list and
 appended until the requested GPUs would pass ``ratio`` times the cluster's GPU capacity (or
@@ -38,6 +39,17 @@ class TracePod:
     gpu_milli: int
     """Per GPU: 1000 for whole GPUs, less for a share of the one GPU."""
     gpu_spec: frozenset[str] | None
+    created: int | None = None
+    """Creation time (s), when the list has one."""
+    deleted: int | None = None
+    """Deletion time (s), when the list has one."""
+
+    @property
+    def lifetime(self) -> int | None:
+        """Seconds from creation to deletion (at least 1), or None without both times."""
+        if self.created is None or self.deleted is None:
+            return None
+        return max(1, self.deleted - self.created)
 
     @property
     def gpu_total_milli(self) -> int:
@@ -81,9 +93,16 @@ def load_pods(path: Path) -> list[TracePod]:
                     num_gpu=num_gpu,
                     gpu_milli=gpu_milli,
                     gpu_spec=frozenset(spec.split("|")) if spec else None,
+                    created=_optional_int(row.get("creation_time")),
+                    deleted=_optional_int(row.get("deletion_time")),
                 )
             )
     return pods
+
+
+def _optional_int(text: str | None) -> int | None:
+    text = (text or "").strip()
+    return int(text) if text else None
 
 
 def tune_workload(

@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS host_states (
 
 
 def host_state_to_json(host: HostState) -> str:
+    """One host as JSON. A GPU's MIG layout and a claim's slice are written only when set, so
+    hosts without MIG read the same in older versions."""
     return json.dumps(
         {
             "id": host.id,
@@ -45,6 +47,7 @@ def host_state_to_json(host: HostState) -> str:
                     gpu.nvlink_partition,
                     str(gpu.state),
                     gpu.iommu_group,
+                    *([list(gpu.mig_layout)] if gpu.mig_layout else []),
                 ]
                 for gpu in host.gpus
             ],
@@ -52,7 +55,14 @@ def host_state_to_json(host: HostState) -> str:
             if host.fabric_partitions is None
             else [[p.partition_id, list(p.gpu_indexes)] for p in host.fabric_partitions],
             "claims": [
-                [c.machine_id, c.cpu_milli, c.memory_mb, list(c.gpu_indexes), c.gpu_milli]
+                [
+                    c.machine_id,
+                    c.cpu_milli,
+                    c.memory_mb,
+                    list(c.gpu_indexes),
+                    c.gpu_milli,
+                    *([c.gpu_slice, c.mig_instance] if c.gpu_slice else []),
+                ]
                 for c in host.claims
             ],
         },
@@ -71,15 +81,8 @@ def host_state_from_json(text: str) -> HostState:
         zone=body["zone"],
         rack=body["rack"],
         allow_cpu_machines=body["allow_cpu_machines"],
-        gpus=tuple(
-            # A record written before IOMMU groups were kept has six fields.
-            Gpu(index, kind, bdf, numa, partition, GpuState(state), *group)
-            for index, kind, bdf, numa, partition, state, *group in body["gpus"]
-        ),
-        claims=tuple(
-            Claim(machine_id, cpu, memory, tuple(indexes), milli)
-            for machine_id, cpu, memory, indexes, milli in body["claims"]
-        ),
+        gpus=tuple(_gpu_from_json(row) for row in body["gpus"]),
+        claims=tuple(_claim_from_json(row) for row in body["claims"]),
         fabric_partitions=None
         if body.get("fabric_partitions") is None
         else tuple(
@@ -87,6 +90,20 @@ def host_state_from_json(text: str) -> HostState:
             for partition_id, indexes in body["fabric_partitions"]
         ),
     )
+
+
+def _gpu_from_json(row: list[Any]) -> Gpu:
+    # A record written before IOMMU groups were kept has six fields; a MIG layout comes last.
+    index, kind, bdf, numa, partition, state, *rest = row
+    group = rest[0] if rest else None
+    layout = tuple(rest[1]) if len(rest) > 1 else ()
+    return Gpu(index, kind, bdf, numa, partition, GpuState(state), group, layout)
+
+
+def _claim_from_json(row: list[Any]) -> Claim:
+    machine_id, cpu, memory, indexes, milli, *rest = row
+    gpu_slice, instance = (rest[0], rest[1]) if rest else ("", -1)
+    return Claim(machine_id, cpu, memory, tuple(indexes), milli, gpu_slice, instance)
 
 
 class SqliteClaimStore(SqliteDatabase):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hangar.model.gpu import GpuState
 from hangar.scheduler import Gpu, HostState, PlacementRequest, Pool
 
@@ -39,6 +41,26 @@ def gpu_host(
         ),
         zone=zone,
         allow_cpu_machines=allow_cpu_machines,
+    )
+
+
+def mig_host(
+    host_id: str,
+    kind: str = "a100-sxm4-80gb",
+    gpus: int = 2,
+    layout: tuple[str, ...] = ("1g.10gb",) * 7,
+    plain: int = 0,
+    region: str = "ord",
+    cpu: int = 64,
+    memory_gb: int = 512,
+) -> HostState:
+    """A GPU host whose first ``gpus - plain`` GPUs the operator set up for MIG ``layout``."""
+    host = gpu_host(host_id, kind=kind, gpus=gpus, region=region, cpu=cpu, memory_gb=memory_gb)
+    return replace(
+        host,
+        gpus=tuple(
+            replace(gpu, mig_layout=layout if gpu.index < gpus - plain else ()) for gpu in host.gpus
+        ),
     )
 
 
@@ -97,4 +119,22 @@ def cpu_only(
 ) -> PlacementRequest:
     return PlacementRequest(
         cpu_milli=cpu * 1000, memory_mb=memory_gb * 1024, region=region, machine_id=machine_id
+    )
+
+
+def slice_of(
+    machine_id: str,
+    profile: str,
+    kinds: tuple[str, ...] | None = None,
+    region: str = "",
+    cpu: int = 2,
+    memory_gb: int = 8,
+) -> PlacementRequest:
+    return PlacementRequest(
+        cpu_milli=cpu * 1000,
+        memory_mb=memory_gb * 1024,
+        gpu_kinds=frozenset(kinds) if kinds else None,
+        region=region,
+        machine_id=machine_id,
+        gpu_slice=profile,
     )

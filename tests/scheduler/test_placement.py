@@ -161,6 +161,49 @@ def test_cpu_machines_prefer_hosts_whose_gpus_are_all_taken() -> None:
     assert sched.place(cpu_only("c1", cpu=8)).host_id == "gpu-1"
 
 
+def cpu_heavy_profile(cpu_only_cores: int) -> WorkloadProfile:
+    """GPU machines of 10 cores a GPU, and CPU-only machines of ``cpu_only_cores`` in all."""
+    return WorkloadProfile.from_requests(
+        [
+            *(whole(f"g{n}", cpu=10) for n in range(8)),
+            *(cpu_only(f"c{n}", cpu=cpu_only_cores // 8) for n in range(8)),
+        ]
+    )
+
+
+def test_the_profile_counts_cpu_only_demand_per_gpu() -> None:
+    profile = cpu_heavy_profile(64)
+    assert profile.cpu_per_gpu_milli == 10
+    assert profile.cpu_only_per_gpu_milli == 8
+
+
+def test_when_cpu_binds_cpu_light_machines_fill_cpu_poor_hosts_first() -> None:
+    def fleet() -> tuple[HostState, ...]:
+        poor = gpu_host("gpu-1", gpus=8, cpu=96, allow_cpu_machines=True)  # 12 cores a GPU
+        rich = gpu_host("gpu-2", gpus=2, cpu=104, allow_cpu_machines=True)
+        return poor, rich
+
+    # 10 + 2 cores a GPU wanted, 200 / 10 GPUs = 20 there: GPUs run out first, pack as usual
+    relaxed = scheduler(*fleet(), profile=cpu_heavy_profile(16))
+    assert not relaxed.index.cpu_bound("ord")
+    assert relaxed.place(whole("m", cpu=4)).host_id == "gpu-2"
+    # 10 + 12 cores a GPU wanted: CPU runs out first; the CPU-poor host's GPUs go first
+    bound = scheduler(*fleet(), profile=cpu_heavy_profile(96))
+    assert bound.place(whole("m", cpu=4)).host_id == "gpu-1"
+    assert bound.index.cpu_bound("ord")
+    assert bound.index.cpu_reserve("ord") == pytest.approx(13)
+
+
+def test_cpu_only_demand_counts_only_where_it_shares_the_gpu_hosts() -> None:
+    dedicated = scheduler(
+        gpu_host("gpu-1", gpus=8, cpu=96),
+        general_host("cpu-2", cpu=8),
+        profile=cpu_heavy_profile(96),
+    )
+    dedicated.place(whole("m", cpu=4))
+    assert not dedicated.index.cpu_bound("ord"), "CPU-only machines never take the GPU hosts' CPU"
+
+
 # -- errors and release --------------------------------------------------------------------
 
 
