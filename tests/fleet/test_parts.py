@@ -15,12 +15,15 @@ from hangar.agent.steps import new_run
 from hangar.errors import InsufficientCapacity, InvalidRequest
 from hangar.fleet.board import RunBoard
 from hangar.fleet.cordons import Cordon, Cordons
+from hangar.fleet.invariants import fleet_violations
 from hangar.fleet.placer import FleetPlacer
 from hangar.fleet.stores import open_fleet_stores
 from hangar.fleet.work import WorkIntake, WorkQueue
 from hangar.model.config import GuestConfig, MachineConfig
 from hangar.model.host import HostInfo
+from hangar.model.machine import Machine, MachineState
 from hangar.model.run import RunRecord, RunStatus, StartRequest
+from hangar.scheduler import Claim, InMemoryClaimStore
 from hangar.settings import Settings
 from hangar.store.etcd.claims import EtcdClaimStore
 from hangar.store.etcd.client import EtcdClient
@@ -28,6 +31,7 @@ from hangar.store.etcd.hosts import HostLease, HostMonitor, HostRecord, HostStat
 from hangar.store.etcd.keys import KeyLayout
 from hangar.store.etcd.local import LocalEtcdCluster
 from hangar.store.etcd.sealed import Sealer
+from hangar.store.machines import SqliteMachineStore
 from tests.scheduler.fleet import general_host, gpu_host
 
 TTL_S = 2
@@ -180,3 +184,41 @@ def test_a_replica_with_another_sealing_key_is_refused(
     with pytest.raises(InvalidRequest) as refused:
         open_fleet_stores(settings("second"))
     assert refused.value.fields["field"] == "etcd_key_file"
+
+
+def test_the_invariants_name_what_is_broken(tmp_path: Path) -> None:
+    machines = SqliteMachineStore(tmp_path / "db")
+    claims = InMemoryClaimStore()
+    claims.put_host(general_host("h1"))
+    claims.put_host(general_host("h2"))
+
+    def machine(machine_id: str, host_id: str) -> Machine:
+        return Machine(
+            id=machine_id,
+            name=machine_id,
+            app="web",
+            state=MachineState.CREATED,
+            region="ord",
+            instance_id="i",
+            version=1,
+            config=MachineConfig(image="x"),
+            created_at=1.0,
+            updated_at=1.0,
+            host_id=host_id,
+        )
+
+    machines.insert_machine(machine("ok", "h1"))
+    assert fleet_violations(machines, claims) == []
+    machines.insert_machine(machine("lost", "h9"))
+    for host_id in ("h1", "h2"):
+        record = claims.read_host(host_id)
+        assert record is not None
+        with_claims = record.state.with_claim(Claim("ok", 1000, 64))
+        if host_id == "h2":
+            with_claims = with_claims.with_claim(Claim("ghost", 1000, 64))
+        assert claims.compare_and_set(host_id, record.version, with_claims)
+    problems = fleet_violations(machines, claims)
+    assert any("lost has no known host" in p for p in problems)
+    assert any("claim of ok on h2 has no owner" in p for p in problems)
+    assert any("claim of ghost on h2" in p for p in problems)
+    assert any("ok holds claims on 2 hosts" in p for p in problems)
