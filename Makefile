@@ -11,7 +11,7 @@ FUZZ_EXAMPLES ?= 200
 FUZZ_SECONDS ?= 3600
 
 .PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement bench-proxy \
-	bench-volume bench-mixes bench-replay clean
+	bench-volume bench-mixes bench-replay bench-tenancy clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -56,6 +56,9 @@ bench-boot: deps venv
 
 bench-volume: deps venv
 	$(VENV)/bin/hangar bench volume
+
+bench-tenancy: deps venv
+	$(VENV)/bin/hangar bench tenancy
 
 bench-placement: venv
 	$(VENV)/bin/hangar bench placement --nodes ../shared/data/alibaba-gpu-v2023/openb_node_list_gpu_node.csv \

@@ -205,6 +205,13 @@ class RateLimited(HangarError):
         self.retry_after_s = retry_after_s
 
 
+class RequestTimeout(HangarError):
+    """The client took too long to send its request."""
+
+    http_status = 408
+    code = "request_timeout"
+
+
 class RequestTooLarge(HangarError):
     http_status = 413
     code = "request_too_large"

@@ -7,6 +7,10 @@ test server can raise them; time comes from the injected clock.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hangar.clock import Clock
@@ -112,3 +116,60 @@ class RateLimiter:
             limit = self.limits.of(key[1])
             if bucket.tokens + (now - bucket.updated) * limit.per_second >= limit.burst:
                 del self._buckets[key]
+
+
+MAX_FLOODS = 1024
+FLOOD_QUIET_S = 60.0
+
+
+class FloodLog:
+    """One log line per flood episode of ``key``, never one per refused request, line or
+    connection: a flood must not fill the host's log as well. An episode ends once ``key``
+    has had nothing refused for ``quiet_s``."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        quiet_s: float = FLOOD_QUIET_S,
+        monotonic: Callable[[], float] = time.monotonic,
+        max_keys: int = MAX_FLOODS,
+    ) -> None:
+        self._log = logger
+        self._what = what
+        self._quiet_s = quiet_s
+        self._monotonic = monotonic
+        self._max_keys = max_keys
+        self._active: OrderedDict[str, list[float]] = OrderedDict()
+        """key -> [refused in this episode, when the last one was]"""
+
+    def refused(self, key: str) -> int:
+        """How many of ``key`` were refused in its current episode (0: none going on)."""
+        episode = self._active.get(key)
+        if episode is None or self._monotonic() - episode[1] > self._quiet_s:
+            return 0
+        return int(episode[0])
+
+    def note(self, key: str, detail: str = "") -> bool:
+        """Count one refused item of ``key``; True (and one log line) if an episode starts."""
+        now = self._monotonic()
+        episode = self._active.get(key)
+        if episode is not None and now - episode[1] <= self._quiet_s:
+            episode[0] += 1
+            episode[1] = now
+            self._active.move_to_end(key)
+            return False
+        while len(self._active) >= self._max_keys:
+            self._active.popitem(last=False)
+        self._active[key] = [1, now]
+        self._active.move_to_end(key)
+        suffix = f" ({detail})" if detail else ""
+        self._log.warning(
+            "%s: flood from %s%s; more are refused without a log line until it has been "
+            "quiet for %gs",
+            self._what,
+            key,
+            suffix,
+            self._quiet_s,
+        )
+        return True

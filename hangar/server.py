@@ -21,6 +21,7 @@ from hangar.agent.services import AgentBackends, HealthChecks
 from hangar.agent.volumes import HostVolumes
 from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
+from hangar.api.console import ConsoleReaders
 from hangar.api.deps import Services
 from hangar.api.guard import GuardConfig
 from hangar.api.services.addresses import PrivateAddresses
@@ -30,6 +31,7 @@ from hangar.api.services.hosts import HostService
 from hangar.api.services.image_policy import ImagePolicy
 from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
+from hangar.api.services.placement import MachinePlacer
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.api.services.tokens import TokenService
@@ -42,10 +44,13 @@ from hangar.model.usage import DEFAULT_PRICES, PriceTable
 from hangar.net.host import HostNetConfig, HostNetwork
 from hangar.proxy.proxy import Proxy
 from hangar.proxy.settings import ProxySettings
-from hangar.ratelimit import RateLimiter, RateLimits
+from hangar.ratelimit import RateLimit, RateLimiter, RateLimits
 from hangar.scheduler import ClaimStore
+from hangar.scheduler.machines import Overcommit
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
+from hangar.store.protocol import MachineStore, OrgQuotas, RunStore, TenancyStore, VolumeStore
+from hangar.store.usage import SqliteUsageStore
 from hangar.volumes import VolumeHost, VolumeSettings
 from hangar.web.app import create_web_app
 from hangar.web.events import EventStreams
@@ -76,6 +81,117 @@ class EmbeddedServer:
         return self.settings.home
 
 
+def default_org_quotas(settings: Settings) -> OrgQuotas:
+    """What a new org may use until the operator says otherwise."""
+    return OrgQuotas(
+        machines=settings.default_org_machines,
+        memory_mb=settings.default_org_memory_mb,
+        gpus=dict(settings.default_org_gpus),
+    )
+
+
+def overcommit_of(settings: Settings) -> Overcommit:
+    return Overcommit(cpu=settings.cpu_overcommit, memory=settings.memory_overcommit)
+
+
+@dataclass(frozen=True)
+class ApiStores:
+    """The stores the Machines API reads and writes: one SQLite file on one host, etcd (and
+    what the agents publish) in a fleet."""
+
+    machines: MachineStore
+    tenancy: TenancyStore
+    volumes: VolumeStore
+    runs: RunStore
+    usage: SqliteUsageStore
+    claims: ClaimStore
+
+
+@dataclass(frozen=True)
+class Api:
+    services: Services
+    guard: GuardConfig
+    tokens: TokenService
+    policy: AccessPolicy
+
+
+def build_api(
+    settings: Settings,
+    clock: Clock,
+    stores: ApiStores,
+    agent: Agent,
+    host: HostInfo,
+    metrics: HangarMetrics,
+    rate_limits: RateLimits | None = None,
+    *,
+    network: MachineNetwork | None = None,
+    placer: MachinePlacer | None = None,
+    hosts: HostService | None = None,
+) -> Api:
+    """The Machines API's services and request guard, the same for ``hangar server`` and a
+    fleet's ``hangar api`` replicas: a fleet passes its ``placer`` (the scheduler choosing a
+    host per machine) and its ``hosts`` view; one host passes its private ``network``."""
+    machines, tenancy = stores.machines, stores.tenancy
+    default_quotas = default_org_quotas(settings)
+    quotas = QuotaService(machines, tenancy, runs=stores.runs, volumes=stores.volumes)
+    capacity = PlatformService(
+        stores.claims, settings.gpu_driver_bundle, overcommit=overcommit_of(settings)
+    )
+    volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
+    orgs = OrgService(tenancy, quotas, clock, default_quotas=default_quotas)
+    tokens = TokenService(tenancy, machines, clock)
+    audit = AuditService(tenancy, clock, retention_s=settings.audit_retention_days * 86400)
+    services = Services(
+        apps=AppService(
+            machines,
+            tenancy,
+            orgs,
+            clock,
+            runs=stores.runs,
+            name_hold_s=settings.app_name_hold_s,
+            volumes=stores.volumes,
+        ),
+        machines=MachineService(
+            machines,
+            stores.runs,
+            agent,
+            clock,
+            host,
+            quotas,
+            ImagePolicy(settings.allowed_oci_dirs),
+            capacity,
+            addresses=PrivateAddresses(machines, tenancy, network) if network is not None else None,
+            volumes=volumes if placer is None else None,
+            max_config_bytes=settings.max_config_bytes,
+            console=ConsoleReaders(clock, follow_max_s=settings.logs_follow_max_s),
+            placer=placer,
+        ),
+        orgs=orgs,
+        tokens=tokens,
+        audit=audit,
+        hosts=hosts if hosts is not None else HostService(agent, host),
+        platform=capacity,
+        usage=UsageService(
+            stores.usage, orgs, PriceTable.parse(settings.prices, DEFAULT_PRICES), clock
+        ),
+        metrics=metrics,
+        volumes=volumes,
+    )
+    policy = AccessPolicy(tokens, machines)
+    guard = GuardConfig(
+        policy=policy,
+        limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
+        audit=audit,
+        max_body_bytes=settings.max_request_bytes,
+        anonymous=RateLimiter(
+            RateLimits(default=RateLimit.parse(settings.anonymous_rate_limit), actions={}), clock
+        ),
+        body_timeout_s=settings.header_timeout_s,
+        observer=metrics,
+    )
+    return Api(services, guard, tokens, policy)
+
+
 def build_server(
     settings: Settings,
     platform: GuestPlatform | None = None,
@@ -87,11 +203,13 @@ def build_server(
     documented limits where they name none). ``platform`` and ``claims`` replace the real
     guest platform and the SQLite claim store (tests observe through them)."""
     clock = clock or SystemClock()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    stores = open_embedded_stores(settings.database)
+    for private in (settings.home, settings.machines_dir, settings.cache_dir):
+        make_private_dir(private)
+    stores = open_embedded_stores(settings.database, keep_versions=settings.config_versions_kept)
     machines, tenancy = stores.machines, stores.tenancy
+    default_quotas = default_org_quotas(settings)
     for org_slug in {DEFAULT_ORG} | {app.org_slug for app in machines.list_apps(None)}:
-        tenancy.ensure_org(org_slug, clock.now())
+        tenancy.ensure_org(org_slug, clock.now(), quotas=default_quotas)
     metrics = HangarMetrics(clock)
     if platform is None:
         from hangar.agent.guest import QemuGuestPlatform
@@ -107,7 +225,9 @@ def build_server(
     services_of_host = HostServices(
         platform=platform,
         machines_dir=settings.machines_dir,
-        placement=HostPlacement(claim_store, host, observer=metrics),
+        placement=HostPlacement(
+            claim_store, host, observer=metrics, overcommit=overcommit_of(settings)
+        ),
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
         network=network,
@@ -135,45 +255,17 @@ def build_server(
         observers=(metrics,),
     )
     metrics.register(StateCollector(machines, claim_store, settings.cache_dir))
-    quotas = QuotaService(machines, tenancy, stores.volumes)
-    capacity = PlatformService(claim_store, settings.gpu_driver_bundle)
-    volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
-    orgs = OrgService(tenancy, quotas, clock)
-    tokens = TokenService(tenancy, machines, clock)
-    audit = AuditService(tenancy, clock)
-    services = Services(
-        apps=AppService(machines, tenancy, orgs, clock, stores.volumes),
-        machines=MachineService(
-            machines,
-            stores.runs,
-            agent,
-            clock,
-            host,
-            quotas,
-            ImagePolicy(settings.allowed_oci_dirs),
-            capacity,
-            PrivateAddresses(machines, tenancy, network) if network is not None else None,
-            volumes=volumes,
-        ),
-        orgs=orgs,
-        tokens=tokens,
-        audit=audit,
-        hosts=HostService(agent, host),
-        platform=capacity,
-        usage=UsageService(
-            stores.usage, orgs, PriceTable.parse(settings.prices, DEFAULT_PRICES), clock
-        ),
-        metrics=metrics,
-        volumes=volumes,
+    api = build_api(
+        settings,
+        clock,
+        ApiStores(machines, tenancy, stores.volumes, stores.runs, stores.usage, claim_store),
+        agent,
+        host,
+        metrics,
+        rate_limits,
+        network=network,
     )
-    policy = AccessPolicy(tokens, machines)
-    guard = GuardConfig(
-        policy=policy,
-        limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
-        audit=audit,
-        max_body_bytes=settings.max_request_bytes,
-        observer=metrics,
-    )
+    services, policy = api.services, api.policy
     reader = DashboardReader(machines, claim_store, stores.gpus)
     web = create_web_app(
         Viewers(policy, machines),
@@ -183,11 +275,13 @@ def build_server(
         clock,
     )
     traffic = MachineTraffic.for_agent(agent, settings, clock)
-    app = create_app(services, guard, on_startup=traffic.start, on_shutdown=traffic.close, web=web)
+    app = create_app(
+        services, api.guard, on_startup=traffic.start, on_shutdown=traffic.close, web=web
+    )
     return EmbeddedServer(
         settings=settings,
         stores=stores,
-        tokens=tokens,
+        tokens=api.tokens,
         agent=agent,
         host=host,
         app=app,
@@ -195,6 +289,17 @@ def build_server(
         metrics=metrics,
         web=web,
     )
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (mode 0700), or take group and other access away from it: everything
+    under ``$HANGAR_HOME`` (the database, machines' env in their initrd, their disks, the
+    image cache) is the server user's alone."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("%s was mode %o: making it private (0700)", path, mode)
+        path.chmod(0o700)
 
 
 @dataclass
@@ -278,8 +383,10 @@ def mint_operator_token(settings: Settings, description: str) -> tuple[str, str]
 
 
 def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
-    import uvicorn
+    from hangar.api import http_server
 
+    # Every file the server (and the QEMU it starts) creates is its user's alone.
+    os.umask(0o077)
     server = build_server(settings)
     token_file = settings.operator_token_file
     secret = bootstrap_operator_token(token_file, server.tokens, renew=init)
@@ -289,4 +396,9 @@ def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
             print(f"operator token (also written to {token_file}):")
             print(secret, flush=True)
     log.info("hangar server: home %s, listening on %s:%d", settings.home, host, port)
-    uvicorn.run(server.app, host=host, port=port, log_level="info", log_config=uvicorn_log_config())
+    limits = http_server.ConnectionLimits(
+        max_connections=settings.max_connections,
+        header_timeout_s=settings.header_timeout_s,
+        keepalive_timeout_s=settings.keepalive_timeout_s,
+    )
+    http_server.run(server.app, host, port, limits, log_config=uvicorn_log_config())

@@ -37,7 +37,9 @@ def _split(value: object, separator: str) -> object:
 class Settings(BaseSettings):
     """hangar's configuration. Each field is the environment variable ``HANGAR_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", env_parse_none_str="none"
+    )
 
     home: Path = Field(
         default_factory=_default_home,
@@ -86,7 +88,8 @@ class Settings(BaseSettings):
         "the API URL is this host's loopback)",
     )
     insecure_registries: Annotated[frozenset[str], NoDecode] = Field(
-        default=frozenset(), description="`host:port,...` pulled without TLS verification"
+        default=frozenset(),
+        description="`host:port,...` registries spoken to over plain HTTP (no TLS)",
     )
     guest_kernel: Path | None = Field(
         default=None, description="a guest kernel (vmlinuz) instead of Debian's cloud kernel"
@@ -138,6 +141,119 @@ class Settings(BaseSettings):
         ge=0,
         description="age after which an image or key no volume record names is removed "
         "(default 3600)",
+    )
+    local_registries: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        description="`host:port,...` registries that may be on loopback, link-local or this "
+        "host's own addresses (refused otherwise)",
+    )
+    image_workers: int = Field(
+        default=4, ge=1, le=256, description="threads pulling and unpacking images (default 4)"
+    )
+    image_workers_per_org: int = Field(
+        default=2,
+        ge=1,
+        le=256,
+        description="image threads one org may hold at a time, so others always get one "
+        "(default 2)",
+    )
+    image_pull_timeout_s: float = Field(
+        default=600.0, gt=0, description="longest one image pull may take, in seconds (600)"
+    )
+    image_command_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="longest any image command (umoci, mke2fs, qemu-img) may run before it is "
+        "killed (600)",
+    )
+    image_max_compressed_mb: int = Field(
+        default=4096, ge=1, description="largest image to pull, its layers compressed (4096)"
+    )
+    image_max_unpacked_mb: int = Field(
+        default=16384, ge=1, description="largest image once unpacked (16384)"
+    )
+    image_cache_gb: float = Field(
+        default=20.0,
+        gt=0,
+        description="size of the image cache; least recently used images no machine uses "
+        "are evicted past it (20)",
+    )
+    console_log_max_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=64 * 1024,
+        description="console log kept per machine, in two rotated halves (8 MiB)",
+    )
+    guest_channel_rate: int = Field(
+        default=512 * 1024,
+        ge=1024,
+        description="bytes/s read from each machine's console and control channels; a "
+        "guest writing faster is slowed down (512 KiB)",
+    )
+    logs_follow_max_s: float = Field(
+        default=3600.0, gt=0, description="longest a `logs?follow` stream stays open (3600)"
+    )
+    max_config_bytes: int = Field(
+        default=2 * 1024 * 1024,
+        ge=64 * 1024,
+        description="largest machine config, as JSON (2 MiB)",
+    )
+    config_versions_kept: int = Field(
+        default=10,
+        ge=1,
+        description="config versions, and finished runs, kept per machine; older ones are "
+        "deleted (10)",
+    )
+    cpu_overcommit: float = Field(
+        default=1.0,
+        ge=1.0,
+        le=64.0,
+        description="shared vCPUs admitted per host CPU share (performance vCPUs never "
+        "overcommit) (1.0)",
+    )
+    memory_overcommit: float = Field(
+        default=1.0,
+        ge=1.0,
+        le=8.0,
+        description="shared machines' memory admitted per MB the host has (GPU machines "
+        "never overcommit) (1.0)",
+    )
+    default_org_machines: int | None = Field(
+        default=100, ge=0, description="machine quota of a new org (`none`: no limit) (100)"
+    )
+    default_org_memory_mb: int | None = Field(
+        default=131072,
+        ge=0,
+        description="memory quota of a new org, in MB (`none`: no limit) (131072)",
+    )
+    default_org_gpus: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict,
+        description="GPU quotas of a new org, `kind=N,...` (kinds not named: no limit)",
+    )
+    app_name_hold_s: float = Field(
+        default=86400.0,
+        ge=0,
+        description="how long a deleted app's name stays with its org before another org "
+        "may take it (86400)",
+    )
+    anonymous_rate_limit: str = Field(
+        default="5/20",
+        description="requests/s and burst per client address for requests without a valid "
+        "token (5/20)",
+    )
+    audit_retention_days: float = Field(
+        default=90.0, gt=0, description="audit records older than this are deleted (90)"
+    )
+    max_connections: int = Field(
+        default=512, ge=8, description="open API connections at most; more are closed (512)"
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="time a connection has to send a request's headers, and between body "
+        "chunks (10)",
+    )
+    keepalive_timeout_s: float = Field(
+        default=5.0, gt=0, description="idle keep-alive connections are closed after (5)"
     )
     net: bool = Field(default=True, description="`0` runs machines without a network interface")
     net_prefix: str = Field(
@@ -200,10 +316,25 @@ class Settings(BaseSettings):
         "that step",
     )
 
-    @field_validator("insecure_registries", "etcd", mode="before")
+    @field_validator("insecure_registries", "local_registries", "etcd", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split(value, ",")
+
+    @field_validator("default_org_gpus", mode="before")
+    @classmethod
+    def _kind_counts(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        counts: dict[str, str] = {}
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
+            kind, sep, count = str(item).partition("=")
+            if not sep:
+                raise ValueError(f"{item!r} is not KIND=COUNT")
+            counts[kind.strip()] = count.strip()
+        return counts
 
     @field_validator("net_published_tcp", mode="before")
     @classmethod

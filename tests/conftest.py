@@ -121,7 +121,7 @@ def running_server(
 def shared_server(
     tmp_path_factory: pytest.TempPathFactory, registry: str
 ) -> Iterator[ServerProcess]:
-    env = {"HANGAR_INSECURE_REGISTRIES": registry}
+    env = {"HANGAR_INSECURE_REGISTRIES": registry, "HANGAR_LOCAL_REGISTRIES": registry}
     with running_server(tmp_path_factory.mktemp("hangar-home"), env=env) as server:
         yield server
 

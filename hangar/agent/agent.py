@@ -1,6 +1,8 @@
 """The host agent: executes durable runs, watches running guests, reconciles on start.
 
 The API submits runs; the agent executes them one machine at a time, in submission order.
+A force-destroy cancels what the machine was doing (a pull stuck on a slow registry, a
+boot): the run in progress rolls back, the ones queued behind it are dropped.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from hangar.errors import NotFound, PreconditionFailed
 from hangar.model.gpu import GpuState
 from hangar.model.guest_contract import RunDir
 from hangar.model.machine import Machine, MachineState
-from hangar.model.run import ExitRequest, RunRecord, RunRequest
+from hangar.model.run import ExitRequest, RunRecord, RunRequest, RunStatus
 from hangar.scheduler import Gpu
 from hangar.store.protocol import MachineStore, RunStore
 
 log = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S = 0.25
+NOT_CANCELLED_BY_DESTROY = frozenset({"destroy", "handoff", "exit"})
 
 
 class Agent:
@@ -64,6 +67,9 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
         self._monitor_task: asyncio.Task[None] | None = None
+        self._current: dict[str, tuple[RunRecord, asyncio.Task[RunRecord]]] = {}
+        self._cancel_reasons: dict[str, str] = {}
+        """run id -> why it was cancelled (a force-destroy)"""
         self._listeners: list[Callable[[], None]] = []
         self.volume_watch = (
             VolumeWatch(
@@ -198,13 +204,63 @@ class Agent:
                     submit=self.submit,
                 )
                 try:
-                    await self.engine.execute(run, ctx)
+                    await self._execute(machine_id, run, ctx)
                 except Exception:
                     # A step's own failure rolls back inside the engine; reaching here means
                     # the store itself failed. Leave the run unfinished for the next restart.
                     log.exception("run %s could not be executed", run.id)
                     return
                 self.notify()
+
+    async def _execute(self, machine_id: str, run: RunRecord, ctx: StepContext) -> None:
+        """Execute ``run``; if it is cancelled on purpose (:meth:`cancel_for_destroy`), roll it
+        back with the reason as its error."""
+        task = asyncio.ensure_future(self.engine.execute(run, ctx))
+        self._current[machine_id] = (run, task)
+        try:
+            await task
+        except asyncio.CancelledError:
+            reason = self._cancel_reasons.pop(run.id, None)
+            this = asyncio.current_task()
+            if reason is None or (this is not None and this.cancelling()):
+                raise
+            step = run.progress.current_step or "run"
+            log.warning("run %s (%s) cancelled in %s: %s", run.id, run.operation, step, reason)
+            run.status = RunStatus.ROLLING_BACK
+            run.error = f"{step}: cancelled: {reason}"
+            run.progress.current_step = ""
+            run.updated_at = self.clock.now()
+            self.runs.save_run(run)
+            await self.engine.execute(run, ctx)
+        finally:
+            self._current.pop(machine_id, None)
+            self._cancel_reasons.pop(run.id, None)
+
+    def cancel_for_destroy(self, machine_id: str, reason: str) -> bool:
+        """A force-destroy: drop the machine's queued runs (they have done nothing yet) and
+        cancel the one in progress, which rolls back (freeing what it took) before the
+        destroy runs. True if anything was cancelled."""
+        current = self._current.get(machine_id)
+        cancelled = False
+        for run in self.runs.list_runs(machine_id, unfinished_only=True):
+            if run.operation in NOT_CANCELLED_BY_DESTROY:
+                continue
+            if current is not None and run.id == current[0].id:
+                continue
+            if run.steps_done or run.status != RunStatus.RUNNING:
+                continue
+            run.status = RunStatus.FAILED
+            run.error = f"cancelled: {reason}"
+            run.updated_at = self.clock.now()
+            self.runs.save_run(run)
+            cancelled = True
+        if current is not None:
+            run, task = current
+            if run.operation not in NOT_CANCELLED_BY_DESTROY and not task.done():
+                self._cancel_reasons[run.id] = reason
+                task.cancel()
+                cancelled = True
+        return cancelled
 
     def has_unfinished_run(self, machine_id: str) -> bool:
         return bool(self.runs.list_runs(machine_id, unfinished_only=True))
@@ -267,6 +323,9 @@ class Agent:
                 await self.platform.kill(handle)
                 self.runs.delete_vm_handle(machine_id)
                 self._repaired("kill_vmm_of_gone_machine", machine_id)
+            else:
+                # Adopting a VM that still runs reads its console and control port again.
+                await self.platform.alive(handle)
         self._remove_orphan_files()
         self._reconcile_claims()
         if self.volume_watch is not None:

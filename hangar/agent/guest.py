@@ -16,15 +16,20 @@ from hangar.devices.xid import guest_addresses
 from hangar.errors import ImageError
 from hangar.images import initramfs, kernel
 from hangar.images.driver_bundle import prepare_driver_bundle
+from hangar.images.local_layout import LocalLayouts
+from hangar.images.netpolicy import RegistryPolicy
+from hangar.images.overlay import overlay_backing
 from hangar.images.reference import ImageRef as ParsedImageRef
 from hangar.images.reference import parse_image_ref
-from hangar.images.rootfs import CachedImage, ImageCache, ImageCacheObserver, machine_disk
+from hangar.images.rootfs import GIB, MIB, CachedImage, ImageCache, ImageCacheObserver, ImageLimits
 from hangar.images.run_config import GuestFile, GuestRunConfig, GuestVolume, resolve_argv
 from hangar.images.volume_tools import ensure_volume_tools
+from hangar.images.workers import ImageWorkers
 from hangar.model.guest_contract import RunDir
 from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
 from hangar.vmm.accel import choose_accel, gpu_accel
+from hangar.vmm.channels import ChannelLimits
 from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec, VolumeDiskSpec
 from hangar.vmm.errors import QmpError
 from hangar.vmm.proc import PROC_ROOT, read_process
@@ -36,6 +41,16 @@ log = logging.getLogger(__name__)
 GPU_PLACEMENT_TIMEOUT_S = 30.0
 """How long the guest's firmware may take to give the GPUs their bus numbers."""
 GPU_PLACEMENT_POLL_S = 0.1
+
+
+def image_limits(settings: Settings) -> ImageLimits:
+    return ImageLimits(
+        max_compressed_bytes=settings.image_max_compressed_mb * MIB,
+        max_unpacked_bytes=settings.image_max_unpacked_mb * MIB,
+        pull_timeout_s=settings.image_pull_timeout_s,
+        command_timeout_s=settings.image_command_timeout_s,
+        cache_bytes=round(settings.image_cache_gb * GIB),
+    )
 
 
 def to_model_ref(ref: ParsedImageRef, digest: str) -> ImageRef:
@@ -58,14 +73,32 @@ class QemuGuestPlatform:
         driver_bundle: Path | None = None,
         guest_kernel: Path | None = None,
         guest_modules: Path | None = None,
+        local_registries: frozenset[str] = frozenset(),
+        oci_dirs: Sequence[Path] | None = None,
+        image_limits: ImageLimits | None = None,
+        image_workers: ImageWorkers | None = None,
+        machines_dir: Path | None = None,
         image_observer: ImageCacheObserver | None = None,
     ) -> None:
-        """``insecure_registries``: ``host:port`` pulled without TLS verification;
+        """``insecure_registries``: ``host:port`` spoken to over plain HTTP;
+        ``local_registries``: ``host:port`` allowed on this host's own addresses;
+        ``oci_dirs``: where ``oci:`` layouts may be (default: anywhere);
         ``driver_bundle``: the GPU driver bundle; ``guest_kernel``/``guest_modules``: an
-        operator's kernel instead of Debian's (each as in :mod:`hangar.settings`);
-        ``image_observer``: told of each image cache hit or miss (metrics)."""
+        operator's kernel instead of Debian's; ``machines_dir``: where machines' root disks
+        are (their images are never evicted from the cache) (each as in
+        :mod:`hangar.settings`); ``image_observer``: told of each image cache hit or miss
+        (metrics)."""
         self.cache_root = cache
-        self.images = ImageCache(cache, observer=image_observer)
+        self.machines_dir = machines_dir
+        self.images = ImageCache(
+            cache,
+            policy=RegistryPolicy(local=local_registries, insecure=insecure_registries),
+            layouts=LocalLayouts(oci_dirs) if oci_dirs is not None else None,
+            limits=image_limits,
+            workers=image_workers,
+            in_use=self.images_in_use,
+            observer=image_observer,
+        )
         self.driver = driver
         self.clock = clock or SystemClock()
         self.insecure_registries = insecure_registries
@@ -78,15 +111,37 @@ class QemuGuestPlatform:
         cls, settings: Settings, image_observer: ImageCacheObserver | None = None
     ) -> QemuGuestPlatform:
         accel = choose_accel(forced=settings.accel, pvm_guest_kernel=settings.pvm_guest_kernel)
+        channels = ChannelLimits(
+            console_max_bytes=settings.console_log_max_bytes,
+            rate_bytes=settings.guest_channel_rate,
+            burst_bytes=max(settings.guest_channel_rate, 1024 * 1024),
+        )
         return cls(
             settings.cache_dir,
-            QemuDriver(accel=accel),
+            QemuDriver(accel=accel, channel_limits=channels),
             insecure_registries=settings.insecure_registries,
             driver_bundle=settings.gpu_driver_bundle,
             guest_kernel=settings.guest_kernel,
             guest_modules=settings.guest_modules,
+            local_registries=settings.local_registries,
+            oci_dirs=settings.allowed_oci_dirs,
+            image_limits=image_limits(settings),
+            image_workers=ImageWorkers(settings.image_workers, settings.image_workers_per_org),
+            machines_dir=settings.machines_dir,
             image_observer=image_observer,
         )
+
+    def images_in_use(self) -> set[str]:
+        """The images machines' root disks are overlays over (never evicted)."""
+        if self.machines_dir is None or not self.machines_dir.is_dir():
+            return set()
+        found = set()
+        for run_dir in self.machines_dir.iterdir():
+            for disk in (RunDir.ROOT_DISK, RunDir.ROOT_DISK + ".partial"):
+                base = overlay_backing(run_dir / disk)
+                if base is not None:
+                    found.add(base.parent.name.replace("-", ":", 1))
+        return found
 
     def boot_kernel(self) -> kernel.GuestKernel:
         return kernel.ensure_kernel(
@@ -94,14 +149,17 @@ class QemuGuestPlatform:
         )
 
     # images
-    async def resolve_image(self, image: str) -> ImageRef:
+    async def resolve_image(self, image: str, owner: str = "") -> ImageRef:
         ref = parse_image_ref(image)
-        tls_verify = ref.transport != "docker" or ref.registry not in self.insecure_registries
-        cached = await self.images.ensure(ref, tls_verify=tls_verify)
+        cached = await self.images.ensure(ref, owner=owner)
         return to_model_ref(ref, cached.digest)
 
     def image_cached(self, image_ref: ImageRef) -> bool:
-        return bool(image_ref.digest) and self.images.lookup(image_ref.digest) is not None
+        if not image_ref.digest or self.images.lookup(image_ref.digest) is None:
+            return False
+        # About to boot from it: recently used images are not evicted.
+        self.images.touch(image_ref.digest)
+        return True
 
     def _cached(self, image_ref: ImageRef) -> CachedImage:
         cached = self.images.lookup(image_ref.digest)
@@ -112,9 +170,11 @@ class QemuGuestPlatform:
         return cached
 
     async def prepare_root_disk(self, image_ref: ImageRef, dest: Path) -> None:
+        """A qcow2 overlay over the cached image: the machine's disk costs what it writes."""
         cached = self._cached(image_ref)
         partial = dest.with_name(dest.name + ".partial")
-        await asyncio.to_thread(machine_disk, cached, partial)
+        await asyncio.to_thread(self.images.overlay, cached, partial)
+        partial.chmod(0o600)
         partial.rename(dest)
 
     async def prepare_initrd(
@@ -154,7 +214,11 @@ class QemuGuestPlatform:
         if volumes:
             extras.append(await asyncio.to_thread(ensure_volume_tools, self.cache_root))
         partial = dest.with_name(dest.name + ".partial")
+        # The initrd holds the machine's env and files: its owner's alone from the first byte.
+        partial.unlink(missing_ok=True)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial, extras)
+        partial.chmod(0o600)
         partial.rename(dest)
 
     # the VMM
@@ -185,6 +249,7 @@ class QemuGuestPlatform:
             kernel=guest_kernel.vmlinuz,
             initrd=run_dir / RunDir.INITRD,
             root_disk=run_dir / RunDir.ROOT_DISK,
+            root_disk_format="qcow2",
             cpus=machine.config.guest.cpus,
             memory_mb=machine.config.guest.memory_mb,
             extra_disks=extra_disks,

@@ -24,7 +24,7 @@ from hangar.scheduler import (
     Scheduler,
     VersionedHost,
 )
-from hangar.scheduler.machines import host_state, placement_request
+from hangar.scheduler.machines import NO_OVERCOMMIT, Overcommit, host_state, placement_request
 
 MAX_CAS_ATTEMPTS = 8
 
@@ -36,16 +36,19 @@ class HostPlacement:
         host: HostInfo,
         scheduler: Scheduler | None = None,
         observer: PlacementObserver | None = None,
+        overcommit: Overcommit = NO_OVERCOMMIT,
         allow_cpu_machines: bool = True,
     ):
         """``observer`` is told how each placement went (metrics); it is given to the
-        scheduler made here (one passed in keeps its own). ``allow_cpu_machines``: whether
+        scheduler made here (one passed in keeps its own). ``overcommit``: the operator's
+        ratios for shared machines (host admission). ``allow_cpu_machines``: whether
         CPU-only machines may run here when the host has GPUs (a fleet's GPU pool: no)."""
         self.allow_cpu_machines = allow_cpu_machines
         self.claims = claims
         self.host = host
         self._scheduler = scheduler
         self._observer = observer
+        self.overcommit = overcommit
 
     @property
     def scheduler(self) -> Scheduler:
@@ -72,6 +75,7 @@ class HostPlacement:
                 allow_cpu_machines=(
                     self.allow_cpu_machines if allow_cpu_machines is None else allow_cpu_machines
                 ),
+                overcommit=self.overcommit,
                 fabric_partitions=fabric_partitions,
             )
             if current is None:
@@ -147,7 +151,9 @@ class HostPlacement:
         held = self.claim_of(machine_id)
         if held is not None:
             return held
-        request = placement_request(guest, machine_id=machine_id, host_id=self.host.id)
+        request = placement_request(
+            guest, machine_id=machine_id, host_id=self.host.id, overcommit=self.overcommit
+        )
         return self.scheduler.place(request).claim
 
     def release(self, machine_id: str) -> list[str]:

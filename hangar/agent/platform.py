@@ -46,14 +46,16 @@ class GpuBoot(BaseModel):
 
 
 class GuestPlatform(Protocol):
-    async def resolve_image(self, image: str) -> ImageRef:
-        """Pull (or find cached) the image; the returned ref carries its manifest digest."""
+    async def resolve_image(self, image: str, owner: str = "") -> ImageRef:
+        """Pull (or find cached) the image; the returned ref carries its manifest digest.
+        ``owner`` (the machine's org) is whose share of the image workers the pull takes."""
         ...
 
     def image_cached(self, image_ref: ImageRef) -> bool: ...
 
     async def prepare_root_disk(self, image_ref: ImageRef, dest: Path) -> None:
-        """Write a fresh writable root disk for one boot; atomic (dest appears whole or not)."""
+        """Write a fresh writable root disk for one boot (a qcow2 overlay over the cached
+        image); atomic (dest appears whole or not)."""
         ...
 
     async def prepare_initrd(

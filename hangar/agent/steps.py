@@ -78,7 +78,10 @@ class ResolveImage:
         return not image_ref.digest or not self.platform.image_cached(image_ref)
 
     async def run(self, ctx: StepContext) -> None:
-        image_ref = await self.platform.resolve_image(ctx.machine().config.image)
+        machine = ctx.machine()
+        app = ctx.machines.get_app(machine.app)
+        owner = app.org_slug if app is not None else machine.app
+        image_ref = await self.platform.resolve_image(machine.config.image, owner=owner)
         ctx.machines.set_image_ref(ctx.run.machine_id, image_ref, ctx.clock.now())
         ctx.run.progress.image_resolved = True
 
@@ -164,7 +167,7 @@ class PrepareRootDisk:
         return not (self.run_dir / RunDir.ROOT_DISK).exists()
 
     async def run(self, ctx: StepContext) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.platform.prepare_root_disk(
             ctx.machine().image_ref, self.run_dir / RunDir.ROOT_DISK
         )
@@ -190,7 +193,7 @@ class PrepareInitrd:
             if self.volumes is None:
                 raise VolumeError("this host keeps no volumes", retryable=False)
             mounts = self.volumes.guest_mounts(machine)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.platform.prepare_initrd(
             machine, machine.image_ref, self.run_dir / RunDir.INITRD, mounts
         )

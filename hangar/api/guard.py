@@ -2,15 +2,22 @@
 
 In order: the body's declared size, the token (401), the route's scope (403, or 404 for
 another org's app), the rate limit (429), then the body itself, read up to the size limit
-(413). The route then runs with the request's ``Access`` in its scope. Every mutating call is
-written to the audit log with how it ended, whether the guard or the route answered.
+(413) and with at most ``body_timeout_s`` between its chunks (408). The route then runs with
+the request's ``Access`` in its scope. Every mutating call is written to the audit log with
+how it ended, whether the guard or the route answered.
+
+Requests without a valid token are limited per client address (``anonymous``): past it they
+get 429 and are not written to the audit log (a flood is logged once per episode), so that
+nobody without a token can fill the host's disk through it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from starlette.routing import BaseRoute
@@ -21,14 +28,18 @@ from hangar.api.errors import hangar_error_response
 from hangar.api.routetable import ApiOperation, RouteTable
 from hangar.api.scopes import Scope as RouteScope
 from hangar.api.services.audit import AuditService, Outcome
-from hangar.errors import HangarError, RateLimited, RequestTooLarge
-from hangar.ratelimit import RateLimiter
+from hangar.errors import HangarError, RateLimited, RequestTimeout, RequestTooLarge, Unauthenticated
+from hangar.ratelimit import FloodLog, RateLimiter
 from hangar.settings import DEFAULT_MAX_REQUEST_BYTES
 from hangar.store.protocol import ApiToken
 
+log = logging.getLogger(__name__)
+
 ACCESS_KEY = "hangar.access"
 MAX_BODY_BYTES = DEFAULT_MAX_REQUEST_BYTES
+DEFAULT_BODY_TIMEOUT_S = 30.0
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+ANONYMOUS_ACTION = "unauthenticated"
 
 
 class RequestObserver(Protocol):
@@ -45,6 +56,10 @@ class GuardConfig:
     limiter: RateLimiter
     audit: AuditService
     max_body_bytes: int = MAX_BODY_BYTES
+    anonymous: RateLimiter | None = None
+    """Requests without a valid token, per client address (None: not limited)."""
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    floods: FloodLog = field(default_factory=lambda: FloodLog(log, "anonymous requests"))
     observer: RequestObserver | None = None
 
 
@@ -105,7 +120,8 @@ class RequestGuard:
                 observer.api_request(route.name, scope["method"], attempt.status, seconds)
                 if attempt.outcome == Outcome.RATE_LIMITED:
                     observer.rate_limited(route.name)
-            if mutating:
+            anonymous_flood = attempt.token is None and attempt.outcome == Outcome.RATE_LIMITED
+            if mutating and not anonymous_flood:
                 self._config.audit.record(
                     attempt.token,
                     attempt.org_slug(),
@@ -132,7 +148,7 @@ class RequestGuard:
         try:
             if declared_length > self._config.max_body_bytes:
                 raise self._too_large()
-            access = self._admit(headers, route, path_params, attempt)
+            access = self._admit(headers, route, path_params, attempt, _client_address(scope))
             body = await self._read_body(receive)
         except HangarError as exc:
             attempt.status = exc.http_status
@@ -168,18 +184,34 @@ class RequestGuard:
         route: ApiOperation,
         path_params: dict[str, Any],
         attempt: _Attempt,
+        client: str,
     ) -> Access:
         # A route that declares no scope is served to the operator alone.
         route_scope = route.scope or RouteScope.OPERATOR
         policy = self._config.policy
         attempt.outcome = Outcome.DENIED
-        attempt.token = policy.authenticate(headers.get("authorization"))
+        try:
+            attempt.token = policy.authenticate(headers.get("authorization"))
+        except Unauthenticated:
+            self._limit_anonymous(client, attempt)
+            raise
         access = policy.authorize(attempt.token, route_scope, path_params)
         access.note(**attempt.target)
         attempt.access = access
         attempt.outcome = Outcome.REJECTED
         self._config.limiter.take(access.actor, route.name, rate_limit_target(path_params))
         return access
+
+    def _limit_anonymous(self, client: str, attempt: _Attempt) -> None:
+        limiter = self._config.anonymous
+        if limiter is None:
+            return
+        try:
+            limiter.take(f"client:{client}", ANONYMOUS_ACTION, "")
+        except RateLimited:
+            attempt.outcome = Outcome.RATE_LIMITED
+            self._config.floods.note(client)
+            raise
 
     def _too_large(self) -> RequestTooLarge:
         limit = self._config.max_body_bytes
@@ -189,7 +221,13 @@ class RequestGuard:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self._config.body_timeout_s)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body did not arrive within {self._config.body_timeout_s:g}s",
+                    timeout_s=self._config.body_timeout_s,
+                ) from None
             if message["type"] != "http.request":
                 break
             chunk = message.get("body", b"")
@@ -200,6 +238,11 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def _client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
 
 
 def _headers(scope: Scope) -> dict[str, str]:

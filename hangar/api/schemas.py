@@ -20,7 +20,7 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 def _valid_name(value: str) -> str:
-    if not NAME_PATTERN.match(value):
+    if not NAME_PATTERN.fullmatch(value):
         raise ValueError(
             "must be 1-63 characters: lowercase letters, digits, '-' and '_', "
             "starting with a letter or digit"

@@ -187,7 +187,8 @@ def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
         _wait_state(api, path, "started")
         _wait_for_bytes(console, READY_LINE, time.monotonic() + TIMEOUT_S)
         kernel = _kernel_of(run_dir)
-        spec = _copy_of_machine(run_dir, kernel, home, "plain-qemu")
+        # The plain row runs QEMU by itself: its console and control port are files.
+        spec = _copy_of_machine(run_dir, kernel, home, "plain-qemu", channel_sockets=False)
         resume_spec = _copy_of_machine(run_dir, kernel, home, "resume-bench")
         api.post(f"{path}/stop").raise_for_status()
         _wait_state(api, path, "stopped")
@@ -239,8 +240,11 @@ def _one_run(
     _wait_state(api, fresh_path, "destroyed")
 
 
-def _copy_of_machine(run_dir: Path, kernel: Path, home: Path, machine_id: str) -> VmSpec:
-    """A spec booting a copy of the machine's root disk and initrd, in a folder of its own."""
+def _copy_of_machine(
+    run_dir: Path, kernel: Path, home: Path, machine_id: str, channel_sockets: bool = True
+) -> VmSpec:
+    """A spec booting a copy of the machine's root disk (an overlay over the same cached
+    image) and initrd, in a folder of its own."""
     folder = Path(tempfile.mkdtemp(prefix=f"{machine_id}-", dir=home))
     for name in RunDir.BOOT_FILES:
         shutil.copyfile(run_dir / name, folder / name)
@@ -250,6 +254,7 @@ def _copy_of_machine(run_dir: Path, kernel: Path, home: Path, machine_id: str) -
         kernel=kernel,
         initrd=folder / RunDir.INITRD,
         root_disk=folder / RunDir.ROOT_DISK,
+        channel_sockets=channel_sockets,
     )
 
 

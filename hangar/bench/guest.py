@@ -20,6 +20,7 @@ from hangar.images.reference import parse_image_ref
 from hangar.images.rootfs import CachedImage, ImageCache, machine_disk
 from hangar.images.run_config import GuestFile, GuestRunConfig, GuestVolume
 from hangar.images.volume_tools import ensure_volume_tools
+from hangar.model.guest_contract import RunDir
 from hangar.vmm.control import read_control_events, summarise_control_events
 from hangar.vmm.driver import DiskSpec, VmHandle, VmSpec, VolumeDiskSpec
 from hangar.vmm.qemu import QemuDriver
@@ -112,15 +113,15 @@ class OneOffGuest:
 
     @property
     def control_log(self) -> Path:
-        return self.run_dir / "ctl.jsonl"
+        return self.run_dir / RunDir.CONTROL_LOG
 
     @property
     def console_log(self) -> Path:
-        return self.run_dir / "console.log"
+        return self.run_dir / RunDir.CONSOLE_LOG
 
     @property
     def qmp_socket(self) -> Path:
-        return self.run_dir / "qmp.sock"
+        return self.run_dir / RunDir.QMP_SOCKET
 
     def console(self) -> str:
         try:

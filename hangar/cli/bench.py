@@ -60,6 +60,27 @@ bench_app.command("mixes")(mixes)
 bench_app.command("replay")(replay)
 
 
+@bench_app.command("tenancy")
+def bench_tenancy(
+    cycles: Annotated[int, typer.Option("--cycles", "-n", min=2, max=50)] = 8,
+    image: Annotated[
+        str | None, typer.Option(help="Image the measured tenant runs (default: busybox).")
+    ] = None,
+) -> None:
+    """A second tenant's create-start-stop p50/p99 with and without one tenant flooding."""
+    from hangar.bench.tenancy import run_tenancy_bench
+    from hangar.images.build import build_busybox_image
+
+    with tempfile.TemporaryDirectory(prefix="hangar-bench-") as scratch:
+        home = Path(scratch) / "home"
+        if image is None:
+            layout = Path(scratch) / "image"
+            build_busybox_image(layout, "bench", ["sh"], {})
+            image = f"oci:{layout}:bench"
+        result = run_tenancy_bench(image, cycles, home)
+    typer.echo(result.report())
+
+
 @bench_app.command("proxy")
 def bench_proxy(
     connections: Annotated[int, typer.Option("--connections", "-c", min=1, max=1000)] = 32,

@@ -17,8 +17,8 @@ from pydantic import BaseModel, Field
 
 from hangar.errors import StoreError
 from hangar.model.run import RunRecord, RunStatus
-from hangar.store.etcd.client import EtcdClient
-from hangar.store.etcd.keys import KeyLayout
+from hangar.store.etcd.client import MAX_TXN_OPS, Delete, EtcdClient, Txn
+from hangar.store.etcd.keys import KeyLayout, segment
 from hangar.store.protocol import RunStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,18 @@ class RunBoard:
             runs=runs[-RECENT_RUNS:],
         )
         self._client.put(self.key(host_id, machine_id), entry.model_dump_json().encode())
+
+    def forget(self, machine_ids: list[str]) -> None:
+        """Drop the entries of these machines, on whichever host."""
+        gone = {segment(machine_id) for machine_id in machine_ids}
+        keys = [
+            kv.key
+            for kv in self._client.range_prefix(self._layout.records(RUNS)).kvs
+            if kv.key.rsplit("/", 1)[-1] in gone
+        ]
+        for start in range(0, len(keys), MAX_TXN_OPS):
+            page = keys[start : start + MAX_TXN_OPS]
+            self._client.txn(Txn(success=tuple(Delete(key) for key in page)))
 
     def read(self, host_id: str, machine_id: str) -> BoardEntry | None:
         kv = self._client.get(self.key(host_id, machine_id))

@@ -41,7 +41,7 @@ from hangar.metrics import HangarMetrics
 from hangar.model.gpu import GpuState
 from hangar.model.host import HostInfo, read_local_host
 from hangar.model.run import RunRecord
-from hangar.server import MachineTraffic
+from hangar.server import MachineTraffic, make_private_dir, overcommit_of
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
 from hangar.store.etcd.hosts import HostLease, HostRecord
@@ -184,7 +184,8 @@ def build_host_agent(
     settings: Settings, platform: GuestPlatform | None = None, clock: Clock | None = None
 ) -> HostAgent:
     clock = clock or SystemClock()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    for private in (settings.home, settings.machines_dir, settings.cache_dir):
+        make_private_dir(private)
     fleet = open_fleet_stores(settings, tokens=False)
     local = open_embedded_stores(settings.database)
     metrics = HangarMetrics(clock)
@@ -205,7 +206,11 @@ def build_host_agent(
         platform=platform,
         machines_dir=settings.machines_dir,
         placement=HostPlacement(
-            fleet.claims, host, observer=metrics, allow_cpu_machines=pool != "gpu"
+            fleet.claims,
+            host,
+            observer=metrics,
+            overcommit=overcommit_of(settings),
+            allow_cpu_machines=pool != "gpu",
         ),
         gpu_store=local.gpus,
         gpus=gpus,

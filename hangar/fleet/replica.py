@@ -27,21 +27,10 @@ from hangar.agent.agent import Agent
 from hangar.agent.host import HostServices
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GpuBoot, GuestExit, GuestNetwork, VmHandleData
-from hangar.api.access import AccessPolicy
 from hangar.api.app import create_app
-from hangar.api.deps import Services
-from hangar.api.guard import GuardConfig
-from hangar.api.services.apps import AppService
-from hangar.api.services.audit import AuditService
 from hangar.api.services.hosts import GpuView, HostGpusView, HostService, HostView
-from hangar.api.services.image_policy import ImagePolicy
-from hangar.api.services.machines import MachineService
-from hangar.api.services.orgs import DEFAULT_ORG, OrgService
-from hangar.api.services.platform import PlatformService
-from hangar.api.services.quotas import QuotaService
+from hangar.api.services.orgs import DEFAULT_ORG
 from hangar.api.services.tokens import TokenService
-from hangar.api.services.usage import UsageService
-from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock, SystemClock
 from hangar.errors import NotFound, StoreRejected, Unprocessable
 from hangar.fleet import admin
@@ -55,8 +44,8 @@ from hangar.model.gpu import GpuEvent, GpuState
 from hangar.model.host import HostInfo
 from hangar.model.machine import ImageRef, Machine
 from hangar.model.run import RunRecord, RunStatus
-from hangar.model.usage import DEFAULT_PRICES, PriceTable
-from hangar.ratelimit import RateLimiter, RateLimits
+from hangar.ratelimit import RateLimits
+from hangar.server import ApiStores, build_api, default_org_quotas
 from hangar.settings import Settings
 from hangar.store.etcd.client import Range
 from hangar.store.etcd.hosts import HostMonitor
@@ -78,7 +67,7 @@ def _refused(what: str) -> Unprocessable:
 class NoGuests:
     """The guest platform of a process that runs no guest: every operation is refused."""
 
-    async def resolve_image(self, image: str) -> ImageRef:
+    async def resolve_image(self, image: str, owner: str = "") -> ImageRef:
         raise _refused("resolving an image")
 
     def image_cached(self, image_ref: ImageRef) -> bool:
@@ -174,6 +163,11 @@ class FleetRunStore:
 
     def list_vm_handles(self) -> dict[str, dict[str, object]]:
         return {}
+
+    def forget_machines(self, machine_ids: list[str]) -> None:
+        """Their app was deleted: drop what their agents published about their runs (each
+        agent's own finished runs stay in its SQLite)."""
+        self._fleet.board.forget(machine_ids)
 
 
 class FleetAgent(Agent):
@@ -325,7 +319,7 @@ def build_replica(
     settings.home.mkdir(parents=True, exist_ok=True)
     fleet = open_fleet_stores(settings)
     machines, tenancy = fleet.machines, fleet.tenancy
-    tenancy.ensure_org(DEFAULT_ORG, clock.now())
+    tenancy.ensure_org(DEFAULT_ORG, clock.now(), quotas=default_org_quotas(settings))
     monitor = HostMonitor(fleet.client, fleet.layout)
     cordons = Cordons(fleet.client, fleet.layout)
     placer = FleetPlacer(fleet.claims, monitor, cordons.is_cordoned)
@@ -341,47 +335,19 @@ def build_replica(
     runs = FleetRunStore(fleet, machines)
     agent = FleetAgent(fleet, host_services, clock, runs)
     metrics = HangarMetrics(clock)
-    quotas = QuotaService(machines, tenancy, fleet.volumes)
-    capacity = PlatformService(fleet.claims, settings.gpu_driver_bundle)
-    volumes = VolumeService(fleet.volumes, runs, agent, clock, replica_host, quotas, capacity)
-    orgs = OrgService(tenancy, quotas, clock)
-    tokens = TokenService(tenancy, machines, clock)
-    audit = AuditService(tenancy, clock)
-    services = Services(
-        apps=AppService(machines, tenancy, orgs, clock, fleet.volumes),
-        machines=MachineService(
-            machines,
-            runs,
-            agent,
-            clock,
-            replica_host,
-            quotas,
-            ImagePolicy(settings.allowed_oci_dirs),
-            capacity,
-            None,
-            volumes=None,
-            placer=placer,
-        ),
-        orgs=orgs,
-        tokens=tokens,
-        audit=audit,
-        hosts=FleetHostService(agent, replica_host, monitor, fleet),
-        platform=capacity,
-        usage=UsageService(
-            SqliteUsageStore(settings.database),
-            orgs,
-            PriceTable.parse(settings.prices, DEFAULT_PRICES),
-            clock,
-        ),
-        metrics=metrics,
-        volumes=volumes,
+    stores = ApiStores(
+        machines, tenancy, fleet.volumes, runs, SqliteUsageStore(settings.database), fleet.claims
     )
-    guard = GuardConfig(
-        policy=AccessPolicy(tokens, machines),
-        limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
-        audit=audit,
-        max_body_bytes=settings.max_request_bytes,
-        observer=metrics,
+    api = build_api(
+        settings,
+        clock,
+        stores,
+        agent,
+        replica_host,
+        metrics,
+        rate_limits,
+        placer=placer,
+        hosts=FleetHostService(agent, replica_host, monitor, fleet),
     )
     replica: Replica
 
@@ -391,10 +357,12 @@ def build_replica(
     async def close() -> None:
         await replica.close()
 
-    app = create_app(services, guard, on_startup=start, on_shutdown=close)
+    app = create_app(api.services, api.guard, on_startup=start, on_shutdown=close)
     app.include_router(admin.router)
-    app.state.fleet_hosts = FleetHosts(cordons, machines, services.machines, fleet.claims, clock)
-    replica = Replica(settings, fleet, monitor, cordons, agent, tokens, app)
+    app.state.fleet_hosts = FleetHosts(
+        cordons, machines, api.services.machines, fleet.claims, clock
+    )
+    replica = Replica(settings, fleet, monitor, cordons, agent, api.tokens, app)
     return replica
 
 

@@ -1,8 +1,12 @@
-"""Pull an image with skopeo into a local OCI layout, read its config, unpack it with umoci."""
+"""Read an image's config from a local OCI layout, and unpack the image with umoci.
+
+The layouts read here are hangar's own (:mod:`hangar.images.layout`): written from verified
+blobs, one image tagged ``image``. Pulls are :mod:`hangar.images.registry` and
+:mod:`hangar.images.local_layout`.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -10,85 +14,11 @@ from typing import Any
 
 from hangar.errors import ImageError
 from hangar.images.image_config import ImageConfig
+from hangar.images.layout import INDEX_TYPES, LOCAL_TAG
 from hangar.images.reference import ImageRef
-from hangar.images.runner import CommandError, CommandRunner, run_command, stdout_bytes
+from hangar.images.runner import CommandError, CommandRunner, run_command
 
-LOCAL_TAG = "image"
-_NOT_FOUND_MARKERS = (
-    "manifest unknown",
-    "name unknown",
-    "not found",
-    "no such file or directory",
-    "requested access to the resource is denied",
-)
-# What skopeo says when the registry did not answer (worth a retry), not when it said no.
-_UNREACHABLE_MARKERS = (
-    "connection refused",
-    "connection reset",
-    "i/o timeout",
-    "timeout awaiting",
-    "tls handshake timeout",
-    "no route to host",
-    "temporary failure",
-    "too many requests",
-    "service unavailable",
-    "bad gateway",
-    ": eof",
-)
-_INDEX_MEDIA_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
-
-
-def _image_error(ref: ImageRef, action: str, error: CommandError) -> ImageError:
-    lowered = error.stderr.lower()
-    if action in ("resolve", "pull") and any(marker in lowered for marker in _NOT_FOUND_MARKERS):
-        message = f"image {ref} not found"
-    else:
-        message = f"failed to {action} image {ref}"
-    return ImageError(
-        f"{message}: {error.stderr or error.message}",
-        ref=str(ref),
-        action=action,
-        stderr=error.stderr,
-        retryable=any(marker in lowered for marker in _UNREACHABLE_MARKERS),
-    )
-
-
-def _tls_flag(ref: ImageRef, flag: str, tls_verify: bool) -> list[str]:
-    if ref.transport == "docker" and not tls_verify:
-        return [f"{flag}=false"]
-    return []
-
-
-def resolve_digest(
-    ref: ImageRef, *, tls_verify: bool = True, runner: CommandRunner = run_command
-) -> str:
-    """The digest of the manifest (or index) ``ref`` names now: sha256 of its raw bytes."""
-    if ref.digest:
-        return ref.digest
-    argv = ["skopeo", "inspect", "--raw", *_tls_flag(ref, "--tls-verify", tls_verify)]
-    try:
-        raw = runner([*argv, ref.skopeo_name()])
-    except CommandError as exc:
-        raise _image_error(ref, "resolve", exc) from exc
-    return "sha256:" + hashlib.sha256(stdout_bytes(raw)).hexdigest()
-
-
-def pull(
-    ref: ImageRef,
-    layout: Path,
-    *,
-    tls_verify: bool = True,
-    runner: CommandRunner = run_command,
-) -> None:
-    """Copy ``ref`` (this host's platform, if it is an index) into the OCI layout ``layout``."""
-    argv = ["skopeo", "copy", "--quiet", *_tls_flag(ref, "--src-tls-verify", tls_verify)]
-    try:
-        runner([*argv, ref.skopeo_name(), f"oci:{layout}:{LOCAL_TAG}"])
-    except CommandError as exc:
-        raise _image_error(ref, "pull", exc) from exc
+UNPACK_TIMEOUT_S = 600.0
 
 
 def _blob(layout: Path, digest: str) -> dict[str, Any]:
@@ -98,7 +28,7 @@ def _blob(layout: Path, digest: str) -> dict[str, Any]:
 
 
 def read_config(ref: ImageRef, layout: Path, tag: str = LOCAL_TAG) -> ImageConfig:
-    """The image config of image ``tag`` (by default, the one ``pull`` wrote) in ``layout``."""
+    """The image config of image ``tag`` (by default, the one hangar wrote) in ``layout``."""
     try:
         index = json.loads((layout / "index.json").read_bytes())
         descriptor = next(
@@ -106,15 +36,15 @@ def read_config(ref: ImageRef, layout: Path, tag: str = LOCAL_TAG) -> ImageConfi
             for entry in index.get("manifests", [])
             if entry.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
         )
-        if descriptor.get("mediaType") in _INDEX_MEDIA_TYPES:
+        if descriptor.get("mediaType") in INDEX_TYPES:
             raise ImageError(
                 f"image {ref} has no manifest for this platform", ref=str(ref), action="read"
             )
         manifest = _blob(layout, descriptor["digest"])
         return ImageConfig.from_oci(_blob(layout, manifest["config"]["digest"]))
-    except (OSError, ValueError, KeyError, StopIteration) as exc:
+    except (OSError, ValueError, KeyError, StopIteration, TypeError, AttributeError) as exc:
         raise ImageError(
-            f"image {ref} has an unreadable manifest or config: {exc}", ref=str(ref), action="read"
+            f"image {ref} has an unreadable manifest or config", ref=str(ref), action="read"
         ) from exc
 
 
@@ -125,8 +55,9 @@ def unpack(
     *,
     rootless: bool | None = None,
     runner: CommandRunner = run_command,
+    timeout_s: float = UNPACK_TIMEOUT_S,
 ) -> Path:
-    """Unpack the pulled image into the runtime bundle ``bundle``; return its ``rootfs``.
+    """Unpack the image into the runtime bundle ``bundle``; return its ``rootfs``.
 
     ``rootless`` defaults to "not root": as root, umoci keeps the layers' file owners,
     which the guest needs (a non-root user's home stays theirs).
@@ -135,7 +66,12 @@ def unpack(
         rootless = os.geteuid() != 0
     argv = ["umoci", "unpack", *(["--rootless"] if rootless else [])]
     try:
-        runner([*argv, "--image", f"{layout}:{LOCAL_TAG}", bundle])
+        runner([*argv, "--image", f"{layout}:{LOCAL_TAG}", bundle], timeout=timeout_s)
     except CommandError as exc:
-        raise _image_error(ref, "unpack", exc) from exc
+        raise ImageError(
+            f"failed to unpack image {ref}" + (" in time" if exc.returncode is None else ""),
+            ref=str(ref),
+            action="unpack",
+            stderr=exc.stderr,
+        ) from exc
     return bundle / "rootfs"

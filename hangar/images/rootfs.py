@@ -1,15 +1,26 @@
-"""Image rootfs cache: one ext4 disk image per manifest digest, copied per machine.
+"""Image rootfs cache: one ext4 disk image per manifest digest; machines boot from qcow2
+overlays over it (:mod:`hangar.images.overlay`).
 
 Layout under ``CACHE/images``: ``sha256-HEX/`` holds ``rootfs.ext4`` and ``image.json``
-(digest and image config). An entry folder exists only once complete (see ``cachedir``).
+(digest and image config; its modification time is when the image was last used). An entry
+folder exists only once complete (see ``cachedir``).
+
+Bounds: pulls and builds run on the fair :class:`~hangar.images.workers.ImageWorkers` pool,
+each command and each pull with a timeout; an image larger than the operator allows
+(compressed or unpacked) is refused before it is unpacked; and past ``cache_bytes`` the least
+recently used images no machine's root disk uses are evicted.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import math
 import os
+import secrets
 import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -17,10 +28,29 @@ from pydantic import BaseModel, ConfigDict
 
 from hangar.errors import ImageError
 from hangar.images import oci
-from hangar.images.cachedir import build_once, scratch_dir
+from hangar.images.cachedir import build_once, entry_lock, remove_tree, scratch_dir
 from hangar.images.image_config import ImageConfig
+from hangar.images.layout import (
+    BlobSink,
+    check_unpacked_size,
+    finish_layout,
+    start_layout,
+    too_large,
+)
+from hangar.images.local_layout import LocalLayouts
+from hangar.images.netpolicy import RegistryPolicy
+from hangar.images.overlay import create_overlay
 from hangar.images.reference import DIGEST_PATTERN, ImageRef
-from hangar.images.runner import CommandError, CommandRunner, run_command
+from hangar.images.registry import (
+    PullLimits,
+    RegistrySession,
+    ResolvedImage,
+    check_compressed,
+    resolve,
+    run_pull,
+)
+from hangar.images.runner import Cancellation, CommandError, CommandRunner, run_command
+from hangar.images.workers import ImageWorkers
 
 ROOTFS_NAME = "rootfs.ext4"
 METADATA_NAME = "image.json"
@@ -65,18 +95,56 @@ def measure_tree(root: Path) -> tuple[int, int]:
     return total, inodes
 
 
-def make_ext4(source: Path, dest: Path, *, runner: CommandRunner = run_command) -> Path:
+def make_ext4(
+    source: Path,
+    dest: Path,
+    *,
+    runner: CommandRunner = run_command,
+    timeout_s: float | None = None,
+    measured: tuple[int, int] | None = None,
+) -> Path:
     """Build ``dest``, an ext4 image holding ``source``: content * 1.3 + 64 MiB, no mount."""
-    content, inodes = measure_tree(source)
+    content, inodes = measured if measured is not None else measure_tree(source)
     size_mib = math.ceil((content * SIZE_FACTOR + HEADROOM_BYTES) / MIB)
     inode_count = math.ceil(inodes * SIZE_FACTOR) + SPARE_INODES
     runner(
         [
             "mke2fs", "-q", "-F", "-t", "ext4", "-T", "default", "-m", "0", "-L", "hangar-root",
             "-N", str(inode_count), "-d", source, dest, f"{size_mib}M",
-        ]
+        ],
+        timeout=timeout_s,
     )  # fmt: skip
     return dest
+
+
+MIB_BYTES = 1024 * 1024
+GIB = 1024 * MIB_BYTES
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The operator's bounds on image work (``HANGAR_IMAGE_*``)."""
+
+    max_compressed_bytes: int = 4096 * MIB_BYTES
+    max_unpacked_bytes: int = 16384 * MIB_BYTES
+    pull_timeout_s: float = 600.0
+    command_timeout_s: float = 600.0
+    cache_bytes: int = 20 * GIB
+    keep_recent_s: float = 600.0
+    """An image used this recently is not evicted (a machine between resolve and boot)."""
+
+
+InUse = Callable[[], set[str]]
+"""The digests machines' root disks use now (never evicted)."""
+
+
+def _entry_bytes(entry: Path) -> int:
+    total = 0
+    with contextlib.suppress(OSError):
+        for path in entry.iterdir():
+            with contextlib.suppress(OSError):
+                total += path.lstat().st_blocks * 512
+    return total
 
 
 class ImageCacheObserver(Protocol):
@@ -100,23 +168,16 @@ def cache_usage(cache_dir: Path) -> CacheUsage:
     except FileNotFoundError:
         return CacheUsage(entries=0, bytes=0)
     for folder in folders:
-        try:
-            files = list(folder.iterdir())
-        except OSError:
-            continue
-        entries += 1
-        for item in files:
-            try:
-                total += item.lstat().st_blocks * 512
-            except OSError:
-                continue
+        if folder.is_dir():
+            entries += 1
+            total += _entry_bytes(folder)
     return CacheUsage(entries=entries, bytes=total)
 
 
 class ImageCache:
     """Pull, unpack and turn images into cached ext4 rootfs images, once per digest.
 
-    ``ensure`` is async (the blocking work runs in a worker thread); two concurrent
+    ``ensure`` is async (the blocking work runs on the image pool); two concurrent
     ``ensure`` calls for one digest, in one process or several, build it once.
     """
 
@@ -126,12 +187,25 @@ class ImageCache:
         *,
         runner: CommandRunner = run_command,
         rootless: bool | None = None,
+        policy: RegistryPolicy | None = None,
+        layouts: LocalLayouts | None = None,
+        limits: ImageLimits | None = None,
+        workers: ImageWorkers | None = None,
+        in_use: InUse | None = None,
         observer: ImageCacheObserver | None = None,
     ) -> None:
-        """``observer`` is told whether each ``ensure`` found the image cached (metrics)."""
+        """``policy``: which registries may be pulled from (default: none on this host);
+        ``layouts``: where ``oci:`` layouts may be (default: anywhere, for tools and tests;
+        the server passes ``HANGAR_OCI_DIRS``); ``observer`` is told whether each ``ensure``
+        found the image cached (metrics)."""
         self.root = cache_dir / "images"
         self._runner = runner
         self._rootless = rootless
+        self.policy = policy or RegistryPolicy()
+        self.layouts = layouts or LocalLayouts([Path("/")])
+        self.limits = limits or ImageLimits()
+        self.workers = workers or ImageWorkers()
+        self._in_use = in_use
         self._observer = observer
 
     def entry_for(self, digest: str) -> Path:
@@ -139,23 +213,74 @@ class ImageCache:
             raise ImageError(f"bad image digest {digest!r}", digest=digest)
         return self.root / digest.replace(":", "-")
 
-    async def ensure(self, ref: ImageRef, *, tls_verify: bool = True) -> CachedImage:
-        return await asyncio.to_thread(self._ensure, ref, tls_verify)
+    async def ensure(
+        self, ref: ImageRef, *, tls_verify: bool = True, owner: str = ""
+    ) -> CachedImage:
+        """The image ``ref`` names, cached; pulled on ``owner``'s share of the image pool.
+        ``tls_verify=False``: speak plain HTTP to its registry (an insecure registry)."""
+        if ref.transport == "docker" and ref.digest:
+            hit = self.lookup(ref.digest)
+            if hit is not None:
+                self.touch(ref.digest)
+                self._observed(hit=True)
+                return hit.model_copy(update={"image_ref": ref})
+        return await self.workers.run(
+            owner, lambda cancellation: self._ensure(ref, not tls_verify, cancellation)
+        )
 
-    def _ensure(self, ref: ImageRef, tls_verify: bool) -> CachedImage:
-        digest = oci.resolve_digest(ref, tls_verify=tls_verify, runner=self._runner)
-        pinned = ref.with_digest(digest) if ref.transport == "docker" else ref
+    def _pull_limits(self) -> PullLimits:
+        return PullLimits(self.limits.max_compressed_bytes, self.limits.pull_timeout_s)
+
+    def _observed(self, hit: bool) -> None:
+        if self._observer is not None:
+            self._observer.image_lookup(hit=hit)
+
+    def _ensure(self, ref: ImageRef, insecure: bool, cancellation: Cancellation) -> CachedImage:
         built = False
 
-        def build(staged: Path) -> None:
-            nonlocal built
-            built = True
-            self._build(pinned, digest, staged, tls_verify)
+        def counted(build: Callable[[Path], None]) -> Callable[[Path], None]:
+            def run(staged: Path) -> None:
+                nonlocal built
+                built = True
+                build(staged)
 
-        entry = build_once(self.entry_for(digest), build)
-        if self._observer is not None:
-            self._observer.image_lookup(hit=not built)
-        return self._load(entry).model_copy(update={"image_ref": ref.with_digest(digest)})
+            return run
+
+        if ref.transport == "oci":
+            with self.layouts.open(ref) as local:
+                resolved = local.resolve()
+
+                def copy_local(layout: Path) -> None:
+                    for blob in resolved.manifest.blobs:
+                        local.copy_blob(blob, BlobSink(layout, blob, cancellation))
+
+                entry = build_once(
+                    self.entry_for(resolved.digest),
+                    counted(
+                        lambda staged: self._build(ref, resolved, staged, copy_local, cancellation)
+                    ),
+                )
+        else:
+            limits = self._pull_limits()
+            resolved = run_pull(resolve, ref, self.policy, limits, cancellation, insecure)
+            pinned = ref.with_digest(resolved.digest)
+
+            def fetch(layout: Path) -> None:
+                async def blobs(session: RegistrySession) -> None:
+                    for blob in resolved.manifest.blobs:
+                        await session.blob(blob, BlobSink(layout, blob, cancellation))
+
+                run_pull(blobs, pinned, self.policy, limits, cancellation, insecure)
+
+            entry = build_once(
+                self.entry_for(resolved.digest),
+                counted(lambda staged: self._build(pinned, resolved, staged, fetch, cancellation)),
+            )
+        self._observed(hit=not built)
+        self.touch(resolved.digest)
+        loaded = self._load(entry)
+        self.evict(keep={resolved.digest})
+        return loaded.model_copy(update={"image_ref": ref.with_digest(resolved.digest)})
 
     def lookup(self, digest: str) -> CachedImage | None:
         """The cached image with this digest, without any network access; ``None`` if absent.
@@ -164,7 +289,15 @@ class ImageCache:
         if not DIGEST_PATTERN.fullmatch(digest):
             return None
         entry = self.entry_for(digest)
-        return self._load(entry) if entry.is_dir() else None
+        try:
+            return self._load(entry) if entry.is_dir() else None
+        except FileNotFoundError:  # evicted meanwhile
+            return None
+
+    def touch(self, digest: str) -> None:
+        """Mark the image used now (eviction goes least recently used first)."""
+        with contextlib.suppress(OSError, ImageError):
+            os.utime(self.entry_for(digest) / METADATA_NAME)
 
     @staticmethod
     def _load(entry: Path) -> CachedImage:
@@ -176,25 +309,115 @@ class ImageCache:
             rootfs_path=entry / ROOTFS_NAME,
         )
 
-    def _build(self, ref: ImageRef, digest: str, staged: Path, tls_verify: bool) -> None:
+    def _build(
+        self,
+        ref: ImageRef,
+        resolved: ResolvedImage,
+        staged: Path,
+        copy: Callable[[Path], None],
+        cancellation: Cancellation,
+    ) -> None:
+        limits = self.limits
+        check_compressed(resolved.manifest, limits.max_compressed_bytes)
         with scratch_dir(self.root, "pull") as work:
             layout = work / "layout"
-            oci.pull(ref, layout, tls_verify=tls_verify, runner=self._runner)
+            start_layout(layout)
+            copy(layout)
+            finish_layout(layout, resolved.manifest)
+            check_unpacked_size(layout, resolved.manifest, limits.max_unpacked_bytes, cancellation)
             config = oci.read_config(ref, layout)
             rootfs = oci.unpack(
-                ref, layout, work / "bundle", rootless=self._rootless, runner=self._runner
+                ref,
+                layout,
+                work / "bundle",
+                rootless=self._rootless,
+                runner=self._runner,
+                timeout_s=limits.command_timeout_s,
             )
+            measured = measure_tree(rootfs)
+            if measured[0] > limits.max_unpacked_bytes:
+                raise too_large("unpacked", limits.max_unpacked_bytes)
             try:
-                make_ext4(rootfs, staged / ROOTFS_NAME, runner=self._runner)
+                make_ext4(
+                    rootfs,
+                    staged / ROOTFS_NAME,
+                    runner=self._runner,
+                    timeout_s=limits.command_timeout_s,
+                    measured=measured,
+                )
             except CommandError as exc:
                 raise ImageError(
-                    f"failed to build the rootfs of image {ref}: {exc.stderr}",
+                    f"failed to build the rootfs of image {ref}",
                     ref=str(ref),
                     action="mkfs",
                     stderr=exc.stderr,
                 ) from exc
-        metadata = _Metadata(digest=digest, image_ref=ref.with_digest(digest), config=config)
+        metadata = _Metadata(
+            digest=resolved.digest, image_ref=ref.with_digest(resolved.digest), config=config
+        )
         (staged / METADATA_NAME).write_text(metadata.model_dump_json())
+
+    # machines' root disks
+    def overlay(self, cached: CachedImage, dest: Path) -> Path:
+        """A qcow2 root disk over ``cached`` at ``dest`` (made under the entry's lock, so it
+        cannot be evicted in between)."""
+        entry = self.entry_for(cached.digest)
+        with entry_lock(entry):
+            if not (entry / ROOTFS_NAME).exists():
+                raise ImageError(f"image {cached.digest} is not in the cache", digest=cached.digest)
+            self.touch(cached.digest)
+            return create_overlay(
+                entry / ROOTFS_NAME,
+                dest,
+                runner=self._runner,
+                timeout_s=self.limits.command_timeout_s,
+            )
+
+    # eviction
+    def entries(self) -> list[tuple[str, Path]]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for entry in self.root.iterdir():
+            digest = entry.name.replace("-", ":", 1)
+            if entry.is_dir() and DIGEST_PATTERN.fullmatch(digest):
+                found.append((digest, entry))
+        return found
+
+    def size_bytes(self) -> int:
+        return sum(_entry_bytes(entry) for _digest, entry in self.entries())
+
+    def evict(self, now: float | None = None, keep: set[str] | None = None) -> list[str]:
+        """Past ``cache_bytes``: remove the least recently used images that no machine's
+        root disk uses, nobody used in the last ``keep_recent_s`` and that are not in
+        ``keep``. Returns their digests."""
+        now = time.time() if now is None else now
+        sized = []
+        for digest, entry in self.entries():
+            try:
+                used = (entry / METADATA_NAME).stat().st_mtime
+                sized.append((used, digest, entry, _entry_bytes(entry)))
+            except OSError:
+                continue
+        total = sum(size for *_rest, size in sized)
+        if total <= self.limits.cache_bytes:
+            return []
+        evicted = []
+        for used, digest, entry, size in sorted(sized):
+            if total <= self.limits.cache_bytes:
+                break
+            if now - used < self.limits.keep_recent_s or digest in (keep or set()):
+                continue
+            with entry_lock(entry):
+                in_use = self._in_use() if self._in_use is not None else set()
+                if digest in in_use or not entry.is_dir():
+                    continue
+                trash = entry.with_name(f".evicted-{entry.name}-{secrets.token_hex(4)}")
+                entry.rename(trash)
+            remove_tree(trash)
+            total -= size
+            evicted.append(digest)
+        return evicted
 
 
 def machine_disk(cached: CachedImage, dest: Path, *, runner: CommandRunner = run_command) -> Path:

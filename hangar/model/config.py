@@ -286,7 +286,7 @@ class MachineConfig(StrictModel):
     @classmethod
     def _valid_env(cls, value: dict[str, str]) -> dict[str, str]:
         for key, item in value.items():
-            if not ENV_KEY_PATTERN.match(key):
+            if not ENV_KEY_PATTERN.fullmatch(key):
                 raise ValueError(f"invalid variable name {key!r}")
             if "\x00" in item:
                 raise ValueError(f"value of {key} contains NUL")
@@ -303,7 +303,7 @@ class MachineConfig(StrictModel):
 
 
 def validate_metadata_key(key: str) -> str:
-    if not METADATA_KEY_PATTERN.match(key):
+    if not METADATA_KEY_PATTERN.fullmatch(key):
         raise ValueError(
             f"invalid metadata key {key!r}: letters, digits, '_', '.', '-', at most 63 characters"
         )

@@ -26,10 +26,15 @@ class Port(enum.StrEnum):
 class RunDir:
     """File names in a machine's run directory on the host."""
 
-    ROOT_DISK = "root.ext4"
+    ROOT_DISK = "root.qcow2"
+    """A qcow2 overlay over the cached image: it costs what the machine writes."""
     INITRD = "initrd.img"
     CONSOLE_LOG = "console.log"
     CONTROL_LOG = "ctl.jsonl"
+    CONSOLE_SOCKET = "console.sock"
+    """The console as QEMU serves it; the host reads it with bounds into ``CONSOLE_LOG``."""
+    CONTROL_SOCKET = "ctl.sock"
+    """The control port as QEMU serves it; the host reads it with bounds into ``CONTROL_LOG``."""
     SIGNAL_SOCKET = "sig.sock"
     EXEC_SOCKET = "exec.sock"
     QMP_SOCKET = "qmp.sock"
@@ -48,6 +53,15 @@ class CmdlineKey(enum.StrEnum):
     NET_IP4 = "hangar.ip4"
     NET_GW4 = "hangar.gw4"
     NVLINK = "hangar.nvlink"
+    EXIT_ACK = "hangar.exitack"
+    """``on``: the host reads the control port itself and answers the exit event."""
+
+
+EXIT_ACK_ARG = f"{CmdlineKey.EXIT_ACK}=on"
+"""On the kernel command line when the guest's init must wait for the host's answer to its
+exit event before it powers off (what the host has not read when the VM ends is lost)."""
+EXIT_ACK_REPLY = b"ack\n"
+"""The host's answer to an exit event, on the control port."""
 
 
 class InitrdPath:
@@ -92,5 +106,6 @@ def contract_env() -> str:
         "EXEC_OUTPUT_CAP": str(EXEC_OUTPUT_CAP),
         "EXEC_STDIN_MAX": str(EXEC_STDIN_MAX),
         "EXEC_ARGV_MAX": str(EXEC_ARGV_MAX),
+        "EXIT_ACK_ARG": EXIT_ACK_ARG,
     }
     return "".join(f"CONTRACT_{name}={shlex.quote(value)}\n" for name, value in values.items())

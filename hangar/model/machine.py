@@ -119,6 +119,8 @@ class Machine(BaseModel):
     id: str
     name: str
     app: str
+    app_id: str = ""
+    """The app instance the machine belongs to (an app name may be deleted and reused)."""
     state: MachineState
     region: str
     instance_id: str

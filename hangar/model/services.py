@@ -147,7 +147,7 @@ def _check_names(value: dict[str, TopLevelCheck]) -> dict[str, TopLevelCheck]:
     if len(value) > MAX_CHECKS:
         raise ValueError(f"at most {MAX_CHECKS} checks")
     for name in value:
-        if not CHECK_NAME_PATTERN.match(name):
+        if not CHECK_NAME_PATTERN.fullmatch(name):
             raise ValueError(
                 f"invalid check name {name!r}: letters, digits, '_', '.', '-', at most 63"
             )
@@ -196,7 +196,7 @@ class HttpResponseOptions(FlyModel):
         cls, value: dict[str, str | list[str] | bool]
     ) -> dict[str, str | list[str] | bool]:
         for name, item in value.items():
-            if not HTTP_TOKEN_PATTERN.match(name):
+            if not HTTP_TOKEN_PATTERN.fullmatch(name):
                 raise ValueError(f"invalid header name {name!r}")
             if item is True:
                 raise ValueError(f"{name}: a header is a string, a list of strings, or false")

@@ -231,7 +231,7 @@ class Resolver:
                 if not any(m.id.lower() == machine_id for m in every):
                     return _Outcome(rcode=dns.rcode.NXDOMAIN)
                 chosen = [m for m in started if m.id.lower() == machine_id]
-            case [top, "nearest", "of"] if (found := TOP_PATTERN.match(top)) is not None:
+            case [top, "nearest", "of"] if (found := TOP_PATTERN.fullmatch(top)) is not None:
                 chosen = _nearest(asker, started)[: int(found.group(1))]
             case [region]:
                 chosen = sorted((m for m in started if m.region == region), key=lambda m: m.id)

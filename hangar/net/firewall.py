@@ -79,14 +79,14 @@ class FirewallPolicy:
     published_udp: frozenset[int] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
-        if not TABLE_PATTERN.match(self.table):
+        if not TABLE_PATTERN.fullmatch(self.table):
             raise _bad(f"table name {self.table!r} must match {TABLE_PATTERN.pattern}", "table")
-        if not TAP_HEAD_PATTERN.match(self.tap_head):
+        if not TAP_HEAD_PATTERN.fullmatch(self.tap_head):
             raise _bad(
                 f"tap head {self.tap_head!r} must match {TAP_HEAD_PATTERN.pattern}", "tap_head"
             )
         for what, name in (("bridge", self.bridge), ("egress_interface", self.egress_interface)):
-            if name is not None and not IFNAME_PATTERN.match(name):
+            if name is not None and not IFNAME_PATTERN.fullmatch(name):
                 raise _bad(f"{what} {name!r} is not an interface name", what)
         if self.egress_interface is not None and self.egress_subnet is None:
             raise _bad("egress needs an egress subnet", "egress_subnet")
@@ -312,7 +312,7 @@ def apply_ruleset(ruleset: str) -> None:
 
 
 def remove_ruleset(table: str) -> None:
-    if not TABLE_PATTERN.match(table):
+    if not TABLE_PATTERN.fullmatch(table):
         raise _bad(f"table name {table!r} must match {TABLE_PATTERN.pattern}", "table")
     _nft(["-f", "-"], removal(table), "remove hangar's nftables ruleset", table=table)
 

@@ -40,7 +40,7 @@ class LinkNames:
     prefix: str = DEFAULT_PREFIX
 
     def __post_init__(self) -> None:
-        if not PREFIX_PATTERN.match(self.prefix):
+        if not PREFIX_PATTERN.fullmatch(self.prefix):
             raise NetworkError(
                 f"link name prefix {self.prefix!r} must match {PREFIX_PATTERN.pattern}",
                 retryable=False,

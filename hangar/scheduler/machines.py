@@ -3,13 +3,18 @@
 
 Units: a performance vCPU is a whole core; a shared vCPU is a time slice of one, and a core
 carries :data:`SHARED_VCPUS_PER_CORE` of them, as on Fly.
+
+The operator may overcommit shared machines (:class:`Overcommit`): the host record offers
+``cpu`` times its CPU shares and ``memory`` times its memory, while what must never be
+overcommitted claims that many times its size, so it still takes exactly what it is: a
+performance vCPU (a whole core) and the memory of a GPU machine (VFIO pins all of it).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from hangar.model.config import GuestConfig
 from hangar.model.gpu import GpuRecord, GpuState
@@ -22,19 +27,46 @@ SHARED_VCPUS_PER_CORE = 16
 MILLI_PER_CORE = 1000 * SHARED_VCPUS_PER_CORE
 
 
-def cpu_milli(guest: GuestConfig) -> int:
+@dataclass(frozen=True)
+class Overcommit:
+    """Shared CPU shares and memory admitted per unit the host has (1.0: none)."""
+
+    cpu: float = 1.0
+    memory: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.cpu < 1.0 or self.memory < 1.0:
+            raise ValueError("overcommit ratios are 1.0 or more")
+
+
+NO_OVERCOMMIT = Overcommit()
+
+
+def cpu_milli(guest: GuestConfig, overcommit: Overcommit = NO_OVERCOMMIT) -> int:
     """What a guest's vCPUs take of a host, in the scheduler's milli-CPUs."""
-    per_vcpu = MILLI_PER_CORE if guest.cpu_kind == "performance" else 1000
-    return guest.cpus * per_vcpu
+    if guest.cpu_kind == "performance":
+        return guest.cpus * round(MILLI_PER_CORE * overcommit.cpu)
+    return guest.cpus * 1000
+
+
+def memory_mb(guest: GuestConfig, overcommit: Overcommit = NO_OVERCOMMIT) -> int:
+    """What a guest's memory takes of a host's (overcommitted) memory."""
+    if guest.gpus:
+        return round(guest.memory_mb * overcommit.memory)
+    return guest.memory_mb
 
 
 def placement_request(
-    guest: GuestConfig, region: str = "", machine_id: str = "", host_id: str = ""
+    guest: GuestConfig,
+    region: str = "",
+    machine_id: str = "",
+    host_id: str = "",
+    overcommit: Overcommit = NO_OVERCOMMIT,
 ) -> PlacementRequest:
     kinds = frozenset([guest.gpu_kind]) if guest.gpu_kind else None
     return PlacementRequest(
-        cpu_milli=cpu_milli(guest),
-        memory_mb=guest.memory_mb,
+        cpu_milli=cpu_milli(guest, overcommit),
+        memory_mb=memory_mb(guest, overcommit),
         gpus=guest.gpus or 0,
         gpu_kinds=kinds,
         region=region,
@@ -48,6 +80,7 @@ def host_state(
     gpus: Sequence[GpuRecord],
     previous: HostState | None = None,
     allow_cpu_machines: bool = True,
+    overcommit: Overcommit = NO_OVERCOMMIT,
     fabric_partitions: Mapping[int, Sequence[int]] | None = None,
 ) -> HostState:
     """The host as the scheduler places on it: its CPUs and memory, and its GPUs of one kind
@@ -105,8 +138,8 @@ def host_state(
         id=host.id,
         region=host.region,
         pool=Pool.GPU if state_gpus else Pool.GENERAL,
-        cpu_milli=host.cpus * MILLI_PER_CORE,
-        memory_mb=host.allocatable_memory_mb,
+        cpu_milli=round(host.cpus * MILLI_PER_CORE * overcommit.cpu),
+        memory_mb=round(host.allocatable_memory_mb * overcommit.memory),
         gpus=state_gpus,
         allow_cpu_machines=allow_cpu_machines,
         claims=tuple(claims),

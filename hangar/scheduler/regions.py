@@ -31,7 +31,7 @@ class RegionCatalog:
         ordered: list[str] = []
         for raw in expression.split(","):
             token = raw.strip().lower()
-            if not _TOKEN.match(token):
+            if not _TOKEN.fullmatch(token):
                 raise InvalidRequest(f"invalid region {raw.strip()!r}", field="region")
             if token in self._aliases:
                 candidates: Sequence[str] = [r for r in self._aliases[token] if r in known_set]

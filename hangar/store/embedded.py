@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hangar.store.gpus import SqliteGpuStore
 from hangar.store.host_claims import SqliteClaimStore
-from hangar.store.machines import SqliteMachineStore
+from hangar.store.machines import DEFAULT_KEEP_VERSIONS, SqliteMachineStore
 from hangar.store.runs import SqliteRunStore
 from hangar.store.tenancy import SqliteTenancyStore
 from hangar.store.usage import SqliteUsageStore
@@ -37,10 +37,10 @@ class EmbeddedStores:
             store.close()
 
 
-def open_embedded_stores(path: Path) -> EmbeddedStores:
+def open_embedded_stores(path: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> EmbeddedStores:
     return EmbeddedStores(
-        machines=SqliteMachineStore(path),
-        runs=SqliteRunStore(path),
+        machines=SqliteMachineStore(path, keep_versions=keep_versions),
+        runs=SqliteRunStore(path, keep_finished=keep_versions),
         gpus=SqliteGpuStore(path),
         tenancy=SqliteTenancyStore(path),
         claims=SqliteClaimStore(path),

@@ -1,7 +1,13 @@
-"""The embedded MachineStore: apps, machines, config versions, events and leases in SQLite."""
+"""The embedded MachineStore: apps, machines, config versions, events and leases in SQLite.
+
+An app is an instance with an id: its machines carry that id, so a name deleted and taken
+again (by another org, once its hold has passed) never shows the previous owner's records,
+and deleting an app deletes every record under it. A machine keeps its newest config
+versions only (``keep_versions``)."""
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,11 @@ CREATE TABLE IF NOT EXISTS apps (
     name TEXT PRIMARY KEY,
     org_slug TEXT NOT NULL,
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS app_name_holds (
+    name TEXT PRIMARY KEY,
+    org_slug TEXT NOT NULL,
+    deleted_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS machines (
     id TEXT PRIMARY KEY,
@@ -64,6 +75,8 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
+DEFAULT_KEEP_VERSIONS = 10
+APP_COLUMNS = "name, org_slug, created_at, id"
 MACHINE_COLUMNS = (
     "id",
     "app",
@@ -81,39 +94,101 @@ MACHINE_COLUMNS = (
     "updated_at",
     "cordoned",
     "checks",
+    "app_id",
 )
+MACHINE_SELECT = ", ".join(MACHINE_COLUMNS)
 _CHECKS = TypeAdapter(list[CheckStatus])
 
 
+# The machines of ``app`` (a name) that belong to the app of that name now.
+_OF_CURRENT_APP = "app = ? AND app_id = IFNULL((SELECT id FROM apps WHERE name = ?), app_id)"
+
+
+def new_app_id() -> str:
+    return "app_" + secrets.token_hex(8)
+
+
 class SqliteMachineStore(SqliteDatabase):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> None:
         super().__init__(path, SCHEMA)
+        self.keep_versions = max(1, keep_versions)
+        self.ensure_columns("apps", {"id": "TEXT NOT NULL DEFAULT ''"})
+        self.ensure_columns("machines", {"app_id": "TEXT NOT NULL DEFAULT ''"})
+        with self.transaction() as db:
+            for row in db.execute("SELECT name FROM apps WHERE id = ''").fetchall():
+                db.execute("UPDATE apps SET id = ? WHERE name = ?", (new_app_id(), row["name"]))
+            db.execute(
+                "UPDATE machines SET app_id = IFNULL((SELECT id FROM apps"
+                " WHERE apps.name = machines.app), '') WHERE app_id = ''"
+            )
         self.ensure_columns(
             "machines",
             {"cordoned": "INTEGER NOT NULL DEFAULT 0", "checks": "TEXT NOT NULL DEFAULT '[]'"},
         )
 
     # apps
-    def create_app(self, name: str, org_slug: str, now: float) -> App:
+    def create_app(self, name: str, org_slug: str, now: float, name_hold_s: float = 0.0) -> App:
+        """A new app instance; a name deleted less than ``name_hold_s`` ago stays its
+        previous org's (another org gets the same 409 as for a name in use)."""
+        app = App(name=name, org_slug=org_slug, created_at=now, id=new_app_id())
         try:
-            self._execute("INSERT INTO apps VALUES (?, ?, ?)", (name, org_slug, now))
+            with self.transaction() as db:
+                held = db.execute(
+                    "SELECT org_slug, deleted_at FROM app_name_holds WHERE name = ?", (name,)
+                ).fetchone()
+                if (
+                    held is not None
+                    and held["org_slug"] != org_slug
+                    and held["deleted_at"] + name_hold_s > now
+                ):
+                    raise sqlite3.IntegrityError("name held")
+                db.execute(
+                    f"INSERT INTO apps ({APP_COLUMNS}) VALUES (?, ?, ?, ?)",
+                    (name, org_slug, now, app.id),
+                )
+                db.execute("DELETE FROM app_name_holds WHERE name = ?", (name,))
         except sqlite3.IntegrityError:
             raise Conflict(f"app {name} already exists", app=name) from None
-        return App(name=name, org_slug=org_slug, created_at=now)
+        return app
 
     def get_app(self, name: str) -> App | None:
-        rows = self._query("SELECT * FROM apps WHERE name = ?", (name,))
+        rows = self._query(f"SELECT {APP_COLUMNS} FROM apps WHERE name = ?", (name,))
         return App(**dict(rows[0])) if rows else None
 
     def list_apps(self, org_slug: str | None) -> list[App]:
         if org_slug is None:
-            rows = self._query("SELECT * FROM apps ORDER BY name")
+            rows = self._query(f"SELECT {APP_COLUMNS} FROM apps ORDER BY name")
         else:
-            rows = self._query("SELECT * FROM apps WHERE org_slug = ? ORDER BY name", (org_slug,))
+            rows = self._query(
+                f"SELECT {APP_COLUMNS} FROM apps WHERE org_slug = ? ORDER BY name", (org_slug,)
+            )
         return [App(**dict(row)) for row in rows]
 
-    def delete_app(self, name: str) -> None:
-        self._execute("DELETE FROM apps WHERE name = ?", (name,))
+    def delete_app(self, name: str, now: float = 0.0) -> list[str]:
+        """Delete the app and every record of its machines (configs and their versions,
+        events, leases), in one transaction; the name is held for its org from ``now``.
+        Returns the ids of the machines whose records were deleted."""
+        with self.transaction() as db:
+            app = db.execute("SELECT org_slug, id FROM apps WHERE name = ?", (name,)).fetchone()
+            if app is None:
+                return []
+            ids = [
+                row["id"]
+                for row in db.execute(
+                    "SELECT id FROM machines WHERE app = ? OR app_id = ?", (name, app["id"])
+                ).fetchall()
+            ]
+            for machine_id in ids:
+                for table in ("machine_versions", "events", "leases"):
+                    db.execute(f"DELETE FROM {table} WHERE machine_id = ?", (machine_id,))
+                db.execute("DELETE FROM machines WHERE id = ?", (machine_id,))
+            db.execute("DELETE FROM apps WHERE name = ?", (name,))
+            db.execute(
+                "INSERT OR REPLACE INTO app_name_holds VALUES (?, ?, ?)",
+                (name, app["org_slug"], now),
+            )
+        self.truncate_wal()
+        return ids
 
     # machines
     @staticmethod
@@ -135,6 +210,7 @@ class SqliteMachineStore(SqliteDatabase):
             machine.updated_at,
             int(machine.cordoned),
             _CHECKS.dump_json(machine.checks).decode(),
+            machine.app_id,
         )
 
     @staticmethod
@@ -150,10 +226,12 @@ class SqliteMachineStore(SqliteDatabase):
     def insert_machine(self, machine: Machine) -> None:
         try:
             with self.transaction() as db:
+                row = self._machine_row(machine)
                 db.execute(
-                    f"INSERT INTO machines ({', '.join(MACHINE_COLUMNS)})"
-                    f" VALUES ({', '.join('?' for _ in MACHINE_COLUMNS)})",
-                    self._machine_row(machine),
+                    f"INSERT INTO machines ({MACHINE_SELECT}) VALUES"
+                    f" ({', '.join('?' for _ in MACHINE_COLUMNS[:-1])},"
+                    " IFNULL(NULLIF(?, ''), IFNULL((SELECT id FROM apps WHERE name = ?), '')))",
+                    (*row, machine.app),
                 )
                 db.execute(
                     "INSERT INTO machine_versions VALUES (?, ?, ?, ?, NULL)",
@@ -171,15 +249,15 @@ class SqliteMachineStore(SqliteDatabase):
             ) from None
 
     def get_machine(self, machine_id: str) -> Machine | None:
-        rows = self._query("SELECT * FROM machines WHERE id = ?", (machine_id,))
+        rows = self._query(f"SELECT {MACHINE_SELECT} FROM machines WHERE id = ?", (machine_id,))
         return self._machine_from(rows[0]) if rows else None
 
     def list_machines(self, app: str | None, include_destroyed: bool = False) -> list[Machine]:
-        sql = "SELECT * FROM machines WHERE 1=1"
+        sql = f"SELECT {MACHINE_SELECT} FROM machines WHERE 1=1"
         params: list[Any] = []
         if app is not None:
-            sql += " AND app = ?"
-            params.append(app)
+            sql += f" AND {_OF_CURRENT_APP}"
+            params += [app, app]
         if not include_destroyed:
             sql += " AND state != 'destroyed'"
         rows = self._query(sql + " ORDER BY created_at", tuple(params))
@@ -187,9 +265,10 @@ class SqliteMachineStore(SqliteDatabase):
 
     def save_machine(self, machine: Machine) -> None:
         row = self._machine_row(machine)
-        assignments = ", ".join(f"{name} = ?" for name in MACHINE_COLUMNS[1:])
+        # app_id is the machine's for good: never rewritten.
+        assignments = ", ".join(f"{name} = ?" for name in MACHINE_COLUMNS[1:-1])
         changed = self._execute(
-            f"UPDATE machines SET {assignments} WHERE id = ?", (*row[1:], row[0])
+            f"UPDATE machines SET {assignments} WHERE id = ?", (*row[1:-1], row[0])
         )
         if not changed:
             raise NotFound(f"machine {machine.id} not found", machine_id=machine.id)
@@ -250,6 +329,12 @@ class SqliteMachineStore(SqliteDatabase):
             ).rowcount
             if not changed:
                 raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+            db.execute(
+                "DELETE FROM machine_versions WHERE machine_id = ? AND version NOT IN"
+                " (SELECT version FROM machine_versions WHERE machine_id = ?"
+                " ORDER BY version DESC LIMIT ?)",
+                (machine_id, machine_id, self.keep_versions),
+            )
 
     def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]:
         rows = self._query(

@@ -24,6 +24,8 @@ class App(BaseModel):
     name: str
     org_slug: str
     created_at: float
+    id: str = ""
+    """This instance of the name: machines belong to it, not to the name."""
 
 
 class MachineStore(Protocol):
@@ -31,10 +33,17 @@ class MachineStore(Protocol):
     reads and writes, shared by every host of a fleet."""
 
     # apps
-    def create_app(self, name: str, org_slug: str, now: float) -> App: ...
+    def create_app(self, name: str, org_slug: str, now: float, name_hold_s: float = 0.0) -> App:
+        """A new app instance (``Conflict`` if the name is taken, or was deleted by another
+        org less than ``name_hold_s`` ago)."""
+        ...
+
     def get_app(self, name: str) -> App | None: ...
     def list_apps(self, org_slug: str | None) -> list[App]: ...
-    def delete_app(self, name: str) -> None: ...
+    def delete_app(self, name: str, now: float = 0.0) -> list[str]:
+        """Delete the app and every record of its machines; hold the name for its org.
+        Returns the ids of the machines whose records were deleted."""
+        ...
 
     # machines
     def insert_machine(self, machine: Machine) -> None: ...
@@ -78,6 +87,9 @@ class RunStore(Protocol):
     def list_runs(
         self, machine_id: str | None = None, unfinished_only: bool = False
     ) -> list[RunRecord]: ...
+    def forget_machines(self, machine_ids: list[str]) -> None:
+        """Delete every run and VMM handle of these machines (their app was deleted)."""
+        ...
 
     # VMM handles (what the agent needs to re-adopt a VM after a restart)
     def put_vm_handle(self, machine_id: str, handle: dict[str, Any]) -> None: ...
@@ -109,6 +121,11 @@ class VolumeStore(Protocol):
     def compare_and_set_volume(self, volume: Volume) -> bool:
         """Store ``volume`` if the record's version is still ``volume.version`` (it is
         stored with the next version); False if it changed meanwhile or is gone."""
+        ...
+
+    def forget_volumes(self, app: str) -> list[str]:
+        """Delete the records of ``app``'s destroyed volumes (the app is being deleted: its
+        name's next owner must not see them); returns their ids."""
         ...
 
 
@@ -188,8 +205,14 @@ class AuditRecord(BaseModel):
 
 class TenancyStore(Protocol):
     # orgs
-    def create_org(self, slug: str, name: str, now: float) -> Org: ...
-    def ensure_org(self, slug: str, now: float) -> Org: ...
+    def create_org(self, slug: str, name: str, now: float, quotas: OrgQuotas | None = None) -> Org:
+        """A new org with ``quotas`` (the operator's defaults for new orgs)."""
+        ...
+
+    def ensure_org(self, slug: str, now: float, quotas: OrgQuotas | None = None) -> Org:
+        """The org, created with ``quotas`` if it did not exist."""
+        ...
+
     def get_org(self, slug: str) -> Org | None: ...
     def list_orgs(self) -> list[Org]: ...
     def set_quotas(self, slug: str, quotas: OrgQuotas) -> Org: ...
@@ -207,6 +230,10 @@ class TenancyStore(Protocol):
 
     # audit log
     def add_audit(self, record: AuditRecord) -> AuditRecord: ...
+    def prune_audit(self, before: float) -> int:
+        """Delete the records made before ``before``; returns how many."""
+        ...
+
     def list_audit(
         self, org_slug: str | None = None, limit: int = 100, before_seq: int | None = None
     ) -> list[AuditRecord]: ...

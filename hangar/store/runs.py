@@ -1,4 +1,7 @@
-"""The embedded RunStore: a host agent's durable runs and the VMM handles it keeps."""
+"""The embedded RunStore: a host agent's durable runs and the VMM handles it keeps.
+
+A machine keeps its newest ``keep_finished`` finished runs (an update's run holds a whole
+config): older ones are deleted as runs finish."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hangar.model.run import UNFINISHED, RunRecord
+from hangar.model.run import UNFINISHED, RunRecord, RunStatus
 from hangar.store.sqlite_db import SqliteDatabase
 
 SCHEMA = """
@@ -26,9 +29,14 @@ CREATE TABLE IF NOT EXISTS vm_handles (
 """
 
 
+DEFAULT_KEEP_FINISHED = 10
+_FINISHED = tuple(str(status) for status in RunStatus if not status.unfinished)
+
+
 class SqliteRunStore(SqliteDatabase):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep_finished: int = DEFAULT_KEEP_FINISHED) -> None:
         super().__init__(path, SCHEMA)
+        self.keep_finished = max(1, keep_finished)
 
     def insert_run(self, run: RunRecord) -> bool:
         return (
@@ -40,10 +48,19 @@ class SqliteRunStore(SqliteDatabase):
         )
 
     def save_run(self, run: RunRecord) -> None:
-        self._execute(
-            "UPDATE agent_runs SET status = ?, body = ? WHERE id = ?",
-            (str(run.status), run.model_dump_json(), run.id),
-        )
+        marks = ", ".join("?" for _ in _FINISHED)
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE agent_runs SET status = ?, body = ? WHERE id = ?",
+                (str(run.status), run.model_dump_json(), run.id),
+            )
+            if not run.status.unfinished:
+                db.execute(
+                    f"DELETE FROM agent_runs WHERE machine_id = ? AND status IN ({marks})"
+                    " AND id NOT IN (SELECT id FROM agent_runs WHERE machine_id = ?"
+                    f" AND status IN ({marks}) ORDER BY created_at DESC, rowid DESC LIMIT ?)",
+                    (run.machine_id, *_FINISHED, run.machine_id, *_FINISHED, self.keep_finished),
+                )
 
     def list_runs(
         self, machine_id: str | None = None, unfinished_only: bool = False
@@ -58,6 +75,13 @@ class SqliteRunStore(SqliteDatabase):
             params.extend(sorted(UNFINISHED))
         rows = self._query(sql + " ORDER BY created_at, rowid", tuple(params))
         return [RunRecord.model_validate_json(row["body"]) for row in rows]
+
+    def forget_machines(self, machine_ids: list[str]) -> None:
+        with self.transaction() as db:
+            for machine_id in machine_ids:
+                db.execute("DELETE FROM agent_runs WHERE machine_id = ?", (machine_id,))
+                db.execute("DELETE FROM vm_handles WHERE machine_id = ?", (machine_id,))
+        self.truncate_wal()
 
     # VMM handles
     def put_vm_handle(self, machine_id: str, handle: dict[str, Any]) -> None:

@@ -52,8 +52,8 @@ class SqliteTenancyStore(SqliteDatabase):
             quotas=OrgQuotas.model_validate_json(row["quotas"]),
         )
 
-    def create_org(self, slug: str, name: str, now: float) -> Org:
-        org = Org(slug=slug, name=name, created_at=now)
+    def create_org(self, slug: str, name: str, now: float, quotas: OrgQuotas | None = None) -> Org:
+        org = Org(slug=slug, name=name, created_at=now, quotas=quotas or OrgQuotas())
         try:
             with self.transaction() as db:
                 db.execute(
@@ -64,11 +64,11 @@ class SqliteTenancyStore(SqliteDatabase):
             raise Conflict(f"org {slug} already exists", org=slug) from None
         return org
 
-    def ensure_org(self, slug: str, now: float) -> Org:
+    def ensure_org(self, slug: str, now: float, quotas: OrgQuotas | None = None) -> Org:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO orgs VALUES (?, ?, ?, ?)",
-                (slug, slug, now, OrgQuotas().model_dump_json()),
+                (slug, slug, now, (quotas or OrgQuotas()).model_dump_json()),
             )
         org = self.get_org(slug)
         assert org is not None
@@ -161,6 +161,14 @@ class SqliteTenancyStore(SqliteDatabase):
             seq = cursor.lastrowid
         assert seq is not None
         return record.model_copy(update={"seq": seq})
+
+    def prune_audit(self, before: float) -> int:
+        with self.transaction() as db:
+            return int(
+                db.execute(
+                    "DELETE FROM audit_log WHERE json_extract(body, '$.timestamp') < ?", (before,)
+                ).rowcount
+            )
 
     def list_audit(
         self, org_slug: str | None = None, limit: int = 100, before_seq: int | None = None

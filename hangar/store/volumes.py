@@ -72,6 +72,21 @@ class SqliteVolumeStore(SqliteDatabase):
         rows = self._query(sql + " ORDER BY created_at, rowid", tuple(params))
         return [Volume.model_validate_json(row["body"]) for row in rows]
 
+    def forget_volumes(self, app: str) -> list[str]:
+        with self.transaction() as db:
+            ids = [
+                row["id"]
+                for row in db.execute(
+                    "SELECT id FROM volumes WHERE app = ? AND state = ?",
+                    (app, str(VolumeState.DESTROYED)),
+                ).fetchall()
+            ]
+            db.execute(
+                "DELETE FROM volumes WHERE app = ? AND state = ?", (app, str(VolumeState.DESTROYED))
+            )
+        self.truncate_wal()
+        return ids
+
     def compare_and_set_volume(self, volume: Volume) -> bool:
         stored = volume.model_copy(update={"version": volume.version + 1})
         changed = self._execute(

@@ -2,8 +2,10 @@
 
 Known events: ``{"type": "ready"}``, ``{"type": "exit", "code": N}``,
 ``{"type": "error", "message": "..."}``; other types are kept and ignored here.
-The log is a file so that a guest's exit survives an agent crash; the VM may die in the
-middle of a write, so the last line may be cut short.
+The host writes the log from what it read of the port (:mod:`hangar.vmm.channels`: only
+control events, bounded); a VM started by an earlier version had QEMU write it directly, so
+at most :data:`MAX_READ_BYTES` of it (its end, where the exit is) is read. The VM may die in
+the middle of a write, so the last line may be cut short.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
 
+MAX_READ_BYTES = 4 * 1024 * 1024
+
 
 def read_control_events(control_log: Path) -> list[dict[str, Any]]:
     """Every event in ``control_log`` in order; a missing file has none.
@@ -26,19 +30,33 @@ def read_control_events(control_log: Path) -> list[dict[str, Any]]:
     and skipped.
     """
     try:
-        data = control_log.read_bytes()
+        with control_log.open("rb") as stream:
+            stream.seek(0, 2)
+            size = stream.tell()
+            stream.seek(max(0, size - MAX_READ_BYTES))
+            data = stream.read(MAX_READ_BYTES)
     except FileNotFoundError:
         return []
+    if size > MAX_READ_BYTES:
+        data = data.partition(b"\n")[2]  # the first line is cut: skip it
     *complete_lines, last_line = data.split(b"\n")
     events = []
-    for number, line in enumerate(complete_lines, start=1):
+    malformed = 0
+    for line in complete_lines:
         if not line.strip():
             continue
         event = _parse_event(line)
         if event is None:
-            log.warning("%s line %d is not a control event: %r", control_log, number, line[:200])
+            malformed += 1
         else:
             events.append(event)
+    if malformed or size > MAX_READ_BYTES:
+        log.warning(
+            "%s: %d lines are not control events; %d bytes not read",
+            control_log,
+            malformed,
+            max(0, size - MAX_READ_BYTES),
+        )
     if last_line.strip():
         event = _parse_event(last_line)
         if event is not None:

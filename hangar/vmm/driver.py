@@ -12,7 +12,10 @@ hangar's guest init reads too):
 - volumes follow the extra disks; the guest finds each by its serial (the volume's name);
 - the first serial port goes to ``console_log``;
 - the guest writes JSON lines to the port ``Port.CONTROL``, which land in ``control_log``
-  (see :mod:`hangar.vmm.control`);
+  (see :mod:`hangar.vmm.control`); with ``console_socket`` and ``control_socket`` set (what
+  :meth:`VmSpec.in_run_dir` does) both go through sockets the host reads with bounds
+  (:mod:`hangar.vmm.channels`), never straight into files, and the kernel command line
+  carries ``EXIT_ACK_ARG`` (the guest waits for the host's answer to its exit event);
 - a machine with a :class:`NicSpec` gets one virtio-net device on that tap, with that MAC;
 - the host writes ``signal N`` lines to the port ``Port.SIGNAL``, served on
   ``signal_socket``; the guest forwards signal N to its process;
@@ -62,13 +65,13 @@ class DiskSpec(BaseModel):
 
 
 def _interface_name(value: str) -> str:
-    if not IFNAME_PATTERN.match(value):
+    if not IFNAME_PATTERN.fullmatch(value):
         raise ValueError(f"interface name {value!r} must match {IFNAME_PATTERN.pattern}")
     return value
 
 
 def _mac(value: str) -> str:
-    if not MAC_PATTERN.match(value):
+    if not MAC_PATTERN.fullmatch(value):
         raise ValueError(f"MAC {value!r} must be six lower-case hex octets")
     return value
 
@@ -104,7 +107,7 @@ class VolumeDiskSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_is_a_serial(cls, value: str) -> str:
-        if not VOLUME_NAME_PATTERN.match(value):
+        if not VOLUME_NAME_PATTERN.fullmatch(value):
             raise ValueError(f"volume name {value!r} must match {VOLUME_NAME_PATTERN.pattern}")
         return value
 
@@ -119,6 +122,9 @@ class VmSpec(BaseModel):
     kernel: Path
     initrd: Path
     root_disk: Path
+    root_disk_format: Literal["raw", "qcow2"] = Field(
+        default="raw", description="qcow2: an overlay over a cached image (the machines' own)"
+    )
     extra_disks: list[DiskSpec] = Field(default_factory=list)
     volumes: list[VolumeDiskSpec] = Field(default_factory=list, max_length=MAX_VOLUMES)
     cpus: int = Field(default=1, ge=1, le=512)
@@ -132,6 +138,14 @@ class VmSpec(BaseModel):
     exec_socket: Path
     qmp_socket: Path
     vmm_log: Path = Field(description="the VMM's own stderr, quoted in launch errors")
+    console_socket: Path | None = Field(
+        default=None,
+        description="the console as a socket the host reads with bounds (None: QEMU writes "
+        "console_log itself)",
+    )
+    control_socket: Path | None = Field(
+        default=None, description="the control port as a socket the host reads with bounds"
+    )
     gpus: list[str] = Field(
         default_factory=list,
         description="PCI BDFs passed through by VFIO on the root bus (the older flat layout; "
@@ -153,7 +167,7 @@ class VmSpec(BaseModel):
     @field_validator("machine_id")
     @classmethod
     def _machine_id_is_a_plain_name(cls, value: str) -> str:
-        if not MACHINE_ID_PATTERN.match(value):
+        if not MACHINE_ID_PATTERN.fullmatch(value):
             raise ValueError(f"machine_id {value!r} must match {MACHINE_ID_PATTERN.pattern}")
         return value
 
@@ -161,7 +175,7 @@ class VmSpec(BaseModel):
     @classmethod
     def _gpus_are_full_bdfs(cls, value: list[str]) -> list[str]:
         for bdf in value:
-            if not PCI_BDF_PATTERN.match(bdf):
+            if not PCI_BDF_PATTERN.fullmatch(bdf):
                 raise ValueError(f"GPU {bdf!r} is not a PCI address like 0000:65:00.0")
         if len(set(value)) != len(value):
             raise ValueError("a GPU is listed twice")
@@ -206,6 +220,7 @@ class VmSpec(BaseModel):
         kernel: Path,
         initrd: Path,
         root_disk: Path,
+        root_disk_format: Literal["raw", "qcow2"] | None = None,
         extra_disks: list[DiskSpec] | None = None,
         volumes: list[VolumeDiskSpec] | None = None,
         cpus: int = 1,
@@ -215,14 +230,18 @@ class VmSpec(BaseModel):
         hugepages: bool = False,
         nic: NicSpec | None = None,
         gpu_topology: GpuTopology | None = None,
+        channel_sockets: bool = True,
     ) -> Self:
-        """A spec whose logs and sockets sit in ``run_dir`` under their standard names."""
+        """A spec whose logs and sockets sit in ``run_dir`` under their standard names; the
+        root disk's format is its suffix's (``.qcow2``, else raw) unless given."""
         return cls(
             machine_id=machine_id,
             run_dir=run_dir,
             kernel=kernel,
             initrd=initrd,
             root_disk=root_disk,
+            root_disk_format=root_disk_format
+            or ("qcow2" if root_disk.suffix == ".qcow2" else "raw"),
             extra_disks=extra_disks or [],
             volumes=volumes or [],
             cpus=cpus,
@@ -234,6 +253,8 @@ class VmSpec(BaseModel):
             exec_socket=run_dir / RunDir.EXEC_SOCKET,
             qmp_socket=run_dir / RunDir.QMP_SOCKET,
             vmm_log=run_dir / RunDir.VMM_LOG,
+            console_socket=run_dir / RunDir.CONSOLE_SOCKET if channel_sockets else None,
+            control_socket=run_dir / RunDir.CONTROL_SOCKET if channel_sockets else None,
             gpus=gpus or [],
             hugepages=hugepages,
             nic=nic,
@@ -255,6 +276,8 @@ class VmHandle(BaseModel):
     control_log: Path
     console_log: Path
     vmm_log: Path
+    console_socket: Path | None = None
+    control_socket: Path | None = None
     accel: str
     machine_type: str
     memory_mb: int | None = Field(

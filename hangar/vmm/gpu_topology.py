@@ -52,7 +52,7 @@ class GpuPassthrough(BaseModel):
     @field_validator("bdf")
     @classmethod
     def _bdf(cls, value: str) -> str:
-        if not PCI_BDF_PATTERN.match(value):
+        if not PCI_BDF_PATTERN.fullmatch(value):
             raise ValueError(f"GPU {value!r} is not a PCI address like 0000:65:00.0")
         return value
 
@@ -60,7 +60,7 @@ class GpuPassthrough(BaseModel):
     @classmethod
     def _companions(cls, value: list[str]) -> list[str]:
         for bdf in value:
-            if not PCI_BDF_PATTERN.match(bdf):
+            if not PCI_BDF_PATTERN.fullmatch(bdf):
                 raise ValueError(f"companion {bdf!r} is not a PCI address")
         return value
 

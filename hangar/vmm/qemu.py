@@ -2,6 +2,9 @@
 
 QEMU runs in its own session with no inherited stdio, so an agent crash or restart leaves
 it running; the handle (pid + start time) lets the next agent :meth:`~QemuDriver.adopt` it.
+The guest's console and control channels are read by the driver's
+:class:`~hangar.vmm.channels.ChannelPump` (bounded in size and rate, off the event loop);
+launch and adopt attach them.
 A QEMU this instance launched is reaped by a waiter thread as soon as it exits; one that
 was adopted is someone else's child, and its exit shows through a pidfd, /proc and the
 guest's control log.
@@ -28,6 +31,7 @@ from typing import Any
 from hangar.clock import Clock, SystemClock
 from hangar.errors import VmmError
 from hangar.vmm.accel import AccelChoice, choose_accel, kvm_choice, tcg_choice
+from hangar.vmm.channels import ChannelLimits, ChannelPump, connect_unix
 from hangar.vmm.control import read_control_events, summarise_control_events
 from hangar.vmm.deadline import run_with_deadline
 from hangar.vmm.driver import StopOutcome, VmHandle, VmSpec, VmStatus
@@ -83,6 +87,8 @@ log = logging.getLogger(__name__)
 FAILED_VM_STATES = frozenset({"internal-error", "guest-panicked", "io-error", "shutdown"})
 VMM_LOG_QUOTE_CHARS = 4000
 LAUNCH_POLL_S = 0.01
+DRAIN_TIMEOUT_S = 10.0
+"""How long the exit waits for what the guest sent last to be read into its control log."""
 
 
 @dataclass(frozen=True)
@@ -122,9 +128,11 @@ class QemuDriver:
         clock: Clock | None = None,
         timeouts: QemuTimeouts | None = None,
         hugepages_dir: Path = HUGEPAGES_DIR,
+        channel_limits: ChannelLimits | None = None,
         migration_bandwidth: int = MIGRATION_MAX_BANDWIDTH,
     ) -> None:
         self.accel = accel if accel is not None else choose_accel()
+        self.channels = ChannelPump(channel_limits)
         self._binary = binary
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._timeouts = timeouts if timeouts is not None else QemuTimeouts()
@@ -150,7 +158,11 @@ class QemuDriver:
         _clear_run_files(spec)
         handle, child = self._start(spec, argv)
         try:
-            await self._wait_until_answering(handle, child, argv, self._launch_s(spec))
+            deadline = self._clock.monotonic() + self._launch_s(spec)
+            await self._attach_channels(handle, child, argv, deadline)
+            await self._wait_until_answering(
+                handle, child, argv, max(0.0, deadline - self._clock.monotonic())
+            )
         except BaseException:
             with contextlib.suppress(VmmError):
                 await self.kill(handle)
@@ -179,6 +191,8 @@ class QemuDriver:
             control_log=spec.control_log,
             console_log=spec.console_log,
             vmm_log=spec.vmm_log,
+            console_socket=spec.console_socket,
+            control_socket=spec.control_socket,
             accel=self.accel.accel,
             machine_type=argv[argv.index("-machine") + 1],
             memory_mb=spec.memory_mb,
@@ -231,6 +245,49 @@ class QemuDriver:
             log.warning("machine %s: the guest did not take the resume: %s", spec.machine_id, error)
         return handle
 
+    async def _attach_channels(
+        self, handle: VmHandle, child: subprocess.Popen[bytes], argv: list[str], deadline: float
+    ) -> None:
+        """Take the console (QEMU waits for it before it goes on) and the control port."""
+        for kind, sock_path, log_path in (
+            ("console", handle.console_socket, handle.console_log),
+            ("control", handle.control_socket, handle.control_log),
+        ):
+            if sock_path is None:
+                continue
+            while True:
+                if child.returncode is not None:
+                    return  # _wait_until_answering reports how it ended
+                if sock_path.exists():
+                    try:
+                        self.channels.attach(
+                            handle.machine_id, kind, connect_unix(sock_path), log_path
+                        )
+                        break
+                    except OSError:
+                        pass
+                if self._clock.monotonic() > deadline:
+                    raise VmmError(
+                        f"QEMU for machine {handle.machine_id} did not open its {kind} channel",
+                        machine_id=handle.machine_id,
+                        stderr=_tail(handle.vmm_log),
+                        argv=argv,
+                    )
+                await self._clock.sleep(LAUNCH_POLL_S)
+
+    def _reattach_channels(self, handle: VmHandle) -> None:
+        """An adopted VM's channels, read again by this driver."""
+        for kind, sock_path, log_path in (
+            ("console", handle.console_socket, handle.console_log),
+            ("control", handle.control_socket, handle.control_log),
+        ):
+            if sock_path is None or self.channels.attached(handle.machine_id, kind):
+                continue
+            try:
+                self.channels.attach(handle.machine_id, kind, connect_unix(sock_path), log_path)
+            except OSError as error:
+                log.warning("machine %s: cannot read its %s: %s", handle.machine_id, kind, error)
+
     def _prepare_restore(self, spec: VmSpec, state: Path) -> list[str]:
         """The restore's command line; a kernel, initrd or disk that is gone makes the
         snapshot unusable (the guest ran from them)."""
@@ -267,7 +324,11 @@ class QemuDriver:
         """Wait until QEMU has loaded its incoming snapshot and holds the VM paused."""
         deadline = self._clock.monotonic() + self._timeouts.migrate_s(spec.memory_mb)
         try:
-            await self._wait_until_answering(handle, child, argv, self._launch_s(spec))
+            launch_deadline = self._clock.monotonic() + self._launch_s(spec)
+            await self._attach_channels(handle, child, argv, launch_deadline)
+            await self._wait_until_answering(
+                handle, child, argv, max(0.0, launch_deadline - self._clock.monotonic())
+            )
             run_state = await wait_incoming_loaded(
                 handle.qmp_socket,
                 clock=self._clock,
@@ -463,8 +524,14 @@ class QemuDriver:
         return await list_guest_processes(handle, clock=self._clock)
 
     async def status(self, handle: VmHandle) -> VmStatus:
-        report = summarise_control_events(read_control_events(handle.control_log))
-        if self.is_running(handle):
+        running = self.is_running(handle)
+        if not running and handle.control_socket is not None:
+            await asyncio.to_thread(
+                self.channels.wait_done, handle.machine_id, "control", DRAIN_TIMEOUT_S
+            )
+        events = await asyncio.to_thread(read_control_events, handle.control_log)
+        report = summarise_control_events(events)
+        if running:
             vm_state = await self._vm_state(handle)
             error = report.error
             if error is None and vm_state in FAILED_VM_STATES:
@@ -496,6 +563,7 @@ class QemuDriver:
             )
             return False
         log.info("machine %s: adopted QEMU pid %d", handle.machine_id, handle.pid)
+        self._reattach_channels(handle)
         return True
 
     async def _adoption_refusal(self, handle: VmHandle) -> str | None:
@@ -633,6 +701,7 @@ def _clear_run_files(spec: VmSpec, *, keep_control_log: bool = False) -> None:
     ):
         path.parent.mkdir(parents=True, exist_ok=True)
     stale = [spec.signal_socket, spec.exec_socket, spec.qmp_socket]
+    stale += [path for path in (spec.console_socket, spec.control_socket) if path is not None]
     if not keep_control_log:
         stale.append(spec.control_log)
     for path in stale:

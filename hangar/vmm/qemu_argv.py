@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 
 from hangar.errors import VmmError
-from hangar.model.guest_contract import GUEST_KERNEL_CMDLINE, Port, RunDir
+from hangar.model.guest_contract import EXIT_ACK_ARG, GUEST_KERNEL_CMDLINE, Port, RunDir
 from hangar.vmm.accel import AccelChoice, gpu_accel
 from hangar.vmm.driver import (
     DiskSpec,
@@ -74,8 +74,12 @@ def check_spec_files(
     for field, socket_path in (
         ("qmp_socket", spec.qmp_socket),
         ("signal_socket", spec.signal_socket),
+        ("console_socket", spec.console_socket),
+        ("control_socket", spec.control_socket),
         ("exec_socket", spec.exec_socket),
     ):
+        if socket_path is None:
+            continue
         if len(os.fsencode(socket_path)) > UNIX_SOCKET_PATH_MAX:
             raise VmmError(
                 f"{field} {socket_path} is longer than a unix socket path may be "
@@ -187,6 +191,11 @@ def _bare(spec: VmSpec) -> list[str]:
     ]
 
 
+def _channel_args(spec: VmSpec) -> list[str]:
+    """The host reads the control port itself (a socket) and acknowledges the exit event."""
+    return [EXIT_ACK_ARG] if spec.control_socket is not None else []
+
+
 def _guest(spec: VmSpec) -> list[str]:
     """Kernel, disks and the console, control, signal and monitor channels."""
     argv = [
@@ -195,27 +204,41 @@ def _guest(spec: VmSpec) -> list[str]:
         "-initrd",
         str(spec.initrd),
         "-append",
-        " ".join([GUEST_KERNEL_CMDLINE, *spec.kernel_args]),
+        " ".join([GUEST_KERNEL_CMDLINE, *spec.kernel_args, *_channel_args(spec)]),
     ]
-    disks = [(spec.root_disk, False)] + [(d.path, d.read_only) for d in spec.extra_disks]
-    for index, (path, read_only) in enumerate(disks):
-        drive = f"id=disk{index},file={option_value(path)},format=raw,if=none"
+    disks = [(spec.root_disk, False, spec.root_disk_format)]
+    disks += [(d.path, d.read_only, "raw") for d in spec.extra_disks]
+    for index, (path, read_only, disk_format) in enumerate(disks):
+        drive = f"id=disk{index},file={option_value(path)},format={disk_format},if=none"
         if read_only:
             drive += ",readonly=on"
         argv += ["-drive", drive, "-device", f"virtio-blk-pci,drive=disk{index}"]
     for volume in spec.volumes:
         argv += volume_args(volume)
-    # A restored guest goes on writing the logs its first boot began.
+    # The console and control channels: sockets the host reads with bounds when the spec has
+    # them (QEMU waits at start for the host to take the console, so no output is lost; the
+    # host appends to the logs, so a restored guest goes on with those its first boot began),
+    # else files QEMU writes itself.
     log_mode = ",append=on" if spec.incoming_snapshot is not None else ""
+    console = (
+        f"socket,id=console,path={option_value(spec.console_socket)},server=on,wait=on"
+        if spec.console_socket is not None
+        else f"file,id=console,path={option_value(spec.console_log)}{log_mode}"
+    )
+    control = (
+        f"socket,id=ctl,path={option_value(spec.control_socket)},server=on,wait=off"
+        if spec.control_socket is not None
+        else f"file,id=ctl,path={option_value(spec.control_log)}{log_mode}"
+    )
     argv += [
         "-chardev",
-        f"file,id=console,path={option_value(spec.console_log)}{log_mode}",
+        console,
         "-serial",
         "chardev:console",
         "-device",
         "virtio-serial-pci,id=vs",
         "-chardev",
-        f"file,id=ctl,path={option_value(spec.control_log)}{log_mode}",
+        control,
         "-device",
         f"virtserialport,bus=vs.0,chardev=ctl,name={Port.CONTROL}",
         "-chardev",
@@ -343,6 +366,8 @@ def snapshot_fingerprint(spec: VmSpec, accel: AccelChoice, *, hugepages_dir: Pat
             "exec_socket": Path(RunDir.EXEC_SOCKET),
             "qmp_socket": Path(RunDir.QMP_SOCKET),
             "vmm_log": Path(RunDir.VMM_LOG),
+            "console_socket": spec.console_socket and Path(RunDir.CONSOLE_SOCKET),
+            "control_socket": spec.control_socket and Path(RunDir.CONTROL_SOCKET),
             "incoming_snapshot": None,
         }
     )

@@ -18,6 +18,9 @@ from hangar.vmm.deadline import run_with_deadline
 from hangar.vmm.errors import SignalNotDelivered
 
 HIGHEST_SIGNAL = 64
+MAX_ANSWER_BYTES = 64 * 1024
+"""What the guest may write back on its signal port while a signal is delivered (nothing is
+expected): past it the host stops reading and gives up on this delivery."""
 
 
 def signal_line(signum: int) -> bytes:
@@ -26,6 +29,21 @@ def signal_line(signum: int) -> bytes:
             f"signal {signum} is not between 1 and {HIGHEST_SIGNAL}", signal=signum
         )
     return f"signal {signum}\n".encode()
+
+
+async def _until_closed(reader: asyncio.StreamReader, socket_path: Path, signum: int) -> None:
+    """Read (and drop) until the VMM closes its side; a guest that floods the port back is
+    cut off at :data:`MAX_ANSWER_BYTES` instead of filling the host's memory."""
+    received = 0
+    while chunk := await reader.read(4096):
+        received += len(chunk)
+        if received > MAX_ANSWER_BYTES:
+            raise SignalNotDelivered(
+                f"signal {signum}: the guest wrote more than {MAX_ANSWER_BYTES} bytes back on "
+                "its signal port; not reading it",
+                socket=str(socket_path),
+                signal=signum,
+            )
 
 
 async def send_guest_signal(
@@ -45,7 +63,7 @@ async def send_guest_signal(
         writer.write(line)
         await writer.drain()
         writer.write_eof()
-        await run_with_deadline(clock, timeout_s, reader.read())
+        await run_with_deadline(clock, timeout_s, _until_closed(reader, socket_path, signum))
     except TimeoutError as error:
         raise SignalNotDelivered(
             f"signal {signum} not taken within {timeout_s} s: the guest is not reading its "

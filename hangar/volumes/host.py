@@ -98,7 +98,7 @@ class VolumeHost:
 
     def snapshots(self, volume_id: str) -> list[SnapshotInfo]:
         """The volume's snapshots, oldest first (a fork's short-lived snapshot left out)."""
-        found = [s for s in self.info(volume_id).snapshots if SNAPSHOT_ID_PATTERN.match(s.id)]
+        found = [s for s in self.info(volume_id).snapshots if SNAPSHOT_ID_PATTERN.fullmatch(s.id)]
         return sorted(found, key=lambda snapshot: snapshot.created_at)
 
     def check_image(self, volume_id: str) -> dict[str, Any]:

@@ -52,13 +52,13 @@ def new_snapshot_id() -> str:
 
 
 def check_volume_id(value: str) -> str:
-    if not VOLUME_ID_PATTERN.match(value):
+    if not VOLUME_ID_PATTERN.fullmatch(value):
         raise ValueError(f"volume id {value!r} must match {VOLUME_ID_PATTERN.pattern}")
     return value
 
 
 def check_snapshot_id(value: str) -> str:
-    if not SNAPSHOT_ID_PATTERN.match(value):
+    if not SNAPSHOT_ID_PATTERN.fullmatch(value):
         raise ValueError(f"snapshot id {value!r} must match {SNAPSHOT_ID_PATTERN.pattern}")
     return value
 

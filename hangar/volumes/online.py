@@ -85,7 +85,7 @@ async def volume_io_errors(qmp_socket: Path, *, clock: Clock) -> dict[str, str]:
     for device in reply if isinstance(reply, list) else []:
         status = device.get("io-status", "ok")
         node = device.get("inserted", {}).get("node-name", "")
-        if status != "ok" and VOLUME_ID_PATTERN.match(node):
+        if status != "ok" and VOLUME_ID_PATTERN.fullmatch(node):
             errors[node] = str(status)
     return errors
 

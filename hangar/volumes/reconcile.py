@@ -39,7 +39,7 @@ def volume_id_of(name: str) -> str | None:
     for suffix in (IMAGE_SUFFIX, KEY_SUFFIX):
         if base.endswith(suffix):
             candidate = base.removesuffix(suffix)
-            return candidate if VOLUME_ID_PATTERN.match(candidate) else None
+            return candidate if VOLUME_ID_PATTERN.fullmatch(candidate) else None
     return None
 
 

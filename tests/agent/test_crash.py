@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from hangar.agent.engine import CRASH_AFTER_STEP_ENV
+from hangar.model.guest_contract import RunDir
 from hangar.model.run import DestroyRequest, StartRequest, StopRequest
 from hangar.server_process import ServerProcess
 from tests.agent.helpers import machine_path, run_machine, step_names, vmm_pids, wait_state
@@ -43,10 +44,10 @@ def assert_no_leaks(home: Path, machine_id: str, running: bool) -> None:
     run_dir = home / "machines" / machine_id
     if running:
         assert len(pids) == 1, pids
-        assert (run_dir / "root.ext4").exists()
+        assert (run_dir / RunDir.ROOT_DISK).exists()
     else:
         assert pids == []
-        assert not (run_dir / "root.ext4").exists()
+        assert not (run_dir / RunDir.ROOT_DISK).exists()
         assert not (run_dir / "initrd.img").exists()
 
 

@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from hangar.model.guest_contract import RunDir
 from hangar.server_process import ServerProcess
 from tests.agent.helpers import (
     console_text,
@@ -43,7 +44,7 @@ def test_machine_runs_prints_and_reports_its_exit_code(
     assert f"out:hi:test:from-a-file:{machine_id}" in console_text(api, app_name, machine_id)
     assert vmm_pids(shared_server.home, machine_id) == []
     run_dir = shared_server.home / "machines" / machine_id
-    assert not (run_dir / "root.ext4").exists(), "the writable disk is dropped on stop"
+    assert not (run_dir / RunDir.ROOT_DISK).exists(), "the writable disk is dropped on stop"
     assert api.delete(machine_path(app_name, machine_id)).status_code == 200
     wait_state(api, app_name, machine_id, "destroyed")
     assert not run_dir.exists()

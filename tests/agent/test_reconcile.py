@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from hangar.model.guest_contract import RunDir
 from hangar.server_process import ServerProcess
 from tests.agent.helpers import (
     exit_events,
@@ -68,7 +69,7 @@ def test_a_vmm_that_died_while_the_agent_was_down_is_recorded(
         wait_state(api, APP, machine_id, "stopped")
         assert len(exit_events(api, APP, machine_id)) == 1
     run_dir = server.home / "machines" / machine_id
-    assert not (run_dir / "root.ext4").exists()
+    assert not (run_dir / RunDir.ROOT_DISK).exists()
 
 
 def test_files_and_vmms_no_record_owns_are_removed(server: ServerProcess, test_image: str) -> None:
@@ -78,7 +79,7 @@ def test_files_and_vmms_no_record_owns_are_removed(server: ServerProcess, test_i
     server.kill()
     stray = server.home / "machines" / "0123456789abcd"
     stray.mkdir()
-    (stray / "root.ext4").write_bytes(b"left behind")
+    (stray / RunDir.ROOT_DISK).write_bytes(b"left behind")
     # The machine's record disappears while the agent is down (as if restored from a backup
     # taken before it existed): its VMM and run directory now belong to no record.
 

@@ -44,7 +44,11 @@ def api_server(
     """The API tests' server: the real app, agent and stores in this process."""
     home = tmp_path_factory.mktemp("api-home")
     try:
-        with InProcessServer(home, insecure_registries=frozenset({registry})) as server:
+        with InProcessServer(
+            home,
+            insecure_registries=frozenset({registry}),
+            local_registries=frozenset({registry}),
+        ) as server:
             yield server
     finally:
         kill_vmms_under(home)

@@ -47,3 +47,17 @@ def test_bad_app_bodies_name_the_field(api: httpx.Client) -> None:
         "/v1/apps", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert_fly_error(malformed, 400, "JSON")
+
+
+def test_names_with_a_trailing_newline_are_refused(api: httpx.Client, test_image: str) -> None:
+    """``^...$`` with ``re.match`` accepts ``"name\\n"``: a second app no URL can address."""
+    name = unique("nl")
+    assert_fly_error(api.post("/v1/apps", json={"app_name": f"{name}\n"}), 422, "app_name")
+    assert_fly_error(api.post("/v1/orgs", json={"slug": f"{name}\n"}), 422, "slug")
+    assert api.post("/v1/apps", json={"app_name": name}).status_code == 201
+    machine = {"config": {"image": test_image}, "skip_launch": True, "name": "web\n"}
+    assert_fly_error(api.post(f"/v1/apps/{name}/machines", json=machine), 422, "name")
+    metadata = {"config": {"image": test_image, "metadata": {"role\n": "x"}}, "skip_launch": True}
+    assert_fly_error(api.post(f"/v1/apps/{name}/machines", json=metadata), 422, "metadata")
+    env = {"config": {"image": test_image, "env": {"MODE\n": "x"}}, "skip_launch": True}
+    assert_fly_error(api.post(f"/v1/apps/{name}/machines", json=env), 422, "env")

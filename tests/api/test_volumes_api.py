@@ -243,6 +243,11 @@ def test_an_app_with_volumes_is_not_deleted(api: httpx.Client, app: str) -> None
     assert_fly_error(api.delete(f"/v1/apps/{app}"), 412, "volume")
     assert api.delete(volumes_path(app, volume["id"])).status_code == 200
     assert api.delete(f"/v1/apps/{app}").status_code == 202
+    # The destroyed volume went with the app: the name's next app sees nothing of it.
+    assert api.post("/v1/apps", json={"app_name": app}).status_code == 201
+    listed = api.get(volumes_path(app), params={"include_deleted": "true"})
+    assert listed.status_code == 200 and listed.json() == [], listed.text
+    assert api.get(volumes_path(app, volume["id"])).status_code == 404
 
 
 def test_space_beyond_the_hosts_free_space_less_the_reserve_is_refused(

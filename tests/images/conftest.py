@@ -14,6 +14,7 @@ import pytest
 from hangar.images.build import build_busybox_image
 from hangar.images.initramfs import ensure_base_initramfs
 from hangar.images.kernel import GuestKernel, ensure_kernel
+from hangar.images.netpolicy import RegistryPolicy
 from hangar.images.reference import ImageRef, parse_image_ref
 from hangar.images.rootfs import CachedImage, ImageCache
 from tests.conftest import SUITE_CACHE
@@ -59,9 +60,15 @@ def session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def suite_policy(registry: str) -> RegistryPolicy:
+    """The suite's registry is on loopback: allowed explicitly, spoken to over plain HTTP."""
+    return RegistryPolicy(local=frozenset({registry}), insecure=frozenset({registry}))
+
+
 @pytest.fixture(scope="session")
-def cached_hello(pushed_hello: PushedImage, session_cache_dir: Path) -> CachedImage:
-    return asyncio.run(ImageCache(session_cache_dir).ensure(pushed_hello.ref, tls_verify=False))
+def cached_hello(pushed_hello: PushedImage, session_cache_dir: Path, registry: str) -> CachedImage:
+    cache = ImageCache(session_cache_dir, policy=suite_policy(registry))
+    return asyncio.run(cache.ensure(pushed_hello.ref))
 
 
 @pytest.fixture(scope="session")

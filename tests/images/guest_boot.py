@@ -63,7 +63,7 @@ def _qemu_argv(
 def _ctl_events(folder: Path) -> list[dict[str, Any]]:
     path = folder / "ctl.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 @dataclass(frozen=True)

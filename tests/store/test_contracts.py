@@ -136,3 +136,29 @@ def test_gpu_inventory_keeps_binding_and_quarantine_reason(gpus: GpuStore) -> No
     gpus.add_gpu_event(GpuEvent(bdf=record.bdf, timestamp=2.0, action="b", actor="t"))
     assert [e.action for e in gpus.list_gpu_events(record.bdf)] == ["b", "a"]
     assert [g.bdf for g in gpus.list_gpus(host_id="h")] == [record.bdf]
+
+
+def test_deleting_an_app_deletes_its_machines_and_holds_its_name(machines: MachineStore) -> None:
+    first = machines.create_app("web", "acme", 1.0)
+    machines.insert_machine(machine("m1").model_copy(update={"app_id": first.id}))
+    machines.add_event("m1", host_event("start", "s", 1.0))
+    machines.put_lease("m1", Lease(nonce="n", expires_at=10, owner="o", version="v"))
+    assert machines.delete_app("web", now=10.0) == ["m1"]
+    assert machines.get_machine("m1") is None and machines.list_events("m1") == []
+    assert machines.get_lease("m1") is None and machines.list_config_versions("m1") == []
+    with pytest.raises(Conflict):
+        machines.create_app("web", "rival", 20.0, name_hold_s=60.0)
+    second = machines.create_app("web", "rival", 71.0, name_hold_s=60.0)
+    assert second.id != first.id
+    # A record of the earlier instance (written by a backend that scrubbed nothing) stays out.
+    machines.insert_machine(machine("m2").model_copy(update={"app_id": first.id}))
+    machines.insert_machine(machine("m3").model_copy(update={"app_id": second.id}))
+    assert [m.id for m in machines.list_machines("web", include_destroyed=True)] == ["m3"]
+
+
+def test_only_the_newest_config_versions_are_kept(tmp_path: Path) -> None:
+    store = SqliteMachineStore(tmp_path / "db", keep_versions=3)
+    store.insert_machine(machine("m1"))
+    for version in range(2, 9):
+        store.apply_config_version("m1", MachineConfig(image=f"v{version}"), version, "i", 1.0)
+    assert [v["version"] for v in store.list_config_versions("m1")] == [6, 7, 8]

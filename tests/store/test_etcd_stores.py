@@ -128,3 +128,13 @@ def test_without_quorum_a_write_is_refused_whole(own_etcd_cluster: LocalEtcdClus
             store.insert_machine(machine("m2", "one"))
     finally:
         client.close()
+
+
+def test_only_the_newest_config_versions_are_kept(store_scratch: StoreScratch) -> None:
+    store = EtcdMachineStore(store_scratch.etcd_client(), store_scratch.layout, keep_versions=3)
+    store.insert_machine(machine("m1", "one"))
+    for version in range(2, 9):
+        store.apply_config_version("m1", MachineConfig(image=f"v{version}"), version, "i", 1.0)
+    versions = store.list_config_versions("m1")
+    assert [v["version"] for v in versions] == [6, 7, 8]
+    assert [v["replaced_at"] is None for v in versions] == [False, False, True]

@@ -85,6 +85,22 @@ def test_records_list_and_compare_and_set(opener: Callable[[], VolumeStore]) -> 
     }
 
 
+def test_an_apps_destroyed_volumes_are_forgotten_with_it(
+    opener: Callable[[], VolumeStore],
+) -> None:
+    store = opener()
+    live, gone, other_gone = volume(at=1.0), volume(at=2.0), volume(app="api", at=3.0)
+    for record in (live, gone, other_gone):
+        store.insert_volume(record)
+    for record in (gone, other_gone):
+        move_volume(store, record.id, VolumeState.DESTROYED, 5.0, expected={VolumeState.CREATED})
+    assert store.forget_volumes("web") == [gone.id]
+    assert store.get_volume(gone.id) is None
+    assert [v.id for v in store.list_volumes("web", include_destroyed=True)] == [live.id]
+    assert store.get_volume(other_gone.id) is not None
+    assert store.forget_volumes("web") == []
+
+
 def test_attach_detach_and_moves(opener: Callable[[], VolumeStore]) -> None:
     store = opener()
     record = volume()

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from hangar.errors import VmmError
-from hangar.model.guest_contract import GUEST_KERNEL_CMDLINE
+from hangar.model.guest_contract import EXIT_ACK_ARG, GUEST_KERNEL_CMDLINE
 from hangar.vmm.accel import AccelChoice, kvm_choice, tcg_choice
 from hangar.vmm.driver import DiskSpec, NicSpec, VmSpec
 from hangar.vmm.qemu import QemuDriver
@@ -84,7 +84,7 @@ def test_kernel_command_line_is_the_guest_contract_plus_extras(tmp_path: Path) -
 
     assert values_of(argv, "-kernel") == [str(spec.kernel)]
     assert values_of(argv, "-initrd") == [str(spec.initrd)]
-    assert values_of(argv, "-append") == [f"{GUEST_KERNEL_CMDLINE} hangar.debug=1"]
+    assert values_of(argv, "-append") == [f"{GUEST_KERNEL_CMDLINE} hangar.debug=1 {EXIT_ACK_ARG}"]
 
 
 def test_root_disk_comes_first_and_read_only_disks_stay_read_only(tmp_path: Path) -> None:
@@ -104,8 +104,9 @@ def test_console_control_signal_and_monitor_channels(tmp_path: Path) -> None:
     argv = argv_for(spec)
 
     chardevs = values_of(argv, "-chardev")
-    assert f"file,id=console,path={spec.console_log}" in chardevs
-    assert f"file,id=ctl,path={spec.control_log}" in chardevs
+    # The host reads the console and control port with bounds; QEMU waits for the console.
+    assert f"socket,id=console,path={spec.console_socket},server=on,wait=on" in chardevs
+    assert f"socket,id=ctl,path={spec.control_socket},server=on,wait=off" in chardevs
     assert f"socket,id=sig,path={spec.signal_socket},server=on,wait=off" in chardevs
     assert f"socket,id=qmp,path={spec.qmp_socket},server=on,wait=off" in chardevs
     assert values_of(argv, "-serial") == ["chardev:console"]
@@ -133,11 +134,15 @@ def test_a_restore_loads_the_snapshot_paused_and_appends_to_the_logs(tmp_path: P
 
     assert values_of(argv, "-incoming") == [f"exec:cat '{tmp_path}/my snapshot'\"'\"'s state'"]
     assert "-S" in argv
-    chardevs = values_of(argv, "-chardev")
-    assert f"file,id=console,path={spec.console_log},append=on" in chardevs
-    assert f"file,id=ctl,path={spec.control_log},append=on" in chardevs
     cold = argv_for(spec.model_copy(update={"incoming_snapshot": None}))
     assert values_of(argv, "-device") == values_of(cold, "-device")
+    # The channels are the sockets the host reads and appends to the logs from...
+    assert values_of(argv, "-chardev") == values_of(cold, "-chardev")
+    # ...or, without them, files QEMU appends to itself.
+    files = spec.model_copy(update={"console_socket": None, "control_socket": None})
+    chardevs = values_of(argv_for(files), "-chardev")
+    assert f"file,id=console,path={spec.console_log},append=on" in chardevs
+    assert f"file,id=ctl,path={spec.control_log},append=on" in chardevs
 
 
 def test_the_snapshot_fingerprint_leaves_paths_out_but_not_devices(tmp_path: Path) -> None:
@@ -154,6 +159,13 @@ def test_the_snapshot_fingerprint_leaves_paths_out_but_not_devices(tmp_path: Pat
     assert fingerprint(here) != fingerprint(here.model_copy(update={"memory_mb": 1024}))
     assert fingerprint(here) != fingerprint(here.model_copy(update={"extra_disks": []}))
     assert fingerprint(here) != snapshot_fingerprint(here, KVM, hugepages_dir=HUGEPAGES_DIR)
+
+
+def test_without_channel_sockets_qemu_writes_the_files(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path).model_copy(update={"console_socket": None, "control_socket": None})
+    chardevs = values_of(argv_for(spec), "-chardev")
+    assert f"file,id=console,path={spec.console_log}" in chardevs
+    assert f"file,id=ctl,path={spec.control_log}" in chardevs
 
 
 def test_each_gpu_is_passed_through_by_vfio(tmp_path: Path) -> None:
@@ -224,7 +236,7 @@ def test_commas_in_paths_are_doubled_inside_options(tmp_path: Path) -> None:
     argv = argv_for(spec)
 
     assert f"id=disk0,file={tmp_path}/a,,b/root.ext4,format=raw,if=none" in argv
-    assert f"file,id=ctl,path={tmp_path}/a,,b/run/ctl.jsonl" in argv
+    assert f"socket,id=ctl,path={tmp_path}/a,,b/run/ctl.sock,server=on,wait=off" in argv
     assert values_of(argv, "-kernel") == [f"{tmp_path}/a,b/vmlinuz"]
 
 

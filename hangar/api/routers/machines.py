@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from hangar.api.deps import AccessDep, LeaseNonce, ServicesDep
 from hangar.api.schemas import (
@@ -165,29 +164,9 @@ async def machine_runs(services: ServicesDep, app_name: str, machine_id: str) ->
 async def machine_logs(
     services: ServicesDep, app_name: str, machine_id: str, follow: bool = False
 ) -> Response:
-    path = services.machines.console_log_path(app_name, machine_id)
-    if not follow:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return PlainTextResponse(text)
-
-    async def stream() -> AsyncIterator[bytes]:
-        offset = 0
-        while True:
-            if path.exists():
-                with path.open("rb") as log_file:
-                    log_file.seek(offset)
-                    chunk = log_file.read()
-                if chunk:
-                    offset += len(chunk)
-                    yield chunk
-            machine = services.machines.require(app_name, machine_id)
-            if not machine.state.may_still_log and not services.machines.busy(machine_id):
-                if path.exists() and path.stat().st_size > offset:
-                    continue
-                return
-            await asyncio.sleep(0.2)
-
-    return StreamingResponse(stream(), media_type="text/plain")
+    stream, slot = services.machines.console(app_name, machine_id, follow)
+    background = BackgroundTask(slot.release) if slot is not None else None
+    return StreamingResponse(stream, media_type="text/plain", background=background)
 
 
 @router.get("/{machine_id}/metadata")

@@ -1,4 +1,7 @@
-"""Apps: create, list, get, delete; each in one org, seen only by that org and the operator."""
+"""Apps: create, list, get, delete; each in one org, seen only by that org and the operator.
+
+Deleting an app deletes every record of its machines (configs, events, leases, runs); its
+name stays with its org for ``name_hold_s`` before another org may take it."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from hangar.api.schemas import AppList, AppView, CreateAppRequest, OrganizationV
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.clock import Clock
 from hangar.errors import PreconditionFailed
-from hangar.store.protocol import App, MachineStore, TenancyStore, VolumeStore
+from hangar.model.run import volume_subject
+from hangar.store.protocol import App, MachineStore, RunStore, TenancyStore, VolumeStore
 
 
 class AppService:
@@ -17,6 +21,8 @@ class AppService:
         tenancy: TenancyStore,
         orgs: OrgService,
         clock: Clock,
+        runs: RunStore | None = None,
+        name_hold_s: float = 0.0,
         volumes: VolumeStore | None = None,
     ) -> None:
         self._volumes = volumes
@@ -24,6 +30,8 @@ class AppService:
         self._tenancy = tenancy
         self._orgs = orgs
         self._clock = clock
+        self._runs = runs
+        self._name_hold_s = name_hold_s
 
     def require(self, name: str) -> App:
         app = self._store.get_app(name)
@@ -48,7 +56,9 @@ class AppService:
         org_slug = request.org_slug or access.token.org_slug or DEFAULT_ORG
         self._orgs.require(access, org_slug)
         access.note(org=org_slug, app_name=request.app_name)
-        app = self._store.create_app(request.app_name, org_slug, self._clock.now())
+        app = self._store.create_app(
+            request.app_name, org_slug, self._clock.now(), name_hold_s=self._name_hold_s
+        )
         return self.view(app)
 
     def list(self, access: Access, org_slug: str | None) -> AppList:
@@ -71,4 +81,10 @@ class AppService:
             raise PreconditionFailed(
                 f"app {name} still has {len(volumes)} volume(s); destroy them first", app=name
             )
-        self._store.delete_app(name)
+        forgotten = self._store.delete_app(name, self._clock.now())
+        if self._volumes is not None:
+            # Volumes belong to the app's name: the destroyed ones go with the app.
+            volume_ids = self._volumes.forget_volumes(name)
+            forgotten += [volume_subject(volume_id) for volume_id in volume_ids]
+        if self._runs is not None and forgotten:
+            self._runs.forget_machines(forgotten)

@@ -1,6 +1,8 @@
 """Which images a machine may name: well-formed references, and ``oci:`` layouts only under
 the directories the operator allows (``HANGAR_OCI_DIRS``), so that no tenant can make the
-host read a directory of its choosing."""
+host read a directory of its choosing. This is the early answer, at create; the image layer
+checks again at every resolve (``hangar.images.local_layout``), on the real path, and says
+the same thing whatever is (or is not) at the path."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class ImagePolicy:
         resolved = Path(os.path.realpath(layout))
         if not any(resolved == root or root in resolved.parents for root in self.oci_dirs):
             raise Unprocessable(
-                f"{IMAGE_FIELD}: oci: layouts must be under a directory the operator allows "
-                f"({OCI_DIRS_ENV})",
+                f"{IMAGE_FIELD}: oci: layout {reference.repository} cannot be used: oci: "
+                f"layouts must be under a directory the operator allows ({OCI_DIRS_ENV})",
                 field=IMAGE_FIELD,
             )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from hangar.agent.agent import Agent
+from hangar.api.console import ConsoleReaders, FollowerSlot
 from hangar.api.schemas import (
     CreateMachineRequest,
     LeaseData,
@@ -71,12 +72,18 @@ class MachineService:
         quotas: QuotaService,
         images: ImagePolicy,
         platform: PlatformService,
+        max_config_bytes: int | None = None,
+        console: ConsoleReaders | None = None,
         addresses: PrivateAddresses | None = None,
         volumes: VolumeService | None = None,
         placer: MachinePlacer | None = None,
     ) -> None:
-        """``placer``: a fleet's scheduler choosing each new machine's host (None: this
-        server's one host takes every machine)."""
+        """``max_config_bytes``: the largest config (as JSON) a machine may have;
+        ``console``: how machines' consoles are read and followed; ``placer``: a fleet's
+        scheduler choosing each new machine's host (None: this server's one host takes every
+        machine)."""
+        self._max_config_bytes = max_config_bytes
+        self.console_readers = console or ConsoleReaders(clock)
         self._placer = placer
         self._addresses = addresses
         self._volumes = volumes
@@ -92,11 +99,16 @@ class MachineService:
     # reading
     def require(self, app: str, machine_id: str, include_destroyed: bool = True) -> Machine:
         machine = self._store.get_machine(machine_id)
-        if machine is None or machine.app != app:
+        if machine is None or machine.app != app or not self._of_current_app(machine):
             raise NotFound(f"machine {machine_id} not found in app {app}", machine_id=machine_id)
         if not include_destroyed and machine.state == MachineState.DESTROYED:
             raise NotFound(f"machine {machine_id} is destroyed", machine_id=machine_id)
         return machine
+
+    def _of_current_app(self, machine: Machine) -> bool:
+        """A machine of an earlier app of the same name is not this app's."""
+        current = self._store.get_app(machine.app)
+        return current is not None and machine.app_id in ("", current.id)
 
     def view(self, machine: Machine, event_limit: int = 10) -> MachineView:
         view = MachineView.of(machine, self._store.list_events(machine.id, event_limit))
@@ -138,11 +150,40 @@ class MachineService:
         self.require(app, machine_id)
         return self._agent.machines_dir / machine_id / RunDir.CONSOLE_LOG
 
+    def console(
+        self, app: str, machine_id: str, follow: bool
+    ) -> tuple[AsyncIterator[bytes], FollowerSlot | None]:
+        """The machine's console as a stream of chunks; ``follow``: and what comes next, while
+        the machine runs or has an operation pending (a follower's slot is taken now: 429 if
+        the machine has all it may have)."""
+        path = self.console_log_path(app, machine_id)
+        if not follow:
+            return self.console_readers.read(path), None
+
+        def still_logging() -> bool:
+            machine = self._store.get_machine(machine_id)
+            if machine is None:
+                return False
+            return machine.state.holds_resources or self.busy(machine_id)
+
+        slot = self.console_readers.take(machine_id)
+        return self.console_readers.follow(path, still_logging, slot), slot
+
     # validation shared by create and update
+    def _check_config_size(self, config: MachineConfig) -> None:
+        if self._max_config_bytes is None:
+            return
+        size = len(config.model_dump_json().encode())
+        if size > self._max_config_bytes:
+            raise Unprocessable(
+                f"config: {size} bytes as JSON, more than the {self._max_config_bytes} a "
+                "machine's config may have",
+                field="config",
+                limit=self._max_config_bytes,
+            )
+
     def _check_placement(self, region: str | None, config: MachineConfig) -> str:
         if self._placer is not None:  # a fleet: the scheduler decides (at create)
-            if config.guest.gpus:
-                self._platform.admit_gpu_machine(config, region or "")
             return region or ""
         if region and region != self._host.region:
             raise InsufficientCapacity(
@@ -160,8 +201,6 @@ class MachineService:
                 f"host {self._host.id} can allocate {self._host.allocatable_memory_mb} MB",
                 field="config.guest.memory_mb",
             )
-        if config.guest.gpus:
-            self._platform.admit_gpu_machine(config, self._host.region)
         return self._host.region
 
     def _check_mounts(
@@ -222,14 +261,20 @@ class MachineService:
     # writing
     def create(self, app: str, request: CreateMachineRequest, actor: str) -> MachineView:
         now = self._clock.now()
+        self._check_config_size(request.config)
         self._images.check(request.config.image)
-        self._quotas.check(app, request.config)
         region = self._check_placement(request.region, request.config)
+        self._quotas.check(app, request.config)
         volume_host = self._check_mounts(app, request.config, region)
         if volume_host is not None and self._volumes is not None:
             launching = not request.skip_launch
             self._volumes.check_room(request.config, region, volume_host, launching)
+        if request.config.guest.gpus:
+            self._platform.admit_gpu_machine(request.config, region)
+        if not request.skip_launch:
+            self._platform.admit(request.config, region)
         machine_id = new_machine_id()
+        current = self._store.get_app(app)
         host_id = self._host.id
         if self._placer is not None:
             host_id, region = self._placer.place(
@@ -239,6 +284,7 @@ class MachineService:
             id=machine_id,
             name=request.name or f"{app}-{machine_id[:6]}",
             app=app,
+            app_id=current.id if current is not None else "",
             state=MachineState.CREATED,
             region=region,
             instance_id=new_ulid(now),
@@ -279,13 +325,19 @@ class MachineService:
             )
         if machine.state == MachineState.DESTROYING:
             raise PreconditionFailed(f"machine {machine_id} is being destroyed")
+        self._check_config_size(request.config)
         self._images.check(request.config.image)
-        self._quotas.check(app, request.config, replacing=machine)
         region = self._check_placement(request.region or machine.region, request.config)
+        self._quotas.check(app, request.config, replacing=machine)
         running = machine.state.holds_resources and request.skip_launch
         volume_host = self._check_mounts(app, request.config, region, machine, running)
         if volume_host is not None and self._volumes is not None:
             self._volumes.check_room(request.config, region, volume_host, launching=False)
+        if request.config.guest.gpus:
+            self._platform.admit_gpu_machine(request.config, machine.region)
+        relaunch = machine.state.holds_resources and not request.skip_launch
+        if relaunch:
+            self._platform.admit(request.config, machine.region, machine_id)
         version = machine.version + 1
         self._agent.submit_operation(
             machine_id,
@@ -293,7 +345,7 @@ class MachineService:
                 config=request.config,
                 version=version,
                 instance_id=new_ulid(self._clock.now()),
-                relaunch=machine.state.holds_resources and not request.skip_launch,
+                relaunch=relaunch,
             ),
         )
         self._record(machine_id, "update", "pending", {"version": version})
@@ -301,6 +353,7 @@ class MachineService:
 
     def start(self, app: str, machine_id: str, nonce: str | None) -> dict[str, str]:
         machine = self._ready_for(app, machine_id, nonce, "start", lambda state: state.startable)
+        self._platform.admit(machine.config, machine.region, machine_id)
         self._agent.submit_operation(machine_id, StartRequest())
         return {"previous_state": str(machine.state)}
 
@@ -341,6 +394,9 @@ class MachineService:
                 field="force",
             )
         self._agent.submit_operation(machine_id, DestroyRequest(force=force))
+        if force:
+            # Whatever the machine is doing (a pull from a slow registry, a boot) stops now.
+            self._agent.cancel_for_destroy(machine_id, "the machine is being destroyed")
 
     async def wait(
         self, app: str, machine_id: str, state: str, timeout_s: int, instance_id: str | None

@@ -1,10 +1,15 @@
 """Capacity questions (``/v1/platform``) and GPU admission, answered by the scheduler's policy
 over a snapshot of the claim store: every host's GPUs and what the machines there hold (the
-same records the agents claim on)."""
+same records the agents claim on).
+
+Only the operator is answered from what the hosts have left. An org is answered within its
+quota, over the hosts as if they were empty: what other orgs run never shows in the answer
+(a read-only token must not watch another org's machines come and go)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -13,14 +18,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from hangar.errors import InsufficientCapacity, Unprocessable
 from hangar.images.driver_bundle import DriverBundleError, configured_driver_bundle
 from hangar.model.config import GuestConfig, MachineConfig
+from hangar.model.gpu import GpuState
+from hangar.model.gpu_kinds import GPU_KINDS
 from hangar.scheduler import (
     ClaimStore,
+    Gpu,
+    HostState,
     VersionedHost,
     capacity_by_region,
     capacity_error,
     dry_run_placements,
 )
-from hangar.scheduler.machines import placement_request
+from hangar.scheduler.machines import Overcommit, placement_request
+
+RoomOf = Callable[[GuestConfig], "int | None"]
+"""How many more machines of this guest shape the caller's org may have (None: no limit)."""
 
 
 class PlacementsRequest(BaseModel):
@@ -52,29 +64,104 @@ class RegionsView(BaseModel):
     regions: list[RegionView]
 
 
+def unclaimed(state: HostState) -> HostState:
+    """The host as if nothing ran on it (GPUs out of use for a fault stay out)."""
+    in_use = (GpuState.CLAIMED, GpuState.CLEANING)
+    gpus = tuple(
+        Gpu(gpu.index, gpu.kind, gpu.bdf, gpu.numa_node, gpu.nvlink_partition, GpuState.FREE)
+        if gpu.state in in_use
+        else gpu
+        for gpu in state.gpus
+    )
+    return HostState(
+        id=state.id,
+        region=state.region,
+        pool=state.pool,
+        cpu_milli=state.cpu_milli,
+        memory_mb=state.memory_mb,
+        gpus=gpus,
+        zone=state.zone,
+        rack=state.rack,
+        allow_cpu_machines=state.allow_cpu_machines,
+    )
+
+
+def _without(state: HostState, machine_id: str) -> HostState:
+    """The host as if ``machine_id`` held nothing on it (its GPUs free again, unless another
+    claim holds a share or slice of one)."""
+    held = next((claim for claim in state.claims if claim.machine_id == machine_id), None)
+    if held is None:
+        return state
+    others = tuple(claim for claim in state.claims if claim.machine_id != machine_id)
+    still_held = {index for claim in others for index in claim.gpu_indexes}
+    freed = set(held.gpu_indexes) - still_held
+    gpus = tuple(
+        replace(gpu, state=GpuState.FREE) if gpu.index in freed else gpu for gpu in state.gpus
+    )
+    return replace(state, gpus=gpus, claims=others)
+
+
+def _capped(count: int, room: int | None) -> int:
+    return count if room is None else max(0, min(count, room))
+
+
 class PlatformService:
-    def __init__(self, claims: ClaimStore, driver_bundle: Path | None = None) -> None:
+    def __init__(
+        self,
+        claims: ClaimStore,
+        driver_bundle: Path | None = None,
+        overcommit: Overcommit | None = None,
+    ) -> None:
         self._claims = claims
         self._driver_bundle = driver_bundle
+        self.overcommit = overcommit or Overcommit()
 
     def snapshot(self) -> Mapping[str, VersionedHost]:
         """Every host with its claims, as the scheduler reads them."""
         return self._claims.snapshot()
 
-    def placements(self, request: PlacementsRequest) -> PlacementsView:
+    def _snapshot_for(self, room_of: RoomOf | None) -> Mapping[str, VersionedHost]:
+        snapshot = self.snapshot()
+        if room_of is None:
+            return snapshot
+        return {
+            host_id: VersionedHost(unclaimed(record.state), record.version)
+            for host_id, record in snapshot.items()
+        }
+
+    def placements(
+        self, request: PlacementsRequest, room_of: RoomOf | None = None
+    ) -> PlacementsView:
+        """``room_of``: the caller is an org, answered within its quota over empty hosts;
+        None: the operator, answered from what the hosts have left."""
         results = dry_run_placements(
-            self.snapshot(), placement_request(request.guest, request.region), request.count
+            self._snapshot_for(room_of),
+            placement_request(request.guest, request.region, overcommit=self.overcommit),
+            request.count,
         )
+        room = room_of(request.guest) if room_of is not None else None
         return PlacementsView(
             regions=[
-                RegionPlacementView(region=r.region, requested=r.requested, placeable=r.placeable)
+                RegionPlacementView(
+                    region=r.region, requested=r.requested, placeable=_capped(r.placeable, room)
+                )
                 for r in results
             ]
         )
 
-    def regions(self, gpu_kind: str | None) -> RegionsView:
-        snapshot = self.snapshot()
+    def regions(self, gpu_kind: str | None, room_of: RoomOf | None = None) -> RegionsView:
+        snapshot = self._snapshot_for(room_of)
         counts = capacity_by_region(snapshot, gpu_kind)
+        if room_of is not None:
+            # One whole GPU of the kind, with the least memory a machine can have.
+            known = gpu_kind in {kind.name for kind in GPU_KINDS}
+            template = (
+                GuestConfig(cpu_kind="performance", gpu_kind=gpu_kind, gpus=1, memory_mb=128)
+                if gpu_kind and known
+                else GuestConfig(memory_mb=128)
+            )
+            room = room_of(template)
+            counts = {region: _capped(count, room) for region, count in counts.items()}
         kinds: dict[str, set[str]] = {}
         for record in snapshot.values():
             if record.state.kind:
@@ -86,10 +173,27 @@ class PlatformService:
             ]
         )
 
+    def admit(self, config: MachineConfig, region: str, machine_id: str = "") -> None:
+        """Host-wide admission: refuse (``insufficient_capacity``, 422) a machine that does
+        not fit in what the hosts have left now, counting the operator's overcommit; the
+        machine's own claim (an update of a running machine) is counted as free. The agent's
+        claim at boot is what holds; this answers early and clearly."""
+        snapshot = self.snapshot()
+        if machine_id:
+            snapshot = {
+                host_id: VersionedHost(_without(record.state, machine_id), record.version)
+                for host_id, record in snapshot.items()
+            }
+        request = placement_request(config.guest, region, overcommit=self.overcommit)
+        if not any(result.placeable for result in dry_run_placements(snapshot, request, 1)):
+            error = capacity_error(request, (region,))
+            error.fields["field"] = "config.guest"
+            raise error
+
     def check_room_on(self, guest: GuestConfig, region: str, host_id: str, field: str) -> None:
         """A machine bound to ``host_id`` (its volumes are there) must fit there now: the
         scheduler's hard constraint, asked of the same claim records the agent claims on."""
-        request = placement_request(guest, region, host_id=host_id)
+        request = placement_request(guest, region, host_id=host_id, overcommit=self.overcommit)
         results = dry_run_placements(self.snapshot(), request, 1)
         if not any(result.placeable for result in results):
             raise InsufficientCapacity(
@@ -116,7 +220,7 @@ class PlatformService:
                 f"config.guest.gpu_kind: the GPU driver bundle {bundle} does not exist",
                 field="config.guest.gpu_kind",
             )
-        request = placement_request(config.guest, region)
+        request = placement_request(config.guest, region, overcommit=self.overcommit)
         results = dry_run_placements(self.snapshot(), request, 1)
         if not any(result.placeable for result in results):
             error = capacity_error(request, (region,))

@@ -1,17 +1,25 @@
 """Per-org quotas over the machines an org has (every machine not destroyed counts):
 machines, memory, and GPUs by kind; and over its volumes (every volume that holds or will
 hold an image counts): how many, and their GB together. A request that would pass one gets
-a 422 naming it."""
+a 422 naming it.
+
+A machine with updates still pending (queued or running in the agent) counts with the
+largest of its configs, current and pending, for each resource: an update waiting behind a
+stop must not leave room that it will take back when it lands.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from pydantic import BaseModel, Field
 
 from hangar.errors import QuotaExceeded
-from hangar.model.config import MachineConfig
+from hangar.model.config import GuestConfig, MachineConfig
 from hangar.model.machine import Machine
+from hangar.model.run import UpdateRequest
 from hangar.model.volume import Volume
-from hangar.store.protocol import MachineStore, Org, TenancyStore, VolumeStore
+from hangar.store.protocol import MachineStore, Org, OrgQuotas, RunStore, TenancyStore, VolumeStore
 
 Limit = tuple[str, int | None, int, int, str]
 """quota name, its limit, the org's use now, its use if the request went through, unit"""
@@ -25,10 +33,19 @@ class OrgUsage(BaseModel):
     volume_gb: int = 0
 
     def add(self, config: MachineConfig, sign: int = 1) -> None:
+        self.add_largest([config], sign)
+
+    def add_largest(self, configs: Sequence[MachineConfig], sign: int = 1) -> None:
+        """One machine that has had, or will have, each of ``configs``: the largest of them
+        for each resource."""
         self.machines += sign
-        self.memory_mb += sign * config.guest.memory_mb
-        kind, count = config.guest.gpu_kind, config.guest.gpus or 0
-        if kind is not None and count:
+        self.memory_mb += sign * max(config.guest.memory_mb for config in configs)
+        largest: dict[str, int] = {}
+        for config in configs:
+            kind, count = config.guest.gpu_kind, config.guest.gpus or 0
+            if kind is not None and count:
+                largest[kind] = max(largest.get(kind, 0), count)
+        for kind, count in largest.items():
             self.gpus[kind] = self.gpus.get(kind, 0) + sign * count
 
     def add_volume(self, size_gb: int, sign: int = 1) -> None:
@@ -36,23 +53,63 @@ class OrgUsage(BaseModel):
         self.volume_gb += sign * size_gb
 
 
+def room_for(quotas: OrgQuotas, usage: OrgUsage, guest: GuestConfig) -> int | None:
+    """How many more machines of ``guest``'s shape fit in ``quotas`` (None: no limit)."""
+    rooms: list[int] = []
+    if quotas.machines is not None:
+        rooms.append(quotas.machines - usage.machines)
+    if quotas.memory_mb is not None:
+        rooms.append((quotas.memory_mb - usage.memory_mb) // guest.memory_mb)
+    kind, count = guest.gpu_kind, guest.gpus or 0
+    if kind is not None and count and kind in quotas.gpus:
+        rooms.append((quotas.gpus[kind] - usage.gpus.get(kind, 0)) // count)
+    return max(0, min(rooms)) if rooms else None
+
+
 class QuotaService:
     def __init__(
-        self, cluster: MachineStore, tenancy: TenancyStore, volumes: VolumeStore | None = None
+        self,
+        cluster: MachineStore,
+        tenancy: TenancyStore,
+        runs: RunStore | None = None,
+        volumes: VolumeStore | None = None,
     ) -> None:
         self._cluster = cluster
         self._tenancy = tenancy
         self._volumes = volumes
+        self._runs = runs
+
+    def _pending_configs(self) -> dict[str, list[MachineConfig]]:
+        """Machine id -> the configs of its updates not finished yet."""
+        pending: dict[str, list[MachineConfig]] = {}
+        if self._runs is None:
+            return pending
+        for run in self._runs.list_runs(unfinished_only=True):
+            if isinstance(run.request, UpdateRequest):
+                pending.setdefault(run.machine_id, []).append(run.request.config)
+        return pending
+
+    def _configs_of(
+        self, machine: Machine, pending: dict[str, list[MachineConfig]]
+    ) -> list[MachineConfig]:
+        return [machine.config, *pending.get(machine.id, [])]
 
     def usage(self, org_slug: str) -> OrgUsage:
         usage = OrgUsage()
+        pending = self._pending_configs()
         for app in self._cluster.list_apps(org_slug):
             for machine in self._cluster.list_machines(app.name):
-                usage.add(machine.config)
+                usage.add_largest(self._configs_of(machine, pending))
             for volume in self._volumes.list_volumes(app.name) if self._volumes else []:
                 if volume.state.holds_space:
                     usage.add_volume(volume.size_gb)
         return usage
+
+    def room(self, org_slug: str, guest: GuestConfig) -> int | None:
+        org = self._tenancy.get_org(org_slug)
+        if org is None:
+            return 0
+        return room_for(org.quotas, self.usage(org_slug), guest)
 
     def _org_of(self, app_name: str) -> Org | None:
         app = self._cluster.get_app(app_name)
@@ -90,9 +147,12 @@ class QuotaService:
             return
         before = self.usage(org.slug)
         after = before.model_copy(deep=True)
-        if replacing is not None:
-            after.add(replacing.config, sign=-1)
-        after.add(config)
+        if replacing is None:
+            after.add(config)
+        else:
+            configs = self._configs_of(replacing, self._pending_configs())
+            after.add_largest(configs, sign=-1)
+            after.add_largest([*configs, config])
         quotas = org.quotas
         limits: list[Limit] = [
             ("machines", quotas.machines, before.machines, after.machines, "machine(s)"),

@@ -3,7 +3,8 @@ by every API replica and agent.
 
 Keys (``KeyLayout.record``)::
 
-    apps/{app}                      App
+    apps/{app}                      App (an instance: its ``id`` is its machines' ``app_id``)
+    app-holds/{app}                 {org_slug, deleted_at}: a deleted name held for its org
     machines/{app}/{machine_id}     Machine (listing an app's machines is one prefix range)
     machine-apps/{machine_id}       the app a machine belongs to (never changes: cached)
     machine-names/{app}/{name}      the id of the live (not destroyed) machine with that name
@@ -14,6 +15,10 @@ Keys (``KeyLayout.record``)::
 A machine's write is one transaction comparing the ``mod_revision`` it read, and writing the
 name index with it (a live name is taken only if its key is absent), so two replicas never both
 win, and a name freed by a destroy is free in the same commit.
+
+Deleting an app deletes its record and holds its name in one transaction, then its machines'
+records in transactions of ``DELETE_BATCH`` machines; a machine left by an interrupted delete
+carries the old instance's ``app_id`` and is never listed under the name's next app.
 """
 
 from __future__ import annotations
@@ -32,9 +37,14 @@ from hangar.model.services import CheckStatus
 from hangar.store.etcd.client import Compare, Delete, EtcdClient, KeyValue, Op, Put, Range, Txn
 from hangar.store.etcd.keys import KeyLayout
 from hangar.store.etcd.records import answer_kv, with_retries
+from hangar.store.machines import DEFAULT_KEEP_VERSIONS, new_app_id
 from hangar.store.protocol import App
 
 _VERSION = TypeAdapter(dict[str, Any])
+_HOLD = TypeAdapter(dict[str, Any])
+DELETE_BATCH = 16
+"""Machines whose records one transaction deletes (six keys or ranges each, under etcd's
+128 operations a transaction)."""
 
 
 def _live(machine: Machine) -> bool:
@@ -44,9 +54,15 @@ def _live(machine: Machine) -> bool:
 class EtcdMachineStore:
     """A ``MachineStore`` over etcd. Thread-safe (the client is)."""
 
-    def __init__(self, client: EtcdClient, layout: KeyLayout | None = None) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        layout: KeyLayout | None = None,
+        keep_versions: int = DEFAULT_KEEP_VERSIONS,
+    ) -> None:
         self._client = client
         self._layout = layout or KeyLayout()
+        self.keep_versions = max(1, keep_versions)
         self._app_of: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -65,15 +81,37 @@ class EtcdMachineStore:
         return self._layout.record("machine-versions", machine_id, f"{version:012d}")
 
     # apps
-    def create_app(self, name: str, org_slug: str, now: float) -> App:
-        app = App(name=name, org_slug=org_slug, created_at=now)
-        key = self._app_key(name)
-        result = self._client.txn(
-            Txn(compare=(Compare.absent(key),), success=(Put(key, app.model_dump_json().encode()),))
-        )
-        if not result.succeeded:
-            raise Conflict(f"app {name} already exists", app=name)
-        return app
+    def create_app(self, name: str, org_slug: str, now: float, name_hold_s: float = 0.0) -> App:
+        """A new app instance; a name deleted less than ``name_hold_s`` ago stays its
+        previous org's (another org gets the same 409 as for a name in use)."""
+        app = App(name=name, org_slug=org_slug, created_at=now, id=new_app_id())
+        key, hold_key = self._app_key(name), self._layout.record("app-holds", name)
+
+        def attempt() -> App | None:
+            hold = self._client.get(hold_key)
+            if hold is not None:
+                held = _HOLD.validate_json(hold.value)
+                if held["org_slug"] != org_slug and float(held["deleted_at"]) + name_hold_s > now:
+                    raise Conflict(f"app {name} already exists", app=name)
+            hold_unchanged = (
+                Compare.mod_revision_is(hold_key, hold.mod_revision)
+                if hold is not None
+                else Compare.absent(hold_key)
+            )
+            result = self._client.txn(
+                Txn(
+                    compare=(Compare.absent(key), hold_unchanged),
+                    success=(Put(key, app.model_dump_json().encode()), Delete(hold_key)),
+                    failure=(Range(key),),
+                )
+            )
+            if result.succeeded:
+                return app
+            if answer_kv(result, 0) is not None:
+                raise Conflict(f"app {name} already exists", app=name)
+            return None  # the hold changed meanwhile: look again
+
+        return with_retries(f"app {name}", attempt)
 
     def get_app(self, name: str) -> App | None:
         kv = self._client.get(self._app_key(name))
@@ -87,8 +125,43 @@ class EtcdMachineStore:
             key=lambda app: app.name,
         )
 
-    def delete_app(self, name: str) -> None:
-        self._client.delete(self._app_key(name))
+    def delete_app(self, name: str, now: float = 0.0) -> list[str]:
+        """Delete the app and every record of its machines (configs and their versions,
+        events, leases); the name is held for its org from ``now``. Returns the ids of the
+        machines whose records were deleted."""
+        key = self._app_key(name)
+        kv = self._client.get(key)
+        if kv is None:
+            return []
+        app = App.model_validate_json(kv.value)
+        hold = json.dumps({"org_slug": app.org_slug, "deleted_at": now}).encode()
+        result = self._client.txn(
+            Txn(
+                compare=(Compare.mod_revision_is(key, kv.mod_revision),),
+                success=(Delete(key), Put(self._layout.record("app-holds", name), hold)),
+            )
+        )
+        if not result.succeeded:
+            return self.delete_app(name, now)  # recreated or changed meanwhile: once more
+        machines = self._client.range_prefix(self._layout.records("machines", name)).kvs
+        records = [Machine.model_validate_json(machine.value) for machine in machines]
+        for start in range(0, len(records), DELETE_BATCH):
+            ops: list[Op] = []
+            for machine in records[start : start + DELETE_BATCH]:
+                ops += [
+                    Delete(self._machine_key(machine.app, machine.id)),
+                    Delete(self._layout.record("machine-apps", machine.id)),
+                    Delete(self._layout.records("machine-versions", machine.id), prefix=True),
+                    Delete(self._layout.records("events", machine.id), prefix=True),
+                    Delete(self._layout.record("leases", machine.id)),
+                ]
+                if _live(machine):
+                    ops.append(Delete(self._name_key(machine)))
+            self._client.txn(Txn(success=ops))
+        with self._lock:
+            for machine in records:
+                self._app_of.pop(machine.id, None)
+        return [machine.id for machine in records]
 
     # machines
     def _machine_app(self, machine_id: str) -> str | None:
@@ -105,6 +178,9 @@ class EtcdMachineStore:
         return app
 
     def insert_machine(self, machine: Machine) -> None:
+        if not machine.app_id:
+            app = self.get_app(machine.app)
+            machine = machine.model_copy(update={"app_id": app.id if app is not None else ""})
         key = self._machine_key(machine.app, machine.id)
         compares = [Compare.absent(key)]
         ops: list[Op] = [
@@ -145,7 +221,12 @@ class EtcdMachineStore:
         kvs = self._client.range_prefix(prefix or self._layout.records("machines")).kvs
         machines = [(Machine.model_validate_json(kv.value), kv.create_revision) for kv in kvs]
         machines.sort(key=lambda pair: (pair[0].created_at, pair[1]))
-        return [m for m, _ in machines if include_destroyed or _live(m)]
+        current = self.get_app(app) if app is not None else None
+        return [
+            m
+            for m, _ in machines
+            if (include_destroyed or _live(m)) and (current is None or m.app_id == current.id)
+        ]
 
     def _change(
         self,
@@ -192,7 +273,8 @@ class EtcdMachineStore:
         return with_retries(f"machine {machine_id}", attempt)[0]
 
     def save_machine(self, machine: Machine) -> None:
-        self._change(machine.id, lambda _old: machine)
+        # app_id is the machine's for good: never rewritten
+        self._change(machine.id, lambda old: machine.model_copy(update={"app_id": old.app_id}))
 
     def set_image_ref(self, machine_id: str, image_ref: ImageRef, now: float) -> None:
         def change(machine: Machine) -> Machine:
@@ -237,16 +319,23 @@ class EtcdMachineStore:
         def versions(_machine: Machine) -> tuple[Sequence[Compare], Sequence[Op]]:
             writes: dict[str, bytes] = {}
             compares: list[Compare] = []
+            kept: dict[int, str] = {}
             for kv in self._client.range_prefix(
                 self._layout.records("machine-versions", machine_id)
             ).kvs:
                 record = _VERSION.validate_json(kv.value)
+                kept[int(record["version"])] = kv.key
                 if record.get("replaced_at") is None:
                     record["replaced_at"] = now
                     writes[kv.key] = json.dumps(record).encode()
                     compares.append(Compare.mod_revision_is(kv.key, kv.mod_revision))
-            writes[self._version_key(machine_id, version)] = _version_record(version, config, now)
-            return compares, [Put(key, value) for key, value in writes.items()]
+            new_key = self._version_key(machine_id, version)
+            writes[new_key] = _version_record(version, config, now)
+            kept[version] = new_key
+            dropped = sorted(kept)[: max(0, len(kept) - self.keep_versions)]
+            ops: list[Op] = [Delete(kept[number]) for number in dropped]
+            ops += [Put(key, value) for key, value in writes.items() if key not in ops_keys(ops)]
+            return compares, ops
 
         self._change(machine_id, change, extra=versions)
 
@@ -305,3 +394,7 @@ def _version_record(version: int, config: MachineConfig, created_at: float) -> b
             "replaced_at": None,
         }
     ).encode()
+
+
+def ops_keys(ops: Sequence[Op]) -> set[str]:
+    return {op.key for op in ops if isinstance(op, Delete)}

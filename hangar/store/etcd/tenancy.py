@@ -21,7 +21,7 @@ import json
 
 from hangar.errors import Conflict, InvalidRequest, NotFound
 from hangar.model.machine import new_ulid
-from hangar.store.etcd.client import Compare, EtcdClient, Put, Range, Txn
+from hangar.store.etcd.client import MAX_TXN_OPS, Compare, Delete, EtcdClient, Put, Range, Txn
 from hangar.store.etcd.keys import KeyLayout
 from hangar.store.etcd.records import answer_kv, with_retries
 from hangar.store.etcd.sealed import Sealer
@@ -50,20 +50,18 @@ class EtcdTenancyStore:
     def _org_key(self, slug: str) -> str:
         return self._layout.record("orgs", slug)
 
-    def create_org(self, slug: str, name: str, now: float) -> Org:
-        org = Org(slug=slug, name=name, created_at=now)
+    def create_org(self, slug: str, name: str, now: float, quotas: OrgQuotas | None = None) -> Org:
+        org = Org(slug=slug, name=name, created_at=now, quotas=quotas or OrgQuotas())
         if not self._put_new(self._org_key(slug), org.model_dump_json().encode()):
             raise Conflict(f"org {slug} already exists", org=slug)
         return org
 
-    def ensure_org(self, slug: str, now: float) -> Org:
-        self._put_new(
-            self._org_key(slug),
-            Org(slug=slug, name=slug, created_at=now).model_dump_json().encode(),
-        )
-        org = self.get_org(slug)
-        assert org is not None
-        return org
+    def ensure_org(self, slug: str, now: float, quotas: OrgQuotas | None = None) -> Org:
+        org = Org(slug=slug, name=slug, created_at=now, quotas=quotas or OrgQuotas())
+        self._put_new(self._org_key(slug), org.model_dump_json().encode())
+        found = self.get_org(slug)
+        assert found is not None
+        return found
 
     def get_org(self, slug: str) -> Org | None:
         kv = self._client.get(self._org_key(slug))
@@ -178,6 +176,17 @@ class EtcdTenancyStore:
         key = self._layout.record("audit", record.org_slug, new_ulid())
         put = self._client.put(key, record.model_dump_json(exclude={"seq"}).encode())
         return record.model_copy(update={"seq": put.revision})
+
+    def prune_audit(self, before: float) -> int:
+        """Delete the records made before ``before`` (one transaction a page of them)."""
+        pruned = 0
+        kvs = self._client.range_prefix(self._layout.records("audit")).kvs
+        old = [kv for kv in kvs if AuditRecord.model_validate_json(kv.value).timestamp < before]
+        for start in range(0, len(old), MAX_TXN_OPS):
+            page = old[start : start + MAX_TXN_OPS]
+            self._client.txn(Txn(success=tuple(Delete(kv.key) for kv in page)))
+            pruned += len(page)
+        return pruned
 
     def list_audit(
         self, org_slug: str | None = None, limit: int = 100, before_seq: int | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hangar.errors import Conflict
 from hangar.model.volume import Volume, VolumeState
-from hangar.store.etcd.client import Compare, EtcdClient, Put, Txn
+from hangar.store.etcd.client import MAX_TXN_OPS, Compare, Delete, EtcdClient, Put, Txn
 from hangar.store.etcd.keys import KeyLayout
 
 
@@ -54,6 +54,18 @@ class EtcdVolumeStore:
             and (host_id is None or volume.host_id == host_id)
             and (include_destroyed or volume.state is not VolumeState.DESTROYED)
         ]
+
+    def forget_volumes(self, app: str) -> list[str]:
+        """Delete the records of ``app``'s destroyed volumes; their ids."""
+        gone = [
+            volume
+            for volume in self.list_volumes(app, include_destroyed=True)
+            if volume.state is VolumeState.DESTROYED
+        ]
+        for start in range(0, len(gone), MAX_TXN_OPS):
+            page = gone[start : start + MAX_TXN_OPS]
+            self._client.txn(Txn(success=tuple(Delete(self._key(v.id)) for v in page)))
+        return [volume.id for volume in gone]
 
     def compare_and_set_volume(self, volume: Volume) -> bool:
         key = self._key(volume.id)
