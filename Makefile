@@ -10,8 +10,8 @@ PYTEST_ARGS ?=
 FUZZ_EXAMPLES ?= 200
 FUZZ_SECONDS ?= 3600
 
-.PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-boot bench-placement bench-proxy \
-	bench-volume bench-mixes bench-replay bench-tenancy clean
+.PHONY: deps venv demo test lint typecheck unit fuzz gpu-check bench-api bench-boot bench-placement \
+	bench-proxy bench-volume bench-mixes bench-replay bench-tenancy clean
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -50,6 +50,9 @@ fuzz: deps venv
 
 gpu-check: venv
 	$(PYTHON) scripts/gpu_check.py
+
+bench-api: deps venv
+	$(VENV)/bin/hangar bench api
 
 bench-boot: deps venv
 	$(VENV)/bin/hangar bench boot

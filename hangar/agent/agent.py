@@ -12,6 +12,7 @@ import contextlib
 import logging
 import shutil
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from hangar.agent.context import StepContext
@@ -70,7 +71,7 @@ class Agent:
         self._current: dict[str, tuple[RunRecord, asyncio.Task[RunRecord]]] = {}
         self._cancel_reasons: dict[str, str] = {}
         """run id -> why it was cancelled (a force-destroy)"""
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[str | None], None]] = []
         self.volume_watch = (
             VolumeWatch(
                 host.volumes,
@@ -137,10 +138,15 @@ class Agent:
         )
 
     # change notification, for `wait`, the DNS service and whoever watches machines
-    def notify(self) -> None:
-        self._refresh_dns()
+    def notify(self, machine_id: str | None = None) -> None:
+        """Something changed: machine ``machine_id`` (its record is read again, alone), or
+        anything (None: everything is read again)."""
+        if machine_id is None:
+            self._refresh_dns()
+        else:
+            self._refresh_dns_of(machine_id)
         for listener in list(self._listeners):
-            listener()
+            listener(machine_id)
         loop_task = asyncio.get_running_loop().create_task(self._notify_waiters())
         self._tasks.add(loop_task)
         loop_task.add_done_callback(self._tasks.discard)
@@ -149,8 +155,9 @@ class Agent:
         async with self._changed:
             self._changed.notify_all()
 
-    def on_change(self, listener: Callable[[], None]) -> Callable[[], None]:
-        """Call ``listener`` (cheap, no I/O) after every change; returns how to stop."""
+    def on_change(self, listener: Callable[[str | None], None]) -> Callable[[], None]:
+        """Call ``listener`` (cheap, no I/O) after every change, with the id of the machine
+        that changed (None: any may have); returns how to stop."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
@@ -160,6 +167,14 @@ class Agent:
             return
         app_orgs = {app.name: app.org_slug for app in self.machines.list_apps(None)}
         network.refresh_dns(app_orgs, self.machines.list_machines(None))
+
+    def _refresh_dns_of(self, machine_id: str) -> None:
+        network = self.host.network
+        if network is None or network.dns is None:
+            return
+        machine = self.machines.get_machine(machine_id)
+        app = self.machines.get_app(machine.app) if machine is not None else None
+        network.refresh_dns_of(machine_id, machine, app.org_slug if app is not None else None)
 
     async def wait_for_change(self, timeout_s: float) -> None:
         async with self._changed:
@@ -200,7 +215,7 @@ class Agent:
                     machines=self.machines,
                     runs=self.runs,
                     clock=self.clock,
-                    notify=self.notify,
+                    notify=partial(self.notify, run.machine_id),
                     submit=self.submit,
                 )
                 try:
@@ -210,7 +225,7 @@ class Agent:
                     # the store itself failed. Leave the run unfinished for the next restart.
                     log.exception("run %s could not be executed", run.id)
                     return
-                self.notify()
+                self.notify(run.machine_id)
 
     async def _execute(self, machine_id: str, run: RunRecord, ctx: StepContext) -> None:
         """Execute ``run``; if it is cancelled on purpose (:meth:`cancel_for_destroy`), roll it

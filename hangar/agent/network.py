@@ -17,7 +17,7 @@ from hangar.clock import Clock
 from hangar.errors import NetworkError
 from hangar.model.machine import Machine
 from hangar.net.attachment import Attachment
-from hangar.net.dns import DnsServer, view_from_records
+from hangar.net.dns import DnsServer, SnapshotView, dns_record, view_from_records
 from hangar.net.host import HostNetwork
 from hangar.vmm.driver import NicSpec
 
@@ -111,6 +111,15 @@ class MachineNetwork:
     def refresh_dns(self, app_orgs: Mapping[str, str], machines: Iterable[Machine]) -> None:
         if self.dns is not None:
             self.dns.set_view(view_from_records(app_orgs, machines))
+
+    def refresh_dns_of(self, machine_id: str, machine: Machine | None, org: str | None) -> None:
+        """One machine's change (``machine`` None: it is gone; ``org``: its app's org)."""
+        if self.dns is None:
+            return
+        view = self.dns.resolver.view
+        record = dns_record(machine, org) if machine is not None else None
+        if isinstance(view, SnapshotView):
+            view.put(machine_id, record)
 
     async def close(self) -> None:
         if self.dns is not None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from hangar.agent.agent import Agent
 from hangar.errors import PreconditionFailed
-from hangar.model.machine import Machine
+from hangar.model.machine import Machine, MachineState
 from hangar.model.run import StartRequest, StopRequest
 from hangar.model.services import CheckStatus
 from hangar.proxy.backends import BackendMachine, StopMode
@@ -43,27 +43,55 @@ class AgentBackends:
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
 
+    def _backend(self, machine: Machine | None) -> BackendMachine | None:
+        """The machine as the proxy sees it, if it is this host's and has services or checks."""
+        if machine is None or machine.state is MachineState.DESTROYED:
+            return None
+        if machine.host_id != self._agent.host.placement.host.id:
+            return None
+        if not (machine.config.services or machine.config.checks):
+            return None
+        return backend_of(machine)
+
     def snapshot(self) -> list[BackendMachine]:
-        host_id = self._agent.host.placement.host.id
-        return [
-            backend_of(machine)
-            for machine in self._agent.machines.list_machines(None)
-            if machine.host_id == host_id and (machine.config.services or machine.config.checks)
-        ]
+        known = (self._backend(machine) for machine in self._agent.machines.list_machines(None))
+        return [backend for backend in known if backend is not None]
 
     async def watch(self) -> AsyncIterator[Sequence[BackendMachine]]:
+        """The backends now, then again after each change. A change that names its machine
+        reads that machine alone; one that does not reads them all."""
         changed = asyncio.Event()
-        stop_listening = self._agent.on_change(changed.set)
+        pending: set[str | None] = set()
+
+        def note(machine_id: str | None) -> None:
+            pending.add(machine_id)
+            changed.set()
+
+        stop_listening = self._agent.on_change(note)
         try:
-            last: list[BackendMachine] | None = None
+            known = {backend.id: backend for backend in self.snapshot()}
+            last = list(known.values())
+            yield last
             while True:
-                snapshot = self.snapshot()
-                if snapshot != last:
-                    last = snapshot
-                    yield snapshot
                 await changed.wait()
                 changed.clear()
                 await asyncio.sleep(WATCH_COALESCE_S)
+                names, everything = set(pending), None in pending
+                pending.clear()
+                if everything:
+                    known = {backend.id: backend for backend in self.snapshot()}
+                else:
+                    for machine_id in names - {None}:
+                        assert machine_id is not None
+                        backend = self._backend(self._agent.machines.get_machine(machine_id))
+                        if backend is None:
+                            known.pop(machine_id, None)
+                        else:
+                            known[machine_id] = backend
+                snapshot = list(known.values())
+                if snapshot != last:
+                    last = snapshot
+                    yield snapshot
         finally:
             stop_listening()
 
@@ -98,7 +126,7 @@ class HealthChecks:
         if current is None or tuple(current.checks) == results:
             return
         self._agent.machines.set_checks(machine.id, list(results))
-        self._agent.notify()
+        self._agent.notify(machine.id)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._follow())

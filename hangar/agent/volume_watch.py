@@ -76,7 +76,7 @@ class VolumeWatch:
     clock: Clock
     submit: Callable[[RunRecord], bool]
     has_unfinished_run: Callable[[str], bool]
-    notify: Callable[[], None] = lambda: None
+    notify: Callable[[str | None], None] = lambda _machine_id: None
     _io_checked_at: float | None = None
     _scheduled_at: float | None = None
     """The first schedule pass comes one interval after the start (which reconciles)."""
@@ -154,7 +154,7 @@ class VolumeWatch:
         self.machines.add_event(
             machine_id, host_event(VOLUME_EVENT, status, self.clock.now(), details)
         )
-        self.notify()
+        self.notify(machine_id)
 
     # ---- daily snapshots ---------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hangar.errors import Unprocessable
 from hangar.model.config import MachineConfig, StopConfig, signal_number
 from hangar.model.duration import TokenLifetime
 from hangar.model.gpu_kinds import GPU_KINDS
@@ -204,6 +205,37 @@ class MachineView(BaseModel):
             cordoned=machine.cordoned,
             checks=machine.checks,
         )
+
+
+MAX_PAGE = 1000
+"""The most machines one page of ``GET .../machines?limit=`` may hold."""
+
+
+class MachinePage(BaseModel):
+    """``GET /v1/apps/{app}/machines?limit=N&after=ID``: at most ``limit`` machines, those
+    after machine ``after`` (oldest first). Without ``limit`` the list is whole, as Fly's
+    clients expect."""
+
+    limit: int
+    after: str | None = None
+
+    @classmethod
+    def parse(cls, limit: str | None, after: str | None) -> MachinePage | None:
+        """From the query's raw values; a bad one is a 422 naming it."""
+        if limit is None:
+            if after is not None:
+                raise Unprocessable("after: only with limit (a page size)", field="after")
+            return None
+        text = limit.strip()
+        digits = text.isascii() and text.isdigit() and len(text) <= len(str(MAX_PAGE))
+        size = int(text) if digits else 0
+        if not 1 <= size <= MAX_PAGE:
+            raise Unprocessable(
+                f"limit: {limit[:32]!r} is not a page size from 1 to {MAX_PAGE}", field="limit"
+            )
+        if after is not None and not after:
+            raise Unprocessable("after: empty (a machine id from the previous page)", field="after")
+        return cls(limit=size, after=after)
 
 
 def iso8601(timestamp: float) -> str:

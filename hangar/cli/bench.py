@@ -94,3 +94,20 @@ def bench_proxy(
 
     result = run_proxy_bench(connections, seconds, runs, haproxy_threads, wake_runs)
     typer.echo(result.report())
+
+
+@bench_app.command("api")
+def bench_api(
+    sizes: Annotated[
+        str, typer.Option(help="Fleet sizes to measure at, growing (`100,1000,10000`).")
+    ] = "100,1000,10000",
+    samples: Annotated[int, typer.Option("--samples", "-n", min=3, max=500)] = 25,
+) -> None:
+    """Machine create, get and list p50 through the API at each fleet size, one run."""
+    from hangar.bench.api import parse_sizes, run_api_bench
+
+    try:
+        fleet = parse_sizes(sizes)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--sizes") from None
+    typer.echo(run_api_bench(fleet, samples).report())

@@ -93,16 +93,38 @@ class DnsView(Protocol):
 
 
 class SnapshotView:
-    """A :class:`DnsView` over a snapshot of records; the owner swaps in a new one when they
-    change (:meth:`DnsServer.set_view`)."""
+    """A :class:`DnsView` over a snapshot of records; the owner swaps in a new one when much
+    changes (:meth:`DnsServer.set_view`), or puts one machine's change (:meth:`put`)."""
 
     def __init__(self, apps: Mapping[str, Iterable[str]], machines: Iterable[DnsMachine]) -> None:
         self._apps = {org: sorted(set(names)) for org, names in apps.items()}
+        self._by_id: dict[str, DnsMachine] = {}
         self._by_address: dict[Address, DnsMachine] = {}
-        self._by_app: dict[tuple[str, str], list[DnsMachine]] = {}
+        self._by_app: dict[tuple[str, str], dict[str, DnsMachine]] = {}
         for machine in machines:
-            self._by_address[machine.address] = machine
-            self._by_app.setdefault((machine.org, machine.app), []).append(machine)
+            self._place(machine.id, machine)
+
+    def put(self, machine_id: str, machine: DnsMachine | None) -> None:
+        """Machine ``machine_id`` is now ``machine`` (None: it is gone); its app joins its
+        org's apps."""
+        self._place(machine_id, machine)
+        if machine is not None:
+            names = self._apps.setdefault(machine.org, [])
+            if machine.app not in names:
+                names.append(machine.app)
+                names.sort()
+
+    def _place(self, machine_id: str, machine: DnsMachine | None) -> None:
+        old = self._by_id.pop(machine_id, None)
+        if old is not None:
+            if self._by_address.get(old.address) is old:
+                del self._by_address[old.address]
+            self._by_app.get((old.org, old.app), {}).pop(machine_id, None)
+        if machine is None:
+            return
+        self._by_id[machine_id] = machine
+        self._by_address[machine.address] = machine
+        self._by_app.setdefault((machine.org, machine.app), {})[machine_id] = machine
 
     def asker(self, source: Address) -> DnsMachine | None:
         return self._by_address.get(source)
@@ -111,32 +133,32 @@ class SnapshotView:
         return self._apps.get(org, [])
 
     def machines(self, org: str, app: str) -> Sequence[DnsMachine]:
-        return self._by_app.get((org, app), [])
+        return list(self._by_app.get((org, app), {}).values())
+
+
+def dns_record(machine: Machine, org: str | None) -> DnsMachine | None:
+    """What DNS knows of ``machine`` of ``org``'s app (None: nothing, without an org or a
+    ``private_ip``, or destroyed); it answers for its app while it is started."""
+    if org is None or not machine.private_ip or machine.state is MachineState.DESTROYED:
+        return None
+    return DnsMachine(
+        id=machine.id,
+        app=machine.app,
+        org=org,
+        region=machine.region,
+        host=machine.host_id,
+        address=IPv6Address(machine.private_ip),
+        started=machine.state == MachineState.STARTED,
+    )
 
 
 def view_from_records(app_orgs: Mapping[str, str], machines: Iterable[Machine]) -> SnapshotView:
-    """A view over the store's records: ``app_orgs`` maps every app to its org; a machine
-    counts once it has a ``private_ip``, and answers for its app while it is started."""
+    """A view over the store's records: ``app_orgs`` maps every app to its org."""
     apps: dict[str, list[str]] = {}
     for app, org in app_orgs.items():
         apps.setdefault(org, []).append(app)
-    known: list[DnsMachine] = []
-    for machine in machines:
-        owner = app_orgs.get(machine.app)
-        if owner is None or not machine.private_ip:
-            continue
-        known.append(
-            DnsMachine(
-                id=machine.id,
-                app=machine.app,
-                org=owner,
-                region=machine.region,
-                host=machine.host_id,
-                address=IPv6Address(machine.private_ip),
-                started=machine.state == MachineState.STARTED,
-            )
-        )
-    return SnapshotView(apps, known)
+    known = (dns_record(machine, app_orgs.get(machine.app)) for machine in machines)
+    return SnapshotView(apps, [record for record in known if record is not None])
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,12 @@
 An app is an instance with an id: its machines carry that id, so a name deleted and taken
 again (by another org, once its hold has passed) never shows the previous owner's records,
 and deleting an app deletes every record under it. A machine keeps its newest config
-versions only (``keep_versions``)."""
+versions only (``keep_versions``).
+
+Each org's usage counters (``org_usage``: what its machines that are not destroyed add up
+to, ``hangar.model.footprint``) change in the same transaction as every machine write that
+moves them, so they survive a crash exactly as the machines do. A database from before the
+counters is counted once, when it is opened (``org_usage_counted`` marks it done)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pydantic import TypeAdapter
 
 from hangar.errors import Conflict, NotFound
 from hangar.model.config import MachineConfig
+from hangar.model.footprint import Footprint, footprint_change
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 from hangar.model.services import CheckStatus
 from hangar.store.protocol import App
@@ -53,6 +59,16 @@ CREATE TABLE IF NOT EXISTS machines (
 CREATE UNIQUE INDEX IF NOT EXISTS machines_live_name
     ON machines(app, name) WHERE state != 'destroyed';
 CREATE INDEX IF NOT EXISTS machines_app ON machines(app, created_at);
+CREATE INDEX IF NOT EXISTS machines_app_page ON machines(app, created_at, id);
+CREATE TABLE IF NOT EXISTS org_usage (
+    org_slug TEXT NOT NULL,
+    counter TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    PRIMARY KEY (org_slug, counter)
+);
+CREATE TABLE IF NOT EXISTS org_usage_counted (
+    id INTEGER PRIMARY KEY CHECK (id = 1)
+);
 CREATE TABLE IF NOT EXISTS machine_versions (
     machine_id TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -125,6 +141,73 @@ class SqliteMachineStore(SqliteDatabase):
             "machines",
             {"cordoned": "INTEGER NOT NULL DEFAULT 0", "checks": "TEXT NOT NULL DEFAULT '[]'"},
         )
+        self._count_once()
+
+    # usage counters
+    def _count_once(self) -> None:
+        """Count every org's usage from its machines, if this database never has."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM org_usage_counted").fetchone() is not None:
+                return
+            totals: dict[str, Footprint] = {}
+            for row in db.execute(
+                "SELECT apps.org_slug, machines.config FROM machines JOIN apps"
+                " ON apps.name = machines.app AND machines.app_id IN ('', apps.id)"
+                " WHERE machines.state != 'destroyed'"
+            ):
+                config = MachineConfig.model_validate_json(row["config"])
+                totals.setdefault(row["org_slug"], Footprint()).add(config)
+            db.execute("DELETE FROM org_usage")
+            for org_slug, footprint in totals.items():
+                self._add_counters(db, org_slug, footprint.counters())
+            db.execute("INSERT INTO org_usage_counted VALUES (1)")
+
+    @staticmethod
+    def _add_counters(db: sqlite3.Connection, org_slug: str, change: dict[str, int]) -> None:
+        db.executemany(
+            "INSERT INTO org_usage VALUES (?, ?, ?) ON CONFLICT (org_slug, counter)"
+            " DO UPDATE SET amount = amount + excluded.amount",
+            [(org_slug, counter, amount) for counter, amount in change.items()],
+        )
+
+    def _count(
+        self,
+        db: sqlite3.Connection,
+        app: tuple[str, str],
+        before: MachineConfig | None,
+        after: MachineConfig | None,
+    ) -> None:
+        """Inside a machine write's transaction: the machine of ``app`` (its name and id)
+        counted with ``before`` now counts with ``after`` (None: not counted). A machine
+        whose app is gone (or is an earlier app of the name) counts for no org."""
+        change = footprint_change(before, after)
+        if not change:
+            return
+        row = db.execute(
+            "SELECT org_slug FROM apps WHERE name = ? AND ? IN ('', id)", app
+        ).fetchone()
+        if row is not None:
+            self._add_counters(db, row["org_slug"], change)
+
+    @staticmethod
+    def _counted_as(
+        db: sqlite3.Connection, machine_id: str
+    ) -> tuple[tuple[str, str], MachineConfig | None]:
+        """The stored machine's app (name and id) and the config it counts with (None:
+        destroyed)."""
+        row = db.execute(
+            "SELECT app, app_id, state, config FROM machines WHERE id = ?", (machine_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+        app = (row["app"], row["app_id"])
+        if row["state"] == str(MachineState.DESTROYED):
+            return app, None
+        return app, MachineConfig.model_validate_json(row["config"])
+
+    def machine_usage(self, org_slug: str) -> Footprint:
+        rows = self._query("SELECT counter, amount FROM org_usage WHERE org_slug = ?", (org_slug,))
+        return Footprint.from_counters({row["counter"]: row["amount"] for row in rows})
 
     # apps
     def create_app(self, name: str, org_slug: str, now: float, name_hold_s: float = 0.0) -> App:
@@ -172,12 +255,15 @@ class SqliteMachineStore(SqliteDatabase):
             app = db.execute("SELECT org_slug, id FROM apps WHERE name = ?", (name,)).fetchone()
             if app is None:
                 return []
-            ids = [
-                row["id"]
-                for row in db.execute(
-                    "SELECT id FROM machines WHERE app = ? OR app_id = ?", (name, app["id"])
-                ).fetchall()
-            ]
+            rows = db.execute(
+                "SELECT id, app, app_id, state, config FROM machines WHERE app = ? OR app_id = ?",
+                (name, app["id"]),
+            ).fetchall()
+            ids = [row["id"] for row in rows]
+            for row in rows:
+                if row["state"] != str(MachineState.DESTROYED):
+                    config = MachineConfig.model_validate_json(row["config"])
+                    self._count(db, (row["app"], row["app_id"]), config, None)
             for machine_id in ids:
                 for table in ("machine_versions", "events", "leases"):
                     db.execute(f"DELETE FROM {table} WHERE machine_id = ?", (machine_id,))
@@ -233,6 +319,10 @@ class SqliteMachineStore(SqliteDatabase):
                     " IFNULL(NULLIF(?, ''), IFNULL((SELECT id FROM apps WHERE name = ?), '')))",
                     (*row, machine.app),
                 )
+                stored = db.execute(
+                    "SELECT app_id FROM machines WHERE id = ?", (machine.id,)
+                ).fetchone()
+                self._count(db, (machine.app, stored["app_id"]), None, _counted(machine))
                 db.execute(
                     "INSERT INTO machine_versions VALUES (?, ?, ?, ?, NULL)",
                     (
@@ -252,7 +342,14 @@ class SqliteMachineStore(SqliteDatabase):
         rows = self._query(f"SELECT {MACHINE_SELECT} FROM machines WHERE id = ?", (machine_id,))
         return self._machine_from(rows[0]) if rows else None
 
-    def list_machines(self, app: str | None, include_destroyed: bool = False) -> list[Machine]:
+    def list_machines(
+        self,
+        app: str | None,
+        include_destroyed: bool = False,
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[Machine]:
         sql = f"SELECT {MACHINE_SELECT} FROM machines WHERE 1=1"
         params: list[Any] = []
         if app is not None:
@@ -260,18 +357,28 @@ class SqliteMachineStore(SqliteDatabase):
             params += [app, app]
         if not include_destroyed:
             sql += " AND state != 'destroyed'"
-        rows = self._query(sql + " ORDER BY created_at", tuple(params))
+        if after is not None:
+            sql += " AND (created_at, id) > (SELECT created_at, id FROM machines WHERE id = ?)"
+            params.append(after)
+        sql += " ORDER BY created_at, id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        rows = self._query(sql, tuple(params))
         return [self._machine_from(row) for row in rows]
 
     def save_machine(self, machine: Machine) -> None:
         row = self._machine_row(machine)
         # app_id is the machine's for good: never rewritten.
         assignments = ", ".join(f"{name} = ?" for name in MACHINE_COLUMNS[1:-1])
-        changed = self._execute(
-            f"UPDATE machines SET {assignments} WHERE id = ?", (*row[1:-1], row[0])
-        )
-        if not changed:
-            raise NotFound(f"machine {machine.id} not found", machine_id=machine.id)
+        with self.transaction() as db:
+            app, before = self._counted_as(db, machine.id)
+            db.execute(f"UPDATE machines SET {assignments} WHERE id = ?", (*row[1:-1], row[0]))
+            if app[0] == machine.app:
+                self._count(db, app, before, _counted(machine))
+            else:
+                self._count(db, app, before, None)
+                self._count(db, (machine.app, app[1]), None, _counted(machine))
 
     def set_image_ref(self, machine_id: str, image_ref: ImageRef, now: float) -> None:
         """Only the image reference: a concurrent metadata or config write is not lost."""
@@ -298,12 +405,24 @@ class SqliteMachineStore(SqliteDatabase):
     def set_state(
         self, machine_id: str, state: MachineState, now: float, reason: str = ""
     ) -> Machine:
-        changed = self._execute(
-            "UPDATE machines SET state = ?, updated_at = ?, failure_reason = ? WHERE id = ?",
-            (str(state), now, reason, machine_id),
-        )
-        if not changed:
-            raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+        destroyed = str(MachineState.DESTROYED)
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT app, app_id, state, config FROM machines WHERE id = ?", (machine_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+            db.execute(
+                "UPDATE machines SET state = ?, updated_at = ?, failure_reason = ? WHERE id = ?",
+                (str(state), now, reason, machine_id),
+            )
+            if (row["state"] == destroyed) != (state is MachineState.DESTROYED):
+                config = MachineConfig.model_validate_json(row["config"])
+                app = (row["app"], row["app_id"])
+                if state is MachineState.DESTROYED:
+                    self._count(db, app, config, None)
+                else:
+                    self._count(db, app, None, config)
         machine = self.get_machine(machine_id)
         assert machine is not None
         return machine
@@ -313,6 +432,7 @@ class SqliteMachineStore(SqliteDatabase):
     ) -> None:
         body = config.model_dump_json()
         with self.transaction() as db:
+            app, before = self._counted_as(db, machine_id)
             db.execute(
                 "UPDATE machine_versions SET replaced_at = ? WHERE machine_id = ?"
                 " AND replaced_at IS NULL",
@@ -329,6 +449,7 @@ class SqliteMachineStore(SqliteDatabase):
             ).rowcount
             if not changed:
                 raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+            self._count(db, app, before, None if before is None else config)
             db.execute(
                 "DELETE FROM machine_versions WHERE machine_id = ? AND version NOT IN"
                 " (SELECT version FROM machine_versions WHERE machine_id = ?"
@@ -371,3 +492,8 @@ class SqliteMachineStore(SqliteDatabase):
 
     def delete_lease(self, machine_id: str) -> None:
         self._execute("DELETE FROM leases WHERE machine_id = ?", (machine_id,))
+
+
+def _counted(machine: Machine) -> MachineConfig | None:
+    """The config ``machine`` counts with against its org's quotas (None: destroyed)."""
+    return None if machine.state is MachineState.DESTROYED else machine.config

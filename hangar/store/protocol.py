@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, Field
 
 from hangar.model.config import MachineConfig
+from hangar.model.footprint import Footprint
 from hangar.model.gpu import GpuEvent, GpuRecord
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 from hangar.model.run import RunRecord
@@ -48,7 +49,19 @@ class MachineStore(Protocol):
     # machines
     def insert_machine(self, machine: Machine) -> None: ...
     def get_machine(self, machine_id: str) -> Machine | None: ...
-    def list_machines(self, app: str | None, include_destroyed: bool = False) -> list[Machine]: ...
+    def list_machines(
+        self,
+        app: str | None,
+        include_destroyed: bool = False,
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[Machine]:
+        """Oldest first (by ``created_at``, then id). ``limit``: at most that many;
+        ``after``: only those after that machine in this order (a page's last machine; an
+        unknown id gives none)."""
+        ...
+
     def save_machine(self, machine: Machine) -> None: ...
     def set_image_ref(self, machine_id: str, image_ref: ImageRef, now: float) -> None: ...
     def set_cordoned(self, machine_id: str, cordoned: bool, now: float) -> None: ...
@@ -64,6 +77,14 @@ class MachineStore(Protocol):
         ...
 
     def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]: ...
+
+    # usage counters
+    def machine_usage(self, org_slug: str) -> Footprint:
+        """What the org's machines that are not destroyed add up to (quotas read this). Kept
+        as counters that every machine write changes in its own transaction (insert, save,
+        state, config version; an app's deletion uncounts its machines): reading them costs
+        the same however many machines there are."""
+        ...
 
     # events
     def add_event(self, machine_id: str, event: MachineEvent) -> None: ...

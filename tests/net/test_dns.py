@@ -258,3 +258,21 @@ async def test_tcp_connections_are_bounded_and_idle_ones_closed(
         assert await asyncio.wait_for(reader.read(), 5) == b""
     finally:
         writer.close()
+
+
+def test_one_machine_put_into_a_view_replaces_or_removes_only_it() -> None:
+    view = SnapshotView({"acme": ["web"]}, [LOOPBACK_MACHINE, W1])
+    moved = DnsMachine("l1", "api", "acme", "ams", "h1", IPv6Address("fd00::9"), False)
+
+    view.put("l1", moved)
+
+    assert view.asker(IPv6Address("::1")) is None
+    assert view.asker(IPv6Address("fd00::9")) == moved
+    assert view.machines("acme", "web") == [W1]
+    assert view.machines("acme", "api") == [moved]
+    assert view.apps("acme") == ["api", "web"]
+    view.put("l1", None)
+    view.put("never-there", None)
+    assert view.asker(IPv6Address("fd00::9")) is None
+    assert view.machines("acme", "api") == []
+    assert view.machines("acme", "web") == [W1]

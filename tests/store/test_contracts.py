@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from hangar.agent.steps import new_run
-from hangar.errors import Conflict
-from hangar.model.config import MachineConfig
+from hangar.errors import Conflict, NotFound
+from hangar.model.config import GuestConfig, MachineConfig
+from hangar.model.footprint import Footprint
 from hangar.model.gpu import GpuEvent, GpuRecord
 from hangar.model.machine import Lease, Machine, MachineState, host_event
 from hangar.model.run import RunStatus, StartRequest, StopRequest
@@ -90,6 +91,101 @@ def test_machines_states_names_and_versions(machines: MachineStore) -> None:
     versions = machines.list_config_versions("m2")
     assert [v["version"] for v in versions] == [1, 2]
     assert versions[0]["replaced_at"] == 3.0 and versions[1]["replaced_at"] is None
+
+
+def sized(
+    machine_id: str, app: str, memory_mb: int = 256, gpus: int = 0, created_at: float = 1.0
+) -> Machine:
+    guest = GuestConfig(memory_mb=memory_mb)
+    if gpus:
+        guest = GuestConfig(cpu_kind="performance", memory_mb=memory_mb, gpu_kind="l40s", gpus=gpus)
+    return machine(machine_id, app).model_copy(
+        update={"config": MachineConfig(image="x", guest=guest), "created_at": created_at}
+    )
+
+
+def recount(machines: MachineStore, org: str) -> Footprint:
+    """The org's usage the slow way: every machine of every app of the org."""
+    total = Footprint()
+    for app in machines.list_apps(org):
+        for each in machines.list_machines(app.name):
+            total.add(each.config)
+    return total
+
+
+def test_usage_counters_follow_every_machine_write(machines: MachineStore) -> None:
+    machines.create_app("web", "acme", 1.0)
+    machines.create_app("api", "acme", 1.0)
+    machines.create_app("other", "beta", 1.0)
+
+    def check(machines_: int, memory_mb: int, gpus: int) -> None:
+        counted = machines.machine_usage("acme")
+        assert counted == recount(machines, "acme")
+        expected_gpus = {"l40s": gpus} if gpus else {}
+        assert counted == Footprint(machines=machines_, memory_mb=memory_mb, gpus=expected_gpus)
+
+    check(0, 0, 0)
+    machines.insert_machine(sized("m1", "web", 512))
+    machines.insert_machine(sized("m2", "api", 1024, gpus=2))
+    machines.insert_machine(sized("m3", "other", 2048, gpus=1))
+    check(2, 1536, 2)
+    assert machines.machine_usage("beta") == Footprint(machines=1, memory_mb=2048, gpus={"l40s": 1})
+    with pytest.raises(Conflict):  # a failed write counts nothing
+        machines.insert_machine(sized("m4", "web", 4096).model_copy(update={"name": "m1"}))
+    check(2, 1536, 2)
+
+    machines.apply_config_version("m1", sized("m1", "web", 768, gpus=1).config, 2, "i2", 2.0)
+    check(2, 1792, 3)
+    with pytest.raises(NotFound):
+        machines.apply_config_version("nope", sized("x", "web").config, 2, "i2", 2.0)
+    machines.set_state("m1", MachineState.STARTED, 3.0)  # states short of destroyed: no change
+    check(2, 1792, 3)
+    machines.set_state("m2", MachineState.DESTROYED, 4.0)
+    check(1, 768, 1)
+    machines.set_state("m2", MachineState.DESTROYED, 4.5)  # twice: uncounted once
+    check(1, 768, 1)
+    with pytest.raises(NotFound):
+        machines.set_state("nope", MachineState.DESTROYED, 5.0)
+
+    saved = machines.get_machine("m1")
+    assert saved is not None
+    machines.save_machine(saved.model_copy(update={"config": sized("m1", "web", 128).config}))
+    check(1, 128, 0)
+    machines.save_machine(saved.model_copy(update={"state": MachineState.DESTROYED}))
+    check(0, 0, 0)
+    with pytest.raises(NotFound):
+        machines.save_machine(sized("nope", "web"))
+
+    machines.insert_machine(sized("m5", "web", 256))
+    check(1, 256, 0)
+    assert sorted(machines.delete_app("web", 6.0)) == ["m1", "m5"]  # records go, uncounted
+    check(0, 0, 0)
+    machines.create_app("web", "beta", 7.0)  # the name again, another org's app
+    machines.insert_machine(sized("m6", "web", 512))
+    check(0, 0, 0)
+    assert machines.machine_usage("beta") == recount(machines, "beta")
+    assert machines.machine_usage("beta").machines == 2
+    assert machines.machine_usage("nobody") == Footprint()
+
+
+def test_machines_page_oldest_first_after_a_cursor(machines: MachineStore) -> None:
+    # Two machines created in the same instant are ordered by id.
+    for machine_id, created_at in (("m3", 1.0), ("m1", 2.0), ("m2", 2.0), ("m0", 3.0)):
+        machines.insert_machine(sized(machine_id, "web", created_at=created_at))
+    machines.insert_machine(sized("elsewhere", "api", created_at=1.5))
+    machines.set_state("m0", MachineState.DESTROYED, 4.0)
+    whole = [m.id for m in machines.list_machines("web", include_destroyed=True)]
+    assert whole == ["m3", "m1", "m2", "m0"]
+
+    def page(limit: int, after: str | None, destroyed: bool = False) -> list[str]:
+        found = machines.list_machines("web", destroyed, limit=limit, after=after)
+        return [m.id for m in found]
+
+    assert page(2, None) == ["m3", "m1"]
+    assert page(2, "m1") == ["m2"]
+    assert page(2, "m2") == []
+    assert page(3, "m3", destroyed=True) == ["m1", "m2", "m0"]
+    assert page(2, "unknown") == []
 
 
 def test_events_newest_first_and_leases(machines: MachineStore) -> None:

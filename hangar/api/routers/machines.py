@@ -11,6 +11,7 @@ from hangar.api.schemas import (
     CreateMachineRequest,
     LeaseRequest,
     LeaseView,
+    MachinePage,
     MachineView,
     MetadataValue,
     OkResponse,
@@ -30,18 +31,31 @@ router = APIRouter(prefix="/v1/apps/{app_name}/machines", tags=["machines"])
 async def list_machines(
     services: ServicesDep,
     request: Request,
+    response: Response,
     app_name: str,
     include_deleted: bool = False,
     region: str | None = Query(None, max_length=32),
     state: str | None = Query(None, max_length=128),
+    limit: str | None = Query(None, max_length=32),
+    after: str | None = Query(None, max_length=64),
 ) -> list[MachineView]:
+    """The app's machines, oldest first: all of them, or a page with ``limit`` (1-1000) and
+    ``after`` (the last id of the page before); a ``Link: <...>; rel="next"`` header names
+    the next page while there is one."""
+    page = MachinePage.parse(limit, after)
     services.apps.require(app_name)
     metadata = {
         key.removeprefix("metadata."): value
         for key, value in request.query_params.items()
         if key.startswith("metadata.")
     }
-    return services.machines.list_views(app_name, include_deleted, state, region, metadata)
+    views, next_after = services.machines.list_views(
+        app_name, include_deleted, state, region, metadata, page
+    )
+    if page is not None and next_after is not None:
+        following = request.url.include_query_params(after=next_after)
+        response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
+    return views
 
 
 @router.post("")

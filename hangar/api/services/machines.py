@@ -13,6 +13,7 @@ from hangar.api.schemas import (
     LeaseData,
     LeaseRequest,
     LeaseView,
+    MachinePage,
     MachineView,
     StopRequest,
     UpdateMachineRequest,
@@ -111,7 +112,8 @@ class MachineService:
         return current is not None and machine.app_id in ("", current.id)
 
     def view(self, machine: Machine, event_limit: int = 10) -> MachineView:
-        view = MachineView.of(machine, self._store.list_events(machine.id, event_limit))
+        events = self._store.list_events(machine.id, event_limit) if event_limit else []
+        view = MachineView.of(machine, events)
         if self._placer is not None:
             view.host_status = self._placer.host_status(machine.host_id)
             if view.host_status != "ok":
@@ -125,18 +127,47 @@ class MachineService:
         state: str | None,
         region: str | None,
         metadata: dict[str, str],
-    ) -> list[MachineView]:
+        page: MachinePage | None = None,
+    ) -> tuple[list[MachineView], str | None]:
+        """The app's machines that match, oldest first: all of them, or with ``page`` at
+        most ``page.limit`` after ``page.after``. Also the id to pass as ``after`` for the
+        next page (None: nothing follows)."""
         wanted_states = set(state.split(",")) if state else None
-        views = []
-        for machine in self._store.list_machines(app, include_destroyed=include_deleted):
+
+        def matches(machine: Machine) -> bool:
             if wanted_states and str(machine.state) not in wanted_states:
-                continue
+                return False
             if region and machine.region != region:
-                continue
-            if any(machine.config.metadata.get(k) != v for k, v in metadata.items()):
-                continue
-            views.append(self.view(machine, event_limit=0))
-        return views
+                return False
+            return all(machine.config.metadata.get(k) == v for k, v in metadata.items())
+
+        if page is None:
+            machines = self._store.list_machines(app, include_destroyed=include_deleted)
+            return [self.view(m, event_limit=0) for m in machines if matches(m)], None
+        if page.after is not None:
+            self.require_cursor(app, page.after)
+        found: list[Machine] = []
+        after = page.after
+        # Filters apply to what the store returns, so read on until the page is full (one
+        # machine more tells whether another page follows) or the app has no more.
+        while len(found) <= page.limit:
+            chunk = self._store.list_machines(
+                app, include_destroyed=include_deleted, limit=page.limit + 1, after=after
+            )
+            found += [machine for machine in chunk if matches(machine)]
+            if len(chunk) <= page.limit:
+                break
+            after = chunk[-1].id
+        views = [self.view(machine, event_limit=0) for machine in found[: page.limit]]
+        return views, views[-1].id if len(found) > page.limit else None
+
+    def require_cursor(self, app: str, machine_id: str) -> None:
+        """``after`` must name a machine of the app (one from a page it was given)."""
+        machine = self._store.get_machine(machine_id)
+        if machine is None or machine.app != app:
+            raise Unprocessable(
+                f"after: {machine_id!r} is not a machine of app {app}", field="after"
+            )
 
     def events(self, app: str, machine_id: str, limit: int | None) -> list[MachineEvent]:
         self.require(app, machine_id)
@@ -310,7 +341,7 @@ class MachineService:
         self._agent.submit_operation(
             machine_id, PrepareRequest() if request.skip_launch else CreateRequest()
         )
-        self._agent.notify()
+        self._agent.notify(machine_id)
         return self.view(machine)
 
     def update(

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel, Field
-
 from hangar.errors import QuotaExceeded
 from hangar.model.config import GuestConfig, MachineConfig
-from hangar.model.machine import Machine
+from hangar.model.footprint import Footprint
+from hangar.model.machine import Machine, MachineState
 from hangar.model.run import UpdateRequest
 from hangar.model.volume import Volume
 from hangar.store.protocol import MachineStore, Org, OrgQuotas, RunStore, TenancyStore, VolumeStore
@@ -25,15 +24,9 @@ Limit = tuple[str, int | None, int, int, str]
 """quota name, its limit, the org's use now, its use if the request went through, unit"""
 
 
-class OrgUsage(BaseModel):
-    machines: int = 0
-    memory_mb: int = 0
-    gpus: dict[str, int] = Field(default_factory=dict)
+class OrgUsage(Footprint):
     volumes: int = 0
     volume_gb: int = 0
-
-    def add(self, config: MachineConfig, sign: int = 1) -> None:
-        self.add_largest([config], sign)
 
     def add_largest(self, configs: Sequence[MachineConfig], sign: int = 1) -> None:
         """One machine that has had, or will have, each of ``configs``: the largest of them
@@ -94,12 +87,26 @@ class QuotaService:
     ) -> list[MachineConfig]:
         return [machine.config, *pending.get(machine.id, [])]
 
+    def machine_usage(self, org_slug: str) -> OrgUsage:
+        """The org's machines: the store's counters (no machine is read), with each machine
+        that has updates pending counted at the largest of its configs (those machines are
+        read, the queued updates being few whatever the fleet)."""
+        usage = OrgUsage(**self._cluster.machine_usage(org_slug).model_dump())
+        for machine_id, configs in self._pending_configs().items():
+            machine = self._cluster.get_machine(machine_id)
+            if machine is None or machine.state is MachineState.DESTROYED:
+                continue
+            app = self._cluster.get_app(machine.app)
+            if app is None or app.org_slug != org_slug or machine.app_id not in ("", app.id):
+                continue
+            usage.add(machine.config, sign=-1)
+            usage.add_largest([machine.config, *configs])
+        return usage
+
     def usage(self, org_slug: str) -> OrgUsage:
-        usage = OrgUsage()
-        pending = self._pending_configs()
-        for app in self._cluster.list_apps(org_slug):
-            for machine in self._cluster.list_machines(app.name):
-                usage.add_largest(self._configs_of(machine, pending))
+        """The org's machines (counted) and its volumes (read)."""
+        usage = self.machine_usage(org_slug)
+        for app in self._cluster.list_apps(org_slug) if self._volumes else []:
             for volume in self._volumes.list_volumes(app.name) if self._volumes else []:
                 if volume.state.holds_space:
                     usage.add_volume(volume.size_gb)
@@ -109,7 +116,7 @@ class QuotaService:
         org = self._tenancy.get_org(org_slug)
         if org is None:
             return 0
-        return room_for(org.quotas, self.usage(org_slug), guest)
+        return room_for(org.quotas, self.machine_usage(org_slug), guest)
 
     def _org_of(self, app_name: str) -> Org | None:
         app = self._cluster.get_app(app_name)
@@ -145,7 +152,7 @@ class QuotaService:
         org = self._org_of(app_name)
         if org is None:
             return
-        before = self.usage(org.slug)
+        before = self.machine_usage(org.slug)
         after = before.model_copy(deep=True)
         if replacing is None:
             after.add(config)

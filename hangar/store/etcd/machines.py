@@ -8,6 +8,8 @@ Keys (``KeyLayout.record``)::
     machines/{app}/{machine_id}     Machine (listing an app's machines is one prefix range)
     machine-apps/{machine_id}       the app a machine belongs to (never changes: cached)
     machine-names/{app}/{name}      the id of the live (not destroyed) machine with that name
+    org-usage/{org}                 the org's usage counters (``Footprint.counters``), written
+                                    in every machine write's own transaction
     machine-versions/{id}/{version} a config version: {version, config, created_at, replaced_at}
     events/{machine_id}/{event_id}  MachineEvent, ordered by when etcd created the key
     leases/{machine_id}             Lease
@@ -32,6 +34,7 @@ from pydantic import TypeAdapter
 
 from hangar.errors import Conflict, NotFound
 from hangar.model.config import MachineConfig
+from hangar.model.footprint import Footprint, footprint_change
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 from hangar.model.services import CheckStatus
 from hangar.store.etcd.client import Compare, Delete, EtcdClient, KeyValue, Op, Put, Range, Txn
@@ -42,6 +45,7 @@ from hangar.store.protocol import App
 
 _VERSION = TypeAdapter(dict[str, Any])
 _HOLD = TypeAdapter(dict[str, Any])
+_COUNTERS = TypeAdapter(dict[str, int])
 DELETE_BATCH = 16
 """Machines whose records one transaction deletes (six keys or ranges each, under etcd's
 128 operations a transaction)."""
@@ -49,6 +53,11 @@ DELETE_BATCH = 16
 
 def _live(machine: Machine) -> bool:
     return machine.state is not MachineState.DESTROYED
+
+
+def _counted(machine: Machine) -> MachineConfig | None:
+    """The config ``machine`` counts with against its org's quotas (None: destroyed)."""
+    return machine.config if _live(machine) else None
 
 
 class EtcdMachineStore:
@@ -135,16 +144,28 @@ class EtcdMachineStore:
             return []
         app = App.model_validate_json(kv.value)
         hold = json.dumps({"org_slug": app.org_slug, "deleted_at": now}).encode()
+        machines = self._client.range_prefix(self._layout.records("machines", name)).kvs
+        records = [Machine.model_validate_json(machine.value) for machine in machines]
+        uncount = Footprint()
+        for machine in records:
+            config = _counted(machine)
+            if config is not None and machine.app_id in ("", app.id):
+                uncount.add(config, sign=-1)
+        count_compares, count_ops = (
+            self._add_usage(app.org_slug, uncount.counters()) if uncount.counters() else ([], [])
+        )
         result = self._client.txn(
             Txn(
-                compare=(Compare.mod_revision_is(key, kv.mod_revision),),
-                success=(Delete(key), Put(self._layout.record("app-holds", name), hold)),
+                compare=(Compare.mod_revision_is(key, kv.mod_revision), *count_compares),
+                success=(
+                    Delete(key),
+                    Put(self._layout.record("app-holds", name), hold),
+                    *count_ops,
+                ),
             )
         )
         if not result.succeeded:
-            return self.delete_app(name, now)  # recreated or changed meanwhile: once more
-        machines = self._client.range_prefix(self._layout.records("machines", name)).kvs
-        records = [Machine.model_validate_json(machine.value) for machine in machines]
+            return self.delete_app(name, now)  # changed meanwhile: once more
         for start in range(0, len(records), DELETE_BATCH):
             ops: list[Op] = []
             for machine in records[start : start + DELETE_BATCH]:
@@ -182,28 +203,79 @@ class EtcdMachineStore:
             app = self.get_app(machine.app)
             machine = machine.model_copy(update={"app_id": app.id if app is not None else ""})
         key = self._machine_key(machine.app, machine.id)
-        compares = [Compare.absent(key)]
-        ops: list[Op] = [
-            Put(key, machine.model_dump_json().encode()),
-            Put(self._layout.record("machine-apps", machine.id), machine.app.encode()),
-            Put(
-                self._version_key(machine.id, machine.version),
-                _version_record(machine.version, machine.config, machine.created_at),
-            ),
-        ]
-        if _live(machine):
-            compares.append(Compare.absent(self._name_key(machine)))
-            ops.append(Put(self._name_key(machine), machine.id.encode()))
-        result = self._client.txn(Txn(compare=compares, success=ops, failure=(Range(key),)))
-        if not result.succeeded:
+        name_key = self._name_key(machine)
+
+        def attempt() -> bool | None:
+            compares = [Compare.absent(key)]
+            ops: list[Op] = [
+                Put(key, machine.model_dump_json().encode()),
+                Put(self._layout.record("machine-apps", machine.id), machine.app.encode()),
+                Put(
+                    self._version_key(machine.id, machine.version),
+                    _version_record(machine.version, machine.config, machine.created_at),
+                ),
+            ]
+            if _live(machine):
+                compares.append(Compare.absent(name_key))
+                ops.append(Put(name_key, machine.id.encode()))
+            more_compares, more_ops = self._count(machine, None, _counted(machine))
+            result = self._client.txn(
+                Txn(
+                    compare=[*compares, *more_compares],
+                    success=[*ops, *more_ops],
+                    failure=(Range(key), Range(name_key)),
+                )
+            )
+            if result.succeeded:
+                return True
             if answer_kv(result, 0) is not None:
                 raise Conflict(f"machine {machine.id} already exists", machine_id=machine.id)
-            raise Conflict(
-                f"a machine named {machine.name} already exists in app {machine.app}",
-                field="name",
-            )
+            if _live(machine) and answer_kv(result, 1) is not None:
+                raise Conflict(
+                    f"a machine named {machine.name} already exists in app {machine.app}",
+                    field="name",
+                )
+            return None  # the org's counters moved meanwhile: again
+
+        with_retries(f"machine {machine.id}", attempt)
         with self._lock:
             self._app_of[machine.id] = machine.app
+
+    # usage counters
+    def _org_counting(self, machine: Machine) -> str | None:
+        """The org a machine counts for: its app's, unless the app is gone or is a later
+        instance of the name."""
+        app = self.get_app(machine.app)
+        if app is None or machine.app_id not in ("", app.id):
+            return None
+        return app.org_slug
+
+    def _count(
+        self, machine: Machine, before: MachineConfig | None, after: MachineConfig | None
+    ) -> tuple[list[Compare], list[Op]]:
+        """The compare and write that move ``machine``'s org counters from ``before`` to
+        ``after``, for the machine write's own transaction (nothing when nothing changes)."""
+        change = footprint_change(before, after)
+        org = self._org_counting(machine) if change else None
+        if org is None:
+            return [], []
+        return self._add_usage(org, change)
+
+    def _add_usage(self, org: str, change: dict[str, int]) -> tuple[list[Compare], list[Op]]:
+        key = self._layout.record("org-usage", org)
+        kv = self._client.get(key)
+        counters: dict[str, int] = _COUNTERS.validate_json(kv.value) if kv is not None else {}
+        for name, amount in change.items():
+            counters[name] = counters.get(name, 0) + amount
+        unchanged = (
+            Compare.mod_revision_is(key, kv.mod_revision) if kv is not None else Compare.absent(key)
+        )
+        kept = {name: amount for name, amount in counters.items() if amount}
+        return [unchanged], [Put(key, json.dumps(kept).encode())]
+
+    def machine_usage(self, org_slug: str) -> Footprint:
+        kv = self._client.get(self._layout.record("org-usage", org_slug))
+        return Footprint.from_counters(_COUNTERS.validate_json(kv.value) if kv else {})
 
     def _read(self, machine_id: str) -> tuple[KeyValue, Machine] | None:
         app = self._machine_app(machine_id)
@@ -216,17 +288,33 @@ class EtcdMachineStore:
         read = self._read(machine_id)
         return None if read is None else read[1]
 
-    def list_machines(self, app: str | None, include_destroyed: bool = False) -> list[Machine]:
+    def list_machines(
+        self,
+        app: str | None,
+        include_destroyed: bool = False,
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[Machine]:
+        """Oldest first (``created_at``, then id); ``after``: those after that machine."""
         prefix = self._layout.records("machines", app) if app is not None else None
         kvs = self._client.range_prefix(prefix or self._layout.records("machines")).kvs
-        machines = [(Machine.model_validate_json(kv.value), kv.create_revision) for kv in kvs]
-        machines.sort(key=lambda pair: (pair[0].created_at, pair[1]))
+        machines = sorted(
+            (Machine.model_validate_json(kv.value) for kv in kvs),
+            key=lambda machine: (machine.created_at, machine.id),
+        )
         current = self.get_app(app) if app is not None else None
-        return [
+        found = [
             m
-            for m, _ in machines
+            for m in machines
             if (include_destroyed or _live(m)) and (current is None or m.app_id == current.id)
         ]
+        if after is not None:
+            cursor = next((m for m in machines if m.id == after), None)
+            if cursor is None:
+                return []
+            found = [m for m in found if (m.created_at, m.id) > (cursor.created_at, cursor.id)]
+        return found[:limit] if limit is not None else found
 
     def _change(
         self,
@@ -259,16 +347,29 @@ class EtcdMachineStore:
                 more_compares, more_ops = extra(new)
                 compares.extend(more_compares)
                 ops.extend(more_ops)
-            result = self._client.txn(Txn(compare=compares, success=ops, failure=(Range(kv.key),)))
+            count_compares, count_ops = self._count(old, _counted(old), _counted(new))
+            compares.extend(count_compares)
+            ops.extend(count_ops)
+            name_key = self._name_key(new)
+            result = self._client.txn(
+                Txn(compare=compares, success=ops, failure=(Range(kv.key), Range(name_key)))
+            )
             if result.succeeded:
                 return (new,)
-            current = answer_kv(result, 0)
-            if current is not None and current.mod_revision == kv.mod_revision and extra is None:
+            current, named = answer_kv(result, 0), answer_kv(result, 1)
+            renamed = (_live(old), old.name) != (_live(new), new.name) and _live(new)
+            if (
+                current is not None
+                and current.mod_revision == kv.mod_revision
+                and renamed
+                and named is not None
+                and named.value != new.id.encode()
+            ):
                 raise Conflict(
                     f"a machine named {new.name} already exists in app {new.app}",
                     field="name",
                 )
-            return None
+            return None  # the machine, a config version or the org's counters moved: again
 
         return with_retries(f"machine {machine_id}", attempt)[0]
 
