@@ -14,12 +14,15 @@ Hierarchy::
      |    +-- InsufficientCapacity  422  no host can take the machine (names region and kind)
      |    +-- QuotaExceeded         422  the org would pass one of its quotas (names it)
      +-- NotFound                   404  app, machine, host or lease that does not exist
+ |    +-- ModelNotFound         404  a model (deployment) absent or not the caller's
      +-- Conflict                   409  a state or lease conflict (illegal transition, wrong nonce)
+     |    +-- NameTaken             409  a unique name in use (``name_taken``, as Fly answers)
      +-- PreconditionFailed         412  an ``If-Match``-style check failed (version, lease owner)
      +-- WaitTimeout                408  ``wait`` ran out before the machine reached the state
      +-- RequestTooLarge            413  a body over the size limit
      +-- RateLimited                429  past the rate limit (carries ``retry_after_s``)
-     +-- ServiceUnavailable         503  the proxy has no machine for a request (busy, none started)
+     +-- ServiceUnavailable         503  no machine (or model replica) can take a request now
+     +-- BadGateway                 502  an upstream (a model replica) failed or answered badly
      +-- ImageError                 failed to pull or unpack an image (recorded on the machine)
      +-- GuestBootError             failed to build or boot the guest (recorded on the machine)
      +-- VmmError                   the VMM misbehaved: launch failure, QMP failure
@@ -30,6 +33,7 @@ Hierarchy::
      |    +-- StoreUnavailable      503  the store cannot be reached or has no quorum
      |    +-- StoreRejected         the store refused a request as malformed (not retryable)
      +-- SealedValueError           a sealed (encrypted) value failed to open: wrong key, tampered
+     +-- EngineError                the model engine (llama-server) could not be fetched or built
 
 An error says whether trying again may help (``retryable``: a store that was busy, a monitor
 that timed out, a registry that did not answer), so the agent's engine retries it a bounded
@@ -91,6 +95,12 @@ class NotFound(HangarError):
 class Conflict(HangarError):
     http_status = 409
     code = "conflict"
+
+
+class NameTaken(Conflict):
+    """A name that must be unique is taken (app names are global, as on Fly)."""
+
+    code = "name_taken"
 
 
 class PreconditionFailed(HangarError):
@@ -234,10 +244,45 @@ class ServiceUnavailable(HangarError):
     http_status = 503
     code = "service_unavailable"
 
-    def __init__(self, message: str, app: str, reason: str, **fields: Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        app: str,
+        reason: str,
+        *,
+        retry_after_s: float | None = None,
+        **fields: Any,
+    ) -> None:
+        if retry_after_s is not None:
+            fields["retry_after_s"] = retry_after_s
         super().__init__(message, app=app, reason=reason, retryable=True, **fields)
         self.app = app
         self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class BadGateway(HangarError):
+    """An upstream hangar forwarded to (a model replica) failed or broke off its answer."""
+
+    http_status = 502
+    code = "bad_gateway"
+
+
+class EngineError(HangarError):
+    code = "engine_error"
+
+
+class ModelNotFound(NotFound):
+    """The one answer for a model that is absent, another org's, or outside the caller's key."""
+
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            model=model,
+            param="model",
+        )
 
 
 HTTP_STATUS_CODES: dict[int, str] = {
@@ -255,6 +300,7 @@ HTTP_STATUS_CODES: dict[int, str] = {
             Unprocessable,
             RateLimited,
             ServiceUnavailable,
+            BadGateway,
         )
     },
     405: "method_not_allowed",

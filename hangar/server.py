@@ -29,15 +29,27 @@ from hangar.api.services.apps import AppService
 from hangar.api.services.audit import AuditService
 from hangar.api.services.hosts import HostService
 from hangar.api.services.image_policy import ImagePolicy
+from hangar.api.services.llm import (
+    EngineImages,
+    HangarAuthenticator,
+    LlmService,
+    MachineReplicas,
+    StoreDeployments,
+    StoreMetering,
+)
 from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.api.services.placement import MachinePlacer
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
+from hangar.api.services.secrets import SecretService
 from hangar.api.services.tokens import TokenService
 from hangar.api.services.usage import UsageService
 from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock, SystemClock
+from hangar.llm.gateway import Gateway, GatewayConfig
+from hangar.llm.listener import GatewayListener
+from hangar.llm.pool import PoolPolicy
 from hangar.metrics import HangarMetrics, StateCollector
 from hangar.model.host import HostInfo, read_local_host
 from hangar.model.usage import DEFAULT_PRICES, PriceTable
@@ -49,7 +61,15 @@ from hangar.scheduler import ClaimStore
 from hangar.scheduler.machines import Overcommit
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
-from hangar.store.protocol import MachineStore, OrgQuotas, RunStore, TenancyStore, VolumeStore
+from hangar.store.llm import LlmStore
+from hangar.store.protocol import (
+    MachineStore,
+    OrgQuotas,
+    RunStore,
+    SecretStore,
+    TenancyStore,
+    VolumeStore,
+)
 from hangar.store.usage import SqliteUsageStore
 from hangar.volumes import VolumeHost, VolumeSettings
 from hangar.web.app import create_web_app
@@ -75,6 +95,7 @@ class EmbeddedServer:
     traffic: MachineTraffic
     metrics: HangarMetrics
     web: FastAPI
+    llm: LlmService
 
     @property
     def home(self) -> Path:
@@ -97,7 +118,8 @@ def overcommit_of(settings: Settings) -> Overcommit:
 @dataclass(frozen=True)
 class ApiStores:
     """The stores the Machines API reads and writes: one SQLite file on one host, etcd (and
-    what the agents publish) in a fleet."""
+    what the agents publish) in a fleet, where ``secrets`` and ``llm`` stay in the replica's
+    own SQLite file for now (``hangar.fleet.replica``)."""
 
     machines: MachineStore
     tenancy: TenancyStore
@@ -105,6 +127,8 @@ class ApiStores:
     runs: RunStore
     usage: SqliteUsageStore
     claims: ClaimStore
+    secrets: SecretStore
+    llm: LlmStore
 
 
 @dataclass(frozen=True)
@@ -113,6 +137,7 @@ class Api:
     guard: GuardConfig
     tokens: TokenService
     policy: AccessPolicy
+    llm: LlmService
 
 
 def build_api(
@@ -141,41 +166,68 @@ def build_api(
     orgs = OrgService(tenancy, quotas, clock, default_quotas=default_quotas)
     tokens = TokenService(tenancy, machines, clock)
     audit = AuditService(tenancy, clock, retention_s=settings.audit_retention_days * 86400)
+    apps = AppService(
+        machines,
+        tenancy,
+        orgs,
+        clock,
+        runs=stores.runs,
+        name_hold_s=settings.app_name_hold_s,
+        volumes=stores.volumes,
+        secrets=stores.secrets,
+    )
+    machine_service = MachineService(
+        machines,
+        stores.runs,
+        agent,
+        clock,
+        host,
+        quotas,
+        ImagePolicy(settings.allowed_oci_dirs),
+        capacity,
+        addresses=PrivateAddresses(machines, tenancy, network) if network is not None else None,
+        secrets=stores.secrets,
+        volumes=volumes if placer is None else None,
+        max_config_bytes=settings.max_config_bytes,
+        console=ConsoleReaders(clock, follow_max_s=settings.logs_follow_max_s),
+        placer=placer,
+    )
+    llm = LlmService(
+        stores.llm,
+        machines,
+        apps,
+        orgs,
+        machine_service,
+        volumes,
+        stores.volumes,
+        EngineImages(
+            layout=settings.llm_images_dir,
+            cache=settings.cache_dir,
+            allowed_model_dirs=settings.allowed_oci_dirs,
+            configured_server=settings.llama_server,
+        ),
+        clock,
+        host,
+    )
     services = Services(
-        apps=AppService(
-            machines,
-            tenancy,
-            orgs,
-            clock,
-            runs=stores.runs,
-            name_hold_s=settings.app_name_hold_s,
-            volumes=stores.volumes,
-        ),
-        machines=MachineService(
-            machines,
-            stores.runs,
-            agent,
-            clock,
-            host,
-            quotas,
-            ImagePolicy(settings.allowed_oci_dirs),
-            capacity,
-            addresses=PrivateAddresses(machines, tenancy, network) if network is not None else None,
-            volumes=volumes if placer is None else None,
-            max_config_bytes=settings.max_config_bytes,
-            console=ConsoleReaders(clock, follow_max_s=settings.logs_follow_max_s),
-            placer=placer,
-        ),
+        apps=apps,
+        machines=machine_service,
         orgs=orgs,
         tokens=tokens,
         audit=audit,
         hosts=hosts if hosts is not None else HostService(agent, host),
         platform=capacity,
+        secrets=SecretService(stores.secrets, clock),
         usage=UsageService(
-            stores.usage, orgs, PriceTable.parse(settings.prices, DEFAULT_PRICES), clock
+            stores.usage,
+            orgs,
+            PriceTable.parse(settings.prices, DEFAULT_PRICES),
+            clock,
+            tokens=stores.llm,
         ),
         metrics=metrics,
         volumes=volumes,
+        llm=llm,
     )
     policy = AccessPolicy(tokens, machines)
     guard = GuardConfig(
@@ -189,7 +241,7 @@ def build_api(
         body_timeout_s=settings.header_timeout_s,
         observer=metrics,
     )
-    return Api(services, guard, tokens, policy)
+    return Api(services, guard, tokens, policy, llm)
 
 
 def build_server(
@@ -205,7 +257,9 @@ def build_server(
     clock = clock or SystemClock()
     for private in (settings.home, settings.machines_dir, settings.cache_dir):
         make_private_dir(private)
-    stores = open_embedded_stores(settings.database, keep_versions=settings.config_versions_kept)
+    stores = open_embedded_stores(
+        settings.database, settings.secrets_key_file, keep_versions=settings.config_versions_kept
+    )
     machines, tenancy = stores.machines, stores.tenancy
     default_quotas = default_org_quotas(settings)
     for org_slug in {DEFAULT_ORG} | {app.org_slug for app in machines.list_apps(None)}:
@@ -231,6 +285,7 @@ def build_server(
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
         network=network,
+        secrets=stores.secrets,
         volumes=HostVolumes(
             VolumeHost(VolumeSettings.from_settings(settings), clock=clock),
             stores.volumes,
@@ -258,7 +313,16 @@ def build_server(
     api = build_api(
         settings,
         clock,
-        ApiStores(machines, tenancy, stores.volumes, stores.runs, stores.usage, claim_store),
+        ApiStores(
+            machines,
+            tenancy,
+            stores.volumes,
+            stores.runs,
+            stores.usage,
+            claim_store,
+            stores.secrets,
+            stores.llm,
+        ),
         agent,
         host,
         metrics,
@@ -275,6 +339,12 @@ def build_server(
         clock,
     )
     traffic = MachineTraffic.for_agent(agent, settings, clock)
+    if settings.llm:
+        traffic.gateway = GatewayListener(
+            model_gateway(api.llm, api.tokens, settings, clock),
+            settings.llm_bind,
+            settings.llm_port,
+        )
     app = create_app(
         services, api.guard, on_startup=traffic.start, on_shutdown=traffic.close, web=web
     )
@@ -288,6 +358,26 @@ def build_server(
         traffic=traffic,
         metrics=metrics,
         web=web,
+        llm=api.llm,
+    )
+
+
+def model_gateway(
+    llm: LlmService, tokens: TokenService, settings: Settings, clock: Clock
+) -> Gateway:
+    """The OpenAI-compatible gateway over this server's deployments (``hangar llm``)."""
+    idle_s = settings.llm_idle_s
+    return Gateway(
+        HangarAuthenticator(tokens, llm.store),
+        StoreDeployments(llm.store),
+        MachineReplicas(llm),
+        StoreMetering(llm.store),
+        clock=clock,
+        config=GatewayConfig(
+            max_body_bytes=settings.max_request_bytes,
+            reconcile_interval_s=min(5.0, idle_s / 4),
+            pool=PoolPolicy(idle_s=idle_s),
+        ),
     )
 
 
@@ -304,12 +394,14 @@ def make_private_dir(path: Path) -> None:
 
 @dataclass
 class MachineTraffic:
-    """What runs beside the agent in ``hangar server``: the health checks of its machines
-    and the proxy publishing their services (each off when the settings say so)."""
+    """What runs beside the agent in ``hangar server``: the health checks of its machines,
+    the proxy publishing their services and the model gateway (each off when the settings
+    say so)."""
 
     agent: Agent
     checks: HealthChecks | None
     proxy: Proxy | None
+    gateway: GatewayListener | None = None
 
     @classmethod
     def for_agent(cls, agent: Agent, settings: Settings, clock: Clock) -> MachineTraffic:
@@ -333,8 +425,13 @@ class MachineTraffic:
             await self.checks.start()
         if self.proxy is not None:
             await self.proxy.start()
+        if self.gateway is not None:
+            await self.gateway.start()
+            log.info("model gateway: %s", self.gateway.url)
 
     async def close(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.close()
         if self.proxy is not None:
             await self.proxy.close()
         if self.checks is not None:

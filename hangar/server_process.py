@@ -64,6 +64,7 @@ class ServerProcess:
     def start(self, extra_env: dict[str, str] | None = None) -> None:
         env = {
             **os.environ,
+            env_name("llm_port"): "0",  # the gateway on a free port: servers run side by side
             **self.extra_env,
             **(extra_env or {}),
             env_name("home"): str(self.home),

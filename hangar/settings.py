@@ -19,9 +19,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ENV_PREFIX = "HANGAR_"
 DEFAULT_PORT = 4280
 DEFAULT_API_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_LLM_PORT = 4281
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DATABASE = "hangar.db"
 OPERATOR_TOKEN_FILE = "operator.token"
+SECRETS_KEY_FILE = "secrets.key"
 
 
 def _default_home() -> Path:
@@ -141,6 +143,11 @@ class Settings(BaseSettings):
         ge=0,
         description="age after which an image or key no volume record names is removed "
         "(default 3600)",
+    )
+    secrets_key: Path | None = Field(
+        default=None,
+        description="the key file app secrets are sealed with (default `$HANGAR_HOME/secrets.key`,"
+        " made mode 0600 on first use)",
     )
     local_registries: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),
@@ -310,6 +317,29 @@ class Settings(BaseSettings):
         description="`gpu:l40s=1.25,cpu:performance=0.04,memory_gb=0.007,volume_gb=0.0002`: "
         "prices per hour that replace the defaults (Fly.io's published GPU prices)",
     )
+    llm: bool = Field(
+        default=True, description="`0`: `hangar server` runs no model gateway (`hangar llm`)"
+    )
+    llm_bind: str = Field(
+        default="127.0.0.1", description="the address the model gateway (OpenAI's API) listens on"
+    )
+    llm_port: int = Field(
+        default=DEFAULT_LLM_PORT,
+        ge=0,
+        le=65535,
+        description=f"the model gateway's port (default {DEFAULT_LLM_PORT}; 0: any free port)",
+    )
+    llm_idle_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="a model replica without requests this long is put to sleep, down to its "
+        "deployment's minimum (default 300)",
+    )
+    llama_server: Path | None = Field(
+        default=None,
+        description="a `llama-server` binary to use instead of building one (the engine image "
+        "needs it static)",
+    )
     crash_after_step: str = Field(
         default="",
         description="test hook: `operation:step` makes the agent SIGKILL itself right after "
@@ -370,6 +400,11 @@ class Settings(BaseSettings):
         return self.volumes_dir if self.volumes_dir is not None else self.home / "volumes"
 
     @property
+    def llm_images_dir(self) -> Path:
+        """The OCI layout of deployments' engine images."""
+        return self.home / "llm" / "images"
+
+    @property
     def proxy_state_dir(self) -> Path:
         return self.home / "proxy"
 
@@ -384,6 +419,10 @@ class Settings(BaseSettings):
     @property
     def fleet_key_file(self) -> Path:
         return self.etcd_key_file if self.etcd_key_file is not None else self.home / "fleet.key"
+
+    @property
+    def secrets_key_file(self) -> Path:
+        return self.secrets_key if self.secrets_key is not None else self.home / SECRETS_KEY_FILE
 
     @property
     def operator_token_file(self) -> Path:

@@ -38,6 +38,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="examples per API operation and generation mode in tests/api/test_fuzz.py",
     )
     parser.addoption(
+        "--fly-openapi",
+        default=str(REPO_ROOT.parent / "shared" / "fly" / "machines-openapi-2024-01.yaml"),
+        help="Fly's description of the Machines API that tests/api/test_fly_conformance.py "
+        "holds hangar to (default: ../shared/fly/ beside the repository)",
+    )
+    parser.addoption(
         "--fuzz-seconds",
         type=float,
         default=FUZZ_SECONDS_DEFAULT,

@@ -28,10 +28,11 @@ from hangar.clock import Clock
 from hangar.errors import NotFound, PreconditionFailed
 from hangar.model.gpu import GpuState
 from hangar.model.guest_contract import RunDir
-from hangar.model.machine import Machine, MachineState
+from hangar.model.machine import Machine, MachineState, host_event
 from hangar.model.run import ExitRequest, RunRecord, RunRequest, RunStatus
 from hangar.scheduler import Gpu
 from hangar.store.protocol import MachineStore, RunStore
+from hangar.vmm.snapshot import drop_snapshot, has_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,13 @@ class Agent:
             machine.state.holds_resources or self.has_unfinished_run(machine.id)
         )
 
+    def _keeps_volumes(self, machine: Machine | None) -> bool:
+        """A live machine keeps its volumes attached, and so does a suspended one (its saved
+        guest has them mounted)."""
+        return self._live(machine) or (
+            machine is not None and machine.state is MachineState.SUSPENDED
+        )
+
     async def reconcile(self) -> None:
         """After a (re)start: kill VMMs no record owns, drop files and claims no live machine
         owns, hand off GPUs left cleaning, resume runs."""
@@ -341,11 +349,12 @@ class Agent:
             else:
                 # Adopting a VM that still runs reads its console and control port again.
                 await self.platform.alive(handle)
+        self._settle_suspended()
         self._remove_orphan_files()
         self._reconcile_claims()
         if self.volume_watch is not None:
             self.volume_watch.reconcile(
-                lambda machine_id: self._live(self.machines.get_machine(machine_id))
+                lambda machine_id: self._keeps_volumes(self.machines.get_machine(machine_id))
             )
         if self.host.network is not None:
             owned = {
@@ -413,6 +422,24 @@ class Agent:
         assert released is not None
         return released
 
+    def _settle_suspended(self) -> None:
+        """A suspended machine of this host whose snapshot is gone (removed by hand, or lost
+        with its disk) can only boot cold: it is ``stopped``, with an event saying why."""
+        host_id = self.host.placement.host.id
+        for machine in self.machines.list_machines(None):
+            if (
+                machine.state is not MachineState.SUSPENDED
+                or machine.host_id != host_id
+                or self.has_unfinished_run(machine.id)
+                or has_snapshot(self.host.suspend_state(machine.id))
+            ):
+                continue
+            log.warning("machine %s is suspended but its snapshot is gone: stopped", machine.id)
+            reason = "its suspend snapshot is gone: the next start boots it afresh"
+            now = self.clock.now()
+            self.machines.set_state(machine.id, MachineState.STOPPED, now, reason)
+            self.machines.add_event(machine.id, host_event("stop", "stopped", now, reason=reason))
+
     def _remove_orphan_files(self) -> None:
         if not self.machines_dir.exists():
             return
@@ -426,6 +453,12 @@ class Agent:
                 continue
             if run_dir.name in handles or self.has_unfinished_run(run_dir.name):
                 continue
+            if machine.state is MachineState.SUSPENDED:
+                continue  # its boot files and snapshot are what it resumes from
+            if drop_snapshot(self.host.suspend_state(machine.id)):
+                log.warning(
+                    "dropped the suspend snapshot of %s machine %s", machine.state, machine.id
+                )
             for name in RunDir.BOOT_FILES:
                 leftover = run_dir / name
                 if leftover.exists():

@@ -33,27 +33,24 @@ class StepContext:
         return machine
 
     def record_event(
-        self, event_type: str, status: str, request: dict[str, Any] | None = None
-    ) -> None:
-        details = {"run_id": self.run.id, "operation": self.run.operation, **(request or {})}
-        self.machines.add_event(
-            self.run.machine_id, host_event(event_type, status, self.clock.now(), details)
-        )
-
-    def transition(
         self,
-        state: MachineState,
         event_type: str,
+        status: str,
+        *,
         reason: str = "",
         request: dict[str, Any] | None = None,
     ) -> None:
+        """An event of what the host did (``request``: only Fly's, an exit's)."""
+        self.machines.add_event(
+            self.run.machine_id,
+            host_event(event_type, status, self.clock.now(), request=request, reason=reason),
+        )
+
+    def transition(self, state: MachineState, event_type: str, reason: str = "") -> None:
         """Move the machine to ``state`` and record the event, once (re-running is a no-op)."""
         machine = self.machine()
         if machine.state == state and machine.failure_reason == reason:
             return
         self.machines.set_state(machine.id, state, self.clock.now(), reason)
-        details = dict(request or {})
-        if reason:
-            details["reason"] = reason
-        self.record_event(event_type, str(state), details)
+        self.record_event(event_type, str(state), reason=reason)
         self.notify()

@@ -302,7 +302,7 @@ async def gpu_boot(host: HostServices, ctx: StepContext) -> GpuBoot | None:
     )
     if memory.fallback:
         ctx.record_event(
-            "gpu_memory", "fallback", {"page_size": memory.page_size, "reason": memory.fallback}
+            "gpu_memory", "fallback", reason=f"{memory.page_size} pages: {memory.fallback}"
         )
     topology = plan_gpu_topology(passthrough, memory, await asyncio.to_thread(devices.phys_bits))
     ids = gpu_device_ids(topology)
@@ -337,7 +337,8 @@ class MapGpuAddresses:
             ctx.record_event(
                 "gpu_addresses",
                 "incomplete",
-                {"missing": missing, "effect": "Xids at unknown addresses count for every GPU"},
+                reason=f"{', '.join(missing)} not placed by the guest's firmware: "
+                "Xids at unknown addresses count for every GPU",
             )
         for group in held:
             mine = {a: b for a, b in addresses.items() if b in group.claim.functions}

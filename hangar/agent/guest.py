@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -10,7 +11,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hangar.agent.platform import GpuBoot, GuestExit, GuestNetwork, VmHandleData
+from hangar.agent.platform import BootSecrets, GpuBoot, GuestExit, GuestNetwork, VmHandleData
 from hangar.clock import Clock, SystemClock
 from hangar.devices.xid import guest_addresses
 from hangar.errors import ImageError
@@ -32,6 +33,7 @@ from hangar.vmm.accel import choose_accel, gpu_accel
 from hangar.vmm.channels import ChannelLimits
 from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec, VolumeDiskSpec
 from hangar.vmm.errors import QmpError
+from hangar.vmm.guest_exec import ExecResult, GuestProcess
 from hangar.vmm.proc import PROC_ROOT, read_process
 from hangar.vmm.qemu import QemuDriver
 from hangar.vmm.qmp import qmp_execute
@@ -182,6 +184,7 @@ class QemuGuestPlatform:
         machine: Machine,
         image_ref: ImageRef,
         dest: Path,
+        secrets: BootSecrets,
         volumes: Sequence[GuestVolume] = (),
     ) -> None:
         cached = self._cached(image_ref)
@@ -191,7 +194,8 @@ class QemuGuestPlatform:
         run_config = GuestRunConfig(
             machine_id=machine.id,
             argv=argv,
-            env={**image_config.env, **config.env},
+            # As on Fly, an app's secret wins over a variable of the same name.
+            env={**image_config.env, **config.env, **secrets.env},
             workdir=image_config.workdir or "/",
             user=image_config.user,
             hostname=machine.id,
@@ -199,7 +203,11 @@ class QemuGuestPlatform:
             files=[
                 GuestFile(
                     guest_path=item.guest_path,
-                    raw_value=item.raw_value or "",
+                    raw_value=(
+                        base64.b64encode(secrets.files[item.secret_name]).decode()
+                        if item.secret_name is not None
+                        else item.raw_value or ""
+                    ),
                     mode=0o644 if item.mode is None else item.mode,
                 )
                 for item in config.files
@@ -218,6 +226,7 @@ class QemuGuestPlatform:
         partial.unlink(missing_ok=True)
         os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         await asyncio.to_thread(initramfs.machine_initrd, base, run_config, partial, extras)
+        # Secrets among them: still its owner's alone once written.
         partial.chmod(0o600)
         partial.rename(dest)
 
@@ -277,6 +286,31 @@ class QemuGuestPlatform:
     def qmp_socket(self, handle: VmHandleData) -> Path | None:
         socket = handle.get("qmp_socket")
         return Path(socket) if isinstance(socket, str) else None
+
+    async def resume(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        network: GuestNetwork | None,
+        snapshot: Path,
+        volumes: Sequence[VolumeDiskSpec] = (),
+    ) -> VmHandleData:
+        spec = await self.vm_spec(machine, run_dir, None, network, volumes)
+        handle = await self.driver.launch(spec.model_copy(update={"incoming_snapshot": snapshot}))
+        return handle.model_dump(mode="json")
+
+    async def suspend(self, handle: VmHandleData, snapshot: Path) -> None:
+        await self.driver.suspend(VmHandle.model_validate(handle), snapshot)
+
+    async def exec(
+        self, handle: VmHandleData, argv: Sequence[str], stdin: bytes, timeout_s: float
+    ) -> ExecResult:
+        return await self.driver.exec(
+            VmHandle.model_validate(handle), argv, stdin=stdin, timeout_s=timeout_s
+        )
+
+    async def processes(self, handle: VmHandleData) -> list[GuestProcess]:
+        return await self.driver.processes(VmHandle.model_validate(handle))
 
     async def gpu_addresses(
         self, handle: VmHandleData, device_ids: Mapping[str, str]

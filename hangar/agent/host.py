@@ -1,6 +1,6 @@
 """What the agent's steps act on besides the machine store: this host's guest platform, its
-run directories, its claims (through the scheduler), its GPUs and its volumes. Plans build
-each step with the parts it needs."""
+run directories, its claims (through the scheduler), its GPUs, its private network, its
+volumes and the apps' secrets. Plans build each step with the parts it needs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
 from hangar.agent.volumes import HostVolumes
-from hangar.store.protocol import GpuStore
+from hangar.model.guest_contract import RunDir
+from hangar.store.protocol import GpuStore, SecretStore
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,15 @@ class HostServices:
     """This host's GPU devices; None where the host has no GPU support configured."""
     network: MachineNetwork | None = None
     """This host's private network; None where machines run without one."""
+    secrets: SecretStore | None = None
+    """Apps' secrets, for the boots of their machines; None: machines boot without any."""
     volumes: HostVolumes | None = None
     """This host's volumes; None where the host keeps none (a machine that mounts one
     fails to start there)."""
 
     def run_dir(self, machine_id: str) -> Path:
         return self.machines_dir / machine_id
+
+    def suspend_state(self, machine_id: str) -> Path:
+        """Where the machine's suspend snapshot is kept."""
+        return self.run_dir(machine_id) / RunDir.SUSPEND_STATE

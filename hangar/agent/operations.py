@@ -31,6 +31,8 @@ from hangar.agent.steps import (
     AttachNetwork,
     DetachNetwork,
     DropLease,
+    DropSnapshot,
+    ForgetVm,
     LaunchVm,
     MarkFailed,
     MarkStoppedAfterFailure,
@@ -42,7 +44,11 @@ from hangar.agent.steps import (
     ReleaseVm,
     RemoveRunDir,
     ResolveImage,
+    ResumeVm,
+    SettleSuspend,
+    StopIfSuspended,
     StopVm,
+    SuspendVm,
     Transition,
 )
 from hangar.agent.volume_steps import (
@@ -71,6 +77,7 @@ from hangar.model.run import (
     RunRequest,
     StartRequest,
     StopRequest,
+    SuspendRequest,
     UpdateRequest,
     VolumeCreateRequest,
     VolumeDeleteRequest,
@@ -101,12 +108,15 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
         ReleaseVm(host),
         CollectGpuXids(host, run_dir),
         DetachNetwork(host),
-        DetachVolumes(host),
+        DetachVolumes(host, keep_if_suspended=True),
         ReleaseClaim(host),
-        MarkFailed(),
+        MarkFailed(snapshot=host.suspend_state(subject)),
     ]
 
     def boot(fresh_image: bool) -> list[Step]:
+        # A suspended machine is restored (resume_vm) on its tap, so the tap comes first;
+        # the cold boot's steps after it then find their work done, or do it when the
+        # snapshot could not be restored.
         return [
             Transition("mark_starting", S.STARTING, "start"),
             ResolveImage(host.platform, fresh=fresh_image),
@@ -115,9 +125,10 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             ClaimGpuGroups(host),
             BindGpus(host),
             PrepareNvlink(host),
-            PrepareRootDisk(host.platform, run_dir),
-            PrepareInitrd(host.platform, run_dir, host.volumes),
             AttachNetwork(host),
+            ResumeVm(host),
+            PrepareRootDisk(host.platform, run_dir),
+            PrepareInitrd(host, run_dir),
             LaunchVm(host),
             MapGpuAddresses(host),
             Transition("mark_started", S.STARTED, "start"),
@@ -130,6 +141,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             StopVm(host.platform, timeout_s=timeout_s, signum=signum),
             RecordExit(host.platform, requested=requested),
             CollectGpuXids(host, run_dir),
+            DropSnapshot(host),
             ReleaseVm(host),
         ]
 
@@ -166,7 +178,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 "restart",
                 [
                     Transition("mark_stopping", S.STOPPING, "restart"),
-                    *halt(requested=True),
+                    *halt(requested=True, timeout_s=request.timeout_s, signum=request.signal),
                     *boot(fresh_image=False),
                 ],
                 launch_rollback,
@@ -180,11 +192,36 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 DetachNetwork(host),
                 DetachVolumes(host),
                 ReleaseClaim(host),
-                ApplyConfig(request.config, request.version, request.instance_id),
+                ApplyConfig(
+                    request.config, request.version, request.instance_id, request.metadata_before
+                ),
             ]
             if request.relaunch:
                 steps += boot(fresh_image=True)
+            else:
+                steps.append(StopIfSuspended(host))
             return Plan("update", steps, launch_rollback)
+        case SuspendRequest():
+            # The claim and the tap go back: a suspended machine holds no host resources,
+            # and is placed again when it is started. Its volumes stay attached: the saved
+            # guest has them mounted (stop, update and destroy detach them).
+            return Plan(
+                "suspend",
+                [
+                    Transition("mark_suspending", S.SUSPENDING, "suspend"),
+                    SuspendVm(host),
+                    ForgetVm(host),
+                    DetachNetwork(host),
+                    ReleaseClaim(host),
+                    Transition("mark_suspended", S.SUSPENDED, "suspend"),
+                ],
+                [
+                    ForgetVm(host),
+                    DetachNetwork(host, unless_vm_recorded=True),
+                    ReleaseClaim(host, unless_vm_recorded=True),
+                    SettleSuspend(host),
+                ],
+            )
         case ExitRequest():
             return Plan(
                 "exit",

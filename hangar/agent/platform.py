@@ -7,7 +7,7 @@ The agent's steps speak only this protocol; the real implementation composes
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,6 +17,7 @@ from hangar.images.run_config import GuestVolume
 from hangar.model.machine import ImageRef, Machine
 from hangar.vmm.driver import NicSpec, VolumeDiskSpec
 from hangar.vmm.gpu_topology import GpuTopology
+from hangar.vmm.guest_exec import ExecResult, GuestProcess
 
 VmHandleData = dict[str, Any]
 
@@ -27,6 +28,18 @@ class GuestNetwork:
 
     nic: NicSpec
     kernel_args: list[str]
+
+
+@dataclass(frozen=True)
+class BootSecrets:
+    """What a boot gets of its app's secrets: variables for the process's environment, and
+    the content of each secret a ``files[].secret_name`` names. Never logged."""
+
+    env: Mapping[str, str] = field(default_factory=dict)
+    files: Mapping[str, bytes] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"BootSecrets(env={sorted(self.env)}, files={sorted(self.files)})"
 
 
 class GuestExit(BaseModel):
@@ -63,9 +76,12 @@ class GuestPlatform(Protocol):
         machine: Machine,
         image_ref: ImageRef,
         dest: Path,
+        secrets: BootSecrets,
         volumes: Sequence[GuestVolume] = (),
     ) -> None:
-        """The machine's initrd; with ``volumes``, the volume tools and what init mounts."""
+        """Write the machine's initrd (its process, environment, secrets and files; with
+        ``volumes``, the volume tools and what init mounts); atomic, readable by its owner
+        alone."""
         ...
 
     async def launch(
@@ -84,6 +100,33 @@ class GuestPlatform(Protocol):
     def qmp_socket(self, handle: VmHandleData) -> Path | None:
         """The VMM's monitor, where volume operations on a running machine go."""
         ...
+
+    async def resume(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        network: GuestNetwork | None,
+        snapshot: Path,
+        volumes: Sequence[VolumeDiskSpec] = (),
+    ) -> VmHandleData:
+        """Restore the machine from its suspend ``snapshot`` (the boot files in ``run_dir``
+        as it left them, ``volumes`` as the disks it had): the guest runs on where it was.
+        The snapshot is consumed; one that
+        cannot be restored raises ``SnapshotUnusable`` and is dropped."""
+        ...
+
+    async def suspend(self, handle: VmHandleData, snapshot: Path) -> None:
+        """Save the guest into ``snapshot`` and end its VMM (``SuspendFailed`` says whether
+        the guest runs on)."""
+        ...
+
+    async def exec(
+        self, handle: VmHandleData, argv: Sequence[str], stdin: bytes, timeout_s: float
+    ) -> ExecResult:
+        """Run ``argv`` inside the guest (its exec channel), never on the host."""
+        ...
+
+    async def processes(self, handle: VmHandleData) -> list[GuestProcess]: ...
 
     async def gpu_addresses(
         self, handle: VmHandleData, device_ids: Mapping[str, str]

@@ -4,7 +4,7 @@ agent, and the health checks that feed it.
 Snapshots are rebuilt when the agent says something changed (coalesced: a burst of changes
 makes one snapshot); the checks runner follows the same snapshots and writes each machine's
 results to its record, which is itself a change. Autostart and autostop are agent runs like
-any other (``start``, ``stop``).
+any other (``start``, ``stop``, ``suspend``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from hangar.agent.agent import Agent
 from hangar.errors import PreconditionFailed
 from hangar.model.machine import Machine, MachineState
-from hangar.model.run import StartRequest, StopRequest
+from hangar.model.run import StartRequest, StopRequest, SuspendRequest
 from hangar.model.services import CheckStatus
 from hangar.proxy.backends import BackendMachine, StopMode
 from hangar.proxy.checks import CheckRunner
@@ -105,11 +105,17 @@ class AgentBackends:
             self._agent.submit_operation(machine.id, StartRequest())
 
     async def stop(self, machine: BackendMachine, mode: StopMode) -> None:
+        """Autostop: suspend where asked and possible (a GPU machine cannot be), else stop."""
         record = self._agent.machines.get_machine(machine.id)
         if record is None or not record.state.holds_resources:
             return
         if not self._agent.has_unfinished_run(machine.id):
-            self._agent.submit_operation(machine.id, StopRequest())
+            suspend = (
+                mode == "suspend"
+                and record.state is MachineState.STARTED
+                and not record.config.guest.gpus
+            )
+            self._agent.submit_operation(machine.id, SuspendRequest() if suspend else StopRequest())
 
 
 class HealthChecks:

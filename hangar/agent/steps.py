@@ -14,12 +14,12 @@ from typing import Any
 from hangar.agent.context import StepContext
 from hangar.agent.gpu_steps import gpu_boot, record_claimed, release_gpus_for_handoff
 from hangar.agent.host import HostServices
-from hangar.agent.platform import GuestNetwork, GuestPlatform
-from hangar.agent.volumes import HostVolumes
-from hangar.errors import VolumeError
+from hangar.agent.platform import BootSecrets, GuestNetwork, GuestPlatform
+from hangar.agent.secrets import boot_secrets
+from hangar.errors import VmmError, VolumeError
 from hangar.model.config import MachineConfig
 from hangar.model.guest_contract import RunDir
-from hangar.model.machine import Machine, MachineState, new_ulid
+from hangar.model.machine import Machine, MachineState, new_ulid, rfc3339
 from hangar.model.run import (
     DestroyRequest,
     RunRecord,
@@ -28,6 +28,8 @@ from hangar.model.run import (
     StartRequest,
 )
 from hangar.vmm.driver import VolumeDiskSpec
+from hangar.vmm.errors import SnapshotUnusable
+from hangar.vmm.snapshot import SnapshotFiles, drop_snapshot, has_snapshot
 
 RESTART_WINDOW_S = 300.0
 
@@ -57,9 +59,7 @@ class Transition:
         return ctx.machine().state != self.state
 
     async def run(self, ctx: StepContext) -> None:
-        progress = ctx.run.progress
-        request = {"exit_code": progress.exit_code} if progress.exit_recorded else {}
-        ctx.transition(self.state, self.event_type, request=request)
+        ctx.transition(self.state, self.event_type)
 
 
 @dataclass(frozen=True)
@@ -105,14 +105,18 @@ class PlaceMachine:
 class ReleaseClaim:
     """Give back what the machine holds on this host; its GPUs go to a handoff (reset and
     verified before anyone else gets them). ``keep_if_restarting``: an exit whose restart
-    policy boots the machine again keeps its claim, GPUs included."""
+    policy boots the machine again keeps its claim, GPUs included. ``unless_vm_recorded``:
+    kept while a VM handle is recorded (a suspend rolled back to a guest that runs on)."""
 
     host: HostServices
     keep_if_restarting: bool = False
+    unless_vm_recorded: bool = False
     name: str = "release_claim"
 
     async def should_run(self, ctx: StepContext) -> bool:
         if self.keep_if_restarting and ctx.run.progress.restart_decision == "restart":
+            return False
+        if self.unless_vm_recorded and ctx.runs.get_vm_handle(ctx.run.machine_id) is not None:
             return False
         return self.host.placement.claim_of(ctx.run.machine_id) is not None
 
@@ -140,14 +144,18 @@ class AttachNetwork:
 @dataclass(frozen=True)
 class DetachNetwork:
     """No tap for the machine, and a ruleset without it. ``keep_if_restarting``: an exit whose
-    restart policy boots the machine again keeps its tap."""
+    restart policy boots the machine again keeps its tap; ``unless_vm_recorded``: kept while
+    a VM handle is recorded."""
 
     host: HostServices
     keep_if_restarting: bool = False
+    unless_vm_recorded: bool = False
     name: str = "detach_network"
 
     async def should_run(self, ctx: StepContext) -> bool:
         if self.keep_if_restarting and ctx.run.progress.restart_decision == "restart":
+            return False
+        if self.unless_vm_recorded and ctx.runs.get_vm_handle(ctx.run.machine_id) is not None:
             return False
         network = self.host.network
         return network is not None and await network.has_tap(ctx.run.machine_id)
@@ -175,12 +183,12 @@ class PrepareRootDisk:
 
 @dataclass(frozen=True)
 class PrepareInitrd:
-    """The machine's initrd: its run config and, when it mounts volumes, the volume tools
-    and the mounts init makes (``volumes``: this host's)."""
+    """The boot's initrd: the machine's process, environment and files, with its app's
+    secrets (as environment unless ``skip_secrets``, and the files that name one) and, when
+    it mounts volumes, the volume tools and the mounts init makes (this host's volumes)."""
 
-    platform: GuestPlatform
+    host: HostServices
     run_dir: Path
-    volumes: HostVolumes | None = None
     name: str = "prepare_initrd"
 
     async def should_run(self, ctx: StepContext) -> bool:
@@ -188,14 +196,19 @@ class PrepareInitrd:
 
     async def run(self, ctx: StepContext) -> None:
         machine = ctx.machine()
+        secrets = (
+            boot_secrets(self.host.secrets, machine)
+            if self.host.secrets is not None
+            else BootSecrets()
+        )
         mounts = []
         if machine.config.mounts:
-            if self.volumes is None:
+            if self.host.volumes is None:
                 raise VolumeError("this host keeps no volumes", retryable=False)
-            mounts = self.volumes.guest_mounts(machine)
+            mounts = self.host.volumes.guest_mounts(machine)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await self.platform.prepare_initrd(
-            machine, machine.image_ref, self.run_dir / RunDir.INITRD, mounts
+        await self.host.platform.prepare_initrd(
+            machine, machine.image_ref, self.run_dir / RunDir.INITRD, secrets, mounts
         )
 
 
@@ -228,6 +241,87 @@ def kill_unrecorded_vmms(host: HostServices, ctx: StepContext) -> None:
             host.platform.kill_process(pid)
 
 
+def unlink_boot_files(run_dir: Path) -> None:
+    """Drop the boot's root disk and initrd: the next boot builds them afresh from the image."""
+    for name in RunDir.BOOT_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+async def forget_stale_vm(host: HostServices, ctx: StepContext) -> None:
+    """Before a VMM is started: none of this machine's may run (a launch cut short by a crash,
+    or a recorded one that no longer answers)."""
+    kill_unrecorded_vmms(host, ctx)
+    stale = ctx.runs.get_vm_handle(ctx.run.machine_id)
+    if stale is not None:
+        await host.platform.kill(stale)
+        ctx.runs.delete_vm_handle(ctx.run.machine_id)
+
+
+async def guest_network(host: HostServices, ctx: StepContext) -> GuestNetwork | None:
+    if host.network is None:
+        return None
+    nic, kernel_args = await host.network.guest_network(ctx.machine())
+    return GuestNetwork(nic=nic, kernel_args=kernel_args)
+
+
+@dataclass(frozen=True)
+class ResumeVm:
+    """Start a suspended machine from its snapshot: QEMU restores the saved guest, which runs
+    on where it was (its processes, memory and uptime) on the root disk it left, with its
+    volumes (kept attached while it was suspended) as the same disks. A snapshot
+    that cannot be restored is dropped, with an event saying why, and the boot files go, so
+    the steps after this boot the machine cold. Whether a restore was begun is recorded before
+    QEMU starts: after a crash that left no snapshot, the guest may have run on from its disk,
+    so that disk is dropped too."""
+
+    host: HostServices
+    name: str = "resume_vm"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        if await live_handle(self.host.platform, ctx) is not None:
+            return False
+        return ctx.run.progress.resume_attempted or has_snapshot(
+            self.host.suspend_state(ctx.run.machine_id)
+        )
+
+    async def run(self, ctx: StepContext) -> None:
+        machine_id = ctx.run.machine_id
+        state = self.host.suspend_state(machine_id)
+        run_dir = self.host.run_dir(machine_id)
+        progress = ctx.run.progress
+        await forget_stale_vm(self.host, ctx)
+        if not has_snapshot(state):
+            drop_snapshot(state)
+            unlink_boot_files(run_dir)
+            progress.resume_attempted = False
+            ctx.record_event(
+                "resume",
+                "cold_boot",
+                reason="a restore was cut short and its snapshot is gone: the machine boots "
+                "afresh from its image",
+            )
+            return
+        progress.resume_attempted = True
+        ctx.runs.save_run(ctx.run)
+        machine = ctx.machine()
+        network = await guest_network(self.host, ctx)
+        async with boot_volumes(self.host, machine) as volumes:
+            try:
+                handle = await self.host.platform.resume(machine, run_dir, network, state, volumes)
+            except SnapshotUnusable as error:
+                unlink_boot_files(run_dir)
+                progress.resume_attempted = False
+                ctx.record_event(
+                    "resume",
+                    "cold_boot",
+                    reason=f"the suspend snapshot could not be restored ({error.reason}): {error}",
+                )
+                return
+            ctx.runs.put_vm_handle(machine_id, handle)
+        progress.exit_recorded = False
+        ctx.record_event("resume", "resumed")
+
+
 @dataclass(frozen=True)
 class LaunchVm:
     host: HostServices
@@ -237,24 +331,118 @@ class LaunchVm:
         return await live_handle(self.host.platform, ctx) is None
 
     async def run(self, ctx: StepContext) -> None:
-        platform = self.host.platform
-        kill_unrecorded_vmms(self.host, ctx)
-        stale = ctx.runs.get_vm_handle(ctx.run.machine_id)
-        if stale is not None:
-            await platform.kill(stale)
-            ctx.runs.delete_vm_handle(ctx.run.machine_id)
+        await forget_stale_vm(self.host, ctx)
         run_dir = self.host.run_dir(ctx.run.machine_id)
         (run_dir / RunDir.CONTROL_LOG).unlink(missing_ok=True)
         gpus = await gpu_boot(self.host, ctx)
         machine = ctx.machine()
-        network = None
-        if self.host.network is not None:
-            nic, kernel_args = await self.host.network.guest_network(machine)
-            network = GuestNetwork(nic=nic, kernel_args=kernel_args)
+        network = await guest_network(self.host, ctx)
         async with boot_volumes(self.host, machine) as volumes:
-            handle = await platform.launch(machine, run_dir, gpus, network, volumes)
+            handle = await self.host.platform.launch(machine, run_dir, gpus, network, volumes)
             ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
         ctx.run.progress.exit_recorded = False
+
+
+@dataclass(frozen=True)
+class SuspendVm:
+    """Save the guest into the machine's snapshot (QMP migration to a file) and end its VMM;
+    the root disk and initrd stay exactly as the guest left them. A failure that leaves the
+    guest running is retried, then rolls back to ``started``; one that ended QEMU rolls back
+    to ``started`` as well, where the guest monitor records the exit."""
+
+    host: HostServices
+    name: str = "suspend_vm"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        handle = ctx.runs.get_vm_handle(ctx.run.machine_id)
+        if handle is not None and self.host.platform.running(handle):
+            return True
+        return not has_snapshot(self.host.suspend_state(ctx.run.machine_id))
+
+    async def run(self, ctx: StepContext) -> None:
+        handle = ctx.runs.get_vm_handle(ctx.run.machine_id)
+        if handle is None:
+            raise VmmError(
+                f"machine {ctx.run.machine_id} has no VM to suspend",
+                machine_id=ctx.run.machine_id,
+            )
+        await self.host.platform.suspend(handle, self.host.suspend_state(ctx.run.machine_id))
+
+
+@dataclass(frozen=True)
+class ForgetVm:
+    """Once its snapshot is whole: no VMM for the machine (suspend ended it) and no handle.
+    The boot files are kept; the snapshot was taken over them."""
+
+    host: HostServices
+    name: str = "forget_vm"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        return ctx.runs.get_vm_handle(ctx.run.machine_id) is not None and has_snapshot(
+            self.host.suspend_state(ctx.run.machine_id)
+        )
+
+    async def run(self, ctx: StepContext) -> None:
+        handle = ctx.runs.get_vm_handle(ctx.run.machine_id)
+        if handle is not None:
+            await self.host.platform.kill(handle)
+        kill_unrecorded_vmms(self.host, ctx)
+        ctx.runs.delete_vm_handle(ctx.run.machine_id)
+
+
+@dataclass(frozen=True)
+class SettleSuspend:
+    """A suspend's rollback ends here: ``suspended`` if its snapshot is whole and no VM is
+    recorded (what failed came after the save), otherwise ``started``, without any partial
+    snapshot (the guest runs on, or the guest monitor records how it ended)."""
+
+    host: HostServices
+    name: str = "settle_suspend"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        return ctx.machine().state == MachineState.SUSPENDING
+
+    async def run(self, ctx: StepContext) -> None:
+        state = self.host.suspend_state(ctx.run.machine_id)
+        recorded = ctx.runs.get_vm_handle(ctx.run.machine_id) is not None
+        if has_snapshot(state) and not recorded:
+            ctx.transition(MachineState.SUSPENDED, "suspend", reason=ctx.run.error)
+            return
+        drop_snapshot(state)
+        ctx.transition(MachineState.STARTED, "suspend", reason=ctx.run.error)
+
+
+@dataclass(frozen=True)
+class DropSnapshot:
+    """The machine's suspend snapshot is dropped (stop, update, destroy of a suspended
+    machine), manifest first, so nothing left ever looks restorable."""
+
+    host: HostServices
+    name: str = "drop_snapshot"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        files = SnapshotFiles(self.host.suspend_state(ctx.run.machine_id))
+        return any(path.exists() for path in files.all())
+
+    async def run(self, ctx: StepContext) -> None:
+        if drop_snapshot(self.host.suspend_state(ctx.run.machine_id)):
+            ctx.record_event("suspend", "dropped", reason=f"{ctx.run.operation} of the machine")
+
+
+@dataclass(frozen=True)
+class StopIfSuspended:
+    """A suspended machine whose snapshot was dropped is ``stopped``."""
+
+    host: HostServices
+    name: str = "stop_if_suspended"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        return ctx.machine().state == MachineState.SUSPENDED and not has_snapshot(
+            self.host.suspend_state(ctx.run.machine_id)
+        )
+
+    async def run(self, ctx: StepContext) -> None:
+        ctx.transition(MachineState.STOPPED, "stop")
 
 
 @dataclass(frozen=True)
@@ -300,38 +488,56 @@ class RecordExit:
         outcome = await self.platform.guest_exit(handle)
         exit_event: dict[str, Any] = {
             "exit_code": outcome.exit_code if outcome.exit_code is not None else -1,
-            "guest_exit_code": outcome.exit_code,
+            "guest_exit_code": outcome.exit_code if outcome.exit_code is not None else -1,
+            "guest_signal": 0,
+            "oom_killed": False,
             "requested_stop": self.requested,
-            "exited_at": int(ctx.clock.now() * 1000),
+            "restarting": False,
+            "signal": 0,
+            "exited_at": rfc3339(ctx.clock.now()),
         }
         if outcome.guest_error:
             exit_event["guest_error"] = outcome.guest_error
-        ctx.record_event("exit", "stopped", {"exit_event": exit_event})
+        restarts = sum(
+            1 for e in ctx.machines.list_events(ctx.run.machine_id) if e.type == "restart"
+        )
+        ctx.record_event(
+            "exit",
+            "stopped",
+            request={"exit_event": exit_event, "restart_count": restarts},
+            reason=outcome.guest_error,
+        )
         ctx.run.progress.exit_code = outcome.exit_code
         ctx.run.progress.exit_recorded = True
 
 
 @dataclass(frozen=True)
 class ReleaseVm:
-    """Make sure no VMM runs for this machine, then free its per-boot files and handle."""
+    """Make sure no VMM runs for this machine, then free its per-boot files and handle. The
+    boot files stay while a whole suspend snapshot does (it was taken over them): dropping
+    the snapshot is :class:`DropSnapshot`'s."""
 
     host: HostServices
     name: str = "release_vm"
 
+    def _boot_files_to_drop(self, machine_id: str) -> bool:
+        run_dir = self.host.run_dir(machine_id)
+        return any((run_dir / name).exists() for name in RunDir.BOOT_FILES) and (
+            not has_snapshot(self.host.suspend_state(machine_id))
+        )
+
     async def should_run(self, ctx: StepContext) -> bool:
         if ctx.runs.get_vm_handle(ctx.run.machine_id) is not None:
             return True
-        run_dir = self.host.run_dir(ctx.run.machine_id)
-        return any((run_dir / name).exists() for name in RunDir.BOOT_FILES)
+        return self._boot_files_to_drop(ctx.run.machine_id)
 
     async def run(self, ctx: StepContext) -> None:
         handle = ctx.runs.get_vm_handle(ctx.run.machine_id)
         if handle is not None:
             await self.host.platform.kill(handle)
         kill_unrecorded_vmms(self.host, ctx)
-        run_dir = self.host.run_dir(ctx.run.machine_id)
-        for name in RunDir.BOOT_FILES:
-            (run_dir / name).unlink(missing_ok=True)
+        if self._boot_files_to_drop(ctx.run.machine_id):
+            unlink_boot_files(self.host.run_dir(ctx.run.machine_id))
         ctx.runs.delete_vm_handle(ctx.run.machine_id)
 
 
@@ -362,11 +568,14 @@ class DropLease:
 class ApplyConfig:
     """Make ``config`` the machine's version ``version`` with a new ``instance_id`` (the old
     version is kept as replaced), in one store transaction: the version that ``should_run``
-    looks at and the instance id can never disagree."""
+    looks at and the instance id can never disagree. Metadata keys set or removed through the
+    metadata endpoints since the update was asked for (``metadata_before`` is what the
+    machine had then) stay as they were set: the later write wins."""
 
     config: MachineConfig
     version: int
     instance_id: str
+    metadata_before: dict[str, str] | None = None
     name: str = "apply_config"
 
     async def should_run(self, ctx: StepContext) -> bool:
@@ -374,23 +583,38 @@ class ApplyConfig:
 
     async def run(self, ctx: StepContext) -> None:
         ctx.machines.apply_config_version(
-            ctx.run.machine_id, self.config, self.version, self.instance_id, ctx.clock.now()
+            ctx.run.machine_id,
+            self.config,
+            self.version,
+            self.instance_id,
+            ctx.clock.now(),
+            metadata_before=self.metadata_before,
         )
-        ctx.record_event("update", "updated", {"version": self.version})
+        ctx.record_event("update", "updated", reason=f"version {self.version}")
         ctx.notify()
 
 
 @dataclass(frozen=True)
 class MarkFailed:
-    """Rollback's last step: the machine ends failed, with the reason the run recorded."""
+    """Rollback's last step: the machine ends failed, with the reason the run recorded; or,
+    when ``snapshot`` is whole (a suspended machine whose start failed before its restore),
+    suspended still, with that reason."""
 
+    snapshot: Path | None = None
     name: str = "mark_failed"
 
     async def should_run(self, ctx: StepContext) -> bool:
-        return ctx.machine().state not in (MachineState.FAILED, MachineState.LAUNCH_FAILED)
+        return ctx.machine().state not in (
+            MachineState.FAILED,
+            MachineState.LAUNCH_FAILED,
+            MachineState.SUSPENDED,
+        )
 
     async def run(self, ctx: StepContext) -> None:
         reason = ctx.run.error or "operation failed"
+        if self.snapshot is not None and has_snapshot(self.snapshot):
+            ctx.transition(MachineState.SUSPENDED, ctx.run.operation, reason=reason)
+            return
         state = (
             MachineState.LAUNCH_FAILED
             if reason.startswith(LaunchVm.name + ":")
@@ -439,7 +663,9 @@ class ApplyRestartPolicy:
         if restart:
             ctx.run.progress.restart_decision = "restart"
             ctx.record_event(
-                "restart", "starting", {"policy": policy.policy, "exit_code": exit_code}
+                "restart",
+                "starting",
+                reason=f"restart policy {policy.policy}, exit code {exit_code}",
             )
             ctx.submit(new_run(machine.id, StartRequest(), now, run_id=f"{ctx.run.id}.restart"))
         elif machine.config.auto_destroy:

@@ -44,6 +44,7 @@ from hangar.store.volume_claims import (
     move_volume,
     record_snapshot,
 )
+from hangar.vmm.snapshot import has_snapshot
 from hangar.volumes import ForkOf, FromSnapshot, VolumePlan, VolumeSource, VolumeSpec, VolumeStep
 from hangar.volumes.model import size_bytes
 
@@ -297,14 +298,19 @@ class AttachVolumes:
 @dataclass(frozen=True)
 class DetachVolumes:
     """Let go of every volume the machine has attached (its VMM is gone by now).
-    ``keep_if_restarting``: an exit whose restart policy boots the machine again keeps them."""
+    ``keep_if_restarting``: an exit whose restart policy boots the machine again keeps them;
+    ``keep_if_suspended``: a machine with a whole suspend snapshot keeps them (its saved
+    guest has them mounted; the start that restores it opens them again)."""
 
     host: HostServices
     keep_if_restarting: bool = False
+    keep_if_suspended: bool = False
     name: str = "detach_volumes"
 
     async def should_run(self, ctx: StepContext) -> bool:
         if self.keep_if_restarting and ctx.run.progress.restart_decision == "restart":
+            return False
+        if self.keep_if_suspended and has_snapshot(self.host.suspend_state(ctx.run.machine_id)):
             return False
         if self.host.volumes is None:
             return False

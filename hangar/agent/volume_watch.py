@@ -150,9 +150,9 @@ class VolumeWatch:
         if status == "resumed":
             message = "the host's disk has room again; the machine goes on"
         log.warning("machine %s: %s", machine_id, message)
-        details = {"volumes": dict(errors), "message": message}
+        # Fly's events carry ``request`` only on exits: the volumes are named in the reason.
         self.machines.add_event(
-            machine_id, host_event(VOLUME_EVENT, status, self.clock.now(), details)
+            machine_id, host_event(VOLUME_EVENT, status, self.clock.now(), reason=message)
         )
         self.notify(machine_id)
 

@@ -20,10 +20,12 @@ from hangar.api.routers import (
     apps,
     audit,
     hosts,
+    llm,
     machines,
     metrics,
     orgs,
     platform,
+    secrets,
     tokens,
     usage,
     volumes,
@@ -63,6 +65,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(apps.router)
     app.include_router(machines.router)
+    app.include_router(secrets.router)
     app.include_router(volumes.router)
     app.include_router(orgs.router)
     app.include_router(tokens.router)
@@ -71,6 +74,7 @@ def create_app(
     app.include_router(platform.router)
     app.include_router(usage.router)
     app.include_router(metrics.router)
+    app.include_router(llm.router)
     if web is not None:
         app.mount(WEB_MOUNT, web)
     app.add_middleware(RequestGuard, routes=app.router.routes, config=guard)

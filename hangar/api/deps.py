@@ -13,9 +13,11 @@ from hangar.api.guard import ACCESS_KEY
 from hangar.api.services.apps import AppService
 from hangar.api.services.audit import AuditService
 from hangar.api.services.hosts import HostService
+from hangar.api.services.llm import LlmService
 from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import OrgService
 from hangar.api.services.platform import PlatformService
+from hangar.api.services.secrets import SecretService
 from hangar.api.services.tokens import TokenService
 from hangar.api.services.usage import UsageService
 from hangar.api.services.volumes import VolumeService
@@ -32,9 +34,11 @@ class Services:
     audit: AuditService
     hosts: HostService
     platform: PlatformService
+    secrets: SecretService
     usage: UsageService
     metrics: HangarMetrics
     volumes: VolumeService
+    llm: LlmService
 
 
 def services(request: Request) -> Services:

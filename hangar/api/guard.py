@@ -3,8 +3,9 @@
 In order: the body's declared size, the token (401), the route's scope (403, or 404 for
 another org's app), the rate limit (429), then the body itself, read up to the size limit
 (413) and with at most ``body_timeout_s`` between its chunks (408). The route then runs with
-the request's ``Access`` in its scope. Every mutating call is written to the audit log with
-how it ended, whether the guard or the route answered.
+the request's ``Access`` in its scope, and its body read as JSON whatever its declared type
+(Fly does: ``curl -d`` sends a form type). Every mutating call is written to the audit log
+with how it ended, whether the guard or the route answered.
 
 Requests without a valid token are limited per client address (``anonymous``): past it they
 get 429 and are not written to the audit log (a flood is logged once per episode), so that
@@ -160,6 +161,8 @@ class RequestGuard:
             return
 
         scope[ACCESS_KEY] = access
+        if body:
+            read_as_json(scope, headers.get("content-type", ""))
         attempt.status, attempt.outcome = 500, Outcome.ERROR
         replayed = False
 
@@ -238,6 +241,16 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def read_as_json(scope: Scope, content_type: str) -> None:
+    """Every API body is JSON: a request that says otherwise is read as JSON all the same."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return
+    scope["headers"] = [
+        (name, value) for name, value in scope.get("headers", []) if name.lower() != b"content-type"
+    ] + [(b"content-type", b"application/json")]
 
 
 def _client_address(scope: Scope) -> str:

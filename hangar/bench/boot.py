@@ -5,11 +5,9 @@
 (b) hangar, start of a stopped machine: ``POST .../start`` until the machine is ``started``
     and its console shows ``hangar-init: ready``.
 (c) hangar, create to started (+ ready) from an image already in the cache.
-(d) resume of a suspended machine: from the start of its restore until the console shows a
-    line the guest printed after the resume (the machine's process prints one every 0.1 s).
-    Measured at the driver for now (QemuDriver.suspend, then launch with incoming_snapshot,
-    on the same files as (a)); the API path (``POST .../suspend``, then ``.../start``) takes
-    its place once the agent suspends machines.
+(d) hangar, start of a suspended machine: ``POST .../start`` until the console shows a line
+    the guest printed after the resume (the machine's process prints one every 0.1 s); the
+    machine is suspended again (``POST .../suspend``) between runs, outside the timing.
 """
 
 from __future__ import annotations
@@ -29,10 +27,8 @@ import httpx
 from hangar.model.guest_contract import RunDir
 from hangar.server_process import ServerProcess
 from hangar.vmm.accel import choose_accel
-from hangar.vmm.driver import VmHandle, VmSpec
-from hangar.vmm.qemu import QemuDriver
+from hangar.vmm.driver import VmSpec
 from hangar.vmm.qemu_argv import qemu_argv
-from hangar.vmm.snapshot import drop_snapshot
 
 READY_LINE = b"hangar-init: ready"
 POLL_S = 0.005
@@ -40,7 +36,6 @@ TIMEOUT_S = 180.0
 APP = "bench"
 TICKER = ["sh", "-c", "while :; do echo tick; sleep 0.1; done"]
 """The machine's process: a line every 0.1 s shows, after a resume, that the guest runs."""
-SNAPSHOT_NAME = "bench.vmstate"
 
 
 @dataclass
@@ -49,7 +44,7 @@ class BootBenchResult:
     hangar_start_s: list[float]
     hangar_create_s: list[float]
     resume_s: list[float] = field(default_factory=list)
-    resume_path: str = "driver"
+    resume_path: str = "API"
 
     @property
     def ratio(self) -> float:
@@ -64,14 +59,17 @@ class BootBenchResult:
             ("(a) plain QEMU, exec to init-ready", self.plain_qemu_s),
             ("(b) hangar start (stopped machine) to started+ready", self.hangar_start_s),
             ("(c) hangar create to started+ready (cached image)", self.hangar_create_s),
-            (f"(d) resume of a suspended guest ({self.resume_path}) to a new line", self.resume_s),
+            (
+                f"(d) hangar start of a suspended machine ({self.resume_path}) to a new line",
+                self.resume_s,
+            ),
         ]
-        lines = [f"{'path':<55} {'median':>8} {'min':>8} {'max':>8}  runs"]
+        lines = [f"{'path':<62} {'median':>8} {'min':>8} {'max':>8}  runs"]
         for label, samples in rows:
             if not samples:
                 continue
             lines.append(
-                f"{label:<55} {statistics.median(samples):>7.3f}s {min(samples):>7.3f}s "
+                f"{label:<62} {statistics.median(samples):>7.3f}s {min(samples):>7.3f}s "
                 f"{max(samples):>7.3f}s  {len(samples)}"
             )
         lines.append(f"ratio hangar/qemu: {self.ratio:.2f}")
@@ -120,52 +118,51 @@ def _new_line_after(path: Path, offset: int) -> bool:
         return b"\n" in file.read().partition(b"\n")[2]
 
 
-class DriverResume:
-    """(d) at the driver, on a copy of the machine's files: booted once and kept suspended
-    between runs, so it costs the other rows nothing. Each :meth:`measure` restores it, times
-    the restore until the guest prints a new line, and suspends it again.
+class ApiResume:
+    """(d) through the API, on a machine of its own (the ticker): booted once, suspended, then
+    each :meth:`measure` starts it (timed until the guest prints a new line) and suspends it
+    again."""
 
-    The API path (``POST .../suspend``, then ``POST .../start`` and the machine's console)
-    is another class with the same three methods."""
+    path = "API"
 
-    path = "driver"
-
-    def __init__(self, spec: VmSpec) -> None:
-        self._spec = spec
-        self._state = spec.run_dir / SNAPSHOT_NAME
-        self._driver = QemuDriver()
-        self._handles: list[VmHandle] = []
+    def __init__(self, api: httpx.Client, home: Path, config: Mapping[str, object]) -> None:
+        self._api = api
+        self._home = home
+        self._config = config
+        self._path = ""
+        self._console = Path()
 
     async def prepare(self) -> None:
-        self._handles.append(await self._driver.launch(self._spec))
-        _wait_for_bytes(self._spec.console_log, READY_LINE, time.monotonic() + TIMEOUT_S)
-        await self._driver.suspend(self._handles[-1], self._state)
+        created = self._api.post(f"/v1/apps/{APP}/machines", json={"config": self._config})
+        created.raise_for_status()
+        machine_id = created.json()["id"]
+        self._path = f"/v1/apps/{APP}/machines/{machine_id}"
+        self._console = self._home / "machines" / machine_id / RunDir.CONSOLE_LOG
+        _wait_state(self._api, self._path, "started")
+        _wait_for_bytes(self._console, READY_LINE, time.monotonic() + TIMEOUT_S)
+        self._suspend()
+
+    def _suspend(self) -> None:
+        self._api.post(f"{self._path}/suspend").raise_for_status()
+        _wait_state(self._api, self._path, "suspended")
 
     async def measure(self) -> float:
-        console = self._spec.console_log
-        offset = console.stat().st_size
+        offset = self._console.stat().st_size
         started = time.monotonic()
-        restoring = asyncio.ensure_future(
-            self._driver.launch(self._spec.model_copy(update={"incoming_snapshot": self._state}))
-        )
-        try:
-            while not _new_line_after(console, offset):
-                if restoring.done() and restoring.exception() is not None:
-                    await restoring
-                if time.monotonic() > started + TIMEOUT_S:
-                    raise TimeoutError("the restored guest printed nothing")
-                await asyncio.sleep(POLL_S)
-            elapsed = time.monotonic() - started
-        finally:
-            self._handles.append(await restoring)
-        await self._driver.suspend(self._handles[-1], self._state)
+        self._api.post(f"{self._path}/start").raise_for_status()
+        while not _new_line_after(self._console, offset):
+            if time.monotonic() > started + TIMEOUT_S:
+                raise TimeoutError("the resumed guest printed nothing")
+            await asyncio.sleep(POLL_S)
+        elapsed = time.monotonic() - started
+        _wait_state(self._api, self._path, "started")
+        self._suspend()
         return elapsed
 
     async def close(self) -> None:
-        for handle in self._handles:
-            await self._driver.kill(handle)
-        drop_snapshot(self._state)
-        shutil.rmtree(self._spec.run_dir, ignore_errors=True)
+        if self._path:
+            self._api.delete(self._path, params={"kill": "true"}).raise_for_status()
+            _wait_state(self._api, self._path, "destroyed")
 
 
 def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
@@ -189,11 +186,10 @@ def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
         kernel = _kernel_of(run_dir)
         # The plain row runs QEMU by itself: its console and control port are files.
         spec = _copy_of_machine(run_dir, kernel, home, "plain-qemu", channel_sockets=False)
-        resume_spec = _copy_of_machine(run_dir, kernel, home, "resume-bench")
         api.post(f"{path}/stop").raise_for_status()
         _wait_state(api, path, "stopped")
         # Each run measures every row, so that all see the host alike.
-        resume = DriverResume(resume_spec)
+        resume = ApiResume(api, home, config)
         result.resume_path = resume.path
         with asyncio.Runner() as runner:
             try:

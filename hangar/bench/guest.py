@@ -93,8 +93,8 @@ class OneOffGuest:
             volumes=[GuestVolume(serial=disk.name, path=path) for disk, path in self.mounts],
         )
         extras = [self.kit.volume_tools] if self.mounts else []
-        initrd = machine_initrd(self.kit.base_initrd, config, self.run_dir / "initrd", extras)
-        root = machine_disk(self.kit.image, self.run_dir / "root.ext4")
+        initrd = machine_initrd(self.kit.base_initrd, config, self.run_dir / RunDir.INITRD, extras)
+        root = machine_disk(self.kit.image, self.run_dir / RunDir.ROOT_DISK)
         return VmSpec.in_run_dir(
             machine_id=self.machine_id,
             run_dir=self.run_dir,

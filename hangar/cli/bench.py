@@ -96,6 +96,18 @@ def bench_proxy(
     typer.echo(result.report())
 
 
+@bench_app.command("llm")
+def bench_llm(
+    rounds: Annotated[int, typer.Option("--rounds", "-n", min=1, max=1000)] = 30,
+    wake_runs: Annotated[int, typer.Option("--wake-runs", min=1, max=20)] = 3,
+) -> None:
+    """A model replica directly vs through the gateway (latency, first token), and the first
+    token from a stopped replica vs its plain start (root: boots guests)."""
+    from hangar.bench.llm import llm_bench
+
+    typer.echo(llm_bench(rounds, wake_runs))
+
+
 @bench_app.command("api")
 def bench_api(
     sizes: Annotated[

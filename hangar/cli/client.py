@@ -18,6 +18,7 @@ import httpx
 
 from hangar.settings import Settings
 
+DEPLOY_TIMEOUT_S = 1800.0
 RATE_LIMIT_RETRIES = 5
 MAX_RETRY_WAIT_S = 10.0
 
@@ -158,6 +159,28 @@ class HangarClient:
             "DELETE", self.machines_path(app, machine_id), params={"force": str(force).lower()}
         )
 
+    def exec(
+        self, app: str, machine_id: str, command: list[str], timeout_s: int, stdin: str = ""
+    ) -> Any:
+        body = {"command": command, "timeout": timeout_s, "stdin": stdin}
+        # The command may run for timeout_s: the request waits that long and a margin.
+        return self.request(
+            "POST",
+            self.machines_path(app, machine_id, "exec"),
+            json=body,
+            timeout=httpx.Timeout(timeout_s + 60.0, connect=5.0),
+        )
+
+    def processes(self, app: str, machine_id: str) -> Any:
+        return self.request("GET", self.machines_path(app, machine_id, "ps"))
+
+    # secrets
+    def list_secrets(self, app: str) -> Any:
+        return self.request("GET", f"/v1/apps/{app}/secrets")
+
+    def update_secrets(self, app: str, values: dict[str, str | None]) -> Any:
+        return self.request("POST", f"/v1/apps/{app}/secrets", json={"values": values})
+
     def wait(self, app: str, machine_id: str, state: str, timeout_s: int = 60) -> Any:
         return self.request(
             "GET",
@@ -253,3 +276,27 @@ class HangarClient:
         if org_slug:
             params["org_slug"] = org_slug
         return self.request("GET", "/v1/audit", params=params)
+
+    # model deployments
+    def llm_path(self, org: str, name: str = "", verb: str = "") -> str:
+        path = f"/v1/orgs/{org}/llm/deployments"
+        return path + (f"/{name}" if name else "") + (f"/{verb}" if verb else "")
+
+    def create_deployment(self, org: str, body: dict[str, Any]) -> Any:
+        # The first deploy on a host builds the engine (minutes).
+        return self.request("POST", self.llm_path(org), json=body, timeout=DEPLOY_TIMEOUT_S)
+
+    def list_deployments(self, org: str) -> Any:
+        return self.request("GET", self.llm_path(org))
+
+    def get_deployment(self, org: str, name: str) -> Any:
+        return self.request("GET", self.llm_path(org, name))
+
+    def scale_deployment(self, org: str, name: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", self.llm_path(org, name, "scale"), json=body)
+
+    def delete_deployment(self, org: str, name: str) -> Any:
+        return self.request("DELETE", self.llm_path(org, name), timeout=DEPLOY_TIMEOUT_S)
+
+    def create_deployment_key(self, org: str, name: str) -> Any:
+        return self.request("POST", self.llm_path(org, name, "keys"))

@@ -17,6 +17,7 @@ from rich.markup import escape
 from hangar.cli.bench import bench_app
 from hangar.cli.client import ApiError, HangarClient
 from hangar.cli.host import host_app
+from hangar.cli.llm import llm_app
 from hangar.cli.output import (
     JsonFlag,
     api_error_line,
@@ -29,6 +30,7 @@ from hangar.cli.output import (
 )
 from hangar.cli.progress import follow_boot
 from hangar.cli.proxy import proxy
+from hangar.cli.secrets import secrets_app
 from hangar.cli.tables import Col, fit_table
 from hangar.cli.tenancy import admin_app, audit_app, orgs_app, tokens_app
 from hangar.cli.usage import usage
@@ -51,7 +53,9 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(audit_app, name="audit")
 app.add_typer(admin_app, name="admin")
 app.add_typer(host_app, name="host")
+app.add_typer(secrets_app, name="secrets")
 app.add_typer(volumes_app, name="volumes")
+app.add_typer(llm_app, name="llm")
 app.command("proxy")(proxy)
 app.command("usage")(usage)
 
@@ -80,6 +84,8 @@ def server(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request at INFO: one line per call the model gateway forwards.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings() if home is None else Settings(home=home)
     serve(settings, host, port, init=init)
 
@@ -220,7 +226,7 @@ def wait_until(
 def last_exit_code(api: HangarClient, app_name: str, machine_id: str) -> int | None:
     for event in api.events(app_name, machine_id):
         if event["type"] == "exit":
-            code = event["request"].get("exit_event", {}).get("exit_code")
+            code = (event.get("request") or {}).get("exit_event", {}).get("exit_code")
             return int(code) if code is not None else None
     return None
 
@@ -433,6 +439,99 @@ def machine_stop(
     _simple_action("stop", machine_id, app_name, as_json, body)
 
 
+@machine_app.command("suspend")
+def machine_suspend(
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    as_json: JsonFlag = False,
+) -> None:
+    """Save the machine's memory and devices and end its VM; `start` resumes it."""
+    _simple_action("suspend", machine_id, app_name, as_json)
+
+
+@machine_app.command("cordon")
+def machine_cordon(
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    as_json: JsonFlag = False,
+) -> None:
+    """Take the machine out of the proxy's rotation (it runs on)."""
+    _simple_action("cordon", machine_id, app_name, as_json)
+
+
+@machine_app.command("uncordon")
+def machine_uncordon(
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    as_json: JsonFlag = False,
+) -> None:
+    _simple_action("uncordon", machine_id, app_name, as_json)
+
+
+@machine_app.command(
+    "exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def machine_exec(
+    ctx: typer.Context,
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    timeout: Annotated[int, typer.Option("--timeout", help="seconds", min=1, max=3600)] = 30,
+    stdin: Annotated[
+        str | None, typer.Option("--stdin", help="text for the command's stdin ('-': read it)")
+    ] = None,
+) -> None:
+    """Run the command after -- inside the machine (never on the host); exits with its code."""
+    command = list(ctx.args)
+    if not command:
+        fail("give the command after --, e.g. hangar machine exec ID -- uname -a", 2)
+    text = sys.stdin.read() if stdin == "-" else stdin or ""
+    result = call(client().exec, app_name, machine_id, command, timeout, text)
+    sys.stdout.write(result.get("stdout", ""))
+    sys.stdout.flush()
+    sys.stderr.write(result.get("stderr", ""))
+    for stream in ("stdout", "stderr"):
+        if result.get(f"{stream}_truncated"):
+            errors.print(f"({stream} cut at 1 MiB)")
+    if result.get("timed_out"):
+        errors.print(f"(killed after {timeout}s)")
+    raise typer.Exit(int(result.get("exit_code", 0)) & 0xFF)
+
+
+@machine_app.command("ps")
+def machine_ps(
+    machine_id: str,
+    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    as_json: JsonFlag = False,
+) -> None:
+    """The processes running inside the machine."""
+    processes = call(client().processes, app_name, machine_id)
+    if as_json:
+        print_json(processes)
+        return
+    rows = [
+        [
+            str(process["pid"]),
+            str(process["ppid"]),
+            process["user"],
+            process["state"],
+            f"{process['rss'] // 1024} KiB",
+            f"{process['rtime'] / 1000:.2f}s",
+            process["command"],
+        ]
+        for process in processes
+    ]
+    columns = [
+        Col("PID"),
+        Col("PPID", drop=1),
+        Col("USER", drop=2),
+        Col("STATE", drop=3),
+        Col("RSS"),
+        Col("CPU", drop=4),
+        Col("COMMAND"),
+    ]
+    console.print(fit_table(columns, rows, console))
+
+
 @machine_app.command("restart")
 def machine_restart(
     machine_id: str,
@@ -516,8 +615,9 @@ def machine_events(
     rows = []
     for event in events:
         stamp = time.strftime("%H:%M:%S", time.localtime(event["timestamp"] / 1000))
-        detail = {k: v for k, v in event["request"].items() if k not in ("run_id",)}
-        rows.append([stamp, event["type"], event["status"], event["source"], json.dumps(detail)])
+        request = event.get("request")
+        detail = event.get("reason") or (json.dumps(request) if request else "")
+        rows.append([stamp, event["type"], event["status"], event["source"], detail])
     columns = [Col("TIME"), Col("TYPE"), Col("STATUS"), Col("SOURCE", drop=0), Col("DETAIL")]
     console.print(fit_table(columns, rows, console))
 

@@ -49,9 +49,12 @@ from hangar.server import ApiStores, build_api, default_org_quotas
 from hangar.settings import Settings
 from hangar.store.etcd.client import Range
 from hangar.store.etcd.hosts import HostMonitor
+from hangar.store.etcd.keys import unsegment
 from hangar.store.etcd.watch import Watch, WatchEvent
 from hangar.store.gpus import SqliteGpuStore
+from hangar.store.llm import SqliteLlmStore
 from hangar.store.protocol import MachineStore
+from hangar.store.secrets import SqliteSecretStore
 from hangar.store.usage import SqliteUsageStore
 from hangar.vmm.driver import VolumeDiskSpec
 
@@ -203,9 +206,12 @@ class FleetAgent(Agent):
         if self._watch is not None:
             await asyncio.to_thread(self._watch.stop)
 
-    def _records_changed(self, _events: Sequence[WatchEvent]) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.notify)
+    def _records_changed(self, events: Sequence[WatchEvent]) -> None:
+        """Each changed machine record's id (its key's last segment) is notified alone."""
+        if self._loop is None or self._loop.is_closed():
+            return
+        for machine_id in dict.fromkeys(unsegment(e.kv.key.rsplit("/", 1)[-1]) for e in events):
+            self._loop.call_soon_threadsafe(self.notify, machine_id)
 
     def register_host(self) -> None:
         """A replica is no host."""
@@ -335,8 +341,18 @@ def build_replica(
     runs = FleetRunStore(fleet, machines)
     agent = FleetAgent(fleet, host_services, clock, runs)
     metrics = HangarMetrics(clock)
+    # App secrets and the LLM tier's deployments stay in this replica's own SQLite file (not
+    # yet in etcd): each replica sees only those written through it, and host agents boot
+    # machines without the secrets set here.
     stores = ApiStores(
-        machines, tenancy, fleet.volumes, runs, SqliteUsageStore(settings.database), fleet.claims
+        machines,
+        tenancy,
+        fleet.volumes,
+        runs,
+        SqliteUsageStore(settings.database),
+        fleet.claims,
+        SqliteSecretStore(settings.database, settings.secrets_key_file),
+        SqliteLlmStore(settings.database),
     )
     api = build_api(
         settings,

@@ -1,7 +1,8 @@
 """MachineConfig: the Fly Machines API ``config`` object, validated field by field.
 
-Fields hangar honours are modelled; fields of Fly's config that hangar cannot honour yet
-are rejected with a 422 naming the field (never silently ignored), and so are unknown fields.
+Decoded as Fly's Go decoder decodes it (:mod:`hangar.model.fly`): unknown keys are ignored and
+``null`` is a zero value. Fields of Fly's config that hangar cannot honour yet are refused with
+a 422 naming the field when they are set to anything but their zero value.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import re
 import signal as signal_module
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from hangar.errors import UnsupportedField
 from hangar.model.duration import Duration
+from hangar.model.fly import FlyModel, refuse_unless_zero
 from hangar.model.gpu_kinds import GPU_KINDS
 from hangar.model.services import MachineChecks, MachineServices
 
@@ -29,14 +30,23 @@ UNSUPPORTED_CONFIG_FIELDS = (
     "volumes",
     "disable_machine_autostart",
     "size",
+    "metrics",
+    "rootfs",
+    "cache_drive",
+    "spot",
 )
-UNSUPPORTED_GUEST_FIELDS = ("kernel_args", "host_dedication_id", "persist_rootfs")
+UNSUPPORTED_GUEST_FIELDS = ("kernel_args", "host_dedication_id", "persist_rootfs", "max_memory_mb")
+UNSUPPORTED_INIT_FIELDS = ("tty", "swap_size_mb", "kernel_args")
+UNSUPPORTED_RESTART_FIELDS = ("gpu_bid_price",)
+UNSUPPORTED_FILE_FIELDS = ("image_config",)
 UNSUPPORTED_MOUNT_FIELDS = ("extend_threshold_percent", "add_size_gb", "size_gb_limit")
 MAX_MOUNTS = 8
 """Volumes one machine may mount."""
 
 METADATA_KEY_PATTERN = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.\-]{0,62}$")
 ENV_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SECRET_NAME_PATTERN = ENV_KEY_PATTERN
+"""App secrets become environment variables, so they are named as variables are."""
 MAX_FILE_BYTES = 1024 * 1024
 GPU_COUNTS = (1, 2, 4, 8)
 MAX_FILES = 64
@@ -44,10 +54,6 @@ DEFAULT_STOP_TIMEOUT_S = 5.0
 DEFAULT_STOP_SIGNAL = int(signal_module.SIGTERM)
 # The guest mounts these before it runs the process; files hangar writes stay out of them.
 GUEST_PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 def signal_number(name: str) -> int:
@@ -66,31 +72,32 @@ def signal_number(name: str) -> int:
         raise ValueError(f"unknown signal {name!r}") from None
 
 
-class InitConfig(StrictModel):
+class InitConfig(FlyModel):
     exec: list[str] | None = None
     entrypoint: list[str] | None = None
     cmd: list[str] | None = None
-    tty: bool = False
-    swap_size_mb: int | None = None
 
-    @model_validator(mode="after")
-    def _reject_unsupported(self) -> InitConfig:
-        if self.tty:
-            raise UnsupportedField("config.init.tty")
-        if self.swap_size_mb:
-            raise UnsupportedField("config.init.swap_size_mb")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        refuse_unless_zero(data, UNSUPPORTED_INIT_FIELDS, "config.init.")
+        return data
 
 
-class GuestConfig(StrictModel):
+class GuestConfig(FlyModel):
     cpu_kind: Literal["shared", "performance"] = "shared"
     cpus: Annotated[int, Field(ge=1, le=64)] = 1
     memory_mb: Annotated[int, Field(ge=128, le=1024 * 1024)] = 256
     gpu_kind: str | None = None
     gpus: int | None = None
-    kernel_args: list[str] | None = None
-    host_dedication_id: str | None = None
-    persist_rootfs: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        refuse_unless_zero(data, UNSUPPORTED_GUEST_FIELDS, "config.guest.")
+        if isinstance(data, dict) and data.get("gpus") == 0 and not data.get("gpu_kind"):
+            data = {**data, "gpus": None}  # Go's zero value: no GPUs
+        return data
 
     @field_validator("memory_mb")
     @classmethod
@@ -115,10 +122,7 @@ class GuestConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _reject_unsupported(self) -> GuestConfig:
-        for name in UNSUPPORTED_GUEST_FIELDS:
-            if getattr(self, name) is not None:
-                raise UnsupportedField(f"config.guest.{name}")
+    def _gpu_kind_and_count(self) -> GuestConfig:
         if self.gpus and self.gpu_kind is None:
             raise ValueError("gpu_kind is required when gpus is set")
         if self.gpu_kind is not None and self.gpus is None:
@@ -128,25 +132,37 @@ class GuestConfig(StrictModel):
         return self
 
 
-class RestartConfig(StrictModel):
+class RestartConfig(FlyModel):
     policy: Literal["no", "always", "on-failure"] = "on-failure"
     max_retries: Annotated[int, Field(ge=0, le=1000)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        refuse_unless_zero(data, UNSUPPORTED_RESTART_FIELDS, "config.restart.")
+        if isinstance(data, dict) and data.get("policy") == "":
+            data = {key: value for key, value in data.items() if key != "policy"}
+        return data
 
     @property
     def effective_max_retries(self) -> int:
         return 10 if self.max_retries is None else self.max_retries
 
 
-class StopConfig(StrictModel):
+class StopConfig(FlyModel):
     """How a machine is stopped (also the body of ``POST .../stop``)."""
 
     timeout: Duration | None = None
     signal: str | None = None
 
-    @field_validator("signal")
+    @field_validator("signal", mode="before")
     @classmethod
-    def _valid_signal(cls, value: str | None) -> str | None:
-        if value is not None:
+    def _valid_signal(cls, value: object) -> object:
+        if value == "":
+            return None  # Go's zero value: the default signal
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str):
             signal_number(value)
         return value
 
@@ -159,7 +175,7 @@ class StopConfig(StrictModel):
         return DEFAULT_STOP_SIGNAL if self.signal is None else signal_number(self.signal)
 
 
-class GuestFile(StrictModel):
+class GuestFile(FlyModel):
     guest_path: str
     raw_value: str | None = None
     secret_name: str | None = None
@@ -201,12 +217,27 @@ class GuestFile(StrictModel):
             raise ValueError("must be a file mode between 0 and 0o7777")
         return value
 
+    @field_validator("secret_name")
+    @classmethod
+    def _secret_name(cls, value: str | None) -> str | None:
+        if value is not None and not SECRET_NAME_PATTERN.match(value):
+            raise ValueError(f"invalid secret name {value!r}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        refuse_unless_zero(data, UNSUPPORTED_FILE_FIELDS, "config.files.")
+        if isinstance(data, dict):
+            # Go's zero values: no secret named, the default mode.
+            zero = {"secret_name": "", "mode": 0}
+            data = {k: v for k, v in data.items() if k not in zero or v != zero[k]}
+        return data
+
     @model_validator(mode="after")
     def _value_source(self) -> GuestFile:
-        if self.secret_name is not None:
-            raise UnsupportedField("config.files.secret_name")
-        if self.raw_value is None:
-            raise ValueError("raw_value is required")
+        if (self.raw_value is None) == (self.secret_name is None):
+            raise ValueError("exactly one of raw_value and secret_name is required")
         return self
 
 
@@ -226,7 +257,7 @@ def check_mount_path(value: str) -> str:
     return value
 
 
-class MountConfig(StrictModel):
+class MountConfig(FlyModel):
     """One of ``config.mounts``: volume ``volume`` (its id) mounted at ``path``. ``name``,
     ``encrypted`` and ``size_gb`` describe the volume as Fly's clients echo them; the
     volume's own record decides. Automatic extension is not supported."""
@@ -242,15 +273,23 @@ class MountConfig(StrictModel):
 
     _path = field_validator("path")(check_mount_path)
 
-    @model_validator(mode="after")
-    def _reject_unsupported(self) -> MountConfig:
-        for name in UNSUPPORTED_MOUNT_FIELDS:
-            if getattr(self, name) is not None:
-                raise UnsupportedField(f"config.mounts.{name}")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        refuse_unless_zero(data, UNSUPPORTED_MOUNT_FIELDS, "config.mounts.")
+        if isinstance(data, dict):
+            # Go's zero values: the volume's record decides its name and size, and no
+            # automatic extension is asked for (the fields are left out, as Go leaves them).
+            zero = {"name": "", "size_gb": 0}
+            data = {
+                k: v
+                for k, v in data.items()
+                if k not in UNSUPPORTED_MOUNT_FIELDS and (k not in zero or v != zero[k])
+            }
+        return data
 
 
-class MachineConfig(StrictModel):
+class MachineConfig(FlyModel):
     image: Annotated[str, Field(min_length=1, max_length=512)]
     env: dict[str, str] = Field(default_factory=dict)
     init: InitConfig = Field(default_factory=InitConfig)
@@ -267,10 +306,7 @@ class MachineConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _reject_unsupported_fields(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name in UNSUPPORTED_CONFIG_FIELDS:
-                if data.get(name) not in (None, [], {}):
-                    raise UnsupportedField(f"config.{name}")
+        refuse_unless_zero(data, UNSUPPORTED_CONFIG_FIELDS, "config.")
         return data
 
     @field_validator("mounts")
@@ -300,6 +336,23 @@ class MachineConfig(StrictModel):
             if len(item) > 1024:
                 raise ValueError(f"value of {key} is longer than 1024 characters")
         return value
+
+
+def with_metadata_edits(
+    config: MachineConfig, before: dict[str, str], current: dict[str, str]
+) -> MachineConfig:
+    """``config`` (asked for when the machine's metadata was ``before``) with the metadata
+    edits made since (``current`` is the metadata now): a key set or removed later keeps
+    that later value."""
+    if current == before:
+        return config
+    metadata = dict(config.metadata)
+    for key, value in current.items():
+        if before.get(key) != value:
+            metadata[key] = value
+    for key in before.keys() - current.keys():
+        metadata.pop(key, None)
+    return config.model_copy(update={"metadata": metadata})
 
 
 def validate_metadata_key(key: str) -> str:

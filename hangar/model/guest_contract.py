@@ -39,8 +39,12 @@ class RunDir:
     EXEC_SOCKET = "exec.sock"
     QMP_SOCKET = "qmp.sock"
     VMM_LOG = "vmm.log"
+    SUSPEND_STATE = "suspend.vmstate"
+    """The suspend snapshot (with ``suspend.vmstate.json``, its manifest: see
+    :mod:`hangar.vmm.snapshot`)."""
     BOOT_FILES = (ROOT_DISK, INITRD)
-    """Made anew for each boot from the image and the machine's config."""
+    """Made anew for each cold boot from the image and the machine's config; kept while the
+    machine is suspended (its snapshot was taken over them)."""
 
 
 class CmdlineKey(enum.StrEnum):

@@ -6,6 +6,7 @@ import enum
 import os
 import secrets
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -21,6 +22,10 @@ class MachineState(enum.StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     REPLACING = "replacing"
+    SUSPENDING = "suspending"
+    SUSPENDED = "suspended"
+    """Its memory and devices saved to a file, its root disk kept, no VMM running and no
+    host resources held; ``start`` restores it where it was."""
     DESTROYING = "destroying"
     DESTROYED = "destroyed"
     FAILED = "failed"
@@ -47,13 +52,33 @@ class MachineState(enum.StrEnum):
 
 
 HOLDS_RESOURCES = frozenset(
-    {MachineState.STARTING, MachineState.STARTED, MachineState.STOPPING, MachineState.REPLACING}
+    {
+        MachineState.STARTING,
+        MachineState.STARTED,
+        MachineState.STOPPING,
+        MachineState.REPLACING,
+        MachineState.SUSPENDING,
+    }
 )
 STARTABLE_STATES = frozenset(
-    {MachineState.CREATED, MachineState.STOPPED, MachineState.FAILED, MachineState.LAUNCH_FAILED}
+    {
+        MachineState.CREATED,
+        MachineState.STOPPED,
+        MachineState.FAILED,
+        MachineState.LAUNCH_FAILED,
+        MachineState.SUSPENDED,
+    }
 )
+STOPPABLE_STATES = HOLDS_RESOURCES | {MachineState.SUSPENDED}
+"""``stop`` applies: a VMM may run, or a suspended machine's snapshot is dropped."""
 WAITABLE_STATES = frozenset(
-    {MachineState.STARTED, MachineState.STOPPED, MachineState.DESTROYED, MachineState.FAILED}
+    {
+        MachineState.STARTED,
+        MachineState.STOPPED,
+        MachineState.SUSPENDED,
+        MachineState.DESTROYED,
+        MachineState.FAILED,
+    }
 )
 """States ``wait`` accepts."""
 
@@ -67,13 +92,18 @@ class ImageRef(BaseModel):
 
 
 class MachineEvent(BaseModel):
+    """One event as stored; ``hangar.api.schemas.fly_event`` is what goes on the wire."""
+
     id: str
     type: str
     status: str
     source: str
     timestamp: int
     """Unix milliseconds."""
-    request: dict[str, Any] = Field(default_factory=dict)
+    request: dict[str, Any] | None = None
+    """As Fly carries it: only an exit's ``{exit_event, restart_count}``."""
+    reason: str = ""
+    """Why, in words (a failure, a snapshot that could not be restored); empty for none."""
 
 
 HOST_SOURCE = "flyd"
@@ -83,7 +113,13 @@ USER_SOURCE = "user"
 
 
 def new_event(
-    event_type: str, status: str, source: str, now: float, request: dict[str, Any] | None = None
+    event_type: str,
+    status: str,
+    source: str,
+    now: float,
+    *,
+    request: dict[str, Any] | None = None,
+    reason: str = "",
 ) -> MachineEvent:
     return MachineEvent(
         id=new_event_id(),
@@ -91,20 +127,31 @@ def new_event(
         status=status,
         source=source,
         timestamp=int(now * 1000),
-        request=request or {},
+        request=request,
+        reason=reason,
     )
 
 
 def host_event(
-    event_type: str, status: str, now: float, request: dict[str, Any] | None = None
+    event_type: str,
+    status: str,
+    now: float,
+    *,
+    request: dict[str, Any] | None = None,
+    reason: str = "",
 ) -> MachineEvent:
-    return new_event(event_type, status, HOST_SOURCE, now, request)
+    return new_event(event_type, status, HOST_SOURCE, now, request=request, reason=reason)
 
 
-def user_event(
-    event_type: str, status: str, now: float, request: dict[str, Any] | None = None
-) -> MachineEvent:
-    return new_event(event_type, status, USER_SOURCE, now, request)
+def user_event(event_type: str, status: str, now: float, *, reason: str = "") -> MachineEvent:
+    return new_event(event_type, status, USER_SOURCE, now, reason=reason)
+
+
+def rfc3339(timestamp: float) -> str:
+    """A Unix time as RFC 3339 in UTC with milliseconds (``2026-01-02T03:04:05.678Z``), as
+    Go's ``time.Time`` decodes it."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 class Lease(BaseModel):
@@ -136,6 +183,8 @@ class Machine(BaseModel):
     """Out of the proxy's rotation (``cordon``), running as before."""
     checks: list[CheckStatus] = Field(default_factory=list)
     """The latest result of each of its health checks."""
+    skip_secrets: bool = False
+    """Boots without its app's secrets (created or updated with ``skip_secrets``)."""
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

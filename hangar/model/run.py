@@ -48,19 +48,32 @@ class StopRequest(OperationRequest):
 
 
 class RestartRequest(OperationRequest):
-    """Stop and boot again on the same host resources (GPUs are kept, not handed off)."""
+    """Stop and boot again on the same host resources (GPUs are kept, not handed off);
+    ``signal`` and ``timeout_s`` as for a stop."""
 
     operation: Literal["restart"] = "restart"
+    signal: int | None = Field(default=None, ge=1, le=64)
+    timeout_s: float | None = Field(default=None, ge=0, le=MAX_CONFIG_DURATION_S)
+
+
+class SuspendRequest(OperationRequest):
+    """Save the guest's memory and devices into the machine's snapshot file and end its VMM,
+    keeping its root disk; its host resources are freed. ``start`` restores it."""
+
+    operation: Literal["suspend"] = "suspend"
 
 
 class UpdateRequest(OperationRequest):
-    """Make ``config`` the machine's version ``version``; boot it again if ``relaunch``."""
+    """Make ``config`` the machine's version ``version``; boot it again if ``relaunch``.
+    ``metadata_before``: the machine's metadata when the update was asked for; what the
+    metadata endpoints change after that is kept when ``config`` is applied."""
 
     operation: Literal["update"] = "update"
     config: MachineConfig
     version: int = Field(ge=2)
     instance_id: str = Field(min_length=1, max_length=64)
     relaunch: bool
+    metadata_before: dict[str, str] | None = None
 
 
 class ExitRequest(OperationRequest):
@@ -138,6 +151,7 @@ RunRequest = Annotated[
     | StartRequest
     | StopRequest
     | RestartRequest
+    | SuspendRequest
     | UpdateRequest
     | ExitRequest
     | DestroyRequest
@@ -162,6 +176,7 @@ Operation = Literal[
     "start",
     "stop",
     "restart",
+    "suspend",
     "update",
     "exit",
     "destroy",
@@ -215,6 +230,10 @@ class RunProgress(BaseModel):
     exit_recorded: bool = False
     exit_code: int | None = None
     restart_decision: RestartDecision | None = None
+    resume_attempted: bool = False
+    """A restore from the machine's snapshot was started in this run (recorded before QEMU
+    starts): if the snapshot is gone after a crash, the guest may have run on from its disk,
+    which is then rebuilt for a cold boot."""
     gpu_xids_collected: bool = False
     """The Xid lines the guest forwarded were recorded against its GPUs."""
     devices: dict[str, Any] = Field(default_factory=dict)

@@ -18,13 +18,13 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
 
 from hangar.model.duration import Duration, format_duration
+from hangar.model.fly import FlyModel
 
 MAX_SERVICES = 16
 MAX_PORTS_PER_SERVICE = 16
@@ -56,12 +56,6 @@ def _autostop(value: object) -> object:
     if value is False:
         return "off"
     return value
-
-
-class FlyModel(BaseModel):
-    """A Fly config object: unknown keys are dropped, as Go's JSON decoder drops them."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
 def _no_line_breaks(value: str) -> str:

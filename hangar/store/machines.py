@@ -19,8 +19,8 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from hangar.errors import Conflict, NotFound
-from hangar.model.config import MachineConfig
+from hangar.errors import Conflict, NameTaken, NotFound
+from hangar.model.config import MachineConfig, with_metadata_edits
 from hangar.model.footprint import Footprint, footprint_change
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 from hangar.model.services import CheckStatus
@@ -31,7 +31,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
     name TEXT PRIMARY KEY,
     org_slug TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    network TEXT NOT NULL DEFAULT 'default',
+    numeric_id INTEGER
 );
 CREATE TABLE IF NOT EXISTS app_name_holds (
     name TEXT PRIMARY KEY,
@@ -54,7 +56,8 @@ CREATE TABLE IF NOT EXISTS machines (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     cordoned INTEGER NOT NULL DEFAULT 0,
-    checks TEXT NOT NULL DEFAULT '[]'
+    checks TEXT NOT NULL DEFAULT '[]',
+    skip_secrets INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS machines_live_name
     ON machines(app, name) WHERE state != 'destroyed';
@@ -92,7 +95,8 @@ CREATE TABLE IF NOT EXISTS leases (
 
 
 DEFAULT_KEEP_VERSIONS = 10
-APP_COLUMNS = "name, org_slug, created_at, id"
+APP_COLUMNS = ("name", "org_slug", "created_at", "network", "numeric_id", "id")
+APP_SELECT = ", ".join(APP_COLUMNS)
 MACHINE_COLUMNS = (
     "id",
     "app",
@@ -110,6 +114,7 @@ MACHINE_COLUMNS = (
     "updated_at",
     "cordoned",
     "checks",
+    "skip_secrets",
     "app_id",
 )
 MACHINE_SELECT = ", ".join(MACHINE_COLUMNS)
@@ -128,8 +133,23 @@ class SqliteMachineStore(SqliteDatabase):
     def __init__(self, path: Path, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> None:
         super().__init__(path, SCHEMA)
         self.keep_versions = max(1, keep_versions)
-        self.ensure_columns("apps", {"id": "TEXT NOT NULL DEFAULT ''"})
-        self.ensure_columns("machines", {"app_id": "TEXT NOT NULL DEFAULT ''"})
+        self.ensure_columns(
+            "apps",
+            {
+                "id": "TEXT NOT NULL DEFAULT ''",
+                "network": "TEXT NOT NULL DEFAULT 'default'",
+                "numeric_id": "INTEGER",
+            },
+        )
+        self.ensure_columns(
+            "machines",
+            {
+                "cordoned": "INTEGER NOT NULL DEFAULT 0",
+                "checks": "TEXT NOT NULL DEFAULT '[]'",
+                "skip_secrets": "INTEGER NOT NULL DEFAULT 0",
+                "app_id": "TEXT NOT NULL DEFAULT ''",
+            },
+        )
         with self.transaction() as db:
             for row in db.execute("SELECT name FROM apps WHERE id = ''").fetchall():
                 db.execute("UPDATE apps SET id = ? WHERE name = ?", (new_app_id(), row["name"]))
@@ -137,10 +157,8 @@ class SqliteMachineStore(SqliteDatabase):
                 "UPDATE machines SET app_id = IFNULL((SELECT id FROM apps"
                 " WHERE apps.name = machines.app), '') WHERE app_id = ''"
             )
-        self.ensure_columns(
-            "machines",
-            {"cordoned": "INTEGER NOT NULL DEFAULT 0", "checks": "TEXT NOT NULL DEFAULT '[]'"},
-        )
+            # Apps made before numeric ids existed get theirs once, in creation order.
+            db.execute("UPDATE apps SET numeric_id = rowid WHERE numeric_id IS NULL")
         self._count_once()
 
     # usage counters
@@ -210,10 +228,16 @@ class SqliteMachineStore(SqliteDatabase):
         return Footprint.from_counters({row["counter"]: row["amount"] for row in rows})
 
     # apps
-    def create_app(self, name: str, org_slug: str, now: float, name_hold_s: float = 0.0) -> App:
+    def create_app(
+        self,
+        name: str,
+        org_slug: str,
+        now: float,
+        network: str = "default",
+        name_hold_s: float = 0.0,
+    ) -> App:
         """A new app instance; a name deleted less than ``name_hold_s`` ago stays its
         previous org's (another org gets the same 409 as for a name in use)."""
-        app = App(name=name, org_slug=org_slug, created_at=now, id=new_app_id())
         try:
             with self.transaction() as db:
                 held = db.execute(
@@ -226,26 +250,33 @@ class SqliteMachineStore(SqliteDatabase):
                 ):
                     raise sqlite3.IntegrityError("name held")
                 db.execute(
-                    f"INSERT INTO apps ({APP_COLUMNS}) VALUES (?, ?, ?, ?)",
-                    (name, org_slug, now, app.id),
+                    f"INSERT INTO apps ({APP_SELECT}) VALUES (?, ?, ?, ?,"
+                    " (SELECT COALESCE(MAX(numeric_id), 0) + 1 FROM apps), ?)",
+                    (name, org_slug, now, network, new_app_id()),
                 )
                 db.execute("DELETE FROM app_name_holds WHERE name = ?", (name,))
         except sqlite3.IntegrityError:
-            raise Conflict(f"app {name} already exists", app=name) from None
+            raise NameTaken(f"app {name} already exists", app=name) from None
+        app = self.get_app(name)
+        assert app is not None
         return app
 
+    @staticmethod
+    def _app_from(row: sqlite3.Row) -> App:
+        return App(**{column: row[column] for column in APP_COLUMNS})
+
     def get_app(self, name: str) -> App | None:
-        rows = self._query(f"SELECT {APP_COLUMNS} FROM apps WHERE name = ?", (name,))
-        return App(**dict(rows[0])) if rows else None
+        rows = self._query(f"SELECT {APP_SELECT} FROM apps WHERE name = ?", (name,))
+        return self._app_from(rows[0]) if rows else None
 
     def list_apps(self, org_slug: str | None) -> list[App]:
         if org_slug is None:
-            rows = self._query(f"SELECT {APP_COLUMNS} FROM apps ORDER BY name")
+            rows = self._query(f"SELECT {APP_SELECT} FROM apps ORDER BY name")
         else:
             rows = self._query(
-                f"SELECT {APP_COLUMNS} FROM apps WHERE org_slug = ? ORDER BY name", (org_slug,)
+                f"SELECT {APP_SELECT} FROM apps WHERE org_slug = ? ORDER BY name", (org_slug,)
             )
-        return [App(**dict(row)) for row in rows]
+        return [self._app_from(row) for row in rows]
 
     def delete_app(self, name: str, now: float = 0.0) -> list[str]:
         """Delete the app and every record of its machines (configs and their versions,
@@ -296,6 +327,7 @@ class SqliteMachineStore(SqliteDatabase):
             machine.updated_at,
             int(machine.cordoned),
             _CHECKS.dump_json(machine.checks).decode(),
+            int(machine.skip_secrets),
             machine.app_id,
         )
 
@@ -306,6 +338,7 @@ class SqliteMachineStore(SqliteDatabase):
         values["image_ref"] = ImageRef.model_validate_json(values["image_ref"])
         values["state"] = MachineState(values["state"])
         values["cordoned"] = bool(values["cordoned"])
+        values["skip_secrets"] = bool(values["skip_secrets"])
         values["checks"] = _CHECKS.validate_json(values["checks"])
         return Machine(**values)
 
@@ -395,6 +428,33 @@ class SqliteMachineStore(SqliteDatabase):
         if not changed:
             raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
 
+    def set_skip_secrets(self, machine_id: str, skip_secrets: bool, now: float) -> None:
+        changed = self._execute(
+            "UPDATE machines SET skip_secrets = ?, updated_at = ? WHERE id = ?",
+            (int(skip_secrets), now, machine_id),
+        )
+        if not changed:
+            raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+
+    def update_metadata(
+        self, machine_id: str, changes: dict[str, str | None], now: float
+    ) -> dict[str, str]:
+        with self.transaction() as db:
+            row = db.execute("SELECT config FROM machines WHERE id = ?", (machine_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
+            config = MachineConfig.model_validate_json(row["config"])
+            for key, value in changes.items():
+                if value is None:
+                    config.metadata.pop(key, None)
+                else:
+                    config.metadata[key] = value
+            db.execute(
+                "UPDATE machines SET config = ?, updated_at = ? WHERE id = ?",
+                (config.model_dump_json(), now, machine_id),
+            )
+        return dict(config.metadata)
+
     def set_checks(self, machine_id: str, checks: list[CheckStatus]) -> None:
         """Only the checks: a concurrent config or state write is not lost."""
         self._execute(
@@ -428,11 +488,24 @@ class SqliteMachineStore(SqliteDatabase):
         return machine
 
     def apply_config_version(
-        self, machine_id: str, config: MachineConfig, version: int, instance_id: str, now: float
+        self,
+        machine_id: str,
+        config: MachineConfig,
+        version: int,
+        instance_id: str,
+        now: float,
+        metadata_before: dict[str, str] | None = None,
     ) -> None:
-        body = config.model_dump_json()
         with self.transaction() as db:
             app, before = self._counted_as(db, machine_id)
+            body = config.model_dump_json()
+            if metadata_before is not None:
+                row = db.execute(
+                    "SELECT config FROM machines WHERE id = ?", (machine_id,)
+                ).fetchone()
+                if row is not None:
+                    current = MachineConfig.model_validate_json(row["config"]).metadata
+                    body = with_metadata_edits(config, metadata_before, current).model_dump_json()
             db.execute(
                 "UPDATE machine_versions SET replaced_at = ? WHERE machine_id = ?"
                 " AND replaced_at IS NULL",
@@ -459,11 +532,14 @@ class SqliteMachineStore(SqliteDatabase):
 
     def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]:
         rows = self._query(
-            "SELECT version, created_at, replaced_at FROM machine_versions"
+            "SELECT version, config, created_at, replaced_at FROM machine_versions"
             " WHERE machine_id = ? ORDER BY version",
             (machine_id,),
         )
-        return [dict(row) for row in rows]
+        return [
+            {**dict(row), "config": MachineConfig.model_validate_json(row["config"])}
+            for row in rows
+        ]
 
     # events
     def add_event(self, machine_id: str, event: MachineEvent) -> None:

@@ -8,6 +8,7 @@ Kept free of any backend's idioms: the embedded backend is SQLite, the fleet bac
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
@@ -25,6 +26,10 @@ class App(BaseModel):
     name: str
     org_slug: str
     created_at: float
+    network: str = "default"
+    """The app's private network (Fly's ``network``): its org's."""
+    numeric_id: int = 0
+    """Fly's ``internal_numeric_id``: a number of its own, given at creation."""
     id: str = ""
     """This instance of the name: machines belong to it, not to the name."""
 
@@ -34,7 +39,14 @@ class MachineStore(Protocol):
     reads and writes, shared by every host of a fleet."""
 
     # apps
-    def create_app(self, name: str, org_slug: str, now: float, name_hold_s: float = 0.0) -> App:
+    def create_app(
+        self,
+        name: str,
+        org_slug: str,
+        now: float,
+        network: str = "default",
+        name_hold_s: float = 0.0,
+    ) -> App:
         """A new app instance (``Conflict`` if the name is taken, or was deleted by another
         org less than ``name_hold_s`` ago)."""
         ...
@@ -66,17 +78,36 @@ class MachineStore(Protocol):
     def set_image_ref(self, machine_id: str, image_ref: ImageRef, now: float) -> None: ...
     def set_cordoned(self, machine_id: str, cordoned: bool, now: float) -> None: ...
     def set_checks(self, machine_id: str, checks: list[CheckStatus]) -> None: ...
+    def set_skip_secrets(self, machine_id: str, skip_secrets: bool, now: float) -> None: ...
+    def update_metadata(
+        self, machine_id: str, changes: dict[str, str | None], now: float
+    ) -> dict[str, str]:
+        """Set each key to its value, or remove it where the value is None, in one
+        transaction that touches nothing else of the machine; the metadata after."""
+        ...
+
     def set_state(
         self, machine_id: str, state: MachineState, now: float, reason: str = ""
     ) -> Machine: ...
     def apply_config_version(
-        self, machine_id: str, config: MachineConfig, version: int, instance_id: str, now: float
+        self,
+        machine_id: str,
+        config: MachineConfig,
+        version: int,
+        instance_id: str,
+        now: float,
+        metadata_before: dict[str, str] | None = None,
     ) -> None:
         """Make ``config`` version ``version`` with ``instance_id``, the previous version
-        ``replaced``: all of it in one transaction."""
+        ``replaced``: all of it in one transaction. With ``metadata_before`` (the metadata
+        when the change was asked for), the metadata edits made since are kept
+        (:func:`hangar.model.config.with_metadata_edits`)."""
         ...
 
-    def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]: ...
+    def list_config_versions(self, machine_id: str) -> list[dict[str, Any]]:
+        """Each version the machine had, oldest first: ``version``, ``config`` (a
+        ``MachineConfig``), ``created_at`` and ``replaced_at`` (None for the current one)."""
+        ...
 
     # usage counters
     def machine_usage(self, org_slug: str) -> Footprint:
@@ -117,6 +148,35 @@ class RunStore(Protocol):
     def get_vm_handle(self, machine_id: str) -> dict[str, Any] | None: ...
     def delete_vm_handle(self, machine_id: str) -> None: ...
     def list_vm_handles(self) -> dict[str, dict[str, Any]]: ...
+
+
+class SecretRecord(BaseModel):
+    """A secret as it may be shown: its name and a digest of its value, never the value."""
+
+    name: str
+    digest: str
+    created_at: float
+    updated_at: float
+
+
+class SecretStore(Protocol):
+    """Apps' secrets, sealed at rest. Every change is one transaction that moves the app's
+    secrets version on by one (Fly's ``version``)."""
+
+    def update_secrets(self, app: str, values: Mapping[str, bytes | None], now: float) -> int:
+        """Set each value, or remove it where it is None; the app's new secrets version."""
+        ...
+
+    def list_secrets(self, app: str) -> list[SecretRecord]: ...
+    def secrets_version(self, app: str) -> int:
+        """0 for an app that never had a secret."""
+        ...
+
+    def open_secrets(self, app: str, names: Collection[str] | None = None) -> dict[str, bytes]:
+        """The values (all, or those named: ``NotFound`` names a missing one), for a boot."""
+        ...
+
+    def delete_app_secrets(self, app: str) -> None: ...
 
 
 class VolumeStore(Protocol):

@@ -32,7 +32,13 @@ async def qmp_execute(
     client = QMPClient("hangar")
 
     async def session() -> object:
-        await client.connect(str(socket_path))
+        try:
+            await client.connect(str(socket_path))
+        except AssertionError:
+            # qemu.qmp asserts the session is still up once it is set up: QEMU closing the
+            # socket just then (it is exiting, e.g. on a snapshot it cannot load) is a lost
+            # connection, not a bug of ours.
+            raise EOFError(f"QEMU closed {socket_path} as the session began") from None
         try:
             return await client.execute(command, arguments)
         finally:

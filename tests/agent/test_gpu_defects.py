@@ -392,6 +392,6 @@ async def test_guest_memory_off_1g_pages_is_a_machine_event(
     events = gpu_host.stores.machines.list_events(machine_id)
     [event] = [e for e in events if e.type == "gpu_memory"]
     assert event.status == "fallback"
-    assert "no 1G pages: node 0 has 0 usable 1G pages" in event.request["reason"]
+    assert "no 1G pages: node 0 has 0 usable 1G pages" in event.reason
     backends = [v for v in values_of(gpu_host.argv(machine_id), "-object") if "ram-node0" in v]
     assert "hugetlbsize=2M" in backends[0]

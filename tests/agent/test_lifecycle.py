@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from datetime import datetime
 
 import httpx
 import pytest
@@ -38,6 +39,9 @@ def test_machine_runs_prints_and_reports_its_exit_code(
     [exit_event] = wait_exit_recorded(api, app_name, machine_id)
     assert exit_event["exit_code"] == 7
     assert exit_event["requested_stop"] is False
+    # fly-go decodes exited_at as a time.Time: RFC 3339.
+    exited_at = datetime.fromisoformat(exit_event["exited_at"].replace("Z", "+00:00"))
+    assert exited_at.tzinfo is not None and exit_event["exited_at"].endswith("Z")
     machine = wait_state(api, app_name, machine_id, "stopped")
     assert machine["image_ref"]["digest"].startswith("sha256:")
     assert machine["image_ref"]["repository"] == "hangar/test"
@@ -145,10 +149,10 @@ def test_update_replaces_the_config_and_reboots(
     response = api.post(base, json={"config": config})
     assert response.status_code == 200, response.text
     deadline = time.monotonic() + 180
-    while api.get(base).json()["version"] != 2 and time.monotonic() < deadline:
+    while api.get(base).json()["version"] != "2" and time.monotonic() < deadline:
         time.sleep(0.2)
     after = wait_state(api, app_name, machine_id, "started")
-    assert after["version"] == 2
+    assert after["version"] == "2"
     assert after["instance_id"] != before["instance_id"]
     _wait_console(api, app_name, machine_id, "version-two")
     assert api.delete(base, params={"force": "true"}).status_code == 200
@@ -178,6 +182,8 @@ def test_a_vmm_that_dies_first_is_explained_in_the_exit_event(
     [pid] = vmm_pids(shared_server.home, machine_id)
     os.kill(pid, signal.SIGKILL)
     [exit_event] = wait_exit_recorded(api, app_name, machine_id)
-    assert exit_event["guest_exit_code"] is None
+    assert exit_event["guest_exit_code"] == -1, (
+        "no code reported: -1, an integer as fly-go reads it"
+    )
     assert "QEMU exited before the guest reported an exit" in exit_event["guest_error"]
     wait_state(api, app_name, machine_id, "stopped")

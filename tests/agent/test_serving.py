@@ -126,7 +126,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, test_image: str) -> Iterator
             InProcessServer(home, proxy_port_map={80: 0}, proxy_idle_stop_s=8.0) as server,
             server.client() as api,
         ):
-            orgs = {"acme": ["web", "client", "sleepy"], "rival": ["intruder"]}
+            orgs = {"acme": ["web", "client", "sleepy", "dozy"], "rival": ["intruder"]}
             for org, apps in orgs.items():
                 assert api.post("/v1/orgs", json={"slug": org}).status_code == 201
                 for app in apps:
@@ -228,6 +228,19 @@ def test_idle_machines_stop_down_to_min_machines_running_and_a_request_wakes_one
     woken = world.proxy_get("sleepy.localhost", timeout_s=180.0)
     assert woken.status_code == 200 and woken.text.startswith("hello from")
     assert "started" in states()
+
+
+def test_an_idle_machine_that_autostops_by_suspending_is_resumed_by_a_request(
+    world: World, test_image: str
+) -> None:
+    service = {**SERVICE, "autostop": "suspend"}
+    dozy = create(world.api, "dozy", SERVE, image=test_image, services=[service])
+    until(lambda: machine(world, "dozy", dozy)["state"] == "suspended", "the idle one suspends")
+    woken = world.proxy_get("dozy.localhost", timeout_s=180.0)
+    assert woken.status_code == 200 and woken.text == f"hello from {dozy}\n"
+    events = world.api.get(machine_path("dozy", dozy) + "/events").json()
+    assert any(e["type"] == "resume" and e["status"] == "resumed" for e in events)
+    assert world.api.delete(machine_path("dozy", dozy), params={"force": "true"}).status_code == 200
 
 
 def test_a_failing_check_takes_a_machine_out_of_rotation(world: World, test_image: str) -> None:

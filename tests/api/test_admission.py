@@ -167,6 +167,9 @@ def test_updates_pending_behind_a_stop_count_in_the_quota(
     finally:
         for machine_id in ids:
             api.delete(machine_path(app, machine_id), params={"force": "true"})
+        # Their claims are gone before the next test reads what the host has left.
+        for machine_id in ids:
+            wait_state(api, app, machine_id, "destroyed")
 
 
 def test_capacity_answers_show_an_org_nothing_of_other_orgs(

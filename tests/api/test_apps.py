@@ -36,13 +36,17 @@ def test_operator_apps_default_to_the_personal_org(api: httpx.Client) -> None:
 
 def test_duplicate_app_conflicts(api: httpx.Client) -> None:
     assert api.post("/v1/apps", json={"app_name": "twice"}).status_code == 201
-    assert_fly_error(api.post("/v1/apps", json={"app_name": "twice"}), 409, "twice")
+    body = assert_fly_error(api.post("/v1/apps", json={"app_name": "twice"}), 409, "twice")
+    assert body["status"] == "name_taken"
 
 
 def test_bad_app_bodies_name_the_field(api: httpx.Client) -> None:
     assert_fly_error(api.post("/v1/apps", json={"app_name": "Not Valid!"}), 422, "app_name")
     assert_fly_error(api.post("/v1/apps", json={}), 422, "app_name")
-    assert_fly_error(api.post("/v1/apps", json={"app_name": "ok", "extra": 1}), 422, "extra")
+    custom = {"name": unique("ok"), "network": "isolated"}
+    assert_fly_error(api.post("/v1/apps", json=custom), 422, "network")
+    role = {"name": unique("ok"), "app_role_id": "postgres_cluster"}
+    assert_fly_error(api.post("/v1/apps", json=role), 422, "app_role_id")
     malformed = api.post(
         "/v1/apps", content=b"{not json", headers={"content-type": "application/json"}
     )

@@ -47,7 +47,10 @@ def created_machine(
             "config.files.0.guest_path",
         ),
         ({"image": "x", "restart": {"policy": "sometimes"}}, 422, "config.restart.policy"),
-        ({"image": "x", "unknown_field": True}, 422, "config.unknown_field"),
+        ({"image": "x", "init": {"tty": True}}, 422, "config.init.tty"),
+        ({"image": "x", "guest": {"max_memory_mb": 512}}, 422, "config.guest.max_memory_mb"),
+        ({"image": "x", "dns": {"nameservers": ["fdaa::3"]}}, 422, "config.dns"),
+        ({"image": "x", "files": [{"guest_path": "/x", "image_config": "a"}]}, 422, "image_config"),
     ],
 )
 def test_bad_config_gets_4xx_naming_the_field(
@@ -80,7 +83,8 @@ def test_skip_launch_machine_is_listed_filtered_and_has_events(
     assert api.get(f"/v1/apps/{app_name}/machines", params={"state": "started"}).json() == []
     events = api.get(f"/v1/apps/{app_name}/machines/{machine_id}/events").json()
     assert events[-1]["type"] == "launch" and events[-1]["status"] == "created"
-    assert {"id", "type", "status", "source", "timestamp", "request"} <= set(events[0])
+    assert {"id", "type", "status", "source", "timestamp"} <= set(events[0])
+    assert "request" not in events[-1], "Fly sends request only on exits"
     duplicate = create(api, app_name, {"image": test_image}, name="web-1", skip_launch=True)
     assert_fly_error(duplicate, 409, "web-1")
 
@@ -154,4 +158,5 @@ def test_bad_image_reference_fails_the_machine_with_the_reason(
     machine = api.get(base).json()
     assert "absent" in machine["failure_reason"]
     failed = [e for e in api.get(f"{base}/events").json() if e["status"] == "failed"]
-    assert failed and "absent" in failed[0]["request"]["reason"]
+    assert failed and "absent" in failed[0]["reason"]
+    assert "request" not in failed[0]

@@ -59,9 +59,18 @@ def test_a_reused_name_shows_nothing_of_the_previous_owner(
     with no_hold_server.client(token_a) as a, no_hold_server.client(token_b) as b:
         assert a.post("/v1/apps", json={"app_name": name}).status_code == 201
         old_id = leave_a_destroyed_machine(a, name, test_image)
+        sealed = a.post(f"/v1/apps/{name}/secrets/DB_PASSWORD", json={"value": SECRET})
+        assert sealed.status_code == 200, sealed.text
         assert a.delete(f"/v1/apps/{name}").status_code == 202
 
         assert b.post("/v1/apps", json={"app_name": name}).status_code == 201
+        # The app's secrets went with it: the new owner starts from none, at version 0.
+        secrets = b.get(f"/v1/apps/{name}/secrets")
+        assert secrets.status_code == 200 and secrets.json() == {"secrets": []}, secrets.text
+        ahead = {"config": {"image": test_image}, "skip_launch": True, "min_secrets_version": 1}
+        assert_fly_error(
+            b.post(f"/v1/apps/{name}/machines", json=ahead), 412, "min_secrets_version"
+        )
         listed = b.get(f"/v1/apps/{name}/machines", params={"include_deleted": "true"})
         assert listed.status_code == 200 and listed.json() == [], listed.text
         assert SECRET not in listed.text

@@ -75,7 +75,7 @@ async def test_usage_by_gpu_kind_prices_each_resource(metered: Embedded) -> None
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["org"] == "acme" and body["currency"] == "USD"
-    assert (body["from"], body["to"]) == ("2027-01-15T05:00:00Z", "2027-01-15T08:00:00Z")
+    assert (body["from"], body["to"]) == ("2027-01-15T05:00:00.000Z", "2027-01-15T08:00:00.000Z")
     groups = {group["key"]: group for group in body["groups"]}
     assert set(groups) == {"h100-sxm", "h200", "none"}
     h100 = groups["h100-sxm"]

@@ -17,7 +17,7 @@ def test_the_report_has_a_row_and_a_ratio_line_for_resume() -> None:
 
     lines = result.report().splitlines()
 
-    assert lines[4].startswith("(d) resume of a suspended guest (driver)")
+    assert lines[4].startswith("(d) hangar start of a suspended machine (API)")
     assert "0.330s" in lines[4]
     assert lines[-2:] == ["ratio hangar/qemu: 1.10", "ratio resume/qemu: 0.11"]
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 
 import pytest
 from pydantic import ValidationError
@@ -30,9 +31,14 @@ def test_minimal_config_gets_fly_defaults() -> None:
         ),
         ({"image": "x", "guest": {"kernel_args": ["quiet"]}}, "config.guest.kernel_args"),
         ({"image": "x", "init": {"tty": True}}, "config.init.tty"),
+        ({"image": "x", "init": {"kernel_args": ["quiet"]}}, "config.init.kernel_args"),
+        ({"image": "x", "guest": {"max_memory_mb": 512}}, "config.guest.max_memory_mb"),
+        ({"image": "x", "dns": {"skip_registration": True}}, "config.dns"),
+        ({"image": "x", "metrics": {"port": 9091, "path": "/m"}}, "config.metrics"),
+        ({"image": "x", "restart": {"gpu_bid_price": 1.5}}, "config.restart.gpu_bid_price"),
         (
-            {"image": "x", "files": [{"guest_path": "/a", "secret_name": "S"}]},
-            "config.files.secret_name",
+            {"image": "x", "files": [{"guest_path": "/a", "image_config": "img"}]},
+            "config.files.image_config",
         ),
     ],
 )
@@ -65,8 +71,13 @@ def test_fields_hangar_cannot_honour_are_named(body: dict[str, object], field: s
         ),
         ({"image": "x", "stop_config": {"timeout": "forever"}}, ("stop_config", "timeout")),
         ({"image": "x", "stop_config": {"signal": "SIGNOPE"}}, ("stop_config", "signal")),
-        ({"image": "x", "surprise": 1}, ("surprise",)),
         ({"image": ""}, ("image",)),
+        ({"image": None}, ("image",)),
+        ({"image": "x", "files": [{"guest_path": "/a"}]}, ("files", 0)),
+        (
+            {"image": "x", "files": [{"guest_path": "/a", "raw_value": "", "secret_name": "S"}]},
+            ("files", 0),
+        ),
     ],
 )
 def test_invalid_fields_fail_with_their_location(
@@ -75,6 +86,53 @@ def test_invalid_fields_fail_with_their_location(
     with pytest.raises(ValidationError) as caught:
         MachineConfig.model_validate(body)
     assert caught.value.errors()[0]["loc"] == location
+
+
+def test_a_config_as_go_writes_it_decodes() -> None:
+    """Zero values of fields hangar cannot honour, nulls and unknown keys: as Go's decoder."""
+    config = MachineConfig.model_validate(
+        {
+            "image": "x",
+            "init": {"tty": False, "swap_size_mb": None, "kernel_args": []},
+            "guest": {"cpus": 2, "memory_mb": 512, "gpus": 0, "max_memory_mb": 0},
+            "env": None,
+            "metadata": None,
+            "files": None,
+            "services": None,
+            "checks": None,
+            "mounts": [],
+            "dns": {"skip_registration": False},
+            "restart": {"policy": "", "max_retries": 0},
+            "stop_config": {"timeout": "1m0s", "signal": ""},
+            "disable_machine_autostart": False,
+            "a_key_from_a_newer_client": {"anything": 1},
+        }
+    )
+    assert config.env == {} and config.metadata == {} and config.files == []
+    assert config.guest.cpus == 2 and config.guest.gpus is None
+    assert config.restart.policy == "on-failure"
+    assert config.stop_config.timeout_seconds == 60.0
+    assert config.stop_config.signal is None
+    assert "a_key_from_a_newer_client" not in config.model_dump()
+
+
+def test_unknown_keys_are_logged_by_name_never_by_value(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="hangar.model.fly"):
+        MachineConfig.model_validate({"image": "x", "newer_field": "value-never-logged"})
+    assert "newer_field" in caplog.text
+    assert "value-never-logged" not in caplog.text
+
+
+def test_a_file_from_a_secret() -> None:
+    config = MachineConfig.model_validate(
+        {"image": "x", "files": [{"guest_path": "/etc/key", "secret_name": "API_KEY", "mode": 0}]}
+    )
+    assert config.files[0].secret_name == "API_KEY"
+    assert config.files[0].mode is None
+    with pytest.raises(ValidationError):
+        MachineConfig.model_validate(
+            {"image": "x", "files": [{"guest_path": "/a", "secret_name": "not a name"}]}
+        )
 
 
 def test_files_are_base64_and_bounded() -> None:
@@ -148,3 +206,26 @@ def test_mounts_name_a_volume_once_at_a_usable_path() -> None:
     ):
         with pytest.raises(ValidationError):
             MachineConfig.model_validate({"image": "x", "mounts": mounts})
+
+
+def test_a_mount_as_go_writes_it_decodes() -> None:
+    """fly-go's ``MachineMount`` with its zero values and a key hangar does not know."""
+    mount = {
+        "volume": "vol_a",
+        "path": "/data",
+        "name": "",
+        "size_gb": 0,
+        "encrypted": False,
+        "extend_threshold_percent": 0,
+        "add_size_gb": 0,
+        "size_gb_limit": 0,
+        "some_later_field": {"x": 1},
+    }
+    config = MachineConfig.model_validate({"image": "x", "mounts": [mount]})
+    assert config.model_dump(mode="json", exclude_none=True)["mounts"] == [
+        {"volume": "vol_a", "path": "/data", "encrypted": False}
+    ]
+    assert MachineConfig.model_validate({"image": "x", "mounts": None}).mounts == []
+    with pytest.raises(UnsupportedField) as refused:
+        MachineConfig.model_validate({"image": "x", "mounts": [{**mount, "size_gb_limit": 10}]})
+    assert refused.value.field == "config.mounts.size_gb_limit"

@@ -188,6 +188,33 @@ def test_machines_page_oldest_first_after_a_cursor(machines: MachineStore) -> No
     assert page(2, "unknown") == []
 
 
+def test_an_update_keeps_the_metadata_edits_made_after_it_was_asked_for(
+    machines: MachineStore,
+) -> None:
+    first = machine("m1")
+    machines.insert_machine(
+        first.model_copy(update={"config": MachineConfig(image="x", metadata={"a": "1", "b": "1"})})
+    )
+    before = {"a": "1", "b": "1"}
+    # Asked for while the metadata was ``before``; applied after three edits through the
+    # metadata endpoints: ``role`` set, ``a`` changed, ``b`` removed.
+    asked = MachineConfig(image="y", metadata={"a": "1", "b": "1", "c": "update"})
+    machines.update_metadata("m1", {"role": "w", "a": "2", "b": None}, 2.0)
+    machines.apply_config_version("m1", asked, 2, "i2", 3.0, metadata_before=before)
+    updated = machines.get_machine("m1")
+    assert updated is not None and updated.config.image == "y"
+    assert updated.config.metadata == {"a": "2", "c": "update", "role": "w"}
+    [_, current] = machines.list_config_versions("m1")
+    assert current["config"].metadata == updated.config.metadata
+    # Without edits since, the update's metadata is taken as it is.
+    plain = MachineConfig(image="z", metadata={"only": "this"})
+    machines.apply_config_version(
+        "m1", plain, 3, "i3", 4.0, metadata_before=updated.config.metadata
+    )
+    again = machines.get_machine("m1")
+    assert again is not None and again.config.metadata == {"only": "this"}
+
+
 def test_events_newest_first_and_leases(machines: MachineStore) -> None:
     machines.insert_machine(machine("m1"))
     for n in range(3):

@@ -1,6 +1,12 @@
+"""The Machines API's machine routes (``/v1/apps/{app_name}/machines``), as Fly has them.
+
+Responses that carry machines and events leave out what Fly leaves out (``exclude_none``):
+``private_ip`` and ``nonce`` when there are none, an event's ``request`` but on exits.
+"""
+
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
@@ -9,24 +15,33 @@ from starlette.background import BackgroundTask
 from hangar.api.deps import AccessDep, LeaseNonce, ServicesDep
 from hangar.api.schemas import (
     CreateMachineRequest,
+    EventView,
+    ExecRequest,
+    ExecResponse,
     LeaseRequest,
     LeaseView,
     MachinePage,
+    MachineVersionView,
     MachineView,
+    MetadataUpdate,
     MetadataValue,
     OkResponse,
+    ProcessStat,
     SignalRequest,
+    StartResponse,
     StopRequest,
     UpdateMachineRequest,
+    WaitResponse,
+    fly_event,
 )
 from hangar.api.scopes import Scope, requires
-from hangar.model.machine import MachineEvent
+from hangar.api.services.machines import wait_timeout_s
 from hangar.model.run import RunRecord
 
 router = APIRouter(prefix="/v1/apps/{app_name}/machines", tags=["machines"])
 
 
-@router.get("")
+@router.get("", response_model_exclude_none=True)
 @requires(Scope.APP_READ)
 async def list_machines(
     services: ServicesDep,
@@ -58,7 +73,7 @@ async def list_machines(
     return views
 
 
-@router.post("")
+@router.post("", response_model_exclude_none=True)
 @requires(Scope.APP_WRITE)
 async def create_machine(
     services: ServicesDep, access: AccessDep, app_name: str, body: CreateMachineRequest
@@ -69,13 +84,13 @@ async def create_machine(
     return machine
 
 
-@router.get("/{machine_id}")
+@router.get("/{machine_id}", response_model_exclude_none=True)
 @requires(Scope.APP_READ)
 async def get_machine(services: ServicesDep, app_name: str, machine_id: str) -> MachineView:
     return services.machines.view(services.machines.require(app_name, machine_id))
 
 
-@router.post("/{machine_id}")
+@router.post("/{machine_id}", response_model_exclude_none=True)
 @requires(Scope.APP_WRITE)
 async def update_machine(
     services: ServicesDep,
@@ -91,7 +106,8 @@ async def update_machine(
 @requires(Scope.APP_WRITE)
 async def start_machine(
     services: ServicesDep, app_name: str, machine_id: str, nonce: LeaseNonce = None
-) -> dict[str, str]:
+) -> StartResponse:
+    """Starts a stopped machine, or resumes a suspended one where it was."""
     return services.machines.start(app_name, machine_id, nonce)
 
 
@@ -108,12 +124,29 @@ async def stop_machine(
     return OkResponse()
 
 
+@router.post("/{machine_id}/suspend")
+@requires(Scope.APP_WRITE)
+async def suspend_machine(
+    services: ServicesDep, app_name: str, machine_id: str, nonce: LeaseNonce = None
+) -> OkResponse:
+    """Saves the guest's memory and devices and ends its VMM; ``start`` resumes it."""
+    services.machines.suspend(app_name, machine_id, nonce)
+    return OkResponse()
+
+
 @router.post("/{machine_id}/restart")
 @requires(Scope.APP_WRITE)
 async def restart_machine(
-    services: ServicesDep, app_name: str, machine_id: str, nonce: LeaseNonce = None
+    services: ServicesDep,
+    app_name: str,
+    machine_id: str,
+    nonce: LeaseNonce = None,
+    signal: str | None = Query(None, max_length=16),
+    timeout: str | None = Query(None, max_length=64),
+    force_stop: bool = False,
 ) -> OkResponse:
-    services.machines.restart(app_name, machine_id, nonce)
+    timeout = "0s" if force_stop else timeout
+    services.machines.restart(app_name, machine_id, nonce, signal=signal, timeout=timeout)
     return OkResponse()
 
 
@@ -137,9 +170,11 @@ async def destroy_machine(
     app_name: str,
     machine_id: str,
     force: bool = False,
+    kill: bool = False,
     nonce: LeaseNonce = None,
 ) -> OkResponse:
-    services.machines.destroy(app_name, machine_id, force, nonce)
+    """``force`` (or ``kill``, as flaps sends it) stops a running machine without waiting."""
+    services.machines.destroy(app_name, machine_id, force or kill, nonce)
     return OkResponse()
 
 
@@ -149,22 +184,81 @@ async def wait_machine(
     services: ServicesDep,
     app_name: str,
     machine_id: str,
-    state: str = Query("started", max_length=32),
-    timeout: int = Query(60, ge=1, le=60),
+    state: Annotated[list[str] | None, Query(max_length=8)] = None,
+    timeout: str | None = Query(None, max_length=32),
     instance_id: str | None = Query(None, max_length=64),
-) -> dict[str, Any]:
-    return await services.machines.wait(app_name, machine_id, state, timeout, instance_id)
+    from_event_id: str | None = Query(None, max_length=64),
+    version: str | None = Query(None, max_length=64),
+) -> WaitResponse:
+    """Until the machine is in any of the ``state`` values (given once or more)."""
+    return await services.machines.wait(
+        app_name,
+        machine_id,
+        [item[:64] for item in state or []],
+        wait_timeout_s(timeout),
+        instance_id,
+        from_event_id,
+        version,
+    )
 
 
-@router.get("/{machine_id}/events")
+@router.get("/{machine_id}/events", response_model_exclude_none=True)
 @requires(Scope.APP_READ)
 async def machine_events(
     services: ServicesDep,
     app_name: str,
     machine_id: str,
     limit: int | None = Query(None, ge=1, le=1000),
-) -> list[MachineEvent]:
-    return services.machines.events(app_name, machine_id, limit)
+) -> list[EventView]:
+    return [fly_event(e) for e in services.machines.events(app_name, machine_id, limit)]
+
+
+@router.get("/{machine_id}/versions")
+@requires(Scope.APP_READ)
+async def machine_versions(
+    services: ServicesDep, app_name: str, machine_id: str
+) -> list[MachineVersionView]:
+    return services.machines.versions(app_name, machine_id)
+
+
+@router.post("/{machine_id}/cordon")
+@requires(Scope.APP_WRITE)
+async def cordon_machine(
+    services: ServicesDep, app_name: str, machine_id: str, nonce: LeaseNonce = None
+) -> OkResponse:
+    """Out of the proxy's rotation; it runs on as before."""
+    services.machines.set_cordoned(app_name, machine_id, True, nonce)
+    return OkResponse()
+
+
+@router.post("/{machine_id}/uncordon")
+@requires(Scope.APP_WRITE)
+async def uncordon_machine(
+    services: ServicesDep, app_name: str, machine_id: str, nonce: LeaseNonce = None
+) -> OkResponse:
+    services.machines.set_cordoned(app_name, machine_id, False, nonce)
+    return OkResponse()
+
+
+@router.post("/{machine_id}/exec")
+@requires(Scope.APP_WRITE)
+async def exec_in_machine(
+    services: ServicesDep, app_name: str, machine_id: str, body: ExecRequest
+) -> ExecResponse:
+    """Runs a command inside the guest (its own channel; never on the host)."""
+    return await services.machines.exec(app_name, machine_id, body)
+
+
+@router.get("/{machine_id}/ps")
+@requires(Scope.APP_READ)
+async def machine_processes(
+    services: ServicesDep,
+    app_name: str,
+    machine_id: str,
+    sort_by: str | None = Query(None, max_length=32),
+    order: str | None = Query(None, max_length=8),
+) -> list[ProcessStat]:
+    return await services.machines.processes(app_name, machine_id, sort_by, order)
 
 
 @router.get("/{machine_id}/runs")
@@ -187,6 +281,27 @@ async def machine_logs(
 @requires(Scope.APP_READ)
 async def get_metadata(services: ServicesDep, app_name: str, machine_id: str) -> dict[str, str]:
     return services.machines.get_metadata(app_name, machine_id)
+
+
+@router.patch("/{machine_id}/metadata")
+@requires(Scope.APP_WRITE)
+async def update_metadata(
+    services: ServicesDep,
+    app_name: str,
+    machine_id: str,
+    body: MetadataUpdate,
+    nonce: LeaseNonce = None,
+) -> dict[str, str]:
+    """Several keys at once: set, or removed where ``""`` or ``null``; the metadata after."""
+    return services.machines.update_metadata(app_name, machine_id, body.metadata, nonce)
+
+
+@router.get("/{machine_id}/metadata/{key}")
+@requires(Scope.APP_READ)
+async def get_metadata_value(
+    services: ServicesDep, app_name: str, machine_id: str, key: str
+) -> MetadataValue:
+    return MetadataValue(value=services.machines.get_metadata_value(app_name, machine_id, key))
 
 
 @router.post("/{machine_id}/metadata/{key}", status_code=204)
@@ -221,9 +336,11 @@ async def acquire_lease(
     machine_id: str,
     body: Annotated[LeaseRequest | None, Body()] = None,
     nonce: LeaseNonce = None,
+    ttl: int | None = Query(None, ge=1, le=3600),
 ) -> LeaseView:
+    """``?ttl=N`` (as flaps asks, with no body) or the body's ``ttl``; 30 s by default."""
     return services.machines.acquire_lease(
-        app_name, machine_id, body or LeaseRequest(), nonce, owner=access.actor
+        app_name, machine_id, body or LeaseRequest(), nonce, owner=access.actor, ttl=ttl
     )
 
 

@@ -1,17 +1,32 @@
 """Apps: create, list, get, delete; each in one org, seen only by that org and the operator.
+An app is shown as fly-go's ``App`` decodes it (``network``, ``internal_numeric_id``,
+``machine_count``, ``volume_count``, ``organization``).
 
-Deleting an app deletes every record of its machines (configs, events, leases, runs); its
-name stays with its org for ``name_hold_s`` before another org may take it."""
+Deleting an app deletes every record of its machines (configs, events, leases, runs) and its
+secrets; its name stays with its org for ``name_hold_s`` before another org may take it."""
 
 from __future__ import annotations
 
 from hangar.api.access import Access, app_not_found
-from hangar.api.schemas import AppList, AppView, CreateAppRequest, OrganizationView
+from hangar.api.schemas import (
+    DEFAULT_NETWORK,
+    AppList,
+    AppView,
+    CreateAppRequest,
+    OrganizationView,
+)
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.clock import Clock
 from hangar.errors import PreconditionFailed
 from hangar.model.run import volume_subject
-from hangar.store.protocol import App, MachineStore, RunStore, TenancyStore, VolumeStore
+from hangar.store.protocol import (
+    App,
+    MachineStore,
+    RunStore,
+    SecretStore,
+    TenancyStore,
+    VolumeStore,
+)
 
 
 class AppService:
@@ -24,12 +39,14 @@ class AppService:
         runs: RunStore | None = None,
         name_hold_s: float = 0.0,
         volumes: VolumeStore | None = None,
+        secrets: SecretStore | None = None,
     ) -> None:
         self._volumes = volumes
         self._store = store
         self._tenancy = tenancy
         self._orgs = orgs
         self._clock = clock
+        self._secrets = secrets
         self._runs = runs
         self._name_hold_s = name_hold_s
 
@@ -45,6 +62,8 @@ class AppService:
         return AppView(
             id=app.name,
             name=app.name,
+            internal_numeric_id=app.numeric_id,
+            network=app.network,
             organization=OrganizationView(
                 name=org.name if org is not None else app.org_slug, slug=app.org_slug
             ),
@@ -55,9 +74,13 @@ class AppService:
     def create(self, access: Access, request: CreateAppRequest) -> AppView:
         org_slug = request.org_slug or access.token.org_slug or DEFAULT_ORG
         self._orgs.require(access, org_slug)
-        access.note(org=org_slug, app_name=request.app_name)
+        access.note(org=org_slug, app_name=request.app)
         app = self._store.create_app(
-            request.app_name, org_slug, self._clock.now(), name_hold_s=self._name_hold_s
+            request.app,
+            org_slug,
+            self._clock.now(),
+            network=DEFAULT_NETWORK,
+            name_hold_s=self._name_hold_s,
         )
         return self.view(app)
 
@@ -82,6 +105,8 @@ class AppService:
                 f"app {name} still has {len(volumes)} volume(s); destroy them first", app=name
             )
         forgotten = self._store.delete_app(name, self._clock.now())
+        if self._secrets is not None:
+            self._secrets.delete_app_secrets(name)
         if self._volumes is not None:
             # Volumes belong to the app's name: the destroyed ones go with the app.
             volume_ids = self._volumes.forget_volumes(name)

@@ -22,6 +22,7 @@ from hangar.model.usage import (
     group_key,
     unpriced,
 )
+from hangar.store.llm import LlmStore
 from hangar.store.usage import UsageStore
 
 DEFAULT_WINDOW_S = 30 * 24 * 3600.0
@@ -31,6 +32,14 @@ MAX_BUCKETS = 500
 
 class UsageGroup(UsageAmounts):
     key: str
+
+
+class ModelTokens(BaseModel):
+    deployment: str
+    name: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class UsageReport(BaseModel):
@@ -43,6 +52,8 @@ class UsageReport(BaseModel):
     total: UsageAmounts
     unpriced: list[str]
     """Resources used in the window that the operator's price table has no price for."""
+    models: list[ModelTokens] = Field(default_factory=list)
+    """Tokens the org's model deployments served in the window (``hangar llm``)."""
 
 
 class UsageSeries(BaseModel):
@@ -78,9 +89,15 @@ def parse_instant(value: str, field: str) -> float:
 
 class UsageService:
     def __init__(
-        self, store: UsageStore, orgs: OrgService, prices: PriceTable, clock: Clock
+        self,
+        store: UsageStore,
+        orgs: OrgService,
+        prices: PriceTable,
+        clock: Clock,
+        tokens: LlmStore | None = None,
     ) -> None:
         self._store = store
+        self._tokens = tokens
         self._orgs = orgs
         self.prices = prices
         self._clock = clock
@@ -129,7 +146,21 @@ class UsageService:
             ],
             total=total.rounded(),
             unpriced=sorted(missing),
+            models=self._models(org.slug, since, until),
         )
+
+    def _models(self, org: str, since: float, until: float) -> list[ModelTokens]:
+        if self._tokens is None:
+            return []
+        names = {d.id: d.name for d in self._tokens.list_deployments(org)}
+        return [
+            ModelTokens(
+                deployment=deployment,
+                name=names.get(deployment, ""),
+                **totals.model_dump(),
+            )
+            for deployment, totals in self._tokens.tokens_by_deployment(org, since, until).items()
+        ]
 
     def series(self, org: str | None, since: float, until: float, buckets: int) -> UsageSeries:
         """GPU-hours by kind, machine-hours and cost by org, in ``buckets`` equal buckets of

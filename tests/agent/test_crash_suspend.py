@@ -1,0 +1,193 @@
+"""Crash injection for suspend and resume: SIGKILL the server right after each step of a
+``suspend`` and of the ``start`` of a suspended machine, start it again over the same home,
+and check the machine ends suspended (whole snapshot, boot files kept, no VMM, no claim) or
+resumed where it was (one VMM, the guest's count going on). One machine is booted once and
+goes back and forth between the two states; each test first puts it where it needs it.
+
+The window inside ``resume_vm`` (QEMU restoring, not yet recorded) is reproduced as a crash
+leaves it: a start run recorded as having begun a restore, and the snapshot consumed.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hangar.agent.steps import new_run
+from hangar.model.guest_contract import RunDir
+from hangar.model.machine import MachineState
+from hangar.model.run import RunProgress, StartRequest, SuspendRequest
+from hangar.server_process import ServerProcess
+from hangar.settings import DATABASE
+from hangar.store.runs import SqliteRunStore
+from hangar.vmm.snapshot import has_snapshot, revoke_snapshot
+from tests.agent.helpers import (
+    console_text,
+    machine_path,
+    run_machine,
+    step_names,
+    vmm_pids,
+    wait_state,
+)
+from tests.agent.test_crash import crash_during
+from tests.agent.test_suspend import TICKER, claims_of, ticks
+from tests.api.helpers import wait_runs_finished
+from tests.conftest import running_server
+
+pytestmark = pytest.mark.slow
+
+APP = "crash-suspend"
+
+
+@dataclass
+class Ticker:
+    server: ServerProcess
+    machine_id: str
+
+    @property
+    def path(self) -> str:
+        return machine_path(APP, self.machine_id)
+
+    @property
+    def state_file(self) -> Path:
+        return self.server.home / "machines" / self.machine_id / "suspend.vmstate"
+
+
+@pytest.fixture(scope="module")
+def ticker(tmp_path_factory: pytest.TempPathFactory, test_image: str) -> Iterator[Ticker]:
+    with running_server(tmp_path_factory.mktemp("crash-suspend-home"), APP) as server:
+        with server.client() as api:
+            machine_id = run_machine(api, APP, test_image, cmd=TICKER)
+            wait_state(api, APP, machine_id, "started")
+        yield Ticker(server, machine_id)
+
+
+def _settled(api: httpx.Client, ticker: Ticker) -> str:
+    wait_runs_finished(api, APP, ticker.machine_id, guard_s=180)
+    state: str = api.get(ticker.path).json()["state"]
+    return state
+
+
+def put_in(ticker: Ticker, wanted: str) -> None:
+    """Make the machine ``started`` or ``suspended``, whatever an earlier test left."""
+    with ticker.server.client() as api:
+        state = _settled(api, ticker)
+        if state == wanted:
+            return
+        if wanted == "started":
+            assert api.post(f"{ticker.path}/start").status_code == 200
+        else:
+            if state != "started":
+                assert api.post(f"{ticker.path}/start").status_code == 200
+                wait_state(api, APP, ticker.machine_id, "started")
+            assert api.post(f"{ticker.path}/suspend").status_code == 200
+        wait_state(api, APP, ticker.machine_id, wanted)
+        _settled(api, ticker)
+
+
+def assert_suspended(api: httpx.Client, ticker: Ticker) -> None:
+    assert _settled(api, ticker) == "suspended"
+    run_dir = ticker.state_file.parent
+    assert vmm_pids(ticker.server.home, ticker.machine_id) == []
+    assert has_snapshot(ticker.state_file)
+    assert (run_dir / RunDir.ROOT_DISK).exists() and (run_dir / RunDir.INITRD).exists()
+    assert claims_of(ticker.server, ticker.machine_id) == []
+
+
+def assert_resumed(api: httpx.Client, ticker: Ticker, last_tick: int) -> None:
+    """Started, one VMM, and the guest's count went on from where it was suspended."""
+    assert _settled(api, ticker) == "started"
+    assert len(vmm_pids(ticker.server.home, ticker.machine_id)) == 1
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        seen = ticks(console_text(api, APP, ticker.machine_id))
+        if seen and seen[-1] > last_tick + 2:
+            break
+        time.sleep(0.2)
+    assert last_tick in seen, "the console of the suspended boot goes on"
+    assert seen[seen.index(last_tick) :] == list(range(last_tick, seen[-1] + 1))
+    assert not ticker.state_file.with_name("suspend.vmstate.json").exists()
+
+
+@pytest.mark.parametrize("step", step_names(SuspendRequest()))
+def test_crash_during_suspend(ticker: Ticker, step: str) -> None:
+    put_in(ticker, "started")
+    crash_during(
+        ticker.server,
+        "suspend",
+        step,
+        httpx.Request("POST", f"{ticker.server.url}{ticker.path}/suspend"),
+    )
+    with ticker.server.client() as api:
+        wait_state(api, APP, ticker.machine_id, "suspended")
+        assert_suspended(api, ticker)
+
+
+@pytest.mark.parametrize("step", step_names(StartRequest()))
+def test_crash_during_resume(ticker: Ticker, step: str) -> None:
+    put_in(ticker, "suspended")
+    with ticker.server.client() as api:
+        last_tick = ticks(console_text(api, APP, ticker.machine_id))[-1]
+    crash_during(
+        ticker.server,
+        "start",
+        step,
+        httpx.Request("POST", f"{ticker.server.url}{ticker.path}/start"),
+    )
+    with ticker.server.client() as api:
+        wait_state(api, APP, ticker.machine_id, "started")
+        assert_resumed(api, ticker, last_tick)
+
+
+def test_a_restore_cut_short_boots_afresh(ticker: Ticker) -> None:
+    """A crash while QEMU restored the guest: the run had recorded that a restore began, and
+    the snapshot is consumed (the guest may have run on from its disk). The start goes on
+    with a fresh root disk and says so."""
+    put_in(ticker, "suspended")
+    ticker.server.kill()
+    run = new_run(ticker.machine_id, StartRequest(), time.time())
+    run.progress = RunProgress(current_step="resume_vm", resume_attempted=True)
+    runs = SqliteRunStore(ticker.server.home / DATABASE)
+    try:
+        runs.insert_run(run)
+    finally:
+        runs.close()
+    revoke_snapshot(ticker.state_file)
+    ticker.server.start()
+    with ticker.server.client() as api:
+        wait_state(api, APP, ticker.machine_id, "started")
+        assert _settled(api, ticker) == MachineState.STARTED
+        events = api.get(f"{ticker.path}/events").json()
+        [cold] = [e for e in events if e["type"] == "resume" and e["status"] == "cold_boot"]
+        assert "cut short" in cold["reason"]
+        deadline = time.monotonic() + 120
+        while not ticks(console_text(api, APP, ticker.machine_id)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ticks(console_text(api, APP, ticker.machine_id))[0] == 1, "a fresh boot"
+        assert not re.search("resumed", console_text(api, APP, ticker.machine_id))
+        assert len(vmm_pids(ticker.server.home, ticker.machine_id)) == 1
+
+
+def test_a_suspended_machine_whose_snapshot_is_gone_is_stopped_at_restart(ticker: Ticker) -> None:
+    put_in(ticker, "suspended")
+    ticker.server.stop()
+    for leftover in ticker.state_file.parent.glob("suspend.vmstate*"):
+        leftover.unlink()
+    ticker.server.start()
+    with ticker.server.client() as api:
+        machine = api.get(ticker.path).json()
+        assert machine["state"] == "stopped"
+        assert "snapshot is gone" in machine["failure_reason"]
+        events = api.get(f"{ticker.path}/events").json()
+        assert events[0]["type"] == "stop" and events[0]["source"] == "flyd"
+        assert "snapshot is gone" in events[0]["reason"]
+        run_dir = ticker.state_file.parent
+        assert not (run_dir / RunDir.ROOT_DISK).exists(), "its boot files go with it"
+        assert api.post(f"{ticker.path}/start").status_code == 200
+        wait_state(api, APP, ticker.machine_id, "started")
