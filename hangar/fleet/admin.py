@@ -125,12 +125,17 @@ class FleetHosts:
         now = self._clock.now()
         self._store.add_event(
             machine.id,
-            host_event("drain", "replaced", now, {"machine_id": created.id, "host_id": new_host}),
+            host_event(
+                "drain", "replaced", now, request={"machine_id": created.id, "host_id": new_host}
+            ),
         )
         self._store.add_event(
             created.id,
             host_event(
-                "drain", "recreated", now, {"machine_id": machine.id, "host_id": machine.host_id}
+                "drain",
+                "recreated",
+                now,
+                request={"machine_id": machine.id, "host_id": machine.host_id},
             ),
         )
         self._machines.destroy(machine.app, machine.id, force=False, nonce=None)

@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from hangar.agent.agent import Agent
 from hangar.agent.host import HostServices
 from hangar.agent.placement import HostPlacement
-from hangar.agent.platform import GpuBoot, GuestExit, GuestNetwork, VmHandleData
+from hangar.agent.platform import BootSecrets, GpuBoot, GuestExit, GuestNetwork, VmHandleData
 from hangar.api.app import create_app
 from hangar.api.services.hosts import GpuView, HostGpusView, HostService, HostView
 from hangar.api.services.orgs import DEFAULT_ORG
@@ -57,6 +57,7 @@ from hangar.store.protocol import MachineStore
 from hangar.store.secrets import SqliteSecretStore
 from hangar.store.usage import SqliteUsageStore
 from hangar.vmm.driver import VolumeDiskSpec
+from hangar.vmm.guest_exec import ExecResult, GuestProcess
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class NoGuests:
         machine: Machine,
         image_ref: ImageRef,
         dest: Path,
+        secrets: BootSecrets,
         volumes: Sequence[GuestVolume] = (),
     ) -> None:
         raise _refused("an initrd")
@@ -100,6 +102,27 @@ class NoGuests:
 
     def qmp_socket(self, handle: VmHandleData) -> Path | None:
         return None
+
+    async def resume(
+        self,
+        machine: Machine,
+        run_dir: Path,
+        network: GuestNetwork | None,
+        snapshot: Path,
+        volumes: Sequence[VolumeDiskSpec] = (),
+    ) -> VmHandleData:
+        raise _refused("a resume")
+
+    async def suspend(self, handle: VmHandleData, snapshot: Path) -> None:
+        raise _refused("a suspend")
+
+    async def exec(
+        self, handle: VmHandleData, argv: Sequence[str], stdin: bytes, timeout_s: float
+    ) -> ExecResult:
+        raise _refused("exec")
+
+    async def processes(self, handle: VmHandleData) -> list[GuestProcess]:
+        raise _refused("listing a guest's processes")
 
     async def gpu_addresses(
         self, handle: VmHandleData, device_ids: Mapping[str, str]

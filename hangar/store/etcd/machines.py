@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from hangar.errors import Conflict, NotFound
-from hangar.model.config import MachineConfig
+from hangar.model.config import MachineConfig, with_metadata_edits
 from hangar.model.footprint import Footprint, footprint_change
 from hangar.model.machine import ImageRef, Lease, Machine, MachineEvent, MachineState
 from hangar.model.services import CheckStatus
@@ -90,10 +90,17 @@ class EtcdMachineStore:
         return self._layout.record("machine-versions", machine_id, f"{version:012d}")
 
     # apps
-    def create_app(self, name: str, org_slug: str, now: float, name_hold_s: float = 0.0) -> App:
+    def create_app(
+        self,
+        name: str,
+        org_slug: str,
+        now: float,
+        network: str = "default",
+        name_hold_s: float = 0.0,
+    ) -> App:
         """A new app instance; a name deleted less than ``name_hold_s`` ago stays its
         previous org's (another org gets the same 409 as for a name in use)."""
-        app = App(name=name, org_slug=org_slug, created_at=now, id=new_app_id())
+        app = App(name=name, org_slug=org_slug, created_at=now, network=network, id=new_app_id())
         key, hold_key = self._app_key(name), self._layout.record("app-holds", name)
 
         def attempt() -> App | None:
@@ -398,6 +405,31 @@ class EtcdMachineStore:
 
         self._change(machine_id, change, missing_ok=True)
 
+    def set_skip_secrets(self, machine_id: str, skip_secrets: bool, now: float) -> None:
+        def change(machine: Machine) -> Machine:
+            machine.skip_secrets, machine.updated_at = skip_secrets, now
+            return machine
+
+        self._change(machine_id, change)
+
+    def update_metadata(
+        self, machine_id: str, changes: dict[str, str | None], now: float
+    ) -> dict[str, str]:
+        def change(machine: Machine) -> Machine:
+            metadata = dict(machine.config.metadata)
+            for key, value in changes.items():
+                if value is None:
+                    metadata.pop(key, None)
+                else:
+                    metadata[key] = value
+            machine.config = machine.config.model_copy(update={"metadata": metadata})
+            machine.updated_at = now
+            return machine
+
+        changed = self._change(machine_id, change)
+        assert changed is not None
+        return dict(changed.config.metadata)
+
     def set_state(
         self, machine_id: str, state: MachineState, now: float, reason: str = ""
     ) -> Machine:
@@ -410,14 +442,25 @@ class EtcdMachineStore:
         return changed
 
     def apply_config_version(
-        self, machine_id: str, config: MachineConfig, version: int, instance_id: str, now: float
+        self,
+        machine_id: str,
+        config: MachineConfig,
+        version: int,
+        instance_id: str,
+        now: float,
+        metadata_before: dict[str, str] | None = None,
     ) -> None:
         def change(machine: Machine) -> Machine:
-            machine.version, machine.config = version, config
+            if metadata_before is not None:
+                # metadata edits made since the update was asked for are kept
+                config_now = with_metadata_edits(config, metadata_before, machine.config.metadata)
+            else:
+                config_now = config
+            machine.version, machine.config = version, config_now
             machine.instance_id, machine.updated_at = instance_id, now
             return machine
 
-        def versions(_machine: Machine) -> tuple[Sequence[Compare], Sequence[Op]]:
+        def versions(changed: Machine) -> tuple[Sequence[Compare], Sequence[Op]]:
             writes: dict[str, bytes] = {}
             compares: list[Compare] = []
             kept: dict[int, str] = {}
@@ -431,7 +474,7 @@ class EtcdMachineStore:
                     writes[kv.key] = json.dumps(record).encode()
                     compares.append(Compare.mod_revision_is(kv.key, kv.mod_revision))
             new_key = self._version_key(machine_id, version)
-            writes[new_key] = _version_record(version, config, now)
+            writes[new_key] = _version_record(version, changed.config, now)
             kept[version] = new_key
             dropped = sorted(kept)[: max(0, len(kept) - self.keep_versions)]
             ops: list[Op] = [Delete(kept[number]) for number in dropped]
