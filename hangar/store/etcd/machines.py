@@ -487,7 +487,10 @@ class EtcdMachineStore:
         kvs = self._client.range_prefix(self._layout.records("machine-versions", machine_id)).kvs
         records = [_VERSION.validate_json(kv.value) for kv in kvs]
         return [
-            {key: record.get(key) for key in ("version", "created_at", "replaced_at")}
+            {
+                **{key: record.get(key) for key in ("version", "created_at", "replaced_at")},
+                "config": MachineConfig.model_validate(record["config"]),
+            }
             for record in sorted(records, key=lambda record: int(record["version"]))
         ]
 
