@@ -40,6 +40,7 @@ from hangar.api.services.llm import (
 )
 from hangar.api.services.machines import MachineService
 from hangar.api.services.orgs import DEFAULT_ORG, OrgService
+from hangar.api.services.placement import MachinePlacer
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.api.services.secrets import SecretService
@@ -61,7 +62,16 @@ from hangar.scheduler import ClaimStore
 from hangar.scheduler.machines import Overcommit
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
-from hangar.store.protocol import OrgQuotas
+from hangar.store.llm import LlmStore
+from hangar.store.protocol import (
+    MachineStore,
+    OrgQuotas,
+    RunStore,
+    SecretStore,
+    TenancyStore,
+    VolumeStore,
+)
+from hangar.store.usage import SqliteUsageStore
 from hangar.volumes import VolumeHost, VolumeSettings
 from hangar.web.app import create_web_app
 from hangar.web.events import EventStreams
@@ -93,6 +103,151 @@ class EmbeddedServer:
         return self.settings.home
 
 
+def default_org_quotas(settings: Settings) -> OrgQuotas:
+    """What a new org may use until the operator says otherwise."""
+    return OrgQuotas(
+        machines=settings.default_org_machines,
+        memory_mb=settings.default_org_memory_mb,
+        gpus=dict(settings.default_org_gpus),
+    )
+
+
+def overcommit_of(settings: Settings) -> Overcommit:
+    return Overcommit(cpu=settings.cpu_overcommit, memory=settings.memory_overcommit)
+
+
+@dataclass(frozen=True)
+class ApiStores:
+    """The stores the Machines API reads and writes: one SQLite file on one host, etcd (and
+    what the agents publish) in a fleet, where ``secrets`` and ``llm`` stay in the replica's
+    own SQLite file for now (``hangar.fleet.replica``)."""
+
+    machines: MachineStore
+    tenancy: TenancyStore
+    volumes: VolumeStore
+    runs: RunStore
+    usage: SqliteUsageStore
+    claims: ClaimStore
+    secrets: SecretStore
+    llm: LlmStore
+
+
+@dataclass(frozen=True)
+class Api:
+    services: Services
+    guard: GuardConfig
+    tokens: TokenService
+    policy: AccessPolicy
+    llm: LlmService
+
+
+def build_api(
+    settings: Settings,
+    clock: Clock,
+    stores: ApiStores,
+    agent: Agent,
+    host: HostInfo,
+    metrics: HangarMetrics,
+    rate_limits: RateLimits | None = None,
+    *,
+    network: MachineNetwork | None = None,
+    placer: MachinePlacer | None = None,
+    hosts: HostService | None = None,
+) -> Api:
+    """The Machines API's services and request guard, the same for ``hangar server`` and a
+    fleet's ``hangar api`` replicas: a fleet passes its ``placer`` (the scheduler choosing a
+    host per machine) and its ``hosts`` view; one host passes its private ``network``."""
+    machines, tenancy = stores.machines, stores.tenancy
+    default_quotas = default_org_quotas(settings)
+    quotas = QuotaService(machines, tenancy, runs=stores.runs, volumes=stores.volumes)
+    capacity = PlatformService(
+        stores.claims,
+        settings.gpu_driver_bundle,
+        overcommit=overcommit_of(settings),
+        share_kinds=settings.gpu_share_kinds,
+    )
+    volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
+    orgs = OrgService(tenancy, quotas, clock, default_quotas=default_quotas)
+    tokens = TokenService(tenancy, machines, clock)
+    audit = AuditService(tenancy, clock, retention_s=settings.audit_retention_days * 86400)
+    apps = AppService(
+        machines,
+        tenancy,
+        orgs,
+        clock,
+        runs=stores.runs,
+        name_hold_s=settings.app_name_hold_s,
+        volumes=stores.volumes,
+        secrets=stores.secrets,
+    )
+    machine_service = MachineService(
+        machines,
+        stores.runs,
+        agent,
+        clock,
+        host,
+        quotas,
+        ImagePolicy(settings.allowed_oci_dirs),
+        capacity,
+        addresses=PrivateAddresses(machines, tenancy, network) if network is not None else None,
+        secrets=stores.secrets,
+        volumes=volumes if placer is None else None,
+        max_config_bytes=settings.max_config_bytes,
+        console=ConsoleReaders(clock, follow_max_s=settings.logs_follow_max_s),
+        placer=placer,
+    )
+    llm = LlmService(
+        stores.llm,
+        machines,
+        apps,
+        orgs,
+        machine_service,
+        volumes,
+        stores.volumes,
+        EngineImages(
+            layout=settings.llm_images_dir,
+            cache=settings.cache_dir,
+            allowed_model_dirs=settings.allowed_oci_dirs,
+            configured_server=settings.llama_server,
+        ),
+        clock,
+        host,
+    )
+    services = Services(
+        apps=apps,
+        machines=machine_service,
+        orgs=orgs,
+        tokens=tokens,
+        audit=audit,
+        hosts=hosts if hosts is not None else HostService(agent, host),
+        platform=capacity,
+        secrets=SecretService(stores.secrets, clock),
+        usage=UsageService(
+            stores.usage,
+            orgs,
+            PriceTable.parse(settings.prices, DEFAULT_PRICES),
+            clock,
+            tokens=stores.llm,
+        ),
+        metrics=metrics,
+        volumes=volumes,
+        llm=llm,
+    )
+    policy = AccessPolicy(tokens, machines)
+    guard = GuardConfig(
+        policy=policy,
+        limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
+        audit=audit,
+        max_body_bytes=settings.max_request_bytes,
+        anonymous=RateLimiter(
+            RateLimits(default=RateLimit.parse(settings.anonymous_rate_limit), actions={}), clock
+        ),
+        body_timeout_s=settings.header_timeout_s,
+        observer=metrics,
+    )
+    return Api(services, guard, tokens, policy, llm)
+
+
 def build_server(
     settings: Settings,
     platform: GuestPlatform | None = None,
@@ -110,14 +265,9 @@ def build_server(
         settings.database, settings.secrets_key_file, keep_versions=settings.config_versions_kept
     )
     machines, tenancy = stores.machines, stores.tenancy
-    default_quotas = OrgQuotas(
-        machines=settings.default_org_machines,
-        memory_mb=settings.default_org_memory_mb,
-        gpus=dict(settings.default_org_gpus),
-    )
+    default_quotas = default_org_quotas(settings)
     for org_slug in {DEFAULT_ORG} | {app.org_slug for app in machines.list_apps(None)}:
         tenancy.ensure_org(org_slug, clock.now(), quotas=default_quotas)
-    overcommit = Overcommit(cpu=settings.cpu_overcommit, memory=settings.memory_overcommit)
     metrics = HangarMetrics(clock)
     if platform is None:
         from hangar.agent.guest import QemuGuestPlatform
@@ -133,7 +283,9 @@ def build_server(
     services_of_host = HostServices(
         platform=platform,
         machines_dir=settings.machines_dir,
-        placement=HostPlacement(claim_store, host, observer=metrics, overcommit=overcommit),
+        placement=HostPlacement(
+            claim_store, host, observer=metrics, overcommit=overcommit_of(settings)
+        ),
         gpu_store=stores.gpus,
         gpus=HostGpus.from_settings(settings),
         network=network,
@@ -163,91 +315,26 @@ def build_server(
         observers=(metrics,),
     )
     metrics.register(StateCollector(machines, claim_store, settings.cache_dir))
-    quotas = QuotaService(machines, tenancy, runs=stores.runs, volumes=stores.volumes)
-    capacity = PlatformService(
-        claim_store,
-        settings.gpu_driver_bundle,
-        overcommit=overcommit,
-        share_kinds=settings.gpu_share_kinds,
-    )
-    volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
-    orgs = OrgService(tenancy, quotas, clock, default_quotas=default_quotas)
-    tokens = TokenService(tenancy, machines, clock)
-    audit = AuditService(tenancy, clock, retention_s=settings.audit_retention_days * 86400)
-    apps = AppService(
-        machines,
-        tenancy,
-        orgs,
+    api = build_api(
+        settings,
         clock,
-        runs=stores.runs,
-        name_hold_s=settings.app_name_hold_s,
-        volumes=stores.volumes,
-        secrets=stores.secrets,
-    )
-    machine_service = MachineService(
-        machines,
-        stores.runs,
-        agent,
-        clock,
-        host,
-        quotas,
-        ImagePolicy(settings.allowed_oci_dirs),
-        capacity,
-        addresses=PrivateAddresses(machines, tenancy, network) if network is not None else None,
-        secrets=stores.secrets,
-        volumes=volumes,
-        max_config_bytes=settings.max_config_bytes,
-        console=ConsoleReaders(clock, follow_max_s=settings.logs_follow_max_s),
-    )
-    llm = LlmService(
-        stores.llm,
-        machines,
-        apps,
-        orgs,
-        machine_service,
-        volumes,
-        stores.volumes,
-        EngineImages(
-            layout=settings.llm_images_dir,
-            cache=settings.cache_dir,
-            allowed_model_dirs=settings.allowed_oci_dirs,
-            configured_server=settings.llama_server,
-        ),
-        clock,
-        host,
-    )
-    services = Services(
-        apps=apps,
-        machines=machine_service,
-        orgs=orgs,
-        tokens=tokens,
-        audit=audit,
-        hosts=HostService(agent, host),
-        platform=capacity,
-        secrets=SecretService(stores.secrets, clock),
-        usage=UsageService(
+        ApiStores(
+            machines,
+            tenancy,
+            stores.volumes,
+            stores.runs,
             stores.usage,
-            orgs,
-            PriceTable.parse(settings.prices, DEFAULT_PRICES),
-            clock,
-            tokens=stores.llm,
+            claim_store,
+            stores.secrets,
+            stores.llm,
         ),
-        metrics=metrics,
-        volumes=volumes,
-        llm=llm,
+        agent,
+        host,
+        metrics,
+        rate_limits,
+        network=network,
     )
-    policy = AccessPolicy(tokens, machines)
-    guard = GuardConfig(
-        policy=policy,
-        limiter=RateLimiter(rate_limits or RateLimits.parse(settings.rate_limits), clock),
-        audit=audit,
-        max_body_bytes=settings.max_request_bytes,
-        anonymous=RateLimiter(
-            RateLimits(default=RateLimit.parse(settings.anonymous_rate_limit), actions={}), clock
-        ),
-        body_timeout_s=settings.header_timeout_s,
-        observer=metrics,
-    )
+    services, policy = api.services, api.policy
     reader = DashboardReader(machines, claim_store, stores.gpus)
     web = create_web_app(
         Viewers(policy, machines),
@@ -259,20 +346,24 @@ def build_server(
     traffic = MachineTraffic.for_agent(agent, settings, clock)
     if settings.llm:
         traffic.gateway = GatewayListener(
-            model_gateway(llm, tokens, settings, clock), settings.llm_bind, settings.llm_port
+            model_gateway(api.llm, api.tokens, settings, clock),
+            settings.llm_bind,
+            settings.llm_port,
         )
-    app = create_app(services, guard, on_startup=traffic.start, on_shutdown=traffic.close, web=web)
+    app = create_app(
+        services, api.guard, on_startup=traffic.start, on_shutdown=traffic.close, web=web
+    )
     return EmbeddedServer(
         settings=settings,
         stores=stores,
-        tokens=tokens,
+        tokens=api.tokens,
         agent=agent,
         host=host,
         app=app,
         traffic=traffic,
         metrics=metrics,
         web=web,
-        llm=llm,
+        llm=api.llm,
     )
 
 

@@ -72,7 +72,7 @@ class ServerProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "hangar.cli.main", "server", "--port", str(self.port)],
+                [*self.launcher(), sys.executable, "-m", "hangar.cli.main", *self.command()],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -81,13 +81,28 @@ class ServerProcess:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"hangar server exited at start:\n{self.log_tail()}")
-            try:
-                httpx.get(f"{self.url}/v1/apps", timeout=1.0)
+                raise RuntimeError(
+                    f"hangar {self.command()[0]} exited at start:\n{self.log_tail()}"
+                )
+            if self.ready():
                 return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"hangar server did not answer in time:\n{self.log_tail()}")
+            time.sleep(0.1)
+        raise RuntimeError(f"hangar {self.command()[0]} was not ready in time:\n{self.log_tail()}")
+
+    def launcher(self) -> list[str]:
+        """What runs the process (e.g. ``ip netns exec NS``); nothing by default."""
+        return []
+
+    def command(self) -> list[str]:
+        """The ``hangar`` subcommand and its arguments."""
+        return ["server", "--port", str(self.port)]
+
+    def ready(self) -> bool:
+        try:
+            httpx.get(f"{self.url}/v1/apps", timeout=1.0)
+            return True
+        except httpx.TransportError:
+            return False
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
@@ -146,3 +161,72 @@ class ServerProcess:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class ApiReplicaProcess(ServerProcess):
+    """``hangar api --etcd``: one API replica of a fleet."""
+
+    def __init__(self, home: Path, etcd: list[str], extra_env: dict[str, str] | None = None):
+        super().__init__(home, extra_env)
+        self.etcd = etcd
+
+    def command(self) -> list[str]:
+        return ["api", "--etcd", ",".join(self.etcd), "--port", str(self.port)]
+
+
+class AgentProcess(ServerProcess):
+    """``hangar agent --etcd``: one host of a fleet; ready once its host is registered."""
+
+    def __init__(
+        self,
+        home: Path,
+        etcd: list[str],
+        host_id: str,
+        region: str,
+        pool: str,
+        extra_env: dict[str, str] | None = None,
+        namespace: str | None = None,
+        registry_etcd: list[str] | None = None,
+    ):
+        """``namespace``: a network namespace the agent runs in (its own host), reaching
+        etcd at ``etcd``; ``registry_etcd``: where this process sees the same etcd (to know
+        when the host registered), when that differs."""
+        super().__init__(home, extra_env)
+        self.etcd = etcd
+        self.namespace = namespace
+        self.registry_etcd = registry_etcd or etcd
+        self.host_id = host_id
+        self.region = region
+        self.pool = pool
+
+    def launcher(self) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace] if self.namespace else []
+
+    def command(self) -> list[str]:
+        return [
+            "agent",
+            "--etcd",
+            ",".join(self.etcd),
+            "--host-id",
+            self.host_id,
+            "--region",
+            self.region,
+            "--pool",
+            self.pool,
+        ]
+
+    def ready(self) -> bool:
+        from hangar.store.etcd.client import EtcdClient
+        from hangar.store.etcd.keys import KeyLayout
+
+        prefix = self.extra_env.get(env_name("etcd_prefix"), "/hangar")
+        client = EtcdClient(self.registry_etcd, timeout_s=1.0)
+        try:
+            return client.get(KeyLayout(prefix).host(self.host_id)) is not None
+        except Exception:
+            return False
+        finally:
+            client.close()
+
+    def remove_network(self) -> None:
+        """A fleet test's agents run without a private network."""

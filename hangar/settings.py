@@ -57,6 +57,32 @@ class Settings(BaseSettings):
     host_id: str = Field(
         default_factory=socket.gethostname, description="this host's id (default: its hostname)"
     )
+    zone: str = Field(
+        default="", description="this host's zone within its region (a fleet's agent)"
+    )
+    pool: Literal["gpu", "general"] | None = Field(
+        default=None,
+        description="a fleet agent's pool: `gpu` hosts take GPU machines only, `general` CPU "
+        "machines (default: `gpu` when the host has GPUs)",
+    )
+    etcd: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="`http://HOST:PORT,...`: the fleet's etcd (`hangar api` and `hangar agent`)",
+    )
+    etcd_prefix: str = Field(
+        default="/hangar", description="where the fleet's records live in etcd"
+    )
+    etcd_key_file: Path | None = Field(
+        default=None,
+        description="the fleet's 32-byte sealing key (mode 0600), the same on every API replica "
+        "(default `$HANGAR_HOME/fleet.key`, made on first use)",
+    )
+    host_lease_ttl_s: int = Field(
+        default=10,
+        ge=2,
+        le=300,
+        description="seconds after its agent's last refresh that a host is unreachable",
+    )
     api_url: str = Field(default=DEFAULT_API_URL, description="where the CLI finds the API")
     api_token: str | None = Field(
         default=None,
@@ -342,7 +368,9 @@ class Settings(BaseSettings):
         "that step",
     )
 
-    @field_validator("insecure_registries", "local_registries", "gpu_share_kinds", mode="before")
+    @field_validator(
+        "insecure_registries", "local_registries", "gpu_share_kinds", "etcd", mode="before"
+    )
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split(value, ",")
@@ -411,6 +439,10 @@ class Settings(BaseSettings):
     @property
     def machines_dir(self) -> Path:
         return self.home / "machines"
+
+    @property
+    def fleet_key_file(self) -> Path:
+        return self.etcd_key_file if self.etcd_key_file is not None else self.home / "fleet.key"
 
     @property
     def secrets_key_file(self) -> Path:

@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "api": 7,
     "web": 8,
     "server": 9,
+    "fleet": 9,
     "server_process": 10,
     "bench": 11,
     "cli": 12,

@@ -51,9 +51,13 @@ class Agent:
         retry: RetryPolicy | None = None,
         meter: UsageMeter | None = None,
         observers: Sequence[RunObserver] = (),
+        on_repair: Callable[[str, str], None] | None = None,
     ) -> None:
         """``meter`` writes usage (it observes the runs, checkpoints in the monitor loop and
-        recovers at start); ``observers`` are told of every step (metrics)."""
+        recovers at start); ``observers`` are told of every step (metrics); ``on_repair``
+        is told of each repair reconciliation makes (what, on which machine), for the
+        operator's audit log."""
+        self._on_repair = on_repair
         self.machines = machines
         self.runs = runs
         self.host = host
@@ -337,11 +341,13 @@ class Agent:
             if not owned:
                 log.warning("killing VMM pid %s of machine %s: no record owns it", pid, machine_id)
                 self.platform.kill_process(pid)
+                self._repaired("kill_unowned_vmm", machine_id)
         for machine_id, handle in handles.items():
             machine = self.machines.get_machine(machine_id)
             if machine is None or machine.state.terminal:
                 await self.platform.kill(handle)
                 self.runs.delete_vm_handle(machine_id)
+                self._repaired("kill_vmm_of_gone_machine", machine_id)
             else:
                 # Adopting a VM that still runs reads its console and control port again.
                 await self.platform.alive(handle)
@@ -365,6 +371,14 @@ class Agent:
         for machine_id in {run.machine_id for run in self.runs.list_runs(unfinished_only=True)}:
             self._drive(machine_id)
 
+    def _repaired(self, action: str, machine_id: str) -> None:
+        if self._on_repair is None:
+            return
+        try:
+            self._on_repair(action, machine_id)
+        except Exception:
+            log.exception("repair %s of %s not recorded", action, machine_id)
+
     def _reconcile_claims(self) -> None:
         """Release every claim no live machine holds (its GPUs go to a handoff), and give each
         GPU left ``cleaning`` a handoff run if it has none."""
@@ -373,6 +387,7 @@ class Agent:
             if not self._live(self.machines.get_machine(machine_id)):
                 log.warning("claim of %s is held by no live machine: releasing it", machine_id)
                 released = placement.release(machine_id)
+                self._repaired("release_stale_claim", machine_id)
                 submit_handoffs(
                     self.host,
                     self.clock,

@@ -37,10 +37,13 @@ class HostPlacement:
         scheduler: Scheduler | None = None,
         observer: PlacementObserver | None = None,
         overcommit: Overcommit = NO_OVERCOMMIT,
+        allow_cpu_machines: bool = True,
     ):
         """``observer`` is told how each placement went (metrics); it is given to the
         scheduler made here (one passed in keeps its own). ``overcommit``: the operator's
-        ratios for shared machines (host admission)."""
+        ratios for shared machines (host admission). ``allow_cpu_machines``: whether
+        CPU-only machines may run here when the host has GPUs (a fleet's GPU pool: no)."""
+        self.allow_cpu_machines = allow_cpu_machines
         self.claims = claims
         self.host = host
         self._scheduler = scheduler
@@ -57,7 +60,7 @@ class HostPlacement:
     def register(
         self,
         gpus: Sequence[GpuRecord],
-        allow_cpu_machines: bool = True,
+        allow_cpu_machines: bool | None = None,
         fabric_partitions: Mapping[int, Sequence[int]] | None = None,
     ) -> HostState:
         """Write this host's capacity and GPUs, keeping every claim and GPU state it had.
@@ -69,7 +72,9 @@ class HostPlacement:
                 self.host,
                 gpus,
                 current.state if current is not None else None,
-                allow_cpu_machines=allow_cpu_machines,
+                allow_cpu_machines=(
+                    self.allow_cpu_machines if allow_cpu_machines is None else allow_cpu_machines
+                ),
                 overcommit=self.overcommit,
                 fabric_partitions=fabric_partitions,
             )

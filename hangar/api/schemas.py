@@ -383,6 +383,8 @@ class MachineView(BaseModel):
     checks: list[CheckStatus] = Field(default_factory=list)
     nonce: str | None = None
     host_status: str = "ok"
+    incomplete_config: dict[str, Any] | None = None
+    """The config as last recorded, when the machine's host is not answering (Fly's)."""
     cordoned: bool = False
     failure_reason: str | None = None
     tier: str = "vm"

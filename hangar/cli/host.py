@@ -13,7 +13,9 @@ from hangar.cli.client import ApiError, HangarClient
 from hangar.cli.output import JsonFlag, call, console, print_json
 
 host_app = typer.Typer(
-    help="This host's GPUs: inventory, readiness, quarantine.", no_args_is_help=True
+    help="Hosts: this host's GPUs (inventory, readiness, quarantine); a fleet's cordon, "
+    "uncordon and drain.",
+    no_args_is_help=True,
 )
 
 
@@ -91,3 +93,41 @@ def release_gpu(
         print_json(body)
         return
     console.print(f"GPU {bdf} on {host_id} is {body['state']}")
+
+
+@host_app.command("cordon")
+def cordon(host_id: str, as_json: JsonFlag = False) -> None:
+    """Place no new machine on HOST (a fleet's API replica; what runs there keeps running)."""
+    body = call(HangarClient().request, "POST", f"/v1/hosts/{host_id}/cordon")
+    if as_json:
+        print_json(body)
+        return
+    console.print(f"host {host_id} cordoned by {body['by']}")
+
+
+@host_app.command("uncordon")
+def uncordon(host_id: str, as_json: JsonFlag = False) -> None:
+    """Place machines on HOST again."""
+    body = call(HangarClient().request, "POST", f"/v1/hosts/{host_id}/uncordon")
+    if as_json:
+        print_json(body)
+        return
+    console.print(
+        f"host {host_id} uncordoned" if body["ok"] else f"host {host_id} was not cordoned"
+    )
+
+
+@host_app.command("drain")
+def drain(host_id: str, as_json: JsonFlag = False) -> None:
+    """Cordon HOST and recreate its stopped machines without volumes on other hosts (same
+    config and name, new ids); running, leased and volume-bound machines stay."""
+    body = call(HangarClient().request, "POST", f"/v1/hosts/{host_id}/drain")
+    if as_json:
+        print_json(body)
+        return
+    table = Table("MACHINE", "NEW MACHINE", "NEW HOST", title=f"drained from {host_id}")
+    for moved in body["moved"]:
+        table.add_row(moved["machine_id"], moved["new_machine_id"], moved["host_id"])
+    console.print(table)
+    for left in body["left"]:
+        console.print(f"[yellow]{left['machine_id']} stays:[/yellow] {left['reason']}")

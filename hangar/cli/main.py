@@ -90,6 +90,66 @@ def server(
     serve(settings, host, port, init=init)
 
 
+EtcdOption = Annotated[
+    str | None,
+    typer.Option("--etcd", help="The fleet's etcd: client URLs, comma-separated ($HANGAR_ETCD)."),
+]
+
+
+def _fleet_settings(home: Path | None, etcd: str | None, **updates: Any) -> Settings:
+    base = Settings() if home is None else Settings(home=home)
+    values = {key: value for key, value in updates.items() if value is not None}
+    if etcd is not None:
+        values["etcd"] = tuple(url.strip() for url in etcd.split(",") if url.strip())
+    settings = Settings.model_validate({**base.model_dump(), **values})
+    if not settings.etcd:
+        fail("no etcd endpoints: pass --etcd URL[,URL...] or set HANGAR_ETCD")
+    return settings
+
+
+@app.command("api")
+def api_replica(
+    etcd: EtcdOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
+    home: Annotated[Path | None, typer.Option(help="State directory ($HANGAR_HOME).")] = None,
+) -> None:
+    """Run a stateless Machines API replica over the fleet's etcd (run several)."""
+    from hangar.fleet.replica import serve_replica
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve_replica(_fleet_settings(home, etcd), host, port)
+
+
+@app.command("agent")
+def host_agent(
+    etcd: EtcdOption = None,
+    host_id: Annotated[
+        str | None, typer.Option("--host-id", help="This host's id ($HANGAR_HOST_ID).")
+    ] = None,
+    region: Annotated[str | None, typer.Option(help="This host's region.")] = None,
+    zone: Annotated[str | None, typer.Option(help="This host's zone.")] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(help="gpu (GPU machines only) or general (default: gpu if it has GPUs)."),
+    ] = None,
+    home: Annotated[Path | None, typer.Option(help="State directory ($HANGAR_HOME).")] = None,
+) -> None:
+    """Run this host's agent in a fleet: registers it in etcd, runs the machines placed here."""
+    from hangar.fleet.host_agent import run_host_agent
+
+    if pool not in (None, "gpu", "general"):
+        fail(f"--pool must be gpu or general, not {pool!r}")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_host_agent(
+        _fleet_settings(home, etcd, host_id=host_id, region=region, zone=zone, pool=pool)
+    )
+
+
 @apps_app.command("create")
 def apps_create(
     name: str,

@@ -141,6 +141,15 @@ class Scheduler:
             attempts=self._max_attempts,
         )
 
+    def choose(self, request: PlacementRequest) -> tuple[str, str]:
+        """The host (and its region) ``place`` would pick now, claiming nothing (a machine
+        created without launching gets a host; its agent claims when it starts it)."""
+        regions = self._catalog.expand(request.region, self.index.regions())
+        choice = self._choose(request, regions)
+        if choice is None:
+            raise capacity_error(request, regions)
+        return choice.host_id, choice.state.region
+
     def place_many(self, requests: Sequence[PlacementRequest]) -> list[Placement | HangarError]:
         """Place a batch: each request is chosen as ``place`` would choose it, in order, on the
         index as the earlier ones of the batch left it; every host's new claims go in one

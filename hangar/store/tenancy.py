@@ -108,6 +108,8 @@ class SqliteTenancyStore(SqliteDatabase):
                 ).fetchone()
         except sqlite3.IntegrityError:
             raise Conflict(f"network number {number} is taken", org=slug, retryable=True) from None
+        if row is None:  # OR IGNORE also skipped the insert: another org holds the number
+            raise Conflict(f"network number {number} is taken", org=slug, retryable=True)
         return int(row["number"])
 
     # tokens

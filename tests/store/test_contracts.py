@@ -15,13 +15,16 @@ from hangar.model.footprint import Footprint
 from hangar.model.gpu import GpuEvent, GpuRecord
 from hangar.model.machine import Lease, Machine, MachineState, host_event
 from hangar.model.run import RunStatus, StartRequest, StopRequest
+from hangar.store.etcd.machines import EtcdMachineStore
 from hangar.store.gpus import SqliteGpuStore
 from hangar.store.machines import SqliteMachineStore
 from hangar.store.protocol import GpuStore, MachineStore, RunStore
 from hangar.store.runs import SqliteRunStore
+from tests.fixtures.etcd import StoreScratch
 
-MACHINE_BACKENDS: dict[str, Callable[[Path], MachineStore]] = {
-    "sqlite": lambda tmp: SqliteMachineStore(tmp / "db"),
+MACHINE_BACKENDS: dict[str, Callable[[StoreScratch], MachineStore]] = {
+    "sqlite": lambda scratch: SqliteMachineStore(scratch.tmp / "db"),
+    "etcd": lambda scratch: EtcdMachineStore(scratch.etcd_client(), scratch.layout),
 }
 RUN_BACKENDS: dict[str, Callable[[Path], RunStore]] = {
     "sqlite": lambda tmp: SqliteRunStore(tmp / "db"),
@@ -32,8 +35,8 @@ GPU_BACKENDS: dict[str, Callable[[Path], GpuStore]] = {
 
 
 @pytest.fixture(params=sorted(MACHINE_BACKENDS))
-def machines(request: pytest.FixtureRequest, tmp_path: Path) -> MachineStore:
-    return MACHINE_BACKENDS[request.param](tmp_path)
+def machines(request: pytest.FixtureRequest, store_scratch: StoreScratch) -> MachineStore:
+    return MACHINE_BACKENDS[request.param](store_scratch)
 
 
 @pytest.fixture(params=sorted(RUN_BACKENDS))

@@ -1,24 +1,33 @@
-"""The SQLite tenancy store: orgs, tokens by hash, the audit log, next to the cluster store."""
+"""The TenancyStore contract over every backend (SQLite beside the cluster store, etcd with
+token hashes sealed): orgs, tokens by hash, network numbers, the audit log."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from hangar.errors import Conflict, NotFound
+from hangar.store.etcd.tenancy import EtcdTenancyStore
 from hangar.store.machines import SqliteMachineStore
-from hangar.store.protocol import ApiToken, AuditRecord, OrgQuotas, TokenKind
+from hangar.store.protocol import ApiToken, AuditRecord, OrgQuotas, TenancyStore, TokenKind
 from hangar.store.tenancy import SqliteTenancyStore
+from tests.fixtures.etcd import StoreScratch
+
+TENANCY_BACKENDS: dict[str, Callable[[StoreScratch], TenancyStore]] = {
+    "sqlite": lambda scratch: SqliteTenancyStore(scratch.tmp / "hangar.db"),
+    "etcd": lambda scratch: EtcdTenancyStore(scratch.etcd_client(), scratch.sealer, scratch.layout),
+}
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> SqliteTenancyStore:
-    return SqliteTenancyStore(tmp_path / "hangar.db")
+@pytest.fixture(params=sorted(TENANCY_BACKENDS))
+def store(request: pytest.FixtureRequest, store_scratch: StoreScratch) -> TenancyStore:
+    return TENANCY_BACKENDS[request.param](store_scratch)
 
 
-def test_orgs_are_created_once_and_keep_their_quotas(store: SqliteTenancyStore) -> None:
+def test_orgs_are_created_once_and_keep_their_quotas(store: TenancyStore) -> None:
     store.create_org("acme", "Acme", 1.0)
     with pytest.raises(Conflict):
         store.create_org("acme", "Again", 2.0)
@@ -31,7 +40,7 @@ def test_orgs_are_created_once_and_keep_their_quotas(store: SqliteTenancyStore) 
         store.set_quotas("nobody", quotas)
 
 
-def test_tokens_are_found_by_hash_and_revoked_once(store: SqliteTenancyStore) -> None:
+def test_tokens_are_found_by_hash_and_revoked_once(store: TenancyStore) -> None:
     token = ApiToken(id="tok_1", kind=TokenKind.ORG, org_slug="acme", created_at=1.0)
     store.insert_token(token, "hash-1")
     assert store.token_by_hash("hash-1") == token
@@ -45,7 +54,7 @@ def test_tokens_are_found_by_hash_and_revoked_once(store: SqliteTenancyStore) ->
         store.revoke_token("tok_none", 1.0)
 
 
-def test_audit_is_newest_first_per_org_and_pages(store: SqliteTenancyStore) -> None:
+def test_audit_is_newest_first_per_org_and_pages(store: TenancyStore) -> None:
     for number in range(5):
         store.add_audit(
             AuditRecord(
@@ -73,3 +82,20 @@ def test_shares_the_cluster_database_file(tmp_path: Path) -> None:
     tenancy.ensure_org("acme", 1.0)
     tables = {row[0] for row in sqlite3.connect(database).execute("SELECT name FROM sqlite_master")}
     assert {"apps", "orgs", "api_tokens", "audit_log"} <= tables
+
+
+def test_network_numbers_are_one_org_each(store: TenancyStore) -> None:
+    assert store.assign_network_number("acme", 7) == 7
+    assert store.assign_network_number("acme", 9) == 7  # it keeps the one it has
+    with pytest.raises(Conflict):
+        store.assign_network_number("beta", 7)
+    assert store.assign_network_number("beta", 8) == 8
+    assert store.network_numbers() == {7: "acme", 8: "beta"}
+
+
+def test_tokens_list_in_issue_order_per_org(store: TenancyStore) -> None:
+    for number, org in enumerate(["acme", "beta", "acme"]):
+        token = ApiToken(id=f"tok_{number}", kind=TokenKind.ORG, org_slug=org, created_at=1.0)
+        store.insert_token(token, f"hash-{number}")
+    assert [token.id for token in store.list_tokens("acme")] == ["tok_0", "tok_2"]
+    assert [token.id for token in store.list_tokens()] == ["tok_0", "tok_1", "tok_2"]

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from hangar.errors import Conflict, NotFound
 from hangar.model.volume import Volume, VolumeSnapshotRecord, VolumeState
+from hangar.store.etcd.volumes import EtcdVolumeStore
 from hangar.store.protocol import VolumeStore
 from hangar.store.volume_claims import (
     attach_volume,
@@ -25,18 +25,22 @@ from hangar.store.volume_claims import (
 )
 from hangar.store.volumes import SqliteVolumeStore
 from hangar.volumes.model import new_volume_id
+from tests.fixtures.etcd import StoreScratch
 
-VOLUME_BACKENDS: dict[str, Callable[[Path], VolumeStore]] = {
-    "sqlite": lambda tmp: SqliteVolumeStore(tmp / "db"),
+VOLUME_BACKENDS: dict[str, Callable[[StoreScratch], VolumeStore]] = {
+    "sqlite": lambda scratch: SqliteVolumeStore(scratch.tmp / "db"),
+    "etcd": lambda scratch: EtcdVolumeStore(scratch.etcd_client(), scratch.layout),
 }
 RACERS = 8
 ROUNDS = 20
 
 
 @pytest.fixture(params=sorted(VOLUME_BACKENDS))
-def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], VolumeStore]:
+def opener(
+    request: pytest.FixtureRequest, store_scratch: StoreScratch
+) -> Callable[[], VolumeStore]:
     """Opens another handle on the same store."""
-    return lambda: VOLUME_BACKENDS[request.param](tmp_path)
+    return lambda: VOLUME_BACKENDS[request.param](store_scratch)
 
 
 def volume(app: str = "web", state: VolumeState = VolumeState.CREATED, at: float = 1.0) -> Volume:

@@ -30,6 +30,7 @@ from hangar.api.schemas import (
 )
 from hangar.api.services.addresses import PrivateAddresses
 from hangar.api.services.image_policy import ImagePolicy
+from hangar.api.services.placement import MachinePlacer
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
 from hangar.api.services.volumes import VolumeService
@@ -140,11 +141,15 @@ class MachineService:
         addresses: PrivateAddresses | None = None,
         secrets: SecretStore | None = None,
         volumes: VolumeService | None = None,
+        placer: MachinePlacer | None = None,
     ) -> None:
         """``max_config_bytes``: the largest config (as JSON) a machine may have;
-        ``console``: how machines' consoles are read and followed."""
+        ``console``: how machines' consoles are read and followed; ``placer``: a fleet's
+        scheduler choosing each new machine's host (None: this server's one host takes every
+        machine)."""
         self._max_config_bytes = max_config_bytes
         self.console_readers = console or ConsoleReaders(clock)
+        self._placer = placer
         self._addresses = addresses
         self._volumes = volumes
         self._platform = platform
@@ -175,7 +180,12 @@ class MachineService:
         self, machine: Machine, event_limit: int = 10, nonce: str | None = None
     ) -> MachineView:
         events = self._store.list_events(machine.id, event_limit) if event_limit else []
-        return MachineView.of(machine, events, nonce)
+        view = MachineView.of(machine, events, nonce)
+        if self._placer is not None:
+            view.host_status = self._placer.host_status(machine.host_id)
+            if view.host_status != "ok":
+                view.incomplete_config = view.config
+        return view
 
     def list_views(
         self,
@@ -284,6 +294,8 @@ class MachineService:
             )
 
     def _check_placement(self, region: str | None, config: MachineConfig) -> str:
+        if self._placer is not None:  # a fleet: the scheduler decides (at create)
+            return region or ""
         if region and region != self._host.region:
             raise InsufficientCapacity(
                 f"insufficient capacity: no host in region {region}", field="region", region=region
@@ -408,6 +420,11 @@ class MachineService:
             self._platform.admit(request.config, region)
         machine_id = new_machine_id()
         current = self._store.get_app(app)
+        host_id = self._host.id
+        if self._placer is not None:
+            host_id, region = self._placer.place(
+                machine_id, region, request.config, launching=not request.skip_launch
+            )
         machine = Machine(
             id=machine_id,
             name=request.name or f"{app}-{machine_id[:6]}",
@@ -420,14 +437,19 @@ class MachineService:
             config=request.config,
             created_at=now,
             updated_at=now,
-            host_id=self._host.id,
+            host_id=host_id,
             private_ip=(
                 self._addresses.for_machine(app, machine_id) if self._addresses is not None else ""
             ),
             cordoned=request.skip_service_registration,
             skip_secrets=request.skip_secrets,
         )
-        self._store.insert_machine(machine)
+        try:
+            self._store.insert_machine(machine)
+        except BaseException:
+            if self._placer is not None and not request.skip_launch:
+                self._placer.release(host_id, machine_id)  # nothing half done
+            raise
         self._record(machine_id, "launch", "created")
         nonce = None
         if request.lease_ttl:

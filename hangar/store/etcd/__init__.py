@@ -6,6 +6,9 @@
   ``PrefixCache``, an in-process copy of a prefix that reads keep answering from while etcd is
   down;
 - ``claims``: ``EtcdClaimStore``, the scheduler's claim protocol (one key per host);
+- ``machines``, ``tenancy``, ``volumes``: ``EtcdMachineStore``, ``EtcdTenancyStore`` (token
+  hashes sealed) and ``EtcdVolumeStore``, the fleet's shared stores, every change one
+  compare-and-set transaction (``records``);
 - ``hosts``: ``HostLease`` (an agent's registration under a lease it keeps alive) and
   ``HostMonitor`` (which hosts are reachable);
 - ``sealed``: ``Sealer`` and ``SealedValues``, secrets encrypted at rest;
@@ -18,12 +21,18 @@ from hangar.store.etcd.claims import EtcdClaimStore
 from hangar.store.etcd.client import EtcdClient, KeyValue
 from hangar.store.etcd.hosts import HostLease, HostMonitor, HostRecord, HostStatus
 from hangar.store.etcd.keys import KeyLayout
+from hangar.store.etcd.machines import EtcdMachineStore
 from hangar.store.etcd.sealed import SealedValues, Sealer
+from hangar.store.etcd.tenancy import EtcdTenancyStore
+from hangar.store.etcd.volumes import EtcdVolumeStore
 
 __all__ = [
     "CacheChange",
     "EtcdClaimStore",
     "EtcdClient",
+    "EtcdMachineStore",
+    "EtcdTenancyStore",
+    "EtcdVolumeStore",
     "HostLease",
     "HostMonitor",
     "HostRecord",

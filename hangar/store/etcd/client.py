@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -47,6 +47,7 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 CompareTarget = Literal["VERSION", "CREATE", "MOD", "VALUE", "LEASE"]
 CompareResult = Literal["EQUAL", "NOT_EQUAL", "GREATER", "LESS"]
+SortTarget = Literal["KEY", "VERSION", "CREATE", "MOD", "VALUE"]
 _TARGET_FIELDS = {
     "VERSION": "version",
     "CREATE": "create_revision",
@@ -139,6 +140,11 @@ class Range:
     limit: int = 0
     revision: int = 0
     serializable: bool = False
+    sort_target: SortTarget | None = None
+    """Order by this (etcd's own ``sort_target``); keys ascending when None."""
+    descending: bool = False
+    max_create_revision: int = 0
+    """Only keys created at or before this revision (0: any)."""
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"key": encode_bytes(self.key), **_key_end(self.key, self.prefix)}
@@ -148,6 +154,11 @@ class Range:
             body["revision"] = str(self.revision)
         if self.serializable:
             body["serializable"] = True
+        if self.sort_target is not None:
+            body["sort_target"] = self.sort_target
+            body["sort_order"] = "DESCEND" if self.descending else "ASCEND"
+        if self.max_create_revision:
+            body["max_create_revision"] = str(self.max_create_revision)
         return body
 
 
@@ -347,8 +358,13 @@ class EtcdClient:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        stale_reads: bool = False,
     ) -> None:
+        """``stale_reads``: a read that finds no member with a leader (quorum lost) is
+        answered from a live member's own copy instead (``serializable``), so what the fleet
+        knew keeps being served while it cannot change."""
         self.endpoints = parse_endpoints(endpoints)
+        self.stale_reads = stale_reads
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._local = threading.local()
@@ -363,7 +379,15 @@ class EtcdClient:
         return result.kvs[0] if result.kvs else None
 
     def range(self, request: Range) -> RangeResult:
-        body = self.call("/v3/kv/range", request.to_json(), require_leader=not request.serializable)
+        try:
+            body = self.call(
+                "/v3/kv/range", request.to_json(), require_leader=not request.serializable
+            )
+        except StoreUnavailable:
+            if not self.stale_reads or request.serializable:
+                raise
+            stale = replace(request, serializable=True)
+            body = self.call("/v3/kv/range", stale.to_json(), require_leader=False)
         return RangeResult.from_json(body)
 
     def range_prefix(self, prefix: str, *, page_size: int = 1000) -> RangeResult:

@@ -56,6 +56,12 @@ class HostRecord(BaseModel):
     """Where the agent answers (URL), for the API to reach it."""
     gpus: list[GpuRecord] = Field(default_factory=list)
     started_at: float = 0.0
+    zone: str = ""
+    pool: str = "general"
+    free_cpu_milli: int = 0
+    free_memory_mb: int = 0
+    free_gpus: int = 0
+    """What is free on the host, as its claim record said when the agent last published."""
 
 
 class HostLease:

@@ -5,14 +5,22 @@
     {prefix}/claims/{host_id}          the scheduler's HostState of a host (claims, GPU states)
     {prefix}/hosts/{host_id}           a host's live registration, under its agent's lease
     {prefix}/sealed/{kind}/{name}      an encrypted value (volume key, app secret, token hash)
+    {prefix}/{kind}/{name}/...         a record of the shared stores (``record``): apps,
+                                       machines (under their app), machine names, config
+                                       versions, events, leases, orgs, tokens, audit, volumes
+    {prefix}/work/{host_id}/{run_id}   a run addressed to a host's agent (``hangar.fleet``)
+    {prefix}/runs/{host_id}/{machine}  what that agent published about a machine's runs
 
 Every name is one path segment, so a prefix range over ``claims/`` or ``hosts/`` never picks up
-a key of another kind or another fleet sharing the cluster under another prefix.
+a key of another kind or another fleet sharing the cluster under another prefix. Names of
+records that a user chooses (machine names, org slugs) are percent-encoded into one segment
+(``segment``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote, unquote
 
 from hangar.errors import InvalidRequest
 
@@ -29,6 +37,15 @@ def check_name(name: str, field: str) -> str:
             f"{field} {name!r} must be printable ASCII without '/' or spaces", field=field
         )
     return name
+
+
+def segment(name: str) -> str:
+    """Any string as one key segment: percent-encoded, ``%`` alone for the empty string."""
+    return quote(name, safe="-_.~") or "%"
+
+
+def unsegment(text: str) -> str:
+    return "" if text == "%" else unquote(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +81,13 @@ class KeyLayout:
 
     def sealed(self, kind: str, name: str) -> str:
         return self.sealed_kind(kind) + check_name(name, "name")
+
+    def record(self, kind: str, *names: str) -> str:
+        """The key of one record of ``kind`` (names encoded by ``segment``)."""
+        return f"{self.prefix}/{check_name(kind, 'kind')}/" + "/".join(map(segment, names))
+
+    def records(self, kind: str, *names: str) -> str:
+        """The prefix of every record of ``kind`` under ``names``."""
+        return f"{self.prefix}/{check_name(kind, 'kind')}/" + "".join(
+            segment(name) + "/" for name in names
+        )

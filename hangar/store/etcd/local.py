@@ -77,12 +77,16 @@ class LocalEtcdCluster:
         binary: str = ETCD_BINARY,
         heartbeat_ms: int = 100,
         election_ms: int = 1000,
+        extra_client_hosts: tuple[str, ...] = (),
     ) -> None:
+        """``extra_client_hosts``: addresses (besides loopback) every member also answers
+        clients on: a test's own bridge or veth addresses, for agents in network namespaces."""
         if size < 1:
             raise ValueError("an etcd cluster needs at least one member")
         if shutil.which(binary) is None:
             raise EtcdLaunchError(f"{binary} is not installed (apt-get install etcd-server)")
         self.size = size
+        self.extra_client_hosts = extra_client_hosts
         self._binary = binary
         self._heartbeat_ms = heartbeat_ms
         self._election_ms = election_ms
@@ -95,6 +99,12 @@ class LocalEtcdCluster:
     def endpoints(self) -> list[str]:
         """Client URLs of every member, running or not (clients fail over between them)."""
         return [member.client_url for member in self.members]
+
+    def endpoints_at(self, host: str) -> list[str]:
+        """The members' client URLs on one of ``extra_client_hosts``."""
+        if host not in self.extra_client_hosts:
+            raise ValueError(f"etcd does not listen on {host}")
+        return [f"http://{host}:{member.client_port}" for member in self.members]
 
     def start(self) -> Self:
         """Start every member and wait until each answers healthy."""
@@ -186,7 +196,11 @@ class LocalEtcdCluster:
             self._binary,
             f"--name={member.name}",
             f"--data-dir={member.data_dir}",
-            f"--listen-client-urls={member.client_url}",
+            "--listen-client-urls="
+            + ",".join(
+                [member.client_url]
+                + [f"http://{host}:{member.client_port}" for host in self.extra_client_hosts]
+            ),
             f"--advertise-client-urls={member.client_url}",
             f"--listen-peer-urls={member.peer_url}",
             f"--initial-advertise-peer-urls={member.peer_url}",

@@ -1,0 +1,264 @@
+"""``hangar agent --etcd``: one host of a fleet (Fly's flyd).
+
+The agent is the one ``hangar server`` runs (same durable runs, steps, reconciliation, GPU
+handoff, health checks and proxy), with the fleet's shared records on etcd and its own durable
+state in its own SQLite (runs, VM handles, GPU inventory, usage): the source of truth for what
+runs on this host. In order, at start:
+
+1. runs addressed to this host while it was away are recorded in its run store (so that
+   reconciliation sees them: a claim the API took for a machine whose run is waiting is kept);
+2. the agent starts: its host's capacity and GPUs go into its claim record (claims and GPU
+   states it had are kept), then it reconciles (its SQLite wins for its own machines: VMMs no
+   record owns are killed, claims no live machine holds are released, runs resume);
+3. the host registers under a lease (``HostLease``) with its inventory, pool and free capacity;
+   API replicas place on it only while that lease lives;
+4. it watches etcd for runs addressed to it (``WorkIntake``) and publishes its runs
+   (``BoardPublisher``); machine records it changes are etcd's at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+from hangar.agent.agent import Agent
+from hangar.agent.engine import crash_after
+from hangar.agent.gpus import HostGpus
+from hangar.agent.host import HostServices
+from hangar.agent.metering import UsageMeter
+from hangar.agent.placement import HostPlacement
+from hangar.agent.platform import GuestPlatform
+from hangar.agent.volumes import HostVolumes
+from hangar.clock import Clock, SystemClock
+from hangar.errors import StoreError
+from hangar.fleet.board import BoardPublisher
+from hangar.fleet.stores import FleetStores, open_fleet_stores
+from hangar.fleet.work import WorkIntake, decode_run
+from hangar.metrics import HangarMetrics
+from hangar.model.gpu import GpuState
+from hangar.model.host import HostInfo, read_local_host
+from hangar.model.run import RunRecord
+from hangar.server import MachineTraffic, make_private_dir, overcommit_of
+from hangar.settings import Settings
+from hangar.store.embedded import EmbeddedStores, open_embedded_stores
+from hangar.store.etcd.hosts import HostLease, HostRecord
+from hangar.store.protocol import AuditRecord
+from hangar.volumes import VolumeHost, VolumeSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HostAgent:
+    settings: Settings
+    host: HostInfo
+    pool: str
+    fleet: FleetStores
+    local: EmbeddedStores
+    agent: Agent
+    traffic: MachineTraffic
+    publisher: BoardPublisher
+    lease: HostLease | None = None
+    intake: WorkIntake | None = None
+
+    def belongs_here(self, run: RunRecord) -> bool:
+        machine = self.fleet.machines.get_machine(run.machine_id)
+        return machine is not None and machine.host_id == self.host.id
+
+    def take_waiting(self) -> int:
+        """Record every run waiting for this host (step 1); how many there were."""
+        prefix = self.fleet.work.host_prefix(self.host.id)
+        count = 0
+        for kv in self.fleet.client.range_prefix(prefix).kvs:
+            run = decode_run(kv)
+            if self.belongs_here(run):
+                self.local.runs.insert_run(run)
+            self.fleet.work.taken(kv)
+            count += 1
+        return count
+
+    def record(self) -> HostRecord:
+        """This host as it registers: inventory, pool, zone and what is free now."""
+        state = self.agent.host.placement.current().state
+        free_gpus = sum(
+            1
+            for gpu in state.gpus
+            if gpu.state is GpuState.FREE
+            and not any(gpu.index in claim.gpu_indexes for claim in state.claims)
+        )
+        return HostRecord(
+            host=self.host,
+            gpus=self.local.gpus.list_gpus(host_id=self.host.id),
+            started_at=self.agent.clock.now(),
+            zone=self.settings.zone,
+            pool=self.pool,
+            free_cpu_milli=state.cpu_milli - sum(claim.cpu_milli for claim in state.claims),
+            free_memory_mb=state.memory_mb - sum(claim.memory_mb for claim in state.claims),
+            free_gpus=free_gpus,
+        )
+
+    def _accept(self, run: RunRecord) -> None:
+        self.agent.submit(run)
+        self.publisher.mark(run.machine_id)
+
+    async def start(self) -> None:
+        waiting = await asyncio.to_thread(self.take_waiting)
+        if waiting:
+            log.info("recorded %d run(s) addressed to this host while it was away", waiting)
+        await self.traffic.start()
+        self.publisher.start()
+        for machine in await asyncio.to_thread(self.fleet.machines.list_machines, None):
+            if machine.host_id == self.host.id:
+                self.publisher.mark(machine.id)  # the board as this host's SQLite has it
+        self.lease = HostLease(
+            self.fleet.client,
+            await asyncio.to_thread(self.record),
+            self.fleet.layout,
+            ttl_s=self.settings.host_lease_ttl_s,
+        )
+        await asyncio.to_thread(self.lease.start)
+        self.intake = WorkIntake(
+            self.fleet.client,
+            self.fleet.work,
+            self.host.id,
+            self.belongs_here,
+            self._accept,
+            asyncio.get_running_loop(),
+        )
+        await asyncio.to_thread(self.intake.start)
+        log.info("host %s (pool %s) registered in the fleet", self.host.id, self.pool)
+
+    async def publish_capacity(self) -> None:
+        """Refresh the registration when what is free changed (every third of the TTL)."""
+        interval = self.settings.host_lease_ttl_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            if self.lease is None:
+                continue
+            try:
+                record = await asyncio.to_thread(self.record)
+                published = self.lease.record
+                if record.model_copy(update={"started_at": published.started_at}) != published:
+                    await asyncio.to_thread(self.lease.update, record)
+            except StoreError as error:
+                log.warning("capacity not published: %s", error)
+
+    async def close(self) -> None:
+        if self.intake is not None:
+            await asyncio.to_thread(self.intake.close)
+        if self.lease is not None:
+            await asyncio.to_thread(self.lease.stop)
+        await self.traffic.close()
+        await asyncio.to_thread(self.publisher.flush, 5.0)
+        self.publisher.close()
+        self.fleet.close()
+        self.local.close()
+
+
+def audit_repair(
+    fleet: FleetStores, host: HostInfo, clock: Clock, action: str, machine_id: str
+) -> None:
+    """What reconciliation repaired, in the fleet's audit log (the machine's org's, when the
+    machine is still known), done by ``agent:HOST``."""
+    machine = fleet.machines.get_machine(machine_id)
+    app = fleet.machines.get_app(machine.app) if machine is not None else None
+    fleet.tenancy.add_audit(
+        AuditRecord(
+            timestamp=clock.now(),
+            token_id=f"agent:{host.id}",
+            org_slug=app.org_slug if app is not None else "",
+            action=f"reconcile_{action}",
+            target=f"host/{host.id}",
+            app_name=machine.app if machine is not None else "",
+            machine_id=machine_id,
+            outcome="ok",
+            status=200,
+        )
+    )
+
+
+def build_host_agent(
+    settings: Settings, platform: GuestPlatform | None = None, clock: Clock | None = None
+) -> HostAgent:
+    clock = clock or SystemClock()
+    for private in (settings.home, settings.machines_dir, settings.cache_dir):
+        make_private_dir(private)
+    fleet = open_fleet_stores(settings, tokens=False)
+    local = open_embedded_stores(settings.database)
+    metrics = HangarMetrics(clock)
+    if platform is None:
+        from hangar.agent.guest import QemuGuestPlatform
+
+        platform = QemuGuestPlatform.from_settings(settings, image_observer=metrics)
+    host = read_local_host(settings.host_id, settings.region)
+    gpus = HostGpus.from_settings(settings)
+    pool = settings.pool or ("gpu" if gpus.inventory().gpus else "general")
+    if settings.net:
+        log.warning(
+            "the private network does not span a fleet's hosts yet: machines on %s run "
+            "without one (as with HANGAR_NET=0)",
+            host.id,
+        )
+    services_of_host = HostServices(
+        platform=platform,
+        machines_dir=settings.machines_dir,
+        placement=HostPlacement(
+            fleet.claims,
+            host,
+            observer=metrics,
+            overcommit=overcommit_of(settings),
+            allow_cpu_machines=pool != "gpu",
+        ),
+        gpu_store=local.gpus,
+        gpus=gpus,
+        network=None,
+        volumes=HostVolumes(
+            VolumeHost(VolumeSettings.from_settings(settings), clock=clock), fleet.volumes, host.id
+        ),
+    )
+    publisher = BoardPublisher(fleet.board, local.runs, host.id)
+    meter = UsageMeter(
+        local.usage,
+        fleet.machines,
+        local.runs,
+        services_of_host,
+        clock,
+        checkpoint_s=settings.usage_checkpoint_s,
+    )
+    agent = Agent(
+        fleet.machines,
+        local.runs,
+        services_of_host,
+        clock,
+        crash_after(settings.crash_after_step),
+        meter=meter,
+        observers=(metrics, publisher),
+        on_repair=lambda action, machine_id: audit_repair(fleet, host, clock, action, machine_id),
+    )
+    traffic = MachineTraffic.for_agent(agent, settings, clock)
+    return HostAgent(settings, host, pool, fleet, local, agent, traffic, publisher)
+
+
+def run_host_agent(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT; then unregister (the lease is revoked) and stop."""
+
+    async def main() -> None:
+        host_agent = await asyncio.to_thread(build_host_agent, settings)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        await host_agent.start()
+        capacity = asyncio.create_task(host_agent.publish_capacity())
+        try:
+            await stopping.wait()
+        finally:
+            capacity.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await capacity
+            await host_agent.close()
+
+    asyncio.run(main())

@@ -1,0 +1,422 @@
+"""A fleet with real processes: etcd (3 members), two agents (each in a network namespace of
+its own), two API replicas.
+
+Scenarios: a machine created through one replica boots on an agent host; two replicas racing
+for the last GPU of a fixture GPU host (exactly one wins); an agent killed with SIGKILL (its
+machines unreachable within the lease TTL plus 5 s, nothing placed there meanwhile, nothing
+started twice, reconciled on return, the repair in the audit log); a host's link cut and
+restored; cordon and drain; one etcd member stopped (service goes on), two stopped
+(mutating calls answer a Fly-shaped 503 and leave nothing behind), and convergence once quorum
+is back. The fleet's invariants are checked after every scenario.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from hangar.agent.guest import find_vmm_processes
+from hangar.fleet.invariants import fleet_violations
+from hangar.model.host import HostInfo
+from hangar.scheduler import Claim
+from hangar.settings import env_name
+from hangar.store.etcd.hosts import HostLease, HostRecord, decode_host_record
+from tests.fleet.conftest import HOSTS, LEASE_TTL_S, REGION, Fleet
+from tests.scheduler.fleet import gpu_host
+
+T = TypeVar("T")
+POLL_S = 0.1
+BOOT_WAIT_S = 60
+
+
+def until(what: str, check: Callable[[], T | None], timeout_s: float) -> T:
+    """Poll ``check`` until it returns something, at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        time.sleep(POLL_S)
+
+
+def assert_invariants(fleet: Fleet) -> None:
+    assert fleet_violations(fleet.stores.machines, fleet.stores.claims) == []
+
+
+def new_app(fleet: Fleet, prefix: str) -> str:
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    with fleet.api(0) as api:
+        response = api.post("/v1/apps", json={"app_name": name, "org_slug": "personal"})
+    assert response.status_code == 201, response.text
+    return name
+
+
+def wait_state(api: httpx.Client, app: str, machine_id: str, state: str) -> None:
+    for _ in range(3):  # a first boot may build the rootfs: up to three waits of 60 s
+        response = api.get(
+            f"/v1/apps/{app}/machines/{machine_id}/wait",
+            params={"state": state, "timeout": BOOT_WAIT_S},
+        )
+        if response.status_code == 200:
+            return
+        assert response.status_code == 408, response.text
+    raise AssertionError(f"machine {machine_id} never reached {state}")
+
+
+def machine_view(api: httpx.Client, app: str, machine_id: str) -> dict[str, Any]:
+    response = api.get(f"/v1/apps/{app}/machines/{machine_id}")
+    assert response.status_code == 200, response.text
+    view: dict[str, Any] = response.json()
+    return view
+
+
+def published_free_memory(fleet: Fleet, host_id: str, holder: str) -> bool:
+    """The host's lease registration says as much memory free as its claim record leaves,
+    with ``holder``'s claim in it."""
+    kv = fleet.stores.client.get(fleet.stores.layout.host(host_id))
+    claims = fleet.stores.claims.read_host(host_id)
+    if kv is None or claims is None:
+        return False
+    state = claims.state
+    free = state.memory_mb - sum(claim.memory_mb for claim in state.claims)
+    holds = any(claim.machine_id == holder for claim in state.claims)
+    return holds and decode_host_record(kv).free_memory_mb == free
+
+
+@pytest.mark.slow
+def test_a_machine_created_through_one_replica_boots_on_an_agent_host(fleet: Fleet) -> None:
+    app = new_app(fleet, "boot")
+    with fleet.api(0) as first, fleet.api(1) as second:
+        created = first.post(
+            f"/v1/apps/{app}/machines", json={"config": {"image": fleet.sleeper_image}}
+        )
+        assert created.status_code == 200, created.text
+        machine_id = created.json()["id"]
+        wait_state(second, app, machine_id, "started")  # woken by the other replica's watch
+        record = fleet.stores.machines.get_machine(machine_id)
+        assert record is not None and record.host_id in HOSTS
+        agent = fleet.agents[record.host_id]
+        assert machine_id in find_vmm_processes(agent.home / "machines").values()
+        view = machine_view(second, app, machine_id)
+        assert view["host_status"] == "ok" and view["state"] == "started"
+        until(
+            "the host's registration showing the machine's claim taken from what is free",
+            lambda: True if published_free_memory(fleet, record.host_id, machine_id) else None,
+            LEASE_TTL_S * 3,
+        )
+        assert any(e["source"] == "flyd" and e["status"] == "started" for e in view["events"])
+        # the runs the agent recorded in its SQLite and published, read on another process
+        until(
+            "the create run published as succeeded",
+            lambda: (
+                True
+                if any(
+                    run["status"] == "succeeded"
+                    for run in second.get(f"/v1/apps/{app}/machines/{machine_id}/runs").json()
+                )
+                else None
+            ),
+            10,
+        )
+        stopped = second.post(f"/v1/apps/{app}/machines/{machine_id}/stop", json={})
+        assert stopped.status_code == 200, stopped.text
+        wait_state(first, app, machine_id, "stopped")
+        until(
+            "the VMM gone",
+            lambda: (
+                True
+                if machine_id not in find_vmm_processes(agent.home / "machines").values()
+                else None
+            ),
+            30,
+        )
+    assert_invariants(fleet)
+
+
+def test_two_replicas_racing_for_the_last_gpu_exactly_one_wins(fleet: Fleet) -> None:
+    host_id = f"gpu-{secrets.token_hex(3)}"
+    fleet.stores.claims.put_host(gpu_host(host_id, kind="l40s", gpus=1, region=REGION))
+    record = HostRecord(
+        host=HostInfo(id=host_id, region=REGION, cpus=128, memory_mb=1024 * 1024),
+        pool="gpu",
+    )
+    app = new_app(fleet, "race")
+    config = {
+        "image": fleet.sleeper_image,
+        "guest": {"cpu_kind": "performance", "cpus": 1, "gpus": 1, "gpu_kind": "l40s"},
+    }
+    with HostLease(fleet.stores.client, record, fleet.stores.layout, ttl_s=LEASE_TTL_S):
+        clients = [fleet.api(0), fleet.api(1)]
+        for api in clients:
+            until(
+                "the fixture GPU host seen",
+                lambda api=api: (
+                    True if any(h["id"] == host_id for h in api.get("/v1/hosts").json()) else None
+                ),
+                10,
+            )
+        answers: list[httpx.Response | None] = [None, None]
+        barrier = threading.Barrier(2)
+
+        def create(number: int) -> None:
+            barrier.wait(timeout=10)
+            answers[number] = clients[number].post(
+                f"/v1/apps/{app}/machines", json={"config": config}
+            )
+
+        threads = [threading.Thread(target=create, args=(n,)) for n in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        for api in clients:
+            api.close()
+    statuses = sorted(answer.status_code for answer in answers if answer is not None)
+    assert statuses == [200, 422], [a.text for a in answers if a is not None]
+    winner = next(a for a in answers if a is not None and a.status_code == 200).json()["id"]
+    loser = next(a for a in answers if a is not None and a.status_code == 422).json()
+    assert "insufficient" in loser["error"]
+    claims = fleet.stores.claims.read_host(host_id)
+    assert claims is not None
+    assert [(c.machine_id, len(c.gpu_indexes)) for c in claims.state.claims] == [(winner, 1)]
+    assert [m.id for m in fleet.stores.machines.list_machines(app)] == [winner]
+    assert_invariants(fleet)
+
+
+@pytest.mark.slow
+def test_a_killed_agent_goes_unreachable_and_reconciles_on_return(fleet: Fleet) -> None:
+    app = new_app(fleet, "kill")
+    with fleet.api(0) as first, fleet.api(1) as second:
+        created = first.post(
+            f"/v1/apps/{app}/machines", json={"config": {"image": fleet.sleeper_image}}
+        )
+        assert created.status_code == 200, created.text
+        machine_id = created.json()["id"]
+        wait_state(first, app, machine_id, "started")
+        record = fleet.stores.machines.get_machine(machine_id)
+        assert record is not None
+        agent = fleet.agents[record.host_id]
+        vmms = find_vmm_processes(agent.home / "machines")
+        assert list(vmms.values()) == [machine_id]
+
+        agent.kill()
+        killed_at = time.monotonic()
+        until(
+            "host_status unreachable",
+            lambda: (
+                True
+                if machine_view(second, app, machine_id)["host_status"] == "unreachable"
+                else None
+            ),
+            LEASE_TTL_S + 10,
+        )
+        assert time.monotonic() - killed_at <= LEASE_TTL_S + 5
+        assert machine_view(second, app, machine_id)["incomplete_config"]["image"]
+        # nothing is placed on the lost host meanwhile, and its guest keeps running
+        other = second.post(
+            f"/v1/apps/{app}/machines",
+            json={"config": {"image": fleet.sleeper_image}, "skip_launch": True},
+        )
+        assert other.status_code == 200, other.text
+        placed = fleet.stores.machines.get_machine(other.json()["id"])
+        assert placed is not None and placed.host_id != record.host_id
+        assert find_vmm_processes(agent.home / "machines") == vmms
+
+        # etcd drifts while the host is away: a claim no machine of this host owns
+        ghost = f"ghost-{secrets.token_hex(3)}"
+        host_claims = fleet.stores.claims.read_host(record.host_id)
+        assert host_claims is not None
+        drifted = host_claims.state.with_claim(Claim(ghost, 1000, 64))
+        assert fleet.stores.claims.compare_and_set(record.host_id, host_claims.version, drifted)
+
+        agent.start()  # the same host, its own SQLite: reconciles and registers again
+        until(
+            "host_status ok again",
+            lambda: True if machine_view(first, app, machine_id)["host_status"] == "ok" else None,
+            30,
+        )
+        view = machine_view(first, app, machine_id)
+        assert view["state"] == "started"
+        assert find_vmm_processes(agent.home / "machines") == vmms  # not started twice
+        starts = [e for e in view["events"] if e["source"] == "flyd" and e["status"] == "started"]
+        assert len(starts) == 1
+        # the host's SQLite won: the drifted claim is gone, and the operator can see why
+        repaired = fleet.stores.claims.read_host(record.host_id)
+        assert repaired is not None
+        assert ghost not in {claim.machine_id for claim in repaired.state.claims}
+        audit = second.get("/v1/audit", params={"limit": 50}).json()["records"]
+        assert any(
+            r["action"] == "reconcile_release_stale_claim" and r["machine_id"] == ghost
+            for r in audit
+        ), audit
+        destroyed = first.delete(f"/v1/apps/{app}/machines/{machine_id}", params={"force": "true"})
+        assert destroyed.status_code == 200, destroyed.text
+        wait_state(second, app, machine_id, "destroyed")
+    assert_invariants(fleet)
+
+
+def test_etcd_member_loss_then_quorum_loss_then_convergence(fleet: Fleet) -> None:
+    app = new_app(fleet, "quorum")
+    body = {"config": {"image": fleet.sleeper_image}, "skip_launch": True}
+    cluster = fleet.cluster
+    with fleet.api(0) as first, fleet.api(1) as second:
+        cluster.stop_member(0)
+        try:
+            for api in (first, second):
+                created = api.post(f"/v1/apps/{app}/machines", json=body)
+                assert created.status_code == 200, created.text
+        finally:
+            cluster.start_member(0)
+            cluster.wait_healthy()
+        before = {m.id for m in fleet.stores.machines.list_machines(app)}
+        assert len(before) == 2
+        known = next(iter(before))
+
+        cluster.stop_member(1)
+        cluster.stop_member(2)
+        try:
+            refused = first.post(f"/v1/apps/{app}/machines", json=body)
+            assert refused.status_code == 503, refused.text
+            assert set(refused.json()) >= {"error", "status"}
+            still = second.get(f"/v1/apps/{app}/machines/{known}")  # what is known still reads
+            assert still.status_code == 200, still.text
+        finally:
+            cluster.start_member(1)
+            cluster.start_member(2)
+            cluster.wait_healthy()
+        assert {m.id for m in fleet.stores.machines.list_machines(app)} == before
+
+        def created_again() -> str | None:
+            response = second.post(f"/v1/apps/{app}/machines", json=body)
+            return str(response.json()["id"]) if response.status_code == 200 else None
+
+        fresh = until("a create once quorum is back", created_again, 30)
+        assert {m.id for m in fleet.stores.machines.list_machines(app)} == before | {fresh}
+    assert_invariants(fleet)
+
+
+def hangar_cli(fleet: Fleet, *args: str) -> dict[str, Any]:
+    """The ``hangar`` command against the second replica, as an operator would run it."""
+    env = {
+        **os.environ,
+        env_name("api_url"): fleet.replicas[1].url,
+        env_name("api_token"): fleet.replicas[0].operator_token,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "hangar.cli.main", *args, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+def test_cordon_steers_placement_and_drain_recreates_stopped_machines(fleet: Fleet) -> None:
+    app = new_app(fleet, "drain")
+    body = {"config": {"image": fleet.sleeper_image}, "skip_launch": True}
+    first_host, second_host = HOSTS
+    assert hangar_cli(fleet, "host", "cordon", second_host)["by"]
+    try:
+        with fleet.api(0) as api:
+            names = [f"keep-{n}" for n in (0, 1)]
+            old = []
+            for name in names:
+                created = api.post(f"/v1/apps/{app}/machines", json={**body, "name": name})
+                assert created.status_code == 200, created.text
+                old.append(created.json()["id"])
+            hosts = {m.id: m.host_id for m in fleet.stores.machines.list_machines(app)}
+            assert set(hosts.values()) == {first_host}  # the cordoned host took none
+    finally:
+        assert hangar_cli(fleet, "host", "uncordon", second_host)["ok"]
+
+    report = hangar_cli(fleet, "host", "drain", first_host)
+    try:
+        # (other scenarios' machines on that host are moved or left too; these two must move)
+        ours = [moved for moved in report["moved"] if moved["machine_id"] in old]
+        assert sorted(moved["machine_id"] for moved in ours) == sorted(old), report
+        assert {moved["host_id"] for moved in report["moved"]} == {second_host}
+        with fleet.api(1) as api:
+            for moved in ours:
+                wait_state(api, app, moved["machine_id"], "destroyed")
+                view = machine_view(api, app, moved["new_machine_id"])
+                assert any(e["type"] == "drain" for e in view["events"])
+            live = api.get(f"/v1/apps/{app}/machines").json()
+            assert sorted(m["name"] for m in live) == names
+            placed = api.post(f"/v1/apps/{app}/machines", json=body)  # first host is cordoned
+            assert placed.status_code == 200, placed.text
+            record = fleet.stores.machines.get_machine(placed.json()["id"])
+            assert record is not None and record.host_id == second_host
+    finally:
+        hangar_cli(fleet, "host", "uncordon", first_host)
+    assert_invariants(fleet)
+
+
+def ip_link(interface: str, state: str) -> None:
+    subprocess.run(["ip", "link", "set", interface, state], check=True, timeout=10)
+
+
+@pytest.mark.slow
+def test_a_host_cut_off_goes_unreachable_and_rejoins_when_its_link_returns(fleet: Fleet) -> None:
+    app = new_app(fleet, "link")
+    kept, cut = HOSTS
+    with fleet.api(0) as api:
+        assert api.post(f"/v1/hosts/{kept}/cordon").status_code == 200
+        try:
+            created = api.post(
+                f"/v1/apps/{app}/machines",
+                json={"config": {"image": fleet.sleeper_image}, "skip_launch": True},
+            )
+        finally:
+            assert api.post(f"/v1/hosts/{kept}/uncordon").status_code == 200
+        assert created.status_code == 200, created.text
+        machine_id = created.json()["id"]
+        record = fleet.stores.machines.get_machine(machine_id)
+        assert record is not None and record.host_id == cut
+
+        link = fleet.links[cut]
+        ip_link(link.host_interface, "down")  # the host's only way to etcd
+        try:
+            cut_at = time.monotonic()
+            until(
+                "host_status unreachable",
+                lambda: (
+                    True
+                    if machine_view(api, app, machine_id)["host_status"] == "unreachable"
+                    else None
+                ),
+                LEASE_TTL_S + 10,
+            )
+            assert time.monotonic() - cut_at <= LEASE_TTL_S + 5
+            hosts = {host["id"] for host in api.get("/v1/hosts").json()}
+            assert cut not in hosts and kept in hosts
+        finally:
+            ip_link(link.host_interface, "up")
+        until(
+            "the host registered again",
+            lambda: True if machine_view(api, app, machine_id)["host_status"] == "ok" else None,
+            30,
+        )
+        # the host takes work again: a start addressed to it runs there
+        started = api.post(f"/v1/apps/{app}/machines/{machine_id}/start")
+        assert started.status_code == 200, started.text
+        wait_state(api, app, machine_id, "started")
+        stopped = api.post(f"/v1/apps/{app}/machines/{machine_id}/stop", json={})
+        assert stopped.status_code == 200, stopped.text
+        wait_state(api, app, machine_id, "stopped")
+    assert_invariants(fleet)
