@@ -1,6 +1,6 @@
 """Runs addressed to a host: the API replicas put them in etcd, the host's agent takes them in.
 
-``{prefix}/work/{host_id}/{machine_id}/{run_id}`` holds a ``RunRecord`` (the operation a request
+``{prefix}/queue/{host_id}/{machine_id}/{run_id}`` holds a ``RunRecord`` (the operation a request
 asked for) until the agent of ``host_id`` has recorded it in its own SQLite run store; then the
 agent deletes the key. Recording is idempotent by run id (``RunStore.insert_run``), so an agent
 that dies between the two takes the same run in again at its next start and runs it once.
@@ -24,7 +24,7 @@ from hangar.store.etcd.keys import KeyLayout
 
 log = logging.getLogger(__name__)
 
-WORK = "work"
+WORK = "queue"
 INTAKE_RETRY_S = 0.5
 ACCEPT_S = 30.0
 """How long the agent's loop may take to record a run handed to it."""

@@ -8,7 +8,7 @@
     {prefix}/{kind}/{name}/...         a record of the shared stores (``record``): apps,
                                        machines (under their app), machine names, config
                                        versions, events, leases, orgs, tokens, audit, volumes
-    {prefix}/work/{host_id}/{run_id}   a run addressed to a host's agent (``hangar.fleet``)
+    {prefix}/queue/{host_id}/{run_id}   a run addressed to a host's agent (``hangar.fleet``)
     {prefix}/runs/{host_id}/{machine}  what that agent published about a machine's runs
 
 Every name is one path segment, so a prefix range over ``claims/`` or ``hosts/`` never picks up
