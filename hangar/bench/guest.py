@@ -101,6 +101,7 @@ class OneOffGuest:
             kernel=self.kit.kernel,
             initrd=initrd,
             root_disk=root,
+            root_disk_format="raw",  # a plain copy of the image (machines get qcow2 overlays)
             extra_disks=[DiskSpec(path=path) for path in self.raw_disks],
             volumes=[disk for disk, _ in self.mounts] + self.attached,
             memory_mb=self.memory_mb,
