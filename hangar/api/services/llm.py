@@ -59,7 +59,6 @@ from hangar.model.machine import Machine, MachineState
 from hangar.model.volume import Volume, VolumeState
 from hangar.store.llm import LlmStore
 from hangar.store.protocol import MachineStore, TokenKind, VolumeStore
-from hangar.vmm.errors import SuspendNotSupported
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,6 @@ _STARTING = (
     MachineState.STARTING,
     MachineState.REPLACING,
     MachineState.STOPPING,
-    MachineState.SUSPENDING,
 )
 _GONE = (MachineState.DESTROYING, MachineState.DESTROYED)
 
@@ -363,15 +361,8 @@ class LlmService:
         return self._machines.require(deployment.app, machine_id)
 
     async def sleep(self, deployment: Deployment, machine_id: str) -> None:
-        """Suspend the replica (its memory, the loaded model included, kept on disk); a GPU
-        replica cannot be suspended and is stopped instead."""
-        try:
-            self._machines.suspend(deployment.app, machine_id, None)
-        except SuspendNotSupported:
-            self._machines.stop(deployment.app, machine_id, StopRequest(), None)
-            await self._machines.wait(deployment.app, machine_id, "stopped", WAIT_S, None)
-            return
-        await self._machines.wait(deployment.app, machine_id, "suspended", WAIT_S, None)
+        self._machines.stop(deployment.app, machine_id, StopRequest(), None)
+        await self._machines.wait(deployment.app, machine_id, "stopped", WAIT_S, None)
 
 
 # -- the gateway's seams, over the service above ---------------------------------------------
@@ -433,8 +424,6 @@ def replica_state(state: MachineState) -> ReplicaState:
         return ReplicaState.STARTED
     if state in _STARTING:
         return ReplicaState.STARTING
-    if state is MachineState.SUSPENDED:
-        return ReplicaState.SUSPENDED
     return ReplicaState.STOPPED
 
 
