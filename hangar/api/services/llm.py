@@ -348,7 +348,7 @@ class LlmService:
         """Destroy a replica and the copy of the weights it had."""
         if machine.state not in _GONE:
             self._machines.destroy(deployment.app, machine.id, force=True, nonce=None)
-        await self._machines.wait(deployment.app, machine.id, "destroyed", WAIT_S, None)
+        await self._machines.wait(deployment.app, machine.id, ["destroyed"], WAIT_S, None)
         for mount in machine.config.mounts:
             try:
                 await self._volumes.delete(deployment.app, mount.volume)
@@ -357,12 +357,12 @@ class LlmService:
 
     async def wake(self, deployment: Deployment, machine_id: str) -> Machine:
         self._machines.start(deployment.app, machine_id, None)
-        await self._machines.wait(deployment.app, machine_id, "started", WAIT_S, None)
+        await self._machines.wait(deployment.app, machine_id, ["started"], WAIT_S, None)
         return self._machines.require(deployment.app, machine_id)
 
     async def sleep(self, deployment: Deployment, machine_id: str) -> None:
         self._machines.stop(deployment.app, machine_id, StopRequest(), None)
-        await self._machines.wait(deployment.app, machine_id, "stopped", WAIT_S, None)
+        await self._machines.wait(deployment.app, machine_id, ["stopped"], WAIT_S, None)
 
 
 # -- the gateway's seams, over the service above ---------------------------------------------
