@@ -81,6 +81,7 @@ def fleet(
     build_hgx_h100(root / "sys")
     env = {
         env_name("insecure_registries"): registry,
+        env_name("local_registries"): registry,
         env_name("sysfs_root"): str(root / "sys"),
         env_name("nvml"): "0",
         env_name("usage_checkpoint_s"): "1",
