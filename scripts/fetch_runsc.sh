@@ -29,4 +29,4 @@ apt-get "${opts[@]}" update -qq
 dpkg -x "$work"/runsc_*.deb "$work/unpacked"
 install -m 0755 "$work/unpacked/usr/bin/runsc" "$dest/bin/runsc.partial"
 mv "$dest/bin/runsc.partial" "$dest/bin/runsc"
-"$dest/bin/runsc" --version | head -n1
+"$dest/bin/runsc" --version | sed -n 1p  # sed reads it all: no SIGPIPE under pipefail
