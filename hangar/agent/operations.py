@@ -136,6 +136,14 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             Transition("mark_started", S.STARTED, "start"),
         ]
 
+    def give_back(*, keep_if_restarting: bool = False) -> list[Step]:
+        """What a machine that no longer runs gives back: its tap, its volumes, its claim."""
+        return [
+            DetachNetwork(host, keep_if_restarting=keep_if_restarting),
+            DetachVolumes(host, keep_if_restarting=keep_if_restarting),
+            ReleaseClaim(host, keep_if_restarting=keep_if_restarting),
+        ]
+
     def halt(
         *, requested: bool, timeout_s: float | None = None, signum: int | None = None
     ) -> list[Step]:
@@ -160,17 +168,13 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 [
                     Transition("mark_stopping", S.STOPPING, "stop"),
                     *halt(requested=True, timeout_s=request.timeout_s, signum=request.signal),
-                    DetachNetwork(host),
-                    DetachVolumes(host),
-                    ReleaseClaim(host),
+                    *give_back(),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                 ],
                 [
                     ReleaseVm(host),
                     CollectGpuXids(host, run_dir),
-                    DetachNetwork(host),
-                    DetachVolumes(host),
-                    ReleaseClaim(host),
+                    *give_back(),
                     MarkStoppedAfterFailure(),
                 ],
             )
@@ -191,9 +195,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 steps.append(Transition("mark_replacing", S.REPLACING, "update"))
             steps += [
                 *halt(requested=True),
-                DetachNetwork(host),
-                DetachVolumes(host),
-                ReleaseClaim(host),
+                *give_back(),
                 ApplyConfig(
                     request.config, request.version, request.instance_id, request.metadata_before
                 ),
@@ -233,16 +235,12 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     ReleaseVm(host),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                     ApplyRestartPolicy(),
-                    DetachNetwork(host, keep_if_restarting=True),
-                    DetachVolumes(host, keep_if_restarting=True),
-                    ReleaseClaim(host, keep_if_restarting=True),
+                    *give_back(keep_if_restarting=True),
                 ],
                 [
                     ReleaseVm(host),
                     CollectGpuXids(host, run_dir),
-                    DetachNetwork(host),
-                    DetachVolumes(host),
-                    ReleaseClaim(host),
+                    *give_back(),
                     MarkStoppedAfterFailure(),
                 ],
             )
@@ -252,9 +250,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 [
                     Transition("mark_destroying", S.DESTROYING, "destroy"),
                     *halt(requested=True, timeout_s=0.0 if request.force else None),
-                    DetachNetwork(host),
-                    DetachVolumes(host),
-                    ReleaseClaim(host),
+                    *give_back(),
                     RemoveRunDir(run_dir),
                     DropLease(),
                     Transition("mark_destroyed", S.DESTROYED, "destroy"),
@@ -262,9 +258,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 [
                     ReleaseVm(host),
                     CollectGpuXids(host, run_dir),
-                    DetachNetwork(host),
-                    DetachVolumes(host),
-                    ReleaseClaim(host),
+                    *give_back(),
                     RemoveRunDir(run_dir),
                     DropLease(),
                     Transition("mark_destroyed", S.DESTROYED, "destroy"),

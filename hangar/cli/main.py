@@ -19,6 +19,7 @@ from hangar.cli.client import ApiError, HangarClient
 from hangar.cli.host import host_app
 from hangar.cli.llm import llm_app
 from hangar.cli.output import (
+    AppOption,
     JsonFlag,
     api_error_line,
     call,
@@ -237,7 +238,7 @@ def last_exit_code(api: HangarClient, app_name: str, machine_id: str) -> int | N
 def machine_run(
     ctx: typer.Context,
     image: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     name: Annotated[str | None, typer.Option("--name")] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
     cpus: Annotated[int, typer.Option("--cpus")] = 1,
@@ -348,7 +349,7 @@ MACHINE_COLUMNS = (
 
 @machine_app.command("list")
 def machine_list(
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     all_machines: Annotated[bool, typer.Option("--all", help="Include destroyed.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -395,7 +396,7 @@ def checks_summary(checks: list[dict[str, Any]]) -> str:
 @machine_app.command("status")
 def machine_status(
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     as_json: JsonFlag = False,
 ) -> None:
     """The machine: state, addresses, checks and its latest events."""
@@ -421,7 +422,7 @@ def _simple_action(
 @machine_app.command("start")
 def machine_start(
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     as_json: JsonFlag = False,
 ) -> None:
     _simple_action("start", machine_id, app_name, as_json)
@@ -430,7 +431,7 @@ def machine_start(
 @machine_app.command("stop")
 def machine_stop(
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     signal: Annotated[str | None, typer.Option("--signal", "-s")] = None,
     timeout: Annotated[str | None, typer.Option("--timeout", help="e.g. 10s")] = None,
     as_json: JsonFlag = False,
@@ -442,7 +443,7 @@ def machine_stop(
 @machine_app.command("suspend")
 def machine_suspend(
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     as_json: JsonFlag = False,
 ) -> None:
     """Save the machine's memory and devices and end its VM; `start` resumes it."""
@@ -452,7 +453,7 @@ def machine_suspend(
 @machine_app.command("cordon")
 def machine_cordon(
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     as_json: JsonFlag = False,
 ) -> None:
     """Take the machine out of the proxy's rotation (it runs on)."""
@@ -462,7 +463,7 @@ def machine_cordon(
 @machine_app.command("uncordon")
 def machine_uncordon(
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     as_json: JsonFlag = False,
 ) -> None:
     _simple_action("uncordon", machine_id, app_name, as_json)
@@ -474,7 +475,7 @@ def machine_uncordon(
 def machine_exec(
     ctx: typer.Context,
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     timeout: Annotated[int, typer.Option("--timeout", help="seconds", min=1, max=3600)] = 30,
     stdin: Annotated[
         str | None, typer.Option("--stdin", help="text for the command's stdin ('-': read it)")
@@ -500,7 +501,7 @@ def machine_exec(
 @machine_app.command("ps")
 def machine_ps(
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     as_json: JsonFlag = False,
 ) -> None:
     """The processes running inside the machine."""
@@ -535,7 +536,7 @@ def machine_ps(
 @machine_app.command("restart")
 def machine_restart(
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     as_json: JsonFlag = False,
 ) -> None:
     _simple_action("restart", machine_id, app_name, as_json)
@@ -544,7 +545,7 @@ def machine_restart(
 @machine_app.command("destroy")
 def machine_destroy(
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     force: Annotated[bool, typer.Option("--force", "-f")] = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -576,7 +577,7 @@ def _write(text: str) -> None:
 @machine_app.command("logs")
 def machine_logs(
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Follow until it stops.")] = False,
 ) -> None:
     """A machine's console output (``-f`` follows it until the machine stops)."""
@@ -589,7 +590,7 @@ app.command("logs")(machine_logs)
 @machine_app.command("wait")
 def machine_wait(
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     state: Annotated[str, typer.Option("--state")] = "started",
     timeout: Annotated[int, typer.Option("--timeout", help="seconds, 1..60")] = 60,
     as_json: JsonFlag = False,
@@ -604,7 +605,7 @@ def machine_wait(
 @machine_app.command("events")
 def machine_events(
     machine_id: str,
-    app_name: Annotated[str, typer.Option("--app", "-a")] = DEFAULT_APP,
+    app_name: AppOption = DEFAULT_APP,
     limit: Annotated[int | None, typer.Option("--limit")] = None,
     as_json: JsonFlag = False,
 ) -> None:

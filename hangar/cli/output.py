@@ -22,6 +22,7 @@ console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the API's JSON as it is.")]
+AppOption = Annotated[str, typer.Option("--app", "-a", help="The app.")]
 
 Result = TypeVar("Result")
 

@@ -9,14 +9,13 @@ from typing import Annotated
 import typer
 
 from hangar.cli.client import HangarClient
-from hangar.cli.output import JsonFlag, call, console, fail, print_json
+from hangar.cli.output import AppOption, JsonFlag, call, console, fail, print_json
 from hangar.cli.tables import Col, fit_table
 
 secrets_app = typer.Typer(
     help="App secrets: environment for its machines, sealed at rest.", no_args_is_help=True
 )
 DEFAULT_APP = "default"
-AppOption = Annotated[str, typer.Option("--app", "-a")]
 
 
 @secrets_app.command("list")

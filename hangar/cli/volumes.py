@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from hangar.cli.client import HangarClient
-from hangar.cli.output import call, console, fail
+from hangar.cli.output import AppOption, call, console, fail
 
 DEFAULT_APP = "default"
 VOLUME_ID_PREFIX = "vol_"
@@ -17,8 +17,6 @@ VOLUME_ID_PREFIX = "vol_"
 volumes_app = typer.Typer(help="Volumes: disks that outlive machines.", no_args_is_help=True)
 snapshots_app = typer.Typer(help="A volume's snapshots.", no_args_is_help=True)
 volumes_app.add_typer(snapshots_app, name="snapshots")
-
-AppOption = Annotated[str, typer.Option("--app", "-a")]
 
 
 def _row(table: Table, volume: dict[str, Any]) -> None:

@@ -16,24 +16,18 @@ Replicas share nothing but etcd: run as many as wanted; any of them answers for 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any, ClassVar
 
 from fastapi import FastAPI
 
 from hangar.agent.agent import Agent
 from hangar.agent.host import HostServices
 from hangar.agent.placement import HostPlacement
-from hangar.agent.platform import (
-    BootSecrets,
-    GpuBoot,
-    GuestExit,
-    GuestNetwork,
-    SandboxGpu,
-    VmHandleData,
-)
+from hangar.agent.platform import GuestPlatform
 from hangar.api.app import create_app
 from hangar.api.services.hosts import GpuView, HostGpusView, HostService, HostView
 from hangar.api.services.orgs import DEFAULT_ORG
@@ -45,11 +39,9 @@ from hangar.fleet.admin import FleetHosts
 from hangar.fleet.cordons import Cordons
 from hangar.fleet.placer import FleetPlacer
 from hangar.fleet.stores import FleetStores, open_fleet_stores
-from hangar.images.run_config import GuestVolume
 from hangar.metrics import HangarMetrics
 from hangar.model.gpu import GpuEvent, GpuState
 from hangar.model.host import HostInfo
-from hangar.model.machine import ImageRef, Machine
 from hangar.model.run import RunRecord, RunStatus
 from hangar.ratelimit import RateLimits
 from hangar.server import ApiStores, build_api, default_org_quotas
@@ -63,8 +55,6 @@ from hangar.store.llm import SqliteLlmStore
 from hangar.store.protocol import MachineStore
 from hangar.store.secrets import SqliteSecretStore
 from hangar.store.usage import SqliteUsageStore
-from hangar.vmm.driver import VolumeDiskSpec
-from hangar.vmm.guest_exec import ExecResult, GuestProcess
 
 log = logging.getLogger(__name__)
 
@@ -76,93 +66,37 @@ def _refused(what: str) -> Unprocessable:
 
 
 class NoGuests:
-    """The guest platform of a process that runs no guest: every operation is refused."""
+    """The guest platform of a process that runs no guest: each operation of
+    :class:`GuestPlatform` is refused (``Unprocessable`` naming the host), and each question
+    about a guest answers that there is none. Built from the protocol, so an operation added
+    there is refused here without a line more."""
 
-    async def resolve_image(self, image: str, owner: str = "") -> ImageRef:
-        raise _refused("resolving an image")
+    ANSWERS: ClassVar[dict[str, Callable[[], Any]]] = {
+        "image_cached": lambda: False,
+        "qmp_socket": lambda: None,
+        "alive": lambda: False,
+        "running": lambda: False,
+        "vmm_processes": dict,
+    }
 
-    def image_cached(self, image_ref: ImageRef) -> bool:
-        return False
+    def __getattr__(self, name: str) -> Any:
+        member = getattr(GuestPlatform, name, None)
+        if name.startswith("_") or not callable(member):
+            raise AttributeError(name)
+        answer = self.ANSWERS.get(name)
 
-    async def prepare_root_disk(self, image_ref: ImageRef, dest: Path) -> None:
-        raise _refused("a root disk")
+        def call(*_args: object, **_kwargs: object) -> Any:
+            if answer is None:
+                raise _refused(name)
+            return answer()
 
-    async def prepare_root_tree(self, image_ref: ImageRef, dest: Path) -> None:
-        raise _refused("a root tree")
+        if not inspect.iscoroutinefunction(member):
+            return call
 
-    async def prepare_initrd(
-        self,
-        machine: Machine,
-        image_ref: ImageRef,
-        dest: Path,
-        secrets: BootSecrets,
-        volumes: Sequence[GuestVolume] = (),
-    ) -> None:
-        raise _refused("an initrd")
+        async def awaited(*args: object, **kwargs: object) -> Any:
+            return call(*args, **kwargs)
 
-    async def launch(
-        self,
-        machine: Machine,
-        run_dir: Path,
-        gpus: GpuBoot | None,
-        network: GuestNetwork | None = None,
-        volumes: Sequence[VolumeDiskSpec] = (),
-        gpu_part: SandboxGpu | None = None,
-    ) -> VmHandleData:
-        raise _refused("a boot")
-
-    def qmp_socket(self, handle: VmHandleData) -> Path | None:
-        return None
-
-    async def resume(
-        self,
-        machine: Machine,
-        run_dir: Path,
-        network: GuestNetwork | None,
-        snapshot: Path,
-        volumes: Sequence[VolumeDiskSpec] = (),
-    ) -> VmHandleData:
-        raise _refused("a resume")
-
-    async def suspend(self, handle: VmHandleData, snapshot: Path) -> None:
-        raise _refused("a suspend")
-
-    async def exec(
-        self, handle: VmHandleData, argv: Sequence[str], stdin: bytes, timeout_s: float
-    ) -> ExecResult:
-        raise _refused("exec")
-
-    async def processes(self, handle: VmHandleData) -> list[GuestProcess]:
-        raise _refused("listing a guest's processes")
-
-    async def gpu_addresses(
-        self, handle: VmHandleData, device_ids: Mapping[str, str]
-    ) -> dict[str, str]:
-        raise _refused("a GPU")
-
-    async def alive(self, handle: VmHandleData) -> bool:
-        return False
-
-    def running(self, handle: VmHandleData) -> bool:
-        return False
-
-    async def stop(self, handle: VmHandleData, timeout_s: float, signum: int) -> None:
-        raise _refused("stopping a VM")
-
-    async def signal(self, handle: VmHandleData, signum: int) -> None:
-        raise _refused("signalling a VM")
-
-    async def kill(self, handle: VmHandleData) -> None:
-        raise _refused("killing a VM")
-
-    async def guest_exit(self, handle: VmHandleData) -> GuestExit:
-        raise _refused("a guest's exit")
-
-    def vmm_processes(self, machines_dir: Path) -> dict[int, str]:
-        return {}
-
-    def kill_process(self, pid: int) -> None:
-        raise _refused("killing a VMM")
+        return awaited
 
 
 class FleetRunStore:

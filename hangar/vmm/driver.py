@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from signal import SIGTERM
-from typing import TYPE_CHECKING, Annotated, Literal, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, Self, runtime_checkable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -318,6 +318,26 @@ class VmHandle(BaseModel):
         default=None,
         description="the spec the VM runs (without incoming_snapshot): what suspend records",
     )
+
+    @classmethod
+    def of(
+        cls, launched: VmSpec, /, *, driver: str, pid: int, start_time: int, **more: Any
+    ) -> VmHandle:
+        """The handle of a VMM just started for ``launched``: its paths and size from the spec,
+        what the driver knows besides in ``more``."""
+        return cls(
+            driver=driver,
+            machine_id=launched.machine_id,
+            pid=pid,
+            start_time=start_time,
+            qmp_socket=launched.qmp_socket,
+            signal_socket=launched.signal_socket,
+            control_log=launched.control_log,
+            console_log=launched.console_log,
+            vmm_log=launched.vmm_log,
+            memory_mb=launched.memory_mb,
+            **more,
+        )
 
 
 class VmStatus(BaseModel):

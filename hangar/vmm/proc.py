@@ -15,12 +15,16 @@ import contextlib
 import os
 import select
 import signal
+import subprocess
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from hangar.clock import Clock
+from hangar.errors import VmmError
 from hangar.vmm.deadline import run_with_deadline
 
 PROC_ROOT = Path("/proc")
@@ -160,3 +164,56 @@ def tail_text(path: Path, chars: int) -> str:
             return file.read().decode(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+class Children:
+    """The VMM processes a driver started itself, each in its own session and reaped by a
+    thread of its own when it ends (so no zombie waits for a caller), found again by the
+    (pid, start time) pair its handle records. A VMM adopted after a restart is not here:
+    its parent was the earlier agent."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._by_id: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
+
+    def spawn(
+        self, argv: Sequence[str], *, stderr: Path | None, machine_id: str
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """Start ``argv`` (its stderr into ``stderr``, truncated, or nowhere), keep it, and
+        return it with its start time."""
+        try:
+            with contextlib.ExitStack() as stack:
+                err = stack.enter_context(stderr.open("wb")) if stderr else subprocess.DEVNULL
+                child = subprocess.Popen(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+        except OSError as error:
+            raise VmmError(
+                f"cannot start the {self._what} {argv[0]}: {error.strerror or error}",
+                machine_id=machine_id,
+                argv=list(argv),
+            ) from error
+        info = read_process(child.pid)
+        # Nothing has reaped the child yet, so its /proc entry is there even if it exited.
+        assert info is not None
+        self._by_id[(child.pid, info.start_time)] = child
+        threading.Thread(
+            target=child.wait, name=f"reap-{self._what}-{child.pid}", daemon=True
+        ).start()
+        return child, info.start_time
+
+    def get(self, pid: int, start_time: int) -> subprocess.Popen[bytes] | None:
+        return self._by_id.get((pid, start_time))
+
+    async def exit_status(self, pid: int, start_time: int) -> int | None:
+        """How a child that has ended ended; None for a process this driver did not start."""
+        child = self.get(pid, start_time)
+        if child is None:
+            return None
+        # It has exited, so waiting only lets the reaping thread finish.
+        return await asyncio.to_thread(child.wait)

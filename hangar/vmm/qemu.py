@@ -21,7 +21,6 @@ import contextlib
 import itertools
 import logging
 import subprocess
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,7 @@ from hangar.vmm.migration import (
     save_to_file,
     wait_incoming_loaded,
 )
-from hangar.vmm.proc import ProcessRef, exits_within, is_alive, read_process, tail_text
+from hangar.vmm.proc import Children, ProcessRef, exits_within, is_alive, read_process, tail_text
 from hangar.vmm.qemu_argv import (
     HUGEPAGES_DIR,
     QEMU_BINARY,
@@ -137,7 +136,7 @@ class QemuDriver:
         self._timeouts = timeouts if timeouts is not None else QemuTimeouts()
         self._hugepages_dir = hugepages_dir
         self._migration_bandwidth = migration_bandwidth
-        self._children: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
+        self._children = Children("qemu")
 
     def prepare(self, spec: VmSpec) -> list[str]:
         check_spec_files(spec, hugepages_dir=self._hugepages_dir)
@@ -176,30 +175,22 @@ class QemuDriver:
         return handle
 
     def _start(self, spec: VmSpec, argv: list[str]) -> tuple[VmHandle, subprocess.Popen[bytes]]:
-        child = self._spawn(spec, argv)
-        info = read_process(child.pid)
-        # Nothing has reaped the child yet, so its /proc entry is there even if it exited.
-        assert info is not None
-        handle = VmHandle(
+        child, start_time = self._children.spawn(
+            argv, stderr=spec.vmm_log, machine_id=spec.machine_id
+        )
+        handle = VmHandle.of(
+            spec,
             driver=self.name,
-            machine_id=spec.machine_id,
             pid=child.pid,
-            start_time=info.start_time,
-            qmp_socket=spec.qmp_socket,
-            signal_socket=spec.signal_socket,
-            control_log=spec.control_log,
-            console_log=spec.console_log,
-            vmm_log=spec.vmm_log,
+            start_time=start_time,
             console_socket=spec.console_socket,
             control_socket=spec.control_socket,
             accel=self.accel.accel,
             machine_type=argv[argv.index("-machine") + 1],
-            memory_mb=spec.memory_mb,
             cpu_model=self.accel.cpu_model,
             exec_socket=spec.exec_socket,
             spec=spec.model_copy(update={"incoming_snapshot": None}),
         )
-        self._reap_when_done(handle, child)
         return handle, child
 
     async def _restore(self, spec: VmSpec, state: Path) -> VmHandle:
@@ -581,28 +572,6 @@ class QemuDriver:
             return f"its monitor does not answer ({error})"
         return None
 
-    def _spawn(self, spec: VmSpec, argv: list[str]) -> subprocess.Popen[bytes]:
-        with spec.vmm_log.open("wb") as vmm_log:
-            try:
-                return subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=vmm_log,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except OSError as error:
-                raise VmmError(
-                    f"cannot start {argv[0]}: {error.strerror or error}",
-                    machine_id=spec.machine_id,
-                    argv=argv,
-                ) from error
-
-    def _reap_when_done(self, handle: VmHandle, child: subprocess.Popen[bytes]) -> None:
-        self._children[(handle.pid, handle.start_time)] = child
-        threading.Thread(target=child.wait, name=f"reap-qemu-{child.pid}", daemon=True).start()
-
     def _launch_s(self, spec: VmSpec) -> float:
         """A GPU machine preallocates and pins all its memory before QEMU answers."""
         topology = spec.gpu_topology
@@ -663,11 +632,7 @@ class QemuDriver:
             return None
 
     async def _child_exit_status(self, handle: VmHandle) -> int | None:
-        child = self._children.get((handle.pid, handle.start_time))
-        if child is None:
-            return None
-        # It has exited, so waiting only lets the waiter thread finish reaping it.
-        return await asyncio.to_thread(child.wait)
+        return await self._children.exit_status(handle.pid, handle.start_time)
 
 
 def _names_machine(cmdline: tuple[str, ...], machine_id: str) -> bool:

@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -45,6 +44,7 @@ from hangar.vmm.errors import GuestExecError, SuspendNotSupported
 from hangar.vmm.guest_exec import ExecResult, GuestProcess
 from hangar.vmm.proc import (
     PROC_ROOT,
+    Children,
     ProcessRef,
     exits_within,
     is_alive,
@@ -135,7 +135,7 @@ class SandboxDriver:
         self._state_root = state_root
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._timeouts = timeouts if timeouts is not None else SandboxTimeouts()
-        self._children: dict[tuple[int, int], subprocess.Popen[bytes]] = {}
+        self._children = Children("shim")
 
     # launching
     def global_flags(self, spec: VmSpec) -> list[str]:
@@ -213,26 +213,16 @@ class SandboxDriver:
             path.parent.mkdir(parents=True, exist_ok=True)
         spec.control_log.unlink(missing_ok=True)
         spec.vmm_log.write_bytes(b"")
-        child = self._spawn(spec, argv)
-        info = read_process(child.pid)
-        assert info is not None  # not reaped yet
-        handle = VmHandle(
+        child, start_time = self._children.spawn(argv, stderr=None, machine_id=spec.machine_id)
+        handle = VmHandle.of(
+            spec,
             driver=self.name,
-            machine_id=spec.machine_id,
             pid=child.pid,
-            start_time=info.start_time,
-            qmp_socket=spec.qmp_socket,
-            signal_socket=spec.signal_socket,
-            control_log=spec.control_log,
-            console_log=spec.console_log,
-            vmm_log=spec.vmm_log,
+            start_time=start_time,
             accel=self.platform.value if self.runtime is SandboxRuntime.RUNSC else "none",
             machine_type=MACHINE_TYPE,
-            memory_mb=spec.memory_mb,
             spec=spec,
         )
-        self._children[(handle.pid, handle.start_time)] = child
-        threading.Thread(target=child.wait, name=f"reap-shim-{child.pid}", daemon=True).start()
         try:
             await self._wait_until_running(handle, child)
         except BaseException:
@@ -246,22 +236,6 @@ class SandboxDriver:
             "machine %s: %s sandbox running (shim pid %d)", spec.machine_id, self.name, child.pid
         )
         return handle
-
-    def _spawn(self, spec: VmSpec, argv: list[str]) -> subprocess.Popen[bytes]:
-        try:
-            return subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as error:
-            raise VmmError(
-                f"cannot start the sandbox shim: {error.strerror or error}",
-                machine_id=spec.machine_id,
-            ) from error
 
     async def _wait_until_running(self, handle: VmHandle, child: subprocess.Popen[bytes]) -> None:
         deadline = self._clock.monotonic() + self._timeouts.launch_s
@@ -398,8 +372,7 @@ class SandboxDriver:
                 error=report.error,
                 vm_state=await self._container_state(handle.machine_id),
             )
-        child = self._children.get((handle.pid, handle.start_time))
-        shim_status = await asyncio.to_thread(child.wait) if child is not None else None
+        shim_status = await self._children.exit_status(handle.pid, handle.start_time)
         error = report.error
         if error is None and report.exit_code is None:
             detail = "" if shim_status is None else f" (status {shim_status})"

@@ -99,6 +99,8 @@ def wait_timeout_s(value: str | None) -> int:
 
 def wanted_states(values: Sequence[str]) -> frozenset[str]:
     """``state`` given once or more (or comma-separated): any of them will do."""
+    if isinstance(values, str):  # a str is a Sequence of letters: a caller's mistake
+        raise TypeError(f"states is a list of states, not the string {values!r}")
     wanted = {part.strip() for value in values for part in value.split(",") if part.strip()}
     unknown = wanted - WAIT_STATES
     if unknown:
