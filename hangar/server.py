@@ -310,7 +310,7 @@ def build_server(
         stores.runs,
         services_of_host,
         clock,
-        crash_after(settings.crash_after_step),
+        crash_after(settings.crash_after_step, settings.crash_after_step_file),
         meter=meter,
         observers=(metrics,),
     )

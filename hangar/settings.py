@@ -367,6 +367,11 @@ class Settings(BaseSettings):
         description="test hook: `operation:step` makes the agent SIGKILL itself right after "
         "that step",
     )
+    crash_after_step_file: Path | None = Field(
+        default=None,
+        description="test hook: a file read at each step; when it holds `operation:step`, the "
+        "agent removes it and SIGKILLs itself right after that step",
+    )
 
     @field_validator(
         "insecure_registries", "local_registries", "gpu_share_kinds", "etcd", mode="before"

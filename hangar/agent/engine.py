@@ -17,6 +17,7 @@ import signal
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from hangar.errors import HangarError
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CRASH_AFTER_STEP_ENV = env_name("crash_after_step")
+CRASH_AFTER_STEP_FILE_ENV = env_name("crash_after_step_file")
 
 
 class Step(Protocol):
@@ -100,18 +102,40 @@ def no_crash(operation: str, step_name: str) -> None:
     """The crash hook outside crash tests."""
 
 
-def crash_after(target: str) -> CrashHook:
+def crash_after(target: str, target_file: Path | None = None) -> CrashHook:
     """Test hook: ``crash_after("start:launch_vm")`` (``HANGAR_CRASH_AFTER_STEP``) SIGKILLs this
-    process right after that step is recorded; an empty target never crashes."""
+    process right after that step is recorded; an empty target never crashes. With
+    ``target_file`` (``HANGAR_CRASH_AFTER_STEP_FILE``), the target is read from that file at
+    each step instead, and the file is removed as the crash fires: a test arms a running
+    process and finds it unarmed when it starts it again."""
+    if target_file is not None:
+        return _crash_after_file(target_file)
     if not target:
         return no_crash
 
     def hook(operation: str, step_name: str) -> None:
         if target == f"{operation}:{step_name}":
-            log.warning("crash injected after %s:%s", operation, step_name)
-            os.kill(os.getpid(), signal.SIGKILL)
+            _crash(operation, step_name)
 
     return hook
+
+
+def _crash_after_file(target_file: Path) -> CrashHook:
+    def hook(operation: str, step_name: str) -> None:
+        try:
+            target = target_file.read_text().strip()
+        except FileNotFoundError:
+            return
+        if target == f"{operation}:{step_name}":
+            target_file.unlink(missing_ok=True)
+            _crash(operation, step_name)
+
+    return hook
+
+
+def _crash(operation: str, step_name: str) -> None:
+    log.warning("crash injected after %s:%s", operation, step_name)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RunEngine:

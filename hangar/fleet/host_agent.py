@@ -233,7 +233,7 @@ def build_host_agent(
         local.runs,
         services_of_host,
         clock,
-        crash_after(settings.crash_after_step),
+        crash_after(settings.crash_after_step, settings.crash_after_step_file),
         meter=meter,
         observers=(metrics, publisher),
         on_repair=lambda action, machine_id: audit_repair(fleet, host, clock, action, machine_id),

@@ -5,12 +5,13 @@ for VM machines and for sandbox-tier machines (runsc) alike."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from hangar.agent.engine import CRASH_AFTER_STEP_ENV
+from hangar.agent.engine import CRASH_AFTER_STEP_FILE_ENV
 from hangar.model.guest_contract import RunDir
 from hangar.model.run import DestroyRequest, StartRequest, StopRequest
 from hangar.server_process import ServerProcess
@@ -55,20 +56,38 @@ def tier_guest(tier: str) -> dict[str, dict[str, str]]:
     return {"guest": {"tier": "sandbox"}} if tier == "sandbox" else {}
 
 
+CRASH_TARGET = "crash-after-step"
+"""The file in a crash test server's home that arms it (see ``crash_during``)."""
+
+
+@contextmanager
+def armable_server(home: Path, app: str) -> Iterator[ServerProcess]:
+    """A server that reads the step to crash after from a file in its home at each step."""
+    env = {CRASH_AFTER_STEP_FILE_ENV: str(home / CRASH_TARGET)}
+    with running_server(home, app, env=env) as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
 def crash_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(tmp_path_factory.mktemp("crash-home"), APP) as server:
+    with armable_server(tmp_path_factory.mktemp("crash-home"), APP) as server:
         yield server
 
 
 def crash_during(server: ServerProcess, operation: str, step: str, request: httpx.Request) -> None:
-    """Restart the server armed to die after ``operation:step``, send the request, see it die."""
-    server.stop()
-    server.start({CRASH_AFTER_STEP_ENV: f"{operation}:{step}"})
-    with server.client() as api:
-        response = api.send(request)
-        assert response.status_code == 200, response.text
-    assert server.wait_exit(timeout_s=180) == -9, server.log_tail()
+    """Arm the running ``server`` (an :func:`armable_server`) to die after
+    ``operation:step``, send the request, see it die, and start it again (unarmed: the crash
+    consumed the file)."""
+    target = server.home / CRASH_TARGET
+    target.write_text(f"{operation}:{step}")
+    try:
+        with server.client() as api:
+            response = api.send(request)
+            assert response.status_code == 200, response.text
+        assert server.wait_exit(timeout_s=180) == -9, server.log_tail()
+        assert not target.exists(), "the crash consumes its target"
+    finally:
+        target.unlink(missing_ok=True)
     server.start()
 
 
