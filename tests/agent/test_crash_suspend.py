@@ -35,10 +35,9 @@ from tests.agent.helpers import (
     vmm_pids,
     wait_state,
 )
-from tests.agent.test_crash import crash_during
+from tests.agent.test_crash import armable_server, crash_during
 from tests.agent.test_suspend import TICKER, claims_of, ticks
 from tests.api.helpers import wait_runs_finished
-from tests.conftest import running_server
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +60,7 @@ class Ticker:
 
 @pytest.fixture(scope="module")
 def ticker(tmp_path_factory: pytest.TempPathFactory, test_image: str) -> Iterator[Ticker]:
-    with running_server(tmp_path_factory.mktemp("crash-suspend-home"), APP) as server:
+    with armable_server(tmp_path_factory.mktemp("crash-suspend-home"), APP) as server:
         with server.client() as api:
             machine_id = run_machine(api, APP, test_image, cmd=TICKER)
             wait_state(api, APP, machine_id, "started")
@@ -86,9 +85,18 @@ def put_in(ticker: Ticker, wanted: str) -> None:
             if state != "started":
                 assert api.post(f"{ticker.path}/start").status_code == 200
                 wait_state(api, APP, ticker.machine_id, "started")
+            _ticking(api, ticker)  # a guest suspended before its first tick has no count
             assert api.post(f"{ticker.path}/suspend").status_code == 200
         wait_state(api, APP, ticker.machine_id, wanted)
         _settled(api, ticker)
+
+
+def _ticking(api: httpx.Client, ticker: Ticker) -> None:
+    """Wait until the guest's count has started (its console shows a tick)."""
+    deadline = time.monotonic() + 120
+    while not ticks(console_text(api, APP, ticker.machine_id)):
+        assert time.monotonic() < deadline, "the guest never ticked"
+        time.sleep(0.2)
 
 
 def assert_suspended(api: httpx.Client, ticker: Ticker) -> None:
@@ -100,8 +108,9 @@ def assert_suspended(api: httpx.Client, ticker: Ticker) -> None:
     assert claims_of(ticker.server, ticker.machine_id) == []
 
 
-def assert_resumed(api: httpx.Client, ticker: Ticker, last_tick: int) -> None:
-    """Started, one VMM, and the guest's count went on from where it was suspended."""
+def assert_resumed(api: httpx.Client, ticker: Ticker, last_tick: int, gap: bool = False) -> None:
+    """Started, one VMM, and the guest's count went on from where it was suspended (with
+    ``gap``, ticks written while no agent read the console may be missing, never repeated)."""
     assert _settled(api, ticker) == "started"
     assert len(vmm_pids(ticker.server.home, ticker.machine_id)) == 1
     deadline = time.monotonic() + 120
@@ -111,7 +120,11 @@ def assert_resumed(api: httpx.Client, ticker: Ticker, last_tick: int) -> None:
             break
         time.sleep(0.2)
     assert last_tick in seen, "the console of the suspended boot goes on"
-    assert seen[seen.index(last_tick) :] == list(range(last_tick, seen[-1] + 1))
+    went_on = seen[seen.index(last_tick) :]
+    if gap:
+        assert went_on == sorted(set(went_on)) and went_on[-1] > last_tick + 2, went_on
+    else:
+        assert went_on == list(range(last_tick, seen[-1] + 1))
     assert not ticker.state_file.with_name("suspend.vmstate.json").exists()
 
 
@@ -129,12 +142,6 @@ def test_crash_during_suspend(ticker: Ticker, step: str) -> None:
         assert_suspended(api, ticker)
 
 
-# Known defect, found after the channel sockets met suspend: once a restarted agent has restored
-# the ticker, the next suspend finds no tick in its console, so these cases cannot take their
-# starting point. Marked, not hidden: they run, and pass when the console keeps its lines.
-_CONSOLE_AFTER_RESTORE = pytest.mark.xfail(
-    reason="console of a machine restored by a restarted agent shows no lines", strict=False
-)
 _AFTER_RESTORE_STEPS = {
     "resume_vm",
     "prepare_root_disk",
@@ -144,15 +151,12 @@ _AFTER_RESTORE_STEPS = {
     "map_gpu_addresses",
     "mark_started",
 }
+"""Crash points where the restored guest already runs while the agent is down: what it writes
+to its console then is dropped (no one reads the console socket, and QEMU never makes a guest
+wait for a reader), so its count shows a gap there."""
 
 
-@pytest.mark.parametrize(
-    "step",
-    [
-        pytest.param(step, marks=_CONSOLE_AFTER_RESTORE) if step in _AFTER_RESTORE_STEPS else step
-        for step in step_names(StartRequest())
-    ],
-)
+@pytest.mark.parametrize("step", step_names(StartRequest()))
 def test_crash_during_resume(ticker: Ticker, step: str) -> None:
     put_in(ticker, "suspended")
     with ticker.server.client() as api:
@@ -165,15 +169,16 @@ def test_crash_during_resume(ticker: Ticker, step: str) -> None:
     )
     with ticker.server.client() as api:
         wait_state(api, APP, ticker.machine_id, "started")
-        assert_resumed(api, ticker, last_tick)
+        assert_resumed(api, ticker, last_tick, gap=step in _AFTER_RESTORE_STEPS)
 
 
-@_CONSOLE_AFTER_RESTORE
 def test_a_restore_cut_short_boots_afresh(ticker: Ticker) -> None:
     """A crash while QEMU restored the guest: the run had recorded that a restore began, and
     the snapshot is consumed (the guest may have run on from its disk). The start goes on
     with a fresh root disk and says so."""
     put_in(ticker, "suspended")
+    with ticker.server.client() as api:
+        earlier = len(console_text(api, APP, ticker.machine_id))  # the console spans boots
     ticker.server.kill()
     run = new_run(ticker.machine_id, StartRequest(), time.time())
     run.progress = RunProgress(current_step="resume_vm", resume_attempted=True)
@@ -191,10 +196,11 @@ def test_a_restore_cut_short_boots_afresh(ticker: Ticker) -> None:
         [cold] = [e for e in events if e["type"] == "resume" and e["status"] == "cold_boot"]
         assert "cut short" in cold["reason"]
         deadline = time.monotonic() + 120
-        while not ticks(console_text(api, APP, ticker.machine_id)) and time.monotonic() < deadline:
+        while not ticks(this_boot := console_text(api, APP, ticker.machine_id)[earlier:]):
+            assert time.monotonic() < deadline, "the fresh boot never ticked"
             time.sleep(0.2)
-        assert ticks(console_text(api, APP, ticker.machine_id))[0] == 1, "a fresh boot"
-        assert not re.search("resumed", console_text(api, APP, ticker.machine_id))
+        assert ticks(this_boot)[0] == 1, "a fresh boot"
+        assert not re.search("resumed", this_boot)
         assert len(vmm_pids(ticker.server.home, ticker.machine_id)) == 1
 
 
