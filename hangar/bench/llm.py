@@ -8,7 +8,9 @@ each with a keep-alive client of its own: the latency of a short completion (p50
 time to the first streamed token. Last, from zero: the replica is stopped, and (c) the time
 from a request through the gateway to its first token is set against (d) a plain start through
 the API, polling the engine's health at its address until it answers and then asking it
-directly for a first token. The ratios end the report, each on a line of its own.
+directly for a first token; and (e) the replica suspended (how an idle replica sleeps), the
+time from a request through the gateway, which resumes it, to its first token. The ratios end
+the report, each on a line of its own.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class LlmBenchResult:
     gateway_ttft_s: list[float] = field(default_factory=list)
     wake_ttft_s: list[float] = field(default_factory=list)
     plain_start_ttft_s: list[float] = field(default_factory=list)
+    resume_ttft_s: list[float] = field(default_factory=list)
 
     def ratio(self) -> float:
         return _ratio(self.gateway_s, self.direct_s)
@@ -84,9 +87,12 @@ class LlmBenchResult:
             f"first token       (b) gateway:         {ms(self.gateway_ttft_s)}",
             f"from stopped      (c) gateway request: {s(self.wake_ttft_s)}",
             f"from stopped      (d) plain start:     {s(self.plain_start_ttft_s)}",
+            f"from suspended    (e) gateway request: {s(self.resume_ttft_s)}",
             f"ratio gateway/direct: {self.ratio():.2f}",
             f"ratio ttft gateway/direct: {_ratio(self.gateway_ttft_s, self.direct_ttft_s):.2f}",
             f"ratio wake/start: {_ratio(self.wake_ttft_s, self.plain_start_ttft_s):.2f}",
+            f"ratio wake from suspended/start: "
+            f"{_ratio(self.resume_ttft_s, self.plain_start_ttft_s):.2f}",
         ]
         return "\n".join(lines)
 
@@ -175,9 +181,15 @@ def run_llm_bench(rounds: int, wake_runs: int, home: Path) -> LlmBenchResult:
                     api.post(f"{machine}/stop", json={}).raise_for_status()
                     _wait(api, machine, "stopped")
 
+                def suspend() -> None:
+                    api.post(f"{machine}/suspend").raise_for_status()
+                    _wait(api, machine, "suspended")
+
                 for _ in range(wake_runs):
                     stop()
                     result.wake_ttft_s.append(_first_token_s(via_gateway, gateway_url))
+                    suspend()  # how an idle replica sleeps: the gateway resumes it
+                    result.resume_ttft_s.append(_first_token_s(via_gateway, gateway_url))
                     stop()
                     started = time.perf_counter()
                     api.post(f"{machine}/start").raise_for_status()

@@ -35,7 +35,7 @@ ORG, RIVAL, MODEL = "acme", "rival", "tiny"
 DEPLOYMENTS = f"/v1/orgs/{ORG}/llm/deployments"
 FROM_ZERO_TIMEOUT_S = 300.0
 PROMPT = [{"role": "user", "content": "hello"}]
-SLEEPING = ReplicaState.STOPPED  # what an idle replica is put into
+SLEEPING = ReplicaState.SUSPENDED  # what an idle replica is put into
 
 
 @dataclass

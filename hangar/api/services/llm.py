@@ -59,6 +59,7 @@ from hangar.model.machine import Machine, MachineState
 from hangar.model.volume import Volume, VolumeState
 from hangar.store.llm import LlmStore
 from hangar.store.protocol import MachineStore, TokenKind, VolumeStore
+from hangar.vmm.errors import SuspendNotSupported
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ _STARTING = (
     MachineState.STARTING,
     MachineState.REPLACING,
     MachineState.STOPPING,
+    MachineState.SUSPENDING,
 )
 _GONE = (MachineState.DESTROYING, MachineState.DESTROYED)
 
@@ -361,8 +363,32 @@ class LlmService:
         return self._machines.require(deployment.app, machine_id)
 
     async def sleep(self, deployment: Deployment, machine_id: str) -> None:
-        self._machines.stop(deployment.app, machine_id, StopRequest(), None)
-        await self._machines.wait(deployment.app, machine_id, ["stopped"], WAIT_S, None)
+        """Suspend the replica: its memory, the loaded model included, kept on disk, so that
+        waking it skips the engine's start and the model's load. A replica that cannot be
+        suspended (a GPU, the sandbox tier) or whose suspend failed (it runs on) is stopped."""
+        app = deployment.app
+        before = self._machines.events(app, machine_id, 1)
+        try:
+            self._machines.suspend(app, machine_id, None)
+        except SuspendNotSupported:
+            await self._stop(app, machine_id)
+            return
+        # Suspended, or started again by a suspend that failed: whichever comes after it.
+        settled = await self._machines.wait(
+            app,
+            machine_id,
+            ["suspended", "started"],
+            WAIT_S,
+            None,
+            from_event_id=before[0].id if before else None,
+        )
+        if settled.state != "suspended":
+            log.warning("replica %s could not be suspended; stopping it", machine_id)
+            await self._stop(app, machine_id)
+
+    async def _stop(self, app: str, machine_id: str) -> None:
+        self._machines.stop(app, machine_id, StopRequest(), None)
+        await self._machines.wait(app, machine_id, ["stopped"], WAIT_S, None)
 
 
 # -- the gateway's seams, over the service above ---------------------------------------------
@@ -424,6 +450,8 @@ def replica_state(state: MachineState) -> ReplicaState:
         return ReplicaState.STARTED
     if state in _STARTING:
         return ReplicaState.STARTING
+    if state is MachineState.SUSPENDED:
+        return ReplicaState.SUSPENDED
     return ReplicaState.STOPPED
 
 
