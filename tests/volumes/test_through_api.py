@@ -160,7 +160,9 @@ def config_machine(api: httpx.Client, app: str, config: dict[str, Any], skip_lau
 
 
 def console(api: httpx.Client, app: str, machine_id: str) -> str:
-    return api.get(machine_path(app, machine_id) + "/logs").text
+    """The machine's console, its lines ending in ``\n`` (a serial console ends them in
+    ``\r\n``)."""
+    return api.get(machine_path(app, machine_id) + "/logs").text.replace("\r\n", "\n")
 
 
 def wait_console(api: httpx.Client, app: str, machine_id: str, text: str) -> str:
