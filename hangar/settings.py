@@ -74,8 +74,9 @@ class Settings(BaseSettings):
     )
     etcd_key_file: Path | None = Field(
         default=None,
-        description="the fleet's 32-byte sealing key (mode 0600), the same on every API replica "
-        "(default `$HANGAR_HOME/fleet.key`, made on first use)",
+        description="the fleet's 32-byte sealing key (mode 0600), the same on every API replica, "
+        "and on the agents that boot machines with their apps' secrets (default "
+        "`$HANGAR_HOME/fleet.key`, made on first use by an API replica)",
     )
     host_lease_ttl_s: int = Field(
         default=10,

@@ -218,7 +218,13 @@ def build_host_agent(
         volumes=HostVolumes(
             VolumeHost(VolumeSettings.from_settings(settings), clock=clock), fleet.volumes, host.id
         ),
+        secrets=fleet.secrets,
     )
+    if fleet.secrets is None:
+        log.warning(
+            "no fleet key (HANGAR_ETCD_KEY_FILE): machines on %s boot without their apps' secrets",
+            host.id,
+        )
     publisher = BoardPublisher(fleet.board, local.runs, host.id)
     meter = UsageMeter(
         local.usage,

@@ -53,7 +53,6 @@ from hangar.store.etcd.watch import Watch, WatchEvent
 from hangar.store.gpus import SqliteGpuStore
 from hangar.store.llm import SqliteLlmStore
 from hangar.store.protocol import MachineStore
-from hangar.store.secrets import SqliteSecretStore
 from hangar.store.usage import SqliteUsageStore
 
 log = logging.getLogger(__name__)
@@ -309,9 +308,9 @@ def build_replica(
     runs = FleetRunStore(fleet, machines)
     agent = FleetAgent(fleet, host_services, clock, runs)
     metrics = HangarMetrics(clock)
-    # App secrets and the LLM tier's deployments stay in this replica's own SQLite file (not
-    # yet in etcd): each replica sees only those written through it, and host agents boot
-    # machines without the secrets set here.
+    # The LLM tier's deployments stay in this replica's own SQLite file (not yet in etcd):
+    # each replica sees only those written through it.
+    assert fleet.secrets is not None  # a replica holds the fleet's key
     stores = ApiStores(
         machines,
         tenancy,
@@ -319,7 +318,7 @@ def build_replica(
         runs,
         SqliteUsageStore(settings.database),
         fleet.claims,
-        SqliteSecretStore(settings.database, settings.secrets_key_file),
+        fleet.secrets,
         SqliteLlmStore(settings.database),
     )
     api = build_api(

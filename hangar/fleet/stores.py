@@ -14,6 +14,7 @@ from hangar.store.etcd.client import Compare, EtcdClient, Put, Txn
 from hangar.store.etcd.keys import KeyLayout
 from hangar.store.etcd.machines import EtcdMachineStore
 from hangar.store.etcd.sealed import SealedValues, Sealer
+from hangar.store.etcd.secrets import EtcdSecretStore
 from hangar.store.etcd.tenancy import EtcdTenancyStore
 from hangar.store.etcd.volumes import EtcdVolumeStore
 
@@ -30,6 +31,9 @@ class FleetStores:
     claims: EtcdClaimStore
     work: WorkQueue
     board: RunBoard
+    secrets: EtcdSecretStore | None
+    """Apps' secrets, sealed; None in a process without the fleet's key (an agent not given
+    one: its machines boot without their apps' secrets)."""
 
     def close(self) -> None:
         self.claims.close()
@@ -75,13 +79,17 @@ def open_fleet_stores(
     settings: Settings, *, sealer: Sealer | None = None, tokens: bool = True
 ) -> FleetStores:
     """``tokens``: this process authenticates (an API replica) and needs the fleet's sealing
-    key; a host's agent does not, and never holds it."""
+    key. A host's agent does not, and holds the key only when its operator gives it one
+    (``HANGAR_ETCD_KEY_FILE``): then it opens its machines' app secrets for their boots."""
     if not settings.etcd:
         raise InvalidRequest("no etcd endpoints given (--etcd or HANGAR_ETCD)", field="etcd")
     client = EtcdClient(settings.etcd, stale_reads=True)
     layout = KeyLayout(settings.etcd_prefix)
     if tokens:
         sealer = sealer or fleet_sealer(settings)
+    elif sealer is None and settings.etcd_key_file is not None:
+        sealer = Sealer.from_key_files([settings.etcd_key_file])
+    if sealer is not None:
         check_fleet_key(client, sealer, layout)
     return FleetStores(
         client=client,
@@ -92,4 +100,5 @@ def open_fleet_stores(
         claims=EtcdClaimStore(client, layout),
         work=WorkQueue(client, layout),
         board=RunBoard(client, layout),
+        secrets=None if sealer is None else EtcdSecretStore(client, sealer, layout),
     )

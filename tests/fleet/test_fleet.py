@@ -99,9 +99,18 @@ def published_free_memory(fleet: Fleet, host_id: str, holder: str) -> bool:
 def test_a_machine_created_through_one_replica_boots_on_an_agent_host(fleet: Fleet) -> None:
     app = new_app(fleet, "boot")
     with fleet.api(0) as first, fleet.api(1) as second:
-        created = first.post(
-            f"/v1/apps/{app}/machines", json={"config": {"image": fleet.sleeper_image}}
-        )
+        # A secret set through one replica: sealed in etcd, listed by the other, and in the
+        # environment of the machine another host's agent boots.
+        value = f"fleet-secret-{secrets.token_hex(4)}"
+        put = second.post(f"/v1/apps/{app}/secrets/FLEET_SECRET", json={"value": value})
+        assert put.status_code in (200, 201), put.text
+        listed = first.get(f"/v1/apps/{app}/secrets").json()
+        assert "FLEET_SECRET" in json.dumps(listed) and value not in json.dumps(listed)
+        config = {
+            "image": fleet.sleeper_image,
+            "init": {"cmd": ["sh", "-c", 'echo "secret=$FLEET_SECRET"; sleep 3600']},
+        }
+        created = first.post(f"/v1/apps/{app}/machines", json={"config": config})
         assert created.status_code == 200, created.text
         machine_id = created.json()["id"]
         wait_state(second, app, machine_id, "started")  # woken by the other replica's watch
@@ -109,6 +118,17 @@ def test_a_machine_created_through_one_replica_boots_on_an_agent_host(fleet: Fle
         assert record is not None and record.host_id in HOSTS
         agent = fleet.agents[record.host_id]
         assert machine_id in find_vmm_processes(agent.home / "machines").values()
+        console_log = agent.home / "machines" / machine_id / "console.log"
+        until(
+            "the guest printing its app's secret",
+            lambda: (
+                True
+                if console_log.exists()
+                and f"secret={value}" in console_log.read_text(errors="replace")
+                else None
+            ),
+            120,
+        )
         view = machine_view(second, app, machine_id)
         assert view["host_status"] == "ok" and view["state"] == "started"
         until(
