@@ -27,7 +27,7 @@ from tests.fixtures.etcd import etcd_client, etcd_cluster, etcd_layout
 __all__ = ["etcd_client", "etcd_cluster", "etcd_layout"]
 
 LEASE_TTL_S = 3
-HOSTS = ("h1", "h2")
+HOSTS = ("h1", "h2", "h3")
 REGION = "local"
 SLEEPER_TAG = "sleeper"
 
