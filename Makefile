@@ -12,7 +12,7 @@ FUZZ_SECONDS ?= 3600
 # gVisor's runsc (the sandbox tier): Debian trixie's build, kept here; tests and the demo use it
 RUNSC := $(CURDIR)/.cache/runsc/bin/runsc
 
-.PHONY: deps runsc venv demo test lint typecheck unit fuzz gpu-check bench-api bench-boot bench-placement \
+.PHONY: deps runsc venv bytecode demo test lint typecheck unit fuzz gpu-check bench-api bench-boot bench-placement \
 	bench-proxy bench-volume bench-mixes bench-replay bench-tenancy bench-llm engine engine-background clean
 
 deps:
@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-demo: deps runsc venv
+demo: deps runsc venv bytecode
 	./scripts/demo.sh
 
 lint: venv
@@ -48,8 +48,14 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-unit: deps runsc venv
+unit: deps runsc venv bytecode
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# hangar's own modules compiled ahead (only what changed): every `hangar` process the suite and
+# the demo start then loads bytecode instead of compiling ~200 modules, even where the
+# environment sets PYTHONDONTWRITEBYTECODE (about 0.7 s off each server start here).
+bytecode: venv
+	$(PYTHON) -m compileall -q hangar
 
 # The engine tests and the model deployment tests need llama-server, built once into the suite's
 # cache. A cold build takes minutes, so `make test` starts it in the background first, at a lower

@@ -9,8 +9,9 @@ time to the first streamed token. Last, from zero: the replica is stopped, and (
 from a request through the gateway to its first token is set against (d) a plain start through
 the API, polling the engine's health at its address until it answers and then asking it
 directly for a first token; and (e) the replica suspended (how an idle replica sleeps), the
-time from a request through the gateway, which resumes it, to its first token. The ratios end
-the report, each on a line of its own.
+time from a request through the gateway, which resumes it, to its first token, against (f) a
+plain resume through the API, timed as (d). The ratios end the report, each on a line of its
+own.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class LlmBenchResult:
     wake_ttft_s: list[float] = field(default_factory=list)
     plain_start_ttft_s: list[float] = field(default_factory=list)
     resume_ttft_s: list[float] = field(default_factory=list)
+    plain_resume_ttft_s: list[float] = field(default_factory=list)
 
     def ratio(self) -> float:
         return _ratio(self.gateway_s, self.direct_s)
@@ -88,11 +90,14 @@ class LlmBenchResult:
             f"from stopped      (c) gateway request: {s(self.wake_ttft_s)}",
             f"from stopped      (d) plain start:     {s(self.plain_start_ttft_s)}",
             f"from suspended    (e) gateway request: {s(self.resume_ttft_s)}",
+            f"from suspended    (f) plain resume:    {s(self.plain_resume_ttft_s)}",
             f"ratio gateway/direct: {self.ratio():.2f}",
             f"ratio ttft gateway/direct: {_ratio(self.gateway_ttft_s, self.direct_ttft_s):.2f}",
             f"ratio wake/start: {_ratio(self.wake_ttft_s, self.plain_start_ttft_s):.2f}",
             f"ratio wake from suspended/start: "
             f"{_ratio(self.resume_ttft_s, self.plain_start_ttft_s):.2f}",
+            f"ratio wake from suspended/resume: "
+            f"{_ratio(self.resume_ttft_s, self.plain_resume_ttft_s):.2f}",
         ]
         return "\n".join(lines)
 
@@ -181,6 +186,15 @@ def run_llm_bench(rounds: int, wake_runs: int, home: Path) -> LlmBenchResult:
                     api.post(f"{machine}/stop", json={}).raise_for_status()
                     _wait(api, machine, "stopped")
 
+                def plain_start() -> float:
+                    """A start through the API until the engine answers a first token."""
+                    started = time.perf_counter()
+                    api.post(f"{machine}/start").raise_for_status()
+                    with httpx.Client(timeout=CALL_TIMEOUT_S) as fresh:
+                        _until(lambda: _healthy(fresh, address), "the engine", WAKE_TIMEOUT_S)
+                        _first_token_s(fresh, direct_url)
+                    return time.perf_counter() - started
+
                 def suspend() -> None:
                     api.post(f"{machine}/suspend").raise_for_status()
                     _wait(api, machine, "suspended")
@@ -190,13 +204,10 @@ def run_llm_bench(rounds: int, wake_runs: int, home: Path) -> LlmBenchResult:
                     result.wake_ttft_s.append(_first_token_s(via_gateway, gateway_url))
                     suspend()  # how an idle replica sleeps: the gateway resumes it
                     result.resume_ttft_s.append(_first_token_s(via_gateway, gateway_url))
+                    suspend()
+                    result.plain_resume_ttft_s.append(plain_start())
                     stop()
-                    started = time.perf_counter()
-                    api.post(f"{machine}/start").raise_for_status()
-                    with httpx.Client(timeout=CALL_TIMEOUT_S) as fresh:
-                        _until(lambda: _healthy(fresh, address), "the engine", WAKE_TIMEOUT_S)
-                        _first_token_s(fresh, direct_url)
-                    result.plain_start_ttft_s.append(time.perf_counter() - started)
+                    result.plain_start_ttft_s.append(plain_start())
             api.delete(f"{deployments}/{MODEL}", timeout=DEPLOY_TIMEOUT_S).raise_for_status()
     finally:
         server.stop()
