@@ -6,7 +6,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils skopeo umoci e2fsprogs busybox-static
 	kmod nftables ca-certificates python3-venv haproxy wrk nginx-light iproute2 gcc libc6-dev \
 	etcd-server chromium tmux cmake g++ make runc
 PYTEST_ARGS ?=
-# make fuzz: schemathesis examples per API operation and pass (make test runs 8), and a time guard
+# make fuzz: schemathesis examples per API operation and pass (make test runs 5), and a time guard
 FUZZ_EXAMPLES ?= 200
 FUZZ_SECONDS ?= 3600
 # gVisor's runsc (the sandbox tier): Debian trixie's build, kept here; tests and the demo use it

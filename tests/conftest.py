@@ -29,7 +29,7 @@ RUNSC = REPO_ROOT / ".cache" / "runsc" / "bin" / "runsc"
 SANDBOX_ENV = {"HANGAR_RUNSC": str(RUNSC)}
 TEST_IMAGE_TAG = "test"
 TEST_IMAGE_CMD = ["sh", "-c", "echo hello from the test image; exit 0"]
-FUZZ_EXAMPLES_DEFAULT = 8
+FUZZ_EXAMPLES_DEFAULT = 5
 FUZZ_SECONDS_DEFAULT = 300.0
 
 
