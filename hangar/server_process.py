@@ -160,7 +160,9 @@ class ServerProcess:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        """Stopped, and its private network (bridge, taps, tables) gone from the host."""
         self.stop()
+        self.remove_network()
 
 
 class ApiReplicaProcess(ServerProcess):

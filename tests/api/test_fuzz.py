@@ -78,6 +78,7 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget
     finally:
         server.stop()
         kill_vmms_under(home)
+        server.remove_network()
 
 
 @dataclass

@@ -32,6 +32,7 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
     finally:
         process.stop()
         kill_vmms_under(process.home)
+        process.remove_network()
 
 
 def closed_by_server(connection: socket.socket) -> bool:

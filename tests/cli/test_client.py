@@ -26,6 +26,7 @@ def fly_limited_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
         yield server
     finally:
         server.stop()
+        server.remove_network()
 
 
 @pytest.mark.slow

@@ -103,7 +103,7 @@ def test_server_init_prints_a_new_operator_token_and_revokes_the_old_one(
     assert old is not None
     server = subprocess.Popen(
         [sys.executable, "-m", "hangar.cli.main", "server", "--init", "--port", str(free_port())],
-        env={**os.environ, "HANGAR_HOME": str(home)},
+        env={**os.environ, "HANGAR_HOME": str(home), "HANGAR_NET": "0"},  # no bridge of its own
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
