@@ -17,7 +17,7 @@ import select
 import signal
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -217,3 +217,18 @@ class Children:
             return None
         # It has exited, so waiting only lets the reaping thread finish.
         return await asyncio.to_thread(child.wait)
+
+
+def adoption_refusal(
+    pid: int, start_time: int, ours: Callable[[tuple[str, ...]], bool], what: str
+) -> str | None:
+    """Why the process a handle recorded (pid, start time) is not ``what`` for it any more,
+    ``ours`` judging its command line; None when it still is."""
+    info = read_process(pid)
+    if info is None or info.exited:
+        return "the process has exited"
+    if info.start_time != start_time:
+        return "the pid now belongs to a process started later"
+    if not ours(info.cmdline):
+        return f"the process is not {what}"
+    return None

@@ -56,7 +56,14 @@ from hangar.vmm.migration import (
     save_to_file,
     wait_incoming_loaded,
 )
-from hangar.vmm.proc import Children, ProcessRef, exits_within, is_alive, read_process, tail_text
+from hangar.vmm.proc import (
+    Children,
+    ProcessRef,
+    adoption_refusal,
+    exits_within,
+    is_alive,
+    tail_text,
+)
 from hangar.vmm.qemu_argv import (
     HUGEPAGES_DIR,
     QEMU_BINARY,
@@ -559,13 +566,14 @@ class QemuDriver:
     async def _adoption_refusal(self, handle: VmHandle) -> str | None:
         if handle.driver != self.name:
             return f"the handle belongs to driver {handle.driver!r}"
-        info = read_process(handle.pid)
-        if info is None or info.exited:
-            return "the process has exited"
-        if info.start_time != handle.start_time:
-            return "the pid now belongs to a process started later"
-        if not _names_machine(info.cmdline, handle.machine_id):
-            return "the process is not this machine's QEMU"
+        refusal = adoption_refusal(
+            handle.pid,
+            handle.start_time,
+            lambda cmdline: _names_machine(cmdline, handle.machine_id),
+            "this machine's QEMU",
+        )
+        if refusal is not None:
+            return refusal
         try:
             await query_status(handle.qmp_socket, clock=self._clock, timeout_s=self._timeouts.qmp_s)
         except QmpError as error:

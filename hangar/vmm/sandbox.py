@@ -46,6 +46,7 @@ from hangar.vmm.proc import (
     PROC_ROOT,
     Children,
     ProcessRef,
+    adoption_refusal,
     exits_within,
     is_alive,
     read_process,
@@ -403,13 +404,14 @@ class SandboxDriver:
     async def _adoption_refusal(self, handle: VmHandle) -> str | None:
         if handle.driver != self.name:
             return f"the handle belongs to driver {handle.driver!r}"
-        info = read_process(handle.pid)
-        if info is None or info.exited:
-            return "the process has exited"
-        if info.start_time != handle.start_time:
-            return "the pid now belongs to a process started later"
-        if shim_machine(info.cmdline) != handle.machine_id:
-            return "the process is not this machine's sandbox shim"
+        refusal = adoption_refusal(
+            handle.pid,
+            handle.start_time,
+            lambda cmdline: shim_machine(cmdline) == handle.machine_id,
+            "this machine's sandbox shim",
+        )
+        if refusal is not None:
+            return refusal
         if await self._container_state(handle.machine_id) is None:
             return f"{self.name} does not know its container"
         return None
