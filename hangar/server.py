@@ -153,11 +153,16 @@ def build_api(
     network: MachineNetwork | None = None,
     placer: MachinePlacer | None = None,
     hosts: HostService | None = None,
+    addresses: PrivateAddresses | None = None,
 ) -> Api:
     """The Machines API's services and request guard, the same for ``hangar server`` and a
     fleet's ``hangar api`` replicas: a fleet passes its ``placer`` (the scheduler choosing a
-    host per machine) and its ``hosts`` view; one host passes its private ``network``."""
+    host per machine), its ``hosts`` view and how it gives machines their ``addresses``; one
+    host passes its private ``network``."""
     machines, tenancy = stores.machines, stores.tenancy
+    if network is not None:
+        host_number = network.host_number
+        addresses = PrivateAddresses(machines, tenancy, network.net.plan, lambda _: host_number)
     default_quotas = default_org_quotas(settings)
     quotas = QuotaService(machines, tenancy, runs=stores.runs, volumes=stores.volumes)
     capacity = PlatformService(
@@ -189,7 +194,7 @@ def build_api(
         quotas,
         ImagePolicy(settings.allowed_oci_dirs),
         capacity,
-        addresses=PrivateAddresses(machines, tenancy, network) if network is not None else None,
+        addresses=addresses,
         secrets=stores.secrets,
         volumes=volumes if placer is None else None,
         max_config_bytes=settings.max_config_bytes,

@@ -231,4 +231,5 @@ class AgentProcess(ServerProcess):
             client.close()
 
     def remove_network(self) -> None:
-        """A fleet test's agents run without a private network."""
+        """A fleet test's agent runs in a network namespace of its own: its private network
+        goes with the namespace (or it runs without one)."""

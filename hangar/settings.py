@@ -309,6 +309,11 @@ class Settings(BaseSettings):
         default="hg", description="names of hangar's bridge (`PREFIXbr`) and taps (`PREFIXt...`)"
     )
     net_table: str = Field(default="hangar", description="hangar's nftables tables")
+    net_underlay: str = Field(
+        default="",
+        description="a fleet host's IPv6 address that the other hosts route its machines' "
+        "private prefixes to (empty: the private network stays on this host)",
+    )
     net_published_tcp: Annotated[frozenset[int], NoDecode] = Field(
         default=frozenset(),
         description="`port,...` of the host that guests may reach (the proxy's)",

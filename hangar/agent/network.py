@@ -19,6 +19,7 @@ from hangar.model.machine import Machine
 from hangar.net.attachment import Attachment
 from hangar.net.dns import DnsServer, SnapshotView, dns_record, view_from_records
 from hangar.net.host import HostNetwork
+from hangar.net.links import PeerRoute
 from hangar.vmm.driver import NicSpec
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,12 @@ class MachineNetwork:
         self.net.remove_tap(machine_id)
         if not self.net.rules_current():
             self.net.apply_rules()
+
+    async def set_fleet(self, peers: frozenset[IPv6Address], routes: frozenset[PeerRoute]) -> None:
+        """The fleet's other hosts and the routes to their machines' prefixes (a fleet's agent
+        calls this whenever either changes)."""
+        async with self._lock:
+            await asyncio.to_thread(self.net.set_fleet, peers, routes)
 
     async def guest_network(self, machine: Machine) -> tuple[NicSpec, list[str]]:
         """The NIC and kernel arguments a boot of ``machine`` gets (its tap must exist)."""

@@ -13,7 +13,9 @@ runs on this host. In order, at start:
 3. the host registers under a lease (``HostLease``) with its inventory, pool and free capacity;
    API replicas place on it only while that lease lives;
 4. it watches etcd for runs addressed to it (``WorkIntake``) and publishes its runs
-   (``BoardPublisher``); machine records it changes are etcd's at once.
+   (``BoardPublisher``); machine records it changes are etcd's at once;
+5. with a private network and an underlay address (``HANGAR_NET_UNDERLAY``), it keeps the
+   routes and rules to the machines on the other hosts current (``FleetNetwork``).
 """
 
 from __future__ import annotations
@@ -29,18 +31,21 @@ from hangar.agent.engine import crash_after
 from hangar.agent.gpus import HostGpus
 from hangar.agent.host import HostServices
 from hangar.agent.metering import UsageMeter
+from hangar.agent.network import MachineNetwork
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
 from hangar.agent.volumes import HostVolumes
 from hangar.clock import Clock, SystemClock
 from hangar.errors import StoreError
 from hangar.fleet.board import BoardPublisher
+from hangar.fleet.network import FleetNetwork
 from hangar.fleet.stores import FleetStores, open_fleet_stores
 from hangar.fleet.work import WorkIntake, decode_run
 from hangar.metrics import HangarMetrics
 from hangar.model.gpu import GpuState
 from hangar.model.host import HostInfo, read_local_host
 from hangar.model.run import RunRecord
+from hangar.net.host import HostNetConfig, HostNetwork
 from hangar.server import MachineTraffic, make_private_dir, overcommit_of
 from hangar.settings import Settings
 from hangar.store.embedded import EmbeddedStores, open_embedded_stores
@@ -63,6 +68,7 @@ class HostAgent:
     publisher: BoardPublisher
     lease: HostLease | None = None
     intake: WorkIntake | None = None
+    fleet_network: FleetNetwork | None = None
 
     def belongs_here(self, run: RunRecord) -> bool:
         machine = self.fleet.machines.get_machine(run.machine_id)
@@ -89,6 +95,7 @@ class HostAgent:
             if gpu.state is GpuState.FREE
             and not any(gpu.index in claim.gpu_indexes for claim in state.claims)
         )
+        net_host_number, underlay = self.network_record()
         return HostRecord(
             host=self.host,
             gpus=self.local.gpus.list_gpus(host_id=self.host.id),
@@ -98,7 +105,18 @@ class HostAgent:
             free_cpu_milli=state.cpu_milli - sum(claim.cpu_milli for claim in state.claims),
             free_memory_mb=state.memory_mb - sum(claim.memory_mb for claim in state.claims),
             free_gpus=free_gpus,
+            net_host_number=net_host_number,
+            underlay=underlay,
         )
+
+    def network_record(self) -> tuple[int | None, str]:
+        """What the fleet needs of this host's private network: its number in addresses and
+        the underlay address the other hosts route its prefixes to."""
+        network = self.agent.host.network
+        if network is None:
+            return None, ""
+        underlay = network.net.config.underlay
+        return network.host_number, str(underlay) if underlay is not None else ""
 
     def _accept(self, run: RunRecord) -> None:
         self.agent.submit(run)
@@ -129,6 +147,10 @@ class HostAgent:
             asyncio.get_running_loop(),
         )
         await asyncio.to_thread(self.intake.start)
+        network = self.agent.host.network
+        if network is not None and network.net.config.underlay is not None:
+            self.fleet_network = FleetNetwork(self.fleet, self.host.id, network, self.agent.notify)
+            await self.fleet_network.start()
         log.info("host %s (pool %s) registered in the fleet", self.host.id, self.pool)
 
     async def publish_capacity(self) -> None:
@@ -147,6 +169,8 @@ class HostAgent:
                 log.warning("capacity not published: %s", error)
 
     async def close(self) -> None:
+        if self.fleet_network is not None:
+            await self.fleet_network.close()
         if self.intake is not None:
             await asyncio.to_thread(self.intake.close)
         if self.lease is not None:
@@ -196,12 +220,15 @@ def build_host_agent(
     host = read_local_host(settings.host_id, settings.region)
     gpus = HostGpus.from_settings(settings)
     pool = settings.pool or ("gpu" if gpus.inventory().gpus else "general")
+    network = None
     if settings.net:
-        log.warning(
-            "the private network does not span a fleet's hosts yet: machines on %s run "
-            "without one (as with HANGAR_NET=0)",
-            host.id,
-        )
+        network = MachineNetwork(HostNetwork(HostNetConfig.from_settings(settings)), clock)
+        if network.net.config.underlay is None:
+            log.warning(
+                "no underlay address (HANGAR_NET_UNDERLAY): machines on %s reach only the "
+                "machines of their org on this host",
+                host.id,
+            )
     services_of_host = HostServices(
         platform=platform,
         machines_dir=settings.machines_dir,
@@ -214,7 +241,7 @@ def build_host_agent(
         ),
         gpu_store=local.gpus,
         gpus=gpus,
-        network=None,
+        network=network,
         volumes=HostVolumes(
             VolumeHost(VolumeSettings.from_settings(settings), clock=clock), fleet.volumes, host.id
         ),

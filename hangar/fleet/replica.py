@@ -29,6 +29,7 @@ from hangar.agent.host import HostServices
 from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
 from hangar.api.app import create_app
+from hangar.api.services.addresses import PrivateAddresses
 from hangar.api.services.hosts import GpuView, HostGpusView, HostService, HostView
 from hangar.api.services.orgs import DEFAULT_ORG
 from hangar.api.services.tokens import TokenService
@@ -43,6 +44,7 @@ from hangar.metrics import HangarMetrics
 from hangar.model.gpu import GpuEvent, GpuState
 from hangar.model.host import HostInfo
 from hangar.model.run import RunRecord, RunStatus
+from hangar.net.addressing import AddressPlan, host_number
 from hangar.ratelimit import RateLimits
 from hangar.server import ApiStores, build_api, default_org_quotas
 from hangar.settings import Settings
@@ -285,6 +287,25 @@ class Replica:
         self.fleet.close()
 
 
+def fleet_addresses(
+    settings: Settings, fleet: FleetStores, monitor: HostMonitor
+) -> PrivateAddresses | None:
+    """How a replica gives a new machine its ``private_ip``: in the fleet's address plan, with
+    the number the placed host registered (or, before it did, the one its id gives, as the
+    agent computes it); None with ``HANGAR_NET=0``."""
+    if not settings.net:
+        return None
+    plan = AddressPlan.parse(settings.net_prefix, settings.net_egress_subnet)
+
+    def host_number_of(host_id: str) -> int:
+        record = monitor.get(host_id)
+        if record is not None and record.net_host_number is not None:
+            return record.net_host_number
+        return host_number(host_id)
+
+    return PrivateAddresses(fleet.machines, fleet.tenancy, plan, host_number_of)
+
+
 def build_replica(
     settings: Settings, clock: Clock | None = None, rate_limits: RateLimits | None = None
 ) -> Replica:
@@ -331,6 +352,7 @@ def build_replica(
         rate_limits,
         placer=placer,
         hosts=FleetHostService(agent, replica_host, monitor, fleet),
+        addresses=fleet_addresses(settings, fleet, monitor),
     )
     replica: Replica
 

@@ -77,6 +77,10 @@ class FirewallPolicy:
     egress_subnet: IPv4Network | None = None
     published_tcp: frozenset[int] = field(default_factory=frozenset)
     published_udp: frozenset[int] = field(default_factory=frozenset)
+    underlay_interface: str | None = None
+    """Where the fleet's other hosts are (None: the private network stays on this host)."""
+    peers: frozenset[IPv6Address] = field(default_factory=frozenset)
+    """The other hosts' underlay addresses: their proxies and checks reach guests here."""
 
     def __post_init__(self) -> None:
         if not TABLE_PATTERN.fullmatch(self.table):
@@ -85,7 +89,11 @@ class FirewallPolicy:
             raise _bad(
                 f"tap head {self.tap_head!r} must match {TAP_HEAD_PATTERN.pattern}", "tap_head"
             )
-        for what, name in (("bridge", self.bridge), ("egress_interface", self.egress_interface)):
+        for what, name in (
+            ("bridge", self.bridge),
+            ("egress_interface", self.egress_interface),
+            ("underlay_interface", self.underlay_interface),
+        ):
             if name is not None and not IFNAME_PATTERN.fullmatch(name):
                 raise _bad(f"{what} {name!r} is not an interface name", what)
         if self.egress_interface is not None and self.egress_subnet is None:
@@ -205,6 +213,7 @@ def _inet_table(
     lines = [f"table inet {policy.table} {{", f'\tcomment "{DIGEST_MARK}{digest}"']
     lines += _set("published_tcp", "inet_service", (str(p) for p in policy.published_tcp))
     lines += _set("published_udp", "inet_service", (str(p) for p in policy.published_udp))
+    lines += _set("peers", "ipv6_addr", (str(p) for p in policy.peers))
     lines += [f"\tcounter {name} {{ }}" for name in ("host_blocked", "routed_blocked")]
     dns = policy.dns_address
     lines += [
@@ -224,6 +233,19 @@ def _inet_table(
         "\tchain routed {",
         "\t\ttype filter hook forward priority filter; policy accept;",
         f"\t\tiifname {bridge} oifname {bridge} jump same_org",
+    ]
+    if policy.underlay_interface is not None:
+        # Other hosts of the fleet: guests reach their org's machines there and back, and the
+        # other hosts themselves (their proxies, their checks) reach guests here.
+        underlay = _quoted(policy.underlay_interface)
+        lines += [
+            f"\t\tiifname {bridge} oifname {underlay} ip6 daddr @peers "
+            "ct state established,related accept",
+            f"\t\tiifname {bridge} oifname {underlay} meta nfproto ipv6 jump same_org",
+            f"\t\tiifname {underlay} oifname {bridge} ip6 saddr @peers accept",
+            f"\t\tiifname {underlay} oifname {bridge} meta nfproto ipv6 jump same_org",
+        ]
+    lines += [
         f"\t\toifname {bridge} ct state established,related accept",
         f'\t\toifname {bridge} counter name "routed_blocked" drop',
     ]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface, IPv6Interface
+from ipaddress import IPv4Interface, IPv6Address, IPv6Interface
 
+from hangar.errors import NetworkError
 from hangar.net import firewall, links
 from hangar.net.addressing import (
     GATEWAY_LINK_LOCAL,
@@ -25,7 +26,7 @@ from hangar.net.addressing import (
 )
 from hangar.net.attachment import Attachment
 from hangar.net.guest import guest_kernel_args
-from hangar.net.links import BridgeConfig, LinkNames, TapState
+from hangar.net.links import BridgeConfig, LinkNames, PeerRoute, TapState
 from hangar.settings import Settings
 from hangar.vmm.driver import NicSpec
 
@@ -45,6 +46,9 @@ class HostNetConfig:
     dns_port: int = 53
     published_tcp: frozenset[int] = frozenset()
     published_udp: frozenset[int] = frozenset()
+    underlay: IPv6Address | None = None
+    """This host's address on the network between a fleet's hosts, where the others route
+    the private prefixes it holds (None: the private network stays on this host)."""
 
     def __post_init__(self) -> None:
         check_host_number(self.host_number)
@@ -61,7 +65,21 @@ class HostNetConfig:
             egress=settings.net_egress,
             egress_interface=settings.net_egress_interface,
             published_tcp=settings.net_published_tcp,
+            underlay=_underlay(settings.net_underlay),
         )
+
+
+def _underlay(text: str) -> IPv6Address | None:
+    if not text:
+        return None
+    try:
+        return IPv6Address(text)
+    except ValueError as exc:
+        raise NetworkError(
+            f"the underlay address {text!r} is not an IPv6 address",
+            retryable=False,
+            setting="net_underlay",
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,9 @@ class HostNetwork:
 
     def __init__(self, config: HostNetConfig) -> None:
         self.config = config
+        self.peers: frozenset[IPv6Address] = frozenset()
+        """The fleet's other hosts (their underlay addresses), as last set."""
+        self.peer_routes: frozenset[PeerRoute] = frozenset()
 
     @property
     def plan(self) -> AddressPlan:
@@ -99,6 +120,9 @@ class HostNetwork:
         if egress_interface is not None:
             # Replies to egress come in there and are forwarded to the bridge.
             sysctls[f"ipv4/conf/{egress_interface}/forwarding"] = "1"
+        if self.config.underlay is not None:
+            # Guests' packets to and from their org's machines on other hosts are routed.
+            sysctls["ipv6/conf/all/forwarding"] = "1"
         return BridgeConfig(
             name=self.bridge,
             mac=bridge_mac(self.config.host_number),
@@ -194,7 +218,27 @@ class HostNetwork:
             egress_subnet=self.plan.egress_subnet if egress_interface is not None else None,
             published_tcp=self.config.published_tcp,
             published_udp=self.config.published_udp,
+            underlay_interface=self.underlay_interface(),
+            peers=self.peers,
         )
+
+    def underlay_interface(self) -> str | None:
+        """The interface holding this host's underlay address (None: no fleet network, or the
+        address is on no interface yet)."""
+        if self.config.underlay is None:
+            return None
+        return links.interface_holding(self.config.underlay)
+
+    # the fleet
+    def set_fleet(self, peers: frozenset[IPv6Address], routes: frozenset[PeerRoute]) -> None:
+        """The fleet's other hosts and the routes to the private prefixes they hold: routes
+        made exactly these, and the ruleset current with them (safe to repeat)."""
+        self.peers = peers
+        self.peer_routes = routes
+        if links.peer_routes() != set(routes):
+            links.sync_peer_routes(routes)
+        if not self.rules_current():
+            self.apply_rules()
 
     def render_rules(self, attached: Sequence[Attachment] | None = None) -> str:
         """The ruleset for ``attached`` (default: the machines whose taps exist now)."""
@@ -243,8 +287,11 @@ class HostNetwork:
         return ReconcileReport(removed_taps=removed, rules_applied=applied)
 
     def teardown(self) -> None:
-        """Remove every tap, the ruleset and the bridge (tests, and a host leaving service)."""
+        """Remove every tap, the peer routes, the ruleset and the bridge (tests, and a host
+        leaving service)."""
         for tap in self.taps():
             links.remove_tap(tap.name)
+        if self.config.underlay is not None:
+            links.sync_peer_routes(set())
         firewall.remove_ruleset(self.config.table)
         links.remove_bridge(self.bridge)

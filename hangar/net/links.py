@@ -13,9 +13,9 @@ import errno
 import hashlib
 import re
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface, IPv6Interface, IPv6Network, ip_interface
+from ipaddress import IPv4Interface, IPv6Address, IPv6Interface, IPv6Network, ip_interface
 from pathlib import Path
 from typing import Any
 
@@ -338,4 +338,67 @@ def default_route_interface() -> str | None:
             oif = route.get_attr("RTA_OIF")
             if oif is not None:
                 return str(_link(ipr, int(oif)).get_attr("IFLA_IFNAME"))
+    return None
+
+
+# routes to the private addresses other hosts of a fleet hold
+RTPROT_HANGAR = 152
+"""The routing protocol number hangar's peer routes carry, so they are found and replaced
+without touching any other route of the host."""
+
+
+@dataclass(frozen=True, order=True)
+class PeerRoute:
+    """``prefix`` (an org's /64 on another host) is reached through ``via``, that host's
+    underlay address."""
+
+    prefix: IPv6Network
+    via: IPv6Address
+
+
+def peer_routes() -> set[PeerRoute]:
+    """The peer routes installed now (those of hangar's protocol)."""
+    found: set[PeerRoute] = set()
+    with _netlink("list peer routes") as ipr:
+        for message in ipr.get_routes(family=socket.AF_INET6, proto=RTPROT_HANGAR):
+            dst, gateway = message.get_attr("RTA_DST"), message.get_attr("RTA_GATEWAY")
+            if message["proto"] != RTPROT_HANGAR or dst is None or gateway is None:
+                continue
+            found.add(PeerRoute(IPv6Network(f"{dst}/{message['dst_len']}"), IPv6Address(gateway)))
+    return found
+
+
+def sync_peer_routes(desired: Set[PeerRoute]) -> None:
+    """Make the peer routes exactly ``desired``: add or repoint what is missing, delete the
+    rest (safe to repeat)."""
+    current = peer_routes()
+    with _netlink("set peer routes") as ipr:
+        for route in sorted(desired - current):
+            ipr.route(
+                "replace",
+                dst=str(route.prefix),
+                gateway=str(route.via),
+                family=socket.AF_INET6,
+                proto=RTPROT_HANGAR,
+            )
+        wanted = {route.prefix for route in desired}
+        for route in sorted(current - desired):
+            if route.prefix in wanted:
+                continue  # repointed by the replace above
+            with contextlib.suppress(NetlinkError):
+                ipr.route(
+                    "del",
+                    dst=str(route.prefix),
+                    gateway=str(route.via),
+                    family=socket.AF_INET6,
+                    proto=RTPROT_HANGAR,
+                )
+
+
+def interface_holding(address: IPv6Address) -> str | None:
+    """The name of the interface that has ``address`` (None: no interface of this host)."""
+    with _netlink("find an address's interface") as ipr:
+        for message in ipr.get_addr(family=socket.AF_INET6):
+            if IPv6Address(message.get_attr("IFA_ADDRESS")) == address:
+                return str(_link(ipr, int(message["index"])).get_attr("IFLA_IFNAME"))
     return None

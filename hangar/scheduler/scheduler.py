@@ -274,7 +274,12 @@ class Scheduler:
             self.index.upsert(new_state, choice.version)  # later requests see this claim
 
     def release(self, host_id: str, machine_id: str) -> None:
-        """Give back what ``machine_id`` holds on ``host_id`` (its GPUs go to ``cleaning``)."""
+        """Give back what ``machine_id`` holds on ``host_id`` (its GPUs go to ``cleaning``).
+
+        A claim this scheduler's view lacks may have been made by another (a fleet's API
+        replica claims at create, the host's agent releases): the host is read again before
+        concluding there is nothing to give back."""
+        fresh = False
         for _ in range(self._max_attempts):
             entry = self.index.get(host_id)
             if entry is None:
@@ -284,7 +289,11 @@ class Scheduler:
                     return
             new_state = entry.state.without_claim(machine_id)
             if new_state is entry.state:
-                return
+                if fresh:
+                    return
+                self.refresh_host(host_id)
+                fresh = True
+                continue
             if self._store.compare_and_set(host_id, entry.version, new_state):
                 self.index.upsert(new_state, entry.version + 1)
                 return

@@ -1,8 +1,10 @@
-"""A real fleet for the fleet tests: a 3-member etcd cluster, two hosts (each a ``hangar agent``
-process in a network namespace of its own, joined by a veth pair, with its own home and SQLite)
-and two ``hangar api`` replicas, all on a key prefix of their own; stopped and removed at the
-end (every QEMU they started killed, the namespaces and links deleted). etcd answers on
-loopback for the replicas and on each host's veth address for its agent."""
+"""A real fleet for the fleet tests: a 3-member etcd cluster, three hosts (each a ``hangar agent``
+process in a network namespace of its own, with its own home and SQLite, its own bridge, taps
+and nftables rules) on one LAN (a bridge of this machine with a veth port per host; IPv6 between
+hosts is the private network's underlay), and two ``hangar api`` replicas, all on a key prefix
+of their own; stopped and removed at the end (every QEMU they started killed, the namespaces
+and links deleted). etcd answers on loopback for the replicas and on the LAN bridge's address
+for the agents."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from hangar.bench.netns import NamespaceLink, veth_namespace
+from hangar.bench.netns import NamespaceLink, namespace_lan
 from hangar.fleet.stores import FleetStores, open_fleet_stores
 from hangar.images.build import build_busybox_image
+from hangar.net.scratch import scratch_network_settings
 from hangar.server_process import AgentProcess, ApiReplicaProcess
 from hangar.settings import Settings, env_name
 from hangar.store.etcd.local import LocalEtcdCluster
@@ -42,7 +45,7 @@ class Fleet:
     """The test's own view of the fleet's shared records (invariants, fixture hosts)."""
     sleeper_image: str
     links: dict[str, NamespaceLink]
-    """Each host's namespace and the veth pair that is its only way to etcd."""
+    """Each host's namespace and its port on the LAN, its only way to etcd and the others."""
 
     def api(self, replica: int) -> httpx.Client:
         token = self.replicas[0].operator_token  # the first replica minted it; all accept it
@@ -58,7 +61,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     bundle = base / "driver-bundle.ext4"
     bundle.write_bytes(b"")  # GPU admission only asks that it exists (no guest boots here)
     env = {
-        env_name("net"): "0",
+        **scratch_network_settings(),
         env_name("proxy"): "0",
         env_name("etcd_key_file"): str(key_file),
         env_name("etcd_prefix"): f"/fleet-{secrets.token_hex(4)}",
@@ -66,9 +69,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         env_name("gpu_driver_bundle"): str(bundle),
     }
     with contextlib.ExitStack() as stack:
-        links = {host_id: stack.enter_context(veth_namespace()) for host_id in HOSTS}
+        links = dict(zip(HOSTS, stack.enter_context(namespace_lan(len(HOSTS))), strict=True))
         cluster = stack.enter_context(
-            LocalEtcdCluster(3, extra_client_hosts=tuple(link.host_ip for link in links.values()))
+            LocalEtcdCluster(3, extra_client_hosts=(links[HOSTS[0]].host_ip,))
         )
         settings = Settings(
             home=base / "test",
@@ -84,7 +87,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 host_id,
                 REGION,
                 "general",
-                env,
+                {**env, env_name("net_underlay"): links[host_id].guest_ip6},
                 namespace=links[host_id].namespace,
                 registry_etcd=cluster.endpoints,
             )

@@ -12,8 +12,10 @@ is back. The fleet's invariants are checked after every scenario.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -162,6 +164,178 @@ def test_a_machine_created_through_one_replica_boots_on_an_agent_host(fleet: Fle
             ),
             30,
         )
+    assert_invariants(fleet)
+
+
+CHECK_SCRIPT = r"""
+check() {
+	name=$1 tries=$2
+	shift 2
+	i=0
+	while [ $i -lt $tries ]; do
+		if out=$("$@" 2>&1); then
+			echo "fleet-check $name ok $(echo $out | tr '\n' ' ')"
+			return
+		fi
+		i=$((i + 1))
+		sleep 1
+	done
+	echo "fleet-check $name failed $(echo $out | tr '\n' ' ')"
+}
+"""
+CHECK_LINE = re.compile(r"^fleet-check (\S+) (ok|failed)(.*)$", re.MULTILINE)
+WEB_PORT = 8080
+FETCH = "timeout -s KILL 4 wget -q -O -"
+
+
+def create_on(fleet: Fleet, api: httpx.Client, app: str, host_id: str, config: Any) -> str:
+    """A machine of ``app`` placed on ``host_id`` (the other hosts cordoned meanwhile)."""
+    others = [other for other in HOSTS if other != host_id]
+    for other in others:
+        assert api.post(f"/v1/hosts/{other}/cordon").status_code == 200
+    try:
+        created = api.post(f"/v1/apps/{app}/machines", json={"config": config})
+    finally:
+        for other in others:
+            assert api.post(f"/v1/hosts/{other}/uncordon").status_code == 200
+    assert created.status_code == 200, created.text
+    machine_id: str = created.json()["id"]
+    record = fleet.stores.machines.get_machine(machine_id)
+    assert record is not None and record.host_id == host_id
+    return machine_id
+
+
+def guest_checks(fleet: Fleet, host_id: str, machine_id: str, names: set[str]) -> dict[str, str]:
+    """``names``' ``fleet-check`` lines from the guest's console: check name -> ``ok ...`` or
+    ``failed ...``."""
+    console_log = fleet.agents[host_id].home / "machines" / machine_id / "console.log"
+
+    def found() -> dict[str, str] | None:
+        if not console_log.exists():
+            return None
+        text = console_log.read_text(errors="replace").replace("\r", "")
+        lines = {m.group(1): f"{m.group(2)}{m.group(3)}" for m in CHECK_LINE.finditer(text)}
+        return lines if names <= lines.keys() else None
+
+    return until(f"checks {sorted(names)} of {machine_id}", found, 180)
+
+
+def in_host(fleet: Fleet, host_id: str, *argv: str) -> str:
+    done = subprocess.run(
+        fleet.links[host_id].command(*argv), capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_guests_reach_their_org_on_other_hosts_and_no_other_org(fleet: Fleet) -> None:
+    """The private network spans hosts: a guest on h2 reaches its org's web server on h1 by its
+    ``.internal`` name and address (routed over the LAN between the hosts), h3 itself reaches
+    it (as its proxy would), and a guest of another org on h3 can neither resolve nor reach it
+    (the routed packets are counted as blocked)."""
+    web_host, client_host, other_host = HOSTS
+    web_app, client_app = new_app(fleet, "netweb"), new_app(fleet, "netcli")
+    other_org = f"other-{secrets.token_hex(3)}"
+    machines: list[tuple[str, str]] = []
+    with fleet.api(0) as api:
+        assert api.post("/v1/orgs", json={"slug": other_org}).status_code == 201
+        other_app = f"netoth-{secrets.token_hex(3)}"
+        created = api.post("/v1/apps", json={"app_name": other_app, "org_slug": other_org})
+        assert created.status_code == 201, created.text
+        try:
+            web = create_on(
+                fleet,
+                api,
+                web_app,
+                web_host,
+                {
+                    "image": fleet.sleeper_image,
+                    "init": {
+                        "cmd": [
+                            "sh",
+                            "-c",
+                            "mkdir -p /www && echo fleet-web-page > /www/index.html && "
+                            f"exec httpd -f -p {WEB_PORT} -h /www",
+                        ]
+                    },
+                },
+            )
+            machines.append((web_app, web))
+            wait_state(api, web_app, web, "started")
+            web_ip = machine_view(api, web_app, web)["private_ip"]
+            web_name = f"{web}.vm.{web_app}.internal"
+            client_script = (
+                CHECK_SCRIPT
+                + f"check lookup 20 nslookup -type=AAAA {web_name}\n"
+                + f"check fetch_by_name 20 {FETCH} http://{web_name}:{WEB_PORT}/\n"
+                + f"check fetch_by_address 5 {FETCH} http://[{web_ip}]:{WEB_PORT}/\n"
+                + "sleep 3600\n"
+            )
+            client = create_on(
+                fleet,
+                api,
+                client_app,
+                client_host,
+                {"image": fleet.sleeper_image, "init": {"cmd": ["sh", "-c", client_script]}},
+            )
+            machines.append((client_app, client))
+            checks = guest_checks(
+                fleet, client_host, client, {"lookup", "fetch_by_name", "fetch_by_address"}
+            )
+            assert checks["lookup"].startswith("ok") and web_ip in checks["lookup"], checks
+            for name in ("fetch_by_name", "fetch_by_address"):
+                assert checks[name].startswith("ok") and "fleet-web-page" in checks[name], checks
+
+            # The third host routes the web's /64 to the first host, and reaches the guest.
+            web_prefix = str(ipaddress.IPv6Network(f"{web_ip}/64", strict=False))
+            until(
+                "the route to the web's /64 on the third host",
+                lambda: (
+                    True
+                    if web_prefix
+                    in in_host(fleet, other_host, "ip", "-6", "route", "show", "proto", "152")
+                    else None
+                ),
+                30,
+            )
+            fetch = (
+                "import urllib.request, sys; "
+                "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+            )
+            page = in_host(
+                fleet, other_host, sys.executable, "-c", fetch, f"http://[{web_ip}]:{WEB_PORT}/"
+            )
+            assert "fleet-web-page" in page
+
+            # Another org's guest on the third host: no name, no route through.
+            other_script = (
+                CHECK_SCRIPT
+                + f"check lookup 1 nslookup -type=AAAA {web_name}\n"
+                + f"check fetch_by_address 2 {FETCH} http://[{web_ip}]:{WEB_PORT}/\n"
+                + "sleep 3600\n"
+            )
+            other = create_on(
+                fleet,
+                api,
+                other_app,
+                other_host,
+                {"image": fleet.sleeper_image, "init": {"cmd": ["sh", "-c", other_script]}},
+            )
+            machines.append((other_app, other))
+            checks = guest_checks(fleet, other_host, other, {"lookup", "fetch_by_address"})
+            assert checks["lookup"].startswith("failed"), checks
+            assert checks["fetch_by_address"].startswith("failed"), checks
+            table = fleet.env[env_name("net_table")]
+            counters = in_host(
+                fleet, other_host, "nft", "list", "counter", "inet", table, "routed_blocked"
+            )
+            assert int(re.findall(r"packets (\d+)", counters)[0]) > 0, counters
+        finally:
+            for app, machine_id in machines:
+                api.delete(f"/v1/apps/{app}/machines/{machine_id}", params={"force": "true"})
+            for app, machine_id in machines:
+                wait_state(api, app, machine_id, "destroyed")
     assert_invariants(fleet)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
-from hangar.net.addressing import GATEWAY_LINK_LOCAL, ORG_PREFIX_LEN, AddressPlan
+from hangar.net.addressing import GATEWAY_LINK_LOCAL, HOST_PREFIX_LEN, AddressPlan
 from hangar.net.attachment import Attachment
 from hangar.net.dns import DnsServer, DnsView
 from hangar.net.links import write_sysctl
@@ -78,7 +78,7 @@ def ns_machine(attachment: Attachment, bridge: str, plan: AddressPlan) -> Iterat
             ("sysctl", "-q", "-w", "net.ipv6.conf.eth0.accept_dad=0"),
             ("ip", "link", "set", "lo", "up"),
             ("ip", "link", "set", "eth0", "up"),
-            ("ip", "-6", "addr", "add", f"{attachment.ip6}/{ORG_PREFIX_LEN}", "dev", "eth0"),
+            ("ip", "-6", "addr", "add", f"{attachment.ip6}/{HOST_PREFIX_LEN}", "dev", "eth0"),
             ("ip", "-6", "route", "add", "default", "via", str(GATEWAY_LINK_LOCAL), "dev", "eth0"),
         ):
             in_ns(ns, *argv, check=True)

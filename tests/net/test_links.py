@@ -248,7 +248,7 @@ def test_guest_kernel_args_and_nic_describe_the_attachment(network: HostNetwork)
     plan = network.plan
     assert args == [
         f"hangar.mac={attachment.mac}",
-        f"hangar.ip6={attachment.ip6}/48",
+        f"hangar.ip6={attachment.ip6}/64",
         "hangar.gw6=fe80::1",
         f"hangar.dns={plan.dns_address}",
         f"hangar.ip4={attachment.ip4}/{plan.egress_subnet.prefixlen}",

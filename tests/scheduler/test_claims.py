@@ -60,6 +60,20 @@ def test_a_stale_scheduler_that_loses_a_race_places_elsewhere() -> None:
     assert store.lost == 1
 
 
+def test_a_stale_scheduler_releases_a_claim_another_one_made() -> None:
+    """A fleet's API replica claims at create; the host's agent, whose view predates that
+    claim, releases it when the machine stops or is destroyed."""
+    store = CountingStore([gpu_host("gpu-1", gpus=1)])
+    agent, replica = Scheduler(store), Scheduler(store)
+    assert agent.index.get("gpu-1") is not None  # loaded before the claim
+    replica.place(whole("m1"))
+    agent.release("gpu-1", "m1")
+    record = store.read_host("gpu-1")
+    assert record is not None and record.state.claims == ()
+    agent.release("gpu-1", "m1")  # nothing left: a no-op
+    assert store.lost == 0
+
+
 def test_many_racing_schedulers_win_exactly_as_many_gpus_as_there_are() -> None:
     hosts = [gpu_host(f"gpu-{n}", gpus=2) for n in range(4)]
     store = CountingStore(hosts)

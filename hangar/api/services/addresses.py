@@ -1,10 +1,14 @@
 """Private addresses: each org's number in its private network (assigned once, kept in the
-tenancy store), and a machine's address on this host from it (``hangar.net.addressing``)."""
+tenancy store), and a machine's address from it and from the number of the host it is placed
+on (``hangar.net.addressing``): the host's own on one host, the placed host's in a fleet."""
 
 from __future__ import annotations
 
-from hangar.agent.network import MachineNetwork
+from collections.abc import Callable
+from ipaddress import IPv6Address
+
 from hangar.errors import Conflict, NotFound, StoreError
+from hangar.net.addressing import AddressPlan
 from hangar.store.protocol import MachineStore, TenancyStore
 
 ASSIGN_ATTEMPTS = 8
@@ -12,11 +16,17 @@ ASSIGN_ATTEMPTS = 8
 
 class PrivateAddresses:
     def __init__(
-        self, machines: MachineStore, tenancy: TenancyStore, network: MachineNetwork
+        self,
+        machines: MachineStore,
+        tenancy: TenancyStore,
+        plan: AddressPlan,
+        host_number_of: Callable[[str], int],
     ) -> None:
+        """``host_number_of(host_id)``: the number the host holds in private addresses."""
         self._machines = machines
         self._tenancy = tenancy
-        self._network = network
+        self._plan = plan
+        self._host_number_of = host_number_of
 
     def org_number(self, org_slug: str) -> int:
         for _ in range(ASSIGN_ATTEMPTS):
@@ -24,15 +34,19 @@ class PrivateAddresses:
             held = [number for number, slug in taken.items() if slug == org_slug]
             if held:
                 return held[0]
-            wanted = self._network.net.plan.org_number(org_slug, taken)
+            wanted = self._plan.org_number(org_slug, taken)
             try:
                 return self._tenancy.assign_network_number(org_slug, wanted)
             except Conflict:
                 continue  # another org took it meanwhile: probe past it
         raise StoreError(f"no network number could be assigned to org {org_slug}", org=org_slug)
 
-    def for_machine(self, app_name: str, machine_id: str) -> str:
+    def for_machine(self, app_name: str, machine_id: str, host_id: str) -> str:
+        """The ``private_ip`` of machine ``machine_id`` of ``app_name`` on host ``host_id``."""
         app = self._machines.get_app(app_name)
         if app is None:
             raise NotFound(f"app {app_name} not found", app=app_name)
-        return self._network.private_ip(self.org_number(app.org_slug), machine_id)
+        address: IPv6Address = self._plan.machine_address(
+            self.org_number(app.org_slug), self._host_number_of(host_id), machine_id
+        )
+        return str(address)

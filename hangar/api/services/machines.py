@@ -441,7 +441,9 @@ class MachineService:
             updated_at=now,
             host_id=host_id,
             private_ip=(
-                self._addresses.for_machine(app, machine_id) if self._addresses is not None else ""
+                self._addresses.for_machine(app, machine_id, host_id)
+                if self._addresses is not None
+                else ""
             ),
             cordoned=request.skip_service_registration,
             skip_secrets=request.skip_secrets,

@@ -62,6 +62,10 @@ class HostRecord(BaseModel):
     free_memory_mb: int = 0
     free_gpus: int = 0
     """What is free on the host, as its claim record said when the agent last published."""
+    net_host_number: int | None = None
+    """The host's number in private addresses (None: the agent runs no private network)."""
+    underlay: str = ""
+    """Where the other hosts route the private prefixes this host holds (empty: nowhere)."""
 
 
 class HostLease:
