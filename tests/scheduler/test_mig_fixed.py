@@ -87,7 +87,7 @@ def test_a_host_whose_only_free_gpu_is_in_mig_mode_refuses_whole_and_takes_a_sli
             scheduler.place(bound(share("s", 300)))
         with pytest.raises(InsufficientCapacity):
             scheduler.place(whole("w3", cpu=2, memory_gb=8))  # region-wide: the same
-        with pytest.raises(InsufficientCapacity, match="7g.80gb"):
+        with pytest.raises(InsufficientCapacity, match=r"7g\.80gb"):
             scheduler.place(bound(slice_of("big", "7g.80gb")))  # not of its layout
 
         cut = scheduler.place(bound(slice_of("m", "2g.20gb")))
