@@ -65,11 +65,6 @@ class Gpu:
     serves slices of ``mig_layout`` only, never whole or shared. False: the layout, if any,
     is a possibility the packer may use on the idle GPU (the simulations)."""
 
-    @property
-    def whole_capable(self) -> bool:
-        """Whether a whole-GPU claim or a time share may ever hold this GPU."""
-        return not self.mig_fixed
-
 
 @dataclass(frozen=True, slots=True)
 class NvlinkPartition:
@@ -288,9 +283,7 @@ class HostState:
             )
         if not claim.gpu_slice:
             gpus = self.gpus
-            fixed = [
-                i for i in claim.gpu_indexes if 0 <= i < len(gpus) and not gpus[i].whole_capable
-            ]
+            fixed = [i for i in claim.gpu_indexes if 0 <= i < len(gpus) and gpus[i].mig_fixed]
             if fixed:
                 raise InvalidRequest(
                     f"host {self.id}: GPU {fixed[0]} is in MIG mode and serves only slices of "

@@ -59,7 +59,7 @@ def test_a_record_in_mig_mode_makes_a_fixed_gpu_and_a_remembered_layout_does_not
     state = host_state(HOST, records({MIG_BDF: list(LAYOUT)}))
     plain, cut = state.gpus
     assert (plain.mig_layout, plain.mig_fixed) == ((), False)
-    assert (cut.mig_layout, cut.mig_fixed, cut.whole_capable) == (LAYOUT, True, False)
+    assert (cut.mig_layout, cut.mig_fixed) == (LAYOUT, True)
     # MIG mode off now: the layout the host record had stays a possibility, not a mode.
     again = host_state(HOST, records({}), previous=state)
     assert again.gpus[1].mig_layout == LAYOUT and not again.gpus[1].mig_fixed
