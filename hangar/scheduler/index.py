@@ -26,7 +26,9 @@ keep off the CPU those hosts' GPUs need.
 A MIG slice goes to a free instance of its profile on a GPU already in MIG mode when there is
 one (pack cut GPUs), else to an idle GPU whose layout has the profile, on the busiest host
 (fewest whole GPUs free, not an idle host when another will do). Shares and whole GPUs take
-GPUs without a MIG layout first, so GPUs the operator set aside for slices stay whole.
+GPUs without a MIG layout first, so GPUs set aside for slices stay whole. A GPU fixed in MIG
+mode (``Gpu.mig_fixed``: the operator's, on a real host) serves only its instances: it is
+never a whole or shared candidate, nor counted among a host's whole free GPUs.
 
 CPU-only requests minimise: leaving the host short of CPU for its free GPUs; then prefer
 hosts without free GPUs (their CPU is of no use to GPU machines) over hosts with some, and
@@ -80,7 +82,8 @@ class HostEntry:
     """Free milli of a GPU a share can use -> the lowest GPU index with that much free (for a
     whole free GPU, one without a MIG layout first)."""
     open_slices: dict[str, tuple[int, int]]
-    """MIG profile -> (GPU, instance): a free instance on a GPU already in MIG mode."""
+    """MIG profile -> (GPU, instance): a free instance on a GPU already in MIG mode (one
+    holding slices first, then an idle GPU fixed in MIG mode)."""
     fresh_slices: dict[str, tuple[int, int]]
     """MIG profile -> (GPU, instance): an idle GPU whose layout has the profile."""
     whole_free: int
@@ -520,6 +523,7 @@ class PlacementIndex:
         gaps: dict[int, int] = {}
         open_slices: dict[str, tuple[int, int]] = {}
         fresh_slices: dict[str, tuple[int, int]] = {}
+        idle_cut: dict[str, tuple[int, int]] = {}
         sliced_whole: int | None = None
         groups: dict[object, int] = {}
         partitioned = any(gpu.nvlink_partition is not None for gpu in state.gpus)
@@ -533,6 +537,14 @@ class PlacementIndex:
                 for instance in state.free_instances(gpu.index):
                     profile = gpu.mig_layout[instance]
                     open_slices.setdefault(profile, (gpu.index, instance))
+                    free_milli += profile_milli(profile)
+                continue
+            if gpu.mig_fixed:
+                # Cut for good (the operator's): its instances, never whole or shared; an idle
+                # one is already cut, so it is open too, after GPUs that hold slices (pack).
+                for instance in state.free_instances(gpu.index):
+                    profile = gpu.mig_layout[instance]
+                    idle_cut.setdefault(profile, (gpu.index, instance))
                     free_milli += profile_milli(profile)
                 continue
             gap = MILLI_PER_GPU - used[gpu.index]
@@ -552,6 +564,8 @@ class PlacementIndex:
                 groups[group] = groups.get(group, 0) + 1
         if sliced_whole is not None:
             gaps.setdefault(MILLI_PER_GPU, sliced_whole)
+        for profile, slot in idle_cut.items():
+            open_slices.setdefault(profile, slot)
         gpu_host = state.pool is Pool.GPU and bool(state.gpus)
         surplus = state.free_cpu_milli - self.cpu_reserve(state.region) * free_milli
         idle = not state.claims
@@ -691,8 +705,9 @@ def constrained(state: HostState) -> bool:
 
 
 def _unused(state: HostState) -> list[Gpu]:
-    used = state.gpu_used_milli
-    return [gpu for gpu in state.gpus if gpu.state is GpuState.FREE and used[gpu.index] == 0]
+    """GPUs a whole-GPU claim may take now (``HostState.whole_free_indexes``)."""
+    gpus = state.gpus
+    return [gpus[index] for index in state.whole_free_indexes()]
 
 
 def _pick_ungrouped(state: HostState, count: int) -> tuple[int, ...] | None:

@@ -88,7 +88,9 @@ def host_state(
     """The host as the scheduler places on it: its CPUs and memory, and its GPUs of one kind
     (the kind it has most of; a host carries one kind) with their IOMMU groups. GPUs keep
     the state and MIG layout they had in ``previous``, and claims keep their GPUs by PCI
-    address; a GPU unfit for passthrough is never offered (quarantined).
+    address; a GPU unfit for passthrough is never offered (quarantined). A GPU whose record
+    reports MIG instances is in MIG mode (``Gpu.mig_fixed``): it serves only slices of that
+    layout, never a whole-GPU or shared machine.
     ``allow_cpu_machines``: CPU-only machines may run on a GPU host (the one-host default; a
     fleet's GPU hosts say no).
     ``fabric_partitions``: on an NVSwitch host, Fabric Manager's partitions (id -> the
@@ -117,6 +119,7 @@ def host_state(
             state=_gpu_state(gpu, before.get(gpu.bdf)),
             iommu_group=gpu.iommu_group,
             mig_layout=_mig_layout(gpu, before.get(gpu.bdf)),
+            mig_fixed=bool(gpu.mig_layout),
         )
         for index, gpu in enumerate(records)
     )
@@ -175,8 +178,9 @@ def _fabric(
 
 
 def _mig_layout(record: GpuRecord, before: Gpu | None) -> tuple[str, ...]:
-    """The MIG instances the host's NVML reports (the operator's layout); else the layout
-    the host record had."""
+    """The MIG instances the host's NVML reports (the operator's layout; the GPU is then fixed
+    in MIG mode); else the layout the host record had, a possibility only (the GPU is not in
+    MIG mode now, so it also serves whole)."""
     if record.mig_layout:
         return tuple(record.mig_layout)
     return before.mig_layout if before is not None else ()

@@ -11,6 +11,11 @@ A GPU is used in one mode at a time (``GpuMode``), read from its claims: whole (
 all of it), MIG (claims of instances of its operator-set ``mig_layout``), or shared (time
 shares, each a part of it with a memory cap in proportion). It serves whole again only once
 every slice or share is released.
+
+A layout means one of two things (``Gpu.mig_fixed``): in a simulation it is a *possibility*,
+the packer cuts an idle GPU into it while slices are held and uses it whole otherwise; on a
+real host it is the operator's MIG mode, already on (NVML reports the instances), and the GPU
+serves only slices of that layout, never a whole-GPU claim or a time share.
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ class Gpu:
     mig_layout: tuple[str, ...] = ()
     """MIG instances (profile names) the operator cuts this GPU into when a slice is asked of
     it; empty: the GPU never runs in MIG mode. Instances are named by their position here."""
+    mig_fixed: bool = False
+    """The GPU is in MIG mode now and stays so (the operator's setting on a real host): it
+    serves slices of ``mig_layout`` only, never whole or shared. False: the layout, if any,
+    is a possibility the packer may use on the idle GPU (the simulations)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +147,11 @@ class HostState:
             if gpu.kind != self.gpus[0].kind:
                 raise InvalidRequest(f"host {self.id} mixes GPU kinds", field="gpus")
             check_layout(gpu.kind, gpu.mig_layout)
+            if gpu.mig_fixed and not gpu.mig_layout:
+                raise InvalidRequest(
+                    f"host {self.id}: GPU {gpu.index} is fixed in MIG mode without a layout",
+                    field="gpus",
+                )
         for claim in self.claims:
             cpu -= claim.cpu_milli
             memory -= claim.memory_mb
@@ -211,6 +225,16 @@ class HostState:
         taken = self.mig_taken[index]
         return tuple(i for i in range(len(gpu.mig_layout)) if i not in taken)
 
+    def whole_free_indexes(self) -> tuple[int, ...]:
+        """GPUs a whole-GPU claim could take now: free, held by nobody, not fixed in MIG
+        mode (IOMMU groups and partitions aside)."""
+        used = self.gpu_used_milli
+        return tuple(
+            gpu.index
+            for gpu in self.gpus
+            if gpu.state is GpuState.FREE and not used[gpu.index] and not gpu.mig_fixed
+        )
+
     def _check_groups(self) -> None:
         """No whole-GPU claim holds part of an IOMMU group; partitions name real GPUs."""
         if any(gpu.iommu_group is not None for gpu in self.gpus):
@@ -257,6 +281,15 @@ class HostState:
                 f"machine {claim.machine_id} already holds a claim on host {self.id}",
                 field="machine_id",
             )
+        if not claim.gpu_slice:
+            gpus = self.gpus
+            fixed = [i for i in claim.gpu_indexes if 0 <= i < len(gpus) and gpus[i].mig_fixed]
+            if fixed:
+                raise InvalidRequest(
+                    f"host {self.id}: GPU {fixed[0]} is in MIG mode and serves only slices of "
+                    f"its layout, not machine {claim.machine_id}'s {claim.mode} claim",
+                    field="gpus",
+                )
         gpus = self.gpus
         if claim.whole_gpus:
             held = set(claim.gpu_indexes)
@@ -302,6 +335,7 @@ def _with_state(gpu: Gpu, state: GpuState) -> Gpu:
         state,
         gpu.iommu_group,
         gpu.mig_layout,
+        gpu.mig_fixed,
     )
 
 

@@ -123,7 +123,7 @@ class Scheduler:
             choice = self._choose(request, regions)
             if choice is None:
                 self._observer.placement_finished("insufficient_capacity")
-                raise capacity_error(request, regions)
+                raise capacity_error(request, regions, self._bound_host(request))
             claim = choice.claim(request)
             new_state = choice.state.with_claim(claim)
             if self._store.compare_and_set(choice.host_id, choice.version, new_state):
@@ -147,7 +147,7 @@ class Scheduler:
         regions = self._catalog.expand(request.region, self.index.regions())
         choice = self._choose(request, regions)
         if choice is None:
-            raise capacity_error(request, regions)
+            raise capacity_error(request, regions, self._bound_host(request))
         return choice.host_id, choice.state.region
 
     def place_many(self, requests: Sequence[PlacementRequest]) -> list[Placement | HangarError]:
@@ -259,7 +259,7 @@ class Scheduler:
             regions = self._catalog.expand(request.region, self.index.regions())
             choice = self._choose(request, regions)
             if choice is None:
-                answers[position] = capacity_error(request, regions)
+                answers[position] = capacity_error(request, regions, self._bound_host(request))
                 refused.append(position)
                 continue
             claim = choice.claim(request)
@@ -323,6 +323,13 @@ class Scheduler:
             ceiling = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 2))
             self._sleep(self._jitter.uniform(0, ceiling))
 
+    def _bound_host(self, request: PlacementRequest) -> HostState | None:
+        """The one host a host-bound request may go to, as the index sees it."""
+        if not request.host_id:
+            return None
+        entry = self.index.get(request.host_id)
+        return entry.state if entry is not None else None
+
     def _choose(self, request: PlacementRequest, regions: tuple[str, ...]) -> Choice | None:
         if request.host_id:
             return self.index.choose_on(request, request.host_id)
@@ -333,8 +340,11 @@ class Scheduler:
         return None
 
 
-def capacity_error(request: PlacementRequest, regions: tuple[str, ...]) -> InsufficientCapacity:
-    """Fly-shaped: says where it looked and for what."""
+def capacity_error(
+    request: PlacementRequest, regions: tuple[str, ...], host: HostState | None = None
+) -> InsufficientCapacity:
+    """Fly-shaped: says where it looked and for what; for a request bound to one ``host``,
+    also what is free there (``free_on``)."""
     kinds = sorted(request.gpu_kinds) if request.gpu_kinds is not None else None
     kind_text = "/".join(kinds) if kinds else "any-kind"
     if request.gpu_slice:
@@ -347,9 +357,15 @@ def capacity_error(request: PlacementRequest, regions: tuple[str, ...]) -> Insuf
         what = "a CPU-only machine"
     where = ", ".join(regions) if regions else "no region"
     extra: dict[str, Any] = {"gpu_slice": request.gpu_slice} if request.gpu_slice else {}
+    free = ""
+    if host is not None:
+        text, fields = free_on(host)
+        free = f"; {text}"
+        extra.update(fields)
     return InsufficientCapacity(
         f"insufficient resources available to fulfill request: no host in {where} has room "
-        f"for {what} with {request.cpu_milli / 1000:g} CPUs and {request.memory_mb} MB of memory",
+        f"for {what} with {request.cpu_milli / 1000:g} CPUs and {request.memory_mb} MB of memory"
+        f"{free}",
         regions=list(regions),
         gpu_kinds=kinds,
         gpus=request.gpus,
@@ -358,3 +374,34 @@ def capacity_error(request: PlacementRequest, regions: tuple[str, ...]) -> Insuf
         memory_mb=request.memory_mb,
         **extra,
     )
+
+
+def free_on(host: HostState) -> tuple[str, dict[str, Any]]:
+    """What ``host`` has free now, as a sentence and as structured fields: CPUs, memory,
+    whole GPUs, free MIG instances by profile, and the GPUs fixed in MIG mode (they serve
+    only slices of their layout, never a whole-GPU or shared machine)."""
+    instances: dict[str, int] = {}
+    for gpu in host.gpus:
+        for instance in host.free_instances(gpu.index):
+            profile = gpu.mig_layout[instance]
+            instances[profile] = instances.get(profile, 0) + 1
+    whole = len(host.whole_free_indexes())
+    in_mig = [gpu.bdf for gpu in host.gpus if gpu.mig_fixed]
+    text = (
+        f"host {host.id} has free {host.free_cpu_milli / 1000:g} CPUs, "
+        f"{host.free_memory_mb} MB of memory, {whole} whole GPU(s)"
+    )
+    if instances:
+        listed = ", ".join(f"{count}x {name}" for name, count in sorted(instances.items()))
+        text += f", MIG instances {listed}"
+    if in_mig:
+        text += f" (in MIG mode, slices only: {', '.join(in_mig)})"
+    fields: dict[str, Any] = {
+        "host_id": host.id,
+        "free_cpu_milli": host.free_cpu_milli,
+        "free_memory_mb": host.free_memory_mb,
+        "free_gpus": whole,
+        "free_mig_instances": dict(sorted(instances.items())),
+        "mig_mode_gpus": in_mig,
+    }
+    return text, fields

@@ -26,8 +26,9 @@ CREATE TABLE IF NOT EXISTS host_states (
 
 
 def host_state_to_json(host: HostState) -> str:
-    """One host as JSON. A GPU's MIG layout and a claim's slice are written only when set, so
-    hosts without MIG read the same in older versions."""
+    """One host as JSON. A GPU's MIG layout (then whether it is fixed in MIG mode) and a
+    claim's slice are written only when set, so hosts without MIG read the same in older
+    versions."""
     return json.dumps(
         {
             "id": host.id,
@@ -48,6 +49,7 @@ def host_state_to_json(host: HostState) -> str:
                     str(gpu.state),
                     gpu.iommu_group,
                     *([list(gpu.mig_layout)] if gpu.mig_layout else []),
+                    *([True] if gpu.mig_fixed else []),
                 ]
                 for gpu in host.gpus
             ],
@@ -93,11 +95,13 @@ def host_state_from_json(text: str) -> HostState:
 
 
 def _gpu_from_json(row: list[Any]) -> Gpu:
-    # A record written before IOMMU groups were kept has six fields; a MIG layout comes last.
+    # A record written before IOMMU groups were kept has six fields; a MIG layout comes next,
+    # then ``true`` for a GPU fixed in MIG mode (missing: not fixed, as records before it).
     index, kind, bdf, numa, partition, state, *rest = row
     group = rest[0] if rest else None
     layout = tuple(rest[1]) if len(rest) > 1 else ()
-    return Gpu(index, kind, bdf, numa, partition, GpuState(state), group, layout)
+    fixed = bool(rest[2]) if len(rest) > 2 else False
+    return Gpu(index, kind, bdf, numa, partition, GpuState(state), group, layout, fixed)
 
 
 def _claim_from_json(row: list[Any]) -> Claim:

@@ -200,6 +200,28 @@ def test_the_other_instance_then_none(mig_host: GpuHost) -> None:
     assert state.free_instances(index) == ()
 
 
+def test_a_gpu_in_mig_mode_is_refused_whole_at_placement_not_at_start(mig_host: GpuHost) -> None:
+    """Whole-GPU machines fill every other GPU and are then refused by placement, naming the
+    GPU in MIG mode; it never reaches ClaimGpuGroups as a whole GPU, and still takes slices."""
+    registered(mig_host)
+    state = mig_host.placement.current().state
+    mig_gpu = next(gpu for gpu in state.gpus if gpu.bdf == MIG_BDF)
+    assert mig_gpu.mig_fixed and MIG_BDF not in {
+        state.gpus[i].bdf for i in state.whole_free_indexes()
+    }
+    placed: list[str] = []
+    with pytest.raises(InsufficientCapacity) as refused:
+        for n in range(len(state.gpus)):
+            mig_host.placement.place(f"w{n}", GuestConfig(**GUEST, gpus=1, cpu_kind="performance"))
+            placed.extend(mig_host.placement.claimed_bdfs(f"w{n}"))
+    assert len(placed) == len(state.whole_free_indexes()) and MIG_BDF not in placed
+    assert refused.value.fields["mig_mode_gpus"] == [MIG_BDF]
+    assert refused.value.fields["free_gpus"] == 0
+    assert f"slices only: {MIG_BDF}" in refused.value.message
+    claim = mig_host.placement.place("m", GuestConfig(**GUEST, gpu_slice="1g.10gb"))
+    assert mig_host.placement.claimed_bdfs("m") == [MIG_BDF] and claim.gpu_slice == "1g.10gb"
+
+
 def test_a_mig_instance_that_changed_under_a_claim_is_refused(mig_host: GpuHost) -> None:
     gpus = registered(mig_host)
     mig_host.placement.place("m", GuestConfig(**GUEST, gpu_slice="1g.10gb"))

@@ -53,13 +53,17 @@ def mig_host(
     region: str = "ord",
     cpu: int = 64,
     memory_gb: int = 512,
+    fixed: bool = False,
 ) -> HostState:
-    """A GPU host whose first ``gpus - plain`` GPUs the operator set up for MIG ``layout``."""
+    """A GPU host whose first ``gpus - plain`` GPUs the operator set up for MIG ``layout``:
+    in MIG mode for good when ``fixed`` (a real host's), else cut only while slices are held
+    (the simulations')."""
     host = gpu_host(host_id, kind=kind, gpus=gpus, region=region, cpu=cpu, memory_gb=memory_gb)
     return replace(
         host,
         gpus=tuple(
-            replace(gpu, mig_layout=layout if gpu.index < gpus - plain else ()) for gpu in host.gpus
+            replace(gpu, mig_layout=layout, mig_fixed=fixed) if gpu.index < gpus - plain else gpu
+            for gpu in host.gpus
         ),
     )
 

@@ -29,7 +29,7 @@ from hangar.store.etcd.client import EtcdClient
 from hangar.store.etcd.keys import KeyLayout
 from hangar.store.etcd.local import LocalEtcdCluster
 from hangar.store.host_claims import SqliteClaimStore
-from tests.scheduler.fleet import general_host, gpu_host, whole
+from tests.scheduler.fleet import general_host, gpu_host, mig_host, slice_of, whole
 from tests.scheduler.test_claims import assert_each_gpu_held_once
 
 
@@ -233,3 +233,22 @@ def test_place_many_retries_what_lost_on_fresh_data(backend: Backend) -> None:
     snapshot = backend.open().snapshot()
     assert assert_each_gpu_held_once(snapshot) == 4
     assert taken.host_id in {p.host_id for p in answers if isinstance(p, Placement)}
+
+
+def test_a_gpu_fixed_in_mig_mode_stays_so_through_the_store(backend: Backend) -> None:
+    layout = ("3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb")
+    host = mig_host("mig-1", gpus=2, layout=layout, plain=1, fixed=True)
+    backend.put_host(host)
+    reader = backend.open()
+    record = reader.read_host("mig-1")
+    assert record is not None and record.state == host
+    assert [gpu.mig_fixed for gpu in record.state.gpus] == [True, False]
+    scheduler = Scheduler(backend.open())
+    assert scheduler.place(whole("w1")).claim.gpu_indexes == (1,)
+    with pytest.raises(InsufficientCapacity):
+        scheduler.place(whole("w2"))
+    cut = scheduler.place(slice_of("m", "1g.10gb"))
+    assert (cut.claim.gpu_indexes, cut.claim.mig_instance) == ((0,), 2)
+    after = backend.open().snapshot()["mig-1"].state
+    assert after.gpus[0].mig_fixed and after.gpus[0].mig_layout == layout
+    assert sorted(claim.machine_id for claim in after.claims) == ["m", "w1"]

@@ -22,7 +22,6 @@ from hangar.model.gpu import GpuState
 from hangar.model.gpu_kinds import GPU_KINDS
 from hangar.scheduler import (
     ClaimStore,
-    Gpu,
     HostState,
     VersionedHost,
     capacity_by_region,
@@ -69,10 +68,7 @@ def unclaimed(state: HostState) -> HostState:
     """The host as if nothing ran on it (GPUs out of use for a fault stay out)."""
     in_use = (GpuState.CLAIMED, GpuState.CLEANING)
     gpus = tuple(
-        Gpu(gpu.index, gpu.kind, gpu.bdf, gpu.numa_node, gpu.nvlink_partition, GpuState.FREE)
-        if gpu.state in in_use
-        else gpu
-        for gpu in state.gpus
+        replace(gpu, state=GpuState.FREE) if gpu.state in in_use else gpu for gpu in state.gpus
     )
     return HostState(
         id=state.id,
