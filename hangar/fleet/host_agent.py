@@ -42,7 +42,6 @@ from hangar.fleet.network import FleetNetwork
 from hangar.fleet.stores import FleetStores, open_fleet_stores
 from hangar.fleet.work import WorkIntake, decode_run
 from hangar.metrics import HangarMetrics
-from hangar.model.gpu import GpuState
 from hangar.model.host import HostInfo, read_local_host
 from hangar.model.run import RunRecord
 from hangar.net.host import HostNetConfig, HostNetwork
@@ -89,12 +88,7 @@ class HostAgent:
     def record(self) -> HostRecord:
         """This host as it registers: inventory, pool, zone and what is free now."""
         state = self.agent.host.placement.current().state
-        free_gpus = sum(
-            1
-            for gpu in state.gpus
-            if gpu.state is GpuState.FREE
-            and not any(gpu.index in claim.gpu_indexes for claim in state.claims)
-        )
+        free_gpus = len(state.whole_free_indexes())
         net_host_number, underlay = self.network_record()
         return HostRecord(
             host=self.host,

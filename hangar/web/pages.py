@@ -200,11 +200,7 @@ def host_rows(snapshot: Mapping[str, VersionedHost]) -> list[HostRow]:
     rows = []
     for record in sorted(snapshot.values(), key=lambda r: r.state.id):
         host = record.state
-        free_gpus = sum(
-            1
-            for gpu, used in zip(host.gpus, host.gpu_used_milli, strict=True)
-            if gpu.state is GpuState.FREE and used == 0
-        )
+        free_gpus = len(host.whole_free_indexes())
         rows.append(
             HostRow(
                 id=host.id,
