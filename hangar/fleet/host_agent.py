@@ -35,6 +35,7 @@ from hangar.agent.volumes import HostVolumes
 from hangar.clock import Clock, SystemClock
 from hangar.errors import StoreError
 from hangar.fleet.board import BoardPublisher
+from hangar.fleet.relay import RelayServer, build_relay_server
 from hangar.fleet.stores import FleetStores, open_fleet_stores
 from hangar.fleet.work import WorkIntake, decode_run
 from hangar.metrics import HangarMetrics
@@ -63,6 +64,7 @@ class HostAgent:
     publisher: BoardPublisher
     lease: HostLease | None = None
     intake: WorkIntake | None = None
+    relay: RelayServer | None = None
 
     def belongs_here(self, run: RunRecord) -> bool:
         machine = self.fleet.machines.get_machine(run.machine_id)
@@ -98,6 +100,7 @@ class HostAgent:
             free_cpu_milli=state.cpu_milli - sum(claim.cpu_milli for claim in state.claims),
             free_memory_mb=state.memory_mb - sum(claim.memory_mb for claim in state.claims),
             free_gpus=free_gpus,
+            address=self.relay.url if self.relay is not None else "",
         )
 
     def _accept(self, run: RunRecord) -> None:
@@ -113,6 +116,8 @@ class HostAgent:
         for machine in await asyncio.to_thread(self.fleet.machines.list_machines, None):
             if machine.host_id == self.host.id:
                 self.publisher.mark(machine.id)  # the board as this host's SQLite has it
+        if self.relay is not None:
+            await self.relay.start()
         self.lease = HostLease(
             self.fleet.client,
             await asyncio.to_thread(self.record),
@@ -151,6 +156,8 @@ class HostAgent:
             await asyncio.to_thread(self.intake.close)
         if self.lease is not None:
             await asyncio.to_thread(self.lease.stop)
+        if self.relay is not None:
+            await self.relay.close()
         await self.traffic.close()
         await asyncio.to_thread(self.publisher.flush, 5.0)
         self.publisher.close()
@@ -245,7 +252,8 @@ def build_host_agent(
         on_repair=lambda action, machine_id: audit_repair(fleet, host, clock, action, machine_id),
     )
     traffic = MachineTraffic.for_agent(agent, settings, clock)
-    return HostAgent(settings, host, pool, fleet, local, agent, traffic, publisher)
+    relay = build_relay_server(settings, fleet, local, agent, host, metrics)
+    return HostAgent(settings, host, pool, fleet, local, agent, traffic, publisher, relay=relay)
 
 
 def run_host_agent(settings: Settings) -> None:
