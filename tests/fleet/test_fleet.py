@@ -491,7 +491,6 @@ def test_guest_operations_through_each_replica_run_on_the_machines_host(fleet: F
         config = {
             "image": fleet.sleeper_image,
             "init": {"cmd": ["sh", "-c", RELAY_SCRIPT]},
-            "restart": {"policy": "no"},
             "mounts": [{"volume": volume["id"], "path": "/data"}],
         }
         created = first.post(f"/v1/apps/{app}/machines", json={"config": config})
@@ -558,7 +557,11 @@ def test_guest_operations_through_each_replica_run_on_the_machines_host(fleet: F
             return body
 
         assert until("the volume deleted", deleted, 60)["state"] == "destroyed"
-    assert_invariants(fleet)
+    until(  # (fails today: the destroyed machine's claim stays on its host; see the report)
+        "the fleet consistent",
+        lambda: fleet_violations(fleet.stores.machines, fleet.stores.claims) == [] or None,
+        20,
+    )
 
 
 def test_the_relay_refuses_requests_without_the_fleets_credential(fleet: Fleet) -> None:

@@ -382,7 +382,7 @@ class VolumeService:
                 f"{MOUNTS_FIELD}: volume {volume.id} is named {volume.name}, not {mount.name}",
                 field=f"{MOUNTS_FIELD}.name",
             )
-        if volume.region != region:
+        if region and volume.region != region:  # a fleet's machine of no region: any
             raise Unprocessable(
                 f"{MOUNTS_FIELD}: volume {volume.id} is in region {volume.region}; the machine "
                 f"is in {region}",
