@@ -43,6 +43,7 @@ from hangar.api.services.orgs import DEFAULT_ORG, OrgService
 from hangar.api.services.placement import MachinePlacer
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
+from hangar.api.services.remote import RemoteGuests
 from hangar.api.services.secrets import SecretService
 from hangar.api.services.tokens import TokenService
 from hangar.api.services.usage import UsageService
@@ -154,11 +155,12 @@ def build_api(
     placer: MachinePlacer | None = None,
     hosts: HostService | None = None,
     addresses: PrivateAddresses | None = None,
+    remote: RemoteGuests | None = None,
 ) -> Api:
     """The Machines API's services and request guard, the same for ``hangar server`` and a
     fleet's ``hangar api`` replicas: a fleet passes its ``placer`` (the scheduler choosing a
-    host per machine), its ``hosts`` view and how it gives machines their ``addresses``; one
-    host passes its private ``network``."""
+    host per machine), its ``hosts`` view, how it gives machines their ``addresses`` and its
+    relay to the hosts' guests (``remote``); one host passes its private ``network``."""
     machines, tenancy = stores.machines, stores.tenancy
     if network is not None:
         host_number = network.host_number
@@ -171,7 +173,9 @@ def build_api(
         overcommit=overcommit_of(settings),
         share_kinds=settings.gpu_share_kinds,
     )
-    volumes = VolumeService(stores.volumes, stores.runs, agent, clock, host, quotas, capacity)
+    volumes = VolumeService(
+        stores.volumes, stores.runs, agent, clock, host, quotas, capacity, remote=remote
+    )
     orgs = OrgService(tenancy, quotas, clock, default_quotas=default_quotas)
     tokens = TokenService(tenancy, machines, clock)
     audit = AuditService(tenancy, clock, retention_s=settings.audit_retention_days * 86400)
@@ -196,10 +200,11 @@ def build_api(
         capacity,
         addresses=addresses,
         secrets=stores.secrets,
-        volumes=volumes if placer is None else None,
+        volumes=volumes if placer is None or remote is not None else None,
         max_config_bytes=settings.max_config_bytes,
         console=ConsoleReaders(clock, follow_max_s=settings.logs_follow_max_s),
         placer=placer,
+        remote=remote,
     )
     llm = LlmService(
         stores.llm,

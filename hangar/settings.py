@@ -84,6 +84,18 @@ class Settings(BaseSettings):
         le=300,
         description="seconds after its agent's last refresh that a host is unreachable",
     )
+    relay_address: str = Field(
+        default="",
+        description="the address a fleet agent's relay listens on, for API replicas to reach "
+        "its guests (default: the address the host reaches its first etcd endpoint from)",
+    )
+    relay_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="the port of a fleet agent's relay (0: any free port; registered with the "
+        "host). Only with `HANGAR_ETCD_KEY_FILE`: without the fleet's key there is no relay",
+    )
     api_url: str = Field(default=DEFAULT_API_URL, description="where the CLI finds the API")
     api_token: str | None = Field(
         default=None,

@@ -217,30 +217,38 @@ class RequestGuard:
             raise
 
     def _too_large(self) -> RequestTooLarge:
-        limit = self._config.max_body_bytes
-        return RequestTooLarge(f"request body is larger than {limit} bytes", limit=limit)
+        return too_large(self._config.max_body_bytes)
 
     async def _read_body(self, receive: Receive) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), self._config.body_timeout_s)
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"the request body did not arrive within {self._config.body_timeout_s:g}s",
-                    timeout_s=self._config.body_timeout_s,
-                ) from None
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._config.max_body_bytes:
-                raise self._too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
+        return await read_body(receive, self._config.max_body_bytes, self._config.body_timeout_s)
+
+
+def too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(f"request body is larger than {limit} bytes", limit=limit)
+
+
+async def read_body(receive: Receive, max_bytes: int, timeout_s: float) -> bytes:
+    """A request's body, read up to ``max_bytes`` (413 past it) with at most ``timeout_s``
+    between its chunks (408)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), timeout_s)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {timeout_s:g}s", timeout_s=timeout_s
+            ) from None
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large(max_bytes)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
 
 
 def read_as_json(scope: Scope, content_type: str) -> None:

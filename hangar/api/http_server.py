@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,9 +174,13 @@ def server_config(
     port: int,
     limits: ConnectionLimits,
     log_config: dict[str, Any] | None = None,
+    *,
+    own_logging: bool = True,
 ) -> uvicorn.Config:
     """uvicorn's configuration for the API on ``host:port`` with ``limits``; ``log_config``:
-    uvicorn's logging configuration (its default if None)."""
+    uvicorn's logging configuration (its default if None); ``own_logging=False``: none, for a
+    server beside others in a process that set up its logging (uvicorn would set its loggers'
+    levels for the whole process)."""
     cap = connection_cap(limits, raise_file_limit())
     log.info(
         "API connections: at most %d, %gs to send headers, %gs idle keep-alive",
@@ -187,8 +192,11 @@ def server_config(
         app,
         host=host,
         port=port,
-        log_level="info",
-        log_config=log_config if log_config is not None else LOGGING_CONFIG,
+        log_level="info" if own_logging else None,
+        log_config=(log_config if log_config is not None else LOGGING_CONFIG)
+        if own_logging
+        else None,
+        access_log=own_logging,
         http=guarded_protocol(_Gate(cap, limits.header_timeout_s)),
         timeout_keep_alive=max(1, round(limits.keepalive_timeout_s)),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
@@ -208,3 +216,63 @@ def run(
     # uvicorn configures logging when the server is made: the filters go on afterwards.
     install_log_filters()
     server.run()
+
+
+class Listener:
+    """A server on a socket of its own, on the event loop of the process that runs it (beside
+    other work), with ``limits``; ``start`` binds (port 0: a free one) and returns once it
+    listens."""
+
+    START_DEADLINE_S = 30.0
+    STOP_DEADLINE_S = 30.0
+
+    def __init__(self, app: Any, host: str, port: int, limits: ConnectionLimits) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.limits = limits
+        self._socket: socket.socket | None = None
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> str:
+        """Listen; the URL it answers on."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        self._socket = sock
+        self.port = sock.getsockname()[1]
+        config = server_config(self.app, self.host, self.port, self.limits, own_logging=False)
+        server = self._server = uvicorn.Server(config)
+        task = self._task = asyncio.create_task(server.serve(sockets=[sock]))
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.START_DEADLINE_S
+        while not server.started and not task.done():
+            if loop.time() > give_up:
+                raise TimeoutError(f"the server on {self.url} did not start listening")
+            await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+        return self.url
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, self.STOP_DEADLINE_S)
+            except TimeoutError:
+                self._task.cancel()
+        if self._socket is not None:
+            self._socket.close()

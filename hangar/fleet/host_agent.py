@@ -39,6 +39,7 @@ from hangar.clock import Clock, SystemClock
 from hangar.errors import StoreError
 from hangar.fleet.board import BoardPublisher
 from hangar.fleet.network import FleetNetwork
+from hangar.fleet.relay import RelayServer, build_relay_server
 from hangar.fleet.stores import FleetStores, open_fleet_stores
 from hangar.fleet.work import WorkIntake, decode_run
 from hangar.metrics import HangarMetrics
@@ -68,6 +69,7 @@ class HostAgent:
     lease: HostLease | None = None
     intake: WorkIntake | None = None
     fleet_network: FleetNetwork | None = None
+    relay: RelayServer | None = None
 
     def belongs_here(self, run: RunRecord) -> bool:
         machine = self.fleet.machines.get_machine(run.machine_id)
@@ -101,6 +103,7 @@ class HostAgent:
             free_gpus=free_gpus,
             net_host_number=net_host_number,
             underlay=underlay,
+            address=self.relay.url if self.relay is not None else "",
         )
 
     def network_record(self) -> tuple[int | None, str]:
@@ -125,6 +128,8 @@ class HostAgent:
         for machine in await asyncio.to_thread(self.fleet.machines.list_machines, None):
             if machine.host_id == self.host.id:
                 self.publisher.mark(machine.id)  # the board as this host's SQLite has it
+        if self.relay is not None:
+            await self.relay.start()
         self.lease = HostLease(
             self.fleet.client,
             await asyncio.to_thread(self.record),
@@ -169,6 +174,8 @@ class HostAgent:
             await asyncio.to_thread(self.intake.close)
         if self.lease is not None:
             await asyncio.to_thread(self.lease.stop)
+        if self.relay is not None:
+            await self.relay.close()
         await self.traffic.close()
         await asyncio.to_thread(self.publisher.flush, 5.0)
         self.publisher.close()
@@ -266,7 +273,8 @@ def build_host_agent(
         on_repair=lambda action, machine_id: audit_repair(fleet, host, clock, action, machine_id),
     )
     traffic = MachineTraffic.for_agent(agent, settings, clock)
-    return HostAgent(settings, host, pool, fleet, local, agent, traffic, publisher)
+    relay = build_relay_server(settings, fleet, local, agent, host, metrics)
+    return HostAgent(settings, host, pool, fleet, local, agent, traffic, publisher, relay=relay)
 
 
 def run_host_agent(settings: Settings) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 
-from hangar.model.config import MachineConfig
+from hangar.model.config import GuestConfig, MachineConfig
 from hangar.scheduler import ClaimStore, HostState, Scheduler, VersionedHost
 from hangar.scheduler.machines import placement_request
 from hangar.store.etcd.hosts import HostMonitor, HostStatus
@@ -72,15 +72,28 @@ class FleetPlacer:
         return self._scheduler
 
     def place(
-        self, machine_id: str, region: str | None, config: MachineConfig, launching: bool
+        self,
+        machine_id: str,
+        region: str | None,
+        config: MachineConfig,
+        launching: bool,
+        host_id: str | None = None,
     ) -> tuple[str, str]:
-        request = placement_request(config.guest, region or "", machine_id=machine_id)
+        request = placement_request(
+            config.guest, region or "", machine_id=machine_id, host_id=host_id or ""
+        )
         with self._lock:
             scheduler = self._fresh_scheduler()
             if not launching:
                 return scheduler.choose(request)
             placement = scheduler.place(request)
         return placement.host_id, placement.region
+
+    def choose_host(self, region: str, guest: GuestConfig) -> tuple[str, str]:
+        """A reachable, uncordoned host where a machine of ``guest`` fits now (claiming
+        nothing): where a new volume for such machines goes; (host id, region)."""
+        with self._lock:
+            return self._fresh_scheduler().choose(placement_request(guest, region))
 
     def release(self, host_id: str, machine_id: str) -> None:
         with self._lock:

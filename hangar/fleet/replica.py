@@ -7,7 +7,9 @@ tokens, quotas, audit), with the shared stores on etcd and three parts of its ow
 - ``FleetAgent`` is the agent as the services see it: a submitted run is addressed to the
   machine's host (``WorkQueue``), "busy" and run listings come from what the agents publish
   (``RunBoard``), and ``wait`` wakes on a watch of the machine records. It never runs a step
-  and never talks to a VMM: its platform (``NoGuests``) refuses every guest operation;
+  and never talks to a VMM: its platform (``NoGuests``) refuses every guest operation, and
+  the services hand the guest operations of the API (exec, ps, signal, console, a volume's
+  create and delete) to the relay (``HostRelays``), whose host's agent runs them;
 - ``FleetHostService`` lists every registered host from the lease registrations.
 
 Replicas share nothing but etcd: run as many as wanted; any of them answers for any machine.
@@ -39,6 +41,7 @@ from hangar.fleet import admin
 from hangar.fleet.admin import FleetHosts
 from hangar.fleet.cordons import Cordons
 from hangar.fleet.placer import FleetPlacer
+from hangar.fleet.relay import HostRelays, RelayCredential
 from hangar.fleet.stores import FleetStores, open_fleet_stores
 from hangar.metrics import HangarMetrics
 from hangar.model.gpu import GpuEvent, GpuState
@@ -273,6 +276,7 @@ class Replica:
     agent: FleetAgent
     tokens: TokenService
     app: FastAPI
+    relays: HostRelays
 
     async def start(self) -> None:
         await asyncio.to_thread(self.monitor.start)
@@ -282,6 +286,7 @@ class Replica:
 
     async def close(self) -> None:
         await self.agent.close()
+        await self.relays.close()
         self.cordons.close()
         self.monitor.close()
         self.fleet.close()
@@ -329,6 +334,15 @@ def build_replica(
     runs = FleetRunStore(fleet, machines)
     agent = FleetAgent(fleet, host_services, clock, runs)
     metrics = HangarMetrics(clock)
+    assert fleet.sealer is not None  # a replica holds the fleet's key
+    relays = HostRelays(
+        monitor,
+        RelayCredential.of(fleet.sealer, clock),
+        placer,
+        fleet,
+        settings.region,
+        settings.max_connections,
+    )
     # The LLM tier's deployments stay in this replica's own SQLite file (not yet in etcd):
     # each replica sees only those written through it.
     assert fleet.secrets is not None  # a replica holds the fleet's key
@@ -353,6 +367,7 @@ def build_replica(
         placer=placer,
         hosts=FleetHostService(agent, replica_host, monitor, fleet),
         addresses=fleet_addresses(settings, fleet, monitor),
+        remote=relays,
     )
     replica: Replica
 
@@ -367,7 +382,7 @@ def build_replica(
     app.state.fleet_hosts = FleetHosts(
         cordons, machines, api.services.machines, fleet.claims, clock
     )
-    replica = Replica(settings, fleet, monitor, cordons, agent, api.tokens, app)
+    replica = Replica(settings, fleet, monitor, cordons, agent, api.tokens, app, relays)
     return replica
 
 

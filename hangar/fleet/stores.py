@@ -34,6 +34,9 @@ class FleetStores:
     secrets: EtcdSecretStore | None
     """Apps' secrets, sealed; None in a process without the fleet's key (an agent not given
     one: its machines boot without their apps' secrets)."""
+    sealer: Sealer | None = None
+    """The fleet's key, where this process holds it (what the relay's credential is derived
+    from: ``hangar.fleet.relay``)."""
 
     def close(self) -> None:
         self.claims.close()
@@ -101,4 +104,5 @@ def open_fleet_stores(
         work=WorkQueue(client, layout),
         board=RunBoard(client, layout),
         secrets=None if sealer is None else EtcdSecretStore(client, sealer, layout),
+        sealer=sealer,
     )

@@ -7,7 +7,10 @@ machines unreachable within the lease TTL plus 5 s, nothing placed there meanwhi
 started twice, reconciled on return, the repair in the audit log); a host's link cut and
 restored; cordon and drain; one etcd member stopped (service goes on), two stopped
 (mutating calls answer a Fly-shaped 503 and leave nothing behind), and convergence once quorum
-is back. The fleet's invariants are checked after every scenario.
+is back; guest operations through a replica relayed to the machine's host (exec, ps, signal,
+the console, a volume made and deleted), the relay refusing anything without the fleet's
+credential, and a stopped agent's machine answering 503. The fleet's invariants are checked
+after every scenario.
 """
 
 from __future__ import annotations
@@ -22,17 +25,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 
 from hangar.agent.guest import find_vmm_processes
+from hangar.clock import SystemClock
 from hangar.fleet.invariants import fleet_violations
+from hangar.fleet.relay import NONCE_HEADER, SIGNATURE_HEADER, TIME_HEADER, RelayCredential
 from hangar.model.host import HostInfo
 from hangar.scheduler import Claim
 from hangar.settings import env_name
 from hangar.store.etcd.hosts import HostLease, HostRecord, decode_host_record
+from hangar.store.etcd.sealed import KEY_BYTES, Sealer
 from tests.fleet.conftest import HOSTS, LEASE_TTL_S, REGION, Fleet
 from tests.scheduler.fleet import gpu_host
 
@@ -617,4 +624,190 @@ def test_a_host_cut_off_goes_unreachable_and_rejoins_when_its_link_returns(fleet
         stopped = api.post(f"/v1/apps/{app}/machines/{machine_id}/stop", json={})
         assert stopped.status_code == 200, stopped.text
         wait_state(api, app, machine_id, "stopped")
+    assert_invariants(fleet)
+
+
+# ---- the relay: guest operations through a replica, run by the machine's host -----------
+
+RELAY_SCRIPT = 'trap "echo got-usr1" USR1; echo relay-up; while true; do sleep 1; done'
+
+
+def registered(fleet: Fleet, host_id: str) -> HostRecord:
+    kv = fleet.stores.client.get(fleet.stores.layout.host(host_id))
+    assert kv is not None, f"host {host_id} is not registered"
+    return decode_host_record(kv)
+
+
+def console_text(api: httpx.Client, app: str, machine_id: str) -> str:
+    response = api.get(f"/v1/apps/{app}/machines/{machine_id}/logs")
+    assert response.status_code == 200, response.text
+    return response.text.replace("\r\n", "\n")
+
+
+@pytest.mark.slow
+def test_guest_operations_through_each_replica_run_on_the_machines_host(fleet: Fleet) -> None:
+    """One machine, on a volume made through a replica: exec through both replicas, ps,
+    a signal its init traps, its console; then the volume deleted through a replica."""
+    app = new_app(fleet, "relay")
+    with fleet.api(0) as first, fleet.api(1) as second:
+        made = second.post(
+            f"/v1/apps/{app}/volumes",
+            json={"name": "data", "size_gb": 1, "encrypted": False, "region": REGION},
+        )
+        assert made.status_code == 200, made.text
+        volume = made.json()
+        assert volume["state"] == "created", volume
+        stored = fleet.stores.volumes.get_volume(volume["id"])
+        assert stored is not None and stored.host_id in HOSTS
+        agent = fleet.agents[stored.host_id]
+        assert list((agent.home / "volumes").rglob(f"{volume['id']}*")), "no image on the host"
+
+        config = {
+            "image": fleet.sleeper_image,
+            "init": {"cmd": ["sh", "-c", RELAY_SCRIPT]},
+            "mounts": [{"volume": volume["id"], "path": "/data"}],
+        }
+        created = first.post(f"/v1/apps/{app}/machines", json={"config": config})
+        assert created.status_code == 200, created.text
+        machine_id = created.json()["id"]
+        base = f"/v1/apps/{app}/machines/{machine_id}"
+        record = fleet.stores.machines.get_machine(machine_id)
+        assert record is not None and record.host_id == stored.host_id  # where its volume is
+        wait_state(first, app, machine_id, "started")
+        try:
+            until(
+                "the guest's first line, read through a replica",
+                lambda: True if "relay-up" in console_text(second, app, machine_id) else None,
+                120,
+            )
+            for number, api in enumerate((first, second)):
+                word = f"through-replica-{number}"
+                ran = api.post(
+                    f"{base}/exec",
+                    json={"command": ["sh", "-c", f"echo {word} > /data/f; cat /data/f"]},
+                )
+                assert ran.status_code == 200, ran.text
+                answer = ran.json()
+                assert answer["exit_code"] == 0 and answer["stdout"] == f"{word}\n", answer
+            failing = first.post(f"{base}/exec", json={"command": ["sh", "-c", "exit 3"]})
+            assert failing.status_code == 200 and failing.json()["exit_code"] == 3
+
+            listed = second.get(f"{base}/ps", params={"sort_by": "pid"})
+            assert listed.status_code == 200, listed.text
+            assert any("sleep" in " ".join(p["argv"] or [p["command"]]) for p in listed.json())
+            refused = second.get(f"{base}/ps", params={"sort_by": "bogus"})  # the host's 400
+            assert refused.status_code == 400 and "sort_by" in refused.json()["error"]
+
+            def signalled() -> bool | None:
+                sent = first.post(f"{base}/signal", json={"signal": "SIGUSR1"})
+                if sent.status_code == 412:  # the guest's signal port not up yet: retryable
+                    return None
+                assert sent.status_code == 200, sent.text
+                return True
+
+            until("the signal delivered", signalled, 60)
+            until(
+                "the trap's line on the console",
+                lambda: True if "got-usr1" in console_text(second, app, machine_id) else None,
+                60,
+            )
+            events = second.get(f"{base}/events").json()
+            assert any(e["type"] == "signal" for e in events), events
+            bad = second.post(f"{base}/signal", json={"signal": "SIGBOGUS"})
+            assert bad.status_code == 422, bad.text
+        finally:
+            destroyed = first.delete(base, params={"force": "true"})
+            assert destroyed.status_code == 200, destroyed.text
+            wait_state(second, app, machine_id, "destroyed")
+        stopped_exec = second.post(f"{base}/exec", json={"command": ["true"]})
+        assert stopped_exec.status_code == 412, stopped_exec.text  # the host's own answer
+
+        def deleted() -> dict[str, Any] | None:
+            response = first.delete(f"/v1/apps/{app}/volumes/{volume['id']}")
+            if response.status_code == 409:  # still being let go by the destroy
+                return None
+            assert response.status_code == 200, response.text
+            body: dict[str, Any] = response.json()
+            return body
+
+        assert until("the volume deleted", deleted, 60)["state"] == "destroyed"
+    until(  # (fails today: the destroyed machine's claim stays on its host; see the report)
+        "the fleet consistent",
+        lambda: fleet_violations(fleet.stores.machines, fleet.stores.claims) == [] or None,
+        20,
+    )
+
+
+def test_the_relay_refuses_requests_without_the_fleets_credential(fleet: Fleet) -> None:
+    address = registered(fleet, HOSTS[0]).address
+    assert address.startswith("http://"), address
+    path = "/relay/v1/apps/any/machines/any/exec"
+    body = {"command": ["true"]}
+    with httpx.Client(base_url=address, timeout=10, trust_env=False) as client:
+        missing = client.post(path, json=body)
+        assert missing.status_code == 401, missing.text
+        forged = client.post(
+            path,
+            json=body,
+            headers={
+                TIME_HEADER: f"{time.time():.3f}",
+                NONCE_HEADER: secrets.token_hex(16),
+                SIGNATURE_HEADER: secrets.token_hex(32),
+            },
+        )
+        assert forged.status_code == 401, forged.text
+        assert "credential" in forged.json()["error"]
+        # signed with another key: as good as forged
+        stranger = RelayCredential.of(Sealer([secrets.token_bytes(KEY_BYTES)]), SystemClock())
+        request = client.build_request("POST", path, json=body)
+        target = request.url.raw_path.decode()
+        request.headers.update(stranger.sign("POST", target, request.content))
+        assert client.send(request).status_code == 401
+        # signed with the fleet's key: let through, to the host's own answer (no such app)
+        key_file = Path(fleet.env[env_name("etcd_key_file")])
+        member = RelayCredential.of(Sealer.from_key_files([key_file]), SystemClock())
+        request = client.build_request("POST", path, json=body)
+        request.headers.update(member.sign("POST", target, request.content))
+        answer = client.send(request)
+        assert answer.status_code == 404, answer.text
+        assert client.send(request).status_code == 401  # the same request again: replayed
+
+
+def test_a_stopped_agents_machine_answers_503_naming_its_host(fleet: Fleet) -> None:
+    app = new_app(fleet, "gone")
+    with fleet.api(0) as api:
+        created = api.post(
+            f"/v1/apps/{app}/machines",
+            json={"config": {"image": fleet.sleeper_image}, "skip_launch": True},
+        )
+        assert created.status_code == 200, created.text
+        machine_id = created.json()["id"]
+        record = fleet.stores.machines.get_machine(machine_id)
+        assert record is not None
+        agent = fleet.agents[record.host_id]
+        agent.stop()  # its lease is revoked: the host leaves the registrations at once
+        try:
+            until(
+                "host_status unreachable",
+                lambda: (
+                    True
+                    if machine_view(api, app, machine_id)["host_status"] == "unreachable"
+                    else None
+                ),
+                LEASE_TTL_S + 10,
+            )
+            base = f"/v1/apps/{app}/machines/{machine_id}"
+            for answer in (
+                api.post(f"{base}/exec", json={"command": ["true"]}),
+                api.get(f"{base}/logs"),
+                api.post(f"{base}/signal", json={"signal": "SIGUSR1"}),
+            ):
+                assert answer.status_code == 503, answer.text
+                assert record.host_id in answer.json()["error"]
+                assert answer.headers["retry-after"]
+        finally:
+            agent.start()
+        destroyed = api.delete(f"/v1/apps/{app}/machines/{machine_id}")
+        assert destroyed.status_code == 200, destroyed.text
+        wait_state(api, app, machine_id, "destroyed")
     assert_invariants(fleet)

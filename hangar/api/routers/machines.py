@@ -272,7 +272,7 @@ async def machine_runs(services: ServicesDep, app_name: str, machine_id: str) ->
 async def machine_logs(
     services: ServicesDep, app_name: str, machine_id: str, follow: bool = False
 ) -> Response:
-    stream, slot = services.machines.console(app_name, machine_id, follow)
+    stream, slot = await services.machines.console(app_name, machine_id, follow)
     background = BackgroundTask(slot.release) if slot is not None else None
     return StreamingResponse(stream, media_type="text/plain", background=background)
 

@@ -1,5 +1,6 @@
 """Machines: the Machines API's verbs, validated, turned into durable agent runs; and what is
-asked of a running guest (exec, ps) through the agent's platform."""
+asked of a running guest (exec, ps, signal, its console) through the agent's platform, or, in a
+fleet's API replica, of the machine's host through the relay (``remote``)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from hangar.api.services.image_policy import ImagePolicy
 from hangar.api.services.placement import MachinePlacer
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
+from hangar.api.services.remote import RemoteGuests
 from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock
 from hangar.errors import (
@@ -144,11 +146,13 @@ class MachineService:
         secrets: SecretStore | None = None,
         volumes: VolumeService | None = None,
         placer: MachinePlacer | None = None,
+        remote: RemoteGuests | None = None,
     ) -> None:
         """``max_config_bytes``: the largest config (as JSON) a machine may have;
         ``console``: how machines' consoles are read and followed; ``placer``: a fleet's
         scheduler choosing each new machine's host (None: this server's one host takes every
-        machine)."""
+        machine); ``remote``: where guests run on other hosts (an API replica's relay)."""
+        self._remote = remote
         self._max_config_bytes = max_config_bytes
         self.console_readers = console or ConsoleReaders(clock)
         self._placer = placer
@@ -263,12 +267,14 @@ class MachineService:
         self.require(app, machine_id)
         return self._agent.machines_dir / machine_id / RunDir.CONSOLE_LOG
 
-    def console(
+    async def console(
         self, app: str, machine_id: str, follow: bool
     ) -> tuple[AsyncIterator[bytes], FollowerSlot | None]:
         """The machine's console as a stream of chunks; ``follow``: and what comes next, while
         the machine runs or has an operation pending (a follower's slot is taken now: 429 if
         the machine has all it may have)."""
+        if self._remote is not None:
+            return await self._remote.console(self.require(app, machine_id), follow), None
         path = self.console_log_path(app, machine_id)
         if not follow:
             return self.console_readers.read(path), None
@@ -425,7 +431,11 @@ class MachineService:
         host_id = self._host.id
         if self._placer is not None:
             host_id, region = self._placer.place(
-                machine_id, region, request.config, launching=not request.skip_launch
+                machine_id,
+                region,
+                request.config,
+                launching=not request.skip_launch,
+                host_id=volume_host,
             )
         machine = Machine(
             id=machine_id,
@@ -569,6 +579,9 @@ class MachineService:
         self._record(machine_id, "restart", "requested")
 
     async def signal(self, app: str, machine_id: str, signal_name: str, nonce: str | None) -> None:
+        if self._remote is not None:
+            await self._remote.signal(self.require(app, machine_id), signal_name, nonce)
+            return
         self._ready_for(
             app, machine_id, nonce, "signal", lambda state: state is MachineState.STARTED
         )
@@ -657,6 +670,8 @@ class MachineService:
 
     # inside the guest
     async def exec(self, app: str, machine_id: str, request: ExecRequest) -> ExecResponse:
+        if self._remote is not None:
+            return await self._remote.exec(self.require(app, machine_id), request)
         handle = self._running_vm(app, machine_id, "exec on")
         try:
             result = await self._agent.platform.exec(
@@ -680,6 +695,8 @@ class MachineService:
     async def processes(
         self, app: str, machine_id: str, sort_by: str | None, order: str | None
     ) -> list[ProcessStat]:
+        if self._remote is not None:
+            return await self._remote.processes(self.require(app, machine_id), sort_by, order)
         key = sort_by or "pid"
         if key not in PROCESS_SORT_KEYS:
             raise InvalidRequest(

@@ -11,10 +11,16 @@ from hangar.model.config import MachineConfig
 
 class MachinePlacer(Protocol):
     def place(
-        self, machine_id: str, region: str | None, config: MachineConfig, launching: bool
+        self,
+        machine_id: str,
+        region: str | None,
+        config: MachineConfig,
+        launching: bool,
+        host_id: str | None = None,
     ) -> tuple[str, str]:
         """Choose the machine's host (and claim what it needs there when ``launching``);
-        returns (host id, region). ``InsufficientCapacity`` when no reachable host fits."""
+        returns (host id, region). ``host_id``: the machine must run there (its volumes
+        are). ``InsufficientCapacity`` when no reachable host fits."""
         ...
 
     def release(self, host_id: str, machine_id: str) -> None:

@@ -3,7 +3,9 @@ into durable agent runs on the volume (``vol:ID``) whose end they wait for; and 
 a machine's ``config.mounts``.
 
 A volume lives on one host; this API places volumes on the host it runs with, and checks
-sizes and free space against that host's volume library before it records anything.
+sizes and free space against that host's volume library before it records anything. A fleet's
+API replica keeps no volume library: it hands what must touch a host's disk (create, delete)
+to the relay (``remote``), whose host's agent runs this same service there.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from hangar.agent.agent import Agent
 from hangar.agent.volumes import HostVolumes
 from hangar.api.services.platform import PlatformService
 from hangar.api.services.quotas import QuotaService
+from hangar.api.services.remote import RemoteGuests
 from hangar.api.volume_schemas import (
     CreateVolumeRequest,
     ExtendVolumeRequest,
@@ -73,7 +76,10 @@ class VolumeService:
         host: HostInfo,
         quotas: QuotaService,
         platform: PlatformService,
+        remote: RemoteGuests | None = None,
     ) -> None:
+        """``remote``: an API replica's relay to the volumes' hosts."""
+        self._remote = remote
         self._store = store
         self._runs = runs
         self._agent = agent
@@ -193,6 +199,8 @@ class VolumeService:
         return source, found
 
     async def create(self, app: str, request: CreateVolumeRequest) -> VolumeView:
+        if self._remote is not None:
+            return await self._remote.create_volume(app, request)
         region = request.region or self._host.region
         if region != self._host.region:
             raise InsufficientCapacity(
@@ -313,6 +321,8 @@ class VolumeService:
         return self.require(volume.app, volume.id, live=True)
 
     async def delete(self, app: str, volume_id: str) -> VolumeView:
+        if self._remote is not None:
+            return await self._remote.delete_volume(self.require(app, volume_id, live=True))
         volume = await self._let_go(self.require(app, volume_id, live=True))
         if volume.attached_machine_id is not None:
             raise Conflict(
@@ -372,7 +382,7 @@ class VolumeService:
                 f"{MOUNTS_FIELD}: volume {volume.id} is named {volume.name}, not {mount.name}",
                 field=f"{MOUNTS_FIELD}.name",
             )
-        if volume.region != region:
+        if region and volume.region != region:  # a fleet's machine of no region: any
             raise Unprocessable(
                 f"{MOUNTS_FIELD}: volume {volume.id} is in region {volume.region}; the machine "
                 f"is in {region}",
@@ -399,9 +409,9 @@ class VolumeService:
         self, config: MachineConfig, region: str, host_id: str, launching: bool = True
     ) -> None:
         """A machine with mounts runs where its volumes are: placed there (the scheduler's
-        hard constraint), which must be a host this API places on and, for a machine about
-        to launch, have room for it now."""
-        if host_id != self._host.id:
+        hard constraint), which must be a host this API places on (any host, for a fleet's
+        replica) and, for a machine about to launch, have room for it now."""
+        if host_id != self._host.id and self._remote is None:
             raise InsufficientCapacity(
                 f"{MOUNTS_FIELD}: the volumes are on host {host_id}, which this API does not "
                 "place machines on",

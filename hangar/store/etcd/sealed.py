@@ -50,14 +50,18 @@ def _derive(master: bytes, purpose: bytes) -> bytes:
 
 
 class _Key:
-    __slots__ = ("aead", "id", "index")
+    __slots__ = ("_master", "aead", "id", "index")
 
     def __init__(self, master: bytes) -> None:
         if len(master) != KEY_BYTES:
             raise InvalidRequest(f"a sealing key is {KEY_BYTES} bytes", field="key")
+        self._master = master
         self.id = hashlib.sha256(b"hangar sealing key id\0" + master).digest()[:KEY_ID_BYTES]
         self.aead = AESGCM(_derive(master, b"hangar sealed values v1"))
         self.index = _derive(master, b"hangar lookup names v1")
+
+    def derive(self, purpose: str) -> bytes:
+        return _derive(self._master, f"hangar {purpose} v1".encode())
 
 
 class Sealer:
@@ -135,6 +139,11 @@ class Sealer:
             raise SealedValueError(
                 f"{context}: sealed value altered or stored under another key", context=context
             ) from None
+
+    def derived_keys(self, purpose: str) -> list[bytes]:
+        """A key for ``purpose`` derived from each master key, the sealing key's first: what
+        holders of the fleet's key share without ever sending it (``hangar.fleet.relay``)."""
+        return [key.derive(purpose) for key in self._keys]
 
     def lookup_name(self, data: bytes, purpose: str) -> str:
         """A keyed digest of ``data`` (hex), stable for one master key: a name to find a
