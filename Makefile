@@ -48,8 +48,26 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# `make test` runs the suite as two pytest processes at once: the quick in-process tests
+# (QUICK_TESTS: schedulers, stores, the API and web app in process) beside the rest (guests
+# under TCG, which keep one core busy and leave the other mostly idle). Every test makes its
+# own names, ports and homes, and the shared cache's entries are locked, so the two never
+# meet. The quick half's output follows the other's. With PYTEST_ARGS, one process runs them.
+QUICK_TESTS = tests/scheduler tests/model tests/devices tests/store tests/metrics tests/web tests/api
+
 unit: deps runsc venv bytecode
+ifeq ($(strip $(PYTEST_ARGS)),)
+	@log=$$(mktemp); \
+	$(PYTHON) -m pytest -p no:cacheprovider $(QUICK_TESTS) >"$$log" 2>&1 & quick=$$!; \
+	status=0; \
+	$(PYTHON) -m pytest $(addprefix --ignore=,$(QUICK_TESTS)) || status=$$?; \
+	wait $$quick || status=$$?; \
+	echo "=== the quick tests, run beside the others: $(QUICK_TESTS)"; \
+	cat "$$log"; rm -f "$$log"; \
+	exit $$status
+else
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+endif
 
 # hangar's own modules compiled ahead (only what changed): every `hangar` process the suite and
 # the demo start then loads bytecode instead of compiling ~200 modules, even where the
