@@ -119,8 +119,7 @@ def overcommit_of(settings: Settings) -> Overcommit:
 @dataclass(frozen=True)
 class ApiStores:
     """The stores the Machines API reads and writes: one SQLite file on one host, etcd (and
-    what the agents publish) in a fleet, where ``secrets`` and ``llm`` stay in the replica's
-    own SQLite file for now (``hangar.fleet.replica``)."""
+    what the agents publish) in a fleet (``hangar.fleet.replica``)."""
 
     machines: MachineStore
     tenancy: TenancyStore

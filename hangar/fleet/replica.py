@@ -51,7 +51,6 @@ from hangar.store.etcd.hosts import HostMonitor
 from hangar.store.etcd.keys import unsegment
 from hangar.store.etcd.watch import Watch, WatchEvent
 from hangar.store.gpus import SqliteGpuStore
-from hangar.store.llm import SqliteLlmStore
 from hangar.store.protocol import MachineStore
 from hangar.store.usage import SqliteUsageStore
 
@@ -308,9 +307,7 @@ def build_replica(
     runs = FleetRunStore(fleet, machines)
     agent = FleetAgent(fleet, host_services, clock, runs)
     metrics = HangarMetrics(clock)
-    # The LLM tier's deployments stay in this replica's own SQLite file (not yet in etcd):
-    # each replica sees only those written through it.
-    assert fleet.secrets is not None  # a replica holds the fleet's key
+    assert fleet.secrets is not None and fleet.llm is not None  # a replica holds the key
     stores = ApiStores(
         machines,
         tenancy,
@@ -319,7 +316,7 @@ def build_replica(
         SqliteUsageStore(settings.database),
         fleet.claims,
         fleet.secrets,
-        SqliteLlmStore(settings.database),
+        fleet.llm,
     )
     api = build_api(
         settings,

@@ -12,6 +12,7 @@ from hangar.settings import Settings
 from hangar.store.etcd.claims import EtcdClaimStore
 from hangar.store.etcd.client import Compare, EtcdClient, Put, Txn
 from hangar.store.etcd.keys import KeyLayout
+from hangar.store.etcd.llm import EtcdLlmStore
 from hangar.store.etcd.machines import EtcdMachineStore
 from hangar.store.etcd.sealed import SealedValues, Sealer
 from hangar.store.etcd.secrets import EtcdSecretStore
@@ -34,6 +35,8 @@ class FleetStores:
     secrets: EtcdSecretStore | None
     """Apps' secrets, sealed; None in a process without the fleet's key (an agent not given
     one: its machines boot without their apps' secrets)."""
+    llm: EtcdLlmStore | None = None
+    """Model deployments, their API keys and token usage; None without the fleet's key."""
 
     def close(self) -> None:
         self.claims.close()
@@ -101,4 +104,5 @@ def open_fleet_stores(
         work=WorkQueue(client, layout),
         board=RunBoard(client, layout),
         secrets=None if sealer is None else EtcdSecretStore(client, sealer, layout),
+        llm=None if sealer is None else EtcdLlmStore(client, sealer, layout),
     )
