@@ -71,7 +71,7 @@ from hangar.store.protocol import (
     TenancyStore,
     VolumeStore,
 )
-from hangar.store.usage import SqliteUsageStore
+from hangar.store.usage import UsageStore
 from hangar.volumes import VolumeHost, VolumeSettings
 from hangar.web.app import create_web_app
 from hangar.web.events import EventStreams
@@ -125,7 +125,7 @@ class ApiStores:
     tenancy: TenancyStore
     volumes: VolumeStore
     runs: RunStore
-    usage: SqliteUsageStore
+    usage: UsageStore
     claims: ClaimStore
     secrets: SecretStore
     llm: LlmStore

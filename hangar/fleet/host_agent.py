@@ -36,6 +36,7 @@ from hangar.clock import Clock, SystemClock
 from hangar.errors import StoreError
 from hangar.fleet.board import BoardPublisher
 from hangar.fleet.stores import FleetStores, open_fleet_stores
+from hangar.fleet.usage import UsagePublisher
 from hangar.fleet.work import WorkIntake, decode_run
 from hangar.metrics import HangarMetrics
 from hangar.model.gpu import GpuState
@@ -63,6 +64,7 @@ class HostAgent:
     publisher: BoardPublisher
     lease: HostLease | None = None
     intake: WorkIntake | None = None
+    usage: UsagePublisher | None = None
 
     def belongs_here(self, run: RunRecord) -> bool:
         machine = self.fleet.machines.get_machine(run.machine_id)
@@ -110,6 +112,8 @@ class HostAgent:
             log.info("recorded %d run(s) addressed to this host while it was away", waiting)
         await self.traffic.start()
         self.publisher.start()
+        if self.usage is not None:
+            self.usage.start()
         for machine in await asyncio.to_thread(self.fleet.machines.list_machines, None):
             if machine.host_id == self.host.id:
                 self.publisher.mark(machine.id)  # the board as this host's SQLite has it
@@ -154,6 +158,8 @@ class HostAgent:
         await self.traffic.close()
         await asyncio.to_thread(self.publisher.flush, 5.0)
         self.publisher.close()
+        if self.usage is not None:
+            await asyncio.to_thread(self.usage.close)
         self.fleet.close()
         self.local.close()
 
@@ -245,7 +251,8 @@ def build_host_agent(
         on_repair=lambda action, machine_id: audit_repair(fleet, host, clock, action, machine_id),
     )
     traffic = MachineTraffic.for_agent(agent, settings, clock)
-    return HostAgent(settings, host, pool, fleet, local, agent, traffic, publisher)
+    usage = UsagePublisher(fleet.usage, local.usage, host.id, clock, settings.usage_checkpoint_s)
+    return HostAgent(settings, host, pool, fleet, local, agent, traffic, publisher, usage=usage)
 
 
 def run_host_agent(settings: Settings) -> None:

@@ -52,7 +52,6 @@ from hangar.store.etcd.keys import unsegment
 from hangar.store.etcd.watch import Watch, WatchEvent
 from hangar.store.gpus import SqliteGpuStore
 from hangar.store.protocol import MachineStore
-from hangar.store.usage import SqliteUsageStore
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +312,7 @@ def build_replica(
         tenancy,
         fleet.volumes,
         runs,
-        SqliteUsageStore(settings.database),
+        fleet.usage,
         fleet.claims,
         fleet.secrets,
         fleet.llm,

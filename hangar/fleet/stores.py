@@ -17,6 +17,7 @@ from hangar.store.etcd.machines import EtcdMachineStore
 from hangar.store.etcd.sealed import SealedValues, Sealer
 from hangar.store.etcd.secrets import EtcdSecretStore
 from hangar.store.etcd.tenancy import EtcdTenancyStore
+from hangar.store.etcd.usage import EtcdUsageStore
 from hangar.store.etcd.volumes import EtcdVolumeStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class FleetStores:
     secrets: EtcdSecretStore | None
     """Apps' secrets, sealed; None in a process without the fleet's key (an agent not given
     one: its machines boot without their apps' secrets)."""
+    usage: EtcdUsageStore
+    """Metered intervals, published by the agents, read by the replicas."""
     llm: EtcdLlmStore | None = None
     """Model deployments, their API keys and token usage; None without the fleet's key."""
 
@@ -104,5 +107,6 @@ def open_fleet_stores(
         work=WorkQueue(client, layout),
         board=RunBoard(client, layout),
         secrets=None if sealer is None else EtcdSecretStore(client, sealer, layout),
+        usage=EtcdUsageStore(client, layout),
         llm=None if sealer is None else EtcdLlmStore(client, sealer, layout),
     )
