@@ -72,7 +72,7 @@ from hangar.store.protocol import (
     TenancyStore,
     VolumeStore,
 )
-from hangar.store.usage import SqliteUsageStore
+from hangar.store.usage import UsageStore
 from hangar.volumes import VolumeHost, VolumeSettings
 from hangar.web.app import create_web_app
 from hangar.web.events import EventStreams
@@ -120,14 +120,13 @@ def overcommit_of(settings: Settings) -> Overcommit:
 @dataclass(frozen=True)
 class ApiStores:
     """The stores the Machines API reads and writes: one SQLite file on one host, etcd (and
-    what the agents publish) in a fleet, where ``secrets`` and ``llm`` stay in the replica's
-    own SQLite file for now (``hangar.fleet.replica``)."""
+    what the agents publish) in a fleet (``hangar.fleet.replica``)."""
 
     machines: MachineStore
     tenancy: TenancyStore
     volumes: VolumeStore
     runs: RunStore
-    usage: SqliteUsageStore
+    usage: UsageStore
     claims: ClaimStore
     secrets: SecretStore
     llm: LlmStore

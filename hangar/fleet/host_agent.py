@@ -41,6 +41,7 @@ from hangar.fleet.board import BoardPublisher
 from hangar.fleet.network import FleetNetwork
 from hangar.fleet.relay import RelayServer, build_relay_server
 from hangar.fleet.stores import FleetStores, open_fleet_stores
+from hangar.fleet.usage import UsagePublisher
 from hangar.fleet.work import WorkIntake, decode_run
 from hangar.metrics import HangarMetrics
 from hangar.model.host import HostInfo, read_local_host
@@ -70,6 +71,7 @@ class HostAgent:
     intake: WorkIntake | None = None
     fleet_network: FleetNetwork | None = None
     relay: RelayServer | None = None
+    usage: UsagePublisher | None = None
 
     def belongs_here(self, run: RunRecord) -> bool:
         machine = self.fleet.machines.get_machine(run.machine_id)
@@ -125,6 +127,8 @@ class HostAgent:
             log.info("recorded %d run(s) addressed to this host while it was away", waiting)
         await self.traffic.start()
         self.publisher.start()
+        if self.usage is not None:
+            self.usage.start()
         for machine in await asyncio.to_thread(self.fleet.machines.list_machines, None):
             if machine.host_id == self.host.id:
                 self.publisher.mark(machine.id)  # the board as this host's SQLite has it
@@ -179,6 +183,8 @@ class HostAgent:
         await self.traffic.close()
         await asyncio.to_thread(self.publisher.flush, 5.0)
         self.publisher.close()
+        if self.usage is not None:
+            await asyncio.to_thread(self.usage.close)
         self.fleet.close()
         self.local.close()
 
@@ -274,7 +280,10 @@ def build_host_agent(
     )
     traffic = MachineTraffic.for_agent(agent, settings, clock)
     relay = build_relay_server(settings, fleet, local, agent, host, metrics)
-    return HostAgent(settings, host, pool, fleet, local, agent, traffic, publisher, relay=relay)
+    usage = UsagePublisher(fleet.usage, local.usage, host.id, clock, settings.usage_checkpoint_s)
+    return HostAgent(
+        settings, host, pool, fleet, local, agent, traffic, publisher, relay=relay, usage=usage
+    )
 
 
 def run_host_agent(settings: Settings) -> None:

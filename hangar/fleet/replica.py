@@ -56,9 +56,7 @@ from hangar.store.etcd.hosts import HostMonitor
 from hangar.store.etcd.keys import unsegment
 from hangar.store.etcd.watch import Watch, WatchEvent
 from hangar.store.gpus import SqliteGpuStore
-from hangar.store.llm import SqliteLlmStore
 from hangar.store.protocol import MachineStore
-from hangar.store.usage import SqliteUsageStore
 
 log = logging.getLogger(__name__)
 
@@ -343,18 +341,16 @@ def build_replica(
         settings.region,
         settings.max_connections,
     )
-    # The LLM tier's deployments stay in this replica's own SQLite file (not yet in etcd):
-    # each replica sees only those written through it.
-    assert fleet.secrets is not None  # a replica holds the fleet's key
+    assert fleet.secrets is not None and fleet.llm is not None  # a replica holds the key
     stores = ApiStores(
         machines,
         tenancy,
         fleet.volumes,
         runs,
-        SqliteUsageStore(settings.database),
+        fleet.usage,
         fleet.claims,
         fleet.secrets,
-        SqliteLlmStore(settings.database),
+        fleet.llm,
     )
     api = build_api(
         settings,

@@ -12,10 +12,12 @@ from hangar.settings import Settings
 from hangar.store.etcd.claims import EtcdClaimStore
 from hangar.store.etcd.client import Compare, EtcdClient, Put, Txn
 from hangar.store.etcd.keys import KeyLayout
+from hangar.store.etcd.llm import EtcdLlmStore
 from hangar.store.etcd.machines import EtcdMachineStore
 from hangar.store.etcd.sealed import SealedValues, Sealer
 from hangar.store.etcd.secrets import EtcdSecretStore
 from hangar.store.etcd.tenancy import EtcdTenancyStore
+from hangar.store.etcd.usage import EtcdUsageStore
 from hangar.store.etcd.volumes import EtcdVolumeStore
 
 log = logging.getLogger(__name__)
@@ -34,9 +36,13 @@ class FleetStores:
     secrets: EtcdSecretStore | None
     """Apps' secrets, sealed; None in a process without the fleet's key (an agent not given
     one: its machines boot without their apps' secrets)."""
+    usage: EtcdUsageStore
+    """Metered intervals, published by the agents, read by the replicas."""
     sealer: Sealer | None = None
     """The fleet's key, where this process holds it (what the relay's credential is derived
     from: ``hangar.fleet.relay``)."""
+    llm: EtcdLlmStore | None = None
+    """Model deployments, their API keys and token usage; None without the fleet's key."""
 
     def close(self) -> None:
         self.claims.close()
@@ -105,4 +111,6 @@ def open_fleet_stores(
         board=RunBoard(client, layout),
         secrets=None if sealer is None else EtcdSecretStore(client, sealer, layout),
         sealer=sealer,
+        usage=EtcdUsageStore(client, layout),
+        llm=None if sealer is None else EtcdLlmStore(client, sealer, layout),
     )

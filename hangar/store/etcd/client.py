@@ -77,7 +77,9 @@ def prefix_end(prefix: str) -> str:
     return raw.decode("latin-1")
 
 
-def _key_end(key: str, prefix: bool) -> dict[str, str]:
+def _key_end(key: str, prefix: bool, end: str = "") -> dict[str, str]:
+    if end:
+        return {"range_end": encode_bytes(end.encode("latin-1"))}
     return {"range_end": encode_bytes(prefix_end(key).encode("latin-1"))} if prefix else {}
 
 
@@ -145,9 +147,14 @@ class Range:
     descending: bool = False
     max_create_revision: int = 0
     """Only keys created at or before this revision (0: any)."""
+    end: str = ""
+    """The keys ``[key, end)`` (instead of ``key`` alone or its prefix) when given."""
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"key": encode_bytes(self.key), **_key_end(self.key, self.prefix)}
+        body: dict[str, Any] = {
+            "key": encode_bytes(self.key),
+            **_key_end(self.key, self.prefix, self.end),
+        }
         if self.limit:
             body["limit"] = str(self.limit)
         if self.revision:
@@ -182,9 +189,11 @@ class Put:
 class Delete:
     key: str
     prefix: bool = False
+    end: str = ""
+    """The keys ``[key, end)`` when given."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"key": encode_bytes(self.key), **_key_end(self.key, self.prefix)}
+        return {"key": encode_bytes(self.key), **_key_end(self.key, self.prefix, self.end)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,10 +401,13 @@ class EtcdClient:
 
     def range_prefix(self, prefix: str, *, page_size: int = 1000) -> RangeResult:
         """Every key under ``prefix`` as of one revision, read in pages of ``page_size``."""
-        first = self.range(Range(prefix, prefix=True, limit=page_size))
+        return self.range_between(prefix, prefix_end(prefix), page_size=page_size)
+
+    def range_between(self, start: str, end: str, *, page_size: int = 1000) -> RangeResult:
+        """Every key in ``[start, end)`` as of one revision, read in pages of ``page_size``."""
+        first = self.range(Range(start, limit=page_size, end=end))
         kvs = list(first.kvs)
         more = first.more
-        end = prefix_end(prefix)
         while more and kvs:
             start = kvs[-1].key + "\0"
             body = {

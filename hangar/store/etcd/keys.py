@@ -7,7 +7,9 @@
     {prefix}/sealed/{kind}/{name}      an encrypted value (volume key, app secret, token hash)
     {prefix}/{kind}/{name}/...         a record of the shared stores (``record``): apps,
                                        machines (under their app), machine names, config
-                                       versions, events, leases, orgs, tokens, audit, volumes
+                                       versions, events, leases, orgs, tokens, audit, volumes,
+                                       LLM deployments, keys and token counters (``llm.py``),
+                                       the usage the agents publish (``usage.py``)
     {prefix}/queue/{host_id}/{run_id}   a run addressed to a host's agent (``hangar.fleet``)
     {prefix}/runs/{host_id}/{machine}  what that agent published about a machine's runs
 
