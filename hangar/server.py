@@ -418,7 +418,11 @@ class MachineTraffic:
     gateway: GatewayListener | None = None
 
     @classmethod
-    def for_agent(cls, agent: Agent, settings: Settings, clock: Clock) -> MachineTraffic:
+    def for_agent(
+        cls, agent: Agent, settings: Settings, clock: Clock, *, proxy_everywhere: bool = False
+    ) -> MachineTraffic:
+        """``proxy_everywhere``: the proxy publishes every host's machines (a fleet host on
+        the fleet's private network); the checks stay this host's."""
         backends = AgentBackends(agent)
         proxy = None
         if settings.proxy:
@@ -430,7 +434,11 @@ class MachineTraffic:
                 autostop_interval_s=min(AUTOSTOP_INTERVAL_S, settings.proxy_idle_stop_s / 4),
                 state_dir=settings.proxy_state_dir,
             )
-            proxy = Proxy(backends, proxy_settings, clock)
+            proxy = Proxy(
+                AgentBackends(agent, everywhere=True) if proxy_everywhere else backends,
+                proxy_settings,
+                clock,
+            )
         return cls(agent, HealthChecks(agent, backends) if settings.net else None, proxy)
 
     async def start(self) -> None:

@@ -38,16 +38,23 @@ def backend_of(machine: Machine) -> BackendMachine:
 
 
 class AgentBackends:
-    """The embedded server's ``Backends``: this host's machines that have services or checks."""
+    """The embedded server's ``Backends``: this host's machines that have services or checks
+    (``everywhere``: every host's, for a fleet host's proxy, which reaches the others over the
+    private network; only this host's proxy stops its machines when idle)."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, *, everywhere: bool = False) -> None:
         self._agent = agent
+        self._everywhere = everywhere
+
+    def _here(self, machine: Machine) -> bool:
+        return machine.host_id == self._agent.host.placement.host.id
 
     def _backend(self, machine: Machine | None) -> BackendMachine | None:
-        """The machine as the proxy sees it, if it is this host's and has services or checks."""
+        """The machine as the proxy sees it, if it is this host's (or ``everywhere``) and has
+        services or checks."""
         if machine is None or machine.state is MachineState.DESTROYED:
             return None
-        if machine.host_id != self._agent.host.placement.host.id:
+        if not self._everywhere and not self._here(machine):
             return None
         if not (machine.config.services or machine.config.checks):
             return None
@@ -107,8 +114,8 @@ class AgentBackends:
     async def stop(self, machine: BackendMachine, mode: StopMode) -> None:
         """Autostop: suspend where asked and possible (a GPU machine cannot be), else stop."""
         record = self._agent.machines.get_machine(machine.id)
-        if record is None or not record.state.holds_resources:
-            return
+        if record is None or not record.state.holds_resources or not self._here(record):
+            return  # another host's proxy saw none of its traffic: its own decides
         if not self._agent.has_unfinished_run(machine.id):
             suspend = (
                 mode == "suspend"

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 from hangar.agent.agent import Agent
 from hangar.agent.engine import crash_after
@@ -57,6 +58,33 @@ from hangar.volumes import VolumeHost, VolumeSettings
 log = logging.getLogger(__name__)
 
 
+class MemberAgent(Agent):
+    """The agent of one fleet host: a run of one of its machines runs here; a run of another
+    host's machine (its proxy waking one it forwards to) is addressed to that host's agent."""
+
+    def __init__(self, fleet: FleetStores, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fleet = fleet
+
+    def _elsewhere(self, subject: str) -> str | None:
+        """The host of ``subject`` (a machine or a volume) when it is another one (None: this
+        host's, or no record: a GPU's run)."""
+        host_id = self._fleet.host_of(subject)
+        return None if host_id is None or host_id == self.host.placement.host.id else host_id
+
+    def submit(self, run: RunRecord) -> bool:
+        host_id = self._elsewhere(run.machine_id)
+        if host_id is None:
+            return super().submit(run)
+        return self._fleet.work.submit(host_id, run)
+
+    def has_unfinished_run(self, machine_id: str) -> bool:
+        host_id = self._elsewhere(machine_id)
+        if host_id is None:
+            return super().has_unfinished_run(machine_id)
+        return self._fleet.run_unfinished(host_id, machine_id)
+
+
 @dataclass
 class HostAgent:
     settings: Settings
@@ -74,8 +102,8 @@ class HostAgent:
     usage: UsagePublisher | None = None
 
     def belongs_here(self, run: RunRecord) -> bool:
-        machine = self.fleet.machines.get_machine(run.machine_id)
-        return machine is not None and machine.host_id == self.host.id
+        """``run``'s machine (or volume) is on this host."""
+        return self.fleet.host_of(run.machine_id) == self.host.id
 
     def take_waiting(self) -> int:
         """Record every run waiting for this host (step 1); how many there were."""
@@ -268,7 +296,8 @@ def build_host_agent(
         clock,
         checkpoint_s=settings.usage_checkpoint_s,
     )
-    agent = Agent(
+    agent = MemberAgent(
+        fleet,
         fleet.machines,
         local.runs,
         services_of_host,
@@ -278,7 +307,8 @@ def build_host_agent(
         observers=(metrics, publisher),
         on_repair=lambda action, machine_id: audit_repair(fleet, host, clock, action, machine_id),
     )
-    traffic = MachineTraffic.for_agent(agent, settings, clock)
+    spans_fleet = network is not None and network.net.config.underlay is not None
+    traffic = MachineTraffic.for_agent(agent, settings, clock, proxy_everywhere=spans_fleet)
     relay = build_relay_server(settings, fleet, local, agent, host, metrics)
     usage = UsagePublisher(fleet.usage, local.usage, host.id, clock, settings.usage_checkpoint_s)
     return HostAgent(

@@ -57,7 +57,13 @@ from hangar.api.guard import read_body, too_large
 from hangar.api.schemas import ExecRequest, ExecResponse, OkResponse, ProcessStat, SignalRequest
 from hangar.api.services.machines import MachineService
 from hangar.api.services.volumes import RUN_WAIT_S, VolumeService
-from hangar.api.volume_schemas import CreateVolumeRequest, VolumeView
+from hangar.api.volume_schemas import (
+    CreateVolumeRequest,
+    ExtendVolumeRequest,
+    ExtendVolumeResponse,
+    VolumeSnapshotView,
+    VolumeView,
+)
 from hangar.clock import Clock
 from hangar.errors import (
     BadGateway,
@@ -305,6 +311,16 @@ def relay_app(machines: MachineService, volumes: VolumeService) -> FastAPI:
     @app.delete(f"{PREFIX}/{{app_name}}/volumes/{{volume_id}}")
     async def delete_volume(app_name: str, volume_id: str) -> VolumeView:
         return await volumes.delete(app_name, volume_id)
+
+    @app.put(f"{PREFIX}/{{app_name}}/volumes/{{volume_id}}/extend")
+    async def extend_volume(
+        app_name: str, volume_id: str, body: ExtendVolumeRequest
+    ) -> ExtendVolumeResponse:
+        return await volumes.extend(app_name, volume_id, body)
+
+    @app.post(f"{PREFIX}/{{app_name}}/volumes/{{volume_id}}/snapshots")
+    async def snapshot_volume(app_name: str, volume_id: str) -> VolumeSnapshotView:
+        return await volumes.snapshot(app_name, volume_id)
 
     return app
 
@@ -658,6 +674,32 @@ class HostRelays:
             2 * RUN_WAIT_S + TRANSFER_MARGIN_S,  # it may wait for a machine to let go first
         )
         return VolumeView.model_validate(await self._json(call))
+
+    def _volume_path(self, volume: Volume, verb: str) -> str:
+        return f"{PREFIX}/{quote(volume.app, safe='')}/volumes/{quote(volume.id, safe='')}/{verb}"
+
+    async def extend_volume(
+        self, volume: Volume, request: ExtendVolumeRequest
+    ) -> ExtendVolumeResponse:
+        call = _Call(
+            volume.host_id,
+            volume.app,
+            "PUT",
+            self._volume_path(volume, "extend"),
+            RUN_WAIT_S + TRANSFER_MARGIN_S,
+            request.model_dump_json().encode(),
+        )
+        return ExtendVolumeResponse.model_validate(await self._json(call))
+
+    async def snapshot_volume(self, volume: Volume) -> VolumeSnapshotView:
+        call = _Call(
+            volume.host_id,
+            volume.app,
+            "POST",
+            self._volume_path(volume, "snapshots"),
+            RUN_WAIT_S + TRANSFER_MARGIN_S,
+        )
+        return VolumeSnapshotView.model_validate(await self._json(call))
 
 
 def unreachable(host_id: str, app: str, why: str) -> ServiceUnavailable:

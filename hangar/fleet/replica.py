@@ -192,23 +192,18 @@ class FleetAgent(Agent):
     async def check_guests(self) -> None:
         """Each agent watches its own guests."""
 
-    def _host_of(self, machine_id: str) -> str:
-        machine = self.machines.get_machine(machine_id)
-        if machine is None or not machine.host_id:
-            raise NotFound(f"machine {machine_id} not found", machine_id=machine_id)
-        return machine.host_id
+    def _host_of(self, subject: str) -> str:
+        host_id = self._fleet.host_of(subject)
+        if host_id is None:
+            raise NotFound(f"{subject} not found on any host", machine_id=subject)
+        return host_id
 
     def submit(self, run: RunRecord) -> bool:
         return self._fleet.work.submit(self._host_of(run.machine_id), run)
 
     def has_unfinished_run(self, machine_id: str) -> bool:
-        machine = self.machines.get_machine(machine_id)
-        if machine is None:
-            return False
-        if self._fleet.work.pending(machine.host_id, machine_id):
-            return True
-        entry = self._fleet.board.read(machine.host_id, machine_id)
-        return entry is not None and entry.unfinished
+        host_id = self._fleet.host_of(machine_id)
+        return host_id is not None and self._fleet.run_unfinished(host_id, machine_id)
 
 
 class FleetHostService(HostService):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from hangar.errors import InvalidRequest, SealedValueError
 from hangar.fleet.board import RunBoard
 from hangar.fleet.work import WorkQueue
+from hangar.model.run import VOLUME_SUBJECT_PREFIX
 from hangar.settings import Settings
 from hangar.store.etcd.claims import EtcdClaimStore
 from hangar.store.etcd.client import Compare, EtcdClient, Put, Txn
@@ -43,6 +44,23 @@ class FleetStores:
     from: ``hangar.fleet.relay``)."""
     llm: EtcdLlmStore | None = None
     """Model deployments, their API keys and token usage; None without the fleet's key."""
+
+    def host_of(self, subject: str) -> str | None:
+        """The host whose agent runs ``subject``'s runs: a machine's, or (``vol:ID``) a
+        volume's; None when there is no such record or it has no host yet."""
+        if subject.startswith(VOLUME_SUBJECT_PREFIX):
+            volume = self.volumes.get_volume(subject.removeprefix(VOLUME_SUBJECT_PREFIX))
+            return volume.host_id if volume is not None and volume.host_id else None
+        machine = self.machines.get_machine(subject)
+        return machine.host_id if machine is not None and machine.host_id else None
+
+    def run_unfinished(self, host_id: str, machine_id: str) -> bool:
+        """A run of ``machine_id`` is waiting for ``host_id``'s agent, or its agent published
+        one it has not finished."""
+        if self.work.pending(host_id, machine_id):
+            return True
+        entry = self.board.read(host_id, machine_id)
+        return entry is not None and entry.unfinished
 
     def close(self) -> None:
         self.claims.close()

@@ -62,7 +62,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     bundle.write_bytes(b"")  # GPU admission only asks that it exists (no guest boots here)
     env = {
         **scratch_network_settings(),
-        env_name("proxy"): "0",
         env_name("etcd_key_file"): str(key_file),
         env_name("etcd_prefix"): f"/fleet-{secrets.token_hex(4)}",
         env_name("host_lease_ttl_s"): str(LEASE_TTL_S),
@@ -87,7 +86,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 host_id,
                 REGION,
                 "general",
-                {**env, env_name("net_underlay"): links[host_id].guest_ip6},
+                {
+                    **env,
+                    env_name("net_underlay"): links[host_id].guest_ip6,
+                    # in the host's own namespace: its proxy answers on its LAN address
+                    env_name("proxy_bind"): "0.0.0.0",
+                },
                 namespace=links[host_id].namespace,
                 registry_etcd=cluster.endpoints,
             )

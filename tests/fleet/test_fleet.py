@@ -192,6 +192,7 @@ check() {
 """
 CHECK_LINE = re.compile(r"^fleet-check (\S+) (ok|failed)(.*)$", re.MULTILINE)
 WEB_PORT = 8080
+PROXY_PORT = 80
 FETCH = "timeout -s KILL 4 wget -q -O -"
 
 
@@ -227,6 +228,17 @@ def guest_checks(fleet: Fleet, host_id: str, machine_id: str, names: set[str]) -
     return until(f"checks {sorted(names)} of {machine_id}", found, 180)
 
 
+def proxy_fetch(address: str, app: str) -> str | None:
+    """The page the proxy at ``address`` answers for ``app`` (None: not yet)."""
+    try:
+        response = httpx.get(
+            f"http://{address}:{PROXY_PORT}/", headers={"host": f"{app}.localhost"}, timeout=5
+        )
+    except httpx.HTTPError:
+        return None
+    return response.text if response.status_code == 200 else None
+
+
 def in_host(fleet: Fleet, host_id: str, *argv: str) -> str:
     done = subprocess.run(
         fleet.links[host_id].command(*argv), capture_output=True, text=True, timeout=30
@@ -239,8 +251,8 @@ def in_host(fleet: Fleet, host_id: str, *argv: str) -> str:
 def test_guests_reach_their_org_on_other_hosts_and_no_other_org(fleet: Fleet) -> None:
     """The private network spans hosts: a guest on h2 reaches its org's web server on h1 by its
     ``.internal`` name and address (routed over the LAN between the hosts), h3 itself reaches
-    it (as its proxy would), and a guest of another org on h3 can neither resolve nor reach it
-    (the routed packets are counted as blocked)."""
+    it, h2's proxy serves the app from it, and a guest of another org on h3 can neither
+    resolve nor reach it (the routed packets are counted as blocked)."""
     web_host, client_host, other_host = HOSTS
     web_app, client_app = new_app(fleet, "netweb"), new_app(fleet, "netcli")
     other_org = f"other-{secrets.token_hex(3)}"
@@ -266,6 +278,13 @@ def test_guests_reach_their_org_on_other_hosts_and_no_other_org(fleet: Fleet) ->
                             f"exec httpd -f -p {WEB_PORT} -h /www",
                         ]
                     },
+                    "services": [
+                        {
+                            "protocol": "tcp",
+                            "internal_port": WEB_PORT,
+                            "ports": [{"port": PROXY_PORT, "handlers": ["http"]}],
+                        }
+                    ],
                 },
             )
             machines.append((web_app, web))
@@ -314,6 +333,14 @@ def test_guests_reach_their_org_on_other_hosts_and_no_other_org(fleet: Fleet) ->
                 fleet, other_host, sys.executable, "-c", fetch, f"http://[{web_ip}]:{WEB_PORT}/"
             )
             assert "fleet-web-page" in page
+
+            # The second host's proxy serves the app from the first host's machine.
+            proxied = until(
+                "the web page through another host's proxy",
+                lambda: proxy_fetch(fleet.links[client_host].guest_ip, web_app),
+                30,
+            )
+            assert "fleet-web-page" in proxied
 
             # Another org's guest on the third host: no name, no route through.
             other_script = (
@@ -646,8 +673,9 @@ def console_text(api: httpx.Client, app: str, machine_id: str) -> str:
 
 @pytest.mark.slow
 def test_guest_operations_through_each_replica_run_on_the_machines_host(fleet: Fleet) -> None:
-    """One machine, on a volume made through a replica: exec through both replicas, ps,
-    a signal its init traps, its console; then the volume deleted through a replica."""
+    """One machine, on a volume made, extended and snapshotted through replicas: exec through
+    both replicas, ps, a signal its init traps, its console; then the volume deleted through a
+    replica."""
     app = new_app(fleet, "relay")
     with fleet.api(0) as first, fleet.api(1) as second:
         made = second.post(
@@ -661,6 +689,14 @@ def test_guest_operations_through_each_replica_run_on_the_machines_host(fleet: F
         assert stored is not None and stored.host_id in HOSTS
         agent = fleet.agents[stored.host_id]
         assert list((agent.home / "volumes").rglob(f"{volume['id']}*")), "no image on the host"
+        # Its runs (extend, snapshot) go to its host's agent through the work queue.
+        extended = first.put(f"/v1/apps/{app}/volumes/{volume['id']}/extend", json={"size_gb": 2})
+        assert extended.status_code == 200, extended.text
+        assert extended.json()["volume"]["size_gb"] == 2
+        snapshot = second.post(f"/v1/apps/{app}/volumes/{volume['id']}/snapshots")
+        assert snapshot.status_code == 200, snapshot.text
+        listed = first.get(f"/v1/apps/{app}/volumes/{volume['id']}/snapshots")
+        assert [s["id"] for s in listed.json()] == [snapshot.json()["id"]], listed.text
 
         config = {
             "image": fleet.sleeper_image,
@@ -731,7 +767,7 @@ def test_guest_operations_through_each_replica_run_on_the_machines_host(fleet: F
             return body
 
         assert until("the volume deleted", deleted, 60)["state"] == "destroyed"
-    until(  # (fails today: the destroyed machine's claim stays on its host; see the report)
+    until(
         "the fleet consistent",
         lambda: fleet_violations(fleet.stores.machines, fleet.stores.claims) == [] or None,
         20,

@@ -13,7 +13,13 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from hangar.api.schemas import ExecRequest, ExecResponse, ProcessStat
-from hangar.api.volume_schemas import CreateVolumeRequest, VolumeView
+from hangar.api.volume_schemas import (
+    CreateVolumeRequest,
+    ExtendVolumeRequest,
+    ExtendVolumeResponse,
+    VolumeSnapshotView,
+    VolumeView,
+)
 from hangar.model.machine import Machine
 from hangar.model.volume import Volume
 
@@ -45,4 +51,14 @@ class RemoteGuests(Protocol):
 
     async def delete_volume(self, volume: Volume) -> VolumeView:
         """``DELETE /v1/apps/{app}/volumes/{id}``, by the agent of the volume's host."""
+        ...
+
+    async def extend_volume(
+        self, volume: Volume, request: ExtendVolumeRequest
+    ) -> ExtendVolumeResponse:
+        """``PUT .../volumes/{id}/extend``, by the agent of the volume's host."""
+        ...
+
+    async def snapshot_volume(self, volume: Volume) -> VolumeSnapshotView:
+        """``POST .../volumes/{id}/snapshots``, by the agent of the volume's host."""
         ...

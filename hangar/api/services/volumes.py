@@ -289,13 +289,18 @@ class VolumeService:
         self, app: str, volume_id: str, request: ExtendVolumeRequest
     ) -> ExtendVolumeResponse:
         volume = self._ready(app, volume_id)
+        if self._remote is not None:
+            self._quotas.check_volume(app, request.size_gb, replacing=volume)
+            return await self._remote.extend_volume(volume, request)
         await asyncio.to_thread(self._library.host.check_extend, volume_id, request.size_gb)
         self._quotas.check_volume(app, request.size_gb, replacing=volume)
         await self._run(volume_id, VolumeExtendRequest(size_gb=request.size_gb))
         return ExtendVolumeResponse(volume=await self.view(self.require(app, volume_id)))
 
     async def snapshot(self, app: str, volume_id: str) -> VolumeSnapshotView:
-        self._ready(app, volume_id)
+        volume = self._ready(app, volume_id)
+        if self._remote is not None:
+            return await self._remote.snapshot_volume(volume)
         await asyncio.to_thread(self._library.host.check_snapshot, volume_id)
         snapshot_id = new_snapshot_id()
         await self._run(volume_id, VolumeSnapshotRequest(snapshot_id=snapshot_id))
