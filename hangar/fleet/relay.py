@@ -40,12 +40,13 @@ import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
 
 import httpx
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -55,6 +56,7 @@ from hangar.api.deps import LeaseNonce
 from hangar.api.errors import hangar_error_response, install_error_handlers
 from hangar.api.guard import read_body, too_large
 from hangar.api.schemas import ExecRequest, ExecResponse, OkResponse, ProcessStat, SignalRequest
+from hangar.api.services.hosts import GpuView, HostService
 from hangar.api.services.machines import MachineService
 from hangar.api.services.volumes import RUN_WAIT_S, VolumeService
 from hangar.api.volume_schemas import (
@@ -78,6 +80,7 @@ from hangar.fleet.placer import FleetPlacer
 from hangar.fleet.stores import FleetStores
 from hangar.metrics import HangarMetrics
 from hangar.model.config import GuestConfig
+from hangar.model.gpu import GpuEvent
 from hangar.model.guest_contract import EXEC_OUTPUT_CAP
 from hangar.model.host import HostInfo
 from hangar.model.machine import Machine
@@ -92,6 +95,7 @@ from hangar.vmm.guest_exec import PS_TIMEOUT_S, TIMEOUT_MAX_S, TRANSFER_MARGIN_S
 log = logging.getLogger(__name__)
 
 PREFIX = "/relay/v1/apps"
+HOSTS_PREFIX = "/relay/v1/hosts"
 PURPOSE = "relay credential"
 TIME_HEADER = "x-hangar-relay-time"
 NONCE_HEADER = "x-hangar-relay-nonce"
@@ -267,9 +271,19 @@ class RelayGuard:
 
 
 MACHINE = "/{app_name}/machines/{machine_id}"
+GPU = "/{host_id}/gpus/{bdf}"
 
 
-def relay_app(machines: MachineService, volumes: VolumeService) -> FastAPI:
+class RelayedRelease(BaseModel):
+    """A GPU's release from quarantine, with who asked for it at the replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    actor: Annotated[str, Field(min_length=1, max_length=256)]
+    reason: Annotated[str, Field(min_length=1, max_length=512)]
+
+
+def relay_app(machines: MachineService, volumes: VolumeService, hosts: HostService) -> FastAPI:
     """The guest operations a replica relays, each the host's own service call."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     install_error_handlers(app)
@@ -311,6 +325,14 @@ def relay_app(machines: MachineService, volumes: VolumeService) -> FastAPI:
     @app.delete(f"{PREFIX}/{{app_name}}/volumes/{{volume_id}}")
     async def delete_volume(app_name: str, volume_id: str) -> VolumeView:
         return await volumes.delete(app_name, volume_id)
+
+    @app.get(f"{HOSTS_PREFIX}{GPU}/events")
+    async def gpu_events(host_id: str, bdf: str) -> list[GpuEvent]:
+        return await hosts.gpu_events(host_id, bdf)
+
+    @app.post(f"{HOSTS_PREFIX}{GPU}/release")
+    async def release_quarantine(host_id: str, bdf: str, body: RelayedRelease) -> GpuView:
+        return await hosts.release_quarantine(host_id, bdf, body.actor, body.reason)
 
     @app.put(f"{PREFIX}/{{app_name}}/volumes/{{volume_id}}/extend")
     async def extend_volume(
@@ -390,7 +412,7 @@ def build_relay_server(
     )
     api = build_api(settings, agent.clock, stores, agent, host, metrics)
     guarded = RelayGuard(
-        relay_app(api.services.machines, api.services.volumes),
+        relay_app(api.services.machines, api.services.volumes, api.services.hosts),
         RelayCredential.of(fleet.sealer, agent.clock),
         settings.max_request_bytes,
         settings.header_timeout_s,
@@ -466,6 +488,9 @@ async def _read_capped(response: httpx.Response, limit: int, host_id: str) -> by
             )
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+GPU_EVENTS: TypeAdapter[list[GpuEvent]] = TypeAdapter(list[GpuEvent])
 
 
 @dataclass(frozen=True)
@@ -674,6 +699,19 @@ class HostRelays:
             2 * RUN_WAIT_S + TRANSFER_MARGIN_S,  # it may wait for a machine to let go first
         )
         return VolumeView.model_validate(await self._json(call))
+
+    def _gpu_path(self, host_id: str, bdf: str, verb: str) -> str:
+        return f"{HOSTS_PREFIX}/{quote(host_id, safe='')}/gpus/{quote(bdf, safe='')}/{verb}"
+
+    async def gpu_events(self, host_id: str, bdf: str) -> list[GpuEvent]:
+        call = _Call(host_id, "", "GET", self._gpu_path(host_id, bdf, "events"), CALL_TIMEOUT_S)
+        return GPU_EVENTS.validate_python(await self._json(call))
+
+    async def release_quarantine(self, host_id: str, bdf: str, actor: str, reason: str) -> GpuView:
+        body = RelayedRelease(actor=actor, reason=reason).model_dump_json().encode()
+        path = self._gpu_path(host_id, bdf, "release")
+        call = _Call(host_id, "", "POST", path, CALL_TIMEOUT_S, body)
+        return GpuView.model_validate(await self._json(call))
 
     def _volume_path(self, volume: Volume, verb: str) -> str:
         return f"{PREFIX}/{quote(volume.app, safe='')}/volumes/{quote(volume.id, safe='')}/{verb}"

@@ -209,10 +209,18 @@ class FleetAgent(Agent):
 class FleetHostService(HostService):
     """Every host of the fleet, from its agent's registration and its claim record."""
 
-    def __init__(self, agent: Agent, host: HostInfo, monitor: HostMonitor, fleet: FleetStores):
+    def __init__(
+        self,
+        agent: Agent,
+        host: HostInfo,
+        monitor: HostMonitor,
+        fleet: FleetStores,
+        relays: HostRelays,
+    ):
         super().__init__(agent, host)
         self._monitor = monitor
         self._fleet = fleet
+        self._relays = relays
 
     def list_hosts(self) -> list[HostView]:
         views = []
@@ -253,11 +261,13 @@ class FleetHostService(HostService):
         ]
         return HostGpusView(host_id=host_id, inventory=None, gpus=views)
 
-    def gpu_events(self, host_id: str, bdf: str) -> list[GpuEvent]:
-        raise _refused("a GPU's event log")
+    async def gpu_events(self, host_id: str, bdf: str) -> list[GpuEvent]:
+        """The GPU's event log, kept by its host's agent (through the relay)."""
+        return await self._relays.gpu_events(host_id, bdf)
 
-    def release_quarantine(self, host_id: str, bdf: str, actor: str, reason: str) -> GpuView:
-        raise _refused("releasing a GPU from quarantine")
+    async def release_quarantine(self, host_id: str, bdf: str, actor: str, reason: str) -> GpuView:
+        """Released by the GPU's host's agent (through the relay), who did it recorded."""
+        return await self._relays.release_quarantine(host_id, bdf, actor, reason)
 
 
 @dataclass
@@ -356,7 +366,7 @@ def build_replica(
         metrics,
         rate_limits,
         placer=placer,
-        hosts=FleetHostService(agent, replica_host, monitor, fleet),
+        hosts=FleetHostService(agent, replica_host, monitor, fleet, relays),
         addresses=fleet_addresses(settings, fleet, monitor),
         remote=relays,
     )

@@ -809,6 +809,22 @@ def test_the_relay_refuses_requests_without_the_fleets_credential(fleet: Fleet) 
         assert client.send(request).status_code == 401  # the same request again: replayed
 
 
+def test_a_gpus_log_and_release_through_a_replica_are_its_hosts_answers(fleet: Fleet) -> None:
+    """A GPU's event log and its release from quarantine go to its host's agent: the host
+    answers for a GPU it does not have (these hosts have none), as on one host."""
+    host_id, bdf = HOSTS[0], "0000:99:00.0"
+    with fleet.api(1) as api:
+        events = api.get(f"/v1/hosts/{host_id}/gpus/{bdf}/events")
+        assert events.status_code == 404, events.text
+        assert host_id in events.json()["error"] and bdf in events.json()["error"]
+        released = api.post(
+            f"/v1/hosts/{host_id}/gpus/{bdf}/release", json={"reason": "reseated the board"}
+        )
+        assert released.status_code == 404, released.text
+        refused = api.post(f"/v1/hosts/{host_id}/gpus/{bdf}/release", json={})
+        assert refused.status_code == 422, refused.text  # checked at the replica first
+
+
 def test_a_stopped_agents_machine_answers_503_naming_its_host(fleet: Fleet) -> None:
     app = new_app(fleet, "gone")
     with fleet.api(0) as api:

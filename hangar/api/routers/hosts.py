@@ -36,7 +36,7 @@ async def host_gpus(services: ServicesDep, host_id: str) -> HostGpusView:
 @router.get("/{host_id}/gpus/{bdf}/events")
 @requires(Scope.OPERATOR)
 async def gpu_events(services: ServicesDep, host_id: str, bdf: str) -> list[GpuEvent]:
-    return services.hosts.gpu_events(host_id, bdf)
+    return await services.hosts.gpu_events(host_id, bdf)
 
 
 @router.post("/{host_id}/gpus/{bdf}/release")
@@ -49,4 +49,4 @@ async def release_quarantine(
     body: Annotated[QuarantineRelease, Body()],
 ) -> GpuView:
     access.note(host=host_id, gpu=bdf)
-    return services.hosts.release_quarantine(host_id, bdf, access.actor, body.reason)
+    return await services.hosts.release_quarantine(host_id, bdf, access.actor, body.reason)

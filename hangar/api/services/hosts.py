@@ -84,13 +84,13 @@ class HostService:
         inventory = devices.inventory() if devices is not None else None
         return HostGpusView(host_id=host_id, inventory=inventory, gpus=self.gpu_views())
 
-    def gpu_events(self, host_id: str, bdf: str) -> list[GpuEvent]:
+    async def gpu_events(self, host_id: str, bdf: str) -> list[GpuEvent]:
         self._require(host_id)
         if self._gpus.get_gpu(bdf) is None:
             raise NotFound(f"GPU {bdf} not found on host {host_id}", field="bdf")
         return self._gpus.list_gpu_events(bdf)
 
-    def release_quarantine(self, host_id: str, bdf: str, actor: str, reason: str) -> GpuView:
+    async def release_quarantine(self, host_id: str, bdf: str, actor: str, reason: str) -> GpuView:
         self._require(host_id)
         self._agent.release_quarantine(bdf, actor=actor, reason=reason)
         return next(view for view in self.gpu_views() if view.bdf == bdf)
