@@ -49,7 +49,7 @@ from hangar.model.machine import ImageRef, Machine
 from hangar.settings import Settings
 from hangar.vmm.accel import choose_accel, gpu_accel
 from hangar.vmm.channels import ChannelLimits
-from hangar.vmm.container import ContainerSpec
+from hangar.vmm.container import ContainerMount, ContainerSpec
 from hangar.vmm.driver import DiskSpec, Driver, VmHandle, VmSpec, VolumeDiskSpec
 from hangar.vmm.errors import QmpError
 from hangar.vmm.guest_exec import ExecResult, GuestProcess
@@ -60,6 +60,7 @@ from hangar.vmm.sandbox import (
     RunscPlatform,
     SandboxDriver,
     SandboxRuntime,
+    bundle_dir,
     find_shims,
     kill_shim,
     rootfs_dir,
@@ -72,6 +73,8 @@ log = logging.getLogger(__name__)
 GPU_PLACEMENT_TIMEOUT_S = 30.0
 """How long the guest's firmware may take to give the GPUs their bus numbers."""
 GPU_PLACEMENT_POLL_S = 0.1
+NETWORK_FILES_DIR = "network"
+"""In a sandbox machine's bundle folder: its ``/etc/resolv.conf`` and ``/etc/hosts``."""
 
 
 def image_limits(settings: Settings) -> ImageLimits:
@@ -322,14 +325,14 @@ class QemuGuestPlatform:
         gpu_part: SandboxGpu | None = None,
     ) -> VmHandleData:
         if machine.tier is Tier.SANDBOX:
-            if gpus is not None or network is not None or volumes:
+            if gpus is not None or volumes:
                 raise Unprocessable(
-                    f"machine {machine.id} runs in the sandbox tier: no whole GPUs, network "
-                    "interface or volumes there",
+                    f"machine {machine.id} runs in the sandbox tier: no whole GPUs or volumes "
+                    "there",
                     field="config.guest.tier",
                 )
             sandbox = self._sandbox_driver(machine.id)
-            spec = await self.sandbox_spec(machine, run_dir, gpu_part)
+            spec = await self.sandbox_spec(machine, run_dir, gpu_part, network)
             return (await sandbox.launch(spec)).model_dump(mode="json")
         spec = await self.vm_spec(machine, run_dir, gpus, network, volumes)
         handle = await self.driver.launch(spec)
@@ -344,10 +347,15 @@ class QemuGuestPlatform:
         return self.sandbox
 
     async def sandbox_spec(
-        self, machine: Machine, run_dir: Path, gpu_part: SandboxGpu | None
+        self,
+        machine: Machine,
+        run_dir: Path,
+        gpu_part: SandboxGpu | None,
+        network: GuestNetwork | None = None,
     ) -> VmSpec:
         """The container a sandbox-tier machine runs: the image's process with the machine's
-        environment and files, in the root folder made for this boot, with its GPU part."""
+        environment and files, in the root folder made for this boot, with its GPU part and,
+        on the private network, its namespace, ``/etc/resolv.conf`` and ``/etc/hosts``."""
         cached = self._cached(machine.image_ref)
         config = machine.config
         image_config = cached.config
@@ -364,6 +372,9 @@ class QemuGuestPlatform:
             )
         uid, gid = await asyncio.to_thread(resolve_user, rootfs, image_config.user)
         part = gpu_part or SandboxGpu()
+        mounts = list(part.mounts)
+        if network is not None:
+            mounts += await asyncio.to_thread(network_mounts, run_dir, network)
         container = ContainerSpec(
             rootfs=rootfs,
             argv=argv,
@@ -373,7 +384,7 @@ class QemuGuestPlatform:
             gid=gid,
             hostname=machine.id,
             devices=part.devices,
-            mounts=part.mounts,
+            mounts=mounts,
             gpu=gpu_part is not None,
         )
         return VmSpec.in_run_dir(
@@ -386,6 +397,7 @@ class QemuGuestPlatform:
             memory_mb=config.guest.memory_mb,
             channel_sockets=False,  # the runtime writes the container's output to the file
             container=container,
+            nic=network.nic if network is not None else None,
         )
 
     def _driver_of(self, handle: VmHandleData) -> Driver:
@@ -522,3 +534,18 @@ def find_vmm_processes(machines_dir: Path) -> dict[int, str]:
                 found[info.pid] = arg[at + len(prefix) :].split(os.sep, 1)[0]
                 break
     return found
+
+
+def network_mounts(run_dir: Path, network: GuestNetwork) -> list[ContainerMount]:
+    """A sandbox machine's network files (``/etc/resolv.conf``, ``/etc/hosts``) written for
+    this boot beside its bundle and bound over the image's (which may be missing, or links),
+    as Docker does; the container may change its copies."""
+    folder = bundle_dir(run_dir) / NETWORK_FILES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    mounts = []
+    for guest_path, text in sorted(network.etc_files.items()):
+        source = folder / guest_path.strip("/").replace("/", "_")
+        source.write_text(text)
+        source.chmod(0o644)
+        mounts.append(ContainerMount(source=source, destination=guest_path, read_only=False))
+    return mounts

@@ -1,8 +1,9 @@
-"""This host's private network as the agent uses it: a machine's tap and the ruleset around
-its boots, the internal DNS service, and reconciliation after a restart.
+"""This host's private network as the agent uses it: a machine's port (a VM's tap, a sandbox
+machine's veth into its own network namespace) and the ruleset around its boots, the internal
+DNS service, and reconciliation after a restart.
 
-Taps and rules are changed one machine at a time (a lock): the ruleset is rendered from the
-taps that exist, so two machines attaching at once must not each load a ruleset that lacks
+Ports and rules are changed one machine at a time (a lock): the ruleset is rendered from the
+ports that exist, so two machines attaching at once must not each load a ruleset that lacks
 the other. Netlink and ``nft`` calls are quick but blocking, so they run in a thread.
 """
 
@@ -13,14 +14,15 @@ import logging
 from collections.abc import Iterable, Mapping, Set
 from ipaddress import IPv6Address
 
+from hangar.agent.platform import GuestNetwork
 from hangar.clock import Clock
 from hangar.errors import NetworkError
 from hangar.model.machine import Machine
+from hangar.net import links
 from hangar.net.attachment import Attachment
 from hangar.net.dns import DnsServer, SnapshotView, dns_record, view_from_records
 from hangar.net.host import HostNetwork
-from hangar.net.links import PeerRoute
-from hangar.vmm.driver import NicSpec
+from hangar.net.links import PeerRoute, PortKind, port_kind
 
 log = logging.getLogger(__name__)
 
@@ -59,37 +61,47 @@ class MachineNetwork:
     def attachment(self, machine: Machine) -> Attachment:
         return self.net.attachment(machine.id, self.org_number_of(machine))
 
-    # a machine's tap and the rules (pyroute2's calls run their own event loop: a thread each)
+    # a machine's port and the rules (pyroute2's calls run their own event loop: a thread each)
     async def attached(self, machine: Machine) -> bool:
         org_number = self.org_number_of(machine)
+        kind = port_kind(machine.tier)
         return await asyncio.to_thread(
-            lambda: self.net.tap_ready(machine.id, org_number) and self.net.rules_current()
+            lambda: self.net.port_ready(machine.id, org_number, kind) and self.net.rules_current()
         )
 
     async def attach(self, machine: Machine) -> Attachment:
         org_number = self.org_number_of(machine)
         async with self._lock:
-            return await asyncio.to_thread(self._attach, machine.id, org_number)
+            return await asyncio.to_thread(
+                self._attach, machine.id, org_number, port_kind(machine.tier)
+            )
 
-    def _attach(self, machine_id: str, org_number: int) -> Attachment:
+    def _attach(self, machine_id: str, org_number: int, kind: PortKind) -> Attachment:
         if not self.net.bridge_ready():
             self.net.ensure_bridge()
-        attachment = self.net.create_tap(machine_id, org_number)
+        attachment = self.net.create_port(machine_id, org_number, kind)
         if not self.net.rules_current():
             self.net.apply_rules()
         return attachment
 
-    async def has_tap(self, machine_id: str) -> bool:
+    async def has_port(self, machine_id: str) -> bool:
+        """Whether the machine has a port, or a namespace, to remove."""
         names = self.net.config.names
-        taps = await asyncio.to_thread(self.net.taps)
-        return any(tap.name == names.tap(machine_id) for tap in taps)
+
+        def found() -> bool:
+            ports = self.net.ports()
+            return any(port.name == names.tap(machine_id) for port in ports) or (
+                links.namespace_exists(names.netns(machine_id))
+            )
+
+        return await asyncio.to_thread(found)
 
     async def detach(self, machine_id: str) -> None:
         async with self._lock:
             await asyncio.to_thread(self._detach, machine_id)
 
     def _detach(self, machine_id: str) -> None:
-        self.net.remove_tap(machine_id)
+        self.net.remove_port(machine_id)
         if not self.net.rules_current():
             self.net.apply_rules()
 
@@ -99,10 +111,22 @@ class MachineNetwork:
         async with self._lock:
             await asyncio.to_thread(self.net.set_fleet, peers, routes)
 
-    async def guest_network(self, machine: Machine) -> tuple[NicSpec, list[str]]:
-        """The NIC and kernel arguments a boot of ``machine`` gets (its tap must exist)."""
+    async def guest_network(self, machine: Machine) -> GuestNetwork:
+        """The NIC a boot of ``machine`` gets (its port must exist): a VM's tap and the kernel
+        arguments its init reads; a sandbox machine's namespace, its addresses and routes put
+        back for this boot, and its ``/etc/resolv.conf`` and ``/etc/hosts``."""
         attachment = await asyncio.to_thread(self.attachment, machine)
-        return self.net.nic(attachment), self.net.guest_kernel_args(attachment)
+        if port_kind(machine.tier) is PortKind.TAP:
+            return GuestNetwork(
+                nic=self.net.nic(attachment), kernel_args=self.net.guest_kernel_args(attachment)
+            )
+        async with self._lock:
+            namespace = await asyncio.to_thread(self.net.prepare_namespace, attachment)
+        return GuestNetwork(
+            nic=self.net.nic(attachment, namespace.path),
+            kernel_args=[],
+            etc_files=self.net.guest_etc_files(attachment, machine.id),
+        )
 
     # the host's side
     async def start(self, owned: Set[str]) -> None:
@@ -110,8 +134,12 @@ class MachineNetwork:
         ruleset current; then the DNS service on the bridge."""
         async with self._lock:
             report = await asyncio.to_thread(self.net.reconcile, owned)
-        if report.removed_taps:
-            log.warning("removed taps no live machine owns: %s", report.removed_taps)
+        if report.removed_ports:
+            log.warning("removed ports no live machine owns: %s", report.removed_ports)
+        if report.removed_namespaces:
+            log.warning(
+                "removed network namespaces no live machine owns: %s", report.removed_namespaces
+            )
         self.dns = DnsServer(view_from_records({}, []), clock=self._clock)
         await self.dns.start(*self.net.dns_endpoint())
 

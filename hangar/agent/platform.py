@@ -25,10 +25,12 @@ VmHandleData = dict[str, Any]
 
 @dataclass(frozen=True)
 class GuestNetwork:
-    """A boot's network interface: the tap's NIC and what the guest's init is told."""
+    """A boot's network interface: the port's NIC and what the guest's init is told (a VM), or
+    the files its root folder gets instead (a sandbox machine: guest path -> content)."""
 
     nic: NicSpec
     kernel_args: list[str]
+    etc_files: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

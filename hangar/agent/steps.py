@@ -135,17 +135,17 @@ class ReleaseClaim:
 
 @dataclass(frozen=True)
 class AttachNetwork:
-    """The machine's tap on the host's bridge, and the ruleset that lets it talk to its org."""
+    """The machine's port on the host's bridge (a VM's tap; a sandbox machine's veth into its
+    own network namespace), and the ruleset that lets it talk to its org."""
 
     host: HostServices
     name: str = "attach_network"
 
     async def should_run(self, ctx: StepContext) -> bool:
         network = self.host.network
-        machine = ctx.machine()
-        if network is None or machine.tier is not Tier.VM:
-            return False  # sandbox machines run with --network=none for now
-        return not await network.attached(machine)
+        if network is None:
+            return False
+        return not await network.attached(ctx.machine())
 
     async def run(self, ctx: StepContext) -> None:
         assert self.host.network is not None
@@ -154,9 +154,9 @@ class AttachNetwork:
 
 @dataclass(frozen=True)
 class DetachNetwork:
-    """No tap for the machine, and a ruleset without it. ``keep_if_restarting``: an exit whose
-    restart policy boots the machine again keeps its tap; ``unless_vm_recorded``: kept while
-    a VM handle is recorded."""
+    """No port (nor namespace) for the machine, and a ruleset without it.
+    ``keep_if_restarting``: an exit whose restart policy boots the machine again keeps its
+    port; ``unless_vm_recorded``: kept while a VM handle is recorded."""
 
     host: HostServices
     keep_if_restarting: bool = False
@@ -169,7 +169,7 @@ class DetachNetwork:
         if self.unless_vm_recorded and ctx.runs.get_vm_handle(ctx.run.machine_id) is not None:
             return False
         network = self.host.network
-        return network is not None and await network.has_tap(ctx.run.machine_id)
+        return network is not None and await network.has_port(ctx.run.machine_id)
 
     async def run(self, ctx: StepContext) -> None:
         assert self.host.network is not None
@@ -304,8 +304,7 @@ async def forget_stale_vm(host: HostServices, ctx: StepContext) -> None:
 async def guest_network(host: HostServices, ctx: StepContext) -> GuestNetwork | None:
     if host.network is None:
         return None
-    nic, kernel_args = await host.network.guest_network(ctx.machine())
-    return GuestNetwork(nic=nic, kernel_args=kernel_args)
+    return await host.network.guest_network(ctx.machine())
 
 
 @dataclass(frozen=True)
@@ -381,7 +380,10 @@ class LaunchVm:
         machine = ctx.machine()
         if machine.tier is Tier.SANDBOX:
             gpu_part = await sandbox_gpu(self.host, ctx.run.machine_id)
-            handle = await self.host.platform.launch(machine, run_dir, None, gpu_part=gpu_part)
+            network = await guest_network(self.host, ctx)
+            handle = await self.host.platform.launch(
+                machine, run_dir, None, network, gpu_part=gpu_part
+            )
             ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
             ctx.run.progress.exit_recorded = False
             return

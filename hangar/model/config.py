@@ -396,7 +396,9 @@ class MachineConfig(FlyModel):
     @model_validator(mode="after")
     def _sandbox_has_no_network_or_volumes_yet(self) -> MachineConfig:
         if self.guest.effective_tier is Tier.SANDBOX:
-            reason = "is not available in the sandbox tier yet (no network, no volumes there)"
+            # Sandbox machines are on the private network; the proxy and health checks have
+            # not been tried against them yet, and volumes are not there.
+            reason = "is not available in the sandbox tier yet (no volumes, services or checks)"
             for name in ("mounts", "services", "checks"):
                 if getattr(self, name):
                     raise UnsupportedField(f"config.{name}", reason)

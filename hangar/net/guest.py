@@ -11,7 +11,10 @@ the initrd), so the egress address may differ from one start to the next.
 - ``hangar.ip4=ADDR/LEN`` and ``hangar.gw4=ADDR``: the egress address and its gateway (absent
   on a host without egress).
 
-Init also maps the machine's hostname to the private address in ``/etc/hosts``.
+Init also maps the machine's hostname to the private address in ``/etc/hosts``. A sandbox
+machine has no init of ours: its root folder gets the same two files
+(:func:`guest_etc_files`), and its namespace's ``eth0`` the same addresses and routes
+(:meth:`hangar.net.host.HostNetwork.namespace`).
 """
 
 from __future__ import annotations
@@ -34,3 +37,17 @@ def guest_kernel_args(attachment: Attachment, plan: AddressPlan) -> list[str]:
             f"{Key.NET_GW4}={plan.egress_gateway}",
         ]
     return args
+
+
+RESOLV_CONF = "/etc/resolv.conf"
+HOSTS = "/etc/hosts"
+_LOCALHOST = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+def guest_etc_files(attachment: Attachment, plan: AddressPlan, hostname: str) -> dict[str, str]:
+    """``/etc/resolv.conf`` naming the private DNS service alone, and ``/etc/hosts`` mapping
+    ``hostname`` to the machine's private address: what init writes in a VM."""
+    return {
+        RESOLV_CONF: f"nameserver {plan.dns_address}\n",
+        HOSTS: f"{_LOCALHOST}{attachment.ip6}\t{hostname}\n",
+    }

@@ -1,10 +1,12 @@
-"""One host's private network, as the agent's steps use it: the bridge, a tap per machine,
-the ruleset, and reconciliation. Each operation has a check ("should I run?") and is safe to
-repeat after a crash at any point.
+"""One host's private network, as the agent's steps use it: the bridge, a port per machine
+(a VM's tap, or a sandbox machine's veth into a network namespace of its own), the ruleset,
+and reconciliation. Each operation has a check ("should I run?") and is safe to repeat after a
+crash at any point.
 
-The taps are the record of which machine is attached (their aliases hold the attachments), and
-the ruleset is always rendered from the taps that exist, so a tap and its rules can never be
-owned by different records. Settings (``HANGAR_NET_*``): :meth:`HostNetConfig.from_settings`.
+The ports are the record of which machine is attached (their aliases hold the attachments),
+and the ruleset is always rendered from the ports that exist, so a port and its rules can never
+be owned by different records; a namespace is kept only for a machine a record owns.
+Settings (``HANGAR_NET_*``): :meth:`HostNetConfig.from_settings`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Address, IPv6Interface
+from pathlib import Path
 
 from hangar.errors import NetworkError
 from hangar.net import firewall, links
 from hangar.net.addressing import (
     GATEWAY_LINK_LOCAL,
+    HOST_PREFIX_LEN,
     LINK_LOCAL_PREFIX_LEN,
     AddressPlan,
     bridge_mac,
@@ -25,8 +29,15 @@ from hangar.net.addressing import (
     machine_mac,
 )
 from hangar.net.attachment import Attachment
-from hangar.net.guest import guest_kernel_args
-from hangar.net.links import BridgeConfig, LinkNames, PeerRoute, TapState
+from hangar.net.guest import guest_etc_files, guest_kernel_args
+from hangar.net.links import (
+    BridgeConfig,
+    LinkNames,
+    NamespaceConfig,
+    PeerRoute,
+    PortKind,
+    PortState,
+)
 from hangar.settings import Settings
 from hangar.vmm.driver import NicSpec
 
@@ -84,9 +95,11 @@ def _underlay(text: str) -> IPv6Address | None:
 
 @dataclass(frozen=True)
 class ReconcileReport:
-    removed_taps: list[str]
-    """Taps no record owned, or half-made ones, now gone."""
+    removed_ports: list[str]
+    """Ports no record owned, or half-made ones, now gone."""
     rules_applied: bool
+    removed_namespaces: list[str] = field(default_factory=list)
+    """Network namespaces no record owned, now gone."""
 
 
 class HostNetwork:
@@ -144,27 +157,27 @@ class HostNetwork:
     def ensure_bridge(self) -> None:
         links.ensure_bridge(self.bridge_config())
 
-    # taps
-    def taps(self) -> list[TapState]:
-        return links.list_taps(self.config.names)
+    # ports
+    def ports(self) -> list[PortState]:
+        return links.list_ports(self.config.names)
 
     def attachments(self) -> list[Attachment]:
-        """The machines attached now: whole taps on this host's bridge."""
+        """The machines attached now: whole ports on this host's bridge."""
         return [
-            tap.attachment
-            for tap in self.taps()
-            if tap.attachment is not None and tap.master == self.bridge
+            port.attachment
+            for port in self.ports()
+            if port.attachment is not None and port.master == self.bridge
         ]
 
     def attachment(self, machine_id: str, org_number: int) -> Attachment:
-        """Where the machine is (or would be) attached. Its tap, MAC and ``private_ip`` follow
-        from its id, org and this host; its egress address is kept while its tap exists and
-        otherwise chosen past the other taps' addresses."""
+        """Where the machine is (or would be) attached. Its port, MAC and ``private_ip``
+        follow from its id, org and this host; its egress address is kept while its port
+        exists and otherwise chosen past the other ports' addresses."""
         tap = self.config.names.tap(machine_id)
         ip6 = self.plan.machine_address(org_number, self.config.host_number, machine_id)
         ip4 = None
         if self.config.egress:
-            current = links.tap_state(tap)
+            current = links.port_state(tap)
             held = current.attachment if current is not None else None
             if (
                 held is not None
@@ -189,20 +202,53 @@ class HostNetwork:
             ip4=ip4,
         )
 
-    def tap_ready(self, machine_id: str, org_number: int) -> bool:
-        return links.tap_ready(self.attachment(machine_id, org_number), self.bridge)
+    def namespace(self, attachment: Attachment) -> NamespaceConfig:
+        """A sandbox machine's namespace and its ``eth0``'s addresses and routes (what a VM's
+        init is told on its kernel command line)."""
+        plan = self.plan
+        ip4 = gateway4 = None
+        if attachment.ip4 is not None:
+            ip4 = IPv4Interface(f"{attachment.ip4}/{plan.egress_subnet.prefixlen}")
+            gateway4 = plan.egress_gateway
+        return NamespaceConfig(
+            name=self.config.names.netns(attachment.machine_id),
+            ip6=IPv6Interface(f"{attachment.ip6}/{HOST_PREFIX_LEN}"),
+            gateway6=GATEWAY_LINK_LOCAL,
+            ip4=ip4,
+            gateway4=gateway4,
+        )
 
-    def create_tap(self, machine_id: str, org_number: int) -> Attachment:
-        """Create (or repair) the machine's tap on the bridge; return its attachment.
+    def _namespace_for(self, attachment: Attachment, kind: PortKind) -> NamespaceConfig | None:
+        return self.namespace(attachment) if kind is PortKind.VETH else None
+
+    def port_ready(self, machine_id: str, org_number: int, kind: PortKind = PortKind.TAP) -> bool:
+        attachment = self.attachment(machine_id, org_number)
+        return links.port_ready(
+            attachment, self.bridge, kind, self._namespace_for(attachment, kind)
+        )
+
+    def create_port(
+        self, machine_id: str, org_number: int, kind: PortKind = PortKind.TAP
+    ) -> Attachment:
+        """Create (or repair) the machine's port on the bridge; return its attachment.
         Raises :class:`NetworkError` if another attached machine has the same address."""
         attachment = self.attachment(machine_id, org_number)
         others = [a for a in self.attachments() if a.machine_id != machine_id]
         firewall.check_attachments([*others, attachment])
-        links.create_tap(attachment, self.bridge)
+        links.create_port(attachment, self.bridge, kind, self._namespace_for(attachment, kind))
         return attachment
 
-    def remove_tap(self, machine_id: str) -> bool:
-        return links.remove_tap(self.config.names.tap(machine_id))
+    def remove_port(self, machine_id: str) -> bool:
+        """The machine's port, whichever kind, and its namespace if it has one."""
+        names = self.config.names
+        return links.remove_port(names.tap(machine_id), names.netns(machine_id))
+
+    def prepare_namespace(self, attachment: Attachment) -> NamespaceConfig:
+        """Before a sandbox boot: its namespace's addresses and routes back (the last boot's
+        netstack took them); return the namespace."""
+        namespace = self.namespace(attachment)
+        links.configure_namespace(namespace)
+        return namespace
 
     # rules
     def policy(self, attached: Sequence[Attachment]) -> firewall.FirewallPolicy:
@@ -241,7 +287,7 @@ class HostNetwork:
             self.apply_rules()
 
     def render_rules(self, attached: Sequence[Attachment] | None = None) -> str:
-        """The ruleset for ``attached`` (default: the machines whose taps exist now)."""
+        """The ruleset for ``attached`` (default: the machines whose ports exist now)."""
         machines = self.attachments() if attached is None else attached
         return firewall.render_ruleset(self.policy(machines), machines)
 
@@ -249,7 +295,7 @@ class HostNetwork:
         return firewall.ruleset_current(self.config.table, self.render_rules())
 
     def apply_rules(self) -> None:
-        """Replace the ruleset with one rendered from the taps there are now."""
+        """Replace the ruleset with one rendered from the ports there are now."""
         firewall.apply_ruleset(self.render_rules())
 
     def dns_endpoint(self) -> tuple[str, int]:
@@ -257,40 +303,68 @@ class HostNetwork:
         return str(self.plan.dns_address), self.config.dns_port
 
     # the guest's view
-    def nic(self, attachment: Attachment) -> NicSpec:
-        return NicSpec(tap=attachment.tap, mac=attachment.mac)
+    def nic(self, attachment: Attachment, namespace: Path | None = None) -> NicSpec:
+        """The NIC a boot gets: a VM's tap, or a sandbox's namespace (``namespace``: its
+        path, which the container's runtime joins)."""
+        return NicSpec(tap=attachment.tap, mac=attachment.mac, netns=namespace)
 
     def guest_kernel_args(self, attachment: Attachment) -> list[str]:
         return guest_kernel_args(attachment, self.plan)
 
+    def guest_etc_files(self, attachment: Attachment, hostname: str) -> dict[str, str]:
+        """A sandbox machine's ``/etc/resolv.conf`` and ``/etc/hosts`` (a VM's init writes
+        the same from its kernel arguments)."""
+        return guest_etc_files(attachment, self.plan, hostname)
+
     # recovery
     def reconcile(self, owned: Set[str]) -> ReconcileReport:
-        """After an agent start: bring the bridge back, remove every tap no record owns
+        """After an agent start: bring the bridge back, remove every port no record owns
         (``owned``: ids of the machines that should be attached) and every half-made one, put
-        owned taps that fell off the bridge back on it, and load the ruleset for what remains."""
+        owned ports that fell off the bridge back on it, remove every network namespace no
+        owned machine's veth (or port to come) needs, and load the ruleset for what remains."""
         self.ensure_bridge()
+        names = self.config.names
         removed: list[str] = []
-        for tap in self.taps():
-            attachment = tap.attachment
+        taps: dict[str, PortKind] = {}
+        for port in self.ports():
+            attachment = port.attachment
             if (
                 attachment is None
                 or attachment.machine_id not in owned
-                or attachment.tap != tap.name
+                or attachment.tap != port.name
             ):
-                if links.remove_tap(tap.name):
-                    removed.append(tap.name)
-            elif tap.master != self.bridge or not tap.up:
-                links.create_tap(attachment, self.bridge)
+                if links.remove_port(port.name):
+                    removed.append(port.name)
+                continue
+            taps[attachment.machine_id] = port.kind
+            if port.master != self.bridge or not port.up:
+                links.create_port(
+                    attachment, self.bridge, port.kind, self._namespace_for(attachment, port.kind)
+                )
+        needed = {
+            names.netns(machine_id)
+            for machine_id in owned
+            if taps.get(machine_id, PortKind.VETH) is PortKind.VETH
+        }
+        removed_namespaces = [
+            name
+            for name in links.list_namespaces(names)
+            if name not in needed and links.remove_namespace(name)
+        ]
         applied = not self.rules_current()
         if applied:
             self.apply_rules()
-        return ReconcileReport(removed_taps=removed, rules_applied=applied)
+        return ReconcileReport(
+            removed_ports=removed, rules_applied=applied, removed_namespaces=removed_namespaces
+        )
 
     def teardown(self) -> None:
-        """Remove every tap, the peer routes, the ruleset and the bridge (tests, and a host
-        leaving service)."""
-        for tap in self.taps():
-            links.remove_tap(tap.name)
+        """Remove every port and namespace, the peer routes, the ruleset and the bridge (tests,
+        and a host leaving service)."""
+        for port in self.ports():
+            links.remove_port(port.name)
+        for name in links.list_namespaces(self.config.names):
+            links.remove_namespace(name)
         if self.config.underlay is not None:
             links.sync_peer_routes(set())
         firewall.remove_ruleset(self.config.table)

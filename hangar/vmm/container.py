@@ -88,11 +88,14 @@ class ContainerSpec(BaseModel):
         return value
 
 
-def oci_config(spec: ContainerSpec, *, cpus: int, memory_mb: int) -> dict[str, Any]:
+def oci_config(
+    spec: ContainerSpec, *, cpus: int, memory_mb: int, netns: Path | None = None
+) -> dict[str, Any]:
     """The bundle's ``config.json`` (OCI runtime spec): namespaces of its own (network
-    included: the container has no interface but loopback), no capabilities beyond the
-    runtime's defaults for root, its devices allowed and nothing else, its CPU and memory
-    caps."""
+    included: without ``netns`` the container has no interface but loopback; with it, it
+    joins that network namespace, where the host put its port's other end), no capabilities
+    beyond the runtime's defaults for root, its devices allowed and nothing else, its CPU and
+    memory caps."""
     env = {"PATH": DEFAULT_PATH, "HOSTNAME": spec.hostname, **spec.env}
     devices = [
         {
@@ -175,7 +178,10 @@ def oci_config(spec: ContainerSpec, *, cpus: int, memory_mb: int) -> dict[str, A
         "hostname": spec.hostname,
         "mounts": mounts,
         "linux": {
-            "namespaces": [{"type": kind} for kind in ("pid", "ipc", "uts", "mount", "network")],
+            "namespaces": [
+                *({"type": kind} for kind in ("pid", "ipc", "uts", "mount")),
+                {"type": "network"} if netns is None else {"type": "network", "path": str(netns)},
+            ],
             "devices": devices,
             "resources": {
                 "devices": [{"allow": False, "access": "rwm"}, *allowed],
@@ -193,11 +199,14 @@ def oci_config(spec: ContainerSpec, *, cpus: int, memory_mb: int) -> dict[str, A
     }
 
 
-def write_bundle(bundle: Path, spec: ContainerSpec, *, cpus: int, memory_mb: int) -> Path:
+def write_bundle(
+    bundle: Path, spec: ContainerSpec, *, cpus: int, memory_mb: int, netns: Path | None = None
+) -> Path:
     """Write ``bundle/config.json`` for ``spec`` (atomically); return its path."""
     bundle.mkdir(parents=True, exist_ok=True)
     path = bundle / CONFIG_NAME
     partial = path.with_name(CONFIG_NAME + ".partial")
-    partial.write_text(json.dumps(oci_config(spec, cpus=cpus, memory_mb=memory_mb), indent=1))
+    config = oci_config(spec, cpus=cpus, memory_mb=memory_mb, netns=netns)
+    partial.write_text(json.dumps(config, indent=1))
     partial.rename(path)
     return path

@@ -83,12 +83,17 @@ MacAddress = Annotated[str, AfterValidator(_mac)]
 
 class NicSpec(BaseModel):
     """The machine's network interface: a tap the host made (``hangar.net``), and the MAC the
-    guest's virtio-net device gets (the host's firewall accepts frames only from it)."""
+    guest's virtio-net device gets (the host's firewall accepts frames only from it). A
+    sandbox-tier machine's port is a veth instead, whose other end (``eth0``, with that MAC)
+    is in the network namespace ``netns``, which its container joins."""
 
     model_config = ConfigDict(frozen=True)
 
     tap: InterfaceName
     mac: MacAddress
+    netns: Path | None = Field(
+        default=None, description="a sandbox's network namespace (a file under /run/netns)"
+    )
 
 
 class VolumeDiskSpec(BaseModel):
@@ -194,9 +199,11 @@ class VmSpec(BaseModel):
         if self.container is None and (self.kernel is None or self.initrd is None):
             raise ValueError("a VM needs a kernel and an initrd")
         if self.container is not None and (
-            self.kernel is not None or self.gpus or self.gpu_topology or self.nic
+            self.kernel is not None or self.gpus or self.gpu_topology
         ):
-            raise ValueError("a container has no kernel, PCI GPUs or NIC of its own")
+            raise ValueError("a container has no kernel or PCI GPUs of its own")
+        if self.nic is not None and (self.container is not None) != (self.nic.netns is not None):
+            raise ValueError("a container's NIC is a network namespace; a VM's is a tap alone")
         return self
 
     @property

@@ -65,17 +65,36 @@ BUNDLE_DIR = RunDir.BUNDLE
 ROOTFS_DIR = "rootfs"
 
 # $1 runtime, $2 state root, $3 bundle, $4 container id, $5 console log, $6 control log,
-# $7 runtime log, then the runtime's global flags.
+# $7 runtime log, $8 1 to hide /proc/sys/net from the runtime (NETNS_SYSCTL_MASK), then the
+# runtime's global flags.
 _SHIM = r"""
-runtime=$1 root=$2 bundle=$3 id=$4 console=$5 ctl=$6 rlog=$7
-shift 7
-"$runtime" --root "$root" --log "$rlog" --log-format json "$@" run --bundle "$bundle" "$id" \
-    >>"$console" 2>&1 </dev/null
+runtime=$1 root=$2 bundle=$3 id=$4 console=$5 ctl=$6 rlog=$7 mask=$8
+shift 8
+set -- "$runtime" --root "$root" --log "$rlog" --log-format json "$@" run --bundle "$bundle" "$id"
+if [ "$mask" = 1 ]; then
+    set -- unshare --mount --propagation private /bin/sh -c '
+        mount -t tmpfs -o ro,size=4k,mode=555 hangar-netmask /proc/sys/net || {
+            printf "{\"level\":\"error\",\"msg\":\"cannot hide /proc/sys/net\"}\n" >>"$1"
+            exit 125
+        }
+        shift; exec "$@"' hangar-netmask "$rlog" "$@"
+fi
+"$@" >>"$console" 2>&1 </dev/null
 code=$?
 printf '{"type":"exit","code":%d}\n' "$code" >>"$ctl"
 "$runtime" --root "$root" delete --force "$id" >/dev/null 2>&1
 exit "$code"
 """
+
+
+NETNS_SYSCTL_MASK = True
+"""runsc (2024-07-29, the one packaged) refuses ``--network=sandbox`` in any namespace where
+``/proc/sys/net/core/rmem_default`` exists, taking that for the root namespace; kernels since
+about 6.11 show that file in every namespace (gVisor issue 10704). So the runtime of a
+machine with a namespace runs in a mount namespace of its own with a read-only empty
+``/proc/sys/net``: the check looks at the namespace the machine's host end leads to (never
+the root one: the OCI spec names it), and nothing else of the runtime reads that folder under
+netstack."""
 
 
 class SandboxRuntime(StrEnum):
@@ -143,7 +162,10 @@ class SandboxDriver:
         """The runtime's flags for this spec (after ``--root`` and ``--log``)."""
         if self.runtime is SandboxRuntime.RUNC:
             return []
-        flags = ["--network=none", f"--platform={self.platform.value}"]
+        # With a NIC, gVisor's own network stack (netstack) takes the namespace's eth0, its
+        # addresses and routes: the container's sockets never reach the host's kernel.
+        network = "none" if spec.nic is None else "sandbox"
+        flags = [f"--network={network}", f"--platform={self.platform.value}"]
         container = spec.container
         if container is not None and container.gpu:
             flags.append("--nvproxy")
@@ -169,6 +191,14 @@ class SandboxDriver:
                 machine_id=spec.machine_id,
                 field="rootfs",
             )
+        netns = spec.nic.netns if spec.nic is not None else None
+        if netns is not None and not netns.exists():
+            raise VmmError(
+                f"machine {spec.machine_id}: its network namespace {netns} is missing",
+                machine_id=spec.machine_id,
+                field="nic",
+                retryable=True,
+            )
         for mount in container.mounts:
             if not mount.source.exists():
                 raise VmmError(
@@ -189,8 +219,17 @@ class SandboxDriver:
             str(spec.console_log),
             str(spec.control_log),
             str(spec.vmm_log),
+            "1" if self._masks_net_sysctls(spec) else "0",
             *self.global_flags(spec),
         ]
+
+    def _masks_net_sysctls(self, spec: VmSpec) -> bool:
+        return (
+            NETNS_SYSCTL_MASK
+            and self.runtime is SandboxRuntime.RUNSC
+            and spec.nic is not None
+            and spec.nic.netns is not None
+        )
 
     async def launch(self, spec: VmSpec) -> VmHandle:
         if spec.incoming_snapshot is not None:
@@ -206,6 +245,7 @@ class SandboxDriver:
             spec.container,
             cpus=spec.cpus,
             memory_mb=spec.memory_mb,
+            netns=spec.nic.netns if spec.nic is not None else None,
         )
         self._state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         # What a launch cut short left behind under this id.

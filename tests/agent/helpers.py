@@ -15,7 +15,11 @@ from hangar.agent.placement import HostPlacement
 from hangar.agent.platform import GuestPlatform
 from hangar.model.host import HostInfo
 from hangar.model.run import RunRequest
+from hangar.net import links
+from hangar.net.links import LinkNames, PortKind
 from hangar.scheduler import InMemoryClaimStore
+from hangar.server_process import ServerProcess
+from hangar.settings import env_name
 from hangar.store.protocol import GpuStore
 
 BOOT_TIMEOUT_S = 180
@@ -100,3 +104,21 @@ def vmm_pids(home: Path, machine_id: str) -> list[int]:
 
 def console_text(api: httpx.Client, app_name: str, machine_id: str) -> str:
     return api.get(machine_path(app_name, machine_id) + "/logs").text
+
+
+def machine_port(server: ServerProcess, machine_id: str) -> tuple[PortKind | None, bool]:
+    """The kind of the machine's port on the server's private network (None: it has none), and
+    whether its network namespace exists."""
+    names = LinkNames(server.extra_env[env_name("net_link_prefix")])
+    state = links.port_state(names.tap(machine_id))
+    return (
+        state.kind if state is not None else None,
+        links.namespace_exists(names.netns(machine_id)),
+    )
+
+
+def expected_port(tier: str, running: bool) -> tuple[PortKind | None, bool]:
+    """What :func:`machine_port` says of a machine in ``tier``, running or not."""
+    if not running:
+        return None, False
+    return (PortKind.VETH, True) if tier == "sandbox" else (PortKind.TAP, False)

@@ -15,7 +15,15 @@ from hangar.agent.engine import CRASH_AFTER_STEP_FILE_ENV
 from hangar.model.guest_contract import RunDir
 from hangar.model.run import DestroyRequest, StartRequest, StopRequest
 from hangar.server_process import ServerProcess
-from tests.agent.helpers import machine_path, run_machine, step_names, vmm_pids, wait_state
+from tests.agent.helpers import (
+    expected_port,
+    machine_path,
+    machine_port,
+    run_machine,
+    step_names,
+    vmm_pids,
+    wait_state,
+)
 from tests.conftest import running_server
 
 pytestmark = pytest.mark.slow
@@ -31,10 +39,8 @@ SANDBOX_NO_OPS = frozenset(
         "prepare_nvlink",
         "prepare_root_disk",
         "prepare_initrd",
-        "attach_network",
         "map_gpu_addresses",
         "collect_gpu_xids",
-        "detach_network",
         "detach_volumes",
     }
 )
@@ -91,7 +97,11 @@ def crash_during(server: ServerProcess, operation: str, step: str, request: http
     server.start()
 
 
-def assert_no_leaks(home: Path, machine_id: str, running: bool, tier: str = "vm") -> None:
+def assert_no_leaks(
+    server: ServerProcess, machine_id: str, running: bool, tier: str = "vm"
+) -> None:
+    home = server.home
+    assert machine_port(server, machine_id) == expected_port(tier, running)
     pids = vmm_pids(home, machine_id)
     run_dir = home / "machines" / machine_id
     root = run_dir / ("bundle/rootfs" if tier == "sandbox" else RunDir.ROOT_DISK)
@@ -136,7 +146,7 @@ def test_crash_during_start(
     with crash_server.client() as api:
         wait_state(api, APP, machine_id, "started")
         _wait_runs_idle(api, machine_id)
-        assert_no_leaks(crash_server.home, machine_id, running=True, tier=tier)
+        assert_no_leaks(crash_server, machine_id, running=True, tier=tier)
         _destroy(api, crash_server, machine_id)
 
 
@@ -161,7 +171,7 @@ def test_crash_during_stop(
     with crash_server.client() as api:
         wait_state(api, APP, machine_id, "stopped")
         _wait_runs_idle(api, machine_id)
-        assert_no_leaks(crash_server.home, machine_id, running=False, tier=tier)
+        assert_no_leaks(crash_server, machine_id, running=False, tier=tier)
         _destroy(api, crash_server, machine_id)
 
 
@@ -184,7 +194,7 @@ def test_crash_during_destroy(
     with crash_server.client() as api:
         wait_state(api, APP, machine_id, "destroyed")
         _wait_runs_idle(api, machine_id)
-    assert_no_leaks(crash_server.home, machine_id, running=False, tier=tier)
+    assert_no_leaks(crash_server, machine_id, running=False, tier=tier)
     assert not (crash_server.home / "machines" / machine_id).exists()
 
 
@@ -216,7 +226,7 @@ def test_a_crash_right_after_apply_config_keeps_version_and_instance_together(
         assert after["config"]["metadata"] == {"updated": "yes"}
         assert int(after["version"]) == int(before["version"]) + 1
         assert after["instance_id"] != before["instance_id"]
-        assert_no_leaks(crash_server.home, machine_id, running=True)
+        assert_no_leaks(crash_server, machine_id, running=True)
         _destroy(api, crash_server, machine_id)
 
 

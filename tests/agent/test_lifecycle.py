@@ -17,7 +17,9 @@ from hangar.server_process import ServerProcess
 from tests.agent.helpers import (
     console_text,
     exit_events,
+    expected_port,
     machine_path,
+    machine_port,
     run_machine,
     vmm_pids,
     wait_exit_recorded,
@@ -94,11 +96,14 @@ def test_stop_signals_the_process_and_start_boots_a_fresh_disk(
     )
     wait_state(api, app_name, machine_id, "started")
     assert len(vmm_pids(shared_server.home, machine_id)) == 1
+    # A VM's port is a tap; a sandbox machine's a veth into its own network namespace.
+    assert machine_port(shared_server, machine_id) == expected_port(tier, running=True)
     base = machine_path(app_name, machine_id)
     _wait_console(api, app_name, machine_id, READY_LINE)
     response = api.post(f"{base}/stop", json={"signal": "SIGTERM", "timeout": "20s"})
     assert response.status_code == 200, response.text
     wait_state(api, app_name, machine_id, "stopped")
+    assert machine_port(shared_server, machine_id) == expected_port(tier, running=False)
     [exit_event] = exit_events(api, app_name, machine_id)
     assert exit_event["exit_code"] == 42
     assert exit_event["requested_stop"] is True

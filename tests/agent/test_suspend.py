@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from hangar.model.guest_contract import RunDir
-from hangar.net.links import LinkNames, tap_state
+from hangar.net.links import LinkNames, port_state
 from hangar.server_process import ServerProcess
 from hangar.settings import DATABASE, env_name
 from tests.agent.helpers import console_text, machine_path, run_machine, vmm_pids, wait_state
@@ -78,7 +78,7 @@ def claims_of(server: ServerProcess, machine_id: str) -> list[str]:
 
 def has_tap(server: ServerProcess, machine_id: str) -> bool:
     names = LinkNames(server.extra_env[env_name("net_link_prefix")])
-    return tap_state(names.tap(machine_id)) is not None
+    return port_state(names.tap(machine_id)) is not None
 
 
 def uptime_s(api: httpx.Client, machine: Booted) -> float:

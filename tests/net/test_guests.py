@@ -170,7 +170,7 @@ def _boot(
     argv: list[str],
     base: Path,
 ) -> Guest:
-    attachment = network.create_tap(machine_id, org_number)
+    attachment = network.create_port(machine_id, org_number)
     run_dir = base / name
     run_dir.mkdir()
     config = GuestRunConfig(machine_id=machine_id, argv=argv, hostname=machine_id)
@@ -297,7 +297,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def _assert_torn_down(network: HostNetwork) -> None:
-    assert network.taps() == []
+    assert network.ports() == []
     assert not firewall.table_exists("inet", network.config.table)
     assert not firewall.table_exists("bridge", network.config.table)
     assert not links.remove_bridge(network.bridge)

@@ -18,9 +18,9 @@ from hangar.clock import SystemClock
 from hangar.errors import Unprocessable, VmmError
 from hangar.images.root_tree import resolve_user, write_into_root
 from hangar.settings import Settings
-from hangar.vmm.container import ContainerSpec
+from hangar.vmm.container import ContainerSpec, oci_config
 from hangar.vmm.control import read_control_events
-from hangar.vmm.driver import StopOutcome, VmSpec
+from hangar.vmm.driver import NicSpec, StopOutcome, VmSpec
 from hangar.vmm.proc import read_process
 from hangar.vmm.sandbox import (
     SandboxDriver,
@@ -236,3 +236,51 @@ async def _wait_for(condition: object, timeout_s: float = 30.0) -> None:
             pass
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+def test_a_sandbox_on_the_private_network_joins_its_namespace_with_netstack(
+    tmp_path: Path,
+) -> None:
+    netns = tmp_path / "netns"
+    netns.touch()
+    plain = busybox_spec(tmp_path, ["true"])
+    spec = plain.model_copy(
+        update={"nic": NicSpec(tap="hgt0", mac="02:00:00:00:00:01", netns=netns)}
+    )
+    runsc = SandboxDriver(binary=str(RUNSC), state_root=tmp_path / "state")
+    runc = SandboxDriver(binary="runc", state_root=tmp_path / "state", runtime=SandboxRuntime.RUNC)
+
+    assert "--network=none" in runsc.global_flags(plain)
+    assert "--network=sandbox" in runsc.global_flags(spec)
+    assert runc.global_flags(spec) == []
+    # the shim's 8th word: run runsc with /proc/sys/net hidden (gVisor issue 10704)
+    assert runsc.prepare(spec)[11] == "1" and runsc.prepare(plain)[11] == "0"
+    assert runc.prepare(spec)[11] == "0"
+    assert spec.container is not None
+    namespaces = oci_config(spec.container, cpus=1, memory_mb=64, netns=netns)["linux"][
+        "namespaces"
+    ]
+    assert {"type": "network", "path": str(netns)} in namespaces
+    default = oci_config(spec.container, cpus=1, memory_mb=64)["linux"]["namespaces"]
+    assert {"type": "network"} in default
+    netns.unlink()
+    with pytest.raises(VmmError, match="network namespace"):
+        runsc.prepare(spec)
+
+
+def test_a_container_nic_is_a_namespace_and_a_vm_nic_a_tap(tmp_path: Path) -> None:
+    spec = busybox_spec(tmp_path, ["true"])
+    with pytest.raises(ValueError, match="network namespace"):
+        spec.model_validate(
+            {**spec.model_dump(), "nic": {"tap": "hgt0", "mac": "02:00:00:00:00:01"}}
+        )
+    vm = {
+        **spec.model_dump(),
+        "container": None,
+        "kernel": tmp_path / "k",
+        "initrd": tmp_path / "i",
+        "nic": {"tap": "hgt0", "mac": "02:00:00:00:00:01", "netns": str(tmp_path)},
+    }
+    with pytest.raises(ValueError, match="network namespace"):
+        VmSpec.model_validate(vm)
+    assert VmSpec.model_validate({**vm, "nic": {"tap": "hgt0", "mac": "02:00:00:00:00:01"}}).nic
