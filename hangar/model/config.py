@@ -394,14 +394,11 @@ class MachineConfig(FlyModel):
         return data
 
     @model_validator(mode="after")
-    def _sandbox_has_no_network_or_volumes_yet(self) -> MachineConfig:
-        if self.guest.effective_tier is Tier.SANDBOX:
-            # Sandbox machines are on the private network; the proxy and health checks have
-            # not been tried against them yet, and volumes are not there.
-            reason = "is not available in the sandbox tier yet (no volumes, services or checks)"
-            for name in ("mounts", "services", "checks"):
-                if getattr(self, name):
-                    raise UnsupportedField(f"config.{name}", reason)
+    def _sandbox_has_no_volumes_yet(self) -> MachineConfig:
+        if self.guest.effective_tier is Tier.SANDBOX and self.mounts:
+            # Sandbox machines are on the private network (services and checks reach them as
+            # they reach VMs); volumes are not there yet.
+            raise UnsupportedField("config.mounts", "is not available in the sandbox tier yet")
         return self
 
     @field_validator("mounts")

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.agent.helpers import console_text, machine_path, wait_state
-from tests.conftest import kill_vmms_under
+from tests.conftest import RUNSC, kill_vmms_under
 from tests.fixtures.inprocess import InProcessServer
 
 pytestmark = pytest.mark.slow
@@ -123,10 +123,15 @@ def world(tmp_path_factory: pytest.TempPathFactory, test_image: str) -> Iterator
     threading.Thread(target=listener.serve_forever, daemon=True).start()
     try:
         with (
-            InProcessServer(home, proxy_port_map={80: 0}, proxy_idle_stop_s=8.0) as server,
+            InProcessServer(
+                home, proxy_port_map={80: 0}, proxy_idle_stop_s=8.0, runsc=RUNSC
+            ) as server,
             server.client() as api,
         ):
-            orgs = {"acme": ["web", "client", "sleepy", "dozy"], "rival": ["intruder"]}
+            orgs = {
+                "acme": ["web", "client", "sleepy", "dozy", "sandweb"],
+                "rival": ["intruder"],
+            }
             for org, apps in orgs.items():
                 assert api.post("/v1/orgs", json={"slug": org}).status_code == 201
                 for app in apps:
@@ -206,6 +211,34 @@ def test_the_proxy_routes_by_host_and_balances(world: World) -> None:
     served = {world.proxy_get().text.strip() for _ in range(8)}
     assert served == {f"hello from {machine_id}" for machine_id in world.web}
     assert world.proxy_get(host="nothing.localhost").status_code == 404
+
+
+def test_a_sandbox_machine_serves_through_the_proxy_and_passes_its_check(
+    world: World, test_image: str
+) -> None:
+    """The sandbox tier is on the private network as VMs are: the health check reaches the
+    machine's address and the proxy forwards to it."""
+    machine_id = create(
+        world.api, "sandweb", SERVE, image=test_image, services=[SERVICE], guest={"tier": "sandbox"}
+    )
+    try:
+        wait_state(world.api, "sandweb", machine_id, "started")
+        assert machine(world, "sandweb", machine_id)["config"]["guest"]["tier"] == "sandbox"
+        until(
+            lambda: [
+                c
+                for c in machine(world, "sandweb", machine_id)["checks"]
+                if c["status"] == "passing"
+            ],
+            "the sandbox machine's check passes",
+        )
+        served = until(
+            lambda: (r := world.proxy_get(host="sandweb.localhost")).status_code == 200 and r.text,
+            "the proxy serves the sandbox machine",
+        )
+        assert served.startswith("hello from")
+    finally:
+        world.api.delete(machine_path("sandweb", machine_id), params={"force": "true"})
 
 
 def test_idle_machines_stop_down_to_min_machines_running_and_a_request_wakes_one(
