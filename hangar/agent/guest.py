@@ -166,7 +166,7 @@ class QemuGuestPlatform:
             image_workers=ImageWorkers(settings.image_workers, settings.image_workers_per_org),
             machines_dir=settings.machines_dir,
             image_observer=image_observer,
-            sandbox=sandbox_driver(settings),
+            sandbox=sandbox_driver(settings, channels),
         )
 
     def images_in_use(self) -> set[str]:
@@ -495,9 +495,9 @@ class QemuGuestPlatform:
             os.kill(pid, signal.SIGKILL)
 
 
-def sandbox_driver(settings: Settings) -> SandboxDriver:
+def sandbox_driver(settings: Settings, channels: ChannelLimits | None = None) -> SandboxDriver:
     """The sandbox tier's driver as the settings ask: gVisor's runsc unless the operator
-    chose runc."""
+    chose runc; its consoles bounded as VMs' are (``channels``)."""
     runtime = SandboxRuntime(settings.sandbox_runtime)
     if runtime is SandboxRuntime.RUNC:
         binary: Path | str = "runc"
@@ -508,6 +508,7 @@ def sandbox_driver(settings: Settings) -> SandboxDriver:
         state_root=state_root_for(settings.machines_dir, runtime),
         runtime=runtime,
         platform=RunscPlatform(settings.runsc_platform),
+        channel_limits=channels,
     )
 
 

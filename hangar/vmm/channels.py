@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import logging
 import os
@@ -106,6 +107,33 @@ class _ConsoleSink:
 
     def close(self) -> None:
         self._file.close()
+
+
+def pump_console(
+    source: io.BufferedIOBase,
+    path: Path,
+    limits: ChannelLimits,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Copy ``source`` (a process's output, to its end) into the console log at ``path`` with
+    a VM console's bounds: the same two rotated halves, read at most ``rate_bytes`` a second
+    (past it the pipe is not read for a while, so the writer waits, as a VM's UART does)."""
+    sink = _ConsoleSink(path, limits)
+    bucket = _Bucket(limits.rate_bytes, limits.burst_bytes, clock())
+    try:
+        while True:
+            allowed = bucket.available(clock())
+            if allowed < 1:
+                sleep(bucket.wait_s())
+                continue
+            data = source.read1(min(READ_CHUNK, allowed))
+            if not data:
+                return
+            bucket.spend(len(data))
+            sink.write(data)
+    finally:
+        sink.close()
 
 
 class _ControlSink:

@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -37,6 +38,7 @@ from typing import Any
 from hangar.clock import Clock, SystemClock
 from hangar.errors import Unprocessable, VmmError
 from hangar.model.guest_contract import EXEC_OUTPUT_CAP, RunDir
+from hangar.vmm.channels import ChannelLimits
 from hangar.vmm.container import CONFIG_NAME, write_bundle
 from hangar.vmm.deadline import run_with_deadline
 from hangar.vmm.driver import StopOutcome, VmHandle, VmSpec, VmStatus
@@ -65,11 +67,13 @@ BUNDLE_DIR = RunDir.BUNDLE
 ROOTFS_DIR = "rootfs"
 
 # $1 runtime, $2 state root, $3 bundle, $4 container id, $5 console log, $6 control log,
-# $7 runtime log, $8 1 to hide /proc/sys/net from the runtime (NETNS_SYSCTL_MASK), then the
-# runtime's global flags.
+# $7 runtime log, $8 1 to hide /proc/sys/net from the runtime (NETNS_SYSCTL_MASK), $9 the
+# Python that writes the console with its bounds (``hangar.vmm.console_pipe``), $10 the bytes
+# it keeps, $11 the bytes a second it takes, then the runtime's global flags.
 _SHIM = r"""
-runtime=$1 root=$2 bundle=$3 id=$4 console=$5 ctl=$6 rlog=$7 mask=$8
-shift 8
+runtime=$1 root=$2 bundle=$3 id=$4 console=$5 ctl=$6 rlog=$7 mask=$8 py=$9
+cmax=${10} crate=${11}
+shift 11
 set -- "$runtime" --root "$root" --log "$rlog" --log-format json "$@" run --bundle "$bundle" "$id"
 if [ "$mask" = 1 ]; then
     set -- unshare --mount --propagation private /bin/sh -c '
@@ -79,8 +83,10 @@ if [ "$mask" = 1 ]; then
         }
         shift; exec "$@"' hangar-netmask "$rlog" "$@"
 fi
-"$@" >>"$console" 2>&1 </dev/null
-code=$?
+{ "$@" 2>&1 </dev/null; echo "$?" >"$ctl.code"; } |
+    "$py" -m hangar.vmm.console_pipe "$console" "$cmax" "$crate"
+code=$(cat "$ctl.code" 2>/dev/null || echo 255)
+rm -f "$ctl.code"
 printf '{"type":"exit","code":%d}\n' "$code" >>"$ctl"
 "$runtime" --root "$root" delete --force "$id" >/dev/null 2>&1
 exit "$code"
@@ -147,7 +153,11 @@ class SandboxDriver:
         platform: RunscPlatform = RunscPlatform.SYSTRAP,
         clock: Clock | None = None,
         timeouts: SandboxTimeouts | None = None,
+        channel_limits: ChannelLimits | None = None,
+        python: str = sys.executable,
     ) -> None:
+        """``channel_limits``: the console's bounds, a VM's (its size and rate);
+        ``python``: the interpreter that runs the console writer."""
         self.runtime = runtime
         self.name = runtime.value
         self.platform = platform
@@ -156,6 +166,8 @@ class SandboxDriver:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._timeouts = timeouts if timeouts is not None else SandboxTimeouts()
         self._children = Children("shim")
+        self._channel_limits = channel_limits if channel_limits is not None else ChannelLimits()
+        self._python = python
 
     # launching
     def global_flags(self, spec: VmSpec) -> list[str]:
@@ -220,6 +232,9 @@ class SandboxDriver:
             str(spec.control_log),
             str(spec.vmm_log),
             "1" if self._masks_net_sysctls(spec) else "0",
+            self._python,
+            str(self._channel_limits.console_max_bytes),
+            str(self._channel_limits.rate_bytes),
             *self.global_flags(spec),
         ]
 

@@ -3,6 +3,7 @@ rate, kept with a bounded size, parsed off the event loop, and a flood is logged
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hangar.vmm.channels import ChannelLimits, ChannelPump, previous_console_log
+from hangar.vmm.channels import ChannelLimits, ChannelPump, previous_console_log, pump_console
 from hangar.vmm.control import read_control_events
 
 KIB = 1024
@@ -105,3 +106,27 @@ def test_control_lines_are_parsed_bounded_and_a_flood_logged_once(
     floods = [r for r in caplog.records if "flood from m1" in r.getMessage()]
     assert len(floods) == 1, [r.getMessage() for r in floods]
     pump.close()
+
+
+def test_a_piped_console_keeps_its_bound_and_its_rate(tmp_path: Path) -> None:
+    """The sandbox shim's console writer: 1 MiB in, at most the bound kept in two halves (the
+    newest output whole), and the pipe read no faster than the rate (time injected)."""
+    lines = b"".join(f"line {n:06d} {'x' * 80}\n".encode() for n in range(12_000))
+    path = tmp_path / "console.log"
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    limits = ChannelLimits(
+        console_max_bytes=256 * 1024, rate_bytes=512 * 1024, burst_bytes=128 * 1024
+    )
+    pump_console(io.BufferedReader(io.BytesIO(lines)), path, limits, lambda: now[0], sleep)
+    kept = path.read_bytes()
+    previous = previous_console_log(path).read_bytes()
+    assert len(kept) + len(previous) <= 256 * 1024 + 64 * 1024
+    assert (previous + kept).endswith(lines[-1000:])
+    # 1 MiB at 512 KiB/s after a 128 KiB burst: about 1.75 s of waiting, not less.
+    assert sum(slept) >= (len(lines) - 128 * 1024) / (512 * 1024) - 0.05

@@ -18,6 +18,7 @@ from hangar.clock import SystemClock
 from hangar.errors import Unprocessable, VmmError
 from hangar.images.root_tree import resolve_user, write_into_root
 from hangar.settings import Settings
+from hangar.vmm.channels import ChannelLimits, previous_console_log
 from hangar.vmm.container import ContainerSpec, oci_config
 from hangar.vmm.control import read_control_events
 from hangar.vmm.driver import NicSpec, StopOutcome, VmSpec
@@ -284,3 +285,38 @@ def test_a_container_nic_is_a_namespace_and_a_vm_nic_a_tap(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="network namespace"):
         VmSpec.model_validate(vm)
     assert VmSpec.model_validate({**vm, "nic": {"tap": "hgt0", "mac": "02:00:00:00:00:01"}}).nic
+
+
+def test_a_flooding_container_keeps_a_bounded_console(tmp_path: Path) -> None:
+    """A container writing 2 MB keeps only its console bound (the newest output) and still
+    reports its exit code: its output goes through the console writer, as a VM's does."""
+    machines = tmp_path / "machines"
+    machines.mkdir()
+    bound = 256 * 1024
+    driver = SandboxDriver(
+        binary=runtime_binary(SandboxRuntime.RUNSC),
+        state_root=state_root_for(machines, SandboxRuntime.RUNSC),
+        timeouts=SandboxTimeouts(launch_s=30, kill_grace_s=10),
+        channel_limits=ChannelLimits(console_max_bytes=bound, rate_bytes=64 * 1024 * 1024),
+    )
+    flood = 'i=0; while [ $i -lt 20000 ]; do echo "flood $i $PAD"; i=$((i + 1)); done; exit 3'
+    spec = busybox_spec(tmp_path, ["sh", "-c", flood], env={"PAD": "x" * 90})
+
+    async def run() -> None:
+        handle = await driver.launch(spec)
+        try:
+            await wait_exited(driver, spec, handle.pid)
+            assert (await driver.status(handle)).exit_code == 3
+        finally:
+            await driver.kill(handle)
+
+    try:
+        asyncio.run(run())
+    finally:
+        for pid in find_shims(machines):
+            os.killpg(pid, 9)
+        shutil.rmtree(state_root_for(machines, SandboxRuntime.RUNSC), ignore_errors=True)
+    kept = spec.console_log.read_bytes() + previous_console_log(spec.console_log).read_bytes()
+    assert 0 < len(kept) <= bound + 64 * 1024
+    assert b"flood 19999 " in kept
+    assert read_control_events(spec.control_log)[-1] == {"type": "exit", "code": 3}
