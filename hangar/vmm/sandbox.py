@@ -83,10 +83,17 @@ if [ "$mask" = 1 ]; then
         }
         shift; exec "$@"' hangar-netmask "$rlog" "$@"
 fi
-{ "$@" 2>&1 </dev/null; echo "$?" >"$ctl.code"; } |
-    "$py" -m hangar.vmm.console_pipe "$console" "$cmax" "$crate"
-code=$(cat "$ctl.code" 2>/dev/null || echo 255)
-rm -f "$ctl.code"
+# The console writer reads a FIFO (no subshell of this script's command line: the agent finds
+# shims by it, and this one alone must match).
+fifo=$ctl.pipe
+rm -f "$fifo"
+mkfifo -m 600 "$fifo" || exit 125
+"$py" -m hangar.vmm.console_pipe "$console" "$cmax" "$crate" <"$fifo" &
+writer=$!
+"$@" >"$fifo" 2>&1 </dev/null
+code=$?
+wait "$writer"
+rm -f "$fifo"
 printf '{"type":"exit","code":%d}\n' "$code" >>"$ctl"
 "$runtime" --root "$root" delete --force "$id" >/dev/null 2>&1
 exit "$code"
