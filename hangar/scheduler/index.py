@@ -23,6 +23,14 @@ be taken and a GPU left without CPU is lost, so each free GPU reserves ``CPU_BOU
 times as much. CPU-light GPU machines then fill the CPU-poor hosts first and CPU-only machines
 keep off the CPU those hosts' GPUs need.
 
+A CPU-bound region also reverses steps 4 and 5 inside a kind: GPU machines spread (idle hosts
+first, then the hosts with the most whole GPUs free) instead of packing (``spreads``). There the
+CPU, not the GPUs, runs out: a host kept whole keeps its CPU, and since a request that fits is
+never refused, CPU-only machines (CPU-heavy, no GPU) end up taking that CPU when nothing else
+is left. Spreading hands the GPU machines that CPU first and leaves no large CPU holes behind,
+so late CPU-only machines fail to fit rather than GPU machines. Between kinds the order is
+unchanged (the kind whose best host is fullest goes first), and MIG slices still pack.
+
 A MIG slice goes to a free instance of its profile on a GPU already in MIG mode when there is
 one (pack cut GPUs), else to an idle GPU whose layout has the profile, on the busiest host
 (fewest whole GPUs free, not an idle host when another will do). Shares and whole GPUs take
@@ -221,6 +229,8 @@ class PlacementIndex:
         self._fleet: dict[str, _Fleet] = {}
         self._cpu_reserve: dict[str, float] = {}
         """Region -> milli-CPUs each free milli-GPU reserves (the profile's, or more)."""
+        self._spread: set[str] = set()
+        """CPU-bound regions, where GPU machines spread over hosts instead of packing."""
 
     # -- maintenance ---------------------------------------------------------------------
 
@@ -275,10 +285,21 @@ class PlacementIndex:
             cpu += fleet.other_cpu
         return demand >= cpu
 
+    def spreads(self, region: str) -> bool:
+        """Whether GPU machines in ``region`` spread over hosts (it was CPU-bound when last
+        checked) instead of packing them (see the module docstring)."""
+        return region in self._spread
+
     def _refresh_cpu_mode(self, region: str) -> None:
-        """Set the region's CPU reserve; when it changes, derive its hosts again."""
+        """Set the region's CPU reserve and spreading; when the reserve changes, derive its
+        hosts again."""
         base = self.profile.cpu_per_gpu_milli
-        reserve = base * CPU_BOUND_RESERVE if self.cpu_bound(region) else base
+        bound = self.cpu_bound(region)
+        if bound:
+            self._spread.add(region)
+        else:
+            self._spread.discard(region)
+        reserve = base * CPU_BOUND_RESERVE if bound else base
         if reserve == self.cpu_reserve(region):
             return
         self._cpu_reserve[region] = reserve
@@ -398,11 +419,12 @@ class PlacementIndex:
         self, buckets: _KindBuckets, request: PlacementRequest, region: str
     ) -> tuple[tuple[float, int, bool, int, Rank], Choice] | None:
         reserve = self.cpu_reserve(region)
+        spread = region in self._spread
         if request.gpus:
             wanted = request.gpus
             eligible = {key: ranks for key, ranks in buckets.whole.items() if key[1] >= wanted}
             hit = self._best_in_buckets(
-                eligible, request, request.gpus * MILLI_PER_GPU, wanted, reserve
+                eligible, request, request.gpus * MILLI_PER_GPU, wanted, reserve, spread
             )
             if hit is None:
                 return None
@@ -413,7 +435,7 @@ class PlacementIndex:
         share = request.gpu_milli
         cost = self.profile.share_gap_cost
         for gap in sorted((g for g in buckets.gaps if g >= share), key=lambda g: cost(g, share)):
-            hit = self._best_in_buckets(buckets.gaps[gap], request, share, 0, reserve)
+            hit = self._best_in_buckets(buckets.gaps[gap], request, share, 0, reserve, spread)
             if hit is not None:
                 effect, entry = hit
                 fresh = 1 if gap == MILLI_PER_GPU else 0
@@ -428,12 +450,14 @@ class PlacementIndex:
         gpu_milli: int,
         min_group: int,
         reserve: float,
+        spread: bool,
     ) -> tuple[int, HostEntry] | None:
-        """The best host among ``buckets`` by (CPU effect, idle, whole free, rank)."""
+        """The best host among ``buckets`` by (CPU effect, idle, whole free, rank), or with
+        ``spread`` by (CPU effect, not idle, most whole free, rank)."""
         if not buckets:
             return None
         delta = request.cpu_milli - reserve * gpu_milli
-        keys = sorted(buckets)
+        keys = sorted(buckets, key=_spread_order) if spread else sorted(buckets)
         passes: list[
             tuple[int, Callable[[tuple[bool, int, bool]], bool], Callable[[HostEntry], bool] | None]
         ]
@@ -651,6 +675,12 @@ class PlacementIndex:
             position = bisect_left(ordered, (entry.surplus, entry.rank))
             if position < len(ordered) and ordered[position] == (entry.surplus, entry.rank):
                 del ordered[position]
+
+
+def _spread_order(key: tuple[bool, int, bool]) -> tuple[bool, int, bool]:
+    """A kind's buckets in spreading order: idle hosts first, then most whole free GPUs."""
+    idle, whole_free, starved = key
+    return (not idle, -whole_free, starved)
 
 
 def _discard(buckets: Buckets, key: tuple[bool, int, bool], rank: Rank) -> None:

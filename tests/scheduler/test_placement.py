@@ -194,6 +194,32 @@ def test_when_cpu_binds_cpu_light_machines_fill_cpu_poor_hosts_first() -> None:
     assert bound.index.cpu_reserve("ord") == pytest.approx(13)
 
 
+def test_when_cpu_binds_gpu_machines_spread_over_the_kinds_hosts() -> None:
+    def busy(host_id: str, gpus: int, cores: int) -> HostState:
+        """96 cores and 8 GPUs, ``gpus`` of them and ``cores`` cores already taken."""
+        host = gpu_host(host_id, gpus=8, cpu=96, allow_cpu_machines=True)
+        return host.with_claim(Claim(f"{host_id}-m", cores * 1000, 1024, tuple(range(gpus)), 1000))
+
+    def fleet(idle: bool) -> tuple[HostState, ...]:
+        # every host short of CPU for its free GPUs either way: only the order differs
+        hosts = (busy("gpu-1", 6, 80), busy("gpu-2", 2, 40))
+        return (
+            (*hosts, gpu_host("gpu-3", gpus=8, cpu=96, allow_cpu_machines=True)) if idle else hosts
+        )
+
+    # 10 + 1 cores a GPU wanted, 288 / 24 GPUs = 12 there: GPUs run out first, pack
+    relaxed = scheduler(*fleet(idle=True), profile=cpu_heavy_profile(8))
+    assert relaxed.place(whole("m", cpu=4)).host_id == "gpu-1"
+    assert not relaxed.index.spreads("ord")
+    # 10 + 12 cores a GPU wanted: CPU runs out first; idle hosts first, then most whole free
+    bound = scheduler(*fleet(idle=True), profile=cpu_heavy_profile(96))
+    assert bound.place(whole("m", cpu=4)).host_id == "gpu-3"
+    assert bound.index.spreads("ord")
+    bound = scheduler(*fleet(idle=False), profile=cpu_heavy_profile(96))
+    assert bound.place(whole("m", cpu=4)).host_id == "gpu-2"
+    assert bound.place(share("s", milli=500, cpu=2)).host_id == "gpu-2"
+
+
 def test_cpu_only_demand_counts_only_where_it_shares_the_gpu_hosts() -> None:
     dedicated = scheduler(
         gpu_host("gpu-1", gpus=8, cpu=96),
