@@ -48,21 +48,26 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-# `make test` runs the suite as two pytest processes at once: the quick in-process tests
-# (QUICK_TESTS: schedulers, stores, the API and web app in process) beside the rest (guests
-# under TCG, which keep one core busy and leave the other mostly idle). Every test makes its
-# own names, ports and homes, and the shared cache's entries are locked, so the two never
-# meet. The quick half's output follows the other's. With PYTEST_ARGS, one process runs them.
-QUICK_TESTS = tests/scheduler tests/model tests/devices tests/store tests/metrics tests/web tests/api
+# `make test` runs the suite as two pytest processes at once: BESIDE_TESTS (schedulers, stores,
+# the API and web app in process, pure unit tests, and the fleet's module, which boots few
+# guests) beside the rest (guests under TCG, which keep one core busy and leave the other
+# mostly idle). Every test makes its own names, ports, namespaces and homes, and the shared
+# cache's entries are locked, so the two never meet. The second process's output follows the
+# first's. With PYTEST_ARGS, one process runs them.
+BESIDE_TESTS = tests/scheduler tests/model tests/devices tests/store tests/metrics tests/web \
+	tests/api tests/fleet tests/proxy tests/net/test_addressing.py tests/net/test_dns.py \
+	tests/images/test_reference.py tests/images/test_run_config.py tests/vmm/test_qemu_argv.py \
+	tests/vmm/test_volume_argv.py tests/vmm/test_accel.py tests/vmm/test_gpu_topology.py \
+	tests/llm/test_pool.py tests/agent/test_engine.py tests/test_settings.py tests/test_layers.py
 
 unit: deps runsc venv bytecode
 ifeq ($(strip $(PYTEST_ARGS)),)
 	@log=$$(mktemp); \
-	$(PYTHON) -m pytest -p no:cacheprovider $(QUICK_TESTS) >"$$log" 2>&1 & quick=$$!; \
+	$(PYTHON) -m pytest -p no:cacheprovider $(BESIDE_TESTS) >"$$log" 2>&1 & quick=$$!; \
 	status=0; \
-	$(PYTHON) -m pytest $(addprefix --ignore=,$(QUICK_TESTS)) || status=$$?; \
+	$(PYTHON) -m pytest $(addprefix --ignore=,$(BESIDE_TESTS)) || status=$$?; \
 	wait $$quick || status=$$?; \
-	echo "=== the quick tests, run beside the others: $(QUICK_TESTS)"; \
+	echo "=== the tests run beside the others: $(BESIDE_TESTS)"; \
 	cat "$$log"; rm -f "$$log"; \
 	exit $$status
 else
