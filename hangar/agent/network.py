@@ -102,7 +102,9 @@ class MachineNetwork:
 
     def _detach(self, machine_id: str) -> None:
         self.net.remove_port(machine_id)
-        if not self.net.rules_current():
+        # Without a bridge (the network was taken down) no rules are owed; loading them would
+        # leave tables no bridge uses (the next start's reconcile makes both).
+        if self.net.bridge_present() and not self.net.rules_current():
             self.net.apply_rules()
 
     async def set_fleet(self, peers: frozenset[IPv6Address], routes: frozenset[PeerRoute]) -> None:

@@ -93,7 +93,7 @@ class FleetNetwork:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.applied: tuple[frozenset[IPv6Address], frozenset[PeerRoute]] | None = None
-        """The peers and routes last made current (tests and ``hangar`` status read it)."""
+        """The peers and routes last made current (None: not yet)."""
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -151,6 +151,10 @@ class HostNetwork:
             return None
         return self.config.egress_interface or links.default_route_interface()
 
+    def bridge_present(self) -> bool:
+        """Is the bridge there at all (whatever its state)?"""
+        return links.link_exists(self.bridge)
+
     def bridge_ready(self) -> bool:
         return links.bridge_ready(self.bridge_config())
 

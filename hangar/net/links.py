@@ -254,6 +254,11 @@ def _routes(ipr: IPRoute, index: int) -> set[IPv6Network]:
     return found
 
 
+def link_exists(name: str) -> bool:
+    with _netlink("read a link", link=name) as ipr:
+        return _index(ipr, name) is not None
+
+
 def bridge_ready(config: BridgeConfig) -> bool:
     """Is the bridge there, up, with its MAC, addresses, routes and switches?"""
     with _netlink("read the bridge", bridge=config.name) as ipr:

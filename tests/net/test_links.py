@@ -3,6 +3,7 @@ reconciliation of ``HostNetwork`` on this host's kernel."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
+from hangar.agent.network import MachineNetwork
+from hangar.clock import SystemClock
 from hangar.errors import NetworkError
 from hangar.model.config import Tier
 from hangar.net import firewall, links
@@ -420,3 +423,20 @@ def test_a_sandbox_crash_after_any_step_leaves_nothing_behind(
     assert links.list_namespaces(network.config.names) == []
     assert loaded_taps(network) == set()
     assert network.rules_current()
+
+
+def test_a_detach_after_the_network_was_taken_down_leaves_no_tables(
+    network: HostNetwork,
+) -> None:
+    """A machine let go after its host's network was removed (a server shutting down) must not
+    load the ruleset again: no bridge, no tables."""
+    network.ensure_bridge()
+    network.create_port("m1", ORG)
+    network.apply_rules()
+    network.teardown()
+
+    asyncio.run(MachineNetwork(network, SystemClock()).detach("m1"))
+
+    assert not firewall.table_exists("inet", network.config.table)
+    assert not firewall.table_exists("bridge", network.config.table)
+    assert not network.bridge_present()
