@@ -259,6 +259,23 @@ def link_exists(name: str) -> bool:
         return _index(ipr, name) is not None
 
 
+def _add_missing_addresses(
+    ipr: Any, index: int, wanted: Sequence[IPv4Interface | IPv6Interface]
+) -> None:
+    """Give link ``index`` each of ``wanted`` it lacks (no duplicate detection: the host's
+    rules already vouch for every address)."""
+    present = _addresses(ipr, index)
+    for address in wanted:
+        if address not in present:
+            ipr.addr(
+                "add",
+                index=index,
+                address=str(address.ip),
+                prefixlen=address.network.prefixlen,
+                flags=IFA_F_NODAD,
+            )
+
+
 def bridge_ready(config: BridgeConfig) -> bool:
     """Is the bridge there, up, with its MAC, addresses, routes and switches?"""
     with _netlink("read the bridge", bridge=config.name) as ipr:
@@ -298,16 +315,7 @@ def ensure_bridge(config: BridgeConfig) -> None:
         for path, value in _bridge_sysctls(config).items():
             write_sysctl(path, value)
         ipr.link("set", index=index, state="up")
-        present = _addresses(ipr, index)
-        for address in config.addresses:
-            if address not in present:
-                ipr.addr(
-                    "add",
-                    index=index,
-                    address=str(address.ip),
-                    prefixlen=address.network.prefixlen,
-                    flags=IFA_F_NODAD,
-                )
+        _add_missing_addresses(ipr, index, config.addresses)
         for route in config.routes:
             ipr.route(
                 "replace",
@@ -428,19 +436,10 @@ def configure_namespace(config: NamespaceConfig) -> None:
             )
         ns.link("set", index=loopback, state="up")
         ns.link("set", index=index, state="up")
-        present = _addresses(ns, index)
         wanted: list[IPv4Interface | IPv6Interface] = [config.ip6]
         if config.ip4 is not None:
             wanted.append(config.ip4)
-        for address in wanted:
-            if address not in present:
-                ns.addr(
-                    "add",
-                    index=index,
-                    address=str(address.ip),
-                    prefixlen=address.network.prefixlen,
-                    flags=IFA_F_NODAD,
-                )
+        _add_missing_addresses(ns, index, wanted)
         ns.route(
             "replace", dst="::/0", gateway=str(config.gateway6), oif=index, family=socket.AF_INET6
         )

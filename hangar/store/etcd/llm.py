@@ -46,7 +46,7 @@ from hangar.store.etcd.client import (
 )
 from hangar.store.etcd.keys import KeyLayout, unsegment
 from hangar.store.etcd.records import answer_kv, with_retries
-from hangar.store.etcd.sealed import Sealer
+from hangar.store.etcd.sealed import Sealer, open_hash_index
 
 KEY_HASH_KIND = "llm-key-hash"
 HOUR_S = 3600
@@ -213,12 +213,8 @@ class EtcdLlmStore:
 
     def key_by_hash(self, secret_hash: str) -> ApiKey | None:
         lookup = self._sealer.lookup_name(secret_hash.encode(), KEY_HASH_KIND)
-        hash_key = self._hash_key(lookup)
-        kv = self._client.get(hash_key)
-        if kv is None:
-            return None
-        opened = json.loads(self._sealer.open(kv.value, hash_key))
-        if opened.get("hash") != secret_hash:
+        opened = open_hash_index(self._client, self._sealer, self._hash_key(lookup), secret_hash)
+        if opened is None:
             return None
         record = self._client.get(self._key_record(str(opened["deployment"]), str(opened["id"])))
         if record is None:

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -149,6 +151,18 @@ class Sealer:
         """A keyed digest of ``data`` (hex), stable for one master key: a name to find a
         sealed value by its content without storing the content in clear."""
         return hmac.new(self._keys[0].index, purpose.encode() + b"\0" + data, "sha256").hexdigest()
+
+
+def open_hash_index(
+    client: EtcdClient, sealer: Sealer, key: str, secret_hash: str
+) -> dict[str, Any] | None:
+    """The sealed index record at ``key`` (found by a keyed digest of ``secret_hash``) if it
+    holds that very hash; None when it is absent or holds another's (a digest collision)."""
+    kv = client.get(key)
+    if kv is None:
+        return None
+    opened: dict[str, Any] = json.loads(sealer.open(kv.value, key))
+    return opened if opened.get("hash") == secret_hash else None
 
 
 class SealedValues:

@@ -24,7 +24,7 @@ from hangar.model.machine import new_ulid
 from hangar.store.etcd.client import MAX_TXN_OPS, Compare, Delete, EtcdClient, Put, Range, Txn
 from hangar.store.etcd.keys import KeyLayout
 from hangar.store.etcd.records import answer_kv, with_retries
-from hangar.store.etcd.sealed import Sealer
+from hangar.store.etcd.sealed import Sealer, open_hash_index
 from hangar.store.protocol import ApiToken, AuditRecord, Org, OrgQuotas
 
 TOKEN_HASH_KIND = "token-hash"
@@ -131,14 +131,10 @@ class EtcdTenancyStore:
             raise Conflict(f"token {token.id} already exists", token_id=token.id)
 
     def token_by_hash(self, secret_hash: str) -> ApiToken | None:
-        hash_key = self._hash_key(secret_hash)
-        kv = self._client.get(hash_key)
-        if kv is None:
-            return None
-        opened = json.loads(self._sealer.open(kv.value, hash_key))
-        if opened.get("hash") != secret_hash:
-            return None
-        return self.get_token(str(opened["id"]))
+        opened = open_hash_index(
+            self._client, self._sealer, self._hash_key(secret_hash), secret_hash
+        )
+        return None if opened is None else self.get_token(str(opened["id"]))
 
     def get_token(self, token_id: str) -> ApiToken | None:
         kv = self._client.get(self._token_key(token_id))
