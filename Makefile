@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PYTHON := $(VENV)/bin/python
-APT_PACKAGES := qemu-system-x86 qemu-utils skopeo umoci e2fsprogs busybox-static docker-registry cpio \
+APT_PACKAGES := qemu-system-x86 qemu-system-common qemu-utils mount skopeo umoci e2fsprogs busybox-static docker-registry cpio \
 	kmod nftables ca-certificates python3-venv haproxy wrk nginx-light iproute2 gcc libc6-dev \
 	etcd-server chromium tmux cmake g++ make runc
 PYTEST_ARGS ?=

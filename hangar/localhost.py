@@ -1,8 +1,18 @@
-"""Loopback helpers for the servers hangar starts on this host for tests and benchmarks."""
+"""This host's small shared resources: loopback ports for the servers hangar starts for tests
+and benchmarks, and short state folders under ``/run`` for what holds unix sockets."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
+from pathlib import Path
+
+
+def short_state_dir(base: Path, owner: Path, prefix: str = "") -> Path:
+    """A folder under ``base`` for the state of ``owner`` (a hangar home's folder): short,
+    since unix socket paths are limited to 107 bytes, and distinct per owner folder."""
+    digest = hashlib.sha256(str(owner.resolve()).encode()).hexdigest()[:12]
+    return base / f"{prefix}{digest}"
 
 
 def free_port() -> int:

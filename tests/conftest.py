@@ -98,17 +98,23 @@ def registry_image(registry: str, oci_layout: Path) -> str:
     return reference
 
 
-def kill_vmms_under(home: Path) -> None:
+def kill_vmms_under(home: Path, volumes_dir: Path | None = None) -> None:
     """Teardown safety net: no QEMU or sandbox started under ``home`` may outlive the test
-    session."""
+    session, nor any volume mounted on the host for one (``volumes_dir``: where its volumes
+    live, when not ``home/volumes``)."""
     from hangar.agent.guest import find_vmm_processes
     from hangar.vmm.sandbox import find_shims, kill_shim
+    from hangar.volumes.host_mount import HostMounts, state_root_for
 
     for pid in find_vmm_processes(home / "machines"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     for pid in find_shims(home / "machines"):
         kill_shim(pid)
+    mounts = HostMounts(state_root_for(volumes_dir or home / "volumes"))
+    for volume_id in mounts.owners():
+        with contextlib.suppress(Exception):
+            mounts.unmount(volume_id)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from hangar.agent.slices import shared_gpus
 from hangar.agent.steps import boot_files_exist, new_run, unlink_boot_files
 from hangar.agent.volume_watch import VolumeWatch
 from hangar.clock import Clock
-from hangar.errors import NotFound, PreconditionFailed
+from hangar.errors import HangarError, NotFound, PreconditionFailed
 from hangar.model.gpu import GpuState
 from hangar.model.machine import Machine, MachineState, host_event
 from hangar.model.run import ExitRequest, RunRecord, RunRequest, RunStatus
@@ -351,6 +351,7 @@ class Agent:
             else:
                 # Adopting a VM that still runs reads its console and control port again.
                 await self.platform.alive(handle)
+        await self._unmount_orphan_volumes()
         self._settle_suspended()
         self._remove_orphan_files()
         self._reconcile_claims()
@@ -370,6 +371,25 @@ class Agent:
             log.info("resuming run %s (%s of %s)", run.id, run.operation, run.machine_id)
         for machine_id in {run.machine_id for run in self.runs.list_runs(unfinished_only=True)}:
             self._drive(machine_id)
+
+    async def _unmount_orphan_volumes(self) -> None:
+        """Volumes mounted on this host for a sandbox machine whose container is not
+        recorded as running, and that no run is working on, are unmounted."""
+        volumes = self.host.volumes
+        if volumes is None:
+            return
+        handles = self.runs.list_vm_handles()
+        owners = set(volumes.host.mounts.owners().values())
+        for machine_id in sorted(owners):
+            if machine_id in handles or self.has_unfinished_run(machine_id):
+                continue
+            log.warning("unmounting the volumes of %s: its container is gone", machine_id)
+            try:
+                await volumes.unmount_from_host(machine_id)
+            except HangarError:
+                log.exception("volumes of %s not unmounted", machine_id)
+                continue
+            self._repaired("unmount_orphan_volumes", machine_id)
 
     def _repaired(self, action: str, machine_id: str) -> None:
         if self._on_repair is None:

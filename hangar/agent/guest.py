@@ -323,16 +323,17 @@ class QemuGuestPlatform:
         network: GuestNetwork | None = None,
         volumes: Sequence[VolumeDiskSpec] = (),
         gpu_part: SandboxGpu | None = None,
+        volume_binds: Sequence[ContainerMount] = (),
     ) -> VmHandleData:
         if machine.tier is Tier.SANDBOX:
             if gpus is not None or volumes:
                 raise Unprocessable(
-                    f"machine {machine.id} runs in the sandbox tier: no whole GPUs or volumes "
-                    "there",
+                    f"machine {machine.id} runs in the sandbox tier: no whole GPUs or volume "
+                    "disks there (its volumes are mounted by the host)",
                     field="config.guest.tier",
                 )
             sandbox = self._sandbox_driver(machine.id)
-            spec = await self.sandbox_spec(machine, run_dir, gpu_part, network)
+            spec = await self.sandbox_spec(machine, run_dir, gpu_part, network, volume_binds)
             return (await sandbox.launch(spec)).model_dump(mode="json")
         spec = await self.vm_spec(machine, run_dir, gpus, network, volumes)
         handle = await self.driver.launch(spec)
@@ -352,10 +353,12 @@ class QemuGuestPlatform:
         run_dir: Path,
         gpu_part: SandboxGpu | None,
         network: GuestNetwork | None = None,
+        volume_binds: Sequence[ContainerMount] = (),
     ) -> VmSpec:
         """The container a sandbox-tier machine runs: the image's process with the machine's
-        environment and files, in the root folder made for this boot, with its GPU part and,
-        on the private network, its namespace, ``/etc/resolv.conf`` and ``/etc/hosts``."""
+        environment and files, in the root folder made for this boot, with its GPU part, its
+        volumes (``volume_binds``: mounted by the host) and, on the private network, its
+        namespace, ``/etc/resolv.conf`` and ``/etc/hosts``."""
         cached = self._cached(machine.image_ref)
         config = machine.config
         image_config = cached.config
@@ -375,6 +378,7 @@ class QemuGuestPlatform:
         mounts = list(part.mounts)
         if network is not None:
             mounts += await asyncio.to_thread(network_mounts, run_dir, network)
+        mounts += volume_binds
         container = ContainerSpec(
             rootfs=rootfs,
             argv=argv,

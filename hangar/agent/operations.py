@@ -57,10 +57,12 @@ from hangar.agent.volume_steps import (
     DetachVolumes,
     ForgetSnapshot,
     ImageStep,
+    MountVolumes,
     MoveVolume,
     RecordSnapshot,
     RecordVolumeSize,
     RestoreVolume,
+    UnmountVolumes,
     host_volumes,
     library_plan,
     volume_of,
@@ -107,6 +109,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
     run_dir = host.run_dir(subject)
     launch_rollback: list[Step] = [
         ReleaseVm(host),
+        UnmountVolumes(host),
         CollectGpuXids(host, run_dir),
         DetachNetwork(host),
         DetachVolumes(host, keep_if_suspended=True),
@@ -131,6 +134,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             PrepareRootDisk(host.platform, run_dir),
             PrepareRootTree(host.platform, run_dir),
             PrepareInitrd(host, run_dir),
+            MountVolumes(host),
             LaunchVm(host),
             MapGpuAddresses(host),
             Transition("mark_started", S.STARTED, "start"),
@@ -153,6 +157,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             CollectGpuXids(host, run_dir),
             DropSnapshot(host),
             ReleaseVm(host),
+            UnmountVolumes(host),
         ]
 
     match request:
@@ -173,6 +178,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 ],
                 [
                     ReleaseVm(host),
+                    UnmountVolumes(host),
                     CollectGpuXids(host, run_dir),
                     *give_back(),
                     MarkStoppedAfterFailure(),
@@ -233,12 +239,14 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                     RecordExit(host.platform, requested=False),
                     CollectGpuXids(host, run_dir),
                     ReleaseVm(host),
+                    UnmountVolumes(host),
                     Transition("mark_stopped", S.STOPPED, "stop"),
                     ApplyRestartPolicy(),
                     *give_back(keep_if_restarting=True),
                 ],
                 [
                     ReleaseVm(host),
+                    UnmountVolumes(host),
                     CollectGpuXids(host, run_dir),
                     *give_back(),
                     MarkStoppedAfterFailure(),
@@ -257,6 +265,7 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
                 ],
                 [
                     ReleaseVm(host),
+                    UnmountVolumes(host),
                     CollectGpuXids(host, run_dir),
                     *give_back(),
                     RemoveRunDir(run_dir),

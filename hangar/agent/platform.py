@@ -110,11 +110,13 @@ class GuestPlatform(Protocol):
         network: GuestNetwork | None = None,
         volumes: Sequence[VolumeDiskSpec] = (),
         gpu_part: SandboxGpu | None = None,
+        volume_binds: Sequence[ContainerMount] = (),
     ) -> VmHandleData:
         """Boot the machine in its tier; with ``gpus``, those GPUs (bound to vfio-pci) passed
         through; with ``network``, its NIC on the host's private network; with ``volumes``,
         those volume images as its disks (their key files are gone once this returns); a
-        sandbox-tier machine with ``gpu_part``, its MIG instance or MPS share."""
+        sandbox-tier machine with ``gpu_part``, its MIG instance or MPS share, and with
+        ``volume_binds``, its volumes (mounted on the host) bound into its container."""
         ...
 
     def qmp_socket(self, handle: VmHandleData) -> Path | None:

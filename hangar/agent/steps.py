@@ -17,7 +17,8 @@ from hangar.agent.host import HostServices
 from hangar.agent.platform import BootSecrets, GuestNetwork, GuestPlatform
 from hangar.agent.secrets import boot_secrets
 from hangar.agent.slices import sandbox_gpu
-from hangar.errors import VmmError, VolumeError
+from hangar.agent.volume_steps import host_volumes
+from hangar.errors import VmmError
 from hangar.model.config import MachineConfig, Tier
 from hangar.model.guest_contract import RunDir
 from hangar.model.machine import Machine, MachineState, new_ulid, rfc3339
@@ -239,9 +240,7 @@ class PrepareInitrd:
         )
         mounts = []
         if machine.config.mounts:
-            if self.host.volumes is None:
-                raise VolumeError("this host keeps no volumes", retryable=False)
-            mounts = self.host.volumes.guest_mounts(machine)
+            mounts = host_volumes(self.host).guest_mounts(machine)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.host.platform.prepare_initrd(
             machine, machine.image_ref, self.run_dir / RunDir.INITRD, secrets, mounts
@@ -255,9 +254,7 @@ async def boot_volumes(host: HostServices, machine: Machine) -> AsyncIterator[li
     if not machine.config.mounts:
         yield []
         return
-    if host.volumes is None:
-        raise VolumeError("this host keeps no volumes", retryable=False)
-    async with host.volumes.boot_disks(machine) as disks:
+    async with host_volumes(host).boot_disks(machine) as disks:
         yield disks
 
 
@@ -381,8 +378,12 @@ class LaunchVm:
         if machine.tier is Tier.SANDBOX:
             gpu_part = await sandbox_gpu(self.host, ctx.run.machine_id)
             network = await guest_network(self.host, ctx)
+            binds = []
+            if machine.config.mounts:
+                # Mounted on this host by mount_volumes; bound into the container.
+                binds = host_volumes(self.host).container_mounts(machine)
             handle = await self.host.platform.launch(
-                machine, run_dir, None, network, gpu_part=gpu_part
+                machine, run_dir, None, network, gpu_part=gpu_part, volume_binds=binds
             )
             ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
             ctx.run.progress.exit_recorded = False

@@ -1,5 +1,6 @@
 """Volume steps: those of a volume's own runs (subject ``vol:VOLUME_ID``), and those by which a
-machine's boot attaches its volumes and its release detaches them.
+machine's boot attaches its volumes (and mounts them on the host, for a sandbox machine) and
+its release unmounts and detaches them.
 
 A volume operation's plan (``hangar.agent.operations``) is the image library's
 (:mod:`hangar.volumes.host`) step for step, under the same names, with the record's changes
@@ -8,7 +9,8 @@ around it:
 - ``volume_create``: ``create_key`` (encrypted), ``create_image`` | ``freeze_source``,
   ``copy_image``, ``release_source`` (a fork) | ``copy_image`` (from a snapshot), then
   ``mark_volume_created``; rollback: the library's ``undo_*`` steps, ``mark_volume_destroyed``.
-- ``volume_extend``: ``resize_image``, ``record_volume_size``.
+- ``volume_extend``: ``resize_image``, ``grow_filesystem`` (a volume this host mounted for a
+  sandbox machine), ``record_volume_size``.
 - ``volume_snapshot``: ``take_snapshot``, ``record_snapshot``; rollback ``undo_take_snapshot``.
 - ``volume_delete_snapshot``: ``delete_snapshot``, ``forget_snapshot``.
 - ``volume_delete``: ``mark_volume_destroying`` (refused while attached, in the same
@@ -25,6 +27,7 @@ from hangar.agent.context import StepContext
 from hangar.agent.host import HostServices
 from hangar.agent.volumes import HostVolumes, running_qmp
 from hangar.errors import VolumeError
+from hangar.model.config import Tier
 from hangar.model.run import (
     VOLUME_SUBJECT_PREFIX,
     VolumeCreateRequest,
@@ -322,3 +325,38 @@ class DetachVolumes:
         machine = ctx.machine()
         for volume in attached_to(volumes.store, machine.app, machine.id):
             detach_volume(volumes.store, volume.id, machine.id, ctx.clock.now())
+
+
+@dataclass(frozen=True)
+class MountVolumes:
+    """A sandbox-tier machine's volumes mounted on this host, for its container to bind
+    (:mod:`hangar.volumes.host_mount`); a VM's guest mounts its own."""
+
+    host: HostServices
+    name: str = "mount_volumes"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        machine = ctx.machine()
+        if machine.tier is not Tier.SANDBOX or not machine.config.mounts:
+            return False
+        return not host_volumes(self.host).mounted_for(machine)
+
+    async def run(self, ctx: StepContext) -> None:
+        await host_volumes(self.host).mount_on_host(ctx.machine())
+
+
+@dataclass(frozen=True)
+class UnmountVolumes:
+    """Unmount what this host mounted for the machine's container (which has ended by now):
+    every volume recorded as mounted for it, whatever its config says now."""
+
+    host: HostServices
+    name: str = "unmount_volumes"
+
+    async def should_run(self, ctx: StepContext) -> bool:
+        if self.host.volumes is None:
+            return False
+        return bool(self.host.volumes.host.mounts.owned_by(ctx.run.machine_id))
+
+    async def run(self, ctx: StepContext) -> None:
+        await host_volumes(self.host).unmount_from_host(ctx.run.machine_id)

@@ -7,6 +7,10 @@ launch). The lock keeps them apart on this host: an operation decides under it w
 running QEMU has the image (then it goes through QMP) or nobody does (then ``qemu-img``),
 and a launch holds it until its VMM is recorded, so that decision is never made half-way
 through a launch.
+
+A sandbox-tier machine's volumes are mounted by this host (:mod:`hangar.volumes.host_mount`)
+before its container starts and unmounted once it has ended; the storage daemon that has a
+mounted volume's image open answers the same monitor commands as a VM's QEMU.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from hangar.model.machine import Machine
 from hangar.model.volume import Volume
 from hangar.store.protocol import RunStore, VolumeStore
 from hangar.store.volume_claims import volume_not_found
+from hangar.vmm.container import ContainerMount
 from hangar.vmm.driver import VolumeDiskSpec
 from hangar.volumes import VolumeHost, VolumeSpec, guest_volumes
 
@@ -85,12 +90,55 @@ class HostVolumes:
                     if disk.key_file is not None:
                         disk.key_file.unlink(missing_ok=True)
 
+    async def mount_on_host(self, machine: Machine) -> None:
+        """Mount the machine's volumes on this host for its container, under their locks;
+        each encrypted volume's key file is removed once the daemon has read it."""
+        volume_ids = [mount.volume for mount in machine.config.mounts]
+        async with self.locked(volume_ids):
+            for volume_id in volume_ids:
+                if self.host.mounts.mounted(volume_id, machine.id):
+                    continue
+                disk = await asyncio.to_thread(self.host.attachment, volume_id, machine.id)
+                try:
+                    await asyncio.to_thread(self.host.mounts.mount, disk, machine.id)
+                finally:
+                    if disk.key_file is not None:
+                        disk.key_file.unlink(missing_ok=True)
+
+    def mounted_for(self, machine: Machine) -> bool:
+        return all(
+            self.host.mounts.mounted(mount.volume, machine.id) for mount in machine.config.mounts
+        )
+
+    def container_mounts(self, machine: Machine) -> list[ContainerMount]:
+        """The machine's volumes, mounted on this host, as its container's binds."""
+        self.guest_mounts(machine)  # the same checks as a VM's mounts
+        return [
+            ContainerMount(
+                source=self.host.mounts.paths(mount.volume).fs,
+                destination=mount.path,
+                read_only=False,
+            )
+            for mount in machine.config.mounts
+        ]
+
+    async def unmount_from_host(self, machine_id: str) -> None:
+        """Unmount every volume this host mounted for ``machine_id`` (its container has
+        ended), under their locks."""
+        volume_ids = self.host.mounts.owned_by(machine_id)
+        async with self.locked(volume_ids):
+            for volume_id in volume_ids:
+                await asyncio.to_thread(self.host.mounts.unmount, volume_id)
+
 
 def running_qmp(
     volumes: HostVolumes, runs: RunStore, platform: GuestPlatform, volume_id: str
 ) -> Path | None:
-    """The monitor of the running QEMU that has the volume open, if one has (call it under
-    the volume's lock)."""
+    """The monitor of the running QEMU (or storage daemon, for a sandbox machine) that has
+    the volume open, if one has (call it under the volume's lock)."""
+    daemon = volumes.host.mounts.qmp_socket(volume_id)
+    if daemon is not None:
+        return daemon
     volume = volumes.store.get_volume(volume_id)
     if volume is None or volume.attached_machine_id is None:
         return None

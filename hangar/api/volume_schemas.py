@@ -132,8 +132,10 @@ class VolumeView(BaseModel):
 class ExtendVolumeResponse(BaseModel):
     volume: VolumeView
     needs_restart: bool = False
-    """Never: a running machine's volume grows at once (QMP ``block_resize``, then
-    ``resize2fs`` in the guest); a stopped one's at its next mount."""
+    """A VM's volume grows at once (QMP ``block_resize``, then ``resize2fs`` in the guest), a
+    stopped machine's at its next mount: no restart. A running sandbox machine's volume is
+    mounted by the host, which grows it at once where ext4 may be resized online and at the
+    next start elsewhere: then this is true."""
 
 
 class VolumeSnapshotView(BaseModel):

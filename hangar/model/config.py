@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from hangar.errors import UnsupportedField
 from hangar.model.duration import Duration
 from hangar.model.fly import FlyModel, is_zero, refuse_unless_zero
 from hangar.model.gpu_kinds import GPU_KINDS
@@ -392,14 +391,6 @@ class MachineConfig(FlyModel):
     def _reject_unsupported_fields(cls, data: Any) -> Any:
         refuse_unless_zero(data, UNSUPPORTED_CONFIG_FIELDS, "config.")
         return data
-
-    @model_validator(mode="after")
-    def _sandbox_has_no_volumes_yet(self) -> MachineConfig:
-        if self.guest.effective_tier is Tier.SANDBOX and self.mounts:
-            # Sandbox machines are on the private network (services and checks reach them as
-            # they reach VMs); volumes are not there yet.
-            raise UnsupportedField("config.mounts", "is not available in the sandbox tier yet")
-        return self
 
     @field_validator("mounts")
     @classmethod

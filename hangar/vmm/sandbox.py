@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from typing import Any
 
 from hangar.clock import Clock, SystemClock
 from hangar.errors import Unprocessable, VmmError
+from hangar.localhost import short_state_dir
 from hangar.model.guest_contract import EXEC_OUTPUT_CAP, RunDir
 from hangar.vmm.channels import ChannelLimits
 from hangar.vmm.container import CONFIG_NAME, write_bundle
@@ -135,8 +135,7 @@ class SandboxTimeouts:
 def state_root_for(machines_dir: Path, runtime: SandboxRuntime) -> Path:
     """The runtime's state folder for the machines under ``machines_dir``: short (it holds
     unix sockets) and distinct per hangar home."""
-    digest = hashlib.sha256(str(machines_dir.resolve()).encode()).hexdigest()[:12]
-    return STATE_ROOT_BASE / f"{runtime.value}-{digest}"
+    return short_state_dir(STATE_ROOT_BASE, machines_dir, f"{runtime.value}-")
 
 
 def bundle_dir(run_dir: Path) -> Path:

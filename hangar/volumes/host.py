@@ -11,7 +11,9 @@ worked on through that machine's QEMU monitor (pass its ``qmp_socket``), any oth
   ``release_source``. Copies are independent images, re-encrypted under the new volume's
   own key, so any source can be deleted later without harm to them.
 - extend: ``resize_image`` (``qemu-img resize``, or QMP ``block_resize`` while running);
-  the guest grows its filesystem at the next mount, or at once while running.
+  the guest grows its filesystem at the next mount, or at once while running; a sandbox
+  machine's volume, mounted by the host (:mod:`hangar.volumes.host_mount`), is grown by
+  the host (``grow_filesystem``).
 - snapshot: ``take_snapshot`` / ``delete_snapshot`` (qcow2 internal snapshots).
 - delete: ``check_not_in_use``, ``delete_key`` (the data is unreadable from here on),
   ``delete_image``.
@@ -30,6 +32,7 @@ from typing import Any
 from hangar.clock import Clock, SystemClock
 from hangar.errors import Conflict, NotFound, Unprocessable
 from hangar.vmm.driver import VolumeDiskSpec
+from hangar.volumes.host_mount import HostMounts, state_root_for
 from hangar.volumes.keys import KeyStore
 from hangar.volumes.layout import VolumeLayout
 from hangar.volumes.model import (
@@ -77,11 +80,14 @@ class VolumeHost:
         clock: Clock | None = None,
         qemu_img: QemuImg | None = None,
         free_bytes: Callable[[Path], int] = _free_bytes,
+        mounts: HostMounts | None = None,
     ) -> None:
         self.settings = settings
         self.layout = VolumeLayout(settings.root)
         self.keys = KeyStore(self.layout, settings.host_key_file)
         self.qemu_img = qemu_img or QemuImg()
+        self.mounts = mounts or HostMounts(state_root_for(settings.root))
+        """The volumes mounted on this host for sandbox-tier machines."""
         self.clock: Clock = clock or SystemClock()
         self._free_bytes = free_bytes
 
@@ -349,7 +355,22 @@ class VolumeHost:
 
             await asyncio.to_thread(offline)
 
-        return VolumePlan("extend", volume_id, (VolumeStep("resize_image", smaller, resize),))
+        async def mounted_here() -> bool:
+            return await asyncio.to_thread(self.mounts.mounted, volume_id)
+
+        async def grow() -> None:
+            await asyncio.to_thread(self.mounts.grow, volume_id, target)
+
+        return VolumePlan(
+            "extend",
+            volume_id,
+            (
+                VolumeStep("resize_image", smaller, resize),
+                # A sandbox machine's volume is mounted by this host, which grows it (a VM's
+                # guest grows its own).
+                VolumeStep("grow_filesystem", mounted_here, grow),
+            ),
+        )
 
     # ---- snapshots ---------------------------------------------------------------------
 
@@ -359,6 +380,8 @@ class VolumeHost:
         """Make or remove an internal snapshot: through QEMU's monitor while a machine has
         the volume open, else with ``qemu-img``."""
         if qmp_socket is not None:
+            if create:
+                await asyncio.to_thread(self.mounts.sync, volume_id)
             online = snapshot_online if create else delete_snapshot_online
             await online(qmp_socket, volume_id, name, clock=self.clock)
             return

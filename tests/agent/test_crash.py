@@ -15,6 +15,7 @@ from hangar.agent.engine import CRASH_AFTER_STEP_FILE_ENV
 from hangar.model.guest_contract import RunDir
 from hangar.model.run import DestroyRequest, StartRequest, StopRequest
 from hangar.server_process import ServerProcess
+from hangar.volumes.host_mount import HostMounts, state_root_for
 from tests.agent.helpers import (
     expected_port,
     machine_path,
@@ -42,10 +43,15 @@ SANDBOX_NO_OPS = frozenset(
         "map_gpu_addresses",
         "collect_gpu_xids",
         "detach_volumes",
+        "mount_volumes",
+        "unmount_volumes",
     }
 )
 """Steps with nothing to do for a CPU-only sandbox machine: a crash after one is a crash after
-the step before it, which is tested already."""
+the step before it, which is tested already (a sandbox machine's volume steps are tested with a
+volume, in ``test_a_crash_around_a_sandbox_machines_volume_leaks_nothing``)."""
+VOLUME_MOUNT_STEPS = frozenset({"mount_volumes", "unmount_volumes"})
+"""No-ops for a VM (its guest mounts its volumes)."""
 
 
 def crash_points(steps: list[str]) -> list[tuple[str, str]]:
@@ -54,7 +60,7 @@ def crash_points(steps: list[str]) -> list[tuple[str, str]]:
         (step, tier)
         for tier in TIERS
         for step in steps
-        if tier == "vm" or step not in SANDBOX_NO_OPS
+        if step not in (VOLUME_MOUNT_STEPS if tier == "vm" else SANDBOX_NO_OPS)
     ]
 
 
@@ -247,3 +253,71 @@ def _destroy(api: httpx.Client, server: ServerProcess, machine_id: str) -> None:
     wait_state(api, APP, machine_id, "destroyed")
     assert vmm_pids(server.home, machine_id) == []
     assert not (server.home / "machines" / machine_id).exists()
+
+
+def volume_crash_points() -> list[tuple[str, str]]:
+    """(operation, step): each step of start and stop that works on a machine's volumes,
+    and the launch and release of its container around them."""
+    return [
+        (operation, step)
+        for operation, request in (("start", StartRequest()), ("stop", StopRequest()))
+        for step in step_names(request)
+        if "volume" in step or step in ("launch_vm", "release_vm")
+    ]
+
+
+BOOT_COUNTER = [
+    "sh",
+    "-c",
+    "echo boot >> /data/boots; sync; trap 'exit 0' TERM; while true; do sleep 1; done",
+]
+
+
+@pytest.mark.parametrize(("operation", "step"), volume_crash_points())
+def test_a_crash_around_a_sandbox_machines_volume_leaks_nothing(
+    crash_server: ServerProcess, test_image: str, operation: str, step: str
+) -> None:
+    """A sandbox machine's volume is mounted by the host (a storage daemon, a loop device, a
+    mount): after a crash at any of its steps, a started machine has it mounted once, a
+    stopped one has nothing of it left, and it is attached exactly while the machine runs."""
+    mounts = HostMounts(state_root_for(crash_server.home / "volumes"))
+    with crash_server.client() as api:
+        created = api.post(f"/v1/apps/{APP}/volumes", json={"name": "crashvol", "size_gb": 1})
+        assert created.status_code == 200, created.text
+        volume_id = created.json()["id"]
+        config = {
+            "image": test_image,
+            "init": {"cmd": BOOT_COUNTER},
+            "restart": {"policy": "no"},
+            "guest": {"tier": "sandbox"},
+            "mounts": [{"volume": volume_id, "path": "/data"}],
+        }
+        body = {"config": config, "skip_launch": operation == "start"}
+        response = api.post(machine_path(APP), json=body)
+        assert response.status_code == 200, response.text
+        machine_id = response.json()["id"]
+        _wait_runs_idle(api, machine_id)
+        if operation == "stop":
+            wait_state(api, APP, machine_id, "started")
+            _wait_runs_idle(api, machine_id)
+    action = httpx.Request("POST", f"{crash_server.url}{machine_path(APP, machine_id)}/{operation}")
+    crash_during(crash_server, operation, step, action)
+    with crash_server.client() as api:
+        running = operation == "start"
+        wait_state(api, APP, machine_id, "started" if running else "stopped")
+        _wait_runs_idle(api, machine_id)
+        assert_no_leaks(crash_server, machine_id, running=running, tier="sandbox")
+        volume = api.get(f"/v1/apps/{APP}/volumes/{volume_id}").json()
+        if running:
+            assert mounts.owned_by(machine_id) == [volume_id]
+            assert mounts.daemon_pid(volume_id) is not None
+            assert (mounts.paths(volume_id).fs / "boots").read_text() == "boot\n"
+            assert volume["attached_machine_id"] == machine_id
+        else:
+            assert mounts.owners() == {}
+            assert mounts.daemon_pid(volume_id) is None
+            assert volume["attached_machine_id"] is None
+        _destroy(api, crash_server, machine_id)
+        assert mounts.owners() == {}
+        gone = api.delete(f"/v1/apps/{APP}/volumes/{volume_id}")
+        assert gone.status_code == 200, gone.text

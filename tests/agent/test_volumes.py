@@ -252,6 +252,7 @@ def test_each_volume_operation_is_the_librarys_steps_with_its_records(
     ]
     assert step_names(host, VolumeExtendRequest(size_gb=2)) == [
         "resize_image",
+        "grow_filesystem",
         "record_volume_size",
     ]
     snapshot = VolumeSnapshotRequest(snapshot_id=new_snapshot_id())

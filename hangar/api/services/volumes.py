@@ -295,7 +295,11 @@ class VolumeService:
         await asyncio.to_thread(self._library.host.check_extend, volume_id, request.size_gb)
         self._quotas.check_volume(app, request.size_gb, replacing=volume)
         await self._run(volume_id, VolumeExtendRequest(size_gb=request.size_gb))
-        return ExtendVolumeResponse(volume=await self.view(self.require(app, volume_id)))
+        mounts = self._library.host.mounts
+        return ExtendVolumeResponse(
+            volume=await self.view(self.require(app, volume_id)),
+            needs_restart=await asyncio.to_thread(mounts.waits_for_remount, volume_id),
+        )
 
     async def snapshot(self, app: str, volume_id: str) -> VolumeSnapshotView:
         volume = self._ready(app, volume_id)
