@@ -117,25 +117,33 @@ def volume_node_name(name: str) -> str:
     return name
 
 
-def volume_args(volume: VolumeDiskSpec) -> list[str]:
-    """``-object``/``-blockdev``/``-device`` for one volume: a qcow2 node (LUKS-encrypted
-    when a key file is given, the passphrase read from that file) on a file node, attached
-    as virtio-blk with the volume's name as its serial. Discards from the guest free the
-    image's clusters; on a full host disk the VM pauses (``werror=enospc``) so nothing is
-    lost, and QMP ``query-block`` names the volume."""
+def volume_block_nodes(volume: VolumeDiskSpec) -> list[tuple[str, str]]:
+    """(option, value) pairs that open one volume, as QEMU and qemu-storage-daemon both
+    take them: a qcow2 node named after the volume (LUKS-encrypted when a key file is given,
+    the passphrase read from that file as a ``secret`` object) on a file node; discards
+    free the image's clusters."""
     node = volume_node_name(volume.name)
     read_only = ",read-only=on" if volume.read_only else ""
-    args: list[str] = []
+    options: list[tuple[str, str]] = []
     qcow2 = f"driver=qcow2,node-name={node},file={node}-file,discard=unmap{read_only}"
     if volume.key_file is not None:
-        args += ["-object", f"secret,id={node}-key,file={option_value(volume.key_file)}"]
+        options.append(("object", f"secret,id={node}-key,file={option_value(volume.key_file)}"))
         qcow2 += f",encrypt.format=luks,encrypt.key-secret={node}-key"
-    args += [
-        "-blockdev",
+    file_node = (
         f"driver=file,node-name={node}-file,filename={option_value(volume.image)},"
-        f"discard=unmap{read_only}",
-        "-blockdev",
-        qcow2,
+        f"discard=unmap{read_only}"
+    )
+    return [*options, ("blockdev", file_node), ("blockdev", qcow2)]
+
+
+def volume_args(volume: VolumeDiskSpec) -> list[str]:
+    """``-object``/``-blockdev``/``-device`` for one volume: its block nodes
+    (:func:`volume_block_nodes`), attached as virtio-blk with the volume's name as its
+    serial. On a full host disk the VM pauses (``werror=enospc``) so nothing is lost, and
+    QMP ``query-block`` names the volume."""
+    node = volume_node_name(volume.name)
+    args = [word for option, value in volume_block_nodes(volume) for word in (f"-{option}", value)]
+    args += [
         "-device",
         f"virtio-blk-pci,drive={node},id={node}-disk,serial={volume.name},"
         "werror=enospc,rerror=report",

@@ -40,7 +40,7 @@ from hangar.images.runner import CommandError, CommandRunner, run_command
 from hangar.localhost import short_state_dir
 from hangar.vmm.driver import VolumeDiskSpec
 from hangar.vmm.proc import read_process
-from hangar.vmm.qemu_argv import option_value, volume_node_name
+from hangar.vmm.qemu_argv import option_value, volume_block_nodes, volume_node_name
 from hangar.volumes.model import check_volume_id
 
 STATE_ROOT_BASE = Path("/run/hangar-volumes")
@@ -246,15 +246,10 @@ class HostMounts:
         paths.qmp.unlink(missing_ok=True)
         paths.export.touch(mode=0o600, exist_ok=True)
         argv = [self._qsd]
-        qcow2 = f"driver=qcow2,node-name={node},file={node}-file,discard=unmap"
-        if disk.key_file is not None:
-            argv += ["--object", f"secret,id={node}-key,file={option_value(disk.key_file)}"]
-            qcow2 += f",encrypt.format=luks,encrypt.key-secret={node}-key"
         argv += [
-            "--blockdev",
-            f"driver=file,node-name={node}-file,filename={option_value(disk.image)},discard=unmap",
-            "--blockdev",
-            qcow2,
+            word for option, value in volume_block_nodes(disk) for word in (f"--{option}", value)
+        ]
+        argv += [
             "--export",
             f"type=fuse,id={node}-export,node-name={node},"
             f"mountpoint={option_value(paths.export)},writable=on",
