@@ -49,6 +49,7 @@ from hangar.api.services.tokens import TokenService
 from hangar.api.services.usage import UsageService
 from hangar.api.services.volumes import VolumeService
 from hangar.clock import Clock, SystemClock
+from hangar.http_server import ConnectionLimits
 from hangar.llm.gateway import Gateway, GatewayConfig
 from hangar.llm.listener import GatewayListener
 from hangar.llm.pool import PoolPolicy
@@ -358,6 +359,7 @@ def build_server(
             model_gateway(api.llm, api.tokens, settings, clock),
             settings.llm_bind,
             settings.llm_port,
+            ConnectionLimits.of(settings),
         )
     app = create_app(
         services, api.guard, on_startup=traffic.start, on_shutdown=traffic.close, web=web
@@ -502,7 +504,7 @@ def mint_operator_token(settings: Settings, description: str) -> tuple[str, str]
 
 
 def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
-    from hangar.api import http_server
+    from hangar import http_server
 
     # Every file the server (and the QEMU it starts) creates is its user's alone.
     os.umask(0o077)
@@ -515,9 +517,5 @@ def serve(settings: Settings, host: str, port: int, init: bool = False) -> None:
             print(f"operator token (also written to {token_file}):")
             print(secret, flush=True)
     log.info("hangar server: home %s, listening on %s:%d", settings.home, host, port)
-    limits = http_server.ConnectionLimits(
-        max_connections=settings.max_connections,
-        header_timeout_s=settings.header_timeout_s,
-        keepalive_timeout_s=settings.keepalive_timeout_s,
-    )
+    limits = http_server.ConnectionLimits.of(settings)
     http_server.run(server.app, host, port, limits, log_config=uvicorn_log_config())

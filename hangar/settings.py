@@ -286,7 +286,10 @@ class Settings(BaseSettings):
         default=90.0, gt=0, description="audit records older than this are deleted (90)"
     )
     max_connections: int = Field(
-        default=512, ge=8, description="open API connections at most; more are closed (512)"
+        default=512,
+        ge=8,
+        description="open connections at most on each listener (the API, the model gateway, a "
+        "relay); more are closed (512)",
     )
     header_timeout_s: float = Field(
         default=10.0,

@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     "model": 1,
     "ratelimit": 1,
     "localhost": 1,
+    "http_server": 1,
     # pure logic and host libraries
     "scheduler": 2,
     "devices": 2,

@@ -50,8 +50,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hangar import http_server
 from hangar.agent.agent import Agent
-from hangar.api import http_server
 from hangar.api.deps import LeaseNonce
 from hangar.api.errors import hangar_error_response, install_error_handlers
 from hangar.api.guard import read_body, too_large
@@ -359,19 +359,13 @@ def address_toward(endpoint: str) -> str:
     return address
 
 
-def connection_limits(settings: Settings) -> http_server.ConnectionLimits:
-    return http_server.ConnectionLimits(
-        max_connections=settings.max_connections,
-        header_timeout_s=settings.header_timeout_s,
-        keepalive_timeout_s=settings.keepalive_timeout_s,
-    )
-
-
 class RelayServer:
     """The agent's relay listener; ``url`` once started (what the host registers)."""
 
     def __init__(self, app: ASGIApp, address: str, port: int, settings: Settings) -> None:
-        self.listener = http_server.Listener(app, address, port, connection_limits(settings))
+        self.listener = http_server.Listener(
+            app, address, port, http_server.ConnectionLimits.of(settings)
+        )
         self.url = ""
 
     async def start(self) -> str:

@@ -4,6 +4,7 @@ a header deadline, and one log line per episode."""
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -83,3 +84,30 @@ def test_the_access_log_does_not_echo_long_paths(server: ServerProcess) -> None:
         assert anonymous.get(f"/{long}").status_code in (400, 404, 431)
     log = server.log_path.read_text()
     assert long[:1000] not in log
+
+
+def test_the_model_gateway_is_bounded_as_the_api_is(server: ServerProcess) -> None:
+    """The gateway (OpenAI's API) listens with the same connection cap and header deadline:
+    idle connections past the cap are refused, the rest closed at the deadline, and it goes
+    on answering."""
+    found = re.search(r"model gateway: (http://\S+)/v1", server.log_path.read_text())
+    assert found is not None, server.log_tail()
+    base = found.group(1)
+    port = int(base.rsplit(":", 1)[1])
+    connections = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(IDLE)]
+    try:
+        for connection in connections:
+            connection.setblocking(False)
+        deadline = time.monotonic() + GUARD_S
+        open_ones = list(connections)
+        while open_ones and time.monotonic() < deadline:
+            open_ones = [c for c in open_ones if not closed_by_server(c)]
+            time.sleep(0.1)
+        assert not open_ones, f"{len(open_ones)} connections still held open by the gateway"
+        assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
+    finally:
+        for connection in connections:
+            connection.close()
+    log = server.log_path.read_text()
+    assert log.count("model gateway connections past the cap: flood from") == 1, server.log_tail()
+    assert "Too many open files" not in log

@@ -1,4 +1,5 @@
-"""The API's HTTP server: uvicorn, with the bounds a public listener needs.
+"""hangar's HTTP servers (the API, an agent's relay, the model gateway): uvicorn, with the
+bounds a public listener needs.
 
 - **Connections:** at most ``max_connections`` open at once (and never more than the process's
   file limit allows, which is raised to its hard limit at start); one more is answered 503
@@ -26,6 +27,7 @@ from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from hangar.ratelimit import FloodLog
+from hangar.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,15 @@ class ConnectionLimits:
     max_connections: int = 512
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 5.0
+
+    @classmethod
+    def of(cls, settings: Settings) -> ConnectionLimits:
+        """The operator's limits (``HANGAR_MAX_CONNECTIONS`` and the timeouts)."""
+        return cls(
+            max_connections=settings.max_connections,
+            header_timeout_s=settings.header_timeout_s,
+            keepalive_timeout_s=settings.keepalive_timeout_s,
+        )
 
 
 def raise_file_limit() -> int:
@@ -68,11 +79,11 @@ def connection_cap(limits: ConnectionLimits, file_limit: int) -> int:
 class _Gate:
     """What every connection of one server shares: the cap and the flood logs."""
 
-    def __init__(self, cap: int, header_timeout_s: float) -> None:
+    def __init__(self, cap: int, header_timeout_s: float, name: str) -> None:
         self.cap = cap
         self.header_timeout_s = header_timeout_s
-        self.refused = FloodLog(log, "API connections past the cap")
-        self.slow = FloodLog(log, "API connections too slow to send their headers")
+        self.refused = FloodLog(log, f"{name} connections past the cap")
+        self.slow = FloodLog(log, f"{name} connections too slow to send their headers")
 
 
 def guarded_protocol(gate: _Gate) -> type[H11Protocol]:
@@ -176,14 +187,18 @@ def server_config(
     log_config: dict[str, Any] | None = None,
     *,
     own_logging: bool = True,
+    name: str = "API",
 ) -> uvicorn.Config:
-    """uvicorn's configuration for the API on ``host:port`` with ``limits``; ``log_config``:
+    """uvicorn's configuration for ``app`` on ``host:port`` with ``limits``; ``log_config``:
     uvicorn's logging configuration (its default if None); ``own_logging=False``: none, for a
     server beside others in a process that set up its logging (uvicorn would set its loggers'
-    levels for the whole process)."""
+    levels for the whole process); ``name``: the server's, in its log lines."""
     cap = connection_cap(limits, raise_file_limit())
     log.info(
-        "API connections: at most %d, %gs to send headers, %gs idle keep-alive",
+        "%s connections (%s:%d): at most %d, %gs to send headers, %gs idle keep-alive",
+        name,
+        host,
+        port,
         cap,
         limits.header_timeout_s,
         limits.keepalive_timeout_s,
@@ -197,7 +212,7 @@ def server_config(
         if own_logging
         else None,
         access_log=own_logging,
-        http=guarded_protocol(_Gate(cap, limits.header_timeout_s)),
+        http=guarded_protocol(_Gate(cap, limits.header_timeout_s, name)),
         timeout_keep_alive=max(1, round(limits.keepalive_timeout_s)),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         backlog=min(2048, cap),
@@ -226,8 +241,12 @@ class Listener:
     START_DEADLINE_S = 30.0
     STOP_DEADLINE_S = 30.0
 
-    def __init__(self, app: Any, host: str, port: int, limits: ConnectionLimits) -> None:
+    def __init__(
+        self, app: Any, host: str, port: int, limits: ConnectionLimits, name: str = "API"
+    ) -> None:
+        """``name``: the server's, in its log lines."""
         self.app = app
+        self.name = name
         self.host = host
         self.port = port
         self.limits = limits
@@ -253,7 +272,9 @@ class Listener:
             raise
         self._socket = sock
         self.port = sock.getsockname()[1]
-        config = server_config(self.app, self.host, self.port, self.limits, own_logging=False)
+        config = server_config(
+            self.app, self.host, self.port, self.limits, own_logging=False, name=self.name
+        )
         server = self._server = uvicorn.Server(config)
         task = self._task = asyncio.create_task(server.serve(sockets=[sock]))
         loop = asyncio.get_running_loop()
