@@ -422,9 +422,15 @@ class QemuGuestPlatform:
         network: GuestNetwork | None,
         snapshot: Path,
         volumes: Sequence[VolumeDiskSpec] = (),
+        volume_binds: Sequence[ContainerMount] = (),
     ) -> VmHandleData:
-        spec = await self.vm_spec(machine, run_dir, None, network, volumes)
-        handle = await self.driver.launch(spec.model_copy(update={"incoming_snapshot": snapshot}))
+        if machine.tier is Tier.SANDBOX:
+            driver = self._sandbox_driver(machine.id)
+            spec = await self.sandbox_spec(machine, run_dir, None, network, volume_binds)
+        else:
+            driver = self.driver
+            spec = await self.vm_spec(machine, run_dir, None, network, volumes)
+        handle = await driver.launch(spec.model_copy(update={"incoming_snapshot": snapshot}))
         return handle.model_dump(mode="json")
 
     async def suspend(self, handle: VmHandleData, snapshot: Path) -> None:

@@ -118,7 +118,8 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
     ]
 
     def boot(fresh_image: bool) -> list[Step]:
-        # A suspended machine is restored (resume_vm) on its tap, so the tap comes first;
+        # A suspended machine is restored (resume_vm) on its tap (and a sandbox's with its
+        # volumes mounted on the host), so those come first;
         # the cold boot's steps after it then find their work done, or do it when the
         # snapshot could not be restored.
         return [
@@ -130,11 +131,11 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
             BindGpus(host),
             PrepareNvlink(host),
             AttachNetwork(host),
+            MountVolumes(host),
             ResumeVm(host),
             PrepareRootDisk(host.platform, run_dir),
             PrepareRootTree(host.platform, run_dir),
             PrepareInitrd(host, run_dir),
-            MountVolumes(host),
             LaunchVm(host),
             MapGpuAddresses(host),
             Transition("mark_started", S.STARTED, "start"),
@@ -214,13 +215,15 @@ def build_plan(request: RunRequest, subject: str, host: HostServices) -> Plan:
         case SuspendRequest():
             # The claim and the tap go back: a suspended machine holds no host resources,
             # and is placed again when it is started. Its volumes stay attached: the saved
-            # guest has them mounted (stop, update and destroy detach them).
+            # guest has them mounted (stop, update and destroy detach them); a sandbox's are
+            # unmounted from the host, and mounted again before it is restored.
             return Plan(
                 "suspend",
                 [
                     Transition("mark_suspending", S.SUSPENDING, "suspend"),
                     SuspendVm(host),
                     ForgetVm(host),
+                    UnmountVolumes(host),
                     DetachNetwork(host),
                     ReleaseClaim(host),
                     Transition("mark_suspended", S.SUSPENDED, "suspend"),

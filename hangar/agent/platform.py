@@ -130,11 +130,12 @@ class GuestPlatform(Protocol):
         network: GuestNetwork | None,
         snapshot: Path,
         volumes: Sequence[VolumeDiskSpec] = (),
+        volume_binds: Sequence[ContainerMount] = (),
     ) -> VmHandleData:
         """Restore the machine from its suspend ``snapshot`` (the boot files in ``run_dir``
-        as it left them, ``volumes`` as the disks it had): the guest runs on where it was.
-        The snapshot is consumed; one that
-        cannot be restored raises ``SnapshotUnusable`` and is dropped."""
+        as it left them, ``volumes`` as the disks it had, or a sandbox's ``volume_binds``):
+        the guest runs on where it was. The snapshot is consumed; one that cannot be
+        restored raises ``SnapshotUnusable`` and is dropped."""
         ...
 
     async def suspend(self, handle: VmHandleData, snapshot: Path) -> None:

@@ -29,6 +29,7 @@ from hangar.model.run import (
     RunStatus,
     StartRequest,
 )
+from hangar.vmm.container import ContainerMount
 from hangar.vmm.driver import VolumeDiskSpec
 from hangar.vmm.errors import SnapshotUnusable
 from hangar.vmm.sandbox import rootfs_dir
@@ -247,11 +248,20 @@ class PrepareInitrd:
         )
 
 
+def sandbox_binds(host: HostServices, machine: Machine) -> list[ContainerMount]:
+    """A sandbox machine's volumes, mounted on this host by ``mount_volumes``, as binds of
+    its container; none for a VM or a machine without mounts."""
+    if machine.tier is not Tier.SANDBOX or not machine.config.mounts:
+        return []
+    return host_volumes(host).container_mounts(machine)
+
+
 @contextlib.asynccontextmanager
 async def boot_volumes(host: HostServices, machine: Machine) -> AsyncIterator[list[VolumeDiskSpec]]:
-    """The machine's volumes as disks of its launch, each volume's lock held until the VMM
-    is recorded (see ``hangar.agent.volumes``); none for a machine without mounts."""
-    if not machine.config.mounts:
+    """A VM's volumes as disks of its launch, each volume's lock held until the VMM is
+    recorded (see ``hangar.agent.volumes``); none for a machine without mounts, or a
+    sandbox machine (the host mounts its volumes)."""
+    if not machine.config.mounts or machine.tier is Tier.SANDBOX:
         yield []
         return
     async with host_volumes(host).boot_disks(machine) as disks:
@@ -347,7 +357,9 @@ class ResumeVm:
         network = await guest_network(self.host, ctx)
         async with boot_volumes(self.host, machine) as volumes:
             try:
-                handle = await self.host.platform.resume(machine, run_dir, network, state, volumes)
+                handle = await self.host.platform.resume(
+                    machine, run_dir, network, state, volumes, sandbox_binds(self.host, machine)
+                )
             except SnapshotUnusable as error:
                 unlink_boot_files(run_dir)
                 progress.resume_attempted = False
@@ -378,12 +390,13 @@ class LaunchVm:
         if machine.tier is Tier.SANDBOX:
             gpu_part = await sandbox_gpu(self.host, ctx.run.machine_id)
             network = await guest_network(self.host, ctx)
-            binds = []
-            if machine.config.mounts:
-                # Mounted on this host by mount_volumes; bound into the container.
-                binds = host_volumes(self.host).container_mounts(machine)
             handle = await self.host.platform.launch(
-                machine, run_dir, None, network, gpu_part=gpu_part, volume_binds=binds
+                machine,
+                run_dir,
+                None,
+                network,
+                gpu_part=gpu_part,
+                volume_binds=sandbox_binds(self.host, machine),
             )
             ctx.runs.put_vm_handle(ctx.run.machine_id, handle)
             ctx.run.progress.exit_recorded = False

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from signal import SIGKILL, SIGTERM
-from typing import Any
 
 from hangar.clock import Clock, SystemClock
 from hangar.errors import Unprocessable, VmmError
@@ -42,7 +41,12 @@ from hangar.vmm.channels import ChannelLimits
 from hangar.vmm.container import CONFIG_NAME, write_bundle
 from hangar.vmm.deadline import run_with_deadline
 from hangar.vmm.driver import StopOutcome, VmHandle, VmSpec, VmStatus
-from hangar.vmm.errors import GuestExecError, SuspendNotSupported
+from hangar.vmm.errors import (
+    GuestExecError,
+    SnapshotUnusable,
+    SuspendFailed,
+    SuspendNotSupported,
+)
 from hangar.vmm.guest_exec import ExecResult, GuestProcess
 from hangar.vmm.proc import (
     PROC_ROOT,
@@ -53,6 +57,18 @@ from hangar.vmm.proc import (
     is_alive,
     read_process,
     tail_text,
+)
+from hangar.vmm.snapshot import (
+    SnapshotFiles,
+    SnapshotManifest,
+    check_state_crc,
+    commit_snapshot,
+    drop_snapshot,
+    has_snapshot,
+    read_manifest,
+    revoke_snapshot,
+    sandbox_identity,
+    sandbox_mismatch,
 )
 
 log = logging.getLogger(__name__)
@@ -69,12 +85,19 @@ ROOTFS_DIR = "rootfs"
 # $1 runtime, $2 state root, $3 bundle, $4 container id, $5 console log, $6 control log,
 # $7 runtime log, $8 1 to hide /proc/sys/net from the runtime (NETNS_SYSCTL_MASK), $9 the
 # Python that writes the console with its bounds (``hangar.vmm.console_pipe``), $10 the bytes
-# it keeps, $11 the bytes a second it takes, then the runtime's global flags.
+# it keeps, $11 the bytes a second it takes, $12 a checkpoint image folder to restore from
+# (empty: run afresh), then the runtime's global flags.
 _SHIM = r"""
 runtime=$1 root=$2 bundle=$3 id=$4 console=$5 ctl=$6 rlog=$7 mask=$8 py=$9
-cmax=${10} crate=${11}
-shift 11
-set -- "$runtime" --root "$root" --log "$rlog" --log-format json "$@" run --bundle "$bundle" "$id"
+cmax=${10} crate=${11} image=${12}
+shift 12
+if [ -n "$image" ]; then
+    set -- "$runtime" --root "$root" --log "$rlog" --log-format json "$@" \
+        restore --image-path "$image" --bundle "$bundle" "$id"
+else
+    set -- "$runtime" --root "$root" --log "$rlog" --log-format json "$@" \
+        run --bundle "$bundle" "$id"
+fi
 if [ "$mask" = 1 ]; then
     set -- unshare --mount --propagation private /bin/sh -c '
         mount -t tmpfs -o ro,size=4k,mode=555 hangar-netmask /proc/sys/net || {
@@ -130,6 +153,31 @@ class SandboxTimeouts:
     command_s: float = 10.0
     """For one ``RUNTIME state|kill|delete|ps`` call."""
     kill_grace_s: float = 10.0
+    checkpoint_s: float = 300.0
+    """For ``runsc checkpoint`` (it writes the sandbox's memory)."""
+
+
+CHECKPOINT_FILE = "checkpoint.img"
+"""The one file ``runsc checkpoint`` writes into its image folder (uncompressed pages are
+kept in it too, as this runtime version does by default)."""
+
+
+def _take_checkpoint_file(image: Path, state: Path) -> None:
+    """Move the checkpoint written into ``image`` to the snapshot's partial state file."""
+    found = sorted(path.name for path in image.iterdir())
+    if found != [CHECKPOINT_FILE]:
+        raise SuspendFailed(
+            f"the checkpoint in {image} holds {found}, not one {CHECKPOINT_FILE}",
+            resumed=False,
+        )
+    partial = SnapshotFiles(state).state_partial
+    os.chmod(image / CHECKPOINT_FILE, 0o600)
+    os.replace(image / CHECKPOINT_FILE, partial)
+
+
+def _first_line(stderr: bytes) -> str:
+    text = stderr.decode(errors="replace").strip()
+    return text.splitlines()[0][:500] if text else "(no message)"
 
 
 def state_root_for(machines_dir: Path, runtime: SandboxRuntime) -> Path:
@@ -181,15 +229,21 @@ class SandboxDriver:
         if self.runtime is SandboxRuntime.RUNC:
             return []
         # With a NIC, gVisor's own network stack (netstack) takes the namespace's eth0, its
-        # addresses and routes: the container's sockets never reach the host's kernel.
-        network = "none" if spec.nic is None else "sandbox"
-        flags = [f"--network={network}", f"--platform={self.platform.value}"]
+        # addresses and routes: the container's sockets never reach the host's kernel. A
+        # checkpoint drops its open connections (as a VM's peers lose theirs while it is
+        # suspended) instead of refusing to save them.
+        flags = ["--network=none"]
+        if spec.nic is not None:
+            flags = ["--network=sandbox", "--net-disconnect-ok"]
+        flags.append(f"--platform={self.platform.value}")
         container = spec.container
         if container is not None and container.gpu:
             flags.append("--nvproxy")
         return flags
 
-    def prepare(self, spec: VmSpec) -> list[str]:
+    def prepare(self, spec: VmSpec, restore_from: Path | None = None) -> list[str]:
+        """The shim's command line for ``spec``; ``restore_from``: a checkpoint image folder
+        to restore the container from instead of running it afresh."""
         container = spec.container
         if container is None:
             raise Unprocessable(
@@ -241,6 +295,7 @@ class SandboxDriver:
             self._python,
             str(self._channel_limits.console_max_bytes),
             str(self._channel_limits.rate_bytes),
+            "" if restore_from is None else str(restore_from),
             *self.global_flags(spec),
         ]
 
@@ -253,12 +308,9 @@ class SandboxDriver:
         )
 
     async def launch(self, spec: VmSpec) -> VmHandle:
-        if spec.incoming_snapshot is not None:
-            raise SuspendNotSupported(
-                f"machine {spec.machine_id} runs in the sandbox tier: no snapshots there",
-                field="tier",
-                machine_id=spec.machine_id,
-            )
+        """Run the container, or restore it from ``spec.incoming_snapshot`` (a snapshot
+        that does not fit is dropped and :class:`SnapshotUnusable` raised: boot cold)."""
+        state = spec.incoming_snapshot
         argv = self.prepare(spec)
         assert spec.container is not None
         write_bundle(
@@ -268,6 +320,12 @@ class SandboxDriver:
             memory_mb=spec.memory_mb,
             netns=spec.nic.netns if spec.nic is not None else None,
         )
+        if state is not None:
+            image = await asyncio.to_thread(self._restore_image, spec, state)
+            argv = self.prepare(spec, restore_from=image)
+            # From here the container may run on from its root folder: the snapshot must
+            # never be restored again, whatever happens (its image stays linked for runsc).
+            await asyncio.to_thread(revoke_snapshot, state)
         self._state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         # What a launch cut short left behind under this id.
         await self._runtime_call(["delete", "--force", spec.machine_id], check=False)
@@ -287,10 +345,21 @@ class SandboxDriver:
         )
         try:
             await self._wait_until_running(handle, child)
-        except BaseException:
+        except BaseException as error:
             with contextlib.suppress(VmmError):
                 await self.kill(handle)
+            if state is not None:
+                await asyncio.to_thread(drop_snapshot, state)
+                if isinstance(error, VmmError):
+                    raise SnapshotUnusable(
+                        f"{self.name} could not restore machine {spec.machine_id}: {error}",
+                        reason="rejected",
+                        path=str(state),
+                        machine_id=spec.machine_id,
+                    ) from error
             raise
+        if state is not None:
+            await asyncio.to_thread(drop_snapshot, state)
         if child.poll() is None:  # a container that has already ended says so itself
             with spec.control_log.open("a") as ctl:
                 ctl.write(json.dumps({"type": "ready"}) + "\n")
@@ -328,7 +397,7 @@ class SandboxDriver:
 
     # runtime calls
     async def _runtime_call(
-        self, args: Sequence[str], *, check: bool = True
+        self, args: Sequence[str], *, check: bool = True, timeout_s: float | None = None
     ) -> tuple[int, bytes, bytes]:
         process = await asyncio.create_subprocess_exec(
             self._binary,
@@ -340,16 +409,14 @@ class SandboxDriver:
             stderr=subprocess.PIPE,
         )
         try:
-            out, err = await run_with_deadline(
-                self._clock, self._timeouts.command_s, process.communicate()
-            )
+            limit = self._timeouts.command_s if timeout_s is None else timeout_s
+            out, err = await run_with_deadline(self._clock, limit, process.communicate())
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
             raise VmmError(
-                f"{self.name} {' '.join(args[:1])} did not answer within "
-                f"{self._timeouts.command_s:g} s",
+                f"{self.name} {' '.join(args[:1])} did not answer within {limit:g} s",
                 retryable=True,
             ) from None
         code = process.returncode if process.returncode is not None else -1
@@ -477,12 +544,105 @@ class SandboxDriver:
             return f"{self.name} does not know its container"
         return None
 
-    async def suspend(self, handle: VmHandle, snapshot_path: Path) -> Any:
-        raise SuspendNotSupported(
-            f"machine {handle.machine_id} runs in the sandbox tier: it cannot be suspended",
-            field="tier",
-            machine_id=handle.machine_id,
-        )
+    async def suspend(self, handle: VmHandle, snapshot_path: Path) -> SnapshotManifest:
+        """``runsc checkpoint``: the sandbox (its kernel state and memory) saved into the
+        snapshot at ``snapshot_path``, after which the container ends. Its open connections
+        are dropped. A GPU part cannot be saved (refused before anything is done)."""
+        spec = handle.spec
+        if spec is None or spec.container is None or self.runtime is not SandboxRuntime.RUNSC:
+            raise SuspendNotSupported(
+                f"machine {handle.machine_id}: only gVisor's sandboxes can be suspended",
+                field="tier",
+                machine_id=handle.machine_id,
+            )
+        if spec.container.gpu:
+            raise SuspendNotSupported(
+                f"machine {handle.machine_id} holds a GPU part, whose state cannot be saved",
+                field="config.guest",
+                machine_id=handle.machine_id,
+            )
+        process = ProcessRef.open(handle.pid, handle.start_time)
+        if process is None:
+            # Run again after the sandbox ended: done if the earlier run committed it.
+            try:
+                return read_manifest(snapshot_path)
+            except SnapshotUnusable:
+                raise SuspendFailed(
+                    f"machine {handle.machine_id} is not running: nothing to suspend",
+                    resumed=False,
+                    machine_id=handle.machine_id,
+                ) from None
+        with process:
+            if has_snapshot(snapshot_path):
+                # An earlier run committed the snapshot; the container is on its way out.
+                await self._kill(handle, process, self._clock)
+                return read_manifest(snapshot_path)
+            drop_snapshot(snapshot_path)
+            image = SnapshotFiles(snapshot_path).checkpoint_dir
+            shutil.rmtree(image, ignore_errors=True)
+            image.mkdir(mode=0o700, parents=True)
+            try:
+                code, _, err = await self._runtime_call(
+                    ["checkpoint", "--image-path", str(image), handle.machine_id],
+                    check=False,
+                    timeout_s=self._timeouts.checkpoint_s,
+                )
+                if code != 0:
+                    resumed = not await exits_within(process, self._clock, LAUNCH_POLL_S * 10)
+                    raise SuspendFailed(
+                        f"{self.name} could not checkpoint machine {handle.machine_id}: "
+                        f"{_first_line(err)}",
+                        resumed=resumed,
+                        machine_id=handle.machine_id,
+                    )
+                await asyncio.to_thread(_take_checkpoint_file, image, snapshot_path)
+            finally:
+                shutil.rmtree(image, ignore_errors=True)
+            identity = await asyncio.to_thread(
+                sandbox_identity, self._binary, bundle_dir(spec.run_dir) / CONFIG_NAME
+            )
+            manifest = await asyncio.to_thread(
+                commit_snapshot,
+                snapshot_path,
+                machine_id=handle.machine_id,
+                now=self._clock.now(),
+                sandbox=identity,
+            )
+            log.info(
+                "machine %s: sandbox suspended into %s (%d bytes)",
+                handle.machine_id,
+                snapshot_path,
+                manifest.state_size,
+            )
+            if not await exits_within(process, self._clock, self._timeouts.kill_grace_s):
+                await self._kill(handle, process, self._clock)
+        # The shim recorded the checkpointed container's end as an exit: it was not one.
+        handle.control_log.unlink(missing_ok=True)
+        return manifest
+
+    def _restore_image(self, spec: VmSpec, state: Path) -> Path:
+        """The checkpoint image folder ``runsc restore`` reads, once the snapshot at
+        ``state`` is known to fit ``spec`` (whose bundle is written) and to be intact."""
+        try:
+            manifest = read_manifest(state)
+            now = sandbox_identity(self._binary, bundle_dir(spec.run_dir) / CONFIG_NAME)
+            mismatch = sandbox_mismatch(manifest.sandbox, now)
+            if mismatch is not None:
+                raise SnapshotUnusable(
+                    f"the snapshot {state} cannot be restored: {mismatch}",
+                    reason="incompatible",
+                    path=str(state),
+                    machine_id=spec.machine_id,
+                )
+            check_state_crc(state, manifest)
+        except SnapshotUnusable:
+            drop_snapshot(state)
+            raise
+        image = SnapshotFiles(state).checkpoint_dir
+        shutil.rmtree(image, ignore_errors=True)
+        image.mkdir(mode=0o700, parents=True)
+        os.link(state, image / CHECKPOINT_FILE)
+        return image
 
     async def exec(
         self, handle: VmHandle, argv: Sequence[str], *, stdin: bytes = b"", timeout_s: float

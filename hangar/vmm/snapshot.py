@@ -1,17 +1,23 @@
-"""Suspend snapshots on disk: the VM state file, its manifest, and the checks before a restore.
+"""Suspend snapshots on disk: the saved state file, its manifest, and the checks before a
+restore, for both tiers.
 
 A snapshot at ``P`` is two files:
 
-- ``P``: QEMU's migration stream (the guest's memory and device state). QEMU writes it to
-  ``P.partial``; it is renamed to ``P`` once the migration has completed and been read back;
+- ``P``: the saved machine. For a VM, QEMU's migration stream (the guest's memory and device
+  state); for a sandbox-tier machine, gVisor's checkpoint image (``runsc checkpoint``: the
+  sandbox's kernel state and memory). It is written to ``P.partial`` and renamed to ``P``
+  once complete and read back;
 - ``P.json``: the manifest, written last (``P.json.partial``, then renamed). It is the commit
   point: without it there is no snapshot, whatever else lies there, so a crash at any point
   of a suspend never leaves a snapshot that looks whole.
 
-The manifest records what a restore must find again (:class:`VmIdentity`): the command line's
-device model (paths left out), the QEMU binary, the kernel and initrd by content, and each
-disk by size and modification time (the saved guest's page cache belongs to the disk exactly
-as it was left). It also records the state file's size and CRC-32, checked while QEMU loads it.
+The manifest records what a restore must find again: for a VM (:class:`VmIdentity`) the
+command line's device model (paths left out), the QEMU binary, the kernel and initrd by
+content, and each disk by size and modification time (the saved guest's page cache belongs to
+the disk exactly as it was left); for a sandbox (:class:`SandboxIdentity`) the runtime binary
+and the OCI bundle's ``config.json`` by content (its process, mounts, namespaces, limits).
+It also records the state file's size and CRC-32, checked before the state is loaded (while
+QEMU loads it, for a VM).
 Both files are 0600: the state holds the guest's memory.
 """
 
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from hangar.errors import VmmError
 from hangar.vmm.accel import AccelChoice
@@ -37,6 +43,8 @@ MANIFEST_SUFFIX = ".json"
 PARTIAL_SUFFIX = ".partial"
 MIGRATION_STREAM_MAGIC = b"QEVM"
 """The first four bytes of a QEMU migration stream (QEMU_VM_FILE_MAGIC)."""
+CHECKPOINT_MAGIC = b"gVisorSF"
+"""The first bytes of a gVisor checkpoint image (its state file header)."""
 READ_CHUNK = 1 << 20
 FILE_MODE = 0o600
 
@@ -58,6 +66,12 @@ class SnapshotFiles:
     @property
     def manifest_partial(self) -> Path:
         return self.manifest.with_name(self.manifest.name + PARTIAL_SUFFIX)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """A sandbox's checkpoint image folder: ``runsc checkpoint`` writes into it and
+        ``runsc restore`` reads from it (its one file is moved to, and linked from, ``P``)."""
+        return self.state.with_name(self.state.name + ".image")
 
     def all(self) -> tuple[Path, ...]:
         """Every file a snapshot at ``state`` may leave, the commit point first."""
@@ -92,7 +106,18 @@ class VmIdentity(BaseModel):
     disks: list[FileIdentity]
 
 
+class SandboxIdentity(BaseModel):
+    """What must be the same between the sandbox that was saved and the one restoring it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    runtime: FileIdentity
+    bundle_config: FileIdentity
+
+
 class SnapshotManifest(BaseModel):
+    """Exactly one of ``vm`` and ``sandbox``: the tier the snapshot was taken in."""
+
     model_config = ConfigDict(frozen=True)
 
     format: Literal[1] = 1
@@ -100,7 +125,19 @@ class SnapshotManifest(BaseModel):
     created_at: float
     state_size: int
     state_crc32: int
-    vm: VmIdentity
+    vm: VmIdentity | None = None
+    sandbox: SandboxIdentity | None = None
+
+    @model_validator(mode="after")
+    def _one_tier(self) -> SnapshotManifest:
+        if (self.vm is None) == (self.sandbox is None):
+            raise ValueError("a snapshot is of a VM or of a sandbox")
+        return self
+
+    @property
+    def magic(self) -> bytes:
+        """The first bytes of its state file."""
+        return MIGRATION_STREAM_MAGIC if self.vm is not None else CHECKPOINT_MAGIC
 
 
 def crc32_of(path: Path) -> tuple[int, int]:
@@ -143,8 +180,33 @@ def vm_identity(
     )
 
 
-def identity_mismatch(saved: VmIdentity, now: VmIdentity) -> str | None:
+def sandbox_identity(runtime_binary: str, bundle_config: Path) -> SandboxIdentity:
+    """The identity of a sandbox about to run (or restore) ``bundle_config`` with
+    ``runtime_binary``."""
+    resolved = shutil.which(runtime_binary)
+    if resolved is None:
+        raise VmmError(f"{runtime_binary} is not installed", binary=runtime_binary)
+    return SandboxIdentity(
+        runtime=stat_identity(Path(resolved).resolve()),
+        bundle_config=content_identity(bundle_config),
+    )
+
+
+def sandbox_mismatch(saved: SandboxIdentity | None, now: SandboxIdentity) -> str | None:
+    """The first difference between a snapshot's sandbox and the one about to restore it."""
+    if saved is None:
+        return "it was taken of a VM"
+    if not saved.runtime.same_file_as(now.runtime):
+        return f"the runtime {now.runtime.path} changed"
+    if not saved.bundle_config.same_file_as(now.bundle_config):
+        return "the container's configuration differs (process, mounts, network or limits)"
+    return None
+
+
+def identity_mismatch(saved: VmIdentity | None, now: VmIdentity) -> str | None:
     """The first difference between a snapshot's VM and the one about to restore it."""
+    if saved is None:
+        return "it was taken of a sandbox"
     if saved.fingerprint != now.fingerprint:
         changed = sorted(set(saved.fingerprint) ^ set(now.fingerprint))
         return f"the command line differs ({' '.join(changed)[:300] or 'order'})"
@@ -186,7 +248,7 @@ def read_manifest(state: Path) -> SnapshotManifest:
     try:
         size = state.stat().st_size
         with state.open("rb") as file:
-            magic = file.read(len(MIGRATION_STREAM_MAGIC))
+            magic = file.read(len(manifest.magic))
     except FileNotFoundError:
         raise SnapshotUnusable(
             f"the snapshot state file {state} is missing", reason="corrupt", path=str(state)
@@ -197,9 +259,10 @@ def read_manifest(state: Path) -> SnapshotManifest:
             reason="corrupt",
             path=str(state),
         )
-    if magic != MIGRATION_STREAM_MAGIC:
+    if magic != manifest.magic:
+        what = "a QEMU migration stream" if manifest.vm is not None else "a gVisor checkpoint"
         raise SnapshotUnusable(
-            f"the snapshot state file {state} is not a QEMU migration stream",
+            f"the snapshot state file {state} is not {what}",
             reason="corrupt",
             path=str(state),
         )
@@ -236,15 +299,26 @@ def create_partial_state(state: Path) -> Path:
 
 
 def commit_snapshot(
-    state: Path, *, machine_id: str, vm: VmIdentity, now: float
+    state: Path,
+    *,
+    machine_id: str,
+    now: float,
+    vm: VmIdentity | None = None,
+    sandbox: SandboxIdentity | None = None,
 ) -> SnapshotManifest:
-    """Make the completed ``P.partial`` the snapshot at ``state``: read it back for its
-    checksum, sync it, rename it, then write the manifest (the commit point)."""
+    """Make the completed ``P.partial`` the snapshot at ``state`` of a VM or a sandbox: read
+    it back for its checksum, sync it, rename it, then write the manifest (the commit
+    point)."""
     files = SnapshotFiles(state)
     _fsync_file(files.state_partial)
     size, crc = crc32_of(files.state_partial)
     manifest = SnapshotManifest(
-        machine_id=machine_id, created_at=now, state_size=size, state_crc32=crc, vm=vm
+        machine_id=machine_id,
+        created_at=now,
+        state_size=size,
+        state_crc32=crc,
+        vm=vm,
+        sandbox=sandbox,
     )
     files.state_partial.rename(state)
     descriptor = os.open(
@@ -274,6 +348,7 @@ def drop_snapshot(state: Path) -> bool:
     was_whole = has_snapshot(state)
     for path in files.all():
         path.unlink(missing_ok=True)
+    shutil.rmtree(files.checkpoint_dir, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         _fsync_dir(state.parent)
     return was_whole

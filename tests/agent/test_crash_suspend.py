@@ -2,7 +2,8 @@
 ``suspend`` and of the ``start`` of a suspended machine, start it again over the same home,
 and check the machine ends suspended (whole snapshot, boot files kept, no VMM, no claim) or
 resumed where it was (one VMM, the guest's count going on). One machine is booted once and
-goes back and forth between the two states; each test first puts it where it needs it.
+goes back and forth between the two states; each test first puts it where it needs it. The
+same runs for a sandbox-tier machine (gVisor's checkpoint and restore) on the same server.
 
 The window inside ``resume_vm`` (QEMU restoring, not yet recorded) is reproduced as a crash
 leaves it: a start run recorded as having begun a restore, and the snapshot consumed.
@@ -35,7 +36,7 @@ from tests.agent.helpers import (
     vmm_pids,
     wait_state,
 )
-from tests.agent.test_crash import armable_server, crash_during
+from tests.agent.test_crash import armable_server, crash_during, crash_points, tier_guest
 from tests.agent.test_suspend import TICKER, claims_of, ticks
 from tests.api.helpers import wait_runs_finished
 
@@ -48,6 +49,7 @@ APP = "crash-suspend"
 class Ticker:
     server: ServerProcess
     machine_id: str
+    tier: str = "vm"
 
     @property
     def path(self) -> str:
@@ -59,12 +61,33 @@ class Ticker:
 
 
 @pytest.fixture(scope="module")
-def ticker(tmp_path_factory: pytest.TempPathFactory, test_image: str) -> Iterator[Ticker]:
+def crash_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     with armable_server(tmp_path_factory.mktemp("crash-suspend-home"), APP) as server:
-        with server.client() as api:
-            machine_id = run_machine(api, APP, test_image, cmd=TICKER)
-            wait_state(api, APP, machine_id, "started")
-        yield Ticker(server, machine_id)
+        yield server
+
+
+def boot_ticker(server: ServerProcess, test_image: str, tier: str) -> Ticker:
+    with server.client() as api:
+        machine_id = run_machine(api, APP, test_image, cmd=TICKER, **tier_guest(tier))
+        wait_state(api, APP, machine_id, "started")
+    return Ticker(server, machine_id, tier)
+
+
+@pytest.fixture(scope="module")
+def ticker(crash_server: ServerProcess, test_image: str) -> Ticker:
+    """The VM tier's ticker."""
+    return boot_ticker(crash_server, test_image, "vm")
+
+
+@pytest.fixture(scope="module")
+def sandbox_ticker(crash_server: ServerProcess, test_image: str) -> Ticker:
+    """The sandbox tier's ticker (gVisor's checkpoint and restore), on the same server."""
+    return boot_ticker(crash_server, test_image, "sandbox")
+
+
+def ticker_of(request: pytest.FixtureRequest, tier: str) -> Ticker:
+    ticker: Ticker = request.getfixturevalue("ticker" if tier == "vm" else "sandbox_ticker")
+    return ticker
 
 
 def _settled(api: httpx.Client, ticker: Ticker) -> str:
@@ -104,7 +127,10 @@ def assert_suspended(api: httpx.Client, ticker: Ticker) -> None:
     run_dir = ticker.state_file.parent
     assert vmm_pids(ticker.server.home, ticker.machine_id) == []
     assert has_snapshot(ticker.state_file)
-    assert (run_dir / RunDir.ROOT_DISK).exists() and (run_dir / RunDir.INITRD).exists()
+    if ticker.tier == "vm":
+        assert (run_dir / RunDir.ROOT_DISK).exists() and (run_dir / RunDir.INITRD).exists()
+    else:
+        assert (run_dir / RunDir.BUNDLE / "rootfs").is_dir(), "the root it was saved over"
     assert claims_of(ticker.server, ticker.machine_id) == []
 
 
@@ -128,8 +154,9 @@ def assert_resumed(api: httpx.Client, ticker: Ticker, last_tick: int, gap: bool 
     assert not ticker.state_file.with_name("suspend.vmstate.json").exists()
 
 
-@pytest.mark.parametrize("step", step_names(SuspendRequest()))
-def test_crash_during_suspend(ticker: Ticker, step: str) -> None:
+@pytest.mark.parametrize(("step", "tier"), crash_points(step_names(SuspendRequest())))
+def test_crash_during_suspend(request: pytest.FixtureRequest, step: str, tier: str) -> None:
+    ticker = ticker_of(request, tier)
     put_in(ticker, "started")
     crash_during(
         ticker.server,
@@ -156,8 +183,9 @@ to its console then is dropped (no one reads the console socket, and QEMU never 
 wait for a reader), so its count shows a gap there."""
 
 
-@pytest.mark.parametrize("step", step_names(StartRequest()))
-def test_crash_during_resume(ticker: Ticker, step: str) -> None:
+@pytest.mark.parametrize(("step", "tier"), crash_points(step_names(StartRequest())))
+def test_crash_during_resume(request: pytest.FixtureRequest, step: str, tier: str) -> None:
+    ticker = ticker_of(request, tier)
     put_in(ticker, "suspended")
     with ticker.server.client() as api:
         last_tick = ticks(console_text(api, APP, ticker.machine_id))[-1]

@@ -129,7 +129,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, test_image: str) -> Iterator
             server.client() as api,
         ):
             orgs = {
-                "acme": ["web", "client", "sleepy", "dozy", "sandweb"],
+                "acme": ["web", "client", "sleepy", "dozyvm", "dozysandbox", "sandweb"],
                 "rival": ["intruder"],
             }
             for org, apps in orgs.items():
@@ -263,17 +263,21 @@ def test_idle_machines_stop_down_to_min_machines_running_and_a_request_wakes_one
     assert "started" in states()
 
 
+@pytest.mark.parametrize("tier", ["vm", "sandbox"])
 def test_an_idle_machine_that_autostops_by_suspending_is_resumed_by_a_request(
-    world: World, test_image: str
+    world: World, test_image: str, tier: str
 ) -> None:
+    """In both tiers: a sandbox is checkpointed (gVisor) and restored on a fresh namespace
+    with its address, and serves on."""
     service = {**SERVICE, "autostop": "suspend"}
-    dozy = create(world.api, "dozy", SERVE, image=test_image, services=[service])
-    until(lambda: machine(world, "dozy", dozy)["state"] == "suspended", "the idle one suspends")
-    woken = world.proxy_get("dozy.localhost", timeout_s=180.0)
+    app = f"dozy{tier}"
+    dozy = create(world.api, app, SERVE, image=test_image, services=[service], guest={"tier": tier})
+    until(lambda: machine(world, app, dozy)["state"] == "suspended", "the idle one suspends")
+    woken = world.proxy_get(f"{app}.localhost", timeout_s=180.0)
     assert woken.status_code == 200 and woken.text == f"hello from {dozy}\n"
-    events = world.api.get(machine_path("dozy", dozy) + "/events").json()
+    events = world.api.get(machine_path(app, dozy) + "/events").json()
     assert any(e["type"] == "resume" and e["status"] == "resumed" for e in events)
-    assert world.api.delete(machine_path("dozy", dozy), params={"force": "true"}).status_code == 200
+    assert world.api.delete(machine_path(app, dozy), params={"force": "true"}).status_code == 200
 
 
 def test_a_failing_check_takes_a_machine_out_of_rotation(world: World, test_image: str) -> None:

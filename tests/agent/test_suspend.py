@@ -4,7 +4,8 @@ One machine (a ticker that counts in memory) is booted once and used in turn: ex
 then suspend and resume (its processes, memory, disk and uptime carry on), then a stop of the
 suspended machine (its snapshot is dropped). A second one boots without its app's secrets,
 has its snapshot corrupted (it boots cold, and its events say why), is updated while suspended,
-and is destroyed with ``kill=true``.
+and is destroyed with ``kill=true``. A sandbox-tier machine with a volume goes through the same
+(gVisor's checkpoint and restore).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hangar.model.guest_contract import RunDir
 from hangar.net.links import LinkNames, port_state
 from hangar.server_process import ServerProcess
 from hangar.settings import DATABASE, env_name
+from hangar.volumes.host_mount import HostMounts, state_root_for
 from tests.agent.helpers import console_text, machine_path, run_machine, vmm_pids, wait_state
 from tests.api.helpers import wait_runs_finished
 
@@ -307,3 +309,80 @@ def test_a_suspended_machine_keeps_its_volume_and_resumes_with_it(
     assert api.delete(machine.path).status_code == 200
     wait_state(api, app_name, machine_id, "destroyed")
     assert api.delete(wait_volume).status_code == 200
+
+
+def test_a_sandbox_machine_suspends_and_resumes_with_its_volume(
+    api: httpx.Client, app_name: str, test_image: str, shared_server: ServerProcess
+) -> None:
+    """gVisor's checkpoint and restore: the count goes on, the volume (mounted by the host)
+    is let go while suspended and mounted again; a corrupted snapshot boots cold; a stop
+    drops the snapshot."""
+    created = api.post(f"/v1/apps/{app_name}/volumes", json={"name": "sbx", "size_gb": 1})
+    assert created.status_code == 200, created.text
+    volume_id = created.json()["id"]
+    machine_id = run_machine(
+        api,
+        app_name,
+        test_image,
+        cmd=TICKER,
+        guest={"tier": "sandbox"},
+        mounts=[{"volume": volume_id, "path": "/data"}],
+    )
+    machine = Booted(app_name, machine_id)
+    wait_state(api, app_name, machine_id, "started")
+    wrote = exec_in(api, machine, cmd="sh -c 'echo on the volume > /data/note; sync'")
+    assert wrote["exit_code"] == 0, wrote
+    mounts = HostMounts(state_root_for(shared_server.home / "volumes"))
+    assert mounts.owned_by(machine_id) == [volume_id]
+    wait_for_ticks(api, machine, after=0)
+
+    assert api.post(f"{machine.path}/suspend").status_code == 200
+    wait_state(api, app_name, machine_id, "suspended")
+    wait_runs_finished(api, app_name, machine_id)
+    run_dir = shared_server.home / "machines" / machine_id
+    state = run_dir / "suspend.vmstate"
+    assert (
+        state.read_bytes().startswith(b"gVisorSF") and (run_dir / "suspend.vmstate.json").exists()
+    )
+    assert vmm_pids(shared_server.home, machine_id) == []
+    assert mounts.owners() == {}, "unmounted from the host while suspended"
+    assert not has_tap(shared_server, machine_id)
+    assert claims_of(shared_server, machine_id) == []
+    last_tick = ticks(console_text(api, app_name, machine_id))[-1]
+
+    assert api.post(f"{machine.path}/start").status_code == 200
+    wait_state(api, app_name, machine_id, "started")
+    seen = wait_for_ticks(api, machine, after=last_tick)
+    resumed_at = seen.index(last_tick)
+    assert seen[resumed_at:] == list(range(last_tick, seen[-1] + 1)), "the count goes on"
+    events = api.get(f"{machine.path}/events").json()
+    assert any(e["type"] == "resume" and e["status"] == "resumed" for e in events), events
+    assert exec_in(api, machine, cmd="cat /data/note")["stdout"] == "on the volume\n"
+    assert mounts.owned_by(machine_id) == [volume_id]
+    assert not state.exists(), "the snapshot is consumed"
+
+    # A snapshot whose bytes changed is not restored: the machine boots cold, says why.
+    assert api.post(f"{machine.path}/suspend").status_code == 200
+    wait_state(api, app_name, machine_id, "suspended")
+    wait_runs_finished(api, app_name, machine_id)
+    with state.open("r+b") as file:
+        file.seek(state.stat().st_size // 2)
+        file.write(b"\xde\xad\xbe\xef" * 64)
+    assert api.post(f"{machine.path}/start").status_code == 200
+    wait_state(api, app_name, machine_id, "started")
+    events = api.get(f"{machine.path}/events").json()
+    [cold] = [e for e in events if e["type"] == "resume" and e["status"] == "cold_boot"]
+    assert "checksum" in cold["reason"], cold
+    assert exec_in(api, machine, cmd="cat /data/note")["stdout"] == "on the volume\n"
+
+    # Stopped while suspended: the snapshot goes, nothing is mounted.
+    assert api.post(f"{machine.path}/suspend").status_code == 200
+    wait_state(api, app_name, machine_id, "suspended")
+    assert api.post(f"{machine.path}/stop").status_code == 200
+    wait_state(api, app_name, machine_id, "stopped")
+    wait_runs_finished(api, app_name, machine_id)
+    assert sorted(p.name for p in run_dir.glob("suspend.vmstate*")) == []
+    assert mounts.owners() == {}
+    assert api.delete(machine.path).status_code == 200
+    wait_state(api, app_name, machine_id, "destroyed")
+    assert api.delete(f"/v1/apps/{app_name}/volumes/{volume_id}").status_code == 200

@@ -292,12 +292,14 @@ def test_a_gpu_machine_cannot_be_suspended(
     assert api_server.embedded.agent.has_unfinished_run(machine.id) is False
 
 
-def test_a_sandbox_machine_cannot_be_suspended(
+def test_a_machine_with_a_gpu_slice_cannot_be_suspended(
     api: httpx.Client, app_name: str, api_server: Any
 ) -> None:
-    """The sandbox tier takes no snapshots: 422 naming the tier, as for a GPU machine."""
+    """A GPU slice's state cannot be saved (a CPU-only sandbox can be suspended): 422 naming
+    the guest, as for a GPU machine."""
     now = time.time()
-    config = MachineConfig.model_validate({"image": "x", "guest": {"tier": "sandbox"}})
+    guest = {"gpu_kind": "a100-sxm4-80gb", "gpu_share": 0.25}
+    config = MachineConfig.model_validate({"image": "x", "guest": guest})
     machine = Machine(
         id=new_machine_id(),
         name=unique("sandbox"),
@@ -311,6 +313,7 @@ def test_a_sandbox_machine_cannot_be_suspended(
         updated_at=now,
     )
     api_server.embedded.stores.machines.insert_machine(machine)
+    assert machine.tier == "sandbox"
     response = api.post(f"/v1/apps/{app_name}/machines/{machine.id}/suspend")
-    assert_fly_error(response, 422, "config.guest.tier")
+    assert_fly_error(response, 422, "config.guest", "GPU slice")
     assert api_server.embedded.agent.has_unfinished_run(machine.id) is False

@@ -49,7 +49,7 @@ from hangar.errors import (
     Unprocessable,
     WaitTimeout,
 )
-from hangar.model.config import MachineConfig, Tier, signal_number, validate_metadata_key
+from hangar.model.config import MachineConfig, signal_number, validate_metadata_key
 from hangar.model.duration import parse_duration
 from hangar.model.guest_contract import RunDir
 from hangar.model.host import HostInfo
@@ -535,17 +535,19 @@ class MachineService:
         self._record(machine_id, "stop", "requested")
 
     def suspend(self, app: str, machine_id: str, nonce: str | None) -> None:
-        """Save the guest (memory, devices) and end its VMM; ``start`` restores it. A GPU
-        machine cannot be (a VFIO device cannot be migrated): 422."""
+        """Save the guest (memory, devices; a sandbox's kernel state and memory) and end its
+        VMM; ``start`` restores it. A GPU machine cannot be (a VFIO device cannot be migrated,
+        nor a GPU slice's state saved): 422."""
         machine = self._ready_for(
             app, machine_id, nonce, "suspend", lambda state: state is MachineState.STARTED
         )
-        if machine.tier is Tier.SANDBOX:
+        if machine.config.guest.gpu_part:
             raise SuspendNotSupported(
-                f"config.guest.tier: machine {machine_id} runs in the sandbox tier, where "
-                "nothing can be suspended",
-                field="config.guest.tier",
+                f"config.guest: machine {machine_id} holds a GPU slice or share, whose state "
+                "cannot be saved",
+                field="config.guest",
             )
+
         if machine.config.guest.gpus:
             raise SuspendNotSupported(
                 f"config.guest.gpus: machine {machine_id} has GPUs, and a VFIO device cannot "
