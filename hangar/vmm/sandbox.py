@@ -158,8 +158,8 @@ class SandboxTimeouts:
 
 
 CHECKPOINT_FILE = "checkpoint.img"
-"""The one file ``runsc checkpoint`` writes into its image folder (uncompressed pages are
-kept in it too, as this runtime version does by default)."""
+"""The one file ``runsc checkpoint`` writes into its image folder (this runtime version keeps
+the sandbox's state and its memory pages together in it, compressed)."""
 
 
 def _take_checkpoint_file(image: Path, state: Path) -> None:
