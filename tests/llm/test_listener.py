@@ -1,5 +1,6 @@
-"""The gateway on a socket of its own, as ``hangar server`` runs it: it answers on the port
-the kernel gave it, its connections send without Nagle's delay, and it stops cleanly."""
+"""The gateway on a socket of its own, as ``hangar server`` runs it (the API's listener, with
+connection limits): it answers on the port the kernel gave it, its connections send without
+Nagle's delay, and it stops cleanly."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import socket
 
 import httpx
 
+from hangar.http_server import ConnectionLimits
 from hangar.llm.gateway import Gateway, GatewayConfig
 from hangar.llm.listener import GatewayListener
 from tests.llm.seams_impl import DeploymentList, TokenTable, UsageLog
@@ -25,7 +27,7 @@ async def test_the_listener_serves_and_stops() -> None:
         UsageLog(),
         config=GatewayConfig(reconcile_interval_s=0),
     )
-    listener = GatewayListener(gateway, "127.0.0.1", 0)
+    listener = GatewayListener(gateway, "127.0.0.1", 0, ConnectionLimits())
     await listener.start()
     try:
         assert listener.port != 0 and listener.url == f"http://127.0.0.1:{listener.port}/v1"
