@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -103,7 +104,8 @@ def kill_vmms_under(home: Path, volumes_dir: Path | None = None) -> None:
     session, nor any volume mounted on the host for one (``volumes_dir``: where its volumes
     live, when not ``home/volumes``)."""
     from hangar.agent.guest import find_vmm_processes
-    from hangar.vmm.sandbox import find_shims, kill_shim
+    from hangar.vmm.sandbox import SandboxRuntime, find_shims, kill_shim
+    from hangar.vmm.sandbox import state_root_for as sandbox_state_root
     from hangar.volumes.host_mount import HostMounts, state_root_for
 
     for pid in find_vmm_processes(home / "machines"):
@@ -111,6 +113,9 @@ def kill_vmms_under(home: Path, volumes_dir: Path | None = None) -> None:
             os.kill(pid, signal.SIGKILL)
     for pid in find_shims(home / "machines"):
         kill_shim(pid)
+    for runtime in SandboxRuntime:
+        # The runtime's state of containers killed above (no `delete` ran for them).
+        shutil.rmtree(sandbox_state_root(home / "machines", runtime), ignore_errors=True)
     mounts = HostMounts(state_root_for(volumes_dir or home / "volumes"))
     for volume_id in mounts.owners():
         with contextlib.suppress(Exception):
