@@ -104,8 +104,8 @@ engine: deps venv
 bench-api: deps venv
 	$(VENV)/bin/hangar bench api
 
-bench-boot: deps venv
-	$(VENV)/bin/hangar bench boot
+bench-boot: deps runsc venv
+	HANGAR_RUNSC=$(RUNSC) $(VENV)/bin/hangar bench boot
 
 bench-volume: deps venv
 	$(VENV)/bin/hangar bench volume

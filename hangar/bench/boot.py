@@ -8,6 +8,11 @@
 (d) hangar, start of a suspended machine: ``POST .../start`` until the console shows a line
     the guest printed after the resume (the machine's process prints one every 0.1 s); the
     machine is suspended again (``POST .../suspend``) between runs, outside the timing.
+(e) a sandbox-tier machine (runsc), start of a stopped one until its process prints a line;
+(f) the same machine suspended (gVisor's checkpoint), start until it prints a new line.
+    (e) and (f) run where the sandbox runtime is installed (``HANGAR_RUNSC`` or ``runsc`` on
+    ``PATH``; ``make bench-boot`` names the one ``make runsc`` installs); the report ends
+    with ``ratio sandbox resume/start``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import httpx
 
 from hangar.model.guest_contract import RunDir
 from hangar.server_process import ServerProcess
+from hangar.settings import Settings
 from hangar.vmm.accel import choose_accel
 from hangar.vmm.driver import VmSpec
 from hangar.vmm.qemu_argv import qemu_argv
@@ -45,6 +51,8 @@ class BootBenchResult:
     hangar_create_s: list[float]
     resume_s: list[float] = field(default_factory=list)
     resume_path: str = "API"
+    sandbox_start_s: list[float] = field(default_factory=list)
+    sandbox_resume_s: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -53,6 +61,11 @@ class BootBenchResult:
     @property
     def resume_ratio(self) -> float:
         return statistics.median(self.resume_s) / statistics.median(self.plain_qemu_s)
+
+    @property
+    def sandbox_ratio(self) -> float:
+        """A sandbox's restore against its start from stopped (medians)."""
+        return statistics.median(self.sandbox_resume_s) / statistics.median(self.sandbox_start_s)
 
     def report(self) -> str:
         rows = [
@@ -63,6 +76,8 @@ class BootBenchResult:
                 f"(d) hangar start of a suspended machine ({self.resume_path}) to a new line",
                 self.resume_s,
             ),
+            ("(e) sandbox (runsc) start of a stopped machine to a line", self.sandbox_start_s),
+            ("(f) sandbox start of a suspended machine to a new line", self.sandbox_resume_s),
         ]
         lines = [f"{'path':<62} {'median':>8} {'min':>8} {'max':>8}  runs"]
         for label, samples in rows:
@@ -75,6 +90,8 @@ class BootBenchResult:
         lines.append(f"ratio hangar/qemu: {self.ratio:.2f}")
         if self.resume_s:
             lines.append(f"ratio resume/qemu: {self.resume_ratio:.2f}")
+        if self.sandbox_start_s and self.sandbox_resume_s:
+            lines.append(f"ratio sandbox resume/start: {self.sandbox_ratio:.2f}")
         return "\n".join(lines)
 
 
@@ -121,14 +138,25 @@ def _new_line_after(path: Path, offset: int) -> bool:
 class ApiResume:
     """(d) through the API, on a machine of its own (the ticker): booted once, suspended, then
     each :meth:`measure` starts it (timed until the guest prints a new line) and suspends it
-    again."""
+    again. ``between="stop"``: stopped instead, so each start is a cold one (row e);
+    ``ready``: what its console shows once it runs (a sandbox has no init of hangar's)."""
 
     path = "API"
 
-    def __init__(self, api: httpx.Client, home: Path, config: Mapping[str, object]) -> None:
+    def __init__(
+        self,
+        api: httpx.Client,
+        home: Path,
+        config: Mapping[str, object],
+        *,
+        ready: bytes = READY_LINE,
+        between: str = "suspend",
+    ) -> None:
         self._api = api
         self._home = home
         self._config = config
+        self._ready = ready
+        self._between = between
         self._path = ""
         self._console = Path()
 
@@ -139,12 +167,12 @@ class ApiResume:
         self._path = f"/v1/apps/{APP}/machines/{machine_id}"
         self._console = self._home / "machines" / machine_id / RunDir.CONSOLE_LOG
         _wait_state(self._api, self._path, "started")
-        _wait_for_bytes(self._console, READY_LINE, time.monotonic() + TIMEOUT_S)
+        _wait_for_bytes(self._console, self._ready, time.monotonic() + TIMEOUT_S)
         self._suspend()
 
     def _suspend(self) -> None:
-        self._api.post(f"{self._path}/suspend").raise_for_status()
-        _wait_state(self._api, self._path, "suspended")
+        self._api.post(f"{self._path}/{self._between}").raise_for_status()
+        _wait_state(self._api, self._path, "suspended" if self._between == "suspend" else "stopped")
 
     async def measure(self) -> float:
         offset = self._console.stat().st_size
@@ -163,6 +191,12 @@ class ApiResume:
         if self._path:
             self._api.delete(self._path, params={"kill": "true"}).raise_for_status()
             _wait_state(self._api, self._path, "destroyed")
+
+
+def sandbox_runtime_installed() -> bool:
+    """Whether the server will find gVisor's runsc (as the settings name it)."""
+    configured = Settings().runsc
+    return shutil.which(str(configured) if configured is not None else "runsc") is not None
 
 
 def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
@@ -191,14 +225,28 @@ def run_boot_bench(image: str, runs: int, home: Path) -> BootBenchResult:
         # Each run measures every row, so that all see the host alike.
         resume = ApiResume(api, home, config)
         result.resume_path = resume.path
+        sandbox = {**config, "guest": {"tier": "sandbox"}}
+        sandboxes = (
+            [
+                ApiResume(api, home, sandbox, ready=b"tick", between="stop"),
+                ApiResume(api, home, sandbox, ready=b"tick"),
+            ]
+            if sandbox_runtime_installed()
+            else []
+        )
         with asyncio.Runner() as runner:
             try:
-                runner.run(resume.prepare())
+                for measured in (resume, *sandboxes):
+                    runner.run(measured.prepare())
                 for _ in range(runs):
                     _one_run(api, path, console, config, home, spec, result)
                     result.resume_s.append(runner.run(resume.measure()))
+                    if sandboxes:
+                        result.sandbox_start_s.append(runner.run(sandboxes[0].measure()))
+                        result.sandbox_resume_s.append(runner.run(sandboxes[1].measure()))
             finally:
-                runner.run(resume.close())
+                for measured in (resume, *sandboxes):
+                    runner.run(measured.close())
         api.delete(path, params={"force": "true"}).raise_for_status()
         _wait_state(api, path, "destroyed")
         shutil.rmtree(spec.run_dir, ignore_errors=True)

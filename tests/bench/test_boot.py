@@ -43,3 +43,20 @@ def test_only_a_whole_line_begun_after_the_offset_counts(tmp_path: Path) -> None
     console.write_bytes(b"tick\ntick\n")
     assert _new_line_after(console, 5)
     assert _new_line_after(console, 0)
+
+
+def test_the_sandbox_rows_end_with_their_own_ratio() -> None:
+    result = BootBenchResult(
+        plain_qemu_s=[2.0],
+        hangar_start_s=[2.0],
+        hangar_create_s=[2.0],
+        resume_s=[0.5],
+        sandbox_start_s=[0.8, 1.0, 1.2],
+        sandbox_resume_s=[0.25, 0.3, 0.35],
+    )
+
+    lines = result.report().splitlines()
+
+    assert lines[5].startswith("(e) sandbox (runsc) start of a stopped machine")
+    assert lines[6].startswith("(f) sandbox start of a suspended machine") and "0.300s" in lines[6]
+    assert lines[-1] == "ratio sandbox resume/start: 0.30"
