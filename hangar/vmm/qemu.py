@@ -83,6 +83,7 @@ from hangar.vmm.snapshot import (
     identity_mismatch,
     read_manifest,
     revoke_snapshot,
+    saved_before,
     vm_identity,
 )
 
@@ -422,15 +423,7 @@ class QemuDriver:
         spec = suspendable_spec(handle)
         process = ProcessRef.open(handle.pid, handle.start_time)
         if process is None:
-            # Run again after the VMM ended: done if the earlier run committed the snapshot.
-            try:
-                return read_manifest(snapshot_path)
-            except SnapshotUnusable:
-                raise SuspendFailed(
-                    f"machine {handle.machine_id} is not running: nothing to suspend",
-                    resumed=False,
-                    machine_id=handle.machine_id,
-                ) from None
+            return saved_before(snapshot_path, handle.machine_id)
         with process:
             if has_snapshot(snapshot_path) and await self._vm_state(handle) in PAUSED_STATES:
                 # An earlier run committed the snapshot but did not end QEMU.

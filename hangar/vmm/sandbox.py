@@ -69,6 +69,7 @@ from hangar.vmm.snapshot import (
     revoke_snapshot,
     sandbox_identity,
     sandbox_mismatch,
+    saved_before,
 )
 
 log = logging.getLogger(__name__)
@@ -563,15 +564,7 @@ class SandboxDriver:
             )
         process = ProcessRef.open(handle.pid, handle.start_time)
         if process is None:
-            # Run again after the sandbox ended: done if the earlier run committed it.
-            try:
-                return read_manifest(snapshot_path)
-            except SnapshotUnusable:
-                raise SuspendFailed(
-                    f"machine {handle.machine_id} is not running: nothing to suspend",
-                    resumed=False,
-                    machine_id=handle.machine_id,
-                ) from None
+            return saved_before(snapshot_path, handle.machine_id)
         with process:
             if has_snapshot(snapshot_path):
                 # An earlier run committed the snapshot; the container is on its way out.

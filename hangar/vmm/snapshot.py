@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from hangar.errors import VmmError
 from hangar.vmm.accel import AccelChoice
 from hangar.vmm.driver import VmSpec
-from hangar.vmm.errors import SnapshotUnusable
+from hangar.vmm.errors import SnapshotUnusable, SuspendFailed
 from hangar.vmm.qemu_argv import snapshot_fingerprint
 
 MANIFEST_SUFFIX = ".json"
@@ -267,6 +267,19 @@ def read_manifest(state: Path) -> SnapshotManifest:
             path=str(state),
         )
     return manifest
+
+
+def saved_before(state: Path, machine_id: str) -> SnapshotManifest:
+    """A suspend run again after its VMM had ended: the snapshot an earlier run committed, or
+    :class:`SuspendFailed` (nothing runs and nothing was saved)."""
+    try:
+        return read_manifest(state)
+    except SnapshotUnusable:
+        raise SuspendFailed(
+            f"machine {machine_id} is not running: nothing to suspend",
+            resumed=False,
+            machine_id=machine_id,
+        ) from None
 
 
 def has_snapshot(state: Path) -> bool:

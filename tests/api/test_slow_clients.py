@@ -49,6 +49,16 @@ def closed_by_server(connection: socket.socket) -> bool:
         return True
 
 
+def still_open(connections: list[socket.socket]) -> list[socket.socket]:
+    """The connections the server has not closed within the guard time."""
+    deadline = time.monotonic() + GUARD_S
+    open_ones = list(connections)
+    while open_ones and time.monotonic() < deadline:
+        open_ones = [c for c in open_ones if not closed_by_server(c)]
+        time.sleep(0.1)
+    return open_ones
+
+
 def test_idle_and_half_sent_connections_are_capped_and_timed_out(server: ServerProcess) -> None:
     connections: list[socket.socket] = []
     try:
@@ -58,11 +68,7 @@ def test_idle_and_half_sent_connections_are_capped_and_timed_out(server: ServerP
                 connection.sendall(b"GET /v1/apps HTTP/1.1\r\nHost: x\r\nX-Slow: ")
             connection.setblocking(False)
             connections.append(connection)
-        deadline = time.monotonic() + GUARD_S
-        open_ones = list(connections)
-        while open_ones and time.monotonic() < deadline:
-            open_ones = [c for c in open_ones if not closed_by_server(c)]
-            time.sleep(0.1)
+        open_ones = still_open(connections)
         assert not open_ones, f"{len(open_ones)} connections still held open by the server"
         with server.client() as api:
             assert api.get("/v1/apps").status_code == 200
@@ -98,11 +104,7 @@ def test_the_model_gateway_is_bounded_as_the_api_is(server: ServerProcess) -> No
     try:
         for connection in connections:
             connection.setblocking(False)
-        deadline = time.monotonic() + GUARD_S
-        open_ones = list(connections)
-        while open_ones and time.monotonic() < deadline:
-            open_ones = [c for c in open_ones if not closed_by_server(c)]
-            time.sleep(0.1)
+        open_ones = still_open(connections)
         assert not open_ones, f"{len(open_ones)} connections still held open by the gateway"
         assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
     finally:
