@@ -75,7 +75,7 @@ from hangar.vmm.qmp import qmp_execute, query_status
 from hangar.vmm.signal_port import send_guest_signal
 from hangar.vmm.snapshot import (
     SnapshotManifest,
-    check_state_crc,
+    check_restorable,
     commit_snapshot,
     create_partial_state,
     drop_snapshot,
@@ -306,15 +306,7 @@ class QemuDriver:
         """Raise :class:`SnapshotUnusable` unless the snapshot fits ``spec`` and is intact."""
         cold = spec.model_copy(update={"incoming_snapshot": None})
         now = vm_identity(cold, self.accel, binary=self._binary, hugepages_dir=self._hugepages_dir)
-        mismatch = identity_mismatch(manifest.vm, now)
-        if mismatch is not None:
-            raise SnapshotUnusable(
-                f"the snapshot {state} cannot be restored: {mismatch}",
-                reason="incompatible",
-                path=str(state),
-                machine_id=spec.machine_id,
-            )
-        check_state_crc(state, manifest)
+        check_restorable(state, manifest, identity_mismatch(manifest.vm, now), spec.machine_id)
 
     async def _load_snapshot(
         self, handle: VmHandle, child: subprocess.Popen[bytes], argv: list[str], spec: VmSpec

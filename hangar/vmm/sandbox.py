@@ -61,7 +61,7 @@ from hangar.vmm.proc import (
 from hangar.vmm.snapshot import (
     SnapshotFiles,
     SnapshotManifest,
-    check_state_crc,
+    check_restorable,
     commit_snapshot,
     drop_snapshot,
     has_snapshot,
@@ -620,14 +620,7 @@ class SandboxDriver:
             manifest = read_manifest(state)
             now = sandbox_identity(self._binary, bundle_dir(spec.run_dir) / CONFIG_NAME)
             mismatch = sandbox_mismatch(manifest.sandbox, now)
-            if mismatch is not None:
-                raise SnapshotUnusable(
-                    f"the snapshot {state} cannot be restored: {mismatch}",
-                    reason="incompatible",
-                    path=str(state),
-                    machine_id=spec.machine_id,
-                )
-            check_state_crc(state, manifest)
+            check_restorable(state, manifest, mismatch, spec.machine_id)
         except SnapshotUnusable:
             drop_snapshot(state)
             raise

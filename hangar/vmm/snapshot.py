@@ -302,6 +302,22 @@ def check_state_crc(state: Path, manifest: SnapshotManifest) -> None:
         )
 
 
+def check_restorable(
+    state: Path, manifest: SnapshotManifest, mismatch: str | None, machine_id: str
+) -> None:
+    """Raise :class:`SnapshotUnusable` if the machine about to restore the snapshot differs
+    from the saved one (``mismatch``, from :func:`identity_mismatch` or
+    :func:`sandbox_mismatch`) or the state file does not match its checksum."""
+    if mismatch is not None:
+        raise SnapshotUnusable(
+            f"the snapshot {state} cannot be restored: {mismatch}",
+            reason="incompatible",
+            path=str(state),
+            machine_id=machine_id,
+        )
+    check_state_crc(state, manifest)
+
+
 def create_partial_state(state: Path) -> Path:
     """An empty, private ``P.partial`` for QEMU to write into (whatever was there is gone)."""
     partial = SnapshotFiles(state).state_partial
